@@ -1,0 +1,179 @@
+//! Configuration: command-line flags, `GRAFT_*` environment variables and an optional TOML
+//! file, in that order of precedence, resolved into one [`ServerConfig`].
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::Parser;
+use serde::Deserialize;
+
+use crate::engine::{EngineConfig, StepLimits};
+
+/// Every setting, optional at this stage so the layers can be merged.
+#[derive(Debug, Clone, Default, Parser, Deserialize)]
+#[command(name = "graftd", version, about = "graft: one frozen base model, many adapters, batched generation over gRPC")]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// TOML file with any of these settings (flags and env vars win over it).
+    #[arg(long, env = "GRAFT_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Model: a .gguf file or an HF-style directory (config.json, *.safetensors, tokenizer.json).
+    #[arg(long, env = "GRAFT_MODEL")]
+    pub model: Option<PathBuf>,
+    /// gRPC listen address.
+    #[arg(long, env = "GRAFT_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Prometheus /metrics listen address.
+    #[arg(long, env = "GRAFT_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Sequences decoded together at most.
+    #[arg(long, env = "GRAFT_MAX_ACTIVE_SEQUENCES")]
+    pub max_active_sequences: Option<usize>,
+    /// Requests waiting for admission at most (beyond: RESOURCE_EXHAUSTED).
+    #[arg(long, env = "GRAFT_MAX_QUEUED_REQUESTS")]
+    pub max_queued_requests: Option<usize>,
+    /// Tokens in one forward step at most (decode rows + prefill chunks).
+    #[arg(long, env = "GRAFT_MAX_BATCH_TOKENS")]
+    pub max_batch_tokens: Option<usize>,
+    /// Prompt tokens one sequence prefills in one step at most.
+    #[arg(long, env = "GRAFT_PREFILL_CHUNK")]
+    pub prefill_chunk: Option<usize>,
+    /// Largest max_new_tokens a request may ask for.
+    #[arg(long, env = "GRAFT_MAX_NEW_TOKENS_CAP")]
+    pub max_new_tokens_cap: Option<u32>,
+    /// Seconds in-flight requests get to finish on SIGTERM/SIGINT before they are cancelled.
+    #[arg(long, env = "GRAFT_DRAIN_TIMEOUT_SECS")]
+    pub drain_timeout_secs: Option<u64>,
+    /// Log format: "text" or "json".
+    #[arg(long, env = "GRAFT_LOG_FORMAT")]
+    pub log_format: Option<String>,
+}
+
+/// The resolved configuration the server runs with.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub model: PathBuf,
+    pub listen: SocketAddr,
+    pub metrics_listen: SocketAddr,
+    pub engine: EngineConfig,
+    pub max_new_tokens_cap: u32,
+    pub drain_timeout: Duration,
+    pub log_json: bool,
+}
+
+pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+impl Settings {
+    /// Flags/env merged over the TOML file (if any), then defaults.
+    pub fn resolve(self) -> anyhow::Result<ServerConfig> {
+        let file = match &self.config {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| anyhow::anyhow!("config file {}: {e}", p.display()))?;
+                toml::from_str::<Settings>(&text)
+                    .map_err(|e| anyhow::anyhow!("config file {}: {e}", p.display()))?
+            }
+            None => Settings::default(),
+        };
+        let d = EngineConfig::default();
+        let max_active = self
+            .max_active_sequences
+            .or(file.max_active_sequences)
+            .unwrap_or(d.max_active_sequences);
+        let engine = EngineConfig {
+            max_active_sequences: max_active,
+            max_queued_requests: self
+                .max_queued_requests
+                .or(file.max_queued_requests)
+                .unwrap_or(d.max_queued_requests),
+            limits: StepLimits {
+                max_batch_tokens: self
+                    .max_batch_tokens
+                    .or(file.max_batch_tokens)
+                    .unwrap_or(d.limits.max_batch_tokens),
+                prefill_chunk: self
+                    .prefill_chunk
+                    .or(file.prefill_chunk)
+                    .unwrap_or(d.limits.prefill_chunk),
+            },
+        };
+        anyhow::ensure!(max_active >= 1, "max_active_sequences must be at least 1");
+        anyhow::ensure!(
+            engine.limits.max_batch_tokens >= max_active,
+            "max_batch_tokens ({}) must be at least max_active_sequences ({max_active}) so every decoding sequence runs each step",
+            engine.limits.max_batch_tokens
+        );
+        anyhow::ensure!(engine.limits.prefill_chunk >= 1, "prefill_chunk must be at least 1");
+        let log_format = self.log_format.or(file.log_format).unwrap_or_else(|| "text".into());
+        anyhow::ensure!(
+            log_format == "text" || log_format == "json",
+            "log_format must be \"text\" or \"json\", not {log_format:?}"
+        );
+        Ok(ServerConfig {
+            model: self
+                .model
+                .or(file.model)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL)),
+            listen: self
+                .listen
+                .or(file.listen)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50051))),
+            metrics_listen: self
+                .metrics_listen
+                .or(file.metrics_listen)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9090))),
+            engine,
+            max_new_tokens_cap: self
+                .max_new_tokens_cap
+                .or(file.max_new_tokens_cap)
+                .unwrap_or(4096),
+            drain_timeout: Duration::from_secs(
+                self.drain_timeout_secs
+                    .or(file.drain_timeout_secs)
+                    .unwrap_or(30),
+            ),
+            log_json: log_format == "json",
+        })
+    }
+}
+
+impl ServerConfig {
+    /// Defaults for `model` (for tests and tools); listeners on loopback port 0.
+    pub fn for_model(model: impl Into<PathBuf>) -> Self {
+        Self {
+            model: model.into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            engine: EngineConfig::default(),
+            max_new_tokens_cap: 4096,
+            drain_timeout: Duration::from_secs(30),
+            log_json: false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_file_and_file_over_defaults() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("graft.toml");
+        std::fs::write(&path, "max_active_sequences = 8\nprefill_chunk = 64\n").expect("write");
+        let s = Settings::parse_from(["graftd", "--config", path.to_str().expect("utf8"), "--prefill-chunk", "32"]);
+        let c = s.resolve().expect("resolves");
+        assert_eq!(c.engine.max_active_sequences, 8);
+        assert_eq!(c.engine.limits.prefill_chunk, 32);
+        assert_eq!(c.listen.port(), 50051);
+    }
+
+    #[test]
+    fn unknown_file_keys_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("graft.toml");
+        std::fs::write(&path, "max_actve = 8\n").expect("write");
+        let s = Settings::parse_from(["graftd", "--config", path.to_str().expect("utf8")]);
+        assert!(s.resolve().is_err());
+    }
+}

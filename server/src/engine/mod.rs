@@ -1,0 +1,230 @@
+//! The generation engine: one loop on its own thread owns every active sequence and runs
+//! them together, step after step (continuous batching).
+//! - [`EngineHandle`] is the cheap, cloneable front: `submit` puts a request on a bounded
+//!   queue (full queue -> [`SubmitError::QueueFull`]) and returns the stream of its events.
+//! - The loop (`step.rs`) is the only owner of sequences, KV caches and samplers.
+//! - Policy lives in `scheduler.rs` (pure), token choice in `sampler.rs`, text in `output.rs`.
+//! Invariant: no lock is held across a request's generation; a request's tokens depend only
+//! on the request (prompt, parameters, seed), never on the rest of the batch.
+
+pub mod output;
+pub mod sampler;
+pub mod scheduler;
+mod step;
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use tokio::sync::mpsc;
+
+pub use sampler::SamplingParams;
+pub use scheduler::StepLimits;
+
+use crate::model::BaseModel;
+
+/// Engine settings.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Sequences decoding together at most.
+    pub max_active_sequences: usize,
+    /// Requests waiting for admission at most; beyond, `submit` refuses.
+    pub max_queued_requests: usize,
+    pub limits: StepLimits,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_active_sequences: 64,
+            max_queued_requests: 256,
+            limits: StepLimits {
+                max_batch_tokens: 512,
+                prefill_chunk: 256,
+            },
+        }
+    }
+}
+
+/// A validated request, ready to run.
+#[derive(Debug, Clone)]
+pub struct GenerationRequest {
+    pub prompt_ids: Vec<u32>,
+    pub params: SamplingParams,
+    pub deadline: Option<Instant>,
+}
+
+/// Why a sequence ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    Length,
+    Stop,
+    Eos,
+    Cancelled,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Timings {
+    pub queue: Duration,
+    pub time_to_first_token: Duration,
+    pub total: Duration,
+}
+
+/// What the engine sends back for one request, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StreamEvent {
+    /// New tokens and the text they completed (possibly empty while held back).
+    Tokens {
+        text: String,
+        ids: Vec<u32>,
+        logprobs: Vec<f32>,
+    },
+    /// The last event of a sequence that ended normally or was cancelled.
+    Finished {
+        reason: FinishReason,
+        usage: Usage,
+        timings: Timings,
+    },
+    /// The deadline passed before the sequence finished.
+    DeadlineExceeded,
+    /// The engine failed on this sequence.
+    Failed(String),
+}
+
+/// Why a request was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the generation queue is full ({capacity} requests waiting)")]
+    QueueFull {
+        capacity: usize,
+        retry_after: Duration,
+    },
+    #[error("the server is draining and accepts no new requests")]
+    Draining,
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+struct Submission {
+    req: GenerationRequest,
+    arrived: Instant,
+    events: mpsc::Sender<StreamEvent>,
+}
+
+/// State shared between the handle and the loop: counters and flags only.
+#[derive(Debug, Default)]
+struct Shared {
+    draining: AtomicBool,
+    cancel_all: AtomicBool,
+    /// Queued plus active requests.
+    in_flight: AtomicUsize,
+}
+
+/// The cloneable front of the engine.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Submission>,
+    shared: Arc<Shared>,
+    capacity: usize,
+    model: Arc<BaseModel>,
+}
+
+impl EngineHandle {
+    /// Starts the engine loop on its own thread.
+    pub fn start(model: Arc<BaseModel>, cfg: EngineConfig) -> std::io::Result<Self> {
+        let capacity = cfg.max_queued_requests.max(1);
+        let (tx, rx) = mpsc::channel(capacity);
+        let shared = Arc::new(Shared::default());
+        let engine = step::EngineLoop::new(model.clone(), cfg, rx, shared.clone());
+        std::thread::Builder::new()
+            .name("graft-engine".into())
+            .spawn(move || engine.run())?;
+        Ok(Self {
+            tx,
+            shared,
+            capacity,
+            model,
+        })
+    }
+
+    pub fn model(&self) -> &Arc<BaseModel> {
+        &self.model
+    }
+
+    /// Queues a request; its events arrive on the returned receiver. Dropping the receiver
+    /// cancels the request at the next step.
+    pub fn submit(
+        &self,
+        req: GenerationRequest,
+    ) -> Result<mpsc::Receiver<StreamEvent>, SubmitError> {
+        if self.shared.draining.load(Ordering::SeqCst) {
+            return Err(SubmitError::Draining);
+        }
+        // Room for every token event plus the final one: the loop never blocks on a slow
+        // reader and never drops an event.
+        let (etx, erx) = mpsc::channel(req.params.max_new_tokens as usize + 4);
+        let sub = Submission {
+            req,
+            arrived: Instant::now(),
+            events: etx,
+        };
+        self.shared.in_flight.fetch_add(1, Ordering::SeqCst);
+        match self.tx.try_send(sub) {
+            Ok(()) => {
+                metrics::gauge!(crate::metrics::QUEUE_DEPTH).set(self.queue_depth() as f64);
+                Ok(erx)
+            }
+            Err(e) => {
+                self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+                Err(match e {
+                    mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull {
+                        capacity: self.capacity,
+                        retry_after: Duration::from_secs(1),
+                    },
+                    mpsc::error::TrySendError::Closed(_) => SubmitError::Stopped,
+                })
+            }
+        }
+    }
+
+    /// Requests waiting for admission.
+    pub fn queue_depth(&self) -> usize {
+        self.capacity - self.tx.capacity()
+    }
+
+    /// Requests queued or running.
+    pub fn in_flight(&self) -> usize {
+        self.shared.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Refuses new requests from now on; running ones continue.
+    pub fn begin_drain(&self) {
+        self.shared.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Ends every running and queued request with `Cancelled` at the next step.
+    pub fn cancel_all(&self) {
+        self.shared.cancel_all.store(true, Ordering::SeqCst);
+    }
+
+    /// Waits until nothing is in flight, or `deadline` passes; true when idle.
+    pub async fn wait_idle(&self, deadline: Instant) -> bool {
+        while self.in_flight() > 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+}

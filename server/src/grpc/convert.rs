@@ -1,0 +1,297 @@
+//! Proto -> domain for generation requests: every check of the request's own fields, with
+//! the offending field named. Checks that need the model (prompt length) happen in the
+//! service after tokenisation.
+
+use std::time::{Duration, Instant};
+
+use graft_proto::v1 as pb;
+
+use super::error::ApiError;
+use crate::{engine::SamplingParams, model::ChatMessage};
+
+/// Bounds a request must respect.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestLimits {
+    pub max_new_tokens_cap: u32,
+    pub max_stop_sequences: usize,
+    pub max_stop_bytes: usize,
+    pub max_messages: usize,
+}
+
+impl RequestLimits {
+    pub fn new(max_new_tokens_cap: u32) -> Self {
+        Self {
+            max_new_tokens_cap,
+            max_stop_sequences: 8,
+            max_stop_bytes: 256,
+            max_messages: 1024,
+        }
+    }
+}
+
+pub const DEFAULT_MAX_NEW_TOKENS: u32 = 256;
+pub const CHAT_ROLES: [&str; 3] = ["system", "user", "assistant"];
+
+/// The prompt, before tokenisation.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PromptInput {
+    Text(String),
+    Chat(Vec<ChatMessage>),
+}
+
+/// A generation request whose fields are all valid.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidRequest {
+    pub input: PromptInput,
+    pub adapter: Option<String>,
+    pub params: SamplingParams,
+}
+
+pub fn validate_generate(
+    req: pb::GenerateRequest,
+    limits: &RequestLimits,
+) -> Result<ValidRequest, ApiError> {
+    let given = [
+        !req.prompt.is_empty(),
+        !req.raw_prompt.is_empty(),
+        !req.messages.is_empty(),
+    ]
+    .iter()
+    .filter(|x| **x)
+    .count();
+    if given == 0 {
+        return Err(ApiError::invalid(
+            "prompt",
+            "give a prompt (or raw_prompt) or chat messages; all are empty",
+        ));
+    }
+    if given > 1 {
+        return Err(ApiError::invalid(
+            "prompt",
+            "give exactly one of prompt, raw_prompt or messages, not several",
+        ));
+    }
+    let input = if !req.messages.is_empty() {
+        if req.messages.len() > limits.max_messages {
+            return Err(ApiError::invalid(
+                "messages",
+                format!("{} messages; at most {} are allowed", req.messages.len(), limits.max_messages),
+            ));
+        }
+        let mut msgs = Vec::with_capacity(req.messages.len());
+        for (i, m) in req.messages.into_iter().enumerate() {
+            if !CHAT_ROLES.contains(&m.role.as_str()) {
+                return Err(ApiError::invalid(
+                    format!("messages[{i}].role"),
+                    format!("unknown role {:?}; expected one of system, user, assistant", m.role),
+                ));
+            }
+            msgs.push(ChatMessage {
+                role: m.role,
+                content: m.content,
+            });
+        }
+        PromptInput::Chat(msgs)
+    } else if !req.raw_prompt.is_empty() {
+        match String::from_utf8(req.raw_prompt) {
+            Ok(s) => PromptInput::Text(s),
+            Err(e) => {
+                return Err(ApiError::invalid(
+                    "raw_prompt",
+                    format!("not valid UTF-8 (error at byte {})", e.utf8_error().valid_up_to()),
+                ))
+            }
+        }
+    } else {
+        PromptInput::Text(req.prompt)
+    };
+    let adapter = Some(req.adapter).filter(|a| !a.is_empty());
+    let params = validate_params(req.parameters.unwrap_or_default(), limits)?;
+    Ok(ValidRequest {
+        input,
+        adapter,
+        params,
+    })
+}
+
+fn validate_params(
+    p: pb::SamplingParameters,
+    limits: &RequestLimits,
+) -> Result<SamplingParams, ApiError> {
+    let field = |f: &str| format!("parameters.{f}");
+    let max_new_tokens = p.max_new_tokens.unwrap_or(DEFAULT_MAX_NEW_TOKENS.min(limits.max_new_tokens_cap));
+    if max_new_tokens == 0 || max_new_tokens > limits.max_new_tokens_cap {
+        return Err(ApiError::invalid(
+            field("max_new_tokens"),
+            format!("{max_new_tokens} is outside [1, {}]", limits.max_new_tokens_cap),
+        ));
+    }
+    let temperature = p.temperature.unwrap_or(1.0);
+    if !temperature.is_finite() || temperature < 0.0 {
+        return Err(ApiError::invalid(
+            field("temperature"),
+            format!("{temperature} must be a finite number >= 0 (0 = greedy)"),
+        ));
+    }
+    let top_p = p.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::invalid(field("top_p"), format!("{top_p} is outside (0, 1]")));
+    }
+    let top_k = p.top_k.unwrap_or(0);
+    if top_k < 0 {
+        return Err(ApiError::invalid(field("top_k"), format!("{top_k} must be >= 0 (0 = off)")));
+    }
+    let repetition_penalty = p.repetition_penalty.unwrap_or(1.0);
+    if !repetition_penalty.is_finite() || repetition_penalty <= 0.0 {
+        return Err(ApiError::invalid(
+            field("repetition_penalty"),
+            format!("{repetition_penalty} must be a finite number > 0 (1 = off)"),
+        ));
+    }
+    if p.stop.len() > limits.max_stop_sequences {
+        return Err(ApiError::invalid(
+            field("stop"),
+            format!("{} stop sequences; at most {} are allowed", p.stop.len(), limits.max_stop_sequences),
+        ));
+    }
+    for (i, s) in p.stop.iter().enumerate() {
+        if s.is_empty() || s.len() > limits.max_stop_bytes {
+            return Err(ApiError::invalid(
+                format!("parameters.stop[{i}]"),
+                format!("{} bytes; a stop sequence must be 1 to {} bytes", s.len(), limits.max_stop_bytes),
+            ));
+        }
+    }
+    Ok(SamplingParams {
+        max_new_tokens,
+        temperature,
+        top_p,
+        top_k: top_k as u32,
+        repetition_penalty,
+        stop: p.stop,
+        seed: p.seed.unwrap_or_else(rand::random),
+        logprobs: p.logprobs,
+    })
+}
+
+/// Reads the client's `grpc-timeout` header ("<digits><unit>", unit one of H M S m u n).
+pub fn deadline_from(meta: &tonic::metadata::MetadataMap, now: Instant) -> Option<Instant> {
+    let v = meta.get("grpc-timeout")?.to_str().ok()?;
+    if v.len() < 2 {
+        return None;
+    }
+    let (digits, unit) = v.split_at(v.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    let d = match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    };
+    now.checked_add(d)
+}
+
+impl From<crate::engine::FinishReason> for pb::FinishReason {
+    fn from(r: crate::engine::FinishReason) -> Self {
+        use crate::engine::FinishReason as F;
+        match r {
+            F::Length => Self::Length,
+            F::Stop => Self::Stop,
+            F::Eos => Self::Eos,
+            F::Cancelled => Self::Cancelled,
+        }
+    }
+}
+
+impl From<crate::engine::Usage> for pb::Usage {
+    fn from(u: crate::engine::Usage) -> Self {
+        Self {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+        }
+    }
+}
+
+impl From<crate::engine::Timings> for pb::Timings {
+    fn from(t: crate::engine::Timings) -> Self {
+        Self {
+            queue_seconds: t.queue.as_secs_f64(),
+            time_to_first_token_seconds: t.time_to_first_token.as_secs_f64(),
+            total_seconds: t.total.as_secs_f64(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(req: pb::GenerateRequest, field: &str) {
+        match validate_generate(req, &RequestLimits::new(100)) {
+            Err(ApiError::InvalidArgument { field: f, .. }) => assert_eq!(f, field),
+            other => panic!("expected INVALID_ARGUMENT on {field}, got {other:?}"),
+        }
+    }
+
+    fn prompt(p: pb::SamplingParameters) -> pb::GenerateRequest {
+        pb::GenerateRequest {
+            prompt: "hi".into(),
+            parameters: Some(p),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        check(pb::GenerateRequest::default(), "prompt");
+        check(
+            pb::GenerateRequest {
+                prompt: "a".into(),
+                messages: vec![pb::ChatMessage { role: "user".into(), content: "b".into() }],
+                ..Default::default()
+            },
+            "prompt",
+        );
+        check(
+            pb::GenerateRequest {
+                messages: vec![pb::ChatMessage { role: "wizard".into(), content: "b".into() }],
+                ..Default::default()
+            },
+            "messages[0].role",
+        );
+        check(
+            pb::GenerateRequest { raw_prompt: vec![0xff, 0xfe], ..Default::default() },
+            "raw_prompt",
+        );
+        check(prompt(pb::SamplingParameters { max_new_tokens: Some(0), ..Default::default() }), "parameters.max_new_tokens");
+        check(prompt(pb::SamplingParameters { max_new_tokens: Some(101), ..Default::default() }), "parameters.max_new_tokens");
+        check(prompt(pb::SamplingParameters { temperature: Some(-0.1), ..Default::default() }), "parameters.temperature");
+        check(prompt(pb::SamplingParameters { top_p: Some(0.0), ..Default::default() }), "parameters.top_p");
+        check(prompt(pb::SamplingParameters { top_p: Some(1.5), ..Default::default() }), "parameters.top_p");
+        check(prompt(pb::SamplingParameters { top_k: Some(-1), ..Default::default() }), "parameters.top_k");
+        check(prompt(pb::SamplingParameters { repetition_penalty: Some(0.0), ..Default::default() }), "parameters.repetition_penalty");
+        check(prompt(pb::SamplingParameters { stop: vec!["x".into(); 9], ..Default::default() }), "parameters.stop");
+        check(prompt(pb::SamplingParameters { stop: vec!["".into()], ..Default::default() }), "parameters.stop[0]");
+        check(prompt(pb::SamplingParameters { stop: vec!["y".repeat(257)], ..Default::default() }), "parameters.stop[0]");
+    }
+
+    #[test]
+    fn defaults_fill_in() {
+        let v = validate_generate(prompt(pb::SamplingParameters::default()), &RequestLimits::new(100))
+            .expect("valid");
+        assert_eq!(v.params.max_new_tokens, 100);
+        assert_eq!(v.params.temperature, 1.0);
+        assert_eq!(v.input, PromptInput::Text("hi".into()));
+    }
+
+    #[test]
+    fn grpc_timeout_parses() {
+        let mut m = tonic::metadata::MetadataMap::new();
+        m.insert("grpc-timeout", "250m".parse().expect("ascii"));
+        let now = Instant::now();
+        assert_eq!(deadline_from(&m, now), Some(now + Duration::from_millis(250)));
+    }
+}

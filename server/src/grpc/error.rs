@@ -1,0 +1,81 @@
+//! The one mapping from domain errors to `tonic::Status`, with rich error details
+//! (`BadRequest` naming the field, `RetryInfo` with a delay).
+
+use std::time::Duration;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::engine::SubmitError;
+
+/// Every error an RPC can answer with.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ApiError {
+    #[error("{field}: {reason}")]
+    InvalidArgument { field: String, reason: String },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{what}")]
+    ResourceExhausted { what: String, retry_after: Duration },
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("deadline exceeded")]
+    DeadlineExceeded,
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::InvalidArgument {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    pub fn code(&self) -> Code {
+        match self {
+            Self::InvalidArgument { .. } => Code::InvalidArgument,
+            Self::NotFound(_) => Code::NotFound,
+            Self::ResourceExhausted { .. } => Code::ResourceExhausted,
+            Self::Unavailable(_) => Code::Unavailable,
+            Self::DeadlineExceeded => Code::DeadlineExceeded,
+            Self::Internal(_) => Code::Internal,
+        }
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Self {
+        let msg = e.to_string();
+        match e {
+            ApiError::InvalidArgument { field, reason } => Status::with_error_details(
+                Code::InvalidArgument,
+                msg,
+                ErrorDetails::with_bad_request_violation(field, reason),
+            ),
+            ApiError::ResourceExhausted { retry_after, .. } => Status::with_error_details(
+                Code::ResourceExhausted,
+                format!("{msg}; retry after {}s", retry_after.as_secs_f64()),
+                ErrorDetails::with_retry_info(Some(retry_after)),
+            ),
+            ApiError::NotFound(_) => Status::not_found(msg),
+            ApiError::Unavailable(_) => Status::unavailable(msg),
+            ApiError::DeadlineExceeded => Status::deadline_exceeded(msg),
+            ApiError::Internal(_) => Status::internal(msg),
+        }
+    }
+}
+
+impl From<SubmitError> for ApiError {
+    fn from(e: SubmitError) -> Self {
+        let msg = e.to_string();
+        match e {
+            SubmitError::QueueFull { retry_after, .. } => ApiError::ResourceExhausted {
+                what: msg,
+                retry_after,
+            },
+            SubmitError::Draining | SubmitError::Stopped => ApiError::Unavailable(msg),
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! `graft.v1.Generation`: validate, tokenise, submit to the engine, convert events back.
+
+use std::{pin::Pin, sync::Arc, time::Instant};
+
+use futures::Stream;
+use graft_proto::v1::{self as pb, generation_server::Generation};
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status};
+
+use super::{
+    convert::{deadline_from, validate_generate, PromptInput, RequestLimits},
+    error::ApiError,
+    observe, EngineSlot,
+};
+use crate::engine::{GenerationRequest, StreamEvent};
+
+pub struct GenerationService {
+    engine: EngineSlot,
+    limits: RequestLimits,
+}
+
+impl GenerationService {
+    pub fn new(engine: EngineSlot, limits: RequestLimits) -> Self {
+        Self { engine, limits }
+    }
+
+    /// Validation, tokenisation and admission; the events of the accepted request.
+    fn start(
+        &self,
+        req: Request<pb::GenerateRequest>,
+    ) -> Result<mpsc::Receiver<StreamEvent>, ApiError> {
+        let deadline = deadline_from(req.metadata(), Instant::now());
+        let engine = self
+            .engine
+            .get()
+            .ok_or_else(|| ApiError::Unavailable("the model is still loading".into()))?;
+        let valid = validate_generate(req.into_inner(), &self.limits)?;
+        if let Some(a) = valid.adapter {
+            return Err(ApiError::NotFound(format!("adapter {a:?} not found")));
+        }
+        let model = engine.model();
+        let (text, field) = match valid.input {
+            PromptInput::Text(t) => (t, "prompt"),
+            PromptInput::Chat(m) => (
+                model
+                    .chat
+                    .render(&m, true)
+                    .map_err(|e| ApiError::invalid("messages", e.to_string()))?,
+                "messages",
+            ),
+        };
+        let prompt_ids = model
+            .tokenizer
+            .encode(&text)
+            .map_err(|e| ApiError::invalid(field, e.to_string()))?;
+        let window = model.config().max_position;
+        if prompt_ids.is_empty() {
+            return Err(ApiError::invalid(field, "the prompt has no tokens"));
+        }
+        if prompt_ids.len() >= window {
+            return Err(ApiError::invalid(
+                field,
+                format!(
+                    "the prompt is {} tokens but the context window is {window} (and at least one new token must fit)",
+                    prompt_ids.len()
+                ),
+            ));
+        }
+        Ok(engine.submit(GenerationRequest {
+            prompt_ids,
+            params: valid.params,
+            deadline,
+        })?)
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateStreamResponse, Status>> + Send>>;
+
+/// Engine events -> proto stream messages; ends after the final event.
+fn to_proto_stream(rx: mpsc::Receiver<StreamEvent>, started: Instant) -> EventStream {
+    let stream = futures::stream::unfold(Some(rx), move |rx| async move {
+        let mut rx = rx?;
+        let ev = rx.recv().await;
+        let (item, more) = match ev {
+            Some(StreamEvent::Tokens {
+                text,
+                ids,
+                logprobs,
+            }) => (
+                Ok(pb::GenerateStreamResponse {
+                    text,
+                    token_ids: ids,
+                    logprobs,
+                    ..Default::default()
+                }),
+                true,
+            ),
+            Some(StreamEvent::Finished {
+                reason,
+                usage,
+                timings,
+            }) => {
+                observe("GenerateStream", tonic::Code::Ok, started);
+                (
+                    Ok(pb::GenerateStreamResponse {
+                        finish_reason: pb::FinishReason::from(reason) as i32,
+                        usage: Some(usage.into()),
+                        timings: Some(timings.into()),
+                        ..Default::default()
+                    }),
+                    false,
+                )
+            }
+            Some(StreamEvent::DeadlineExceeded) => {
+                observe("GenerateStream", tonic::Code::DeadlineExceeded, started);
+                (Err(ApiError::DeadlineExceeded.into()), false)
+            }
+            Some(StreamEvent::Failed(e)) => {
+                observe("GenerateStream", tonic::Code::Internal, started);
+                (Err(ApiError::Internal(e).into()), false)
+            }
+            None => (Err(Status::internal("the engine stopped")), false),
+        };
+        Some((item, more.then_some(rx)))
+    });
+    Box::pin(stream)
+}
+
+#[tonic::async_trait]
+impl Generation for GenerationService {
+    async fn generate(
+        &self,
+        req: Request<pb::GenerateRequest>,
+    ) -> Result<Response<pb::GenerateResponse>, Status> {
+        let started = Instant::now();
+        let result = async {
+            let mut rx = self.start(req)?;
+            let mut out = pb::GenerateResponse::default();
+            while let Some(ev) = rx.recv().await {
+                match ev {
+                    StreamEvent::Tokens {
+                        text,
+                        ids,
+                        logprobs,
+                    } => {
+                        out.text.push_str(&text);
+                        out.token_ids.extend(ids);
+                        out.logprobs.extend(logprobs);
+                    }
+                    StreamEvent::Finished {
+                        reason,
+                        usage,
+                        timings,
+                    } => {
+                        out.finish_reason = pb::FinishReason::from(reason) as i32;
+                        out.usage = Some(usage.into());
+                        out.timings = Some(timings.into());
+                        return Ok(out);
+                    }
+                    StreamEvent::DeadlineExceeded => return Err(ApiError::DeadlineExceeded),
+                    StreamEvent::Failed(e) => return Err(ApiError::Internal(e)),
+                }
+            }
+            Err(ApiError::Internal("the engine stopped".into()))
+        }
+        .await;
+        let code = result.as_ref().map_or_else(ApiError::code, |_| tonic::Code::Ok);
+        observe("Generate", code, started);
+        result.map(Response::new).map_err(Into::into)
+    }
+
+    type GenerateStreamStream = EventStream;
+
+    async fn generate_stream(
+        &self,
+        req: Request<pb::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStreamStream>, Status> {
+        let started = Instant::now();
+        match self.start(req) {
+            Ok(rx) => Ok(Response::new(to_proto_stream(rx, started))),
+            Err(e) => {
+                observe("GenerateStream", e.code(), started);
+                Err(e.into())
+            }
+        }
+    }
+}
+
+/// Shared slot for the engine: empty while the model loads.
+pub type Slot = Arc<std::sync::OnceLock<crate::engine::EngineHandle>>;

@@ -1,0 +1,41 @@
+//! The gRPC edge: thin tonic services. Only this module (and `main.rs`/`server.rs`) touch
+//! tonic and proto types; handlers validate, convert to domain calls and convert back.
+
+pub mod convert;
+pub mod error;
+pub mod generation;
+
+use std::time::Instant;
+
+pub use generation::Slot as EngineSlot;
+
+/// Records one answered RPC in `graft_requests_total` and `graft_request_duration_seconds`.
+pub fn observe(rpc: &'static str, code: tonic::Code, started: Instant) {
+    metrics::counter!(crate::metrics::REQUESTS_TOTAL, "rpc" => rpc, "code" => code_label(code))
+        .increment(1);
+    metrics::histogram!(crate::metrics::REQUEST_DURATION, "rpc" => rpc)
+        .record(started.elapsed().as_secs_f64());
+}
+
+fn code_label(c: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match c {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}

@@ -1,0 +1,95 @@
+//! Every metric graft exports: names in one place, described once, Prometheus conventions
+//! (`graft_` prefix, `_seconds`/`_total` suffixes, bounded labels; never a tenant or adapter
+//! id as a label).
+
+use std::sync::OnceLock;
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+};
+
+pub const REQUESTS_TOTAL: &str = "graft_requests_total";
+pub const REQUEST_DURATION: &str = "graft_request_duration_seconds";
+pub const TIME_TO_FIRST_TOKEN: &str = "graft_time_to_first_token_seconds";
+pub const INTER_TOKEN_LATENCY: &str = "graft_inter_token_latency_seconds";
+pub const PROMPT_TOKENS_TOTAL: &str = "graft_prompt_tokens_total";
+pub const GENERATED_TOKENS_TOTAL: &str = "graft_generated_tokens_total";
+pub const QUEUE_DEPTH: &str = "graft_queue_depth";
+pub const BATCH_SIZE: &str = "graft_batch_size";
+pub const ACTIVE_SEQUENCES: &str = "graft_active_sequences";
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
+
+/// Describes every metric (once, at start-up).
+pub fn describe() {
+    describe_counter!(REQUESTS_TOTAL, "RPCs answered, by rpc and gRPC status code");
+    describe_histogram!(REQUEST_DURATION, Unit::Seconds, "RPC duration, by rpc");
+    describe_histogram!(
+        TIME_TO_FIRST_TOKEN,
+        Unit::Seconds,
+        "From a generation request's arrival to its first token"
+    );
+    describe_histogram!(
+        INTER_TOKEN_LATENCY,
+        Unit::Seconds,
+        "Time between two consecutive tokens of one sequence"
+    );
+    describe_counter!(PROMPT_TOKENS_TOTAL, "Prompt tokens admitted into the engine");
+    describe_counter!(GENERATED_TOKENS_TOTAL, "Tokens generated");
+    describe_gauge!(QUEUE_DEPTH, "Generation requests waiting for admission");
+    describe_histogram!(BATCH_SIZE, "Sequences in one engine step");
+    describe_gauge!(ACTIVE_SEQUENCES, "Sequences being prefilled or decoded");
+}
+
+/// The process-wide recorder, installed on first use (several servers in one test process
+/// share it).
+pub fn handle() -> anyhow::Result<PrometheusHandle> {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    if let Some(h) = HANDLE.get() {
+        return Ok(h.clone());
+    }
+    let h = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), BATCH_BUCKETS)?
+        .install_recorder()?;
+    describe();
+    Ok(HANDLE.get_or_init(|| h).clone())
+}
+
+/// Serves the text exposition format on every request to `listener` (any path, as
+/// Prometheus scrapes `/metrics`). The exporter crate's own listener cannot report the port
+/// it bound, which tests on port 0 need; this is the few lines it would otherwise do.
+pub async fn serve(listener: TcpListener, handle: PrometheusHandle) {
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            upkeep.run_upkeep();
+        }
+    });
+    loop {
+        let Ok((mut sock, _)) = listener.accept().await else {
+            continue;
+        };
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            // Read the request head (we answer every path alike).
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut buf)).await;
+            let body = handle.render();
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = sock.write_all(head.as_bytes()).await;
+            let _ = sock.write_all(body.as_bytes()).await;
+            let _ = sock.shutdown().await;
+        });
+    }
+}

@@ -1,0 +1,143 @@
+//! RoPE and causal attention over per-sequence KV caches, on plain f32 slices.
+//! This is the serving kernel: rows of many sequences (a decode token each, or a prefill
+//! chunk) arrive together; each row attends only to its own sequence's cache.
+//! Invariant: one row's result depends only on that row and its own cache, never on what
+//! else is in the batch (batch-invariant by construction).
+
+use rayon::prelude::*;
+
+/// Precomputed RoPE angles (interleaved-pair convention, as GGUF Llama uses).
+#[derive(Debug, Clone)]
+pub struct RopeTable {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    half: usize,
+}
+
+impl RopeTable {
+    pub fn new(head_dim: usize, max_pos: usize, theta: f32) -> Self {
+        let half = head_dim / 2;
+        let inv: Vec<f32> = (0..half)
+            .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
+            .collect();
+        let mut cos = Vec::with_capacity(max_pos * half);
+        let mut sin = Vec::with_capacity(max_pos * half);
+        for p in 0..max_pos {
+            for f in &inv {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        Self { cos, sin, half }
+    }
+
+    pub fn max_positions(&self) -> usize {
+        self.cos.len() / self.half.max(1)
+    }
+
+    /// `(cos, sin)` rows for positions `0..n`, shaped `(n, head_dim/2)`, for tensor code.
+    pub fn tables(&self, n: usize) -> (&[f32], &[f32]) {
+        (&self.cos[..n * self.half], &self.sin[..n * self.half])
+    }
+
+    /// Rotates every head of one row in place.
+    pub fn apply(&self, row: &mut [f32], pos: usize) {
+        let cos = &self.cos[pos * self.half..(pos + 1) * self.half];
+        let sin = &self.sin[pos * self.half..(pos + 1) * self.half];
+        for head in row.chunks_exact_mut(2 * self.half) {
+            for i in 0..self.half {
+                let (x0, x1) = (head[2 * i], head[2 * i + 1]);
+                head[2 * i] = x0 * cos[i] - x1 * sin[i];
+                head[2 * i + 1] = x0 * sin[i] + x1 * cos[i];
+            }
+        }
+    }
+}
+
+/// Shape of the attention problem.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnShape {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Where one row of the batch belongs: its cache (by index) and its absolute position.
+#[derive(Debug, Clone, Copy)]
+pub struct RowPlace {
+    pub seq: usize,
+    pub pos: usize,
+}
+
+/// Causal attention for every row. `keys[s]`/`values[s]` hold sequence `s`'s cache for this
+/// layer, already including the rows of this step. Returns `(rows, num_heads*head_dim)`.
+pub fn attend(
+    q: &[f32],
+    rows: &[RowPlace],
+    keys: &[&[f32]],
+    values: &[&[f32]],
+    shape: AttnShape,
+) -> Vec<f32> {
+    let AttnShape {
+        num_heads,
+        num_kv_heads,
+        head_dim,
+    } = shape;
+    let hidden = num_heads * head_dim;
+    let kv_dim = num_kv_heads * head_dim;
+    let group = num_heads / num_kv_heads;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let mut out = vec![0f32; rows.len() * hidden];
+    out.par_chunks_mut(hidden)
+        .zip(q.par_chunks(hidden))
+        .zip(rows.par_iter())
+        .for_each_init(Vec::new, |scores, ((o_row, q_row), place)| {
+            let (k, v) = (keys[place.seq], values[place.seq]);
+            let n = place.pos + 1;
+            for h in 0..num_heads {
+                let kvh = h / group;
+                let qh = &q_row[h * head_dim..(h + 1) * head_dim];
+                scores.clear();
+                let mut max = f32::NEG_INFINITY;
+                for p in 0..n {
+                    let kp = &k[p * kv_dim + kvh * head_dim..p * kv_dim + (kvh + 1) * head_dim];
+                    let s = dot(qh, kp) * scale;
+                    max = max.max(s);
+                    scores.push(s);
+                }
+                let mut sum = 0f32;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                let inv = 1.0 / sum;
+                let oh = &mut o_row[h * head_dim..(h + 1) * head_dim];
+                for (p, s) in scores.iter().enumerate() {
+                    let w = s * inv;
+                    let vp = &v[p * kv_dim + kvh * head_dim..p * kv_dim + (kvh + 1) * head_dim];
+                    for (o, x) in oh.iter_mut().zip(vp) {
+                        *o += w * x;
+                    }
+                }
+            }
+        });
+    out
+}
+
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight independent accumulators let the compiler vectorise without reassociating.
+    let mut acc = [0f32; 8];
+    let chunks = a.len() / 8;
+    for c in 0..chunks {
+        for j in 0..8 {
+            acc[j] += a[c * 8 + j] * b[c * 8 + j];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for i in chunks * 8..a.len() {
+        s += a[i] * b[i];
+    }
+    s
+}

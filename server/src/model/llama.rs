@@ -1,0 +1,196 @@
+//! The Llama-family decoder: one set of frozen weights, two forward paths.
+//! - [`Llama::forward_batch`]: the serving path. Rows of many sequences in one step; the
+//!   linear layers run as one batched matmul, attention per sequence over its own
+//!   [`KvCache`].
+//! - [`Llama::forward_reference`]: the plain path. One whole sequence, no cache, built only
+//!   from differentiable candle ops; tests hold the serving path to it.
+//! Invariant: the model never owns per-sequence state and never mutates its weights.
+
+use candle_core::{DType, Device, Tensor, D};
+
+use super::{
+    attention::{attend, AttnShape, RopeTable, RowPlace},
+    config::LlamaConfig,
+    kv_cache::KvCache,
+    weights::Weights,
+    ModelError,
+};
+
+/// One sequence's share of a step: new tokens to run and the cache they extend.
+pub struct SeqChunk<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+    /// Whether the logits of this chunk's last token are wanted.
+    pub want_logits: bool,
+}
+
+/// The frozen decoder.
+#[derive(Debug)]
+pub struct Llama {
+    pub cfg: LlamaConfig,
+    pub weights: Weights,
+    rope: RopeTable,
+    device: Device,
+}
+
+impl Llama {
+    pub fn new(cfg: LlamaConfig, weights: Weights, device: Device) -> Self {
+        let rope = RopeTable::new(cfg.head_dim(), cfg.max_position, cfg.rope_theta);
+        Self {
+            cfg,
+            weights,
+            rope,
+            device,
+        }
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.cfg.num_layers, self.cfg.kv_dim())
+    }
+
+    fn attn_shape(&self) -> AttnShape {
+        AttnShape {
+            num_heads: self.cfg.num_heads,
+            num_kv_heads: self.cfg.num_kv_heads,
+            head_dim: self.cfg.head_dim(),
+        }
+    }
+
+    /// Runs one step over `chunks` and returns the logits `(n, vocab)` of the last token of
+    /// every chunk with `want_logits`, in order.
+    pub fn forward_batch(&self, chunks: &mut [SeqChunk<'_>]) -> Result<Tensor, ModelError> {
+        let cfg = &self.cfg;
+        let mut ids = Vec::new();
+        let mut rows = Vec::new();
+        let mut logit_rows = Vec::new();
+        for (s, c) in chunks.iter().enumerate() {
+            let start = c.cache.len();
+            if start + c.tokens.len() > cfg.max_position {
+                return Err(ModelError::ContextOverflow {
+                    needed: start + c.tokens.len(),
+                    max: cfg.max_position,
+                });
+            }
+            for (i, &t) in c.tokens.iter().enumerate() {
+                if t as usize >= cfg.vocab_size {
+                    return Err(ModelError::Format(format!("token id {t} is out of the vocabulary")));
+                }
+                ids.push(t);
+                rows.push(RowPlace {
+                    seq: s,
+                    pos: start + i,
+                });
+            }
+            if c.want_logits && !c.tokens.is_empty() {
+                logit_rows.push((ids.len() - 1) as u32);
+            }
+        }
+        let n = ids.len();
+        if n == 0 {
+            return Ok(Tensor::zeros((0, cfg.vocab_size), DType::F32, &self.device)?);
+        }
+        let (hidden, kv_dim) = (cfg.hidden_size, cfg.kv_dim());
+        let eps = cfg.rms_eps as f32;
+        let ids_t = Tensor::from_vec(ids, n, &self.device)?;
+        let mut x = self.weights.embed.index_select(&ids_t, 0)?;
+        for (li, layer) in self.weights.layers.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
+            let mut q = layer.q.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
+            let mut k = layer.k.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
+            let v = layer.v.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
+            for (r, place) in rows.iter().enumerate() {
+                self.rope.apply(&mut q[r * hidden..(r + 1) * hidden], place.pos);
+                self.rope.apply(&mut k[r * kv_dim..(r + 1) * kv_dim], place.pos);
+            }
+            let mut off = 0;
+            for c in chunks.iter_mut() {
+                let m = c.tokens.len();
+                c.cache.append(
+                    li,
+                    &k[off * kv_dim..(off + m) * kv_dim],
+                    &v[off * kv_dim..(off + m) * kv_dim],
+                );
+                off += m;
+            }
+            let keys: Vec<&[f32]> = chunks.iter().map(|c| c.cache.k[li].as_slice()).collect();
+            let values: Vec<&[f32]> = chunks.iter().map(|c| c.cache.v[li].as_slice()).collect();
+            let a = attend(&q, &rows, &keys, &values, self.attn_shape());
+            let a = Tensor::from_vec(a, (n, hidden), &self.device)?;
+            x = (x + layer.o.forward(&a)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
+            let g = layer.gate.forward(&h)?;
+            let u = layer.up.forward(&h)?;
+            x = (x + layer.down.forward(&(g.silu()? * u)?)?)?;
+        }
+        for c in chunks.iter_mut() {
+            c.cache.advance(c.tokens.len());
+        }
+        let idx = Tensor::from_vec(logit_rows.clone(), logit_rows.len(), &self.device)?;
+        let last = x.index_select(&idx, 0)?;
+        let last = candle_nn::ops::rms_norm(&last, &self.weights.final_norm, eps)?;
+        Ok(self.weights.lm_head.forward(&last)?)
+    }
+
+    /// Logits `(T, vocab)` for every position of `tokens`, from differentiable ops only.
+    pub fn forward_reference(&self, tokens: &[u32]) -> Result<Tensor, ModelError> {
+        let cfg = &self.cfg;
+        let t = tokens.len();
+        if t == 0 || t > cfg.max_position {
+            return Err(ModelError::ContextOverflow {
+                needed: t,
+                max: cfg.max_position,
+            });
+        }
+        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim());
+        let eps = cfg.rms_eps as f32;
+        let dev = &self.device;
+        let (cos, sin) = self.rope.tables(t);
+        let cos = Tensor::from_slice(cos, (t, hd / 2), dev)?;
+        let sin = Tensor::from_slice(sin, (t, hd / 2), dev)?;
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (t, t), dev)?;
+        let ids = Tensor::from_slice(tokens, t, dev)?;
+        let mut x = self.weights.embed.index_select(&ids, 0)?;
+        for layer in &self.weights.layers {
+            let h = candle_nn::ops::rms_norm_slow(&x, &layer.attn_norm, eps)?;
+            let heads = |y: Tensor, n: usize| -> candle_core::Result<Tensor> {
+                y.reshape((1, t, n, hd))?.transpose(1, 2)?.contiguous()
+            };
+            let q = heads(layer.q.forward(&h)?, nh)?;
+            let k = heads(layer.k.forward(&h)?, nkv)?;
+            let v = heads(layer.v.forward(&h)?, nkv)?;
+            let q = candle_nn::rotary_emb::rope_i_slow(&q, &cos, &sin)?;
+            let k = candle_nn::rotary_emb::rope_i_slow(&k, &cos, &sin)?;
+            let rep = nh / nkv;
+            let repeat = |y: Tensor| -> candle_core::Result<Tensor> {
+                if rep == 1 {
+                    return Ok(y);
+                }
+                y.unsqueeze(2)?
+                    .expand((1, nkv, rep, t, hd))?
+                    .reshape((1, nh, t, hd))
+            };
+            let (k, v) = (repeat(k)?, repeat(v)?);
+            let att = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
+            let att = att.broadcast_add(&mask)?;
+            let att = candle_nn::ops::softmax(&att, D::Minus1)?;
+            let y = att
+                .matmul(&v.contiguous()?)?
+                .transpose(1, 2)?
+                .reshape((t, nh * hd))?;
+            x = (x + layer.o.forward(&y)?)?;
+            let h = candle_nn::ops::rms_norm_slow(&x, &layer.ffn_norm, eps)?;
+            let g = layer.gate.forward(&h)?;
+            let u = layer.up.forward(&h)?;
+            x = (x + layer.down.forward(&(candle_nn::ops::silu(&g)? * u)?)?)?;
+        }
+        let x = candle_nn::ops::rms_norm_slow(&x, &self.weights.final_norm, eps)?;
+        Ok(self.weights.lm_head.forward(&x)?)
+    }
+}

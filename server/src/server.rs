@@ -1,0 +1,199 @@
+//! Starting and stopping a whole graftd: listeners, services, health, reflection, metrics,
+//! the model load and warm-up, and the graceful drain. `main.rs` and the integration tests
+//! both go through [`start`].
+//! Invariant: health says SERVING only after the model is loaded and one warm-up step ran,
+//! and NOT_SERVING again from the moment a drain begins.
+
+use std::{net::SocketAddr, sync::Arc, time::Instant};
+
+use graft_proto::v1::generation_server::GenerationServer;
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::{server::HealthReporter, ServingStatus};
+
+use crate::{
+    config::ServerConfig,
+    engine::{EngineHandle, GenerationRequest, SamplingParams, StreamEvent},
+    grpc::{convert::RequestLimits, generation::GenerationService, EngineSlot},
+    model::BaseModel,
+};
+
+/// Where the model load stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoadState {
+    Loading,
+    Ready,
+    Failed(String),
+}
+
+/// A started server.
+pub struct RunningServer {
+    pub grpc_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    cfg: ServerConfig,
+    engine: EngineSlot,
+    health: HealthReporter,
+    load: watch::Receiver<LoadState>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    serve: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+const SERVICE_NAME: &str = "graft.v1.Generation";
+
+async fn set_health(h: &HealthReporter, status: ServingStatus) {
+    h.set_service_status("", status).await;
+    h.set_service_status(SERVICE_NAME, status).await;
+}
+
+/// Binds the listeners, starts serving (NOT_SERVING at first) and loads the model in the
+/// background.
+pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
+    let metrics = crate::metrics::handle()?;
+    let metrics_listener = TcpListener::bind(cfg.metrics_listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("metrics listener {}: {e}", cfg.metrics_listen))?;
+    let metrics_addr = metrics_listener.local_addr()?;
+    tokio::spawn(crate::metrics::serve(metrics_listener, metrics));
+
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("gRPC listener {}: {e}", cfg.listen))?;
+    let grpc_addr = listener.local_addr()?;
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    set_health(&health, ServingStatus::NotServing).await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(graft_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let engine: EngineSlot = Arc::default();
+    let generation = GenerationService::new(engine.clone(), RequestLimits::new(cfg.max_new_tokens_cap));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let serve = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(GenerationServer::new(generation))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                let _ = stop_rx.await;
+            }),
+    );
+    tracing::info!(%grpc_addr, %metrics_addr, "listening");
+
+    let (load_tx, load) = watch::channel(LoadState::Loading);
+    {
+        let (cfg, engine, health) = (cfg.clone(), engine.clone(), health.clone());
+        tokio::spawn(async move {
+            let state = match load_and_warm(&cfg, &engine).await {
+                Ok(()) => {
+                    set_health(&health, ServingStatus::Serving).await;
+                    LoadState::Ready
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "model load failed");
+                    LoadState::Failed(format!("{e:#}"))
+                }
+            };
+            let _ = load_tx.send(state);
+        });
+    }
+    Ok(RunningServer {
+        grpc_addr,
+        metrics_addr,
+        cfg,
+        engine,
+        health,
+        load,
+        shutdown: Some(stop_tx),
+        serve,
+    })
+}
+
+async fn load_and_warm(cfg: &ServerConfig, slot: &EngineSlot) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    let path = cfg.model.clone();
+    let model = tokio::task::spawn_blocking(move || {
+        BaseModel::load(&path, &candle_core::Device::Cpu)
+    })
+    .await??;
+    let model = Arc::new(model);
+    tracing::info!(
+        model = %model.name,
+        layers = model.config().num_layers,
+        hidden = model.config().hidden_size,
+        seconds = t0.elapsed().as_secs_f64(),
+        "model loaded"
+    );
+    let engine = EngineHandle::start(model.clone(), cfg.engine.clone())?;
+    // One real step through the engine before we say SERVING.
+    let prompt_ids = model.tokenizer.encode("Hello").unwrap_or_else(|_| vec![0]);
+    let mut rx = engine.submit(GenerationRequest {
+        prompt_ids,
+        params: SamplingParams {
+            max_new_tokens: 1,
+            temperature: 0.0,
+            ..Default::default()
+        },
+        deadline: None,
+    })?;
+    loop {
+        match rx.recv().await {
+            Some(StreamEvent::Finished { .. }) => break,
+            Some(StreamEvent::Tokens { .. }) => {}
+            Some(other) => anyhow::bail!("warm-up failed: {other:?}"),
+            None => anyhow::bail!("warm-up failed: the engine stopped"),
+        }
+    }
+    tracing::info!(seconds = t0.elapsed().as_secs_f64(), "warm-up done; serving");
+    slot.set(engine)
+        .map_err(|_| anyhow::anyhow!("engine already started"))?;
+    Ok(())
+}
+
+impl RunningServer {
+    /// Waits until the model is loaded and warm (or its load failed).
+    pub async fn ready(&self) -> anyhow::Result<()> {
+        let mut rx = self.load.clone();
+        let state = rx
+            .wait_for(|s| *s != LoadState::Loading)
+            .await
+            .map_err(|_| anyhow::anyhow!("loader vanished"))?
+            .clone();
+        match state {
+            LoadState::Ready => Ok(()),
+            LoadState::Failed(e) => Err(anyhow::anyhow!("model load failed: {e}")),
+            LoadState::Loading => unreachable!("wait_for returned while loading"),
+        }
+    }
+
+    pub fn load_state(&self) -> LoadState {
+        self.load.borrow().clone()
+    }
+
+    pub fn engine(&self) -> Option<&EngineHandle> {
+        self.engine.get()
+    }
+
+    /// Graceful stop: NOT_SERVING, refuse new requests, let in-flight ones finish within the
+    /// drain timeout (then cancel them), close the listener, wait for the server to end.
+    pub async fn drain(mut self) -> anyhow::Result<()> {
+        set_health(&self.health, ServingStatus::NotServing).await;
+        if let Some(engine) = self.engine.get() {
+            engine.begin_drain();
+            let deadline = Instant::now() + self.cfg.drain_timeout;
+            if !engine.wait_idle(deadline).await {
+                tracing::warn!(in_flight = engine.in_flight(), "drain timeout; cancelling");
+                engine.cancel_all();
+                engine
+                    .wait_idle(Instant::now() + std::time::Duration::from_secs(5))
+                    .await;
+            }
+        }
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        (&mut self.serve).await??;
+        tracing::info!("drained; bye");
+        Ok(())
+    }
+}
