@@ -10,7 +10,11 @@ use crate::engine::{EngineConfig, StepLimits};
 
 /// Every setting, optional at this stage so the layers can be merged.
 #[derive(Debug, Clone, Default, Parser, Deserialize)]
-#[command(name = "graftd", version, about = "graft: one frozen base model, many adapters, batched generation over gRPC")]
+#[command(
+    name = "graftd",
+    version,
+    about = "graft: one frozen base model, many adapters, batched generation over gRPC"
+)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
     /// TOML file with any of these settings (flags and env vars win over it).
@@ -103,8 +107,14 @@ impl Settings {
             "max_batch_tokens ({}) must be at least max_active_sequences ({max_active}) so every decoding sequence runs each step",
             engine.limits.max_batch_tokens
         );
-        anyhow::ensure!(engine.limits.prefill_chunk >= 1, "prefill_chunk must be at least 1");
-        let log_format = self.log_format.or(file.log_format).unwrap_or_else(|| "text".into());
+        anyhow::ensure!(
+            engine.limits.prefill_chunk >= 1,
+            "prefill_chunk must be at least 1"
+        );
+        let log_format = self
+            .log_format
+            .or(file.log_format)
+            .unwrap_or_else(|| "text".into());
         anyhow::ensure!(
             log_format == "text" || log_format == "json",
             "log_format must be \"text\" or \"json\", not {log_format:?}"
@@ -161,7 +171,13 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("graft.toml");
         std::fs::write(&path, "max_active_sequences = 8\nprefill_chunk = 64\n").expect("write");
-        let s = Settings::parse_from(["graftd", "--config", path.to_str().expect("utf8"), "--prefill-chunk", "32"]);
+        let s = Settings::parse_from([
+            "graftd",
+            "--config",
+            path.to_str().expect("utf8"),
+            "--prefill-chunk",
+            "32",
+        ]);
         let c = s.resolve().expect("resolves");
         assert_eq!(c.engine.max_active_sequences, 8);
         assert_eq!(c.engine.limits.prefill_chunk, 32);

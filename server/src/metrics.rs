@@ -2,7 +2,7 @@
 //! (`graft_` prefix, `_seconds`/`_total` suffixes, bounded labels; never a tenant or adapter
 //! id as a label).
 
-use std::sync::OnceLock;
+use std::sync::Mutex;
 
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -40,7 +40,10 @@ pub fn describe() {
         Unit::Seconds,
         "Time between two consecutive tokens of one sequence"
     );
-    describe_counter!(PROMPT_TOKENS_TOTAL, "Prompt tokens admitted into the engine");
+    describe_counter!(
+        PROMPT_TOKENS_TOTAL,
+        "Prompt tokens admitted into the engine"
+    );
     describe_counter!(GENERATED_TOKENS_TOTAL, "Tokens generated");
     describe_gauge!(QUEUE_DEPTH, "Generation requests waiting for admission");
     describe_histogram!(BATCH_SIZE, "Sequences in one engine step");
@@ -50,8 +53,9 @@ pub fn describe() {
 /// The process-wide recorder, installed on first use (several servers in one test process
 /// share it).
 pub fn handle() -> anyhow::Result<PrometheusHandle> {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    if let Some(h) = HANDLE.get() {
+    static HANDLE: Mutex<Option<PrometheusHandle>> = Mutex::new(None);
+    let mut slot = HANDLE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(h) = slot.as_ref() {
         return Ok(h.clone());
     }
     let h = PrometheusBuilder::new()
@@ -59,7 +63,8 @@ pub fn handle() -> anyhow::Result<PrometheusHandle> {
         .set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), BATCH_BUCKETS)?
         .install_recorder()?;
     describe();
-    Ok(HANDLE.get_or_init(|| h).clone())
+    *slot = Some(h.clone());
+    Ok(h)
 }
 
 /// Serves the text exposition format on every request to `listener` (any path, as
@@ -81,7 +86,8 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle) {
         tokio::spawn(async move {
             let mut buf = [0u8; 2048];
             // Read the request head (we answer every path alike).
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut buf)).await;
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut buf)).await;
             let body = handle.render();
             let head = format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",

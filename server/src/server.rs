@@ -67,7 +67,8 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let engine: EngineSlot = Arc::default();
-    let generation = GenerationService::new(engine.clone(), RequestLimits::new(cfg.max_new_tokens_cap));
+    let generation =
+        GenerationService::new(engine.clone(), RequestLimits::new(cfg.max_new_tokens_cap));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let serve = tokio::spawn(
         tonic::transport::Server::builder()
@@ -112,10 +113,9 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
 async fn load_and_warm(cfg: &ServerConfig, slot: &EngineSlot) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let path = cfg.model.clone();
-    let model = tokio::task::spawn_blocking(move || {
-        BaseModel::load(&path, &candle_core::Device::Cpu)
-    })
-    .await??;
+    let model =
+        tokio::task::spawn_blocking(move || BaseModel::load(&path, &candle_core::Device::Cpu))
+            .await??;
     let model = Arc::new(model);
     tracing::info!(
         model = %model.name,
@@ -144,7 +144,10 @@ async fn load_and_warm(cfg: &ServerConfig, slot: &EngineSlot) -> anyhow::Result<
             None => anyhow::bail!("warm-up failed: the engine stopped"),
         }
     }
-    tracing::info!(seconds = t0.elapsed().as_secs_f64(), "warm-up done; serving");
+    tracing::info!(
+        seconds = t0.elapsed().as_secs_f64(),
+        "warm-up done; serving"
+    );
     slot.set(engine)
         .map_err(|_| anyhow::anyhow!("engine already started"))?;
     Ok(())

@@ -1,1 +1,118 @@
+//! Harness for the integration tests: starts a real graftd (the same `server::start` the
+//! binary uses) on 127.0.0.1:0 and connects the real client to it.
 
+use std::{
+    path::PathBuf,
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+use graft_client::GraftClient;
+use graft_server::{
+    config::ServerConfig,
+    model::tiny::{write_tiny_gguf, TinySpec},
+    server::{self, RunningServer},
+};
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The real SmolLM2 file (`make model` puts it there); `GRAFT_TEST_MODEL` overrides.
+pub fn real_model_path() -> PathBuf {
+    std::env::var_os("GRAFT_TEST_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"))
+}
+
+/// A tiny random-weight model written once per test process.
+pub fn tiny_model_path() -> PathBuf {
+    static P: OnceLock<PathBuf> = OnceLock::new();
+    P.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("graft-tiny-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("tiny.gguf");
+        write_tiny_gguf(&path, &TinySpec::default()).expect("write tiny model");
+        path
+    })
+    .clone()
+}
+
+/// A running server and a client connected to it.
+pub struct TestServer {
+    pub server: RunningServer,
+    pub client: GraftClient,
+}
+
+impl TestServer {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.server.grpc_addr)
+    }
+
+    pub fn metrics_url(&self) -> String {
+        format!("http://{}/metrics", self.server.metrics_addr)
+    }
+
+    /// Reads `/metrics` over plain HTTP/1.1.
+    pub async fn scrape(&self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(self.server.metrics_addr)
+            .await
+            .expect("connect metrics");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.expect("read");
+        assert!(
+            out.starts_with("HTTP/1.1 200"),
+            "metrics answered {out:.80}"
+        );
+        out
+    }
+}
+
+/// Starts a server for `model`, lets `tweak` adjust the config, waits until it is ready.
+pub async fn start_with(model: PathBuf, tweak: impl FnOnce(&mut ServerConfig)) -> TestServer {
+    let mut cfg = ServerConfig::for_model(model);
+    tweak(&mut cfg);
+    let server = server::start(cfg).await.expect("server starts");
+    server.ready().await.expect("model loads");
+    let client = GraftClient::connect(&format!("http://{}", server.grpc_addr))
+        .await
+        .expect("client connects");
+    TestServer { server, client }
+}
+
+pub async fn start_real() -> TestServer {
+    start_with(real_model_path(), |_| {}).await
+}
+
+pub async fn start_tiny() -> TestServer {
+    start_with(tiny_model_path(), |_| {}).await
+}
+
+/// Value of a counter/gauge line `name{labels} value` summed over matching lines.
+pub fn metric_value(text: &str, name: &str, label_filter: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            let key = l.split_whitespace().next().unwrap_or("");
+            (key == name || key.starts_with(&format!("{name}{{")))
+                && label_filter.iter().all(|f| key.contains(f))
+        })
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Polls `f` until true or `timeout`.
+pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    f()
+}

@@ -46,7 +46,10 @@ impl TextOutput {
         if let Some(at) = hit {
             let text = self.pending[..at].to_string();
             self.pending.clear();
-            return Piece { text, stopped: true };
+            return Piece {
+                text,
+                stopped: true,
+            };
         }
         let hold = self
             .stops
@@ -103,7 +106,10 @@ mod tests {
 
     #[test]
     fn stop_sequence_across_pieces_is_cut() {
-        assert_eq!(feed(&["END"], &["hello E", "N", "D more"]), ("hello ".into(), true));
+        assert_eq!(
+            feed(&["END"], &["hello E", "N", "D more"]),
+            ("hello ".into(), true)
+        );
     }
 
     #[test]

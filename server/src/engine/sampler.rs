@@ -208,7 +208,9 @@ mod tests {
                 50,
                 &[],
             );
-            (0..20).map(|_| s.sample(&mut logits.clone()).token).collect::<Vec<_>>()
+            (0..20)
+                .map(|_| s.sample(&mut logits.clone()).token)
+                .collect::<Vec<_>>()
         };
         assert_eq!(run(5), run(5));
         assert_ne!(run(5), run(6));

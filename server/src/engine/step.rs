@@ -51,7 +51,10 @@ impl Sequence {
         let now = Instant::now();
         let timings = Timings {
             queue: self.admitted - self.arrived,
-            time_to_first_token: self.first_token.map(|t| t - self.arrived).unwrap_or_default(),
+            time_to_first_token: self
+                .first_token
+                .map(|t| t - self.arrived)
+                .unwrap_or_default(),
             total: now - self.arrived,
         };
         let usage = Usage {
@@ -257,7 +260,8 @@ impl EngineLoop {
         let now = Instant::now();
         let s = seq.sampler.sample(logits);
         match seq.last_token {
-            None => metrics::histogram!(m::TIME_TO_FIRST_TOKEN).record((now - seq.arrived).as_secs_f64()),
+            None => metrics::histogram!(m::TIME_TO_FIRST_TOKEN)
+                .record((now - seq.arrived).as_secs_f64()),
             Some(t) => metrics::histogram!(m::INTER_TOKEN_LATENCY).record((now - t).as_secs_f64()),
         }
         metrics::counter!(m::GENERATED_TOKENS_TOTAL).increment(1);

@@ -75,7 +75,11 @@ pub fn validate_generate(
         if req.messages.len() > limits.max_messages {
             return Err(ApiError::invalid(
                 "messages",
-                format!("{} messages; at most {} are allowed", req.messages.len(), limits.max_messages),
+                format!(
+                    "{} messages; at most {} are allowed",
+                    req.messages.len(),
+                    limits.max_messages
+                ),
             ));
         }
         let mut msgs = Vec::with_capacity(req.messages.len());
@@ -83,7 +87,10 @@ pub fn validate_generate(
             if !CHAT_ROLES.contains(&m.role.as_str()) {
                 return Err(ApiError::invalid(
                     format!("messages[{i}].role"),
-                    format!("unknown role {:?}; expected one of system, user, assistant", m.role),
+                    format!(
+                        "unknown role {:?}; expected one of system, user, assistant",
+                        m.role
+                    ),
                 ));
             }
             msgs.push(ChatMessage {
@@ -98,7 +105,10 @@ pub fn validate_generate(
             Err(e) => {
                 return Err(ApiError::invalid(
                     "raw_prompt",
-                    format!("not valid UTF-8 (error at byte {})", e.utf8_error().valid_up_to()),
+                    format!(
+                        "not valid UTF-8 (error at byte {})",
+                        e.utf8_error().valid_up_to()
+                    ),
                 ))
             }
         }
@@ -119,11 +129,16 @@ fn validate_params(
     limits: &RequestLimits,
 ) -> Result<SamplingParams, ApiError> {
     let field = |f: &str| format!("parameters.{f}");
-    let max_new_tokens = p.max_new_tokens.unwrap_or(DEFAULT_MAX_NEW_TOKENS.min(limits.max_new_tokens_cap));
+    let max_new_tokens = p
+        .max_new_tokens
+        .unwrap_or(DEFAULT_MAX_NEW_TOKENS.min(limits.max_new_tokens_cap));
     if max_new_tokens == 0 || max_new_tokens > limits.max_new_tokens_cap {
         return Err(ApiError::invalid(
             field("max_new_tokens"),
-            format!("{max_new_tokens} is outside [1, {}]", limits.max_new_tokens_cap),
+            format!(
+                "{max_new_tokens} is outside [1, {}]",
+                limits.max_new_tokens_cap
+            ),
         ));
     }
     let temperature = p.temperature.unwrap_or(1.0);
@@ -135,11 +150,17 @@ fn validate_params(
     }
     let top_p = p.top_p.unwrap_or(1.0);
     if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(ApiError::invalid(field("top_p"), format!("{top_p} is outside (0, 1]")));
+        return Err(ApiError::invalid(
+            field("top_p"),
+            format!("{top_p} is outside (0, 1]"),
+        ));
     }
     let top_k = p.top_k.unwrap_or(0);
     if top_k < 0 {
-        return Err(ApiError::invalid(field("top_k"), format!("{top_k} must be >= 0 (0 = off)")));
+        return Err(ApiError::invalid(
+            field("top_k"),
+            format!("{top_k} must be >= 0 (0 = off)"),
+        ));
     }
     let repetition_penalty = p.repetition_penalty.unwrap_or(1.0);
     if !repetition_penalty.is_finite() || repetition_penalty <= 0.0 {
@@ -151,14 +172,22 @@ fn validate_params(
     if p.stop.len() > limits.max_stop_sequences {
         return Err(ApiError::invalid(
             field("stop"),
-            format!("{} stop sequences; at most {} are allowed", p.stop.len(), limits.max_stop_sequences),
+            format!(
+                "{} stop sequences; at most {} are allowed",
+                p.stop.len(),
+                limits.max_stop_sequences
+            ),
         ));
     }
     for (i, s) in p.stop.iter().enumerate() {
         if s.is_empty() || s.len() > limits.max_stop_bytes {
             return Err(ApiError::invalid(
                 format!("parameters.stop[{i}]"),
-                format!("{} bytes; a stop sequence must be 1 to {} bytes", s.len(), limits.max_stop_bytes),
+                format!(
+                    "{} bytes; a stop sequence must be 1 to {} bytes",
+                    s.len(),
+                    limits.max_stop_bytes
+                ),
             ));
         }
     }
@@ -250,38 +279,110 @@ mod tests {
         check(
             pb::GenerateRequest {
                 prompt: "a".into(),
-                messages: vec![pb::ChatMessage { role: "user".into(), content: "b".into() }],
+                messages: vec![pb::ChatMessage {
+                    role: "user".into(),
+                    content: "b".into(),
+                }],
                 ..Default::default()
             },
             "prompt",
         );
         check(
             pb::GenerateRequest {
-                messages: vec![pb::ChatMessage { role: "wizard".into(), content: "b".into() }],
+                messages: vec![pb::ChatMessage {
+                    role: "wizard".into(),
+                    content: "b".into(),
+                }],
                 ..Default::default()
             },
             "messages[0].role",
         );
         check(
-            pb::GenerateRequest { raw_prompt: vec![0xff, 0xfe], ..Default::default() },
+            pb::GenerateRequest {
+                raw_prompt: vec![0xff, 0xfe],
+                ..Default::default()
+            },
             "raw_prompt",
         );
-        check(prompt(pb::SamplingParameters { max_new_tokens: Some(0), ..Default::default() }), "parameters.max_new_tokens");
-        check(prompt(pb::SamplingParameters { max_new_tokens: Some(101), ..Default::default() }), "parameters.max_new_tokens");
-        check(prompt(pb::SamplingParameters { temperature: Some(-0.1), ..Default::default() }), "parameters.temperature");
-        check(prompt(pb::SamplingParameters { top_p: Some(0.0), ..Default::default() }), "parameters.top_p");
-        check(prompt(pb::SamplingParameters { top_p: Some(1.5), ..Default::default() }), "parameters.top_p");
-        check(prompt(pb::SamplingParameters { top_k: Some(-1), ..Default::default() }), "parameters.top_k");
-        check(prompt(pb::SamplingParameters { repetition_penalty: Some(0.0), ..Default::default() }), "parameters.repetition_penalty");
-        check(prompt(pb::SamplingParameters { stop: vec!["x".into(); 9], ..Default::default() }), "parameters.stop");
-        check(prompt(pb::SamplingParameters { stop: vec!["".into()], ..Default::default() }), "parameters.stop[0]");
-        check(prompt(pb::SamplingParameters { stop: vec!["y".repeat(257)], ..Default::default() }), "parameters.stop[0]");
+        check(
+            prompt(pb::SamplingParameters {
+                max_new_tokens: Some(0),
+                ..Default::default()
+            }),
+            "parameters.max_new_tokens",
+        );
+        check(
+            prompt(pb::SamplingParameters {
+                max_new_tokens: Some(101),
+                ..Default::default()
+            }),
+            "parameters.max_new_tokens",
+        );
+        check(
+            prompt(pb::SamplingParameters {
+                temperature: Some(-0.1),
+                ..Default::default()
+            }),
+            "parameters.temperature",
+        );
+        check(
+            prompt(pb::SamplingParameters {
+                top_p: Some(0.0),
+                ..Default::default()
+            }),
+            "parameters.top_p",
+        );
+        check(
+            prompt(pb::SamplingParameters {
+                top_p: Some(1.5),
+                ..Default::default()
+            }),
+            "parameters.top_p",
+        );
+        check(
+            prompt(pb::SamplingParameters {
+                top_k: Some(-1),
+                ..Default::default()
+            }),
+            "parameters.top_k",
+        );
+        check(
+            prompt(pb::SamplingParameters {
+                repetition_penalty: Some(0.0),
+                ..Default::default()
+            }),
+            "parameters.repetition_penalty",
+        );
+        check(
+            prompt(pb::SamplingParameters {
+                stop: vec!["x".into(); 9],
+                ..Default::default()
+            }),
+            "parameters.stop",
+        );
+        check(
+            prompt(pb::SamplingParameters {
+                stop: vec!["".into()],
+                ..Default::default()
+            }),
+            "parameters.stop[0]",
+        );
+        check(
+            prompt(pb::SamplingParameters {
+                stop: vec!["y".repeat(257)],
+                ..Default::default()
+            }),
+            "parameters.stop[0]",
+        );
     }
 
     #[test]
     fn defaults_fill_in() {
-        let v = validate_generate(prompt(pb::SamplingParameters::default()), &RequestLimits::new(100))
-            .expect("valid");
+        let v = validate_generate(
+            prompt(pb::SamplingParameters::default()),
+            &RequestLimits::new(100),
+        )
+        .expect("valid");
         assert_eq!(v.params.max_new_tokens, 100);
         assert_eq!(v.params.temperature, 1.0);
         assert_eq!(v.input, PromptInput::Text("hi".into()));
@@ -292,6 +393,9 @@ mod tests {
         let mut m = tonic::metadata::MetadataMap::new();
         m.insert("grpc-timeout", "250m".parse().expect("ascii"));
         let now = Instant::now();
-        assert_eq!(deadline_from(&m, now), Some(now + Duration::from_millis(250)));
+        assert_eq!(
+            deadline_from(&m, now),
+            Some(now + Duration::from_millis(250))
+        );
     }
 }

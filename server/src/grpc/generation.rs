@@ -164,7 +164,9 @@ impl Generation for GenerationService {
             Err(ApiError::Internal("the engine stopped".into()))
         }
         .await;
-        let code = result.as_ref().map_or_else(ApiError::code, |_| tonic::Code::Ok);
+        let code = result
+            .as_ref()
+            .map_or_else(ApiError::code, |_| tonic::Code::Ok);
         observe("Generate", code, started);
         result.map(Response::new).map_err(Into::into)
     }

@@ -39,7 +39,10 @@ impl LlamaConfig {
             ));
         }
         if self.head_dim() % 2 != 0 {
-            return Err(format!("head_dim {} must be even for RoPE", self.head_dim()));
+            return Err(format!(
+                "head_dim {} must be even for RoPE",
+                self.head_dim()
+            ));
         }
         if self.vocab_size == 0 || self.num_layers == 0 || self.max_position == 0 {
             return Err("vocab_size, num_layers and max_position must be positive".into());

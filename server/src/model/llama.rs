@@ -77,7 +77,9 @@ impl Llama {
             }
             for (i, &t) in c.tokens.iter().enumerate() {
                 if t as usize >= cfg.vocab_size {
-                    return Err(ModelError::Format(format!("token id {t} is out of the vocabulary")));
+                    return Err(ModelError::Format(format!(
+                        "token id {t} is out of the vocabulary"
+                    )));
                 }
                 ids.push(t);
                 rows.push(RowPlace {
@@ -91,7 +93,11 @@ impl Llama {
         }
         let n = ids.len();
         if n == 0 {
-            return Ok(Tensor::zeros((0, cfg.vocab_size), DType::F32, &self.device)?);
+            return Ok(Tensor::zeros(
+                (0, cfg.vocab_size),
+                DType::F32,
+                &self.device,
+            )?);
         }
         let (hidden, kv_dim) = (cfg.hidden_size, cfg.kv_dim());
         let eps = cfg.rms_eps as f32;
@@ -103,8 +109,10 @@ impl Llama {
             let mut k = layer.k.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
             let v = layer.v.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
             for (r, place) in rows.iter().enumerate() {
-                self.rope.apply(&mut q[r * hidden..(r + 1) * hidden], place.pos);
-                self.rope.apply(&mut k[r * kv_dim..(r + 1) * kv_dim], place.pos);
+                self.rope
+                    .apply(&mut q[r * hidden..(r + 1) * hidden], place.pos);
+                self.rope
+                    .apply(&mut k[r * kv_dim..(r + 1) * kv_dim], place.pos);
             }
             let mut off = 0;
             for c in chunks.iter_mut() {

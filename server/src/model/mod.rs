@@ -75,9 +75,7 @@ impl BaseModel {
                 cfg.vocab_size
             )));
         }
-        let template = g
-            .meta_str("tokenizer.chat_template")
-            .map(str::to_string);
+        let template = g.meta_str("tokenizer.chat_template").map(str::to_string);
         let chat = chat_template(template, &tokenizer)?;
         let name = g
             .meta_str("general.name")
@@ -103,10 +101,14 @@ impl BaseModel {
         let cfg = LlamaConfig::from(&hf);
         cfg.validate().map_err(ModelError::Format)?;
         let eos_ids: Vec<u32> = match &hf.eos_token_id {
-            Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| x as u32).into_iter().collect(),
-            Some(serde_json::Value::Array(a)) => {
-                a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect()
+            Some(serde_json::Value::Number(n)) => {
+                n.as_u64().map(|x| x as u32).into_iter().collect()
             }
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .filter_map(|x| x.as_u64())
+                .map(|x| x as u32)
+                .collect(),
             _ => vec![],
         };
         let tok_cfg: serde_json::Value = read("tokenizer_config.json")
@@ -117,8 +119,12 @@ impl BaseModel {
             .get("add_bos_token")
             .and_then(|v| v.as_bool())
             .unwrap_or(false);
-        let tokenizer =
-            TextTokenizer::from_file(&dir.join("tokenizer.json"), hf.bos_token_id, eos_ids, add_bos)?;
+        let tokenizer = TextTokenizer::from_file(
+            &dir.join("tokenizer.json"),
+            hf.bos_token_id,
+            eos_ids,
+            add_bos,
+        )?;
         let template = tok_cfg
             .get("chat_template")
             .and_then(|v| v.as_str())
@@ -166,8 +172,8 @@ fn sha256_files(files: &[std::path::PathBuf]) -> Result<String, ModelError> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     for f in files {
-        let mut r = std::fs::File::open(f)
-            .map_err(|e| ModelError::Io(format!("{}: {e}", f.display())))?;
+        let mut r =
+            std::fs::File::open(f).map_err(|e| ModelError::Io(format!("{}: {e}", f.display())))?;
         loop {
             let n = r
                 .read(&mut buf)

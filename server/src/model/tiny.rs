@@ -75,7 +75,10 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<(), ModelError> {
         tokens.push(m.replace(' ', ""));
     }
     let mut types = vec![V::I32(3); TINY_SPECIALS.len()];
-    types.extend(std::iter::repeat_n(V::I32(1), tokens.len() - TINY_SPECIALS.len()));
+    types.extend(std::iter::repeat_n(
+        V::I32(1),
+        tokens.len() - TINY_SPECIALS.len(),
+    ));
     let vocab = tokens.len();
 
     let dev = Device::Cpu;
@@ -96,18 +99,31 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<(), ModelError> {
         }
         Ok(Tensor::from_vec(v, shape, &dev)?)
     };
-    let (h, f, kv) = (spec.hidden, spec.ffn, spec.hidden / spec.heads * spec.kv_heads);
+    let (h, f, kv) = (
+        spec.hidden,
+        spec.ffn,
+        spec.hidden / spec.heads * spec.kv_heads,
+    );
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     let mut push = |name: String, t: Tensor, q: GgmlDType| -> Result<(), ModelError> {
         tensors.push((name, QTensor::quantize(&t, q)?));
         Ok(())
     };
-    push("token_embd.weight".into(), randn(&[vocab, h], 0.5)?, GgmlDType::F32)?;
+    push(
+        "token_embd.weight".into(),
+        randn(&[vocab, h], 0.5)?,
+        GgmlDType::F32,
+    )?;
     let ones = Tensor::ones(h, candle_core::DType::F32, &dev)?;
     for i in 0..spec.layers {
         let p = |s: &str| format!("blk.{i}.{s}.weight");
         // Alternate tensor types so every loader path runs: F32, F16, Q8_0, Q4_0, Q4_1.
-        let q = [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::F16][i % 4];
+        let q = [
+            GgmlDType::Q8_0,
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::F16,
+        ][i % 4];
         push(p("attn_norm"), ones.clone(), GgmlDType::F32)?;
         push(p("attn_q"), randn(&[h, h], 0.2)?, q)?;
         push(p("attn_k"), randn(&[kv, h], 0.2)?, q)?;
@@ -129,14 +145,23 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<(), ModelError> {
         ("llama.embedding_length", V::U32(h as u32)),
         ("llama.feed_forward_length", V::U32(f as u32)),
         ("llama.attention.head_count", V::U32(spec.heads as u32)),
-        ("llama.attention.head_count_kv", V::U32(spec.kv_heads as u32)),
+        (
+            "llama.attention.head_count_kv",
+            V::U32(spec.kv_heads as u32),
+        ),
         ("llama.rope.freq_base", V::F32(10_000.0)),
         ("llama.attention.layer_norm_rms_epsilon", V::F32(1e-5)),
         ("tokenizer.ggml.model", s("gpt2")),
         ("tokenizer.ggml.pre", s("smollm")),
-        ("tokenizer.ggml.tokens", V::Array(tokens.iter().map(|t| s(t)).collect())),
+        (
+            "tokenizer.ggml.tokens",
+            V::Array(tokens.iter().map(|t| s(t)).collect()),
+        ),
         ("tokenizer.ggml.token_type", V::Array(types)),
-        ("tokenizer.ggml.merges", V::Array(merges.iter().map(|m| s(m)).collect())),
+        (
+            "tokenizer.ggml.merges",
+            V::Array(merges.iter().map(|m| s(m)).collect()),
+        ),
         ("tokenizer.ggml.bos_token_id", V::U32(1)),
         ("tokenizer.ggml.eos_token_id", V::U32(2)),
         ("tokenizer.ggml.add_bos_token", V::Bool(false)),

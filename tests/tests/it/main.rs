@@ -1,0 +1,5 @@
+//! One integration binary: the real server on 127.0.0.1:0, the real client.
+
+mod bad_input;
+mod generation;
+mod ops;

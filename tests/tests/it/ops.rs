@@ -1,0 +1,179 @@
+//! Operations: health transitions, graceful drain, reflection, metrics.
+
+use std::time::Duration;
+
+use graft_client::{proto, GenerateOptions};
+use graft_server::{config::ServerConfig, server};
+use graft_tests::{metric_value, real_model_path, start_tiny, start_with, tiny_model_path};
+use tonic_health::pb::{
+    health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+};
+
+async fn channel(url: &str) -> tonic::transport::Channel {
+    tonic::transport::Channel::from_shared(url.to_string())
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect")
+}
+
+async fn health(url: &str) -> ServingStatus {
+    let mut c = HealthClient::new(channel(url).await);
+    let r = c
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("check")
+        .into_inner();
+    ServingStatus::try_from(r.status).expect("status")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_not_serving_until_loaded_then_serving() {
+    let srv = server::start(ServerConfig::for_model(real_model_path()))
+        .await
+        .expect("start");
+    let url = format!("http://{}", srv.grpc_addr);
+    assert_eq!(health(&url).await, ServingStatus::NotServing);
+    // Generation refuses politely while loading.
+    let c = graft_client::GraftClient::connect(&url)
+        .await
+        .expect("connect");
+    if srv.engine().is_none() {
+        let err = c
+            .generate(GenerateOptions::greedy(2).prompt("hi"))
+            .await
+            .expect_err("loading");
+        assert_eq!(err.code(), tonic::Code::Unavailable);
+    }
+    srv.ready().await.expect("ready");
+    assert_eq!(health(&url).await, ServingStatus::Serving);
+    srv.drain().await.expect("drain");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_finishes_in_flight_streams_and_refuses_new_ones() {
+    let t = start_with(tiny_model_path(), |c| {
+        c.drain_timeout = Duration::from_secs(30)
+    })
+    .await;
+    let url = t.url();
+    let mut stream = t
+        .client
+        .generate_stream(GenerateOptions::greedy(300).prompt("story"))
+        .await
+        .expect("stream");
+    stream.message().await.expect("first").expect("some");
+    let client = t.client.clone();
+    let drain = tokio::spawn(t.server.drain());
+    // NOT_SERVING and refusing while the stream still runs.
+    let mut saw_not_serving = false;
+    for _ in 0..100 {
+        if health(&url).await == ServingStatus::NotServing {
+            saw_not_serving = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(saw_not_serving);
+    let err = client
+        .generate(GenerateOptions::greedy(2).prompt("late"))
+        .await
+        .expect_err("draining");
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+    let mut last = None;
+    while let Some(m) = stream.message().await.expect("stream continues") {
+        if m.finish_reason != 0 {
+            last = Some(m.finish_reason);
+        }
+    }
+    assert_eq!(last, Some(proto::FinishReason::Length as i32));
+    drain.await.expect("join").expect("drained");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_timeout_cancels_what_is_left() {
+    let t = start_with(real_model_path(), |c| {
+        c.drain_timeout = Duration::from_millis(300)
+    })
+    .await;
+    let mut stream = t
+        .client
+        .generate_stream(GenerateOptions::greedy(4000).prompt("Count from 1 to 1000: 1, 2, 3,"))
+        .await
+        .expect("stream");
+    stream.message().await.expect("first").expect("some");
+    let drain = tokio::spawn(t.server.drain());
+    let mut last = None;
+    while let Some(m) = stream.message().await.expect("stream ends cleanly") {
+        if m.finish_reason != 0 {
+            last = Some(m.finish_reason);
+        }
+    }
+    assert_eq!(last, Some(proto::FinishReason::Cancelled as i32));
+    drain.await.expect("join").expect("drained");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_lists_the_services() {
+    use tonic_reflection::pb::v1::{
+        server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        ServerReflectionRequest,
+    };
+    let t = start_tiny().await;
+    let mut c = ServerReflectionClient::new(channel(&t.url()).await);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut resp = c
+        .server_reflection_info(futures::stream::iter(vec![req]))
+        .await
+        .expect("reflection")
+        .into_inner();
+    let msg = resp.message().await.expect("answer").expect("some");
+    let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else {
+        panic!("unexpected reflection answer {msg:?}");
+    };
+    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+    assert!(names.contains(&"graft.v1.Generation"), "{names:?}");
+    assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_with_traffic() {
+    let t = start_tiny().await;
+    let before = t.scrape().await;
+    t.client
+        .generate(GenerateOptions::greedy(5).prompt("count"))
+        .await
+        .expect("generate");
+    let _ = t
+        .client
+        .generate(GenerateOptions::greedy(0).prompt("count"))
+        .await
+        .expect_err("invalid");
+    let after = t.scrape().await;
+    let delta = |name: &str, labels: &[&str]| {
+        metric_value(&after, name, labels) - metric_value(&before, name, labels)
+    };
+    assert!(
+        delta("graft_requests_total", &["rpc=\"Generate\"", "code=\"OK\""]) >= 1.0,
+        "{after}"
+    );
+    assert!(delta("graft_requests_total", &["code=\"INVALID_ARGUMENT\""]) >= 1.0);
+    assert!(delta("graft_generated_tokens_total", &[]) >= 5.0);
+    assert!(delta("graft_prompt_tokens_total", &[]) >= 1.0);
+    for name in [
+        "graft_request_duration_seconds_bucket",
+        "graft_time_to_first_token_seconds_bucket",
+        "graft_inter_token_latency_seconds_bucket",
+        "graft_batch_size_bucket",
+        "graft_queue_depth",
+        "graft_active_sequences",
+    ] {
+        assert!(after.contains(name), "{name} missing from /metrics");
+    }
+}
