@@ -1,1 +1,119 @@
-fn main() {}
+//! graft-bench: starts graftd in-process on loopback and measures it over gRPC, as a client
+//! would see it. Numbers go to BENCHMARKS.md; nothing here asserts a speed.
+
+use std::{path::PathBuf, time::Instant};
+
+use clap::Parser;
+use futures::future::join_all;
+use graft_client::{GenerateOptions, GraftClient};
+use graft_server::{config::ServerConfig, server};
+
+#[derive(Parser)]
+#[command(about = "Measure graftd over gRPC")]
+struct Args {
+    #[arg(long, default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+    model: PathBuf,
+    /// Tokens generated per stream in the decode measurements.
+    #[arg(long, default_value_t = 64)]
+    decode_tokens: u32,
+    /// Concurrency levels for aggregate decode.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    streams: Vec<usize>,
+    /// Prompt length for the prefill measurement.
+    #[arg(long, default_value_t = 512)]
+    prefill_tokens: usize,
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i]
+}
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+/// A prompt of exactly `n` tokens for this model.
+fn prompt_of(client_model: &graft_server::model::BaseModel, n: usize) -> String {
+    let base = "The history of the city is long and full of surprising turns. ";
+    let mut text = String::new();
+    while client_model.tokenizer.encode(&text).map(|v| v.len()).unwrap_or(0) < n {
+        text.push_str(base);
+    }
+    let ids = client_model.tokenizer.encode(&text).expect("encode");
+    client_model.tokenizer.decode(&ids[..n]).expect("decode")
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let mut cfg = ServerConfig::for_model(&args.model);
+    cfg.engine.max_active_sequences = 64;
+    let srv = server::start(cfg).await?;
+    srv.ready().await?;
+    let model = srv.engine().expect("ready").model().clone();
+    let client = GraftClient::connect(&format!("http://{}", srv.grpc_addr)).await?;
+    println!("machine: {} cores; model: {}", std::thread::available_parallelism()?.get(), args.model.display());
+
+    // Single-stream decode: rate after the first token.
+    let req = GenerateOptions::greedy(args.decode_tokens).prompt("Count from 1 to 1000: 1, 2, 3, 4,");
+    client.generate(req.clone()).await?; // warm
+    let r = client.generate(req).await?;
+    let t = r.timings.unwrap_or_default();
+    let n = r.usage.unwrap_or_default().completion_tokens as f64;
+    let single = (n - 1.0) / (t.total_seconds - t.time_to_first_token_seconds);
+    println!("single-stream decode: {single:.1} tokens/s ({n} tokens)");
+
+    // Prefill: one token out of a long prompt; the time to first token is the prefill.
+    let p = prompt_of(&model, args.prefill_tokens);
+    let r = client.generate(GenerateOptions::greedy(1).prompt(p)).await?;
+    let u = r.usage.unwrap_or_default();
+    let t = r.timings.unwrap_or_default();
+    println!(
+        "prefill: {:.1} tokens/s ({} prompt tokens in {:.3}s)",
+        u.prompt_tokens as f64 / t.time_to_first_token_seconds,
+        u.prompt_tokens,
+        t.time_to_first_token_seconds
+    );
+
+    for &streams in &args.streams {
+        let start = Instant::now();
+        let results = join_all((0..streams).map(|i| {
+            let c = client.clone();
+            let req = GenerateOptions {
+                max_new_tokens: Some(args.decode_tokens),
+                temperature: Some(0.7),
+                seed: Some(i as u64),
+                ..Default::default()
+            }
+            .prompt(format!("Story number {i}: Once upon a time"));
+            async move { c.generate(req).await }
+        }))
+        .await;
+        let wall = start.elapsed().as_secs_f64();
+        let mut tokens = 0.0;
+        let mut ttft = Vec::new();
+        for r in results {
+            let r = r?;
+            tokens += r.usage.unwrap_or_default().completion_tokens as f64;
+            ttft.push(r.timings.unwrap_or_default().time_to_first_token_seconds);
+        }
+        println!(
+            "{streams:>2} streams: aggregate {:.1} tokens/s; TTFT p50 {:.3}s p99 {:.3}s",
+            tokens / wall,
+            percentile(&mut ttft, 0.5),
+            percentile(&mut ttft, 0.99)
+        );
+    }
+    println!("peak resident memory: {:.0} MiB", peak_rss_mib());
+    srv.drain().await
+}
