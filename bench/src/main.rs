@@ -46,7 +46,13 @@ fn peak_rss_mib() -> f64 {
 fn prompt_of(client_model: &graft_server::model::BaseModel, n: usize) -> String {
     let base = "The history of the city is long and full of surprising turns. ";
     let mut text = String::new();
-    while client_model.tokenizer.encode(&text).map(|v| v.len()).unwrap_or(0) < n {
+    while client_model
+        .tokenizer
+        .encode(&text)
+        .map(|v| v.len())
+        .unwrap_or(0)
+        < n
+    {
         text.push_str(base);
     }
     let ids = client_model.tokenizer.encode(&text).expect("encode");
@@ -62,10 +68,15 @@ async fn main() -> anyhow::Result<()> {
     srv.ready().await?;
     let model = srv.engine().expect("ready").model().clone();
     let client = GraftClient::connect(&format!("http://{}", srv.grpc_addr)).await?;
-    println!("machine: {} cores; model: {}", std::thread::available_parallelism()?.get(), args.model.display());
+    println!(
+        "machine: {} cores; model: {}",
+        std::thread::available_parallelism()?.get(),
+        args.model.display()
+    );
 
     // Single-stream decode: rate after the first token.
-    let req = GenerateOptions::greedy(args.decode_tokens).prompt("Count from 1 to 1000: 1, 2, 3, 4,");
+    let req =
+        GenerateOptions::greedy(args.decode_tokens).prompt("Count from 1 to 1000: 1, 2, 3, 4,");
     client.generate(req.clone()).await?; // warm
     let r = client.generate(req).await?;
     let t = r.timings.unwrap_or_default();
@@ -75,7 +86,9 @@ async fn main() -> anyhow::Result<()> {
 
     // Prefill: one token out of a long prompt; the time to first token is the prefill.
     let p = prompt_of(&model, args.prefill_tokens);
-    let r = client.generate(GenerateOptions::greedy(1).prompt(p)).await?;
+    let r = client
+        .generate(GenerateOptions::greedy(1).prompt(p))
+        .await?;
     let u = r.usage.unwrap_or_default();
     let t = r.timings.unwrap_or_default();
     println!(

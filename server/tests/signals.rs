@@ -60,7 +60,11 @@ async fn sigterm_drains_the_stream_then_exits_zero() {
     };
     stream.message().await.expect("first").expect("some");
     let pid = child.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().expect("kill").success());
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill")
+        .success());
     let mut tokens = 1;
     let mut finish = 0;
     while let Some(m) = stream.message().await.expect("stream survives the drain") {

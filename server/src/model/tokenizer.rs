@@ -163,6 +163,11 @@ impl TextTokenizer {
         })
     }
 
+    /// Writes the tokenizer as an HF `tokenizer.json`.
+    pub fn save(&self, path: &Path) -> Result<(), ModelError> {
+        self.inner.save(path, false).map_err(tok_err)
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
