@@ -18,6 +18,7 @@ fn last_logits(m: &BaseModel, ids: &[u32]) -> Vec<f32> {
             tokens: ids,
             cache: &mut cache,
             want_logits: true,
+            decode: false,
         }])
         .expect("forward")
         .squeeze(0)

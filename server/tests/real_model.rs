@@ -72,6 +72,7 @@ fn serving_last_logits(m: &BaseModel, prompt: &[u32], chunk: usize) -> Vec<f32> 
                 tokens: c,
                 cache: &mut cache,
                 want_logits: want,
+                decode: false,
             }])
             .expect("forward");
         if want {
@@ -172,6 +173,7 @@ fn greedy_continuation_matches_the_reference() {
                 tokens: &next,
                 cache: &mut cache,
                 want_logits: true,
+                decode: !got.is_empty(),
             }])
             .expect("forward");
         let row: Vec<f32> = l.squeeze(0).expect("row").to_vec1().expect("vec");

@@ -214,16 +214,18 @@ impl EngineLoop {
                     cache,
                     ..
                 } = seq;
-                let (tokens, sample) = if *prefilled < prompt.len() {
+                let decode = *prefilled >= prompt.len();
+                let (tokens, sample) = if decode {
+                    (&generated[generated.len() - 1..], true)
+                } else {
                     let end = *prefilled + n;
                     (&prompt[*prefilled..end], end == prompt.len())
-                } else {
-                    (&generated[generated.len() - 1..], true)
                 };
                 chunks.push(SeqChunk {
                     tokens,
                     cache,
                     want_logits: sample,
+                    decode,
                 });
                 ran.push((i, n, sample));
             }

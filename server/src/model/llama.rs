@@ -22,6 +22,10 @@ pub struct SeqChunk<'a> {
     pub cache: &'a mut KvCache,
     /// Whether the logits of this chunk's last token are wanted.
     pub want_logits: bool,
+    /// A generated token (decode phase) rather than prompt tokens: decode rows run through
+    /// the packed kernel. The choice depends only on the sequence's own phase, never on the
+    /// batch, so results stay batch-invariant.
+    pub decode: bool,
 }
 
 /// The frozen decoder.
@@ -64,10 +68,22 @@ impl Llama {
     /// every chunk with `want_logits`, in order.
     pub fn forward_batch(&self, chunks: &mut [SeqChunk<'_>]) -> Result<Tensor, ModelError> {
         let cfg = &self.cfg;
+        // Decode chunks first so their rows form one block for the packed kernel.
+        let mut order: Vec<usize> = (0..chunks.len()).collect();
+        order.sort_by_key(|&i| !chunks[i].decode);
+        let decode_rows: usize = chunks
+            .iter()
+            .filter(|c| c.decode)
+            .map(|c| c.tokens.len())
+            .sum();
         let mut ids = Vec::new();
         let mut rows = Vec::new();
+        // (chunk index, row) of every wanted logit, in processing order.
         let mut logit_rows = Vec::new();
-        for (s, c) in chunks.iter().enumerate() {
+        let mut row_of = vec![0usize; chunks.len()];
+        for &s in &order {
+            let c = &chunks[s];
+            row_of[s] = ids.len();
             let start = c.cache.len();
             if start + c.tokens.len() > cfg.max_position {
                 return Err(ModelError::ContextOverflow {
@@ -88,7 +104,7 @@ impl Llama {
                 });
             }
             if c.want_logits && !c.tokens.is_empty() {
-                logit_rows.push((ids.len() - 1) as u32);
+                logit_rows.push(s);
             }
         }
         let n = ids.len();
@@ -105,42 +121,69 @@ impl Llama {
         let mut x = self.weights.embed.index_select(&ids_t, 0)?;
         for (li, layer) in self.weights.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let mut q = layer.q.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
-            let mut k = layer.k.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
-            let v = layer.v.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
+            let mut q = layer
+                .q
+                .forward_rows(&h, decode_rows)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let mut k = layer
+                .k
+                .forward_rows(&h, decode_rows)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let v = layer
+                .v
+                .forward_rows(&h, decode_rows)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
             for (r, place) in rows.iter().enumerate() {
                 self.rope
                     .apply(&mut q[r * hidden..(r + 1) * hidden], place.pos);
                 self.rope
                     .apply(&mut k[r * kv_dim..(r + 1) * kv_dim], place.pos);
             }
-            let mut off = 0;
-            for c in chunks.iter_mut() {
-                let m = c.tokens.len();
+            for (s, c) in chunks.iter_mut().enumerate() {
+                let (off, m) = (row_of[s], c.tokens.len());
                 c.cache.append(
                     li,
                     &k[off * kv_dim..(off + m) * kv_dim],
                     &v[off * kv_dim..(off + m) * kv_dim],
                 );
-                off += m;
             }
             let keys: Vec<&[f32]> = chunks.iter().map(|c| c.cache.k[li].as_slice()).collect();
             let values: Vec<&[f32]> = chunks.iter().map(|c| c.cache.v[li].as_slice()).collect();
             let a = attend(&q, &rows, &keys, &values, self.attn_shape());
             let a = Tensor::from_vec(a, (n, hidden), &self.device)?;
-            x = (x + layer.o.forward(&a)?)?;
+            x = (x + layer.o.forward_rows(&a, decode_rows)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
-            let g = layer.gate.forward(&h)?;
-            let u = layer.up.forward(&h)?;
-            x = (x + layer.down.forward(&(g.silu()? * u)?)?)?;
+            let g = layer.gate.forward_rows(&h, decode_rows)?;
+            let u = layer.up.forward_rows(&h, decode_rows)?;
+            x = (x + layer.down.forward_rows(&(g.silu()? * u)?, decode_rows)?)?;
         }
         for c in chunks.iter_mut() {
             c.cache.advance(c.tokens.len());
         }
-        let idx = Tensor::from_vec(logit_rows.clone(), logit_rows.len(), &self.device)?;
+        // Logit rows in chunk order; decode chunks' rows come first among them as well.
+        logit_rows.sort_by_key(|&s| (!chunks[s].decode, s));
+        let logit_decode = logit_rows.iter().filter(|&&s| chunks[s].decode).count();
+        let idx: Vec<u32> = logit_rows
+            .iter()
+            .map(|&s| (row_of[s] + chunks[s].tokens.len() - 1) as u32)
+            .collect();
+        let idx = Tensor::from_vec(idx, logit_rows.len(), &self.device)?;
         let last = x.index_select(&idx, 0)?;
         let last = candle_nn::ops::rms_norm(&last, &self.weights.final_norm, eps)?;
-        Ok(self.weights.lm_head.forward(&last)?)
+        let logits = self.weights.lm_head.forward_rows(&last, logit_decode)?;
+        // Back to the callers' chunk order.
+        let mut back: Vec<(usize, u32)> = logit_rows
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| (s, i as u32))
+            .collect();
+        back.sort_unstable();
+        let back: Vec<u32> = back.into_iter().map(|(_, i)| i).collect();
+        let back = Tensor::from_vec(back, logit_rows.len(), &self.device)?;
+        Ok(logits.index_select(&back, 0)?)
     }
 
     /// Logits `(T, vocab)` for every position of `tokens`, from differentiable ops only.

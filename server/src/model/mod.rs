@@ -9,6 +9,7 @@ pub mod chat;
 pub mod config;
 pub mod kv_cache;
 pub mod llama;
+pub mod packed;
 pub mod tiny;
 pub mod tokenizer;
 pub mod weights;

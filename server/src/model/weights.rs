@@ -4,19 +4,58 @@
 
 use std::{collections::HashMap, fs::File, path::Path};
 
-use candle_core::{quantized::gguf_file, DType, Device, Tensor};
+use std::sync::Arc;
 
-use super::{config::LlamaConfig, ModelError};
+use candle_core::{
+    quantized::{gguf_file, QTensor},
+    DType, Device, Tensor,
+};
 
-/// A linear layer `y = x W^T` over frozen f32 weights `W: (out, in)`.
+use super::{config::LlamaConfig, packed::PackedLinear, ModelError};
+
+/// A linear layer `y = x W^T` over frozen weights `W: (out, in)`: f32 for the plain path
+/// and prefill GEMMs, and (from GGUF) the packed blocks the decode path streams.
 #[derive(Debug, Clone)]
 pub struct Linear {
     pub(crate) weight: Tensor,
+    pub(crate) packed: Option<Arc<PackedLinear>>,
 }
 
 impl Linear {
     pub fn new(weight: Tensor) -> Self {
-        Self { weight }
+        Self {
+            weight,
+            packed: None,
+        }
+    }
+
+    /// From a GGUF tensor: dequantised f32 plus the packed blocks.
+    pub fn from_qtensor(q: &QTensor, dev: &Device) -> Result<Self, ModelError> {
+        Ok(Self {
+            weight: q.dequantize(dev)?.to_dtype(DType::F32)?,
+            packed: Some(Arc::new(PackedLinear::from_qtensor(q)?)),
+        })
+    }
+
+    /// `x: (rows, in)` where the first `decode_rows` rows are decode tokens: those go through
+    /// the packed kernel (row-wise, batch-invariant), the rest through the f32 GEMM.
+    pub fn forward_rows(&self, x: &Tensor, decode_rows: usize) -> candle_core::Result<Tensor> {
+        let rows = x.dim(0)?;
+        let Some(p) = self.packed.as_ref().filter(|_| decode_rows > 0) else {
+            return self.forward(x);
+        };
+        let xd = x.narrow(0, 0, decode_rows)?;
+        let xv = xd.flatten_all()?.to_vec1::<f32>()?;
+        let yd = Tensor::from_vec(
+            p.matmul(&xv, decode_rows),
+            (decode_rows, p.out_features()),
+            x.device(),
+        )?;
+        if decode_rows == rows {
+            return Ok(yd);
+        }
+        let yp = self.forward(&x.narrow(0, decode_rows, rows - decode_rows)?)?;
+        Tensor::cat(&[&yd, &yp], 0)
     }
     pub fn weight(&self) -> &Tensor {
         &self.weight
@@ -122,12 +161,22 @@ impl GgufFile {
         Ok(cfg)
     }
 
-    fn tensor(&mut self, name: &str, dev: &Device) -> Result<Tensor, ModelError> {
-        let q = self
-            .content
+    fn qtensor(&mut self, name: &str, dev: &Device) -> Result<QTensor, ModelError> {
+        self.content
             .tensor(&mut self.file, name, dev)
-            .map_err(|e| ModelError::Format(format!("GGUF tensor {name}: {e}")))?;
-        Ok(q.dequantize(dev)?.to_dtype(DType::F32)?)
+            .map_err(|e| ModelError::Format(format!("GGUF tensor {name}: {e}")))
+    }
+
+    fn tensor(&mut self, name: &str, dev: &Device) -> Result<Tensor, ModelError> {
+        Ok(self
+            .qtensor(name, dev)?
+            .dequantize(dev)?
+            .to_dtype(DType::F32)?)
+    }
+
+    fn linear(&mut self, name: &str, dev: &Device) -> Result<Linear, ModelError> {
+        let q = self.qtensor(name, dev)?;
+        Linear::from_qtensor(&q, dev)
     }
 
     fn has_tensor(&self, name: &str) -> bool {
@@ -136,27 +185,29 @@ impl GgufFile {
 
     /// Loads every tensor as f32. GGUF already stores Q/K in the interleaved-RoPE order.
     pub fn weights(&mut self, cfg: &LlamaConfig, dev: &Device) -> Result<Weights, ModelError> {
-        let embed = self.tensor("token_embd.weight", dev)?;
+        let embed_q = self.qtensor("token_embd.weight", dev)?;
+        let embed_linear = Linear::from_qtensor(&embed_q, dev)?;
+        let embed = embed_linear.weight.clone();
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let p = |s: &str| format!("blk.{i}.{s}.weight");
             layers.push(LayerWeights {
                 attn_norm: self.tensor(&p("attn_norm"), dev)?,
-                q: Linear::new(self.tensor(&p("attn_q"), dev)?),
-                k: Linear::new(self.tensor(&p("attn_k"), dev)?),
-                v: Linear::new(self.tensor(&p("attn_v"), dev)?),
-                o: Linear::new(self.tensor(&p("attn_output"), dev)?),
+                q: self.linear(&p("attn_q"), dev)?,
+                k: self.linear(&p("attn_k"), dev)?,
+                v: self.linear(&p("attn_v"), dev)?,
+                o: self.linear(&p("attn_output"), dev)?,
                 ffn_norm: self.tensor(&p("ffn_norm"), dev)?,
-                gate: Linear::new(self.tensor(&p("ffn_gate"), dev)?),
-                up: Linear::new(self.tensor(&p("ffn_up"), dev)?),
-                down: Linear::new(self.tensor(&p("ffn_down"), dev)?),
+                gate: self.linear(&p("ffn_gate"), dev)?,
+                up: self.linear(&p("ffn_up"), dev)?,
+                down: self.linear(&p("ffn_down"), dev)?,
             });
         }
         let final_norm = self.tensor("output_norm.weight", dev)?;
         let lm_head = if self.has_tensor("output.weight") {
-            Linear::new(self.tensor("output.weight", dev)?)
+            self.linear("output.weight", dev)?
         } else {
-            Linear::new(embed.clone())
+            embed_linear
         };
         let w = Weights {
             embed,
