@@ -7,7 +7,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // SAFETY of intent: build scripts are single-threaded; prost-build reads PROTOC.
     unsafe_set_protoc(&protoc);
     let out = PathBuf::from(env::var("OUT_DIR")?);
-    let protos = ["proto/graft/v1/generation.proto"];
+    let protos = [
+        "proto/graft/v1/generation.proto",
+        "proto/graft/v1/adapters.proto",
+    ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

@@ -62,7 +62,8 @@ fn prompt_of(client_model: &graft_server::model::BaseModel, n: usize) -> String 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let mut cfg = ServerConfig::for_model(&args.model);
+    let data = std::env::temp_dir().join(format!("graft-bench-{}", std::process::id()));
+    let mut cfg = ServerConfig::for_model(&args.model, &data);
     cfg.engine.max_active_sequences = 64;
     let srv = server::start(cfg).await?;
     srv.ready().await?;
@@ -128,5 +129,7 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     println!("peak resident memory: {:.0} MiB", peak_rss_mib());
-    srv.drain().await
+    srv.drain().await?;
+    let _ = std::fs::remove_dir_all(&data);
+    Ok(())
 }

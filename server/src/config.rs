@@ -48,6 +48,22 @@ pub struct Settings {
     /// Seconds in-flight requests get to finish on SIGTERM/SIGINT before they are cancelled.
     #[arg(long, env = "GRAFT_DRAIN_TIMEOUT_SECS")]
     pub drain_timeout_secs: Option<u64>,
+    /// Data directory: the database and adapter files.
+    #[arg(long, env = "GRAFT_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// MiB of adapter weights kept in memory (least recently used evicted; in-use never).
+    #[arg(long, env = "GRAFT_ADAPTER_CACHE_MB")]
+    pub adapter_cache_mb: Option<usize>,
+    /// Largest LoRA rank accepted.
+    #[arg(long, env = "GRAFT_MAX_ADAPTER_RANK")]
+    pub max_adapter_rank: Option<usize>,
+    /// Largest adapter upload, in MiB.
+    #[arg(long, env = "GRAFT_MAX_ADAPTER_UPLOAD_MB")]
+    pub max_adapter_upload_mb: Option<usize>,
+    /// Another name (HF repo id) of the base model, accepted in adapters'
+    /// base_model_name_or_path (repeatable).
+    #[arg(long = "base-model-alias", env = "GRAFT_BASE_MODEL_ALIASES", value_delimiter = ',')]
+    pub base_model_aliases: Option<Vec<String>>,
     /// Log format: "text" or "json".
     #[arg(long, env = "GRAFT_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -63,9 +79,16 @@ pub struct ServerConfig {
     pub max_new_tokens_cap: u32,
     pub drain_timeout: Duration,
     pub log_json: bool,
+    pub data_dir: PathBuf,
+    pub adapter_cache_bytes: usize,
+    pub max_adapter_rank: usize,
+    pub max_adapter_upload_bytes: usize,
+    pub base_model_aliases: Vec<String>,
 }
 
 pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+/// The HF repo id of the default model, which PEFT writes into adapters made for it.
+pub const DEFAULT_BASE_ALIAS: &str = "HuggingFaceTB/SmolLM2-135M-Instruct";
 
 impl Settings {
     /// Flags/env merged over the TOML file (if any), then defaults.
@@ -143,13 +166,26 @@ impl Settings {
                     .unwrap_or(30),
             ),
             log_json: log_format == "json",
+            data_dir: self.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("data")),
+            adapter_cache_bytes: self.adapter_cache_mb.or(file.adapter_cache_mb).unwrap_or(1024) << 20,
+            max_adapter_rank: self.max_adapter_rank.or(file.max_adapter_rank).unwrap_or(64),
+            max_adapter_upload_bytes: self
+                .max_adapter_upload_mb
+                .or(file.max_adapter_upload_mb)
+                .unwrap_or(512)
+                << 20,
+            base_model_aliases: self
+                .base_model_aliases
+                .or(file.base_model_aliases)
+                .unwrap_or_else(|| vec![DEFAULT_BASE_ALIAS.into()]),
         })
     }
 }
 
 impl ServerConfig {
-    /// Defaults for `model` (for tests and tools); listeners on loopback port 0.
-    pub fn for_model(model: impl Into<PathBuf>) -> Self {
+    /// Defaults for `model` (for tests and tools); listeners on loopback port 0; data in
+    /// `data_dir`.
+    pub fn for_model(model: impl Into<PathBuf>, data_dir: impl Into<PathBuf>) -> Self {
         Self {
             model: model.into(),
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -158,6 +194,11 @@ impl ServerConfig {
             max_new_tokens_cap: 4096,
             drain_timeout: Duration::from_secs(30),
             log_json: false,
+            data_dir: data_dir.into(),
+            adapter_cache_bytes: 1 << 30,
+            max_adapter_rank: 64,
+            max_adapter_upload_bytes: 512 << 20,
+            base_model_aliases: vec![DEFAULT_BASE_ALIAS.into()],
         }
     }
 }

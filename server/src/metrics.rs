@@ -20,6 +20,12 @@ pub const GENERATED_TOKENS_TOTAL: &str = "graft_generated_tokens_total";
 pub const QUEUE_DEPTH: &str = "graft_queue_depth";
 pub const BATCH_SIZE: &str = "graft_batch_size";
 pub const ACTIVE_SEQUENCES: &str = "graft_active_sequences";
+pub const ADAPTER_CACHE_HITS_TOTAL: &str = "graft_adapter_cache_hits_total";
+pub const ADAPTER_CACHE_MISSES_TOTAL: &str = "graft_adapter_cache_misses_total";
+pub const ADAPTER_CACHE_EVICTIONS_TOTAL: &str = "graft_adapter_cache_evictions_total";
+pub const ADAPTER_LOAD_SECONDS: &str = "graft_adapter_load_seconds";
+pub const ADAPTERS_RESIDENT: &str = "graft_adapters_resident";
+pub const ADAPTERS_RESIDENT_BYTES: &str = "graft_adapters_resident_bytes";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -48,6 +54,12 @@ pub fn describe() {
     describe_gauge!(QUEUE_DEPTH, "Generation requests waiting for admission");
     describe_histogram!(BATCH_SIZE, "Sequences in one engine step");
     describe_gauge!(ACTIVE_SEQUENCES, "Sequences being prefilled or decoded");
+    describe_counter!(ADAPTER_CACHE_HITS_TOTAL, "Adapter leases served from memory");
+    describe_counter!(ADAPTER_CACHE_MISSES_TOTAL, "Adapter leases that loaded the adapter from disk");
+    describe_counter!(ADAPTER_CACHE_EVICTIONS_TOTAL, "Adapters evicted from memory to stay within the budget");
+    describe_histogram!(ADAPTER_LOAD_SECONDS, Unit::Seconds, "Time to load an adapter from disk");
+    describe_gauge!(ADAPTERS_RESIDENT, "Adapter versions resident in memory");
+    describe_gauge!(ADAPTERS_RESIDENT_BYTES, Unit::Bytes, "Bytes of adapter weights resident in memory");
 }
 
 /// The process-wide recorder, installed on first use (several servers in one test process

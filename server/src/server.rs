@@ -6,7 +6,7 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
-use graft_proto::v1::generation_server::GenerationServer;
+use graft_proto::v1::{adapters_server::AdaptersServer, generation_server::GenerationServer};
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::{server::HealthReporter, ServingStatus};
@@ -14,8 +14,13 @@ use tonic_health::{server::HealthReporter, ServingStatus};
 use crate::{
     config::ServerConfig,
     engine::{EngineHandle, GenerationRequest, SamplingParams, StreamEvent},
-    grpc::{convert::RequestLimits, generation::GenerationService, EngineSlot},
+    adapters::{AdapterRegistry, RegistryConfig},
+    grpc::{
+        adapters::AdaptersService, convert::RequestLimits, generation::GenerationService, Ready,
+        ReadySlot,
+    },
     model::BaseModel,
+    store::Db,
 };
 
 /// Where the model load stands.
@@ -31,7 +36,7 @@ pub struct RunningServer {
     pub grpc_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     cfg: ServerConfig,
-    engine: EngineSlot,
+    ready: ReadySlot,
     health: HealthReporter,
     load: watch::Receiver<LoadState>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
@@ -66,15 +71,21 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
         .register_encoded_file_descriptor_set(graft_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let engine: EngineSlot = Arc::default();
+    let ready: ReadySlot = Arc::default();
     let generation =
-        GenerationService::new(engine.clone(), RequestLimits::new(cfg.max_new_tokens_cap));
+        GenerationService::new(ready.clone(), RequestLimits::new(cfg.max_new_tokens_cap));
+    let adapters = AdaptersService::new(ready.clone());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let serve = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(health_service)
             .add_service(reflection)
             .add_service(GenerationServer::new(generation))
+            .add_service(
+                AdaptersServer::new(adapters)
+                    .max_decoding_message_size(8 << 20)
+                    .max_encoding_message_size(8 << 20),
+            )
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
                 let _ = stop_rx.await;
             }),
@@ -83,9 +94,9 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
 
     let (load_tx, load) = watch::channel(LoadState::Loading);
     {
-        let (cfg, engine, health) = (cfg.clone(), engine.clone(), health.clone());
+        let (cfg, slot, health) = (cfg.clone(), ready.clone(), health.clone());
         tokio::spawn(async move {
-            let state = match load_and_warm(&cfg, &engine).await {
+            let state = match load_and_warm(&cfg, &slot).await {
                 Ok(()) => {
                     set_health(&health, ServingStatus::Serving).await;
                     LoadState::Ready
@@ -102,7 +113,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
         grpc_addr,
         metrics_addr,
         cfg,
-        engine,
+        ready,
         health,
         load,
         shutdown: Some(stop_tx),
@@ -110,7 +121,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
     })
 }
 
-async fn load_and_warm(cfg: &ServerConfig, slot: &EngineSlot) -> anyhow::Result<()> {
+async fn load_and_warm(cfg: &ServerConfig, slot: &ReadySlot) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let path = cfg.model.clone();
     let model =
@@ -124,6 +135,25 @@ async fn load_and_warm(cfg: &ServerConfig, slot: &EngineSlot) -> anyhow::Result<
         seconds = t0.elapsed().as_secs_f64(),
         "model loaded"
     );
+    std::fs::create_dir_all(&cfg.data_dir)
+        .map_err(|e| anyhow::anyhow!("data directory {}: {e}", cfg.data_dir.display()))?;
+    let db = Db::open(&cfg.data_dir.join("graft.db")).await?;
+    let mut base_aliases = cfg.base_model_aliases.clone();
+    base_aliases.extend(model.aliases.iter().cloned());
+    let adapters = Arc::new(
+        AdapterRegistry::open(
+            db,
+            model.clone(),
+            RegistryConfig {
+                data_dir: cfg.data_dir.clone(),
+                cache_bytes: cfg.adapter_cache_bytes,
+                max_rank: cfg.max_adapter_rank,
+                max_upload_bytes: cfg.max_adapter_upload_bytes,
+                base_aliases,
+            },
+        )
+        .await?,
+    );
     let engine = EngineHandle::start(model.clone(), cfg.engine.clone())?;
     // One real step through the engine before we say SERVING.
     let prompt_ids = model.tokenizer.encode("Hello").unwrap_or_else(|_| vec![0]);
@@ -135,6 +165,7 @@ async fn load_and_warm(cfg: &ServerConfig, slot: &EngineSlot) -> anyhow::Result<
             ..Default::default()
         },
         deadline: None,
+        adapter: None,
     })?;
     loop {
         match rx.recv().await {
@@ -148,7 +179,7 @@ async fn load_and_warm(cfg: &ServerConfig, slot: &EngineSlot) -> anyhow::Result<
         seconds = t0.elapsed().as_secs_f64(),
         "warm-up done; serving"
     );
-    slot.set(engine)
+    slot.set(Ready { engine, adapters })
         .map_err(|_| anyhow::anyhow!("engine already started"))?;
     Ok(())
 }
@@ -174,14 +205,18 @@ impl RunningServer {
     }
 
     pub fn engine(&self) -> Option<&EngineHandle> {
-        self.engine.get()
+        self.ready.get().map(|r| &r.engine)
+    }
+
+    pub fn adapters(&self) -> Option<&Arc<AdapterRegistry>> {
+        self.ready.get().map(|r| &r.adapters)
     }
 
     /// Graceful stop: NOT_SERVING, refuse new requests, let in-flight ones finish within the
     /// drain timeout (then cancel them), close the listener, wait for the server to end.
     pub async fn drain(mut self) -> anyhow::Result<()> {
         set_health(&self.health, ServingStatus::NotServing).await;
-        if let Some(engine) = self.engine.get() {
+        if let Some(engine) = self.engine() {
             engine.begin_drain();
             let deadline = Instant::now() + self.cfg.drain_timeout;
             if !engine.wait_idle(deadline).await {

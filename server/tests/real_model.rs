@@ -73,6 +73,7 @@ fn serving_last_logits(m: &BaseModel, prompt: &[u32], chunk: usize) -> Vec<f32> 
                 cache: &mut cache,
                 want_logits: want,
                 decode: false,
+                lora: None,
             }])
             .expect("forward");
         if want {
@@ -174,6 +175,7 @@ fn greedy_continuation_matches_the_reference() {
                 cache: &mut cache,
                 want_logits: true,
                 decode: !got.is_empty(),
+                lora: None,
             }])
             .expect("forward");
         let row: Vec<f32> = l.squeeze(0).expect("row").to_vec1().expect("vec");

@@ -38,10 +38,11 @@ pub fn tiny_model_path() -> PathBuf {
     .clone()
 }
 
-/// A running server and a client connected to it.
+/// A running server and a client connected to it (and its data directory, removed on drop).
 pub struct TestServer {
     pub server: RunningServer,
     pub client: GraftClient,
+    pub data: std::sync::Arc<tempfile::TempDir>,
 }
 
 impl TestServer {
@@ -74,14 +75,28 @@ impl TestServer {
 
 /// Starts a server for `model`, lets `tweak` adjust the config, waits until it is ready.
 pub async fn start_with(model: PathBuf, tweak: impl FnOnce(&mut ServerConfig)) -> TestServer {
-    let mut cfg = ServerConfig::for_model(model);
+    let data = std::sync::Arc::new(tempfile::tempdir().expect("data dir"));
+    start_in(model, data, tweak).await
+}
+
+/// Like [`start_with`], in an existing data directory (restart tests).
+pub async fn start_in(
+    model: PathBuf,
+    data: std::sync::Arc<tempfile::TempDir>,
+    tweak: impl FnOnce(&mut ServerConfig),
+) -> TestServer {
+    let mut cfg = ServerConfig::for_model(model, data.path());
     tweak(&mut cfg);
     let server = server::start(cfg).await.expect("server starts");
     server.ready().await.expect("model loads");
     let client = GraftClient::connect(&format!("http://{}", server.grpc_addr))
         .await
         .expect("client connects");
-    TestServer { server, client }
+    TestServer {
+        server,
+        client,
+        data,
+    }
 }
 
 pub async fn start_real() -> TestServer {

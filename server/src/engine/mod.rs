@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 pub use sampler::SamplingParams;
 pub use scheduler::StepLimits;
 
-use crate::model::BaseModel;
+use crate::{adapters::AdapterLease, model::BaseModel};
 
 /// Engine settings.
 #[derive(Debug, Clone)]
@@ -56,6 +56,8 @@ pub struct GenerationRequest {
     pub prompt_ids: Vec<u32>,
     pub params: SamplingParams,
     pub deadline: Option<Instant>,
+    /// The adapter version this request runs with, leased for the request's lifetime.
+    pub adapter: Option<AdapterLease>,
 }
 
 /// Why a sequence ended.

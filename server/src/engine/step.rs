@@ -16,6 +16,7 @@ use super::{
     EngineConfig, FinishReason, Shared, StreamEvent, Submission, Timings, Usage,
 };
 use crate::{
+    adapters::AdapterLease,
     metrics as m,
     model::{BaseModel, KvCache, SeqChunk},
 };
@@ -33,6 +34,8 @@ struct Sequence {
     first_token: Option<Instant>,
     last_token: Option<Instant>,
     deadline: Option<Instant>,
+    /// Held until the sequence ends: pins the adapter version.
+    adapter: Option<AdapterLease>,
     done: bool,
 }
 
@@ -154,6 +157,7 @@ impl EngineLoop {
             first_token: None,
             last_token: None,
             deadline: req.deadline,
+            adapter: req.adapter,
             done: false,
         });
     }
@@ -212,6 +216,7 @@ impl EngineLoop {
                     prefilled,
                     generated,
                     cache,
+                    adapter,
                     ..
                 } = seq;
                 let decode = *prefilled >= prompt.len();
@@ -226,6 +231,7 @@ impl EngineLoop {
                     cache,
                     want_logits: sample,
                     decode,
+                    lora: adapter.as_ref().map(|a| a.weights()),
                 });
                 ran.push((i, n, sample));
             }

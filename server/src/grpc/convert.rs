@@ -7,7 +7,11 @@ use std::time::{Duration, Instant};
 use graft_proto::v1 as pb;
 
 use super::error::ApiError;
-use crate::{engine::SamplingParams, model::ChatMessage};
+use crate::{
+    adapters::{registry::validate_name, AdapterRef},
+    engine::SamplingParams,
+    model::ChatMessage,
+};
 
 /// Bounds a request must respect.
 #[derive(Debug, Clone, Copy)]
@@ -43,8 +47,25 @@ pub enum PromptInput {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidRequest {
     pub input: PromptInput,
-    pub adapter: Option<String>,
+    pub tenant: String,
+    pub adapter: Option<AdapterRef>,
     pub params: SamplingParams,
+}
+
+pub const DEFAULT_TENANT: &str = "default";
+
+/// The request's tenant: empty means the default tenant.
+pub fn tenant_of(t: &str) -> Result<String, ApiError> {
+    if t.is_empty() {
+        return Ok(DEFAULT_TENANT.into());
+    }
+    validate_name(t).map_err(|e| ApiError::invalid("tenant", e.replace("adapter name", "tenant name")))?;
+    Ok(t.to_string())
+}
+
+/// `name` or `name@version`.
+pub fn adapter_ref(field: &str, s: &str) -> Result<AdapterRef, ApiError> {
+    s.parse().map_err(|e: String| ApiError::invalid(field, e))
 }
 
 pub fn validate_generate(
@@ -115,10 +136,15 @@ pub fn validate_generate(
     } else {
         PromptInput::Text(req.prompt)
     };
-    let adapter = Some(req.adapter).filter(|a| !a.is_empty());
+    let adapter = match req.adapter.as_str() {
+        "" => None,
+        a => Some(adapter_ref("adapter", a)?),
+    };
+    let tenant = tenant_of(&req.tenant)?;
     let params = validate_params(req.parameters.unwrap_or_default(), limits)?;
     Ok(ValidRequest {
         input,
+        tenant,
         adapter,
         params,
     })

@@ -6,7 +6,7 @@ use std::time::Duration;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::engine::SubmitError;
+use crate::{adapters::RegistryError, engine::SubmitError};
 
 /// Every error an RPC can answer with.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -76,6 +76,23 @@ impl From<SubmitError> for ApiError {
                 retry_after,
             },
             SubmitError::Draining | SubmitError::Stopped => ApiError::Unavailable(msg),
+        }
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::Invalid(i) => ApiError::invalid(i.field, i.reason),
+            RegistryError::NotFound(what) => ApiError::NotFound(format!("adapter {what} not found")),
+            RegistryError::Storage(m) => {
+                tracing::error!(error = %m, "adapter storage");
+                ApiError::Internal(format!("adapter storage: {m}"))
+            }
+            RegistryError::Db(d) => {
+                tracing::error!(error = %d, "database");
+                ApiError::Internal("database error".into())
+            }
         }
     }
 }

@@ -1,6 +1,6 @@
 //! `graft.v1.Generation`: validate, tokenise, submit to the engine, convert events back.
 
-use std::{pin::Pin, sync::Arc, time::Instant};
+use std::{pin::Pin, time::Instant};
 
 use futures::Stream;
 use graft_proto::v1::{self as pb, generation_server::Generation};
@@ -10,35 +10,34 @@ use tonic::{Request, Response, Status};
 use super::{
     convert::{deadline_from, validate_generate, PromptInput, RequestLimits},
     error::ApiError,
-    observe, EngineSlot,
+    observe, ReadySlot,
 };
 use crate::engine::{GenerationRequest, StreamEvent};
 
 pub struct GenerationService {
-    engine: EngineSlot,
+    ready: ReadySlot,
     limits: RequestLimits,
 }
 
 impl GenerationService {
-    pub fn new(engine: EngineSlot, limits: RequestLimits) -> Self {
-        Self { engine, limits }
+    pub fn new(ready: ReadySlot, limits: RequestLimits) -> Self {
+        Self { ready, limits }
     }
 
-    /// Validation, tokenisation and admission; the events of the accepted request.
-    fn start(
+    /// Validation, adapter lease, tokenisation and admission; the events of the accepted
+    /// request.
+    async fn start(
         &self,
         req: Request<pb::GenerateRequest>,
     ) -> Result<mpsc::Receiver<StreamEvent>, ApiError> {
         let deadline = deadline_from(req.metadata(), Instant::now());
-        let engine = self
-            .engine
-            .get()
-            .ok_or_else(|| ApiError::Unavailable("the model is still loading".into()))?;
+        let ready = super::ready(&self.ready)?;
         let valid = validate_generate(req.into_inner(), &self.limits)?;
-        if let Some(a) = valid.adapter {
-            return Err(ApiError::NotFound(format!("adapter {a:?} not found")));
-        }
-        let model = engine.model();
+        let adapter = match &valid.adapter {
+            Some(r) => Some(ready.adapters.lease(&valid.tenant, r).await?),
+            None => None,
+        };
+        let model = ready.engine.model();
         let (text, field) = match valid.input {
             PromptInput::Text(t) => (t, "prompt"),
             PromptInput::Chat(m) => (
@@ -66,10 +65,11 @@ impl GenerationService {
                 ),
             ));
         }
-        Ok(engine.submit(GenerationRequest {
+        Ok(ready.engine.submit(GenerationRequest {
             prompt_ids,
             params: valid.params,
             deadline,
+            adapter,
         })?)
     }
 }
@@ -134,7 +134,7 @@ impl Generation for GenerationService {
     ) -> Result<Response<pb::GenerateResponse>, Status> {
         let started = Instant::now();
         let result = async {
-            let mut rx = self.start(req)?;
+            let mut rx = self.start(req).await?;
             let mut out = pb::GenerateResponse::default();
             while let Some(ev) = rx.recv().await {
                 match ev {
@@ -178,7 +178,7 @@ impl Generation for GenerationService {
         req: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
         let started = Instant::now();
-        match self.start(req) {
+        match self.start(req).await {
             Ok(rx) => Ok(Response::new(to_proto_stream(rx, started))),
             Err(e) => {
                 observe("GenerateStream", e.code(), started);
@@ -188,5 +188,3 @@ impl Generation for GenerationService {
     }
 }
 
-/// Shared slot for the engine: empty while the model loads.
-pub type Slot = Arc<std::sync::OnceLock<crate::engine::EngineHandle>>;

@@ -1,13 +1,32 @@
 //! The gRPC edge: thin tonic services. Only this module (and `main.rs`/`server.rs`) touch
 //! tonic and proto types; handlers validate, convert to domain calls and convert back.
 
+pub mod adapters;
 pub mod convert;
 pub mod error;
 pub mod generation;
 
-use std::time::Instant;
+use std::{
+    sync::{Arc, OnceLock},
+    time::Instant,
+};
 
-pub use generation::Slot as EngineSlot;
+use crate::{adapters::AdapterRegistry, engine::EngineHandle};
+
+/// What the services need once the model is loaded.
+pub struct Ready {
+    pub engine: EngineHandle,
+    pub adapters: Arc<AdapterRegistry>,
+}
+
+/// Filled once, when the model is loaded and warm; empty before (requests get UNAVAILABLE).
+pub type ReadySlot = Arc<OnceLock<Ready>>;
+
+/// The services' view of a ready server, or UNAVAILABLE while it loads.
+pub fn ready(slot: &ReadySlot) -> Result<&Ready, error::ApiError> {
+    slot.get()
+        .ok_or_else(|| error::ApiError::Unavailable("the model is still loading".into()))
+}
 
 /// Records one answered RPC in `graft_requests_total` and `graft_request_duration_seconds`.
 pub fn observe(rpc: &'static str, code: tonic::Code, started: Instant) {

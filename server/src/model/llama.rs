@@ -12,7 +12,8 @@ use super::{
     attention::{attend, AttnShape, RopeTable, RowPlace},
     config::LlamaConfig,
     kv_cache::KvCache,
-    weights::Weights,
+    lora::{self, LoraWeights, Module},
+    weights::{Linear, Weights},
     ModelError,
 };
 
@@ -26,6 +27,8 @@ pub struct SeqChunk<'a> {
     /// the packed kernel. The choice depends only on the sequence's own phase, never on the
     /// batch, so results stay batch-invariant.
     pub decode: bool,
+    /// The sequence's LoRA adapter, applied to its rows only.
+    pub lora: Option<&'a LoraWeights>,
 }
 
 /// The frozen decoder.
@@ -107,6 +110,20 @@ impl Llama {
                 logit_rows.push(s);
             }
         }
+        let row_lora: Vec<Option<&LoraWeights>> = rows.iter().map(|r| chunks[r.seq].lora).collect();
+        let any_lora = row_lora.iter().any(Option::is_some);
+        let dev = &self.device;
+        // One projection: the shared weight for every row, plus each row's own LoRA update.
+        let project = |lin: &Linear, m: Module, li: usize, x: &Tensor| -> Result<Tensor, ModelError> {
+            let y = lin.forward_rows(x, decode_rows)?;
+            if !any_lora {
+                return Ok(y);
+            }
+            let xv = x.flatten_all()?.to_vec1::<f32>()?;
+            let mut yv = y.flatten_all()?.to_vec1::<f32>()?;
+            lora::apply_rows(&row_lora, li, m, &xv, &mut yv);
+            Ok(Tensor::from_vec(yv, y.shape(), dev)?)
+        };
         let n = ids.len();
         if n == 0 {
             return Ok(Tensor::zeros(
@@ -121,19 +138,13 @@ impl Llama {
         let mut x = self.weights.embed.index_select(&ids_t, 0)?;
         for (li, layer) in self.weights.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let mut q = layer
-                .q
-                .forward_rows(&h, decode_rows)?
+            let mut q = project(&layer.q, Module::Q, li, &h)?
                 .flatten_all()?
                 .to_vec1::<f32>()?;
-            let mut k = layer
-                .k
-                .forward_rows(&h, decode_rows)?
+            let mut k = project(&layer.k, Module::K, li, &h)?
                 .flatten_all()?
                 .to_vec1::<f32>()?;
-            let v = layer
-                .v
-                .forward_rows(&h, decode_rows)?
+            let v = project(&layer.v, Module::V, li, &h)?
                 .flatten_all()?
                 .to_vec1::<f32>()?;
             for (r, place) in rows.iter().enumerate() {
@@ -154,11 +165,11 @@ impl Llama {
             let values: Vec<&[f32]> = chunks.iter().map(|c| c.cache.v[li].as_slice()).collect();
             let a = attend(&q, &rows, &keys, &values, self.attn_shape());
             let a = Tensor::from_vec(a, (n, hidden), &self.device)?;
-            x = (x + layer.o.forward_rows(&a, decode_rows)?)?;
+            x = (x + project(&layer.o, Module::O, li, &a)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
-            let g = layer.gate.forward_rows(&h, decode_rows)?;
-            let u = layer.up.forward_rows(&h, decode_rows)?;
-            x = (x + layer.down.forward_rows(&(g.silu()? * u)?, decode_rows)?)?;
+            let g = project(&layer.gate, Module::Gate, li, &h)?;
+            let u = project(&layer.up, Module::Up, li, &h)?;
+            x = (x + project(&layer.down, Module::Down, li, &(g.silu()? * u)?)?)?;
         }
         for c in chunks.iter_mut() {
             c.cache.advance(c.tokens.len());

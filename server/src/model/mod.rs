@@ -9,6 +9,7 @@ pub mod chat;
 pub mod config;
 pub mod kv_cache;
 pub mod llama;
+pub mod lora;
 pub mod packed;
 pub mod tiny;
 pub mod tokenizer;
@@ -52,6 +53,9 @@ pub struct BaseModel {
     pub fingerprint: String,
     /// A display name (`general.name` or the directory name).
     pub name: String,
+    /// Other names the model goes by (e.g. `smollm2-135m` from GGUF basename + size), for
+    /// matching adapters' `base_model_name_or_path`.
+    pub aliases: Vec<String>,
 }
 
 impl BaseModel {
@@ -82,6 +86,10 @@ impl BaseModel {
             .meta_str("general.name")
             .map(str::to_string)
             .unwrap_or_else(|| file_stem(path));
+        let aliases = match (g.meta_str("general.basename"), g.meta_str("general.size_label")) {
+            (Some(b), Some(s)) => vec![format!("{b}-{s}")],
+            _ => vec![],
+        };
         let w = g.weights(&cfg, device)?;
         Ok(Self {
             llama: Llama::new(cfg, w, device.clone()),
@@ -89,6 +97,7 @@ impl BaseModel {
             chat,
             fingerprint: sha256_files(&[path.to_path_buf()])?,
             name,
+            aliases,
         })
     }
 
@@ -144,6 +153,7 @@ impl BaseModel {
             chat,
             fingerprint: sha256_files(&files)?,
             name: file_stem(dir),
+            aliases: vec![],
         })
     }
 

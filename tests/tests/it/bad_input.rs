@@ -202,6 +202,11 @@ async fn random_requests_never_break_the_server() {
             },
             raw_prompt: raw,
             messages,
+            tenant: if rng.random_bool(0.05) {
+                "../etc".into()
+            } else {
+                String::new()
+            },
             adapter: if rng.random_bool(0.05) {
                 "x".into()
             } else {
@@ -251,6 +256,6 @@ async fn random_requests_never_break_the_server() {
             }
         }
     }
-    assert!(ok > 50, "only {ok} requests succeeded");
+    assert!(ok > 20, "only {ok} requests succeeded");
     t.client.generate(base()).await.expect("still answers");
 }

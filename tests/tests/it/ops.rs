@@ -31,7 +31,8 @@ async fn health(url: &str) -> ServingStatus {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_is_not_serving_until_loaded_then_serving() {
-    let srv = server::start(ServerConfig::for_model(real_model_path()))
+    let data = tempfile::tempdir().expect("data dir");
+    let srv = server::start(ServerConfig::for_model(real_model_path(), data.path()))
         .await
         .expect("start");
     let url = format!("http://{}", srv.grpc_addr);

@@ -1,0 +1,395 @@
+//! Hugging Face PEFT LoRA files <-> [`LoraWeights`] in the model's layout.
+//! Reads `adapter_config.json` + `adapter_model.safetensors` as PEFT saves them, checks them
+//! against the base model, and permutes q/k `lora_B` rows from the HF order into the GGUF
+//! order (and back on export).
+//! Invariant: a refused adapter produces an [`ImportError`] naming what is wrong; nothing is
+//! partially accepted.
+
+use std::collections::{BTreeMap, HashMap};
+
+use regex::Regex;
+use safetensors::{tensor::TensorView, Dtype, SafeTensors};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::model::{
+    lora::{LoraPair, LoraWeights, Module},
+    LlamaConfig,
+};
+
+pub const CONFIG_FILE: &str = "adapter_config.json";
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+
+/// Why an adapter was refused: the file (or field) at fault and the reason.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct ImportError {
+    pub field: String,
+    pub reason: String,
+}
+
+fn err(field: impl Into<String>, reason: impl Into<String>) -> ImportError {
+    ImportError {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// What the importer checks against.
+#[derive(Debug, Clone)]
+pub struct ImportPolicy {
+    pub max_rank: usize,
+    /// Accept an adapter whose `base_model_name_or_path` names another model.
+    pub force: bool,
+    /// Names under which this base model is known (HF repo ids); matched case-insensitively
+    /// on the last path component.
+    pub base_aliases: Vec<String>,
+}
+
+/// A parsed, validated adapter.
+#[derive(Debug, Clone)]
+pub struct ParsedLora {
+    pub weights: LoraWeights,
+    pub rank: usize,
+    pub alpha: f64,
+    pub target_modules: Vec<String>,
+    pub use_rslora: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct PeftConfig {
+    peft_type: Option<String>,
+    r: Option<usize>,
+    lora_alpha: Option<f64>,
+    #[serde(default)]
+    target_modules: Value,
+    #[serde(default)]
+    use_rslora: bool,
+    #[serde(default)]
+    use_dora: bool,
+    #[serde(default)]
+    rank_pattern: HashMap<String, usize>,
+    #[serde(default)]
+    alpha_pattern: HashMap<String, f64>,
+    #[serde(default)]
+    layers_to_transform: Value,
+    bias: Option<String>,
+    #[serde(default)]
+    modules_to_save: Value,
+    base_model_name_or_path: Option<String>,
+    #[serde(default)]
+    fan_in_fan_out: bool,
+}
+
+enum Targets {
+    Names(Vec<String>),
+    Regex(Regex),
+    AllLinear,
+}
+
+impl Targets {
+    fn matches(&self, key: &str, module: Module) -> bool {
+        match self {
+            Targets::Names(n) => n.iter().any(|t| t == module.hf_name() || key.ends_with(&format!(".{t}"))),
+            Targets::Regex(r) => r.is_match(key),
+            Targets::AllLinear => true,
+        }
+    }
+}
+
+/// PEFT's pattern lookup: a key `k` applies to module `name` when `name` ends with `.k`.
+fn pattern_value<T: Copy>(patterns: &HashMap<String, T>, name: &str) -> Result<Option<T>, ImportError> {
+    for (k, v) in patterns {
+        let re = Regex::new(&format!("^(.*\\.)?(?:{k})$"))
+            .map_err(|e| err(CONFIG_FILE, format!("bad pattern {k:?}: {e}")))?;
+        if re.is_match(name) {
+            return Ok(Some(*v));
+        }
+    }
+    Ok(None)
+}
+
+fn module_key(layer: usize, m: Module) -> String {
+    format!("model.layers.{layer}.{}.{}", m.hf_parent(), m.hf_name())
+}
+
+fn normalise(s: &str) -> String {
+    s.rsplit('/')
+        .next()
+        .unwrap_or(s)
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect::<String>()
+        .to_ascii_lowercase()
+}
+
+/// Shapes `(out, in)` of each module in this model.
+fn module_shape(cfg: &LlamaConfig, m: Module) -> (usize, usize) {
+    let (h, f, kv) = (cfg.hidden_size, cfg.intermediate_size, cfg.kv_dim());
+    match m {
+        Module::Q | Module::O => (h, h),
+        Module::K | Module::V => (kv, h),
+        Module::Gate | Module::Up => (f, h),
+        Module::Down => (h, f),
+    }
+}
+
+fn to_f32(name: &str, t: &TensorView<'_>) -> Result<Vec<f32>, ImportError> {
+    let d = t.data();
+    let v: Vec<f32> = match t.dtype() {
+        Dtype::F32 => d.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        Dtype::F16 => d
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => d
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        other => return Err(err(WEIGHTS_FILE, format!("tensor {name} has dtype {other:?}; expected F32, F16 or BF16"))),
+    };
+    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+        return Err(err(WEIGHTS_FILE, format!("tensor {name} holds a non-finite value (NaN or Inf) at index {i}")));
+    }
+    Ok(v)
+}
+
+/// Permutes rows (first dim `rows = n_head * head_dim`, `cols` columns) HF -> GGUF order.
+fn permute_rows(v: &[f32], n_head: usize, rows: usize, cols: usize, to_gguf: bool) -> Vec<f32> {
+    let hd = rows / n_head;
+    let mut out = vec![0f32; v.len()];
+    for h in 0..n_head {
+        for s in 0..2 {
+            for i in 0..hd / 2 {
+                let hf = h * hd + s * (hd / 2) + i;
+                let gg = h * hd + 2 * i + s;
+                let (src, dst) = if to_gguf { (hf, gg) } else { (gg, hf) };
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&v[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+/// Parses and checks a PEFT LoRA adapter against the model `cfg` (named `base_name`).
+pub fn parse(
+    config_json: &[u8],
+    weights: &[u8],
+    cfg: &LlamaConfig,
+    base_name: &str,
+    policy: &ImportPolicy,
+) -> Result<ParsedLora, ImportError> {
+    let c: PeftConfig = serde_json::from_slice(config_json)
+        .map_err(|e| err(CONFIG_FILE, format!("not a valid PEFT config: {e}")))?;
+    match c.peft_type.as_deref() {
+        Some("LORA") => {}
+        other => return Err(err(format!("{CONFIG_FILE}.peft_type"), format!("{other:?} is not supported; graft imports LORA adapters"))),
+    }
+    if c.use_dora {
+        return Err(err(format!("{CONFIG_FILE}.use_dora"), "DoRA adapters are not supported yet"));
+    }
+    if !matches!(&c.modules_to_save, Value::Null) && c.modules_to_save.as_array().is_none_or(|a| !a.is_empty()) {
+        return Err(err(format!("{CONFIG_FILE}.modules_to_save"), "modules_to_save (fully trained extra modules) is not supported"));
+    }
+    if let Some(b) = c.bias.as_deref() {
+        if b != "none" {
+            return Err(err(format!("{CONFIG_FILE}.bias"), format!("bias {b:?} is not supported; only \"none\"")));
+        }
+    }
+    let r = c.r.ok_or_else(|| err(format!("{CONFIG_FILE}.r"), "missing"))?;
+    let alpha = c.lora_alpha.unwrap_or(8.0);
+    if r == 0 {
+        return Err(err(format!("{CONFIG_FILE}.r"), "rank must be at least 1"));
+    }
+    if let Some(base) = c.base_model_name_or_path.as_deref().filter(|b| !b.is_empty()) {
+        let ours: Vec<String> = policy.base_aliases.iter().map(|a| normalise(a)).chain([normalise(base_name)]).collect();
+        let theirs = normalise(base);
+        let known = ours.iter().any(|o| !o.is_empty() && (theirs == *o || theirs.contains(o.as_str()) || o.contains(theirs.as_str())));
+        if !known && !policy.force {
+            return Err(err(
+                format!("{CONFIG_FILE}.base_model_name_or_path"),
+                format!("the adapter was made for {base:?}, not this server's base model ({base_name}); import with force to override"),
+            ));
+        }
+    }
+    let targets = match &c.target_modules {
+        Value::String(s) if s == "all-linear" => Targets::AllLinear,
+        Value::String(s) => Targets::Regex(
+            Regex::new(&format!("^(?:{s})$")).map_err(|e| err(format!("{CONFIG_FILE}.target_modules"), format!("bad regex: {e}")))?,
+        ),
+        Value::Array(a) => {
+            let names: Vec<String> = a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect();
+            for n in &names {
+                if Module::from_hf_name(n).is_none() {
+                    return Err(err(format!("{CONFIG_FILE}.target_modules"), format!("target module {n:?} does not exist in this model (it has q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")));
+                }
+            }
+            Targets::Names(names)
+        }
+        _ => return Err(err(format!("{CONFIG_FILE}.target_modules"), "missing; expected a list, a regex or \"all-linear\"")),
+    };
+    let layers: Option<Vec<usize>> = match &c.layers_to_transform {
+        Value::Null => None,
+        Value::Number(n) => Some(vec![n.as_u64().unwrap_or(u64::MAX) as usize]),
+        Value::Array(a) => Some(a.iter().map(|v| v.as_u64().unwrap_or(u64::MAX) as usize).collect()),
+        _ => return Err(err(format!("{CONFIG_FILE}.layers_to_transform"), "expected an int or a list of ints")),
+    };
+    let _ = c.fan_in_fan_out; // lora_A/lora_B shapes are the same either way.
+
+    let st = SafeTensors::deserialize(weights)
+        .map_err(|e| err(WEIGHTS_FILE, format!("not a valid safetensors file: {e}")))?;
+    // key -> (A, B) views
+    let mut pairs: BTreeMap<(usize, Module), [Option<TensorView<'_>>; 2]> = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        let rest = name.strip_prefix("base_model.model.").unwrap_or(&name);
+        let parts: Vec<&str> = rest.split('.').collect();
+        // model.layers.N.parent.module.lora_X[.adapter].weight
+        let parsed = (|| {
+            if parts.len() < 7 || parts[0] != "model" || parts[1] != "layers" || *parts.last()? != "weight" {
+                return None;
+            }
+            let layer: usize = parts[2].parse().ok()?;
+            let m = Module::from_hf_name(parts[4])?;
+            if parts[3] != m.hf_parent() {
+                return None;
+            }
+            let which = match parts[5] {
+                "lora_A" => 0,
+                "lora_B" => 1,
+                _ => return None,
+            };
+            Some((layer, m, which))
+        })();
+        let Some((layer, m, which)) = parsed else {
+            return Err(err(WEIGHTS_FILE, format!("tensor {name:?} is not a LoRA weight of a module this model has")));
+        };
+        if layer >= cfg.num_layers {
+            return Err(err(WEIGHTS_FILE, format!("tensor {name:?} names layer {layer}; the model has {}", cfg.num_layers)));
+        }
+        pairs.entry((layer, m)).or_insert([None, None])[which] = Some(view);
+    }
+    if pairs.is_empty() {
+        return Err(err(WEIGHTS_FILE, "holds no LoRA tensors"));
+    }
+    let mut out = LoraWeights::new(cfg.num_layers);
+    let mut max_rank = 0;
+    for ((layer, m), [a, b]) in pairs {
+        let key = module_key(layer, m);
+        if !targets.matches(&key, m) || layers.as_ref().is_some_and(|l| !l.contains(&layer)) {
+            return Err(err(WEIGHTS_FILE, format!("{key} has LoRA weights but the config does not target it")));
+        }
+        let (Some(a), Some(b)) = (a, b) else {
+            return Err(err(WEIGHTS_FILE, format!("{key} needs both lora_A and lora_B")));
+        };
+        let mr = pattern_value(&c.rank_pattern, &key)?.unwrap_or(r);
+        let ma = pattern_value(&c.alpha_pattern, &key)?.unwrap_or(alpha);
+        if mr > policy.max_rank {
+            return Err(err(format!("{CONFIG_FILE}.r"), format!("rank {mr} of {key} is above this server's maximum {}", policy.max_rank)));
+        }
+        let (out_f, in_f) = module_shape(cfg, m);
+        if a.shape() != [mr, in_f] || b.shape() != [out_f, mr] {
+            return Err(err(
+                WEIGHTS_FILE,
+                format!("{key}: lora_A is {:?} and lora_B {:?}; this model needs [{mr}, {in_f}] and [{out_f}, {mr}]", a.shape(), b.shape()),
+            ));
+        }
+        let av = to_f32(&format!("{key}.lora_A"), &a)?;
+        let mut bv = to_f32(&format!("{key}.lora_B"), &b)?;
+        match m {
+            Module::Q => bv = permute_rows(&bv, cfg.num_heads, out_f, mr, true),
+            Module::K => bv = permute_rows(&bv, cfg.num_kv_heads, out_f, mr, true),
+            _ => {}
+        }
+        let scale = if c.use_rslora { ma / (mr as f64).sqrt() } else { ma / mr as f64 } as f32;
+        max_rank = max_rank.max(mr);
+        out.set(layer, m, LoraPair { a: av, b: bv, rank: mr, in_features: in_f, out_features: out_f, scale });
+    }
+    let target_modules = out.modules().iter().map(|m| m.hf_name().to_string()).collect();
+    Ok(ParsedLora { weights: out, rank: max_rank, alpha, target_modules, use_rslora: c.use_rslora })
+}
+
+/// Writes `w` as PEFT files (HF layout, f32): `(adapter_config.json, adapter_model.safetensors)`.
+/// `alpha` is recorded so that `alpha / r` (or `/ sqrt(r)`) gives back each pair's scale.
+pub fn write(w: &ParsedLora, cfg: &LlamaConfig, base_model: &str) -> Result<(Vec<u8>, Vec<u8>), ImportError> {
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut rank_pattern = serde_json::Map::new();
+    let mut alpha_pattern = serde_json::Map::new();
+    for (layer, l) in w.weights.layers.iter().enumerate() {
+        for m in Module::ALL {
+            let Some(p) = &l[m.index()] else { continue };
+            let key = module_key(layer, m);
+            let b = match m {
+                Module::Q => permute_rows(&p.b, cfg.num_heads, p.out_features, p.rank, false),
+                Module::K => permute_rows(&p.b, cfg.num_kv_heads, p.out_features, p.rank, false),
+                _ => p.b.clone(),
+            };
+            let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+            tensors.push((format!("base_model.model.{key}.lora_A.weight"), vec![p.rank, p.in_features], bytes(&p.a)));
+            tensors.push((format!("base_model.model.{key}.lora_B.weight"), vec![p.out_features, p.rank], bytes(&b)));
+            let denom = if w.use_rslora { (p.rank as f64).sqrt() } else { p.rank as f64 };
+            let a = p.scale as f64 * denom;
+            if p.rank != w.rank {
+                rank_pattern.insert(key.clone(), p.rank.into());
+            }
+            if (a - w.alpha).abs() > 1e-6 * w.alpha.abs().max(1.0) {
+                alpha_pattern.insert(key, serde_json::json!(a));
+            }
+        }
+    }
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, s, d)| Ok((n.clone(), TensorView::new(Dtype::F32, s.clone(), d).map_err(|e| err(WEIGHTS_FILE, e.to_string()))?)))
+        .collect::<Result<_, ImportError>>()?;
+    let st = safetensors::serialize(views, None).map_err(|e| err(WEIGHTS_FILE, e.to_string()))?;
+    let config = serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": w.rank,
+        "lora_alpha": w.alpha,
+        "target_modules": w.target_modules,
+        "use_rslora": w.use_rslora,
+        "use_dora": false,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "modules_to_save": null,
+        "inference_mode": true,
+    });
+    let config = serde_json::to_vec_pretty(&config).map_err(|e| err(CONFIG_FILE, e.to_string()))?;
+    Ok((config, st))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permutation_round_trips() {
+        let v: Vec<f32> = (0..24).map(|x| x as f32).collect();
+        let g = permute_rows(&v, 2, 12, 2, true);
+        assert_ne!(g, v);
+        assert_eq!(permute_rows(&g, 2, 12, 2, false), v);
+    }
+
+    #[test]
+    fn permutation_matches_the_weight_permutation() {
+        use candle_core::{Device, Tensor};
+        let v: Vec<f32> = (0..48).map(|x| x as f32).collect();
+        let t = Tensor::from_vec(v.clone(), (12, 4), &Device::Cpu).expect("t");
+        let want: Vec<f32> = crate::model::weights::permute_hf_to_gguf(&t, 3)
+            .expect("permute")
+            .flatten_all()
+            .expect("flat")
+            .to_vec1()
+            .expect("vec");
+        assert_eq!(permute_rows(&v, 3, 12, 4, true), want);
+    }
+
+    #[test]
+    fn names_are_normalised_for_base_matching() {
+        assert_eq!(normalise("HuggingFaceTB/SmolLM2-135M-Instruct"), "smollm2135minstruct");
+    }
+}

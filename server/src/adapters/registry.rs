@@ -1,0 +1,459 @@
+//! The adapter registry: names -> immutable numbered versions (rows in the database, files
+//! under `<data>/adapters/<dir>/`), a memory-budgeted LRU of loaded adapters, and leases.
+//! Invariants:
+//! - a version is immutable; `name` resolves to the newest live version at lease time, and a
+//!   lease pins that version for the whole request;
+//! - an adapter in use (a lease exists) is never evicted; eviction drops only the cache's own
+//!   reference;
+//! - a deleted version is invisible to new requests at once; its files go when its last lease
+//!   ends (`Loaded::drop`);
+//! - an import that fails stores nothing (files are written before the row, orphans are
+//!   swept at start-up).
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::Instant,
+};
+
+use sha2::{Digest, Sha256};
+
+use super::peft::{self, ImportError, ImportPolicy, ParsedLora};
+use crate::{
+    metrics as m,
+    model::{lora::LoraWeights, BaseModel},
+    store::{atomic_write, AdapterRow, Db, DbError, NewAdapter},
+};
+
+/// Registry settings.
+#[derive(Debug, Clone)]
+pub struct RegistryConfig {
+    pub data_dir: PathBuf,
+    /// Bytes of adapter weights kept resident at most (in-use adapters may exceed it).
+    pub cache_bytes: usize,
+    pub max_rank: usize,
+    pub max_upload_bytes: usize,
+    pub base_aliases: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("{0}")]
+    Invalid(#[from] ImportError),
+    #[error("adapter {0} not found")]
+    NotFound(String),
+    #[error("{0}")]
+    Storage(String),
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+/// `name` or `name@version`, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdapterRef {
+    pub name: String,
+    pub version: Option<u32>,
+}
+
+impl std::fmt::Display for AdapterRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.version {
+            Some(v) => write!(f, "{}@{v}", self.name),
+            None => f.write_str(&self.name),
+        }
+    }
+}
+
+/// Checks an adapter name: 1-64 characters of `[A-Za-z0-9._-]`, starting with a letter or
+/// digit (no path separators, no `..`, no NUL).
+pub fn validate_name(name: &str) -> Result<(), String> {
+    let ok_chars = name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    let first = name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+    if name.is_empty() || name.len() > 64 || !ok_chars || !first || name.contains("..") {
+        return Err(format!(
+            "{name:?} is not a valid adapter name (1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit)"
+        ));
+    }
+    Ok(())
+}
+
+impl std::str::FromStr for AdapterRef {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, version) = match s.rsplit_once('@') {
+            Some((n, v)) => {
+                let v: u32 = v
+                    .parse()
+                    .ok()
+                    .filter(|v| *v > 0)
+                    .ok_or_else(|| format!("{s:?}: the version after @ must be a positive integer"))?;
+                (n, Some(v))
+            }
+            None => (s, None),
+        };
+        validate_name(name)?;
+        Ok(Self {
+            name: name.to_string(),
+            version,
+        })
+    }
+}
+
+/// An adapter version loaded in memory. Its files are removed on drop once deleted.
+#[derive(Debug)]
+pub struct Loaded {
+    pub weights: LoraWeights,
+    dir: PathBuf,
+    delete_files: AtomicBool,
+}
+
+impl Drop for Loaded {
+    fn drop(&mut self) {
+        if self.delete_files.load(Ordering::SeqCst) {
+            if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "could not remove deleted adapter files");
+            }
+        }
+    }
+}
+
+/// A request's hold on one adapter version: the version cannot be evicted or have its files
+/// removed while a lease exists.
+#[derive(Debug, Clone)]
+pub struct AdapterLease {
+    pub row: AdapterRow,
+    pub loaded: Arc<Loaded>,
+}
+
+impl AdapterLease {
+    pub fn weights(&self) -> &LoraWeights {
+        &self.loaded.weights
+    }
+}
+
+struct Entry {
+    loaded: Arc<Loaded>,
+    bytes: usize,
+    last_used: u64,
+}
+
+#[derive(Default)]
+struct Cache {
+    entries: HashMap<i64, Entry>,
+    bytes: usize,
+    tick: u64,
+}
+
+impl Cache {
+    fn touch(&mut self, id: i64) -> Option<Arc<Loaded>> {
+        self.tick += 1;
+        let tick = self.tick;
+        self.entries.get_mut(&id).map(|e| {
+            e.last_used = tick;
+            e.loaded.clone()
+        })
+    }
+
+    /// Inserts, then evicts least-recently-used entries nobody leases until within budget.
+    fn insert(&mut self, id: i64, loaded: Arc<Loaded>, budget: usize) -> Arc<Loaded> {
+        if let Some(existing) = self.touch(id) {
+            return existing;
+        }
+        self.tick += 1;
+        let bytes = loaded.weights.bytes();
+        self.entries.insert(
+            id,
+            Entry {
+                loaded: loaded.clone(),
+                bytes,
+                last_used: self.tick,
+            },
+        );
+        self.bytes += bytes;
+        while self.bytes > budget {
+            let victim = self
+                .entries
+                .iter()
+                .filter(|(k, e)| **k != id && Arc::strong_count(&e.loaded) == 1)
+                .min_by_key(|(_, e)| e.last_used)
+                .map(|(k, _)| *k);
+            let Some(v) = victim else { break };
+            if let Some(e) = self.entries.remove(&v) {
+                self.bytes -= e.bytes;
+                metrics::counter!(m::ADAPTER_CACHE_EVICTIONS_TOTAL).increment(1);
+            }
+        }
+        self.publish();
+        loaded
+    }
+
+    fn remove(&mut self, id: i64) -> Option<Arc<Loaded>> {
+        let e = self.entries.remove(&id)?;
+        self.bytes -= e.bytes;
+        self.publish();
+        Some(e.loaded)
+    }
+
+    fn publish(&self) {
+        metrics::gauge!(m::ADAPTERS_RESIDENT).set(self.entries.len() as f64);
+        metrics::gauge!(m::ADAPTERS_RESIDENT_BYTES).set(self.bytes as f64);
+    }
+}
+
+/// The registry. Cheap to share behind an `Arc`; the cache lock is never held across I/O.
+pub struct AdapterRegistry {
+    db: Db,
+    model: Arc<BaseModel>,
+    cfg: RegistryConfig,
+    cache: Mutex<Cache>,
+}
+
+impl AdapterRegistry {
+    fn adapters_dir(&self) -> PathBuf {
+        self.cfg.data_dir.join("adapters")
+    }
+
+    /// Opens the registry and sweeps files that no live row references.
+    pub async fn open(db: Db, model: Arc<BaseModel>, cfg: RegistryConfig) -> Result<Self, RegistryError> {
+        let reg = Self {
+            db,
+            model,
+            cfg,
+            cache: Mutex::default(),
+        };
+        let dir = reg.adapters_dir();
+        std::fs::create_dir_all(&dir).map_err(|e| RegistryError::Storage(format!("{}: {e}", dir.display())))?;
+        let live: std::collections::HashSet<String> = reg.db.live_adapter_dirs().await?.into_iter().collect();
+        for entry in std::fs::read_dir(&dir).map_err(|e| RegistryError::Storage(e.to_string()))?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !live.contains(&name) {
+                tracing::info!(dir = %name, "removing adapter files no live version references");
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        Ok(reg)
+    }
+
+    pub fn config(&self) -> &RegistryConfig {
+        &self.cfg
+    }
+
+    fn policy(&self, force: bool) -> ImportPolicy {
+        ImportPolicy {
+            max_rank: self.cfg.max_rank,
+            force,
+            base_aliases: self.cfg.base_aliases.clone(),
+        }
+    }
+
+    /// Validates a PEFT adapter and stores it as the next version of `name`.
+    pub async fn import(
+        &self,
+        tenant: &str,
+        name: &str,
+        config_json: Vec<u8>,
+        weights: Vec<u8>,
+        force: bool,
+    ) -> Result<AdapterRow, RegistryError> {
+        validate_name(name).map_err(|e| ImportError { field: "name".into(), reason: e })?;
+        let model = self.model.clone();
+        let policy = self.policy(force);
+        let (parsed, config_json, weights) = tokio::task::spawn_blocking(move || {
+            peft::parse(&config_json, &weights, model.config(), &model.name, &policy).map(|p| (p, config_json, weights))
+        })
+        .await
+        .map_err(|e| RegistryError::Storage(e.to_string()))??;
+        self.store(tenant, name, &parsed, config_json, weights).await
+    }
+
+    /// Stores already-validated weights (e.g. a trained adapter) as the next version.
+    pub async fn store_parsed(&self, tenant: &str, name: &str, parsed: &ParsedLora) -> Result<AdapterRow, RegistryError> {
+        validate_name(name).map_err(|e| ImportError { field: "name".into(), reason: e })?;
+        let base = self.cfg.base_aliases.first().cloned().unwrap_or_else(|| self.model.name.clone());
+        let (config, weights) = peft::write(parsed, self.model.config(), &base)?;
+        self.store(tenant, name, parsed, config, weights).await
+    }
+
+    async fn store(
+        &self,
+        tenant: &str,
+        name: &str,
+        parsed: &ParsedLora,
+        config_json: Vec<u8>,
+        weights: Vec<u8>,
+    ) -> Result<AdapterRow, RegistryError> {
+        let mut h = Sha256::new();
+        h.update(&config_json);
+        h.update(&weights);
+        let sha = format!("{:x}", h.finalize());
+        let dir_name = format!("{}-{}", &sha[..16], unique_suffix());
+        let dir = self.adapters_dir().join(&dir_name);
+        let size = (config_json.len() + weights.len()) as u64;
+        let d = dir.clone();
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            std::fs::create_dir_all(&d)?;
+            atomic_write(&d.join(peft::WEIGHTS_FILE), &weights)?;
+            atomic_write(&d.join(peft::CONFIG_FILE), &config_json)?;
+            if let Some(parent) = d.parent() {
+                std::fs::File::open(parent)?.sync_all()?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| RegistryError::Storage(e.to_string()))?
+        .map_err(|e| RegistryError::Storage(format!("writing adapter files: {e}")))?;
+        let row = self
+            .db
+            .insert_adapter(&NewAdapter {
+                tenant: tenant.into(),
+                name: name.into(),
+                kind: "lora".into(),
+                rank: parsed.rank as u32,
+                alpha: parsed.alpha,
+                target_modules: parsed.target_modules.clone(),
+                size_bytes: size,
+                sha256: sha,
+                base_fingerprint: self.model.fingerprint.clone(),
+                dir: dir_name,
+            })
+            .await;
+        match row {
+            Ok(row) => {
+                // The new version is resident at once: the next request uses it without a load.
+                let loaded = Arc::new(Loaded {
+                    weights: parsed.weights.clone(),
+                    dir,
+                    delete_files: AtomicBool::new(false),
+                });
+                self.lock().insert(row.id, loaded, self.cfg.cache_bytes);
+                Ok(row)
+            }
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(e.into())
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Cache> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The live row for a reference, or `NotFound`.
+    pub async fn find(&self, tenant: &str, r: &AdapterRef) -> Result<AdapterRow, RegistryError> {
+        self.db
+            .find_adapter(tenant, &r.name, r.version)
+            .await?
+            .ok_or_else(|| RegistryError::NotFound(r.to_string()))
+    }
+
+    /// Resolves a reference to a lease on one version, loading it from disk if needed.
+    pub async fn lease(&self, tenant: &str, r: &AdapterRef) -> Result<AdapterLease, RegistryError> {
+        let row = self.find(tenant, r).await?;
+        if let Some(loaded) = self.lock().touch(row.id) {
+            metrics::counter!(m::ADAPTER_CACHE_HITS_TOTAL).increment(1);
+            return Ok(AdapterLease { row, loaded });
+        }
+        metrics::counter!(m::ADAPTER_CACHE_MISSES_TOTAL).increment(1);
+        let started = Instant::now();
+        let dir = self.adapters_dir().join(&row.dir);
+        let model = self.model.clone();
+        let policy = self.policy(true);
+        let d = dir.clone();
+        let parsed = tokio::task::spawn_blocking(move || -> Result<ParsedLora, RegistryError> {
+            let read = |f: &str| std::fs::read(d.join(f)).map_err(|e| RegistryError::Storage(format!("{}: {e}", d.join(f).display())));
+            let (c, w) = (read(peft::CONFIG_FILE)?, read(peft::WEIGHTS_FILE)?);
+            Ok(peft::parse(&c, &w, model.config(), &model.name, &policy)?)
+        })
+        .await
+        .map_err(|e| RegistryError::Storage(e.to_string()))??;
+        metrics::histogram!(m::ADAPTER_LOAD_SECONDS).record(started.elapsed().as_secs_f64());
+        let loaded = Arc::new(Loaded {
+            weights: parsed.weights,
+            dir,
+            delete_files: AtomicBool::new(false),
+        });
+        // A delete may have raced the load: check the row is still live before caching.
+        if self.db.find_adapter(tenant, &row.name, Some(row.version)).await?.is_none() {
+            return Err(RegistryError::NotFound(r.to_string()));
+        }
+        let loaded = self.lock().insert(row.id, loaded, self.cfg.cache_bytes);
+        Ok(AdapterLease { row, loaded })
+    }
+
+    /// The stored PEFT files of a version: `(adapter_config.json, adapter_model.safetensors)`.
+    pub async fn export(&self, tenant: &str, r: &AdapterRef) -> Result<(AdapterRow, Vec<u8>, Vec<u8>), RegistryError> {
+        // The lease keeps the files in place while we read them.
+        let lease = self.lease(tenant, r).await?;
+        let dir = self.adapters_dir().join(&lease.row.dir);
+        let (c, w) = tokio::task::spawn_blocking(move || -> std::io::Result<(Vec<u8>, Vec<u8>)> {
+            Ok((std::fs::read(dir.join(peft::CONFIG_FILE))?, std::fs::read(dir.join(peft::WEIGHTS_FILE))?))
+        })
+        .await
+        .map_err(|e| RegistryError::Storage(e.to_string()))?
+        .map_err(|e| RegistryError::Storage(e.to_string()))?;
+        Ok((lease.row.clone(), c, w))
+    }
+
+    pub async fn list(&self, tenant: &str, name: Option<&str>, after: Option<(String, u32)>, limit: u32) -> Result<Vec<AdapterRow>, RegistryError> {
+        Ok(self.db.list_adapters(tenant, name, after, limit).await?)
+    }
+
+    /// Deletes one version (`name@v`) or every version (`name`). New requests get NOT_FOUND
+    /// at once; running ones keep their lease and the files go when the last lease ends.
+    pub async fn delete(&self, tenant: &str, r: &AdapterRef) -> Result<Vec<AdapterRow>, RegistryError> {
+        let rows = self.db.delete_adapter(tenant, &r.name, r.version).await?;
+        if rows.is_empty() {
+            return Err(RegistryError::NotFound(r.to_string()));
+        }
+        for row in &rows {
+            let cached = self.lock().remove(row.id);
+            match cached {
+                // Removed with the last reference (now, or when the last lease drops).
+                Some(loaded) => loaded.delete_files.store(true, Ordering::SeqCst),
+                None => {
+                    let dir = self.adapters_dir().join(&row.dir);
+                    if let Err(e) = std::fs::remove_dir_all(&dir) {
+                        tracing::warn!(dir = %dir.display(), error = %e, "could not remove adapter files");
+                    }
+                }
+            }
+        }
+        Ok(rows)
+    }
+
+    /// Resident adapters and their bytes.
+    pub fn resident(&self) -> (usize, usize) {
+        let c = self.lock();
+        (c.entries.len(), c.bytes)
+    }
+}
+
+fn unique_suffix() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{nanos:x}{:04x}", rand::random::<u16>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_parse_and_bad_names_are_refused() {
+        assert_eq!(
+            "bot@2".parse::<AdapterRef>(),
+            Ok(AdapterRef { name: "bot".into(), version: Some(2) })
+        );
+        assert_eq!("a.b-c_d".parse::<AdapterRef>().map(|r| r.version), Ok(None));
+        for bad in ["", "../x", "/etc/passwd", "a/b", "x@0", "x@-1", "x@v", "..", "a\0b", &"n".repeat(65), ".hidden"] {
+            assert!(bad.parse::<AdapterRef>().is_err(), "{bad:?} accepted");
+        }
+    }
+}

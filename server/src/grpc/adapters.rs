@@ -1,0 +1,180 @@
+//! `graft.v1.Adapters`: import/export PEFT files, list, get, delete. Thin: every rule lives
+//! in `adapters::registry` and `adapters::peft`.
+
+use std::{pin::Pin, time::Instant};
+
+use futures::Stream;
+use graft_proto::v1::{self as pb, adapters_server::Adapters, import_adapter_request::Part};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{
+    convert::{adapter_ref, tenant_of},
+    error::ApiError,
+    observe, ready, ReadySlot,
+};
+use crate::{
+    adapters::peft::{CONFIG_FILE, WEIGHTS_FILE},
+    store::AdapterRow,
+};
+
+const CHUNK: usize = 1 << 20;
+const DEFAULT_PAGE: u32 = 50;
+const MAX_PAGE: u32 = 1000;
+
+pub struct AdaptersService {
+    ready: ReadySlot,
+}
+
+impl AdaptersService {
+    pub fn new(ready: ReadySlot) -> Self {
+        Self { ready }
+    }
+}
+
+impl From<AdapterRow> for pb::AdapterVersion {
+    fn from(r: AdapterRow) -> Self {
+        Self {
+            tenant: r.tenant,
+            name: r.name,
+            version: r.version,
+            kind: r.kind,
+            rank: r.rank,
+            alpha: r.alpha,
+            target_modules: r.target_modules,
+            size_bytes: r.size_bytes,
+            sha256: r.sha256,
+            created_at_unix: r.created_at,
+            base_model_fingerprint: r.base_fingerprint,
+        }
+    }
+}
+
+/// Runs an RPC body and records its outcome.
+async fn recorded<T>(rpc: &'static str, f: impl std::future::Future<Output = Result<T, ApiError>>) -> Result<Response<T>, Status> {
+    let started = Instant::now();
+    let r = f.await;
+    observe(rpc, r.as_ref().map_or_else(ApiError::code, |_| tonic::Code::Ok), started);
+    r.map(Response::new).map_err(Into::into)
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::AdapterFileChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Adapters for AdaptersService {
+    async fn import_adapter(&self, req: Request<Streaming<pb::ImportAdapterRequest>>) -> Result<Response<pb::AdapterVersion>, Status> {
+        recorded("ImportAdapter", async {
+            let ready = ready(&self.ready)?;
+            let cap = ready.adapters.config().max_upload_bytes;
+            let mut stream = req.into_inner();
+            let header = match stream.message().await.map_err(|e| ApiError::invalid("header", e.message().to_string()))? {
+                Some(pb::ImportAdapterRequest { part: Some(Part::Header(h)) }) => h,
+                _ => return Err(ApiError::invalid("header", "the first message must be an ImportHeader")),
+            };
+            let tenant = tenant_of(&header.tenant)?;
+            let (mut config, mut weights) = (Vec::new(), Vec::new());
+            let mut total = 0usize;
+            while let Some(msg) = stream.message().await.map_err(|e| ApiError::invalid("chunk", e.message().to_string()))? {
+                let Some(Part::Chunk(c)) = msg.part else {
+                    return Err(ApiError::invalid("header", "only the first message may be a header"));
+                };
+                total += c.data.len();
+                if total > cap {
+                    return Err(ApiError::invalid("chunk", format!("the upload exceeds the {cap}-byte cap for adapters")));
+                }
+                match c.file_name.as_str() {
+                    CONFIG_FILE => config.extend_from_slice(&c.data),
+                    WEIGHTS_FILE => weights.extend_from_slice(&c.data),
+                    other => {
+                        return Err(ApiError::invalid(
+                            "chunk.file_name",
+                            format!("{other:?} is not a PEFT adapter file ({CONFIG_FILE} or {WEIGHTS_FILE})"),
+                        ))
+                    }
+                }
+            }
+            if config.is_empty() {
+                return Err(ApiError::invalid(CONFIG_FILE, "missing from the upload"));
+            }
+            if weights.is_empty() {
+                return Err(ApiError::invalid(WEIGHTS_FILE, "missing from the upload"));
+            }
+            let row = ready.adapters.import(&tenant, &header.name, config, weights, header.force).await?;
+            tracing::info!(tenant = %row.tenant, name = %row.name, version = row.version, "adapter imported");
+            Ok(row.into())
+        })
+        .await
+    }
+
+    type ExportAdapterStream = ChunkStream;
+
+    async fn export_adapter(&self, req: Request<pb::ExportAdapterRequest>) -> Result<Response<ChunkStream>, Status> {
+        recorded("ExportAdapter", async {
+            let ready = ready(&self.ready)?;
+            let req = req.into_inner();
+            let tenant = tenant_of(&req.tenant)?;
+            let r = adapter_ref("adapter", &req.adapter)?;
+            let (_, config, weights) = ready.adapters.export(&tenant, &r).await?;
+            let mut chunks = Vec::new();
+            for (name, data) in [(CONFIG_FILE, config), (WEIGHTS_FILE, weights)] {
+                for c in data.chunks(CHUNK) {
+                    chunks.push(Ok(pb::AdapterFileChunk { file_name: name.into(), data: c.to_vec() }));
+                }
+            }
+            Ok(Box::pin(futures::stream::iter(chunks)) as ChunkStream)
+        })
+        .await
+    }
+
+    async fn list_adapters(&self, req: Request<pb::ListAdaptersRequest>) -> Result<Response<pb::ListAdaptersResponse>, Status> {
+        recorded("ListAdapters", async {
+            let ready = ready(&self.ready)?;
+            let req = req.into_inner();
+            let tenant = tenant_of(&req.tenant)?;
+            let size = match req.page_size {
+                0 => DEFAULT_PAGE,
+                n if n > MAX_PAGE => return Err(ApiError::invalid("page_size", format!("{n} is above {MAX_PAGE}"))),
+                n => n,
+            };
+            let after = match req.page_token.as_str() {
+                "" => None,
+                t => {
+                    let r = adapter_ref("page_token", t)?;
+                    Some((r.name, r.version.ok_or_else(|| ApiError::invalid("page_token", "not a token from ListAdapters"))?))
+                }
+            };
+            let name = (!req.name.is_empty()).then_some(req.name.as_str());
+            let rows = ready.adapters.list(&tenant, name, after, size + 1).await?;
+            let more = rows.len() > size as usize;
+            let rows: Vec<_> = rows.into_iter().take(size as usize).collect();
+            let next_page_token = match (more, rows.last()) {
+                (true, Some(r)) => format!("{}@{}", r.name, r.version),
+                _ => String::new(),
+            };
+            Ok(pb::ListAdaptersResponse { adapters: rows.into_iter().map(Into::into).collect(), next_page_token })
+        })
+        .await
+    }
+
+    async fn get_adapter(&self, req: Request<pb::GetAdapterRequest>) -> Result<Response<pb::AdapterVersion>, Status> {
+        recorded("GetAdapter", async {
+            let ready = ready(&self.ready)?;
+            let req = req.into_inner();
+            let tenant = tenant_of(&req.tenant)?;
+            let r = adapter_ref("adapter", &req.adapter)?;
+            Ok(ready.adapters.find(&tenant, &r).await?.into())
+        })
+        .await
+    }
+
+    async fn delete_adapter(&self, req: Request<pb::DeleteAdapterRequest>) -> Result<Response<pb::DeleteAdapterResponse>, Status> {
+        recorded("DeleteAdapter", async {
+            let ready = ready(&self.ready)?;
+            let req = req.into_inner();
+            let tenant = tenant_of(&req.tenant)?;
+            let r = adapter_ref("adapter", &req.adapter)?;
+            let rows = ready.adapters.delete(&tenant, &r).await?;
+            Ok(pb::DeleteAdapterResponse { deleted_versions: rows.iter().map(|r| r.version).collect() })
+        })
+        .await
+    }
+}

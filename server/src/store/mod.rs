@@ -1,0 +1,277 @@
+//! The metadata database (sqlx; embedded SQLite by default). Only this module writes SQL.
+//! Blobs (adapter files) live in files under the data directory; rows point at them.
+//! SQL strings are constants; the few built with `format!` only splice in the constant
+//! column list (`AssertSqlSafe`), never a value: values are always bound.
+//! Invariant: a row is written only after its files are durable, so a row never points at
+//! half a file; files without a row are orphans that `startup` removes.
+
+use std::{path::Path, str::FromStr, time::Duration};
+
+use sqlx::{
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
+    AssertSqlSafe, Row, SqlitePool,
+};
+
+/// Database errors, with the operation that failed.
+#[derive(Debug, thiserror::Error)]
+#[error("database: {op}: {source}")]
+pub struct DbError {
+    op: &'static str,
+    #[source]
+    source: sqlx::Error,
+}
+
+fn db_err(op: &'static str) -> impl FnOnce(sqlx::Error) -> DbError {
+    move |source| DbError { op, source }
+}
+
+/// One stored adapter version.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterRow {
+    pub id: i64,
+    pub tenant: String,
+    pub name: String,
+    pub version: u32,
+    pub kind: String,
+    pub rank: u32,
+    pub alpha: f64,
+    pub target_modules: Vec<String>,
+    pub size_bytes: u64,
+    pub sha256: String,
+    pub base_fingerprint: String,
+    pub dir: String,
+    pub created_at: i64,
+}
+
+/// What a new adapter version is made of (the version number is assigned on insert).
+#[derive(Debug, Clone)]
+pub struct NewAdapter {
+    pub tenant: String,
+    pub name: String,
+    pub kind: String,
+    pub rank: u32,
+    pub alpha: f64,
+    pub target_modules: Vec<String>,
+    pub size_bytes: u64,
+    pub sha256: String,
+    pub base_fingerprint: String,
+    pub dir: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct Db {
+    pool: SqlitePool,
+}
+
+const COLUMNS: &str = "id, tenant, name, version, kind, rank, alpha, target_modules, size_bytes, sha256, base_fingerprint, dir, created_at";
+
+fn row_to_adapter(r: &sqlx::sqlite::SqliteRow) -> AdapterRow {
+    let modules: String = r.get("target_modules");
+    AdapterRow {
+        id: r.get("id"),
+        tenant: r.get("tenant"),
+        name: r.get("name"),
+        version: r.get::<i64, _>("version") as u32,
+        kind: r.get("kind"),
+        rank: r.get::<i64, _>("rank") as u32,
+        alpha: r.get("alpha"),
+        target_modules: serde_json::from_str(&modules).unwrap_or_default(),
+        size_bytes: r.get::<i64, _>("size_bytes") as u64,
+        sha256: r.get("sha256"),
+        base_fingerprint: r.get("base_fingerprint"),
+        dir: r.get("dir"),
+        created_at: r.get("created_at"),
+    }
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+impl Db {
+    /// Opens (creating if needed) `path` and runs the migrations.
+    pub async fn open(path: &Path) -> Result<Self, DbError> {
+        let url = format!("sqlite://{}", path.display());
+        let opts = SqliteConnectOptions::from_str(&url)
+            .map_err(db_err("parse url"))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(5));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(opts)
+            .await
+            .map_err(db_err("connect"))?;
+        sqlx::migrate!("./migrations")
+            .run(&pool)
+            .await
+            .map_err(|e| DbError { op: "migrate", source: e.into() })?;
+        Ok(Self { pool })
+    }
+
+    /// Inserts the next version of `(tenant, name)`; returns the stored row.
+    pub async fn insert_adapter(&self, a: &NewAdapter) -> Result<AdapterRow, DbError> {
+        let mut tx = self.pool.begin().await.map_err(db_err("begin"))?;
+        let next: i64 = sqlx::query("SELECT COALESCE(MAX(version), 0) + 1 FROM adapter_versions WHERE tenant = ? AND name = ?")
+            .bind(&a.tenant)
+            .bind(&a.name)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_err("next version"))?
+            .get(0);
+        let modules = serde_json::to_string(&a.target_modules).unwrap_or_else(|_| "[]".into());
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO adapter_versions (tenant, name, version, kind, rank, alpha, target_modules, size_bytes, sha256, base_fingerprint, dir, created_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {COLUMNS}"
+        )))
+        .bind(&a.tenant)
+        .bind(&a.name)
+        .bind(next)
+        .bind(&a.kind)
+        .bind(a.rank as i64)
+        .bind(a.alpha)
+        .bind(modules)
+        .bind(a.size_bytes as i64)
+        .bind(&a.sha256)
+        .bind(&a.base_fingerprint)
+        .bind(&a.dir)
+        .bind(now_unix())
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db_err("insert adapter"))?;
+        tx.commit().await.map_err(db_err("commit"))?;
+        Ok(row_to_adapter(&row))
+    }
+
+    /// A live version: the newest when `version` is `None`.
+    pub async fn find_adapter(&self, tenant: &str, name: &str, version: Option<u32>) -> Result<Option<AdapterRow>, DbError> {
+        let q = match version {
+            Some(_) => format!("SELECT {COLUMNS} FROM adapter_versions WHERE tenant = ? AND name = ? AND version = ? AND deleted_at IS NULL"),
+            None => format!("SELECT {COLUMNS} FROM adapter_versions WHERE tenant = ? AND name = ? AND deleted_at IS NULL ORDER BY version DESC LIMIT 1"),
+        };
+        let mut query = sqlx::query(AssertSqlSafe(q)).bind(tenant).bind(name);
+        if let Some(v) = version {
+            query = query.bind(v as i64);
+        }
+        let row = query.fetch_optional(&self.pool).await.map_err(db_err("find adapter"))?;
+        Ok(row.as_ref().map(row_to_adapter))
+    }
+
+    /// Live versions of a tenant, ordered by (name, version), after the `after` id cursor.
+    pub async fn list_adapters(&self, tenant: &str, name: Option<&str>, after: Option<(String, u32)>, limit: u32) -> Result<Vec<AdapterRow>, DbError> {
+        let (an, av) = after.unwrap_or_default();
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM adapter_versions
+             WHERE tenant = ? AND deleted_at IS NULL AND (? IS NULL OR name = ?) AND (name > ? OR (name = ? AND version > ?))
+             ORDER BY name, version LIMIT ?"
+        )))
+        .bind(tenant)
+        .bind(name)
+        .bind(name)
+        .bind(&an)
+        .bind(&an)
+        .bind(av as i64)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err("list adapters"))?;
+        Ok(rows.iter().map(row_to_adapter).collect())
+    }
+
+    /// Tombstones one version (or every live version when `version` is `None`); returns the
+    /// rows it deleted.
+    pub async fn delete_adapter(&self, tenant: &str, name: &str, version: Option<u32>) -> Result<Vec<AdapterRow>, DbError> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "UPDATE adapter_versions SET deleted_at = ?
+             WHERE tenant = ? AND name = ? AND (? IS NULL OR version = ?) AND deleted_at IS NULL
+             RETURNING {COLUMNS}"
+        )))
+        .bind(now_unix())
+        .bind(tenant)
+        .bind(name)
+        .bind(version.map(|v| v as i64))
+        .bind(version.map(|v| v as i64))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err("delete adapter"))?;
+        Ok(rows.iter().map(row_to_adapter).collect())
+    }
+
+    /// Directories of every live adapter version (for orphan cleanup at start-up).
+    pub async fn live_adapter_dirs(&self) -> Result<Vec<String>, DbError> {
+        let rows = sqlx::query("SELECT dir FROM adapter_versions WHERE deleted_at IS NULL")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err("list dirs"))?;
+        Ok(rows.iter().map(|r| r.get::<String, _>(0)).collect())
+    }
+
+    /// Number of live adapter versions.
+    pub async fn count_adapters(&self) -> Result<u64, DbError> {
+        let n: i64 = sqlx::query("SELECT COUNT(*) FROM adapter_versions WHERE deleted_at IS NULL")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db_err("count"))?
+            .get(0);
+        Ok(n as u64)
+    }
+}
+
+/// Writes `bytes` to `path` atomically: temp file, fsync, rename, fsync of the directory.
+pub fn atomic_write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+    ));
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new(tenant: &str, name: &str) -> NewAdapter {
+        NewAdapter {
+            tenant: tenant.into(),
+            name: name.into(),
+            kind: "lora".into(),
+            rank: 8,
+            alpha: 16.0,
+            target_modules: vec!["q_proj".into()],
+            size_bytes: 10,
+            sha256: "x".into(),
+            base_fingerprint: "fp".into(),
+            dir: format!("{tenant}-{name}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn versions_count_up_and_are_never_reused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Db::open(&dir.path().join("g.db")).await.expect("open");
+        assert_eq!(db.insert_adapter(&new("t", "a")).await.expect("1").version, 1);
+        assert_eq!(db.insert_adapter(&new("t", "a")).await.expect("2").version, 2);
+        assert_eq!(db.insert_adapter(&new("u", "a")).await.expect("u1").version, 1);
+        assert_eq!(db.delete_adapter("t", "a", Some(2)).await.expect("del").len(), 1);
+        assert_eq!(db.find_adapter("t", "a", None).await.expect("find").expect("some").version, 1);
+        assert!(db.find_adapter("t", "a", Some(2)).await.expect("find").is_none());
+        assert_eq!(db.insert_adapter(&new("t", "a")).await.expect("3").version, 3);
+        let listed = db.list_adapters("t", None, None, 10).await.expect("list");
+        assert_eq!(listed.iter().map(|r| r.version).collect::<Vec<_>>(), vec![1, 3]);
+        drop(db);
+        let db = Db::open(&dir.path().join("g.db")).await.expect("reopen");
+        assert_eq!(db.count_adapters().await.expect("count"), 3);
+    }
+}
