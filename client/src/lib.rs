@@ -4,8 +4,8 @@
 //! so callers can match on the code.
 
 use graft_proto::v1::{
-    self as pb, generation_client::GenerationClient, ChatMessage, GenerateRequest,
-    SamplingParameters,
+    self as pb, adapters_client::AdaptersClient, generation_client::GenerationClient,
+    import_adapter_request::Part, ChatMessage, GenerateRequest, SamplingParameters,
 };
 use tonic::{transport::Channel, Status, Streaming};
 
@@ -15,7 +15,13 @@ pub use graft_proto::v1 as proto;
 #[derive(Clone)]
 pub struct GraftClient {
     generation: GenerationClient<Channel>,
+    adapters: AdaptersClient<Channel>,
 }
+
+/// PEFT file names, as graft stores and exports them.
+pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
+pub const ADAPTER_WEIGHTS_FILE: &str = "adapter_model.safetensors";
+const UPLOAD_CHUNK: usize = 1 << 20;
 
 /// Sampling options for a request; `None` leaves the server's default.
 #[derive(Debug, Clone, Default)]
@@ -29,6 +35,8 @@ pub struct GenerateOptions {
     pub seed: Option<u64>,
     pub logprobs: bool,
     pub adapter: Option<String>,
+    /// Tenant owning the adapter (empty: the default tenant).
+    pub tenant: Option<String>,
 }
 
 impl GenerateOptions {
@@ -59,6 +67,7 @@ impl GenerateOptions {
         GenerateRequest {
             prompt: prompt.into(),
             adapter: self.adapter.clone().unwrap_or_default(),
+            tenant: self.tenant.clone().unwrap_or_default(),
             parameters: Some(self.parameters()),
             ..Default::default()
         }
@@ -78,6 +87,7 @@ impl GenerateOptions {
                 })
                 .collect(),
             adapter: self.adapter.clone().unwrap_or_default(),
+            tenant: self.tenant.clone().unwrap_or_default(),
             parameters: Some(self.parameters()),
             ..Default::default()
         }
@@ -112,8 +122,149 @@ impl GraftClient {
 
     pub fn from_channel(channel: Channel) -> Self {
         Self {
-            generation: GenerationClient::new(channel),
+            generation: GenerationClient::new(channel.clone()),
+            adapters: AdaptersClient::new(channel)
+                .max_decoding_message_size(8 << 20)
+                .max_encoding_message_size(8 << 20),
         }
+    }
+
+    /// The raw adapters client.
+    pub fn adapters(&self) -> AdaptersClient<Channel> {
+        self.adapters.clone()
+    }
+
+    /// Uploads a PEFT adapter (the two files' bytes) as the next version of `name`.
+    pub async fn import_adapter(
+        &self,
+        tenant: &str,
+        name: &str,
+        config: Vec<u8>,
+        weights: Vec<u8>,
+        force: bool,
+    ) -> Result<pb::AdapterVersion, Status> {
+        let mut msgs = vec![pb::ImportAdapterRequest {
+            part: Some(Part::Header(pb::ImportHeader {
+                tenant: tenant.into(),
+                name: name.into(),
+                force,
+            })),
+        }];
+        for (file, data) in [
+            (ADAPTER_CONFIG_FILE, config),
+            (ADAPTER_WEIGHTS_FILE, weights),
+        ] {
+            for c in data.chunks(UPLOAD_CHUNK) {
+                msgs.push(pb::ImportAdapterRequest {
+                    part: Some(Part::Chunk(pb::AdapterFileChunk {
+                        file_name: file.into(),
+                        data: c.to_vec(),
+                    })),
+                });
+            }
+        }
+        Ok(self
+            .adapters
+            .clone()
+            .import_adapter(futures::stream::iter(msgs))
+            .await?
+            .into_inner())
+    }
+
+    /// Uploads a PEFT adapter directory (`adapter_config.json`, `adapter_model.safetensors`).
+    pub async fn import_adapter_dir(
+        &self,
+        tenant: &str,
+        name: &str,
+        dir: &std::path::Path,
+        force: bool,
+    ) -> Result<pb::AdapterVersion, Status> {
+        let read = |f: &str| {
+            std::fs::read(dir.join(f))
+                .map_err(|e| Status::invalid_argument(format!("{}: {e}", dir.join(f).display())))
+        };
+        let (c, w) = (read(ADAPTER_CONFIG_FILE)?, read(ADAPTER_WEIGHTS_FILE)?);
+        self.import_adapter(tenant, name, c, w, force).await
+    }
+
+    /// Downloads a version's PEFT files: `(adapter_config.json, adapter_model.safetensors)`.
+    pub async fn export_adapter(
+        &self,
+        tenant: &str,
+        adapter: &str,
+    ) -> Result<(Vec<u8>, Vec<u8>), Status> {
+        let mut s = self
+            .adapters
+            .clone()
+            .export_adapter(pb::ExportAdapterRequest {
+                tenant: tenant.into(),
+                adapter: adapter.into(),
+            })
+            .await?
+            .into_inner();
+        let (mut c, mut w) = (Vec::new(), Vec::new());
+        while let Some(chunk) = s.message().await? {
+            match chunk.file_name.as_str() {
+                ADAPTER_CONFIG_FILE => c.extend(chunk.data),
+                ADAPTER_WEIGHTS_FILE => w.extend(chunk.data),
+                other => return Err(Status::internal(format!("unexpected file {other:?}"))),
+            }
+        }
+        Ok((c, w))
+    }
+
+    /// Every live version of the tenant's adapters (all pages).
+    pub async fn list_adapters(&self, tenant: &str) -> Result<Vec<pb::AdapterVersion>, Status> {
+        let mut out = Vec::new();
+        let mut token = String::new();
+        loop {
+            let page = self
+                .adapters
+                .clone()
+                .list_adapters(pb::ListAdaptersRequest {
+                    tenant: tenant.into(),
+                    name: String::new(),
+                    page_size: 200,
+                    page_token: token,
+                })
+                .await?
+                .into_inner();
+            out.extend(page.adapters);
+            if page.next_page_token.is_empty() {
+                return Ok(out);
+            }
+            token = page.next_page_token;
+        }
+    }
+
+    pub async fn get_adapter(
+        &self,
+        tenant: &str,
+        adapter: &str,
+    ) -> Result<pb::AdapterVersion, Status> {
+        Ok(self
+            .adapters
+            .clone()
+            .get_adapter(pb::GetAdapterRequest {
+                tenant: tenant.into(),
+                adapter: adapter.into(),
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// Deletes `name@version` or every version of `name`; returns the deleted versions.
+    pub async fn delete_adapter(&self, tenant: &str, adapter: &str) -> Result<Vec<u32>, Status> {
+        Ok(self
+            .adapters
+            .clone()
+            .delete_adapter(pb::DeleteAdapterRequest {
+                tenant: tenant.into(),
+                adapter: adapter.into(),
+            })
+            .await?
+            .into_inner()
+            .deleted_versions)
     }
 
     /// The raw generated client, for calls this wrapper does not cover.

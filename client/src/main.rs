@@ -16,6 +16,9 @@ struct Cli {
         global = true
     )]
     addr: String,
+    /// Tenant (empty: the default tenant).
+    #[arg(long, env = "GRAFT_TENANT", default_value = "", global = true)]
+    tenant: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -41,6 +44,35 @@ enum Command {
         #[command(flatten)]
         sampling: Sampling,
     },
+    /// Manage LoRA adapters (Hugging Face PEFT format).
+    #[command(subcommand)]
+    Adapters(AdapterCmd),
+}
+
+#[derive(Subcommand)]
+enum AdapterCmd {
+    /// Upload a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) as the
+    /// next version of NAME.
+    Import {
+        dir: std::path::PathBuf,
+        #[arg(long)]
+        name: String,
+        /// Accept an adapter made for another base model name.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Download NAME or NAME@VERSION as a PEFT directory.
+    Export {
+        adapter: String,
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
+    /// List every live version.
+    Ls,
+    /// Show one version (NAME = the newest).
+    Show { adapter: String },
+    /// Delete NAME@VERSION, or every version of NAME.
+    Rm { adapter: String },
 }
 
 #[derive(Args, Clone)]
@@ -79,6 +111,7 @@ impl From<Sampling> for GenerateOptions {
             seed: s.seed,
             logprobs: false,
             adapter: s.adapter,
+            tenant: None,
         }
     }
 }
@@ -108,9 +141,15 @@ fn status_error(s: tonic::Status) -> anyhow::Error {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let client = GraftClient::connect(&cli.addr).await?;
+    let tenant = cli.tenant.clone();
+    let with_tenant = |s: Sampling| GenerateOptions {
+        tenant: Some(tenant.clone()),
+        ..GenerateOptions::from(s)
+    };
     match cli.command {
+        Command::Adapters(cmd) => adapters(&client, &cli.tenant, cmd).await?,
         Command::Generate { prompt, sampling } => {
-            let opts = GenerateOptions::from(sampling);
+            let opts = with_tenant(sampling);
             stream_to_stdout(&client, opts.prompt(prompt)).await?;
         }
         Command::Chat {
@@ -118,7 +157,7 @@ async fn main() -> anyhow::Result<()> {
             message,
             sampling,
         } => {
-            let opts = GenerateOptions::from(sampling);
+            let opts = with_tenant(sampling);
             let mut history: Vec<(String, String)> = system
                 .map(|s| vec![("system".to_string(), s)])
                 .unwrap_or_default();
@@ -140,6 +179,61 @@ async fn main() -> anyhow::Result<()> {
                 history.push(("assistant".into(), answer));
                 eprint!("> ");
             }
+        }
+    }
+    Ok(())
+}
+
+fn print_version(v: &proto::AdapterVersion) {
+    println!(
+        "{}@{}\t{}\tr={}\talpha={}\t{} bytes\t{}\t{}",
+        v.name,
+        v.version,
+        v.kind,
+        v.rank,
+        v.alpha,
+        v.size_bytes,
+        v.target_modules.join(","),
+        &v.sha256[..v.sha256.len().min(12)]
+    );
+}
+
+async fn adapters(client: &GraftClient, tenant: &str, cmd: AdapterCmd) -> anyhow::Result<()> {
+    match cmd {
+        AdapterCmd::Import { dir, name, force } => {
+            let v = client
+                .import_adapter_dir(tenant, &name, &dir, force)
+                .await
+                .map_err(status_error)?;
+            print_version(&v);
+        }
+        AdapterCmd::Export { adapter, out } => {
+            let (c, w) = client
+                .export_adapter(tenant, &adapter)
+                .await
+                .map_err(status_error)?;
+            std::fs::create_dir_all(&out)?;
+            std::fs::write(out.join(graft_client::ADAPTER_CONFIG_FILE), c)?;
+            std::fs::write(out.join(graft_client::ADAPTER_WEIGHTS_FILE), w)?;
+            println!("wrote {}", out.display());
+        }
+        AdapterCmd::Ls => {
+            for v in client.list_adapters(tenant).await.map_err(status_error)? {
+                print_version(&v);
+            }
+        }
+        AdapterCmd::Show { adapter } => print_version(
+            &client
+                .get_adapter(tenant, &adapter)
+                .await
+                .map_err(status_error)?,
+        ),
+        AdapterCmd::Rm { adapter } => {
+            let v = client
+                .delete_adapter(tenant, &adapter)
+                .await
+                .map_err(status_error)?;
+            println!("deleted versions {v:?}");
         }
     }
     Ok(())

@@ -62,7 +62,11 @@ pub struct Settings {
     pub max_adapter_upload_mb: Option<usize>,
     /// Another name (HF repo id) of the base model, accepted in adapters'
     /// base_model_name_or_path (repeatable).
-    #[arg(long = "base-model-alias", env = "GRAFT_BASE_MODEL_ALIASES", value_delimiter = ',')]
+    #[arg(
+        long = "base-model-alias",
+        env = "GRAFT_BASE_MODEL_ALIASES",
+        value_delimiter = ','
+    )]
     pub base_model_aliases: Option<Vec<String>>,
     /// Log format: "text" or "json".
     #[arg(long, env = "GRAFT_LOG_FORMAT")]
@@ -166,9 +170,19 @@ impl Settings {
                     .unwrap_or(30),
             ),
             log_json: log_format == "json",
-            data_dir: self.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("data")),
-            adapter_cache_bytes: self.adapter_cache_mb.or(file.adapter_cache_mb).unwrap_or(1024) << 20,
-            max_adapter_rank: self.max_adapter_rank.or(file.max_adapter_rank).unwrap_or(64),
+            data_dir: self
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from("data")),
+            adapter_cache_bytes: self
+                .adapter_cache_mb
+                .or(file.adapter_cache_mb)
+                .unwrap_or(1024)
+                << 20,
+            max_adapter_rank: self
+                .max_adapter_rank
+                .or(file.max_adapter_rank)
+                .unwrap_or(64),
             max_adapter_upload_bytes: self
                 .max_adapter_upload_mb
                 .or(file.max_adapter_upload_mb)

@@ -54,12 +54,29 @@ pub fn describe() {
     describe_gauge!(QUEUE_DEPTH, "Generation requests waiting for admission");
     describe_histogram!(BATCH_SIZE, "Sequences in one engine step");
     describe_gauge!(ACTIVE_SEQUENCES, "Sequences being prefilled or decoded");
-    describe_counter!(ADAPTER_CACHE_HITS_TOTAL, "Adapter leases served from memory");
-    describe_counter!(ADAPTER_CACHE_MISSES_TOTAL, "Adapter leases that loaded the adapter from disk");
-    describe_counter!(ADAPTER_CACHE_EVICTIONS_TOTAL, "Adapters evicted from memory to stay within the budget");
-    describe_histogram!(ADAPTER_LOAD_SECONDS, Unit::Seconds, "Time to load an adapter from disk");
+    describe_counter!(
+        ADAPTER_CACHE_HITS_TOTAL,
+        "Adapter leases served from memory"
+    );
+    describe_counter!(
+        ADAPTER_CACHE_MISSES_TOTAL,
+        "Adapter leases that loaded the adapter from disk"
+    );
+    describe_counter!(
+        ADAPTER_CACHE_EVICTIONS_TOTAL,
+        "Adapters evicted from memory to stay within the budget"
+    );
+    describe_histogram!(
+        ADAPTER_LOAD_SECONDS,
+        Unit::Seconds,
+        "Time to load an adapter from disk"
+    );
     describe_gauge!(ADAPTERS_RESIDENT, "Adapter versions resident in memory");
-    describe_gauge!(ADAPTERS_RESIDENT_BYTES, Unit::Bytes, "Bytes of adapter weights resident in memory");
+    describe_gauge!(
+        ADAPTERS_RESIDENT_BYTES,
+        Unit::Bytes,
+        "Bytes of adapter weights resident in memory"
+    );
 }
 
 /// The process-wide recorder, installed on first use (several servers in one test process

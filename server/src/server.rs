@@ -12,9 +12,9 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::{server::HealthReporter, ServingStatus};
 
 use crate::{
+    adapters::{AdapterRegistry, RegistryConfig},
     config::ServerConfig,
     engine::{EngineHandle, GenerationRequest, SamplingParams, StreamEvent},
-    adapters::{AdapterRegistry, RegistryConfig},
     grpc::{
         adapters::AdaptersService, convert::RequestLimits, generation::GenerationService, Ready,
         ReadySlot,

@@ -19,7 +19,7 @@ fn last_logits(m: &BaseModel, ids: &[u32]) -> Vec<f32> {
             cache: &mut cache,
             want_logits: true,
             decode: false,
-                lora: None,
+            lora: None,
         }])
         .expect("forward")
         .squeeze(0)

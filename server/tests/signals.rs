@@ -27,7 +27,10 @@ async fn sigterm_drains_the_stream_then_exits_zero() {
         .args(["--model", model.to_str().expect("utf8")])
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(["--metrics-listen", &format!("127.0.0.1:{mport}")])
-        .args(["--data-dir", dir.path().join("data").to_str().expect("utf8")])
+        .args([
+            "--data-dir",
+            dir.path().join("data").to_str().expect("utf8"),
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()

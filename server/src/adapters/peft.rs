@@ -90,7 +90,9 @@ enum Targets {
 impl Targets {
     fn matches(&self, key: &str, module: Module) -> bool {
         match self {
-            Targets::Names(n) => n.iter().any(|t| t == module.hf_name() || key.ends_with(&format!(".{t}"))),
+            Targets::Names(n) => n
+                .iter()
+                .any(|t| t == module.hf_name() || key.ends_with(&format!(".{t}"))),
             Targets::Regex(r) => r.is_match(key),
             Targets::AllLinear => true,
         }
@@ -98,7 +100,10 @@ impl Targets {
 }
 
 /// PEFT's pattern lookup: a key `k` applies to module `name` when `name` ends with `.k`.
-fn pattern_value<T: Copy>(patterns: &HashMap<String, T>, name: &str) -> Result<Option<T>, ImportError> {
+fn pattern_value<T: Copy>(
+    patterns: &HashMap<String, T>,
+    name: &str,
+) -> Result<Option<T>, ImportError> {
     for (k, v) in patterns {
         let re = Regex::new(&format!("^(.*\\.)?(?:{k})$"))
             .map_err(|e| err(CONFIG_FILE, format!("bad pattern {k:?}: {e}")))?;
@@ -137,7 +142,10 @@ fn module_shape(cfg: &LlamaConfig, m: Module) -> (usize, usize) {
 fn to_f32(name: &str, t: &TensorView<'_>) -> Result<Vec<f32>, ImportError> {
     let d = t.data();
     let v: Vec<f32> = match t.dtype() {
-        Dtype::F32 => d.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        Dtype::F32 => d
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
         Dtype::F16 => d
             .chunks_exact(2)
             .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
@@ -146,10 +154,18 @@ fn to_f32(name: &str, t: &TensorView<'_>) -> Result<Vec<f32>, ImportError> {
             .chunks_exact(2)
             .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
             .collect(),
-        other => return Err(err(WEIGHTS_FILE, format!("tensor {name} has dtype {other:?}; expected F32, F16 or BF16"))),
+        other => {
+            return Err(err(
+                WEIGHTS_FILE,
+                format!("tensor {name} has dtype {other:?}; expected F32, F16 or BF16"),
+            ))
+        }
     };
     if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-        return Err(err(WEIGHTS_FILE, format!("tensor {name} holds a non-finite value (NaN or Inf) at index {i}")));
+        return Err(err(
+            WEIGHTS_FILE,
+            format!("tensor {name} holds a non-finite value (NaN or Inf) at index {i}"),
+        ));
     }
     Ok(v)
 }
@@ -183,28 +199,57 @@ pub fn parse(
         .map_err(|e| err(CONFIG_FILE, format!("not a valid PEFT config: {e}")))?;
     match c.peft_type.as_deref() {
         Some("LORA") => {}
-        other => return Err(err(format!("{CONFIG_FILE}.peft_type"), format!("{other:?} is not supported; graft imports LORA adapters"))),
+        other => {
+            return Err(err(
+                format!("{CONFIG_FILE}.peft_type"),
+                format!("{other:?} is not supported; graft imports LORA adapters"),
+            ))
+        }
     }
     if c.use_dora {
-        return Err(err(format!("{CONFIG_FILE}.use_dora"), "DoRA adapters are not supported yet"));
+        return Err(err(
+            format!("{CONFIG_FILE}.use_dora"),
+            "DoRA adapters are not supported yet",
+        ));
     }
-    if !matches!(&c.modules_to_save, Value::Null) && c.modules_to_save.as_array().is_none_or(|a| !a.is_empty()) {
-        return Err(err(format!("{CONFIG_FILE}.modules_to_save"), "modules_to_save (fully trained extra modules) is not supported"));
+    if !matches!(&c.modules_to_save, Value::Null)
+        && c.modules_to_save.as_array().is_none_or(|a| !a.is_empty())
+    {
+        return Err(err(
+            format!("{CONFIG_FILE}.modules_to_save"),
+            "modules_to_save (fully trained extra modules) is not supported",
+        ));
     }
     if let Some(b) = c.bias.as_deref() {
         if b != "none" {
-            return Err(err(format!("{CONFIG_FILE}.bias"), format!("bias {b:?} is not supported; only \"none\"")));
+            return Err(err(
+                format!("{CONFIG_FILE}.bias"),
+                format!("bias {b:?} is not supported; only \"none\""),
+            ));
         }
     }
-    let r = c.r.ok_or_else(|| err(format!("{CONFIG_FILE}.r"), "missing"))?;
+    let r =
+        c.r.ok_or_else(|| err(format!("{CONFIG_FILE}.r"), "missing"))?;
     let alpha = c.lora_alpha.unwrap_or(8.0);
     if r == 0 {
         return Err(err(format!("{CONFIG_FILE}.r"), "rank must be at least 1"));
     }
-    if let Some(base) = c.base_model_name_or_path.as_deref().filter(|b| !b.is_empty()) {
-        let ours: Vec<String> = policy.base_aliases.iter().map(|a| normalise(a)).chain([normalise(base_name)]).collect();
+    if let Some(base) = c
+        .base_model_name_or_path
+        .as_deref()
+        .filter(|b| !b.is_empty())
+    {
+        let ours: Vec<String> = policy
+            .base_aliases
+            .iter()
+            .map(|a| normalise(a))
+            .chain([normalise(base_name)])
+            .collect();
         let theirs = normalise(base);
-        let known = ours.iter().any(|o| !o.is_empty() && (theirs == *o || theirs.contains(o.as_str()) || o.contains(theirs.as_str())));
+        let known = ours.iter().any(|o| {
+            !o.is_empty()
+                && (theirs == *o || theirs.contains(o.as_str()) || o.contains(theirs.as_str()))
+        });
         if !known && !policy.force {
             return Err(err(
                 format!("{CONFIG_FILE}.base_model_name_or_path"),
@@ -214,11 +259,17 @@ pub fn parse(
     }
     let targets = match &c.target_modules {
         Value::String(s) if s == "all-linear" => Targets::AllLinear,
-        Value::String(s) => Targets::Regex(
-            Regex::new(&format!("^(?:{s})$")).map_err(|e| err(format!("{CONFIG_FILE}.target_modules"), format!("bad regex: {e}")))?,
-        ),
+        Value::String(s) => Targets::Regex(Regex::new(&format!("^(?:{s})$")).map_err(|e| {
+            err(
+                format!("{CONFIG_FILE}.target_modules"),
+                format!("bad regex: {e}"),
+            )
+        })?),
         Value::Array(a) => {
-            let names: Vec<String> = a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect();
+            let names: Vec<String> = a
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect();
             for n in &names {
                 if Module::from_hf_name(n).is_none() {
                     return Err(err(format!("{CONFIG_FILE}.target_modules"), format!("target module {n:?} does not exist in this model (it has q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")));
@@ -226,13 +277,27 @@ pub fn parse(
             }
             Targets::Names(names)
         }
-        _ => return Err(err(format!("{CONFIG_FILE}.target_modules"), "missing; expected a list, a regex or \"all-linear\"")),
+        _ => {
+            return Err(err(
+                format!("{CONFIG_FILE}.target_modules"),
+                "missing; expected a list, a regex or \"all-linear\"",
+            ))
+        }
     };
     let layers: Option<Vec<usize>> = match &c.layers_to_transform {
         Value::Null => None,
         Value::Number(n) => Some(vec![n.as_u64().unwrap_or(u64::MAX) as usize]),
-        Value::Array(a) => Some(a.iter().map(|v| v.as_u64().unwrap_or(u64::MAX) as usize).collect()),
-        _ => return Err(err(format!("{CONFIG_FILE}.layers_to_transform"), "expected an int or a list of ints")),
+        Value::Array(a) => Some(
+            a.iter()
+                .map(|v| v.as_u64().unwrap_or(u64::MAX) as usize)
+                .collect(),
+        ),
+        _ => {
+            return Err(err(
+                format!("{CONFIG_FILE}.layers_to_transform"),
+                "expected an int or a list of ints",
+            ))
+        }
     };
     let _ = c.fan_in_fan_out; // lora_A/lora_B shapes are the same either way.
 
@@ -245,7 +310,11 @@ pub fn parse(
         let parts: Vec<&str> = rest.split('.').collect();
         // model.layers.N.parent.module.lora_X[.adapter].weight
         let parsed = (|| {
-            if parts.len() < 7 || parts[0] != "model" || parts[1] != "layers" || *parts.last()? != "weight" {
+            if parts.len() < 7
+                || parts[0] != "model"
+                || parts[1] != "layers"
+                || *parts.last()? != "weight"
+            {
                 return None;
             }
             let layer: usize = parts[2].parse().ok()?;
@@ -261,10 +330,19 @@ pub fn parse(
             Some((layer, m, which))
         })();
         let Some((layer, m, which)) = parsed else {
-            return Err(err(WEIGHTS_FILE, format!("tensor {name:?} is not a LoRA weight of a module this model has")));
+            return Err(err(
+                WEIGHTS_FILE,
+                format!("tensor {name:?} is not a LoRA weight of a module this model has"),
+            ));
         };
         if layer >= cfg.num_layers {
-            return Err(err(WEIGHTS_FILE, format!("tensor {name:?} names layer {layer}; the model has {}", cfg.num_layers)));
+            return Err(err(
+                WEIGHTS_FILE,
+                format!(
+                    "tensor {name:?} names layer {layer}; the model has {}",
+                    cfg.num_layers
+                ),
+            ));
         }
         pairs.entry((layer, m)).or_insert([None, None])[which] = Some(view);
     }
@@ -276,15 +354,27 @@ pub fn parse(
     for ((layer, m), [a, b]) in pairs {
         let key = module_key(layer, m);
         if !targets.matches(&key, m) || layers.as_ref().is_some_and(|l| !l.contains(&layer)) {
-            return Err(err(WEIGHTS_FILE, format!("{key} has LoRA weights but the config does not target it")));
+            return Err(err(
+                WEIGHTS_FILE,
+                format!("{key} has LoRA weights but the config does not target it"),
+            ));
         }
         let (Some(a), Some(b)) = (a, b) else {
-            return Err(err(WEIGHTS_FILE, format!("{key} needs both lora_A and lora_B")));
+            return Err(err(
+                WEIGHTS_FILE,
+                format!("{key} needs both lora_A and lora_B"),
+            ));
         };
         let mr = pattern_value(&c.rank_pattern, &key)?.unwrap_or(r);
         let ma = pattern_value(&c.alpha_pattern, &key)?.unwrap_or(alpha);
         if mr > policy.max_rank {
-            return Err(err(format!("{CONFIG_FILE}.r"), format!("rank {mr} of {key} is above this server's maximum {}", policy.max_rank)));
+            return Err(err(
+                format!("{CONFIG_FILE}.r"),
+                format!(
+                    "rank {mr} of {key} is above this server's maximum {}",
+                    policy.max_rank
+                ),
+            ));
         }
         let (out_f, in_f) = module_shape(cfg, m);
         if a.shape() != [mr, in_f] || b.shape() != [out_f, mr] {
@@ -300,17 +390,46 @@ pub fn parse(
             Module::K => bv = permute_rows(&bv, cfg.num_kv_heads, out_f, mr, true),
             _ => {}
         }
-        let scale = if c.use_rslora { ma / (mr as f64).sqrt() } else { ma / mr as f64 } as f32;
+        let scale = if c.use_rslora {
+            ma / (mr as f64).sqrt()
+        } else {
+            ma / mr as f64
+        } as f32;
         max_rank = max_rank.max(mr);
-        out.set(layer, m, LoraPair { a: av, b: bv, rank: mr, in_features: in_f, out_features: out_f, scale });
+        out.set(
+            layer,
+            m,
+            LoraPair {
+                a: av,
+                b: bv,
+                rank: mr,
+                in_features: in_f,
+                out_features: out_f,
+                scale,
+            },
+        );
     }
-    let target_modules = out.modules().iter().map(|m| m.hf_name().to_string()).collect();
-    Ok(ParsedLora { weights: out, rank: max_rank, alpha, target_modules, use_rslora: c.use_rslora })
+    let target_modules = out
+        .modules()
+        .iter()
+        .map(|m| m.hf_name().to_string())
+        .collect();
+    Ok(ParsedLora {
+        weights: out,
+        rank: max_rank,
+        alpha,
+        target_modules,
+        use_rslora: c.use_rslora,
+    })
 }
 
 /// Writes `w` as PEFT files (HF layout, f32): `(adapter_config.json, adapter_model.safetensors)`.
 /// `alpha` is recorded so that `alpha / r` (or `/ sqrt(r)`) gives back each pair's scale.
-pub fn write(w: &ParsedLora, cfg: &LlamaConfig, base_model: &str) -> Result<(Vec<u8>, Vec<u8>), ImportError> {
+pub fn write(
+    w: &ParsedLora,
+    cfg: &LlamaConfig,
+    base_model: &str,
+) -> Result<(Vec<u8>, Vec<u8>), ImportError> {
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     let mut rank_pattern = serde_json::Map::new();
     let mut alpha_pattern = serde_json::Map::new();
@@ -324,9 +443,21 @@ pub fn write(w: &ParsedLora, cfg: &LlamaConfig, base_model: &str) -> Result<(Vec
                 _ => p.b.clone(),
             };
             let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-            tensors.push((format!("base_model.model.{key}.lora_A.weight"), vec![p.rank, p.in_features], bytes(&p.a)));
-            tensors.push((format!("base_model.model.{key}.lora_B.weight"), vec![p.out_features, p.rank], bytes(&b)));
-            let denom = if w.use_rslora { (p.rank as f64).sqrt() } else { p.rank as f64 };
+            tensors.push((
+                format!("base_model.model.{key}.lora_A.weight"),
+                vec![p.rank, p.in_features],
+                bytes(&p.a),
+            ));
+            tensors.push((
+                format!("base_model.model.{key}.lora_B.weight"),
+                vec![p.out_features, p.rank],
+                bytes(&b),
+            ));
+            let denom = if w.use_rslora {
+                (p.rank as f64).sqrt()
+            } else {
+                p.rank as f64
+            };
             let a = p.scale as f64 * denom;
             if p.rank != w.rank {
                 rank_pattern.insert(key.clone(), p.rank.into());
@@ -338,7 +469,13 @@ pub fn write(w: &ParsedLora, cfg: &LlamaConfig, base_model: &str) -> Result<(Vec
     }
     let views: Vec<(String, TensorView<'_>)> = tensors
         .iter()
-        .map(|(n, s, d)| Ok((n.clone(), TensorView::new(Dtype::F32, s.clone(), d).map_err(|e| err(WEIGHTS_FILE, e.to_string()))?)))
+        .map(|(n, s, d)| {
+            Ok((
+                n.clone(),
+                TensorView::new(Dtype::F32, s.clone(), d)
+                    .map_err(|e| err(WEIGHTS_FILE, e.to_string()))?,
+            ))
+        })
         .collect::<Result<_, ImportError>>()?;
     let st = safetensors::serialize(views, None).map_err(|e| err(WEIGHTS_FILE, e.to_string()))?;
     let config = serde_json::json!({
@@ -390,6 +527,9 @@ mod tests {
 
     #[test]
     fn names_are_normalised_for_base_matching() {
-        assert_eq!(normalise("HuggingFaceTB/SmolLM2-135M-Instruct"), "smollm2135minstruct");
+        assert_eq!(
+            normalise("HuggingFaceTB/SmolLM2-135M-Instruct"),
+            "smollm2135minstruct"
+        );
     }
 }

@@ -71,8 +71,13 @@ impl std::fmt::Display for AdapterRef {
 /// Checks an adapter name: 1-64 characters of `[A-Za-z0-9._-]`, starting with a letter or
 /// digit (no path separators, no `..`, no NUL).
 pub fn validate_name(name: &str) -> Result<(), String> {
-    let ok_chars = name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    let first = name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+    let ok_chars = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    let first = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric());
     if name.is_empty() || name.len() > 64 || !ok_chars || !first || name.contains("..") {
         return Err(format!(
             "{name:?} is not a valid adapter name (1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit)"
@@ -86,11 +91,9 @@ impl std::str::FromStr for AdapterRef {
     fn from_str(s: &str) -> Result<Self, String> {
         let (name, version) = match s.rsplit_once('@') {
             Some((n, v)) => {
-                let v: u32 = v
-                    .parse()
-                    .ok()
-                    .filter(|v| *v > 0)
-                    .ok_or_else(|| format!("{s:?}: the version after @ must be a positive integer"))?;
+                let v: u32 = v.parse().ok().filter(|v| *v > 0).ok_or_else(|| {
+                    format!("{s:?}: the version after @ must be a positive integer")
+                })?;
                 (n, Some(v))
             }
             None => (s, None),
@@ -218,7 +221,11 @@ impl AdapterRegistry {
     }
 
     /// Opens the registry and sweeps files that no live row references.
-    pub async fn open(db: Db, model: Arc<BaseModel>, cfg: RegistryConfig) -> Result<Self, RegistryError> {
+    pub async fn open(
+        db: Db,
+        model: Arc<BaseModel>,
+        cfg: RegistryConfig,
+    ) -> Result<Self, RegistryError> {
         let reg = Self {
             db,
             model,
@@ -226,9 +233,14 @@ impl AdapterRegistry {
             cache: Mutex::default(),
         };
         let dir = reg.adapters_dir();
-        std::fs::create_dir_all(&dir).map_err(|e| RegistryError::Storage(format!("{}: {e}", dir.display())))?;
-        let live: std::collections::HashSet<String> = reg.db.live_adapter_dirs().await?.into_iter().collect();
-        for entry in std::fs::read_dir(&dir).map_err(|e| RegistryError::Storage(e.to_string()))?.flatten() {
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| RegistryError::Storage(format!("{}: {e}", dir.display())))?;
+        let live: std::collections::HashSet<String> =
+            reg.db.live_adapter_dirs().await?.into_iter().collect();
+        for entry in std::fs::read_dir(&dir)
+            .map_err(|e| RegistryError::Storage(e.to_string()))?
+            .flatten()
+        {
             let name = entry.file_name().to_string_lossy().into_owned();
             if !live.contains(&name) {
                 tracing::info!(dir = %name, "removing adapter files no live version references");
@@ -259,21 +271,39 @@ impl AdapterRegistry {
         weights: Vec<u8>,
         force: bool,
     ) -> Result<AdapterRow, RegistryError> {
-        validate_name(name).map_err(|e| ImportError { field: "name".into(), reason: e })?;
+        validate_name(name).map_err(|e| ImportError {
+            field: "name".into(),
+            reason: e,
+        })?;
         let model = self.model.clone();
         let policy = self.policy(force);
         let (parsed, config_json, weights) = tokio::task::spawn_blocking(move || {
-            peft::parse(&config_json, &weights, model.config(), &model.name, &policy).map(|p| (p, config_json, weights))
+            peft::parse(&config_json, &weights, model.config(), &model.name, &policy)
+                .map(|p| (p, config_json, weights))
         })
         .await
         .map_err(|e| RegistryError::Storage(e.to_string()))??;
-        self.store(tenant, name, &parsed, config_json, weights).await
+        self.store(tenant, name, &parsed, config_json, weights)
+            .await
     }
 
     /// Stores already-validated weights (e.g. a trained adapter) as the next version.
-    pub async fn store_parsed(&self, tenant: &str, name: &str, parsed: &ParsedLora) -> Result<AdapterRow, RegistryError> {
-        validate_name(name).map_err(|e| ImportError { field: "name".into(), reason: e })?;
-        let base = self.cfg.base_aliases.first().cloned().unwrap_or_else(|| self.model.name.clone());
+    pub async fn store_parsed(
+        &self,
+        tenant: &str,
+        name: &str,
+        parsed: &ParsedLora,
+    ) -> Result<AdapterRow, RegistryError> {
+        validate_name(name).map_err(|e| ImportError {
+            field: "name".into(),
+            reason: e,
+        })?;
+        let base = self
+            .cfg
+            .base_aliases
+            .first()
+            .cloned()
+            .unwrap_or_else(|| self.model.name.clone());
         let (config, weights) = peft::write(parsed, self.model.config(), &base)?;
         self.store(tenant, name, parsed, config, weights).await
     }
@@ -365,7 +395,10 @@ impl AdapterRegistry {
         let policy = self.policy(true);
         let d = dir.clone();
         let parsed = tokio::task::spawn_blocking(move || -> Result<ParsedLora, RegistryError> {
-            let read = |f: &str| std::fs::read(d.join(f)).map_err(|e| RegistryError::Storage(format!("{}: {e}", d.join(f).display())));
+            let read = |f: &str| {
+                std::fs::read(d.join(f))
+                    .map_err(|e| RegistryError::Storage(format!("{}: {e}", d.join(f).display())))
+            };
             let (c, w) = (read(peft::CONFIG_FILE)?, read(peft::WEIGHTS_FILE)?);
             Ok(peft::parse(&c, &w, model.config(), &model.name, &policy)?)
         })
@@ -378,7 +411,12 @@ impl AdapterRegistry {
             delete_files: AtomicBool::new(false),
         });
         // A delete may have raced the load: check the row is still live before caching.
-        if self.db.find_adapter(tenant, &row.name, Some(row.version)).await?.is_none() {
+        if self
+            .db
+            .find_adapter(tenant, &row.name, Some(row.version))
+            .await?
+            .is_none()
+        {
             return Err(RegistryError::NotFound(r.to_string()));
         }
         let loaded = self.lock().insert(row.id, loaded, self.cfg.cache_bytes);
@@ -386,12 +424,19 @@ impl AdapterRegistry {
     }
 
     /// The stored PEFT files of a version: `(adapter_config.json, adapter_model.safetensors)`.
-    pub async fn export(&self, tenant: &str, r: &AdapterRef) -> Result<(AdapterRow, Vec<u8>, Vec<u8>), RegistryError> {
+    pub async fn export(
+        &self,
+        tenant: &str,
+        r: &AdapterRef,
+    ) -> Result<(AdapterRow, Vec<u8>, Vec<u8>), RegistryError> {
         // The lease keeps the files in place while we read them.
         let lease = self.lease(tenant, r).await?;
         let dir = self.adapters_dir().join(&lease.row.dir);
         let (c, w) = tokio::task::spawn_blocking(move || -> std::io::Result<(Vec<u8>, Vec<u8>)> {
-            Ok((std::fs::read(dir.join(peft::CONFIG_FILE))?, std::fs::read(dir.join(peft::WEIGHTS_FILE))?))
+            Ok((
+                std::fs::read(dir.join(peft::CONFIG_FILE))?,
+                std::fs::read(dir.join(peft::WEIGHTS_FILE))?,
+            ))
         })
         .await
         .map_err(|e| RegistryError::Storage(e.to_string()))?
@@ -399,13 +444,23 @@ impl AdapterRegistry {
         Ok((lease.row.clone(), c, w))
     }
 
-    pub async fn list(&self, tenant: &str, name: Option<&str>, after: Option<(String, u32)>, limit: u32) -> Result<Vec<AdapterRow>, RegistryError> {
+    pub async fn list(
+        &self,
+        tenant: &str,
+        name: Option<&str>,
+        after: Option<(String, u32)>,
+        limit: u32,
+    ) -> Result<Vec<AdapterRow>, RegistryError> {
         Ok(self.db.list_adapters(tenant, name, after, limit).await?)
     }
 
     /// Deletes one version (`name@v`) or every version (`name`). New requests get NOT_FOUND
     /// at once; running ones keep their lease and the files go when the last lease ends.
-    pub async fn delete(&self, tenant: &str, r: &AdapterRef) -> Result<Vec<AdapterRow>, RegistryError> {
+    pub async fn delete(
+        &self,
+        tenant: &str,
+        r: &AdapterRef,
+    ) -> Result<Vec<AdapterRow>, RegistryError> {
         let rows = self.db.delete_adapter(tenant, &r.name, r.version).await?;
         if rows.is_empty() {
             return Err(RegistryError::NotFound(r.to_string()));
@@ -449,10 +504,25 @@ mod tests {
     fn references_parse_and_bad_names_are_refused() {
         assert_eq!(
             "bot@2".parse::<AdapterRef>(),
-            Ok(AdapterRef { name: "bot".into(), version: Some(2) })
+            Ok(AdapterRef {
+                name: "bot".into(),
+                version: Some(2)
+            })
         );
         assert_eq!("a.b-c_d".parse::<AdapterRef>().map(|r| r.version), Ok(None));
-        for bad in ["", "../x", "/etc/passwd", "a/b", "x@0", "x@-1", "x@v", "..", "a\0b", &"n".repeat(65), ".hidden"] {
+        for bad in [
+            "",
+            "../x",
+            "/etc/passwd",
+            "a/b",
+            "x@0",
+            "x@-1",
+            "x@v",
+            "..",
+            "a\0b",
+            &"n".repeat(65),
+            ".hidden",
+        ] {
             assert!(bad.parse::<AdapterRef>().is_err(), "{bad:?} accepted");
         }
     }

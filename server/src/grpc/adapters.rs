@@ -50,10 +50,17 @@ impl From<AdapterRow> for pb::AdapterVersion {
 }
 
 /// Runs an RPC body and records its outcome.
-async fn recorded<T>(rpc: &'static str, f: impl std::future::Future<Output = Result<T, ApiError>>) -> Result<Response<T>, Status> {
+async fn recorded<T>(
+    rpc: &'static str,
+    f: impl std::future::Future<Output = Result<T, ApiError>>,
+) -> Result<Response<T>, Status> {
     let started = Instant::now();
     let r = f.await;
-    observe(rpc, r.as_ref().map_or_else(ApiError::code, |_| tonic::Code::Ok), started);
+    observe(
+        rpc,
+        r.as_ref().map_or_else(ApiError::code, |_| tonic::Code::Ok),
+        started,
+    );
     r.map(Response::new).map_err(Into::into)
 }
 
@@ -61,7 +68,10 @@ type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::AdapterFileChunk, Status
 
 #[tonic::async_trait]
 impl Adapters for AdaptersService {
-    async fn import_adapter(&self, req: Request<Streaming<pb::ImportAdapterRequest>>) -> Result<Response<pb::AdapterVersion>, Status> {
+    async fn import_adapter(
+        &self,
+        req: Request<Streaming<pb::ImportAdapterRequest>>,
+    ) -> Result<Response<pb::AdapterVersion>, Status> {
         recorded("ImportAdapter", async {
             let ready = ready(&self.ready)?;
             let cap = ready.adapters.config().max_upload_bytes;
@@ -107,7 +117,10 @@ impl Adapters for AdaptersService {
 
     type ExportAdapterStream = ChunkStream;
 
-    async fn export_adapter(&self, req: Request<pb::ExportAdapterRequest>) -> Result<Response<ChunkStream>, Status> {
+    async fn export_adapter(
+        &self,
+        req: Request<pb::ExportAdapterRequest>,
+    ) -> Result<Response<ChunkStream>, Status> {
         recorded("ExportAdapter", async {
             let ready = ready(&self.ready)?;
             let req = req.into_inner();
@@ -117,7 +130,10 @@ impl Adapters for AdaptersService {
             let mut chunks = Vec::new();
             for (name, data) in [(CONFIG_FILE, config), (WEIGHTS_FILE, weights)] {
                 for c in data.chunks(CHUNK) {
-                    chunks.push(Ok(pb::AdapterFileChunk { file_name: name.into(), data: c.to_vec() }));
+                    chunks.push(Ok(pb::AdapterFileChunk {
+                        file_name: name.into(),
+                        data: c.to_vec(),
+                    }));
                 }
             }
             Ok(Box::pin(futures::stream::iter(chunks)) as ChunkStream)
@@ -125,21 +141,34 @@ impl Adapters for AdaptersService {
         .await
     }
 
-    async fn list_adapters(&self, req: Request<pb::ListAdaptersRequest>) -> Result<Response<pb::ListAdaptersResponse>, Status> {
+    async fn list_adapters(
+        &self,
+        req: Request<pb::ListAdaptersRequest>,
+    ) -> Result<Response<pb::ListAdaptersResponse>, Status> {
         recorded("ListAdapters", async {
             let ready = ready(&self.ready)?;
             let req = req.into_inner();
             let tenant = tenant_of(&req.tenant)?;
             let size = match req.page_size {
                 0 => DEFAULT_PAGE,
-                n if n > MAX_PAGE => return Err(ApiError::invalid("page_size", format!("{n} is above {MAX_PAGE}"))),
+                n if n > MAX_PAGE => {
+                    return Err(ApiError::invalid(
+                        "page_size",
+                        format!("{n} is above {MAX_PAGE}"),
+                    ))
+                }
                 n => n,
             };
             let after = match req.page_token.as_str() {
                 "" => None,
                 t => {
                     let r = adapter_ref("page_token", t)?;
-                    Some((r.name, r.version.ok_or_else(|| ApiError::invalid("page_token", "not a token from ListAdapters"))?))
+                    Some((
+                        r.name,
+                        r.version.ok_or_else(|| {
+                            ApiError::invalid("page_token", "not a token from ListAdapters")
+                        })?,
+                    ))
                 }
             };
             let name = (!req.name.is_empty()).then_some(req.name.as_str());
@@ -150,12 +179,18 @@ impl Adapters for AdaptersService {
                 (true, Some(r)) => format!("{}@{}", r.name, r.version),
                 _ => String::new(),
             };
-            Ok(pb::ListAdaptersResponse { adapters: rows.into_iter().map(Into::into).collect(), next_page_token })
+            Ok(pb::ListAdaptersResponse {
+                adapters: rows.into_iter().map(Into::into).collect(),
+                next_page_token,
+            })
         })
         .await
     }
 
-    async fn get_adapter(&self, req: Request<pb::GetAdapterRequest>) -> Result<Response<pb::AdapterVersion>, Status> {
+    async fn get_adapter(
+        &self,
+        req: Request<pb::GetAdapterRequest>,
+    ) -> Result<Response<pb::AdapterVersion>, Status> {
         recorded("GetAdapter", async {
             let ready = ready(&self.ready)?;
             let req = req.into_inner();
@@ -166,14 +201,19 @@ impl Adapters for AdaptersService {
         .await
     }
 
-    async fn delete_adapter(&self, req: Request<pb::DeleteAdapterRequest>) -> Result<Response<pb::DeleteAdapterResponse>, Status> {
+    async fn delete_adapter(
+        &self,
+        req: Request<pb::DeleteAdapterRequest>,
+    ) -> Result<Response<pb::DeleteAdapterResponse>, Status> {
         recorded("DeleteAdapter", async {
             let ready = ready(&self.ready)?;
             let req = req.into_inner();
             let tenant = tenant_of(&req.tenant)?;
             let r = adapter_ref("adapter", &req.adapter)?;
             let rows = ready.adapters.delete(&tenant, &r).await?;
-            Ok(pb::DeleteAdapterResponse { deleted_versions: rows.iter().map(|r| r.version).collect() })
+            Ok(pb::DeleteAdapterResponse {
+                deleted_versions: rows.iter().map(|r| r.version).collect(),
+            })
         })
         .await
     }

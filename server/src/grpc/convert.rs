@@ -59,7 +59,8 @@ pub fn tenant_of(t: &str) -> Result<String, ApiError> {
     if t.is_empty() {
         return Ok(DEFAULT_TENANT.into());
     }
-    validate_name(t).map_err(|e| ApiError::invalid("tenant", e.replace("adapter name", "tenant name")))?;
+    validate_name(t)
+        .map_err(|e| ApiError::invalid("tenant", e.replace("adapter name", "tenant name")))?;
     Ok(t.to_string())
 }
 

@@ -84,7 +84,9 @@ impl From<RegistryError> for ApiError {
     fn from(e: RegistryError) -> Self {
         match e {
             RegistryError::Invalid(i) => ApiError::invalid(i.field, i.reason),
-            RegistryError::NotFound(what) => ApiError::NotFound(format!("adapter {what} not found")),
+            RegistryError::NotFound(what) => {
+                ApiError::NotFound(format!("adapter {what} not found"))
+            }
             RegistryError::Storage(m) => {
                 tracing::error!(error = %m, "adapter storage");
                 ApiError::Internal(format!("adapter storage: {m}"))

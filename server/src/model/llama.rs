@@ -114,16 +114,17 @@ impl Llama {
         let any_lora = row_lora.iter().any(Option::is_some);
         let dev = &self.device;
         // One projection: the shared weight for every row, plus each row's own LoRA update.
-        let project = |lin: &Linear, m: Module, li: usize, x: &Tensor| -> Result<Tensor, ModelError> {
-            let y = lin.forward_rows(x, decode_rows)?;
-            if !any_lora {
-                return Ok(y);
-            }
-            let xv = x.flatten_all()?.to_vec1::<f32>()?;
-            let mut yv = y.flatten_all()?.to_vec1::<f32>()?;
-            lora::apply_rows(&row_lora, li, m, &xv, &mut yv);
-            Ok(Tensor::from_vec(yv, y.shape(), dev)?)
-        };
+        let project =
+            |lin: &Linear, m: Module, li: usize, x: &Tensor| -> Result<Tensor, ModelError> {
+                let y = lin.forward_rows(x, decode_rows)?;
+                if !any_lora {
+                    return Ok(y);
+                }
+                let xv = x.flatten_all()?.to_vec1::<f32>()?;
+                let mut yv = y.flatten_all()?.to_vec1::<f32>()?;
+                lora::apply_rows(&row_lora, li, m, &xv, &mut yv);
+                Ok(Tensor::from_vec(yv, y.shape(), dev)?)
+            };
         let n = ids.len();
         if n == 0 {
             return Ok(Tensor::zeros(

@@ -223,7 +223,11 @@ pub fn apply_rows(
 ) {
     use rayon::prelude::*;
     let n = rows.len();
-    if n == 0 || rows.iter().all(|r| r.and_then(|a| a.get(layer, m)).is_none()) {
+    if n == 0
+        || rows
+            .iter()
+            .all(|r| r.and_then(|a| a.get(layer, m)).is_none())
+    {
         return;
     }
     let (inp, out) = (x.len() / n, y.len() / n);

@@ -86,7 +86,10 @@ impl BaseModel {
             .meta_str("general.name")
             .map(str::to_string)
             .unwrap_or_else(|| file_stem(path));
-        let aliases = match (g.meta_str("general.basename"), g.meta_str("general.size_label")) {
+        let aliases = match (
+            g.meta_str("general.basename"),
+            g.meta_str("general.size_label"),
+        ) {
             (Some(b), Some(s)) => vec![format!("{b}-{s}")],
             _ => vec![],
         };

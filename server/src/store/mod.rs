@@ -109,7 +109,10 @@ impl Db {
         sqlx::migrate!("./migrations")
             .run(&pool)
             .await
-            .map_err(|e| DbError { op: "migrate", source: e.into() })?;
+            .map_err(|e| DbError {
+                op: "migrate",
+                source: e.into(),
+            })?;
         Ok(Self { pool })
     }
 
@@ -148,7 +151,12 @@ impl Db {
     }
 
     /// A live version: the newest when `version` is `None`.
-    pub async fn find_adapter(&self, tenant: &str, name: &str, version: Option<u32>) -> Result<Option<AdapterRow>, DbError> {
+    pub async fn find_adapter(
+        &self,
+        tenant: &str,
+        name: &str,
+        version: Option<u32>,
+    ) -> Result<Option<AdapterRow>, DbError> {
         let q = match version {
             Some(_) => format!("SELECT {COLUMNS} FROM adapter_versions WHERE tenant = ? AND name = ? AND version = ? AND deleted_at IS NULL"),
             None => format!("SELECT {COLUMNS} FROM adapter_versions WHERE tenant = ? AND name = ? AND deleted_at IS NULL ORDER BY version DESC LIMIT 1"),
@@ -157,12 +165,21 @@ impl Db {
         if let Some(v) = version {
             query = query.bind(v as i64);
         }
-        let row = query.fetch_optional(&self.pool).await.map_err(db_err("find adapter"))?;
+        let row = query
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err("find adapter"))?;
         Ok(row.as_ref().map(row_to_adapter))
     }
 
     /// Live versions of a tenant, ordered by (name, version), after the `after` id cursor.
-    pub async fn list_adapters(&self, tenant: &str, name: Option<&str>, after: Option<(String, u32)>, limit: u32) -> Result<Vec<AdapterRow>, DbError> {
+    pub async fn list_adapters(
+        &self,
+        tenant: &str,
+        name: Option<&str>,
+        after: Option<(String, u32)>,
+        limit: u32,
+    ) -> Result<Vec<AdapterRow>, DbError> {
         let (an, av) = after.unwrap_or_default();
         let rows = sqlx::query(AssertSqlSafe(format!(
             "SELECT {COLUMNS} FROM adapter_versions
@@ -184,7 +201,12 @@ impl Db {
 
     /// Tombstones one version (or every live version when `version` is `None`); returns the
     /// rows it deleted.
-    pub async fn delete_adapter(&self, tenant: &str, name: &str, version: Option<u32>) -> Result<Vec<AdapterRow>, DbError> {
+    pub async fn delete_adapter(
+        &self,
+        tenant: &str,
+        name: &str,
+        version: Option<u32>,
+    ) -> Result<Vec<AdapterRow>, DbError> {
         let rows = sqlx::query(AssertSqlSafe(format!(
             "UPDATE adapter_versions SET deleted_at = ?
              WHERE tenant = ? AND name = ? AND (? IS NULL OR version = ?) AND deleted_at IS NULL
@@ -227,7 +249,9 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
         ".{}.tmp",
-        path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default()
     ));
     {
         let mut f = std::fs::File::create(&tmp)?;
@@ -261,15 +285,47 @@ mod tests {
     async fn versions_count_up_and_are_never_reused() {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = Db::open(&dir.path().join("g.db")).await.expect("open");
-        assert_eq!(db.insert_adapter(&new("t", "a")).await.expect("1").version, 1);
-        assert_eq!(db.insert_adapter(&new("t", "a")).await.expect("2").version, 2);
-        assert_eq!(db.insert_adapter(&new("u", "a")).await.expect("u1").version, 1);
-        assert_eq!(db.delete_adapter("t", "a", Some(2)).await.expect("del").len(), 1);
-        assert_eq!(db.find_adapter("t", "a", None).await.expect("find").expect("some").version, 1);
-        assert!(db.find_adapter("t", "a", Some(2)).await.expect("find").is_none());
-        assert_eq!(db.insert_adapter(&new("t", "a")).await.expect("3").version, 3);
+        assert_eq!(
+            db.insert_adapter(&new("t", "a")).await.expect("1").version,
+            1
+        );
+        assert_eq!(
+            db.insert_adapter(&new("t", "a")).await.expect("2").version,
+            2
+        );
+        assert_eq!(
+            db.insert_adapter(&new("u", "a")).await.expect("u1").version,
+            1
+        );
+        assert_eq!(
+            db.delete_adapter("t", "a", Some(2))
+                .await
+                .expect("del")
+                .len(),
+            1
+        );
+        assert_eq!(
+            db.find_adapter("t", "a", None)
+                .await
+                .expect("find")
+                .expect("some")
+                .version,
+            1
+        );
+        assert!(db
+            .find_adapter("t", "a", Some(2))
+            .await
+            .expect("find")
+            .is_none());
+        assert_eq!(
+            db.insert_adapter(&new("t", "a")).await.expect("3").version,
+            3
+        );
         let listed = db.list_adapters("t", None, None, 10).await.expect("list");
-        assert_eq!(listed.iter().map(|r| r.version).collect::<Vec<_>>(), vec![1, 3]);
+        assert_eq!(
+            listed.iter().map(|r| r.version).collect::<Vec<_>>(),
+            vec![1, 3]
+        );
         drop(db);
         let db = Db::open(&dir.path().join("g.db")).await.expect("reopen");
         assert_eq!(db.count_adapters().await.expect("count"), 3);

@@ -1,5 +1,6 @@
 //! One integration binary: the real server on 127.0.0.1:0, the real client.
 
+mod adapters;
 mod bad_input;
 mod generation;
 mod ops;

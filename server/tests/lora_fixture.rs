@@ -1,0 +1,354 @@
+//! LoRA against the real ecosystem: the PEFT adapter in `../shared/fixtures` applied by graft
+//! gives the logits and greedy continuation transformers + PEFT recorded; the serving path
+//! equals the merged reference path; files round-trip; a mixed batch equals solo runs.
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, OnceLock},
+};
+
+use candle_core::Device;
+use graft_server::{
+    adapters::peft::{self, ImportPolicy, ParsedLora},
+    model::{
+        lora::{LoraPair, LoraWeights, Module},
+        BaseModel, Llama, SeqChunk,
+    },
+};
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn fixture_dir() -> PathBuf {
+    std::env::var_os("GRAFT_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("../shared/fixtures"))
+        .join("peft-lora-smollm2")
+}
+
+fn model() -> Arc<BaseModel> {
+    static M: OnceLock<Arc<BaseModel>> = OnceLock::new();
+    M.get_or_init(|| {
+        let path = std::env::var_os("GRAFT_TEST_MODEL")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+        Arc::new(BaseModel::load(&path, &Device::Cpu).expect("load model (run `make model`)"))
+    })
+    .clone()
+}
+
+fn policy() -> ImportPolicy {
+    ImportPolicy {
+        max_rank: 64,
+        force: false,
+        base_aliases: vec!["HuggingFaceTB/SmolLM2-135M-Instruct".into()],
+    }
+}
+
+fn fixture_adapter(m: &BaseModel) -> ParsedLora {
+    let dir = fixture_dir();
+    let c = std::fs::read(dir.join("adapter_config.json")).expect("config");
+    let w = std::fs::read(dir.join("adapter_model.safetensors")).expect("weights");
+    peft::parse(&c, &w, m.config(), &m.name, &policy()).expect("fixture imports")
+}
+
+fn reference() -> serde_json::Value {
+    serde_json::from_str(
+        &std::fs::read_to_string(fixture_dir().join("reference.json")).expect("ref"),
+    )
+    .expect("json")
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
+
+fn log_softmax(x: &[f32]) -> Vec<f32> {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = x.iter().map(|v| (v - max).exp()).sum::<f32>().ln() + max;
+    x.iter().map(|v| v - lse).collect()
+}
+
+fn top_k(x: &[f32], k: usize) -> Vec<u32> {
+    let mut idx: Vec<u32> = (0..x.len() as u32).collect();
+    idx.sort_by(|a, b| x[*b as usize].total_cmp(&x[*a as usize]));
+    idx.truncate(k);
+    idx
+}
+
+/// Greedy decoding through the serving path with `lora`; returns (last-prompt logits, ids).
+fn greedy(
+    m: &BaseModel,
+    lora: Option<&LoraWeights>,
+    prompt: &[u32],
+    n: usize,
+) -> (Vec<f32>, Vec<u32>) {
+    let mut cache = m.llama.new_cache();
+    let mut next = prompt.to_vec();
+    let mut first = None;
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let l = m
+            .llama
+            .forward_batch(&mut [SeqChunk {
+                tokens: &next,
+                cache: &mut cache,
+                want_logits: true,
+                decode: !out.is_empty(),
+                lora,
+            }])
+            .expect("forward");
+        let row: Vec<f32> = l.squeeze(0).expect("row").to_vec1().expect("vec");
+        let t = top_k(&row, 1)[0];
+        first.get_or_insert(row);
+        out.push(t);
+        next = vec![t];
+    }
+    (first.expect("logits"), out)
+}
+
+/// Tolerance, stated: same dequantised weights as the reference; the LoRA update is added
+/// beside the base matmul instead of PEFT's separate branch, so only float order differs.
+const LOGPROB_TOL: f32 = 1e-3;
+
+#[test]
+fn fixture_adapter_reproduces_peft_logits_and_greedy_text() {
+    let m = model();
+    let a = fixture_adapter(&m);
+    assert_eq!(a.rank, 8);
+    assert_eq!(a.target_modules.len(), 7);
+    let r = reference();
+    let prompt = ids(&r["prompt"]["token_ids"]);
+    let refs = candle_core::safetensors::load(
+        fixture_dir().join("reference_logits.safetensors"),
+        &Device::Cpu,
+    )
+    .expect("reference logits");
+    let want: Vec<f32> = refs["adapted"]
+        .flatten_all()
+        .expect("flat")
+        .to_vec1()
+        .expect("vec");
+    let want_ids = ids(&r["adapted"]["greedy"]["ids"]);
+    let (got, got_ids) = greedy(&m, Some(&a.weights), &prompt, want_ids.len());
+    let (lw, lg) = (log_softmax(&want), log_softmax(&got));
+    let (tw, tg) = (top_k(&want, 20), top_k(&got, 20));
+    assert_eq!(tg[0], tw[0], "top-1");
+    assert!(tg.iter().filter(|t| tw.contains(t)).count() >= 19);
+    let worst = tw
+        .iter()
+        .map(|&t| (lw[t as usize] - lg[t as usize]).abs())
+        .fold(0f32, f32::max);
+    eprintln!("worst top-20 logprob difference with the adapter: {worst}");
+    assert!(worst <= LOGPROB_TOL, "{worst}");
+    assert_eq!(got_ids, want_ids);
+    assert!(m
+        .tokenizer
+        .decode(&got_ids)
+        .expect("decode")
+        .starts_with("ANSWER: Canberra"));
+}
+
+#[test]
+fn serving_path_equals_the_merged_reference_path() {
+    let m = model();
+    let a = fixture_adapter(&m);
+    let merged = Llama::new(
+        m.config().clone(),
+        a.weights.merged_into(&m.llama.weights).expect("merge"),
+        Device::Cpu,
+    );
+    let prompt = m
+        .tokenizer
+        .encode("What is the capital of Peru?")
+        .expect("encode");
+    let reference: Vec<f32> = merged
+        .forward_reference(&prompt)
+        .expect("reference")
+        .get(prompt.len() - 1)
+        .expect("row")
+        .to_vec1()
+        .expect("vec");
+    let (got, _) = greedy(&m, Some(&a.weights), &prompt, 1);
+    let worst = got
+        .iter()
+        .zip(&reference)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 2e-3, "max |logit diff| {worst}");
+}
+
+#[test]
+fn written_files_parse_back_to_the_same_weights() {
+    let m = model();
+    let a = fixture_adapter(&m);
+    let (c, w) = peft::write(&a, m.config(), "HuggingFaceTB/SmolLM2-135M-Instruct").expect("write");
+    let b = peft::parse(&c, &w, m.config(), &m.name, &policy()).expect("parse back");
+    assert_eq!(a.weights, b.weights);
+    // And the fixture's own tensors come back out in HF layout, bit for bit.
+    let orig = std::fs::read(fixture_dir().join("adapter_model.safetensors")).expect("orig");
+    let orig = safetensors::SafeTensors::deserialize(&orig).expect("orig st");
+    let ours = safetensors::SafeTensors::deserialize(&w).expect("ours st");
+    for (name, t) in orig.tensors() {
+        let o = ours.tensor(&name).expect("tensor exported");
+        assert_eq!(o.shape(), t.shape(), "{name}");
+        assert_eq!(
+            o.data(),
+            t.data(),
+            "{name} differs after the q/k permutation round trip"
+        );
+    }
+}
+
+fn random_adapter(m: &BaseModel, seed: u64, rank: usize) -> LoraWeights {
+    let cfg = m.config();
+    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    let mut rnd = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
+    };
+    let mut w = LoraWeights::new(cfg.num_layers);
+    for layer in 0..cfg.num_layers {
+        for mo in Module::ALL {
+            let base = mo.of(&m.llama.weights.layers[layer]);
+            let (out_f, in_f) = (base.out_features(), base.in_features());
+            w.set(
+                layer,
+                mo,
+                LoraPair {
+                    a: (0..rank * in_f).map(|_| rnd()).collect(),
+                    b: (0..out_f * rank).map(|_| rnd()).collect(),
+                    rank,
+                    in_features: in_f,
+                    out_features: out_f,
+                    scale: 2.0,
+                },
+            );
+        }
+    }
+    w
+}
+
+/// Eight different adapters and one bare row decode together; each row equals its solo run.
+#[test]
+fn mixed_batch_of_adapters_equals_solo_runs() {
+    let m = model();
+    let adapters: Vec<LoraWeights> = (0..8)
+        .map(|i| random_adapter(&m, i + 1, 4 + 2 * i as usize))
+        .collect();
+    let prompts: Vec<Vec<u32>> = (0..9)
+        .map(|i| {
+            m.tokenizer
+                .encode(&format!("Item {i}: the weather today is"))
+                .expect("encode")
+        })
+        .collect();
+    let lora_of = |i: usize| if i < 8 { Some(&adapters[i]) } else { None };
+    let solo: Vec<Vec<u32>> = (0..9)
+        .map(|i| greedy(&m, lora_of(i), &prompts[i], 6).1)
+        .collect();
+    // Together: prefill all, then decode all in shared steps.
+    let mut caches: Vec<_> = (0..9).map(|_| m.llama.new_cache()).collect();
+    let mut next: Vec<Vec<u32>> = prompts.clone();
+    let mut got: Vec<Vec<u32>> = vec![Vec::new(); 9];
+    for step in 0..6 {
+        let mut chunks: Vec<SeqChunk<'_>> = caches
+            .iter_mut()
+            .zip(&next)
+            .enumerate()
+            .map(|(i, (cache, t))| SeqChunk {
+                tokens: t,
+                cache,
+                want_logits: true,
+                decode: step > 0,
+                lora: lora_of(i),
+            })
+            .collect();
+        let logits = m.llama.forward_batch(&mut chunks).expect("forward");
+        drop(chunks);
+        for i in 0..9 {
+            let row: Vec<f32> = logits.get(i).expect("row").to_vec1().expect("vec");
+            let t = top_k(&row, 1)[0];
+            got[i].push(t);
+            next[i] = vec![t];
+        }
+    }
+    for i in 0..9 {
+        assert_eq!(got[i], solo[i], "sequence {i}");
+    }
+    // The adapters really change the output.
+    assert!(solo[..8].iter().any(|s| *s != solo[8]));
+}
+
+#[test]
+fn refusals_name_the_problem() {
+    let m = model();
+    let dir = fixture_dir();
+    let c = std::fs::read(dir.join("adapter_config.json")).expect("config");
+    let w = std::fs::read(dir.join("adapter_model.safetensors")).expect("weights");
+    let mut cfg: serde_json::Value = serde_json::from_slice(&c).expect("json");
+    let check = |cfg: &serde_json::Value, w: &[u8], p: &ImportPolicy, field: &str, needle: &str| {
+        let e = peft::parse(
+            &serde_json::to_vec(cfg).expect("ser"),
+            w,
+            m.config(),
+            &m.name,
+            p,
+        )
+        .expect_err("must be refused");
+        assert!(
+            e.field.contains(field) && e.reason.contains(needle),
+            "{e:?} (wanted {field} / {needle})"
+        );
+    };
+    let p = policy();
+    // Rank above the cap.
+    check(
+        &cfg,
+        &w,
+        &ImportPolicy {
+            max_rank: 4,
+            ..policy()
+        },
+        "r",
+        "above",
+    );
+    // Another base model, unless forced.
+    let mut other = cfg.clone();
+    other["base_model_name_or_path"] = "meta-llama/Llama-3.2-1B".into();
+    check(&other, &w, &p, "base_model_name_or_path", "Llama-3.2-1B");
+    peft::parse(
+        &serde_json::to_vec(&other).expect("ser"),
+        &w,
+        m.config(),
+        &m.name,
+        &ImportPolicy {
+            force: true,
+            ..policy()
+        },
+    )
+    .expect("forced import");
+    // Unsupported features.
+    let mut dora = cfg.clone();
+    dora["use_dora"] = true.into();
+    check(&dora, &w, &p, "use_dora", "DoRA");
+    let mut mts = cfg.clone();
+    mts["modules_to_save"] = serde_json::json!(["lm_head"]);
+    check(&mts, &w, &p, "modules_to_save", "not supported");
+    // A target the model does not have.
+    let mut tm = cfg.clone();
+    tm["target_modules"] = serde_json::json!(["q_proj", "c_attn"]);
+    check(&tm, &w, &p, "target_modules", "c_attn");
+    // Truncated safetensors.
+    check(&cfg, &w[..w.len() / 2], &p, "adapter_model.safetensors", "");
+    // Wrong rank for the shapes.
+    cfg["r"] = 16.into();
+    check(&cfg, &w, &p, "adapter_model.safetensors", "needs");
+}
