@@ -1,0 +1,180 @@
+//! Adapter benchmarks (BENCHMARKS.md, issue 3), over gRPC against graftd in-process:
+//! 1. aggregate decode with N streams each on its own rank-R adapter (all seven modules), as
+//!    a ratio to the same N streams on the bare base model, in one run;
+//! 2. cold adapter load to first token (every request misses the cache), p50/p99;
+//! 3. many registered adapters, a subset in flight: throughput and resident memory.
+
+use std::{path::PathBuf, time::Instant};
+
+use clap::Parser;
+use futures::future::join_all;
+use graft_client::{GenerateOptions, GraftClient};
+use graft_server::{config::ServerConfig, server};
+use graft_tests::random_peft;
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+    model: PathBuf,
+    #[arg(long, default_value_t = 32)]
+    streams: usize,
+    #[arg(long, default_value_t = 16)]
+    rank: usize,
+    #[arg(long, default_value_t = 48)]
+    tokens: u32,
+    /// Registered adapters for the scale test (rank `scale_rank`).
+    #[arg(long, default_value_t = 200)]
+    registered: usize,
+    #[arg(long, default_value_t = 50)]
+    in_flight: usize,
+    #[arg(long, default_value_t = 2)]
+    scale_rank: usize,
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+async fn run_streams(
+    client: &GraftClient,
+    adapters: &[Option<String>],
+    tokens: u32,
+) -> anyhow::Result<f64> {
+    let start = Instant::now();
+    let results = join_all(adapters.iter().enumerate().map(|(i, a)| {
+        let c = client.clone();
+        let req = GenerateOptions {
+            adapter: a.clone(),
+            max_new_tokens: Some(tokens),
+            temperature: Some(0.7),
+            seed: Some(i as u64),
+            ..Default::default()
+        }
+        .prompt(format!("Story number {i}: Once upon a time"));
+        async move { c.generate(req).await }
+    }))
+    .await;
+    let mut n = 0.0;
+    for r in results {
+        n += r?.usage.unwrap_or_default().completion_tokens as f64;
+    }
+    Ok(n / start.elapsed().as_secs_f64())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let data = std::env::temp_dir().join(format!("graft-bench-adapters-{}", std::process::id()));
+    let mut cfg = ServerConfig::for_model(&args.model, &data);
+    cfg.engine.max_active_sequences = 64;
+    cfg.adapter_cache_bytes = 4 << 30;
+    let srv = server::start(cfg).await?;
+    srv.ready().await?;
+    let model = srv.engine().expect("ready").model().clone();
+    let client = GraftClient::connect(&format!("http://{}", srv.grpc_addr)).await?;
+
+    // 1. Mixed adapters vs bare base.
+    for i in 0..args.streams {
+        let (c, w) = random_peft(&model, i as u64 + 1, args.rank);
+        client
+            .import_adapter("", &format!("r{i}"), c, w, false)
+            .await?;
+    }
+    let bare: Vec<Option<String>> = vec![None; args.streams];
+    let mixed: Vec<Option<String>> = (0..args.streams).map(|i| Some(format!("r{i}"))).collect();
+    run_streams(&client, &bare[..4], 8).await?; // warm
+    let base = run_streams(&client, &bare, args.tokens).await?;
+    let with = run_streams(&client, &mixed, args.tokens).await?;
+    let base2 = run_streams(&client, &bare, args.tokens).await?;
+    let base = (base + base2) / 2.0;
+    println!(
+        "{} streams, each its own rank-{} adapter on 7 modules: {with:.1} tok/s; bare base {base:.1} tok/s; ratio {:.2}",
+        args.streams,
+        args.rank,
+        with / base
+    );
+    srv.drain().await?;
+    let _ = std::fs::remove_dir_all(&data);
+
+    // 2. Cold loads: a cache too small to keep anything, so every request loads from disk.
+    let mut cfg = ServerConfig::for_model(&args.model, &data);
+    cfg.adapter_cache_bytes = 1;
+    let srv = server::start(cfg).await?;
+    srv.ready().await?;
+    let client = GraftClient::connect(&format!("http://{}", srv.grpc_addr)).await?;
+    for i in 0..20 {
+        let (c, w) = random_peft(&model, 500 + i, args.rank);
+        client
+            .import_adapter("", &format!("c{i}"), c, w, false)
+            .await?;
+    }
+    let (mut cold, mut warm) = (Vec::new(), Vec::new());
+    for i in 0..20 {
+        for (a, out) in [(Some(format!("c{i}")), &mut cold), (None, &mut warm)] {
+            let t = Instant::now();
+            client
+                .generate(
+                    GenerateOptions {
+                        adapter: a,
+                        ..GenerateOptions::greedy(1)
+                    }
+                    .prompt("Hello there"),
+                )
+                .await?;
+            out.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    println!(
+        "cold rank-{} adapter to first token: p50 {:.1} ms p99 {:.1} ms (same request without adapter: p50 {:.1} ms)",
+        args.rank,
+        pct(&mut cold, 0.5),
+        pct(&mut cold, 0.99),
+        pct(&mut warm, 0.5)
+    );
+    srv.drain().await?;
+    let _ = std::fs::remove_dir_all(&data);
+
+    // 3. Many registered, a subset in flight, budget bounded.
+    let mut cfg = ServerConfig::for_model(&args.model, &data);
+    cfg.engine.max_active_sequences = 64;
+    cfg.adapter_cache_bytes = 64 << 20;
+    let srv = server::start(cfg).await?;
+    srv.ready().await?;
+    let client = GraftClient::connect(&format!("http://{}", srv.grpc_addr)).await?;
+    let (c, w) = random_peft(&model, 7, args.scale_rank);
+    for i in 0..args.registered {
+        client
+            .import_adapter("", &format!("s{i}"), c.clone(), w.clone(), false)
+            .await?;
+    }
+    for round in 0..3 {
+        let set: Vec<Option<String>> = (0..args.in_flight)
+            .map(|i| Some(format!("s{}", (i * 7 + round * 31) % args.registered)))
+            .collect();
+        let tps = run_streams(&client, &set, 16).await?;
+        let (n, bytes) = srv.adapters().expect("ready").resident();
+        println!(
+            "{} registered, {} in flight (round {round}): {tps:.1} tok/s; {n} resident ({:.1} MiB); process RSS {:.0} MiB",
+            args.registered,
+            args.in_flight,
+            bytes as f64 / 1048576.0,
+            rss_mib()
+        );
+    }
+    srv.drain().await?;
+    let _ = std::fs::remove_dir_all(&data);
+    Ok(())
+}
