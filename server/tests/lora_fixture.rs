@@ -224,7 +224,7 @@ fn random_adapter(m: &BaseModel, seed: u64, rank: usize) -> LoraWeights {
                 mo,
                 LoraPair {
                     a: (0..rank * in_f).map(|_| rnd()).collect(),
-                    b: (0..out_f * rank).map(|_| rnd()).collect(),
+                    b_t: (0..out_f * rank).map(|_| rnd()).collect(),
                     rank,
                     in_features: in_f,
                     out_features: out_f,

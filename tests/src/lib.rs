@@ -176,7 +176,7 @@ pub fn random_peft(
                 m,
                 LoraPair {
                     a: (0..rank * i).map(|_| rnd()).collect(),
-                    b: (0..o * rank).map(|_| rnd()).collect(),
+                    b_t: (0..o * rank).map(|_| rnd()).collect(),
                     rank,
                     in_features: i,
                     out_features: o,

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::model::{
-    lora::{LoraPair, LoraWeights, Module},
+    lora::{transpose, LoraPair, LoraWeights, Module},
     LlamaConfig,
 };
 
@@ -401,7 +401,7 @@ pub fn parse(
             m,
             LoraPair {
                 a: av,
-                b: bv,
+                b_t: transpose(&bv, out_f, mr),
                 rank: mr,
                 in_features: in_f,
                 out_features: out_f,
@@ -438,9 +438,9 @@ pub fn write(
             let Some(p) = &l[m.index()] else { continue };
             let key = module_key(layer, m);
             let b = match m {
-                Module::Q => permute_rows(&p.b, cfg.num_heads, p.out_features, p.rank, false),
-                Module::K => permute_rows(&p.b, cfg.num_kv_heads, p.out_features, p.rank, false),
-                _ => p.b.clone(),
+                Module::Q => permute_rows(&p.b(), cfg.num_heads, p.out_features, p.rank, false),
+                Module::K => permute_rows(&p.b(), cfg.num_kv_heads, p.out_features, p.rank, false),
+                _ => p.b(),
             };
             let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
             tensors.push((

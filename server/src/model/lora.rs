@@ -87,11 +87,12 @@ impl Module {
     }
 }
 
-/// One module's low-rank pair: `A: (r, in)`, `B: (out, r)`, row-major f32.
+/// One module's low-rank pair, row-major f32: `A: (r, in)` and `B` stored transposed,
+/// `b_t = B^T: (r, out)`, so the update `y += B t` is `r` contiguous axpys over `out`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraPair {
     pub a: Vec<f32>,
-    pub b: Vec<f32>,
+    pub b_t: Vec<f32>,
     pub rank: usize,
     pub in_features: usize,
     pub out_features: usize,
@@ -113,23 +114,42 @@ impl LoraPair {
             let a = &self.a[j * self.in_features..(j + 1) * self.in_features];
             *tj = dot(a, x) * self.scale;
         }
-        for (o, yo) in y.iter_mut().enumerate() {
-            let b = &self.b[o * self.rank..(o + 1) * self.rank];
-            *yo += dot(b, t);
+        // Each output sums its r terms in order j = 0..r (fixed per row, batch-invariant).
+        for (j, &tj) in t.iter().enumerate() {
+            let bj = &self.b_t[j * self.out_features..(j + 1) * self.out_features];
+            for (yo, &b) in y.iter_mut().zip(bj) {
+                *yo = b.mul_add(tj, *yo);
+            }
         }
     }
 
     pub fn bytes(&self) -> usize {
-        (self.a.len() + self.b.len()) * 4
+        (self.a.len() + self.b_t.len()) * 4
+    }
+
+    /// `B: (out, r)` row-major, as PEFT stores it.
+    pub fn b(&self) -> Vec<f32> {
+        transpose(&self.b_t, self.rank, self.out_features)
     }
 
     /// `scale * B A` as an `(out, in)` tensor.
     pub fn delta(&self) -> candle_core::Result<Tensor> {
         let dev = candle_core::Device::Cpu;
         let a = Tensor::from_slice(&self.a, (self.rank, self.in_features), &dev)?;
-        let b = Tensor::from_slice(&self.b, (self.out_features, self.rank), &dev)?;
-        b.matmul(&a)? * self.scale as f64
+        let b_t = Tensor::from_slice(&self.b_t, (self.rank, self.out_features), &dev)?;
+        b_t.t()?.matmul(&a)? * self.scale as f64
     }
+}
+
+/// `(rows, cols)` row-major -> `(cols, rows)`.
+pub fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; v.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = v[r * cols + c];
+        }
+    }
+    out
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {
