@@ -200,15 +200,30 @@ impl Llama {
 
     /// Logits `(T, vocab)` for every position of `tokens`, from differentiable ops only.
     pub fn forward_reference(&self, tokens: &[u32]) -> Result<Tensor, ModelError> {
-        let cfg = &self.cfg;
         let t = tokens.len();
+        let ids = Tensor::from_slice(tokens, (1, t), &self.device)?;
+        let h = self.forward_hidden(&ids, None)?;
+        Ok(self.weights.lm_head.forward(&h.reshape((t, self.cfg.hidden_size))?)?)
+    }
+
+    /// Final-norm hidden states `(B, T, hidden)` of `ids: (B, T)`, from differentiable ops
+    /// only (the plain path and the training forward). Rows attend causally; padding placed
+    /// after a row's real tokens therefore never reaches them. `lora` adds trainable
+    /// low-rank updates beside the frozen weights.
+    pub fn forward_hidden(
+        &self,
+        ids: &Tensor,
+        lora: Option<&dyn LoraTensors>,
+    ) -> Result<Tensor, ModelError> {
+        let cfg = &self.cfg;
+        let (b, t) = ids.dims2()?;
         if t == 0 || t > cfg.max_position {
             return Err(ModelError::ContextOverflow {
                 needed: t,
                 max: cfg.max_position,
             });
         }
-        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim());
+        let (nh, nkv, hd, hidden) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim(), cfg.hidden_size);
         let eps = cfg.rms_eps as f32;
         let dev = &self.device;
         let (cos, sin) = self.rope.tables(t);
@@ -218,16 +233,25 @@ impl Llama {
             .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
             .collect();
         let mask = Tensor::from_vec(mask, (t, t), dev)?;
-        let ids = Tensor::from_slice(tokens, t, dev)?;
-        let mut x = self.weights.embed.index_select(&ids, 0)?;
-        for layer in &self.weights.layers {
+        let mut x = self
+            .weights
+            .embed
+            .index_select(&ids.flatten_all()?, 0)?; // (B*T, hidden)
+        let proj = |lin: &Linear, m: Module, li: usize, x: &Tensor| -> candle_core::Result<Tensor> {
+            let y = lin.forward(x)?;
+            match lora.and_then(|l| l.get(li, m)) {
+                Some(p) => y + p.forward(x)?,
+                None => Ok(y),
+            }
+        };
+        for (li, layer) in self.weights.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm_slow(&x, &layer.attn_norm, eps)?;
             let heads = |y: Tensor, n: usize| -> candle_core::Result<Tensor> {
-                y.reshape((1, t, n, hd))?.transpose(1, 2)?.contiguous()
+                y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
             };
-            let q = heads(layer.q.forward(&h)?, nh)?;
-            let k = heads(layer.k.forward(&h)?, nkv)?;
-            let v = heads(layer.v.forward(&h)?, nkv)?;
+            let q = heads(proj(&layer.q, Module::Q, li, &h)?, nh)?;
+            let k = heads(proj(&layer.k, Module::K, li, &h)?, nkv)?;
+            let v = heads(proj(&layer.v, Module::V, li, &h)?, nkv)?;
             let q = candle_nn::rotary_emb::rope_i_slow(&q, &cos, &sin)?;
             let k = candle_nn::rotary_emb::rope_i_slow(&k, &cos, &sin)?;
             let rep = nh / nkv;
@@ -236,8 +260,8 @@ impl Llama {
                     return Ok(y);
                 }
                 y.unsqueeze(2)?
-                    .expand((1, nkv, rep, t, hd))?
-                    .reshape((1, nh, t, hd))
+                    .expand((b, nkv, rep, t, hd))?
+                    .reshape((b, nh, t, hd))
             };
             let (k, v) = (repeat(k)?, repeat(v)?);
             let att = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
@@ -246,14 +270,24 @@ impl Llama {
             let y = att
                 .matmul(&v.contiguous()?)?
                 .transpose(1, 2)?
-                .reshape((t, nh * hd))?;
-            x = (x + layer.o.forward(&y)?)?;
+                .reshape((b * t, nh * hd))?;
+            x = (x + proj(&layer.o, Module::O, li, &y)?)?;
             let h = candle_nn::ops::rms_norm_slow(&x, &layer.ffn_norm, eps)?;
-            let g = layer.gate.forward(&h)?;
-            let u = layer.up.forward(&h)?;
-            x = (x + layer.down.forward(&(candle_nn::ops::silu(&g)? * u)?)?)?;
+            let g = proj(&layer.gate, Module::Gate, li, &h)?;
+            let u = proj(&layer.up, Module::Up, li, &h)?;
+            x = (x + proj(&layer.down, Module::Down, li, &(candle_nn::ops::silu(&g)? * u)?)?)?;
         }
         let x = candle_nn::ops::rms_norm_slow(&x, &self.weights.final_norm, eps)?;
-        Ok(self.weights.lm_head.forward(&x)?)
+        Ok(x.reshape((b, t, hidden))?)
     }
+}
+
+/// Trainable LoRA branches for [`Llama::forward_hidden`].
+pub trait LoraTensors {
+    fn get(&self, layer: usize, m: Module) -> Option<&dyn LoraBranch>;
+}
+
+/// One trainable branch: `x -> scale * B (A dropout(x))`.
+pub trait LoraBranch {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor>;
 }

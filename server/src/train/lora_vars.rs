@@ -1,0 +1,171 @@
+//! Trainable LoRA parameters: `Var`s for A and B of each targeted module, initialised as PEFT
+//! does (A uniform in ±1/sqrt(in), B zero, so training starts from the base model exactly).
+//! Only these are trained; the base weights are never `Var`s.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+use crate::model::{
+    llama::{LoraBranch, LoraTensors},
+    lora::{transpose, LoraPair, LoraWeights, Module},
+    LlamaConfig,
+};
+
+/// One module's trainable pair.
+pub struct VarPair {
+    pub a: Var,
+    pub b: Var,
+    pub scale: f64,
+    pub dropout: f32,
+    pub train: bool,
+}
+
+impl LoraBranch for VarPair {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let x = if self.train && self.dropout > 0.0 {
+            candle_nn::ops::dropout(x, self.dropout)?
+        } else {
+            x.clone()
+        };
+        x.matmul(&self.a.as_tensor().t()?)?
+            .matmul(&self.b.as_tensor().t()?)?
+            * self.scale
+    }
+}
+
+/// All trainable pairs of a model.
+pub struct LoraVars {
+    pub layers: Vec<[Option<VarPair>; 7]>,
+    pub rank: usize,
+    pub alpha: f64,
+    pub use_rslora: bool,
+}
+
+impl LoraTensors for LoraVars {
+    fn get(&self, layer: usize, m: Module) -> Option<&dyn LoraBranch> {
+        self.layers.get(layer)?[m.index()].as_ref().map(|p| p as &dyn LoraBranch)
+    }
+}
+
+/// Shape `(out, in)` of a module.
+pub fn module_shape(cfg: &LlamaConfig, m: Module) -> (usize, usize) {
+    let (h, f, kv) = (cfg.hidden_size, cfg.intermediate_size, cfg.kv_dim());
+    match m {
+        Module::Q | Module::O => (h, h),
+        Module::K | Module::V => (kv, h),
+        Module::Gate | Module::Up => (f, h),
+        Module::Down => (h, f),
+    }
+}
+
+impl LoraVars {
+    /// Fresh parameters for `targets` in every layer.
+    #[allow(clippy::too_many_arguments)]
+    pub fn init(
+        cfg: &LlamaConfig,
+        targets: &[Module],
+        rank: usize,
+        alpha: f64,
+        use_rslora: bool,
+        dropout: f32,
+        seed: u64,
+    ) -> candle_core::Result<Self> {
+        let dev = Device::Cpu;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let scale = if use_rslora { alpha / (rank as f64).sqrt() } else { alpha / rank as f64 };
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for _ in 0..cfg.num_layers {
+            let mut l: [Option<VarPair>; 7] = Default::default();
+            for &m in targets {
+                let (out, inp) = module_shape(cfg, m);
+                let bound = 1.0 / (inp as f32).sqrt();
+                let a: Vec<f32> = (0..rank * inp).map(|_| rng.random_range(-bound..bound)).collect();
+                l[m.index()] = Some(VarPair {
+                    a: Var::from_tensor(&Tensor::from_vec(a, (rank, inp), &dev)?)?,
+                    b: Var::zeros((out, rank), DType::F32, &dev)?,
+                    scale,
+                    dropout,
+                    train: true,
+                });
+            }
+            layers.push(l);
+        }
+        Ok(Self { layers, rank, alpha, use_rslora })
+    }
+
+    /// Every trainable variable, in a fixed order (layer, module, A then B).
+    pub fn vars(&self) -> Vec<Var> {
+        self.layers
+            .iter()
+            .flat_map(|l| l.iter().flatten())
+            .flat_map(|p| [p.a.clone(), p.b.clone()])
+            .collect()
+    }
+
+    /// Stable names for checkpoints, parallel to [`Self::vars`].
+    pub fn names(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (li, l) in self.layers.iter().enumerate() {
+            for m in Module::ALL {
+                if l[m.index()].is_some() {
+                    out.push(format!("{li}.{}.a", m.hf_name()));
+                    out.push(format!("{li}.{}.b", m.hf_name()));
+                }
+            }
+        }
+        out
+    }
+
+    pub fn set_train(&mut self, train: bool) {
+        for p in self.layers.iter_mut().flat_map(|l| l.iter_mut().flatten()) {
+            p.train = train;
+        }
+    }
+
+    /// The current values as servable weights.
+    pub fn to_weights(&self) -> candle_core::Result<LoraWeights> {
+        let mut w = LoraWeights::new(self.layers.len());
+        for (li, l) in self.layers.iter().enumerate() {
+            for m in Module::ALL {
+                if let Some(p) = &l[m.index()] {
+                    let (rank, inp) = p.a.dims2()?;
+                    let (out, _) = p.b.dims2()?;
+                    let b: Vec<f32> = p.b.flatten_all()?.to_vec1()?;
+                    w.set(
+                        li,
+                        m,
+                        LoraPair {
+                            a: p.a.flatten_all()?.to_vec1()?,
+                            b_t: transpose(&b, out, rank),
+                            rank,
+                            in_features: inp,
+                            out_features: out,
+                            scale: p.scale as f32,
+                        },
+                    );
+                }
+            }
+        }
+        Ok(w)
+    }
+
+    /// Named tensors (for checkpoints).
+    pub fn tensors(&self) -> HashMap<String, Tensor> {
+        self.names()
+            .into_iter()
+            .zip(self.vars())
+            .map(|(n, v)| (n, v.as_tensor().clone()))
+            .collect()
+    }
+
+    /// Restores values saved by [`Self::tensors`].
+    pub fn load(&self, saved: &HashMap<String, Tensor>) -> Result<(), String> {
+        for (n, v) in self.names().into_iter().zip(self.vars()) {
+            let t = saved.get(&n).ok_or_else(|| format!("checkpoint lacks {n}"))?;
+            v.set(t).map_err(|e| format!("checkpoint {n}: {e}"))?;
+        }
+        Ok(())
+    }
+}

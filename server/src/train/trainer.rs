@@ -1,0 +1,370 @@
+//! The SFT trainer: LoRA parameters trained with the model's own differentiable forward
+//! over the shared frozen weights (`Llama::forward_hidden`), masked cross-entropy on the
+//! trained tokens, AdamW with warm-up + decay, clipping, accumulation, periodic evaluation
+//! with early stopping, and atomic checkpoints a killed job resumes from.
+//! Invariant: the data order is a pure function of (seed, epoch), so a resumed run sees the
+//! same batches the interrupted one would have; a checkpoint holds parameters, optimizer
+//! moments and the step, written temp-file-then-rename.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Instant,
+};
+
+use candle_core::{Device, Tensor};
+use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    dataset::Tokenized,
+    lora_vars::LoraVars,
+    optim::{self, lr_at, AdamW, Schedule},
+};
+use crate::model::{lora::Module, BaseModel};
+
+/// Everything a run needs to know, validated by the caller.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainSpec {
+    pub rank: usize,
+    pub alpha: f64,
+    pub dropout: f32,
+    pub targets: Vec<String>,
+    pub use_rslora: bool,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub learning_rate: f64,
+    pub schedule: String,
+    pub warmup_steps: usize,
+    pub weight_decay: f64,
+    pub max_grad_norm: f64,
+    pub max_seq_len: usize,
+    pub seed: u64,
+    /// Evaluate every N optimizer steps (0: at the end of each epoch).
+    pub eval_every: usize,
+    /// Stop after this many evaluations without improvement (0: never), keeping the best.
+    pub patience: usize,
+    pub checkpoint_every: usize,
+}
+
+impl TrainSpec {
+    pub fn modules(&self) -> Vec<Module> {
+        self.targets.iter().filter_map(|t| Module::from_hf_name(t)).collect()
+    }
+
+    fn schedule(&self) -> Schedule {
+        match self.schedule.as_str() {
+            "constant" => Schedule::Constant,
+            "cosine" => Schedule::Cosine,
+            _ => Schedule::Linear,
+        }
+    }
+}
+
+/// Progress reports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum TrainEvent {
+    Step {
+        step: usize,
+        total_steps: usize,
+        epoch: f64,
+        train_loss: f64,
+        learning_rate: f64,
+        grad_norm: f64,
+        tokens_per_second: f64,
+        eta_seconds: f64,
+    },
+    Eval {
+        step: usize,
+        eval_loss: f64,
+        token_accuracy: f64,
+    },
+    Checkpoint {
+        step: usize,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("the loss became NaN or infinite at step {step}")]
+    NanLoss { step: usize },
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+    #[error("{0}")]
+    Tensor(#[from] candle_core::Error),
+    #[error("model: {0}")]
+    Model(#[from] crate::model::ModelError),
+}
+
+/// Why a run ended without error.
+pub enum Outcome {
+    Finished(LoraVars),
+    Cancelled,
+}
+
+/// Cooperative controls: cancellation, checked between micro-batches.
+#[derive(Clone, Default)]
+pub struct Control {
+    pub cancel: Arc<AtomicBool>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CheckpointMeta {
+    step: usize,
+    tensors: String,
+    best_eval: Option<f64>,
+    evals_without_improvement: usize,
+}
+
+/// One padded micro-batch.
+struct Batch {
+    ids: Tensor,
+    /// Flat indices `b*T + i - 1` of the hidden states that predict each trained token.
+    positions: Tensor,
+    targets: Tensor,
+    tokens: usize,
+}
+
+fn make_batch(examples: &[&Tokenized], pad: u32) -> candle_core::Result<Batch> {
+    let t = examples.iter().map(|e| e.ids.len()).max().unwrap_or(1);
+    let mut ids = Vec::with_capacity(examples.len() * t);
+    let (mut positions, mut targets) = (Vec::new(), Vec::new());
+    let mut tokens = 0;
+    for (b, e) in examples.iter().enumerate() {
+        tokens += e.ids.len();
+        ids.extend(&e.ids);
+        ids.extend(std::iter::repeat_n(pad, t - e.ids.len()));
+        for (i, (&id, &m)) in e.ids.iter().zip(&e.mask).enumerate() {
+            if m && i > 0 {
+                positions.push((b * t + i - 1) as u32);
+                targets.push(id);
+            }
+        }
+    }
+    let dev = Device::Cpu;
+    let n = positions.len();
+    Ok(Batch {
+        ids: Tensor::from_vec(ids, (examples.len(), t), &dev)?,
+        positions: Tensor::from_vec(positions, n, &dev)?,
+        targets: Tensor::from_vec(targets, n, &dev)?,
+        tokens,
+    })
+}
+
+/// Mean cross-entropy of a batch's trained tokens (and the logits, for accuracy).
+fn batch_loss(model: &BaseModel, vars: &LoraVars, b: &Batch) -> Result<(Tensor, Tensor), TrainError> {
+    let h = model.llama.forward_hidden(&b.ids, Some(vars))?;
+    let (bs, t, hidden) = h.dims3()?;
+    let h = h.reshape((bs * t, hidden))?.index_select(&b.positions, 0)?;
+    let logits = model.llama.weights.lm_head.forward(&h)?;
+    let loss = candle_nn::loss::cross_entropy(&logits, &b.targets)?;
+    Ok((loss, logits))
+}
+
+/// The loss tensor (differentiable) for `examples` with the adapter `vars`.
+pub fn plain_loss_tensor(model: &BaseModel, vars: &LoraVars, examples: &[&Tokenized]) -> Result<Tensor, TrainError> {
+    let pad = model.tokenizer.eos_ids.first().copied().unwrap_or(0);
+    let b = make_batch(examples, pad)?;
+    Ok(batch_loss(model, vars, &b)?.0)
+}
+
+/// The loss the plain forward pass computes for `examples` with the adapter `vars`.
+pub fn plain_loss(model: &BaseModel, vars: &LoraVars, examples: &[&Tokenized]) -> Result<f64, TrainError> {
+    Ok(plain_loss_tensor(model, vars, examples)?.to_scalar::<f32>()? as f64)
+}
+
+/// Runs (or resumes, when `ckpt_dir` holds a checkpoint) a training run.
+pub fn train(
+    model: &BaseModel,
+    spec: &TrainSpec,
+    train_set: &[Tokenized],
+    eval_set: &[Tokenized],
+    ckpt_dir: &Path,
+    ctl: &Control,
+    emit: &mut dyn FnMut(TrainEvent),
+) -> Result<Outcome, TrainError> {
+    let cfg = model.config();
+    let mut vars = LoraVars::init(cfg, &spec.modules(), spec.rank, spec.alpha, spec.use_rslora, spec.dropout, spec.seed)?;
+    let mut opt = AdamW::new(vars.vars(), spec.weight_decay)?;
+    let pad = model.tokenizer.eos_ids.first().copied().unwrap_or(0);
+    let micro_per_epoch = train_set.len().div_ceil(spec.batch_size.max(1));
+    let steps_per_epoch = micro_per_epoch.div_ceil(spec.grad_accum.max(1));
+    let total = steps_per_epoch * spec.epochs;
+    let mut best_eval: Option<f64> = None;
+    let mut stale = 0usize;
+    let mut start_step = 0;
+    if let Some(meta) = read_meta(ckpt_dir)? {
+        let saved = candle_core::safetensors::load(ckpt_dir.join(&meta.tensors), &Device::Cpu)
+            .map_err(|e| TrainError::Checkpoint(format!("reading {}: {e}", meta.tensors)))?;
+        vars.load(&saved).map_err(TrainError::Checkpoint)?;
+        opt.load_state(&saved, meta.step).map_err(TrainError::Checkpoint)?;
+        start_step = meta.step;
+        best_eval = meta.best_eval;
+        stale = meta.evals_without_improvement;
+        tracing::info!(step = start_step, "resuming from checkpoint");
+    }
+    let started = Instant::now();
+    let mut tokens_done = 0usize;
+    let mut order: (usize, Vec<usize>) = (usize::MAX, Vec::new());
+    for step in start_step..total {
+        let epoch = step / steps_per_epoch;
+        if order.0 != epoch {
+            let mut idx: Vec<usize> = (0..train_set.len()).collect();
+            idx.shuffle(&mut StdRng::seed_from_u64(spec.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9)));
+            order = (epoch, idx);
+        }
+        let first_micro = (step % steps_per_epoch) * spec.grad_accum;
+        let micros: Vec<usize> = (first_micro..(first_micro + spec.grad_accum).min(micro_per_epoch)).collect();
+        let mut acc: Option<Vec<Tensor>> = None;
+        let mut loss_sum = 0f64;
+        vars.set_train(true);
+        for &mb in &micros {
+            if ctl.cancel.load(Ordering::SeqCst) {
+                return Ok(Outcome::Cancelled);
+            }
+            let lo = mb * spec.batch_size;
+            let hi = (lo + spec.batch_size).min(train_set.len());
+            let ex: Vec<&Tokenized> = order.1[lo..hi].iter().map(|&i| &train_set[i]).collect();
+            let batch = make_batch(&ex, pad)?;
+            tokens_done += batch.tokens;
+            let (loss, _) = batch_loss(model, &vars, &batch)?;
+            let l = loss.to_scalar::<f32>()? as f64;
+            if !l.is_finite() {
+                return Err(TrainError::NanLoss { step: step + 1 });
+            }
+            loss_sum += l;
+            let grads = optim::collect(&loss.backward()?, &vars.vars())?;
+            acc = Some(match acc {
+                None => grads,
+                Some(a) => a.iter().zip(&grads).map(|(x, y)| x + y).collect::<candle_core::Result<_>>()?,
+            });
+        }
+        let n = micros.len().max(1) as f64;
+        let mut grads: Vec<Tensor> = acc
+            .unwrap_or_default()
+            .into_iter()
+            .map(|g| g / n)
+            .collect::<candle_core::Result<_>>()?;
+        let norm = optim::global_norm(&grads)?;
+        if !norm.is_finite() {
+            return Err(TrainError::NanLoss { step: step + 1 });
+        }
+        if spec.max_grad_norm > 0.0 && norm > spec.max_grad_norm {
+            let f = spec.max_grad_norm / (norm + 1e-6);
+            grads = grads.into_iter().map(|g| g * f).collect::<candle_core::Result<_>>()?;
+        }
+        let lr = lr_at(spec.learning_rate, spec.schedule(), spec.warmup_steps, total, step);
+        opt.apply(&grads, lr)?;
+        let done = step + 1;
+        let secs = started.elapsed().as_secs_f64();
+        let per_step = secs / (done - start_step) as f64;
+        emit(TrainEvent::Step {
+            step: done,
+            total_steps: total,
+            epoch: done as f64 / steps_per_epoch as f64,
+            train_loss: loss_sum / n,
+            learning_rate: lr,
+            grad_norm: norm,
+            tokens_per_second: tokens_done as f64 / secs.max(1e-9),
+            eta_seconds: per_step * (total - done) as f64,
+        });
+        let end_of_epoch = done % steps_per_epoch == 0;
+        let eval_now = !eval_set.is_empty() && if spec.eval_every > 0 { done % spec.eval_every == 0 || done == total } else { end_of_epoch };
+        if eval_now {
+            vars.set_train(false);
+            let (loss, acc) = evaluate(model, &vars, eval_set, spec.batch_size, pad)?;
+            emit(TrainEvent::Eval { step: done, eval_loss: loss, token_accuracy: acc });
+            if best_eval.is_none_or(|b| loss < b) {
+                best_eval = Some(loss);
+                stale = 0;
+                if spec.patience > 0 {
+                    save_tensors(&ckpt_dir.join("best.safetensors"), &vars.tensors())?;
+                }
+            } else {
+                stale += 1;
+            }
+        }
+        let stop_early = spec.patience > 0 && stale >= spec.patience;
+        if done % spec.checkpoint_every.max(1) == 0 || done == total || stop_early {
+            checkpoint(ckpt_dir, done, &vars, &opt, best_eval, stale)?;
+            emit(TrainEvent::Checkpoint { step: done });
+        }
+        if stop_early {
+            tracing::info!(step = done, "early stopping: no eval improvement");
+            break;
+        }
+    }
+    // With early stopping, the best evaluated parameters are the result.
+    let best = ckpt_dir.join("best.safetensors");
+    if spec.patience > 0 && best.exists() {
+        let saved = candle_core::safetensors::load(&best, &Device::Cpu).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
+        vars.load(&saved).map_err(TrainError::Checkpoint)?;
+    }
+    Ok(Outcome::Finished(vars))
+}
+
+fn evaluate(model: &BaseModel, vars: &LoraVars, set: &[Tokenized], bs: usize, pad: u32) -> Result<(f64, f64), TrainError> {
+    let (mut loss, mut n, mut correct) = (0f64, 0usize, 0usize);
+    for chunk in set.chunks(bs.max(1)) {
+        let ex: Vec<&Tokenized> = chunk.iter().collect();
+        let b = make_batch(&ex, pad)?;
+        let (l, logits) = batch_loss(model, vars, &b)?;
+        let k = b.targets.dim(0)?;
+        loss += l.to_scalar::<f32>()? as f64 * k as f64;
+        let pred: Vec<u32> = logits.argmax(1)?.to_vec1()?;
+        let tgt: Vec<u32> = b.targets.to_vec1()?;
+        correct += pred.iter().zip(&tgt).filter(|(a, b)| a == b).count();
+        n += k;
+    }
+    Ok((loss / n.max(1) as f64, correct as f64 / n.max(1) as f64))
+}
+
+fn read_meta(dir: &Path) -> Result<Option<CheckpointMeta>, TrainError> {
+    let p = dir.join("checkpoint.json");
+    match std::fs::read(&p) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", p.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(TrainError::Checkpoint(format!("{}: {e}", p.display()))),
+    }
+}
+
+fn save_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<(), TrainError> {
+    let tmp = path.with_extension("tmp");
+    candle_core::safetensors::save(tensors, &tmp)
+        .map_err(|e| TrainError::Checkpoint(format!("writing {}: {e}", tmp.display())))?;
+    let f = std::fs::File::open(&tmp).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
+    f.sync_all().map_err(|e| TrainError::Checkpoint(e.to_string()))?;
+    std::fs::rename(&tmp, path).map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))
+}
+
+/// Tensors first (a new file), then the metadata pointing at them (atomic), then the old
+/// tensors file goes: a crash at any point leaves the previous checkpoint or the new one.
+fn checkpoint(dir: &Path, step: usize, vars: &LoraVars, opt: &AdamW, best_eval: Option<f64>, stale: usize) -> Result<(), TrainError> {
+    std::fs::create_dir_all(dir).map_err(|e| TrainError::Checkpoint(format!("{}: {e}", dir.display())))?;
+    let old = read_meta(dir)?.map(|m| m.tensors);
+    let name = format!("checkpoint-{step}.safetensors");
+    let mut all = vars.tensors();
+    all.extend(opt.state());
+    save_tensors(&dir.join(&name), &all)?;
+    let meta = CheckpointMeta { step, tensors: name.clone(), best_eval, evals_without_improvement: stale };
+    let bytes = serde_json::to_vec(&meta).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
+    crate::store::atomic_write(&dir.join("checkpoint.json"), &bytes)
+        .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", dir.join("checkpoint.json").display())))?;
+    if let Some(old) = old.filter(|o| *o != name) {
+        let _ = std::fs::remove_file(dir.join(old));
+    }
+    Ok(())
+}
+
+/// Where a job's checkpoints live.
+pub fn checkpoint_dir(data_dir: &Path, job_id: &str) -> PathBuf {
+    data_dir.join("jobs").join(job_id)
+}
