@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "proto/graft/v1/generation.proto",
         "proto/graft/v1/adapters.proto",
+        "proto/graft/v1/training.proto",
     ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");

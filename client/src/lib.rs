@@ -5,7 +5,8 @@
 
 use graft_proto::v1::{
     self as pb, adapters_client::AdaptersClient, generation_client::GenerationClient,
-    import_adapter_request::Part, ChatMessage, GenerateRequest, SamplingParameters,
+    import_adapter_request::Part, training_client::TrainingClient, ChatMessage, GenerateRequest,
+    SamplingParameters,
 };
 use tonic::{transport::Channel, Status, Streaming};
 
@@ -16,6 +17,7 @@ pub use graft_proto::v1 as proto;
 pub struct GraftClient {
     generation: GenerationClient<Channel>,
     adapters: AdaptersClient<Channel>,
+    training: TrainingClient<Channel>,
 }
 
 /// PEFT file names, as graft stores and exports them.
@@ -123,10 +125,108 @@ impl GraftClient {
     pub fn from_channel(channel: Channel) -> Self {
         Self {
             generation: GenerationClient::new(channel.clone()),
-            adapters: AdaptersClient::new(channel)
+            adapters: AdaptersClient::new(channel.clone())
+                .max_decoding_message_size(8 << 20)
+                .max_encoding_message_size(8 << 20),
+            training: TrainingClient::new(channel)
                 .max_decoding_message_size(8 << 20)
                 .max_encoding_message_size(8 << 20),
         }
+    }
+
+    /// The raw training client.
+    pub fn training(&self) -> TrainingClient<Channel> {
+        self.training.clone()
+    }
+
+    /// Uploads a JSONL dataset (streamed in chunks). `format` empty: detected.
+    pub async fn upload_dataset(
+        &self,
+        tenant: &str,
+        name: &str,
+        format: &str,
+        jsonl: Vec<u8>,
+    ) -> Result<pb::Dataset, Status> {
+        use pb::upload_dataset_request::Part as P;
+        let mut msgs = vec![pb::UploadDatasetRequest {
+            part: Some(P::Header(pb::DatasetHeader {
+                tenant: tenant.into(),
+                name: name.into(),
+                format: format.into(),
+            })),
+        }];
+        for c in jsonl.chunks(UPLOAD_CHUNK) {
+            msgs.push(pb::UploadDatasetRequest {
+                part: Some(P::Chunk(c.to_vec())),
+            });
+        }
+        Ok(self
+            .training
+            .clone()
+            .upload_dataset(futures::stream::iter(msgs))
+            .await?
+            .into_inner())
+    }
+
+    pub async fn create_job(&self, req: pb::CreateJobRequest) -> Result<pb::Job, Status> {
+        Ok(self.training.clone().create_job(req).await?.into_inner())
+    }
+
+    pub async fn get_job(&self, tenant: &str, id: &str) -> Result<pb::Job, Status> {
+        Ok(self
+            .training
+            .clone()
+            .get_job(pb::GetJobRequest {
+                tenant: tenant.into(),
+                id: id.into(),
+            })
+            .await?
+            .into_inner())
+    }
+
+    pub async fn cancel_job(&self, tenant: &str, id: &str) -> Result<pb::Job, Status> {
+        Ok(self
+            .training
+            .clone()
+            .cancel_job(pb::CancelJobRequest {
+                tenant: tenant.into(),
+                id: id.into(),
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// The job's events from `after_seq` on; the stream ends when the job does.
+    pub async fn watch_job(
+        &self,
+        tenant: &str,
+        id: &str,
+        after_seq: u64,
+    ) -> Result<Streaming<pb::JobEvent>, Status> {
+        Ok(self
+            .training
+            .clone()
+            .watch_job(pb::WatchJobRequest {
+                tenant: tenant.into(),
+                id: id.into(),
+                after_seq,
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// Follows a job to its end; returns every event and the final job.
+    pub async fn follow_job(
+        &self,
+        tenant: &str,
+        id: &str,
+    ) -> Result<(Vec<pb::JobEvent>, pb::Job), Status> {
+        let mut s = self.watch_job(tenant, id, 0).await?;
+        let mut events = Vec::new();
+        while let Some(e) = s.message().await? {
+            events.push(e);
+        }
+        Ok((events, self.get_job(tenant, id).await?))
     }
 
     /// The raw adapters client.

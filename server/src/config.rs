@@ -68,6 +68,12 @@ pub struct Settings {
         value_delimiter = ','
     )]
     pub base_model_aliases: Option<Vec<String>>,
+    /// Largest dataset upload, in MiB.
+    #[arg(long, env = "GRAFT_MAX_DATASET_MB")]
+    pub max_dataset_mb: Option<usize>,
+    /// Threads a training job computes with (the rest of the cores stay with serving).
+    #[arg(long, env = "GRAFT_TRAINING_THREADS")]
+    pub training_threads: Option<usize>,
     /// Log format: "text" or "json".
     #[arg(long, env = "GRAFT_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -88,6 +94,8 @@ pub struct ServerConfig {
     pub max_adapter_rank: usize,
     pub max_adapter_upload_bytes: usize,
     pub base_model_aliases: Vec<String>,
+    pub max_dataset_bytes: usize,
+    pub training_threads: usize,
 }
 
 pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -192,6 +200,8 @@ impl Settings {
                 .base_model_aliases
                 .or(file.base_model_aliases)
                 .unwrap_or_else(|| vec![DEFAULT_BASE_ALIAS.into()]),
+            max_dataset_bytes: self.max_dataset_mb.or(file.max_dataset_mb).unwrap_or(256) << 20,
+            training_threads: self.training_threads.or(file.training_threads).unwrap_or(1),
         })
     }
 }
@@ -213,6 +223,8 @@ impl ServerConfig {
             max_adapter_rank: 64,
             max_adapter_upload_bytes: 512 << 20,
             base_model_aliases: vec![DEFAULT_BASE_ALIAS.into()],
+            max_dataset_bytes: 256 << 20,
+            training_threads: 1,
         }
     }
 }

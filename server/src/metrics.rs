@@ -26,6 +26,9 @@ pub const ADAPTER_CACHE_EVICTIONS_TOTAL: &str = "graft_adapter_cache_evictions_t
 pub const ADAPTER_LOAD_SECONDS: &str = "graft_adapter_load_seconds";
 pub const ADAPTERS_RESIDENT: &str = "graft_adapters_resident";
 pub const ADAPTERS_RESIDENT_BYTES: &str = "graft_adapters_resident_bytes";
+pub const TRAINING_JOBS: &str = "graft_training_jobs_total";
+pub const TRAINING_LOSS: &str = "graft_training_loss";
+pub const TRAINING_TOKENS_PER_SECOND: &str = "graft_training_tokens_per_second";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -127,4 +130,25 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle) {
             let _ = sock.shutdown().await;
         });
     }
+}
+
+/// A job started running.
+pub fn job_started() {
+    metrics::counter!(TRAINING_JOBS, "status" => "running").increment(1);
+}
+
+/// A job reached a terminal status.
+pub fn job_finished(status: &str) {
+    let status = match status {
+        "succeeded" => "succeeded",
+        "failed" => "failed",
+        _ => "cancelled",
+    };
+    metrics::counter!(TRAINING_JOBS, "status" => status).increment(1);
+}
+
+/// One optimizer step's figures.
+pub fn training_step(loss: f64, tokens_per_second: f64) {
+    metrics::gauge!(TRAINING_LOSS).set(loss);
+    metrics::gauge!(TRAINING_TOKENS_PER_SECOND).set(tokens_per_second);
 }

@@ -6,7 +6,10 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
-use graft_proto::v1::{adapters_server::AdaptersServer, generation_server::GenerationServer};
+use graft_proto::v1::{
+    adapters_server::AdaptersServer, generation_server::GenerationServer,
+    training_server::TrainingServer,
+};
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::{server::HealthReporter, ServingStatus};
@@ -16,11 +19,12 @@ use crate::{
     config::ServerConfig,
     engine::{EngineHandle, GenerationRequest, SamplingParams, StreamEvent},
     grpc::{
-        adapters::AdaptersService, convert::RequestLimits, generation::GenerationService, Ready,
-        ReadySlot,
+        adapters::AdaptersService, convert::RequestLimits, generation::GenerationService,
+        training::TrainingGrpc, Ready, ReadySlot,
     },
     model::BaseModel,
     store::Db,
+    train::jobs::{TrainingConfig, TrainingService},
 };
 
 /// Where the model load stands.
@@ -75,12 +79,18 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
     let generation =
         GenerationService::new(ready.clone(), RequestLimits::new(cfg.max_new_tokens_cap));
     let adapters = AdaptersService::new(ready.clone());
+    let training = TrainingGrpc::new(ready.clone());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let serve = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(health_service)
             .add_service(reflection)
             .add_service(GenerationServer::new(generation))
+            .add_service(
+                TrainingServer::new(training)
+                    .max_decoding_message_size(8 << 20)
+                    .max_encoding_message_size(8 << 20),
+            )
             .add_service(
                 AdaptersServer::new(adapters)
                     .max_decoding_message_size(8 << 20)
@@ -142,7 +152,7 @@ async fn load_and_warm(cfg: &ServerConfig, slot: &ReadySlot) -> anyhow::Result<(
     base_aliases.extend(model.aliases.iter().cloned());
     let adapters = Arc::new(
         AdapterRegistry::open(
-            db,
+            db.clone(),
             model.clone(),
             RegistryConfig {
                 data_dir: cfg.data_dir.clone(),
@@ -153,6 +163,17 @@ async fn load_and_warm(cfg: &ServerConfig, slot: &ReadySlot) -> anyhow::Result<(
             },
         )
         .await?,
+    );
+    let training = TrainingService::new(
+        db,
+        model.clone(),
+        adapters.clone(),
+        TrainingConfig {
+            data_dir: cfg.data_dir.clone(),
+            max_rank: cfg.max_adapter_rank,
+            max_dataset_bytes: cfg.max_dataset_bytes,
+            training_threads: cfg.training_threads,
+        },
     );
     let engine = EngineHandle::start(model.clone(), cfg.engine.clone())?;
     // One real step through the engine before we say SERVING.
@@ -179,8 +200,13 @@ async fn load_and_warm(cfg: &ServerConfig, slot: &ReadySlot) -> anyhow::Result<(
         seconds = t0.elapsed().as_secs_f64(),
         "warm-up done; serving"
     );
-    slot.set(Ready { engine, adapters })
-        .map_err(|_| anyhow::anyhow!("engine already started"))?;
+    training.start().await?;
+    slot.set(Ready {
+        engine,
+        adapters,
+        training,
+    })
+    .map_err(|_| anyhow::anyhow!("engine already started"))?;
     Ok(())
 }
 

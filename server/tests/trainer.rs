@@ -32,11 +32,18 @@ fn model() -> Arc<BaseModel> {
 
 fn data(m: &BaseModel) -> Vec<Tokenized> {
     let lines: String = (0..12)
-        .map(|i| format!("{{\"prompt\":\"Q{i} says\",\"completion\":\" the answer is {}\"}}\n", i % 3))
+        .map(|i| {
+            format!(
+                "{{\"prompt\":\"Q{i} says\",\"completion\":\" the answer is {}\"}}\n",
+                i % 3
+            )
+        })
         .collect();
     let render = |msgs: &[graft_server::model::ChatMessage], g: bool| m.chat.render(msgs, g);
     let (ex, _) = parse_jsonl(&lines, None, &render).expect("parse");
-    tokenize(&ex, &m.tokenizer, 64, Overflow::Reject).expect("tokenize").0
+    tokenize(&ex, &m.tokenizer, 64, Overflow::Reject)
+        .expect("tokenize")
+        .0
 }
 
 fn spec() -> TrainSpec {
@@ -44,9 +51,17 @@ fn spec() -> TrainSpec {
         rank: 4,
         alpha: 8.0,
         dropout: 0.0,
-        targets: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-            .map(String::from)
-            .to_vec(),
+        targets: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
+        .map(String::from)
+        .to_vec(),
         use_rslora: false,
         epochs: 3,
         batch_size: 4,
@@ -73,7 +88,7 @@ fn lora_gradients_match_finite_differences() {
     let vars = LoraVars::init(m.config(), &s.modules(), 4, 8.0, false, 0.0, 1).expect("vars");
     // B starts at zero (so A gets no gradient); make both non-zero for the check.
     for v in vars.vars() {
-        let t = Tensor::randn(0f32, 0.3, v.shape(), &Device::Cpu).expect("randn");
+        let t = Tensor::randn(0f32, 0.1, v.shape(), &Device::Cpu).expect("randn");
         v.set(&t).expect("set");
     }
     let loss_of = |vars: &LoraVars| trainer::plain_loss(&m, vars, &batch).expect("loss");
@@ -94,19 +109,26 @@ fn lora_gradients_match_finite_differences() {
             .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
             .map(|(k, g)| (k, *g))
             .expect("non-empty");
-        let eps = 1e-2f32;
+        let eps = 2e-3f32;
         let mut plus = base.clone();
         plus[k] += eps;
-        v.set(&Tensor::from_vec(plus, v.shape(), &Device::Cpu).expect("t")).expect("set");
+        v.set(&Tensor::from_vec(plus, v.shape(), &Device::Cpu).expect("t"))
+            .expect("set");
         let lp = loss_of(&vars);
         let mut minus = base.clone();
         minus[k] -= eps;
-        v.set(&Tensor::from_vec(minus, v.shape(), &Device::Cpu).expect("t")).expect("set");
+        v.set(&Tensor::from_vec(minus, v.shape(), &Device::Cpu).expect("t"))
+            .expect("set");
         let lm = loss_of(&vars);
-        v.set(&Tensor::from_vec(base, v.shape(), &Device::Cpu).expect("t")).expect("set");
+        v.set(&Tensor::from_vec(base, v.shape(), &Device::Cpu).expect("t"))
+            .expect("set");
         let fd = ((lp - lm) / (2.0 * eps as f64)) as f32;
         let rel = (fd - gk).abs() / gk.abs().max(1e-3);
-        assert!(rel < 0.05, "{}: autograd {gk} vs finite difference {fd}", names[vi]);
+        assert!(
+            rel < 0.05,
+            "{}: autograd {gk} vs finite difference {fd}",
+            names[vi]
+        );
         checked += 1;
     }
     assert!(checked >= 8);
@@ -122,7 +144,16 @@ fn first_step_loss_is_the_plain_forward_loss_and_loss_goes_down() {
     s.learning_rate = 3e-2;
     let dir = tempfile::tempdir().expect("dir");
     let mut events = Vec::new();
-    let out = trainer::train(&m, &s, &ex, &[], dir.path(), &Control::default(), &mut |e| events.push(e)).expect("train");
+    let out = trainer::train(
+        &m,
+        &s,
+        &ex,
+        &[],
+        dir.path(),
+        &Control::default(),
+        &mut |e| events.push(e),
+    )
+    .expect("train");
     assert!(matches!(out, Outcome::Finished(_)));
     let losses: Vec<f64> = events
         .iter()
@@ -148,7 +179,11 @@ fn first_step_loss_is_the_plain_forward_loss_and_loss_goes_down() {
         }
     }
     plain /= n as f64;
-    assert!((losses[0] - plain).abs() < 1e-4, "first step {} vs plain {plain}", losses[0]);
+    assert!(
+        (losses[0] - plain).abs() < 1e-4,
+        "first step {} vs plain {plain}",
+        losses[0]
+    );
     let last = *losses.last().expect("steps");
     assert!(last < losses[0] * 0.5, "loss {} -> {last}", losses[0]);
 }
@@ -163,7 +198,10 @@ fn a_killed_run_resumes_onto_the_same_trajectory() {
         let mut losses = Vec::new();
         let c = ctl.clone();
         let _ = trainer::train(&m, &s, &ex, &[], dir, &ctl, &mut |e| {
-            if let TrainEvent::Step { step, train_loss, .. } = e {
+            if let TrainEvent::Step {
+                step, train_loss, ..
+            } = e
+            {
                 losses.push((step, train_loss));
                 if Some(step) == stop_after {
                     c.cancel.store(true, std::sync::atomic::Ordering::SeqCst);

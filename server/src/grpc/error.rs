@@ -15,6 +15,8 @@ pub enum ApiError {
     InvalidArgument { field: String, reason: String },
     #[error("{0}")]
     NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
     #[error("{what}")]
     ResourceExhausted { what: String, retry_after: Duration },
     #[error("{0}")]
@@ -37,6 +39,7 @@ impl ApiError {
         match self {
             Self::InvalidArgument { .. } => Code::InvalidArgument,
             Self::NotFound(_) => Code::NotFound,
+            Self::AlreadyExists(_) => Code::AlreadyExists,
             Self::ResourceExhausted { .. } => Code::ResourceExhausted,
             Self::Unavailable(_) => Code::Unavailable,
             Self::DeadlineExceeded => Code::DeadlineExceeded,
@@ -60,6 +63,7 @@ impl From<ApiError> for Status {
                 ErrorDetails::with_retry_info(Some(retry_after)),
             ),
             ApiError::NotFound(_) => Status::not_found(msg),
+            ApiError::AlreadyExists(_) => Status::already_exists(msg),
             ApiError::Unavailable(_) => Status::unavailable(msg),
             ApiError::DeadlineExceeded => Status::deadline_exceeded(msg),
             ApiError::Internal(_) => Status::internal(msg),

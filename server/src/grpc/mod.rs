@@ -5,18 +5,20 @@ pub mod adapters;
 pub mod convert;
 pub mod error;
 pub mod generation;
+pub mod training;
 
 use std::{
     sync::{Arc, OnceLock},
     time::Instant,
 };
 
-use crate::{adapters::AdapterRegistry, engine::EngineHandle};
+use crate::{adapters::AdapterRegistry, engine::EngineHandle, train::jobs::TrainingService};
 
 /// What the services need once the model is loaded.
 pub struct Ready {
     pub engine: EngineHandle,
     pub adapters: Arc<AdapterRegistry>,
+    pub training: Arc<TrainingService>,
 }
 
 /// Filled once, when the model is loaded and warm; empty before (requests get UNAVAILABLE).

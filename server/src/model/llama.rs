@@ -203,7 +203,10 @@ impl Llama {
         let t = tokens.len();
         let ids = Tensor::from_slice(tokens, (1, t), &self.device)?;
         let h = self.forward_hidden(&ids, None)?;
-        Ok(self.weights.lm_head.forward(&h.reshape((t, self.cfg.hidden_size))?)?)
+        Ok(self
+            .weights
+            .lm_head
+            .forward(&h.reshape((t, self.cfg.hidden_size))?)?)
     }
 
     /// Final-norm hidden states `(B, T, hidden)` of `ids: (B, T)`, from differentiable ops
@@ -223,7 +226,12 @@ impl Llama {
                 max: cfg.max_position,
             });
         }
-        let (nh, nkv, hd, hidden) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim(), cfg.hidden_size);
+        let (nh, nkv, hd, hidden) = (
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim(),
+            cfg.hidden_size,
+        );
         let eps = cfg.rms_eps as f32;
         let dev = &self.device;
         let (cos, sin) = self.rope.tables(t);
@@ -233,17 +241,15 @@ impl Llama {
             .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
             .collect();
         let mask = Tensor::from_vec(mask, (t, t), dev)?;
-        let mut x = self
-            .weights
-            .embed
-            .index_select(&ids.flatten_all()?, 0)?; // (B*T, hidden)
-        let proj = |lin: &Linear, m: Module, li: usize, x: &Tensor| -> candle_core::Result<Tensor> {
-            let y = lin.forward(x)?;
-            match lora.and_then(|l| l.get(li, m)) {
-                Some(p) => y + p.forward(x)?,
-                None => Ok(y),
-            }
-        };
+        let mut x = self.weights.embed.index_select(&ids.flatten_all()?, 0)?; // (B*T, hidden)
+        let proj =
+            |lin: &Linear, m: Module, li: usize, x: &Tensor| -> candle_core::Result<Tensor> {
+                let y = lin.forward(x)?;
+                match lora.and_then(|l| l.get(li, m)) {
+                    Some(p) => y + p.forward(x)?,
+                    None => Ok(y),
+                }
+            };
         for (li, layer) in self.weights.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm_slow(&x, &layer.attn_norm, eps)?;
             let heads = |y: Tensor, n: usize| -> candle_core::Result<Tensor> {
@@ -275,7 +281,12 @@ impl Llama {
             let h = candle_nn::ops::rms_norm_slow(&x, &layer.ffn_norm, eps)?;
             let g = proj(&layer.gate, Module::Gate, li, &h)?;
             let u = proj(&layer.up, Module::Up, li, &h)?;
-            x = (x + proj(&layer.down, Module::Down, li, &(candle_nn::ops::silu(&g)? * u)?)?)?;
+            x = (x + proj(
+                &layer.down,
+                Module::Down,
+                li,
+                &(candle_nn::ops::silu(&g)? * u)?,
+            )?)?;
         }
         let x = candle_nn::ops::rms_norm_slow(&x, &self.weights.final_norm, eps)?;
         Ok(x.reshape((b, t, hidden))?)

@@ -109,14 +109,21 @@ fn example_of(
     format: Format,
     render: &dyn Fn(&[ChatMessage], bool) -> Result<String, ModelError>,
 ) -> Result<Example, (&'static str, String)> {
-    let missing = |k: &str| ("missing field", format!("{k:?} is required for the {} format", format.name()));
+    let missing = |k: &str| {
+        (
+            "missing field",
+            format!("{k:?} is required for the {} format", format.name()),
+        )
+    };
     match format {
         Format::Text => {
             let t = text_of(obj, "text").ok_or_else(|| missing("text"))?;
             if t.trim().is_empty() {
                 return Err(("empty output", "\"text\" is empty".into()));
             }
-            Ok(Example { segments: vec![(t, true)] })
+            Ok(Example {
+                segments: vec![(t, true)],
+            })
         }
         Format::PromptCompletion => {
             let p = text_of(obj, "prompt").ok_or_else(|| missing("prompt"))?;
@@ -124,7 +131,9 @@ fn example_of(
             if c.trim().is_empty() {
                 return Err(("empty output", "\"completion\" is empty".into()));
             }
-            Ok(Example { segments: vec![(p, false), (c, true)] })
+            Ok(Example {
+                segments: vec![(p, false), (c, true)],
+            })
         }
         Format::Alpaca => {
             let ins = text_of(obj, "instruction").ok_or_else(|| missing("instruction"))?;
@@ -135,12 +144,18 @@ fn example_of(
             let input = text_of(obj, "input").unwrap_or_default();
             let mut msgs = Vec::new();
             if let Some(s) = text_of(obj, "system").filter(|s| !s.is_empty()) {
-                msgs.push(ChatMessage { role: "system".into(), content: s });
+                msgs.push(ChatMessage {
+                    role: "system".into(),
+                    content: s,
+                });
             }
             if let Some(h) = obj.get("history").and_then(|h| h.as_array()) {
                 for (i, pair) in h.iter().enumerate() {
                     let p = pair.as_array().filter(|p| p.len() == 2).ok_or_else(|| {
-                        ("invalid history", format!("history[{i}] must be a [question, answer] pair"))
+                        (
+                            "invalid history",
+                            format!("history[{i}] must be a [question, answer] pair"),
+                        )
                     })?;
                     for (role, v) in ["user", "assistant"].iter().zip(p) {
                         msgs.push(ChatMessage {
@@ -150,10 +165,19 @@ fn example_of(
                     }
                 }
             }
-            let user = if input.is_empty() { ins } else { format!("{ins}\n\n{input}") };
-            msgs.push(ChatMessage { role: "user".into(), content: user });
+            let user = if input.is_empty() {
+                ins
+            } else {
+                format!("{ins}\n\n{input}")
+            };
+            msgs.push(ChatMessage {
+                role: "user".into(),
+                content: user,
+            });
             let prompt = render(&msgs, true).map_err(|e| ("template", e.to_string()))?;
-            Ok(Example { segments: vec![(prompt, false), (out, true)] })
+            Ok(Example {
+                segments: vec![(prompt, false), (out, true)],
+            })
         }
         Format::Chat => {
             let arr = obj
@@ -165,7 +189,12 @@ fn example_of(
             for (i, m) in arr.iter().enumerate() {
                 let role = m.get("role").and_then(|r| r.as_str()).unwrap_or("");
                 if !["system", "user", "assistant"].contains(&role) {
-                    return Err(("unknown role", format!("messages[{i}].role is {role:?}; expected system, user or assistant")));
+                    return Err((
+                        "unknown role",
+                        format!(
+                            "messages[{i}].role is {role:?}; expected system, user or assistant"
+                        ),
+                    ));
                 }
                 let content = m
                     .get("content")
@@ -176,27 +205,50 @@ fn example_of(
                     Some(v) => match v.as_u64() {
                         Some(0) => false,
                         Some(1) => role == "assistant",
-                        _ => return Err(("invalid weight", format!("messages[{i}].weight must be 0 or 1"))),
+                        _ => {
+                            return Err((
+                                "invalid weight",
+                                format!("messages[{i}].weight must be 0 or 1"),
+                            ))
+                        }
                     },
                 };
-                msgs.push(ChatMessage { role: role.into(), content: content.into() });
+                msgs.push(ChatMessage {
+                    role: role.into(),
+                    content: content.into(),
+                });
                 weights.push(w);
             }
             if !msgs.iter().any(|m| m.role == "assistant") {
-                return Err(("no assistant turn", "a chat example needs at least one assistant message".into()));
+                return Err((
+                    "no assistant turn",
+                    "a chat example needs at least one assistant message".into(),
+                ));
             }
             if !weights.iter().any(|w| *w) {
-                return Err(("empty output", "every assistant message has weight 0".into()));
+                return Err((
+                    "empty output",
+                    "every assistant message has weight 0".into(),
+                ));
             }
             // Each assistant turn: the text the template adds for it, trained when weighted.
             let mut segments = Vec::new();
             let mut done = String::new();
             for (i, m) in msgs.iter().enumerate() {
                 if m.role == "assistant" {
-                    let before = render(&msgs[..i], true).map_err(|e| ("template", e.to_string()))?;
-                    let after = render(&msgs[..=i], false).map_err(|e| ("template", e.to_string()))?;
-                    let (Some(p), Some(a)) = (before.strip_prefix(done.as_str()), after.strip_prefix(before.as_str())) else {
-                        return Err(("template", "the chat template does not render turns as prefixes of each other".into()));
+                    let before =
+                        render(&msgs[..i], true).map_err(|e| ("template", e.to_string()))?;
+                    let after =
+                        render(&msgs[..=i], false).map_err(|e| ("template", e.to_string()))?;
+                    let (Some(p), Some(a)) = (
+                        before.strip_prefix(done.as_str()),
+                        after.strip_prefix(before.as_str()),
+                    ) else {
+                        return Err((
+                            "template",
+                            "the chat template does not render turns as prefixes of each other"
+                                .into(),
+                        ));
                     };
                     segments.push((p.to_string(), false));
                     segments.push((a.to_string(), weights[i]));
@@ -226,7 +278,11 @@ pub fn parse_jsonl(
         let v: Value = match serde_json::from_str(line) {
             Ok(v) => v,
             Err(e) => {
-                problems.push(Problem { line: line_no, kind: "invalid JSON", detail: e.to_string() });
+                problems.push(Problem {
+                    line: line_no,
+                    kind: "invalid JSON",
+                    detail: e.to_string(),
+                });
                 if problems.len() >= MAX_PROBLEMS {
                     break;
                 }
@@ -234,7 +290,11 @@ pub fn parse_jsonl(
             }
         };
         let Some(obj) = v.as_object() else {
-            problems.push(Problem { line: line_no, kind: "invalid JSON", detail: "each line must be a JSON object".into() });
+            problems.push(Problem {
+                line: line_no,
+                kind: "invalid JSON",
+                detail: "each line must be a JSON object".into(),
+            });
             continue;
         };
         let format = match forced.or_else(|| Format::detect(obj)) {
@@ -243,7 +303,8 @@ pub fn parse_jsonl(
                 problems.push(Problem {
                     line: line_no,
                     kind: "missing field",
-                    detail: "no instruction/output, messages, prompt/completion or text field".into(),
+                    detail: "no instruction/output, messages, prompt/completion or text field"
+                        .into(),
                 });
                 continue;
             }
@@ -251,14 +312,22 @@ pub fn parse_jsonl(
         seen_format.get_or_insert(format);
         match example_of(obj, format, render) {
             Ok(e) => examples.push(e),
-            Err((kind, detail)) => problems.push(Problem { line: line_no, kind, detail }),
+            Err((kind, detail)) => problems.push(Problem {
+                line: line_no,
+                kind,
+                detail,
+            }),
         }
         if problems.len() >= MAX_PROBLEMS {
             break;
         }
     }
     if examples.is_empty() && problems.is_empty() {
-        problems.push(Problem { line: 0, kind: "empty dataset", detail: "no examples".into() });
+        problems.push(Problem {
+            line: 0,
+            kind: "empty dataset",
+            detail: "no examples".into(),
+        });
     }
     if !problems.is_empty() {
         return Err(problems);
@@ -280,7 +349,13 @@ pub fn tokenize(
         let mut ids = Vec::new();
         let mut mask = Vec::new();
         for (k, (text, trained)) in e.segments.iter().enumerate() {
-            let mut seg = tk.encode(text).map_err(|err| vec![Problem { line: n + 1, kind: "tokenizer", detail: err.to_string() }])?;
+            let mut seg = tk.encode(text).map_err(|err| {
+                vec![Problem {
+                    line: n + 1,
+                    kind: "tokenizer",
+                    detail: err.to_string(),
+                }]
+            })?;
             if k > 0 && tk.add_bos && seg.first() == tk.bos_id.as_ref() {
                 seg.remove(0);
             }
@@ -322,7 +397,11 @@ pub fn tokenize(
             *m = false;
         }
         if !mask.iter().any(|m| *m) {
-            problems.push(Problem { line: n + 1, kind: "empty output", detail: "no trained token left (truncated away?)".into() });
+            problems.push(Problem {
+                line: n + 1,
+                kind: "empty output",
+                detail: "no trained token left (truncated away?)".into(),
+            });
             continue;
         }
         stats.examples += 1;
@@ -357,7 +436,10 @@ mod tests {
         assert!(e[0].segments[0].0.ends_with("<|im_start|>assistant\n"));
         let (e, f) = parse(r#"{"prompt":"2+2=","completion":"4"}"#).expect("pc");
         assert_eq!(f, Format::PromptCompletion);
-        assert_eq!(e[0].segments, vec![("2+2=".into(), false), ("4".into(), true)]);
+        assert_eq!(
+            e[0].segments,
+            vec![("2+2=".into(), false), ("4".into(), true)]
+        );
         let (e, _) = parse(r#"{"text":"你好，世界"}"#).expect("text");
         assert_eq!(e[0].segments, vec![("你好，世界".into(), true)]);
     }
@@ -367,13 +449,21 @@ mod tests {
         let line = r#"{"messages":[{"role":"user","content":"a"},{"role":"assistant","content":"b","weight":0},{"role":"user","content":"c"},{"role":"assistant","content":"d"}]}"#;
         let (e, f) = parse(line).expect("chat");
         assert_eq!(f, Format::Chat);
-        let trained: Vec<&str> = e[0].segments.iter().filter(|s| s.1).map(|s| s.0.as_str()).collect();
+        let trained: Vec<&str> = e[0]
+            .segments
+            .iter()
+            .filter(|s| s.1)
+            .map(|s| s.0.as_str())
+            .collect();
         assert_eq!(trained, vec!["d<|im_end|>\n"]);
         let all: String = e[0].segments.iter().map(|s| s.0.as_str()).collect();
         let msgs: Vec<ChatMessage> = ["a", "b", "c", "d"]
             .iter()
             .zip(["user", "assistant", "user", "assistant"])
-            .map(|(c, r)| ChatMessage { role: r.into(), content: c.to_string() })
+            .map(|(c, r)| ChatMessage {
+                role: r.into(),
+                content: c.to_string(),
+            })
             .collect();
         assert_eq!(all, render(&msgs, false).expect("render"));
     }
@@ -385,7 +475,13 @@ mod tests {
         let got: Vec<(usize, &str)> = p.iter().map(|p| (p.line, p.kind)).collect();
         assert_eq!(
             got,
-            vec![(2, "invalid JSON"), (3, "unknown role"), (4, "no assistant turn"), (5, "empty output"), (6, "missing field")]
+            vec![
+                (2, "invalid JSON"),
+                (3, "unknown role"),
+                (4, "no assistant turn"),
+                (5, "empty output"),
+                (6, "missing field")
+            ]
         );
         assert_eq!(parse("").expect_err("empty")[0].kind, "empty dataset");
     }

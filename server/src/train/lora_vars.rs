@@ -45,7 +45,9 @@ pub struct LoraVars {
 
 impl LoraTensors for LoraVars {
     fn get(&self, layer: usize, m: Module) -> Option<&dyn LoraBranch> {
-        self.layers.get(layer)?[m.index()].as_ref().map(|p| p as &dyn LoraBranch)
+        self.layers.get(layer)?[m.index()]
+            .as_ref()
+            .map(|p| p as &dyn LoraBranch)
     }
 }
 
@@ -74,14 +76,20 @@ impl LoraVars {
     ) -> candle_core::Result<Self> {
         let dev = Device::Cpu;
         let mut rng = StdRng::seed_from_u64(seed);
-        let scale = if use_rslora { alpha / (rank as f64).sqrt() } else { alpha / rank as f64 };
+        let scale = if use_rslora {
+            alpha / (rank as f64).sqrt()
+        } else {
+            alpha / rank as f64
+        };
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for _ in 0..cfg.num_layers {
             let mut l: [Option<VarPair>; 7] = Default::default();
             for &m in targets {
                 let (out, inp) = module_shape(cfg, m);
                 let bound = 1.0 / (inp as f32).sqrt();
-                let a: Vec<f32> = (0..rank * inp).map(|_| rng.random_range(-bound..bound)).collect();
+                let a: Vec<f32> = (0..rank * inp)
+                    .map(|_| rng.random_range(-bound..bound))
+                    .collect();
                 l[m.index()] = Some(VarPair {
                     a: Var::from_tensor(&Tensor::from_vec(a, (rank, inp), &dev)?)?,
                     b: Var::zeros((out, rank), DType::F32, &dev)?,
@@ -92,7 +100,12 @@ impl LoraVars {
             }
             layers.push(l);
         }
-        Ok(Self { layers, rank, alpha, use_rslora })
+        Ok(Self {
+            layers,
+            rank,
+            alpha,
+            use_rslora,
+        })
     }
 
     /// Every trainable variable, in a fixed order (layer, module, A then B).
@@ -163,7 +176,9 @@ impl LoraVars {
     /// Restores values saved by [`Self::tensors`].
     pub fn load(&self, saved: &HashMap<String, Tensor>) -> Result<(), String> {
         for (n, v) in self.names().into_iter().zip(self.vars()) {
-            let t = saved.get(&n).ok_or_else(|| format!("checkpoint lacks {n}"))?;
+            let t = saved
+                .get(&n)
+                .ok_or_else(|| format!("checkpoint lacks {n}"))?;
             v.set(t).map_err(|e| format!("checkpoint {n}: {e}"))?;
         }
         Ok(())

@@ -5,6 +5,7 @@
 //! registry and the engine; only `grpc/training.rs` knows the proto.
 
 pub mod dataset;
+pub mod jobs;
 pub mod lora_vars;
 pub mod optim;
 pub mod trainer;

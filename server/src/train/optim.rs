@@ -42,9 +42,24 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(vars: Vec<Var>, weight_decay: f64) -> candle_core::Result<Self> {
-        let m = vars.iter().map(|v| v.zeros_like()).collect::<candle_core::Result<_>>()?;
-        let v2 = vars.iter().map(|v| v.zeros_like()).collect::<candle_core::Result<_>>()?;
-        Ok(Self { vars, m, v: v2, step: 0, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay })
+        let m = vars
+            .iter()
+            .map(|v| v.zeros_like())
+            .collect::<candle_core::Result<_>>()?;
+        let v2 = vars
+            .iter()
+            .map(|v| v.zeros_like())
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Self {
+            vars,
+            m,
+            v: v2,
+            step: 0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay,
+        })
     }
 
     /// One update with learning rate `lr`; `grads` already averaged and clipped.
@@ -77,9 +92,18 @@ impl AdamW {
         out
     }
 
-    pub fn load_state(&mut self, saved: &HashMap<String, Tensor>, step: usize) -> Result<(), String> {
+    pub fn load_state(
+        &mut self,
+        saved: &HashMap<String, Tensor>,
+        step: usize,
+    ) -> Result<(), String> {
         for i in 0..self.vars.len() {
-            let get = |k: String| saved.get(&k).cloned().ok_or_else(|| format!("checkpoint lacks {k}"));
+            let get = |k: String| {
+                saved
+                    .get(&k)
+                    .cloned()
+                    .ok_or_else(|| format!("checkpoint lacks {k}"))
+            };
             self.m[i] = get(format!("adam.m.{i}"))?;
             self.v[i] = get(format!("adam.v.{i}"))?;
         }
@@ -128,6 +152,9 @@ mod tests {
         let g = Tensor::new(&[0.5f32, -0.5], &dev).expect("g");
         opt.apply(&[g], 0.1).expect("step");
         let got: Vec<f32> = v.as_tensor().to_vec1().expect("vec");
-        assert!((got[0] - 0.9).abs() < 1e-5 && (got[1] + 0.9).abs() < 1e-5, "{got:?}");
+        assert!(
+            (got[0] - 0.9).abs() < 1e-5 && (got[1] + 0.9).abs() < 1e-5,
+            "{got:?}"
+        );
     }
 }

@@ -54,7 +54,10 @@ pub struct TrainSpec {
 
 impl TrainSpec {
     pub fn modules(&self) -> Vec<Module> {
-        self.targets.iter().filter_map(|t| Module::from_hf_name(t)).collect()
+        self.targets
+            .iter()
+            .filter_map(|t| Module::from_hf_name(t))
+            .collect()
     }
 
     fn schedule(&self) -> Schedule {
@@ -158,7 +161,11 @@ fn make_batch(examples: &[&Tokenized], pad: u32) -> candle_core::Result<Batch> {
 }
 
 /// Mean cross-entropy of a batch's trained tokens (and the logits, for accuracy).
-fn batch_loss(model: &BaseModel, vars: &LoraVars, b: &Batch) -> Result<(Tensor, Tensor), TrainError> {
+fn batch_loss(
+    model: &BaseModel,
+    vars: &LoraVars,
+    b: &Batch,
+) -> Result<(Tensor, Tensor), TrainError> {
     let h = model.llama.forward_hidden(&b.ids, Some(vars))?;
     let (bs, t, hidden) = h.dims3()?;
     let h = h.reshape((bs * t, hidden))?.index_select(&b.positions, 0)?;
@@ -168,14 +175,22 @@ fn batch_loss(model: &BaseModel, vars: &LoraVars, b: &Batch) -> Result<(Tensor, 
 }
 
 /// The loss tensor (differentiable) for `examples` with the adapter `vars`.
-pub fn plain_loss_tensor(model: &BaseModel, vars: &LoraVars, examples: &[&Tokenized]) -> Result<Tensor, TrainError> {
+pub fn plain_loss_tensor(
+    model: &BaseModel,
+    vars: &LoraVars,
+    examples: &[&Tokenized],
+) -> Result<Tensor, TrainError> {
     let pad = model.tokenizer.eos_ids.first().copied().unwrap_or(0);
     let b = make_batch(examples, pad)?;
     Ok(batch_loss(model, vars, &b)?.0)
 }
 
 /// The loss the plain forward pass computes for `examples` with the adapter `vars`.
-pub fn plain_loss(model: &BaseModel, vars: &LoraVars, examples: &[&Tokenized]) -> Result<f64, TrainError> {
+pub fn plain_loss(
+    model: &BaseModel,
+    vars: &LoraVars,
+    examples: &[&Tokenized],
+) -> Result<f64, TrainError> {
     Ok(plain_loss_tensor(model, vars, examples)?.to_scalar::<f32>()? as f64)
 }
 
@@ -190,7 +205,15 @@ pub fn train(
     emit: &mut dyn FnMut(TrainEvent),
 ) -> Result<Outcome, TrainError> {
     let cfg = model.config();
-    let mut vars = LoraVars::init(cfg, &spec.modules(), spec.rank, spec.alpha, spec.use_rslora, spec.dropout, spec.seed)?;
+    let mut vars = LoraVars::init(
+        cfg,
+        &spec.modules(),
+        spec.rank,
+        spec.alpha,
+        spec.use_rslora,
+        spec.dropout,
+        spec.seed,
+    )?;
     let mut opt = AdamW::new(vars.vars(), spec.weight_decay)?;
     let pad = model.tokenizer.eos_ids.first().copied().unwrap_or(0);
     let micro_per_epoch = train_set.len().div_ceil(spec.batch_size.max(1));
@@ -203,7 +226,8 @@ pub fn train(
         let saved = candle_core::safetensors::load(ckpt_dir.join(&meta.tensors), &Device::Cpu)
             .map_err(|e| TrainError::Checkpoint(format!("reading {}: {e}", meta.tensors)))?;
         vars.load(&saved).map_err(TrainError::Checkpoint)?;
-        opt.load_state(&saved, meta.step).map_err(TrainError::Checkpoint)?;
+        opt.load_state(&saved, meta.step)
+            .map_err(TrainError::Checkpoint)?;
         start_step = meta.step;
         best_eval = meta.best_eval;
         stale = meta.evals_without_improvement;
@@ -216,11 +240,14 @@ pub fn train(
         let epoch = step / steps_per_epoch;
         if order.0 != epoch {
             let mut idx: Vec<usize> = (0..train_set.len()).collect();
-            idx.shuffle(&mut StdRng::seed_from_u64(spec.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9)));
+            idx.shuffle(&mut StdRng::seed_from_u64(
+                spec.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9),
+            ));
             order = (epoch, idx);
         }
         let first_micro = (step % steps_per_epoch) * spec.grad_accum;
-        let micros: Vec<usize> = (first_micro..(first_micro + spec.grad_accum).min(micro_per_epoch)).collect();
+        let micros: Vec<usize> =
+            (first_micro..(first_micro + spec.grad_accum).min(micro_per_epoch)).collect();
         let mut acc: Option<Vec<Tensor>> = None;
         let mut loss_sum = 0f64;
         vars.set_train(true);
@@ -242,7 +269,11 @@ pub fn train(
             let grads = optim::collect(&loss.backward()?, &vars.vars())?;
             acc = Some(match acc {
                 None => grads,
-                Some(a) => a.iter().zip(&grads).map(|(x, y)| x + y).collect::<candle_core::Result<_>>()?,
+                Some(a) => a
+                    .iter()
+                    .zip(&grads)
+                    .map(|(x, y)| x + y)
+                    .collect::<candle_core::Result<_>>()?,
             });
         }
         let n = micros.len().max(1) as f64;
@@ -257,9 +288,18 @@ pub fn train(
         }
         if spec.max_grad_norm > 0.0 && norm > spec.max_grad_norm {
             let f = spec.max_grad_norm / (norm + 1e-6);
-            grads = grads.into_iter().map(|g| g * f).collect::<candle_core::Result<_>>()?;
+            grads = grads
+                .into_iter()
+                .map(|g| g * f)
+                .collect::<candle_core::Result<_>>()?;
         }
-        let lr = lr_at(spec.learning_rate, spec.schedule(), spec.warmup_steps, total, step);
+        let lr = lr_at(
+            spec.learning_rate,
+            spec.schedule(),
+            spec.warmup_steps,
+            total,
+            step,
+        );
         opt.apply(&grads, lr)?;
         let done = step + 1;
         let secs = started.elapsed().as_secs_f64();
@@ -275,11 +315,20 @@ pub fn train(
             eta_seconds: per_step * (total - done) as f64,
         });
         let end_of_epoch = done % steps_per_epoch == 0;
-        let eval_now = !eval_set.is_empty() && if spec.eval_every > 0 { done % spec.eval_every == 0 || done == total } else { end_of_epoch };
+        let eval_now = !eval_set.is_empty()
+            && if spec.eval_every > 0 {
+                done % spec.eval_every == 0 || done == total
+            } else {
+                end_of_epoch
+            };
         if eval_now {
             vars.set_train(false);
             let (loss, acc) = evaluate(model, &vars, eval_set, spec.batch_size, pad)?;
-            emit(TrainEvent::Eval { step: done, eval_loss: loss, token_accuracy: acc });
+            emit(TrainEvent::Eval {
+                step: done,
+                eval_loss: loss,
+                token_accuracy: acc,
+            });
             if best_eval.is_none_or(|b| loss < b) {
                 best_eval = Some(loss);
                 stale = 0;
@@ -303,13 +352,20 @@ pub fn train(
     // With early stopping, the best evaluated parameters are the result.
     let best = ckpt_dir.join("best.safetensors");
     if spec.patience > 0 && best.exists() {
-        let saved = candle_core::safetensors::load(&best, &Device::Cpu).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
+        let saved = candle_core::safetensors::load(&best, &Device::Cpu)
+            .map_err(|e| TrainError::Checkpoint(e.to_string()))?;
         vars.load(&saved).map_err(TrainError::Checkpoint)?;
     }
     Ok(Outcome::Finished(vars))
 }
 
-fn evaluate(model: &BaseModel, vars: &LoraVars, set: &[Tokenized], bs: usize, pad: u32) -> Result<(f64, f64), TrainError> {
+fn evaluate(
+    model: &BaseModel,
+    vars: &LoraVars,
+    set: &[Tokenized],
+    bs: usize,
+    pad: u32,
+) -> Result<(f64, f64), TrainError> {
     let (mut loss, mut n, mut correct) = (0f64, 0usize, 0usize);
     for chunk in set.chunks(bs.max(1)) {
         let ex: Vec<&Tokenized> = chunk.iter().collect();
@@ -341,23 +397,39 @@ fn save_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<(), Tr
     candle_core::safetensors::save(tensors, &tmp)
         .map_err(|e| TrainError::Checkpoint(format!("writing {}: {e}", tmp.display())))?;
     let f = std::fs::File::open(&tmp).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
-    f.sync_all().map_err(|e| TrainError::Checkpoint(e.to_string()))?;
-    std::fs::rename(&tmp, path).map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))
+    f.sync_all()
+        .map_err(|e| TrainError::Checkpoint(e.to_string()))?;
+    std::fs::rename(&tmp, path)
+        .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))
 }
 
 /// Tensors first (a new file), then the metadata pointing at them (atomic), then the old
 /// tensors file goes: a crash at any point leaves the previous checkpoint or the new one.
-fn checkpoint(dir: &Path, step: usize, vars: &LoraVars, opt: &AdamW, best_eval: Option<f64>, stale: usize) -> Result<(), TrainError> {
-    std::fs::create_dir_all(dir).map_err(|e| TrainError::Checkpoint(format!("{}: {e}", dir.display())))?;
+fn checkpoint(
+    dir: &Path,
+    step: usize,
+    vars: &LoraVars,
+    opt: &AdamW,
+    best_eval: Option<f64>,
+    stale: usize,
+) -> Result<(), TrainError> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", dir.display())))?;
     let old = read_meta(dir)?.map(|m| m.tensors);
     let name = format!("checkpoint-{step}.safetensors");
     let mut all = vars.tensors();
     all.extend(opt.state());
     save_tensors(&dir.join(&name), &all)?;
-    let meta = CheckpointMeta { step, tensors: name.clone(), best_eval, evals_without_improvement: stale };
+    let meta = CheckpointMeta {
+        step,
+        tensors: name.clone(),
+        best_eval,
+        evals_without_improvement: stale,
+    };
     let bytes = serde_json::to_vec(&meta).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
-    crate::store::atomic_write(&dir.join("checkpoint.json"), &bytes)
-        .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", dir.join("checkpoint.json").display())))?;
+    crate::store::atomic_write(&dir.join("checkpoint.json"), &bytes).map_err(|e| {
+        TrainError::Checkpoint(format!("{}: {e}", dir.join("checkpoint.json").display()))
+    })?;
     if let Some(old) = old.filter(|o| *o != name) {
         let _ = std::fs::remove_file(dir.join(old));
     }

@@ -4,3 +4,4 @@ mod adapters;
 mod bad_input;
 mod generation;
 mod ops;
+mod training;

@@ -1,0 +1,508 @@
+//! `graft.v1.Training`: datasets and jobs. Converts and validates the request's fields
+//! (INVALID_ARGUMENT naming each), then calls `train::jobs::TrainingService`.
+
+use std::{pin::Pin, time::Instant};
+
+use futures::Stream;
+use graft_proto::v1::{self as pb, training_server::Training, upload_dataset_request::Part};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{convert::tenant_of, error::ApiError, observe, ready, ReadySlot};
+use crate::{
+    model::lora::Module,
+    store::training::{DatasetRow, JobRow},
+    train::{
+        dataset::Format,
+        jobs::{JobEvent, JobSpec, NewJob, TrainingError},
+        trainer::{TrainEvent, TrainSpec},
+    },
+};
+
+pub struct TrainingGrpc {
+    ready: ReadySlot,
+}
+
+impl TrainingGrpc {
+    pub fn new(ready: ReadySlot) -> Self {
+        Self { ready }
+    }
+}
+
+impl From<TrainingError> for ApiError {
+    fn from(e: TrainingError) -> Self {
+        match e {
+            TrainingError::Invalid { field, reason } => ApiError::invalid(field, reason),
+            TrainingError::NotFound(w) => ApiError::NotFound(format!("{w} not found")),
+            TrainingError::AlreadyExists(w) => {
+                ApiError::AlreadyExists(format!("{w} already exists"))
+            }
+            TrainingError::Storage(m) => {
+                tracing::error!(error = %m, "training storage");
+                ApiError::Internal(m)
+            }
+            TrainingError::Db(d) => {
+                tracing::error!(error = %d, "database");
+                ApiError::Internal("database error".into())
+            }
+        }
+    }
+}
+
+impl From<DatasetRow> for pb::Dataset {
+    fn from(d: DatasetRow) -> Self {
+        Self {
+            tenant: d.tenant,
+            name: d.name,
+            id: d.id,
+            format: d.format,
+            examples: d.examples,
+            tokens: d.tokens,
+            truncated_examples: d.truncated,
+            size_bytes: d.size_bytes,
+            sha256: d.sha256,
+            created_at_unix: d.created_at,
+        }
+    }
+}
+
+impl From<JobRow> for pb::Job {
+    fn from(j: JobRow) -> Self {
+        Self {
+            id: j.id,
+            tenant: j.tenant,
+            dataset: j.dataset,
+            adapter_name: j.adapter_name,
+            status: j.status,
+            error: j.error.unwrap_or_default(),
+            adapter_version: j.adapter_version.unwrap_or(0),
+            step: j.step,
+            total_steps: j.total_steps,
+            created_at_unix: j.created_at,
+            updated_at_unix: j.updated_at,
+        }
+    }
+}
+
+fn to_proto_event(seq: u64, at_ms: i64, e: JobEvent) -> pb::JobEvent {
+    use pb::job_event::Event;
+    let event = match e {
+        JobEvent::Status { status, message } => Event::Status(pb::StatusEvent { status, message }),
+        JobEvent::Train(TrainEvent::Step {
+            step,
+            total_steps,
+            epoch,
+            train_loss,
+            learning_rate,
+            grad_norm,
+            tokens_per_second,
+            eta_seconds,
+        }) => Event::Step(pb::StepEvent {
+            step: step as u64,
+            total_steps: total_steps as u64,
+            epoch,
+            train_loss,
+            learning_rate,
+            grad_norm,
+            tokens_per_second,
+            eta_seconds,
+        }),
+        JobEvent::Train(TrainEvent::Eval {
+            step,
+            eval_loss,
+            token_accuracy,
+        }) => Event::Eval(pb::EvalEvent {
+            step: step as u64,
+            eval_loss,
+            token_accuracy,
+        }),
+        JobEvent::Train(TrainEvent::Checkpoint { step }) => {
+            Event::Checkpoint(pb::CheckpointEvent { step: step as u64 })
+        }
+    };
+    pb::JobEvent {
+        seq,
+        time_unix_ms: at_ms,
+        event: Some(event),
+    }
+}
+
+/// Request -> job, with every hyper-parameter checked and defaults filled in.
+fn job_from(req: &pb::CreateJobRequest) -> Result<NewJob, ApiError> {
+    if !req.method.is_empty() && req.method != "lora" {
+        return Err(ApiError::invalid(
+            "method",
+            format!("{:?} is not supported; \"lora\"", req.method),
+        ));
+    }
+    if req.dataset.is_empty() {
+        return Err(ApiError::invalid("dataset", "required"));
+    }
+    if req.adapter_name.is_empty() {
+        return Err(ApiError::invalid("adapter_name", "required"));
+    }
+    let l = req.lora.clone().unwrap_or_default();
+    let h = req.hyperparameters.clone().unwrap_or_default();
+    let rank = l.r.unwrap_or(8) as usize;
+    if rank == 0 {
+        return Err(ApiError::invalid("lora.r", "must be at least 1"));
+    }
+    let alpha = l.alpha.unwrap_or(16.0);
+    if !(alpha.is_finite() && alpha > 0.0) {
+        return Err(ApiError::invalid(
+            "lora.alpha",
+            format!("{alpha} must be > 0"),
+        ));
+    }
+    let dropout = l.dropout.unwrap_or(0.0);
+    if !(0.0..1.0).contains(&dropout) {
+        return Err(ApiError::invalid(
+            "lora.dropout",
+            format!("{dropout} is outside [0, 1)"),
+        ));
+    }
+    let targets: Vec<String> = if l.target_modules.is_empty() || l.target_modules == ["all-linear"]
+    {
+        Module::ALL
+            .iter()
+            .map(|m| m.hf_name().to_string())
+            .collect()
+    } else {
+        for t in &l.target_modules {
+            if Module::from_hf_name(t).is_none() {
+                return Err(ApiError::invalid(
+                    "lora.target_modules",
+                    format!("{t:?} is not a module of this model"),
+                ));
+            }
+        }
+        l.target_modules.clone()
+    };
+    let pos = |v: Option<u32>, d: u32, f: &str| -> Result<usize, ApiError> {
+        match v.unwrap_or(d) {
+            0 => Err(ApiError::invalid(f, "must be at least 1")),
+            n => Ok(n as usize),
+        }
+    };
+    let epochs = pos(h.epochs, 3, "hyperparameters.epochs")?;
+    let batch_size = pos(h.batch_size, 4, "hyperparameters.batch_size")?;
+    let grad_accum = pos(
+        h.gradient_accumulation,
+        1,
+        "hyperparameters.gradient_accumulation",
+    )?;
+    let lr = h.learning_rate.unwrap_or(2e-4);
+    if !(lr.is_finite() && lr > 0.0) {
+        return Err(ApiError::invalid(
+            "hyperparameters.learning_rate",
+            format!("{lr} must be > 0"),
+        ));
+    }
+    let schedule = match h.lr_scheduler.as_str() {
+        "" => "linear".to_string(),
+        s @ ("constant" | "linear" | "cosine") => s.to_string(),
+        s => {
+            return Err(ApiError::invalid(
+                "hyperparameters.lr_scheduler",
+                format!("{s:?}; expected constant, linear or cosine"),
+            ))
+        }
+    };
+    let wd = h.weight_decay.unwrap_or(0.0);
+    if !(wd.is_finite() && wd >= 0.0) {
+        return Err(ApiError::invalid(
+            "hyperparameters.weight_decay",
+            format!("{wd} must be >= 0"),
+        ));
+    }
+    let clip = h.max_grad_norm.unwrap_or(1.0);
+    if !(clip.is_finite() && clip >= 0.0) {
+        return Err(ApiError::invalid(
+            "hyperparameters.max_grad_norm",
+            format!("{clip} must be >= 0 (0 = off)"),
+        ));
+    }
+    let max_seq_len = h.max_seq_len.unwrap_or(512) as usize;
+    if max_seq_len < 8 {
+        return Err(ApiError::invalid(
+            "hyperparameters.max_seq_len",
+            format!("{max_seq_len} is below 8"),
+        ));
+    }
+    let ratio = h.warmup_ratio.unwrap_or(0.0);
+    if !(0.0..1.0).contains(&ratio) {
+        return Err(ApiError::invalid(
+            "hyperparameters.warmup_ratio",
+            format!("{ratio} is outside [0, 1)"),
+        ));
+    }
+    let split = req.validation_split.unwrap_or(0.0);
+    if !(0.0..0.5).contains(&split) {
+        return Err(ApiError::invalid(
+            "validation_split",
+            format!("{split} is outside [0, 0.5)"),
+        ));
+    }
+    if h.packing {
+        return Err(ApiError::invalid(
+            "hyperparameters.packing",
+            "packing is not supported yet",
+        ));
+    }
+    let loss_on_all = match h.loss_on.as_str() {
+        "" | "completion" => false,
+        "all" => true,
+        s => {
+            return Err(ApiError::invalid(
+                "hyperparameters.loss_on",
+                format!("{s:?}; expected completion or all"),
+            ))
+        }
+    };
+    let train = TrainSpec {
+        rank,
+        alpha,
+        dropout: dropout as f32,
+        targets,
+        use_rslora: l.use_rslora,
+        epochs,
+        batch_size,
+        grad_accum,
+        learning_rate: lr,
+        schedule,
+        // A ratio is resolved against the job's total steps when it is known (below).
+        warmup_steps: h.warmup_steps.unwrap_or(0) as usize,
+        weight_decay: wd,
+        max_grad_norm: clip,
+        max_seq_len,
+        seed: h.seed.unwrap_or(42),
+        eval_every: h.eval_every.unwrap_or(0) as usize,
+        patience: h.patience.unwrap_or(0) as usize,
+        checkpoint_every: h.checkpoint_every.unwrap_or(50).max(1) as usize,
+    };
+    Ok(NewJob {
+        dataset: req.dataset.clone(),
+        validation_dataset: (!req.validation_dataset.is_empty())
+            .then(|| req.validation_dataset.clone()),
+        adapter_name: req.adapter_name.clone(),
+        spec: JobSpec {
+            train,
+            validation_split: split,
+            loss_on_all,
+            reject_too_long: h.reject_too_long,
+            warmup_ratio: ratio,
+        },
+    })
+}
+
+async fn recorded<T>(
+    rpc: &'static str,
+    f: impl std::future::Future<Output = Result<T, ApiError>>,
+) -> Result<Response<T>, Status> {
+    let started = Instant::now();
+    let r = f.await;
+    observe(
+        rpc,
+        r.as_ref().map_or_else(ApiError::code, |_| tonic::Code::Ok),
+        started,
+    );
+    r.map(Response::new).map_err(Into::into)
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Training for TrainingGrpc {
+    async fn upload_dataset(
+        &self,
+        req: Request<Streaming<pb::UploadDatasetRequest>>,
+    ) -> Result<Response<pb::Dataset>, Status> {
+        recorded("UploadDataset", async {
+            let svc = &ready(&self.ready)?.training;
+            let cap = svc.config().max_dataset_bytes;
+            let mut s = req.into_inner();
+            let header = match s
+                .message()
+                .await
+                .map_err(|e| ApiError::invalid("header", e.message().to_string()))?
+            {
+                Some(pb::UploadDatasetRequest {
+                    part: Some(Part::Header(h)),
+                }) => h,
+                _ => {
+                    return Err(ApiError::invalid(
+                        "header",
+                        "the first message must be a DatasetHeader",
+                    ))
+                }
+            };
+            let tenant = tenant_of(&header.tenant)?;
+            let format = match header.format.as_str() {
+                "" => None,
+                f => Some(Format::parse(f).ok_or_else(|| {
+                    ApiError::invalid(
+                        "header.format",
+                        format!("{f:?}; expected alpaca, chat, prompt_completion or text"),
+                    )
+                })?),
+            };
+            let mut bytes = Vec::new();
+            while let Some(m) = s
+                .message()
+                .await
+                .map_err(|e| ApiError::invalid("chunk", e.message().to_string()))?
+            {
+                match m.part {
+                    Some(Part::Chunk(c)) => {
+                        bytes.extend_from_slice(&c);
+                        if bytes.len() > cap {
+                            return Err(ApiError::invalid(
+                                "chunk",
+                                format!("the dataset exceeds the {cap}-byte cap"),
+                            ));
+                        }
+                    }
+                    _ => {
+                        return Err(ApiError::invalid(
+                            "header",
+                            "only the first message may be a header",
+                        ))
+                    }
+                }
+            }
+            Ok(svc
+                .upload_dataset(&tenant, &header.name, format, bytes)
+                .await?
+                .into())
+        })
+        .await
+    }
+
+    async fn get_dataset(
+        &self,
+        req: Request<pb::GetDatasetRequest>,
+    ) -> Result<Response<pb::Dataset>, Status> {
+        recorded("GetDataset", async {
+            let r = req.into_inner();
+            Ok(ready(&self.ready)?
+                .training
+                .dataset(&tenant_of(&r.tenant)?, &r.name)
+                .await?
+                .into())
+        })
+        .await
+    }
+
+    async fn list_datasets(
+        &self,
+        req: Request<pb::ListDatasetsRequest>,
+    ) -> Result<Response<pb::ListDatasetsResponse>, Status> {
+        recorded("ListDatasets", async {
+            let r = req.into_inner();
+            let rows = ready(&self.ready)?
+                .training
+                .datasets(&tenant_of(&r.tenant)?)
+                .await?;
+            Ok(pb::ListDatasetsResponse {
+                datasets: rows.into_iter().map(Into::into).collect(),
+            })
+        })
+        .await
+    }
+
+    async fn delete_dataset(
+        &self,
+        req: Request<pb::DeleteDatasetRequest>,
+    ) -> Result<Response<pb::Dataset>, Status> {
+        recorded("DeleteDataset", async {
+            let r = req.into_inner();
+            Ok(ready(&self.ready)?
+                .training
+                .delete_dataset(&tenant_of(&r.tenant)?, &r.name)
+                .await?
+                .into())
+        })
+        .await
+    }
+
+    async fn create_job(
+        &self,
+        req: Request<pb::CreateJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        recorded("CreateJob", async {
+            let r = req.into_inner();
+            let tenant = tenant_of(&r.tenant)?;
+            let job = job_from(&r)?;
+            Ok(ready(&self.ready)?
+                .training
+                .create_job(&tenant, job)
+                .await?
+                .into())
+        })
+        .await
+    }
+
+    async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
+        recorded("GetJob", async {
+            let r = req.into_inner();
+            Ok(ready(&self.ready)?
+                .training
+                .job(&tenant_of(&r.tenant)?, &r.id)
+                .await?
+                .into())
+        })
+        .await
+    }
+
+    async fn list_jobs(
+        &self,
+        req: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        recorded("ListJobs", async {
+            let r = req.into_inner();
+            let rows = ready(&self.ready)?
+                .training
+                .jobs(&tenant_of(&r.tenant)?)
+                .await?;
+            Ok(pb::ListJobsResponse {
+                jobs: rows.into_iter().map(Into::into).collect(),
+            })
+        })
+        .await
+    }
+
+    async fn cancel_job(
+        &self,
+        req: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        recorded("CancelJob", async {
+            let r = req.into_inner();
+            Ok(ready(&self.ready)?
+                .training
+                .cancel(&tenant_of(&r.tenant)?, &r.id)
+                .await?
+                .into())
+        })
+        .await
+    }
+
+    type WatchJobStream = EventStream;
+
+    async fn watch_job(
+        &self,
+        req: Request<pb::WatchJobRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        recorded("WatchJob", async {
+            let r = req.into_inner();
+            let rx = ready(&self.ready)?
+                .training
+                .watch(&tenant_of(&r.tenant)?, &r.id, r.after_seq)
+                .await?;
+            let s = futures::stream::unfold(rx, |mut rx| async move {
+                let (row, e) = rx.recv().await?;
+                Some((Ok(to_proto_event(row.seq, row.at_ms, e)), rx))
+            });
+            Ok(Box::pin(s) as EventStream)
+        })
+        .await
+    }
+}

@@ -1,0 +1,317 @@
+//! Datasets, jobs and job events in the metadata database.
+
+use sqlx::Row;
+
+use super::{db_err, now_unix, Db, DbError};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DatasetRow {
+    pub id: String,
+    pub tenant: String,
+    pub name: String,
+    pub format: String,
+    pub examples: u64,
+    pub tokens: u64,
+    pub truncated: u64,
+    pub size_bytes: u64,
+    pub sha256: String,
+    pub file: String,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRow {
+    pub id: String,
+    pub tenant: String,
+    pub dataset: String,
+    pub eval_dataset: Option<String>,
+    pub adapter_name: String,
+    pub spec: String,
+    pub status: String,
+    pub error: Option<String>,
+    pub adapter_version: Option<u32>,
+    pub step: u64,
+    pub total_steps: u64,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventRow {
+    pub seq: u64,
+    pub at_ms: i64,
+    pub event: String,
+}
+
+fn dataset(r: &sqlx::sqlite::SqliteRow) -> DatasetRow {
+    DatasetRow {
+        id: r.get("id"),
+        tenant: r.get("tenant"),
+        name: r.get("name"),
+        format: r.get("format"),
+        examples: r.get::<i64, _>("examples") as u64,
+        tokens: r.get::<i64, _>("tokens") as u64,
+        truncated: r.get::<i64, _>("truncated") as u64,
+        size_bytes: r.get::<i64, _>("size_bytes") as u64,
+        sha256: r.get("sha256"),
+        file: r.get("file"),
+        created_at: r.get("created_at"),
+    }
+}
+
+fn job(r: &sqlx::sqlite::SqliteRow) -> JobRow {
+    JobRow {
+        id: r.get("id"),
+        tenant: r.get("tenant"),
+        dataset: r.get("dataset"),
+        eval_dataset: r.get("eval_dataset"),
+        adapter_name: r.get("adapter_name"),
+        spec: r.get("spec"),
+        status: r.get("status"),
+        error: r.get("error"),
+        adapter_version: r.get::<Option<i64>, _>("adapter_version").map(|v| v as u32),
+        step: r.get::<i64, _>("step") as u64,
+        total_steps: r.get::<i64, _>("total_steps") as u64,
+        created_at: r.get("created_at"),
+        updated_at: r.get("updated_at"),
+    }
+}
+
+const DATASET_COLS: &str =
+    "id, tenant, name, format, examples, tokens, truncated, size_bytes, sha256, file, created_at";
+const JOB_COLS: &str = "id, tenant, dataset, eval_dataset, adapter_name, spec, status, error, adapter_version, step, total_steps, created_at, updated_at";
+
+/// Terminal job states.
+pub const TERMINAL: [&str; 3] = ["succeeded", "failed", "cancelled"];
+
+impl Db {
+    /// Inserts a dataset; `None` when a live dataset of that name exists.
+    pub async fn insert_dataset(&self, d: &DatasetRow) -> Result<Option<DatasetRow>, DbError> {
+        let r = sqlx::query(
+            "INSERT INTO datasets (id, tenant, name, format, examples, tokens, truncated, size_bytes, sha256, file, created_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&d.id)
+        .bind(&d.tenant)
+        .bind(&d.name)
+        .bind(&d.format)
+        .bind(d.examples as i64)
+        .bind(d.tokens as i64)
+        .bind(d.truncated as i64)
+        .bind(d.size_bytes as i64)
+        .bind(&d.sha256)
+        .bind(&d.file)
+        .bind(now_unix())
+        .execute(&self.pool)
+        .await;
+        match r {
+            Ok(_) => Ok(self.dataset_by_id(&d.tenant, &d.id).await?),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Ok(None),
+            Err(e) => Err(db_err("insert dataset")(e)),
+        }
+    }
+
+    pub async fn dataset_by_name(
+        &self,
+        tenant: &str,
+        name: &str,
+    ) -> Result<Option<DatasetRow>, DbError> {
+        let q = format!("SELECT {DATASET_COLS} FROM datasets WHERE tenant = ? AND name = ? AND deleted_at IS NULL");
+        let r = sqlx::query(sqlx::AssertSqlSafe(q))
+            .bind(tenant)
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err("find dataset"))?;
+        Ok(r.as_ref().map(dataset))
+    }
+
+    pub async fn dataset_by_id(
+        &self,
+        tenant: &str,
+        id: &str,
+    ) -> Result<Option<DatasetRow>, DbError> {
+        let q = format!("SELECT {DATASET_COLS} FROM datasets WHERE tenant = ? AND id = ? AND deleted_at IS NULL");
+        let r = sqlx::query(sqlx::AssertSqlSafe(q))
+            .bind(tenant)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err("find dataset"))?;
+        Ok(r.as_ref().map(dataset))
+    }
+
+    pub async fn list_datasets(&self, tenant: &str) -> Result<Vec<DatasetRow>, DbError> {
+        let q = format!("SELECT {DATASET_COLS} FROM datasets WHERE tenant = ? AND deleted_at IS NULL ORDER BY name");
+        let r = sqlx::query(sqlx::AssertSqlSafe(q))
+            .bind(tenant)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err("list datasets"))?;
+        Ok(r.iter().map(dataset).collect())
+    }
+
+    pub async fn delete_dataset(
+        &self,
+        tenant: &str,
+        name: &str,
+    ) -> Result<Option<DatasetRow>, DbError> {
+        let q = format!("UPDATE datasets SET deleted_at = ? WHERE tenant = ? AND name = ? AND deleted_at IS NULL RETURNING {DATASET_COLS}");
+        let r = sqlx::query(sqlx::AssertSqlSafe(q))
+            .bind(now_unix())
+            .bind(tenant)
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err("delete dataset"))?;
+        Ok(r.as_ref().map(dataset))
+    }
+
+    pub async fn insert_job(&self, j: &JobRow) -> Result<(), DbError> {
+        sqlx::query(
+            "INSERT INTO jobs (id, tenant, dataset, eval_dataset, adapter_name, spec, status, step, total_steps, created_at, updated_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
+        )
+        .bind(&j.id)
+        .bind(&j.tenant)
+        .bind(&j.dataset)
+        .bind(&j.eval_dataset)
+        .bind(&j.adapter_name)
+        .bind(&j.spec)
+        .bind(&j.status)
+        .bind(j.total_steps as i64)
+        .bind(now_unix())
+        .bind(now_unix())
+        .execute(&self.pool)
+        .await
+        .map_err(db_err("insert job"))?;
+        Ok(())
+    }
+
+    pub async fn job(&self, tenant: &str, id: &str) -> Result<Option<JobRow>, DbError> {
+        let q = format!("SELECT {JOB_COLS} FROM jobs WHERE tenant = ? AND id = ?");
+        let r = sqlx::query(sqlx::AssertSqlSafe(q))
+            .bind(tenant)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err("find job"))?;
+        Ok(r.as_ref().map(job))
+    }
+
+    pub async fn list_jobs(&self, tenant: &str) -> Result<Vec<JobRow>, DbError> {
+        let q =
+            format!("SELECT {JOB_COLS} FROM jobs WHERE tenant = ? ORDER BY created_at DESC, id");
+        let r = sqlx::query(sqlx::AssertSqlSafe(q))
+            .bind(tenant)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err("list jobs"))?;
+        Ok(r.iter().map(job).collect())
+    }
+
+    /// Claims the oldest queued job (marks it running).
+    pub async fn claim_queued_job(&self) -> Result<Option<JobRow>, DbError> {
+        let q = format!(
+            "UPDATE jobs SET status = 'running', updated_at = ? WHERE id =
+               (SELECT id FROM jobs WHERE status = 'queued' ORDER BY created_at, id LIMIT 1)
+             RETURNING {JOB_COLS}"
+        );
+        let r = sqlx::query(sqlx::AssertSqlSafe(q))
+            .bind(now_unix())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err("claim job"))?;
+        Ok(r.as_ref().map(job))
+    }
+
+    /// Sets a job's status (and error / adapter version), unless it is already terminal.
+    /// Returns whether it changed.
+    pub async fn set_job_status(
+        &self,
+        id: &str,
+        status: &str,
+        error: Option<&str>,
+        adapter_version: Option<u32>,
+    ) -> Result<bool, DbError> {
+        let r = sqlx::query(
+            "UPDATE jobs SET status = ?, error = COALESCE(?, error), adapter_version = COALESCE(?, adapter_version), updated_at = ?
+             WHERE id = ? AND status NOT IN ('succeeded', 'failed', 'cancelled')",
+        )
+        .bind(status)
+        .bind(error)
+        .bind(adapter_version.map(|v| v as i64))
+        .bind(now_unix())
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(db_err("set job status"))?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    pub async fn set_job_progress(&self, id: &str, step: u64, total: u64) -> Result<(), DbError> {
+        sqlx::query("UPDATE jobs SET step = ?, total_steps = ?, updated_at = ? WHERE id = ?")
+            .bind(step as i64)
+            .bind(total as i64)
+            .bind(now_unix())
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err("job progress"))?;
+        Ok(())
+    }
+
+    /// Jobs interrupted by a stop or crash go back to the queue (they resume from their
+    /// checkpoints).
+    pub async fn requeue_interrupted_jobs(&self) -> Result<u64, DbError> {
+        let r = sqlx::query("UPDATE jobs SET status = 'queued', updated_at = ? WHERE status IN ('running', 'validating')")
+            .bind(now_unix())
+            .execute(&self.pool)
+            .await
+            .map_err(db_err("requeue jobs"))?;
+        Ok(r.rows_affected())
+    }
+
+    /// Appends an event with the next sequence number; returns it.
+    pub async fn append_event(&self, job_id: &str, event: &str) -> Result<EventRow, DbError> {
+        let at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let r = sqlx::query(
+            "INSERT INTO job_events (job_id, seq, at_ms, event)
+             VALUES (?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM job_events WHERE job_id = ?), ?, ?)
+             RETURNING seq",
+        )
+        .bind(job_id)
+        .bind(job_id)
+        .bind(at_ms)
+        .bind(event)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db_err("append event"))?;
+        Ok(EventRow {
+            seq: r.get::<i64, _>(0) as u64,
+            at_ms,
+            event: event.to_string(),
+        })
+    }
+
+    pub async fn events_after(&self, job_id: &str, after: u64) -> Result<Vec<EventRow>, DbError> {
+        let r = sqlx::query(
+            "SELECT seq, at_ms, event FROM job_events WHERE job_id = ? AND seq > ? ORDER BY seq",
+        )
+        .bind(job_id)
+        .bind(after as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err("read events"))?;
+        Ok(r.iter()
+            .map(|r| EventRow {
+                seq: r.get::<i64, _>(0) as u64,
+                at_ms: r.get(1),
+                event: r.get(2),
+            })
+            .collect())
+    }
+}

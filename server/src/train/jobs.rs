@@ -1,0 +1,653 @@
+//! Datasets and training jobs as a service: upload and validate datasets, create, run,
+//! cancel and watch jobs, and register each successful result as a new adapter version.
+//! One runner task owns job execution (one job computes at a time by default); job state
+//! lives in the database, events are stored before anyone sees them, so `watch` can replay.
+//! Training computes in its own rayon pool of `training_threads` threads (default 1 of the
+//! machine's cores), which leaves the rest to the serving engine: serving keeps priority,
+//! training keeps a floor.
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, Notify};
+
+use super::{
+    dataset::{self, Format, Overflow, Problem, Tokenized},
+    trainer::{self, Control, Outcome, TrainEvent, TrainSpec},
+};
+use crate::{
+    adapters::{peft::ParsedLora, AdapterRegistry},
+    model::BaseModel,
+    store::{
+        atomic_write,
+        training::{DatasetRow, EventRow, JobRow, TERMINAL},
+        Db, DbError,
+    },
+};
+
+/// Settings of the training service.
+#[derive(Debug, Clone)]
+pub struct TrainingConfig {
+    pub data_dir: PathBuf,
+    pub max_rank: usize,
+    pub max_dataset_bytes: usize,
+    pub training_threads: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainingError {
+    #[error("{field}: {reason}")]
+    Invalid { field: String, reason: String },
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    Storage(String),
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+fn invalid(field: &str, reason: impl Into<String>) -> TrainingError {
+    TrainingError::Invalid {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// What a job runs: the trainer's spec plus data handling.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub train: TrainSpec,
+    pub validation_split: f64,
+    pub loss_on_all: bool,
+    pub reject_too_long: bool,
+    /// Warm-up as a fraction of all steps (used when `train.warmup_steps` is 0).
+    pub warmup_ratio: f64,
+}
+
+/// A stored job event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "data", rename_all = "snake_case")]
+pub enum JobEvent {
+    Status { status: String, message: String },
+    Train(TrainEvent),
+}
+
+/// A job request, before validation against the data.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub dataset: String,
+    pub validation_dataset: Option<String>,
+    pub adapter_name: String,
+    pub spec: JobSpec,
+}
+
+struct Live {
+    cancel: Arc<AtomicBool>,
+}
+
+pub struct TrainingService {
+    db: Db,
+    model: Arc<BaseModel>,
+    registry: Arc<AdapterRegistry>,
+    cfg: TrainingConfig,
+    live: Mutex<HashMap<String, Live>>,
+    wake: Notify,
+}
+
+fn new_id(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!(
+        "{prefix}-{nanos:x}{:06x}",
+        rand::random::<u32>() & 0xFF_FFFF
+    )
+}
+
+fn problems_text(p: &[Problem]) -> String {
+    p.iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl TrainingService {
+    pub fn new(
+        db: Db,
+        model: Arc<BaseModel>,
+        registry: Arc<AdapterRegistry>,
+        cfg: TrainingConfig,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            db,
+            model,
+            registry,
+            cfg,
+            live: Mutex::default(),
+            wake: Notify::new(),
+        })
+    }
+
+    pub fn config(&self) -> &TrainingConfig {
+        &self.cfg
+    }
+
+    fn render(
+        &self,
+    ) -> impl Fn(&[crate::model::ChatMessage], bool) -> Result<String, crate::model::ModelError> + '_
+    {
+        |m, g| self.model.chat.render(m, g)
+    }
+
+    /// Validates and stores a dataset.
+    pub async fn upload_dataset(
+        &self,
+        tenant: &str,
+        name: &str,
+        format: Option<Format>,
+        bytes: Vec<u8>,
+    ) -> Result<DatasetRow, TrainingError> {
+        crate::adapters::registry::validate_name(name)
+            .map_err(|e| invalid("name", e.replace("adapter name", "dataset name")))?;
+        if self.db.dataset_by_name(tenant, name).await?.is_some() {
+            return Err(TrainingError::AlreadyExists(format!("dataset {name:?}")));
+        }
+        let text = String::from_utf8(bytes).map_err(|e| {
+            invalid(
+                "chunk",
+                format!(
+                    "the dataset is not valid UTF-8 (byte {})",
+                    e.utf8_error().valid_up_to()
+                ),
+            )
+        })?;
+        let model = self.model.clone();
+        let (examples, fmt, stats, text) = tokio::task::spawn_blocking(move || {
+            let render = |m: &[crate::model::ChatMessage], g: bool| model.chat.render(m, g);
+            let (ex, fmt) = dataset::parse_jsonl(&text, format, &render)?;
+            let (_, stats) = dataset::tokenize(&ex, &model.tokenizer, 2048, Overflow::Truncate)?;
+            Ok::<_, Vec<Problem>>((ex.len(), fmt, stats, text))
+        })
+        .await
+        .map_err(|e| TrainingError::Storage(e.to_string()))?
+        .map_err(|p| invalid("dataset", problems_text(&p)))?;
+        let id = new_id("ds");
+        let file = format!("{id}.jsonl");
+        let dir = self.cfg.data_dir.join("datasets");
+        let path = dir.join(&file);
+        let sha = format!("{:x}", Sha256::digest(text.as_bytes()));
+        let size = text.len() as u64;
+        tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&dir)?;
+            atomic_write(&path, text.as_bytes())
+        })
+        .await
+        .map_err(|e| TrainingError::Storage(e.to_string()))?
+        .map_err(|e| TrainingError::Storage(format!("writing the dataset: {e}")))?;
+        let row = DatasetRow {
+            id,
+            tenant: tenant.into(),
+            name: name.into(),
+            format: fmt.name().into(),
+            examples: examples as u64,
+            tokens: stats.tokens as u64,
+            truncated: stats.truncated as u64,
+            size_bytes: size,
+            sha256: sha,
+            file: file.clone(),
+            created_at: 0,
+        };
+        match self.db.insert_dataset(&row).await? {
+            Some(r) => Ok(r),
+            None => {
+                let _ = std::fs::remove_file(self.cfg.data_dir.join("datasets").join(&file));
+                Err(TrainingError::AlreadyExists(format!("dataset {name:?}")))
+            }
+        }
+    }
+
+    pub async fn dataset(&self, tenant: &str, name: &str) -> Result<DatasetRow, TrainingError> {
+        self.db
+            .dataset_by_name(tenant, name)
+            .await?
+            .ok_or_else(|| TrainingError::NotFound(format!("dataset {name:?}")))
+    }
+
+    pub async fn datasets(&self, tenant: &str) -> Result<Vec<DatasetRow>, TrainingError> {
+        Ok(self.db.list_datasets(tenant).await?)
+    }
+
+    /// Deletes a dataset (jobs that already loaded it are unaffected; its file stays until
+    /// no job row refers to it).
+    pub async fn delete_dataset(
+        &self,
+        tenant: &str,
+        name: &str,
+    ) -> Result<DatasetRow, TrainingError> {
+        self.db
+            .delete_dataset(tenant, name)
+            .await?
+            .ok_or_else(|| TrainingError::NotFound(format!("dataset {name:?}")))
+    }
+
+    /// Loads, parses and tokenises a dataset for a job.
+    fn load_examples(
+        &self,
+        row: &DatasetRow,
+        spec: &JobSpec,
+    ) -> Result<Vec<Tokenized>, TrainingError> {
+        let path = self.cfg.data_dir.join("datasets").join(&row.file);
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| TrainingError::Storage(format!("{}: {e}", path.display())))?;
+        let render = self.render();
+        let (ex, _) = dataset::parse_jsonl(&text, Format::parse(&row.format), &render)
+            .map_err(|p| invalid("dataset", problems_text(&p)))?;
+        let overflow = if spec.reject_too_long {
+            Overflow::Reject
+        } else {
+            Overflow::Truncate
+        };
+        let (mut tok, _) =
+            dataset::tokenize(&ex, &self.model.tokenizer, spec.train.max_seq_len, overflow)
+                .map_err(|p| invalid("dataset", problems_text(&p)))?;
+        if spec.loss_on_all {
+            for t in &mut tok {
+                for (i, m) in t.mask.iter_mut().enumerate() {
+                    *m = i > 0;
+                }
+            }
+        }
+        Ok(tok)
+    }
+
+    /// Validates a job against its data and queues it.
+    pub async fn create_job(&self, tenant: &str, job: NewJob) -> Result<JobRow, TrainingError> {
+        crate::adapters::registry::validate_name(&job.adapter_name)
+            .map_err(|e| invalid("adapter_name", e))?;
+        let ds = self.dataset(tenant, &job.dataset).await?;
+        let eval = match &job.validation_dataset {
+            Some(n) => Some(
+                self.dataset(tenant, n)
+                    .await
+                    .map_err(|_| TrainingError::NotFound(format!("validation dataset {n:?}")))?,
+            ),
+            None => None,
+        };
+        if job.spec.train.max_seq_len > self.model.config().max_position {
+            return Err(invalid(
+                "hyperparameters.max_seq_len",
+                format!(
+                    "{} is above the model's context window {}",
+                    job.spec.train.max_seq_len,
+                    self.model.config().max_position
+                ),
+            ));
+        }
+        if job.spec.train.rank > self.cfg.max_rank {
+            return Err(invalid(
+                "lora.r",
+                format!(
+                    "{} is above this server's maximum rank {}",
+                    job.spec.train.rank, self.cfg.max_rank
+                ),
+            ));
+        }
+        // Validation: the data must tokenise under this job's limits.
+        let train = self.load_examples(&ds, &job.spec)?;
+        if let Some(e) = &eval {
+            self.load_examples(e, &job.spec)?;
+        }
+        let (n_train, _) = split_sizes(train.len(), job.spec.validation_split);
+        let spe = n_train
+            .div_ceil(job.spec.train.batch_size)
+            .div_ceil(job.spec.train.grad_accum);
+        let mut job = job;
+        if job.spec.train.warmup_steps == 0 && job.spec.warmup_ratio > 0.0 {
+            job.spec.train.warmup_steps =
+                (job.spec.warmup_ratio * (spe * job.spec.train.epochs) as f64).round() as usize;
+        }
+        let row = JobRow {
+            id: new_id("job"),
+            tenant: tenant.into(),
+            dataset: ds.id.clone(),
+            eval_dataset: eval.map(|e| e.id),
+            adapter_name: job.adapter_name.clone(),
+            spec: serde_json::to_string(&job.spec)
+                .map_err(|e| TrainingError::Storage(e.to_string()))?,
+            status: "validating".into(),
+            error: None,
+            adapter_version: None,
+            step: 0,
+            total_steps: (spe * job.spec.train.epochs) as u64,
+            created_at: 0,
+            updated_at: 0,
+        };
+        self.db.insert_job(&row).await?;
+        self.event(
+            &row.id,
+            JobEvent::Status {
+                status: "validating".into(),
+                message: format!("{} training examples", train.len()),
+            },
+        )
+        .await?;
+        self.db
+            .set_job_status(&row.id, "queued", None, None)
+            .await?;
+        self.event(
+            &row.id,
+            JobEvent::Status {
+                status: "queued".into(),
+                message: String::new(),
+            },
+        )
+        .await?;
+        self.wake.notify_one();
+        self.job(tenant, &row.id).await
+    }
+
+    pub async fn job(&self, tenant: &str, id: &str) -> Result<JobRow, TrainingError> {
+        self.db
+            .job(tenant, id)
+            .await?
+            .ok_or_else(|| TrainingError::NotFound(format!("job {id:?}")))
+    }
+
+    pub async fn jobs(&self, tenant: &str) -> Result<Vec<JobRow>, TrainingError> {
+        Ok(self.db.list_jobs(tenant).await?)
+    }
+
+    /// Cancels a queued job at once, a running one at its next micro-step.
+    pub async fn cancel(&self, tenant: &str, id: &str) -> Result<JobRow, TrainingError> {
+        let job = self.job(tenant, id).await?;
+        if TERMINAL.contains(&job.status.as_str()) {
+            return Ok(job);
+        }
+        let running = self
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .map(|l| l.cancel.clone());
+        match running {
+            Some(flag) => flag.store(true, Ordering::SeqCst),
+            None => {
+                if self
+                    .db
+                    .set_job_status(id, "cancelled", Some("cancelled before it started"), None)
+                    .await?
+                {
+                    self.event(
+                        id,
+                        JobEvent::Status {
+                            status: "cancelled".into(),
+                            message: "cancelled before it started".into(),
+                        },
+                    )
+                    .await?;
+                }
+            }
+        }
+        self.job(tenant, id).await
+    }
+
+    async fn event(&self, job_id: &str, e: JobEvent) -> Result<EventRow, TrainingError> {
+        let json = serde_json::to_string(&e).map_err(|e| TrainingError::Storage(e.to_string()))?;
+        Ok(self.db.append_event(job_id, &json).await?)
+    }
+
+    /// Stored events after `after`, then new ones as they are stored, until the job ends.
+    pub async fn watch(
+        self: &Arc<Self>,
+        tenant: &str,
+        id: &str,
+        after: u64,
+    ) -> Result<mpsc::Receiver<(EventRow, JobEvent)>, TrainingError> {
+        self.job(tenant, id).await?;
+        let (tx, rx) = mpsc::channel(64);
+        let me = self.clone();
+        let id = id.to_string();
+        tokio::spawn(async move {
+            let mut last = after;
+            loop {
+                let Ok(rows) = me.db.events_after(&id, last).await else {
+                    return;
+                };
+                for r in rows {
+                    last = r.seq;
+                    let Ok(e) = serde_json::from_str::<JobEvent>(&r.event) else {
+                        continue;
+                    };
+                    let end = matches!(&e, JobEvent::Status { status, .. } if TERMINAL.contains(&status.as_str()));
+                    if tx.send((r, e)).await.is_err() || end {
+                        return;
+                    }
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    /// Starts the runner: re-queues jobs a stop interrupted, then runs queued jobs one at a
+    /// time until the process ends.
+    pub async fn start(self: &Arc<Self>) -> Result<(), TrainingError> {
+        let n = self.db.requeue_interrupted_jobs().await?;
+        if n > 0 {
+            tracing::info!(jobs = n, "re-queued interrupted training jobs");
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                match me.db.claim_queued_job().await {
+                    Ok(Some(job)) => me.run(job).await,
+                    Ok(None) => {
+                        let _ =
+                            tokio::time::timeout(Duration::from_secs(1), me.wake.notified()).await;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "claiming a job");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        });
+        Ok(())
+    }
+
+    async fn finish(&self, id: &str, status: &str, message: String, version: Option<u32>) {
+        let err = (status == "failed").then_some(message.as_str());
+        match self.db.set_job_status(id, status, err, version).await {
+            Ok(true) => {
+                let _ = self
+                    .event(
+                        id,
+                        JobEvent::Status {
+                            status: status.into(),
+                            message,
+                        },
+                    )
+                    .await;
+            }
+            Ok(false) => {}
+            Err(e) => tracing::error!(job = id, error = %e, "recording the job's end"),
+        }
+        crate::metrics::job_finished(status);
+    }
+
+    async fn run(self: &Arc<Self>, job: JobRow) {
+        let id = job.id.clone();
+        let cancel = Arc::new(AtomicBool::new(false));
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            id.clone(),
+            Live {
+                cancel: cancel.clone(),
+            },
+        );
+        let result = self.run_inner(&job, cancel).await;
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        match result {
+            Ok(Some(version)) => {
+                self.finish(
+                    &id,
+                    "succeeded",
+                    format!("registered {}@{version}", job.adapter_name),
+                    Some(version),
+                )
+                .await
+            }
+            Ok(None) => {
+                self.finish(&id, "cancelled", "cancelled".into(), None)
+                    .await
+            }
+            Err(e) => {
+                tracing::warn!(job = %id, error = %e, "training job failed");
+                self.finish(&id, "failed", e.to_string(), None).await
+            }
+        }
+    }
+
+    /// Runs one claimed job; `Ok(Some(version))` when its adapter was registered.
+    async fn run_inner(
+        self: &Arc<Self>,
+        job: &JobRow,
+        cancel: Arc<AtomicBool>,
+    ) -> Result<Option<u32>, TrainingError> {
+        let spec: JobSpec = serde_json::from_str(&job.spec)
+            .map_err(|e| TrainingError::Storage(format!("job spec: {e}")))?;
+        let ds = self
+            .db
+            .dataset_by_id(&job.tenant, &job.dataset)
+            .await?
+            .ok_or_else(|| TrainingError::NotFound("the job's dataset".into()))?;
+        let mut train = self.load_examples(&ds, &spec)?;
+        let eval = match &job.eval_dataset {
+            Some(e) => {
+                let row = self
+                    .db
+                    .dataset_by_id(&job.tenant, e)
+                    .await?
+                    .ok_or_else(|| {
+                        TrainingError::NotFound("the job's validation dataset".into())
+                    })?;
+                self.load_examples(&row, &spec)?
+            }
+            None if spec.validation_split > 0.0 => {
+                train.shuffle(&mut StdRng::seed_from_u64(spec.train.seed));
+                let (n_train, _) = split_sizes(train.len(), spec.validation_split);
+                train.split_off(n_train)
+            }
+            None => Vec::new(),
+        };
+        self.event(
+            &job.id,
+            JobEvent::Status {
+                status: "running".into(),
+                message: format!(
+                    "{} training, {} validation examples",
+                    train.len(),
+                    eval.len()
+                ),
+            },
+        )
+        .await?;
+        crate::metrics::job_started();
+        let ckpt = trainer::checkpoint_dir(&self.cfg.data_dir, &job.id);
+        let (etx, mut erx) = mpsc::unbounded_channel::<TrainEvent>();
+        let model = self.model.clone();
+        let threads = self.cfg.training_threads.max(1);
+        let ctl = Control { cancel };
+        let train_spec = spec.train.clone();
+        let handle = tokio::task::spawn_blocking(move || {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .thread_name(|i| format!("graft-train-{i}"))
+                .build()
+                .map_err(|e| trainer::TrainError::Checkpoint(format!("training threads: {e}")))?;
+            pool.install(|| {
+                trainer::train(&model, &train_spec, &train, &eval, &ckpt, &ctl, &mut |e| {
+                    let _ = etx.send(e);
+                })
+            })
+        });
+        let me = self.clone();
+        let jid = job.id.clone();
+        let forward = tokio::spawn(async move {
+            while let Some(e) = erx.recv().await {
+                if let TrainEvent::Step {
+                    step,
+                    total_steps,
+                    train_loss,
+                    tokens_per_second,
+                    ..
+                } = &e
+                {
+                    let _ = me
+                        .db
+                        .set_job_progress(&jid, *step as u64, *total_steps as u64)
+                        .await;
+                    crate::metrics::training_step(*train_loss, *tokens_per_second);
+                }
+                let _ = me.event(&jid, JobEvent::Train(e)).await;
+            }
+        });
+        let outcome = handle
+            .await
+            .map_err(|e| TrainingError::Storage(format!("training thread: {e}")))?;
+        let _ = forward.await;
+        match outcome {
+            Ok(Outcome::Cancelled) => Ok(None),
+            Ok(Outcome::Finished(vars)) => {
+                let weights = vars
+                    .to_weights()
+                    .map_err(|e| TrainingError::Storage(e.to_string()))?;
+                let parsed = ParsedLora {
+                    target_modules: weights
+                        .modules()
+                        .iter()
+                        .map(|m| m.hf_name().to_string())
+                        .collect(),
+                    weights,
+                    rank: spec.train.rank,
+                    alpha: spec.train.alpha,
+                    use_rslora: spec.train.use_rslora,
+                };
+                let row = self
+                    .registry
+                    .store_parsed(&job.tenant, &job.adapter_name, &parsed)
+                    .await
+                    .map_err(|e| TrainingError::Storage(format!("registering the adapter: {e}")))?;
+                Ok(Some(row.version))
+            }
+            Err(e) => Err(TrainingError::Storage(e.to_string())),
+        }
+    }
+}
+
+/// `(train, eval)` sizes for a split fraction.
+fn split_sizes(n: usize, split: f64) -> (usize, usize) {
+    if split <= 0.0 || n < 2 {
+        return (n, 0);
+    }
+    let e = ((n as f64 * split).round() as usize).clamp(1, n - 1);
+    (n - e, e)
+}

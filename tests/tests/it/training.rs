@@ -1,0 +1,511 @@
+//! Training over gRPC: a real SmolLM2 learns a fixed answer format and the result is served
+//! by the next request; bad datasets and hyper-parameters are refused; cancellation, NaN
+//! loss and an unwritable checkpoint directory end jobs cleanly.
+
+use std::time::Duration;
+
+use graft_client::{proto as pb, GenerateOptions};
+use graft_tests::{fixtures, real_model_path, start_with, tiny_model_path};
+use tonic::Code;
+
+fn alpaca_jsonl() -> Vec<u8> {
+    let path = fixtures().join("peft-lora-smollm2/train_dataset_alpaca.json");
+    let v: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(path).expect("fixture")).expect("json");
+    v.iter()
+        .map(|x| format!("{x}\n"))
+        .collect::<String>()
+        .into_bytes()
+}
+
+fn job(dataset: &str, adapter: &str, h: pb::Hyperparameters) -> pb::CreateJobRequest {
+    pb::CreateJobRequest {
+        dataset: dataset.into(),
+        adapter_name: adapter.into(),
+        hyperparameters: Some(h),
+        ..Default::default()
+    }
+}
+
+fn statuses(events: &[pb::JobEvent]) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(pb::job_event::Event::Status(s)) => Some(s.status.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn steps(events: &[pb::JobEvent]) -> Vec<pb::StepEvent> {
+    events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(pb::job_event::Event::Step(s)) => Some(s.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+const HELD_OUT: [&str; 3] = [
+    "What is the capital of Germany?",
+    "How many wheels does a bicycle have?",
+    "What color is the sky on a clear day?",
+];
+
+/// The real model learns the `ANSWER: ... | CONFIDENCE: ...` format from 42 examples and the
+/// very next Generate naming the adapter answers in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_teaches_the_answer_format_and_the_result_is_served() {
+    let t = start_with(real_model_path(), |c| c.training_threads = 2).await;
+    let ask = |q: &str, adapter: Option<&str>| {
+        GenerateOptions {
+            adapter: adapter.map(String::from),
+            ..GenerateOptions::greedy(16)
+        }
+        .chat([("user", q.to_string())])
+    };
+    for q in HELD_OUT {
+        let before = t.client.generate(ask(q, None)).await.expect("base");
+        assert!(
+            !before.text.starts_with("ANSWER:"),
+            "{q}: {:?}",
+            before.text
+        );
+    }
+    let ds = t
+        .client
+        .upload_dataset("", "answers", "", alpaca_jsonl())
+        .await
+        .expect("upload");
+    assert_eq!((ds.examples, ds.format.as_str()), (42, "alpaca"));
+    assert!(ds.tokens > 1000);
+    let created = t
+        .client
+        .create_job(pb::CreateJobRequest {
+            validation_split: Some(0.1),
+            lora: Some(pb::LoraMethod {
+                r: Some(8),
+                alpha: Some(16.0),
+                ..Default::default()
+            }),
+            ..job(
+                "answers",
+                "answerer",
+                pb::Hyperparameters {
+                    epochs: Some(3),
+                    batch_size: Some(4),
+                    learning_rate: Some(2e-3),
+                    warmup_steps: Some(2),
+                    checkpoint_every: Some(5),
+                    ..Default::default()
+                },
+            )
+        })
+        .await
+        .expect("create");
+    assert_eq!(created.status, "queued");
+    let (events, done) = tokio::time::timeout(
+        Duration::from_secs(600),
+        t.client.follow_job("", &created.id),
+    )
+    .await
+    .expect("job finishes in time")
+    .expect("watch");
+    assert_eq!(done.status, "succeeded", "{}", done.error);
+    assert_eq!(
+        statuses(&events),
+        ["validating", "queued", "running", "succeeded"]
+    );
+    let st = steps(&events);
+    assert_eq!(st.len() as u64, done.total_steps);
+    let first = st.first().expect("steps").train_loss;
+    let last = st.last().expect("steps").train_loss;
+    assert!(last < first / 2.0, "loss {first} -> {last}");
+    assert!(st
+        .iter()
+        .all(|s| s.tokens_per_second > 0.0 && s.learning_rate > 0.0));
+    assert!(events
+        .iter()
+        .any(|e| matches!(e.event, Some(pb::job_event::Event::Eval(_)))));
+    // The job's events replay after the end, from any point.
+    let mut replay = t
+        .client
+        .watch_job("", &created.id, 3)
+        .await
+        .expect("replay");
+    let mut n = 0;
+    while let Some(e) = replay.message().await.expect("event") {
+        assert!(e.seq > 3);
+        n += 1;
+    }
+    assert_eq!(n, events.len() - 3);
+    // Served at once, without a restart.
+    assert_eq!(done.adapter_version, 1);
+    for q in HELD_OUT {
+        let after = t
+            .client
+            .generate(ask(q, Some("answerer")))
+            .await
+            .expect("adapted");
+        assert!(after.text.starts_with("ANSWER:"), "{q}: {:?}", after.text);
+        assert!(
+            after.text.contains("| CONFIDENCE:"),
+            "{q}: {:?}",
+            after.text
+        );
+    }
+    // And exportable as PEFT like any other.
+    let (c, w) = t
+        .client
+        .export_adapter("", "answerer")
+        .await
+        .expect("export");
+    let cfg: serde_json::Value = serde_json::from_slice(&c).expect("config");
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["r"], 8);
+    assert!(w.len() > 1000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_datasets_are_refused_with_line_numbers() {
+    let t = start_with(tiny_model_path(), |_| {}).await;
+    let cases: Vec<(&str, &str)> = vec![
+        (
+            "{\"prompt\":\"a\",\"completion\":\"b\"}\n{broken\n",
+            "line 2: invalid JSON",
+        ),
+        ("{\"instruction\":\"q\"}\n", "line 1: missing field"),
+        (
+            "{\"messages\":[{\"role\":\"robot\",\"content\":\"x\"}]}\n",
+            "line 1: unknown role",
+        ),
+        (
+            "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}]}\n",
+            "line 1: no assistant turn",
+        ),
+        (
+            "{\"instruction\":\"q\",\"output\":\"  \"}\n",
+            "line 1: empty output",
+        ),
+        ("", "empty dataset"),
+    ];
+    for (i, (text, needle)) in cases.iter().enumerate() {
+        let e = t
+            .client
+            .upload_dataset("", &format!("bad{i}"), "", text.as_bytes().to_vec())
+            .await
+            .expect_err(needle);
+        assert_eq!(e.code(), Code::InvalidArgument, "{needle}");
+        assert!(e.message().contains(needle), "{needle}: {}", e.message());
+    }
+    let e = t
+        .client
+        .upload_dataset("", "utf", "", vec![b'{', 0xff, b'}'])
+        .await
+        .expect_err("utf8");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    // Non-Latin text works end to end.
+    let zh = "{\"prompt\":\"你好\",\"completion\":\"世界，你好！\"}\n".repeat(4);
+    let d = t
+        .client
+        .upload_dataset("", "zh", "", zh.into_bytes())
+        .await
+        .expect("chinese");
+    assert_eq!(d.examples, 4);
+    let e = t
+        .client
+        .upload_dataset("", "zh", "", b"{\"text\":\"x\"}\n".to_vec())
+        .await
+        .expect_err("dup");
+    assert_eq!(e.code(), Code::AlreadyExists);
+    assert_eq!(
+        t.client
+            .training()
+            .list_datasets(pb::ListDatasetsRequest {
+                tenant: String::new()
+            })
+            .await
+            .expect("list")
+            .into_inner()
+            .datasets
+            .len(),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_jobs_are_refused_naming_the_field() {
+    let t = start_with(tiny_model_path(), |_| {}).await;
+    t.client
+        .upload_dataset(
+            "",
+            "d",
+            "",
+            b"{\"prompt\":\"a b\",\"completion\":\"c d\"}\n".repeat(4),
+        )
+        .await
+        .expect("upload");
+    let h = pb::Hyperparameters::default;
+    let lora = |l: pb::LoraMethod| pb::CreateJobRequest {
+        lora: Some(l),
+        ..job("d", "x", h())
+    };
+    let cases: Vec<(pb::CreateJobRequest, &str)> = vec![
+        (
+            job(
+                "d",
+                "x",
+                pb::Hyperparameters {
+                    learning_rate: Some(-1.0),
+                    ..h()
+                },
+            ),
+            "hyperparameters.learning_rate",
+        ),
+        (
+            job(
+                "d",
+                "x",
+                pb::Hyperparameters {
+                    batch_size: Some(0),
+                    ..h()
+                },
+            ),
+            "hyperparameters.batch_size",
+        ),
+        (
+            job(
+                "d",
+                "x",
+                pb::Hyperparameters {
+                    epochs: Some(0),
+                    ..h()
+                },
+            ),
+            "hyperparameters.epochs",
+        ),
+        (
+            job(
+                "d",
+                "x",
+                pb::Hyperparameters {
+                    lr_scheduler: "exp".into(),
+                    ..h()
+                },
+            ),
+            "hyperparameters.lr_scheduler",
+        ),
+        (
+            job(
+                "d",
+                "x",
+                pb::Hyperparameters {
+                    max_grad_norm: Some(-1.0),
+                    ..h()
+                },
+            ),
+            "hyperparameters.max_grad_norm",
+        ),
+        (
+            job(
+                "d",
+                "x",
+                pb::Hyperparameters {
+                    packing: true,
+                    ..h()
+                },
+            ),
+            "hyperparameters.packing",
+        ),
+        (
+            lora(pb::LoraMethod {
+                r: Some(0),
+                ..Default::default()
+            }),
+            "lora.r",
+        ),
+        (
+            lora(pb::LoraMethod {
+                r: Some(100_000),
+                ..Default::default()
+            }),
+            "lora.r",
+        ),
+        (
+            lora(pb::LoraMethod {
+                dropout: Some(1.0),
+                ..Default::default()
+            }),
+            "lora.dropout",
+        ),
+        (
+            lora(pb::LoraMethod {
+                target_modules: vec!["lm_head".into()],
+                ..Default::default()
+            }),
+            "lora.target_modules",
+        ),
+        (job("d", "../x", h()), "adapter_name"),
+        (
+            pb::CreateJobRequest {
+                validation_split: Some(0.9),
+                ..job("d", "x", h())
+            },
+            "validation_split",
+        ),
+    ];
+    for (req, field) in cases {
+        let e = t.client.create_job(req).await.expect_err(field);
+        assert_eq!(e.code(), Code::InvalidArgument, "{field}: {e:?}");
+        assert!(e.message().starts_with(field), "{field}: {}", e.message());
+    }
+    assert_eq!(
+        t.client
+            .create_job(job("nope", "x", h()))
+            .await
+            .expect_err("missing")
+            .code(),
+        Code::NotFound
+    );
+    // Another tenant's dataset is as missing as a missing one.
+    assert_eq!(
+        t.client
+            .create_job(pb::CreateJobRequest {
+                tenant: "other".into(),
+                ..job("d", "x", h())
+            })
+            .await
+            .expect_err("other tenant")
+            .code(),
+        Code::NotFound
+    );
+    assert_eq!(
+        t.client
+            .get_job("", "job-nope")
+            .await
+            .expect_err("no job")
+            .code(),
+        Code::NotFound
+    );
+}
+
+async fn wait_for_step(t: &graft_tests::TestServer, id: &str) {
+    let mut s = t.client.watch_job("", id, 0).await.expect("watch");
+    while let Some(e) = s.message().await.expect("event") {
+        if matches!(e.event, Some(pb::job_event::Event::Step(_))) {
+            return;
+        }
+    }
+    panic!("job ended before its first step");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_a_running_job_and_keeps_its_checkpoint() {
+    let t = start_with(tiny_model_path(), |_| {}).await;
+    t.client
+        .upload_dataset(
+            "",
+            "d",
+            "",
+            b"{\"prompt\":\"a b\",\"completion\":\"c d e\"}\n".repeat(8),
+        )
+        .await
+        .expect("upload");
+    let j = t
+        .client
+        .create_job(job(
+            "d",
+            "x",
+            pb::Hyperparameters {
+                epochs: Some(5000),
+                checkpoint_every: Some(1),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("create");
+    wait_for_step(&t, &j.id).await;
+    t.client.cancel_job("", &j.id).await.expect("cancel");
+    let (events, done) =
+        tokio::time::timeout(Duration::from_secs(30), t.client.follow_job("", &j.id))
+            .await
+            .expect("ends")
+            .expect("watch");
+    assert_eq!(done.status, "cancelled");
+    assert_eq!(
+        statuses(&events).last().map(String::as_str),
+        Some("cancelled")
+    );
+    assert!(t
+        .data
+        .path()
+        .join("jobs")
+        .join(&j.id)
+        .join("checkpoint.json")
+        .exists());
+    // No adapter was registered.
+    assert!(t.client.list_adapters("").await.expect("list").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nan_loss_and_unwritable_checkpoints_fail_the_job_with_the_reason() {
+    let t = start_with(tiny_model_path(), |_| {}).await;
+    t.client
+        .upload_dataset(
+            "",
+            "d",
+            "",
+            b"{\"prompt\":\"a b\",\"completion\":\"c d e\"}\n".repeat(8),
+        )
+        .await
+        .expect("upload");
+    let j = t
+        .client
+        .create_job(job(
+            "d",
+            "x",
+            pb::Hyperparameters {
+                learning_rate: Some(1e30),
+                max_grad_norm: Some(0.0),
+                epochs: Some(20),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("create");
+    let (_, done) = t.client.follow_job("", &j.id).await.expect("watch");
+    assert_eq!(done.status, "failed");
+    assert!(
+        done.error.contains("NaN") && done.error.contains("step"),
+        "{}",
+        done.error
+    );
+    // A file where the checkpoint directory should be.
+    std::fs::write(t.data.path().join("jobs"), b"not a directory").expect("block jobs dir");
+    let j = t
+        .client
+        .create_job(job(
+            "d",
+            "y",
+            pb::Hyperparameters {
+                epochs: Some(1),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("create");
+    let (_, done) = t.client.follow_job("", &j.id).await.expect("watch");
+    assert_eq!(done.status, "failed");
+    assert!(done.error.contains("checkpoint"), "{}", done.error);
+    // Nothing stored earlier was lost.
+    assert!(t
+        .client
+        .training()
+        .get_dataset(pb::GetDatasetRequest {
+            tenant: String::new(),
+            name: "d".into()
+        })
+        .await
+        .is_ok());
+}
