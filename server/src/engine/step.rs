@@ -128,7 +128,18 @@ impl EngineLoop {
             }
             self.reap();
             if !self.active.is_empty() {
-                self.step();
+                // A bug in one step must not take the engine (and every later request) down:
+                // fail the sequences of that step and carry on.
+                let stepped =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step()));
+                if stepped.is_err() {
+                    tracing::error!("engine step panicked; failing its sequences");
+                    for s in self.active.iter_mut() {
+                        s.fail(StreamEvent::Failed(
+                            "internal error in the engine step".into(),
+                        ));
+                    }
+                }
                 self.reap();
             }
         }

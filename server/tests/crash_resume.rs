@@ -1,0 +1,172 @@
+//! A training job whose server is killed with SIGKILL resumes from its last checkpoint when
+//! the server starts again: no step before the checkpoint runs twice, and the job finishes.
+
+use std::{
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use graft_proto::v1::{self as pb, training_client::TrainingClient, upload_dataset_request::Part};
+use graft_server::model::tiny::{write_tiny_gguf, TinySpec};
+use tonic::transport::Channel;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+fn spawn(model: &Path, data: &Path, port: u16) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_graftd"))
+        .args(["--model", model.to_str().expect("utf8")])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--data-dir", data.to_str().expect("utf8")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn graftd")
+}
+
+async fn connect(port: u16) -> TrainingClient<Channel> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(c) = TrainingClient::connect(format!("http://127.0.0.1:{port}")).await {
+            // Ready once the service answers something other than UNAVAILABLE.
+            let mut probe = c.clone();
+            match probe.list_jobs(pb::ListJobsRequest::default()).await {
+                Ok(_) => return c,
+                Err(e) if e.code() != tonic::Code::Unavailable => return c,
+                Err(_) => {}
+            }
+        }
+        assert!(Instant::now() < deadline, "graftd did not come up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn step_of(e: &pb::JobEvent) -> Option<u64> {
+    match &e.event {
+        Some(pb::job_event::Event::Step(s)) => Some(s.step),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_job_resumes_from_its_checkpoint() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = dir.path().join("tiny.gguf");
+    write_tiny_gguf(&model, &TinySpec::default()).expect("tiny");
+    let data = dir.path().join("data");
+    let port = free_port();
+    let mut child = spawn(&model, &data, port);
+    let mut c = connect(port).await;
+    let jsonl = "{\"prompt\":\"a b\",\"completion\":\"c d e\"}\n".repeat(8);
+    let msgs = vec![
+        pb::UploadDatasetRequest {
+            part: Some(Part::Header(pb::DatasetHeader {
+                name: "d".into(),
+                ..Default::default()
+            })),
+        },
+        pb::UploadDatasetRequest {
+            part: Some(Part::Chunk(jsonl.into_bytes())),
+        },
+    ];
+    c.upload_dataset(futures::stream::iter(msgs))
+        .await
+        .expect("upload");
+    let job = c
+        .create_job(pb::CreateJobRequest {
+            dataset: "d".into(),
+            adapter_name: "resumed".into(),
+            hyperparameters: Some(pb::Hyperparameters {
+                epochs: Some(300),
+                checkpoint_every: Some(10),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("create")
+        .into_inner();
+    // Wait for a checkpoint past step 20, then kill -9.
+    let mut w = c
+        .watch_job(pb::WatchJobRequest {
+            id: job.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut checkpointed = 0;
+    while let Some(e) = w.message().await.expect("event") {
+        if let Some(pb::job_event::Event::Checkpoint(cp)) = &e.event {
+            if cp.step >= 20 {
+                checkpointed = cp.step;
+                break;
+            }
+        }
+    }
+    assert!(checkpointed >= 20, "no checkpoint seen");
+    drop(w);
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reaped");
+
+    let mut child = spawn(&model, &data, port);
+    let mut c = connect(port).await;
+    let mut w = c
+        .watch_job(pb::WatchJobRequest {
+            id: job.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("watch after restart")
+        .into_inner();
+    let mut events = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while let Some(e) = tokio::time::timeout(Duration::from_secs(60), w.message())
+        .await
+        .expect("events keep coming")
+        .expect("event")
+    {
+        events.push(e);
+        assert!(Instant::now() < deadline);
+    }
+    let done = c
+        .get_job(pb::GetJobRequest {
+            id: job.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(done.status, "succeeded", "{}", done.error);
+    assert_eq!(done.step, done.total_steps);
+    let steps: Vec<u64> = events.iter().filter_map(step_of).collect();
+    // Step 1 ran once: the job continued rather than restarting...
+    assert_eq!(steps.iter().filter(|s| **s == 1).count(), 1);
+    // ...and steps up to the checkpoint never ran twice; only those after it may have.
+    for s in 1..=checkpointed {
+        assert_eq!(steps.iter().filter(|x| **x == s).count(), 1, "step {s}");
+    }
+    let statuses: Vec<String> = events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(pb::job_event::Event::Status(s)) => Some(s.status.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        statuses.iter().filter(|s| *s == "running").count(),
+        2,
+        "{statuses:?}"
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+}
