@@ -7,6 +7,7 @@
 pub mod attention;
 pub mod chat;
 pub mod config;
+pub mod frozen;
 pub mod kv_cache;
 pub mod llama;
 pub mod lora;

@@ -169,7 +169,7 @@ fn batch_loss(
     let h = model.llama.forward_hidden(&b.ids, Some(vars))?;
     let (bs, t, hidden) = h.dims3()?;
     let h = h.reshape((bs * t, hidden))?.index_select(&b.positions, 0)?;
-    let logits = model.llama.weights.lm_head.forward(&h)?;
+    let logits = crate::model::frozen::frozen_matmul(&h, model.llama.weights.lm_head.weight())?;
     let loss = candle_nn::loss::cross_entropy(&logits, &b.targets)?;
     Ok((loss, logits))
 }
