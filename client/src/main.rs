@@ -47,6 +47,62 @@ enum Command {
     /// Manage LoRA adapters (Hugging Face PEFT format).
     #[command(subcommand)]
     Adapters(AdapterCmd),
+    /// Upload and list training datasets (JSONL: Alpaca, chat messages, prompt/completion, text).
+    #[command(subcommand)]
+    Datasets(DatasetCmd),
+    /// Create, follow and cancel LoRA training jobs.
+    #[command(subcommand)]
+    Jobs(JobCmd),
+}
+
+#[derive(Subcommand)]
+enum DatasetCmd {
+    /// Upload FILE (JSONL) as dataset NAME; it is validated before it is stored.
+    Upload {
+        file: std::path::PathBuf,
+        #[arg(long)]
+        name: String,
+        /// alpaca, chat, prompt_completion or text (default: detected per line).
+        #[arg(long, default_value = "")]
+        format: String,
+    },
+    /// List datasets.
+    Ls,
+    /// Delete a dataset.
+    Rm { name: String },
+}
+
+#[derive(Subcommand)]
+enum JobCmd {
+    /// Train a LoRA adapter NAME on DATASET; the result becomes NAME's next version.
+    Create {
+        #[arg(long)]
+        dataset: String,
+        #[arg(long)]
+        adapter: String,
+        #[arg(long)]
+        epochs: Option<u32>,
+        #[arg(long)]
+        learning_rate: Option<f64>,
+        #[arg(long)]
+        batch_size: Option<u32>,
+        #[arg(long)]
+        rank: Option<u32>,
+        /// Fraction of the dataset held out for evaluation.
+        #[arg(long)]
+        validation_split: Option<f64>,
+        /// Follow the job until it ends.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// List jobs.
+    Ls,
+    /// Show one job.
+    Show { id: String },
+    /// Print a job's events (replayed from the start) until it ends.
+    Watch { id: String },
+    /// Cancel a job.
+    Cancel { id: String },
 }
 
 #[derive(Subcommand)]
@@ -148,6 +204,8 @@ async fn main() -> anyhow::Result<()> {
     };
     match cli.command {
         Command::Adapters(cmd) => adapters(&client, &cli.tenant, cmd).await?,
+        Command::Datasets(cmd) => datasets(&client, &cli.tenant, cmd).await?,
+        Command::Jobs(cmd) => jobs(&client, &cli.tenant, cmd).await?,
         Command::Generate { prompt, sampling } => {
             let opts = with_tenant(sampling);
             stream_to_stdout(&client, opts.prompt(prompt)).await?;
@@ -234,6 +292,155 @@ async fn adapters(client: &GraftClient, tenant: &str, cmd: AdapterCmd) -> anyhow
                 .await
                 .map_err(status_error)?;
             println!("deleted versions {v:?}");
+        }
+    }
+    Ok(())
+}
+
+async fn datasets(client: &GraftClient, tenant: &str, cmd: DatasetCmd) -> anyhow::Result<()> {
+    match cmd {
+        DatasetCmd::Upload { file, name, format } => {
+            let d = client
+                .upload_dataset(tenant, &name, &format, std::fs::read(&file)?)
+                .await
+                .map_err(status_error)?;
+            println!(
+                "{}\t{}\t{} examples\t{} tokens\t{} truncated",
+                d.name, d.format, d.examples, d.tokens, d.truncated_examples
+            );
+        }
+        DatasetCmd::Ls => {
+            let l = client
+                .training()
+                .list_datasets(proto::ListDatasetsRequest {
+                    tenant: tenant.into(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            for d in l.datasets {
+                println!(
+                    "{}\t{}\t{} examples\t{} tokens",
+                    d.name, d.format, d.examples, d.tokens
+                );
+            }
+        }
+        DatasetCmd::Rm { name } => {
+            client
+                .training()
+                .delete_dataset(proto::DeleteDatasetRequest {
+                    tenant: tenant.into(),
+                    name,
+                })
+                .await
+                .map_err(status_error)?;
+        }
+    }
+    Ok(())
+}
+
+fn print_job(j: &proto::Job) {
+    println!(
+        "{}\t{}\t{} -> {}{}\tstep {}/{}{}",
+        j.id,
+        j.status,
+        j.dataset,
+        j.adapter_name,
+        if j.adapter_version > 0 {
+            format!("@{}", j.adapter_version)
+        } else {
+            String::new()
+        },
+        j.step,
+        j.total_steps,
+        if j.error.is_empty() {
+            String::new()
+        } else {
+            format!("\t{}", j.error)
+        }
+    );
+}
+
+async fn watch(client: &GraftClient, tenant: &str, id: &str) -> anyhow::Result<()> {
+    use proto::job_event::Event;
+    let mut s = client
+        .watch_job(tenant, id, 0)
+        .await
+        .map_err(status_error)?;
+    while let Some(e) = s.message().await.map_err(status_error)? {
+        match e.event {
+            Some(Event::Status(st)) => eprintln!("[{}] {} {}", e.seq, st.status, st.message),
+            Some(Event::Step(st)) => eprintln!(
+                "step {}/{} epoch {:.2} loss {:.4} lr {:.2e} grad-norm {:.3} {:.0} tok/s eta {:.0}s",
+                st.step, st.total_steps, st.epoch, st.train_loss, st.learning_rate, st.grad_norm, st.tokens_per_second, st.eta_seconds
+            ),
+            Some(Event::Eval(ev)) => eprintln!("eval at step {}: loss {:.4} token accuracy {:.3}", ev.step, ev.eval_loss, ev.token_accuracy),
+            Some(Event::Checkpoint(c)) => eprintln!("checkpoint at step {}", c.step),
+            None => {}
+        }
+    }
+    let j = client.get_job(tenant, id).await.map_err(status_error)?;
+    print_job(&j);
+    if j.status != "succeeded" {
+        anyhow::bail!("job {} ended {}", j.id, j.status);
+    }
+    Ok(())
+}
+
+async fn jobs(client: &GraftClient, tenant: &str, cmd: JobCmd) -> anyhow::Result<()> {
+    match cmd {
+        JobCmd::Create {
+            dataset,
+            adapter,
+            epochs,
+            learning_rate,
+            batch_size,
+            rank,
+            validation_split,
+            watch: follow,
+        } => {
+            let j = client
+                .create_job(proto::CreateJobRequest {
+                    tenant: tenant.into(),
+                    dataset,
+                    adapter_name: adapter,
+                    validation_split,
+                    lora: Some(proto::LoraMethod {
+                        r: rank,
+                        ..Default::default()
+                    }),
+                    hyperparameters: Some(proto::Hyperparameters {
+                        epochs,
+                        learning_rate,
+                        batch_size,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .await
+                .map_err(status_error)?;
+            print_job(&j);
+            if follow {
+                watch(client, tenant, &j.id).await?;
+            }
+        }
+        JobCmd::Ls => {
+            let l = client
+                .training()
+                .list_jobs(proto::ListJobsRequest {
+                    tenant: tenant.into(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            for j in &l.jobs {
+                print_job(j);
+            }
+        }
+        JobCmd::Show { id } => print_job(&client.get_job(tenant, &id).await.map_err(status_error)?),
+        JobCmd::Watch { id } => watch(client, tenant, &id).await?,
+        JobCmd::Cancel { id } => {
+            print_job(&client.cancel_job(tenant, &id).await.map_err(status_error)?)
         }
     }
     Ok(())
