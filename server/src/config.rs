@@ -74,6 +74,9 @@ pub struct Settings {
     /// Threads a training job computes with (the rest of the cores stay with serving).
     #[arg(long, env = "GRAFT_TRAINING_THREADS")]
     pub training_threads: Option<usize>,
+    /// Training jobs computing at once (others wait in the queue).
+    #[arg(long, env = "GRAFT_MAX_CONCURRENT_JOBS")]
+    pub max_concurrent_jobs: Option<usize>,
     /// Log format: "text" or "json".
     #[arg(long, env = "GRAFT_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -96,6 +99,7 @@ pub struct ServerConfig {
     pub base_model_aliases: Vec<String>,
     pub max_dataset_bytes: usize,
     pub training_threads: usize,
+    pub max_concurrent_jobs: usize,
 }
 
 pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -202,6 +206,10 @@ impl Settings {
                 .unwrap_or_else(|| vec![DEFAULT_BASE_ALIAS.into()]),
             max_dataset_bytes: self.max_dataset_mb.or(file.max_dataset_mb).unwrap_or(256) << 20,
             training_threads: self.training_threads.or(file.training_threads).unwrap_or(1),
+            max_concurrent_jobs: self
+                .max_concurrent_jobs
+                .or(file.max_concurrent_jobs)
+                .unwrap_or(1),
         })
     }
 }
@@ -225,6 +233,7 @@ impl ServerConfig {
             base_model_aliases: vec![DEFAULT_BASE_ALIAS.into()],
             max_dataset_bytes: 256 << 20,
             training_threads: 1,
+            max_concurrent_jobs: 1,
         }
     }
 }

@@ -173,6 +173,7 @@ async fn load_and_warm(cfg: &ServerConfig, slot: &ReadySlot) -> anyhow::Result<(
             max_rank: cfg.max_adapter_rank,
             max_dataset_bytes: cfg.max_dataset_bytes,
             training_threads: cfg.training_threads,
+            max_concurrent_jobs: cfg.max_concurrent_jobs,
         },
     );
     let engine = EngineHandle::start(model.clone(), cfg.engine.clone())?;

@@ -42,6 +42,8 @@ pub struct TrainingConfig {
     pub max_rank: usize,
     pub max_dataset_bytes: usize,
     pub training_threads: usize,
+    /// Jobs computing at the same time (default 1; the others wait in the queue).
+    pub max_concurrent_jobs: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -445,23 +447,37 @@ impl TrainingService {
         Ok(rx)
     }
 
-    /// Starts the runner: re-queues jobs a stop interrupted, then runs queued jobs one at a
-    /// time until the process ends.
+    /// Starts the runner: re-queues jobs a stop interrupted, then runs queued jobs in order,
+    /// `max_concurrent_jobs` at a time, until the process ends.
     pub async fn start(self: &Arc<Self>) -> Result<(), TrainingError> {
         let n = self.db.requeue_interrupted_jobs().await?;
         if n > 0 {
             tracing::info!(jobs = n, "re-queued interrupted training jobs");
         }
         let me = self.clone();
+        let slots = Arc::new(tokio::sync::Semaphore::new(
+            self.cfg.max_concurrent_jobs.max(1),
+        ));
         tokio::spawn(async move {
             loop {
+                let Ok(slot) = slots.clone().acquire_owned().await else {
+                    return;
+                };
                 match me.db.claim_queued_job().await {
-                    Ok(Some(job)) => me.run(job).await,
+                    Ok(Some(job)) => {
+                        let me = me.clone();
+                        tokio::spawn(async move {
+                            me.run(job).await;
+                            drop(slot);
+                        });
+                    }
                     Ok(None) => {
+                        drop(slot);
                         let _ =
                             tokio::time::timeout(Duration::from_secs(1), me.wake.notified()).await;
                     }
                     Err(e) => {
+                        drop(slot);
                         tracing::error!(error = %e, "claiming a job");
                         tokio::time::sleep(Duration::from_secs(1)).await;
                     }

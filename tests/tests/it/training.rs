@@ -509,3 +509,57 @@ async fn nan_loss_and_unwritable_checkpoints_fail_the_job_with_the_reason() {
         .await
         .is_ok());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_job_computes_at_a_time_and_the_next_waits_in_the_queue() {
+    let t = start_with(tiny_model_path(), |_| {}).await;
+    t.client
+        .upload_dataset(
+            "",
+            "d",
+            "",
+            b"{\"prompt\":\"a b\",\"completion\":\"c d e\"}\n".repeat(8),
+        )
+        .await
+        .expect("upload");
+    let long = t
+        .client
+        .create_job(job(
+            "d",
+            "long",
+            pb::Hyperparameters {
+                epochs: Some(5000),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("long");
+    let short = t
+        .client
+        .create_job(job(
+            "d",
+            "short",
+            pb::Hyperparameters {
+                epochs: Some(1),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("short");
+    wait_for_step(&t, &long.id).await;
+    assert_eq!(
+        t.client.get_job("", &short.id).await.expect("get").status,
+        "queued"
+    );
+    t.client.cancel_job("", &long.id).await.expect("cancel");
+    let (_, done) =
+        tokio::time::timeout(Duration::from_secs(60), t.client.follow_job("", &short.id))
+            .await
+            .expect("runs next")
+            .expect("watch");
+    assert_eq!(done.status, "succeeded", "{}", done.error);
+    assert_eq!(
+        t.client.get_job("", &long.id).await.expect("get").status,
+        "cancelled"
+    );
+}
