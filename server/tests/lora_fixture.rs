@@ -2,12 +2,12 @@
 //! gives the logits and greedy continuation transformers + PEFT recorded; the serving path
 //! equals the merged reference path; files round-trip; a mixed batch equals solo runs.
 
-use std::{
-    path::PathBuf,
-    sync::{Arc, OnceLock},
-};
+mod common;
+
+use std::path::PathBuf;
 
 use candle_core::Device;
+use common::{fixtures, ids, log_softmax, model, top_k};
 use graft_server::{
     adapters::peft::{self, ImportPolicy, ParsedLora},
     model::{
@@ -16,26 +16,8 @@ use graft_server::{
     },
 };
 
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
 fn fixture_dir() -> PathBuf {
-    std::env::var_os("GRAFT_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("../shared/fixtures"))
-        .join("peft-lora-smollm2")
-}
-
-fn model() -> Arc<BaseModel> {
-    static M: OnceLock<Arc<BaseModel>> = OnceLock::new();
-    M.get_or_init(|| {
-        let path = std::env::var_os("GRAFT_TEST_MODEL")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| repo_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
-        Arc::new(BaseModel::load(&path, &Device::Cpu).expect("load model (run `make model`)"))
-    })
-    .clone()
+    fixtures().join("peft-lora-smollm2")
 }
 
 fn policy() -> ImportPolicy {
@@ -54,31 +36,7 @@ fn fixture_adapter(m: &BaseModel) -> ParsedLora {
 }
 
 fn reference() -> serde_json::Value {
-    serde_json::from_str(
-        &std::fs::read_to_string(fixture_dir().join("reference.json")).expect("ref"),
-    )
-    .expect("json")
-}
-
-fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array()
-        .expect("array")
-        .iter()
-        .map(|x| x.as_u64().expect("id") as u32)
-        .collect()
-}
-
-fn log_softmax(x: &[f32]) -> Vec<f32> {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = x.iter().map(|v| (v - max).exp()).sum::<f32>().ln() + max;
-    x.iter().map(|v| v - lse).collect()
-}
-
-fn top_k(x: &[f32], k: usize) -> Vec<u32> {
-    let mut idx: Vec<u32> = (0..x.len() as u32).collect();
-    idx.sort_by(|a, b| x[*b as usize].total_cmp(&x[*a as usize]));
-    idx.truncate(k);
-    idx
+    common::json(fixture_dir().join("reference.json"))
 }
 
 /// Greedy decoding through the serving path with `lora`; returns (last-prompt logits, ids).

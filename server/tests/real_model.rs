@@ -2,63 +2,11 @@
 //! (`../shared/fixtures/`): tokenizer ids, chat template, logits and greedy continuation;
 //! and the serving path (batched, chunked, KV-cached) against the plain reference path.
 
-use std::{
-    path::PathBuf,
-    sync::{Arc, OnceLock},
-};
+mod common;
 
 use candle_core::{Device, Tensor};
+use common::{fixtures, ids, json, log_softmax, model, top_k};
 use graft_server::model::{BaseModel, ChatMessage, SeqChunk};
-
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn fixtures() -> PathBuf {
-    std::env::var_os("GRAFT_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("../shared/fixtures"))
-}
-
-fn model() -> Arc<BaseModel> {
-    static M: OnceLock<Arc<BaseModel>> = OnceLock::new();
-    M.get_or_init(|| {
-        let path = std::env::var_os("GRAFT_TEST_MODEL")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| repo_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
-        Arc::new(
-            BaseModel::load(&path, &Device::Cpu)
-                .unwrap_or_else(|e| panic!("load {} (run `make model`): {e}", path.display())),
-        )
-    })
-    .clone()
-}
-
-fn json(path: PathBuf) -> serde_json::Value {
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_json::from_str(&text).expect("fixture is JSON")
-}
-
-fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array()
-        .expect("array")
-        .iter()
-        .map(|x| x.as_u64().expect("id") as u32)
-        .collect()
-}
-
-fn log_softmax(x: &[f32]) -> Vec<f32> {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = x.iter().map(|v| (v - max).exp()).sum::<f32>().ln() + max;
-    x.iter().map(|v| v - lse).collect()
-}
-
-fn top_k(x: &[f32], k: usize) -> Vec<u32> {
-    let mut idx: Vec<u32> = (0..x.len() as u32).collect();
-    idx.sort_by(|a, b| x[*b as usize].total_cmp(&x[*a as usize]));
-    idx.truncate(k);
-    idx
-}
 
 /// Logits of the last prompt position through the serving path, prefilled in `chunk`s.
 fn serving_last_logits(m: &BaseModel, prompt: &[u32], chunk: usize) -> Vec<f32> {

@@ -1,7 +1,7 @@
 //! `graft.v1.Adapters`: import/export PEFT files, list, get, delete. Thin: every rule lives
 //! in `adapters::registry` and `adapters::peft`.
 
-use std::{pin::Pin, time::Instant};
+use std::pin::Pin;
 
 use futures::Stream;
 use graft_proto::v1::{self as pb, adapters_server::Adapters, import_adapter_request::Part};
@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::{
     convert::{adapter_ref, tenant_of},
     error::ApiError,
-    observe, ready, ReadySlot,
+    ready, recorded, ReadySlot,
 };
 use crate::{
     adapters::peft::{CONFIG_FILE, WEIGHTS_FILE},
@@ -47,21 +47,6 @@ impl From<AdapterRow> for pb::AdapterVersion {
             base_model_fingerprint: r.base_fingerprint,
         }
     }
-}
-
-/// Runs an RPC body and records its outcome.
-async fn recorded<T>(
-    rpc: &'static str,
-    f: impl std::future::Future<Output = Result<T, ApiError>>,
-) -> Result<Response<T>, Status> {
-    let started = Instant::now();
-    let r = f.await;
-    observe(
-        rpc,
-        r.as_ref().map_or_else(ApiError::code, |_| tonic::Code::Ok),
-        started,
-    );
-    r.map(Response::new).map_err(Into::into)
 }
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::AdapterFileChunk, Status>> + Send>>;

@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 use super::{
     convert::{deadline_from, validate_generate, PromptInput, RequestLimits},
     error::ApiError,
-    observe, ReadySlot,
+    observe, recorded, ReadySlot,
 };
 use crate::engine::{GenerationRequest, StreamEvent};
 
@@ -132,8 +132,7 @@ impl Generation for GenerationService {
         &self,
         req: Request<pb::GenerateRequest>,
     ) -> Result<Response<pb::GenerateResponse>, Status> {
-        let started = Instant::now();
-        let result = async {
+        recorded("Generate", async {
             let mut rx = self.start(req).await?;
             let mut out = pb::GenerateResponse::default();
             while let Some(ev) = rx.recv().await {
@@ -162,13 +161,8 @@ impl Generation for GenerationService {
                 }
             }
             Err(ApiError::Internal("the engine stopped".into()))
-        }
-        .await;
-        let code = result
-            .as_ref()
-            .map_or_else(ApiError::code, |_| tonic::Code::Ok);
-        observe("Generate", code, started);
-        result.map(Response::new).map_err(Into::into)
+        })
+        .await
     }
 
     type GenerateStreamStream = EventStream;

@@ -60,3 +60,19 @@ fn code_label(c: tonic::Code) -> &'static str {
         Unauthenticated => "UNAUTHENTICATED",
     }
 }
+
+/// Runs an RPC body, records its outcome and converts it for tonic.
+pub async fn recorded<T>(
+    rpc: &'static str,
+    f: impl std::future::Future<Output = Result<T, error::ApiError>>,
+) -> Result<tonic::Response<T>, tonic::Status> {
+    let started = Instant::now();
+    let r = f.await;
+    observe(
+        rpc,
+        r.as_ref()
+            .map_or_else(error::ApiError::code, |_| tonic::Code::Ok),
+        started,
+    );
+    r.map(tonic::Response::new).map_err(Into::into)
+}

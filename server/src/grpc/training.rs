@@ -1,13 +1,13 @@
 //! `graft.v1.Training`: datasets and jobs. Converts and validates the request's fields
 //! (INVALID_ARGUMENT naming each), then calls `train::jobs::TrainingService`.
 
-use std::{pin::Pin, time::Instant};
+use std::pin::Pin;
 
 use futures::Stream;
 use graft_proto::v1::{self as pb, training_server::Training, upload_dataset_request::Part};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{convert::tenant_of, error::ApiError, observe, ready, ReadySlot};
+use super::{convert::tenant_of, error::ApiError, ready, recorded, ReadySlot};
 use crate::{
     model::lora::Module,
     store::training::{DatasetRow, JobRow},
@@ -292,20 +292,6 @@ fn job_from(req: &pb::CreateJobRequest) -> Result<NewJob, ApiError> {
             warmup_ratio: ratio,
         },
     })
-}
-
-async fn recorded<T>(
-    rpc: &'static str,
-    f: impl std::future::Future<Output = Result<T, ApiError>>,
-) -> Result<Response<T>, Status> {
-    let started = Instant::now();
-    let r = f.await;
-    observe(
-        rpc,
-        r.as_ref().map_or_else(ApiError::code, |_| tonic::Code::Ok),
-        started,
-    );
-    r.map(Response::new).map_err(Into::into)
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Send>>;

@@ -1,0 +1,63 @@
+//! Helpers shared by the model-level test binaries: paths, the real model (loaded once per
+//! binary), fixture readers and small logit utilities.
+#![allow(dead_code)]
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, OnceLock},
+};
+
+use candle_core::Device;
+use graft_server::model::BaseModel;
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// `../shared/fixtures` (or `GRAFT_FIXTURES`).
+pub fn fixtures() -> PathBuf {
+    std::env::var_os("GRAFT_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("../shared/fixtures"))
+}
+
+/// The real SmolLM2 (`make model`), loaded once per test binary.
+pub fn model() -> Arc<BaseModel> {
+    static M: OnceLock<Arc<BaseModel>> = OnceLock::new();
+    M.get_or_init(|| {
+        let path = std::env::var_os("GRAFT_TEST_MODEL")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+        Arc::new(
+            BaseModel::load(&path, &Device::Cpu)
+                .unwrap_or_else(|e| panic!("load {} (run `make model`): {e}", path.display())),
+        )
+    })
+    .clone()
+}
+
+pub fn json(path: PathBuf) -> serde_json::Value {
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).expect("fixture is JSON")
+}
+
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
+
+pub fn log_softmax(x: &[f32]) -> Vec<f32> {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = x.iter().map(|v| (v - max).exp()).sum::<f32>().ln() + max;
+    x.iter().map(|v| v - lse).collect()
+}
+
+pub fn top_k(x: &[f32], k: usize) -> Vec<u32> {
+    let mut idx: Vec<u32> = (0..x.len() as u32).collect();
+    idx.sort_by(|a, b| x[*b as usize].total_cmp(&x[*a as usize]));
+    idx.truncate(k);
+    idx
+}
