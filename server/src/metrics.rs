@@ -29,6 +29,8 @@ pub const ADAPTERS_RESIDENT_BYTES: &str = "graft_adapters_resident_bytes";
 pub const TRAINING_JOBS: &str = "graft_training_jobs_total";
 pub const TRAINING_LOSS: &str = "graft_training_loss";
 pub const TRAINING_TOKENS_PER_SECOND: &str = "graft_training_tokens_per_second";
+pub const TRAINING_TOKENS_TOTAL: &str = "graft_training_tokens_total";
+pub const TRAINING_STEP_SECONDS: &str = "graft_training_step_seconds";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -148,7 +150,9 @@ pub fn job_finished(status: &str) {
 }
 
 /// One optimizer step's figures.
-pub fn training_step(loss: f64, tokens_per_second: f64) {
+pub fn training_step(loss: f64, tokens_per_second: f64, tokens: usize, seconds: f64) {
     metrics::gauge!(TRAINING_LOSS).set(loss);
     metrics::gauge!(TRAINING_TOKENS_PER_SECOND).set(tokens_per_second);
+    metrics::counter!(TRAINING_TOKENS_TOTAL).increment(tokens as u64);
+    metrics::histogram!(TRAINING_STEP_SECONDS).record(seconds);
 }

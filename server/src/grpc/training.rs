@@ -96,6 +96,7 @@ fn to_proto_event(seq: u64, at_ms: i64, e: JobEvent) -> pb::JobEvent {
             grad_norm,
             tokens_per_second,
             eta_seconds,
+            ..
         }) => Event::Step(pb::StepEvent {
             step: step as u64,
             total_steps: total_steps as u64,

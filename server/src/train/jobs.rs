@@ -614,6 +614,8 @@ impl TrainingService {
                     total_steps,
                     train_loss,
                     tokens_per_second,
+                    step_tokens,
+                    step_seconds,
                     ..
                 } = &e
                 {
@@ -621,7 +623,12 @@ impl TrainingService {
                         .db
                         .set_job_progress(&jid, *step as u64, *total_steps as u64)
                         .await;
-                    crate::metrics::training_step(*train_loss, *tokens_per_second);
+                    crate::metrics::training_step(
+                        *train_loss,
+                        *tokens_per_second,
+                        *step_tokens,
+                        *step_seconds,
+                    );
                 }
                 let _ = me.event(&jid, JobEvent::Train(e)).await;
             }

@@ -82,6 +82,11 @@ pub enum TrainEvent {
         grad_norm: f64,
         tokens_per_second: f64,
         eta_seconds: f64,
+        /// Tokens this step ran (padding excluded) and its wall time.
+        #[serde(default)]
+        step_tokens: usize,
+        #[serde(default)]
+        step_seconds: f64,
     },
     Eval {
         step: usize,
@@ -250,6 +255,7 @@ pub fn train(
             (first_micro..(first_micro + spec.grad_accum).min(micro_per_epoch)).collect();
         let mut acc: Option<Vec<Tensor>> = None;
         let mut loss_sum = 0f64;
+        let (step_started, tokens_before) = (Instant::now(), tokens_done);
         vars.set_train(true);
         for &mb in &micros {
             if ctl.cancel.load(Ordering::SeqCst) {
@@ -313,6 +319,8 @@ pub fn train(
             grad_norm: norm,
             tokens_per_second: tokens_done as f64 / secs.max(1e-9),
             eta_seconds: per_step * (total - done) as f64,
+            step_tokens: tokens_done - tokens_before,
+            step_seconds: step_started.elapsed().as_secs_f64(),
         });
         let end_of_epoch = done % steps_per_epoch == 0;
         let eval_now = !eval_set.is_empty()

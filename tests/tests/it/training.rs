@@ -446,6 +446,18 @@ async fn cancel_stops_a_running_job_and_keeps_its_checkpoint() {
         .exists());
     // No adapter was registered.
     assert!(t.client.list_adapters("").await.expect("list").is_empty());
+    // Ops see the job in the metrics.
+    let m = t.scrape().await;
+    assert!(
+        graft_tests::metric_value(&m, "graft_training_tokens_total", &[]) > 0.0,
+        "{m}"
+    );
+    assert!(
+        graft_tests::metric_value(&m, "graft_training_jobs_total", &["status=\"cancelled\""])
+            >= 1.0
+    );
+    assert!(m.contains("graft_training_step_seconds_bucket"));
+    assert!(m.contains("graft_training_loss"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
