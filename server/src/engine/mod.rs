@@ -4,6 +4,7 @@
 //!   queue (full queue -> [`SubmitError::QueueFull`]) and returns the stream of its events.
 //! - The loop (`step.rs`) is the only owner of sequences, KV caches and samplers.
 //! - Policy lives in `scheduler.rs` (pure), token choice in `sampler.rs`, text in `output.rs`.
+//!
 //! Invariant: no lock is held across a request's generation; a request's tokens depend only
 //! on the request (prompt, parameters, seed), never on the rest of the batch.
 

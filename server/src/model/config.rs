@@ -26,19 +26,22 @@ impl LlamaConfig {
     }
     /// Checks the invariants the forward pass relies on.
     pub fn validate(&self) -> Result<(), String> {
-        if self.num_heads == 0 || self.num_kv_heads == 0 || self.hidden_size % self.num_heads != 0 {
+        if self.num_heads == 0
+            || self.num_kv_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_heads)
+        {
             return Err(format!(
                 "hidden_size {} is not divisible by num_heads {}",
                 self.hidden_size, self.num_heads
             ));
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(format!(
                 "num_heads {} is not a multiple of num_kv_heads {}",
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return Err(format!(
                 "head_dim {} must be even for RoPE",
                 self.head_dim()

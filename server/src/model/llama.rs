@@ -4,6 +4,7 @@
 //!   [`KvCache`].
 //! - [`Llama::forward_reference`]: the plain path. One whole sequence, no cache, built only
 //!   from differentiable candle ops; tests hold the serving path to it.
+//!
 //! Invariant: the model never owns per-sequence state and never mutates its weights.
 
 use candle_core::{DType, Device, Tensor, D};

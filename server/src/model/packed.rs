@@ -214,7 +214,7 @@ impl PackedLinear {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2")
             && std::arch::is_x86_feature_detected!("fma")
-            && self.inp % BLOCK == 0
+            && self.inp.is_multiple_of(BLOCK)
         {
             let (n, k) = (self.out, self.inp);
             assert!(x.len() >= rows * k);
@@ -272,7 +272,10 @@ fn tile_rows(
     o0: &mut [f32],
     o1: Option<&mut [f32]>,
 ) {
-    assert!(k % LANES == 0, "row length must be a multiple of {LANES}");
+    assert!(
+        k.is_multiple_of(LANES),
+        "row length must be a multiple of {LANES}"
+    );
     assert!(w0.len() == k && w1.is_none_or(|w| w.len() == k) && x.len() >= rows * k);
     assert!(o0.len() >= rows && o1.as_ref().is_none_or(|o| o.len() >= rows));
     #[cfg(target_arch = "x86_64")]

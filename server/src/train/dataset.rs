@@ -53,6 +53,9 @@ impl Format {
     }
 }
 
+/// Renders chat messages into prompt text (the model's chat template).
+pub type RenderChat<'a> = &'a dyn Fn(&[ChatMessage], bool) -> Result<String, ModelError>;
+
 /// One problem, with its 1-based line number.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
@@ -107,7 +110,7 @@ fn text_of(obj: &serde_json::Map<String, Value>, key: &str) -> Option<String> {
 fn example_of(
     obj: &serde_json::Map<String, Value>,
     format: Format,
-    render: &dyn Fn(&[ChatMessage], bool) -> Result<String, ModelError>,
+    render: RenderChat<'_>,
 ) -> Result<Example, (&'static str, String)> {
     let missing = |k: &str| {
         (
@@ -265,7 +268,7 @@ fn example_of(
 pub fn parse_jsonl(
     text: &str,
     forced: Option<Format>,
-    render: &dyn Fn(&[ChatMessage], bool) -> Result<String, ModelError>,
+    render: RenderChat<'_>,
 ) -> Result<(Vec<Example>, Format), Vec<Problem>> {
     let mut problems = Vec::new();
     let mut examples = Vec::new();
