@@ -390,6 +390,21 @@ async fn bad_jobs_are_refused_naming_the_field() {
     );
 }
 
+/// A tiny-model server with a small prompt/completion dataset "d" uploaded.
+async fn tiny_with_dataset() -> graft_tests::TestServer {
+    let t = start_with(tiny_model_path(), |_| {}).await;
+    t.client
+        .upload_dataset(
+            "",
+            "d",
+            "",
+            b"{\"prompt\":\"a b\",\"completion\":\"c d e\"}\n".repeat(8),
+        )
+        .await
+        .expect("upload");
+    t
+}
+
 async fn wait_for_step(t: &graft_tests::TestServer, id: &str) {
     let mut s = t.client.watch_job("", id, 0).await.expect("watch");
     while let Some(e) = s.message().await.expect("event") {
@@ -402,16 +417,7 @@ async fn wait_for_step(t: &graft_tests::TestServer, id: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_stops_a_running_job_and_keeps_its_checkpoint() {
-    let t = start_with(tiny_model_path(), |_| {}).await;
-    t.client
-        .upload_dataset(
-            "",
-            "d",
-            "",
-            b"{\"prompt\":\"a b\",\"completion\":\"c d e\"}\n".repeat(8),
-        )
-        .await
-        .expect("upload");
+    let t = tiny_with_dataset().await;
     let j = t
         .client
         .create_job(job(
@@ -462,16 +468,7 @@ async fn cancel_stops_a_running_job_and_keeps_its_checkpoint() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nan_loss_and_unwritable_checkpoints_fail_the_job_with_the_reason() {
-    let t = start_with(tiny_model_path(), |_| {}).await;
-    t.client
-        .upload_dataset(
-            "",
-            "d",
-            "",
-            b"{\"prompt\":\"a b\",\"completion\":\"c d e\"}\n".repeat(8),
-        )
-        .await
-        .expect("upload");
+    let t = tiny_with_dataset().await;
     let j = t
         .client
         .create_job(job(
@@ -524,16 +521,7 @@ async fn nan_loss_and_unwritable_checkpoints_fail_the_job_with_the_reason() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_job_computes_at_a_time_and_the_next_waits_in_the_queue() {
-    let t = start_with(tiny_model_path(), |_| {}).await;
-    t.client
-        .upload_dataset(
-            "",
-            "d",
-            "",
-            b"{\"prompt\":\"a b\",\"completion\":\"c d e\"}\n".repeat(8),
-        )
-        .await
-        .expect("upload");
+    let t = tiny_with_dataset().await;
     let long = t
         .client
         .create_job(job(
