@@ -128,17 +128,6 @@ fn normalise(s: &str) -> String {
         .to_ascii_lowercase()
 }
 
-/// Shapes `(out, in)` of each module in this model.
-fn module_shape(cfg: &LlamaConfig, m: Module) -> (usize, usize) {
-    let (h, f, kv) = (cfg.hidden_size, cfg.intermediate_size, cfg.kv_dim());
-    match m {
-        Module::Q | Module::O => (h, h),
-        Module::K | Module::V => (kv, h),
-        Module::Gate | Module::Up => (f, h),
-        Module::Down => (h, f),
-    }
-}
-
 fn to_f32(name: &str, t: &TensorView<'_>) -> Result<Vec<f32>, ImportError> {
     let d = t.data();
     let v: Vec<f32> = match t.dtype() {
@@ -376,7 +365,7 @@ pub fn parse(
                 ),
             ));
         }
-        let (out_f, in_f) = module_shape(cfg, m);
+        let (out_f, in_f) = m.shape(cfg);
         if a.shape() != [mr, in_f] || b.shape() != [out_f, mr] {
             return Err(err(
                 WEIGHTS_FILE,

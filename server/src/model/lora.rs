@@ -7,7 +7,10 @@
 
 use candle_core::Tensor;
 
-use super::weights::{LayerWeights, Linear, Weights};
+use super::{
+    config::LlamaConfig,
+    weights::{LayerWeights, Linear, Weights},
+};
 
 /// The seven linear modules of a Llama block, in PEFT's names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -59,6 +62,17 @@ impl Module {
 
     pub fn index(self) -> usize {
         self as usize
+    }
+
+    /// This module's weight shape `(out, in)` in a model of shape `cfg`.
+    pub fn shape(self, cfg: &LlamaConfig) -> (usize, usize) {
+        let (h, f, kv) = (cfg.hidden_size, cfg.intermediate_size, cfg.kv_dim());
+        match self {
+            Module::Q | Module::O => (h, h),
+            Module::K | Module::V => (kv, h),
+            Module::Gate | Module::Up => (f, h),
+            Module::Down => (h, f),
+        }
     }
 
     /// This module's base weight in a layer.

@@ -51,17 +51,6 @@ impl LoraTensors for LoraVars {
     }
 }
 
-/// Shape `(out, in)` of a module.
-pub fn module_shape(cfg: &LlamaConfig, m: Module) -> (usize, usize) {
-    let (h, f, kv) = (cfg.hidden_size, cfg.intermediate_size, cfg.kv_dim());
-    match m {
-        Module::Q | Module::O => (h, h),
-        Module::K | Module::V => (kv, h),
-        Module::Gate | Module::Up => (f, h),
-        Module::Down => (h, f),
-    }
-}
-
 impl LoraVars {
     /// Fresh parameters for `targets` in every layer.
     #[allow(clippy::too_many_arguments)]
@@ -85,7 +74,7 @@ impl LoraVars {
         for _ in 0..cfg.num_layers {
             let mut l: [Option<VarPair>; 7] = Default::default();
             for &m in targets {
-                let (out, inp) = module_shape(cfg, m);
+                let (out, inp) = m.shape(cfg);
                 let bound = 1.0 / (inp as f32).sqrt();
                 let a: Vec<f32> = (0..rank * inp)
                     .map(|_| rng.random_range(-bound..bound))
