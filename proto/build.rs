@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/graft/v1/generation.proto",
         "proto/graft/v1/adapters.proto",
         "proto/graft/v1/training.proto",
+        "proto/graft/v1/admin.proto",
     ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");

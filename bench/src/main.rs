@@ -5,7 +5,7 @@ use std::{path::PathBuf, time::Instant};
 
 use clap::Parser;
 use futures::future::join_all;
-use graft_client::{GenerateOptions, GraftClient};
+use graft_client::GenerateOptions;
 use graft_server::{config::ServerConfig, server};
 
 #[derive(Parser)]
@@ -64,11 +64,12 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let data = std::env::temp_dir().join(format!("graft-bench-{}", std::process::id()));
     let mut cfg = ServerConfig::for_model(&args.model, &data);
+    cfg.tenancy.admin_key = Some(graft_tests::ADMIN_KEY.into());
     cfg.engine.max_active_sequences = 64;
     let srv = server::start(cfg).await?;
     srv.ready().await?;
     let model = srv.engine().expect("ready").model().clone();
-    let client = GraftClient::connect(&format!("http://{}", srv.grpc_addr)).await?;
+    let client = graft_tests::connect_as(srv.grpc_addr, graft_tests::TENANT).await;
     println!(
         "machine: {} cores; model: {}",
         std::thread::available_parallelism()?.get(),

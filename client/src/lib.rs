@@ -3,21 +3,64 @@
 //! get domain-friendly results back. Transport errors and server statuses stay `tonic::Status`
 //! so callers can match on the code.
 
+use graft_proto::v1::admin_client::AdminClient;
 use graft_proto::v1::{
     self as pb, adapters_client::AdaptersClient, generation_client::GenerationClient,
     import_adapter_request::Part, training_client::TrainingClient, ChatMessage, GenerateRequest,
     SamplingParameters,
 };
-use tonic::{transport::Channel, Status, Streaming};
+use tonic::{
+    metadata::{Ascii, MetadataValue},
+    service::{interceptor::InterceptedService, Interceptor},
+    transport::{Certificate, Channel, ClientTlsConfig, Identity},
+    Request, Status, Streaming,
+};
+
+/// Adds `authorization: Bearer <key>` to every call (when a key is set).
+#[derive(Clone, Default)]
+pub struct BearerKey(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for BearerKey {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// The transport every typed client runs over: the channel plus the bearer key.
+pub type Transport = InterceptedService<Channel, BearerKey>;
+
+/// TLS settings of a connection (used for `https://` addresses).
+#[derive(Debug, Clone, Default)]
+pub struct TlsOptions {
+    /// PEM CA certificate(s) to trust; `None`: the system's roots.
+    pub ca_pem: Option<Vec<u8>>,
+    /// The name the server's certificate must carry (default: the address's host).
+    pub domain: Option<String>,
+    /// PEM certificate and key for mutual TLS.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+/// How to connect.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectOptions {
+    /// API key (a tenant's, or the admin key) sent as a bearer token.
+    pub api_key: Option<String>,
+    pub tls: TlsOptions,
+}
 
 pub use graft_proto::v1 as proto;
 
 /// Connection to one graftd.
 #[derive(Clone)]
 pub struct GraftClient {
-    generation: GenerationClient<Channel>,
-    adapters: AdaptersClient<Channel>,
-    training: TrainingClient<Channel>,
+    channel: Channel,
+    generation: GenerationClient<Transport>,
+    adapters: AdaptersClient<Transport>,
+    training: TrainingClient<Transport>,
+    admin: AdminClient<Transport>,
 }
 
 /// PEFT file names, as graft stores and exports them.
@@ -37,7 +80,7 @@ pub struct GenerateOptions {
     pub seed: Option<u64>,
     pub logprobs: bool,
     pub adapter: Option<String>,
-    /// Tenant owning the adapter (empty: the default tenant).
+    /// Acting tenant: leave `None` with a tenant's key; name it with the admin key.
     pub tenant: Option<String>,
 }
 
@@ -103,39 +146,117 @@ pub enum ConnectError {
     Address(String, String),
     #[error("cannot connect to {0}: {1}")]
     Transport(String, tonic::transport::Error),
+    #[error("invalid API key: it must be printable ASCII")]
+    ApiKey,
 }
 
 impl GraftClient {
-    /// Connects to `addr` (`http://host:port`; a bare `host:port` gets `http://`).
+    /// Connects to `addr` (`http://host:port`; a bare `host:port` gets `http://`) without
+    /// a key (only health and reflection will answer).
     pub async fn connect(addr: &str) -> Result<Self, ConnectError> {
+        Self::connect_with(addr, &ConnectOptions::default()).await
+    }
+
+    /// Connects with a key and, for `https://` addresses, TLS.
+    pub async fn connect_with(addr: &str, opts: &ConnectOptions) -> Result<Self, ConnectError> {
         let uri = if addr.contains("://") {
             addr.to_string()
         } else {
             format!("http://{addr}")
         };
-        let endpoint = Channel::from_shared(uri.clone())
+        let mut endpoint = Channel::from_shared(uri.clone())
             .map_err(|e| ConnectError::Address(addr.into(), e.to_string()))?;
+        if uri.starts_with("https://") {
+            let t = &opts.tls;
+            let mut tls = ClientTlsConfig::new();
+            tls = match &t.ca_pem {
+                Some(ca) => tls.ca_certificate(Certificate::from_pem(ca)),
+                None => tls.with_native_roots(),
+            };
+            if let Some(d) = &t.domain {
+                tls = tls.domain_name(d.clone());
+            }
+            if let Some((cert, key)) = &t.identity {
+                tls = tls.identity(Identity::from_pem(cert, key));
+            }
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| ConnectError::Transport(uri.clone(), e))?;
+        }
         let channel = endpoint
             .connect()
             .await
             .map_err(|e| ConnectError::Transport(uri, e))?;
-        Ok(Self::from_channel(channel))
+        Self::from_channel(channel).with_api_key(opts.api_key.as_deref())
     }
 
     pub fn from_channel(channel: Channel) -> Self {
+        Self::build(channel, BearerKey::default())
+    }
+
+    fn build(channel: Channel, key: BearerKey) -> Self {
+        let t = || InterceptedService::new(channel.clone(), key.clone());
         Self {
-            generation: GenerationClient::new(channel.clone()),
-            adapters: AdaptersClient::new(channel.clone())
+            generation: GenerationClient::new(t()),
+            adapters: AdaptersClient::new(t())
                 .max_decoding_message_size(8 << 20)
                 .max_encoding_message_size(8 << 20),
-            training: TrainingClient::new(channel)
+            training: TrainingClient::new(t())
                 .max_decoding_message_size(8 << 20)
                 .max_encoding_message_size(8 << 20),
+            admin: AdminClient::new(t()),
+            channel,
         }
     }
 
+    /// The same connection, calling with `key` (or with none).
+    pub fn with_api_key(&self, key: Option<&str>) -> Result<Self, ConnectError> {
+        let key = match key {
+            Some(k) => Some(
+                format!("Bearer {k}")
+                    .parse::<MetadataValue<Ascii>>()
+                    .map_err(|_| ConnectError::ApiKey)?,
+            ),
+            None => None,
+        };
+        Ok(Self::build(self.channel.clone(), BearerKey(key)))
+    }
+
+    /// The raw admin client.
+    pub fn admin(&self) -> AdminClient<Transport> {
+        self.admin.clone()
+    }
+
+    /// Creates a tenant (admin key).
+    pub async fn create_tenant(&self, name: &str) -> Result<pb::Tenant, Status> {
+        Ok(self
+            .admin
+            .clone()
+            .create_tenant(pb::CreateTenantRequest {
+                name: name.into(),
+                quotas: None,
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// A new key for `tenant` (admin key); returns the secret bearer token.
+    pub async fn create_key(&self, tenant: &str, description: &str) -> Result<String, Status> {
+        Ok(self
+            .admin
+            .clone()
+            .create_key(pb::CreateKeyRequest {
+                tenant: tenant.into(),
+                description: description.into(),
+                ttl_seconds: 0,
+            })
+            .await?
+            .into_inner()
+            .secret)
+    }
+
     /// The raw training client.
-    pub fn training(&self) -> TrainingClient<Channel> {
+    pub fn training(&self) -> TrainingClient<Transport> {
         self.training.clone()
     }
 
@@ -230,7 +351,7 @@ impl GraftClient {
     }
 
     /// The raw adapters client.
-    pub fn adapters(&self) -> AdaptersClient<Channel> {
+    pub fn adapters(&self) -> AdaptersClient<Transport> {
         self.adapters.clone()
     }
 
@@ -368,7 +489,7 @@ impl GraftClient {
     }
 
     /// The raw generated client, for calls this wrapper does not cover.
-    pub fn generation(&self) -> GenerationClient<Channel> {
+    pub fn generation(&self) -> GenerationClient<Transport> {
         self.generation.clone()
     }
 

@@ -6,10 +6,13 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use clap::Parser;
 use serde::Deserialize;
 
-use crate::engine::{EngineConfig, StepLimits};
+use crate::{
+    engine::{EngineConfig, StepLimits},
+    tenancy::{Limits, TenancyConfig},
+};
 
 /// Every setting, optional at this stage so the layers can be merged.
-#[derive(Debug, Clone, Default, Parser, Deserialize)]
+#[derive(Clone, Default, Parser, Deserialize)]
 #[command(
     name = "graftd",
     version,
@@ -33,6 +36,10 @@ pub struct Settings {
     /// Sequences decoded together at most.
     #[arg(long, env = "GRAFT_MAX_ACTIVE_SEQUENCES")]
     pub max_active_sequences: Option<usize>,
+    /// Sequences of one tenant decoded together at most (default: three quarters of
+    /// --max-active-sequences), so a flooding tenant leaves room for the others.
+    #[arg(long, env = "GRAFT_MAX_ACTIVE_PER_TENANT")]
+    pub max_active_per_tenant: Option<usize>,
     /// Requests waiting for admission at most (beyond: RESOURCE_EXHAUSTED).
     #[arg(long, env = "GRAFT_MAX_QUEUED_REQUESTS")]
     pub max_queued_requests: Option<usize>,
@@ -80,6 +87,68 @@ pub struct Settings {
     /// Log format: "text" or "json".
     #[arg(long, env = "GRAFT_LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// The admin key (at least 16 characters) for the Admin service. Prefer
+    /// --admin-key-file or the environment to a flag, which other users can see in `ps`.
+    /// No default: without one the Admin service is disabled.
+    #[arg(long, env = "GRAFT_ADMIN_KEY", hide_env_values = true)]
+    pub admin_key: Option<String>,
+    /// File holding the admin key (surrounding whitespace ignored).
+    #[arg(long, env = "GRAFT_ADMIN_KEY_FILE")]
+    pub admin_key_file: Option<PathBuf>,
+    /// PEM certificate chain: serve gRPC over TLS (with --tls-key).
+    #[arg(long, env = "GRAFT_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "GRAFT_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s): require client certificates signed by them (mutual TLS).
+    #[arg(long, env = "GRAFT_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Serve plaintext gRPC on a non-loopback address (behind a TLS-terminating proxy or
+    /// in a private network). Loopback addresses are always allowed plaintext.
+    #[arg(long, env = "GRAFT_ALLOW_PLAINTEXT", num_args = 0..=1, default_missing_value = "true")]
+    pub allow_plaintext: Option<bool>,
+    /// Default quota: adapter names a tenant may store.
+    #[arg(long, env = "GRAFT_QUOTA_MAX_ADAPTERS")]
+    pub quota_max_adapters: Option<u64>,
+    /// Default quota: MiB of adapters and datasets a tenant may store.
+    #[arg(long, env = "GRAFT_QUOTA_MAX_STORED_MB")]
+    pub quota_max_stored_mb: Option<u64>,
+    /// Default quota: datasets a tenant may store.
+    #[arg(long, env = "GRAFT_QUOTA_MAX_DATASETS")]
+    pub quota_max_datasets: Option<u64>,
+    /// Default quota: training jobs of one tenant computing at once.
+    #[arg(long, env = "GRAFT_QUOTA_MAX_RUNNING_JOBS")]
+    pub quota_max_running_jobs: Option<u32>,
+    /// Default quota: unfinished training jobs of one tenant.
+    #[arg(long, env = "GRAFT_QUOTA_MAX_QUEUED_JOBS")]
+    pub quota_max_queued_jobs: Option<u32>,
+    /// Default quota: generation streams of one tenant in flight.
+    #[arg(long, env = "GRAFT_QUOTA_MAX_CONCURRENT_STREAMS")]
+    pub quota_max_concurrent_streams: Option<u32>,
+    /// Default quota: tokens one tenant may generate per minute.
+    #[arg(long, env = "GRAFT_QUOTA_MAX_TOKENS_PER_MINUTE")]
+    pub quota_max_tokens_per_minute: Option<u64>,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the admin key.
+        f.debug_struct("Settings")
+            .field("config", &self.config)
+            .field("model", &self.model)
+            .field("listen", &self.listen)
+            .field("admin_key", &self.admin_key.as_ref().map(|_| "<set>"))
+            .finish_non_exhaustive()
+    }
+}
+
+/// TLS material for the gRPC listener.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
 }
 
 /// The resolved configuration the server runs with.
@@ -100,6 +169,9 @@ pub struct ServerConfig {
     pub max_dataset_bytes: usize,
     pub training_threads: usize,
     pub max_concurrent_jobs: usize,
+    pub tenancy: TenancyConfig,
+    pub tls: Option<TlsFiles>,
+    pub allow_plaintext: bool,
 }
 
 pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -125,6 +197,11 @@ impl Settings {
             .unwrap_or(d.max_active_sequences);
         let engine = EngineConfig {
             max_active_sequences: max_active,
+            max_active_per_tenant: self
+                .max_active_per_tenant
+                .or(file.max_active_per_tenant)
+                .unwrap_or((max_active * 3 / 4).max(1))
+                .clamp(1, max_active.max(1)),
             max_queued_requests: self
                 .max_queued_requests
                 .or(file.max_queued_requests)
@@ -158,7 +235,84 @@ impl Settings {
             log_format == "text" || log_format == "json",
             "log_format must be \"text\" or \"json\", not {log_format:?}"
         );
+        let admin_key = match (
+            self.admin_key.or(file.admin_key),
+            self.admin_key_file.or(file.admin_key_file),
+        ) {
+            (Some(_), Some(_)) => {
+                anyhow::bail!("give the admin key once: --admin-key or --admin-key-file, not both")
+            }
+            (Some(k), None) => Some(k),
+            (None, Some(p)) => Some(
+                std::fs::read_to_string(&p)
+                    .map_err(|e| anyhow::anyhow!("admin key file {}: {e}", p.display()))?
+                    .trim()
+                    .to_string(),
+            ),
+            (None, None) => None,
+        };
+        if let Some(k) = &admin_key {
+            anyhow::ensure!(
+                k.len() >= 16 && !k.chars().any(char::is_whitespace),
+                "the admin key must be at least 16 characters with no whitespace"
+            );
+        }
+        let tls = match (
+            self.tls_cert.or(file.tls_cert),
+            self.tls_key.or(file.tls_key),
+            self.tls_client_ca.or(file.tls_client_ca),
+        ) {
+            (Some(cert), Some(key), client_ca) => Some(TlsFiles {
+                cert,
+                key,
+                client_ca,
+            }),
+            (None, None, None) => None,
+            _ => anyhow::bail!(
+                "TLS needs both --tls-cert and --tls-key (and --tls-client-ca only with them)"
+            ),
+        };
+        let q = Limits::default();
+        let defaults = Limits {
+            max_adapters: self
+                .quota_max_adapters
+                .or(file.quota_max_adapters)
+                .unwrap_or(q.max_adapters),
+            max_stored_bytes: self
+                .quota_max_stored_mb
+                .or(file.quota_max_stored_mb)
+                .map_or(q.max_stored_bytes, |mb| mb << 20),
+            max_datasets: self
+                .quota_max_datasets
+                .or(file.quota_max_datasets)
+                .unwrap_or(q.max_datasets),
+            max_running_jobs: self
+                .quota_max_running_jobs
+                .or(file.quota_max_running_jobs)
+                .unwrap_or(q.max_running_jobs),
+            max_queued_jobs: self
+                .quota_max_queued_jobs
+                .or(file.quota_max_queued_jobs)
+                .unwrap_or(q.max_queued_jobs),
+            max_concurrent_streams: self
+                .quota_max_concurrent_streams
+                .or(file.quota_max_concurrent_streams)
+                .unwrap_or(q.max_concurrent_streams),
+            max_tokens_per_minute: self
+                .quota_max_tokens_per_minute
+                .or(file.quota_max_tokens_per_minute)
+                .unwrap_or(q.max_tokens_per_minute),
+        };
         Ok(ServerConfig {
+            tenancy: TenancyConfig {
+                admin_key,
+                defaults,
+            },
+            tls,
+            allow_plaintext: self
+                .allow_plaintext
+                .or(file.allow_plaintext)
+                .unwrap_or(false),
             model: self
                 .model
                 .or(file.model)
@@ -234,6 +388,9 @@ impl ServerConfig {
             max_dataset_bytes: 256 << 20,
             training_threads: 1,
             max_concurrent_jobs: 1,
+            tenancy: TenancyConfig::default(),
+            tls: None,
+            allow_plaintext: false,
         }
     }
 }

@@ -31,6 +31,8 @@ pub const TRAINING_LOSS: &str = "graft_training_loss";
 pub const TRAINING_TOKENS_PER_SECOND: &str = "graft_training_tokens_per_second";
 pub const TRAINING_TOKENS_TOTAL: &str = "graft_training_tokens_total";
 pub const TRAINING_STEP_SECONDS: &str = "graft_training_step_seconds";
+pub const AUTH_FAILURES_TOTAL: &str = "graft_auth_failures_total";
+pub const QUOTA_REJECTIONS_TOTAL: &str = "graft_quota_rejections_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -77,6 +79,14 @@ pub fn describe() {
         "Time to load an adapter from disk"
     );
     describe_gauge!(ADAPTERS_RESIDENT, "Adapter versions resident in memory");
+    describe_counter!(
+        AUTH_FAILURES_TOTAL,
+        "Calls refused UNAUTHENTICATED (missing, malformed, unknown, revoked or expired keys)"
+    );
+    describe_counter!(
+        QUOTA_REJECTIONS_TOTAL,
+        "Calls refused RESOURCE_EXHAUSTED by a tenant quota, by quota"
+    );
     describe_gauge!(
         ADAPTERS_RESIDENT_BYTES,
         Unit::Bytes,

@@ -7,11 +7,15 @@
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use graft_proto::v1::{
-    adapters_server::AdaptersServer, generation_server::GenerationServer,
-    training_server::TrainingServer,
+    adapters_server::AdaptersServer, admin_server::AdminServer,
+    generation_server::GenerationServer, training_server::TrainingServer,
 };
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{
+    service::interceptor::InterceptedService,
+    transport::{Certificate, Identity, ServerTlsConfig},
+};
 use tonic_health::{server::HealthReporter, ServingStatus};
 
 use crate::{
@@ -19,11 +23,12 @@ use crate::{
     config::ServerConfig,
     engine::{EngineHandle, GenerationRequest, SamplingParams, StreamEvent},
     grpc::{
-        adapters::AdaptersService, convert::RequestLimits, generation::GenerationService,
-        training::TrainingGrpc, Ready, ReadySlot,
+        adapters::AdaptersService, admin::AdminService, auth::Authenticate, convert::RequestLimits,
+        generation::GenerationService, training::TrainingGrpc, Ready, ReadySlot,
     },
     model::BaseModel,
     store::Db,
+    tenancy::Tenancy,
     train::jobs::{TrainingConfig, TrainingService},
 };
 
@@ -57,6 +62,7 @@ async fn set_health(h: &HealthReporter, status: ServingStatus) {
 /// Binds the listeners, starts serving (NOT_SERVING at first) and loads the model in the
 /// background.
 pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
+    let tls = tls_config(&cfg)?;
     let metrics = crate::metrics::handle()?;
     let metrics_listener = TcpListener::bind(cfg.metrics_listen)
         .await
@@ -75,27 +81,52 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
         .register_encoded_file_descriptor_set(graft_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
+    // The database and the tenants come before the model: keys are checked (and the Admin
+    // service answers) while the model loads.
+    std::fs::create_dir_all(&cfg.data_dir)
+        .map_err(|e| anyhow::anyhow!("data directory {}: {e}", cfg.data_dir.display()))?;
+    let db = Db::open(&cfg.data_dir.join("graft.db")).await?;
+    let tenancy = Tenancy::open(db.clone(), cfg.tenancy.clone()).await?;
+    if cfg.tenancy.admin_key.is_none() {
+        tracing::warn!("no admin key configured: the Admin service is disabled");
+    }
+    let auth = Authenticate {
+        tenancy: tenancy.clone(),
+    };
     let ready: ReadySlot = Arc::default();
     let generation =
         GenerationService::new(ready.clone(), RequestLimits::new(cfg.max_new_tokens_cap));
     let adapters = AdaptersService::new(ready.clone());
     let training = TrainingGrpc::new(ready.clone());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
     let serve = tokio::spawn(
-        tonic::transport::Server::builder()
+        builder
             .add_service(health_service)
             .add_service(reflection)
-            .add_service(GenerationServer::new(generation))
-            .add_service(
+            .add_service(InterceptedService::new(
+                GenerationServer::new(generation),
+                auth.clone(),
+            ))
+            .add_service(InterceptedService::new(
                 TrainingServer::new(training)
                     .max_decoding_message_size(8 << 20)
                     .max_encoding_message_size(8 << 20),
-            )
-            .add_service(
+                auth.clone(),
+            ))
+            .add_service(InterceptedService::new(
                 AdaptersServer::new(adapters)
                     .max_decoding_message_size(8 << 20)
                     .max_encoding_message_size(8 << 20),
-            )
+                auth.clone(),
+            ))
+            .add_service(InterceptedService::new(
+                AdminServer::new(AdminService),
+                auth,
+            ))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
                 let _ = stop_rx.await;
             }),
@@ -106,7 +137,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
     {
         let (cfg, slot, health) = (cfg.clone(), ready.clone(), health.clone());
         tokio::spawn(async move {
-            let state = match load_and_warm(&cfg, &slot).await {
+            let state = match load_and_warm(&cfg, db, tenancy, &slot).await {
                 Ok(()) => {
                     set_health(&health, ServingStatus::Serving).await;
                     LoadState::Ready
@@ -131,7 +162,34 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
     })
 }
 
-async fn load_and_warm(cfg: &ServerConfig, slot: &ReadySlot) -> anyhow::Result<()> {
+/// The listener's TLS settings, or `None` for plaintext (allowed on loopback or when
+/// explicitly configured).
+fn tls_config(cfg: &ServerConfig) -> anyhow::Result<Option<ServerTlsConfig>> {
+    let Some(files) = &cfg.tls else {
+        anyhow::ensure!(
+            cfg.listen.ip().is_loopback() || cfg.allow_plaintext,
+            "refusing plaintext gRPC on {}: configure --tls-cert/--tls-key, or pass --allow-plaintext (e.g. behind a TLS-terminating proxy)",
+            cfg.listen
+        );
+        return Ok(None);
+    };
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| anyhow::anyhow!("TLS file {}: {e}", p.display()))
+    };
+    let mut tls =
+        ServerTlsConfig::new().identity(Identity::from_pem(read(&files.cert)?, read(&files.key)?));
+    if let Some(ca) = &files.client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
+    }
+    Ok(Some(tls))
+}
+
+async fn load_and_warm(
+    cfg: &ServerConfig,
+    db: Db,
+    tenancy: Arc<Tenancy>,
+    slot: &ReadySlot,
+) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let path = cfg.model.clone();
     let model =
@@ -145,9 +203,6 @@ async fn load_and_warm(cfg: &ServerConfig, slot: &ReadySlot) -> anyhow::Result<(
         seconds = t0.elapsed().as_secs_f64(),
         "model loaded"
     );
-    std::fs::create_dir_all(&cfg.data_dir)
-        .map_err(|e| anyhow::anyhow!("data directory {}: {e}", cfg.data_dir.display()))?;
-    let db = Db::open(&cfg.data_dir.join("graft.db")).await?;
     let mut base_aliases = cfg.base_model_aliases.clone();
     base_aliases.extend(model.aliases.iter().cloned());
     let adapters = Arc::new(
@@ -166,6 +221,7 @@ async fn load_and_warm(cfg: &ServerConfig, slot: &ReadySlot) -> anyhow::Result<(
     );
     let training = TrainingService::new(
         db,
+        tenancy,
         model.clone(),
         adapters.clone(),
         TrainingConfig {
@@ -188,6 +244,7 @@ async fn load_and_warm(cfg: &ServerConfig, slot: &ReadySlot) -> anyhow::Result<(
         },
         deadline: None,
         adapter: None,
+        tenant: "graftd-warm-up".into(),
     })?;
     loop {
         match rx.recv().await {

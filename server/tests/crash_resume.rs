@@ -2,46 +2,26 @@
 //! the server starts again: no step before the checkpoint runs twice, and the job finishes.
 
 use std::{
-    path::Path,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
+mod process;
+
+use graft_client::Transport;
 use graft_proto::v1::{self as pb, training_client::TrainingClient, upload_dataset_request::Part};
 use graft_server::model::tiny::{write_tiny_gguf, TinySpec};
-use tonic::transport::Channel;
+use process::{free_port, spawn, tenant_client};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-fn spawn(model: &Path, data: &Path, port: u16) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_graftd"))
-        .args(["--model", model.to_str().expect("utf8")])
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port())])
-        .args(["--data-dir", data.to_str().expect("utf8")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn graftd")
-}
-
-async fn connect(port: u16) -> TrainingClient<Channel> {
+async fn connect(port: u16) -> TrainingClient<Transport> {
+    let c = tenant_client(port, "acme").await.training();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok(c) = TrainingClient::connect(format!("http://127.0.0.1:{port}")).await {
-            // Ready once the service answers something other than UNAVAILABLE.
-            let mut probe = c.clone();
-            match probe.list_jobs(pb::ListJobsRequest::default()).await {
-                Ok(_) => return c,
-                Err(e) if e.code() != tonic::Code::Unavailable => return c,
-                Err(_) => {}
-            }
+        // Ready once the service answers something other than UNAVAILABLE.
+        match c.clone().list_jobs(pb::ListJobsRequest::default()).await {
+            Ok(_) => return c,
+            Err(e) if e.code() != tonic::Code::Unavailable => return c,
+            Err(_) => {}
         }
         assert!(Instant::now() < deadline, "graftd did not come up");
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -62,7 +42,7 @@ async fn a_killed_job_resumes_from_its_checkpoint() {
     write_tiny_gguf(&model, &TinySpec::default()).expect("tiny");
     let data = dir.path().join("data");
     let port = free_port();
-    let mut child = spawn(&model, &data, port);
+    let mut child = spawn(&model, &data, port, Stdio::null());
     let mut c = connect(port).await;
     let jsonl = "{\"prompt\":\"a b\",\"completion\":\"c d e\"}\n".repeat(8);
     let msgs = vec![
@@ -116,7 +96,7 @@ async fn a_killed_job_resumes_from_its_checkpoint() {
     child.kill().expect("SIGKILL");
     child.wait().expect("reaped");
 
-    let mut child = spawn(&model, &data, port);
+    let mut child = spawn(&model, &data, port, Stdio::null());
     let mut c = connect(port).await;
     let mut w = c
         .watch_job(pb::WatchJobRequest {

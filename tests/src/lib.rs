@@ -38,14 +38,32 @@ pub fn tiny_model_path() -> PathBuf {
     .clone()
 }
 
+/// The admin key every test server starts with.
+pub const ADMIN_KEY: &str = "test-admin-key-0123456789";
+/// The tenant `TestServer::client` acts for.
+pub const TENANT: &str = "default";
+
 /// A running server and a client connected to it (and its data directory, removed on drop).
 pub struct TestServer {
     pub server: RunningServer,
+    /// Calls with a key of tenant [`TENANT`].
     pub client: GraftClient,
+    /// Calls with the admin key.
+    pub admin: GraftClient,
     pub data: std::sync::Arc<tempfile::TempDir>,
 }
 
 impl TestServer {
+    /// A client with a fresh key of `tenant`, creating the tenant if needed.
+    pub async fn tenant(&self, tenant: &str) -> GraftClient {
+        tenant_client(&self.admin, tenant).await
+    }
+
+    /// A client on the same connection without any key.
+    pub fn anonymous(&self) -> GraftClient {
+        self.admin.with_api_key(None).expect("no key")
+    }
+
     pub fn url(&self) -> String {
         format!("http://{}", self.server.grpc_addr)
     }
@@ -86,17 +104,37 @@ pub async fn start_in(
     tweak: impl FnOnce(&mut ServerConfig),
 ) -> TestServer {
     let mut cfg = ServerConfig::for_model(model, data.path());
+    cfg.tenancy.admin_key = Some(ADMIN_KEY.into());
     tweak(&mut cfg);
     let server = server::start(cfg).await.expect("server starts");
     server.ready().await.expect("model loads");
-    let client = GraftClient::connect(&format!("http://{}", server.grpc_addr))
-        .await
-        .expect("client connects");
+    let admin = GraftClient::connect_with(
+        &format!("http://{}", server.grpc_addr),
+        &graft_client::ConnectOptions {
+            api_key: Some(ADMIN_KEY.into()),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("client connects");
+    let client = tenant_client(&admin, TENANT).await;
     TestServer {
         server,
         client,
+        admin,
         data,
     }
+}
+
+/// A client with a fresh key of `tenant` (created if missing), over `admin`'s connection.
+pub async fn tenant_client(admin: &GraftClient, tenant: &str) -> GraftClient {
+    match admin.create_tenant(tenant).await {
+        Ok(_) => {}
+        Err(s) if s.code() == tonic::Code::AlreadyExists => {}
+        Err(s) => panic!("create tenant {tenant}: {s:?}"),
+    }
+    let key = admin.create_key(tenant, "test").await.expect("create key");
+    admin.with_api_key(Some(&key)).expect("key is ascii")
 }
 
 pub async fn start_real() -> TestServer {
@@ -196,4 +234,18 @@ pub fn random_peft(
         use_rslora: false,
     };
     peft::write(&parsed, cfg, &model.name).expect("write PEFT files")
+}
+
+/// A client of a server started with [`ADMIN_KEY`], holding a fresh key of `tenant`.
+pub async fn connect_as(addr: std::net::SocketAddr, tenant: &str) -> GraftClient {
+    let admin = GraftClient::connect_with(
+        &format!("http://{addr}"),
+        &graft_client::ConnectOptions {
+            api_key: Some(ADMIN_KEY.into()),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("client connects");
+    tenant_client(&admin, tenant).await
 }

@@ -79,12 +79,13 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let data = std::env::temp_dir().join(format!("graft-bench-adapters-{}", std::process::id()));
     let mut cfg = ServerConfig::for_model(&args.model, &data);
+    cfg.tenancy.admin_key = Some(graft_tests::ADMIN_KEY.into());
     cfg.engine.max_active_sequences = 64;
     cfg.adapter_cache_bytes = 4 << 30;
     let srv = server::start(cfg).await?;
     srv.ready().await?;
     let model = srv.engine().expect("ready").model().clone();
-    let client = GraftClient::connect(&format!("http://{}", srv.grpc_addr)).await?;
+    let client = graft_tests::connect_as(srv.grpc_addr, graft_tests::TENANT).await;
 
     // 1. Mixed adapters vs bare base.
     for i in 0..args.streams {
@@ -111,10 +112,11 @@ async fn main() -> anyhow::Result<()> {
 
     // 2. Cold loads: a cache too small to keep anything, so every request loads from disk.
     let mut cfg = ServerConfig::for_model(&args.model, &data);
+    cfg.tenancy.admin_key = Some(graft_tests::ADMIN_KEY.into());
     cfg.adapter_cache_bytes = 1;
     let srv = server::start(cfg).await?;
     srv.ready().await?;
-    let client = GraftClient::connect(&format!("http://{}", srv.grpc_addr)).await?;
+    let client = graft_tests::connect_as(srv.grpc_addr, graft_tests::TENANT).await;
     for i in 0..20 {
         let (c, w) = random_peft(&model, 500 + i, args.rank);
         client
@@ -149,11 +151,12 @@ async fn main() -> anyhow::Result<()> {
 
     // 3. Many registered, a subset in flight, budget bounded.
     let mut cfg = ServerConfig::for_model(&args.model, &data);
+    cfg.tenancy.admin_key = Some(graft_tests::ADMIN_KEY.into());
     cfg.engine.max_active_sequences = 64;
     cfg.adapter_cache_bytes = 64 << 20;
     let srv = server::start(cfg).await?;
     srv.ready().await?;
-    let client = GraftClient::connect(&format!("http://{}", srv.grpc_addr)).await?;
+    let client = graft_tests::connect_as(srv.grpc_addr, graft_tests::TENANT).await;
     let (c, w) = random_peft(&model, 7, args.scale_rank);
     for i in 0..args.registered {
         client

@@ -183,10 +183,11 @@ async fn main() -> anyhow::Result<()> {
     drop(model);
 
     let data = tempfile::tempdir()?;
-    let cfg = ServerConfig::for_model(&args.model, data.path());
+    let mut cfg = ServerConfig::for_model(&args.model, data.path());
+    cfg.tenancy.admin_key = Some(graft_tests::ADMIN_KEY.into());
     let srv = server::start(cfg).await?;
     srv.ready().await?;
-    let client = GraftClient::connect(&format!("http://{}", srv.grpc_addr)).await?;
+    let client = graft_tests::connect_as(srv.grpc_addr, graft_tests::TENANT).await;
     itl(&client).await?; // warm
     let mut idle = itl(&client).await?;
     let line = "{\"prompt\":\"Tell me about the weather in the mountains today, please, in a few words.\",\"completion\":\" It is cold, windy and bright, with snow on the high passes and sun in the valleys.\"}\n";

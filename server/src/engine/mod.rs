@@ -8,6 +8,7 @@
 //! Invariant: no lock is held across a request's generation; a request's tokens depend only
 //! on the request (prompt, parameters, seed), never on the rest of the batch.
 
+pub mod fair;
 pub mod output;
 pub mod sampler;
 pub mod scheduler;
@@ -35,6 +36,9 @@ pub struct EngineConfig {
     pub max_active_sequences: usize,
     /// Requests waiting for admission at most; beyond, `submit` refuses.
     pub max_queued_requests: usize,
+    /// Sequences of one tenant decoding together at most (the rest of the batch stays
+    /// open to other tenants; see `fair.rs`).
+    pub max_active_per_tenant: usize,
     pub limits: StepLimits,
 }
 
@@ -43,6 +47,7 @@ impl Default for EngineConfig {
         Self {
             max_active_sequences: 64,
             max_queued_requests: 256,
+            max_active_per_tenant: 48,
             limits: StepLimits {
                 max_batch_tokens: 512,
                 prefill_chunk: 256,
@@ -59,6 +64,8 @@ pub struct GenerationRequest {
     pub deadline: Option<Instant>,
     /// The adapter version this request runs with, leased for the request's lifetime.
     pub adapter: Option<AdapterLease>,
+    /// Whose request this is: the key the engine shares decode capacity fairly by.
+    pub tenant: Arc<str>,
 }
 
 /// Why a sequence ended.
@@ -131,12 +138,14 @@ struct Shared {
     cancel_all: AtomicBool,
     /// Queued plus active requests.
     in_flight: AtomicUsize,
+    /// Submitted and not yet admitted (nor discarded).
+    queued: AtomicUsize,
 }
 
 /// The cloneable front of the engine.
 #[derive(Clone)]
 pub struct EngineHandle {
-    tx: mpsc::Sender<Submission>,
+    tx: mpsc::UnboundedSender<Submission>,
     shared: Arc<Shared>,
     capacity: usize,
     model: Arc<BaseModel>,
@@ -146,7 +155,9 @@ impl EngineHandle {
     /// Starts the engine loop on its own thread.
     pub fn start(model: Arc<BaseModel>, cfg: EngineConfig) -> std::io::Result<Self> {
         let capacity = cfg.max_queued_requests.max(1);
-        let (tx, rx) = mpsc::channel(capacity);
+        // Unbounded channel, bounded by the `queued` count: the loop moves submissions into
+        // its fair queue as they come.
+        let (tx, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared::default());
         let engine = step::EngineLoop::new(model.clone(), cfg, rx, shared.clone());
         std::thread::Builder::new()
@@ -181,28 +192,31 @@ impl EngineHandle {
             arrived: Instant::now(),
             events: etx,
         };
+        let queued = self.shared.queued.fetch_add(1, Ordering::SeqCst);
+        if queued >= self.capacity {
+            self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::QueueFull {
+                capacity: self.capacity,
+                retry_after: Duration::from_secs(1),
+            });
+        }
         self.shared.in_flight.fetch_add(1, Ordering::SeqCst);
-        match self.tx.try_send(sub) {
+        match self.tx.send(sub) {
             Ok(()) => {
                 metrics::gauge!(crate::metrics::QUEUE_DEPTH).set(self.queue_depth() as f64);
                 Ok(erx)
             }
-            Err(e) => {
+            Err(_) => {
                 self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
-                Err(match e {
-                    mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull {
-                        capacity: self.capacity,
-                        retry_after: Duration::from_secs(1),
-                    },
-                    mpsc::error::TrySendError::Closed(_) => SubmitError::Stopped,
-                })
+                self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+                Err(SubmitError::Stopped)
             }
         }
     }
 
     /// Requests waiting for admission.
     pub fn queue_depth(&self) -> usize {
-        self.capacity - self.tx.capacity()
+        self.shared.queued.load(Ordering::SeqCst)
     }
 
     /// Requests queued or running.

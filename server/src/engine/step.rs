@@ -10,6 +10,7 @@ use std::{
 use tokio::sync::mpsc::{self, error::TryRecvError};
 
 use super::{
+    fair::FairQueue,
     output::TextOutput,
     sampler::Sampler,
     scheduler::{plan_step, SeqPhase},
@@ -36,6 +37,7 @@ struct Sequence {
     deadline: Option<Instant>,
     /// Held until the sequence ends: pins the adapter version.
     adapter: Option<AdapterLease>,
+    tenant: Arc<str>,
     done: bool,
 }
 
@@ -81,8 +83,10 @@ impl Sequence {
 pub(super) struct EngineLoop {
     model: Arc<BaseModel>,
     cfg: EngineConfig,
-    rx: mpsc::Receiver<Submission>,
+    rx: mpsc::UnboundedReceiver<Submission>,
     shared: Arc<Shared>,
+    /// Submitted, not yet admitted; admission order is the fair queue's.
+    waiting: FairQueue<Submission>,
     active: Vec<Sequence>,
 }
 
@@ -90,10 +94,11 @@ impl EngineLoop {
     pub(super) fn new(
         model: Arc<BaseModel>,
         cfg: EngineConfig,
-        rx: mpsc::Receiver<Submission>,
+        rx: mpsc::UnboundedReceiver<Submission>,
         shared: Arc<Shared>,
     ) -> Self {
         Self {
+            waiting: FairQueue::new(cfg.max_active_per_tenant),
             model,
             cfg,
             rx,
@@ -102,27 +107,55 @@ impl EngineLoop {
         }
     }
 
+    /// Moves every submission from the channel to the fair queue; false once the channel
+    /// is closed (every handle dropped).
+    fn collect(&mut self) -> bool {
+        loop {
+            match self.rx.try_recv() {
+                Ok(sub) => {
+                    let tenant = sub.req.tenant.clone();
+                    self.waiting.push(&tenant, sub);
+                }
+                Err(TryRecvError::Empty) => return true,
+                Err(TryRecvError::Disconnected) => return false,
+            }
+        }
+    }
+
+    /// Admits waiting requests, fairly, while there are free slots; drops the ones whose
+    /// caller left while waiting.
+    fn admit_waiting(&mut self) {
+        let gone = self.waiting.discard(|s| s.events.is_closed());
+        if gone > 0 {
+            self.shared.queued.fetch_sub(gone, Ordering::SeqCst);
+            self.shared.in_flight.fetch_sub(gone, Ordering::SeqCst);
+        }
+        while self.active.len() < self.cfg.max_active_sequences {
+            let Some((_, sub)) = self.waiting.pop() else {
+                break;
+            };
+            self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+            self.admit(sub);
+        }
+        self.waiting.forget_idle();
+    }
+
     pub(super) fn run(mut self) {
         loop {
-            let mut closed = false;
-            while self.active.len() < self.cfg.max_active_sequences {
-                match self.rx.try_recv() {
-                    Ok(sub) => self.admit(sub),
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => {
-                        closed = true;
-                        break;
-                    }
-                }
-            }
-            metrics::gauge!(m::QUEUE_DEPTH).set(self.rx.len() as f64);
+            let open = self.collect();
+            self.admit_waiting();
+            metrics::gauge!(m::QUEUE_DEPTH).set(self.waiting.len() as f64);
             if self.active.is_empty() {
-                if closed {
+                if !open && self.waiting.is_empty() {
                     return;
                 }
                 match self.rx.blocking_recv() {
-                    Some(sub) => self.admit(sub),
-                    None => return,
+                    Some(sub) => {
+                        let tenant = sub.req.tenant.clone();
+                        self.waiting.push(&tenant, sub);
+                    }
+                    None if self.waiting.is_empty() => return,
+                    None => {}
                 }
                 continue;
             }
@@ -169,6 +202,7 @@ impl EngineLoop {
             last_token: None,
             deadline: req.deadline,
             adapter: req.adapter,
+            tenant: req.tenant,
             done: false,
         });
     }
@@ -196,6 +230,9 @@ impl EngineLoop {
             }
         }
         let before = self.active.len();
+        for s in self.active.iter().filter(|s| s.done) {
+            self.waiting.finished(&s.tenant);
+        }
         self.active.retain(|s| !s.done);
         let removed = before - self.active.len();
         if removed > 0 {
@@ -231,6 +268,8 @@ impl EngineLoop {
                     ..
                 } = seq;
                 let decode = *prefilled >= prompt.len();
+                let (p, g) = if decode { (0, 1) } else { (n, 0) };
+                self.waiting.charge(&seq.tenant, p, g);
                 let (tokens, sample) = if decode {
                     (&generated[generated.len() - 1..], true)
                 } else {

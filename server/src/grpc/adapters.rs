@@ -7,14 +7,11 @@ use futures::Stream;
 use graft_proto::v1::{self as pb, adapters_server::Adapters, import_adapter_request::Part};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{
-    convert::{adapter_ref, tenant_of},
-    error::ApiError,
-    ready, recorded, ReadySlot,
-};
+use super::{auth::Caller, convert::adapter_ref, error::ApiError, ready, recorded, ReadySlot};
 use crate::{
     adapters::peft::{CONFIG_FILE, WEIGHTS_FILE},
     store::AdapterRow,
+    tenancy::NewObject,
 };
 
 const CHUNK: usize = 1 << 20;
@@ -60,12 +57,13 @@ impl Adapters for AdaptersService {
         recorded("ImportAdapter", async {
             let ready = ready(&self.ready)?;
             let cap = ready.adapters.config().max_upload_bytes;
+            let caller = Caller::of(&req)?;
             let mut stream = req.into_inner();
             let header = match stream.message().await.map_err(|e| ApiError::invalid("header", e.message().to_string()))? {
                 Some(pb::ImportAdapterRequest { part: Some(Part::Header(h)) }) => h,
                 _ => return Err(ApiError::invalid("header", "the first message must be an ImportHeader")),
             };
-            let tenant = tenant_of(&header.tenant)?;
+            let tenant = caller.acting(&header.tenant)?;
             let (mut config, mut weights) = (Vec::new(), Vec::new());
             let mut total = 0usize;
             while let Some(msg) = stream.message().await.map_err(|e| ApiError::invalid("chunk", e.message().to_string()))? {
@@ -93,6 +91,9 @@ impl Adapters for AdaptersService {
             if weights.is_empty() {
                 return Err(ApiError::invalid(WEIGHTS_FILE, "missing from the upload"));
             }
+            let _storage = caller.tenancy.storage_guard(&tenant).await;
+            let bytes = (config.len() + weights.len()) as u64;
+            caller.tenancy.check_storage(&tenant, NewObject::AdapterVersion(&header.name), bytes).await?;
             let row = ready.adapters.import(&tenant, &header.name, config, weights, header.force).await?;
             tracing::info!(tenant = %row.tenant, name = %row.name, version = row.version, "adapter imported");
             Ok(row.into())
@@ -108,8 +109,9 @@ impl Adapters for AdaptersService {
     ) -> Result<Response<ChunkStream>, Status> {
         recorded("ExportAdapter", async {
             let ready = ready(&self.ready)?;
+            let caller = Caller::of(&req)?;
             let req = req.into_inner();
-            let tenant = tenant_of(&req.tenant)?;
+            let tenant = caller.acting(&req.tenant)?;
             let r = adapter_ref("adapter", &req.adapter)?;
             let (_, config, weights) = ready.adapters.export(&tenant, &r).await?;
             let mut chunks = Vec::new();
@@ -132,8 +134,9 @@ impl Adapters for AdaptersService {
     ) -> Result<Response<pb::ListAdaptersResponse>, Status> {
         recorded("ListAdapters", async {
             let ready = ready(&self.ready)?;
+            let caller = Caller::of(&req)?;
             let req = req.into_inner();
-            let tenant = tenant_of(&req.tenant)?;
+            let tenant = caller.acting(&req.tenant)?;
             let size = match req.page_size {
                 0 => DEFAULT_PAGE,
                 n if n > MAX_PAGE => {
@@ -178,8 +181,9 @@ impl Adapters for AdaptersService {
     ) -> Result<Response<pb::AdapterVersion>, Status> {
         recorded("GetAdapter", async {
             let ready = ready(&self.ready)?;
+            let caller = Caller::of(&req)?;
             let req = req.into_inner();
-            let tenant = tenant_of(&req.tenant)?;
+            let tenant = caller.acting(&req.tenant)?;
             let r = adapter_ref("adapter", &req.adapter)?;
             Ok(ready.adapters.find(&tenant, &r).await?.into())
         })
@@ -192,8 +196,9 @@ impl Adapters for AdaptersService {
     ) -> Result<Response<pb::DeleteAdapterResponse>, Status> {
         recorded("DeleteAdapter", async {
             let ready = ready(&self.ready)?;
+            let caller = Caller::of(&req)?;
             let req = req.into_inner();
-            let tenant = tenant_of(&req.tenant)?;
+            let tenant = caller.acting(&req.tenant)?;
             let r = adapter_ref("adapter", &req.adapter)?;
             let rows = ready.adapters.delete(&tenant, &r).await?;
             Ok(pb::DeleteAdapterResponse {

@@ -7,11 +7,7 @@ use std::time::{Duration, Instant};
 use graft_proto::v1 as pb;
 
 use super::error::ApiError;
-use crate::{
-    adapters::{registry::validate_name, AdapterRef},
-    engine::SamplingParams,
-    model::ChatMessage,
-};
+use crate::{adapters::AdapterRef, engine::SamplingParams, model::ChatMessage};
 
 /// Bounds a request must respect.
 #[derive(Debug, Clone, Copy)]
@@ -47,21 +43,8 @@ pub enum PromptInput {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidRequest {
     pub input: PromptInput,
-    pub tenant: String,
     pub adapter: Option<AdapterRef>,
     pub params: SamplingParams,
-}
-
-pub const DEFAULT_TENANT: &str = "default";
-
-/// The request's tenant: empty means the default tenant.
-pub fn tenant_of(t: &str) -> Result<String, ApiError> {
-    if t.is_empty() {
-        return Ok(DEFAULT_TENANT.into());
-    }
-    validate_name(t)
-        .map_err(|e| ApiError::invalid("tenant", e.replace("adapter name", "tenant name")))?;
-    Ok(t.to_string())
 }
 
 /// `name` or `name@version`.
@@ -141,11 +124,9 @@ pub fn validate_generate(
         "" => None,
         a => Some(adapter_ref("adapter", a)?),
     };
-    let tenant = tenant_of(&req.tenant)?;
     let params = validate_params(req.parameters.unwrap_or_default(), limits)?;
     Ok(ValidRequest {
         input,
-        tenant,
         adapter,
         params,
     })

@@ -6,7 +6,7 @@ use std::time::Duration;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::{adapters::RegistryError, engine::SubmitError};
+use crate::{adapters::RegistryError, engine::SubmitError, tenancy::TenancyError};
 
 /// Every error an RPC can answer with.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -19,6 +19,18 @@ pub enum ApiError {
     AlreadyExists(String),
     #[error("{what}")]
     ResourceExhausted { what: String, retry_after: Duration },
+    #[error("quota {quota} exceeded: {detail}")]
+    Quota {
+        quota: String,
+        detail: String,
+        retry_after: Option<Duration>,
+    },
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
     #[error("{0}")]
     Unavailable(String),
     #[error("deadline exceeded")]
@@ -41,6 +53,10 @@ impl ApiError {
             Self::NotFound(_) => Code::NotFound,
             Self::AlreadyExists(_) => Code::AlreadyExists,
             Self::ResourceExhausted { .. } => Code::ResourceExhausted,
+            Self::Quota { .. } => Code::ResourceExhausted,
+            Self::Unauthenticated(_) => Code::Unauthenticated,
+            Self::PermissionDenied(_) => Code::PermissionDenied,
+            Self::FailedPrecondition(_) => Code::FailedPrecondition,
             Self::Unavailable(_) => Code::Unavailable,
             Self::DeadlineExceeded => Code::DeadlineExceeded,
             Self::Internal(_) => Code::Internal,
@@ -62,6 +78,24 @@ impl From<ApiError> for Status {
                 format!("{msg}; retry after {}s", retry_after.as_secs_f64()),
                 ErrorDetails::with_retry_info(Some(retry_after)),
             ),
+            ApiError::Quota {
+                quota,
+                detail,
+                retry_after,
+            } => {
+                let mut details = ErrorDetails::with_quota_failure_violation(quota, detail);
+                let msg = match retry_after {
+                    Some(r) => {
+                        details.set_retry_info(Some(r));
+                        format!("{msg}; retry after {}s", r.as_secs_f64().ceil())
+                    }
+                    None => msg,
+                };
+                Status::with_error_details(Code::ResourceExhausted, msg, details)
+            }
+            ApiError::Unauthenticated(_) => Status::unauthenticated(msg),
+            ApiError::PermissionDenied(_) => Status::permission_denied(msg),
+            ApiError::FailedPrecondition(_) => Status::failed_precondition(msg),
             ApiError::NotFound(_) => Status::not_found(msg),
             ApiError::AlreadyExists(_) => Status::already_exists(msg),
             ApiError::Unavailable(_) => Status::unavailable(msg),
@@ -96,6 +130,37 @@ impl From<RegistryError> for ApiError {
                 ApiError::Internal(format!("adapter storage: {m}"))
             }
             RegistryError::Db(d) => {
+                tracing::error!(error = %d, "database");
+                ApiError::Internal("database error".into())
+            }
+        }
+    }
+}
+
+impl From<TenancyError> for ApiError {
+    fn from(e: TenancyError) -> Self {
+        let msg = e.to_string();
+        match e {
+            TenancyError::Unauthenticated(m) => ApiError::Unauthenticated(m.into()),
+            TenancyError::PermissionDenied(m) => ApiError::PermissionDenied(m),
+            TenancyError::Invalid { field, reason } => ApiError::invalid(field, reason),
+            TenancyError::NotFound(_) => ApiError::NotFound(msg),
+            TenancyError::AlreadyExists(_) => ApiError::AlreadyExists(msg),
+            TenancyError::FailedPrecondition(m) => ApiError::FailedPrecondition(m),
+            TenancyError::Quota {
+                quota,
+                detail,
+                retry_after,
+            } => {
+                metrics::counter!(crate::metrics::QUOTA_REJECTIONS_TOTAL, "quota" => quota)
+                    .increment(1);
+                ApiError::Quota {
+                    quota: quota.into(),
+                    detail,
+                    retry_after,
+                }
+            }
+            TenancyError::Db(d) => {
                 tracing::error!(error = %d, "database");
                 ApiError::Internal("database error".into())
             }

@@ -8,11 +8,15 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
 use super::{
+    auth::Caller,
     convert::{deadline_from, validate_generate, PromptInput, RequestLimits},
     error::ApiError,
     observe, recorded, ReadySlot,
 };
-use crate::engine::{GenerationRequest, StreamEvent};
+use crate::{
+    engine::{GenerationRequest, StreamEvent},
+    tenancy::StreamPermit,
+};
 
 pub struct GenerationService {
     ready: ReadySlot,
@@ -26,15 +30,15 @@ impl GenerationService {
 
     /// Validation, adapter lease, tokenisation and admission; the events of the accepted
     /// request.
-    async fn start(
-        &self,
-        req: Request<pb::GenerateRequest>,
-    ) -> Result<mpsc::Receiver<StreamEvent>, ApiError> {
+    async fn start(&self, req: Request<pb::GenerateRequest>) -> Result<Admitted, ApiError> {
         let deadline = deadline_from(req.metadata(), Instant::now());
+        let caller = Caller::of(&req)?;
         let ready = super::ready(&self.ready)?;
+        let tenant = caller.acting(&req.get_ref().tenant)?;
         let valid = validate_generate(req.into_inner(), &self.limits)?;
+        let permit = caller.tenancy.begin_stream(&tenant)?;
         let adapter = match &valid.adapter {
-            Some(r) => Some(ready.adapters.lease(&valid.tenant, r).await?),
+            Some(r) => Some(ready.adapters.lease(&tenant, r).await?),
             None => None,
         };
         let model = ready.engine.model();
@@ -65,22 +69,34 @@ impl GenerationService {
                 ),
             ));
         }
-        Ok(ready.engine.submit(GenerationRequest {
+        let events = ready.engine.submit(GenerationRequest {
             prompt_ids,
             params: valid.params,
             deadline,
             adapter,
-        })?)
+            tenant: tenant.into(),
+        })?;
+        Ok(Admitted { events, permit })
     }
+}
+
+/// An accepted request: its engine events, and its tenant's stream slot (held until the
+/// response ends; generated tokens are charged to it).
+struct Admitted {
+    events: mpsc::Receiver<StreamEvent>,
+    permit: StreamPermit,
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateStreamResponse, Status>> + Send>>;
 
 /// Engine events -> proto stream messages; ends after the final event.
-fn to_proto_stream(rx: mpsc::Receiver<StreamEvent>, started: Instant) -> EventStream {
-    let stream = futures::stream::unfold(Some(rx), move |rx| async move {
-        let mut rx = rx?;
-        let ev = rx.recv().await;
+fn to_proto_stream(admitted: Admitted, started: Instant) -> EventStream {
+    let stream = futures::stream::unfold(Some(admitted), move |a| async move {
+        let mut a = a?;
+        let ev = a.events.recv().await;
+        if let Some(StreamEvent::Tokens { ids, .. }) = &ev {
+            a.permit.charge(ids.len());
+        }
         let (item, more) = match ev {
             Some(StreamEvent::Tokens {
                 text,
@@ -121,7 +137,7 @@ fn to_proto_stream(rx: mpsc::Receiver<StreamEvent>, started: Instant) -> EventSt
             }
             None => (Err(Status::internal("the engine stopped")), false),
         };
-        Some((item, more.then_some(rx)))
+        Some((item, more.then_some(a)))
     });
     Box::pin(stream)
 }
@@ -133,15 +149,16 @@ impl Generation for GenerationService {
         req: Request<pb::GenerateRequest>,
     ) -> Result<Response<pb::GenerateResponse>, Status> {
         recorded("Generate", async {
-            let mut rx = self.start(req).await?;
+            let mut a = self.start(req).await?;
             let mut out = pb::GenerateResponse::default();
-            while let Some(ev) = rx.recv().await {
+            while let Some(ev) = a.events.recv().await {
                 match ev {
                     StreamEvent::Tokens {
                         text,
                         ids,
                         logprobs,
                     } => {
+                        a.permit.charge(ids.len());
                         out.text.push_str(&text);
                         out.token_ids.extend(ids);
                         out.logprobs.extend(logprobs);
@@ -173,7 +190,7 @@ impl Generation for GenerationService {
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
         let started = Instant::now();
         match self.start(req).await {
-            Ok(rx) => Ok(Response::new(to_proto_stream(rx, started))),
+            Ok(a) => Ok(Response::new(to_proto_stream(a, started))),
             Err(e) => {
                 observe("GenerateStream", e.code(), started);
                 Err(e.into())

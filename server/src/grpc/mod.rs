@@ -2,6 +2,8 @@
 //! tonic and proto types; handlers validate, convert to domain calls and convert back.
 
 pub mod adapters;
+pub mod admin;
+pub mod auth;
 pub mod convert;
 pub mod error;
 pub mod generation;

@@ -7,10 +7,11 @@ use futures::Stream;
 use graft_proto::v1::{self as pb, training_server::Training, upload_dataset_request::Part};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{convert::tenant_of, error::ApiError, ready, recorded, ReadySlot};
+use super::{auth::Caller, error::ApiError, ready, recorded, ReadySlot};
 use crate::{
     model::lora::Module,
     store::training::{DatasetRow, JobRow},
+    tenancy::NewObject,
     train::{
         dataset::Format,
         jobs::{JobEvent, JobSpec, NewJob, TrainingError},
@@ -306,6 +307,7 @@ impl Training for TrainingGrpc {
         recorded("UploadDataset", async {
             let svc = &ready(&self.ready)?.training;
             let cap = svc.config().max_dataset_bytes;
+            let caller = Caller::of(&req)?;
             let mut s = req.into_inner();
             let header = match s
                 .message()
@@ -322,7 +324,7 @@ impl Training for TrainingGrpc {
                     ))
                 }
             };
-            let tenant = tenant_of(&header.tenant)?;
+            let tenant = caller.acting(&header.tenant)?;
             let format = match header.format.as_str() {
                 "" => None,
                 f => Some(Format::parse(f).ok_or_else(|| {
@@ -356,6 +358,11 @@ impl Training for TrainingGrpc {
                     }
                 }
             }
+            let _storage = caller.tenancy.storage_guard(&tenant).await;
+            caller
+                .tenancy
+                .check_storage(&tenant, NewObject::Dataset, bytes.len() as u64)
+                .await?;
             Ok(svc
                 .upload_dataset(&tenant, &header.name, format, bytes)
                 .await?
@@ -369,10 +376,11 @@ impl Training for TrainingGrpc {
         req: Request<pb::GetDatasetRequest>,
     ) -> Result<Response<pb::Dataset>, Status> {
         recorded("GetDataset", async {
+            let caller = Caller::of(&req)?;
             let r = req.into_inner();
             Ok(ready(&self.ready)?
                 .training
-                .dataset(&tenant_of(&r.tenant)?, &r.name)
+                .dataset(&caller.acting(&r.tenant)?, &r.name)
                 .await?
                 .into())
         })
@@ -384,10 +392,11 @@ impl Training for TrainingGrpc {
         req: Request<pb::ListDatasetsRequest>,
     ) -> Result<Response<pb::ListDatasetsResponse>, Status> {
         recorded("ListDatasets", async {
+            let caller = Caller::of(&req)?;
             let r = req.into_inner();
             let rows = ready(&self.ready)?
                 .training
-                .datasets(&tenant_of(&r.tenant)?)
+                .datasets(&caller.acting(&r.tenant)?)
                 .await?;
             Ok(pb::ListDatasetsResponse {
                 datasets: rows.into_iter().map(Into::into).collect(),
@@ -401,10 +410,11 @@ impl Training for TrainingGrpc {
         req: Request<pb::DeleteDatasetRequest>,
     ) -> Result<Response<pb::Dataset>, Status> {
         recorded("DeleteDataset", async {
+            let caller = Caller::of(&req)?;
             let r = req.into_inner();
             Ok(ready(&self.ready)?
                 .training
-                .delete_dataset(&tenant_of(&r.tenant)?, &r.name)
+                .delete_dataset(&caller.acting(&r.tenant)?, &r.name)
                 .await?
                 .into())
         })
@@ -416,9 +426,16 @@ impl Training for TrainingGrpc {
         req: Request<pb::CreateJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
         recorded("CreateJob", async {
+            let caller = Caller::of(&req)?;
             let r = req.into_inner();
-            let tenant = tenant_of(&r.tenant)?;
+            let tenant = caller.acting(&r.tenant)?;
             let job = job_from(&r)?;
+            let _storage = caller.tenancy.storage_guard(&tenant).await;
+            caller.tenancy.check_new_job(&tenant).await?;
+            caller
+                .tenancy
+                .check_storage(&tenant, NewObject::AdapterVersion(&job.adapter_name), 0)
+                .await?;
             Ok(ready(&self.ready)?
                 .training
                 .create_job(&tenant, job)
@@ -430,10 +447,11 @@ impl Training for TrainingGrpc {
 
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
         recorded("GetJob", async {
+            let caller = Caller::of(&req)?;
             let r = req.into_inner();
             Ok(ready(&self.ready)?
                 .training
-                .job(&tenant_of(&r.tenant)?, &r.id)
+                .job(&caller.acting(&r.tenant)?, &r.id)
                 .await?
                 .into())
         })
@@ -445,10 +463,11 @@ impl Training for TrainingGrpc {
         req: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
         recorded("ListJobs", async {
+            let caller = Caller::of(&req)?;
             let r = req.into_inner();
             let rows = ready(&self.ready)?
                 .training
-                .jobs(&tenant_of(&r.tenant)?)
+                .jobs(&caller.acting(&r.tenant)?)
                 .await?;
             Ok(pb::ListJobsResponse {
                 jobs: rows.into_iter().map(Into::into).collect(),
@@ -462,10 +481,11 @@ impl Training for TrainingGrpc {
         req: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
         recorded("CancelJob", async {
+            let caller = Caller::of(&req)?;
             let r = req.into_inner();
             Ok(ready(&self.ready)?
                 .training
-                .cancel(&tenant_of(&r.tenant)?, &r.id)
+                .cancel(&caller.acting(&r.tenant)?, &r.id)
                 .await?
                 .into())
         })
@@ -479,10 +499,11 @@ impl Training for TrainingGrpc {
         req: Request<pb::WatchJobRequest>,
     ) -> Result<Response<EventStream>, Status> {
         recorded("WatchJob", async {
+            let caller = Caller::of(&req)?;
             let r = req.into_inner();
             let rx = ready(&self.ready)?
                 .training
-                .watch(&tenant_of(&r.tenant)?, &r.id, r.after_seq)
+                .watch(&caller.acting(&r.tenant)?, &r.id, r.after_seq)
                 .await?;
             let s = futures::stream::unfold(rx, |mut rx| async move {
                 let (row, e) = rx.recv().await?;

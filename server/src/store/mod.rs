@@ -5,6 +5,7 @@
 //! Invariant: a row is written only after its files are durable, so a row never points at
 //! half a file; files without a row are orphans that `startup` removes.
 
+pub mod tenancy;
 pub mod training;
 
 use std::{path::Path, str::FromStr, time::Duration};

@@ -210,15 +210,42 @@ impl Db {
         Ok(r.iter().map(job).collect())
     }
 
-    /// Claims the oldest queued job (marks it running).
-    pub async fn claim_queued_job(&self) -> Result<Option<JobRow>, DbError> {
+    /// Marks the oldest queued job whose tenant may start one more (`may_run(tenant,
+    /// running)`) as running and returns it. One runner calls this, so the choice and the
+    /// update cannot interleave with another claim.
+    pub async fn claim_queued_job(
+        &self,
+        may_run: impl Fn(&str, u32) -> bool,
+    ) -> Result<Option<JobRow>, DbError> {
+        let running: std::collections::HashMap<String, i64> = sqlx::query(
+            "SELECT tenant, COUNT(*) FROM jobs WHERE status = 'running' GROUP BY tenant",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err("running jobs"))?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+        let queued = sqlx::query(
+            "SELECT id, tenant FROM jobs WHERE status = 'queued' ORDER BY created_at, id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err("queued jobs"))?;
+        let Some(id) = queued.iter().find_map(|r| {
+            let tenant: String = r.get(1);
+            let n = running.get(&tenant).copied().unwrap_or(0) as u32;
+            may_run(&tenant, n).then(|| r.get::<String, _>(0))
+        }) else {
+            return Ok(None);
+        };
         let q = format!(
-            "UPDATE jobs SET status = 'running', updated_at = ? WHERE id =
-               (SELECT id FROM jobs WHERE status = 'queued' ORDER BY created_at, id LIMIT 1)
+            "UPDATE jobs SET status = 'running', updated_at = ? WHERE id = ? AND status = 'queued'
              RETURNING {JOB_COLS}"
         );
         let r = sqlx::query(sqlx::AssertSqlSafe(q))
             .bind(now_unix())
+            .bind(id)
             .fetch_optional(&self.pool)
             .await
             .map_err(db_err("claim job"))?;

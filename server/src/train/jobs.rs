@@ -33,6 +33,7 @@ use crate::{
         training::{DatasetRow, EventRow, JobRow, TERMINAL},
         Db, DbError,
     },
+    tenancy::Tenancy,
 };
 
 /// Settings of the training service.
@@ -101,6 +102,7 @@ struct Live {
 
 pub struct TrainingService {
     db: Db,
+    tenancy: Arc<Tenancy>,
     model: Arc<BaseModel>,
     registry: Arc<AdapterRegistry>,
     cfg: TrainingConfig,
@@ -129,12 +131,14 @@ fn problems_text(p: &[Problem]) -> String {
 impl TrainingService {
     pub fn new(
         db: Db,
+        tenancy: Arc<Tenancy>,
         model: Arc<BaseModel>,
         registry: Arc<AdapterRegistry>,
         cfg: TrainingConfig,
     ) -> Arc<Self> {
         Arc::new(Self {
             db,
+            tenancy,
             model,
             registry,
             cfg,
@@ -463,7 +467,11 @@ impl TrainingService {
                 let Ok(slot) = slots.clone().acquire_owned().await else {
                     return;
                 };
-                match me.db.claim_queued_job().await {
+                let (default_limit, limits) = me.tenancy.running_job_limits();
+                let may_run = |tenant: &str, running: u32| {
+                    running < limits.get(tenant).copied().unwrap_or(default_limit)
+                };
+                match me.db.claim_queued_job(may_run).await {
                     Ok(Some(job)) => {
                         let me = me.clone();
                         tokio::spawn(async move {

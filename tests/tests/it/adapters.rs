@@ -296,25 +296,19 @@ async fn adapters_survive_a_restart() {
     let t = start_tiny().await;
     let model = t.server.engine().expect("ready").model().clone();
     let (c, w) = random_peft(&model, 9, 2);
-    t.client
-        .import_adapter("acme", "keep", c.clone(), w.clone(), false)
+    let acme = t.tenant("acme").await;
+    acme.import_adapter("", "keep", c.clone(), w.clone(), false)
         .await
         .expect("v1");
-    t.client
-        .import_adapter("acme", "keep", c.clone(), w.clone(), false)
+    acme.import_adapter("", "keep", c.clone(), w.clone(), false)
         .await
         .expect("v2");
-    t.client
-        .delete_adapter("acme", "keep@1")
-        .await
-        .expect("delete v1");
+    acme.delete_adapter("", "keep@1").await.expect("delete v1");
     let opts = GenerateOptions {
         adapter: Some("keep".into()),
-        tenant: Some("acme".into()),
         ..GenerateOptions::greedy(6)
     };
-    let before = t
-        .client
+    let before = acme
         .generate(opts.prompt("abc"))
         .await
         .expect("gen")
@@ -322,30 +316,26 @@ async fn adapters_survive_a_restart() {
     let data = t.data.clone();
     t.server.drain().await.expect("drain");
     let t = start_in(tiny_model_path(), data, |_| {}).await;
-    let listed = t.client.list_adapters("acme").await.expect("list");
+    let acme = t.tenant("acme").await;
+    let listed = acme.list_adapters("").await.expect("list");
     assert_eq!(
         listed.iter().map(|v| v.version).collect::<Vec<_>>(),
         vec![2]
     );
     assert_eq!(
-        t.client
-            .generate(opts.prompt("abc"))
+        acme.generate(opts.prompt("abc"))
             .await
             .expect("gen")
             .token_ids,
         before
     );
     assert_eq!(
-        t.client
-            .export_adapter("acme", "keep@2")
-            .await
-            .expect("export"),
+        acme.export_adapter("", "keep@2").await.expect("export"),
         (c.clone(), w)
     );
     // Versions are never reused.
-    let v3 = t
-        .client
-        .import_adapter("acme", "keep", c, fixture_like(&model), false)
+    let v3 = acme
+        .import_adapter("", "keep", c, fixture_like(&model), false)
         .await
         .expect("v3");
     assert_eq!(v3.version, 3);

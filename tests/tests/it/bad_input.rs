@@ -249,7 +249,10 @@ async fn random_requests_never_break_the_server() {
                 Err(e) => assert!(
                     matches!(
                         e.code(),
-                        Code::InvalidArgument | Code::NotFound | Code::ResourceExhausted
+                        Code::InvalidArgument
+                            | Code::NotFound
+                            | Code::ResourceExhausted
+                            | Code::PermissionDenied
                     ),
                     "unexpected {e:?}"
                 ),

@@ -32,15 +32,13 @@ async fn health(url: &str) -> ServingStatus {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_is_not_serving_until_loaded_then_serving() {
     let data = tempfile::tempdir().expect("data dir");
-    let srv = server::start(ServerConfig::for_model(real_model_path(), data.path()))
-        .await
-        .expect("start");
+    let mut cfg = ServerConfig::for_model(real_model_path(), data.path());
+    cfg.tenancy.admin_key = Some(graft_tests::ADMIN_KEY.into());
+    let srv = server::start(cfg).await.expect("start");
     let url = format!("http://{}", srv.grpc_addr);
     assert_eq!(health(&url).await, ServingStatus::NotServing);
-    // Generation refuses politely while loading.
-    let c = graft_client::GraftClient::connect(&url)
-        .await
-        .expect("connect");
+    // Keys work while the model loads; generation refuses politely.
+    let c = graft_tests::connect_as(srv.grpc_addr, graft_tests::TENANT).await;
     if srv.engine().is_none() {
         let err = c
             .generate(GenerateOptions::greedy(2).prompt("hi"))

@@ -370,11 +370,9 @@ async fn bad_jobs_are_refused_naming_the_field() {
     );
     // Another tenant's dataset is as missing as a missing one.
     assert_eq!(
-        t.client
-            .create_job(pb::CreateJobRequest {
-                tenant: "other".into(),
-                ..job("d", "x", h())
-            })
+        t.tenant("other")
+            .await
+            .create_job(job("d", "x", h()))
             .await
             .expect_err("other tenant")
             .code(),

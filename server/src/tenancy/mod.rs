@@ -1,0 +1,768 @@
+//! Tenants, who is calling, and what each tenant may still do.
+//! - [`Tenancy`] owns the tenants and API keys (rows in the database, mirrored in memory so
+//!   that authenticating a call needs no I/O) and the live meters of each tenant (streams
+//!   in flight, tokens-per-minute bucket).
+//! - [`Who`] is what a request's bearer key resolved to; [`Tenancy::acting`] turns it and a
+//!   request's `tenant` field into the one tenant the request acts for.
+//! - Storage quotas are checked under a per-tenant lock ([`Tenancy::storage_guard`]) held
+//!   across check and write, so two concurrent uploads cannot both squeeze under a limit.
+//!
+//! Invariant: every write goes to the database first and to memory after, so memory never
+//! claims what a restart would not find. Secrets are never stored or logged.
+
+pub mod keys;
+pub mod quotas;
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, RwLock},
+    time::{Duration, Instant},
+};
+
+pub use quotas::{Limits, Quotas, TokenBucket};
+
+use crate::{
+    adapters::registry::validate_name,
+    store::{
+        tenancy::{KeyRow, StoredUsage},
+        Db, DbError,
+    },
+};
+
+/// Settings of tenancy.
+#[derive(Clone, Default)]
+pub struct TenancyConfig {
+    /// The admin key; `None` disables the Admin service (tenant keys still work).
+    pub admin_key: Option<String>,
+    pub defaults: Limits,
+}
+
+impl std::fmt::Debug for TenancyConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TenancyConfig")
+            .field("admin_key", &self.admin_key.as_ref().map(|_| "<set>"))
+            .field("defaults", &self.defaults)
+            .finish()
+    }
+}
+
+/// Who a request's key belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Who {
+    Admin,
+    Tenant(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TenancyError {
+    #[error("{0}")]
+    Unauthenticated(&'static str),
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("{field}: {reason}")]
+    Invalid { field: String, reason: String },
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("quota {quota} exceeded: {detail}")]
+    Quota {
+        quota: &'static str,
+        detail: String,
+        retry_after: Option<Duration>,
+    },
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+fn invalid(field: &str, reason: impl Into<String>) -> TenancyError {
+    TenancyError::Invalid {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// What a storage write adds besides bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NewObject<'a> {
+    /// A version of this adapter name (a new name counts against `max_adapters`).
+    AdapterVersion(&'a str),
+    Dataset,
+}
+
+/// A tenant as the Admin service shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TenantInfo {
+    pub name: String,
+    pub limits: Limits,
+    pub usage: StoredUsage,
+    pub streams: u32,
+    pub created_at: i64,
+}
+
+/// A key as listed: never its secret.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyInfo {
+    pub id: String,
+    pub tenant: String,
+    pub description: String,
+    pub created_at: i64,
+    pub expires_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+}
+
+impl From<&KeyRow> for KeyInfo {
+    fn from(k: &KeyRow) -> Self {
+        Self {
+            id: k.id.clone(),
+            tenant: k.tenant.clone(),
+            description: k.description.clone(),
+            created_at: k.created_at,
+            expires_at: k.expires_at,
+            revoked_at: k.revoked_at,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct TenantEntry {
+    quotas: Quotas,
+    created_at: i64,
+}
+
+#[derive(Default)]
+struct Directory {
+    tenants: HashMap<String, TenantEntry>,
+    keys: HashMap<String, KeyRow>,
+}
+
+/// Live per-tenant meters.
+struct Meter {
+    streams: u32,
+    bucket: TokenBucket,
+}
+
+pub struct Tenancy {
+    db: Db,
+    admin: Option<[u8; 32]>,
+    defaults: Limits,
+    directory: RwLock<Directory>,
+    /// Serialises the directory's writers (database then memory).
+    writer: tokio::sync::Mutex<()>,
+    meters: Arc<Mutex<HashMap<String, Meter>>>,
+    storage_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn tenant_name(field: &str, name: &str) -> Result<(), TenancyError> {
+    validate_name(name).map_err(|e| invalid(field, e.replace("adapter name", "tenant name")))
+}
+
+impl Tenancy {
+    /// Loads tenants and keys from the database.
+    pub async fn open(db: Db, cfg: TenancyConfig) -> Result<Arc<Self>, TenancyError> {
+        let mut dir = Directory::default();
+        for t in db.tenants().await? {
+            let quotas = serde_json::from_str(&t.quotas).unwrap_or_else(|e| {
+                tracing::error!(tenant = %t.name, error = %e, "unreadable quota overrides; using defaults");
+                Quotas::default()
+            });
+            dir.tenants.insert(
+                t.name,
+                TenantEntry {
+                    quotas,
+                    created_at: t.created_at,
+                },
+            );
+        }
+        for k in db.keys().await? {
+            dir.keys.insert(k.id.clone(), k);
+        }
+        Ok(Arc::new(Self {
+            db,
+            admin: cfg.admin_key.as_deref().map(keys::digest),
+            defaults: cfg.defaults,
+            directory: RwLock::new(dir),
+            writer: tokio::sync::Mutex::new(()),
+            meters: Arc::default(),
+            storage_locks: Mutex::default(),
+        }))
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Directory> {
+        self.directory.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Directory> {
+        self.directory.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Resolves an `authorization` header value. The same answer for an unknown key id and
+    /// a wrong secret; revoked and expired only once the secret matched.
+    pub fn authenticate(&self, header: Option<&str>) -> Result<Who, TenancyError> {
+        let header = header.ok_or(TenancyError::Unauthenticated(
+            "missing `authorization: Bearer <API key>` metadata",
+        ))?;
+        let token = header
+            .strip_prefix("Bearer ")
+            .or_else(|| header.strip_prefix("bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or(TenancyError::Unauthenticated(
+                "the authorization metadata must read `Bearer <API key>`",
+            ))?;
+        if let Some(admin) = &self.admin {
+            if keys::same(&keys::digest(token), admin) {
+                return Ok(Who::Admin);
+            }
+        }
+        const BAD: TenancyError = TenancyError::Unauthenticated("invalid API key");
+        let (id, secret) = keys::parse(token).ok_or(BAD)?;
+        let dir = self.read();
+        let key = dir.keys.get(id).ok_or(BAD)?;
+        if !keys::verify(&key.salt, &key.hash, secret) {
+            return Err(BAD);
+        }
+        if key.revoked_at.is_some() {
+            return Err(TenancyError::Unauthenticated("this API key was revoked"));
+        }
+        if key.expires_at.is_some_and(|e| e <= now_unix()) {
+            return Err(TenancyError::Unauthenticated("this API key has expired"));
+        }
+        Ok(Who::Tenant(key.tenant.clone()))
+    }
+
+    /// The tenant a request acts for: a tenant key acts for its own tenant (the request's
+    /// `tenant` field may only repeat it); the admin key for the tenant the field names.
+    pub fn acting(&self, who: &Who, requested: &str) -> Result<String, TenancyError> {
+        match who {
+            Who::Tenant(t) if requested.is_empty() || requested == t => Ok(t.clone()),
+            Who::Tenant(_) => Err(TenancyError::PermissionDenied(
+                "tenant: a tenant's key acts only for its own tenant; leave `tenant` empty".into(),
+            )),
+            Who::Admin if requested.is_empty() => Err(invalid(
+                "tenant",
+                "the admin key acts for a tenant only when `tenant` names it",
+            )),
+            Who::Admin => {
+                tenant_name("tenant", requested)?;
+                if self.read().tenants.contains_key(requested) {
+                    Ok(requested.to_string())
+                } else {
+                    Err(TenancyError::NotFound(format!("tenant {requested}")))
+                }
+            }
+        }
+    }
+
+    pub fn require_admin(&self, who: &Who) -> Result<(), TenancyError> {
+        if self.admin.is_none() {
+            return Err(TenancyError::PermissionDenied(
+                "the Admin service is disabled: no admin key was configured".into(),
+            ));
+        }
+        match who {
+            Who::Admin => Ok(()),
+            Who::Tenant(_) => Err(TenancyError::PermissionDenied(
+                "the Admin service needs the admin key".into(),
+            )),
+        }
+    }
+
+    /// A tenant's effective limits (defaults for an unknown name).
+    pub fn limits(&self, tenant: &str) -> Limits {
+        self.read()
+            .tenants
+            .get(tenant)
+            .map(|t| t.quotas.over(&self.defaults))
+            .unwrap_or(self.defaults)
+    }
+
+    /// Running-job limits of every tenant (for the job runner).
+    pub fn running_job_limits(&self) -> (u32, HashMap<String, u32>) {
+        let dir = self.read();
+        let per = dir
+            .tenants
+            .iter()
+            .map(|(n, t)| (n.clone(), t.quotas.over(&self.defaults).max_running_jobs))
+            .collect();
+        (self.defaults.max_running_jobs, per)
+    }
+
+    pub async fn create_tenant(
+        &self,
+        name: &str,
+        quotas: Quotas,
+    ) -> Result<TenantInfo, TenancyError> {
+        tenant_name("name", name)?;
+        let _w = self.writer.lock().await;
+        let json = serde_json::to_string(&quotas).unwrap_or_else(|_| "{}".into());
+        if !self.db.insert_tenant(name, &json).await? {
+            return Err(TenancyError::AlreadyExists(format!("tenant {name}")));
+        }
+        self.write().tenants.insert(
+            name.into(),
+            TenantEntry {
+                quotas,
+                created_at: now_unix(),
+            },
+        );
+        drop(_w);
+        self.tenant(name).await
+    }
+
+    pub async fn tenant(&self, name: &str) -> Result<TenantInfo, TenancyError> {
+        tenant_name("name", name)?;
+        let entry = self
+            .read()
+            .tenants
+            .get(name)
+            .cloned()
+            .ok_or_else(|| TenancyError::NotFound(format!("tenant {name}")))?;
+        let usage = self.db.stored_usage(name).await?;
+        let streams = self
+            .meters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .map_or(0, |m| m.streams);
+        Ok(TenantInfo {
+            name: name.into(),
+            limits: entry.quotas.over(&self.defaults),
+            usage,
+            streams,
+            created_at: entry.created_at,
+        })
+    }
+
+    pub async fn tenants(&self) -> Result<Vec<TenantInfo>, TenancyError> {
+        let mut names: Vec<String> = self.read().tenants.keys().cloned().collect();
+        names.sort();
+        let mut out = Vec::with_capacity(names.len());
+        for n in names {
+            out.push(self.tenant(&n).await?);
+        }
+        Ok(out)
+    }
+
+    /// Deletes an empty tenant and its keys.
+    pub async fn delete_tenant(&self, name: &str) -> Result<(), TenancyError> {
+        let info = self.tenant(name).await?;
+        let _storage = self.storage_guard(name).await;
+        let u = self.db.stored_usage(name).await?;
+        if u.adapters > 0 || u.datasets > 0 || u.unfinished_jobs > 0 {
+            return Err(TenancyError::FailedPrecondition(format!(
+                "tenant {} still owns {} adapters, {} datasets and {} unfinished jobs; delete them first",
+                info.name, u.adapters, u.datasets, u.unfinished_jobs
+            )));
+        }
+        let _w = self.writer.lock().await;
+        self.db.delete_tenant(name).await?;
+        let mut dir = self.write();
+        dir.tenants.remove(name);
+        dir.keys.retain(|_, k| k.tenant != name);
+        Ok(())
+    }
+
+    /// A new key; its secret is returned once.
+    pub async fn create_key(
+        &self,
+        tenant: &str,
+        description: &str,
+        ttl: Option<Duration>,
+    ) -> Result<(KeyInfo, String), TenancyError> {
+        tenant_name("tenant", tenant)?;
+        if description.len() > 256 || description.contains('\0') {
+            return Err(invalid(
+                "description",
+                "at most 256 bytes, no NUL characters",
+            ));
+        }
+        let _w = self.writer.lock().await;
+        if !self.read().tenants.contains_key(tenant) {
+            return Err(TenancyError::NotFound(format!("tenant {tenant}")));
+        }
+        let minted = keys::mint();
+        let now = now_unix();
+        let row = KeyRow {
+            id: minted.id.clone(),
+            tenant: tenant.into(),
+            salt: minted.salt,
+            hash: minted.hash,
+            description: description.into(),
+            created_at: now,
+            expires_at: ttl.map(|t| now.saturating_add(t.as_secs().min(i64::MAX as u64) as i64)),
+            revoked_at: None,
+        };
+        self.db.insert_key(&row).await?;
+        let info = KeyInfo::from(&row);
+        self.write().keys.insert(row.id.clone(), row);
+        Ok((info, minted.token))
+    }
+
+    pub fn keys_of(&self, tenant: &str) -> Result<Vec<KeyInfo>, TenancyError> {
+        tenant_name("tenant", tenant)?;
+        let dir = self.read();
+        if !dir.tenants.contains_key(tenant) {
+            return Err(TenancyError::NotFound(format!("tenant {tenant}")));
+        }
+        let mut out: Vec<KeyInfo> = dir
+            .keys
+            .values()
+            .filter(|k| k.tenant == tenant)
+            .map(KeyInfo::from)
+            .collect();
+        out.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        Ok(out)
+    }
+
+    pub async fn revoke_key(&self, id: &str) -> Result<KeyInfo, TenancyError> {
+        if id.is_empty() || id.len() > 64 {
+            return Err(invalid("id", "a key id (from CreateKey or ListKeys)"));
+        }
+        let _w = self.writer.lock().await;
+        let row = self
+            .db
+            .revoke_key(id)
+            .await?
+            .ok_or_else(|| TenancyError::NotFound(format!("key {id}")))?;
+        let info = KeyInfo::from(&row);
+        self.write().keys.insert(row.id.clone(), row);
+        Ok(info)
+    }
+
+    pub async fn set_quotas(
+        &self,
+        tenant: &str,
+        quotas: Quotas,
+        reset: bool,
+    ) -> Result<TenantInfo, TenancyError> {
+        tenant_name("tenant", tenant)?;
+        let _w = self.writer.lock().await;
+        let old = self
+            .read()
+            .tenants
+            .get(tenant)
+            .map(|t| t.quotas)
+            .ok_or_else(|| TenancyError::NotFound(format!("tenant {tenant}")))?;
+        let new = if reset { quotas } else { old.merged(&quotas) };
+        let json = serde_json::to_string(&new).unwrap_or_else(|_| "{}".into());
+        self.db.set_tenant_quotas(tenant, &json).await?;
+        if let Some(t) = self.write().tenants.get_mut(tenant) {
+            t.quotas = new;
+        }
+        drop(_w);
+        self.tenant(tenant).await
+    }
+
+    /// Holds the tenant's storage lock: check a storage quota and write under it.
+    pub async fn storage_guard(&self, tenant: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = self
+            .storage_locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(tenant.to_string())
+            .or_default()
+            .clone();
+        lock.lock_owned().await
+    }
+
+    /// Refuses a write that would take `tenant` over a storage quota: one that stores
+    /// `bytes` and adds `new`. Call it under [`storage_guard`](Self::storage_guard).
+    pub async fn check_storage(
+        &self,
+        tenant: &str,
+        new: NewObject<'_>,
+        bytes: u64,
+    ) -> Result<(), TenancyError> {
+        let l = self.limits(tenant);
+        let u = self.db.stored_usage(tenant).await?;
+        let quota = |quota, used: u64, add: u64, limit: u64| {
+            if used.saturating_add(add) <= limit {
+                return Ok(());
+            }
+            Err(TenancyError::Quota {
+                quota,
+                detail: format!(
+                    "the tenant uses {used} of {limit} and this would add {add}; delete something or ask for a larger quota"
+                ),
+                retry_after: None,
+            })
+        };
+        match new {
+            NewObject::AdapterVersion(name) => {
+                if !self.db.adapter_name_exists(tenant, name).await? {
+                    quota("max_adapters", u.adapters, 1, l.max_adapters)?;
+                }
+            }
+            NewObject::Dataset => quota("max_datasets", u.datasets, 1, l.max_datasets)?,
+        }
+        quota(
+            "max_stored_bytes",
+            u.stored_bytes,
+            bytes,
+            l.max_stored_bytes,
+        )
+    }
+
+    /// Refuses a new training job beyond the tenant's unfinished-jobs quota.
+    pub async fn check_new_job(&self, tenant: &str) -> Result<(), TenancyError> {
+        let l = self.limits(tenant);
+        let u = self.db.stored_usage(tenant).await?;
+        if u.unfinished_jobs >= l.max_queued_jobs {
+            return Err(TenancyError::Quota {
+                quota: "max_queued_jobs",
+                detail: format!(
+                    "the tenant has {} unfinished jobs (limit {}); wait for one to end or cancel one",
+                    u.unfinished_jobs, l.max_queued_jobs
+                ),
+                retry_after: Some(Duration::from_secs(30)),
+            });
+        }
+        Ok(())
+    }
+
+    /// Admits one generation stream: within the tenant's concurrent-stream quota and with
+    /// tokens left in its per-minute bucket. The permit gives the slot back on drop.
+    pub fn begin_stream(&self, tenant: &str) -> Result<StreamPermit, TenancyError> {
+        let l = self.limits(tenant);
+        let now = Instant::now();
+        let mut meters = self.meters.lock().unwrap_or_else(|e| e.into_inner());
+        let m = meters.entry(tenant.to_string()).or_insert_with(|| Meter {
+            streams: 0,
+            bucket: TokenBucket::full(l.max_tokens_per_minute, now),
+        });
+        if m.streams >= l.max_concurrent_streams {
+            return Err(TenancyError::Quota {
+                quota: "max_concurrent_streams",
+                detail: format!(
+                    "{} generation streams in flight (limit {})",
+                    m.streams, l.max_concurrent_streams
+                ),
+                retry_after: Some(Duration::from_secs(1)),
+            });
+        }
+        if let Err(wait) = m.bucket.admit(l.max_tokens_per_minute, now) {
+            return Err(TenancyError::Quota {
+                quota: "max_tokens_per_minute",
+                detail: format!(
+                    "the tenant generated its {} tokens of the last minute",
+                    l.max_tokens_per_minute
+                ),
+                retry_after: Some(wait),
+            });
+        }
+        m.streams += 1;
+        Ok(StreamPermit {
+            meters: self.meters.clone(),
+            tenant: tenant.to_string(),
+            per_minute: l.max_tokens_per_minute,
+        })
+    }
+}
+
+/// One admitted generation stream of a tenant: charges its tokens, frees its slot on drop.
+pub struct StreamPermit {
+    meters: Arc<Mutex<HashMap<String, Meter>>>,
+    tenant: String,
+    per_minute: u64,
+}
+
+impl StreamPermit {
+    pub fn tenant(&self) -> &str {
+        &self.tenant
+    }
+
+    /// Counts `tokens` generated against the tenant's per-minute bucket.
+    pub fn charge(&self, tokens: usize) {
+        if tokens == 0 {
+            return;
+        }
+        let mut meters = self.meters.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = meters.get_mut(&self.tenant) {
+            m.bucket
+                .charge(tokens as u64, self.per_minute, Instant::now());
+        }
+    }
+}
+
+impl Drop for StreamPermit {
+    fn drop(&mut self) {
+        let mut meters = self.meters.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = meters.get_mut(&self.tenant) {
+            m.streams = m.streams.saturating_sub(1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn open(admin: Option<&str>) -> (tempfile::TempDir, Arc<Tenancy>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Db::open(&dir.path().join("g.db")).await.expect("db");
+        let t = Tenancy::open(
+            db,
+            TenancyConfig {
+                admin_key: admin.map(Into::into),
+                defaults: Limits::default(),
+            },
+        )
+        .await
+        .expect("open");
+        (dir, t)
+    }
+
+    fn bearer(token: &str) -> String {
+        format!("Bearer {token}")
+    }
+
+    #[tokio::test]
+    async fn keys_authenticate_until_revoked_and_survive_reopen() {
+        let (dir, t) = open(Some("admin-secret-0123456789")).await;
+        t.create_tenant("acme", Quotas::default())
+            .await
+            .expect("tenant");
+        let (info, token) = t.create_key("acme", "ci", None).await.expect("key");
+        assert_eq!(
+            t.authenticate(Some(&bearer(&token))).expect("ok"),
+            Who::Tenant("acme".into())
+        );
+        assert_eq!(
+            t.authenticate(Some("Bearer admin-secret-0123456789"))
+                .expect("admin"),
+            Who::Admin
+        );
+        for bad in [
+            None,
+            Some("Basic x"),
+            Some("Bearer "),
+            Some("Bearer graft_00_11"),
+        ] {
+            assert!(matches!(
+                t.authenticate(bad),
+                Err(TenancyError::Unauthenticated(_))
+            ));
+        }
+        // Reopen: the key still works (from the database), the secret is nowhere in it.
+        drop(t);
+        let db = Db::open(&dir.path().join("g.db")).await.expect("db");
+        let rows = db.keys().await.expect("keys");
+        assert!(rows
+            .iter()
+            .all(|r| !token.contains(&r.hash) && !r.hash.is_empty()));
+        let t = Tenancy::open(db, TenancyConfig::default())
+            .await
+            .expect("reopen");
+        assert!(t.authenticate(Some(&bearer(&token))).is_ok());
+        t.revoke_key(&info.id).await.expect("revoke");
+        assert!(t.authenticate(Some(&bearer(&token))).is_err());
+        // No admin key configured: the admin service is off, an admin-looking key is just bad.
+        assert!(t
+            .authenticate(Some("Bearer admin-secret-0123456789"))
+            .is_err());
+    }
+
+    #[tokio::test]
+    async fn expired_keys_fail() {
+        let (_d, t) = open(None).await;
+        t.create_tenant("acme", Quotas::default())
+            .await
+            .expect("tenant");
+        let (_, token) = t
+            .create_key("acme", "", Some(Duration::ZERO))
+            .await
+            .expect("key");
+        assert!(t.authenticate(Some(&bearer(&token))).is_err());
+    }
+
+    #[tokio::test]
+    async fn acting_tenant_rules() {
+        let (_d, t) = open(Some("admin-secret-0123456789")).await;
+        t.create_tenant("acme", Quotas::default())
+            .await
+            .expect("tenant");
+        let acme = Who::Tenant("acme".into());
+        assert_eq!(t.acting(&acme, "").expect("own"), "acme");
+        assert_eq!(t.acting(&acme, "acme").expect("own"), "acme");
+        assert!(matches!(
+            t.acting(&acme, "globex"),
+            Err(TenancyError::PermissionDenied(_))
+        ));
+        assert!(matches!(
+            t.acting(&Who::Admin, ""),
+            Err(TenancyError::Invalid { .. })
+        ));
+        assert_eq!(t.acting(&Who::Admin, "acme").expect("named"), "acme");
+        assert!(matches!(
+            t.acting(&Who::Admin, "globex"),
+            Err(TenancyError::NotFound(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn stream_quota_counts_permits_and_frees_them_on_drop() {
+        let (_d, t) = open(None).await;
+        t.create_tenant(
+            "acme",
+            Quotas {
+                max_concurrent_streams: Some(2),
+                max_tokens_per_minute: Some(100),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("tenant");
+        let a = t.begin_stream("acme").expect("1");
+        let _b = t.begin_stream("acme").expect("2");
+        assert!(matches!(
+            t.begin_stream("acme"),
+            Err(TenancyError::Quota {
+                quota: "max_concurrent_streams",
+                ..
+            })
+        ));
+        assert!(
+            t.begin_stream("other").is_ok(),
+            "other tenants are not affected"
+        );
+        a.charge(150);
+        drop(a);
+        match t.begin_stream("acme") {
+            Err(TenancyError::Quota {
+                quota: "max_tokens_per_minute",
+                retry_after: Some(w),
+                ..
+            }) => assert!(w > Duration::from_secs(20), "{w:?}"),
+            other => panic!("expected the token quota, got {:?}", other.err()),
+        }
+    }
+
+    #[tokio::test]
+    async fn only_empty_tenants_are_deleted() {
+        let (_d, t) = open(None).await;
+        t.create_tenant("acme", Quotas::default())
+            .await
+            .expect("tenant");
+        assert!(matches!(
+            t.create_tenant("acme", Quotas::default()).await,
+            Err(TenancyError::AlreadyExists(_))
+        ));
+        let (_, token) = t.create_key("acme", "", None).await.expect("key");
+        t.delete_tenant("acme").await.expect("empty tenant deletes");
+        assert!(t.authenticate(Some(&bearer(&token))).is_err());
+        assert!(matches!(
+            t.tenant("acme").await,
+            Err(TenancyError::NotFound(_))
+        ));
+    }
+}
