@@ -79,8 +79,10 @@ pub fn validate_name(name: &str) -> Result<(), String> {
         .next()
         .is_some_and(|c| c.is_ascii_alphanumeric());
     if name.is_empty() || name.len() > 64 || !ok_chars || !first || name.contains("..") {
+        let shown: String = name.chars().take(64).collect();
+        let more = if shown.len() < name.len() { "…" } else { "" };
         return Err(format!(
-            "{name:?} is not a valid adapter name (1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit)"
+            "{shown:?}{more} is not a valid adapter name (1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit)"
         ));
     }
     Ok(())
@@ -92,7 +94,8 @@ impl std::str::FromStr for AdapterRef {
         let (name, version) = match s.rsplit_once('@') {
             Some((n, v)) => {
                 let v: u32 = v.parse().ok().filter(|v| *v > 0).ok_or_else(|| {
-                    format!("{s:?}: the version after @ must be a positive integer")
+                    let shown: String = s.chars().take(80).collect();
+                    format!("{shown:?}: the version after @ must be a positive integer")
                 })?;
                 (n, Some(v))
             }

@@ -64,14 +64,30 @@ impl ApiError {
     }
 }
 
+/// Longest message (and detail text) an answer carries: both travel in HTTP/2 trailers,
+/// which peers cap, so text echoing a huge input is cut rather than breaking the stream.
+const MAX_TEXT: usize = 1024;
+
+fn clip(mut s: String) -> String {
+    if s.len() > MAX_TEXT {
+        let mut end = MAX_TEXT;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push_str("…");
+    }
+    s
+}
+
 impl From<ApiError> for Status {
     fn from(e: ApiError) -> Self {
-        let msg = e.to_string();
+        let msg = clip(e.to_string());
         match e {
             ApiError::InvalidArgument { field, reason } => Status::with_error_details(
                 Code::InvalidArgument,
                 msg,
-                ErrorDetails::with_bad_request_violation(field, reason),
+                ErrorDetails::with_bad_request_violation(clip(field), clip(reason)),
             ),
             ApiError::ResourceExhausted { retry_after, .. } => Status::with_error_details(
                 Code::ResourceExhausted,
@@ -83,7 +99,7 @@ impl From<ApiError> for Status {
                 detail,
                 retry_after,
             } => {
-                let mut details = ErrorDetails::with_quota_failure_violation(quota, detail);
+                let mut details = ErrorDetails::with_quota_failure_violation(quota, clip(detail));
                 let msg = match retry_after {
                     Some(r) => {
                         details.set_retry_info(Some(r));
@@ -165,5 +181,19 @@ impl From<TenancyError> for ApiError {
                 ApiError::Internal("database error".into())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn huge_messages_are_clipped_on_a_char_boundary() {
+        let long = "é".repeat(5000);
+        let st = Status::from(ApiError::invalid("name", long.clone()));
+        assert!(st.message().len() <= MAX_TEXT + 3, "{}", st.message().len());
+        assert!(st.message().ends_with('…'));
+        assert_eq!(clip("short".into()), "short");
     }
 }

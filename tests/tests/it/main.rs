@@ -4,4 +4,5 @@ mod adapters;
 mod bad_input;
 mod generation;
 mod ops;
+mod tenancy;
 mod training;
