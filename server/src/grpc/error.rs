@@ -75,7 +75,7 @@ fn clip(mut s: String) -> String {
             end -= 1;
         }
         s.truncate(end);
-        s.push_str("…");
+        s.push('…');
     }
     s
 }

@@ -5,4 +5,5 @@ mod bad_input;
 mod generation;
 mod ops;
 mod tenancy;
+mod tls;
 mod training;

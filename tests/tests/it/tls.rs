@@ -1,0 +1,145 @@
+//! TLS on the gRPC listener: rustls with a server certificate, optionally requiring client
+//! certificates; plaintext only on loopback unless explicitly allowed.
+
+use graft_client::{ConnectOptions, GenerateOptions, GraftClient, TlsOptions};
+use graft_server::{config::ServerConfig, server};
+use graft_tests::{tiny_model_path, ADMIN_KEY};
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+
+struct Pki {
+    ca_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl Pki {
+    fn new() -> Self {
+        let key = KeyPair::generate().expect("key");
+        let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = p.self_signed(&key).expect("ca");
+        Self {
+            ca_pem: ca.pem(),
+            issuer: Issuer::new(p, key),
+        }
+    }
+
+    /// `(certificate, key)` PEMs for `name`, signed by this CA.
+    fn leaf(&self, name: &str) -> (String, String) {
+        let key = KeyPair::generate().expect("key");
+        let cert = CertificateParams::new(vec![name.to_string()])
+            .expect("params")
+            .signed_by(&key, &self.issuer)
+            .expect("sign");
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+fn write(dir: &std::path::Path, name: &str, text: &str) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).expect("write pem");
+    p
+}
+
+async fn connect(addr: std::net::SocketAddr, tls: TlsOptions) -> Result<GraftClient, String> {
+    GraftClient::connect_with(
+        &format!("https://{addr}"),
+        &ConnectOptions {
+            api_key: Some(ADMIN_KEY.into()),
+            tls,
+        },
+    )
+    .await
+    .map_err(|e| e.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_and_mutual_tls_serve_and_plaintext_does_not() {
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = pki.leaf("localhost");
+    let ca = write(dir.path(), "ca.pem", &pki.ca_pem);
+    let (cert_p, key_p) = (
+        write(dir.path(), "server.pem", &cert),
+        write(dir.path(), "server.key", &key),
+    );
+    let tls_for = |ca: &str| TlsOptions {
+        ca_pem: Some(ca.as_bytes().to_vec()),
+        domain: Some("localhost".into()),
+        identity: None,
+    };
+
+    // Server TLS only.
+    let data = tempfile::tempdir().expect("data");
+    let start = |client_ca: Option<std::path::PathBuf>| {
+        let mut cfg = ServerConfig::for_model(tiny_model_path(), data.path());
+        cfg.tenancy.admin_key = Some(ADMIN_KEY.into());
+        cfg.tls = Some(graft_server::config::TlsFiles {
+            cert: cert_p.clone(),
+            key: key_p.clone(),
+            client_ca,
+        });
+        async move {
+            let srv = server::start(cfg).await.expect("start");
+            srv.ready().await.expect("ready");
+            srv
+        }
+    };
+    let srv = start(None).await;
+    let admin = connect(srv.grpc_addr, tls_for(&pki.ca_pem))
+        .await
+        .expect("TLS connect");
+    admin.create_tenant("acme").await.expect("tenant over TLS");
+    let named = GenerateOptions {
+        tenant: Some("acme".into()),
+        ..GenerateOptions::greedy(3)
+    };
+    admin
+        .generate(named.prompt("abc"))
+        .await
+        .expect("generate over TLS");
+    // A client that does not trust the CA fails; so does plaintext.
+    let other = Pki::new();
+    match connect(srv.grpc_addr, tls_for(&other.ca_pem)).await {
+        Err(_) => {}
+        Ok(c) => assert!(c.generate(named.prompt("abc")).await.is_err()),
+    }
+    let plain = GraftClient::connect(&format!("http://{}", srv.grpc_addr)).await;
+    if let Ok(c) = plain {
+        assert!(c.list_adapters("").await.is_err(), "plaintext against TLS");
+    }
+
+    // Mutual TLS: a client certificate from the CA is required.
+    let (ccert, ckey) = pki.leaf("client");
+    srv.drain().await.expect("drain");
+    let srv = start(Some(ca.clone())).await;
+    let with_identity = TlsOptions {
+        identity: Some((ccert.into_bytes(), ckey.into_bytes())),
+        ..tls_for(&pki.ca_pem)
+    };
+    let c = connect(srv.grpc_addr, with_identity)
+        .await
+        .expect("mTLS connect");
+    c.generate(named.prompt("abc"))
+        .await
+        .expect("generate over mTLS");
+    match connect(srv.grpc_addr, tls_for(&pki.ca_pem)).await {
+        Err(_) => {}
+        Ok(c) => assert!(
+            c.generate(named.prompt("abc")).await.is_err(),
+            "no client certificate must be refused"
+        ),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_off_loopback_needs_an_explicit_yes() {
+    let data = tempfile::tempdir().expect("data");
+    let mut cfg = ServerConfig::for_model(tiny_model_path(), data.path());
+    cfg.listen = "0.0.0.0:0".parse().expect("addr");
+    let err = server::start(cfg.clone()).await.err().expect("refused");
+    assert!(err.to_string().contains("--allow-plaintext"), "{err}");
+    cfg.allow_plaintext = true;
+    let srv = server::start(cfg).await.expect("explicitly allowed");
+    srv.ready().await.expect("ready");
+    srv.drain().await.expect("drain");
+}
