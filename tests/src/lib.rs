@@ -186,55 +186,7 @@ pub fn fixture_adapter() -> (Vec<u8>, Vec<u8>) {
     )
 }
 
-/// PEFT files of a random LoRA adapter (all seven modules, rank `rank`) for `model`.
-pub fn random_peft(
-    model: &graft_server::model::BaseModel,
-    seed: u64,
-    rank: usize,
-) -> (Vec<u8>, Vec<u8>) {
-    use graft_server::{
-        adapters::peft::{self, ParsedLora},
-        model::lora::{LoraPair, LoraWeights, Module},
-    };
-    let cfg = model.config();
-    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-    let mut rnd = move || {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2
-    };
-    let mut w = LoraWeights::new(cfg.num_layers);
-    for layer in 0..cfg.num_layers {
-        for m in Module::ALL {
-            let base = m.of(&model.llama.weights.layers[layer]);
-            let (o, i) = (base.out_features(), base.in_features());
-            w.set(
-                layer,
-                m,
-                LoraPair {
-                    a: (0..rank * i).map(|_| rnd()).collect(),
-                    b_t: (0..o * rank).map(|_| rnd()).collect(),
-                    rank,
-                    in_features: i,
-                    out_features: o,
-                    scale: 2.0,
-                },
-            );
-        }
-    }
-    let parsed = ParsedLora {
-        weights: w,
-        rank,
-        alpha: 2.0 * rank as f64,
-        target_modules: Module::ALL
-            .iter()
-            .map(|m| m.hf_name().to_string())
-            .collect(),
-        use_rslora: false,
-    };
-    peft::write(&parsed, cfg, &model.name).expect("write PEFT files")
-}
+pub use graft_server::adapters::testing::random_peft;
 
 /// A client of a server started with [`ADMIN_KEY`], holding a fresh key of `tenant`.
 pub async fn connect_as(addr: std::net::SocketAddr, tenant: &str) -> GraftClient {

@@ -5,5 +5,6 @@
 
 pub mod peft;
 pub mod registry;
+pub mod testing;
 
 pub use registry::{AdapterLease, AdapterRef, AdapterRegistry, RegistryConfig, RegistryError};

@@ -274,6 +274,9 @@ pub fn parse_jsonl(
     let mut examples = Vec::new();
     let mut seen_format = forced;
     for (i, line) in text.lines().enumerate() {
+        if problems.len() >= MAX_PROBLEMS {
+            break;
+        }
         let line_no = i + 1;
         if line.trim().is_empty() {
             continue;
@@ -286,9 +289,6 @@ pub fn parse_jsonl(
                     kind: "invalid JSON",
                     detail: e.to_string(),
                 });
-                if problems.len() >= MAX_PROBLEMS {
-                    break;
-                }
                 continue;
             }
         };
@@ -320,9 +320,6 @@ pub fn parse_jsonl(
                 kind,
                 detail,
             }),
-        }
-        if problems.len() >= MAX_PROBLEMS {
-            break;
         }
     }
     if examples.is_empty() && problems.is_empty() {
