@@ -7,6 +7,9 @@ PYTHON        ?= python3
 CARGO         ?= cargo
 GRPC_LISTEN   ?= 127.0.0.1:50051
 METRICS_LISTEN ?= 127.0.0.1:9090
+DATA_DIR      ?= data
+# The admin key: made once (random, mode 0600) and passed by file, never by flag.
+ADMIN_KEY_FILE ?= $(DATA_DIR)/admin.key
 
 .PHONY: all model build run test bench fmt clippy clean
 
@@ -28,8 +31,14 @@ $(MODEL):
 build:
 	$(CARGO) build --release --bin graftd --bin graft
 
-run: model build
-	./target/release/graftd --model $(MODEL) --listen $(GRPC_LISTEN) --metrics-listen $(METRICS_LISTEN)
+$(ADMIN_KEY_FILE):
+	@mkdir -p $(dir $@)
+	@umask 077 && head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > $@
+	@echo "admin key written to $@ (keep it secret)"
+
+run: model build $(ADMIN_KEY_FILE)
+	./target/release/graftd --model $(MODEL) --listen $(GRPC_LISTEN) --metrics-listen $(METRICS_LISTEN) \
+	  --data-dir $(DATA_DIR) --admin-key-file $(ADMIN_KEY_FILE)
 
 test: model
 	$(CARGO) test --workspace

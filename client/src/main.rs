@@ -3,7 +3,9 @@
 use std::io::{BufRead, Write};
 
 use clap::{Args, Parser, Subcommand};
-use graft_client::{proto, GenerateOptions, GraftClient};
+use graft_client::{proto, ConnectOptions, GenerateOptions, GraftClient, TlsOptions};
+
+mod admin_cmd;
 
 #[derive(Parser)]
 #[command(name = "graft", version, about = "Talk to a graftd server")]
@@ -16,9 +18,33 @@ struct Cli {
         global = true
     )]
     addr: String,
-    /// Tenant (empty: the default tenant).
+    /// API key (a tenant's key, or the admin key).
+    #[arg(long, env = "GRAFT_API_KEY", hide_env_values = true, global = true)]
+    api_key: Option<String>,
+    /// Acting tenant: only with the admin key (a tenant's key acts for its own tenant).
     #[arg(long, env = "GRAFT_TENANT", default_value = "", global = true)]
     tenant: String,
+    /// PEM CA certificate to trust for an https:// address (default: the system's roots).
+    #[arg(long, env = "GRAFT_CA_CERT", global = true)]
+    ca_cert: Option<std::path::PathBuf>,
+    /// Name the server's certificate must carry (default: the address's host).
+    #[arg(long, env = "GRAFT_TLS_DOMAIN", global = true)]
+    tls_domain: Option<String>,
+    /// PEM client certificate and key for mutual TLS.
+    #[arg(
+        long,
+        env = "GRAFT_CLIENT_CERT",
+        global = true,
+        requires = "client_key"
+    )]
+    client_cert: Option<std::path::PathBuf>,
+    #[arg(
+        long,
+        env = "GRAFT_CLIENT_KEY",
+        global = true,
+        requires = "client_cert"
+    )]
+    client_key: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -53,6 +79,9 @@ enum Command {
     /// Create, follow and cancel LoRA training jobs.
     #[command(subcommand)]
     Jobs(JobCmd),
+    /// Tenants, API keys and quotas (needs the admin key).
+    #[command(subcommand)]
+    Admin(admin_cmd::AdminCmd),
 }
 
 #[derive(Subcommand)]
@@ -194,9 +223,32 @@ fn status_error(s: tonic::Status) -> anyhow::Error {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    let client = GraftClient::connect(&cli.addr).await?;
+async fn main() -> std::process::ExitCode {
+    match run(Cli::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let read =
+        |p: &std::path::Path| std::fs::read(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()));
+    let identity = match (&cli.client_cert, &cli.client_key) {
+        (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+        _ => None,
+    };
+    let opts = ConnectOptions {
+        api_key: cli.api_key.clone(),
+        tls: TlsOptions {
+            ca_pem: cli.ca_cert.as_deref().map(read).transpose()?,
+            domain: cli.tls_domain.clone(),
+            identity,
+        },
+    };
+    let client = GraftClient::connect_with(&cli.addr, &opts).await?;
     let tenant = cli.tenant.clone();
     let with_tenant = |s: Sampling| GenerateOptions {
         tenant: Some(tenant.clone()),
@@ -206,6 +258,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Adapters(cmd) => adapters(&client, &cli.tenant, cmd).await?,
         Command::Datasets(cmd) => datasets(&client, &cli.tenant, cmd).await?,
         Command::Jobs(cmd) => jobs(&client, &cli.tenant, cmd).await?,
+        Command::Admin(cmd) => admin_cmd::run(&client, cmd).await.map_err(status_error)?,
         Command::Generate { prompt, sampling } => {
             let opts = with_tenant(sampling);
             stream_to_stdout(&client, opts.prompt(prompt)).await?;

@@ -83,7 +83,7 @@ async fn sigterm_drains_the_stream_then_exits_zero() {
     }
     assert_eq!(finish, 1, "finished by length");
     assert!(tokens >= 400);
-    let status = child.wait().expect("wait");
+    let status = child.wait();
     assert!(status.success(), "graftd exited with {status:?}");
 
     let log = std::fs::read_to_string(&log_path).expect("log");

@@ -120,23 +120,18 @@ impl Db {
     }
 
     /// Inserts the next version of `(tenant, name)`; returns the stored row.
+    /// One statement computes the version and inserts: a read-then-write transaction would
+    /// fail with SQLITE_BUSY (not wait) when another writer commits in between.
     pub async fn insert_adapter(&self, a: &NewAdapter) -> Result<AdapterRow, DbError> {
-        let mut tx = self.pool.begin().await.map_err(db_err("begin"))?;
-        let next: i64 = sqlx::query("SELECT COALESCE(MAX(version), 0) + 1 FROM adapter_versions WHERE tenant = ? AND name = ?")
-            .bind(&a.tenant)
-            .bind(&a.name)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db_err("next version"))?
-            .get(0);
         let modules = serde_json::to_string(&a.target_modules).unwrap_or_else(|_| "[]".into());
         let row = sqlx::query(AssertSqlSafe(format!(
             "INSERT INTO adapter_versions (tenant, name, version, kind, rank, alpha, target_modules, size_bytes, sha256, base_fingerprint, dir, created_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {COLUMNS}"
+             SELECT ?1, ?2, COALESCE(MAX(version), 0) + 1, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11
+             FROM adapter_versions WHERE tenant = ?1 AND name = ?2
+             RETURNING {COLUMNS}"
         )))
         .bind(&a.tenant)
         .bind(&a.name)
-        .bind(next)
         .bind(&a.kind)
         .bind(a.rank as i64)
         .bind(a.alpha)
@@ -146,10 +141,9 @@ impl Db {
         .bind(&a.base_fingerprint)
         .bind(&a.dir)
         .bind(now_unix())
-        .fetch_one(&mut *tx)
+        .fetch_one(&self.pool)
         .await
         .map_err(db_err("insert adapter"))?;
-        tx.commit().await.map_err(db_err("commit"))?;
         Ok(row_to_adapter(&row))
     }
 

@@ -20,19 +20,49 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A graftd child process, killed when dropped (so a failing test leaves none behind, and
+/// none holds the test's output pipe open).
+pub struct Graftd(pub Child);
+
+impl Graftd {
+    pub fn id(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        self.0.wait().expect("wait for graftd")
+    }
+}
+
+impl Drop for Graftd {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            self.kill();
+        }
+    }
+}
+
 /// Starts graftd on `port` (metrics on a free port) over `data`; its log (stdout) goes to
 /// `log`.
-pub fn spawn(model: &Path, data: &Path, port: u16, log: Stdio) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_graftd"))
-        .args(["--model", model.to_str().expect("utf8")])
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port())])
-        .args(["--data-dir", data.to_str().expect("utf8")])
-        .env("GRAFT_ADMIN_KEY", ADMIN_KEY)
-        .stdout(log)
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn graftd")
+pub fn spawn(model: &Path, data: &Path, port: u16, log: Stdio) -> Graftd {
+    Graftd(
+        Command::new(env!("CARGO_BIN_EXE_graftd"))
+            .args(["--model", model.to_str().expect("utf8")])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--data-dir", data.to_str().expect("utf8")])
+            .env("GRAFT_ADMIN_KEY", ADMIN_KEY)
+            .stdout(log)
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn graftd"),
+    )
 }
 
 /// Waits until graftd on `port` accepts admin calls, then returns a client with a fresh key
