@@ -11,7 +11,7 @@ DATA_DIR      ?= data
 # The admin key: made once (random, mode 0600) and passed by file, never by flag.
 ADMIN_KEY_FILE ?= $(DATA_DIR)/admin.key
 
-.PHONY: all model build run test bench fmt clippy clean
+.PHONY: all model build run test bench fmt clippy clean check-deploy
 
 all: build
 
@@ -42,6 +42,21 @@ run: model build $(ADMIN_KEY_FILE)
 
 test: model
 	$(CARGO) test --workspace
+
+# promtool from Debian's prometheus package, unpacked (not installed) under target/tools.
+PROMTOOL := target/tools/usr/bin/promtool
+
+$(PROMTOOL):
+	@mkdir -p target/tools
+	@tmp=$$(mktemp -d) && (cd "$$tmp" && apt-get download prometheus >/dev/null) && \
+	  dpkg-deb -x "$$tmp"/prometheus_*.deb target/tools && rm -rf "$$tmp"
+	@$(PROMTOOL) --version | head -1
+
+# The deploy files for real: Prometheus config and alert rules through promtool (the
+# dashboard's and rules' metric names and the manifests are checked by `make test`).
+check-deploy: $(PROMTOOL)
+	$(PROMTOOL) check config deploy/prometheus/prometheus.yml
+	$(PROMTOOL) check rules deploy/prometheus/alerts.yml
 
 bench: model
 	$(CARGO) run --release -p graft-bench -- --model $(MODEL)

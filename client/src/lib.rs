@@ -222,6 +222,16 @@ impl GraftClient {
         Ok(Self::build(self.channel.clone(), BearerKey(key)))
     }
 
+    /// The gRPC health service's overall status (`SERVING`, `NOT_SERVING`, ...).
+    pub async fn health(&self) -> Result<String, Status> {
+        use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+        let r = HealthClient::new(self.channel.clone())
+            .check(HealthCheckRequest::default())
+            .await?
+            .into_inner();
+        Ok(r.status().as_str_name().to_string())
+    }
+
     /// The raw admin client.
     pub fn admin(&self) -> AdminClient<Transport> {
         self.admin.clone()

@@ -79,6 +79,9 @@ enum Command {
     /// Create, follow and cancel LoRA training jobs.
     #[command(subcommand)]
     Jobs(JobCmd),
+    /// Exit 0 when the server's gRPC health service says SERVING (needs no key; for
+    /// container health checks).
+    Health,
     /// Tenants, API keys and quotas (needs the admin key).
     #[command(subcommand)]
     Admin(admin_cmd::AdminCmd),
@@ -258,6 +261,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Adapters(cmd) => adapters(&client, &cli.tenant, cmd).await?,
         Command::Datasets(cmd) => datasets(&client, &cli.tenant, cmd).await?,
         Command::Jobs(cmd) => jobs(&client, &cli.tenant, cmd).await?,
+        Command::Health => {
+            let status = client.health().await.map_err(status_error)?;
+            println!("{status}");
+            anyhow::ensure!(status == "SERVING", "not serving");
+        }
         Command::Admin(cmd) => admin_cmd::run(&client, cmd).await.map_err(status_error)?,
         Command::Generate { prompt, sampling } => {
             let opts = with_tenant(sampling);

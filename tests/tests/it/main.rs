@@ -2,6 +2,7 @@
 
 mod adapters;
 mod bad_input;
+mod deploy;
 mod generation;
 mod ops;
 mod tenancy;

@@ -1,0 +1,256 @@
+//! The files under `deploy/` checked against the real server: every metric the Grafana
+//! dashboard and the alert rules query is one a running graftd exports (scraped after
+//! traffic that exercises every path), the manifests parse with the expected kinds, and the
+//! ConfigMap's graft.toml is a configuration graftd accepts.
+
+use std::collections::BTreeSet;
+
+use graft_client::{proto as pb, GenerateOptions};
+use graft_server::config::Settings;
+use graft_tests::{random_peft, repo_root, start_with, tiny_model_path};
+
+fn deploy(path: &str) -> String {
+    std::fs::read_to_string(repo_root().join("deploy").join(path))
+        .unwrap_or_else(|e| panic!("deploy/{path}: {e}"))
+}
+
+/// Names of the series in a Prometheus text exposition.
+fn exported(text: &str) -> BTreeSet<String> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty() && !l.starts_with("HTTP"))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .filter(|n| n.starts_with("graft_"))
+        .map(String::from)
+        .collect()
+}
+
+/// `graft_*` metric names in a PromQL expression.
+fn queried(expr: &str) -> Vec<String> {
+    let re = regex::Regex::new(r"graft_[a-z_]+").expect("regex");
+    re.find_iter(expr).map(|m| m.as_str().to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_and_alerts_query_only_exported_metrics() {
+    let t = start_with(tiny_model_path(), |c| c.adapter_cache_bytes = 1).await;
+    let model = t.server.engine().expect("ready").model().clone();
+    // Traffic through every path that records a metric.
+    t.client
+        .generate(GenerateOptions::greedy(4).prompt("abc"))
+        .await
+        .expect("generate");
+    for (i, name) in ["a", "b"].iter().enumerate() {
+        let (c, w) = random_peft(&model, i as u64, 2);
+        t.client
+            .import_adapter("", name, c, w, false)
+            .await
+            .expect("import");
+        let opts = GenerateOptions {
+            adapter: Some(name.to_string()),
+            ..GenerateOptions::greedy(2)
+        };
+        t.client
+            .generate(opts.prompt("abc"))
+            .await
+            .expect("with adapter");
+        t.client
+            .generate(opts.prompt("abc"))
+            .await
+            .expect("with adapter again");
+    }
+    // `a` was evicted by `b` (a one-byte budget): a miss and a load.
+    let opts = GenerateOptions {
+        adapter: Some("a".into()),
+        ..GenerateOptions::greedy(2)
+    };
+    t.client
+        .generate(opts.prompt("abc"))
+        .await
+        .expect("reload a");
+    t.client
+        .upload_dataset(
+            "",
+            "d",
+            "",
+            "{\"prompt\":\"a b\",\"completion\":\"c d\"}\n"
+                .repeat(8)
+                .into_bytes(),
+        )
+        .await
+        .expect("dataset");
+    let job = t
+        .client
+        .create_job(pb::CreateJobRequest {
+            dataset: "d".into(),
+            adapter_name: "trained".into(),
+            hyperparameters: Some(pb::Hyperparameters {
+                epochs: Some(1),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("job");
+    let (_, done) = t.client.follow_job("", &job.id).await.expect("follow");
+    assert_eq!(done.status, "succeeded");
+    let _ = t.anonymous().list_adapters("").await;
+    t.admin
+        .admin()
+        .set_quotas(pb::SetQuotasRequest {
+            tenant: graft_tests::TENANT.into(),
+            quotas: Some(pb::Quotas {
+                max_datasets: Some(0),
+                ..Default::default()
+            }),
+            reset: false,
+        })
+        .await
+        .expect("quota");
+    let _ = t
+        .client
+        .upload_dataset("", "e", "", b"{\"text\":\"x\"}\n".to_vec())
+        .await;
+
+    let scraped = t.scrape().await;
+    let names = exported(&scraped);
+    let known = |m: &str| {
+        names.contains(m)
+            || ["_bucket", "_sum", "_count"].iter().any(|s| {
+                m.strip_suffix(s)
+                    .is_some_and(|base| names.iter().any(|n| n.starts_with(base)))
+            })
+    };
+    // The dashboard.
+    let dash: serde_json::Value =
+        serde_json::from_str(&deploy("grafana/dashboards/graft.json")).expect("dashboard JSON");
+    let mut checked = 0;
+    for panel in dash["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("expr");
+            let ms = queried(expr);
+            assert!(!ms.is_empty(), "{expr}");
+            for m in ms {
+                assert!(known(&m), "dashboard panel {:?} queries {m}, which graftd does not export; exported: {names:?}", panel["title"]);
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 20, "{checked} dashboard queries");
+    // The alert rules.
+    let rules: serde_yaml::Value =
+        serde_yaml::from_str(&deploy("prometheus/alerts.yml")).expect("alerts YAML");
+    let mut alerts = 0;
+    for group in rules["groups"].as_sequence().expect("groups") {
+        for rule in group["rules"].as_sequence().expect("rules") {
+            let expr = rule["expr"].as_str().expect("expr");
+            for m in queried(expr) {
+                assert!(
+                    known(&m),
+                    "alert {:?} queries {m}, which graftd does not export",
+                    rule["alert"]
+                );
+            }
+            alerts += 1;
+        }
+    }
+    assert!(alerts >= 4);
+    // Every panel the issue names is there.
+    let titles: Vec<&str> = dash["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .filter_map(|p| p["title"].as_str())
+        .collect();
+    for want in [
+        "Requests",
+        "Errors",
+        "first token",
+        "Inter-token",
+        "Tokens per second",
+        "Queue",
+        "cache hit",
+        "resident",
+        "Training jobs",
+        "Training throughput",
+    ] {
+        assert!(
+            titles.iter().any(|t| t.contains(want)),
+            "no panel for {want}: {titles:?}"
+        );
+    }
+}
+
+#[test]
+fn manifests_parse_with_the_expected_kinds_and_config() {
+    let mut kinds = BTreeSet::new();
+    let dir = repo_root().join("deploy/k8s");
+    for entry in std::fs::read_dir(&dir).expect("deploy/k8s") {
+        let path = entry.expect("entry").path();
+        let text = std::fs::read_to_string(&path).expect("read");
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let v = serde_yaml::Value::deserialize(doc)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let kind = v["kind"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{}: no kind", path.display()))
+                .to_string();
+            assert!(
+                v["apiVersion"].as_str().is_some(),
+                "{}: no apiVersion",
+                path.display()
+            );
+            if kind == "Deployment" {
+                let c = &v["spec"]["template"]["spec"]["containers"][0];
+                for probe in ["readinessProbe", "livenessProbe"] {
+                    assert!(
+                        c[probe]["grpc"]["port"].as_u64().is_some(),
+                        "{probe} is a gRPC probe"
+                    );
+                }
+                assert!(c["resources"]["requests"]["cpu"].as_str().is_some());
+                assert!(
+                    c["env"][0]["valueFrom"]["secretKeyRef"]["name"]
+                        .as_str()
+                        .is_some(),
+                    "admin key from a Secret"
+                );
+            }
+            if kind == "ConfigMap" {
+                let toml = v["data"]["graft.toml"].as_str().expect("graft.toml");
+                let tmp = tempfile::tempdir().expect("tmp");
+                let p = tmp.path().join("graft.toml");
+                std::fs::write(&p, toml).expect("write");
+                use clap::Parser;
+                Settings::parse_from(["graftd", "--config", p.to_str().expect("utf8")])
+                    .resolve()
+                    .expect("graftd accepts the ConfigMap's configuration");
+            }
+            kinds.insert(kind);
+        }
+    }
+    let want: BTreeSet<String> = [
+        "ConfigMap",
+        "Deployment",
+        "PersistentVolumeClaim",
+        "Secret",
+        "Service",
+        "ServiceMonitor",
+    ]
+    .map(String::from)
+    .into();
+    assert_eq!(kinds, want);
+    let compose: serde_yaml::Value =
+        serde_yaml::from_str(&deploy("compose.yaml")).expect("compose YAML");
+    for s in ["graftd", "prometheus", "grafana"] {
+        assert!(compose["services"][s].is_mapping(), "compose service {s}");
+    }
+    // The Dockerfile builds what `make build` builds.
+    let dockerfile = deploy("Dockerfile");
+    let make = std::fs::read_to_string(repo_root().join("Makefile")).expect("Makefile");
+    let build = "cargo build --release --bin graftd --bin graft";
+    assert!(
+        dockerfile.contains(build) && make.contains("build --release --bin graftd --bin graft")
+    );
+}
+
+use serde::Deserialize as _;
