@@ -91,7 +91,7 @@ impl From<QuotaArgs> for pb::Quotas {
 }
 
 fn print_tenant(t: &pb::Tenant) {
-    let q = t.quotas.clone().unwrap_or_default();
+    let q = t.quotas.unwrap_or_default();
     let u = t.usage.unwrap_or_default();
     println!("{}", t.name);
     println!(

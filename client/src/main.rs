@@ -6,6 +6,7 @@ use clap::{Args, Parser, Subcommand};
 use graft_client::{proto, ConnectOptions, GenerateOptions, GraftClient, TlsOptions};
 
 mod admin_cmd;
+mod plot;
 
 #[derive(Parser)]
 #[command(name = "graft", version, about = "Talk to a graftd server")]
@@ -24,6 +25,9 @@ struct Cli {
     /// Acting tenant: only with the admin key (a tenant's key acts for its own tenant).
     #[arg(long, env = "GRAFT_TENANT", default_value = "", global = true)]
     tenant: String,
+    /// Output of listings and shows: `text` (aligned for people) or `json` (one object per line).
+    #[arg(long, value_enum, default_value = "text", global = true)]
+    output: Output,
     /// PEM CA certificate to trust for an https:// address (default: the system's roots).
     #[arg(long, env = "GRAFT_CA_CERT", global = true)]
     ca_cert: Option<std::path::PathBuf>,
@@ -79,12 +83,20 @@ enum Command {
     /// Create, follow and cancel LoRA training jobs.
     #[command(subcommand)]
     Jobs(JobCmd),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
     /// Exit 0 when the server's gRPC health service says SERVING (needs no key; for
     /// container health checks).
     Health,
     /// Tenants, API keys and quotas (needs the admin key).
     #[command(subcommand)]
     Admin(admin_cmd::AdminCmd),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -131,8 +143,14 @@ enum JobCmd {
     Ls,
     /// Show one job.
     Show { id: String },
-    /// Print a job's events (replayed from the start) until it ends.
+    /// Follow a job to its end: a step progress bar with ETA, live loss and eval loss.
     Watch { id: String },
+    /// Draw a job's training and validation loss against the step as a PNG.
+    Plot {
+        id: String,
+        #[arg(long, default_value = "loss.png")]
+        out: std::path::PathBuf,
+    },
     /// Cancel a job.
     Cancel { id: String },
 }
@@ -237,6 +255,12 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Completions { shell } = cli.command {
+        use clap::CommandFactory;
+        clap_complete::generate(shell, &mut Cli::command(), "graft", &mut std::io::stdout());
+        return Ok(());
+    }
+    let json = cli.output == Output::Json;
     let read =
         |p: &std::path::Path| std::fs::read(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()));
     let identity = match (&cli.client_cert, &cli.client_key) {
@@ -258,9 +282,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         ..GenerateOptions::from(s)
     };
     match cli.command {
-        Command::Adapters(cmd) => adapters(&client, &cli.tenant, cmd).await?,
-        Command::Datasets(cmd) => datasets(&client, &cli.tenant, cmd).await?,
-        Command::Jobs(cmd) => jobs(&client, &cli.tenant, cmd).await?,
+        Command::Adapters(cmd) => adapters(&client, &cli.tenant, cmd, json).await?,
+        Command::Datasets(cmd) => datasets(&client, &cli.tenant, cmd, json).await?,
+        Command::Jobs(cmd) => jobs(&client, &cli.tenant, cmd, json).await?,
+        Command::Completions { .. } => unreachable!("handled before connecting"),
         Command::Health => {
             let status = client.health().await.map_err(status_error)?;
             println!("{status}");
@@ -303,7 +328,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_version(v: &proto::AdapterVersion) {
+fn print_version(v: &proto::AdapterVersion, json: bool) {
+    if json {
+        let j = serde_json::json!({
+            "tenant": v.tenant, "name": v.name, "version": v.version, "kind": v.kind,
+            "rank": v.rank, "alpha": v.alpha, "size_bytes": v.size_bytes,
+            "target_modules": v.target_modules, "sha256": v.sha256, "created_at_unix": v.created_at_unix,
+        });
+        println!("{j}");
+        return;
+    }
     println!(
         "{}@{}\t{}\tr={}\talpha={}\t{} bytes\t{}\t{}",
         v.name,
@@ -317,14 +351,19 @@ fn print_version(v: &proto::AdapterVersion) {
     );
 }
 
-async fn adapters(client: &GraftClient, tenant: &str, cmd: AdapterCmd) -> anyhow::Result<()> {
+async fn adapters(
+    client: &GraftClient,
+    tenant: &str,
+    cmd: AdapterCmd,
+    json: bool,
+) -> anyhow::Result<()> {
     match cmd {
         AdapterCmd::Import { dir, name, force } => {
             let v = client
                 .import_adapter_dir(tenant, &name, &dir, force)
                 .await
                 .map_err(status_error)?;
-            print_version(&v);
+            print_version(&v, json);
         }
         AdapterCmd::Export { adapter, out } => {
             let (c, w) = client
@@ -338,7 +377,7 @@ async fn adapters(client: &GraftClient, tenant: &str, cmd: AdapterCmd) -> anyhow
         }
         AdapterCmd::Ls => {
             for v in client.list_adapters(tenant).await.map_err(status_error)? {
-                print_version(&v);
+                print_version(&v, json);
             }
         }
         AdapterCmd::Show { adapter } => print_version(
@@ -346,6 +385,7 @@ async fn adapters(client: &GraftClient, tenant: &str, cmd: AdapterCmd) -> anyhow
                 .get_adapter(tenant, &adapter)
                 .await
                 .map_err(status_error)?,
+            json,
         ),
         AdapterCmd::Rm { adapter } => {
             let v = client
@@ -358,17 +398,34 @@ async fn adapters(client: &GraftClient, tenant: &str, cmd: AdapterCmd) -> anyhow
     Ok(())
 }
 
-async fn datasets(client: &GraftClient, tenant: &str, cmd: DatasetCmd) -> anyhow::Result<()> {
+fn print_dataset(d: &proto::Dataset, json: bool) {
+    if json {
+        let j = serde_json::json!({
+            "id": d.id, "name": d.name, "format": d.format, "examples": d.examples,
+            "tokens": d.tokens, "truncated_examples": d.truncated_examples,
+        });
+        println!("{j}");
+    } else {
+        println!(
+            "{}\t{}\t{} examples\t{} tokens\t{} truncated",
+            d.name, d.format, d.examples, d.tokens, d.truncated_examples
+        );
+    }
+}
+
+async fn datasets(
+    client: &GraftClient,
+    tenant: &str,
+    cmd: DatasetCmd,
+    json: bool,
+) -> anyhow::Result<()> {
     match cmd {
         DatasetCmd::Upload { file, name, format } => {
             let d = client
                 .upload_dataset(tenant, &name, &format, std::fs::read(&file)?)
                 .await
                 .map_err(status_error)?;
-            println!(
-                "{}\t{}\t{} examples\t{} tokens\t{} truncated",
-                d.name, d.format, d.examples, d.tokens, d.truncated_examples
-            );
+            print_dataset(&d, json);
         }
         DatasetCmd::Ls => {
             let l = client
@@ -380,10 +437,7 @@ async fn datasets(client: &GraftClient, tenant: &str, cmd: DatasetCmd) -> anyhow
                 .map_err(status_error)?
                 .into_inner();
             for d in l.datasets {
-                println!(
-                    "{}\t{}\t{} examples\t{} tokens",
-                    d.name, d.format, d.examples, d.tokens
-                );
+                print_dataset(&d, json);
             }
         }
         DatasetCmd::Rm { name } => {
@@ -400,7 +454,16 @@ async fn datasets(client: &GraftClient, tenant: &str, cmd: DatasetCmd) -> anyhow
     Ok(())
 }
 
-fn print_job(j: &proto::Job) {
+fn print_job(j: &proto::Job, json: bool) {
+    if json {
+        let v = serde_json::json!({
+            "id": j.id, "status": j.status, "dataset": j.dataset, "adapter_name": j.adapter_name,
+            "adapter_version": j.adapter_version, "step": j.step, "total_steps": j.total_steps,
+            "error": j.error,
+        });
+        println!("{v}");
+        return;
+    }
     println!(
         "{}\t{}\t{} -> {}{}\tstep {}/{}{}",
         j.id,
@@ -422,33 +485,81 @@ fn print_job(j: &proto::Job) {
     );
 }
 
-async fn watch(client: &GraftClient, tenant: &str, id: &str) -> anyhow::Result<()> {
+/// Follows a job to its end with a step progress bar (ETA, live loss, last eval loss) on
+/// stderr; status changes and checkpoints are printed above the bar.
+async fn watch(client: &GraftClient, tenant: &str, id: &str, json: bool) -> anyhow::Result<()> {
     use proto::job_event::Event;
     let mut s = client
         .watch_job(tenant, id, 0)
         .await
         .map_err(status_error)?;
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40.cyan/blue} step {pos}/{len} eta {eta} {msg}",
+        )?
+        .progress_chars("=> "),
+    );
+    let mut eval_loss = None;
     while let Some(e) = s.message().await.map_err(status_error)? {
         match e.event {
-            Some(Event::Status(st)) => eprintln!("[{}] {} {}", e.seq, st.status, st.message),
-            Some(Event::Step(st)) => eprintln!(
-                "step {}/{} epoch {:.2} loss {:.4} lr {:.2e} grad-norm {:.3} {:.0} tok/s eta {:.0}s",
-                st.step, st.total_steps, st.epoch, st.train_loss, st.learning_rate, st.grad_norm, st.tokens_per_second, st.eta_seconds
-            ),
-            Some(Event::Eval(ev)) => eprintln!("eval at step {}: loss {:.4} token accuracy {:.3}", ev.step, ev.eval_loss, ev.token_accuracy),
-            Some(Event::Checkpoint(c)) => eprintln!("checkpoint at step {}", c.step),
+            Some(Event::Status(st)) => bar.println(format!("{} {}", st.status, st.message)),
+            Some(Event::Step(st)) => {
+                bar.set_length(st.total_steps);
+                bar.set_position(st.step);
+                let eval = eval_loss.map_or(String::new(), |l: f64| format!(" eval {l:.4}"));
+                bar.set_message(format!(
+                    "loss {:.4}{eval} lr {:.2e} {:.0} tok/s",
+                    st.train_loss, st.learning_rate, st.tokens_per_second
+                ));
+            }
+            Some(Event::Eval(ev)) => {
+                eval_loss = Some(ev.eval_loss);
+                bar.println(format!(
+                    "eval at step {}: loss {:.4} token accuracy {:.3}",
+                    ev.step, ev.eval_loss, ev.token_accuracy
+                ));
+            }
+            Some(Event::Checkpoint(c)) => bar.println(format!("checkpoint at step {}", c.step)),
             None => {}
         }
     }
+    bar.finish_and_clear();
     let j = client.get_job(tenant, id).await.map_err(status_error)?;
-    print_job(&j);
+    print_job(&j, json);
     if j.status != "succeeded" {
-        anyhow::bail!("job {} ended {}", j.id, j.status);
+        anyhow::bail!("job {} ended {}: {}", j.id, j.status, j.error);
     }
     Ok(())
 }
 
-async fn jobs(client: &GraftClient, tenant: &str, cmd: JobCmd) -> anyhow::Result<()> {
+/// The job's stored events so far (a running job's stream is read until it goes quiet).
+async fn loss_points(
+    client: &GraftClient,
+    tenant: &str,
+    id: &str,
+) -> anyhow::Result<(Vec<(f64, f64)>, Vec<(f64, f64)>)> {
+    use proto::job_event::Event;
+    let mut s = client
+        .watch_job(tenant, id, 0)
+        .await
+        .map_err(status_error)?;
+    let (mut train, mut eval) = (Vec::new(), Vec::new());
+    while let Ok(Some(e)) = tokio::time::timeout(std::time::Duration::from_secs(2), s.message())
+        .await
+        .map_err(|_| ())
+        .and_then(|r| r.map_err(|_| ()))
+    {
+        match e.event {
+            Some(Event::Step(st)) => train.push((st.step as f64, st.train_loss)),
+            Some(Event::Eval(ev)) => eval.push((ev.step as f64, ev.eval_loss)),
+            _ => {}
+        }
+    }
+    Ok((train, eval))
+}
+
+async fn jobs(client: &GraftClient, tenant: &str, cmd: JobCmd, json: bool) -> anyhow::Result<()> {
     match cmd {
         JobCmd::Create {
             dataset,
@@ -480,9 +591,9 @@ async fn jobs(client: &GraftClient, tenant: &str, cmd: JobCmd) -> anyhow::Result
                 })
                 .await
                 .map_err(status_error)?;
-            print_job(&j);
+            print_job(&j, json);
             if follow {
-                watch(client, tenant, &j.id).await?;
+                watch(client, tenant, &j.id, json).await?;
             }
         }
         JobCmd::Ls => {
@@ -495,14 +606,28 @@ async fn jobs(client: &GraftClient, tenant: &str, cmd: JobCmd) -> anyhow::Result
                 .map_err(status_error)?
                 .into_inner();
             for j in &l.jobs {
-                print_job(j);
+                print_job(j, json);
             }
         }
-        JobCmd::Show { id } => print_job(&client.get_job(tenant, &id).await.map_err(status_error)?),
-        JobCmd::Watch { id } => watch(client, tenant, &id).await?,
-        JobCmd::Cancel { id } => {
-            print_job(&client.cancel_job(tenant, &id).await.map_err(status_error)?)
+        JobCmd::Show { id } => print_job(
+            &client.get_job(tenant, &id).await.map_err(status_error)?,
+            json,
+        ),
+        JobCmd::Watch { id } => watch(client, tenant, &id, json).await?,
+        JobCmd::Plot { id, out } => {
+            let (train, eval) = loss_points(client, tenant, &id).await?;
+            let (steps, lo, hi) = plot::loss_png(&train, &eval, &out)?;
+            println!(
+                "wrote {}: {} training and {} validation points; x: step 0..{steps}, y: loss {lo:.3}..{hi:.3}; blue = training, orange = validation",
+                out.display(),
+                train.len(),
+                eval.len()
+            );
         }
+        JobCmd::Cancel { id } => print_job(
+            &client.cancel_job(tenant, &id).await.map_err(status_error)?,
+            json,
+        ),
     }
     Ok(())
 }

@@ -1,0 +1,90 @@
+//! `graft jobs plot`: training and validation loss against the step, as a PNG.
+//! Drawn with plotters' bitmap backend and no font backend (nothing to install): the axes
+//! carry no text, so the command prints the ranges and the legend (blue = training loss,
+//! orange = validation loss) beside the file.
+
+use std::path::Path;
+
+use plotters::prelude::*;
+
+pub const TRAIN_COLOR: RGBColor = RGBColor(31, 119, 180);
+pub const EVAL_COLOR: RGBColor = RGBColor(255, 127, 14);
+
+/// Draws `train` and `eval` (step, loss) series into `out` (800 x 480 PNG); returns the
+/// plotted ranges `(max step, min loss, max loss)`.
+pub fn loss_png(
+    train: &[(f64, f64)],
+    eval: &[(f64, f64)],
+    out: &Path,
+) -> anyhow::Result<(f64, f64, f64)> {
+    anyhow::ensure!(
+        !train.is_empty() || !eval.is_empty(),
+        "the job has no loss to plot yet"
+    );
+    let all = train.iter().chain(eval);
+    let max_step = all.clone().map(|p| p.0).fold(1.0, f64::max);
+    let (lo, hi) = all
+        .map(|p| p.1)
+        .filter(|l| l.is_finite())
+        .fold((f64::MAX, f64::MIN), |(a, b), l| (a.min(l), b.max(l)));
+    let pad = ((hi - lo) * 0.05).max(1e-3);
+    let (lo, hi) = (lo - pad, hi + pad);
+    let root = BitMapBackend::new(out, (800, 480)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let area = root.margin(20, 20, 20, 20);
+    let mut chart = ChartBuilder::on(&area).build_cartesian_2d(0.0..max_step, lo..hi)?;
+    // Frame and a light grid (tenths of each axis).
+    let grid = RGBColor(225, 225, 225);
+    for i in 1..10 {
+        let x = max_step * i as f64 / 10.0;
+        let y = lo + (hi - lo) * i as f64 / 10.0;
+        chart.draw_series(LineSeries::new([(x, lo), (x, hi)], grid))?;
+        chart.draw_series(LineSeries::new([(0.0, y), (max_step, y)], grid))?;
+    }
+    chart.draw_series(std::iter::once(Rectangle::new(
+        [(0.0, lo), (max_step, hi)],
+        BLACK.stroke_width(1),
+    )))?;
+    chart.draw_series(LineSeries::new(
+        train.iter().copied(),
+        TRAIN_COLOR.stroke_width(2),
+    ))?;
+    chart.draw_series(LineSeries::new(
+        eval.iter().copied(),
+        EVAL_COLOR.stroke_width(2),
+    ))?;
+    chart.draw_series(eval.iter().map(|&p| Circle::new(p, 4, EVAL_COLOR.filled())))?;
+    root.present()?;
+    Ok((max_step, lo, hi))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn draws_both_curves_into_a_png() {
+        let dir = std::env::temp_dir().join(format!("graft-plot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let out = dir.join("loss.png");
+        let train: Vec<(f64, f64)> = (1..=50)
+            .map(|s| (s as f64, 3.0 / (s as f64).sqrt()))
+            .collect();
+        let eval = vec![(10.0, 1.2), (20.0, 0.9), (50.0, 0.7)];
+        let (max_step, lo, hi) = loss_png(&train, &eval, &out).expect("plot");
+        assert_eq!(max_step, 50.0);
+        assert!(lo < 0.43 && hi > 3.0);
+        let bytes = std::fs::read(&out).expect("png");
+        assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+        // Width and height from the IHDR chunk.
+        assert_eq!(
+            u32::from_be_bytes(bytes[16..20].try_into().expect("w")),
+            800
+        );
+        assert_eq!(
+            u32::from_be_bytes(bytes[20..24].try_into().expect("h")),
+            480
+        );
+        assert!(loss_png(&[], &[], &out).is_err());
+    }
+}
