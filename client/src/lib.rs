@@ -1,8 +1,11 @@
 //! `graft-client`: a typed async client for graftd.
 //! Wraps the generated tonic clients; callers build requests with [`GenerateOptions`] and
 //! get domain-friendly results back. Transport errors and server statuses stay `tonic::Status`
-//! so callers can match on the code.
+//! so callers can match on the code. Idempotent reads (get, list, export) are retried on
+//! `UNAVAILABLE` with backoff ([`retrying`]); uploads and exports can report progress
+//! ([`GraftClient::with_progress`]).
 
+use futures::StreamExt as _;
 use graft_proto::v1::admin_client::AdminClient;
 use graft_proto::v1::{
     self as pb, adapters_client::AdaptersClient, generation_client::GenerationClient,
@@ -43,6 +46,29 @@ pub struct TlsOptions {
     pub identity: Option<(Vec<u8>, Vec<u8>)>,
 }
 
+/// Called with the bytes sent (uploads) or received (exports) so far.
+pub type Progress = std::sync::Arc<dyn Fn(u64) + Send + Sync>;
+
+/// Runs an idempotent call, retrying `UNAVAILABLE` (server loading, draining or
+/// restarting) with exponential backoff: 4 tries, 100 ms, 200 ms, 400 ms apart.
+pub async fn retrying<T, F, Fut>(mut call: F) -> Result<T, Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Status>>,
+{
+    let mut delay = std::time::Duration::from_millis(100);
+    for _ in 0..3 {
+        match call().await {
+            Err(s) if s.code() == tonic::Code::Unavailable => {
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            other => return other,
+        }
+    }
+    call().await
+}
+
 /// How to connect.
 #[derive(Debug, Clone, Default)]
 pub struct ConnectOptions {
@@ -61,6 +87,7 @@ pub struct GraftClient {
     adapters: AdaptersClient<Transport>,
     training: TrainingClient<Transport>,
     admin: AdminClient<Transport>,
+    progress: Option<Progress>,
 }
 
 /// PEFT file names, as graft stores and exports them.
@@ -206,7 +233,38 @@ impl GraftClient {
                 .max_encoding_message_size(8 << 20),
             admin: AdminClient::new(t()),
             channel,
+            progress: None,
         }
+    }
+
+    /// The same client, reporting upload and export bytes to `progress`.
+    pub fn with_progress(&self, progress: Progress) -> Self {
+        Self {
+            progress: Some(progress),
+            ..self.clone()
+        }
+    }
+
+    fn report(&self, bytes: u64) {
+        if let Some(p) = &self.progress {
+            p(bytes);
+        }
+    }
+
+    /// Streams `msgs`, reporting the cumulative size of each as it is sent.
+    fn reporting<M: Send + 'static>(
+        &self,
+        msgs: Vec<(u64, M)>,
+    ) -> impl futures::Stream<Item = M> + Send + 'static {
+        let progress = self.progress.clone();
+        let mut sent = 0u64;
+        futures::stream::iter(msgs).map(move |(n, m)| {
+            sent += n;
+            if let Some(p) = &progress {
+                p(sent);
+            }
+            m
+        })
     }
 
     /// The same connection, calling with `key` (or with none).
@@ -279,22 +337,28 @@ impl GraftClient {
         jsonl: Vec<u8>,
     ) -> Result<pb::Dataset, Status> {
         use pb::upload_dataset_request::Part as P;
-        let mut msgs = vec![pb::UploadDatasetRequest {
-            part: Some(P::Header(pb::DatasetHeader {
-                tenant: tenant.into(),
-                name: name.into(),
-                format: format.into(),
-            })),
-        }];
+        let mut msgs = vec![(
+            0,
+            pb::UploadDatasetRequest {
+                part: Some(P::Header(pb::DatasetHeader {
+                    tenant: tenant.into(),
+                    name: name.into(),
+                    format: format.into(),
+                })),
+            },
+        )];
         for c in jsonl.chunks(UPLOAD_CHUNK) {
-            msgs.push(pb::UploadDatasetRequest {
-                part: Some(P::Chunk(c.to_vec())),
-            });
+            msgs.push((
+                c.len() as u64,
+                pb::UploadDatasetRequest {
+                    part: Some(P::Chunk(c.to_vec())),
+                },
+            ));
         }
         Ok(self
             .training
             .clone()
-            .upload_dataset(futures::stream::iter(msgs))
+            .upload_dataset(self.reporting(msgs))
             .await?
             .into_inner())
     }
@@ -304,15 +368,16 @@ impl GraftClient {
     }
 
     pub async fn get_job(&self, tenant: &str, id: &str) -> Result<pb::Job, Status> {
-        Ok(self
-            .training
-            .clone()
-            .get_job(pb::GetJobRequest {
-                tenant: tenant.into(),
-                id: id.into(),
-            })
-            .await?
-            .into_inner())
+        let req = pb::GetJobRequest {
+            tenant: tenant.into(),
+            id: id.into(),
+        };
+        Ok(retrying(|| {
+            let (mut c, r) = (self.training.clone(), req.clone());
+            async move { c.get_job(r).await }
+        })
+        .await?
+        .into_inner())
     }
 
     pub async fn cancel_job(&self, tenant: &str, id: &str) -> Result<pb::Job, Status> {
@@ -374,30 +439,36 @@ impl GraftClient {
         weights: Vec<u8>,
         force: bool,
     ) -> Result<pb::AdapterVersion, Status> {
-        let mut msgs = vec![pb::ImportAdapterRequest {
-            part: Some(Part::Header(pb::ImportHeader {
-                tenant: tenant.into(),
-                name: name.into(),
-                force,
-            })),
-        }];
+        let mut msgs = vec![(
+            0,
+            pb::ImportAdapterRequest {
+                part: Some(Part::Header(pb::ImportHeader {
+                    tenant: tenant.into(),
+                    name: name.into(),
+                    force,
+                })),
+            },
+        )];
         for (file, data) in [
             (ADAPTER_CONFIG_FILE, config),
             (ADAPTER_WEIGHTS_FILE, weights),
         ] {
             for c in data.chunks(UPLOAD_CHUNK) {
-                msgs.push(pb::ImportAdapterRequest {
-                    part: Some(Part::Chunk(pb::AdapterFileChunk {
-                        file_name: file.into(),
-                        data: c.to_vec(),
-                    })),
-                });
+                msgs.push((
+                    c.len() as u64,
+                    pb::ImportAdapterRequest {
+                        part: Some(Part::Chunk(pb::AdapterFileChunk {
+                            file_name: file.into(),
+                            data: c.to_vec(),
+                        })),
+                    },
+                ));
             }
         }
         Ok(self
             .adapters
             .clone()
-            .import_adapter(futures::stream::iter(msgs))
+            .import_adapter(self.reporting(msgs))
             .await?
             .into_inner())
     }
@@ -424,17 +495,21 @@ impl GraftClient {
         tenant: &str,
         adapter: &str,
     ) -> Result<(Vec<u8>, Vec<u8>), Status> {
-        let mut s = self
-            .adapters
-            .clone()
-            .export_adapter(pb::ExportAdapterRequest {
-                tenant: tenant.into(),
-                adapter: adapter.into(),
-            })
-            .await?
-            .into_inner();
+        let req = pb::ExportAdapterRequest {
+            tenant: tenant.into(),
+            adapter: adapter.into(),
+        };
+        let mut s = retrying(|| {
+            let (mut c, r) = (self.adapters.clone(), req.clone());
+            async move { c.export_adapter(r).await }
+        })
+        .await?
+        .into_inner();
         let (mut c, mut w) = (Vec::new(), Vec::new());
+        let mut received = 0u64;
         while let Some(chunk) = s.message().await? {
+            received += chunk.data.len() as u64;
+            self.report(received);
             match chunk.file_name.as_str() {
                 ADAPTER_CONFIG_FILE => c.extend(chunk.data),
                 ADAPTER_WEIGHTS_FILE => w.extend(chunk.data),
@@ -449,17 +524,18 @@ impl GraftClient {
         let mut out = Vec::new();
         let mut token = String::new();
         loop {
-            let page = self
-                .adapters
-                .clone()
-                .list_adapters(pb::ListAdaptersRequest {
-                    tenant: tenant.into(),
-                    name: String::new(),
-                    page_size: 200,
-                    page_token: token,
-                })
-                .await?
-                .into_inner();
+            let req = pb::ListAdaptersRequest {
+                tenant: tenant.into(),
+                name: String::new(),
+                page_size: 200,
+                page_token: token,
+            };
+            let page = retrying(|| {
+                let (mut c, r) = (self.adapters.clone(), req.clone());
+                async move { c.list_adapters(r).await }
+            })
+            .await?
+            .into_inner();
             out.extend(page.adapters);
             if page.next_page_token.is_empty() {
                 return Ok(out);
@@ -473,15 +549,16 @@ impl GraftClient {
         tenant: &str,
         adapter: &str,
     ) -> Result<pb::AdapterVersion, Status> {
-        Ok(self
-            .adapters
-            .clone()
-            .get_adapter(pb::GetAdapterRequest {
-                tenant: tenant.into(),
-                adapter: adapter.into(),
-            })
-            .await?
-            .into_inner())
+        let req = pb::GetAdapterRequest {
+            tenant: tenant.into(),
+            adapter: adapter.into(),
+        };
+        Ok(retrying(|| {
+            let (mut c, r) = (self.adapters.clone(), req.clone());
+            async move { c.get_adapter(r).await }
+        })
+        .await?
+        .into_inner())
     }
 
     /// Deletes `name@version` or every version of `name`; returns the deleted versions.
@@ -517,5 +594,44 @@ impl GraftClient {
             .generate_stream(req)
             .await?
             .into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[tokio::test]
+    async fn unavailable_is_retried_and_other_errors_are_not() {
+        let calls = AtomicUsize::new(0);
+        let r = retrying(|| {
+            let n = calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n < 2 {
+                    Err(Status::unavailable("loading"))
+                } else {
+                    Ok(n)
+                }
+            }
+        })
+        .await;
+        assert_eq!(r.expect("third try"), 2);
+        let calls = AtomicUsize::new(0);
+        let r: Result<(), Status> = retrying(|| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async { Err(Status::not_found("x")) }
+        })
+        .await;
+        assert_eq!(r.expect_err("not retried").code(), tonic::Code::NotFound);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        let calls = AtomicUsize::new(0);
+        let r: Result<(), Status> = retrying(|| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async { Err(Status::unavailable("down")) }
+        })
+        .await;
+        assert!(r.is_err());
+        assert_eq!(calls.load(Ordering::SeqCst), 4, "gives up after 4 tries");
     }
 }

@@ -239,6 +239,21 @@ async fn stream_to_stdout(
     Ok(text)
 }
 
+/// A byte progress bar on stderr (hidden when stderr is not a terminal) and the client
+/// hook that moves it.
+fn byte_bar(client: &GraftClient, total: u64, what: &str) -> (GraftClient, indicatif::ProgressBar) {
+    let bar = indicatif::ProgressBar::new(total);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{msg} {bar:40.cyan/blue} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(what.to_string());
+    let b = bar.clone();
+    let c = client.with_progress(std::sync::Arc::new(move |n| b.set_position(n)));
+    (c, bar)
+}
+
 fn status_error(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", s.code(), s.message())
 }
@@ -359,17 +374,34 @@ async fn adapters(
 ) -> anyhow::Result<()> {
     match cmd {
         AdapterCmd::Import { dir, name, force } => {
-            let v = client
+            let size = [
+                graft_client::ADAPTER_CONFIG_FILE,
+                graft_client::ADAPTER_WEIGHTS_FILE,
+            ]
+            .iter()
+            .filter_map(|f| std::fs::metadata(dir.join(f)).ok())
+            .map(|m| m.len())
+            .sum();
+            let (c, bar) = byte_bar(client, size, "upload");
+            let v = c
                 .import_adapter_dir(tenant, &name, &dir, force)
                 .await
                 .map_err(status_error)?;
+            bar.finish_and_clear();
             print_version(&v, json);
         }
         AdapterCmd::Export { adapter, out } => {
-            let (c, w) = client
+            let size = client
+                .get_adapter(tenant, &adapter)
+                .await
+                .map_err(status_error)?
+                .size_bytes;
+            let (cl, bar) = byte_bar(client, size, "download");
+            let (c, w) = cl
                 .export_adapter(tenant, &adapter)
                 .await
                 .map_err(status_error)?;
+            bar.finish_and_clear();
             std::fs::create_dir_all(&out)?;
             std::fs::write(out.join(graft_client::ADAPTER_CONFIG_FILE), c)?;
             std::fs::write(out.join(graft_client::ADAPTER_WEIGHTS_FILE), w)?;
@@ -421,10 +453,13 @@ async fn datasets(
 ) -> anyhow::Result<()> {
     match cmd {
         DatasetCmd::Upload { file, name, format } => {
-            let d = client
-                .upload_dataset(tenant, &name, &format, std::fs::read(&file)?)
+            let bytes = std::fs::read(&file)?;
+            let (c, bar) = byte_bar(client, bytes.len() as u64, "upload");
+            let d = c
+                .upload_dataset(tenant, &name, &format, bytes)
                 .await
                 .map_err(status_error)?;
+            bar.finish_and_clear();
             print_dataset(&d, json);
         }
         DatasetCmd::Ls => {

@@ -382,3 +382,26 @@ async fn eight_adapters_in_one_batch_match_their_solo_runs() {
     .await;
     assert_eq!(solo, together);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_and_exports_report_their_bytes() {
+    let t = graft_tests::start_tiny().await;
+    let model = t.server.engine().expect("ready").model().clone();
+    let (c, w) = random_peft(&model, 3, 2);
+    let total = (c.len() + w.len()) as u64;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    let client = t.client.with_progress(std::sync::Arc::new(move |n| {
+        s2.lock().expect("lock").push(n)
+    }));
+    client
+        .import_adapter("", "p", c, w, false)
+        .await
+        .expect("import");
+    let up = std::mem::take(&mut *seen.lock().expect("lock"));
+    assert_eq!(up.last().copied(), Some(total), "{up:?}");
+    assert!(up.windows(2).all(|p| p[0] <= p[1]));
+    client.export_adapter("", "p").await.expect("export");
+    let down = seen.lock().expect("lock").clone();
+    assert_eq!(down.last().copied(), Some(total), "{down:?}");
+}
