@@ -40,7 +40,9 @@ run: model build $(ADMIN_KEY_FILE)
 	./target/release/graftd --model $(MODEL) --listen $(GRPC_LISTEN) --metrics-listen $(METRICS_LISTEN) \
 	  --data-dir $(DATA_DIR) --admin-key-file $(ADMIN_KEY_FILE)
 
+# The CLI test runs target/debug/graft, which `cargo test` alone does not always link.
 test: model
+	$(CARGO) build --bin graft
 	$(CARGO) test --workspace
 
 # promtool from Debian's prometheus package, unpacked (not installed) under target/tools.

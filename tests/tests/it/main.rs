@@ -2,6 +2,7 @@
 
 mod adapters;
 mod bad_input;
+mod cli;
 mod deploy;
 mod generation;
 mod ops;

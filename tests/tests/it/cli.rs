@@ -1,0 +1,143 @@
+//! The `graft` command line against a real server: keys from the environment, JSON output,
+//! training with `--watch`, the loss plot, completions, and errors that print the server's
+//! message with a non-zero exit code.
+
+use std::process::Output;
+
+use graft_tests::start_tiny;
+
+/// The `graft` binary `cargo test` built beside this test binary.
+fn graft_bin() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let bin = dir.join("graft");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --bin graft` (make test does)",
+        bin.display()
+    );
+    bin
+}
+
+async fn graft(url: &str, key: &str, args: &[&str]) -> Output {
+    tokio::process::Command::new(graft_bin())
+        .args(["--addr", url])
+        .args(args)
+        .env("GRAFT_API_KEY", key)
+        .env_remove("GRAFT_TENANT")
+        .output()
+        .await
+        .expect("run graft")
+}
+
+fn text(o: &[u8]) -> String {
+    String::from_utf8_lossy(o).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_trains_lists_plots_and_fails_loudly() {
+    let t = start_tiny().await;
+    let url = t.url();
+    let key = t
+        .admin
+        .create_key(graft_tests::TENANT, "cli")
+        .await
+        .expect("key");
+    let dir = tempfile::tempdir().expect("tmp");
+    let data = dir.path().join("d.jsonl");
+    std::fs::write(
+        &data,
+        "{\"prompt\":\"a b\",\"completion\":\"c d e\"}\n".repeat(20),
+    )
+    .expect("write");
+
+    let o = graft(
+        &url,
+        &key,
+        &[
+            "datasets",
+            "upload",
+            data.to_str().expect("utf8"),
+            "--name",
+            "d",
+        ],
+    )
+    .await;
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let o = graft(&url, &key, &["--output", "json", "datasets", "ls"]).await;
+    let v: serde_json::Value =
+        serde_json::from_str(text(&o.stdout).trim()).expect("one JSON object");
+    assert_eq!(
+        (v["name"].as_str(), v["examples"].as_u64()),
+        (Some("d"), Some(20))
+    );
+
+    let o = graft(
+        &url,
+        &key,
+        &[
+            "jobs",
+            "create",
+            "--dataset",
+            "d",
+            "--adapter",
+            "cli",
+            "--epochs",
+            "2",
+            "--validation-split",
+            "0.2",
+            "--watch",
+        ],
+    )
+    .await;
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(text(&o.stdout).contains("succeeded"), "{}", text(&o.stdout));
+    let o = graft(&url, &key, &["--output", "json", "jobs", "ls"]).await;
+    let job: serde_json::Value =
+        serde_json::from_str(text(&o.stdout).lines().next().expect("a job")).expect("json");
+    let png = dir.path().join("loss.png");
+    let o = graft(
+        &url,
+        &key,
+        &[
+            "jobs",
+            "plot",
+            job["id"].as_str().expect("id"),
+            "--out",
+            png.to_str().expect("utf8"),
+        ],
+    )
+    .await;
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stdout).contains("validation points"),
+        "{}",
+        text(&o.stdout)
+    );
+    assert_eq!(&std::fs::read(&png).expect("png")[..4], b"\x89PNG");
+
+    let o = graft(&url, &key, &["--output", "json", "adapters", "show", "cli"]).await;
+    let a: serde_json::Value = serde_json::from_str(text(&o.stdout).trim()).expect("json");
+    assert_eq!(a["version"].as_u64(), Some(1));
+
+    // Errors: the server's message, a non-zero exit.
+    let o = graft(&url, &key, &["adapters", "show", "nope"]).await;
+    assert!(!o.status.success());
+    assert!(
+        text(&o.stderr).contains("adapter nope not found"),
+        "{}",
+        text(&o.stderr)
+    );
+    let o = graft(&url, "wrong", &["adapters", "ls"]).await;
+    assert!(!o.status.success());
+    assert!(
+        text(&o.stderr).contains("Unauthenticated"),
+        "{}",
+        text(&o.stderr)
+    );
+
+    let o = graft(&url, &key, &["health"]).await;
+    assert_eq!(text(&o.stdout).trim(), "SERVING");
+    let o = graft(&url, &key, &["completions", "bash"]).await;
+    assert!(o.status.success() && text(&o.stdout).contains("_graft"));
+}
