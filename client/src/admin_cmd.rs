@@ -30,15 +30,12 @@ pub enum TenantCmd {
         #[command(flatten)]
         quotas: QuotaArgs,
     },
+    /// List tenants with their quotas and usage.
     Ls,
     /// A tenant's quotas and usage.
-    Show {
-        name: String,
-    },
+    Show { name: String },
     /// Delete an empty tenant and its keys.
-    Rm {
-        name: String,
-    },
+    Rm { name: String },
 }
 
 #[derive(Subcommand)]

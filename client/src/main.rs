@@ -112,6 +112,8 @@ enum DatasetCmd {
     },
     /// List datasets.
     Ls,
+    /// Show one dataset's statistics.
+    Show { name: String },
     /// Delete a dataset.
     Rm { name: String },
 }
@@ -474,6 +476,18 @@ async fn datasets(
             for d in l.datasets {
                 print_dataset(&d, json);
             }
+        }
+        DatasetCmd::Show { name } => {
+            let d = client
+                .training()
+                .get_dataset(proto::GetDatasetRequest {
+                    tenant: tenant.into(),
+                    name,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_dataset(&d, json);
         }
         DatasetCmd::Rm { name } => {
             client
