@@ -5,6 +5,7 @@ mod bad_input;
 mod cli;
 mod deploy;
 mod generation;
+mod isolation;
 mod ops;
 mod tenancy;
 mod tls;
