@@ -87,9 +87,28 @@ impl From<QuotaArgs> for pb::Quotas {
     }
 }
 
-fn print_tenant(t: &pb::Tenant) {
+fn print_tenant(t: &pb::Tenant, json: bool) {
     let q = t.quotas.unwrap_or_default();
     let u = t.usage.unwrap_or_default();
+    if json {
+        let v = serde_json::json!({
+            "name": t.name, "created_at": t.created_at,
+            "quotas": {
+                "max_adapters": q.max_adapters, "max_stored_bytes": q.max_stored_bytes,
+                "max_datasets": q.max_datasets, "max_running_jobs": q.max_running_jobs,
+                "max_queued_jobs": q.max_queued_jobs,
+                "max_concurrent_streams": q.max_concurrent_streams,
+                "max_tokens_per_minute": q.max_tokens_per_minute,
+            },
+            "usage": {
+                "adapters": u.adapters, "stored_bytes": u.stored_bytes, "datasets": u.datasets,
+                "running_jobs": u.running_jobs, "unfinished_jobs": u.unfinished_jobs,
+                "streams": u.streams,
+            },
+        });
+        println!("{v}");
+        return;
+    }
     println!("{}", t.name);
     println!(
         "  adapters {}/{}  datasets {}/{}  stored {}/{} bytes",
@@ -112,7 +131,15 @@ fn print_tenant(t: &pb::Tenant) {
     );
 }
 
-fn print_key(k: &pb::ApiKey) {
+fn print_key(k: &pb::ApiKey, json: bool) {
+    if json {
+        let v = serde_json::json!({
+            "id": k.id, "tenant": k.tenant, "description": k.description,
+            "created_at": k.created_at, "expires_at": k.expires_at, "revoked_at": k.revoked_at,
+        });
+        println!("{v}");
+        return;
+    }
     let state = match (k.revoked_at, k.expires_at) {
         (Some(_), _) => "revoked".to_string(),
         (None, Some(e)) => format!("expires {e}"),
@@ -121,7 +148,7 @@ fn print_key(k: &pb::ApiKey) {
     println!("{}\t{}\t{}\t{}", k.id, k.tenant, state, k.description);
 }
 
-pub async fn run(client: &GraftClient, cmd: AdminCmd) -> Result<(), tonic::Status> {
+pub async fn run(client: &GraftClient, cmd: AdminCmd, json: bool) -> Result<(), tonic::Status> {
     let mut a = client.admin();
     match cmd {
         AdminCmd::Tenants(TenantCmd::Create { name, quotas }) => {
@@ -132,7 +159,7 @@ pub async fn run(client: &GraftClient, cmd: AdminCmd) -> Result<(), tonic::Statu
                 })
                 .await?
                 .into_inner();
-            print_tenant(&t);
+            print_tenant(&t, json);
         }
         AdminCmd::Tenants(TenantCmd::Ls) => {
             for t in a
@@ -141,7 +168,7 @@ pub async fn run(client: &GraftClient, cmd: AdminCmd) -> Result<(), tonic::Statu
                 .into_inner()
                 .tenants
             {
-                print_tenant(&t);
+                print_tenant(&t, json);
             }
         }
         AdminCmd::Tenants(TenantCmd::Show { name }) => {
@@ -149,6 +176,7 @@ pub async fn run(client: &GraftClient, cmd: AdminCmd) -> Result<(), tonic::Statu
                 &a.get_tenant(pb::GetTenantRequest { name })
                     .await?
                     .into_inner(),
+                json,
             );
         }
         AdminCmd::Tenants(TenantCmd::Rm { name }) => {
@@ -184,7 +212,7 @@ pub async fn run(client: &GraftClient, cmd: AdminCmd) -> Result<(), tonic::Statu
                 .into_inner()
                 .keys
             {
-                print_key(&k);
+                print_key(&k, json);
             }
         }
         AdminCmd::Keys(KeyCmd::Revoke { id }) => {
@@ -192,6 +220,7 @@ pub async fn run(client: &GraftClient, cmd: AdminCmd) -> Result<(), tonic::Statu
                 &a.revoke_key(pb::RevokeKeyRequest { id })
                     .await?
                     .into_inner(),
+                json,
             );
         }
         AdminCmd::Quotas {
@@ -207,7 +236,7 @@ pub async fn run(client: &GraftClient, cmd: AdminCmd) -> Result<(), tonic::Statu
                 })
                 .await?
                 .into_inner();
-            print_tenant(&t);
+            print_tenant(&t, json);
         }
     }
     Ok(())

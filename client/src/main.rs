@@ -308,10 +308,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{status}");
             anyhow::ensure!(status == "SERVING", "not serving");
         }
-        Command::Admin(cmd) => admin_cmd::run(&client, cmd).await.map_err(status_error)?,
+        Command::Admin(cmd) => admin_cmd::run(&client, cmd, json)
+            .await
+            .map_err(status_error)?,
         Command::Generate { prompt, sampling } => {
             let opts = with_tenant(sampling);
-            stream_to_stdout(&client, opts.prompt(prompt)).await?;
+            if json {
+                let r = client
+                    .generate(opts.prompt(prompt))
+                    .await
+                    .map_err(status_error)?;
+                let usage = r.usage.unwrap_or_default();
+                let v = serde_json::json!({
+                    "text": r.text, "token_ids": r.token_ids, "logprobs": r.logprobs,
+                    "finish_reason": r.finish_reason().as_str_name(),
+                    "prompt_tokens": usage.prompt_tokens,
+                    "completion_tokens": usage.completion_tokens,
+                });
+                println!("{v}");
+            } else {
+                stream_to_stdout(&client, opts.prompt(prompt)).await?;
+            }
         }
         Command::Chat {
             system,

@@ -136,6 +136,35 @@ async fn the_cli_trains_lists_plots_and_fails_loudly() {
         text(&o.stderr)
     );
 
+    let o = graft(
+        &url,
+        &key,
+        &["--output", "json", "generate", "abc", "-n", "3", "-t", "0"],
+    )
+    .await;
+    let g: serde_json::Value = serde_json::from_str(text(&o.stdout).trim()).expect("json");
+    assert_eq!(
+        g["completion_tokens"].as_u64().map(|n| n >= 1),
+        Some(true),
+        "{g}"
+    );
+    let o = graft(
+        &url,
+        graft_tests::ADMIN_KEY,
+        &[
+            "--output",
+            "json",
+            "admin",
+            "tenants",
+            "show",
+            graft_tests::TENANT,
+        ],
+    )
+    .await;
+    let tj: serde_json::Value = serde_json::from_str(text(&o.stdout).trim()).expect("json");
+    assert_eq!(tj["usage"]["datasets"].as_u64(), Some(1), "{tj}");
+    let o = graft(&url, &key, &["admin", "tenants", "ls"]).await;
+    assert!(!o.status.success() && text(&o.stderr).contains("admin key"));
     let o = graft(&url, &key, &["health"]).await;
     assert_eq!(text(&o.stdout).trim(), "SERVING");
     let o = graft(&url, &key, &["completions", "bash"]).await;
