@@ -1,6 +1,7 @@
 //! graftd as a library: the binary (`main.rs`), the integration tests and the benchmark
 //! harness all start the same server through [`server::start`].
-//! Dependency direction: `grpc -> engine -> adapters -> model`; `store` is used by `adapters`; `model` knows nothing of tonic.
+//! Dependency direction: `grpc -> engine/train -> adapters -> model`; `grpc/train -> tenancy
+//! -> store`; `store` is used by `adapters`, `train` and `tenancy`; `model` knows nothing of tonic.
 
 pub mod adapters;
 pub mod config;

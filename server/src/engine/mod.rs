@@ -1,7 +1,10 @@
 //! The generation engine: one loop on its own thread owns every active sequence and runs
 //! them together, step after step (continuous batching).
-//! - [`EngineHandle`] is the cheap, cloneable front: `submit` puts a request on a bounded
-//!   queue (full queue -> [`SubmitError::QueueFull`]) and returns the stream of its events.
+//! - [`EngineHandle`] is the cheap, cloneable front: `submit` counts a request against the
+//!   queue bound (full queue -> [`SubmitError::QueueFull`]), sends it to the loop and
+//!   returns the stream of its events.
+//! - The loop keeps waiting requests in a fair queue (`fair.rs`): admission order is by
+//!   tenant, least-served first, never FIFO across tenants.
 //! - The loop (`step.rs`) is the only owner of sequences, KV caches and samplers.
 //! - Policy lives in `scheduler.rs` (pure), token choice in `sampler.rs`, text in `output.rs`.
 //!
