@@ -9,11 +9,11 @@ use std::path::PathBuf;
 use candle_core::Device;
 use common::{fixtures, ids, log_softmax, model, top_k};
 use graft_server::{
-    adapters::peft::{self, ImportPolicy, ParsedLora},
-    model::{
-        lora::{LoraPair, LoraWeights, Module},
-        BaseModel, Llama, SeqChunk,
+    adapters::{
+        peft::{self, ImportPolicy, ParsedLora},
+        testing::random_lora,
     },
+    model::{lora::LoraWeights, BaseModel, Llama, SeqChunk},
 };
 
 fn fixture_dir() -> PathBuf {
@@ -163,43 +163,12 @@ fn written_files_parse_back_to_the_same_weights() {
     }
 }
 
-fn random_adapter(m: &BaseModel, seed: u64, rank: usize) -> LoraWeights {
-    let cfg = m.config();
-    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-    let mut rnd = move || {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
-    };
-    let mut w = LoraWeights::new(cfg.num_layers);
-    for layer in 0..cfg.num_layers {
-        for mo in Module::ALL {
-            let base = mo.of(&m.llama.weights.layers[layer]);
-            let (out_f, in_f) = (base.out_features(), base.in_features());
-            w.set(
-                layer,
-                mo,
-                LoraPair {
-                    a: (0..rank * in_f).map(|_| rnd()).collect(),
-                    b_t: (0..out_f * rank).map(|_| rnd()).collect(),
-                    rank,
-                    in_features: in_f,
-                    out_features: out_f,
-                    scale: 2.0,
-                },
-            );
-        }
-    }
-    w
-}
-
 /// Eight different adapters and one bare row decode together; each row equals its solo run.
 #[test]
 fn mixed_batch_of_adapters_equals_solo_runs() {
     let m = model();
     let adapters: Vec<LoraWeights> = (0..8)
-        .map(|i| random_adapter(&m, i + 1, 4 + 2 * i as usize))
+        .map(|i| random_lora(&m, i + 1, 4 + 2 * i as usize, 0.1))
         .collect();
     let prompts: Vec<Vec<u32>> = (0..9)
         .map(|i| {

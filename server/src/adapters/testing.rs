@@ -6,15 +6,16 @@ use crate::model::{
     BaseModel,
 };
 
-/// PEFT files of a random LoRA adapter (all seven modules, rank `rank`) for `model`.
-pub fn random_peft(model: &BaseModel, seed: u64, rank: usize) -> (Vec<u8>, Vec<u8>) {
+/// Random LoRA weights on all seven modules of `model` at rank `rank` (scale 2): every A and
+/// B entry uniform in `[-spread/2, spread/2)`, from a xorshift stream seeded by `seed`.
+pub fn random_lora(model: &BaseModel, seed: u64, rank: usize, spread: f32) -> LoraWeights {
     let cfg = model.config();
     let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
     let mut rnd = move || {
         s ^= s << 13;
         s ^= s >> 7;
         s ^= s << 17;
-        ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2
+        ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * spread
     };
     let mut w = LoraWeights::new(cfg.num_layers);
     for layer in 0..cfg.num_layers {
@@ -35,8 +36,13 @@ pub fn random_peft(model: &BaseModel, seed: u64, rank: usize) -> (Vec<u8>, Vec<u
             );
         }
     }
+    w
+}
+
+/// PEFT files of a random LoRA adapter (all seven modules, rank `rank`) for `model`.
+pub fn random_peft(model: &BaseModel, seed: u64, rank: usize) -> (Vec<u8>, Vec<u8>) {
     let parsed = ParsedLora {
-        weights: w,
+        weights: random_lora(model, seed, rank, 0.2),
         rank,
         alpha: 2.0 * rank as f64,
         target_modules: Module::ALL
@@ -45,5 +51,5 @@ pub fn random_peft(model: &BaseModel, seed: u64, rank: usize) -> (Vec<u8>, Vec<u
             .collect(),
         use_rslora: false,
     };
-    peft::write(&parsed, cfg, &model.name).expect("write PEFT files")
+    peft::write(&parsed, model.config(), &model.name).expect("write PEFT files")
 }
