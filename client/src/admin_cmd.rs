@@ -106,11 +106,11 @@ fn print_tenant(t: &pb::Tenant, json: bool) {
                 "streams": u.streams,
             },
         });
-        println!("{v}");
+        outln!("{v}");
         return;
     }
-    println!("{}", t.name);
-    println!(
+    outln!("{}", t.name);
+    outln!(
         "  adapters {}/{}  datasets {}/{}  stored {}/{} bytes",
         u.adapters,
         q.max_adapters.unwrap_or_default(),
@@ -119,7 +119,7 @@ fn print_tenant(t: &pb::Tenant, json: bool) {
         u.stored_bytes,
         q.max_stored_bytes.unwrap_or_default()
     );
-    println!(
+    outln!(
         "  jobs running {}/{}  unfinished {}/{}  streams {}/{}  tokens/min {}",
         u.running_jobs,
         q.max_running_jobs.unwrap_or_default(),
@@ -137,7 +137,7 @@ fn print_key(k: &pb::ApiKey, json: bool) {
             "id": k.id, "tenant": k.tenant, "description": k.description,
             "created_at": k.created_at, "expires_at": k.expires_at, "revoked_at": k.revoked_at,
         });
-        println!("{v}");
+        outln!("{v}");
         return;
     }
     let state = match (k.revoked_at, k.expires_at) {
@@ -145,7 +145,7 @@ fn print_key(k: &pb::ApiKey, json: bool) {
         (None, Some(e)) => format!("expires {e}"),
         (None, None) => "active".to_string(),
     };
-    println!("{}\t{}\t{}\t{}", k.id, k.tenant, state, k.description);
+    outln!("{}\t{}\t{}\t{}", k.id, k.tenant, state, k.description);
 }
 
 pub async fn run(client: &GraftClient, cmd: AdminCmd, json: bool) -> Result<(), tonic::Status> {
@@ -182,7 +182,7 @@ pub async fn run(client: &GraftClient, cmd: AdminCmd, json: bool) -> Result<(), 
         AdminCmd::Tenants(TenantCmd::Rm { name }) => {
             a.delete_tenant(pb::DeleteTenantRequest { name: name.clone() })
                 .await?;
-            println!("deleted {name}");
+            outln!("deleted {name}");
         }
         AdminCmd::Keys(KeyCmd::Create {
             tenant,
@@ -203,7 +203,7 @@ pub async fn run(client: &GraftClient, cmd: AdminCmd, json: bool) -> Result<(), 
                     k.id, k.tenant
                 );
             }
-            println!("{}", r.secret);
+            outln!("{}", r.secret);
         }
         AdminCmd::Keys(KeyCmd::Ls { tenant }) => {
             for k in a

@@ -5,8 +5,42 @@ use std::io::{BufRead, Write};
 use clap::{Args, Parser, Subcommand};
 use graft_client::{proto, ConnectOptions, GenerateOptions, GraftClient, TlsOptions};
 
+/// `println!` without its panic when stdout is a closed pipe (`graft adapters ls | head`).
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::write_stdout(format!($($arg)*).as_bytes(), true)
+    };
+}
+
 mod admin_cmd;
 mod plot;
+
+/// Writes to stdout. When the reader has gone (a closed pipe), the command ends quietly
+/// with success, as `head` expects of the writer; any other failure is an error exit.
+fn write_stdout(bytes: &[u8], newline: bool) {
+    let mut out = std::io::stdout().lock();
+    let written = out
+        .write_all(bytes)
+        .and_then(|()| {
+            if newline {
+                out.write_all(b"\n")
+            } else {
+                Ok(())
+            }
+        })
+        .and_then(|()| out.flush());
+    if let Err(e) = written {
+        exit_on_stdout_error(&e);
+    }
+}
+
+fn exit_on_stdout_error(e: &std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    eprintln!("error: writing to stdout: {e}");
+    std::process::exit(1);
+}
 
 #[derive(Parser)]
 #[command(name = "graft", version, about = "Talk to a graftd server")]
@@ -265,6 +299,11 @@ async fn main() -> std::process::ExitCode {
     match run(Cli::parse()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                if io.kind() == std::io::ErrorKind::BrokenPipe {
+                    exit_on_stdout_error(io);
+                }
+            }
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
         }
@@ -274,7 +313,9 @@ async fn main() -> std::process::ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Completions { shell } = cli.command {
         use clap::CommandFactory;
-        clap_complete::generate(shell, &mut Cli::command(), "graft", &mut std::io::stdout());
+        let mut script = Vec::new();
+        clap_complete::generate(shell, &mut Cli::command(), "graft", &mut script);
+        write_stdout(&script, false);
         return Ok(());
     }
     let json = cli.output == Output::Json;
@@ -305,7 +346,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Completions { .. } => unreachable!("handled before connecting"),
         Command::Health => {
             let status = client.health().await.map_err(status_error)?;
-            println!("{status}");
+            outln!("{status}");
             anyhow::ensure!(status == "SERVING", "not serving");
         }
         Command::Admin(cmd) => admin_cmd::run(&client, cmd, json)
@@ -325,7 +366,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "prompt_tokens": usage.prompt_tokens,
                     "completion_tokens": usage.completion_tokens,
                 });
-                println!("{v}");
+                outln!("{v}");
             } else {
                 stream_to_stdout(&client, opts.prompt(prompt)).await?;
             }
@@ -369,10 +410,10 @@ fn print_version(v: &proto::AdapterVersion, json: bool) {
             "rank": v.rank, "alpha": v.alpha, "size_bytes": v.size_bytes,
             "target_modules": v.target_modules, "sha256": v.sha256, "created_at_unix": v.created_at_unix,
         });
-        println!("{j}");
+        outln!("{j}");
         return;
     }
-    println!(
+    outln!(
         "{}@{}\t{}\tr={}\talpha={}\t{} bytes\t{}\t{}",
         v.name,
         v.version,
@@ -424,7 +465,7 @@ async fn adapters(
             std::fs::create_dir_all(&out)?;
             std::fs::write(out.join(graft_client::ADAPTER_CONFIG_FILE), c)?;
             std::fs::write(out.join(graft_client::ADAPTER_WEIGHTS_FILE), w)?;
-            println!("wrote {}", out.display());
+            outln!("wrote {}", out.display());
         }
         AdapterCmd::Ls => {
             for v in client.list_adapters(tenant).await.map_err(status_error)? {
@@ -443,7 +484,7 @@ async fn adapters(
                 .delete_adapter(tenant, &adapter)
                 .await
                 .map_err(status_error)?;
-            println!("deleted versions {v:?}");
+            outln!("deleted versions {v:?}");
         }
     }
     Ok(())
@@ -455,11 +496,15 @@ fn print_dataset(d: &proto::Dataset, json: bool) {
             "id": d.id, "name": d.name, "format": d.format, "examples": d.examples,
             "tokens": d.tokens, "truncated_examples": d.truncated_examples,
         });
-        println!("{j}");
+        outln!("{j}");
     } else {
-        println!(
+        outln!(
             "{}\t{}\t{} examples\t{} tokens\t{} truncated",
-            d.name, d.format, d.examples, d.tokens, d.truncated_examples
+            d.name,
+            d.format,
+            d.examples,
+            d.tokens,
+            d.truncated_examples
         );
     }
 }
@@ -527,10 +572,10 @@ fn print_job(j: &proto::Job, json: bool) {
             "adapter_version": j.adapter_version, "step": j.step, "total_steps": j.total_steps,
             "error": j.error,
         });
-        println!("{v}");
+        outln!("{v}");
         return;
     }
-    println!(
+    outln!(
         "{}\t{}\t{} -> {}{}\tstep {}/{}{}",
         j.id,
         j.status,
@@ -682,9 +727,10 @@ async fn jobs(client: &GraftClient, tenant: &str, cmd: JobCmd, json: bool) -> an
         JobCmd::Watch { id } => watch(client, tenant, &id, json).await?,
         JobCmd::Plot { id, out } => {
             let (train, eval) = loss_points(client, tenant, &id).await?;
-            let (steps, lo, hi) = plot::loss_png(&train, &eval, &out)?;
-            println!(
-                "wrote {}: {} training and {} validation points; x: step 0..{steps}, y: loss {lo:.3}..{hi:.3}; blue = training, orange = validation",
+            let (steps, lo, hi) =
+                plot::loss_png(&format!("Loss of job {id}"), &train, &eval, &out)?;
+            outln!(
+                "wrote {}: {} training and {} validation points; x: step 0..{steps}, y: loss {lo:.3}..{hi:.3}",
                 out.display(),
                 train.len(),
                 eval.len()

@@ -1,18 +1,32 @@
-//! `graft jobs plot`: training and validation loss against the step, as a PNG.
-//! Drawn with plotters' bitmap backend and no font backend (nothing to install): the axes
-//! carry no text, so the command prints the ranges and the legend (blue = training loss,
-//! orange = validation loss) beside the file.
+//! `graft jobs plot`: training and validation loss against the step, as a PNG with axes,
+//! labels and a legend. The text is drawn with DejaVu Sans embedded in the binary, so the
+//! command needs no system font.
 
-use std::path::Path;
+use std::{path::Path, sync::Once};
 
 use plotters::prelude::*;
 
 pub const TRAIN_COLOR: RGBColor = RGBColor(31, 119, 180);
 pub const EVAL_COLOR: RGBColor = RGBColor(255, 127, 14);
 
-/// Draws `train` and `eval` (step, loss) series into `out` (800 x 480 PNG); returns the
-/// plotted ranges `(max step, min loss, max loss)`.
+fn register_font() -> anyhow::Result<()> {
+    static ONCE: Once = Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| {
+        result = plotters::style::register_font(
+            "sans-serif",
+            FontStyle::Normal,
+            dejavu::sans::regular(),
+        )
+        .map_err(|_| anyhow::anyhow!("the embedded font does not load"));
+    });
+    result
+}
+
+/// Draws `train` and `eval` (step, loss) series into `out` (800 x 480 PNG) under `title`;
+/// returns the plotted ranges `(max step, min loss, max loss)`.
 pub fn loss_png(
+    title: &str,
     train: &[(f64, f64)],
     eval: &[(f64, f64)],
     out: &Path,
@@ -21,6 +35,7 @@ pub fn loss_png(
         !train.is_empty() || !eval.is_empty(),
         "the job has no loss to plot yet"
     );
+    register_font()?;
     let all = train.iter().chain(eval);
     let max_step = all.clone().map(|p| p.0).fold(1.0, f64::max);
     let (lo, hi) = all
@@ -31,29 +46,46 @@ pub fn loss_png(
     let (lo, hi) = (lo - pad, hi + pad);
     let root = BitMapBackend::new(out, (800, 480)).into_drawing_area();
     root.fill(&WHITE)?;
-    let area = root.margin(20, 20, 20, 20);
-    let mut chart = ChartBuilder::on(&area).build_cartesian_2d(0.0..max_step, lo..hi)?;
-    // Frame and a light grid (tenths of each axis).
-    let grid = RGBColor(225, 225, 225);
-    for i in 1..10 {
-        let x = max_step * i as f64 / 10.0;
-        let y = lo + (hi - lo) * i as f64 / 10.0;
-        chart.draw_series(LineSeries::new([(x, lo), (x, hi)], grid))?;
-        chart.draw_series(LineSeries::new([(0.0, y), (max_step, y)], grid))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 22))
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(56)
+        .build_cartesian_2d(0.0..max_step, lo..hi)?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_desc("loss")
+        .light_line_style(RGBColor(235, 235, 235))
+        .label_style(("sans-serif", 14))
+        .draw()?;
+    if !train.is_empty() {
+        chart
+            .draw_series(LineSeries::new(
+                train.iter().copied(),
+                TRAIN_COLOR.stroke_width(2),
+            ))?
+            .label("training")
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], TRAIN_COLOR.stroke_width(2)));
     }
-    chart.draw_series(std::iter::once(Rectangle::new(
-        [(0.0, lo), (max_step, hi)],
-        BLACK.stroke_width(1),
-    )))?;
-    chart.draw_series(LineSeries::new(
-        train.iter().copied(),
-        TRAIN_COLOR.stroke_width(2),
-    ))?;
-    chart.draw_series(LineSeries::new(
-        eval.iter().copied(),
-        EVAL_COLOR.stroke_width(2),
-    ))?;
-    chart.draw_series(eval.iter().map(|&p| Circle::new(p, 4, EVAL_COLOR.filled())))?;
+    if !eval.is_empty() {
+        chart
+            .draw_series(LineSeries::new(
+                eval.iter().copied(),
+                EVAL_COLOR.stroke_width(2),
+            ))?
+            .label("validation")
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], EVAL_COLOR.stroke_width(2)));
+        chart.draw_series(eval.iter().map(|&p| Circle::new(p, 4, EVAL_COLOR.filled())))?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .draw()?;
     root.present()?;
     Ok((max_step, lo, hi))
 }
@@ -71,7 +103,7 @@ mod tests {
             .map(|s| (s as f64, 3.0 / (s as f64).sqrt()))
             .collect();
         let eval = vec![(10.0, 1.2), (20.0, 0.9), (50.0, 0.7)];
-        let (max_step, lo, hi) = loss_png(&train, &eval, &out).expect("plot");
+        let (max_step, lo, hi) = loss_png("Loss", &train, &eval, &out).expect("plot");
         assert_eq!(max_step, 50.0);
         assert!(lo < 0.43 && hi > 3.0);
         let bytes = std::fs::read(&out).expect("png");
@@ -85,6 +117,6 @@ mod tests {
             u32::from_be_bytes(bytes[20..24].try_into().expect("h")),
             480
         );
-        assert!(loss_png(&[], &[], &out).is_err());
+        assert!(loss_png("Loss", &[], &[], &out).is_err());
     }
 }

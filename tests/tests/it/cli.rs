@@ -170,3 +170,22 @@ async fn the_cli_trains_lists_plots_and_fails_loudly() {
     let o = graft(&url, &key, &["completions", "bash"]).await;
     assert!(o.status.success() && text(&o.stdout).contains("_graft"));
 }
+
+/// `graft ... | head`: a reader that goes away ends the command quietly, without a panic.
+#[test]
+fn a_closed_pipe_ends_the_command_quietly() {
+    use std::process::{Command, Stdio};
+    for _ in 0..3 {
+        let mut child = Command::new(graft_bin())
+            .args(["completions", "bash"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run graft");
+        drop(child.stdout.take()); // the reader is gone before the first write
+        let o = child.wait_with_output().expect("wait");
+        let err = text(&o.stderr);
+        assert!(o.status.success(), "{:?}: {err}", o.status);
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
