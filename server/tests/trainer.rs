@@ -154,7 +154,12 @@ fn first_step_loss_is_the_plain_forward_loss_and_loss_goes_down() {
         &mut |e| events.push(e),
     )
     .expect("train");
-    assert!(matches!(out, Outcome::Finished(_)));
+    let Outcome::Finished(vars) = out else {
+        panic!("not finished")
+    };
+    // The size CreateJob charges to the storage quota is the trained tensors' size.
+    let trained: usize = vars.vars().iter().map(|v| v.elem_count() * 4).sum();
+    assert_eq!(s.adapter_bytes(m.config()), trained as u64);
     let losses: Vec<f64> = events
         .iter()
         .filter_map(|e| match e {

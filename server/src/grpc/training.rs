@@ -430,17 +430,20 @@ impl Training for TrainingGrpc {
             let r = req.into_inner();
             let tenant = caller.acting(&r.tenant)?;
             let job = job_from(&r)?;
+            let training = &ready(&self.ready)?.training;
             let _storage = caller.tenancy.storage_guard(&tenant).await;
             caller.tenancy.check_new_job(&tenant).await?;
+            // The adapter's size is known from the model and the LoRA settings, so a job
+            // whose result would not fit is refused now rather than after hours of work.
             caller
                 .tenancy
-                .check_storage(&tenant, NewObject::AdapterVersion(&job.adapter_name), 0)
+                .check_storage(
+                    &tenant,
+                    NewObject::AdapterVersion(&job.adapter_name),
+                    training.adapter_bytes(&job),
+                )
                 .await?;
-            Ok(ready(&self.ready)?
-                .training
-                .create_job(&tenant, job)
-                .await?
-                .into())
+            Ok(training.create_job(&tenant, job).await?.into())
         })
         .await
     }

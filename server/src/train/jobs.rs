@@ -151,6 +151,11 @@ impl TrainingService {
         &self.cfg
     }
 
+    /// The bytes the adapter `job` trains will store, for the storage quota at CreateJob.
+    pub fn adapter_bytes(&self, job: &NewJob) -> u64 {
+        job.spec.train.adapter_bytes(self.model.config())
+    }
+
     fn render(
         &self,
     ) -> impl Fn(&[crate::model::ChatMessage], bool) -> Result<String, crate::model::ModelError> + '_

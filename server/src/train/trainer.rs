@@ -25,7 +25,7 @@ use super::{
     lora_vars::LoraVars,
     optim::{self, lr_at, AdamW, Schedule},
 };
-use crate::model::{lora::Module, BaseModel};
+use crate::model::{config::LlamaConfig, lora::Module, BaseModel};
 
 /// Everything a run needs to know, validated by the caller.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -58,6 +58,20 @@ impl TrainSpec {
             .iter()
             .filter_map(|t| Module::from_hf_name(t))
             .collect()
+    }
+
+    /// The bytes of tensor data the trained adapter will store (f32 `lora_A` and `lora_B`
+    /// for every target module of every layer), known before training starts.
+    pub fn adapter_bytes(&self, cfg: &LlamaConfig) -> u64 {
+        let per_layer: usize = self
+            .modules()
+            .iter()
+            .map(|m| {
+                let (out, inp) = m.shape(cfg);
+                self.rank * (out + inp)
+            })
+            .sum();
+        (per_layer * cfg.num_layers * std::mem::size_of::<f32>()) as u64
     }
 
     fn schedule(&self) -> Schedule {

@@ -325,6 +325,9 @@ async fn quotas_refuse_with_the_quota_named_and_change_nothing() {
         .expect_err("bytes");
     assert_eq!(quota_of(&e), "max_stored_bytes");
     assert_eq!(c.list_adapters("").await.expect("list").len(), 2);
+    // A job whose adapter would not fit is refused before it trains.
+    let e = c.create_job(job("d1", "x")).await.expect_err("job bytes");
+    assert_eq!(quota_of(&e), "max_stored_bytes");
     // Unfinished jobs.
     set_quotas(
         &t,
