@@ -27,6 +27,7 @@ pub const ADAPTER_LOAD_SECONDS: &str = "graft_adapter_load_seconds";
 pub const ADAPTERS_RESIDENT: &str = "graft_adapters_resident";
 pub const ADAPTERS_RESIDENT_BYTES: &str = "graft_adapters_resident_bytes";
 pub const TRAINING_JOBS: &str = "graft_training_jobs_total";
+pub const TRAINING_JOBS_NOW: &str = "graft_training_jobs_current";
 pub const TRAINING_LOSS: &str = "graft_training_loss";
 pub const TRAINING_TOKENS_PER_SECOND: &str = "graft_training_tokens_per_second";
 pub const TRAINING_TOKENS_TOTAL: &str = "graft_training_tokens_total";
@@ -86,6 +87,14 @@ pub fn describe() {
     describe_counter!(
         QUOTA_REJECTIONS_TOTAL,
         "Calls refused RESOURCE_EXHAUSTED by a tenant quota, by quota"
+    );
+    describe_counter!(
+        TRAINING_JOBS,
+        "Training jobs entering running, succeeded, failed or cancelled, by status"
+    );
+    describe_gauge!(
+        TRAINING_JOBS_NOW,
+        "Training jobs queued and running now, by status (read from the database)"
     );
     describe_gauge!(
         ADAPTERS_RESIDENT_BYTES,
@@ -157,6 +166,12 @@ pub fn job_finished(status: &str) {
         _ => "cancelled",
     };
     metrics::counter!(TRAINING_JOBS, "status" => status).increment(1);
+}
+
+/// The jobs waiting and running now, over all tenants.
+pub fn jobs_now(queued: u64, running: u64) {
+    metrics::gauge!(TRAINING_JOBS_NOW, "status" => "queued").set(queued as f64);
+    metrics::gauge!(TRAINING_JOBS_NOW, "status" => "running").set(running as f64);
 }
 
 /// One optimizer step's figures.

@@ -141,6 +141,50 @@ impl Db {
         Ok(r.as_ref().map(dataset))
     }
 
+    /// A job's dataset by id, deleted or not: a job keeps the data it was created with.
+    pub async fn job_dataset(&self, tenant: &str, id: &str) -> Result<Option<DatasetRow>, DbError> {
+        let q = format!(
+            "SELECT {DATASET_COLS} FROM datasets WHERE tenant = ? AND id = ? AND file != ''"
+        );
+        let r = sqlx::query(sqlx::AssertSqlSafe(q))
+            .bind(tenant)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err("find dataset"))?;
+        Ok(r.as_ref().map(dataset))
+    }
+
+    /// Deleted datasets whose file no unfinished job needs any more: `(id, file)`.
+    pub async fn dataset_files_to_remove(&self) -> Result<Vec<(String, String)>, DbError> {
+        sqlx::query_as(
+            "SELECT id, file FROM datasets d WHERE deleted_at IS NOT NULL AND file != '' \
+             AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.status IN ('validating', 'queued', 'running') \
+                             AND (j.dataset = d.id OR j.eval_dataset = d.id))",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err("find dataset files to remove"))
+    }
+
+    /// Records that a deleted dataset's file is gone.
+    pub async fn forget_dataset_file(&self, id: &str) -> Result<(), DbError> {
+        sqlx::query("UPDATE datasets SET file = '' WHERE id = ? AND deleted_at IS NOT NULL")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err("forget dataset file"))?;
+        Ok(())
+    }
+
+    /// Every dataset file a row still names (live datasets and deleted ones kept for jobs).
+    pub async fn dataset_files(&self) -> Result<Vec<String>, DbError> {
+        sqlx::query_scalar("SELECT file FROM datasets WHERE file != ''")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err("list dataset files"))
+    }
+
     pub async fn list_datasets(&self, tenant: &str) -> Result<Vec<DatasetRow>, DbError> {
         let q = format!("SELECT {DATASET_COLS} FROM datasets WHERE tenant = ? AND deleted_at IS NULL ORDER BY name");
         let r = sqlx::query(sqlx::AssertSqlSafe(q))
@@ -286,6 +330,17 @@ impl Db {
             .await
             .map_err(db_err("job progress"))?;
         Ok(())
+    }
+
+    /// How many jobs are queued and how many running, over all tenants.
+    pub async fn count_unfinished_jobs(&self) -> Result<(u64, u64), DbError> {
+        let (queued, running): (i64, i64) = sqlx::query_as(
+            "SELECT COALESCE(SUM(status = 'queued'), 0), COALESCE(SUM(status = 'running'), 0) FROM jobs",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db_err("count jobs"))?;
+        Ok((queued as u64, running as u64))
     }
 
     /// Jobs interrupted by a stop or crash go back to the queue (they resume from their

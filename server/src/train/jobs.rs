@@ -241,17 +241,62 @@ impl TrainingService {
         Ok(self.db.list_datasets(tenant).await?)
     }
 
-    /// Deletes a dataset (jobs that already loaded it are unaffected; its file stays until
-    /// no job row refers to it).
+    /// Deletes a dataset. Jobs created on it still run on it (a queued job, a job resumed
+    /// after a restart); its file is removed once no unfinished job needs it.
     pub async fn delete_dataset(
         &self,
         tenant: &str,
         name: &str,
     ) -> Result<DatasetRow, TrainingError> {
-        self.db
+        let row = self
+            .db
             .delete_dataset(tenant, name)
             .await?
-            .ok_or_else(|| TrainingError::NotFound(format!("dataset {name:?}")))
+            .ok_or_else(|| TrainingError::NotFound(format!("dataset {name:?}")))?;
+        self.remove_unneeded_dataset_files().await;
+        Ok(row)
+    }
+
+    /// Removes the files of deleted datasets that no unfinished job needs, then forgets them.
+    async fn remove_unneeded_dataset_files(&self) {
+        let rows = match self.db.dataset_files_to_remove().await {
+            Ok(rows) => rows,
+            Err(e) => return tracing::warn!(error = %e, "finding dataset files to remove"),
+        };
+        let dir = self.cfg.data_dir.join("datasets");
+        for (id, file) in rows {
+            match std::fs::remove_file(dir.join(&file)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(dataset = id, error = %e, "removing a deleted dataset's file");
+                    continue;
+                }
+            }
+            if let Err(e) = self.db.forget_dataset_file(&id).await {
+                tracing::warn!(dataset = id, error = %e, "forgetting a dataset file");
+            }
+        }
+    }
+
+    /// At start-up (before any upload): removes dataset files no row names, left by a
+    /// crash between writing the file and recording the dataset, and unneeded ones.
+    async fn sweep_dataset_files(&self) -> Result<(), TrainingError> {
+        self.remove_unneeded_dataset_files().await;
+        let named: std::collections::HashSet<String> =
+            self.db.dataset_files().await?.into_iter().collect();
+        let dir = self.cfg.data_dir.join("datasets");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Ok(()); // no dataset uploaded yet
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !named.contains(&name) {
+                tracing::info!(file = name, "removing an orphaned dataset file");
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        Ok(())
     }
 
     /// Loads, parses and tokenises a dataset for a job.
@@ -459,10 +504,24 @@ impl TrainingService {
     /// Starts the runner: re-queues jobs a stop interrupted, then runs queued jobs in order,
     /// `max_concurrent_jobs` at a time, until the process ends.
     pub async fn start(self: &Arc<Self>) -> Result<(), TrainingError> {
+        self.sweep_dataset_files().await?;
         let n = self.db.requeue_interrupted_jobs().await?;
         if n > 0 {
             tracing::info!(jobs = n, "re-queued interrupted training jobs");
         }
+        let me = self.clone();
+        tokio::spawn(async move {
+            // The database is the one truth of how many jobs wait and run; a gauge read
+            // from it stays right across restarts and every path a job can take.
+            let mut tick = tokio::time::interval(Duration::from_secs(2));
+            loop {
+                tick.tick().await;
+                match me.db.count_unfinished_jobs().await {
+                    Ok((queued, running)) => crate::metrics::jobs_now(queued, running),
+                    Err(e) => tracing::warn!(error = %e, "counting jobs"),
+                }
+            }
+        });
         let me = self.clone();
         let slots = Arc::new(tokio::sync::Semaphore::new(
             self.cfg.max_concurrent_jobs.max(1),
@@ -518,6 +577,7 @@ impl TrainingService {
             Err(e) => tracing::error!(job = id, error = %e, "recording the job's end"),
         }
         crate::metrics::job_finished(status);
+        self.remove_unneeded_dataset_files().await;
     }
 
     async fn run(self: &Arc<Self>, job: JobRow) {
@@ -565,19 +625,15 @@ impl TrainingService {
             .map_err(|e| TrainingError::Storage(format!("job spec: {e}")))?;
         let ds = self
             .db
-            .dataset_by_id(&job.tenant, &job.dataset)
+            .job_dataset(&job.tenant, &job.dataset)
             .await?
             .ok_or_else(|| TrainingError::NotFound("the job's dataset".into()))?;
         let mut train = self.load_examples(&ds, &spec)?;
         let eval = match &job.eval_dataset {
             Some(e) => {
-                let row = self
-                    .db
-                    .dataset_by_id(&job.tenant, e)
-                    .await?
-                    .ok_or_else(|| {
-                        TrainingError::NotFound("the job's validation dataset".into())
-                    })?;
+                let row = self.db.job_dataset(&job.tenant, e).await?.ok_or_else(|| {
+                    TrainingError::NotFound("the job's validation dataset".into())
+                })?;
                 self.load_examples(&row, &spec)?
             }
             None if spec.validation_split > 0.0 => {

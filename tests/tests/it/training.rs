@@ -549,6 +549,21 @@ async fn one_job_computes_at_a_time_and_the_next_waits_in_the_queue() {
         t.client.get_job("", &short.id).await.expect("get").status,
         "queued"
     );
+    // Ops see one job running and one waiting. (Every test server in this process sets the
+    // same process-wide gauges, so wait until this server's reading is the one shown.)
+    let gauges_show_both = async {
+        loop {
+            let m = t.scrape().await;
+            let now = |s: &str| graft_tests::metric_value(&m, "graft_training_jobs_current", &[s]);
+            if now("status=\"running\"") >= 1.0 && now("status=\"queued\"") >= 1.0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), gauges_show_both)
+        .await
+        .expect("graft_training_jobs_current shows the running and the queued job");
     t.client.cancel_job("", &long.id).await.expect("cancel");
     let (_, done) =
         tokio::time::timeout(Duration::from_secs(60), t.client.follow_job("", &short.id))
@@ -560,4 +575,122 @@ async fn one_job_computes_at_a_time_and_the_next_waits_in_the_queue() {
         t.client.get_job("", &long.id).await.expect("get").status,
         "cancelled"
     );
+}
+
+/// Deleting a dataset hides it at once, but the jobs created on it still run on it; its file
+/// is removed as soon as no unfinished job needs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_dataset_serves_its_jobs_then_its_file_is_removed() {
+    let t = tiny_with_dataset().await;
+    let file = |d: &pb::Dataset| {
+        t.data
+            .path()
+            .join("datasets")
+            .join(format!("{}.jsonl", d.id))
+    };
+    let lines = b"{\"prompt\":\"x y\",\"completion\":\"z\"}\n".repeat(8);
+    let training = t.client.training();
+    let delete = |name: &str| {
+        let req = pb::DeleteDatasetRequest {
+            name: name.into(),
+            ..Default::default()
+        };
+        let mut tr = training.clone();
+        async move { tr.delete_dataset(req).await }
+    };
+    // No job: the file goes with the dataset.
+    let lonely = t
+        .client
+        .upload_dataset("", "lonely", "", lines.clone())
+        .await
+        .expect("upload");
+    assert!(file(&lonely).exists());
+    delete("lonely").await.expect("delete");
+    assert!(!file(&lonely).exists(), "an unneeded file is removed");
+    // A queued job keeps its deleted dataset's file and trains on it.
+    let e = t
+        .client
+        .upload_dataset("", "e", "", lines)
+        .await
+        .expect("upload");
+    let long = t
+        .client
+        .create_job(job(
+            "d",
+            "long",
+            pb::Hyperparameters {
+                epochs: Some(5000),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("long");
+    wait_for_step(&t, &long.id).await;
+    let queued = t
+        .client
+        .create_job(job("e", "on-e", pb::Hyperparameters::default()))
+        .await
+        .expect("queued");
+    delete("e").await.expect("delete");
+    let names: Vec<String> = t
+        .client
+        .training()
+        .list_datasets(pb::ListDatasetsRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .datasets
+        .into_iter()
+        .map(|d| d.name)
+        .collect();
+    assert_eq!(names, ["d"], "a deleted dataset is not listed");
+    assert!(file(&e).exists(), "a queued job still needs the file");
+    t.client.cancel_job("", &long.id).await.expect("cancel");
+    let (_, done) =
+        tokio::time::timeout(Duration::from_secs(60), t.client.follow_job("", &queued.id))
+            .await
+            .expect("runs")
+            .expect("watch");
+    assert_eq!(done.status, "succeeded", "{}", done.error);
+    let gone = async {
+        while file(&e).exists() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), gone)
+        .await
+        .expect("the file is removed once the job has ended");
+}
+
+/// A crash between writing a dataset's file and recording it leaves a file no row names;
+/// the next start removes it and keeps every recorded dataset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_removes_orphaned_dataset_files_and_keeps_the_rest() {
+    let t = tiny_with_dataset().await;
+    let dir = t.data.path().join("datasets");
+    for stray in ["ds-orphan.jsonl", ".ds-half.jsonl.tmp"] {
+        std::fs::write(dir.join(stray), "{}\n").expect("stray file");
+    }
+    let data = t.data.clone();
+    t.server.drain().await.expect("drain");
+    let t = graft_tests::start_in(tiny_model_path(), data, |_| {}).await;
+    let mut left: Vec<String> = std::fs::read_dir(&dir)
+        .expect("dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    let d = t
+        .client
+        .training()
+        .list_datasets(pb::ListDatasetsRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .datasets;
+    assert_eq!(d.len(), 1);
+    assert_eq!(left, [format!("{}.jsonl", d[0].id)]);
+    t.client
+        .create_job(job("d", "after-restart", pb::Hyperparameters::default()))
+        .await
+        .expect("the kept dataset still trains");
 }
