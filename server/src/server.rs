@@ -77,10 +77,15 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
 
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(graft_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Reflection in both versions: v1, and v1alpha for the many tools that still ask only
+    // for it (grpcurl before 1.8.8, older Postman and evans).
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(graft_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let (reflection, reflection_v1alpha) =
+        (reflection().build_v1()?, reflection().build_v1alpha()?);
     // The database and the tenants come before the model: keys are checked (and the Admin
     // service answers) while the model loads.
     std::fs::create_dir_all(&cfg.data_dir)
@@ -107,6 +112,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
         builder
             .add_service(health_service)
             .add_service(reflection)
+            .add_service(reflection_v1alpha)
             .add_service(InterceptedService::new(
                 GenerationServer::new(generation),
                 auth.clone(),

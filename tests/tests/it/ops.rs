@@ -114,31 +114,47 @@ async fn drain_timeout_cancels_what_is_left() {
     drain.await.expect("join").expect("drained");
 }
 
+/// Reflection answers in v1 and in v1alpha (which grpcurl before 1.8.8 and other older
+/// tools still use); both list the graft services and health.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reflection_lists_the_services() {
-    use tonic_reflection::pb::v1::{
-        server_reflection_client::ServerReflectionClient,
-        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
-        ServerReflectionRequest,
-    };
     let t = start_tiny().await;
-    let mut c = ServerReflectionClient::new(channel(&t.url()).await);
-    let req = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut resp = c
-        .server_reflection_info(futures::stream::iter(vec![req]))
-        .await
-        .expect("reflection")
-        .into_inner();
-    let msg = resp.message().await.expect("answer").expect("some");
-    let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else {
-        panic!("unexpected reflection answer {msg:?}");
-    };
-    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
-    assert!(names.contains(&"graft.v1.Generation"), "{names:?}");
-    assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
+    macro_rules! list_services {
+        ($v:ident) => {{
+            use tonic_reflection::pb::$v::{
+                server_reflection_client::ServerReflectionClient,
+                server_reflection_request::MessageRequest,
+                server_reflection_response::MessageResponse, ServerReflectionRequest,
+            };
+            let mut c = ServerReflectionClient::new(channel(&t.url()).await);
+            let req = ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            };
+            let mut resp = c
+                .server_reflection_info(futures::stream::iter(vec![req]))
+                .await
+                .expect("reflection")
+                .into_inner();
+            let msg = resp.message().await.expect("answer").expect("some");
+            let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else {
+                panic!("unexpected reflection answer {msg:?}");
+            };
+            list.service.into_iter().map(|s| s.name).collect::<Vec<_>>()
+        }};
+    }
+    for names in [list_services!(v1), list_services!(v1alpha)] {
+        for want in [
+            "graft.v1.Generation",
+            "graft.v1.Admin",
+            "grpc.health.v1.Health",
+        ] {
+            assert!(
+                names.iter().any(|n| n == want),
+                "{want} missing from {names:?}"
+            );
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
