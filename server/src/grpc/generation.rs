@@ -36,7 +36,9 @@ impl GenerationService {
         let ready = super::ready(&self.ready)?;
         let tenant = caller.acting(&req.get_ref().tenant)?;
         let valid = validate_generate(req.into_inner(), &self.limits)?;
-        let permit = caller.tenancy.begin_stream(&tenant)?;
+        let permit = caller
+            .tenancy
+            .begin_stream(&tenant, valid.params.max_new_tokens as u64)?;
         let adapter = match &valid.adapter {
             Some(r) => Some(ready.adapters.lease(&tenant, r).await?),
             None => None,

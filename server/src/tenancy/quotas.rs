@@ -101,21 +101,24 @@ impl TokenBucket {
         self.at = now;
     }
 
-    /// `Ok` when a stream may start now; else how long until it may.
-    pub fn admit(&mut self, per_minute: u64, now: Instant) -> Result<(), Duration> {
+    /// Takes `n` tokens when the bucket holds them (`Ok`); else says how long until it will.
+    /// `n` must not exceed `per_minute` (a full bucket).
+    pub fn take(&mut self, n: u64, per_minute: u64, now: Instant) -> Result<(), Duration> {
         self.refill(per_minute, now);
-        if self.level > 0.0 {
+        if self.level >= n as f64 {
+            self.level -= n as f64;
             return Ok(());
         }
         let rate = (per_minute as f64 / 60.0).max(1e-9);
         Err(Duration::from_secs_f64(
-            ((-self.level + 1.0) / rate).min(3600.0),
+            ((n as f64 - self.level) / rate).clamp(0.001, 3600.0),
         ))
     }
 
-    pub fn charge(&mut self, tokens: u64, per_minute: u64, now: Instant) {
+    /// Returns `n` tokens taken but not used.
+    pub fn give_back(&mut self, n: u64, per_minute: u64, now: Instant) {
         self.refill(per_minute, now);
-        self.level -= tokens as f64;
+        self.level = (self.level + n as f64).min(per_minute as f64);
     }
 }
 
@@ -140,21 +143,24 @@ mod tests {
     }
 
     #[test]
-    fn bucket_refuses_in_debt_and_names_the_wait() {
+    fn bucket_refuses_what_it_does_not_hold_and_names_the_wait() {
         let t0 = Instant::now();
         let mut b = TokenBucket::full(60, t0); // one token a second
-        assert!(b.admit(60, t0).is_ok());
-        b.charge(70, 60, t0); // ten in debt
-        let wait = b.admit(60, t0).expect_err("in debt");
-        assert!((10.0..=12.0).contains(&wait.as_secs_f64()), "{wait:?}");
-        assert!(b.admit(60, t0 + Duration::from_secs(12)).is_ok());
+        assert!(b.take(50, 60, t0).is_ok());
+        let wait = b.take(20, 60, t0).expect_err("10 left");
+        assert!((9.9..=10.1).contains(&wait.as_secs_f64()), "{wait:?}");
+        assert!(b.take(20, 60, t0 + Duration::from_secs(10)).is_ok());
+        b.give_back(15, 60, t0 + Duration::from_secs(10));
+        assert!(b.take(15, 60, t0 + Duration::from_secs(10)).is_ok());
+        assert!(b.take(1, 60, t0 + Duration::from_secs(10)).is_err());
     }
 
     #[test]
     fn bucket_never_holds_more_than_a_minute() {
         let t0 = Instant::now();
         let mut b = TokenBucket::full(60, t0);
-        b.charge(60, 60, t0 + Duration::from_secs(3600));
-        assert!(b.admit(60, t0 + Duration::from_secs(3600)).is_err());
+        b.give_back(60, 60, t0 + Duration::from_secs(3600));
+        assert!(b.take(60, 60, t0 + Duration::from_secs(3600)).is_ok());
+        assert!(b.take(1, 60, t0 + Duration::from_secs(3600)).is_err());
     }
 }

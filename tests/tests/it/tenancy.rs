@@ -382,7 +382,8 @@ async fn quotas_refuse_with_the_quota_named_and_change_nothing() {
     c.generate(GenerateOptions::greedy(2).prompt("abc"))
         .await
         .expect("the slot was given back");
-    // Tokens per minute: a 30-token answer exhausts a 20-token minute.
+    // Tokens per minute: admission holds max_new_tokens (as OpenAI counts max_tokens), so
+    // a request that could never fit is refused outright and the minute is never overdrawn.
     set_quotas(
         &t,
         "small",
@@ -393,10 +394,25 @@ async fn quotas_refuse_with_the_quota_named_and_change_nothing() {
     )
     .await;
     let fresh = t.tenant("small").await; // quotas apply per tenant, not per key
+    let big = fresh
+        .generate(GenerateOptions::greedy(30).prompt("abc"))
+        .await
+        .expect_err("more than a minute's tokens");
+    assert_eq!(quota_of(&big), "max_tokens_per_minute");
+    assert!(
+        big.message().contains("max_new_tokens"),
+        "{}",
+        big.message()
+    );
+    assert!(
+        big.get_error_details().retry_info().is_none(),
+        "waiting cannot help"
+    );
     let r = GenerateOptions {
         stop: vec![],
-        ..GenerateOptions::greedy(30)
+        ..GenerateOptions::greedy(10)
     };
+    let started = std::time::Instant::now();
     let mut generated = 0;
     let e = loop {
         match fresh.generate(r.prompt("abc")).await {
@@ -405,7 +421,12 @@ async fn quotas_refuse_with_the_quota_named_and_change_nothing() {
         }
         assert!(generated < 200, "never refused after {generated} tokens");
     };
-    assert!(generated >= 20, "refused after only {generated} tokens");
+    // The bucket refills at one token every 3 s while the loop runs.
+    let refill = (started.elapsed().as_secs_f64() / 3.0).ceil() as usize;
+    assert!(
+        (10..=20 + refill).contains(&generated),
+        "refused after {generated} tokens (refill {refill})"
+    );
     assert_eq!(quota_of(&e), "max_tokens_per_minute");
     let wait = e
         .get_error_details()
