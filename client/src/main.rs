@@ -568,7 +568,8 @@ async fn datasets(
 fn print_job(j: &proto::Job, json: bool) {
     if json {
         let v = serde_json::json!({
-            "id": j.id, "status": j.status, "dataset": j.dataset, "adapter_name": j.adapter_name,
+            "id": j.id, "status": j.status, "dataset": j.dataset, "dataset_id": j.dataset_id,
+            "validation_dataset": j.validation_dataset, "adapter_name": j.adapter_name,
             "adapter_version": j.adapter_version, "step": j.step, "total_steps": j.total_steps,
             "error": j.error,
         });

@@ -71,7 +71,9 @@ impl From<JobRow> for pb::Job {
         Self {
             id: j.id,
             tenant: j.tenant,
-            dataset: j.dataset,
+            dataset: j.dataset_name,
+            dataset_id: j.dataset,
+            validation_dataset: j.eval_dataset_name.unwrap_or_default(),
             adapter_name: j.adapter_name,
             status: j.status,
             error: j.error.unwrap_or_default(),

@@ -23,8 +23,12 @@ pub struct DatasetRow {
 pub struct JobRow {
     pub id: String,
     pub tenant: String,
+    /// Dataset id (the job reads its data by id, even after the dataset's deletion).
     pub dataset: String,
     pub eval_dataset: Option<String>,
+    /// The datasets' names, as the job's creator gave them (read from `datasets`).
+    pub dataset_name: String,
+    pub eval_dataset_name: Option<String>,
     pub adapter_name: String,
     pub spec: String,
     pub status: String,
@@ -65,6 +69,8 @@ fn job(r: &sqlx::sqlite::SqliteRow) -> JobRow {
         tenant: r.get("tenant"),
         dataset: r.get("dataset"),
         eval_dataset: r.get("eval_dataset"),
+        dataset_name: r.get("dataset_name"),
+        eval_dataset_name: r.get("eval_dataset_name"),
         adapter_name: r.get("adapter_name"),
         spec: r.get("spec"),
         status: r.get("status"),
@@ -79,7 +85,9 @@ fn job(r: &sqlx::sqlite::SqliteRow) -> JobRow {
 
 const DATASET_COLS: &str =
     "id, tenant, name, format, examples, tokens, truncated, size_bytes, sha256, file, created_at";
-const JOB_COLS: &str = "id, tenant, dataset, eval_dataset, adapter_name, spec, status, error, adapter_version, step, total_steps, created_at, updated_at";
+const JOB_COLS: &str = "id, tenant, dataset, eval_dataset, adapter_name, spec, status, error, adapter_version, step, total_steps, created_at, updated_at, \
+     COALESCE((SELECT name FROM datasets d WHERE d.id = jobs.dataset), '') AS dataset_name, \
+     (SELECT name FROM datasets d WHERE d.id = jobs.eval_dataset) AS eval_dataset_name";
 
 /// Terminal job states.
 pub const TERMINAL: [&str; 3] = ["succeeded", "failed", "cancelled"];

@@ -379,6 +379,8 @@ impl TrainingService {
             id: new_id("job"),
             tenant: tenant.into(),
             dataset: ds.id.clone(),
+            dataset_name: ds.name.clone(),
+            eval_dataset_name: eval.as_ref().map(|e| e.name.clone()),
             eval_dataset: eval.map(|e| e.id),
             adapter_name: job.adapter_name.clone(),
             spec: serde_json::to_string(&job.spec)

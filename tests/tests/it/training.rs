@@ -645,6 +645,12 @@ async fn a_deleted_dataset_serves_its_jobs_then_its_file_is_removed() {
         .collect();
     assert_eq!(names, ["d"], "a deleted dataset is not listed");
     assert!(file(&e).exists(), "a queued job still needs the file");
+    let shown = t.client.get_job("", &queued.id).await.expect("job");
+    assert_eq!(
+        (shown.dataset.as_str(), shown.dataset_id.as_str()),
+        ("e", e.id.as_str()),
+        "a job names its dataset as given, deleted or not"
+    );
     t.client.cancel_job("", &long.id).await.expect("cancel");
     let (_, done) =
         tokio::time::timeout(Duration::from_secs(60), t.client.follow_job("", &queued.id))
