@@ -29,7 +29,8 @@ pub struct KeyRow {
 pub struct StoredUsage {
     /// Distinct live adapter names.
     pub adapters: u64,
-    /// Bytes of live adapter versions and datasets.
+    /// Bytes of live adapter versions and datasets, and those unfinished jobs' adapters
+    /// will store.
     pub stored_bytes: u64,
     pub datasets: u64,
     pub running_jobs: u32,
@@ -158,7 +159,8 @@ impl Db {
             "SELECT
                (SELECT COUNT(DISTINCT name) FROM adapter_versions WHERE tenant = ?1 AND deleted_at IS NULL),
                (SELECT COALESCE(SUM(size_bytes), 0) FROM adapter_versions WHERE tenant = ?1 AND deleted_at IS NULL)
-                 + (SELECT COALESCE(SUM(size_bytes), 0) FROM datasets WHERE tenant = ?1 AND deleted_at IS NULL),
+                 + (SELECT COALESCE(SUM(size_bytes), 0) FROM datasets WHERE tenant = ?1 AND deleted_at IS NULL)
+                 + (SELECT COALESCE(SUM(adapter_bytes), 0) FROM jobs WHERE tenant = ?1 AND status IN ('validating', 'queued', 'running')),
                (SELECT COUNT(*) FROM datasets WHERE tenant = ?1 AND deleted_at IS NULL),
                (SELECT COUNT(*) FROM jobs WHERE tenant = ?1 AND status = 'running'),
                (SELECT COUNT(*) FROM jobs WHERE tenant = ?1 AND status IN ('validating', 'queued', 'running'))",

@@ -30,6 +30,8 @@ pub struct JobRow {
     pub dataset_name: String,
     pub eval_dataset_name: Option<String>,
     pub adapter_name: String,
+    /// What the trained adapter will store (held against the quota while unfinished).
+    pub adapter_bytes: u64,
     pub spec: String,
     pub status: String,
     pub error: Option<String>,
@@ -72,6 +74,7 @@ fn job(r: &sqlx::sqlite::SqliteRow) -> JobRow {
         dataset_name: r.get("dataset_name"),
         eval_dataset_name: r.get("eval_dataset_name"),
         adapter_name: r.get("adapter_name"),
+        adapter_bytes: r.get::<i64, _>("adapter_bytes") as u64,
         spec: r.get("spec"),
         status: r.get("status"),
         error: r.get("error"),
@@ -85,7 +88,7 @@ fn job(r: &sqlx::sqlite::SqliteRow) -> JobRow {
 
 const DATASET_COLS: &str =
     "id, tenant, name, format, examples, tokens, truncated, size_bytes, sha256, file, created_at";
-const JOB_COLS: &str = "id, tenant, dataset, eval_dataset, adapter_name, spec, status, error, adapter_version, step, total_steps, created_at, updated_at, \
+const JOB_COLS: &str = "id, tenant, dataset, eval_dataset, adapter_name, adapter_bytes, spec, status, error, adapter_version, step, total_steps, created_at, updated_at, \
      COALESCE((SELECT name FROM datasets d WHERE d.id = jobs.dataset), '') AS dataset_name, \
      (SELECT name FROM datasets d WHERE d.id = jobs.eval_dataset) AS eval_dataset_name";
 
@@ -221,14 +224,15 @@ impl Db {
 
     pub async fn insert_job(&self, j: &JobRow) -> Result<(), DbError> {
         sqlx::query(
-            "INSERT INTO jobs (id, tenant, dataset, eval_dataset, adapter_name, spec, status, step, total_steps, created_at, updated_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
+            "INSERT INTO jobs (id, tenant, dataset, eval_dataset, adapter_name, adapter_bytes, spec, status, step, total_steps, created_at, updated_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
         )
         .bind(&j.id)
         .bind(&j.tenant)
         .bind(&j.dataset)
         .bind(&j.eval_dataset)
         .bind(&j.adapter_name)
+        .bind(j.adapter_bytes as i64)
         .bind(&j.spec)
         .bind(&j.status)
         .bind(j.total_steps as i64)

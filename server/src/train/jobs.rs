@@ -383,6 +383,7 @@ impl TrainingService {
             eval_dataset_name: eval.as_ref().map(|e| e.name.clone()),
             eval_dataset: eval.map(|e| e.id),
             adapter_name: job.adapter_name.clone(),
+            adapter_bytes: self.adapter_bytes(&job),
             spec: serde_json::to_string(&job.spec)
                 .map_err(|e| TrainingError::Storage(e.to_string()))?,
             status: "validating".into(),

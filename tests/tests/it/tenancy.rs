@@ -436,6 +436,60 @@ async fn quotas_refuse_with_the_quota_named_and_change_nothing() {
     assert!(wait > Duration::from_secs(1), "{wait:?}");
 }
 
+/// An unfinished job holds the bytes its adapter will store, so two queued jobs cannot
+/// together promise more than the quota; the hold ends with the job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_jobs_hold_their_adapters_bytes() {
+    let t = start_tiny().await;
+    let c = t.tenant("holder").await;
+    c.upload_dataset("", "d", "", JSONL.repeat(4).into_bytes())
+        .await
+        .expect("dataset");
+    let used = || async {
+        t.admin
+            .admin()
+            .get_tenant(pb::GetTenantRequest {
+                name: "holder".into(),
+            })
+            .await
+            .expect("get")
+            .into_inner()
+            .usage
+            .expect("usage")
+            .stored_bytes
+    };
+    let before = used().await;
+    let mut long = job("d", "long");
+    long.hyperparameters = Some(pb::Hyperparameters {
+        epochs: Some(5000),
+        ..Default::default()
+    });
+    let long = c.create_job(long).await.expect("long");
+    let held = used().await - before;
+    assert!(held > 0, "the job holds its adapter's bytes");
+    set_quotas(
+        &t,
+        "holder",
+        pb::Quotas {
+            max_stored_bytes: Some(before + held + held / 2),
+            ..Default::default()
+        },
+    )
+    .await;
+    let e = c.create_job(job("d", "second")).await.expect_err("no room");
+    assert_eq!(quota_of(&e), "max_stored_bytes");
+    c.cancel_job("", &long.id).await.expect("cancel");
+    let (_, done) = tokio::time::timeout(Duration::from_secs(30), c.follow_job("", &long.id))
+        .await
+        .expect("the job ends")
+        .expect("watch");
+    assert_eq!(done.status, "cancelled");
+    assert_eq!(used().await, before, "a cancelled job holds nothing");
+    c.create_job(job("d", "second"))
+        .await
+        .expect("room again once the first job ended");
+}
+
 /// One tenant floods 100 streams; another's single stream is admitted at once and finishes
 /// while most of the flood still waits. (Under first-come-first-served it would wait for
 /// all 100.)
