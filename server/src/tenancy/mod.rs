@@ -533,8 +533,9 @@ impl Tenancy {
         Ok(())
     }
 
-    /// Admits one generation stream: within the tenant's concurrent-stream quota and with
-    /// tokens left in its per-minute bucket. The permit gives the slot back on drop.
+    /// Admits one generation stream that may generate up to `max_tokens`: within the
+    /// tenant's concurrent-stream quota, and with `max_tokens` taken from its per-minute
+    /// bucket. The permit gives the slot and the unused tokens back on drop.
     pub fn begin_stream(
         &self,
         tenant: &str,
