@@ -122,19 +122,30 @@ impl Db {
         }
     }
 
+    /// The tenant's one dataset where `filter` (one `?`, bound to `key`) holds.
+    async fn find_dataset(
+        &self,
+        tenant: &str,
+        filter: &str,
+        key: &str,
+    ) -> Result<Option<DatasetRow>, DbError> {
+        let q = format!("SELECT {DATASET_COLS} FROM datasets WHERE tenant = ? AND {filter}");
+        let r = sqlx::query(sqlx::AssertSqlSafe(q))
+            .bind(tenant)
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err("find dataset"))?;
+        Ok(r.as_ref().map(dataset))
+    }
+
     pub async fn dataset_by_name(
         &self,
         tenant: &str,
         name: &str,
     ) -> Result<Option<DatasetRow>, DbError> {
-        let q = format!("SELECT {DATASET_COLS} FROM datasets WHERE tenant = ? AND name = ? AND deleted_at IS NULL");
-        let r = sqlx::query(sqlx::AssertSqlSafe(q))
-            .bind(tenant)
-            .bind(name)
-            .fetch_optional(&self.pool)
+        self.find_dataset(tenant, "name = ? AND deleted_at IS NULL", name)
             .await
-            .map_err(db_err("find dataset"))?;
-        Ok(r.as_ref().map(dataset))
     }
 
     pub async fn dataset_by_id(
@@ -142,28 +153,13 @@ impl Db {
         tenant: &str,
         id: &str,
     ) -> Result<Option<DatasetRow>, DbError> {
-        let q = format!("SELECT {DATASET_COLS} FROM datasets WHERE tenant = ? AND id = ? AND deleted_at IS NULL");
-        let r = sqlx::query(sqlx::AssertSqlSafe(q))
-            .bind(tenant)
-            .bind(id)
-            .fetch_optional(&self.pool)
+        self.find_dataset(tenant, "id = ? AND deleted_at IS NULL", id)
             .await
-            .map_err(db_err("find dataset"))?;
-        Ok(r.as_ref().map(dataset))
     }
 
     /// A job's dataset by id, deleted or not: a job keeps the data it was created with.
     pub async fn job_dataset(&self, tenant: &str, id: &str) -> Result<Option<DatasetRow>, DbError> {
-        let q = format!(
-            "SELECT {DATASET_COLS} FROM datasets WHERE tenant = ? AND id = ? AND file != ''"
-        );
-        let r = sqlx::query(sqlx::AssertSqlSafe(q))
-            .bind(tenant)
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db_err("find dataset"))?;
-        Ok(r.as_ref().map(dataset))
+        self.find_dataset(tenant, "id = ? AND file != ''", id).await
     }
 
     /// Deleted datasets whose file no unfinished job needs any more: `(id, file)`.
