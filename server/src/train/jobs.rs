@@ -414,8 +414,11 @@ impl TrainingService {
             },
         )
         .await?;
+        // Read before waking the runner: CreateJob answers with the job as created
+        // (queued), not with whatever state the runner raced it into.
+        let created = self.job(tenant, &row.id).await;
         self.wake.notify_one();
-        self.job(tenant, &row.id).await
+        created
     }
 
     pub async fn job(&self, tenant: &str, id: &str) -> Result<JobRow, TrainingError> {
