@@ -60,25 +60,22 @@ pub fn loss_png(
         .light_line_style(RGBColor(235, 235, 235))
         .label_style(("sans-serif", 14))
         .draw()?;
-    if !train.is_empty() {
+    for (points, color, label) in [
+        (train, TRAIN_COLOR, "training"),
+        (eval, EVAL_COLOR, "validation"),
+    ] {
+        if points.is_empty() {
+            continue;
+        }
         chart
             .draw_series(LineSeries::new(
-                train.iter().copied(),
-                TRAIN_COLOR.stroke_width(2),
+                points.iter().copied(),
+                color.stroke_width(2),
             ))?
-            .label("training")
-            .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], TRAIN_COLOR.stroke_width(2)));
+            .label(label)
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2)));
     }
-    if !eval.is_empty() {
-        chart
-            .draw_series(LineSeries::new(
-                eval.iter().copied(),
-                EVAL_COLOR.stroke_width(2),
-            ))?
-            .label("validation")
-            .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], EVAL_COLOR.stroke_width(2)));
-        chart.draw_series(eval.iter().map(|&p| Circle::new(p, 4, EVAL_COLOR.filled())))?;
-    }
+    chart.draw_series(eval.iter().map(|&p| Circle::new(p, 4, EVAL_COLOR.filled())))?;
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::UpperRight)

@@ -243,6 +243,21 @@ fn quota_of(e: &tonic::Status) -> String {
     v.violations[0].subject.clone()
 }
 
+/// The bytes `tenant` stores (and holds for unfinished jobs), as the admin sees them.
+async fn stored_bytes(t: &TestServer, tenant: &str) -> u64 {
+    t.admin
+        .admin()
+        .get_tenant(pb::GetTenantRequest {
+            name: tenant.into(),
+        })
+        .await
+        .expect("get")
+        .into_inner()
+        .usage
+        .expect("usage")
+        .stored_bytes
+}
+
 async fn set_quotas(t: &TestServer, tenant: &str, q: pb::Quotas) {
     t.admin
         .admin()
@@ -297,18 +312,7 @@ async fn quotas_refuse_with_the_quota_named_and_change_nothing() {
         .expect_err("second");
     assert_eq!(quota_of(&e), "max_datasets");
     // Bytes.
-    let used = t
-        .admin
-        .admin()
-        .get_tenant(pb::GetTenantRequest {
-            name: "small".into(),
-        })
-        .await
-        .expect("get")
-        .into_inner()
-        .usage
-        .expect("usage")
-        .stored_bytes;
+    let used = stored_bytes(&t, "small").await;
     set_quotas(
         &t,
         "small",
@@ -445,27 +449,14 @@ async fn unfinished_jobs_hold_their_adapters_bytes() {
     c.upload_dataset("", "d", "", JSONL.repeat(4).into_bytes())
         .await
         .expect("dataset");
-    let used = || async {
-        t.admin
-            .admin()
-            .get_tenant(pb::GetTenantRequest {
-                name: "holder".into(),
-            })
-            .await
-            .expect("get")
-            .into_inner()
-            .usage
-            .expect("usage")
-            .stored_bytes
-    };
-    let before = used().await;
+    let before = stored_bytes(&t, "holder").await;
     let mut long = job("d", "long");
     long.hyperparameters = Some(pb::Hyperparameters {
         epochs: Some(5000),
         ..Default::default()
     });
     let long = c.create_job(long).await.expect("long");
-    let held = used().await - before;
+    let held = stored_bytes(&t, "holder").await - before;
     assert!(held > 0, "the job holds its adapter's bytes");
     set_quotas(
         &t,
@@ -484,7 +475,11 @@ async fn unfinished_jobs_hold_their_adapters_bytes() {
         .expect("the job ends")
         .expect("watch");
     assert_eq!(done.status, "cancelled");
-    assert_eq!(used().await, before, "a cancelled job holds nothing");
+    assert_eq!(
+        stored_bytes(&t, "holder").await,
+        before,
+        "a cancelled job holds nothing"
+    );
     c.create_job(job("d", "second"))
         .await
         .expect("room again once the first job ended");

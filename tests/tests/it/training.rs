@@ -388,6 +388,18 @@ async fn bad_jobs_are_refused_naming_the_field() {
     );
 }
 
+/// A job on dataset "d" that runs until cancelled (5,000 epochs), with `h`'s other settings.
+fn long_job(adapter: &str, h: pb::Hyperparameters) -> pb::CreateJobRequest {
+    job(
+        "d",
+        adapter,
+        pb::Hyperparameters {
+            epochs: Some(5000),
+            ..h
+        },
+    )
+}
+
 /// A tiny-model server with a small prompt/completion dataset "d" uploaded.
 async fn tiny_with_dataset() -> graft_tests::TestServer {
     let t = start_with(tiny_model_path(), |_| {}).await;
@@ -418,11 +430,9 @@ async fn cancel_stops_a_running_job_and_keeps_its_checkpoint() {
     let t = tiny_with_dataset().await;
     let j = t
         .client
-        .create_job(job(
-            "d",
+        .create_job(long_job(
             "x",
             pb::Hyperparameters {
-                epochs: Some(5000),
                 checkpoint_every: Some(1),
                 ..Default::default()
             },
@@ -522,14 +532,7 @@ async fn one_job_computes_at_a_time_and_the_next_waits_in_the_queue() {
     let t = tiny_with_dataset().await;
     let long = t
         .client
-        .create_job(job(
-            "d",
-            "long",
-            pb::Hyperparameters {
-                epochs: Some(5000),
-                ..Default::default()
-            },
-        ))
+        .create_job(long_job("long", pb::Hyperparameters::default()))
         .await
         .expect("long");
     let short = t
@@ -615,14 +618,7 @@ async fn a_deleted_dataset_serves_its_jobs_then_its_file_is_removed() {
         .expect("upload");
     let long = t
         .client
-        .create_job(job(
-            "d",
-            "long",
-            pb::Hyperparameters {
-                epochs: Some(5000),
-                ..Default::default()
-            },
-        ))
+        .create_job(long_job("long", pb::Hyperparameters::default()))
         .await
         .expect("long");
     wait_for_step(&t, &long.id).await;
