@@ -170,11 +170,11 @@ pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool 
     f()
 }
 
-/// `../shared/fixtures` (or `GRAFT_FIXTURES`).
+/// The fixtures copied into the repository (`tests/fixtures/`, see its README).
 pub fn fixtures() -> PathBuf {
     std::env::var_os("GRAFT_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("../shared/fixtures"))
+        .unwrap_or_else(|| repo_root().join("tests/fixtures"))
 }
 
 /// The PEFT fixture adapter's two files.

@@ -14,11 +14,11 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// `../shared/fixtures` (or `GRAFT_FIXTURES`).
+/// The fixtures copied into the repository (`tests/fixtures/`, see its README).
 pub fn fixtures() -> PathBuf {
     std::env::var_os("GRAFT_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("../shared/fixtures"))
+        .unwrap_or_else(|| repo_root().join("tests/fixtures"))
 }
 
 /// The real SmolLM2 (`make model`), loaded once per test binary.
