@@ -49,6 +49,11 @@ pub struct Settings {
     /// Prompt tokens one sequence prefills in one step at most.
     #[arg(long, env = "GRAFT_PREFILL_CHUNK")]
     pub prefill_chunk: Option<usize>,
+    /// MiB of KV memory for every running sequence and cached prompt prefix together
+    /// (default: a quarter of the machine's memory). A request that could never fit is
+    /// refused; when running sequences fill it, the newest waits (preempted).
+    #[arg(long, env = "GRAFT_KV_CACHE_MB")]
+    pub kv_cache_mb: Option<usize>,
     /// Largest max_new_tokens a request may ask for.
     #[arg(long, env = "GRAFT_MAX_NEW_TOKENS_CAP")]
     pub max_new_tokens_cap: Option<u32>,
@@ -216,7 +221,15 @@ impl Settings {
                     .or(file.prefill_chunk)
                     .unwrap_or(d.limits.prefill_chunk),
             },
+            kv_cache_bytes: self
+                .kv_cache_mb
+                .or(file.kv_cache_mb)
+                .map_or(d.kv_cache_bytes, |mb| mb << 20),
         };
+        anyhow::ensure!(
+            engine.kv_cache_bytes >= 1 << 20,
+            "kv_cache_mb must be at least 1"
+        );
         anyhow::ensure!(max_active >= 1, "max_active_sequences must be at least 1");
         anyhow::ensure!(
             engine.limits.max_batch_tokens >= max_active,

@@ -20,6 +20,10 @@ pub const GENERATED_TOKENS_TOTAL: &str = "graft_generated_tokens_total";
 pub const QUEUE_DEPTH: &str = "graft_queue_depth";
 pub const BATCH_SIZE: &str = "graft_batch_size";
 pub const ACTIVE_SEQUENCES: &str = "graft_active_sequences";
+pub const KV_BLOCKS_TOTAL: &str = "graft_kv_blocks_total";
+pub const KV_BLOCKS_USED: &str = "graft_kv_blocks_used";
+pub const KV_PREEMPTIONS_TOTAL: &str = "graft_kv_preemptions_total";
+pub const PREFIX_CACHE_HIT_TOKENS_TOTAL: &str = "graft_prefix_cache_hit_tokens_total";
 pub const ADAPTER_CACHE_HITS_TOTAL: &str = "graft_adapter_cache_hits_total";
 pub const ADAPTER_CACHE_MISSES_TOTAL: &str = "graft_adapter_cache_misses_total";
 pub const ADAPTER_CACHE_EVICTIONS_TOTAL: &str = "graft_adapter_cache_evictions_total";
@@ -62,6 +66,22 @@ pub fn describe() {
     describe_gauge!(QUEUE_DEPTH, "Generation requests waiting for admission");
     describe_histogram!(BATCH_SIZE, "Sequences in one engine step");
     describe_gauge!(ACTIVE_SEQUENCES, "Sequences being prefilled or decoded");
+    describe_gauge!(
+        KV_BLOCKS_TOTAL,
+        "Blocks of the KV pool (16 tokens each), fixed by --kv-cache-mb"
+    );
+    describe_gauge!(
+        KV_BLOCKS_USED,
+        "KV blocks referenced by running sequences (cached unreferenced prefix blocks are not counted)"
+    );
+    describe_counter!(
+        KV_PREEMPTIONS_TOTAL,
+        "Sequences preempted because the KV pool ran out (recomputed later, same output)"
+    );
+    describe_counter!(
+        PREFIX_CACHE_HIT_TOKENS_TOTAL,
+        "Prompt tokens whose keys and values came from the prefix cache instead of a prefill"
+    );
     describe_counter!(
         ADAPTER_CACHE_HITS_TOTAL,
         "Adapter leases served from memory"

@@ -12,15 +12,19 @@ use graft_server::model::{
 };
 
 fn last_logits(m: &BaseModel, ids: &[u32]) -> Vec<f32> {
-    let mut cache = m.llama.new_cache();
+    let mut pool = m.llama.kv_pool(8192);
+    let mut cache = graft_server::model::KvCache::new();
     m.llama
-        .forward_batch(&mut [SeqChunk {
-            tokens: ids,
-            cache: &mut cache,
-            want_logits: true,
-            decode: false,
-            lora: None,
-        }])
+        .forward_batch(
+            &mut pool,
+            &mut [SeqChunk {
+                tokens: ids,
+                cache: &mut cache,
+                want_logits: true,
+                decode: false,
+                lora: None,
+            }],
+        )
         .expect("forward")
         .squeeze(0)
         .expect("row")

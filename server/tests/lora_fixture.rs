@@ -1,4 +1,4 @@
-//! LoRA against the real ecosystem: the PEFT adapter in `../shared/fixtures` applied by graft
+//! LoRA against the real ecosystem: the PEFT adapter in `tests/fixtures` applied by graft
 //! gives the logits and greedy continuation transformers + PEFT recorded; the serving path
 //! equals the merged reference path; files round-trip; a mixed batch equals solo runs.
 
@@ -46,20 +46,24 @@ fn greedy(
     prompt: &[u32],
     n: usize,
 ) -> (Vec<f32>, Vec<u32>) {
-    let mut cache = m.llama.new_cache();
+    let mut pool = m.llama.kv_pool(8192);
+    let mut cache = graft_server::model::KvCache::new();
     let mut next = prompt.to_vec();
     let mut first = None;
     let mut out = Vec::new();
     for _ in 0..n {
         let l = m
             .llama
-            .forward_batch(&mut [SeqChunk {
-                tokens: &next,
-                cache: &mut cache,
-                want_logits: true,
-                decode: !out.is_empty(),
-                lora,
-            }])
+            .forward_batch(
+                &mut pool,
+                &mut [SeqChunk {
+                    tokens: &next,
+                    cache: &mut cache,
+                    want_logits: true,
+                    decode: !out.is_empty(),
+                    lora,
+                }],
+            )
             .expect("forward");
         let row: Vec<f32> = l.squeeze(0).expect("row").to_vec1().expect("vec");
         let t = top_k(&row, 1)[0];
@@ -182,7 +186,10 @@ fn mixed_batch_of_adapters_equals_solo_runs() {
         .map(|i| greedy(&m, lora_of(i), &prompts[i], 6).1)
         .collect();
     // Together: prefill all, then decode all in shared steps.
-    let mut caches: Vec<_> = (0..9).map(|_| m.llama.new_cache()).collect();
+    let mut pool = m.llama.kv_pool(9 * 1024);
+    let mut caches: Vec<_> = (0..9)
+        .map(|_| graft_server::model::KvCache::new())
+        .collect();
     let mut next: Vec<Vec<u32>> = prompts.clone();
     let mut got: Vec<Vec<u32>> = vec![Vec::new(); 9];
     for step in 0..6 {
@@ -198,7 +205,10 @@ fn mixed_batch_of_adapters_equals_solo_runs() {
                 lora: lora_of(i),
             })
             .collect();
-        let logits = m.llama.forward_batch(&mut chunks).expect("forward");
+        let logits = m
+            .llama
+            .forward_batch(&mut pool, &mut chunks)
+            .expect("forward");
         drop(chunks);
         for i in 0..9 {
             let row: Vec<f32> = logits.get(i).expect("row").to_vec1().expect("vec");

@@ -1,5 +1,5 @@
 //! The real SmolLM2-135M-Instruct against references produced by the Hugging Face stack
-//! (`../shared/fixtures/`): tokenizer ids, chat template, logits and greedy continuation;
+//! (`tests/fixtures/`): tokenizer ids, chat template, logits and greedy continuation;
 //! and the serving path (batched, chunked, KV-cached) against the plain reference path.
 
 mod common;
@@ -10,19 +10,23 @@ use graft_server::model::{BaseModel, ChatMessage, SeqChunk};
 
 /// Logits of the last prompt position through the serving path, prefilled in `chunk`s.
 fn serving_last_logits(m: &BaseModel, prompt: &[u32], chunk: usize) -> Vec<f32> {
-    let mut cache = m.llama.new_cache();
+    let mut pool = m.llama.kv_pool(8192);
+    let mut cache = graft_server::model::KvCache::new();
     let mut last = None;
     for (i, c) in prompt.chunks(chunk).enumerate() {
         let want = (i + 1) * chunk >= prompt.len();
         let l = m
             .llama
-            .forward_batch(&mut [SeqChunk {
-                tokens: c,
-                cache: &mut cache,
-                want_logits: want,
-                decode: false,
-                lora: None,
-            }])
+            .forward_batch(
+                &mut pool,
+                &mut [SeqChunk {
+                    tokens: c,
+                    cache: &mut cache,
+                    want_logits: want,
+                    decode: false,
+                    lora: None,
+                }],
+            )
             .expect("forward");
         if want {
             last = Some(l.squeeze(0).expect("row").to_vec1::<f32>().expect("vec"));
@@ -112,19 +116,23 @@ fn greedy_continuation_matches_the_reference() {
     let r = json(fixtures().join("peft-lora-smollm2/reference.json"));
     let prompt = ids(&r["prompt"]["token_ids"]);
     let want = ids(&r["base"]["greedy"]["ids"]);
-    let mut cache = m.llama.new_cache();
+    let mut pool = m.llama.kv_pool(8192);
+    let mut cache = graft_server::model::KvCache::new();
     let mut next = prompt.clone();
     let mut got = Vec::new();
     for _ in 0..want.len() {
         let l = m
             .llama
-            .forward_batch(&mut [SeqChunk {
-                tokens: &next,
-                cache: &mut cache,
-                want_logits: true,
-                decode: !got.is_empty(),
-                lora: None,
-            }])
+            .forward_batch(
+                &mut pool,
+                &mut [SeqChunk {
+                    tokens: &next,
+                    cache: &mut cache,
+                    want_logits: true,
+                    decode: !got.is_empty(),
+                    lora: None,
+                }],
+            )
             .expect("forward");
         let row: Vec<f32> = l.squeeze(0).expect("row").to_vec1().expect("vec");
         let t = top_k(&row, 1)[0];

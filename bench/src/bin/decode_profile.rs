@@ -9,18 +9,22 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| "models/SmolLM2-135M-Instruct.Q4_1.gguf".into());
     let m = BaseModel::load(std::path::Path::new(&path), &Device::Cpu)?;
     let prompt = m.tokenizer.encode("Count from 1 to 1000: 1, 2, 3, 4,")?;
-    let mut cache = m.llama.new_cache();
+    let mut pool = m.llama.kv_pool(8192);
+    let mut cache = graft_server::model::KvCache::new();
     let mut next = prompt.clone();
     let t = std::time::Instant::now();
     let n = 200;
     for i in 0..n {
-        let l = m.llama.forward_batch(&mut [SeqChunk {
-            tokens: &next,
-            cache: &mut cache,
-            want_logits: true,
-            decode: i > 0,
-            lora: None,
-        }])?;
+        let l = m.llama.forward_batch(
+            &mut pool,
+            &mut [SeqChunk {
+                tokens: &next,
+                cache: &mut cache,
+                want_logits: true,
+                decode: i > 0,
+                lora: None,
+            }],
+        )?;
         let row: Vec<f32> = l.squeeze(0)?.to_vec1()?;
         let best = row
             .iter()

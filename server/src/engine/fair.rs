@@ -109,6 +109,22 @@ impl<T> FairQueue<T> {
         Some((name, item))
     }
 
+    /// Undoes a [`FairQueue::pop`] whose request could not be admitted after all (no KV
+    /// room yet): it goes back to the front of its tenant's queue, counters unchanged.
+    pub fn unpop(&mut self, tenant: &Arc<str>, item: T) {
+        let s = self
+            .tenants
+            .entry(tenant.clone())
+            .or_insert_with(|| TenantState {
+                waiting: VecDeque::new(),
+                running: 1,
+                counter: 0.0,
+            });
+        s.running = s.running.saturating_sub(1);
+        s.waiting.push_front(item);
+        self.waiting += 1;
+    }
+
     /// Takes back every waiting request for which `drop_it` says so (callers that left).
     pub fn discard(&mut self, mut drop_it: impl FnMut(&T) -> bool) -> usize {
         let mut n = 0;
@@ -221,6 +237,19 @@ mod tests {
         assert_eq!(q.pop().map(|x| x.1), Some(9));
         q.finished("a");
         assert_eq!(q.pop().map(|x| x.1), Some(2));
+    }
+
+    #[test]
+    fn unpop_puts_the_request_back_first() {
+        let mut q = FairQueue::new(1);
+        let a = t("a");
+        q.push(&a, 0);
+        q.push(&a, 1);
+        let (who, x) = q.pop().expect("one waits");
+        assert!(q.pop().is_none(), "at its cap of one");
+        q.unpop(&who, x);
+        assert_eq!(q.len(), 2);
+        assert_eq!(q.pop().map(|x| x.1), Some(0));
     }
 
     #[test]

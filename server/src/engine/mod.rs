@@ -5,7 +5,10 @@
 //!   returns the stream of its events.
 //! - The loop keeps waiting requests in a fair queue (`fair.rs`): admission order is by
 //!   tenant, least-served first, never FIFO across tenants.
-//! - The loop (`step.rs`) is the only owner of sequences, KV caches and samplers.
+//! - The loop (`step.rs`) is the only owner of sequences, samplers and the paged KV pool
+//!   (`model::kv_cache`): KV memory is a fixed budget; admission and every step check free
+//!   blocks, a step that runs out preempts the newest sequence (recomputed later, with the
+//!   same output), and a request that could never fit is refused at `submit`.
 //! - Policy lives in `scheduler.rs` (pure), token choice in `sampler.rs`, text in `output.rs`.
 //!
 //! Invariant: no lock is held across a request's generation; a request's tokens depend only
@@ -19,7 +22,7 @@ mod step;
 
 use std::{
     sync::{
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc,
     },
     time::{Duration, Instant},
@@ -43,11 +46,27 @@ pub struct EngineConfig {
     /// open to other tenants; see `fair.rs`).
     pub max_active_per_tenant: usize,
     pub limits: StepLimits,
+    /// Bytes of the KV pool (keys and values of every running sequence and of cached
+    /// prompt prefixes).
+    pub kv_cache_bytes: usize,
+}
+
+/// The default KV budget: a quarter of the machine's memory (`/proc/meminfo`), or 2 GiB
+/// where that cannot be read.
+pub fn default_kv_cache_bytes() -> usize {
+    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
+            .map(|kb| kb * 1024)
+    });
+    total.map_or(2 << 30, |b| b / 4)
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
         Self {
+            kv_cache_bytes: default_kv_cache_bytes(),
             max_active_sequences: 64,
             max_queued_requests: 256,
             max_active_per_tenant: 48,
@@ -84,6 +103,9 @@ pub enum FinishReason {
 pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
+    /// Prompt tokens whose KV came from the prefix cache (same tenant, same adapter
+    /// version) rather than a prefill.
+    pub cached_prompt_tokens: u32,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -122,6 +144,13 @@ pub enum SubmitError {
         capacity: usize,
         retry_after: Duration,
     },
+    #[error("the request needs up to {needed_tokens} tokens of KV memory (prompt {prompt_tokens} + max_new_tokens {max_new_tokens}) but the whole KV pool holds {capacity_tokens}")]
+    NeverFits {
+        needed_tokens: usize,
+        prompt_tokens: usize,
+        max_new_tokens: usize,
+        capacity_tokens: usize,
+    },
     #[error("the server is draining and accepts no new requests")]
     Draining,
     #[error("the engine has stopped")]
@@ -143,6 +172,9 @@ struct Shared {
     in_flight: AtomicUsize,
     /// Submitted and not yet admitted (nor discarded).
     queued: AtomicUsize,
+    /// Sequences preempted for lack of KV blocks, since start (this engine's own count,
+    /// beside the process-wide metric).
+    preemptions: AtomicU64,
 }
 
 /// The cloneable front of the engine.
@@ -151,6 +183,7 @@ pub struct EngineHandle {
     tx: mpsc::UnboundedSender<Submission>,
     shared: Arc<Shared>,
     capacity: usize,
+    kv_capacity_tokens: usize,
     model: Arc<BaseModel>,
 }
 
@@ -163,6 +196,7 @@ impl EngineHandle {
         let (tx, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared::default());
         let engine = step::EngineLoop::new(model.clone(), cfg, rx, shared.clone());
+        let kv_capacity_tokens = engine.kv_capacity_tokens();
         std::thread::Builder::new()
             .name("graft-engine".into())
             .spawn(move || engine.run())?;
@@ -170,8 +204,14 @@ impl EngineHandle {
             tx,
             shared,
             capacity,
+            kv_capacity_tokens,
             model,
         })
+    }
+
+    /// Positions the KV pool holds, all sequences together.
+    pub fn kv_capacity_tokens(&self) -> usize {
+        self.kv_capacity_tokens
     }
 
     pub fn model(&self) -> &Arc<BaseModel> {
@@ -186,6 +226,20 @@ impl EngineHandle {
     ) -> Result<mpsc::Receiver<StreamEvent>, SubmitError> {
         if self.shared.draining.load(Ordering::SeqCst) {
             return Err(SubmitError::Draining);
+        }
+        // Rounded to whole blocks, as the pool hands them out; a sequence ends at the
+        // context window whatever max_new_tokens says.
+        let (prompt, max_new) = (req.prompt_ids.len(), req.params.max_new_tokens as usize);
+        let needed = (prompt + max_new).min(self.model.config().max_position.max(prompt));
+        if crate::model::kv_cache::blocks_for(needed) * crate::model::kv_cache::BLOCK_TOKENS
+            > self.kv_capacity_tokens
+        {
+            return Err(SubmitError::NeverFits {
+                needed_tokens: needed,
+                prompt_tokens: prompt,
+                max_new_tokens: max_new,
+                capacity_tokens: self.kv_capacity_tokens,
+            });
         }
         // Room for every token event plus the final one: the loop never blocks on a slow
         // reader and never drops an event.
@@ -220,6 +274,11 @@ impl EngineHandle {
     /// Requests waiting for admission.
     pub fn queue_depth(&self) -> usize {
         self.shared.queued.load(Ordering::SeqCst)
+    }
+
+    /// Sequences this engine preempted for lack of KV blocks since it started.
+    pub fn preemptions(&self) -> u64 {
+        self.shared.preemptions.load(Ordering::SeqCst)
     }
 
     /// Requests queued or running.

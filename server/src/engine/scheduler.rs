@@ -2,8 +2,10 @@
 //! Pure policy over a snapshot of the active sequences; no I/O, no model; unit-tested here.
 //!
 //! Policy: every decoding sequence gets its one token (decode is never starved by prefill);
-//! the remaining token budget goes to prefilling sequences in admission order, in chunks of
-//! at most `prefill_chunk`, so one long prompt cannot stall the batch.
+//! the remaining token budget goes to prefilling sequences (and to sequences replaying their
+//! generated tokens after a preemption) in admission order, in chunks of at most
+//! `prefill_chunk`, so one long prompt cannot stall the batch. Whether the KV blocks for a
+//! plan exist is the engine loop's to check (`step.rs`), not this policy's.
 
 /// Limits of one step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,10 +19,16 @@ pub struct StepLimits {
 /// What the scheduler needs to know of one active sequence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SeqPhase {
-    /// Prompt tokens still to run.
+    /// Prompt tokens still to run (the prefill path).
     Prefill { remaining: usize },
-    /// One token per step.
-    Decode,
+    /// Generated tokens still to run (the decode path): one in steady state, more while a
+    /// preempted sequence recomputes what it had generated.
+    Decode { remaining: usize },
+}
+
+impl SeqPhase {
+    /// The steady decode state: the one token sampled last.
+    pub const NEXT: SeqPhase = SeqPhase::Decode { remaining: 1 };
 }
 
 /// Rows for the next step: `(index into the active list, tokens to run)`.
@@ -43,13 +51,18 @@ pub fn plan_step(active: &[SeqPhase], limits: StepLimits) -> StepPlan {
     let mut items = Vec::new();
     let mut budget = limits.max_batch_tokens.max(1);
     for (i, p) in active.iter().enumerate() {
-        if *p == SeqPhase::Decode && budget > 0 {
+        if *p == SeqPhase::NEXT && budget > 0 {
             items.push((i, 1));
             budget -= 1;
         }
     }
     for (i, p) in active.iter().enumerate() {
-        if let SeqPhase::Prefill { remaining } = *p {
+        let remaining = match *p {
+            SeqPhase::Prefill { remaining } => remaining,
+            SeqPhase::Decode { remaining } if remaining > 1 => remaining,
+            SeqPhase::Decode { .. } => continue,
+        };
+        {
             if budget == 0 {
                 break;
             }
@@ -69,6 +82,8 @@ mod tests {
     use super::*;
     use SeqPhase::*;
 
+    const DECODE: SeqPhase = SeqPhase::NEXT;
+
     const LIMITS: StepLimits = StepLimits {
         max_batch_tokens: 64,
         prefill_chunk: 32,
@@ -80,7 +95,7 @@ mod tests {
 
     #[test]
     fn every_decoder_gets_one_token() {
-        check(&[Decode, Decode, Decode], LIMITS, &[(0, 1), (1, 1), (2, 1)]);
+        check(&[DECODE, DECODE, DECODE], LIMITS, &[(0, 1), (1, 1), (2, 1)]);
     }
 
     #[test]
@@ -91,7 +106,7 @@ mod tests {
     #[test]
     fn decoders_go_first_then_prefill_fills_the_budget() {
         let mut active = vec![Prefill { remaining: 100 }, Prefill { remaining: 100 }];
-        active.extend(std::iter::repeat_n(Decode, 10));
+        active.extend(std::iter::repeat_n(DECODE, 10));
         let plan = plan_step(&active, LIMITS);
         assert_eq!(plan.tokens(), 64);
         assert_eq!(plan.items[0], (0, 32));
@@ -105,7 +120,16 @@ mod tests {
             max_batch_tokens: 2,
             prefill_chunk: 8,
         };
-        check(&[Decode, Decode, Decode], limits, &[(0, 1), (1, 1)]);
+        check(&[DECODE, DECODE, DECODE], limits, &[(0, 1), (1, 1)]);
+    }
+
+    #[test]
+    fn a_replay_is_chunked_like_a_prefill_after_the_decoders() {
+        check(
+            &[Decode { remaining: 100 }, DECODE, Prefill { remaining: 10 }],
+            LIMITS,
+            &[(0, 32), (1, 1), (2, 10)],
+        );
     }
 
     #[test]

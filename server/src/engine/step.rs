@@ -1,6 +1,18 @@
-//! The engine loop: admit, reap, plan, forward, sample, emit — once per step, on one thread.
-//! Invariant: this loop is the only owner of `Sequence`s (their caches, samplers, outputs);
-//! it never blocks on a caller (event channels are sized to never fill).
+//! The engine loop: admit, reap, plan, reserve KV blocks, forward, sample, emit — once per
+//! step, on one thread.
+//! Invariant: this loop is the only owner of `Sequence`s (their block tables, samplers,
+//! outputs) and of the KV pool; it never blocks on a caller (event channels are sized to
+//! never fill).
+//!
+//! KV memory: a request is admitted when the blocks for everything it has (prompt, plus what
+//! it generated before a preemption) are available, after taking the blocks of its prompt
+//! prefix that the prefix cache holds under its salt (tenant + adapter version content
+//! hash). Each step grows the block tables of the planned rows; when decode rows cannot
+//! grow, the newest sequence (latest arrival) is preempted: its blocks are freed, its tokens
+//! kept, and it waits to be readmitted before any new request. It then recomputes its prompt
+//! through the prefill path and its generated tokens through the decode path, the very
+//! paths that produced them, so its KV, and hence its output, is what it was. Prefill chunks
+//! shrink to the blocks there are.
 
 use std::{
     sync::{atomic::Ordering, Arc},
@@ -13,20 +25,28 @@ use super::{
     fair::FairQueue,
     output::TextOutput,
     sampler::Sampler,
-    scheduler::{plan_step, SeqPhase},
+    scheduler::{plan_step, SeqPhase, StepPlan},
     EngineConfig, FinishReason, Shared, StreamEvent, Submission, Timings, Usage,
 };
 use crate::{
     adapters::AdapterLease,
     metrics as m,
-    model::{BaseModel, KvCache, SeqChunk},
+    model::{
+        kv_cache::{block_hashes, blocks_for, BlockHash, BLOCK_TOKENS},
+        BaseModel, KvCache, KvPool, SeqChunk,
+    },
 };
 
 struct Sequence {
     prompt: Vec<u32>,
-    prefilled: usize,
     generated: Vec<u32>,
+    /// Block table: positions `0..cache.len()` of `prompt ++ generated` are computed.
     cache: KvCache,
+    /// Chained hashes of the prompt's full blocks under this sequence's salt.
+    prompt_hashes: Vec<BlockHash>,
+    /// Prompt blocks published to the prefix cache so far.
+    published: usize,
+    cached_prompt_tokens: usize,
     sampler: Sampler,
     output: TextOutput,
     events: mpsc::Sender<StreamEvent>,
@@ -42,13 +62,20 @@ struct Sequence {
 }
 
 impl Sequence {
+    fn total(&self) -> usize {
+        self.prompt.len() + self.generated.len()
+    }
+
     fn phase(&self) -> SeqPhase {
-        if self.prefilled < self.prompt.len() {
+        let done = self.cache.len();
+        if done < self.prompt.len() {
             SeqPhase::Prefill {
-                remaining: self.prompt.len() - self.prefilled,
+                remaining: self.prompt.len() - done,
             }
         } else {
-            SeqPhase::Decode
+            SeqPhase::Decode {
+                remaining: self.total() - done,
+            }
         }
     }
 
@@ -65,6 +92,7 @@ impl Sequence {
         let usage = Usage {
             prompt_tokens: self.prompt.len() as u32,
             completion_tokens: self.generated.len() as u32,
+            cached_prompt_tokens: self.cached_prompt_tokens as u32,
         };
         let _ = self.events.try_send(StreamEvent::Finished {
             reason,
@@ -88,6 +116,9 @@ pub(super) struct EngineLoop {
     /// Submitted, not yet admitted; admission order is the fair queue's.
     waiting: FairQueue<Submission>,
     active: Vec<Sequence>,
+    /// Preempted for lack of KV blocks, by arrival: readmitted before anything waiting.
+    preempted: Vec<Sequence>,
+    pool: KvPool,
 }
 
 impl EngineLoop {
@@ -97,6 +128,8 @@ impl EngineLoop {
         rx: mpsc::UnboundedReceiver<Submission>,
         shared: Arc<Shared>,
     ) -> Self {
+        let pool = KvPool::with_budget(model.llama.kv_shape(), cfg.kv_cache_bytes);
+        metrics::gauge!(m::KV_BLOCKS_TOTAL).set(pool.num_blocks() as f64);
         Self {
             waiting: FairQueue::new(cfg.max_active_per_tenant),
             model,
@@ -104,7 +137,13 @@ impl EngineLoop {
             rx,
             shared,
             active: Vec::new(),
+            preempted: Vec::new(),
+            pool,
         }
+    }
+
+    pub(super) fn kv_capacity_tokens(&self) -> usize {
+        self.pool.capacity_tokens()
     }
 
     /// Moves every submission from the channel to the fair queue; false once the channel
@@ -130,12 +169,38 @@ impl EngineLoop {
             self.shared.queued.fetch_sub(gone, Ordering::SeqCst);
             self.shared.in_flight.fetch_sub(gone, Ordering::SeqCst);
         }
+        // Preempted sequences first, oldest first: nothing new jumps ahead of them.
+        while self.active.len() < self.cfg.max_active_sequences && !self.preempted.is_empty() {
+            let seq = &self.preempted[0];
+            let Some(cache) = take_blocks(
+                &mut self.pool,
+                &seq.prompt_hashes,
+                seq.prompt.len(),
+                seq.total(),
+            ) else {
+                return;
+            };
+            let mut seq = self.preempted.remove(0);
+            seq.published = cache.blocks().len();
+            seq.cache = cache;
+            self.active.push(seq);
+        }
         while self.active.len() < self.cfg.max_active_sequences {
-            let Some((_, sub)) = self.waiting.pop() else {
+            let Some((tenant, sub)) = self.waiting.pop() else {
+                break;
+            };
+            let prompt = &sub.req.prompt_ids;
+            let hashes = block_hashes(&prefix_salt(&sub.req), prompt);
+            let Some(cache) = take_blocks(&mut self.pool, &hashes, prompt.len(), prompt.len())
+            else {
+                self.waiting.unpop(&tenant, sub);
                 break;
             };
             self.shared.queued.fetch_sub(1, Ordering::SeqCst);
-            self.admit(sub);
+            metrics::counter!(m::PROMPT_TOKENS_TOTAL).increment(prompt.len() as u64);
+            metrics::counter!(m::PREFIX_CACHE_HIT_TOKENS_TOTAL).increment(cache.len() as u64);
+            let seq = self.new_sequence(sub, hashes, cache);
+            self.active.push(seq);
         }
         self.waiting.forget_idle();
     }
@@ -144,9 +209,9 @@ impl EngineLoop {
         loop {
             let open = self.collect();
             self.admit_waiting();
-            metrics::gauge!(m::QUEUE_DEPTH).set(self.waiting.len() as f64);
+            metrics::gauge!(m::QUEUE_DEPTH).set((self.waiting.len() + self.preempted.len()) as f64);
             if self.active.is_empty() {
-                if !open && self.waiting.is_empty() {
+                if !open && self.waiting.is_empty() && self.preempted.is_empty() {
                     return;
                 }
                 match self.rx.blocking_recv() {
@@ -154,7 +219,7 @@ impl EngineLoop {
                         let tenant = sub.req.tenant.clone();
                         self.waiting.push(&tenant, sub);
                     }
-                    None if self.waiting.is_empty() => return,
+                    None if self.waiting.is_empty() && self.preempted.is_empty() => return,
                     None => {}
                 }
                 continue;
@@ -178,8 +243,12 @@ impl EngineLoop {
         }
     }
 
-    fn admit(&mut self, sub: Submission) {
-        let now = Instant::now();
+    fn new_sequence(
+        &self,
+        sub: Submission,
+        prompt_hashes: Vec<BlockHash>,
+        cache: KvCache,
+    ) -> Sequence {
         let Submission {
             req,
             arrived,
@@ -187,24 +256,25 @@ impl EngineLoop {
         } = sub;
         let vocab = self.model.config().vocab_size;
         let sampler = Sampler::new(req.params.clone(), vocab, &req.prompt_ids);
-        metrics::counter!(m::PROMPT_TOKENS_TOTAL).increment(req.prompt_ids.len() as u64);
-        self.active.push(Sequence {
+        Sequence {
             output: TextOutput::new(req.params.stop.clone()),
             prompt: req.prompt_ids,
-            prefilled: 0,
             generated: Vec::new(),
-            cache: self.model.llama.new_cache(),
+            published: cache.blocks().len(),
+            cached_prompt_tokens: cache.len(),
+            cache,
+            prompt_hashes,
             sampler,
             events,
             arrived,
-            admitted: now,
+            admitted: Instant::now(),
             first_token: None,
             last_token: None,
             deadline: req.deadline,
             adapter: req.adapter,
             tenant: req.tenant,
             done: false,
-        });
+        }
     }
 
     /// Ends sequences whose caller left, whose deadline passed, or that a drain cancelled;
@@ -212,7 +282,12 @@ impl EngineLoop {
     fn reap(&mut self) {
         let now = Instant::now();
         let cancel_all = self.shared.cancel_all.load(Ordering::SeqCst);
-        for s in self.active.iter_mut().filter(|s| !s.done) {
+        for s in self
+            .active
+            .iter_mut()
+            .chain(self.preempted.iter_mut())
+            .filter(|s| !s.done)
+        {
             if s.events.is_closed() {
                 s.done = true;
             } else if s.deadline.is_some_and(|d| now >= d) {
@@ -229,24 +304,117 @@ impl EngineLoop {
                 s.finish(FinishReason::Cancelled);
             }
         }
-        let before = self.active.len();
-        for s in self.active.iter().filter(|s| s.done) {
+        let mut removed = 0;
+        for s in self
+            .active
+            .iter_mut()
+            .chain(self.preempted.iter_mut())
+            .filter(|s| s.done)
+        {
             self.waiting.finished(&s.tenant);
+            self.pool.release(&mut s.cache);
+            removed += 1;
         }
         self.active.retain(|s| !s.done);
-        let removed = before - self.active.len();
+        self.preempted.retain(|s| !s.done);
         if removed > 0 {
             self.shared.in_flight.fetch_sub(removed, Ordering::SeqCst);
         }
         metrics::gauge!(m::ACTIVE_SEQUENCES).set(self.active.len() as f64);
+        metrics::gauge!(m::KV_BLOCKS_USED).set(self.pool.in_use() as f64);
+    }
+
+    /// Plans the next step and grows the planned rows' block tables. Steady decode rows
+    /// cannot shrink: while they cannot grow, the newest sequence is preempted. Prefill and
+    /// replay chunks then shrink to the blocks left; a step with nothing able to run
+    /// preempts too.
+    fn plan_with_blocks(&mut self) -> Option<StepPlan> {
+        loop {
+            if self.active.is_empty() {
+                return None;
+            }
+            let phases: Vec<SeqPhase> = self.active.iter().map(Sequence::phase).collect();
+            let mut plan = plan_step(&phases, self.cfg.limits);
+            let mut short = false;
+            for &(i, n) in &plan.items {
+                if phases[i] == SeqPhase::NEXT {
+                    let c = &mut self.active[i].cache;
+                    if self.pool.grow(c, c.len() + n).is_err() {
+                        short = true;
+                        break;
+                    }
+                }
+            }
+            if !short {
+                let mut kept = Vec::with_capacity(plan.items.len());
+                for (i, n) in plan.items {
+                    if phases[i] != SeqPhase::NEXT {
+                        let c = &mut self.active[i].cache;
+                        let room =
+                            (c.blocks().len() + self.pool.available()) * BLOCK_TOKENS - c.len();
+                        let n = n.min(room);
+                        if n == 0 || self.pool.grow(c, c.len() + n).is_err() {
+                            continue;
+                        }
+                        kept.push((i, n));
+                    } else {
+                        kept.push((i, n));
+                    }
+                }
+                if !kept.is_empty() {
+                    return Some(StepPlan { items: kept });
+                }
+                plan = StepPlan::default();
+            }
+            debug_assert!(plan.is_empty() || short);
+            if self.active.len() == 1 {
+                // Cannot happen for a request `submit` accepted (it fits the whole pool);
+                // fail it rather than spin.
+                let e = crate::model::KvExhausted {
+                    needed: blocks_for(self.active[0].total()),
+                    available: self.pool.available(),
+                    total: self.pool.num_blocks(),
+                };
+                self.active[0].fail(StreamEvent::Failed(e.to_string()));
+                return None;
+            }
+            self.preempt_newest();
+        }
+    }
+
+    /// Frees the blocks of the latest-arrived active sequence and parks it, tokens kept, to
+    /// be readmitted (and recomputed) before anything new.
+    fn preempt_newest(&mut self) {
+        let Some(i) = (0..self.active.len()).max_by_key(|&i| self.active[i].arrived) else {
+            return;
+        };
+        let mut seq = self.active.remove(i);
+        self.pool.release(&mut seq.cache);
+        seq.published = 0;
+        metrics::counter!(m::KV_PREEMPTIONS_TOTAL).increment(1);
+        self.shared.preemptions.fetch_add(1, Ordering::SeqCst);
+        tracing::debug!(
+            tokens = seq.total(),
+            "preempted a sequence for lack of KV blocks"
+        );
+        let at = self.preempted.partition_point(|s| s.arrived <= seq.arrived);
+        self.preempted.insert(at, seq);
+    }
+
+    /// Publishes the prompt blocks of sequence `i` that are now full, for prefix sharing.
+    fn publish_prompt_blocks(&mut self, i: usize) {
+        let seq = &mut self.active[i];
+        let full = seq.cache.len().min(seq.prompt.len()) / BLOCK_TOKENS;
+        for b in seq.published..full {
+            self.pool.publish(&seq.cache, b, seq.prompt_hashes[b]);
+        }
+        seq.published = seq.published.max(full);
     }
 
     fn step(&mut self) {
-        let phases: Vec<SeqPhase> = self.active.iter().map(Sequence::phase).collect();
-        let plan = plan_step(&phases, self.cfg.limits);
-        if plan.is_empty() {
+        let Some(plan) = self.plan_with_blocks() else {
             return;
-        }
+        };
         metrics::histogram!(m::BATCH_SIZE).record(plan.items.len() as f64);
         // (index, tokens run, whether the chunk ends with a token to sample after)
         let mut ran = Vec::with_capacity(plan.items.len());
@@ -259,22 +427,29 @@ impl EngineLoop {
                     continue;
                 }
                 items.next();
+                let total = seq.total();
                 let Sequence {
                     prompt,
-                    prefilled,
                     generated,
                     cache,
                     adapter,
                     ..
                 } = seq;
-                let decode = *prefilled >= prompt.len();
-                let (p, g) = if decode { (0, 1) } else { (n, 0) };
+                let done = cache.len();
+                let decode = done >= prompt.len();
+                let sample = done + n == total;
+                // A replay after preemption is service already charged once.
+                let (p, g) = match (decode, sample && n == 1) {
+                    (false, _) => (n, 0),
+                    (true, true) => (0, 1),
+                    (true, false) => (0, 0),
+                };
                 self.waiting.charge(&seq.tenant, p, g);
-                let (tokens, sample) = if decode {
-                    (&generated[generated.len() - 1..], true)
+                let tokens = if decode {
+                    let at = done - prompt.len();
+                    &generated[at..at + n]
                 } else {
-                    let end = *prefilled + n;
-                    (&prompt[*prefilled..end], end == prompt.len())
+                    &prompt[done..done + n]
                 };
                 chunks.push(SeqChunk {
                     tokens,
@@ -285,7 +460,7 @@ impl EngineLoop {
                 });
                 ran.push((i, n, sample));
             }
-            self.model.llama.forward_batch(&mut chunks)
+            self.model.llama.forward_batch(&mut self.pool, &mut chunks)
         };
         let logits = match result.and_then(|l| Ok(l.to_vec2::<f32>()?)) {
             Ok(l) => l,
@@ -298,11 +473,8 @@ impl EngineLoop {
             }
         };
         let mut rows = logits.into_iter();
-        for (i, n, sample) in ran {
-            let seq = &mut self.active[i];
-            if seq.prefilled < seq.prompt.len() {
-                seq.prefilled += n;
-            }
+        for (i, _, sample) in ran {
+            self.publish_prompt_blocks(i);
             if sample {
                 let Some(mut row) = rows.next() else { break };
                 self.emit_next(i, &mut row);
@@ -366,4 +538,39 @@ impl EngineLoop {
             seq.finish(r);
         }
     }
+}
+
+/// The prefix cache's isolation key of a request: its tenant and the content hash of its
+/// adapter version. Blocks are shared only under equal salts, so a tenant's prompt never
+/// makes another tenant's identical prompt faster, and a new adapter version never sees
+/// the KV of an older one.
+fn prefix_salt(req: &super::GenerationRequest) -> Vec<u8> {
+    let adapter = req
+        .adapter
+        .as_ref()
+        .map_or("base", |a| a.row.sha256.as_str());
+    let mut salt = Vec::with_capacity(req.tenant.len() + adapter.len() + 1);
+    salt.extend_from_slice(req.tenant.as_bytes());
+    salt.push(0);
+    salt.extend_from_slice(adapter.as_bytes());
+    salt
+}
+
+/// Takes the cached blocks of a prompt's prefix (never the whole prompt: its last token is
+/// always run, for its logits) when the blocks for the rest of `total` positions are
+/// available too; otherwise holds nothing and answers None.
+fn take_blocks(
+    pool: &mut KvPool,
+    hashes: &[BlockHash],
+    prompt_len: usize,
+    total: usize,
+) -> Option<KvCache> {
+    let max_hit = prompt_len.saturating_sub(1) / BLOCK_TOKENS;
+    let mut cache = pool.lookup(hashes, max_hit);
+    let needed = blocks_for(total) - cache.blocks().len();
+    if needed > pool.available() {
+        pool.release(&mut cache);
+        return None;
+    }
+    Some(cache)
 }

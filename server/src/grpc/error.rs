@@ -18,7 +18,11 @@ pub enum ApiError {
     #[error("{0}")]
     AlreadyExists(String),
     #[error("{what}")]
-    ResourceExhausted { what: String, retry_after: Duration },
+    ResourceExhausted {
+        what: String,
+        /// None where waiting cannot help (the request can never fit).
+        retry_after: Option<Duration>,
+    },
     #[error("quota {quota} exceeded: {detail}")]
     Quota {
         quota: String,
@@ -89,11 +93,17 @@ impl From<ApiError> for Status {
                 msg,
                 ErrorDetails::with_bad_request_violation(clip(field), clip(reason)),
             ),
-            ApiError::ResourceExhausted { retry_after, .. } => Status::with_error_details(
+            ApiError::ResourceExhausted {
+                retry_after: Some(retry_after),
+                ..
+            } => Status::with_error_details(
                 Code::ResourceExhausted,
                 format!("{msg}; retry after {}s", retry_after.as_secs_f64()),
                 ErrorDetails::with_retry_info(Some(retry_after)),
             ),
+            ApiError::ResourceExhausted {
+                retry_after: None, ..
+            } => Status::resource_exhausted(msg),
             ApiError::Quota {
                 quota,
                 detail,
@@ -127,7 +137,11 @@ impl From<SubmitError> for ApiError {
         match e {
             SubmitError::QueueFull { retry_after, .. } => ApiError::ResourceExhausted {
                 what: msg,
-                retry_after,
+                retry_after: Some(retry_after),
+            },
+            SubmitError::NeverFits { .. } => ApiError::ResourceExhausted {
+                what: msg,
+                retry_after: None,
             },
             SubmitError::Draining | SubmitError::Stopped => ApiError::Unavailable(msg),
         }

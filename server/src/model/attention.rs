@@ -1,10 +1,12 @@
-//! RoPE and causal attention over per-sequence KV caches, on plain f32 slices.
+//! RoPE and causal attention over paged per-sequence KV caches, on plain f32 slices.
 //! This is the serving kernel: rows of many sequences (a decode token each, or a prefill
 //! chunk) arrive together; each row attends only to its own sequence's cache.
 //! Invariant: one row's result depends only on that row and its own cache, never on what
 //! else is in the batch (batch-invariant by construction).
 
 use rayon::prelude::*;
+
+use super::kv_cache::BLOCK_TOKENS;
 
 /// Precomputed RoPE angles (interleaved-pair convention, as GGUF Llama uses).
 #[derive(Debug, Clone)]
@@ -70,13 +72,15 @@ pub struct RowPlace {
     pub pos: usize,
 }
 
-/// Causal attention for every row. `keys[s]`/`values[s]` hold sequence `s`'s cache for this
-/// layer, already including the rows of this step. Returns `(rows, num_heads*head_dim)`.
+/// Causal attention for every row. `tables[s]` is sequence `s`'s block table into the
+/// layer's `keys`/`values` slabs (`[block][slot][kv_dim]`), already holding the rows of this
+/// step. Returns `(rows, num_heads*head_dim)`.
 pub fn attend(
     q: &[f32],
     rows: &[RowPlace],
-    keys: &[&[f32]],
-    values: &[&[f32]],
+    tables: &[&[u32]],
+    keys: &[f32],
+    values: &[f32],
     shape: AttnShape,
 ) -> Vec<f32> {
     let AttnShape {
@@ -88,12 +92,16 @@ pub fn attend(
     let kv_dim = num_kv_heads * head_dim;
     let group = num_heads / num_kv_heads;
     let scale = 1.0 / (head_dim as f32).sqrt();
+    let at = |table: &[u32], p: usize, kvh: usize| {
+        let b = table[p / BLOCK_TOKENS] as usize;
+        (b * BLOCK_TOKENS + p % BLOCK_TOKENS) * kv_dim + kvh * head_dim
+    };
     let mut out = vec![0f32; rows.len() * hidden];
     out.par_chunks_mut(hidden)
         .zip(q.par_chunks(hidden))
         .zip(rows.par_iter())
         .for_each_init(Vec::new, |scores, ((o_row, q_row), place)| {
-            let (k, v) = (keys[place.seq], values[place.seq]);
+            let table = tables[place.seq];
             let n = place.pos + 1;
             for h in 0..num_heads {
                 let kvh = h / group;
@@ -101,8 +109,8 @@ pub fn attend(
                 scores.clear();
                 let mut max = f32::NEG_INFINITY;
                 for p in 0..n {
-                    let kp = &k[p * kv_dim + kvh * head_dim..p * kv_dim + (kvh + 1) * head_dim];
-                    let s = dot(qh, kp) * scale;
+                    let o = at(table, p, kvh);
+                    let s = dot(qh, &keys[o..o + head_dim]) * scale;
                     max = max.max(s);
                     scores.push(s);
                 }
@@ -115,8 +123,8 @@ pub fn attend(
                 let oh = &mut o_row[h * head_dim..(h + 1) * head_dim];
                 for (p, s) in scores.iter().enumerate() {
                     let w = s * inv;
-                    let vp = &v[p * kv_dim + kvh * head_dim..p * kv_dim + (kvh + 1) * head_dim];
-                    for (o, x) in oh.iter_mut().zip(vp) {
+                    let o = at(table, p, kvh);
+                    for (o, x) in oh.iter_mut().zip(&values[o..o + head_dim]) {
                         *o += w * x;
                     }
                 }

@@ -1,24 +1,52 @@
-//! Per-sequence key/value cache. Owned by the sequence (never by the model), so any number
-//! of sequences decode against one frozen model at once.
-//! Layout per layer: `[position][kv_head][head_dim]`, f32, keys stored after RoPE.
+//! Paged key/value memory: one pool of fixed-size blocks for every sequence, and each
+//! sequence's block table ([`KvCache`]).
+//!
+//! - Storage per layer is one slab `[block][slot][kv_head][head_dim]` (f32, keys after
+//!   RoPE), sized once from a byte budget; pages are touched only as blocks are used.
+//! - A [`KvCache`] is a block table plus a length: position `p` lives in block
+//!   `blocks[p / block_tokens]`, slot `p % block_tokens`.
+//! - Blocks are reference-counted. A *full* block of prompt tokens can be published under a
+//!   [`BlockHash`] that chains a salt (the caller's isolation key: tenant and adapter version
+//!   content hash) with the token ids of the block and of every block before it; a later
+//!   sequence whose prompt starts the same way, under the same salt, takes those blocks
+//!   instead of recomputing them (prefix sharing).
+//! - Unreferenced published blocks stay cached and are evicted least-recently-used first
+//!   when a block is needed; unreferenced unpublished blocks are simply free.
+//!
+//! Invariants: a block is written only by the one sequence that holds it unpublished (a
+//! published block is full and never written again); `available()` blocks can always be
+//! handed out (free ones plus cached ones nobody references); memory never grows past the
+//! pool's size.
 
-/// The keys and values one sequence has produced so far, for every layer.
-#[derive(Debug, Clone)]
+use std::collections::{BTreeMap, HashMap};
+
+use sha2::{Digest, Sha256};
+
+/// Tokens per block.
+pub const BLOCK_TOKENS: usize = 16;
+
+/// Identity of a full block's contents: see the module comment.
+pub type BlockHash = [u8; 32];
+
+/// The pool could not hand out the blocks asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("KV cache exhausted: {needed} more blocks needed, {available} available of {total}")]
+pub struct KvExhausted {
+    pub needed: usize,
+    pub available: usize,
+    pub total: usize,
+}
+
+/// One sequence's block table.
+#[derive(Debug, Clone, Default)]
 pub struct KvCache {
-    pub(crate) k: Vec<Vec<f32>>,
-    pub(crate) v: Vec<Vec<f32>>,
-    pub(crate) len: usize,
-    kv_dim: usize,
+    blocks: Vec<u32>,
+    len: usize,
 }
 
 impl KvCache {
-    pub fn new(num_layers: usize, kv_dim: usize) -> Self {
-        Self {
-            k: vec![Vec::new(); num_layers],
-            v: vec![Vec::new(); num_layers],
-            len: 0,
-            kv_dim,
-        }
+    pub fn new() -> Self {
+        Self::default()
     }
 
     /// Positions already cached.
@@ -30,24 +58,330 @@ impl KvCache {
         self.len == 0
     }
 
-    /// Bytes held, for accounting.
-    pub fn bytes(&self) -> usize {
-        self.k
-            .iter()
-            .chain(self.v.iter())
-            .map(|l| l.capacity() * 4)
-            .sum()
+    /// Blocks held (shared or not).
+    pub fn blocks(&self) -> &[u32] {
+        &self.blocks
     }
 
-    /// Appends `rows` positions of keys and values to layer `layer`.
-    pub(crate) fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) {
-        debug_assert_eq!(k.len() % self.kv_dim, 0);
-        self.k[layer].extend_from_slice(k);
-        self.v[layer].extend_from_slice(v);
-    }
-
-    /// Marks `n` more positions as cached (after every layer has appended them).
+    /// Marks `n` more positions as cached (after every layer has written them).
     pub(crate) fn advance(&mut self, n: usize) {
         self.len += n;
+        debug_assert!(self.len <= self.blocks.len() * BLOCK_TOKENS);
+    }
+}
+
+/// The shape of the per-token KV state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvShape {
+    pub num_layers: usize,
+    /// `num_kv_heads * head_dim`.
+    pub kv_dim: usize,
+}
+
+impl KvShape {
+    /// Bytes of keys and values one token holds in every layer.
+    pub fn bytes_per_token(&self) -> usize {
+        self.num_layers * 2 * self.kv_dim * 4
+    }
+
+    pub fn bytes_per_block(&self) -> usize {
+        self.bytes_per_token() * BLOCK_TOKENS
+    }
+}
+
+/// Blocks needed to hold `tokens` positions.
+pub fn blocks_for(tokens: usize) -> usize {
+    tokens.div_ceil(BLOCK_TOKENS)
+}
+
+/// The chained hashes of every full block of `tokens` under `salt`.
+pub fn block_hashes(salt: &[u8], tokens: &[u32]) -> Vec<BlockHash> {
+    let mut prev: BlockHash = Sha256::digest(salt).into();
+    tokens
+        .chunks_exact(BLOCK_TOKENS)
+        .map(|block| {
+            let mut h = Sha256::new();
+            h.update(prev);
+            for t in block {
+                h.update(t.to_le_bytes());
+            }
+            prev = h.finalize().into();
+            prev
+        })
+        .collect()
+}
+
+/// The block pool: storage, reference counts, the published-block index and its LRU.
+#[derive(Debug)]
+pub struct KvPool {
+    shape: KvShape,
+    num_blocks: usize,
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    refs: Vec<u32>,
+    hash_of: Vec<Option<BlockHash>>,
+    published: HashMap<BlockHash, u32>,
+    /// Unreferenced, unpublished.
+    free: Vec<u32>,
+    /// Unreferenced, published: by last use (oldest first).
+    lru: BTreeMap<u64, u32>,
+    last_use: Vec<u64>,
+    tick: u64,
+}
+
+impl KvPool {
+    /// A pool of `num_blocks` blocks (at least one).
+    pub fn new(shape: KvShape, num_blocks: usize) -> Self {
+        let num_blocks = num_blocks.max(1);
+        let slab = num_blocks * BLOCK_TOKENS * shape.kv_dim;
+        Self {
+            shape,
+            num_blocks,
+            // Zeroed allocations are mapped lazily: a page costs memory once it is written.
+            k: (0..shape.num_layers).map(|_| vec![0f32; slab]).collect(),
+            v: (0..shape.num_layers).map(|_| vec![0f32; slab]).collect(),
+            refs: vec![0; num_blocks],
+            hash_of: vec![None; num_blocks],
+            published: HashMap::new(),
+            free: (0..num_blocks as u32).rev().collect(),
+            lru: BTreeMap::new(),
+            last_use: vec![0; num_blocks],
+            tick: 0,
+        }
+    }
+
+    /// As many blocks as fit in `bytes`.
+    pub fn with_budget(shape: KvShape, bytes: usize) -> Self {
+        Self::new(shape, bytes / shape.bytes_per_block().max(1))
+    }
+
+    pub fn shape(&self) -> KvShape {
+        self.shape
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    /// Positions the whole pool holds.
+    pub fn capacity_tokens(&self) -> usize {
+        self.num_blocks * BLOCK_TOKENS
+    }
+
+    /// Blocks that can be handed out now (free plus evictable).
+    pub fn available(&self) -> usize {
+        self.free.len() + self.lru.len()
+    }
+
+    /// Blocks referenced by at least one sequence.
+    pub fn in_use(&self) -> usize {
+        self.num_blocks - self.available()
+    }
+
+    /// Published blocks (referenced or not).
+    pub fn published(&self) -> usize {
+        self.published.len()
+    }
+
+    fn touch(&mut self, b: u32) {
+        self.tick += 1;
+        self.last_use[b as usize] = self.tick;
+    }
+
+    fn take(&mut self) -> Option<u32> {
+        let b = match self.free.pop() {
+            Some(b) => b,
+            None => {
+                let (_, b) = self.lru.pop_first()?;
+                if let Some(h) = self.hash_of[b as usize].take() {
+                    self.published.remove(&h);
+                }
+                b
+            }
+        };
+        self.refs[b as usize] = 1;
+        self.touch(b);
+        Some(b)
+    }
+
+    fn unref(&mut self, b: u32) {
+        let r = &mut self.refs[b as usize];
+        debug_assert!(*r > 0);
+        *r -= 1;
+        if *r == 0 {
+            if self.hash_of[b as usize].is_some() {
+                self.lru.insert(self.last_use[b as usize], b);
+            } else {
+                self.free.push(b);
+            }
+        }
+    }
+
+    /// Makes `cache` hold enough blocks for `tokens` positions: all or nothing.
+    pub fn grow(&mut self, cache: &mut KvCache, tokens: usize) -> Result<(), KvExhausted> {
+        let needed = blocks_for(tokens).saturating_sub(cache.blocks.len());
+        if needed > self.available() {
+            return Err(KvExhausted {
+                needed,
+                available: self.available(),
+                total: self.num_blocks,
+            });
+        }
+        for _ in 0..needed {
+            let b = self.take().expect("counted as available");
+            cache.blocks.push(b);
+        }
+        Ok(())
+    }
+
+    /// Gives every block of `cache` back and empties it.
+    pub fn release(&mut self, cache: &mut KvCache) {
+        for b in std::mem::take(&mut cache.blocks) {
+            self.unref(b);
+        }
+        cache.len = 0;
+    }
+
+    /// A new cache holding the longest run of published blocks that `hashes` (a prompt's
+    /// [`block_hashes`], in order) names, at most `max_blocks` of them.
+    pub fn lookup(&mut self, hashes: &[BlockHash], max_blocks: usize) -> KvCache {
+        let mut cache = KvCache::new();
+        for h in hashes.iter().take(max_blocks) {
+            let Some(&b) = self.published.get(h) else {
+                break;
+            };
+            if self.refs[b as usize] == 0 {
+                self.lru.remove(&self.last_use[b as usize]);
+            }
+            self.refs[b as usize] += 1;
+            self.touch(b);
+            cache.blocks.push(b);
+        }
+        cache.len = cache.blocks.len() * BLOCK_TOKENS;
+        cache
+    }
+
+    /// Publishes block `index` of `cache` (which must be full) under `hash`, unless a block
+    /// with that hash is published already.
+    pub fn publish(&mut self, cache: &KvCache, index: usize, hash: BlockHash) {
+        debug_assert!((index + 1) * BLOCK_TOKENS <= cache.len);
+        let b = cache.blocks[index];
+        if self.hash_of[b as usize].is_some() || self.published.contains_key(&hash) {
+            return;
+        }
+        self.hash_of[b as usize] = Some(hash);
+        self.published.insert(hash, b);
+    }
+
+    fn offset(&self, cache: &KvCache, pos: usize) -> usize {
+        let b = cache.blocks[pos / BLOCK_TOKENS] as usize;
+        (b * BLOCK_TOKENS + pos % BLOCK_TOKENS) * self.shape.kv_dim
+    }
+
+    /// Writes `rows` consecutive positions of layer `layer` starting at `start`.
+    pub(crate) fn write(
+        &mut self,
+        layer: usize,
+        cache: &KvCache,
+        start: usize,
+        k: &[f32],
+        v: &[f32],
+    ) {
+        let d = self.shape.kv_dim;
+        for (i, (kr, vr)) in k.chunks_exact(d).zip(v.chunks_exact(d)).enumerate() {
+            let pos = start + i;
+            debug_assert!(self.refs[cache.blocks[pos / BLOCK_TOKENS] as usize] > 0);
+            let o = self.offset(cache, pos);
+            self.k[layer][o..o + d].copy_from_slice(kr);
+            self.v[layer][o..o + d].copy_from_slice(vr);
+        }
+    }
+
+    /// Layer `layer`'s key and value slabs, for attention through block tables.
+    pub(crate) fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
+        (&self.k[layer], &self.v[layer])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHAPE: KvShape = KvShape {
+        num_layers: 2,
+        kv_dim: 4,
+    };
+
+    #[test]
+    fn grow_is_all_or_nothing_and_release_frees() {
+        let mut pool = KvPool::new(SHAPE, 4);
+        let mut a = KvCache::new();
+        pool.grow(&mut a, 40).expect("ok"); // 3 blocks
+        assert_eq!(pool.available(), 1);
+        let mut b = KvCache::new();
+        let err = pool.grow(&mut b, 33).expect_err("fails");
+        assert_eq!((err.needed, err.available, err.total), (3, 1, 4));
+        assert!(b.blocks().is_empty());
+        pool.release(&mut a);
+        assert_eq!(pool.available(), 4);
+        pool.grow(&mut b, 64).expect("ok");
+        assert_eq!(pool.available(), 0);
+    }
+
+    #[test]
+    fn hashes_chain_over_the_salt_and_every_earlier_block() {
+        let t: Vec<u32> = (0..40).collect();
+        let h = block_hashes(b"tenant-a/base", &t);
+        assert_eq!(h.len(), 2, "only full blocks");
+        assert_ne!(h, block_hashes(b"tenant-b/base", &t), "salt matters");
+        let mut t2 = t.clone();
+        t2[0] = 99;
+        let h2 = block_hashes(b"tenant-a/base", &t2);
+        assert_ne!(
+            h[1], h2[1],
+            "a later block's hash depends on the earlier ones"
+        );
+        assert_eq!(h, block_hashes(b"tenant-a/base", &t[..32]));
+    }
+
+    #[test]
+    fn published_blocks_are_shared_then_cached_then_evicted_lru() {
+        let mut pool = KvPool::new(SHAPE, 3);
+        let t: Vec<u32> = (0..32).collect();
+        let hs = block_hashes(b"s", &t);
+        let mut a = KvCache::new();
+        pool.grow(&mut a, 32).expect("ok");
+        a.advance(32);
+        pool.publish(&a, 0, hs[0]);
+        pool.publish(&a, 1, hs[1]);
+        let mut b = pool.lookup(&hs, 1);
+        assert_eq!(b.len(), 16);
+        assert_eq!(b.blocks()[0], a.blocks()[0], "the same block, not a copy");
+        assert_eq!(pool.available(), 1);
+        pool.release(&mut a);
+        // Block 0 is still held by `b`; block 1 is cached but evictable.
+        assert_eq!(pool.available(), 2);
+        assert_eq!(pool.published(), 2);
+        let mut c = KvCache::new();
+        pool.grow(&mut c, 32).expect("ok"); // takes the free block, then evicts block 1
+        assert_eq!(pool.published(), 1);
+        assert_eq!(pool.lookup(&hs, 2).len(), 16, "block 0 still published");
+        pool.release(&mut b);
+        pool.release(&mut c);
+    }
+
+    #[test]
+    fn writes_land_in_the_tables_blocks() {
+        let mut pool = KvPool::new(SHAPE, 4);
+        let mut a = KvCache::new();
+        let mut b = KvCache::new();
+        pool.grow(&mut b, 1).expect("ok");
+        pool.grow(&mut a, 20).expect("ok");
+        let k: Vec<f32> = (0..20 * 4).map(|x| x as f32).collect();
+        pool.write(1, &a, 0, &k, &k);
+        let (ks, _) = pool.layer(1);
+        let o = pool.offset(&a, 17);
+        assert_eq!(&ks[o..o + 4], &k[17 * 4..18 * 4]);
+        assert_eq!(pool.layer(0).0[o], 0.0, "other layers untouched");
     }
 }

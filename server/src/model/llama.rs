@@ -12,15 +12,17 @@ use candle_core::{DType, Device, Tensor, D};
 use super::{
     attention::{attend, AttnShape, RopeTable, RowPlace},
     config::LlamaConfig,
-    kv_cache::KvCache,
+    kv_cache::{KvCache, KvPool, KvShape},
     lora::{self, LoraWeights, Module},
     weights::{Linear, Weights},
     ModelError,
 };
 
-/// One sequence's share of a step: new tokens to run and the cache they extend.
+/// One sequence's share of a step: new tokens to run and the block table they extend.
 pub struct SeqChunk<'a> {
     pub tokens: &'a [u32],
+    /// Grown from the pool as needed (the engine grows it before the step, so there it
+    /// never fails).
     pub cache: &'a mut KvCache,
     /// Whether the logits of this chunk's last token are wanted.
     pub want_logits: bool,
@@ -56,8 +58,17 @@ impl Llama {
         &self.device
     }
 
-    pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.cfg.num_layers, self.cfg.kv_dim())
+    /// The shape of one token's KV state.
+    pub fn kv_shape(&self) -> KvShape {
+        KvShape {
+            num_layers: self.cfg.num_layers,
+            kv_dim: self.cfg.kv_dim(),
+        }
+    }
+
+    /// A KV pool holding `tokens` positions (rounded up to whole blocks).
+    pub fn kv_pool(&self, tokens: usize) -> KvPool {
+        KvPool::new(self.kv_shape(), super::kv_cache::blocks_for(tokens))
     }
 
     fn attn_shape(&self) -> AttnShape {
@@ -68,9 +79,13 @@ impl Llama {
         }
     }
 
-    /// Runs one step over `chunks` and returns the logits `(n, vocab)` of the last token of
-    /// every chunk with `want_logits`, in order.
-    pub fn forward_batch(&self, chunks: &mut [SeqChunk<'_>]) -> Result<Tensor, ModelError> {
+    /// Runs one step over `chunks`, their keys and values in `pool`, and returns the logits
+    /// `(n, vocab)` of the last token of every chunk with `want_logits`, in order.
+    pub fn forward_batch(
+        &self,
+        pool: &mut KvPool,
+        chunks: &mut [SeqChunk<'_>],
+    ) -> Result<Tensor, ModelError> {
         let cfg = &self.cfg;
         // Decode chunks first so their rows form one block for the packed kernel.
         let mut order: Vec<usize> = (0..chunks.len()).collect();
@@ -110,6 +125,10 @@ impl Llama {
             if c.want_logits && !c.tokens.is_empty() {
                 logit_rows.push(s);
             }
+        }
+        for c in chunks.iter_mut() {
+            let end = c.cache.len() + c.tokens.len();
+            pool.grow(c.cache, end)?;
         }
         let row_lora: Vec<Option<&LoraWeights>> = rows.iter().map(|r| chunks[r.seq].lora).collect();
         let any_lora = row_lora.iter().any(Option::is_some);
@@ -155,17 +174,19 @@ impl Llama {
                 self.rope
                     .apply(&mut k[r * kv_dim..(r + 1) * kv_dim], place.pos);
             }
-            for (s, c) in chunks.iter_mut().enumerate() {
+            for (s, c) in chunks.iter().enumerate() {
                 let (off, m) = (row_of[s], c.tokens.len());
-                c.cache.append(
+                pool.write(
                     li,
+                    c.cache,
+                    c.cache.len(),
                     &k[off * kv_dim..(off + m) * kv_dim],
                     &v[off * kv_dim..(off + m) * kv_dim],
                 );
             }
-            let keys: Vec<&[f32]> = chunks.iter().map(|c| c.cache.k[li].as_slice()).collect();
-            let values: Vec<&[f32]> = chunks.iter().map(|c| c.cache.v[li].as_slice()).collect();
-            let a = attend(&q, &rows, &keys, &values, self.attn_shape());
+            let tables: Vec<&[u32]> = chunks.iter().map(|c| c.cache.blocks()).collect();
+            let (keys, values) = pool.layer(li);
+            let a = attend(&q, &rows, &tables, keys, values, self.attn_shape());
             let a = Tensor::from_vec(a, (n, hidden), &self.device)?;
             x = (x + project(&layer.o, Module::O, li, &a)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;

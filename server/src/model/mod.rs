@@ -2,7 +2,7 @@
 //! every request behind an `Arc`.
 //! Boundary: `model` knows nothing of gRPC, tenants, adapters' storage or the engine's queue.
 //! Invariant: nothing here is mutated after `BaseModel::load`; per-sequence state
-//! (the [`KvCache`]) lives outside it.
+//! (a [`KvCache`] block table into the engine's [`KvPool`]) lives outside it.
 
 pub mod attention;
 pub mod chat;
@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 
 pub use chat::{ChatMessage, ChatTemplate};
 pub use config::LlamaConfig;
-pub use kv_cache::KvCache;
+pub use kv_cache::{KvCache, KvExhausted, KvPool, KvShape};
 pub use llama::{Llama, SeqChunk};
 pub use tokenizer::{StreamDecoder, TextTokenizer};
 
@@ -40,6 +40,8 @@ pub enum ModelError {
     Template(String),
     #[error("sequence needs {needed} positions but the context window is {max}")]
     ContextOverflow { needed: usize, max: usize },
+    #[error(transparent)]
+    KvExhausted(#[from] KvExhausted),
     #[error("tensor op: {0}")]
     Candle(#[from] candle_core::Error),
 }

@@ -21,6 +21,10 @@ pub struct Linear {
     pub(crate) packed: Option<Arc<PackedLinear>>,
 }
 
+/// Rows of one serving GEMM call come in whole multiples of this (see
+/// [`Linear::forward_tiled`]).
+pub const GEMM_TILE_ROWS: usize = 16;
+
 impl Linear {
     pub fn new(weight: Tensor) -> Self {
         Self {
@@ -42,7 +46,7 @@ impl Linear {
     pub fn forward_rows(&self, x: &Tensor, decode_rows: usize) -> candle_core::Result<Tensor> {
         let rows = x.dim(0)?;
         let Some(p) = self.packed.as_ref().filter(|_| decode_rows > 0) else {
-            return self.forward(x);
+            return self.forward_tiled(x);
         };
         let xd = x.narrow(0, 0, decode_rows)?;
         let xv = xd.flatten_all()?.to_vec1::<f32>()?;
@@ -54,8 +58,24 @@ impl Linear {
         if decode_rows == rows {
             return Ok(yd);
         }
-        let yp = self.forward(&x.narrow(0, decode_rows, rows - decode_rows)?)?;
+        let yp = self.forward_tiled(&x.narrow(0, decode_rows, rows - decode_rows)?)?;
         Tensor::cat(&[&yd, &yp], 0)
+    }
+
+    /// `x W^T` through the f32 GEMM in whole tiles of [`GEMM_TILE_ROWS`] rows, zero rows
+    /// padding the last. The GEMM picks its kernels by the row count, and below a tile
+    /// (one row above all) they round differently, so a row's bits would otherwise depend
+    /// on how many rows shared its step; in whole tiles they do not (tested in
+    /// `server/tests/kv_paging.rs`), which is what lets a prefix-cached, preempted or
+    /// batched sequence produce the very bits of its solo run.
+    pub fn forward_tiled(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let rows = x.dim(0)?;
+        let pad = rows.next_multiple_of(GEMM_TILE_ROWS) - rows;
+        if pad == 0 {
+            return self.forward(x);
+        }
+        let z = Tensor::zeros((pad, x.dim(1)?), x.dtype(), x.device())?;
+        self.forward(&Tensor::cat(&[x, &z], 0)?)?.narrow(0, 0, rows)
     }
     pub fn weight(&self) -> &Tensor {
         &self.weight

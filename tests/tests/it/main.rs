@@ -6,6 +6,7 @@ mod cli;
 mod deploy;
 mod generation;
 mod isolation;
+mod kv;
 mod ops;
 mod tenancy;
 mod tls;
