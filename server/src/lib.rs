@@ -9,6 +9,7 @@ pub mod engine;
 pub mod grpc;
 pub mod metrics;
 pub mod model;
+pub mod names;
 pub mod server;
 pub mod store;
 pub mod tenancy;

@@ -214,6 +214,7 @@ async fn load_and_warm(
     let adapters = Arc::new(
         AdapterRegistry::open(
             db.clone(),
+            tenancy.clone(),
             model.clone(),
             RegistryConfig {
                 data_dir: cfg.data_dir.clone(),

@@ -99,19 +99,56 @@ impl Targets {
     }
 }
 
-/// PEFT's pattern lookup: a key `k` applies to module `name` when `name` ends with `.k`.
-fn pattern_value<T: Copy>(
-    patterns: &HashMap<String, T>,
-    name: &str,
-) -> Result<Option<T>, ImportError> {
-    for (k, v) in patterns {
-        let re = Regex::new(&format!("^(.*\\.)?(?:{k})$"))
-            .map_err(|e| err(CONFIG_FILE, format!("bad pattern {k:?}: {e}")))?;
-        if re.is_match(name) {
-            return Ok(Some(*v));
+/// Largest `adapter_config.json` accepted: a full per-module `rank_pattern` of a large model
+/// is a few tens of KB.
+pub const MAX_CONFIG_BYTES: usize = 256 << 10;
+/// Most keys a `rank_pattern` or `alpha_pattern` may have, and the longest key.
+pub const MAX_PATTERNS: usize = 1024;
+pub const MAX_PATTERN_CHARS: usize = 256;
+
+/// PEFT's pattern lookup, compiled once per adapter: a key `k` applies to module `name` when
+/// `name` ends with `.k` (keys tried in sorted order, the first match wins).
+struct Patterns<T> {
+    compiled: Vec<(Regex, T)>,
+}
+
+impl<T: Copy> Patterns<T> {
+    fn compile(patterns: &HashMap<String, T>, field: &str) -> Result<Self, ImportError> {
+        if patterns.len() > MAX_PATTERNS {
+            return Err(err(
+                format!("{CONFIG_FILE}.{field}"),
+                format!("{} keys; at most {MAX_PATTERNS}", patterns.len()),
+            ));
         }
+        let mut keys: Vec<(&String, &T)> = patterns.iter().collect();
+        keys.sort_by(|a, b| a.0.cmp(b.0));
+        let compiled = keys
+            .into_iter()
+            .map(|(k, v)| {
+                if k.chars().count() > MAX_PATTERN_CHARS {
+                    return Err(err(
+                        format!("{CONFIG_FILE}.{field}"),
+                        format!("a key is longer than {MAX_PATTERN_CHARS} characters"),
+                    ));
+                }
+                let re = Regex::new(&format!("^(.*\\.)?(?:{k})$")).map_err(|e| {
+                    err(
+                        format!("{CONFIG_FILE}.{field}"),
+                        format!("bad pattern {k:?}: {e}"),
+                    )
+                })?;
+                Ok((re, *v))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { compiled })
     }
-    Ok(None)
+
+    fn get(&self, name: &str) -> Option<T> {
+        self.compiled
+            .iter()
+            .find(|(re, _)| re.is_match(name))
+            .map(|(_, v)| *v)
+    }
 }
 
 fn module_key(layer: usize, m: Module) -> String {
@@ -184,8 +221,19 @@ pub fn parse(
     base_name: &str,
     policy: &ImportPolicy,
 ) -> Result<ParsedLora, ImportError> {
+    if config_json.len() > MAX_CONFIG_BYTES {
+        return Err(err(
+            CONFIG_FILE,
+            format!(
+                "{} bytes; a PEFT config may have at most {MAX_CONFIG_BYTES}",
+                config_json.len()
+            ),
+        ));
+    }
     let c: PeftConfig = serde_json::from_slice(config_json)
         .map_err(|e| err(CONFIG_FILE, format!("not a valid PEFT config: {e}")))?;
+    let rank_pattern = Patterns::compile(&c.rank_pattern, "rank_pattern")?;
+    let alpha_pattern = Patterns::compile(&c.alpha_pattern, "alpha_pattern")?;
     match c.peft_type.as_deref() {
         Some("LORA") => {}
         other => {
@@ -354,8 +402,8 @@ pub fn parse(
                 format!("{key} needs both lora_A and lora_B"),
             ));
         };
-        let mr = pattern_value(&c.rank_pattern, &key)?.unwrap_or(r);
-        let ma = pattern_value(&c.alpha_pattern, &key)?.unwrap_or(alpha);
+        let mr = rank_pattern.get(&key).unwrap_or(r);
+        let ma = alpha_pattern.get(&key).unwrap_or(alpha);
         if mr > policy.max_rank {
             return Err(err(
                 format!("{CONFIG_FILE}.r"),

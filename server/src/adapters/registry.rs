@@ -27,6 +27,7 @@ use crate::{
     metrics as m,
     model::{lora::LoraWeights, BaseModel},
     store::{atomic_write, AdapterRow, Db, DbError, NewAdapter},
+    tenancy::{NewObject, Tenancy, TenancyError},
 };
 
 /// Registry settings.
@@ -48,8 +49,27 @@ pub enum RegistryError {
     NotFound(String),
     #[error("{0}")]
     Storage(String),
+    /// The disk is full: nothing was stored.
+    #[error("no space left on the server's disk ({0})")]
+    NoSpace(String),
+    /// A stored version's files no longer parse (logged with their path).
+    #[error("{0}")]
+    Damaged(String),
+    #[error(transparent)]
+    Quota(#[from] TenancyError),
     #[error(transparent)]
     Db(#[from] DbError),
+}
+
+/// An I/O failure while `doing` something: a full disk is [`RegistryError::NoSpace`]; the
+/// message never carries a server path (the log does).
+fn io_error(doing: &str, e: std::io::Error) -> RegistryError {
+    if e.kind() == std::io::ErrorKind::StorageFull {
+        RegistryError::NoSpace(doing.into())
+    } else {
+        tracing::error!(error = %e, "{doing}");
+        RegistryError::Storage(format!("{doing} failed: {}", e.kind()))
+    }
 }
 
 /// `name` or `name@version`, validated.
@@ -68,24 +88,9 @@ impl std::fmt::Display for AdapterRef {
     }
 }
 
-/// Checks an adapter name: 1-64 characters of `[A-Za-z0-9._-]`, starting with a letter or
-/// digit (no path separators, no `..`, no NUL).
+/// Checks an adapter name (the rule is [`crate::names::validate`]).
 pub fn validate_name(name: &str) -> Result<(), String> {
-    let ok_chars = name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    let first = name
-        .chars()
-        .next()
-        .is_some_and(|c| c.is_ascii_alphanumeric());
-    if name.is_empty() || name.len() > 64 || !ok_chars || !first || name.contains("..") {
-        let shown: String = name.chars().take(64).collect();
-        let more = if shown.len() < name.len() { "…" } else { "" };
-        return Err(format!(
-            "{shown:?}{more} is not a valid adapter name (1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit)"
-        ));
-    }
-    Ok(())
+    crate::names::validate(name, "adapter name")
 }
 
 impl std::str::FromStr for AdapterRef {
@@ -213,6 +218,7 @@ impl Cache {
 /// The registry. Cheap to share behind an `Arc`; the cache lock is never held across I/O.
 pub struct AdapterRegistry {
     db: Db,
+    tenancy: Arc<Tenancy>,
     model: Arc<BaseModel>,
     cfg: RegistryConfig,
     cache: Mutex<Cache>,
@@ -226,11 +232,13 @@ impl AdapterRegistry {
     /// Opens the registry and sweeps files that no live row references.
     pub async fn open(
         db: Db,
+        tenancy: Arc<Tenancy>,
         model: Arc<BaseModel>,
         cfg: RegistryConfig,
     ) -> Result<Self, RegistryError> {
         let reg = Self {
             db,
+            tenancy,
             model,
             cfg,
             cache: Mutex::default(),
@@ -265,7 +273,20 @@ impl AdapterRegistry {
         }
     }
 
-    /// Validates a PEFT adapter and stores it as the next version of `name`.
+    /// The upload size cap, checked as an upload's bytes arrive (`total` so far).
+    pub fn check_upload_size(&self, total: usize) -> Result<(), RegistryError> {
+        let cap = self.cfg.max_upload_bytes;
+        if total > cap {
+            return Err(RegistryError::Invalid(ImportError {
+                field: "chunk".into(),
+                reason: format!("the upload exceeds the {cap}-byte cap for adapters"),
+            }));
+        }
+        Ok(())
+    }
+
+    /// Validates a PEFT adapter and stores it as the next version of `name`, within the
+    /// tenant's storage quotas (checked and written under the tenant's storage lock).
     pub async fn import(
         &self,
         tenant: &str,
@@ -278,6 +299,18 @@ impl AdapterRegistry {
             field: "name".into(),
             reason: e,
         })?;
+        for (file, bytes) in [
+            (peft::CONFIG_FILE, &config_json),
+            (peft::WEIGHTS_FILE, &weights),
+        ] {
+            if bytes.is_empty() {
+                return Err(RegistryError::Invalid(ImportError {
+                    field: file.into(),
+                    reason: "missing from the upload".into(),
+                }));
+            }
+        }
+        self.check_upload_size(config_json.len() + weights.len())?;
         let model = self.model.clone();
         let policy = self.policy(force);
         let (parsed, config_json, weights) = tokio::task::spawn_blocking(move || {
@@ -286,6 +319,11 @@ impl AdapterRegistry {
         })
         .await
         .map_err(|e| RegistryError::Storage(e.to_string()))??;
+        let _storage = self.tenancy.storage_guard(tenant).await;
+        let bytes = (config_json.len() + weights.len()) as u64;
+        self.tenancy
+            .check_storage(tenant, NewObject::AdapterVersion(name), bytes)
+            .await?;
         self.store(tenant, name, &parsed, config_json, weights)
             .await
     }
@@ -327,7 +365,7 @@ impl AdapterRegistry {
         let dir = self.adapters_dir().join(&dir_name);
         let size = (config_json.len() + weights.len()) as u64;
         let d = dir.clone();
-        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        let written = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             std::fs::create_dir_all(&d)?;
             atomic_write(&d.join(peft::WEIGHTS_FILE), &weights)?;
             atomic_write(&d.join(peft::CONFIG_FILE), &config_json)?;
@@ -337,8 +375,12 @@ impl AdapterRegistry {
             Ok(())
         })
         .await
-        .map_err(|e| RegistryError::Storage(e.to_string()))?
-        .map_err(|e| RegistryError::Storage(format!("writing adapter files: {e}")))?;
+        .map_err(|e| RegistryError::Storage(e.to_string()))?;
+        if let Err(e) = written {
+            // Nothing half-written stays behind (a full disk included).
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(io_error("writing the adapter files", e));
+        }
         let row = self
             .db
             .insert_adapter(&NewAdapter {
@@ -397,13 +439,21 @@ impl AdapterRegistry {
         let model = self.model.clone();
         let policy = self.policy(true);
         let d = dir.clone();
+        let what = r.to_string();
         let parsed = tokio::task::spawn_blocking(move || -> Result<ParsedLora, RegistryError> {
             let read = |f: &str| {
-                std::fs::read(d.join(f))
-                    .map_err(|e| RegistryError::Storage(format!("{}: {e}", d.join(f).display())))
+                std::fs::read(d.join(f)).map_err(|e| {
+                    tracing::error!(file = %d.join(f).display(), error = %e, "reading a stored adapter");
+                    RegistryError::Storage(format!("reading adapter {what}: {}", e.kind()))
+                })
             };
             let (c, w) = (read(peft::CONFIG_FILE)?, read(peft::WEIGHTS_FILE)?);
-            Ok(peft::parse(&c, &w, model.config(), &model.name, &policy)?)
+            // These files were checked at import: failing now means they were damaged on
+            // disk, which is the server's loss, not the caller's bad argument.
+            peft::parse(&c, &w, model.config(), &model.name, &policy).map_err(|e| {
+                tracing::error!(dir = %d.display(), error = %e, "a stored adapter no longer parses");
+                RegistryError::Damaged(format!("adapter {what} is damaged on the server: {e}"))
+            })
         })
         .await
         .map_err(|e| RegistryError::Storage(e.to_string()))??;
@@ -443,7 +493,7 @@ impl AdapterRegistry {
         })
         .await
         .map_err(|e| RegistryError::Storage(e.to_string()))?
-        .map_err(|e| RegistryError::Storage(e.to_string()))?;
+        .map_err(|e| io_error("reading the adapter files", e))?;
         Ok((lease.row.clone(), c, w))
     }
 

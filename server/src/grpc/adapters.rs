@@ -7,11 +7,15 @@ use futures::Stream;
 use graft_proto::v1::{self as pb, adapters_server::Adapters, import_adapter_request::Part};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{auth::Caller, convert::adapter_ref, error::ApiError, ready, recorded, ReadySlot};
+use super::{
+    auth::Caller,
+    convert::adapter_ref,
+    error::{transport, ApiError},
+    ready, recorded, ReadySlot,
+};
 use crate::{
     adapters::peft::{CONFIG_FILE, WEIGHTS_FILE},
     store::AdapterRow,
-    tenancy::NewObject,
 };
 
 const CHUNK: usize = 1 << 20;
@@ -56,24 +60,20 @@ impl Adapters for AdaptersService {
     ) -> Result<Response<pb::AdapterVersion>, Status> {
         recorded("ImportAdapter", async {
             let ready = ready(&self.ready)?;
-            let cap = ready.adapters.config().max_upload_bytes;
             let caller = Caller::of(&req)?;
             let mut stream = req.into_inner();
-            let header = match stream.message().await.map_err(|e| ApiError::invalid("header", e.message().to_string()))? {
+            let header = match stream.message().await.map_err(transport)? {
                 Some(pb::ImportAdapterRequest { part: Some(Part::Header(h)) }) => h,
                 _ => return Err(ApiError::invalid("header", "the first message must be an ImportHeader")),
             };
             let tenant = caller.acting(&header.tenant)?;
             let (mut config, mut weights) = (Vec::new(), Vec::new());
-            let mut total = 0usize;
-            while let Some(msg) = stream.message().await.map_err(|e| ApiError::invalid("chunk", e.message().to_string()))? {
+            while let Some(msg) = stream.message().await.map_err(transport)? {
                 let Some(Part::Chunk(c)) = msg.part else {
                     return Err(ApiError::invalid("header", "only the first message may be a header"));
                 };
-                total += c.data.len();
-                if total > cap {
-                    return Err(ApiError::invalid("chunk", format!("the upload exceeds the {cap}-byte cap for adapters")));
-                }
+                // Checked as bytes arrive, so memory never exceeds the cap.
+                ready.adapters.check_upload_size(config.len() + weights.len() + c.data.len())?;
                 match c.file_name.as_str() {
                     CONFIG_FILE => config.extend_from_slice(&c.data),
                     WEIGHTS_FILE => weights.extend_from_slice(&c.data),
@@ -85,15 +85,6 @@ impl Adapters for AdaptersService {
                     }
                 }
             }
-            if config.is_empty() {
-                return Err(ApiError::invalid(CONFIG_FILE, "missing from the upload"));
-            }
-            if weights.is_empty() {
-                return Err(ApiError::invalid(WEIGHTS_FILE, "missing from the upload"));
-            }
-            let _storage = caller.tenancy.storage_guard(&tenant).await;
-            let bytes = (config.len() + weights.len()) as u64;
-            caller.tenancy.check_storage(&tenant, NewObject::AdapterVersion(&header.name), bytes).await?;
             let row = ready.adapters.import(&tenant, &header.name, config, weights, header.force).await?;
             tracing::info!(tenant = %row.tenant, name = %row.name, version = row.version, "adapter imported");
             Ok(row.into())

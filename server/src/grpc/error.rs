@@ -40,7 +40,39 @@ pub enum ApiError {
     #[error("deadline exceeded")]
     DeadlineExceeded,
     #[error("{0}")]
+    DataLoss(String),
+    /// The request stream itself failed (the client went away, a message did not decode):
+    /// answered with the stream's own code.
+    #[error("reading the request stream: {message}")]
+    Transport { code: Code, message: String },
+    #[error("{0}")]
     Internal(String),
+}
+
+/// A failure reading a client stream, which is not the caller's bad argument.
+pub fn transport(s: Status) -> ApiError {
+    let code = match s.code() {
+        Code::Ok => Code::Unknown,
+        c => c,
+    };
+    ApiError::Transport {
+        code,
+        message: s.message().to_string(),
+    }
+}
+
+/// A database failure: a full disk is RESOURCE_EXHAUSTED with "no space left" (nothing was
+/// stored); anything else is logged and INTERNAL.
+pub(crate) fn db_error(d: crate::store::DbError) -> ApiError {
+    tracing::error!(error = %d, "database");
+    if d.is_disk_full() {
+        ApiError::ResourceExhausted {
+            what: "no space left on the server's disk (the database could not write)".into(),
+            retry_after: None,
+        }
+    } else {
+        ApiError::Internal("database error".into())
+    }
 }
 
 impl ApiError {
@@ -63,6 +95,8 @@ impl ApiError {
             Self::FailedPrecondition(_) => Code::FailedPrecondition,
             Self::Unavailable(_) => Code::Unavailable,
             Self::DeadlineExceeded => Code::DeadlineExceeded,
+            Self::DataLoss(_) => Code::DataLoss,
+            Self::Transport { code, .. } => *code,
             Self::Internal(_) => Code::Internal,
         }
     }
@@ -126,6 +160,8 @@ impl From<ApiError> for Status {
             ApiError::AlreadyExists(_) => Status::already_exists(msg),
             ApiError::Unavailable(_) => Status::unavailable(msg),
             ApiError::DeadlineExceeded => Status::deadline_exceeded(msg),
+            ApiError::DataLoss(_) => Status::data_loss(msg),
+            ApiError::Transport { code, .. } => Status::new(code, msg),
             ApiError::Internal(_) => Status::internal(msg),
         }
     }
@@ -159,10 +195,13 @@ impl From<RegistryError> for ApiError {
                 tracing::error!(error = %m, "adapter storage");
                 ApiError::Internal(format!("adapter storage: {m}"))
             }
-            RegistryError::Db(d) => {
-                tracing::error!(error = %d, "database");
-                ApiError::Internal("database error".into())
-            }
+            RegistryError::NoSpace(doing) => ApiError::ResourceExhausted {
+                what: format!("no space left on the server's disk ({doing})"),
+                retry_after: None,
+            },
+            RegistryError::Damaged(m) => ApiError::DataLoss(m),
+            RegistryError::Quota(q) => q.into(),
+            RegistryError::Db(d) => db_error(d),
         }
     }
 }
@@ -190,10 +229,7 @@ impl From<TenancyError> for ApiError {
                     retry_after,
                 }
             }
-            TenancyError::Db(d) => {
-                tracing::error!(error = %d, "database");
-                ApiError::Internal("database error".into())
-            }
+            TenancyError::Db(d) => db_error(d),
         }
     }
 }

@@ -7,11 +7,14 @@ use futures::Stream;
 use graft_proto::v1::{self as pb, training_server::Training, upload_dataset_request::Part};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{auth::Caller, error::ApiError, ready, recorded, ReadySlot};
+use super::{
+    auth::Caller,
+    error::{transport, ApiError},
+    ready, recorded, ReadySlot,
+};
 use crate::{
     model::lora::Module,
     store::training::{DatasetRow, JobRow},
-    tenancy::NewObject,
     train::{
         dataset::Format,
         jobs::{JobEvent, JobSpec, NewJob, TrainingError},
@@ -41,10 +44,18 @@ impl From<TrainingError> for ApiError {
                 tracing::error!(error = %m, "training storage");
                 ApiError::Internal(m)
             }
-            TrainingError::Db(d) => {
-                tracing::error!(error = %d, "database");
-                ApiError::Internal("database error".into())
+            TrainingError::NoSpace(doing) => ApiError::ResourceExhausted {
+                what: format!("no space left on the server's disk ({doing})"),
+                retry_after: None,
+            },
+            TrainingError::Quota(q) => q.into(),
+            TrainingError::Registry(r) => r.into(),
+            TrainingError::Failed(f) => ApiError::Internal(format!("training failed: {f}")),
+            TrainingError::Internal(m) => {
+                tracing::error!(error = %m, "training");
+                ApiError::Internal(m)
             }
+            TrainingError::Db(d) => super::error::db_error(d),
         }
     }
 }
@@ -308,14 +319,9 @@ impl Training for TrainingGrpc {
     ) -> Result<Response<pb::Dataset>, Status> {
         recorded("UploadDataset", async {
             let svc = &ready(&self.ready)?.training;
-            let cap = svc.config().max_dataset_bytes;
             let caller = Caller::of(&req)?;
             let mut s = req.into_inner();
-            let header = match s
-                .message()
-                .await
-                .map_err(|e| ApiError::invalid("header", e.message().to_string()))?
-            {
+            let header = match s.message().await.map_err(transport)? {
                 Some(pb::UploadDatasetRequest {
                     part: Some(Part::Header(h)),
                 }) => h,
@@ -336,22 +342,10 @@ impl Training for TrainingGrpc {
                     )
                 })?),
             };
-            let mut bytes = Vec::new();
-            while let Some(m) = s
-                .message()
-                .await
-                .map_err(|e| ApiError::invalid("chunk", e.message().to_string()))?
-            {
+            let mut upload = svc.begin_upload(&tenant, &header.name, format).await?;
+            while let Some(m) = s.message().await.map_err(transport)? {
                 match m.part {
-                    Some(Part::Chunk(c)) => {
-                        bytes.extend_from_slice(&c);
-                        if bytes.len() > cap {
-                            return Err(ApiError::invalid(
-                                "chunk",
-                                format!("the dataset exceeds the {cap}-byte cap"),
-                            ));
-                        }
-                    }
+                    Some(Part::Chunk(c)) => upload.write(&c).await?,
                     _ => {
                         return Err(ApiError::invalid(
                             "header",
@@ -360,15 +354,7 @@ impl Training for TrainingGrpc {
                     }
                 }
             }
-            let _storage = caller.tenancy.storage_guard(&tenant).await;
-            caller
-                .tenancy
-                .check_storage(&tenant, NewObject::Dataset, bytes.len() as u64)
-                .await?;
-            Ok(svc
-                .upload_dataset(&tenant, &header.name, format, bytes)
-                .await?
-                .into())
+            Ok(svc.finish_upload(upload).await?.into())
         })
         .await
     }
@@ -433,18 +419,6 @@ impl Training for TrainingGrpc {
             let tenant = caller.acting(&r.tenant)?;
             let job = job_from(&r)?;
             let training = &ready(&self.ready)?.training;
-            let _storage = caller.tenancy.storage_guard(&tenant).await;
-            caller.tenancy.check_new_job(&tenant).await?;
-            // The adapter's size is known from the model and the LoRA settings, so a job
-            // whose result would not fit is refused now rather than after hours of work.
-            caller
-                .tenancy
-                .check_storage(
-                    &tenant,
-                    NewObject::AdapterVersion(&job.adapter_name),
-                    training.adapter_bytes(&job),
-                )
-                .await?;
             Ok(training.create_job(&tenant, job).await?.into())
         })
         .await

@@ -24,6 +24,18 @@ pub struct DbError {
     source: sqlx::Error,
 }
 
+impl DbError {
+    /// The database could not write because the disk is full (SQLITE_FULL, or an I/O
+    /// error saying so).
+    pub fn is_disk_full(&self) -> bool {
+        match &self.source {
+            sqlx::Error::Database(d) => d.code().as_deref() == Some("13"),
+            sqlx::Error::Io(e) => e.kind() == std::io::ErrorKind::StorageFull,
+            _ => false,
+        }
+    }
+}
+
 fn db_err(op: &'static str) -> impl FnOnce(sqlx::Error) -> DbError {
     move |source| DbError { op, source }
 }
@@ -250,12 +262,17 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
             .map(|n| n.to_string_lossy())
             .unwrap_or_default()
     ));
-    {
+    let written = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = written {
+        // A full disk (or any other failure) leaves no temporary file behind.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
     }
-    std::fs::rename(&tmp, path)?;
     std::fs::File::open(dir)?.sync_all()
 }
 

@@ -24,12 +24,9 @@ use std::{
 
 pub use quotas::{Limits, Quotas, TokenBucket};
 
-use crate::{
-    adapters::registry::validate_name,
-    store::{
-        tenancy::{KeyRow, StoredUsage},
-        Db, DbError,
-    },
+use crate::store::{
+    tenancy::{KeyRow, StoredUsage},
+    Db, DbError,
 };
 
 /// Settings of tenancy.
@@ -166,7 +163,7 @@ fn now_unix() -> i64 {
 }
 
 fn tenant_name(field: &str, name: &str) -> Result<(), TenancyError> {
-    validate_name(name).map_err(|e| invalid(field, e.replace("adapter name", "tenant name")))
+    crate::names::validate(name, "tenant name").map_err(|e| invalid(field, e))
 }
 
 impl Tenancy {

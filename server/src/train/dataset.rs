@@ -4,8 +4,21 @@
 //! optional `system`, `history`), chat (`messages` with system/user/assistant and an optional
 //! per-message `weight` 0/1), `prompt`/`completion`, and plain `text`.
 //! Invariant: a dataset that validates yields only examples with at least one trained token.
+//! Bounds: a line longer than [`MAX_LINE_BYTES`] is refused before it is parsed, an example
+//! longer than [`MAX_EXAMPLE_TOKENS`] tokens is refused, and [`validate_reader`] holds one
+//! line and one example at a time, so validating costs memory proportional to the largest
+//! allowed line, whatever the file's size or shape. Duplicate keys in a JSON object are
+//! refused (JSON parsers disagree on which one wins).
 
+use std::io::BufRead;
+
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
+
+/// Longest line of a dataset, in bytes.
+pub const MAX_LINE_BYTES: usize = 1 << 20;
+/// Longest example, in tokens, before truncation to a job's `max_seq_len`.
+pub const MAX_EXAMPLE_TOKENS: usize = 32_768;
 
 use crate::model::{ChatMessage, ModelError, TextTokenizer};
 
@@ -74,6 +87,8 @@ impl std::fmt::Display for Problem {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Example {
     pub segments: Vec<(String, bool)>,
+    /// The 1-based line it came from.
+    pub line: usize,
 }
 
 /// A tokenised example: ids and, per id, whether its prediction is trained.
@@ -126,6 +141,7 @@ fn example_of(
             }
             Ok(Example {
                 segments: vec![(t, true)],
+                line: 0,
             })
         }
         Format::PromptCompletion => {
@@ -136,6 +152,7 @@ fn example_of(
             }
             Ok(Example {
                 segments: vec![(p, false), (c, true)],
+                line: 0,
             })
         }
         Format::Alpaca => {
@@ -180,6 +197,7 @@ fn example_of(
             let prompt = render(&msgs, true).map_err(|e| ("template", e.to_string()))?;
             Ok(Example {
                 segments: vec![(prompt, false), (out, true)],
+                line: 0,
             })
         }
         Format::Chat => {
@@ -258,9 +276,131 @@ fn example_of(
                     done = after;
                 }
             }
-            Ok(Example { segments })
+            Ok(Example { segments, line: 0 })
         }
     }
+}
+
+/// A JSON value whose objects never repeat a key (serde_json's own `Value` keeps the last).
+struct Strict(Value);
+
+impl<'de> Deserialize<'de> for Strict {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StrictVisitor).map(Strict)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> Visitor<'de> for StrictVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(v.into())
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(v.into())
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_string()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(Strict(v)) = seq.next_element()? {
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = serde_json::Map::new();
+        while let Some(k) = map.next_key::<String>()? {
+            if out.contains_key(&k) {
+                return Err(de::Error::custom(format!("duplicate key {k:?}")));
+            }
+            let Strict(v) = map.next_value()?;
+            out.insert(k, v);
+        }
+        Ok(Value::Object(out))
+    }
+}
+
+fn problem(line: usize, kind: &'static str, detail: impl Into<String>) -> Problem {
+    Problem {
+        line,
+        kind,
+        detail: detail.into(),
+    }
+}
+
+/// Parses line `line_no` (blank lines are `None`): its length, JSON (no duplicate keys),
+/// format and fields.
+fn parse_line(
+    line_no: usize,
+    line: &str,
+    forced: Option<Format>,
+    render: RenderChat<'_>,
+) -> Result<Option<(Example, Format)>, Problem> {
+    if line.len() > MAX_LINE_BYTES {
+        return Err(too_long_line(line_no, line.len()));
+    }
+    if line.trim().is_empty() {
+        return Ok(None);
+    }
+    let v = match serde_json::from_str::<Strict>(line) {
+        Ok(Strict(v)) => v,
+        Err(e) => {
+            let msg = e.to_string();
+            let kind = if msg.starts_with("duplicate key") {
+                "duplicate key"
+            } else {
+                "invalid JSON"
+            };
+            return Err(problem(line_no, kind, msg));
+        }
+    };
+    let Some(obj) = v.as_object() else {
+        return Err(problem(
+            line_no,
+            "invalid JSON",
+            "each line must be a JSON object",
+        ));
+    };
+    let Some(format) = forced.or_else(|| Format::detect(obj)) else {
+        return Err(problem(
+            line_no,
+            "missing field",
+            "no instruction/output, messages, prompt/completion or text field",
+        ));
+    };
+    let mut e = example_of(obj, format, render).map_err(|(k, d)| problem(line_no, k, d))?;
+    e.line = line_no;
+    Ok(Some((e, format)))
+}
+
+fn too_long_line(line_no: usize, bytes: usize) -> Problem {
+    problem(
+        line_no,
+        "line too long",
+        format!("{bytes} bytes or more; a line may have at most {MAX_LINE_BYTES}"),
+    )
 }
 
 /// Parses and validates a whole JSONL dataset. On success, the examples; on failure, the
@@ -277,65 +417,224 @@ pub fn parse_jsonl(
         if problems.len() >= MAX_PROBLEMS {
             break;
         }
-        let line_no = i + 1;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: Value = match serde_json::from_str(line) {
-            Ok(v) => v,
-            Err(e) => {
-                problems.push(Problem {
-                    line: line_no,
-                    kind: "invalid JSON",
-                    detail: e.to_string(),
-                });
-                continue;
+        match parse_line(i + 1, line, forced, render) {
+            Ok(Some((e, f))) => {
+                seen_format.get_or_insert(f);
+                examples.push(e);
             }
-        };
-        let Some(obj) = v.as_object() else {
-            problems.push(Problem {
-                line: line_no,
-                kind: "invalid JSON",
-                detail: "each line must be a JSON object".into(),
-            });
-            continue;
-        };
-        let format = match forced.or_else(|| Format::detect(obj)) {
-            Some(f) => f,
-            None => {
-                problems.push(Problem {
-                    line: line_no,
-                    kind: "missing field",
-                    detail: "no instruction/output, messages, prompt/completion or text field"
-                        .into(),
-                });
-                continue;
-            }
-        };
-        seen_format.get_or_insert(format);
-        match example_of(obj, format, render) {
-            Ok(e) => examples.push(e),
-            Err((kind, detail)) => problems.push(Problem {
-                line: line_no,
-                kind,
-                detail,
-            }),
+            Ok(None) => {}
+            Err(p) => problems.push(p),
         }
     }
-    if examples.is_empty() && problems.is_empty() {
-        problems.push(Problem {
-            line: 0,
-            kind: "empty dataset",
-            detail: "no examples".into(),
-        });
-    }
-    if !problems.is_empty() {
-        return Err(problems);
-    }
+    finish(examples.is_empty(), problems)?;
     Ok((examples, seen_format.unwrap_or(Format::Text)))
 }
 
-/// Tokenises examples; too-long ones are truncated or rejected (with their index).
+fn finish(no_examples: bool, mut problems: Vec<Problem>) -> Result<(), Vec<Problem>> {
+    if no_examples && problems.is_empty() {
+        problems.push(problem(0, "empty dataset", "no examples"));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems)
+    }
+}
+
+/// Reads the next line of `r` into `buf` (without its line ending), holding at most
+/// `MAX_LINE_BYTES + 1` bytes: a longer line is skipped and reported as `Some(Err(len))`.
+fn next_line<R: BufRead>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<Option<Result<(), usize>>> {
+    buf.clear();
+    let n = std::io::Read::take(&mut *r, MAX_LINE_BYTES as u64 + 1).read_until(b'\n', buf)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+        if buf.last() == Some(&b'\r') {
+            buf.pop();
+        }
+        return Ok(Some(Ok(())));
+    }
+    if buf.len() <= MAX_LINE_BYTES {
+        return Ok(Some(Ok(()))); // the last line, without a newline
+    }
+    let mut len = buf.len();
+    loop {
+        let avail = r.fill_buf()?;
+        if avail.is_empty() {
+            break;
+        }
+        if let Some(p) = avail.iter().position(|&b| b == b'\n') {
+            len += p;
+            r.consume(p + 1);
+            break;
+        }
+        let l = avail.len();
+        len += l;
+        r.consume(l);
+    }
+    Ok(Some(Err(len)))
+}
+
+/// What [`validate_reader`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Validated {
+    pub format: Format,
+    pub stats: Stats,
+}
+
+/// Validates a JSONL dataset as it is read, one line and one example at a time: parse,
+/// tokenise (truncating at `max_seq_len` for the statistics), count, drop. The problems
+/// are those [`parse_jsonl`] and [`tokenize`] report, with line numbers, and invalid UTF-8
+/// is reported by line too.
+pub fn validate_reader(
+    mut r: impl BufRead,
+    forced: Option<Format>,
+    render: RenderChat<'_>,
+    tk: &TextTokenizer,
+    max_seq_len: usize,
+) -> std::io::Result<Result<Validated, Vec<Problem>>> {
+    let mut problems = Vec::new();
+    let mut stats = Stats::default();
+    let mut seen_format = forced;
+    let mut buf = Vec::new();
+    let mut line_no = 0;
+    while problems.len() < MAX_PROBLEMS {
+        let Some(read) = next_line(&mut r, &mut buf)? else {
+            break;
+        };
+        line_no += 1;
+        if let Err(len) = read {
+            problems.push(too_long_line(line_no, len));
+            continue;
+        }
+        let line = match std::str::from_utf8(&buf) {
+            Ok(l) => l,
+            Err(e) => {
+                problems.push(problem(
+                    line_no,
+                    "invalid UTF-8",
+                    format!("at byte {} of the line", e.valid_up_to()),
+                ));
+                continue;
+            }
+        };
+        let e = match parse_line(line_no, line, forced, render) {
+            Ok(Some((e, f))) => {
+                seen_format.get_or_insert(f);
+                e
+            }
+            Ok(None) => continue,
+            Err(p) => {
+                problems.push(p);
+                continue;
+            }
+        };
+        match tokenize_one(&e, tk, max_seq_len, Overflow::Truncate) {
+            Ok(t) => stats.add(&t),
+            Err(p) => problems.push(p),
+        }
+    }
+    if let Err(p) = finish(stats.examples == 0, problems) {
+        return Ok(Err(p));
+    }
+    Ok(Ok(Validated {
+        format: seen_format.unwrap_or(Format::Text),
+        stats,
+    }))
+}
+
+/// One tokenised example and whether it was truncated.
+pub struct TokenizedOne {
+    pub tokens: Tokenized,
+    pub truncated: bool,
+}
+
+impl Stats {
+    fn add(&mut self, t: &TokenizedOne) {
+        self.examples += 1;
+        self.tokens += t.tokens.ids.len();
+        self.trained_tokens += t.tokens.mask.iter().filter(|m| **m).count();
+        self.truncated += usize::from(t.truncated);
+    }
+}
+
+/// Tokenises one example: too long (over `max_seq_len`) is truncated or refused, over
+/// [`MAX_EXAMPLE_TOKENS`] always refused.
+pub fn tokenize_one(
+    e: &Example,
+    tk: &TextTokenizer,
+    max_seq_len: usize,
+    overflow: Overflow,
+) -> Result<TokenizedOne, Problem> {
+    let mut ids = Vec::new();
+    let mut mask = Vec::new();
+    for (k, (text, trained)) in e.segments.iter().enumerate() {
+        let mut seg = tk
+            .encode(text)
+            .map_err(|err| problem(e.line, "tokenizer", err.to_string()))?;
+        if k > 0 && tk.add_bos && seg.first() == tk.bos_id.as_ref() {
+            seg.remove(0);
+        }
+        mask.extend(std::iter::repeat_n(*trained, seg.len()));
+        ids.extend(seg);
+        if *trained {
+            if let Some(&eos) = tk.eos_ids.first() {
+                // Completions end with EOS so the model learns to stop, unless the chat
+                // template already wrote it.
+                if ids.last() != Some(&eos) && !text.ends_with('\n') {
+                    ids.push(eos);
+                    mask.push(true);
+                }
+            }
+        }
+        if ids.len() > MAX_EXAMPLE_TOKENS {
+            return Err(problem(
+                e.line,
+                "too long",
+                format!("over {MAX_EXAMPLE_TOKENS} tokens, the most an example may have"),
+            ));
+        }
+    }
+    let mut truncated = false;
+    if ids.len() > max_seq_len {
+        match overflow {
+            Overflow::Truncate => {
+                ids.truncate(max_seq_len);
+                mask.truncate(max_seq_len);
+                truncated = true;
+            }
+            Overflow::Reject => {
+                return Err(problem(
+                    e.line,
+                    "too long",
+                    format!("{} tokens; max_seq_len is {max_seq_len}", ids.len()),
+                ));
+            }
+        }
+    }
+    // The first token has no prediction.
+    if let Some(m) = mask.first_mut() {
+        *m = false;
+    }
+    if !mask.iter().any(|m| *m) {
+        return Err(problem(
+            e.line,
+            "empty output",
+            "no trained token left (truncated away?)",
+        ));
+    }
+    Ok(TokenizedOne {
+        tokens: Tokenized { ids, mask },
+        truncated,
+    })
+}
+
+/// Tokenises examples; too-long ones are truncated or rejected (with their line).
 pub fn tokenize(
     examples: &[Example],
     tk: &TextTokenizer,
@@ -345,69 +644,19 @@ pub fn tokenize(
     let mut out = Vec::with_capacity(examples.len());
     let mut stats = Stats::default();
     let mut problems = Vec::new();
-    for (n, e) in examples.iter().enumerate() {
-        let mut ids = Vec::new();
-        let mut mask = Vec::new();
-        for (k, (text, trained)) in e.segments.iter().enumerate() {
-            let mut seg = tk.encode(text).map_err(|err| {
-                vec![Problem {
-                    line: n + 1,
-                    kind: "tokenizer",
-                    detail: err.to_string(),
-                }]
-            })?;
-            if k > 0 && tk.add_bos && seg.first() == tk.bos_id.as_ref() {
-                seg.remove(0);
+    for e in examples {
+        match tokenize_one(e, tk, max_seq_len, overflow) {
+            Ok(t) => {
+                stats.add(&t);
+                out.push(t.tokens);
             }
-            mask.extend(std::iter::repeat_n(*trained, seg.len()));
-            ids.extend(seg);
-            if *trained {
-                if let Some(&eos) = tk.eos_ids.first() {
-                    // Completions end with EOS so the model learns to stop, unless the chat
-                    // template already wrote it.
-                    if ids.last() != Some(&eos) && !text.ends_with('\n') {
-                        ids.push(eos);
-                        mask.push(true);
-                    }
+            Err(p) => {
+                problems.push(p);
+                if problems.len() >= MAX_PROBLEMS {
+                    break;
                 }
             }
         }
-        if ids.len() > max_seq_len {
-            match overflow {
-                Overflow::Truncate => {
-                    ids.truncate(max_seq_len);
-                    mask.truncate(max_seq_len);
-                    stats.truncated += 1;
-                }
-                Overflow::Reject => {
-                    problems.push(Problem {
-                        line: n + 1,
-                        kind: "too long",
-                        detail: format!("{} tokens; max_seq_len is {max_seq_len}", ids.len()),
-                    });
-                    if problems.len() >= MAX_PROBLEMS {
-                        break;
-                    }
-                    continue;
-                }
-            }
-        }
-        // The first token has no prediction.
-        if let Some(m) = mask.first_mut() {
-            *m = false;
-        }
-        if !mask.iter().any(|m| *m) {
-            problems.push(Problem {
-                line: n + 1,
-                kind: "empty output",
-                detail: "no trained token left (truncated away?)".into(),
-            });
-            continue;
-        }
-        stats.examples += 1;
-        stats.tokens += ids.len();
-        stats.trained_tokens += mask.iter().filter(|m| **m).count();
-        out.push(Tokenized { ids, mask });
     }
     if !problems.is_empty() {
         return Err(problems);
@@ -484,5 +733,80 @@ mod tests {
             ]
         );
         assert_eq!(parse("").expect_err("empty")[0].kind, "empty dataset");
+    }
+
+    /// A reader of `n` bytes of `b`, never held in memory as a whole.
+    struct Repeat {
+        b: u8,
+        left: usize,
+    }
+
+    impl std::io::Read for Repeat {
+        fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+            let n = out.len().min(self.left);
+            out[..n].fill(self.b);
+            self.left -= n;
+            Ok(n)
+        }
+    }
+
+    fn tiny_tokenizer() -> TextTokenizer {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("tiny.gguf");
+        crate::model::tiny::write_tiny_gguf(&path, &Default::default()).expect("tiny");
+        crate::model::BaseModel::load(&path, &candle_core::Device::Cpu)
+            .expect("load")
+            .tokenizer
+    }
+
+    #[test]
+    fn a_line_over_the_cap_is_refused_unread_and_the_next_line_still_parses() {
+        use std::io::Read;
+        let huge = Repeat {
+            b: b'a',
+            left: 5 * MAX_LINE_BYTES,
+        };
+        let rest = "\n{\"text\":\"fine\"}\n{\"text\": 1, \"text\": 2}\n".as_bytes();
+        let reader = std::io::BufReader::new(huge.chain(rest));
+        let tk = tiny_tokenizer();
+        let p = validate_reader(reader, None, &render, &tk, 64)
+            .expect("io")
+            .expect_err("problems");
+        let got: Vec<(usize, &str)> = p.iter().map(|p| (p.line, p.kind)).collect();
+        assert_eq!(got, vec![(1, "line too long"), (3, "duplicate key")]);
+        assert!(
+            p[0].detail.contains(&(5 * MAX_LINE_BYTES).to_string()),
+            "{}",
+            p[0]
+        );
+        assert!(p[1].detail.contains("\"text\""), "{}", p[1]);
+        // The same line through the in-memory parser.
+        let text = format!("{}\n", "a".repeat(MAX_LINE_BYTES + 1));
+        assert_eq!(parse(&text).expect_err("long")[0].kind, "line too long");
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused_at_any_depth() {
+        let p = parse(r#"{"messages":[{"role":"user","content":"a","content":"b"}]}"#)
+            .expect_err("dup");
+        assert_eq!((p[0].line, p[0].kind), (1, "duplicate key"));
+        assert!(p[0].detail.contains("\"content\""), "{}", p[0]);
+        parse(r#"{"prompt":"a","completion":"b","extra":{"x":1,"y":[{"x":2}]}}"#).expect("no dup");
+    }
+
+    #[test]
+    fn invalid_utf8_is_reported_by_line() {
+        let mut bytes = b"{\"text\":\"ok\"}\n{\"text\":\"ok\"}\n{\"text\":\"".to_vec();
+        bytes.extend([0xff, 0xfe]);
+        bytes.extend(b"\"}\n");
+        let tk = tiny_tokenizer();
+        let p = validate_reader(&bytes[..], None, &render, &tk, 64)
+            .expect("io")
+            .expect_err("bad utf-8");
+        assert_eq!((p[0].line, p[0].kind), (3, "invalid UTF-8"));
+        let ok = validate_reader(&bytes[..28], None, &render, &tk, 64)
+            .expect("io")
+            .expect("two good lines");
+        assert_eq!(ok.stats.examples, 2);
     }
 }

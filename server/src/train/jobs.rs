@@ -18,7 +18,6 @@ use std::{
 
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, Notify};
 
 use super::{
@@ -29,11 +28,10 @@ use crate::{
     adapters::{peft::ParsedLora, AdapterRegistry},
     model::BaseModel,
     store::{
-        atomic_write,
         training::{DatasetRow, EventRow, JobRow, TERMINAL},
         Db, DbError,
     },
-    tenancy::Tenancy,
+    tenancy::{Tenancy, TenancyError},
 };
 
 /// Settings of the training service.
@@ -57,11 +55,36 @@ pub enum TrainingError {
     AlreadyExists(String),
     #[error("{0}")]
     Storage(String),
+    /// The server's disk is full: nothing was stored.
+    #[error("no space left on the server's disk ({0})")]
+    NoSpace(String),
+    #[error(transparent)]
+    Quota(#[from] TenancyError),
+    /// The training run itself failed (NaN loss, a tensor error, a checkpoint write).
+    #[error("training failed: {0}")]
+    Failed(#[from] trainer::TrainError),
+    /// Registering the trained adapter failed.
+    #[error("registering the adapter: {0}")]
+    Registry(#[from] crate::adapters::RegistryError),
+    /// A thread or task of the server failed.
+    #[error("internal error: {0}")]
+    Internal(String),
     #[error(transparent)]
     Db(#[from] DbError),
 }
 
-fn invalid(field: &str, reason: impl Into<String>) -> TrainingError {
+/// An I/O failure while `doing` something: a full disk is [`TrainingError::NoSpace`]; the
+/// message never carries a server path.
+pub(super) fn io_error(doing: &str, e: std::io::Error) -> TrainingError {
+    if e.kind() == std::io::ErrorKind::StorageFull {
+        TrainingError::NoSpace(doing.into())
+    } else {
+        tracing::error!(error = %e, "{doing}");
+        TrainingError::Storage(format!("{doing} failed: {}", e.kind()))
+    }
+}
+
+pub(super) fn invalid(field: &str, reason: impl Into<String>) -> TrainingError {
     TrainingError::Invalid {
         field: field.into(),
         reason: reason.into(),
@@ -110,7 +133,7 @@ pub struct TrainingService {
     wake: Notify,
 }
 
-fn new_id(prefix: &str) -> String {
+pub(super) fn new_id(prefix: &str) -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
@@ -121,7 +144,7 @@ fn new_id(prefix: &str) -> String {
     )
 }
 
-fn problems_text(p: &[Problem]) -> String {
+pub(super) fn problems_text(p: &[Problem]) -> String {
     p.iter()
         .map(|p| p.to_string())
         .collect::<Vec<_>>()
@@ -151,83 +174,25 @@ impl TrainingService {
         &self.cfg
     }
 
+    pub(super) fn db(&self) -> &Db {
+        &self.db
+    }
+
+    pub(super) fn model(&self) -> &Arc<BaseModel> {
+        &self.model
+    }
+
+    pub(super) fn tenancy(&self) -> &Tenancy {
+        &self.tenancy
+    }
+
+    pub(super) fn datasets_dir(&self) -> PathBuf {
+        self.cfg.data_dir.join("datasets")
+    }
+
     /// The bytes the adapter `job` trains will store, for the storage quota at CreateJob.
     pub fn adapter_bytes(&self, job: &NewJob) -> u64 {
         job.spec.train.adapter_bytes(self.model.config())
-    }
-
-    fn render(
-        &self,
-    ) -> impl Fn(&[crate::model::ChatMessage], bool) -> Result<String, crate::model::ModelError> + '_
-    {
-        |m, g| self.model.chat.render(m, g)
-    }
-
-    /// Validates and stores a dataset.
-    pub async fn upload_dataset(
-        &self,
-        tenant: &str,
-        name: &str,
-        format: Option<Format>,
-        bytes: Vec<u8>,
-    ) -> Result<DatasetRow, TrainingError> {
-        crate::adapters::registry::validate_name(name)
-            .map_err(|e| invalid("name", e.replace("adapter name", "dataset name")))?;
-        if self.db.dataset_by_name(tenant, name).await?.is_some() {
-            return Err(TrainingError::AlreadyExists(format!("dataset {name:?}")));
-        }
-        let text = String::from_utf8(bytes).map_err(|e| {
-            invalid(
-                "chunk",
-                format!(
-                    "the dataset is not valid UTF-8 (byte {})",
-                    e.utf8_error().valid_up_to()
-                ),
-            )
-        })?;
-        let model = self.model.clone();
-        let (examples, fmt, stats, text) = tokio::task::spawn_blocking(move || {
-            let render = |m: &[crate::model::ChatMessage], g: bool| model.chat.render(m, g);
-            let (ex, fmt) = dataset::parse_jsonl(&text, format, &render)?;
-            let (_, stats) = dataset::tokenize(&ex, &model.tokenizer, 2048, Overflow::Truncate)?;
-            Ok::<_, Vec<Problem>>((ex.len(), fmt, stats, text))
-        })
-        .await
-        .map_err(|e| TrainingError::Storage(e.to_string()))?
-        .map_err(|p| invalid("dataset", problems_text(&p)))?;
-        let id = new_id("ds");
-        let file = format!("{id}.jsonl");
-        let dir = self.cfg.data_dir.join("datasets");
-        let path = dir.join(&file);
-        let sha = format!("{:x}", Sha256::digest(text.as_bytes()));
-        let size = text.len() as u64;
-        tokio::task::spawn_blocking(move || {
-            std::fs::create_dir_all(&dir)?;
-            atomic_write(&path, text.as_bytes())
-        })
-        .await
-        .map_err(|e| TrainingError::Storage(e.to_string()))?
-        .map_err(|e| TrainingError::Storage(format!("writing the dataset: {e}")))?;
-        let row = DatasetRow {
-            id,
-            tenant: tenant.into(),
-            name: name.into(),
-            format: fmt.name().into(),
-            examples: examples as u64,
-            tokens: stats.tokens as u64,
-            truncated: stats.truncated as u64,
-            size_bytes: size,
-            sha256: sha,
-            file: file.clone(),
-            created_at: 0,
-        };
-        match self.db.insert_dataset(&row).await? {
-            Some(r) => Ok(r),
-            None => {
-                let _ = std::fs::remove_file(self.cfg.data_dir.join("datasets").join(&file));
-                Err(TrainingError::AlreadyExists(format!("dataset {name:?}")))
-            }
-        }
     }
 
     pub async fn dataset(&self, tenant: &str, name: &str) -> Result<DatasetRow, TrainingError> {
@@ -299,40 +264,63 @@ impl TrainingService {
         Ok(())
     }
 
-    /// Loads, parses and tokenises a dataset for a job.
-    fn load_examples(
+    /// Loads, parses and tokenises a dataset for a job, on a blocking thread: reading and
+    /// tokenising up to the dataset cap must not hold an async worker.
+    async fn load_examples(
         &self,
         row: &DatasetRow,
         spec: &JobSpec,
     ) -> Result<Vec<Tokenized>, TrainingError> {
-        let path = self.cfg.data_dir.join("datasets").join(&row.file);
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| TrainingError::Storage(format!("{}: {e}", path.display())))?;
-        let render = self.render();
-        let (ex, _) = dataset::parse_jsonl(&text, Format::parse(&row.format), &render)
-            .map_err(|p| invalid("dataset", problems_text(&p)))?;
-        let overflow = if spec.reject_too_long {
-            Overflow::Reject
-        } else {
-            Overflow::Truncate
-        };
-        let (mut tok, _) =
-            dataset::tokenize(&ex, &self.model.tokenizer, spec.train.max_seq_len, overflow)
+        let path = self.datasets_dir().join(&row.file);
+        let (model, format) = (self.model.clone(), Format::parse(&row.format));
+        let (overflow, max_seq_len, loss_on_all) = (
+            if spec.reject_too_long {
+                Overflow::Reject
+            } else {
+                Overflow::Truncate
+            },
+            spec.train.max_seq_len,
+            spec.loss_on_all,
+        );
+        tokio::task::spawn_blocking(move || {
+            let text =
+                std::fs::read_to_string(&path).map_err(|e| io_error("reading the dataset", e))?;
+            let render = |m: &[crate::model::ChatMessage], g: bool| model.chat.render(m, g);
+            let (ex, _) = dataset::parse_jsonl(&text, format, &render)
                 .map_err(|p| invalid("dataset", problems_text(&p)))?;
-        if spec.loss_on_all {
-            for t in &mut tok {
-                for (i, m) in t.mask.iter_mut().enumerate() {
-                    *m = i > 0;
+            drop(text);
+            let (mut tok, _) = dataset::tokenize(&ex, &model.tokenizer, max_seq_len, overflow)
+                .map_err(|p| invalid("dataset", problems_text(&p)))?;
+            if loss_on_all {
+                for t in &mut tok {
+                    for (i, m) in t.mask.iter_mut().enumerate() {
+                        *m = i > 0;
+                    }
                 }
             }
-        }
-        Ok(tok)
+            Ok(tok)
+        })
+        .await
+        .map_err(|e| TrainingError::Storage(e.to_string()))?
     }
 
     /// Validates a job against its data and queues it.
+    /// Quotas are checked here, under the tenant's storage lock held until the job's row
+    /// (and its hold on the adapter's bytes) exists: the unfinished-jobs count, and the
+    /// bytes of the adapter it will store (known from the model and the method's settings),
+    /// so a job whose result would not fit is refused now, not after hours of work.
     pub async fn create_job(&self, tenant: &str, job: NewJob) -> Result<JobRow, TrainingError> {
-        crate::adapters::registry::validate_name(&job.adapter_name)
+        crate::names::validate(&job.adapter_name, "adapter name")
             .map_err(|e| invalid("adapter_name", e))?;
+        let _storage = self.tenancy.storage_guard(tenant).await;
+        self.tenancy.check_new_job(tenant).await?;
+        self.tenancy
+            .check_storage(
+                tenant,
+                crate::tenancy::NewObject::AdapterVersion(&job.adapter_name),
+                self.adapter_bytes(&job),
+            )
+            .await?;
         let ds = self.dataset(tenant, &job.dataset).await?;
         let eval = match &job.validation_dataset {
             Some(n) => Some(
@@ -362,9 +350,9 @@ impl TrainingService {
             ));
         }
         // Validation: the data must tokenise under this job's limits.
-        let train = self.load_examples(&ds, &job.spec)?;
+        let train = self.load_examples(&ds, &job.spec).await?;
         if let Some(e) = &eval {
-            self.load_examples(e, &job.spec)?;
+            self.load_examples(e, &job.spec).await?;
         }
         let (n_train, _) = split_sizes(train.len(), job.spec.validation_split);
         let spe = n_train
@@ -634,13 +622,13 @@ impl TrainingService {
             .job_dataset(&job.tenant, &job.dataset)
             .await?
             .ok_or_else(|| TrainingError::NotFound("the job's dataset".into()))?;
-        let mut train = self.load_examples(&ds, &spec)?;
+        let mut train = self.load_examples(&ds, &spec).await?;
         let eval = match &job.eval_dataset {
             Some(e) => {
                 let row = self.db.job_dataset(&job.tenant, e).await?.ok_or_else(|| {
                     TrainingError::NotFound("the job's validation dataset".into())
                 })?;
-                self.load_examples(&row, &spec)?
+                self.load_examples(&row, &spec).await?
             }
             None if spec.validation_split > 0.0 => {
                 train.shuffle(&mut StdRng::seed_from_u64(spec.train.seed));
@@ -710,14 +698,12 @@ impl TrainingService {
         });
         let outcome = handle
             .await
-            .map_err(|e| TrainingError::Storage(format!("training thread: {e}")))?;
+            .map_err(|e| TrainingError::Internal(format!("training thread: {e}")))?;
         let _ = forward.await;
         match outcome {
             Ok(Outcome::Cancelled) => Ok(None),
             Ok(Outcome::Finished(vars)) => {
-                let weights = vars
-                    .to_weights()
-                    .map_err(|e| TrainingError::Storage(e.to_string()))?;
+                let weights = vars.to_weights().map_err(trainer::TrainError::from)?;
                 let parsed = ParsedLora {
                     target_modules: weights
                         .modules()
@@ -732,11 +718,10 @@ impl TrainingService {
                 let row = self
                     .registry
                     .store_parsed(&job.tenant, &job.adapter_name, &parsed)
-                    .await
-                    .map_err(|e| TrainingError::Storage(format!("registering the adapter: {e}")))?;
+                    .await?;
                 Ok(Some(row.version))
             }
-            Err(e) => Err(TrainingError::Storage(e.to_string())),
+            Err(e) => Err(e.into()),
         }
     }
 }

@@ -9,3 +9,4 @@ pub mod jobs;
 pub mod lora_vars;
 pub mod optim;
 pub mod trainer;
+pub mod upload;

@@ -403,26 +403,37 @@ fn evaluate(
     Ok((loss / n.max(1) as f64, correct as f64 / n.max(1) as f64))
 }
 
+/// A checkpoint I/O failure: the log has the path, the job's error (which its tenant reads)
+/// only the file's name.
+fn ckpt_err(doing: &str, path: &Path, e: impl std::fmt::Display) -> TrainError {
+    tracing::error!(path = %path.display(), error = %e, "checkpoint: {doing}");
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    TrainError::Checkpoint(format!("{doing} {name}: {e}"))
+}
+
 fn read_meta(dir: &Path) -> Result<Option<CheckpointMeta>, TrainError> {
     let p = dir.join("checkpoint.json");
     match std::fs::read(&p) {
         Ok(b) => serde_json::from_slice(&b)
             .map(Some)
-            .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", p.display()))),
+            .map_err(|e| ckpt_err("reading", &p, e)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(TrainError::Checkpoint(format!("{}: {e}", p.display()))),
+        Err(e) => Err(ckpt_err("reading", &p, e)),
     }
 }
 
 fn save_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<(), TrainError> {
     let tmp = path.with_extension("tmp");
-    candle_core::safetensors::save(tensors, &tmp)
-        .map_err(|e| TrainError::Checkpoint(format!("writing {}: {e}", tmp.display())))?;
-    let f = std::fs::File::open(&tmp).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
-    f.sync_all()
-        .map_err(|e| TrainError::Checkpoint(e.to_string()))?;
-    std::fs::rename(&tmp, path)
-        .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))
+    candle_core::safetensors::save(tensors, &tmp).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        ckpt_err("writing", &tmp, e)
+    })?;
+    let f = std::fs::File::open(&tmp).map_err(|e| ckpt_err("opening", &tmp, e))?;
+    f.sync_all().map_err(|e| ckpt_err("syncing", &tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| ckpt_err("renaming", path, e))
 }
 
 /// Tensors first (a new file), then the metadata pointing at them (atomic), then the old
@@ -435,8 +446,7 @@ fn checkpoint(
     best_eval: Option<f64>,
     stale: usize,
 ) -> Result<(), TrainError> {
-    std::fs::create_dir_all(dir)
-        .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", dir.display())))?;
+    std::fs::create_dir_all(dir).map_err(|e| ckpt_err("creating", dir, e))?;
     let old = read_meta(dir)?.map(|m| m.tensors);
     let name = format!("checkpoint-{step}.safetensors");
     let mut all = vars.tensors();
@@ -449,9 +459,9 @@ fn checkpoint(
         evals_without_improvement: stale,
     };
     let bytes = serde_json::to_vec(&meta).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
-    crate::store::atomic_write(&dir.join("checkpoint.json"), &bytes).map_err(|e| {
-        TrainError::Checkpoint(format!("{}: {e}", dir.join("checkpoint.json").display()))
-    })?;
+    let meta_path = dir.join("checkpoint.json");
+    crate::store::atomic_write(&meta_path, &bytes)
+        .map_err(|e| ckpt_err("writing", &meta_path, e))?;
     if let Some(old) = old.filter(|o| *o != name) {
         let _ = std::fs::remove_file(dir.join(old));
     }

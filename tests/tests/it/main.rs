@@ -5,6 +5,7 @@ mod bad_input;
 mod cli;
 mod deploy;
 mod generation;
+mod hostile;
 mod isolation;
 mod kv;
 mod ops;
