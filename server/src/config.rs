@@ -89,6 +89,11 @@ pub struct Settings {
     /// Training jobs computing at once (others wait in the queue).
     #[arg(long, env = "GRAFT_MAX_CONCURRENT_JOBS")]
     pub max_concurrent_jobs: Option<usize>,
+    /// Checkpoints a running job keeps on disk (the newest; default 2). They count against
+    /// the tenant's stored bytes while the job is unfinished and are removed when it
+    /// succeeds.
+    #[arg(long, env = "GRAFT_KEEP_CHECKPOINTS")]
+    pub keep_checkpoints: Option<usize>,
     /// Log format: "text" or "json".
     #[arg(long, env = "GRAFT_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -174,9 +179,13 @@ pub struct ServerConfig {
     pub max_dataset_bytes: usize,
     pub training_threads: usize,
     pub max_concurrent_jobs: usize,
+    pub keep_checkpoints: usize,
     pub tenancy: TenancyConfig,
     pub tls: Option<TlsFiles>,
     pub allow_plaintext: bool,
+    /// For tests of the loading phase: when set, loading the model waits until it is
+    /// notified (no flag or file sets it).
+    pub load_gate: Option<std::sync::Arc<tokio::sync::Notify>>,
 }
 
 pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -326,6 +335,7 @@ impl Settings {
                 .allow_plaintext
                 .or(file.allow_plaintext)
                 .unwrap_or(false),
+            load_gate: None,
             model: self
                 .model
                 .or(file.model)
@@ -377,6 +387,11 @@ impl Settings {
                 .max_concurrent_jobs
                 .or(file.max_concurrent_jobs)
                 .unwrap_or(1),
+            keep_checkpoints: self
+                .keep_checkpoints
+                .or(file.keep_checkpoints)
+                .unwrap_or(2)
+                .max(1),
         })
     }
 }
@@ -401,9 +416,11 @@ impl ServerConfig {
             max_dataset_bytes: 256 << 20,
             training_threads: 1,
             max_concurrent_jobs: 1,
+            keep_checkpoints: 2,
             tenancy: TenancyConfig::default(),
             tls: None,
             allow_plaintext: false,
+            load_gate: None,
         }
     }
 }

@@ -196,6 +196,9 @@ async fn load_and_warm(
     tenancy: Arc<Tenancy>,
     slot: &ReadySlot,
 ) -> anyhow::Result<()> {
+    if let Some(gate) = &cfg.load_gate {
+        gate.notified().await;
+    }
     let t0 = Instant::now();
     let path = cfg.model.clone();
     let model =
@@ -237,6 +240,7 @@ async fn load_and_warm(
             max_dataset_bytes: cfg.max_dataset_bytes,
             training_threads: cfg.training_threads,
             max_concurrent_jobs: cfg.max_concurrent_jobs,
+            keep_checkpoints: cfg.keep_checkpoints,
         },
     );
     let engine = EngineHandle::start(model.clone(), cfg.engine.clone())?;

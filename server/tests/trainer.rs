@@ -195,14 +195,21 @@ fn first_step_loss_is_the_plain_forward_loss_and_loss_goes_down() {
 
 #[test]
 fn a_killed_run_resumes_onto_the_same_trajectory() {
+    // With dropout too: its masks follow from (seed, step, micro-batch), so the resumed run
+    // draws the masks the uninterrupted one drew.
+    for dropout in [0.0, 0.1] {
+        resumes_bit_for_bit(TrainSpec { dropout, ..spec() });
+    }
+}
+
+fn resumes_bit_for_bit(s: TrainSpec) {
     let m = model();
     let ex = data(&m);
-    let s = spec();
     let run = |dir: &std::path::Path, stop_after: Option<usize>| {
         let ctl = Control::default();
         let mut losses = Vec::new();
         let c = ctl.clone();
-        let _ = trainer::train(&m, &s, &ex, &[], dir, &ctl, &mut |e| {
+        let out = trainer::train(&m, &s, &ex, &[], dir, &ctl, &mut |e| {
             if let TrainEvent::Step {
                 step, train_loss, ..
             } = e
@@ -214,18 +221,128 @@ fn a_killed_run_resumes_onto_the_same_trajectory() {
             }
         })
         .expect("train");
-        losses
+        let weights = match out {
+            Outcome::Finished(v) => Some(v.tensors()),
+            Outcome::Cancelled => None,
+        };
+        (losses, weights)
     };
     let full_dir = tempfile::tempdir().expect("dir");
-    let full = run(full_dir.path(), None);
+    let (full, full_w) = run(full_dir.path(), None);
     let dir = tempfile::tempdir().expect("dir");
-    let first = run(dir.path(), Some(4));
+    let (first, _) = run(dir.path(), Some(4));
     assert_eq!(first.last().map(|x| x.0), Some(4));
-    let rest = run(dir.path(), None);
+    let (rest, rest_w) = run(dir.path(), None);
     // Checkpoints every 2 steps: the resumed run continues from step 4, not from 0.
     assert_eq!(rest.first().map(|x| x.0), Some(5));
+    assert_eq!(rest.len(), full.len() - 4);
     for (a, b) in rest.iter().zip(&full[4..]) {
         assert_eq!(a.0, b.0);
-        assert!((a.1 - b.1).abs() < 1e-5, "step {}: {} vs {}", a.0, a.1, b.1);
+        assert_eq!(
+            a.1.to_bits(),
+            b.1.to_bits(),
+            "dropout {}: step {}: {} vs {}",
+            s.dropout,
+            a.0,
+            a.1,
+            b.1
+        );
+    }
+    let (full_w, rest_w) = (full_w.expect("finished"), rest_w.expect("finished"));
+    for (name, t) in &full_w {
+        let a: Vec<f32> = t.flatten_all().expect("flat").to_vec1().expect("vec");
+        let b: Vec<f32> = rest_w[name]
+            .flatten_all()
+            .expect("flat")
+            .to_vec1()
+            .expect("vec");
+        assert!(
+            a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "dropout {}: {name} differs after resume",
+            s.dropout
+        );
+    }
+}
+
+/// The base projections are frozen: backward computes no gradient of their weights (candle's
+/// own matmul would compute `x^T g` for the transposed weight and store it, a whole matmul
+/// per projection thrown away). No gradient in the store has a base weight's shape.
+#[test]
+fn backward_computes_no_gradient_for_the_frozen_base_weights() {
+    let m = model();
+    let s = spec();
+    let vars = LoraVars::init(m.config(), &s.modules(), 4, 8.0, false, 0.0, 1).expect("vars");
+    for v in vars.vars() {
+        let t = Tensor::randn(0f32, 0.1, v.shape(), &Device::Cpu).expect("randn");
+        v.set(&t).expect("set");
+    }
+    // Three rows: no activation is shaped like a weight.
+    let ids = Tensor::from_vec(vec![5u32, 9, 11], (1, 3), &Device::Cpu).expect("ids");
+    let h = m.llama.forward_hidden(&ids, Some(&vars)).expect("forward");
+    let grads = h.sum_all().expect("sum").backward().expect("backward");
+    let mut weight_shapes = std::collections::HashSet::new();
+    for l in &m.llama.weights.layers {
+        for lin in [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down] {
+            let (out, inp) = lin.weight().dims2().expect("2-d");
+            weight_shapes.insert(vec![inp, out]);
+            weight_shapes.insert(vec![out, inp]);
+        }
+    }
+    let ids: Vec<_> = grads.get_ids().copied().collect();
+    for id in &ids {
+        let g = grads.get_id(*id).expect("grad");
+        assert!(
+            !weight_shapes.contains(g.dims()),
+            "a gradient of shape {:?}: a base weight's",
+            g.dims()
+        );
+    }
+    for v in vars.vars() {
+        assert!(
+            grads.get(v.as_tensor()).is_some(),
+            "the LoRA vars get theirs"
+        );
+    }
+}
+
+/// A run keeps only its newest checkpoints, each no larger than the quota holds for it.
+#[test]
+fn a_run_keeps_its_newest_checkpoints_only() {
+    let m = model();
+    let ex = data(&m);
+    let s = TrainSpec {
+        checkpoint_every: 1,
+        ..spec()
+    };
+    let dir = tempfile::tempdir().expect("dir");
+    let ctl = Control {
+        keep_checkpoints: 2,
+        ..Control::default()
+    };
+    let mut last = 0;
+    trainer::train(&m, &s, &ex, &[], dir.path(), &ctl, &mut |e| {
+        if let TrainEvent::Step { step, .. } = e {
+            last = step;
+        }
+    })
+    .expect("train");
+    assert!(last >= 4, "{last} steps");
+    let mut files: Vec<String> = std::fs::read_dir(dir.path())
+        .expect("dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".safetensors"))
+        .collect();
+    files.sort();
+    let mut want = vec![
+        format!("checkpoint-{last}.safetensors"),
+        format!("checkpoint-{}.safetensors", last - 1),
+    ];
+    want.sort();
+    assert_eq!(files, want);
+    let held = trainer::checkpoint_bytes(s.adapter_bytes(m.config()));
+    for f in &files {
+        let size = std::fs::metadata(dir.path().join(f)).expect("meta").len();
+        assert!(size <= held, "{f}: {size} bytes, {held} held");
     }
 }

@@ -92,9 +92,35 @@ struct Admitted {
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateStreamResponse, Status>> + Send>>;
 
 /// Engine events -> proto stream messages; ends after the final event.
+/// Records a GenerateStream in the request metrics exactly once: with the code it ended
+/// with, or CANCELLED when the client dropped it before its end.
+struct StreamRecord {
+    started: Instant,
+    done: bool,
+}
+
+impl StreamRecord {
+    fn end(&mut self, code: tonic::Code) {
+        if !self.done {
+            self.done = true;
+            observe("GenerateStream", code, self.started);
+        }
+    }
+}
+
+impl Drop for StreamRecord {
+    fn drop(&mut self) {
+        self.end(tonic::Code::Cancelled);
+    }
+}
+
 fn to_proto_stream(admitted: Admitted, started: Instant) -> EventStream {
-    let stream = futures::stream::unfold(Some(admitted), move |a| async move {
-        let mut a = a?;
+    let rec = StreamRecord {
+        started,
+        done: false,
+    };
+    let stream = futures::stream::unfold(Some((admitted, rec)), move |a| async move {
+        let (mut a, mut rec) = a?;
         let ev = a.events.recv().await;
         if let Some(StreamEvent::Tokens { ids, .. }) = &ev {
             a.permit.charge(ids.len());
@@ -118,7 +144,7 @@ fn to_proto_stream(admitted: Admitted, started: Instant) -> EventStream {
                 usage,
                 timings,
             }) => {
-                observe("GenerateStream", tonic::Code::Ok, started);
+                rec.end(tonic::Code::Ok);
                 (
                     Ok(pb::GenerateStreamResponse {
                         finish_reason: pb::FinishReason::from(reason) as i32,
@@ -130,16 +156,19 @@ fn to_proto_stream(admitted: Admitted, started: Instant) -> EventStream {
                 )
             }
             Some(StreamEvent::DeadlineExceeded) => {
-                observe("GenerateStream", tonic::Code::DeadlineExceeded, started);
+                rec.end(tonic::Code::DeadlineExceeded);
                 (Err(ApiError::DeadlineExceeded.into()), false)
             }
             Some(StreamEvent::Failed(e)) => {
-                observe("GenerateStream", tonic::Code::Internal, started);
+                rec.end(tonic::Code::Internal);
                 (Err(ApiError::Internal(e).into()), false)
             }
-            None => (Err(Status::internal("the engine stopped")), false),
+            None => {
+                rec.end(tonic::Code::Internal);
+                (Err(Status::internal("the engine stopped")), false)
+            }
         };
-        Some((item, more.then_some(a)))
+        Some((item, more.then_some((a, rec))))
     });
     Box::pin(stream)
 }

@@ -266,7 +266,8 @@ impl Llama {
         let mut x = self.weights.embed.index_select(&ids.flatten_all()?, 0)?; // (B*T, hidden)
         let proj =
             |lin: &Linear, m: Module, li: usize, x: &Tensor| -> candle_core::Result<Tensor> {
-                let y = lin.forward(x)?;
+                // The base weight is frozen: its backward yields x's gradient only.
+                let y = super::frozen::frozen_matmul(x, lin.weight())?;
                 match lora.and_then(|l| l.get(li, m)) {
                     Some(p) => y + p.forward(x)?,
                     None => Ok(y),

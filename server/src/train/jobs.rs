@@ -43,6 +43,9 @@ pub struct TrainingConfig {
     pub training_threads: usize,
     /// Jobs computing at the same time (default 1; the others wait in the queue).
     pub max_concurrent_jobs: usize,
+    /// Checkpoints a running job keeps on disk (the newest; at least 1). All of them go
+    /// when the job succeeds.
+    pub keep_checkpoints: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -195,6 +198,13 @@ impl TrainingService {
         job.spec.train.adapter_bytes(self.model.config())
     }
 
+    /// What an unfinished job holds against the storage quota: its adapter's bytes, and
+    /// its checkpoints' (they are removed when it succeeds).
+    pub fn held_bytes(&self, job: &NewJob) -> u64 {
+        let adapter = self.adapter_bytes(job);
+        adapter + self.cfg.keep_checkpoints.max(1) as u64 * trainer::checkpoint_bytes(adapter)
+    }
+
     pub async fn dataset(&self, tenant: &str, name: &str) -> Result<DatasetRow, TrainingError> {
         self.db
             .dataset_by_name(tenant, name)
@@ -318,7 +328,7 @@ impl TrainingService {
             .check_storage(
                 tenant,
                 crate::tenancy::NewObject::AdapterVersion(&job.adapter_name),
-                self.adapter_bytes(&job),
+                self.held_bytes(&job),
             )
             .await?;
         let ds = self.dataset(tenant, &job.dataset).await?;
@@ -371,7 +381,7 @@ impl TrainingService {
             eval_dataset_name: eval.as_ref().map(|e| e.name.clone()),
             eval_dataset: eval.map(|e| e.id),
             adapter_name: job.adapter_name.clone(),
-            adapter_bytes: self.adapter_bytes(&job),
+            adapter_bytes: self.held_bytes(&job),
             spec: serde_json::to_string(&job.spec)
                 .map_err(|e| TrainingError::Storage(e.to_string()))?,
             status: "validating".into(),
@@ -571,7 +581,21 @@ impl TrainingService {
             Err(e) => tracing::error!(job = id, error = %e, "recording the job's end"),
         }
         crate::metrics::job_finished(status);
+        if status == "succeeded" {
+            self.remove_checkpoints(id).await;
+        }
         self.remove_unneeded_dataset_files().await;
+    }
+
+    /// A succeeded job's checkpoints go: its adapter is a registered version now. (A
+    /// cancelled or failed job keeps its last checkpoints.)
+    async fn remove_checkpoints(&self, id: &str) {
+        let dir = trainer::checkpoint_dir(&self.cfg.data_dir, id);
+        match tokio::fs::remove_dir_all(&dir).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(job = id, error = %e, "removing an ended job's checkpoints"),
+        }
     }
 
     async fn run(self: &Arc<Self>, job: JobRow) {
@@ -654,7 +678,10 @@ impl TrainingService {
         let (etx, mut erx) = mpsc::unbounded_channel::<TrainEvent>();
         let model = self.model.clone();
         let threads = self.cfg.training_threads.max(1);
-        let ctl = Control { cancel };
+        let ctl = Control {
+            cancel,
+            keep_checkpoints: self.cfg.keep_checkpoints,
+        };
         let train_spec = spec.train.clone();
         let handle = tokio::task::spawn_blocking(move || {
             let pool = rayon::ThreadPoolBuilder::new()

@@ -1,8 +1,12 @@
 //! Trainable LoRA parameters: `Var`s for A and B of each targeted module, initialised as PEFT
 //! does (A uniform in ±1/sqrt(in), B zero, so training starts from the base model exactly).
 //! Only these are trained; the base weights are never `Var`s.
+//! Dropout masks are a pure function of (job seed, step, micro-batch, layer, module) —
+//! [`LoraVars::set_dropout_seed`] — so a run resumed from a checkpoint at step `s` draws the
+//! very masks the uninterrupted run drew there: the RNG's whole state is the step, which the
+//! checkpoint already holds.
 
-use std::collections::HashMap;
+use std::{cell::Cell, collections::HashMap};
 
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -20,12 +24,40 @@ pub struct VarPair {
     pub scale: f64,
     pub dropout: f32,
     pub train: bool,
+    /// This module's stream: (layer, module) mixed in at init, the step's seed set before
+    /// each forward.
+    stream: u64,
+    seed: Cell<u64>,
+}
+
+/// splitmix64: a counter-based generator, so element `i` of a mask needs no state.
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Inverted dropout of `x` with drop probability `p`, its mask drawn from `seed`.
+fn seeded_dropout(x: &Tensor, p: f32, seed: u64) -> candle_core::Result<Tensor> {
+    let keep = 1.0 / (1.0 - p);
+    let threshold = (p as f64 * (1u64 << 53) as f64) as u64;
+    let mask: Vec<f32> = (0..x.elem_count() as u64)
+        .map(|i| {
+            if splitmix(seed ^ splitmix(i)) >> 11 < threshold {
+                0.0
+            } else {
+                keep
+            }
+        })
+        .collect();
+    x * Tensor::from_vec(mask, x.shape(), x.device())?
 }
 
 impl LoraBranch for VarPair {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let x = if self.train && self.dropout > 0.0 {
-            candle_nn::ops::dropout(x, self.dropout)?
+            seeded_dropout(x, self.dropout, splitmix(self.seed.get() ^ self.stream))?
         } else {
             x.clone()
         };
@@ -85,6 +117,8 @@ impl LoraVars {
                     scale,
                     dropout,
                     train: true,
+                    stream: splitmix(seed ^ splitmix((layers.len() * 7 + m.index()) as u64)),
+                    seed: Cell::new(0),
                 });
             }
             layers.push(l);
@@ -118,6 +152,14 @@ impl LoraVars {
             }
         }
         out
+    }
+
+    /// The seed of the next forward's dropout masks (the trainer sets it from the job's
+    /// seed, the step and the micro-batch).
+    pub fn set_dropout_seed(&self, seed: u64) {
+        for p in self.layers.iter().flat_map(|l| l.iter().flatten()) {
+            p.seed.set(seed);
+        }
     }
 
     pub fn set_train(&mut self, train: bool) {

@@ -130,10 +130,21 @@ pub enum Outcome {
     Cancelled,
 }
 
-/// Cooperative controls: cancellation, checked between micro-batches.
-#[derive(Clone, Default)]
+/// Cooperative controls: cancellation, checked between micro-batches; checkpoint retention.
+#[derive(Clone)]
 pub struct Control {
     pub cancel: Arc<AtomicBool>,
+    /// Checkpoints kept on disk at once (the newest ones; at least 1).
+    pub keep_checkpoints: usize,
+}
+
+impl Default for Control {
+    fn default() -> Self {
+        Self {
+            cancel: Arc::default(),
+            keep_checkpoints: 1,
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -280,6 +291,9 @@ pub fn train(
             let ex: Vec<&Tokenized> = order.1[lo..hi].iter().map(|&i| &train_set[i]).collect();
             let batch = make_batch(&ex, pad)?;
             tokens_done += batch.tokens;
+            vars.set_dropout_seed(
+                spec.seed ^ (step as u64).wrapping_mul(0xD1B5_4A32_D192_ED03) ^ mb as u64,
+            );
             let (loss, _) = batch_loss(model, &vars, &batch)?;
             let l = loss.to_scalar::<f32>()? as f64;
             if !l.is_finite() {
@@ -363,7 +377,15 @@ pub fn train(
         }
         let stop_early = spec.patience > 0 && stale >= spec.patience;
         if done % spec.checkpoint_every.max(1) == 0 || done == total || stop_early {
-            checkpoint(ckpt_dir, done, &vars, &opt, best_eval, stale)?;
+            checkpoint(
+                ckpt_dir,
+                done,
+                &vars,
+                &opt,
+                best_eval,
+                stale,
+                ctl.keep_checkpoints,
+            )?;
             emit(TrainEvent::Checkpoint { step: done });
         }
         if stop_early {
@@ -436,8 +458,23 @@ fn save_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<(), Tr
     std::fs::rename(&tmp, path).map_err(|e| ckpt_err("renaming", path, e))
 }
 
-/// Tensors first (a new file), then the metadata pointing at them (atomic), then the old
-/// tensors file goes: a crash at any point leaves the previous checkpoint or the new one.
+/// Bytes one checkpoint of a run with `adapter_bytes` of LoRA tensors holds: the tensors
+/// and AdamW's two moment estimates of each, plus the safetensors header (under 64 KiB).
+pub fn checkpoint_bytes(adapter_bytes: u64) -> u64 {
+    3 * adapter_bytes + (64 << 10)
+}
+
+/// The step of a checkpoint tensors file's name.
+fn checkpoint_step(name: &str) -> Option<usize> {
+    name.strip_prefix("checkpoint-")?
+        .strip_suffix(".safetensors")?
+        .parse()
+        .ok()
+}
+
+/// Tensors first (a new file), then the metadata pointing at them (atomic), then the files
+/// beyond the newest `keep` go: a crash at any point leaves the previous checkpoint or the
+/// new one.
 fn checkpoint(
     dir: &Path,
     step: usize,
@@ -445,9 +482,9 @@ fn checkpoint(
     opt: &AdamW,
     best_eval: Option<f64>,
     stale: usize,
+    keep: usize,
 ) -> Result<(), TrainError> {
     std::fs::create_dir_all(dir).map_err(|e| ckpt_err("creating", dir, e))?;
-    let old = read_meta(dir)?.map(|m| m.tensors);
     let name = format!("checkpoint-{step}.safetensors");
     let mut all = vars.tensors();
     all.extend(opt.state());
@@ -462,8 +499,15 @@ fn checkpoint(
     let meta_path = dir.join("checkpoint.json");
     crate::store::atomic_write(&meta_path, &bytes)
         .map_err(|e| ckpt_err("writing", &meta_path, e))?;
-    if let Some(old) = old.filter(|o| *o != name) {
-        let _ = std::fs::remove_file(dir.join(old));
+    let mut steps: Vec<usize> = std::fs::read_dir(dir)
+        .map_err(|e| ckpt_err("listing", dir, e))?
+        .flatten()
+        .filter_map(|e| checkpoint_step(&e.file_name().to_string_lossy()))
+        .filter(|&s| s != step)
+        .collect();
+    steps.sort_unstable_by(|a, b| b.cmp(a));
+    for old in steps.into_iter().skip(keep.max(1) - 1) {
+        let _ = std::fs::remove_file(dir.join(format!("checkpoint-{old}.safetensors")));
     }
     Ok(())
 }

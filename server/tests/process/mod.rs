@@ -51,11 +51,22 @@ impl Drop for Graftd {
 /// Starts graftd on `port` (metrics on a free port) over `data`; its log (stdout) goes to
 /// `log`.
 pub fn spawn(model: &Path, data: &Path, port: u16, log: Stdio) -> Graftd {
+    spawn_with_metrics(model, data, port, free_port(), log)
+}
+
+/// As [`spawn`], with /metrics on `metrics_port`.
+pub fn spawn_with_metrics(
+    model: &Path,
+    data: &Path,
+    port: u16,
+    metrics_port: u16,
+    log: Stdio,
+) -> Graftd {
     Graftd(
         Command::new(env!("CARGO_BIN_EXE_graftd"))
             .args(["--model", model.to_str().expect("utf8")])
             .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
             .args(["--data-dir", data.to_str().expect("utf8")])
             .env("GRAFT_ADMIN_KEY", ADMIN_KEY)
             .stdout(log)

@@ -113,6 +113,11 @@ async fn a_job_teaches_the_answer_format_and_the_result_is_served() {
     .expect("job finishes in time")
     .expect("watch");
     assert_eq!(done.status, "succeeded", "{}", done.error);
+    let ckpt = t.data.path().join("jobs").join(&created.id);
+    assert!(
+        graft_tests::eventually(Duration::from_secs(10), || !ckpt.exists()).await,
+        "a succeeded job's checkpoints are removed"
+    );
     assert_eq!(
         statuses(&events),
         ["validating", "queued", "running", "succeeded"]
