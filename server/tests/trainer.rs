@@ -67,7 +67,7 @@ fn spec() -> TrainSpec {
         batch_size: 4,
         grad_accum: 1,
         learning_rate: 1e-2,
-        schedule: "linear".into(),
+        schedule: graft_server::train::optim::Schedule::Linear,
         warmup_steps: 1,
         weight_decay: 0.0,
         max_grad_norm: 1.0,

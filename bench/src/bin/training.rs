@@ -53,7 +53,7 @@ fn spec(steps: usize) -> TrainSpec {
         batch_size: 4,
         grad_accum: 1,
         learning_rate: 1e-4,
-        schedule: "constant".into(),
+        schedule: graft_server::train::optim::Schedule::Constant,
         warmup_steps: 0,
         weight_decay: 0.0,
         max_grad_norm: 1.0,

@@ -18,6 +18,7 @@ use crate::{
     train::{
         dataset::Format,
         jobs::{JobEvent, JobSpec, NewJob, TrainingError},
+        optim::Schedule,
         trainer::{TrainEvent, TrainSpec},
     },
 };
@@ -213,14 +214,13 @@ fn job_from(req: &pb::CreateJobRequest) -> Result<NewJob, ApiError> {
         ));
     }
     let schedule = match h.lr_scheduler.as_str() {
-        "" => "linear".to_string(),
-        s @ ("constant" | "linear" | "cosine") => s.to_string(),
-        s => {
-            return Err(ApiError::invalid(
+        "" => Schedule::Linear,
+        s => Schedule::parse(s).ok_or_else(|| {
+            ApiError::invalid(
                 "hyperparameters.lr_scheduler",
                 format!("{s:?}; expected constant, linear or cosine"),
-            ))
-        }
+            )
+        })?,
     };
     let wd = h.weight_decay.unwrap_or(0.0);
     if !(wd.is_finite() && wd >= 0.0) {

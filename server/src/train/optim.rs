@@ -6,8 +6,10 @@ use std::collections::HashMap;
 
 use candle_core::{backprop::GradStore, Tensor, Var};
 
-/// Learning-rate schedule after warm-up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Learning-rate schedule after warm-up (stored in job specs by name: an unknown name is an
+/// error, never a silent default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Schedule {
     Constant,
     Linear,
@@ -16,6 +18,18 @@ pub enum Schedule {
 
 /// `lr` at optimizer step `step` (0-based) of `total`: linear warm-up over `warmup` steps,
 /// then the schedule down to 0 at `total`.
+impl Schedule {
+    /// `constant`, `linear` or `cosine`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "constant" => Some(Self::Constant),
+            "linear" => Some(Self::Linear),
+            "cosine" => Some(Self::Cosine),
+            _ => None,
+        }
+    }
+}
+
 pub fn lr_at(base: f64, schedule: Schedule, warmup: usize, total: usize, step: usize) -> f64 {
     if step < warmup {
         return base * (step + 1) as f64 / warmup as f64;
@@ -134,6 +148,23 @@ pub fn global_norm(grads: &[Tensor]) -> candle_core::Result<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn schedules_are_named_and_an_unknown_name_is_an_error() {
+        for (name, s) in [
+            ("constant", Schedule::Constant),
+            ("linear", Schedule::Linear),
+            ("cosine", Schedule::Cosine),
+        ] {
+            assert_eq!(Schedule::parse(name), Some(s));
+            let json = serde_json::to_string(&s).expect("json");
+            assert_eq!(json, format!("{name:?}"));
+            assert_eq!(serde_json::from_str::<Schedule>(&json).expect("back"), s);
+        }
+        assert_eq!(Schedule::parse("linear_with_restarts"), None);
+        // A stored job spec naming an unknown schedule fails to load, never runs as linear.
+        assert!(serde_json::from_str::<Schedule>("\"weird\"").is_err());
+    }
 
     #[test]
     fn schedules_warm_up_then_decay() {

@@ -39,7 +39,7 @@ pub struct TrainSpec {
     pub batch_size: usize,
     pub grad_accum: usize,
     pub learning_rate: f64,
-    pub schedule: String,
+    pub schedule: Schedule,
     pub warmup_steps: usize,
     pub weight_decay: f64,
     pub max_grad_norm: f64,
@@ -72,14 +72,6 @@ impl TrainSpec {
             })
             .sum();
         (per_layer * cfg.num_layers * std::mem::size_of::<f32>()) as u64
-    }
-
-    fn schedule(&self) -> Schedule {
-        match self.schedule.as_str() {
-            "constant" => Schedule::Constant,
-            "cosine" => Schedule::Cosine,
-            _ => Schedule::Linear,
-        }
     }
 }
 
@@ -329,7 +321,7 @@ pub fn train(
         }
         let lr = lr_at(
             spec.learning_rate,
-            spec.schedule(),
+            spec.schedule,
             spec.warmup_steps,
             total,
             step,
