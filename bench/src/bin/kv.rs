@@ -28,6 +28,12 @@ struct Args {
     /// KV budget of the long-prompt run, MiB (20 x 6,000 tokens need ~5.5 GB).
     #[arg(long, default_value_t = 1024)]
     long_kv_mb: usize,
+    /// Seconds the long-prompt run lasts before the clients give up what is left.
+    #[arg(long, default_value_t = 150)]
+    long_seconds: u64,
+    /// Which parts to run: prefix, soak, long.
+    #[arg(long, value_delimiter = ',', default_value = "prefix,soak,long")]
+    parts: Vec<String>,
 }
 
 fn rss_mib() -> f64 {
@@ -95,7 +101,21 @@ async fn main() -> anyhow::Result<()> {
         std::thread::available_parallelism()?.get()
     );
 
-    // 1. Prefix sharing and capacity, default budget.
+    let run = |p: &str| args.parts.iter().any(|x| x == p);
+    if run("prefix") {
+        prefix(&args).await?;
+    }
+    if run("soak") {
+        soak(&args).await?;
+    }
+    if run("long") {
+        long(&args).await?;
+    }
+    Ok(())
+}
+
+/// Prefix sharing and capacity, default budget.
+async fn prefix(args: &Args) -> anyhow::Result<()> {
     let data = tempfile::tempdir()?;
     let mut cfg = ServerConfig::for_model(&args.model, data.path());
     cfg.tenancy.admin_key = Some(graft_tests::ADMIN_KEY.into());
@@ -131,8 +151,11 @@ async fn main() -> anyhow::Result<()> {
         cold / warm
     );
     srv.drain().await?;
+    Ok(())
+}
 
-    // 2. Soak: 200 concurrent streams, mixed prompts and adapters, bounded time.
+/// Soak: 200 concurrent streams, mixed prompts and adapters, bounded time.
+async fn soak(args: &Args) -> anyhow::Result<()> {
     let data = tempfile::tempdir()?;
     let mut cfg = ServerConfig::for_model(&args.model, data.path());
     cfg.tenancy.admin_key = Some(graft_tests::ADMIN_KEY.into());
@@ -214,8 +237,11 @@ async fn main() -> anyhow::Result<()> {
             .collect::<Vec<_>>()
     );
     srv.drain().await?;
+    Ok(())
+}
 
-    // 3. 20 clients with 6,000-token prompts into a smaller budget.
+/// 20 clients with 6,000-token prompts into a smaller budget, for a bounded time.
+async fn long(args: &Args) -> anyhow::Result<()> {
     let data = tempfile::tempdir()?;
     let mut cfg = ServerConfig::for_model(&args.model, data.path());
     cfg.tenancy.admin_key = Some(graft_tests::ADMIN_KEY.into());
@@ -227,34 +253,47 @@ async fn main() -> anyhow::Result<()> {
     let long_prompt = |i: usize| format!("{i} {}", "alpha beta gamma delta ".repeat(1500));
     let t0 = Instant::now();
     let rss_before = rss_mib();
+    let budget = Duration::from_secs(args.long_seconds);
     let results = join_all((0..20).map(|i| {
         let c = c.clone();
         async move {
-            c.generate(GenerateOptions::greedy(8).prompt(long_prompt(i)))
-                .await
+            let req = GenerateOptions::greedy(8).prompt(long_prompt(i));
+            tokio::time::timeout(budget, c.generate(req)).await
         }
-    }))
-    .await;
+    }));
+    let mut rss_samples = Vec::new();
+    let sampler = async {
+        while t0.elapsed() < budget {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            rss_samples.push(rss_mib());
+        }
+    };
+    let (results, ()) = tokio::join!(results, sampler);
     let mut codes: BTreeMap<String, usize> = BTreeMap::new();
     let mut prompt_tokens = 0;
     for r in &results {
-        match r {
-            Ok(r) => {
+        let k = match r {
+            Ok(Ok(r)) => {
                 prompt_tokens = r.usage.unwrap_or_default().prompt_tokens;
-                *codes.entry("OK".into()).or_default() += 1;
+                "OK".to_string()
             }
-            Err(s) => *codes.entry(format!("{:?}", s.code())).or_default() += 1,
-        }
+            Ok(Err(s)) => format!("{:?}", s.code()),
+            Err(_) => "still queued or prefilling at the end".to_string(),
+        };
+        *codes.entry(k).or_default() += 1;
     }
     let engine = srv.engine().expect("ready");
     println!(
-        "long prompts: 20 x {prompt_tokens} tokens into a {} MiB KV pool ({} tokens): answers {codes:?} in {:.0}s; preemptions {}; resident {rss_before:.0} -> {:.0} MiB",
+        "long prompts: 20 x {prompt_tokens} tokens into a {} MiB KV pool ({} tokens) for {}s: {codes:?}; preemptions {}; resident {rss_before:.0} MiB before, every 10 s {:?} MiB",
         args.long_kv_mb,
         engine.kv_capacity_tokens(),
-        t0.elapsed().as_secs_f64(),
+        args.long_seconds,
         engine.preemptions(),
-        rss_mib()
+        rss_samples.iter().map(|r| r.round() as i64).collect::<Vec<_>>()
     );
-    srv.drain().await?;
+    if let Some(e) = srv.engine() {
+        e.cancel_all();
+    }
+    let _ = srv.drain().await;
     Ok(())
 }

@@ -5,6 +5,7 @@
 
 pub mod peft;
 pub mod registry;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
 pub use registry::{AdapterLease, AdapterRef, AdapterRegistry, RegistryConfig, RegistryError};

@@ -12,6 +12,7 @@ pub mod kv_cache;
 pub mod llama;
 pub mod lora;
 pub mod packed;
+#[cfg(any(test, feature = "testing"))]
 pub mod tiny;
 pub mod tokenizer;
 pub mod weights;
