@@ -179,13 +179,8 @@ pub fn job_started() {
 }
 
 /// A job reached a terminal status.
-pub fn job_finished(status: &str) {
-    let status = match status {
-        "succeeded" => "succeeded",
-        "failed" => "failed",
-        _ => "cancelled",
-    };
-    metrics::counter!(TRAINING_JOBS, "status" => status).increment(1);
+pub fn job_finished(status: crate::store::training::JobStatus) {
+    metrics::counter!(TRAINING_JOBS, "status" => status.as_str()).increment(1);
 }
 
 /// The jobs waiting and running now, over all tenants.

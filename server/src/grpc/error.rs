@@ -119,11 +119,13 @@ fn clip(mut s: String) -> String {
 }
 
 impl From<ApiError> for Status {
+    /// The code comes from [`ApiError::code`], the one table; this adds the details.
     fn from(e: ApiError) -> Self {
+        let code = e.code();
         let msg = clip(e.to_string());
         match e {
             ApiError::InvalidArgument { field, reason } => Status::with_error_details(
-                Code::InvalidArgument,
+                code,
                 msg,
                 ErrorDetails::with_bad_request_violation(clip(field), clip(reason)),
             ),
@@ -131,13 +133,10 @@ impl From<ApiError> for Status {
                 retry_after: Some(retry_after),
                 ..
             } => Status::with_error_details(
-                Code::ResourceExhausted,
+                code,
                 format!("{msg}; retry after {}s", retry_after.as_secs_f64()),
                 ErrorDetails::with_retry_info(Some(retry_after)),
             ),
-            ApiError::ResourceExhausted {
-                retry_after: None, ..
-            } => Status::resource_exhausted(msg),
             ApiError::Quota {
                 quota,
                 detail,
@@ -151,18 +150,21 @@ impl From<ApiError> for Status {
                     }
                     None => msg,
                 };
-                Status::with_error_details(Code::ResourceExhausted, msg, details)
+                Status::with_error_details(code, msg, details)
             }
-            ApiError::Unauthenticated(_) => Status::unauthenticated(msg),
-            ApiError::PermissionDenied(_) => Status::permission_denied(msg),
-            ApiError::FailedPrecondition(_) => Status::failed_precondition(msg),
-            ApiError::NotFound(_) => Status::not_found(msg),
-            ApiError::AlreadyExists(_) => Status::already_exists(msg),
-            ApiError::Unavailable(_) => Status::unavailable(msg),
-            ApiError::DeadlineExceeded => Status::deadline_exceeded(msg),
-            ApiError::DataLoss(_) => Status::data_loss(msg),
-            ApiError::Transport { code, .. } => Status::new(code, msg),
-            ApiError::Internal(_) => Status::internal(msg),
+            ApiError::ResourceExhausted {
+                retry_after: None, ..
+            }
+            | ApiError::Unauthenticated(_)
+            | ApiError::PermissionDenied(_)
+            | ApiError::FailedPrecondition(_)
+            | ApiError::NotFound(_)
+            | ApiError::AlreadyExists(_)
+            | ApiError::Unavailable(_)
+            | ApiError::DeadlineExceeded
+            | ApiError::DataLoss(_)
+            | ApiError::Transport { .. }
+            | ApiError::Internal(_) => Status::new(code, msg),
         }
     }
 }

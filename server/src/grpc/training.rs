@@ -87,7 +87,7 @@ impl From<JobRow> for pb::Job {
             dataset_id: j.dataset,
             validation_dataset: j.eval_dataset_name.unwrap_or_default(),
             adapter_name: j.adapter_name,
-            status: j.status,
+            status: j.status.to_string(),
             error: j.error.unwrap_or_default(),
             adapter_version: j.adapter_version.unwrap_or(0),
             step: j.step,
@@ -101,7 +101,10 @@ impl From<JobRow> for pb::Job {
 fn to_proto_event(seq: u64, at_ms: i64, e: JobEvent) -> pb::JobEvent {
     use pb::job_event::Event;
     let event = match e {
-        JobEvent::Status { status, message } => Event::Status(pb::StatusEvent { status, message }),
+        JobEvent::Status { status, message } => Event::Status(pb::StatusEvent {
+            status: status.to_string(),
+            message,
+        }),
         JobEvent::Train(TrainEvent::Step {
             step,
             total_steps,

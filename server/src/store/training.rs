@@ -33,7 +33,7 @@ pub struct JobRow {
     /// What the trained adapter will store (held against the quota while unfinished).
     pub adapter_bytes: u64,
     pub spec: String,
-    pub status: String,
+    pub status: JobStatus,
     pub error: Option<String>,
     pub adapter_version: Option<u32>,
     pub step: u64,
@@ -76,7 +76,11 @@ fn job(r: &sqlx::sqlite::SqliteRow) -> JobRow {
         adapter_name: r.get("adapter_name"),
         adapter_bytes: r.get::<i64, _>("adapter_bytes") as u64,
         spec: r.get("spec"),
-        status: r.get("status"),
+        status: JobStatus::parse(&r.get::<String, _>("status")).unwrap_or_else(|| {
+            // Only this module writes statuses; a row it cannot read is damaged.
+            tracing::error!(job = %r.get::<String, _>("id"), "unknown job status in the database");
+            JobStatus::Failed
+        }),
         error: r.get("error"),
         adapter_version: r.get::<Option<i64>, _>("adapter_version").map(|v| v as u32),
         step: r.get::<i64, _>("step") as u64,
@@ -92,8 +96,55 @@ const JOB_COLS: &str = "id, tenant, dataset, eval_dataset, adapter_name, adapter
      COALESCE((SELECT name FROM datasets d WHERE d.id = jobs.dataset), '') AS dataset_name, \
      (SELECT name FROM datasets d WHERE d.id = jobs.eval_dataset) AS eval_dataset_name";
 
-/// Terminal job states.
-pub const TERMINAL: [&str; 3] = ["succeeded", "failed", "cancelled"];
+/// A job's lifecycle: `validating -> queued -> running -> succeeded | failed | cancelled`
+/// (a restart puts `running`/`validating` back to `queued`). Stored and sent by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    Validating,
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobStatus {
+    pub const ALL: [JobStatus; 6] = [
+        Self::Validating,
+        Self::Queued,
+        Self::Running,
+        Self::Succeeded,
+        Self::Failed,
+        Self::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Validating => "validating",
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|x| x.as_str() == s)
+    }
+
+    /// No transition leaves a terminal status.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+}
+
+impl std::fmt::Display for JobStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 impl Db {
     /// Inserts a dataset; `None` when a live dataset of that name exists.
@@ -230,7 +281,7 @@ impl Db {
         .bind(&j.adapter_name)
         .bind(j.adapter_bytes as i64)
         .bind(&j.spec)
-        .bind(&j.status)
+        .bind(j.status.as_str())
         .bind(j.total_steps as i64)
         .bind(now_unix())
         .bind(now_unix())
@@ -309,7 +360,7 @@ impl Db {
     pub async fn set_job_status(
         &self,
         id: &str,
-        status: &str,
+        status: JobStatus,
         error: Option<&str>,
         adapter_version: Option<u32>,
     ) -> Result<bool, DbError> {
@@ -317,7 +368,7 @@ impl Db {
             "UPDATE jobs SET status = ?, error = COALESCE(?, error), adapter_version = COALESCE(?, adapter_version), updated_at = ?
              WHERE id = ? AND status NOT IN ('succeeded', 'failed', 'cancelled')",
         )
-        .bind(status)
+        .bind(status.as_str())
         .bind(error)
         .bind(adapter_version.map(|v| v as i64))
         .bind(now_unix())
@@ -403,5 +454,32 @@ impl Db {
                 event: r.get(2),
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod status_tests {
+    use super::JobStatus;
+
+    #[test]
+    fn statuses_round_trip_by_name_and_unknown_names_are_refused() {
+        for st in JobStatus::ALL {
+            assert_eq!(JobStatus::parse(st.as_str()), Some(st));
+            let json = serde_json::to_string(&st).expect("json");
+            assert_eq!(json, format!("{:?}", st.as_str()));
+        }
+        assert_eq!(JobStatus::parse("done"), None);
+        let terminal: Vec<_> = JobStatus::ALL
+            .into_iter()
+            .filter(|s| s.is_terminal())
+            .collect();
+        assert_eq!(
+            terminal,
+            [
+                JobStatus::Succeeded,
+                JobStatus::Failed,
+                JobStatus::Cancelled
+            ]
+        );
     }
 }

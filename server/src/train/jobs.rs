@@ -28,7 +28,7 @@ use crate::{
     adapters::{peft::ParsedLora, AdapterRegistry},
     model::BaseModel,
     store::{
-        training::{DatasetRow, EventRow, JobRow, TERMINAL},
+        training::{DatasetRow, EventRow, JobRow, JobStatus},
         Db, DbError,
     },
     tenancy::{Tenancy, TenancyError},
@@ -109,7 +109,7 @@ pub struct JobSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "data", rename_all = "snake_case")]
 pub enum JobEvent {
-    Status { status: String, message: String },
+    Status { status: JobStatus, message: String },
     Train(TrainEvent),
 }
 
@@ -384,7 +384,7 @@ impl TrainingService {
             adapter_bytes: self.held_bytes(&job),
             spec: serde_json::to_string(&job.spec)
                 .map_err(|e| TrainingError::Storage(e.to_string()))?,
-            status: "validating".into(),
+            status: JobStatus::Validating,
             error: None,
             adapter_version: None,
             step: 0,
@@ -396,18 +396,18 @@ impl TrainingService {
         self.event(
             &row.id,
             JobEvent::Status {
-                status: "validating".into(),
+                status: JobStatus::Validating,
                 message: format!("{} training examples", train.len()),
             },
         )
         .await?;
         self.db
-            .set_job_status(&row.id, "queued", None, None)
+            .set_job_status(&row.id, JobStatus::Queued, None, None)
             .await?;
         self.event(
             &row.id,
             JobEvent::Status {
-                status: "queued".into(),
+                status: JobStatus::Queued,
                 message: String::new(),
             },
         )
@@ -433,7 +433,7 @@ impl TrainingService {
     /// Cancels a queued job at once, a running one at its next micro-step.
     pub async fn cancel(&self, tenant: &str, id: &str) -> Result<JobRow, TrainingError> {
         let job = self.job(tenant, id).await?;
-        if TERMINAL.contains(&job.status.as_str()) {
+        if job.status.is_terminal() {
             return Ok(job);
         }
         let running = self
@@ -447,13 +447,18 @@ impl TrainingService {
             None => {
                 if self
                     .db
-                    .set_job_status(id, "cancelled", Some("cancelled before it started"), None)
+                    .set_job_status(
+                        id,
+                        JobStatus::Cancelled,
+                        Some("cancelled before it started"),
+                        None,
+                    )
                     .await?
                 {
                     self.event(
                         id,
                         JobEvent::Status {
-                            status: "cancelled".into(),
+                            status: JobStatus::Cancelled,
                             message: "cancelled before it started".into(),
                         },
                     )
@@ -491,7 +496,7 @@ impl TrainingService {
                     let Ok(e) = serde_json::from_str::<JobEvent>(&r.event) else {
                         continue;
                     };
-                    let end = matches!(&e, JobEvent::Status { status, .. } if TERMINAL.contains(&status.as_str()));
+                    let end = matches!(&e, JobEvent::Status { status, .. } if status.is_terminal());
                     if tx.send((r, e)).await.is_err() || end {
                         return;
                     }
@@ -563,25 +568,17 @@ impl TrainingService {
         Ok(())
     }
 
-    async fn finish(&self, id: &str, status: &str, message: String, version: Option<u32>) {
-        let err = (status == "failed").then_some(message.as_str());
+    async fn finish(&self, id: &str, status: JobStatus, message: String, version: Option<u32>) {
+        let err = (status == JobStatus::Failed).then_some(message.as_str());
         match self.db.set_job_status(id, status, err, version).await {
             Ok(true) => {
-                let _ = self
-                    .event(
-                        id,
-                        JobEvent::Status {
-                            status: status.into(),
-                            message,
-                        },
-                    )
-                    .await;
+                let _ = self.event(id, JobEvent::Status { status, message }).await;
             }
             Ok(false) => {}
             Err(e) => tracing::error!(job = id, error = %e, "recording the job's end"),
         }
         crate::metrics::job_finished(status);
-        if status == "succeeded" {
+        if status == JobStatus::Succeeded {
             self.remove_checkpoints(id).await;
         }
         self.remove_unneeded_dataset_files().await;
@@ -616,19 +613,20 @@ impl TrainingService {
             Ok(Some(version)) => {
                 self.finish(
                     &id,
-                    "succeeded",
+                    JobStatus::Succeeded,
                     format!("registered {}@{version}", job.adapter_name),
                     Some(version),
                 )
                 .await
             }
             Ok(None) => {
-                self.finish(&id, "cancelled", "cancelled".into(), None)
+                self.finish(&id, JobStatus::Cancelled, "cancelled".into(), None)
                     .await
             }
             Err(e) => {
                 tracing::warn!(job = %id, error = %e, "training job failed");
-                self.finish(&id, "failed", e.to_string(), None).await
+                self.finish(&id, JobStatus::Failed, e.to_string(), None)
+                    .await
             }
         }
     }
@@ -664,7 +662,7 @@ impl TrainingService {
         self.event(
             &job.id,
             JobEvent::Status {
-                status: "running".into(),
+                status: JobStatus::Running,
                 message: format!(
                     "{} training, {} validation examples",
                     train.len(),

@@ -207,6 +207,23 @@ async fn a_full_disk_is_resource_exhausted_and_leaves_no_temporary_files() {
         .flatten()
         .collect();
     assert!(adapters.is_empty(), "{adapters:?}");
+    // CreateJob with no byte free: the database cannot write either.
+    let err = t
+        .client
+        .create_job(pb::CreateJobRequest {
+            dataset: "small".into(),
+            adapter_name: "j".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("disk full");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message()
+            .contains("no space left on the server's disk (the database could not write)"),
+        "{}",
+        err.message()
+    );
     // What was stored before is still there, and serving still works.
     assert_eq!(datasets(&t.client).await, ["small"]);
     t.client
