@@ -8,5 +8,6 @@ pub mod dataset;
 pub mod jobs;
 pub mod lora_vars;
 pub mod optim;
+mod strict_json;
 pub mod trainer;
 pub mod upload;
