@@ -155,10 +155,6 @@ impl KvPool {
         Self::new(shape, bytes / shape.bytes_per_block().max(1))
     }
 
-    pub fn shape(&self) -> KvShape {
-        self.shape
-    }
-
     pub fn num_blocks(&self) -> usize {
         self.num_blocks
     }

@@ -33,9 +33,8 @@ pub struct DatasetUpload {
 
 impl Drop for DatasetUpload {
     fn drop(&mut self) {
-        if self.file.is_some() || self.tmp.exists() {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
+        // After a finished upload the file has been renamed away and this finds nothing.
+        let _ = std::fs::remove_file(&self.tmp);
     }
 }
 
@@ -57,10 +56,6 @@ impl DatasetUpload {
         file.write_all(chunk)
             .await
             .map_err(|e| io_error("writing the dataset", e))
-    }
-
-    pub fn bytes(&self) -> usize {
-        self.size
     }
 }
 
