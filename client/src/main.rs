@@ -13,6 +13,7 @@ macro_rules! outln {
 }
 
 mod admin_cmd;
+mod job_cmd;
 mod plot;
 
 /// Writes to stdout. When the reader has gone (a closed pipe), the command ends quietly
@@ -154,23 +155,11 @@ enum DatasetCmd {
 
 #[derive(Subcommand)]
 enum JobCmd {
-    /// Train a LoRA adapter NAME on DATASET; the result becomes NAME's next version.
+    /// Train an adapter (--adapter) on a dataset (--dataset) with any method; the result
+    /// becomes the adapter's next version. Every setting is a flag or comes from --config.
     Create {
-        #[arg(long)]
-        dataset: String,
-        #[arg(long)]
-        adapter: String,
-        #[arg(long)]
-        epochs: Option<u32>,
-        #[arg(long)]
-        learning_rate: Option<f64>,
-        #[arg(long)]
-        batch_size: Option<u32>,
-        #[arg(long)]
-        rank: Option<u32>,
-        /// Fraction of the dataset held out for evaluation.
-        #[arg(long)]
-        validation_split: Option<f64>,
+        #[command(flatten)]
+        args: Box<job_cmd::JobArgs>,
         /// Follow the job until it ends.
         #[arg(long)]
         watch: bool,
@@ -403,25 +392,45 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A version's method settings, in one short line.
+fn method_summary(v: &proto::AdapterVersion) -> String {
+    use proto::adapter_version::Details;
+    match &v.details {
+        Some(Details::Lora(l)) => format!(
+            "r={}\talpha={}\t{}",
+            l.rank,
+            l.alpha,
+            l.target_modules.join(",")
+        ),
+        Some(Details::PTuning(p)) => format!(
+            "virtual_tokens={}\tencoder={} ({})",
+            p.num_virtual_tokens, p.encoder, p.encoder_hidden_size
+        ),
+        Some(Details::PrefixTuning(p)) => format!(
+            "virtual_tokens={}\tprojection={}",
+            p.num_virtual_tokens, p.encoder_hidden_size
+        ),
+        _ => format!("virtual_tokens={}", v.virtual_tokens),
+    }
+}
+
 fn print_version(v: &proto::AdapterVersion, json: bool) {
     if json {
         let j = serde_json::json!({
-            "tenant": v.tenant, "name": v.name, "version": v.version, "kind": v.kind,
-            "rank": v.rank, "alpha": v.alpha, "size_bytes": v.size_bytes,
-            "target_modules": v.target_modules, "sha256": v.sha256, "created_at_unix": v.created_at_unix,
+            "tenant": v.tenant, "name": v.name, "version": v.version, "method": v.method,
+            "virtual_tokens": v.virtual_tokens, "size_bytes": v.size_bytes,
+            "details": method_summary(v), "sha256": v.sha256, "created_at_unix": v.created_at_unix,
         });
         outln!("{j}");
         return;
     }
     outln!(
-        "{}@{}\t{}\tr={}\talpha={}\t{} bytes\t{}\t{}",
+        "{}@{}\t{}\t{}\t{} bytes\t{}",
         v.name,
         v.version,
-        v.kind,
-        v.rank,
-        v.alpha,
+        v.method,
+        method_summary(v),
         v.size_bytes,
-        v.target_modules.join(","),
         &v.sha256[..v.sha256.len().min(12)]
     );
 }
@@ -674,33 +683,11 @@ async fn loss_points(
 async fn jobs(client: &GraftClient, tenant: &str, cmd: JobCmd, json: bool) -> anyhow::Result<()> {
     match cmd {
         JobCmd::Create {
-            dataset,
-            adapter,
-            epochs,
-            learning_rate,
-            batch_size,
-            rank,
-            validation_split,
+            args,
             watch: follow,
         } => {
             let j = client
-                .create_job(proto::CreateJobRequest {
-                    tenant: tenant.into(),
-                    dataset,
-                    adapter_name: adapter,
-                    validation_split,
-                    lora: Some(proto::LoraMethod {
-                        r: rank,
-                        ..Default::default()
-                    }),
-                    hyperparameters: Some(proto::Hyperparameters {
-                        epochs,
-                        learning_rate,
-                        batch_size,
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                })
+                .create_job(args.request(tenant)?)
                 .await
                 .map_err(status_error)?;
             print_job(&j, json);

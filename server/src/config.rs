@@ -11,6 +11,10 @@ use crate::{
     tenancy::{Limits, TenancyConfig},
 };
 
+/// The default cap on a prompt-method adapter's virtual tokens (PEFT's examples use 8-30;
+/// P-tuning v2 up to ~100).
+pub const DEFAULT_MAX_VIRTUAL_TOKENS: usize = 128;
+
 /// Every setting, optional at this stage so the layers can be merged.
 #[derive(Clone, Default, Parser, Deserialize)]
 #[command(
@@ -69,6 +73,10 @@ pub struct Settings {
     /// Largest LoRA rank accepted.
     #[arg(long, env = "GRAFT_MAX_ADAPTER_RANK")]
     pub max_adapter_rank: Option<usize>,
+    /// Most virtual tokens a prompt-method adapter (prompt tuning, P-tuning, prefix
+    /// tuning) may have, imported or trained.
+    #[arg(long, env = "GRAFT_MAX_VIRTUAL_TOKENS")]
+    pub max_virtual_tokens: Option<usize>,
     /// Largest adapter upload, in MiB.
     #[arg(long, env = "GRAFT_MAX_ADAPTER_UPLOAD_MB")]
     pub max_adapter_upload_mb: Option<usize>,
@@ -174,6 +182,7 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     pub adapter_cache_bytes: usize,
     pub max_adapter_rank: usize,
+    pub max_virtual_tokens: usize,
     pub max_adapter_upload_bytes: usize,
     pub base_model_aliases: Vec<String>,
     pub max_dataset_bytes: usize,
@@ -372,6 +381,10 @@ impl Settings {
                 .max_adapter_rank
                 .or(file.max_adapter_rank)
                 .unwrap_or(64),
+            max_virtual_tokens: self
+                .max_virtual_tokens
+                .or(file.max_virtual_tokens)
+                .unwrap_or(DEFAULT_MAX_VIRTUAL_TOKENS),
             max_adapter_upload_bytes: self
                 .max_adapter_upload_mb
                 .or(file.max_adapter_upload_mb)
@@ -411,6 +424,7 @@ impl ServerConfig {
             data_dir: data_dir.into(),
             adapter_cache_bytes: 1 << 30,
             max_adapter_rank: 64,
+            max_virtual_tokens: DEFAULT_MAX_VIRTUAL_TOKENS,
             max_adapter_upload_bytes: 512 << 20,
             base_model_aliases: vec![DEFAULT_BASE_ALIAS.into()],
             max_dataset_bytes: 256 << 20,

@@ -223,6 +223,7 @@ async fn load_and_warm(
                 data_dir: cfg.data_dir.clone(),
                 cache_bytes: cfg.adapter_cache_bytes,
                 max_rank: cfg.max_adapter_rank,
+                max_virtual_tokens: cfg.max_virtual_tokens,
                 max_upload_bytes: cfg.max_adapter_upload_bytes,
                 base_aliases,
             },
@@ -237,6 +238,7 @@ async fn load_and_warm(
         TrainingConfig {
             data_dir: cfg.data_dir.clone(),
             max_rank: cfg.max_adapter_rank,
+            max_virtual_tokens: cfg.max_virtual_tokens,
             max_dataset_bytes: cfg.max_dataset_bytes,
             training_threads: cfg.training_threads,
             max_concurrent_jobs: cfg.max_concurrent_jobs,

@@ -121,6 +121,7 @@ proptest! {
 fn policy() -> ImportPolicy {
     ImportPolicy {
         max_rank: 16,
+        max_virtual_tokens: 128,
         force: true,
         base_aliases: vec![],
     }
@@ -194,8 +195,11 @@ proptest! {
         let (config, weights) = random_peft(model, seed, 2);
         let (config, weights) = apply(&m, config, weights);
         if let Ok(parsed) = peft::parse(&config, &weights, model.config(), &model.name, &policy()) {
-            prop_assert!(parsed.rank >= 1 && parsed.rank <= 16);
-            prop_assert!(!parsed.target_modules.is_empty());
+            let graft_server::adapters::peft::Details::Lora { rank, target_modules, .. } = &parsed.details else {
+                panic!("a LoRA adapter parsed as another method");
+            };
+            prop_assert!(*rank >= 1 && *rank <= 16);
+            prop_assert!(!target_modules.is_empty());
         }
     }
 

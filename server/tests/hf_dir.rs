@@ -22,7 +22,7 @@ fn last_logits(m: &BaseModel, ids: &[u32]) -> Vec<f32> {
                 cache: &mut cache,
                 want_logits: true,
                 decode: false,
-                lora: None,
+                adapter: None,
             }],
         )
         .expect("forward")

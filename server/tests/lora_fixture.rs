@@ -10,10 +10,10 @@ use candle_core::Device;
 use common::{fixtures, ids, log_softmax, model, top_k};
 use graft_server::{
     adapters::{
-        peft::{self, ImportPolicy, ParsedLora},
+        peft::{self, Details, ImportPolicy, Parsed as ParsedLora},
         testing::random_lora,
     },
-    model::{lora::LoraWeights, BaseModel, Llama, SeqChunk},
+    model::{Adapter as LoraWeights, BaseModel, Llama, SeqChunk},
 };
 
 fn fixture_dir() -> PathBuf {
@@ -23,6 +23,7 @@ fn fixture_dir() -> PathBuf {
 fn policy() -> ImportPolicy {
     ImportPolicy {
         max_rank: 64,
+        max_virtual_tokens: 128,
         force: false,
         base_aliases: vec!["HuggingFaceTB/SmolLM2-135M-Instruct".into()],
     }
@@ -61,7 +62,7 @@ fn greedy(
                     cache: &mut cache,
                     want_logits: true,
                     decode: !out.is_empty(),
-                    lora,
+                    adapter: lora,
                 }],
             )
             .expect("forward");
@@ -82,8 +83,16 @@ const LOGPROB_TOL: f32 = 1e-3;
 fn fixture_adapter_reproduces_peft_logits_and_greedy_text() {
     let m = model();
     let a = fixture_adapter(&m);
-    assert_eq!(a.rank, 8);
-    assert_eq!(a.target_modules.len(), 7);
+    let Details::Lora {
+        rank,
+        target_modules,
+        ..
+    } = &a.details
+    else {
+        panic!("not LoRA")
+    };
+    assert_eq!(*rank, 8);
+    assert_eq!(target_modules.len(), 7);
     let r = reference();
     let prompt = ids(&r["prompt"]["token_ids"]);
     let refs = candle_core::safetensors::load(
@@ -97,7 +106,7 @@ fn fixture_adapter_reproduces_peft_logits_and_greedy_text() {
         .to_vec1()
         .expect("vec");
     let want_ids = ids(&r["adapted"]["greedy"]["ids"]);
-    let (got, got_ids) = greedy(&m, Some(&a.weights), &prompt, want_ids.len());
+    let (got, got_ids) = greedy(&m, Some(&a.adapter), &prompt, want_ids.len());
     let (lw, lg) = (log_softmax(&want), log_softmax(&got));
     let (tw, tg) = (top_k(&want, 20), top_k(&got, 20));
     assert_eq!(tg[0], tw[0], "top-1");
@@ -122,7 +131,7 @@ fn serving_path_equals_the_merged_reference_path() {
     let a = fixture_adapter(&m);
     let merged = Llama::new(
         m.config().clone(),
-        a.weights.merged_into(&m.llama.weights).expect("merge"),
+        a.adapter.merged_into(&m.llama.weights).expect("merge"),
         Device::Cpu,
     );
     let prompt = m
@@ -136,7 +145,7 @@ fn serving_path_equals_the_merged_reference_path() {
         .expect("row")
         .to_vec1()
         .expect("vec");
-    let (got, _) = greedy(&m, Some(&a.weights), &prompt, 1);
+    let (got, _) = greedy(&m, Some(&a.adapter), &prompt, 1);
     let worst = got
         .iter()
         .zip(&reference)
@@ -151,7 +160,7 @@ fn written_files_parse_back_to_the_same_weights() {
     let a = fixture_adapter(&m);
     let (c, w) = peft::write(&a, m.config(), "HuggingFaceTB/SmolLM2-135M-Instruct").expect("write");
     let b = peft::parse(&c, &w, m.config(), &m.name, &policy()).expect("parse back");
-    assert_eq!(a.weights, b.weights);
+    assert_eq!(a.adapter, b.adapter);
     // And the fixture's own tensors come back out in HF layout, bit for bit.
     let orig = std::fs::read(fixture_dir().join("adapter_model.safetensors")).expect("orig");
     let orig = safetensors::SafeTensors::deserialize(&orig).expect("orig st");
@@ -202,7 +211,7 @@ fn mixed_batch_of_adapters_equals_solo_runs() {
                 cache,
                 want_logits: true,
                 decode: step > 0,
-                lora: lora_of(i),
+                adapter: lora_of(i),
             })
             .collect();
         let logits = m
@@ -252,6 +261,7 @@ fn refusals_name_the_problem() {
         &w,
         &ImportPolicy {
             max_rank: 4,
+            max_virtual_tokens: 128,
             ..policy()
         },
         "r",

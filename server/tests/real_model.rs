@@ -24,7 +24,7 @@ fn serving_last_logits(m: &BaseModel, prompt: &[u32], chunk: usize) -> Vec<f32> 
                     cache: &mut cache,
                     want_logits: want,
                     decode: false,
-                    lora: None,
+                    adapter: None,
                 }],
             )
             .expect("forward");
@@ -130,7 +130,7 @@ fn greedy_continuation_matches_the_reference() {
                     cache: &mut cache,
                     want_logits: true,
                     decode: !got.is_empty(),
-                    lora: None,
+                    adapter: None,
                 }],
             )
             .expect("forward");

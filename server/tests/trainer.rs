@@ -14,6 +14,7 @@ use graft_server::{
         dataset::{parse_jsonl, tokenize, Overflow, Tokenized},
         lora_vars::LoraVars,
         optim,
+        trainable::Trainable,
         trainer::{self, Control, Outcome, TrainEvent, TrainSpec},
     },
 };
@@ -48,6 +49,7 @@ fn data(m: &BaseModel) -> Vec<Tokenized> {
 
 fn spec() -> TrainSpec {
     TrainSpec {
+        method: Default::default(),
         rank: 4,
         alpha: 8.0,
         dropout: 0.0,

@@ -22,7 +22,7 @@ fn main() -> anyhow::Result<()> {
                 cache: &mut cache,
                 want_logits: true,
                 decode: i > 0,
-                lora: None,
+                adapter: None,
             }],
         )?;
         let row: Vec<f32> = l.squeeze(0)?.to_vec1()?;

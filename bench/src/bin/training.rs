@@ -34,6 +34,7 @@ struct Args {
 
 fn spec(steps: usize) -> TrainSpec {
     TrainSpec {
+        method: Default::default(),
         rank: 8,
         alpha: 16.0,
         dropout: 0.0,

@@ -1,11 +1,14 @@
-//! Adapters: their PEFT file format (`peft`), and the registry that stores versions, keeps
-//! hot ones in memory under a budget and hands out leases (`registry`).
-//! Boundary: the math of applying an adapter lives in `model::lora`; this module owns
+//! Adapters: their file formats (`formats`: PEFT LoRA and prompt learning, each a reader and
+//! a writer), and the registry that stores versions, keeps hot ones in memory under a
+//! budget and hands out leases (`registry`).
+//! Boundary: the math of applying an adapter lives in `model::adapter`; this module owns
 //! formats, names, versions, files and residency.
 
-pub mod peft;
+pub mod formats;
 pub mod registry;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
+/// The PEFT file formats by their old name.
+pub use formats as peft;
 pub use registry::{AdapterLease, AdapterRef, AdapterRegistry, RegistryConfig, RegistryError};

@@ -22,10 +22,10 @@ use std::{
 
 use sha2::{Digest, Sha256};
 
-use super::peft::{self, ImportError, ImportPolicy, ParsedLora};
+use super::formats::{self as peft, ImportError, ImportPolicy, Parsed};
 use crate::{
     metrics as m,
-    model::{lora::LoraWeights, BaseModel},
+    model::{Adapter, BaseModel},
     store::{atomic_write, AdapterRow, Db, DbError, NewAdapter},
     tenancy::{NewObject, Tenancy, TenancyError},
 };
@@ -37,6 +37,7 @@ pub struct RegistryConfig {
     /// Bytes of adapter weights kept resident at most (in-use adapters may exceed it).
     pub cache_bytes: usize,
     pub max_rank: usize,
+    pub max_virtual_tokens: usize,
     pub max_upload_bytes: usize,
     pub base_aliases: Vec<String>,
 }
@@ -117,7 +118,7 @@ impl std::str::FromStr for AdapterRef {
 /// An adapter version loaded in memory. Its files are removed on drop once deleted.
 #[derive(Debug)]
 pub struct Loaded {
-    pub weights: LoraWeights,
+    pub adapter: Adapter,
     dir: PathBuf,
     delete_files: AtomicBool,
 }
@@ -141,8 +142,8 @@ pub struct AdapterLease {
 }
 
 impl AdapterLease {
-    pub fn weights(&self) -> &LoraWeights {
-        &self.loaded.weights
+    pub fn adapter(&self) -> &Adapter {
+        &self.loaded.adapter
     }
 }
 
@@ -175,7 +176,7 @@ impl Cache {
             return existing;
         }
         self.tick += 1;
-        let bytes = loaded.weights.bytes();
+        let bytes = loaded.adapter.bytes();
         self.entries.insert(
             id,
             Entry {
@@ -268,6 +269,7 @@ impl AdapterRegistry {
     fn policy(&self, force: bool) -> ImportPolicy {
         ImportPolicy {
             max_rank: self.cfg.max_rank,
+            max_virtual_tokens: self.cfg.max_virtual_tokens,
             force,
             base_aliases: self.cfg.base_aliases.clone(),
         }
@@ -313,9 +315,10 @@ impl AdapterRegistry {
         self.check_upload_size(config_json.len() + weights.len())?;
         let model = self.model.clone();
         let policy = self.policy(force);
-        let (parsed, config_json, weights) = tokio::task::spawn_blocking(move || {
-            peft::parse(&config_json, &weights, model.config(), &model.name, &policy)
-                .map(|p| (p, config_json, weights))
+        let (parsed, adapter, config_json, weights) = tokio::task::spawn_blocking(move || {
+            let p = peft::parse(&config_json, &weights, model.config(), &model.name, &policy)?;
+            let a = p.compile(&model.llama)?;
+            Ok::<_, ImportError>((p, a, config_json, weights))
         })
         .await
         .map_err(|e| RegistryError::Storage(e.to_string()))??;
@@ -324,7 +327,7 @@ impl AdapterRegistry {
         self.tenancy
             .check_storage(tenant, NewObject::AdapterVersion(name), bytes)
             .await?;
-        self.store(tenant, name, &parsed, config_json, weights)
+        self.store(tenant, name, &parsed, adapter, config_json, weights)
             .await
     }
 
@@ -333,7 +336,7 @@ impl AdapterRegistry {
         &self,
         tenant: &str,
         name: &str,
-        parsed: &ParsedLora,
+        parsed: &Parsed,
     ) -> Result<AdapterRow, RegistryError> {
         validate_name(name).map_err(|e| ImportError {
             field: "name".into(),
@@ -346,14 +349,17 @@ impl AdapterRegistry {
             .cloned()
             .unwrap_or_else(|| self.model.name.clone());
         let (config, weights) = peft::write(parsed, self.model.config(), &base)?;
-        self.store(tenant, name, parsed, config, weights).await
+        let adapter = parsed.compile(&self.model.llama)?;
+        self.store(tenant, name, parsed, adapter, config, weights)
+            .await
     }
 
     async fn store(
         &self,
         tenant: &str,
         name: &str,
-        parsed: &ParsedLora,
+        parsed: &Parsed,
+        adapter: Adapter,
         config_json: Vec<u8>,
         weights: Vec<u8>,
     ) -> Result<AdapterRow, RegistryError> {
@@ -386,10 +392,7 @@ impl AdapterRegistry {
             .insert_adapter(&NewAdapter {
                 tenant: tenant.into(),
                 name: name.into(),
-                kind: "lora".into(),
-                rank: parsed.rank as u32,
-                alpha: parsed.alpha,
-                target_modules: parsed.target_modules.clone(),
+                details: parsed.details.clone(),
                 size_bytes: size,
                 sha256: sha,
                 base_fingerprint: self.model.fingerprint.clone(),
@@ -400,7 +403,7 @@ impl AdapterRegistry {
             Ok(row) => {
                 // The new version is resident at once: the next request uses it without a load.
                 let loaded = Arc::new(Loaded {
-                    weights: parsed.weights.clone(),
+                    adapter,
                     dir,
                     delete_files: AtomicBool::new(false),
                 });
@@ -440,7 +443,7 @@ impl AdapterRegistry {
         let policy = self.policy(true);
         let d = dir.clone();
         let what = r.to_string();
-        let parsed = tokio::task::spawn_blocking(move || -> Result<ParsedLora, RegistryError> {
+        let adapter = tokio::task::spawn_blocking(move || -> Result<Adapter, RegistryError> {
             let read = |f: &str| {
                 std::fs::read(d.join(f)).map_err(|e| {
                     tracing::error!(file = %d.join(f).display(), error = %e, "reading a stored adapter");
@@ -450,16 +453,18 @@ impl AdapterRegistry {
             let (c, w) = (read(peft::CONFIG_FILE)?, read(peft::WEIGHTS_FILE)?);
             // These files were checked at import: failing now means they were damaged on
             // disk, which is the server's loss, not the caller's bad argument.
-            peft::parse(&c, &w, model.config(), &model.name, &policy).map_err(|e| {
-                tracing::error!(dir = %d.display(), error = %e, "a stored adapter no longer parses");
-                RegistryError::Damaged(format!("adapter {what} is damaged on the server: {e}"))
-            })
+            peft::parse(&c, &w, model.config(), &model.name, &policy)
+                .and_then(|p| p.compile(&model.llama))
+                .map_err(|e| {
+                    tracing::error!(dir = %d.display(), error = %e, "a stored adapter no longer parses");
+                    RegistryError::Damaged(format!("adapter {what} is damaged on the server: {e}"))
+                })
         })
         .await
         .map_err(|e| RegistryError::Storage(e.to_string()))??;
         metrics::histogram!(m::ADAPTER_LOAD_SECONDS).record(started.elapsed().as_secs_f64());
         let loaded = Arc::new(Loaded {
-            weights: parsed.weights,
+            adapter,
             dir,
             delete_files: AtomicBool::new(false),
         });

@@ -1,14 +1,11 @@
 //! Random PEFT LoRA adapters, for tests and benchmarks (deterministic from a seed).
 
-use super::peft::{self, ParsedLora};
-use crate::model::{
-    lora::{LoraPair, LoraWeights, Module},
-    BaseModel,
-};
+use super::formats::{self, Details, Parsed};
+use crate::model::{lora::LoraPair, Adapter, BaseModel, Module};
 
 /// Random LoRA weights on all seven modules of `model` at rank `rank` (scale 2): every A and
 /// B entry uniform in `[-spread/2, spread/2)`, from a xorshift stream seeded by `seed`.
-pub fn random_lora(model: &BaseModel, seed: u64, rank: usize, spread: f32) -> LoraWeights {
+pub fn random_lora(model: &BaseModel, seed: u64, rank: usize, spread: f32) -> Adapter {
     let cfg = model.config();
     let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
     let mut rnd = move || {
@@ -17,7 +14,7 @@ pub fn random_lora(model: &BaseModel, seed: u64, rank: usize, spread: f32) -> Lo
         s ^= s << 17;
         ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * spread
     };
-    let mut w = LoraWeights::new(cfg.num_layers);
+    let mut w = Adapter::new(cfg.num_layers);
     for layer in 0..cfg.num_layers {
         for m in Module::ALL {
             let base = m.of(&model.llama.weights.layers[layer]);
@@ -41,15 +38,18 @@ pub fn random_lora(model: &BaseModel, seed: u64, rank: usize, spread: f32) -> Lo
 
 /// PEFT files of a random LoRA adapter (all seven modules, rank `rank`) for `model`.
 pub fn random_peft(model: &BaseModel, seed: u64, rank: usize) -> (Vec<u8>, Vec<u8>) {
-    let parsed = ParsedLora {
-        weights: random_lora(model, seed, rank, 0.2),
-        rank,
-        alpha: 2.0 * rank as f64,
-        target_modules: Module::ALL
-            .iter()
-            .map(|m| m.hf_name().to_string())
-            .collect(),
-        use_rslora: false,
+    let parsed = Parsed {
+        details: Details::Lora {
+            rank,
+            alpha: 2.0 * rank as f64,
+            target_modules: Module::ALL
+                .iter()
+                .map(|m| m.hf_name().to_string())
+                .collect(),
+            use_rslora: false,
+        },
+        adapter: random_lora(model, seed, rank, 0.2),
+        prompt: None,
     };
-    peft::write(&parsed, model.config(), &model.name).expect("write PEFT files")
+    formats::write(&parsed, model.config(), &model.name).expect("write PEFT files")
 }

@@ -106,6 +106,8 @@ pub struct Usage {
     /// Prompt tokens whose KV came from the prefix cache (same tenant, same adapter
     /// version) rather than a prefill.
     pub cached_prompt_tokens: u32,
+    /// The adapter's virtual tokens in front of the prompt (not in `prompt_tokens`).
+    pub virtual_tokens: u32,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -229,7 +231,14 @@ impl EngineHandle {
         }
         // Rounded to whole blocks, as the pool hands them out; a sequence ends at the
         // context window whatever max_new_tokens says.
-        let (prompt, max_new) = (req.prompt_ids.len(), req.params.max_new_tokens as usize);
+        let virt = req
+            .adapter
+            .as_ref()
+            .map_or(0, |a| a.adapter().virtual_tokens());
+        let (prompt, max_new) = (
+            req.prompt_ids.len() + virt,
+            req.params.max_new_tokens as usize,
+        );
         let needed = (prompt + max_new).min(self.model.config().max_position.max(prompt));
         if crate::model::kv_cache::blocks_for(needed) * crate::model::kv_cache::BLOCK_TOKENS
             > self.kv_capacity_tokens

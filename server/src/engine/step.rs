@@ -38,7 +38,11 @@ use crate::{
 };
 
 struct Sequence {
+    /// The adapter's virtual positions ([`VIRTUAL`] placeholders, seeded from its KV prefix,
+    /// never run), then the prompt's tokens.
     prompt: Vec<u32>,
+    /// How many of `prompt`'s positions are virtual.
+    virtual_tokens: usize,
     generated: Vec<u32>,
     /// Block table: positions `0..cache.len()` of `prompt ++ generated` are computed.
     cache: KvCache,
@@ -90,7 +94,8 @@ impl Sequence {
             total: now - self.arrived,
         };
         let usage = Usage {
-            prompt_tokens: self.prompt.len() as u32,
+            prompt_tokens: (self.prompt.len() - self.virtual_tokens) as u32,
+            virtual_tokens: self.virtual_tokens as u32,
             completion_tokens: self.generated.len() as u32,
             cached_prompt_tokens: self.cached_prompt_tokens as u32,
         };
@@ -172,7 +177,7 @@ impl EngineLoop {
         // Preempted sequences first, oldest first: nothing new jumps ahead of them.
         while self.active.len() < self.cfg.max_active_sequences && !self.preempted.is_empty() {
             let seq = &self.preempted[0];
-            let Some(cache) = take_blocks(
+            let Some(mut cache) = take_blocks(
                 &mut self.pool,
                 &seq.prompt_hashes,
                 seq.prompt.len(),
@@ -181,6 +186,7 @@ impl EngineLoop {
                 return;
             };
             let mut seq = self.preempted.remove(0);
+            seed_prefix(&mut self.pool, &mut cache, seq.adapter.as_ref());
             seq.published = cache.blocks().len();
             seq.cache = cache;
             self.active.push(seq);
@@ -189,17 +195,20 @@ impl EngineLoop {
             let Some((tenant, sub)) = self.waiting.pop() else {
                 break;
             };
-            let prompt = &sub.req.prompt_ids;
-            let hashes = block_hashes(&prefix_salt(&sub.req), prompt);
-            let Some(cache) = take_blocks(&mut self.pool, &hashes, prompt.len(), prompt.len())
+            let stream = positions(&sub.req);
+            let hashes = block_hashes(&prefix_salt(&sub.req), &stream);
+            let Some(mut cache) = take_blocks(&mut self.pool, &hashes, stream.len(), stream.len())
             else {
                 self.waiting.unpop(&tenant, sub);
                 break;
             };
             self.shared.queued.fetch_sub(1, Ordering::SeqCst);
-            metrics::counter!(m::PROMPT_TOKENS_TOTAL).increment(prompt.len() as u64);
-            metrics::counter!(m::PREFIX_CACHE_HIT_TOKENS_TOTAL).increment(cache.len() as u64);
-            let seq = self.new_sequence(sub, hashes, cache);
+            let virt = stream.len() - sub.req.prompt_ids.len();
+            let cached = cache.len().saturating_sub(virt);
+            metrics::counter!(m::PROMPT_TOKENS_TOTAL).increment(sub.req.prompt_ids.len() as u64);
+            metrics::counter!(m::PREFIX_CACHE_HIT_TOKENS_TOTAL).increment(cached as u64);
+            seed_prefix(&mut self.pool, &mut cache, sub.req.adapter.as_ref());
+            let seq = self.new_sequence(sub, stream, hashes, cache, cached);
             self.active.push(seq);
         }
         self.waiting.forget_idle();
@@ -246,8 +255,10 @@ impl EngineLoop {
     fn new_sequence(
         &self,
         sub: Submission,
+        prompt: Vec<u32>,
         prompt_hashes: Vec<BlockHash>,
         cache: KvCache,
+        cached_prompt_tokens: usize,
     ) -> Sequence {
         let Submission {
             req,
@@ -258,10 +269,11 @@ impl EngineLoop {
         let sampler = Sampler::new(req.params.clone(), vocab, &req.prompt_ids);
         Sequence {
             output: TextOutput::new(req.params.stop.clone()),
-            prompt: req.prompt_ids,
+            virtual_tokens: prompt.len() - req.prompt_ids.len(),
+            prompt,
             generated: Vec::new(),
             published: cache.blocks().len(),
-            cached_prompt_tokens: cache.len(),
+            cached_prompt_tokens,
             cache,
             prompt_hashes,
             sampler,
@@ -456,7 +468,7 @@ impl EngineLoop {
                     cache,
                     want_logits: sample,
                     decode,
-                    lora: adapter.as_ref().map(|a| a.weights()),
+                    adapter: adapter.as_ref().map(|a| a.adapter()),
                 });
                 ran.push((i, n, sample));
             }
@@ -537,6 +549,38 @@ impl EngineLoop {
         if let Some(r) = finish {
             seq.finish(r);
         }
+    }
+}
+
+/// The placeholder of a virtual position in a sequence's `prompt` (never a vocabulary id:
+/// those positions are seeded from the adapter's KV prefix, never run). Position `i` holds
+/// `VIRTUAL - i`, so block hashes tell positions apart; the salt tells adapters apart.
+const VIRTUAL: u32 = u32::MAX;
+
+/// What a request's cache holds positions for: its adapter's virtual tokens, then its
+/// prompt.
+fn positions(req: &super::GenerationRequest) -> Vec<u32> {
+    let virt = req
+        .adapter
+        .as_ref()
+        .map_or(0, |a| a.adapter().virtual_tokens());
+    (0..virt as u32)
+        .map(|i| VIRTUAL - i)
+        .chain(req.prompt_ids.iter().copied())
+        .collect()
+}
+
+/// Fills the virtual positions of a new block table from the adapter's KV prefix: computed
+/// once per adapter version (at load) and copied here, or already present where the table's
+/// first blocks came from the prefix cache.
+fn seed_prefix(pool: &mut KvPool, cache: &mut KvCache, adapter: Option<&AdapterLease>) {
+    let Some(prefix) = adapter.and_then(|a| a.adapter().prefix.as_deref()) else {
+        return;
+    };
+    if cache.len() < prefix.len {
+        pool.grow(cache, prefix.len)
+            .expect("take_blocks reserved the blocks for every position");
+        pool.seed_prefix(cache, prefix);
     }
 }
 

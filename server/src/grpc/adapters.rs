@@ -15,7 +15,7 @@ use super::{
 };
 use crate::{
     adapters::peft::{CONFIG_FILE, WEIGHTS_FILE},
-    store::AdapterRow,
+    store::{AdapterRow, Details},
 };
 
 const CHUNK: usize = 1 << 20;
@@ -33,19 +33,74 @@ impl AdaptersService {
 }
 
 impl From<AdapterRow> for pb::AdapterVersion {
+    // The deprecated LoRA fields stay filled for one release.
+    #[allow(deprecated)]
     fn from(r: AdapterRow) -> Self {
+        use pb::adapter_version::Details as D;
+        let n = |v: &usize| *v as u32;
+        let virtual_tokens = r.details.virtual_tokens() as u32;
+        let method = r.details.method().to_string();
+        let (kind, rank, alpha, target_modules) = match &r.details {
+            Details::Lora {
+                rank,
+                alpha,
+                target_modules,
+                ..
+            } => ("lora".into(), n(rank), *alpha, target_modules.clone()),
+            _ => (String::new(), 0, 0.0, vec![]),
+        };
+        let details = match r.details {
+            Details::Lora {
+                rank,
+                alpha,
+                target_modules,
+                use_rslora,
+            } => D::Lora(pb::LoraDetails {
+                rank: rank as u32,
+                alpha,
+                target_modules,
+                use_rslora,
+            }),
+            Details::PromptTuning { num_virtual_tokens } => {
+                D::PromptTuning(pb::PromptTuningDetails {
+                    num_virtual_tokens: n(&num_virtual_tokens),
+                })
+            }
+            Details::PTuning {
+                num_virtual_tokens,
+                encoder,
+                encoder_hidden_size,
+            } => D::PTuning(pb::PTuningDetails {
+                num_virtual_tokens: n(&num_virtual_tokens),
+                encoder,
+                encoder_hidden_size: n(&encoder_hidden_size),
+            }),
+            Details::PrefixTuning {
+                num_virtual_tokens,
+                encoder_hidden_size,
+            } => D::PrefixTuning(pb::PrefixTuningDetails {
+                num_virtual_tokens: n(&num_virtual_tokens),
+                encoder_hidden_size: n(&encoder_hidden_size),
+            }),
+            Details::PTuningV2 { num_virtual_tokens } => D::PTuningV2(pb::PTuningV2Details {
+                num_virtual_tokens: n(&num_virtual_tokens),
+            }),
+        };
         Self {
             tenant: r.tenant,
             name: r.name,
             version: r.version,
-            kind: r.kind,
-            rank: r.rank,
-            alpha: r.alpha,
-            target_modules: r.target_modules,
+            kind,
+            rank,
+            alpha,
+            target_modules,
             size_bytes: r.size_bytes,
             sha256: r.sha256,
             created_at_unix: r.created_at,
             base_model_fingerprint: r.base_fingerprint,
+            method,
+            details: Some(details),
+            virtual_tokens,
         }
     }
 }

@@ -249,6 +249,7 @@ impl From<crate::engine::Usage> for pb::Usage {
             prompt_tokens: u.prompt_tokens,
             completion_tokens: u.completion_tokens,
             cached_prompt_tokens: u.cached_prompt_tokens,
+            virtual_tokens: u.virtual_tokens,
         }
     }
 }

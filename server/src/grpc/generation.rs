@@ -62,11 +62,17 @@ impl GenerationService {
         if prompt_ids.is_empty() {
             return Err(ApiError::invalid(field, "the prompt has no tokens"));
         }
-        if prompt_ids.len() >= window {
+        let virt = adapter.as_ref().map_or(0, |a| a.adapter().virtual_tokens());
+        if prompt_ids.len() + virt >= window {
+            let with = if virt > 0 {
+                format!(" plus the adapter's {virt} virtual tokens")
+            } else {
+                String::new()
+            };
             return Err(ApiError::invalid(
                 field,
                 format!(
-                    "the prompt is {} tokens but the context window is {window} (and at least one new token must fit)",
+                    "the prompt is {} tokens{with} but the context window is {window} (and at least one new token must fit)",
                     prompt_ids.len()
                 ),
             ));

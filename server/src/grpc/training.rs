@@ -4,7 +4,10 @@
 use std::pin::Pin;
 
 use futures::Stream;
-use graft_proto::v1::{self as pb, training_server::Training, upload_dataset_request::Part};
+use graft_proto::v1::{
+    self as pb, create_job_request::MethodConfig, training_server::Training,
+    upload_dataset_request::Part,
+};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{
@@ -18,6 +21,7 @@ use crate::{
     train::{
         dataset::Format,
         jobs::{JobEvent, JobSpec, NewJob, TrainingError},
+        methods::{Encoder, MethodSpec, PromptInit},
         optim::Schedule,
         trainer::{TrainEvent, TrainSpec},
     },
@@ -145,21 +149,161 @@ fn to_proto_event(seq: u64, at_ms: i64, e: JobEvent) -> pb::JobEvent {
     }
 }
 
-/// Request -> job, with every hyper-parameter checked and defaults filled in.
-fn job_from(req: &pb::CreateJobRequest) -> Result<NewJob, ApiError> {
-    if !req.method.is_empty() && req.method != "lora" {
+/// Virtual tokens of a prompt method when the request leaves them out (PEFT's examples use
+/// 8-30; 20 is the common choice).
+const DEFAULT_VIRTUAL_TOKENS: u32 = 20;
+
+/// The default learning rate per method. The prompt family trains a handful of vectors
+/// that every position reads, from a random start (standard normal, far from the scale of
+/// real token embeddings): they need far larger steps than a low-rank update that starts
+/// at zero. The values are the ones the PEFT reference runs in `tests/fixtures` used.
+fn default_learning_rate(m: &MethodSpec) -> f64 {
+    match m {
+        MethodSpec::Lora => 2e-4,
+        MethodSpec::PromptTuning { .. } => 3e-2,
+        MethodSpec::PTuning { .. } | MethodSpec::PrefixTuning { .. } => 3e-3,
+        MethodSpec::PTuningV2 { .. } => 1e-2,
+    }
+}
+
+/// The method a request names, its settings checked and defaulted. Settings given for
+/// another method than the one named are refused rather than ignored.
+fn method_from(req: &pb::CreateJobRequest) -> Result<MethodSpec, ApiError> {
+    let name = if req.method.is_empty() {
+        "lora"
+    } else {
+        req.method.as_str()
+    };
+    let config_name = match &req.method_config {
+        None => None,
+        Some(MethodConfig::Lora(_)) => Some("lora"),
+        Some(MethodConfig::PromptTuning(_)) => Some("prompt_tuning"),
+        Some(MethodConfig::PTuning(_)) => Some("p_tuning"),
+        Some(MethodConfig::PrefixTuning(_)) => Some("prefix_tuning"),
+        Some(MethodConfig::PTuningV2(_)) => Some("p_tuning_v2"),
+    };
+    if let Some(c) = config_name.filter(|c| *c != name) {
         return Err(ApiError::invalid(
-            "method",
-            format!("{:?} is not supported; \"lora\"", req.method),
+            c,
+            format!("settings for {c} but the method is {name:?}"),
         ));
     }
+    let tokens = |v: Option<u32>, field: &str| -> Result<usize, ApiError> {
+        match v.unwrap_or(DEFAULT_VIRTUAL_TOKENS) {
+            0 => Err(ApiError::invalid(field, "must be at least 1")),
+            n => Ok(n as usize),
+        }
+    };
+    let size = |v: Option<u32>, default: usize, field: &str| -> Result<usize, ApiError> {
+        match v {
+            Some(0) => Err(ApiError::invalid(field, "must be at least 1")),
+            Some(n) => Ok(n as usize),
+            None => Ok(default),
+        }
+    };
+    Ok(match (name, req.method_config.clone()) {
+        ("lora", _) => MethodSpec::Lora,
+        ("prompt_tuning", c) => {
+            let c = match c {
+                Some(MethodConfig::PromptTuning(c)) => c,
+                _ => Default::default(),
+            };
+            let init = match (c.init.as_str(), c.init_text.is_empty()) {
+                ("" | "random", true) => PromptInit::Random,
+                ("vocab", true) => PromptInit::Vocab,
+                ("text", false) => PromptInit::Text { text: c.init_text },
+                ("text", true) => {
+                    return Err(ApiError::invalid(
+                        "prompt_tuning.init_text",
+                        "required with init \"text\"",
+                    ))
+                }
+                ("" | "random" | "vocab", false) => {
+                    return Err(ApiError::invalid(
+                        "prompt_tuning.init_text",
+                        "only used with init \"text\"",
+                    ))
+                }
+                (s, _) => {
+                    return Err(ApiError::invalid(
+                        "prompt_tuning.init",
+                        format!("{s:?}; expected random, text or vocab"),
+                    ))
+                }
+            };
+            MethodSpec::PromptTuning {
+                num_virtual_tokens: tokens(c.num_virtual_tokens, "prompt_tuning.num_virtual_tokens")?,
+                init,
+            }
+        }
+        ("p_tuning", c) => {
+            let c = match c {
+                Some(MethodConfig::PTuning(c)) => c,
+                _ => Default::default(),
+            };
+            let encoder = match c.encoder.as_str() {
+                "" | "mlp" => Encoder::Mlp,
+                "lstm" => Encoder::Lstm,
+                s => {
+                    return Err(ApiError::invalid(
+                        "p_tuning.encoder",
+                        format!("{s:?}; expected mlp or lstm"),
+                    ))
+                }
+            };
+            MethodSpec::PTuning {
+                num_virtual_tokens: tokens(c.num_virtual_tokens, "p_tuning.num_virtual_tokens")?,
+                encoder,
+                // 0: the model's hidden size, resolved by the service.
+                encoder_hidden_size: size(c.encoder_hidden_size, 0, "p_tuning.encoder_hidden_size")?,
+                encoder_num_layers: size(c.encoder_num_layers, 2, "p_tuning.encoder_num_layers")?,
+            }
+        }
+        ("prefix_tuning", c) => {
+            let c = match c {
+                Some(MethodConfig::PrefixTuning(c)) => c,
+                _ => Default::default(),
+            };
+            MethodSpec::PrefixTuning {
+                num_virtual_tokens: tokens(c.num_virtual_tokens, "prefix_tuning.num_virtual_tokens")?,
+                encoder_hidden_size: size(
+                    c.encoder_hidden_size,
+                    0,
+                    "prefix_tuning.encoder_hidden_size",
+                )?,
+            }
+        }
+        ("p_tuning_v2", c) => {
+            let c = match c {
+                Some(MethodConfig::PTuningV2(c)) => c,
+                _ => Default::default(),
+            };
+            MethodSpec::PTuningV2 {
+                num_virtual_tokens: tokens(c.num_virtual_tokens, "p_tuning_v2.num_virtual_tokens")?,
+            }
+        }
+        (other, _) => {
+            return Err(ApiError::invalid(
+                "method",
+                format!("{other:?} is not supported; expected lora, prompt_tuning, p_tuning, prefix_tuning or p_tuning_v2"),
+            ))
+        }
+    })
+}
+
+/// Request -> job, with every hyper-parameter checked and defaults filled in.
+fn job_from(req: &pb::CreateJobRequest) -> Result<NewJob, ApiError> {
+    let method = method_from(req)?;
     if req.dataset.is_empty() {
         return Err(ApiError::invalid("dataset", "required"));
     }
     if req.adapter_name.is_empty() {
         return Err(ApiError::invalid("adapter_name", "required"));
     }
-    let l = req.lora.clone().unwrap_or_default();
+    let l = match &req.method_config {
+        Some(MethodConfig::Lora(l)) => l.clone(),
+        _ => pb::LoraMethod::default(),
+    };
     let h = req.hyperparameters.clone().unwrap_or_default();
     let rank = l.r.unwrap_or(8) as usize;
     if rank == 0 {
@@ -209,7 +353,7 @@ fn job_from(req: &pb::CreateJobRequest) -> Result<NewJob, ApiError> {
         1,
         "hyperparameters.gradient_accumulation",
     )?;
-    let lr = h.learning_rate.unwrap_or(2e-4);
+    let lr = h.learning_rate.unwrap_or(default_learning_rate(&method));
     if !(lr.is_finite() && lr > 0.0) {
         return Err(ApiError::invalid(
             "hyperparameters.learning_rate",
@@ -277,6 +421,7 @@ fn job_from(req: &pb::CreateJobRequest) -> Result<NewJob, ApiError> {
         }
     };
     let train = TrainSpec {
+        method,
         rank,
         alpha,
         dropout: dropout as f32,

@@ -293,6 +293,28 @@ impl KvPool {
         }
     }
 
+    /// Fills positions `cache.len()..prefix.len` of `cache` (whose blocks must cover them,
+    /// [`Self::grow`]) with an adapter's KV prefix, so the sequence's real tokens start at
+    /// position `prefix.len`. Positions already there (blocks shared from the prefix cache)
+    /// are left as they are.
+    pub fn seed_prefix(&mut self, cache: &mut KvCache, prefix: &super::KvPrefix) {
+        let (from, d) = (cache.len, self.shape.kv_dim);
+        if from >= prefix.len {
+            return;
+        }
+        debug_assert_eq!(prefix.kv_dim, d);
+        for (layer, (k, v)) in prefix.keys.iter().zip(&prefix.values).enumerate() {
+            self.write(
+                layer,
+                cache,
+                from,
+                &k[from * d..prefix.len * d],
+                &v[from * d..prefix.len * d],
+            );
+        }
+        cache.len = prefix.len;
+    }
+
     /// Layer `layer`'s key and value slabs, for attention through block tables.
     pub(crate) fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
         (&self.k[layer], &self.v[layer])

@@ -10,10 +10,11 @@
 use candle_core::{DType, Device, Tensor, D};
 
 use super::{
+    adapter::{post_linear_rows, Adapter, KvPrefix, TensorAdapter},
     attention::{attend, AttnShape, RopeTable, RowPlace},
     config::LlamaConfig,
     kv_cache::{KvCache, KvPool, KvShape},
-    lora::{self, LoraWeights, Module},
+    sites::Module,
     weights::{Linear, Weights},
     ModelError,
 };
@@ -30,8 +31,9 @@ pub struct SeqChunk<'a> {
     /// the packed kernel. The choice depends only on the sequence's own phase, never on the
     /// batch, so results stay batch-invariant.
     pub decode: bool,
-    /// The sequence's LoRA adapter, applied to its rows only.
-    pub lora: Option<&'a LoraWeights>,
+    /// The sequence's adapter, applied to its rows only. Its KV prefix, if any, is already
+    /// in `cache` ([`KvPool::seed_prefix`]); the hooks applied here are its linear parts.
+    pub adapter: Option<&'a Adapter>,
 }
 
 /// The frozen decoder.
@@ -130,19 +132,23 @@ impl Llama {
             let end = c.cache.len() + c.tokens.len();
             pool.grow(c.cache, end)?;
         }
-        let row_lora: Vec<Option<&LoraWeights>> = rows.iter().map(|r| chunks[r.seq].lora).collect();
-        let any_lora = row_lora.iter().any(Option::is_some);
+        let row_adapter: Vec<Option<&Adapter>> = rows
+            .iter()
+            .map(|r| chunks[r.seq].adapter.filter(|a| !a.linear.is_empty()))
+            .collect();
+        let any_linear = row_adapter.iter().any(Option::is_some);
         let dev = &self.device;
-        // One projection: the shared weight for every row, plus each row's own LoRA update.
+        // One projection: the shared weight for every row, then each row's own
+        // `post_linear` hook.
         let project =
             |lin: &Linear, m: Module, li: usize, x: &Tensor| -> Result<Tensor, ModelError> {
                 let y = lin.forward_rows(x, decode_rows)?;
-                if !any_lora {
+                if !any_linear {
                     return Ok(y);
                 }
                 let xv = x.flatten_all()?.to_vec1::<f32>()?;
                 let mut yv = y.flatten_all()?.to_vec1::<f32>()?;
-                lora::apply_rows(&row_lora, li, m, &xv, &mut yv);
+                post_linear_rows(&row_adapter, li, m, &xv, &mut yv);
                 Ok(Tensor::from_vec(yv, y.shape(), dev)?)
             };
         let n = ids.len();
@@ -233,43 +239,139 @@ impl Llama {
 
     /// Final-norm hidden states `(B, T, hidden)` of `ids: (B, T)`, from differentiable ops
     /// only (the plain path and the training forward). Rows attend causally; padding placed
-    /// after a row's real tokens therefore never reaches them. `lora` adds trainable
-    /// low-rank updates beside the frozen weights.
+    /// after a row's real tokens therefore never reaches them. `adapter`'s hooks apply as
+    /// tensors: `post_linear` beside the frozen weights, virtual input embeddings in front
+    /// of the real ones (their states are not returned), a KV prefix in front of every
+    /// layer's keys and values (real tokens then start at position P).
     pub fn forward_hidden(
         &self,
         ids: &Tensor,
-        lora: Option<&dyn LoraTensors>,
+        adapter: Option<&dyn TensorAdapter>,
+    ) -> Result<Tensor, ModelError> {
+        let (b, t) = ids.dims2()?;
+        let hidden = self.cfg.hidden_size;
+        let x = self
+            .weights
+            .embed
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, hidden))?;
+        let prompt = match adapter {
+            Some(a) => a.prompt()?,
+            None => None,
+        };
+        let Some(prompt) = prompt else {
+            return self.run_layers(x, adapter, None);
+        };
+        let p = prompt.dim(0)?;
+        if prompt.dims() != [p, hidden] {
+            return Err(ModelError::Format(format!(
+                "virtual embeddings are {:?}; the model needs [P, {hidden}]",
+                prompt.dims()
+            )));
+        }
+        let prompt = prompt.unsqueeze(0)?.broadcast_as((b, p, hidden))?;
+        let x = Tensor::cat(&[&prompt, &x], 1)?;
+        Ok(self.run_layers(x, adapter, None)?.narrow(1, p, t)?)
+    }
+
+    /// The keys and values virtual input embeddings `(P, hidden)` leave in every layer at
+    /// positions `0..P`: what a prompt-tuned sequence's cache starts with.
+    pub fn prefix_from_embeddings(&self, embeddings: &Tensor) -> Result<KvPrefix, ModelError> {
+        let (p, hidden) = embeddings.dims2()?;
+        if hidden != self.cfg.hidden_size || p == 0 {
+            return Err(ModelError::Format(format!(
+                "virtual embeddings are [{p}, {hidden}]; the model needs [P >= 1, {}]",
+                self.cfg.hidden_size
+            )));
+        }
+        let mut kv = Vec::with_capacity(self.cfg.num_layers);
+        self.run_layers(embeddings.unsqueeze(0)?, None, Some(&mut kv))?;
+        let kv_dim = self.cfg.kv_dim();
+        let flat = |t: &Tensor| -> candle_core::Result<Vec<f32>> {
+            // (1, kv_heads, P, head_dim) -> (P, kv_dim)
+            t.squeeze(0)?
+                .transpose(0, 1)?
+                .contiguous()?
+                .reshape((p, kv_dim))?
+                .flatten_all()?
+                .to_vec1()
+        };
+        let (mut keys, mut values) = (Vec::new(), Vec::new());
+        for (k, v) in &kv {
+            keys.push(flat(k)?);
+            values.push(flat(v)?);
+        }
+        Ok(KvPrefix {
+            len: p,
+            kv_dim,
+            keys,
+            values,
+        })
+    }
+
+    /// The decoder layers and the final norm over input states `x: (B, T, hidden)`.
+    /// `capture` receives every layer's rotated keys and values `(B, kv_heads, T, hd)`.
+    fn run_layers(
+        &self,
+        x: Tensor,
+        adapter: Option<&dyn TensorAdapter>,
+        mut capture: Option<&mut Vec<(Tensor, Tensor)>>,
     ) -> Result<Tensor, ModelError> {
         let cfg = &self.cfg;
-        let (b, t) = ids.dims2()?;
-        if t == 0 || t > cfg.max_position {
-            return Err(ModelError::ContextOverflow {
-                needed: t,
-                max: cfg.max_position,
-            });
-        }
+        let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd, hidden) = (
             cfg.num_heads,
             cfg.num_kv_heads,
             cfg.head_dim(),
             cfg.hidden_size,
         );
+        let prefix = match adapter {
+            Some(a) => a.kv_prefix()?,
+            None => None,
+        };
+        let prefix_len = prefix.as_ref().map_or(Ok(0), |p| p.dim(0))?;
+        let kv_dim = cfg.kv_dim();
+        if let Some(p) = &prefix {
+            if p.dims() != [prefix_len, cfg.num_layers * 2 * kv_dim] {
+                return Err(ModelError::Format(format!(
+                    "a KV prefix is {:?}; the model needs [P, {}]",
+                    p.dims(),
+                    cfg.num_layers * 2 * kv_dim
+                )));
+            }
+        }
+        let positions = prefix_len + t;
+        if t == 0 || positions > cfg.max_position {
+            return Err(ModelError::ContextOverflow {
+                needed: positions,
+                max: cfg.max_position,
+            });
+        }
         let eps = cfg.rms_eps as f32;
         let dev = &self.device;
-        let (cos, sin) = self.rope.tables(t);
-        let cos = Tensor::from_slice(cos, (t, hd / 2), dev)?;
-        let sin = Tensor::from_slice(sin, (t, hd / 2), dev)?;
+        let (cos, sin) = self.rope.tables(positions);
+        let cos = Tensor::from_slice(cos, (positions, hd / 2), dev)?.narrow(0, prefix_len, t)?;
+        let sin = Tensor::from_slice(sin, (positions, hd / 2), dev)?.narrow(0, prefix_len, t)?;
+        // Query i (at position prefix_len + i) sees keys 0..=prefix_len + i.
         let mask: Vec<f32> = (0..t)
-            .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+            .flat_map(|i| {
+                (0..positions).map(move |j| {
+                    if j > i + prefix_len {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+            })
             .collect();
-        let mask = Tensor::from_vec(mask, (t, t), dev)?;
-        let mut x = self.weights.embed.index_select(&ids.flatten_all()?, 0)?; // (B*T, hidden)
+        let mask = Tensor::from_vec(mask, (t, positions), dev)?;
+        let mut x = x.reshape((b * t, hidden))?;
         let proj =
             |lin: &Linear, m: Module, li: usize, x: &Tensor| -> candle_core::Result<Tensor> {
                 // The base weight is frozen: its backward yields x's gradient only.
                 let y = super::frozen::frozen_matmul(x, lin.weight())?;
-                match lora.and_then(|l| l.get(li, m)) {
-                    Some(p) => y + p.forward(x)?,
+                match adapter.and_then(|a| a.linear(li, m)) {
+                    Some(hook) => hook.post_linear(x, y),
                     None => Ok(y),
                 }
             };
@@ -283,14 +385,37 @@ impl Llama {
             let v = heads(proj(&layer.v, Module::V, li, &h)?, nkv)?;
             let q = candle_nn::rotary_emb::rope_i_slow(&q, &cos, &sin)?;
             let k = candle_nn::rotary_emb::rope_i_slow(&k, &cos, &sin)?;
+            if let Some(c) = capture.as_deref_mut() {
+                c.push((k.clone(), v.clone()));
+            }
+            let (k, v) = match &prefix {
+                Some(p) => {
+                    let pk = p.narrow(1, li * 2 * kv_dim, kv_dim)?;
+                    let pv = p.narrow(1, (li * 2 + 1) * kv_dim, kv_dim)?;
+                    // (P, kv_dim) -> (B, kv_heads, P, hd), in front of the real tokens'.
+                    let lay = |p: Tensor| -> candle_core::Result<Tensor> {
+                        p.contiguous()?
+                            .reshape((prefix_len, nkv, hd))?
+                            .transpose(0, 1)?
+                            .unsqueeze(0)?
+                            .broadcast_as((b, nkv, prefix_len, hd))?
+                            .contiguous()
+                    };
+                    (
+                        Tensor::cat(&[&lay(pk)?, &k], 2)?,
+                        Tensor::cat(&[&lay(pv)?, &v], 2)?,
+                    )
+                }
+                None => (k, v),
+            };
             let rep = nh / nkv;
             let repeat = |y: Tensor| -> candle_core::Result<Tensor> {
                 if rep == 1 {
                     return Ok(y);
                 }
                 y.unsqueeze(2)?
-                    .expand((b, nkv, rep, t, hd))?
-                    .reshape((b, nh, t, hd))
+                    .expand((b, nkv, rep, positions, hd))?
+                    .reshape((b, nh, positions, hd))
             };
             let (k, v) = (repeat(k)?, repeat(v)?);
             let att = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
@@ -314,14 +439,4 @@ impl Llama {
         let x = candle_nn::ops::rms_norm_slow(&x, &self.weights.final_norm, eps)?;
         Ok(x.reshape((b, t, hidden))?)
     }
-}
-
-/// Trainable LoRA branches for [`Llama::forward_hidden`].
-pub trait LoraTensors {
-    fn get(&self, layer: usize, m: Module) -> Option<&dyn LoraBranch>;
-}
-
-/// One trainable branch: `x -> scale * B (A dropout(x))`.
-pub trait LoraBranch {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor>;
 }

@@ -4,6 +4,7 @@
 //! Invariant: nothing here is mutated after `BaseModel::load`; per-sequence state
 //! (a [`KvCache`] block table into the engine's [`KvPool`]) lives outside it.
 
+pub mod adapter;
 pub mod attention;
 pub mod chat;
 pub mod config;
@@ -12,6 +13,7 @@ pub mod kv_cache;
 pub mod llama;
 pub mod lora;
 pub mod packed;
+pub mod sites;
 #[cfg(any(test, feature = "testing"))]
 pub mod tiny;
 pub mod tokenizer;
@@ -22,10 +24,12 @@ use std::{io::Read, path::Path};
 use candle_core::Device;
 use sha2::{Digest, Sha256};
 
+pub use adapter::{Adapter, KvPrefix};
 pub use chat::{ChatMessage, ChatTemplate};
 pub use config::LlamaConfig;
 pub use kv_cache::{KvCache, KvExhausted, KvPool, KvShape};
 pub use llama::{Llama, SeqChunk};
+pub use sites::Module;
 pub use tokenizer::{StreamDecoder, TextTokenizer};
 
 /// Why a model could not be loaded or run.

@@ -10,6 +10,8 @@ pub mod training;
 
 use std::{path::Path, str::FromStr, time::Duration};
 
+pub use crate::adapters::formats::Details;
+
 use sqlx::{
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
     AssertSqlSafe, Row, SqlitePool,
@@ -47,10 +49,8 @@ pub struct AdapterRow {
     pub tenant: String,
     pub name: String,
     pub version: u32,
-    pub kind: String,
-    pub rank: u32,
-    pub alpha: f64,
-    pub target_modules: Vec<String>,
+    /// The method's settings (its `method()` is the row's method).
+    pub details: Details,
     pub size_bytes: u64,
     pub sha256: String,
     pub base_fingerprint: String,
@@ -63,10 +63,7 @@ pub struct AdapterRow {
 pub struct NewAdapter {
     pub tenant: String,
     pub name: String,
-    pub kind: String,
-    pub rank: u32,
-    pub alpha: f64,
-    pub target_modules: Vec<String>,
+    pub details: Details,
     pub size_bytes: u64,
     pub sha256: String,
     pub base_fingerprint: String,
@@ -78,25 +75,26 @@ pub struct Db {
     pool: SqlitePool,
 }
 
-const COLUMNS: &str = "id, tenant, name, version, kind, rank, alpha, target_modules, size_bytes, sha256, base_fingerprint, dir, created_at";
+const COLUMNS: &str = "id, tenant, name, version, method, details, size_bytes, sha256, base_fingerprint, dir, created_at";
 
-fn row_to_adapter(r: &sqlx::sqlite::SqliteRow) -> AdapterRow {
-    let modules: String = r.get("target_modules");
-    AdapterRow {
+fn row_to_adapter(r: &sqlx::sqlite::SqliteRow) -> Result<AdapterRow, DbError> {
+    let details: String = r.get("details");
+    let details = serde_json::from_str(&details).map_err(|e| DbError {
+        op: "read adapter details",
+        source: sqlx::Error::Decode(Box::new(e)),
+    })?;
+    Ok(AdapterRow {
         id: r.get("id"),
         tenant: r.get("tenant"),
         name: r.get("name"),
         version: r.get::<i64, _>("version") as u32,
-        kind: r.get("kind"),
-        rank: r.get::<i64, _>("rank") as u32,
-        alpha: r.get("alpha"),
-        target_modules: serde_json::from_str(&modules).unwrap_or_default(),
+        details,
         size_bytes: r.get::<i64, _>("size_bytes") as u64,
         sha256: r.get("sha256"),
         base_fingerprint: r.get("base_fingerprint"),
         dir: r.get("dir"),
         created_at: r.get("created_at"),
-    }
+    })
 }
 
 fn now_unix() -> i64 {
@@ -135,19 +133,17 @@ impl Db {
     /// One statement computes the version and inserts: a read-then-write transaction would
     /// fail with SQLITE_BUSY (not wait) when another writer commits in between.
     pub async fn insert_adapter(&self, a: &NewAdapter) -> Result<AdapterRow, DbError> {
-        let modules = serde_json::to_string(&a.target_modules).unwrap_or_else(|_| "[]".into());
+        let details = serde_json::to_string(&a.details).unwrap_or_else(|_| "{}".into());
         let row = sqlx::query(AssertSqlSafe(format!(
-            "INSERT INTO adapter_versions (tenant, name, version, kind, rank, alpha, target_modules, size_bytes, sha256, base_fingerprint, dir, created_at)
-             SELECT ?1, ?2, COALESCE(MAX(version), 0) + 1, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11
+            "INSERT INTO adapter_versions (tenant, name, version, method, details, size_bytes, sha256, base_fingerprint, dir, created_at)
+             SELECT ?1, ?2, COALESCE(MAX(version), 0) + 1, ?3, ?4, ?5, ?6, ?7, ?8, ?9
              FROM adapter_versions WHERE tenant = ?1 AND name = ?2
              RETURNING {COLUMNS}"
         )))
         .bind(&a.tenant)
         .bind(&a.name)
-        .bind(&a.kind)
-        .bind(a.rank as i64)
-        .bind(a.alpha)
-        .bind(modules)
+        .bind(a.details.method())
+        .bind(details)
         .bind(a.size_bytes as i64)
         .bind(&a.sha256)
         .bind(&a.base_fingerprint)
@@ -156,7 +152,7 @@ impl Db {
         .fetch_one(&self.pool)
         .await
         .map_err(db_err("insert adapter"))?;
-        Ok(row_to_adapter(&row))
+        row_to_adapter(&row)
     }
 
     /// A live version: the newest when `version` is `None`.
@@ -178,7 +174,7 @@ impl Db {
             .fetch_optional(&self.pool)
             .await
             .map_err(db_err("find adapter"))?;
-        Ok(row.as_ref().map(row_to_adapter))
+        row.as_ref().map(row_to_adapter).transpose()
     }
 
     /// Live versions of a tenant, ordered by (name, version), after the `after` id cursor.
@@ -205,7 +201,7 @@ impl Db {
         .fetch_all(&self.pool)
         .await
         .map_err(db_err("list adapters"))?;
-        Ok(rows.iter().map(row_to_adapter).collect())
+        rows.iter().map(row_to_adapter).collect()
     }
 
     /// Tombstones one version (or every live version when `version` is `None`); returns the
@@ -229,7 +225,7 @@ impl Db {
         .fetch_all(&self.pool)
         .await
         .map_err(db_err("delete adapter"))?;
-        Ok(rows.iter().map(row_to_adapter).collect())
+        rows.iter().map(row_to_adapter).collect()
     }
 
     /// Directories of every live adapter version (for orphan cleanup at start-up).
@@ -284,15 +280,70 @@ mod tests {
         NewAdapter {
             tenant: tenant.into(),
             name: name.into(),
-            kind: "lora".into(),
-            rank: 8,
-            alpha: 16.0,
-            target_modules: vec!["q_proj".into()],
+            details: Details::Lora {
+                rank: 8,
+                alpha: 16.0,
+                target_modules: vec!["q_proj".into()],
+                use_rslora: false,
+            },
             size_bytes: 10,
             sha256: "x".into(),
             base_fingerprint: "fp".into(),
             dir: format!("{tenant}-{name}"),
         }
+    }
+
+    /// Rows stored before adapters had a method become LoRA rows with their settings as
+    /// details (the migrations run one by one on a database holding such a row).
+    #[tokio::test]
+    async fn lora_rows_of_the_old_schema_migrate_to_method_and_details() {
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect("sqlite::memory:")
+            .await
+            .expect("memory db");
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .expect("migrations")
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        files.sort();
+        for f in &files {
+            if f.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("0005"))
+            {
+                sqlx::query(
+                    "INSERT INTO adapter_versions (tenant, name, version, kind, rank, alpha, target_modules, size_bytes, sha256, base_fingerprint, dir, created_at)
+                     VALUES ('t', 'a', 1, 'lora', 8, 16.0, '[\"q_proj\",\"v_proj\"]', 10, 'x', 'fp', 'd', 0)",
+                )
+                .execute(&pool)
+                .await
+                .expect("old row");
+            }
+            let sql = std::fs::read_to_string(f).expect("read");
+            sqlx::raw_sql(AssertSqlSafe(sql))
+                .execute(&pool)
+                .await
+                .expect("migration");
+        }
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM adapter_versions"
+        )))
+        .fetch_one(&pool)
+        .await
+        .expect("row");
+        let a = row_to_adapter(&row).expect("decodes");
+        assert_eq!(
+            a.details,
+            Details::Lora {
+                rank: 8,
+                alpha: 16.0,
+                target_modules: vec!["q_proj".into(), "v_proj".into()],
+                use_rslora: false
+            }
+        );
+        assert_eq!((a.version, a.details.method()), (1, "lora"));
     }
 
     #[tokio::test]

@@ -22,10 +22,11 @@ use tokio::sync::{mpsc, Notify};
 
 use super::{
     dataset::{self, Format, Overflow, Problem, Tokenized},
+    methods::MethodSpec,
     trainer::{self, Control, Outcome, TrainEvent, TrainSpec},
 };
 use crate::{
-    adapters::{peft::ParsedLora, AdapterRegistry},
+    adapters::AdapterRegistry,
     model::BaseModel,
     store::{
         training::{DatasetRow, EventRow, JobRow, JobStatus},
@@ -39,6 +40,8 @@ use crate::{
 pub struct TrainingConfig {
     pub data_dir: PathBuf,
     pub max_rank: usize,
+    /// Most virtual tokens a prompt-method job may train.
+    pub max_virtual_tokens: usize,
     pub max_dataset_bytes: usize,
     pub training_threads: usize,
     /// Jobs computing at the same time (default 1; the others wait in the queue).
@@ -202,7 +205,8 @@ impl TrainingService {
     /// its checkpoints' (they are removed when it succeeds).
     pub fn held_bytes(&self, job: &NewJob) -> u64 {
         let adapter = self.adapter_bytes(job);
-        adapter + self.cfg.keep_checkpoints.max(1) as u64 * trainer::checkpoint_bytes(adapter)
+        let trained = job.spec.train.trainable_bytes(self.model.config());
+        adapter + self.cfg.keep_checkpoints.max(1) as u64 * trainer::checkpoint_bytes(trained)
     }
 
     pub async fn dataset(&self, tenant: &str, name: &str) -> Result<DatasetRow, TrainingError> {
@@ -320,6 +324,8 @@ impl TrainingService {
     /// bytes of the adapter it will store (known from the model and the method's settings),
     /// so a job whose result would not fit is refused now, not after hours of work.
     pub async fn create_job(&self, tenant: &str, job: NewJob) -> Result<JobRow, TrainingError> {
+        let mut job = job;
+        job.spec.train.method.resolve(self.model.config());
         crate::names::validate(&job.adapter_name, "adapter name")
             .map_err(|e| invalid("adapter_name", e))?;
         let _storage = self.tenancy.storage_guard(tenant).await;
@@ -350,7 +356,28 @@ impl TrainingService {
                 ),
             ));
         }
-        if job.spec.train.rank > self.cfg.max_rank {
+        let method = &job.spec.train.method;
+        let virt = method.virtual_tokens();
+        if virt > self.cfg.max_virtual_tokens {
+            return Err(invalid(
+                &format!("{}.num_virtual_tokens", method.name()),
+                format!(
+                    "{virt} is above this server's maximum {}",
+                    self.cfg.max_virtual_tokens
+                ),
+            ));
+        }
+        if virt + job.spec.train.max_seq_len > self.model.config().max_position {
+            return Err(invalid(
+                &format!("{}.num_virtual_tokens", method.name()),
+                format!(
+                    "{virt} virtual tokens + max_seq_len {} exceed the model's context window {}",
+                    job.spec.train.max_seq_len,
+                    self.model.config().max_position
+                ),
+            ));
+        }
+        if *method == MethodSpec::Lora && job.spec.train.rank > self.cfg.max_rank {
             return Err(invalid(
                 "lora.r",
                 format!(
@@ -368,7 +395,6 @@ impl TrainingService {
         let spe = n_train
             .div_ceil(job.spec.train.batch_size)
             .div_ceil(job.spec.train.grad_accum);
-        let mut job = job;
         if job.spec.train.warmup_steps == 0 && job.spec.warmup_ratio > 0.0 {
             job.spec.train.warmup_steps =
                 (job.spec.warmup_ratio * (spe * job.spec.train.epochs) as f64).round() as usize;
@@ -728,18 +754,7 @@ impl TrainingService {
         match outcome {
             Ok(Outcome::Cancelled) => Ok(None),
             Ok(Outcome::Finished(vars)) => {
-                let weights = vars.to_weights().map_err(trainer::TrainError::from)?;
-                let parsed = ParsedLora {
-                    target_modules: weights
-                        .modules()
-                        .iter()
-                        .map(|m| m.hf_name().to_string())
-                        .collect(),
-                    weights,
-                    rank: spec.train.rank,
-                    alpha: spec.train.alpha,
-                    use_rslora: spec.train.use_rslora,
-                };
+                let parsed = vars.export().map_err(trainer::TrainError::from)?;
                 let row = self
                     .registry
                     .store_parsed(&job.tenant, &job.adapter_name, &parsed)

@@ -6,15 +6,19 @@
 //! very masks the uninterrupted run drew there: the RNG's whole state is the step, which the
 //! checkpoint already holds.
 
-use std::{cell::Cell, collections::HashMap};
+use std::cell::Cell;
 
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-use crate::model::{
-    llama::{LoraBranch, LoraTensors},
-    lora::{transpose, LoraPair, LoraWeights, Module},
-    LlamaConfig,
+use super::trainable::Trainable;
+use crate::{
+    adapters::formats::{Details, Parsed},
+    model::{
+        adapter::{LinearHook, TensorAdapter},
+        lora::{transpose, LoraPair},
+        Adapter, LlamaConfig, Module,
+    },
 };
 
 /// One module's trainable pair.
@@ -54,7 +58,14 @@ fn seeded_dropout(x: &Tensor, p: f32, seed: u64) -> candle_core::Result<Tensor> 
     x * Tensor::from_vec(mask, x.shape(), x.device())?
 }
 
-impl LoraBranch for VarPair {
+impl LinearHook for VarPair {
+    fn post_linear(&self, x: &Tensor, y: Tensor) -> candle_core::Result<Tensor> {
+        y + self.forward(x)?
+    }
+}
+
+impl VarPair {
+    /// `scale * B (A dropout(x))`.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let x = if self.train && self.dropout > 0.0 {
             seeded_dropout(x, self.dropout, splitmix(self.seed.get() ^ self.stream))?
@@ -75,11 +86,11 @@ pub struct LoraVars {
     pub use_rslora: bool,
 }
 
-impl LoraTensors for LoraVars {
-    fn get(&self, layer: usize, m: Module) -> Option<&dyn LoraBranch> {
+impl TensorAdapter for LoraVars {
+    fn linear(&self, layer: usize, m: Module) -> Option<&dyn LinearHook> {
         self.layers.get(layer)?[m.index()]
             .as_ref()
-            .map(|p| p as &dyn LoraBranch)
+            .map(|p| p as &dyn LinearHook)
     }
 }
 
@@ -130,9 +141,11 @@ impl LoraVars {
             use_rslora,
         })
     }
+}
 
-    /// Every trainable variable, in a fixed order (layer, module, A then B).
-    pub fn vars(&self) -> Vec<Var> {
+impl Trainable for LoraVars {
+    /// Layer by layer, module by module, A then B.
+    fn vars(&self) -> Vec<Var> {
         self.layers
             .iter()
             .flat_map(|l| l.iter().flatten())
@@ -140,8 +153,7 @@ impl LoraVars {
             .collect()
     }
 
-    /// Stable names for checkpoints, parallel to [`Self::vars`].
-    pub fn names(&self) -> Vec<String> {
+    fn names(&self) -> Vec<String> {
         let mut out = Vec::new();
         for (li, l) in self.layers.iter().enumerate() {
             for m in Module::ALL {
@@ -154,23 +166,20 @@ impl LoraVars {
         out
     }
 
-    /// The seed of the next forward's dropout masks (the trainer sets it from the job's
-    /// seed, the step and the micro-batch).
-    pub fn set_dropout_seed(&self, seed: u64) {
+    fn set_dropout_seed(&self, seed: u64) {
         for p in self.layers.iter().flat_map(|l| l.iter().flatten()) {
             p.seed.set(seed);
         }
     }
 
-    pub fn set_train(&mut self, train: bool) {
+    fn set_train(&mut self, train: bool) {
         for p in self.layers.iter_mut().flat_map(|l| l.iter_mut().flatten()) {
             p.train = train;
         }
     }
 
-    /// The current values as servable weights.
-    pub fn to_weights(&self) -> candle_core::Result<LoraWeights> {
-        let mut w = LoraWeights::new(self.layers.len());
+    fn export(&self) -> candle_core::Result<Parsed> {
+        let mut w = Adapter::new(self.layers.len());
         for (li, l) in self.layers.iter().enumerate() {
             for m in Module::ALL {
                 if let Some(p) = &l[m.index()] {
@@ -192,26 +201,19 @@ impl LoraVars {
                 }
             }
         }
-        Ok(w)
-    }
-
-    /// Named tensors (for checkpoints).
-    pub fn tensors(&self) -> HashMap<String, Tensor> {
-        self.names()
-            .into_iter()
-            .zip(self.vars())
-            .map(|(n, v)| (n, v.as_tensor().clone()))
-            .collect()
-    }
-
-    /// Restores values saved by [`Self::tensors`].
-    pub fn load(&self, saved: &HashMap<String, Tensor>) -> Result<(), String> {
-        for (n, v) in self.names().into_iter().zip(self.vars()) {
-            let t = saved
-                .get(&n)
-                .ok_or_else(|| format!("checkpoint lacks {n}"))?;
-            v.set(t).map_err(|e| format!("checkpoint {n}: {e}"))?;
-        }
-        Ok(())
+        Ok(Parsed {
+            details: Details::Lora {
+                rank: self.rank,
+                alpha: self.alpha,
+                target_modules: w
+                    .modules()
+                    .iter()
+                    .map(|m| m.hf_name().to_string())
+                    .collect(),
+                use_rslora: self.use_rslora,
+            },
+            adapter: w,
+            prompt: None,
+        })
     }
 }

@@ -1,13 +1,17 @@
-//! Training on request: datasets (`dataset`), trainable LoRA parameters (`lora_vars`), the
-//! optimizer (`optim`), the SFT loop with checkpoints (`trainer`), and the job runner that
-//! owns job state, persists events and registers results (`jobs`).
+//! Training on request: datasets (`dataset`), the methods a job can train (`methods`) and
+//! their trainable parameters behind one [`trainable::Trainable`] (`lora_vars`,
+//! `prompt_vars`), the optimizer (`optim`), the SFT loop with checkpoints (`trainer`), and
+//! the job runner that owns job state, persists events and registers results (`jobs`).
 //! Boundary: the trainer knows the model and files; the runner knows the database, the
 //! registry and the engine; only `grpc/training.rs` knows the proto.
 
 pub mod dataset;
 pub mod jobs;
 pub mod lora_vars;
+pub mod methods;
 pub mod optim;
+pub mod prompt_vars;
 mod strict_json;
+pub mod trainable;
 pub mod trainer;
 pub mod upload;

@@ -22,14 +22,18 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     dataset::Tokenized,
-    lora_vars::LoraVars,
+    methods::MethodSpec,
     optim::{self, lr_at, AdamW, Schedule},
+    trainable::{self, Trainable},
 };
-use crate::model::{config::LlamaConfig, lora::Module, BaseModel};
+use crate::model::{adapter::TensorAdapter, config::LlamaConfig, BaseModel, Module};
 
 /// Everything a run needs to know, validated by the caller.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainSpec {
+    /// The method; LoRA's own settings are the fields below (`rank` to `use_rslora`).
+    #[serde(default)]
+    pub method: MethodSpec,
     pub rank: usize,
     pub alpha: f64,
     pub dropout: f32,
@@ -60,9 +64,12 @@ impl TrainSpec {
             .collect()
     }
 
-    /// The bytes of tensor data the trained adapter will store (f32 `lora_A` and `lora_B`
-    /// for every target module of every layer), known before training starts.
+    /// The bytes of tensor data the trained adapter will store (for LoRA f32 `lora_A` and
+    /// `lora_B` for every target module of every layer), known before training starts.
     pub fn adapter_bytes(&self, cfg: &LlamaConfig) -> u64 {
+        if let Some(n) = self.method.prompt_adapter_floats(cfg) {
+            return (n * std::mem::size_of::<f32>()) as u64;
+        }
         let per_layer: usize = self
             .modules()
             .iter()
@@ -72,6 +79,18 @@ impl TrainSpec {
             })
             .sum();
         (per_layer * cfg.num_layers * std::mem::size_of::<f32>()) as u64
+    }
+}
+
+impl TrainSpec {
+    /// The bytes of the trained parameters (what a checkpoint holds three times over): the
+    /// adapter's own for LoRA, prompt tuning and P-tuning v2; more for the methods with an
+    /// encoder, whose output is what is stored.
+    pub fn trainable_bytes(&self, cfg: &LlamaConfig) -> u64 {
+        match self.method.prompt_trainable_floats(cfg) {
+            Some(n) => (n * std::mem::size_of::<f32>()) as u64,
+            None => self.adapter_bytes(cfg),
+        }
     }
 }
 
@@ -118,7 +137,7 @@ pub enum TrainError {
 
 /// Why a run ended without error.
 pub enum Outcome {
-    Finished(LoraVars),
+    Finished(Box<dyn Trainable>),
     Cancelled,
 }
 
@@ -185,10 +204,12 @@ fn make_batch(examples: &[&Tokenized], pad: u32) -> candle_core::Result<Batch> {
 /// Mean cross-entropy of a batch's trained tokens (and the logits, for accuracy).
 fn batch_loss(
     model: &BaseModel,
-    vars: &LoraVars,
+    vars: &dyn Trainable,
     b: &Batch,
 ) -> Result<(Tensor, Tensor), TrainError> {
-    let h = model.llama.forward_hidden(&b.ids, Some(vars))?;
+    let h = model
+        .llama
+        .forward_hidden(&b.ids, Some(vars as &dyn TensorAdapter))?;
     let (bs, t, hidden) = h.dims3()?;
     let h = h.reshape((bs * t, hidden))?.index_select(&b.positions, 0)?;
     let logits = crate::model::frozen::frozen_matmul(&h, model.llama.weights.lm_head.weight())?;
@@ -199,7 +220,7 @@ fn batch_loss(
 /// The loss tensor (differentiable) for `examples` with the adapter `vars`.
 pub fn plain_loss_tensor(
     model: &BaseModel,
-    vars: &LoraVars,
+    vars: &dyn Trainable,
     examples: &[&Tokenized],
 ) -> Result<Tensor, TrainError> {
     let pad = model.tokenizer.eos_ids.first().copied().unwrap_or(0);
@@ -210,7 +231,7 @@ pub fn plain_loss_tensor(
 /// The loss the plain forward pass computes for `examples` with the adapter `vars`.
 pub fn plain_loss(
     model: &BaseModel,
-    vars: &LoraVars,
+    vars: &dyn Trainable,
     examples: &[&Tokenized],
 ) -> Result<f64, TrainError> {
     Ok(plain_loss_tensor(model, vars, examples)?.to_scalar::<f32>()? as f64)
@@ -226,16 +247,7 @@ pub fn train(
     ctl: &Control,
     emit: &mut dyn FnMut(TrainEvent),
 ) -> Result<Outcome, TrainError> {
-    let cfg = model.config();
-    let mut vars = LoraVars::init(
-        cfg,
-        &spec.modules(),
-        spec.rank,
-        spec.alpha,
-        spec.use_rslora,
-        spec.dropout,
-        spec.seed,
-    )?;
+    let mut vars = trainable::init(model, spec)?;
     let mut opt = AdamW::new(vars.vars(), spec.weight_decay)?;
     let pad = model.tokenizer.eos_ids.first().copied().unwrap_or(0);
     let micro_per_epoch = train_set.len().div_ceil(spec.batch_size.max(1));
@@ -286,7 +298,7 @@ pub fn train(
             vars.set_dropout_seed(
                 spec.seed ^ (step as u64).wrapping_mul(0xD1B5_4A32_D192_ED03) ^ mb as u64,
             );
-            let (loss, _) = batch_loss(model, &vars, &batch)?;
+            let (loss, _) = batch_loss(model, vars.as_ref(), &batch)?;
             let l = loss.to_scalar::<f32>()? as f64;
             if !l.is_finite() {
                 return Err(TrainError::NanLoss { step: step + 1 });
@@ -351,7 +363,7 @@ pub fn train(
             };
         if eval_now {
             vars.set_train(false);
-            let (loss, acc) = evaluate(model, &vars, eval_set, spec.batch_size, pad)?;
+            let (loss, acc) = evaluate(model, vars.as_ref(), eval_set, spec.batch_size, pad)?;
             emit(TrainEvent::Eval {
                 step: done,
                 eval_loss: loss,
@@ -372,7 +384,7 @@ pub fn train(
             checkpoint(
                 ckpt_dir,
                 done,
-                &vars,
+                vars.as_ref(),
                 &opt,
                 best_eval,
                 stale,
@@ -397,7 +409,7 @@ pub fn train(
 
 fn evaluate(
     model: &BaseModel,
-    vars: &LoraVars,
+    vars: &dyn Trainable,
     set: &[Tokenized],
     bs: usize,
     pad: u32,
@@ -470,7 +482,7 @@ fn checkpoint_step(name: &str) -> Option<usize> {
 fn checkpoint(
     dir: &Path,
     step: usize,
-    vars: &LoraVars,
+    vars: &dyn Trainable,
     opt: &AdamW,
     best_eval: Option<f64>,
     stale: usize,

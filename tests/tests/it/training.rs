@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use graft_client::{proto as pb, GenerateOptions};
+use graft_client::{proto as pb, proto::create_job_request::MethodConfig, GenerateOptions};
 use graft_tests::{fixtures, real_model_path, start_with, tiny_model_path};
 use tonic::Code;
 
@@ -84,11 +84,11 @@ async fn a_job_teaches_the_answer_format_and_the_result_is_served() {
         .client
         .create_job(pb::CreateJobRequest {
             validation_split: Some(0.1),
-            lora: Some(pb::LoraMethod {
+            method_config: Some(MethodConfig::Lora(pb::LoraMethod {
                 r: Some(8),
                 alpha: Some(16.0),
                 ..Default::default()
-            }),
+            })),
             ..job(
                 "answers",
                 "answerer",
@@ -253,7 +253,7 @@ async fn bad_jobs_are_refused_naming_the_field() {
         .expect("upload");
     let h = pb::Hyperparameters::default;
     let lora = |l: pb::LoraMethod| pb::CreateJobRequest {
-        lora: Some(l),
+        method_config: Some(MethodConfig::Lora(l)),
         ..job("d", "x", h())
     };
     let cases: Vec<(pb::CreateJobRequest, &str)> = vec![

@@ -1,4 +1,4 @@
-//! Hugging Face PEFT LoRA files <-> [`LoraWeights`] in the model's layout.
+//! Hugging Face PEFT LoRA files <-> an [`Adapter`] of LoRA pairs in the model's layout.
 //! Reads `adapter_config.json` + `adapter_model.safetensors` as PEFT saves them, checks them
 //! against the base model, and permutes q/k `lora_B` rows from the HF order into the GGUF
 //! order (and back on export).
@@ -8,53 +8,18 @@
 use std::collections::{BTreeMap, HashMap};
 
 use regex::Regex;
-use safetensors::{tensor::TensorView, Dtype, SafeTensors};
+use safetensors::{tensor::TensorView, SafeTensors};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::model::{
-    lora::{transpose, LoraPair, LoraWeights, Module},
-    LlamaConfig,
+use super::{
+    check_base, err, permute_rows, serialize, to_f32, Details, ImportError, ImportPolicy, Parsed,
+    CONFIG_FILE, WEIGHTS_FILE,
 };
-
-pub const CONFIG_FILE: &str = "adapter_config.json";
-pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
-
-/// Why an adapter was refused: the file (or field) at fault and the reason.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("{field}: {reason}")]
-pub struct ImportError {
-    pub field: String,
-    pub reason: String,
-}
-
-fn err(field: impl Into<String>, reason: impl Into<String>) -> ImportError {
-    ImportError {
-        field: field.into(),
-        reason: reason.into(),
-    }
-}
-
-/// What the importer checks against.
-#[derive(Debug, Clone)]
-pub struct ImportPolicy {
-    pub max_rank: usize,
-    /// Accept an adapter whose `base_model_name_or_path` names another model.
-    pub force: bool,
-    /// Names under which this base model is known (HF repo ids); matched case-insensitively
-    /// on the last path component.
-    pub base_aliases: Vec<String>,
-}
-
-/// A parsed, validated adapter.
-#[derive(Debug, Clone)]
-pub struct ParsedLora {
-    pub weights: LoraWeights,
-    pub rank: usize,
-    pub alpha: f64,
-    pub target_modules: Vec<String>,
-    pub use_rslora: bool,
-}
+use crate::model::{
+    lora::{transpose, LoraPair},
+    Adapter, LlamaConfig, Module,
+};
 
 #[derive(Debug, Deserialize)]
 struct PeftConfig {
@@ -99,9 +64,6 @@ impl Targets {
     }
 }
 
-/// Largest `adapter_config.json` accepted: a full per-module `rank_pattern` of a large model
-/// is a few tens of KB.
-pub const MAX_CONFIG_BYTES: usize = 256 << 10;
 /// Most keys a `rank_pattern` or `alpha_pattern` may have, and the longest key.
 pub const MAX_PATTERNS: usize = 1024;
 pub const MAX_PATTERN_CHARS: usize = 256;
@@ -155,64 +117,6 @@ fn module_key(layer: usize, m: Module) -> String {
     format!("model.layers.{layer}.{}.{}", m.hf_parent(), m.hf_name())
 }
 
-fn normalise(s: &str) -> String {
-    s.rsplit('/')
-        .next()
-        .unwrap_or(s)
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric())
-        .collect::<String>()
-        .to_ascii_lowercase()
-}
-
-fn to_f32(name: &str, t: &TensorView<'_>) -> Result<Vec<f32>, ImportError> {
-    let d = t.data();
-    let v: Vec<f32> = match t.dtype() {
-        Dtype::F32 => d
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
-        Dtype::F16 => d
-            .chunks_exact(2)
-            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        Dtype::BF16 => d
-            .chunks_exact(2)
-            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        other => {
-            return Err(err(
-                WEIGHTS_FILE,
-                format!("tensor {name} has dtype {other:?}; expected F32, F16 or BF16"),
-            ))
-        }
-    };
-    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-        return Err(err(
-            WEIGHTS_FILE,
-            format!("tensor {name} holds a non-finite value (NaN or Inf) at index {i}"),
-        ));
-    }
-    Ok(v)
-}
-
-/// Permutes rows (first dim `rows = n_head * head_dim`, `cols` columns) HF -> GGUF order.
-fn permute_rows(v: &[f32], n_head: usize, rows: usize, cols: usize, to_gguf: bool) -> Vec<f32> {
-    let hd = rows / n_head;
-    let mut out = vec![0f32; v.len()];
-    for h in 0..n_head {
-        for s in 0..2 {
-            for i in 0..hd / 2 {
-                let hf = h * hd + s * (hd / 2) + i;
-                let gg = h * hd + 2 * i + s;
-                let (src, dst) = if to_gguf { (hf, gg) } else { (gg, hf) };
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&v[src * cols..(src + 1) * cols]);
-            }
-        }
-    }
-    out
-}
-
 /// Parses and checks a PEFT LoRA adapter against the model `cfg` (named `base_name`).
 pub fn parse(
     config_json: &[u8],
@@ -220,29 +124,12 @@ pub fn parse(
     cfg: &LlamaConfig,
     base_name: &str,
     policy: &ImportPolicy,
-) -> Result<ParsedLora, ImportError> {
-    if config_json.len() > MAX_CONFIG_BYTES {
-        return Err(err(
-            CONFIG_FILE,
-            format!(
-                "{} bytes; a PEFT config may have at most {MAX_CONFIG_BYTES}",
-                config_json.len()
-            ),
-        ));
-    }
+) -> Result<Parsed, ImportError> {
     let c: PeftConfig = serde_json::from_slice(config_json)
         .map_err(|e| err(CONFIG_FILE, format!("not a valid PEFT config: {e}")))?;
     let rank_pattern = Patterns::compile(&c.rank_pattern, "rank_pattern")?;
     let alpha_pattern = Patterns::compile(&c.alpha_pattern, "alpha_pattern")?;
-    match c.peft_type.as_deref() {
-        Some("LORA") => {}
-        other => {
-            return Err(err(
-                format!("{CONFIG_FILE}.peft_type"),
-                format!("{other:?} is not supported; graft imports LORA adapters"),
-            ))
-        }
-    }
+    debug_assert_eq!(c.peft_type.as_deref(), Some("LORA"));
     if c.use_dora {
         return Err(err(
             format!("{CONFIG_FILE}.use_dora"),
@@ -271,29 +158,7 @@ pub fn parse(
     if r == 0 {
         return Err(err(format!("{CONFIG_FILE}.r"), "rank must be at least 1"));
     }
-    if let Some(base) = c
-        .base_model_name_or_path
-        .as_deref()
-        .filter(|b| !b.is_empty())
-    {
-        let ours: Vec<String> = policy
-            .base_aliases
-            .iter()
-            .map(|a| normalise(a))
-            .chain([normalise(base_name)])
-            .collect();
-        let theirs = normalise(base);
-        let known = ours.iter().any(|o| {
-            !o.is_empty()
-                && (theirs == *o || theirs.contains(o.as_str()) || o.contains(theirs.as_str()))
-        });
-        if !known && !policy.force {
-            return Err(err(
-                format!("{CONFIG_FILE}.base_model_name_or_path"),
-                format!("the adapter was made for {base:?}, not this server's base model ({base_name}); import with force to override"),
-            ));
-        }
-    }
+    check_base(c.base_model_name_or_path.as_deref(), base_name, policy)?;
     let targets = match &c.target_modules {
         Value::String(s) if s == "all-linear" => Targets::AllLinear,
         Value::String(s) => Targets::Regex(Regex::new(&format!("^(?:{s})$")).map_err(|e| {
@@ -386,7 +251,7 @@ pub fn parse(
     if pairs.is_empty() {
         return Err(err(WEIGHTS_FILE, "holds no LoRA tensors"));
     }
-    let mut out = LoraWeights::new(cfg.num_layers);
+    let mut out = Adapter::new(cfg.num_layers);
     let mut max_rank = 0;
     for ((layer, m), [a, b]) in pairs {
         let key = module_key(layer, m);
@@ -451,78 +316,95 @@ pub fn parse(
         .iter()
         .map(|m| m.hf_name().to_string())
         .collect();
-    Ok(ParsedLora {
-        weights: out,
-        rank: max_rank,
-        alpha,
-        target_modules,
-        use_rslora: c.use_rslora,
+    Ok(Parsed {
+        details: Details::Lora {
+            rank: max_rank,
+            alpha,
+            target_modules,
+            use_rslora: c.use_rslora,
+        },
+        adapter: out,
+        prompt: None,
     })
 }
 
-/// Writes `w` as PEFT files (HF layout, f32): `(adapter_config.json, adapter_model.safetensors)`.
-/// `alpha` is recorded so that `alpha / r` (or `/ sqrt(r)`) gives back each pair's scale.
+/// Writes a LoRA adapter as PEFT files (HF layout, f32): `(adapter_config.json,
+/// adapter_model.safetensors)`. `alpha` is recorded so that `alpha / r` (or `/ sqrt(r)`)
+/// gives back each pair's scale.
 pub fn write(
-    w: &ParsedLora,
+    p: &Parsed,
     cfg: &LlamaConfig,
     base_model: &str,
 ) -> Result<(Vec<u8>, Vec<u8>), ImportError> {
-    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let Details::Lora {
+        rank,
+        alpha,
+        target_modules,
+        use_rslora,
+    } = &p.details
+    else {
+        return Err(err("method", "not a LoRA adapter"));
+    };
+    let (rank, alpha, use_rslora) = (*rank, *alpha, *use_rslora);
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
     let mut rank_pattern = serde_json::Map::new();
     let mut alpha_pattern = serde_json::Map::new();
-    for (layer, l) in w.weights.layers.iter().enumerate() {
+    for layer in 0..p.adapter.linear.len() {
         for m in Module::ALL {
-            let Some(p) = &l[m.index()] else { continue };
+            let Some(pair) = p.adapter.get(layer, m) else {
+                continue;
+            };
             let key = module_key(layer, m);
             let b = match m {
-                Module::Q => permute_rows(&p.b(), cfg.num_heads, p.out_features, p.rank, false),
-                Module::K => permute_rows(&p.b(), cfg.num_kv_heads, p.out_features, p.rank, false),
-                _ => p.b(),
+                Module::Q => permute_rows(
+                    &pair.b(),
+                    cfg.num_heads,
+                    pair.out_features,
+                    pair.rank,
+                    false,
+                ),
+                Module::K => permute_rows(
+                    &pair.b(),
+                    cfg.num_kv_heads,
+                    pair.out_features,
+                    pair.rank,
+                    false,
+                ),
+                _ => pair.b(),
             };
-            let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
             tensors.push((
                 format!("base_model.model.{key}.lora_A.weight"),
-                vec![p.rank, p.in_features],
-                bytes(&p.a),
+                vec![pair.rank, pair.in_features],
+                pair.a.clone(),
             ));
             tensors.push((
                 format!("base_model.model.{key}.lora_B.weight"),
-                vec![p.out_features, p.rank],
-                bytes(&b),
+                vec![pair.out_features, pair.rank],
+                b,
             ));
-            let denom = if w.use_rslora {
-                (p.rank as f64).sqrt()
+            let denom = if use_rslora {
+                (pair.rank as f64).sqrt()
             } else {
-                p.rank as f64
+                pair.rank as f64
             };
-            let a = p.scale as f64 * denom;
-            if p.rank != w.rank {
-                rank_pattern.insert(key.clone(), p.rank.into());
+            let a = pair.scale as f64 * denom;
+            if pair.rank != rank {
+                rank_pattern.insert(key.clone(), pair.rank.into());
             }
-            if (a - w.alpha).abs() > 1e-6 * w.alpha.abs().max(1.0) {
+            if (a - alpha).abs() > 1e-6 * alpha.abs().max(1.0) {
                 alpha_pattern.insert(key, serde_json::json!(a));
             }
         }
     }
-    let views: Vec<(String, TensorView<'_>)> = tensors
-        .iter()
-        .map(|(n, s, d)| {
-            Ok((
-                n.clone(),
-                TensorView::new(Dtype::F32, s.clone(), d)
-                    .map_err(|e| err(WEIGHTS_FILE, e.to_string()))?,
-            ))
-        })
-        .collect::<Result<_, ImportError>>()?;
-    let st = safetensors::serialize(views, None).map_err(|e| err(WEIGHTS_FILE, e.to_string()))?;
+    let st = serialize(&tensors)?;
     let config = serde_json::json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
-        "r": w.rank,
-        "lora_alpha": w.alpha,
-        "target_modules": w.target_modules,
-        "use_rslora": w.use_rslora,
+        "r": rank,
+        "lora_alpha": alpha,
+        "target_modules": target_modules,
+        "use_rslora": use_rslora,
         "use_dora": false,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
@@ -538,7 +420,7 @@ pub fn write(
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{super::normalise, *};
 
     #[test]
     fn permutation_round_trips() {

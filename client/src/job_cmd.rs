@@ -1,0 +1,223 @@
+//! `graft jobs create`: every `CreateJob` field as a flag, or all of them from a TOML or
+//! JSON file (`--config`), flags winning over the file. The server validates and defaults;
+//! this only carries what was given.
+
+use clap::Args;
+use graft_client::proto;
+use serde::Deserialize;
+
+/// The settings of a training job (each optional: the server fills in defaults).
+#[derive(Args, Deserialize, Default, Debug)]
+#[serde(default, deny_unknown_fields)]
+pub struct JobArgs {
+    /// TOML or JSON file with any of these settings (by their flag names, `_` for `-`).
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<std::path::PathBuf>,
+    /// Training dataset (name of an uploaded dataset).
+    #[arg(long)]
+    pub dataset: Option<String>,
+    /// The result becomes this adapter's next version.
+    #[arg(long)]
+    pub adapter: Option<String>,
+    /// A validation dataset's name.
+    #[arg(long)]
+    pub validation_dataset: Option<String>,
+    /// Fraction of the dataset held out for evaluation, in [0, 0.5).
+    #[arg(long)]
+    pub validation_split: Option<f64>,
+    /// lora (default), prompt_tuning, p_tuning, prefix_tuning or p_tuning_v2.
+    #[arg(long)]
+    pub method: Option<String>,
+    // LoRA
+    /// LoRA rank.
+    #[arg(long)]
+    pub rank: Option<u32>,
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    #[arg(long)]
+    pub dropout: Option<f64>,
+    /// Comma-separated module names, or all-linear.
+    #[arg(long, value_delimiter = ',')]
+    pub target_modules: Option<Vec<String>>,
+    #[arg(long)]
+    pub use_rslora: Option<bool>,
+    // The prompt family
+    #[arg(long)]
+    pub num_virtual_tokens: Option<u32>,
+    /// Prompt tuning's init: random, text or vocab.
+    #[arg(long)]
+    pub init: Option<String>,
+    #[arg(long)]
+    pub init_text: Option<String>,
+    /// P-tuning's encoder: mlp or lstm.
+    #[arg(long)]
+    pub encoder: Option<String>,
+    /// P-tuning's encoder or prefix tuning's projection hidden size.
+    #[arg(long)]
+    pub encoder_hidden_size: Option<u32>,
+    /// P-tuning's LSTM layers.
+    #[arg(long)]
+    pub encoder_num_layers: Option<u32>,
+    // Hyper-parameters
+    #[arg(long)]
+    pub epochs: Option<u32>,
+    #[arg(long)]
+    pub batch_size: Option<u32>,
+    #[arg(long)]
+    pub gradient_accumulation: Option<u32>,
+    #[arg(long)]
+    pub learning_rate: Option<f64>,
+    /// constant, linear or cosine.
+    #[arg(long)]
+    pub lr_scheduler: Option<String>,
+    #[arg(long)]
+    pub warmup_steps: Option<u32>,
+    #[arg(long)]
+    pub warmup_ratio: Option<f64>,
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
+    #[arg(long)]
+    pub max_seq_len: Option<u32>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[arg(long)]
+    pub eval_every: Option<u32>,
+    #[arg(long)]
+    pub patience: Option<u32>,
+    #[arg(long)]
+    pub checkpoint_every: Option<u32>,
+    /// completion or all.
+    #[arg(long)]
+    pub loss_on: Option<String>,
+    #[arg(long)]
+    pub reject_too_long: Option<bool>,
+    #[arg(long)]
+    pub packing: Option<bool>,
+}
+
+macro_rules! overlay {
+    ($flags:ident, $file:ident, $($f:ident),*) => {
+        JobArgs { config: None, $($f: $flags.$f.or($file.$f)),* }
+    };
+}
+
+impl JobArgs {
+    /// The flags over the `--config` file's settings.
+    pub fn resolve(self) -> anyhow::Result<Self> {
+        let Some(path) = &self.config else {
+            return Ok(self);
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let file: JobArgs = if path.extension().is_some_and(|e| e == "json") {
+            serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        } else {
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        };
+        let flags = self;
+        Ok(overlay!(
+            flags,
+            file,
+            dataset,
+            adapter,
+            validation_dataset,
+            validation_split,
+            method,
+            rank,
+            alpha,
+            dropout,
+            target_modules,
+            use_rslora,
+            num_virtual_tokens,
+            init,
+            init_text,
+            encoder,
+            encoder_hidden_size,
+            encoder_num_layers,
+            epochs,
+            batch_size,
+            gradient_accumulation,
+            learning_rate,
+            lr_scheduler,
+            warmup_steps,
+            warmup_ratio,
+            weight_decay,
+            max_grad_norm,
+            max_seq_len,
+            seed,
+            eval_every,
+            patience,
+            checkpoint_every,
+            loss_on,
+            reject_too_long,
+            packing
+        ))
+    }
+
+    /// The request for `tenant`.
+    pub fn request(self, tenant: &str) -> anyhow::Result<proto::CreateJobRequest> {
+        use proto::create_job_request::MethodConfig;
+        let a = self.resolve()?;
+        let method = a.method.clone().unwrap_or_else(|| "lora".into());
+        let method_config = match method.as_str() {
+            "lora" => Some(MethodConfig::Lora(proto::LoraMethod {
+                r: a.rank,
+                alpha: a.alpha,
+                dropout: a.dropout,
+                target_modules: a.target_modules.clone().unwrap_or_default(),
+                use_rslora: a.use_rslora.unwrap_or(false),
+            })),
+            "prompt_tuning" => Some(MethodConfig::PromptTuning(proto::PromptTuningMethod {
+                num_virtual_tokens: a.num_virtual_tokens,
+                init: a.init.clone().unwrap_or_default(),
+                init_text: a.init_text.clone().unwrap_or_default(),
+            })),
+            "p_tuning" => Some(MethodConfig::PTuning(proto::PTuningMethod {
+                num_virtual_tokens: a.num_virtual_tokens,
+                encoder: a.encoder.clone().unwrap_or_default(),
+                encoder_hidden_size: a.encoder_hidden_size,
+                encoder_num_layers: a.encoder_num_layers,
+            })),
+            "prefix_tuning" => Some(MethodConfig::PrefixTuning(proto::PrefixTuningMethod {
+                num_virtual_tokens: a.num_virtual_tokens,
+                encoder_hidden_size: a.encoder_hidden_size,
+            })),
+            "p_tuning_v2" => Some(MethodConfig::PTuningV2(proto::PTuningV2Method {
+                num_virtual_tokens: a.num_virtual_tokens,
+            })),
+            // The server names what it accepts.
+            _ => None,
+        };
+        Ok(proto::CreateJobRequest {
+            tenant: tenant.into(),
+            dataset: a.dataset.clone().unwrap_or_default(),
+            validation_dataset: a.validation_dataset.clone().unwrap_or_default(),
+            validation_split: a.validation_split,
+            adapter_name: a.adapter.clone().unwrap_or_default(),
+            method,
+            method_config,
+            hyperparameters: Some(proto::Hyperparameters {
+                epochs: a.epochs,
+                batch_size: a.batch_size,
+                gradient_accumulation: a.gradient_accumulation,
+                learning_rate: a.learning_rate,
+                lr_scheduler: a.lr_scheduler.unwrap_or_default(),
+                warmup_steps: a.warmup_steps,
+                warmup_ratio: a.warmup_ratio,
+                weight_decay: a.weight_decay,
+                max_grad_norm: a.max_grad_norm,
+                max_seq_len: a.max_seq_len,
+                seed: a.seed,
+                eval_every: a.eval_every,
+                patience: a.patience,
+                checkpoint_every: a.checkpoint_every,
+                loss_on: a.loss_on.unwrap_or_default(),
+                reject_too_long: a.reject_too_long.unwrap_or(false),
+                packing: a.packing.unwrap_or(false),
+            }),
+        })
+    }
+}

@@ -1,0 +1,307 @@
+//! Adapter file formats: readers and writers side by side, each turning one library's files
+//! into the parts of an [`Adapter`] (and back), chosen by the config's `peft_type`.
+//! - [`peft_lora`]: PEFT `LORA`;
+//! - [`peft_prompt`]: PEFT `PROMPT_TUNING`, `P_TUNING` and `PREFIX_TUNING` (with and without
+//!   `prefix_projection`).
+//!
+//! Invariant: a refused adapter produces an [`ImportError`] naming the file or field at
+//! fault; nothing is partially accepted.
+
+pub mod peft_lora;
+pub mod peft_prompt;
+
+use safetensors::{tensor::TensorView, Dtype};
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Adapter, Llama, LlamaConfig};
+
+/// Largest `adapter_config.json` accepted: a full per-module `rank_pattern` of a large model
+/// is a few tens of KB.
+pub const MAX_CONFIG_BYTES: usize = 256 << 10;
+
+pub const CONFIG_FILE: &str = "adapter_config.json";
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+
+/// Why an adapter was refused: the file (or field) at fault and the reason.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct ImportError {
+    pub field: String,
+    pub reason: String,
+}
+
+pub(crate) fn err(field: impl Into<String>, reason: impl Into<String>) -> ImportError {
+    ImportError {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// What the importer checks against.
+#[derive(Debug, Clone)]
+pub struct ImportPolicy {
+    pub max_rank: usize,
+    /// Accept an adapter whose `base_model_name_or_path` names another model.
+    pub force: bool,
+    /// Names under which this base model is known (HF repo ids); matched case-insensitively
+    /// on the last path component.
+    pub base_aliases: Vec<String>,
+    /// Most virtual tokens a prompt-method adapter may put in front of a sequence.
+    pub max_virtual_tokens: usize,
+}
+
+/// What a stored version is, per method: the settings a user reads back and the exporter
+/// writes (the `details` of an adapter version's row).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "method", rename_all = "snake_case")]
+pub enum Details {
+    Lora {
+        /// Largest rank of any module.
+        rank: usize,
+        alpha: f64,
+        target_modules: Vec<String>,
+        #[serde(default)]
+        use_rslora: bool,
+    },
+    PromptTuning {
+        num_virtual_tokens: usize,
+    },
+    PTuning {
+        num_virtual_tokens: usize,
+        /// `mlp` or `lstm` (the encoder that was trained; only its output is stored).
+        encoder: String,
+        encoder_hidden_size: usize,
+    },
+    /// PEFT `PREFIX_TUNING` with `prefix_projection` (an MLP reparameterisation).
+    PrefixTuning {
+        num_virtual_tokens: usize,
+        encoder_hidden_size: usize,
+    },
+    /// PEFT `PREFIX_TUNING` without projection: deep prompts in every layer.
+    PTuningV2 {
+        num_virtual_tokens: usize,
+    },
+}
+
+impl Details {
+    /// The method's name (`lora`, `prompt_tuning`, `p_tuning`, `prefix_tuning`,
+    /// `p_tuning_v2`).
+    pub fn method(&self) -> &'static str {
+        match self {
+            Details::Lora { .. } => "lora",
+            Details::PromptTuning { .. } => "prompt_tuning",
+            Details::PTuning { .. } => "p_tuning",
+            Details::PrefixTuning { .. } => "prefix_tuning",
+            Details::PTuningV2 { .. } => "p_tuning_v2",
+        }
+    }
+
+    /// Virtual tokens the method puts in front of every sequence.
+    pub fn virtual_tokens(&self) -> usize {
+        match self {
+            Details::Lora { .. } => 0,
+            Details::PromptTuning { num_virtual_tokens }
+            | Details::PTuning {
+                num_virtual_tokens, ..
+            }
+            | Details::PrefixTuning {
+                num_virtual_tokens, ..
+            }
+            | Details::PTuningV2 { num_virtual_tokens } => *num_virtual_tokens,
+        }
+    }
+}
+
+/// A parsed, validated adapter: its parts, and what the method needs to write it back.
+#[derive(Debug, Clone)]
+pub struct Parsed {
+    pub details: Details,
+    /// The served parts (for prompt tuning and P-tuning, without the KV prefix until
+    /// [`Parsed::compile`]).
+    pub adapter: Adapter,
+    /// Prompt tuning and P-tuning: the virtual tokens' input embeddings `(P, hidden)`.
+    pub prompt: Option<Vec<f32>>,
+}
+
+impl Parsed {
+    /// The servable adapter: virtual input embeddings are run through the base once, here,
+    /// and kept as the KV prefix every sequence of this version starts from.
+    pub fn compile(&self, llama: &Llama) -> Result<Adapter, ImportError> {
+        let mut a = self.adapter.clone();
+        if let Some(p) = &self.prompt {
+            let hidden = llama.cfg.hidden_size;
+            let t = candle_core::Tensor::from_slice(p, (p.len() / hidden, hidden), llama.device())
+                .and_then(|t| t.contiguous())
+                .map_err(|e| err(WEIGHTS_FILE, e.to_string()))?;
+            let prefix = llama
+                .prefix_from_embeddings(&t)
+                .map_err(|e| err(WEIGHTS_FILE, e.to_string()))?;
+            a.prefix = Some(std::sync::Arc::new(prefix));
+        }
+        Ok(a)
+    }
+}
+
+#[derive(Deserialize)]
+struct PeftType {
+    peft_type: Option<String>,
+}
+
+/// Parses and checks a PEFT adapter of any supported method against the model `cfg`
+/// (named `base_name`).
+pub fn parse(
+    config_json: &[u8],
+    weights: &[u8],
+    cfg: &LlamaConfig,
+    base_name: &str,
+    policy: &ImportPolicy,
+) -> Result<Parsed, ImportError> {
+    if config_json.len() > MAX_CONFIG_BYTES {
+        return Err(err(
+            CONFIG_FILE,
+            format!(
+                "{} bytes; a PEFT config may have at most {MAX_CONFIG_BYTES}",
+                config_json.len()
+            ),
+        ));
+    }
+    let t: PeftType = serde_json::from_slice(config_json)
+        .map_err(|e| err(CONFIG_FILE, format!("not a valid PEFT config: {e}")))?;
+    match t.peft_type.as_deref() {
+        Some("LORA") => peft_lora::parse(config_json, weights, cfg, base_name, policy),
+        Some("PROMPT_TUNING" | "P_TUNING" | "PREFIX_TUNING") => {
+            peft_prompt::parse(config_json, weights, cfg, base_name, policy)
+        }
+        other => Err(err(
+            format!("{CONFIG_FILE}.peft_type"),
+            format!("{other:?} is not supported; graft imports LORA, PROMPT_TUNING, P_TUNING and PREFIX_TUNING adapters"),
+        )),
+    }
+}
+
+/// Writes `p` as PEFT files: `(adapter_config.json, adapter_model.safetensors)`.
+pub fn write(
+    p: &Parsed,
+    cfg: &LlamaConfig,
+    base_model: &str,
+) -> Result<(Vec<u8>, Vec<u8>), ImportError> {
+    match &p.details {
+        Details::Lora { .. } => peft_lora::write(p, cfg, base_model),
+        _ => peft_prompt::write(p, cfg, base_model),
+    }
+}
+
+/// Checks `base_model_name_or_path` against the names this base model goes by.
+pub(crate) fn check_base(
+    base: Option<&str>,
+    base_name: &str,
+    policy: &ImportPolicy,
+) -> Result<(), ImportError> {
+    let Some(base) = base.filter(|b| !b.is_empty()) else {
+        return Ok(());
+    };
+    let ours: Vec<String> = policy
+        .base_aliases
+        .iter()
+        .map(|a| normalise(a))
+        .chain([normalise(base_name)])
+        .collect();
+    let theirs = normalise(base);
+    let known = ours.iter().any(|o| {
+        !o.is_empty()
+            && (theirs == *o || theirs.contains(o.as_str()) || o.contains(theirs.as_str()))
+    });
+    if !known && !policy.force {
+        return Err(err(
+            format!("{CONFIG_FILE}.base_model_name_or_path"),
+            format!("the adapter was made for {base:?}, not this server's base model ({base_name}); import with force to override"),
+        ));
+    }
+    Ok(())
+}
+
+/// f32 tensors as safetensors bytes.
+pub(crate) fn serialize(
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+) -> Result<Vec<u8>, ImportError> {
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((n, s, _), d)| {
+            Ok((
+                n.clone(),
+                TensorView::new(Dtype::F32, s.clone(), d)
+                    .map_err(|e| err(WEIGHTS_FILE, e.to_string()))?,
+            ))
+        })
+        .collect::<Result<_, ImportError>>()?;
+    safetensors::serialize(views, None).map_err(|e| err(WEIGHTS_FILE, e.to_string()))
+}
+
+pub(crate) fn normalise(s: &str) -> String {
+    s.rsplit('/')
+        .next()
+        .unwrap_or(s)
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect::<String>()
+        .to_ascii_lowercase()
+}
+
+pub(crate) fn to_f32(name: &str, t: &TensorView<'_>) -> Result<Vec<f32>, ImportError> {
+    let d = t.data();
+    let v: Vec<f32> = match t.dtype() {
+        Dtype::F32 => d
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::F16 => d
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => d
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        other => {
+            return Err(err(
+                WEIGHTS_FILE,
+                format!("tensor {name} has dtype {other:?}; expected F32, F16 or BF16"),
+            ))
+        }
+    };
+    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+        return Err(err(
+            WEIGHTS_FILE,
+            format!("tensor {name} holds a non-finite value (NaN or Inf) at index {i}"),
+        ));
+    }
+    Ok(v)
+}
+
+/// Permutes rows (first dim `rows = n_head * head_dim`, `cols` columns) HF -> GGUF order.
+pub(crate) fn permute_rows(
+    v: &[f32],
+    n_head: usize,
+    rows: usize,
+    cols: usize,
+    to_gguf: bool,
+) -> Vec<f32> {
+    let hd = rows / n_head;
+    let mut out = vec![0f32; v.len()];
+    for h in 0..n_head {
+        for s in 0..2 {
+            for i in 0..hd / 2 {
+                let hf = h * hd + s * (hd / 2) + i;
+                let gg = h * hd + 2 * i + s;
+                let (src, dst) = if to_gguf { (hf, gg) } else { (gg, hf) };
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&v[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}

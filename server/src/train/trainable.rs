@@ -1,0 +1,67 @@
+//! What the trainer trains: a [`Trainable`] is an adapter method's parameters as named
+//! `Var`s, the hooks they provide to the differentiable forward ([`TensorAdapter`]), and
+//! `export()`, which turns the current values into the files' content ([`Parsed`]). The
+//! objective (SFT cross-entropy today) is the trainer's, beside it: methods and objectives
+//! combine freely.
+
+use std::collections::HashMap;
+
+use candle_core::{Tensor, Var};
+
+use super::{
+    lora_vars::LoraVars, methods::MethodSpec, prompt_vars::PromptVars, trainer::TrainSpec,
+};
+use crate::{
+    adapters::formats::Parsed,
+    model::{adapter::TensorAdapter, BaseModel},
+};
+
+pub trait Trainable: TensorAdapter + Send {
+    /// Every trainable variable, in a fixed order.
+    fn vars(&self) -> Vec<Var>;
+    /// Stable names for checkpoints, parallel to [`Self::vars`].
+    fn names(&self) -> Vec<String>;
+    /// Training (dropout on) or evaluation.
+    fn set_train(&mut self, _train: bool) {}
+    /// The seed of the next forward's random masks (from the job's seed, the step and the
+    /// micro-batch), so a resumed run draws what the uninterrupted one drew.
+    fn set_dropout_seed(&self, _seed: u64) {}
+    /// The current values as an adapter's files' content.
+    fn export(&self) -> candle_core::Result<Parsed>;
+
+    /// Named tensors (for checkpoints).
+    fn tensors(&self) -> HashMap<String, Tensor> {
+        self.names()
+            .into_iter()
+            .zip(self.vars())
+            .map(|(n, v)| (n, v.as_tensor().clone()))
+            .collect()
+    }
+
+    /// Restores values saved by [`Self::tensors`].
+    fn load(&self, saved: &HashMap<String, Tensor>) -> Result<(), String> {
+        for (n, v) in self.names().into_iter().zip(self.vars()) {
+            let t = saved
+                .get(&n)
+                .ok_or_else(|| format!("checkpoint lacks {n}"))?;
+            v.set(t).map_err(|e| format!("checkpoint {n}: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Fresh parameters of the spec's method.
+pub fn init(model: &BaseModel, spec: &TrainSpec) -> candle_core::Result<Box<dyn Trainable>> {
+    Ok(match &spec.method {
+        MethodSpec::Lora => Box::new(LoraVars::init(
+            model.config(),
+            &spec.modules(),
+            spec.rank,
+            spec.alpha,
+            spec.use_rslora,
+            spec.dropout,
+            spec.seed,
+        )?),
+        m => Box::new(PromptVars::init(model, m, spec.seed)?),
+    })
+}
