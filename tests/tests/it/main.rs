@@ -9,6 +9,7 @@ mod hostile;
 mod isolation;
 mod kv;
 mod ops;
+mod prompt_methods;
 mod tenancy;
 mod tls;
 mod training;
