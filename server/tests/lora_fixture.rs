@@ -154,6 +154,56 @@ fn serving_path_equals_the_merged_reference_path() {
     assert!(worst < 2e-3, "max |logit diff| {worst}");
 }
 
+/// The `post_linear` hook: the serving forward with the LoRA adapter equals the plain
+/// forward with the same adapter as constant tensors.
+#[test]
+fn serving_forward_equals_plain_forward_at_the_post_linear_hook() {
+    let m = model();
+    let a = fixture_adapter(&m);
+    let prompt: Vec<u32> = m.tokenizer.encode("The capital of France is").expect("ids");
+    let ids_t =
+        candle_core::Tensor::from_slice(&prompt, (1, prompt.len()), &Device::Cpu).expect("ids");
+    let h = m
+        .llama
+        .forward_hidden(
+            &ids_t,
+            Some(&a.adapter as &dyn graft_server::model::adapter::TensorAdapter),
+        )
+        .expect("plain");
+    let last = h
+        .narrow(1, prompt.len() - 1, 1)
+        .expect("last")
+        .reshape((1, m.config().hidden_size))
+        .expect("2d");
+    let plain: Vec<f32> = m
+        .llama
+        .weights
+        .lm_head
+        .forward(&last)
+        .expect("head")
+        .flatten_all()
+        .expect("flat")
+        .to_vec1()
+        .expect("vec");
+    let (served, _) = greedy(&m, Some(&a.adapter), &prompt, 1);
+    let base: Vec<f32> = greedy(&m, None, &prompt, 1).0;
+    let d = plain
+        .iter()
+        .zip(&served)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    let moved = base
+        .iter()
+        .zip(&served)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    // The adapter moves the logits by far more than the two paths differ.
+    assert!(
+        d < 2e-3 && moved > 0.5,
+        "paths differ by {d}; the adapter moves {moved}"
+    );
+}
+
 #[test]
 fn written_files_parse_back_to_the_same_weights() {
     let m = model();

@@ -189,3 +189,75 @@ fn a_closed_pipe_ends_the_command_quietly() {
         assert!(!err.contains("panicked"), "{err}");
     }
 }
+
+/// `jobs create` takes a method and its settings from flags and from a `--config` file
+/// (flags win), and `adapters ls` shows the method.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_creates_a_prompt_tuning_job_from_a_config_file() {
+    let t = start_tiny().await;
+    let url = t.url();
+    let key = t
+        .admin
+        .create_key(graft_tests::TENANT, "cli-config")
+        .await
+        .expect("key");
+    let dir = tempfile::tempdir().expect("tmp");
+    let data = dir.path().join("d.jsonl");
+    std::fs::write(
+        &data,
+        "{\"prompt\":\"a b\",\"completion\":\"c d e\"}\n".repeat(12),
+    )
+    .expect("write");
+    let o = graft(
+        &url,
+        &key,
+        &[
+            "datasets",
+            "upload",
+            data.to_str().expect("utf8"),
+            "--name",
+            "d",
+        ],
+    )
+    .await;
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let cfg = dir.path().join("job.toml");
+    std::fs::write(
+        &cfg,
+        "dataset = \"d\"\nadapter = \"pt\"\nmethod = \"prompt_tuning\"\nnum_virtual_tokens = 9\n\
+         init = \"vocab\"\nepochs = 1\nmax_seq_len = 64\nlr_scheduler = \"cosine\"\n",
+    )
+    .expect("write");
+    let o = graft(
+        &url,
+        &key,
+        &[
+            "jobs",
+            "create",
+            "--config",
+            cfg.to_str().expect("utf8"),
+            "--num-virtual-tokens",
+            "4",
+            "--watch",
+        ],
+    )
+    .await;
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(text(&o.stdout).contains("succeeded"), "{}", text(&o.stdout));
+    let o = graft(&url, &key, &["adapters", "ls"]).await;
+    let out = text(&o.stdout);
+    assert!(
+        out.contains("pt@1\tprompt_tuning\tvirtual_tokens=4"),
+        "{out}"
+    );
+    // An unknown setting in the file is an error naming it, not silently ignored.
+    std::fs::write(&cfg, "dataset = \"d\"\nrnak = 4\n").expect("write");
+    let o = graft(
+        &url,
+        &key,
+        &["jobs", "create", "--config", cfg.to_str().expect("utf8")],
+    )
+    .await;
+    assert!(!o.status.success());
+    assert!(text(&o.stderr).contains("rnak"), "{}", text(&o.stderr));
+}

@@ -18,7 +18,10 @@ fn method_files(method: &str) -> (Vec<u8>, Vec<u8>) {
 }
 
 fn reference(method: &str) -> serde_json::Value {
-    let p = fixtures().join("peft-methods").join(method).join("reference.json");
+    let p = fixtures()
+        .join("peft-methods")
+        .join(method)
+        .join("reference.json");
     serde_json::from_slice(&std::fs::read(p).expect("reference")).expect("json")
 }
 
@@ -86,7 +89,12 @@ async fn prompt_method_fixtures_serve_peft_tokens_and_export_unchanged() {
 async fn a_prompt_tuning_job_trains_registers_and_exports() {
     let t = start_tiny().await;
     let lines: Vec<u8> = (0..16)
-        .map(|i| format!("{{\"prompt\":\"Q{i}\",\"completion\":\" answer {}\"}}\n", i % 2))
+        .map(|i| {
+            format!(
+                "{{\"prompt\":\"Q{i}\",\"completion\":\" answer {}\"}}\n",
+                i % 2
+            )
+        })
         .collect::<String>()
         .into_bytes();
     t.client
@@ -108,7 +116,11 @@ async fn a_prompt_tuning_job_trains_registers_and_exports() {
         .await
         .expect_err("over the cap");
     assert_eq!(bad.code(), Code::InvalidArgument);
-    assert!(bad.message().contains("prompt_tuning.num_virtual_tokens"), "{}", bad.message());
+    assert!(
+        bad.message().contains("prompt_tuning.num_virtual_tokens"),
+        "{}",
+        bad.message()
+    );
     let mismatch = t
         .client
         .create_job(pb::CreateJobRequest {
