@@ -7,7 +7,7 @@ mod common;
 use std::path::PathBuf;
 
 use candle_core::Device;
-use common::{fixtures, ids, log_softmax, model, top_k};
+use common::{fixtures, greedy, ids, log_softmax, model, top_k};
 use graft_server::{
     adapters::{
         peft::{self, Details, ImportPolicy, Parsed as ParsedLora},
@@ -38,41 +38,6 @@ fn fixture_adapter(m: &BaseModel) -> ParsedLora {
 
 fn reference() -> serde_json::Value {
     common::json(fixture_dir().join("reference.json"))
-}
-
-/// Greedy decoding through the serving path with `lora`; returns (last-prompt logits, ids).
-fn greedy(
-    m: &BaseModel,
-    lora: Option<&LoraWeights>,
-    prompt: &[u32],
-    n: usize,
-) -> (Vec<f32>, Vec<u32>) {
-    let mut pool = m.llama.kv_pool(8192);
-    let mut cache = graft_server::model::KvCache::new();
-    let mut next = prompt.to_vec();
-    let mut first = None;
-    let mut out = Vec::new();
-    for _ in 0..n {
-        let l = m
-            .llama
-            .forward_batch(
-                &mut pool,
-                &mut [SeqChunk {
-                    tokens: &next,
-                    cache: &mut cache,
-                    want_logits: true,
-                    decode: !out.is_empty(),
-                    adapter: lora,
-                }],
-            )
-            .expect("forward");
-        let row: Vec<f32> = l.squeeze(0).expect("row").to_vec1().expect("vec");
-        let t = top_k(&row, 1)[0];
-        first.get_or_insert(row);
-        out.push(t);
-        next = vec![t];
-    }
-    (first.expect("logits"), out)
 }
 
 /// Tolerance, stated: same dequantised weights as the reference; the LoRA update is added

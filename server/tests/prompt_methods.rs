@@ -10,7 +10,7 @@ mod common;
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
-use common::{fixtures, ids, log_softmax, model, top_k};
+use common::{fixtures, greedy, ids, log_softmax, model, seeded, top_k};
 use graft_server::{
     adapters::{
         formats::{self, ImportPolicy},
@@ -58,46 +58,6 @@ fn parsed(m: &BaseModel, method: &str) -> formats::Parsed {
 
 fn served(m: &BaseModel, method: &str) -> Adapter {
     parsed(m, method).compile(&m.llama).expect("compiles")
-}
-
-/// A fresh block table seeded with the adapter's KV prefix, as the engine admits a
-/// sequence.
-fn seeded(pool: &mut graft_server::model::KvPool, a: Option<&Adapter>) -> KvCache {
-    let mut cache = KvCache::new();
-    if let Some(p) = a.and_then(|a| a.prefix.as_deref()) {
-        pool.grow(&mut cache, p.len).expect("room");
-        pool.seed_prefix(&mut cache, p);
-    }
-    cache
-}
-
-/// Greedy decoding through the serving path; (last-prompt logits, ids).
-fn greedy(m: &BaseModel, a: Option<&Adapter>, prompt: &[u32], n: usize) -> (Vec<f32>, Vec<u32>) {
-    let mut pool = m.llama.kv_pool(4096);
-    let mut cache = seeded(&mut pool, a);
-    let mut next = prompt.to_vec();
-    let (mut first, mut out) = (None, Vec::new());
-    for _ in 0..n {
-        let l = m
-            .llama
-            .forward_batch(
-                &mut pool,
-                &mut [SeqChunk {
-                    tokens: &next,
-                    cache: &mut cache,
-                    want_logits: true,
-                    decode: !out.is_empty(),
-                    adapter: a,
-                }],
-            )
-            .expect("forward");
-        let row: Vec<f32> = l.squeeze(0).expect("row").to_vec1().expect("vec");
-        let t = top_k(&row, 1)[0];
-        first.get_or_insert(row);
-        out.push(t);
-        next = vec![t];
-    }
-    (first.expect("logits"), out)
 }
 
 fn check_against(want: &[f32], got: &[f32], what: &str) {

@@ -116,29 +116,7 @@ fn greedy_continuation_matches_the_reference() {
     let r = json(fixtures().join("peft-lora-smollm2/reference.json"));
     let prompt = ids(&r["prompt"]["token_ids"]);
     let want = ids(&r["base"]["greedy"]["ids"]);
-    let mut pool = m.llama.kv_pool(8192);
-    let mut cache = graft_server::model::KvCache::new();
-    let mut next = prompt.clone();
-    let mut got = Vec::new();
-    for _ in 0..want.len() {
-        let l = m
-            .llama
-            .forward_batch(
-                &mut pool,
-                &mut [SeqChunk {
-                    tokens: &next,
-                    cache: &mut cache,
-                    want_logits: true,
-                    decode: !got.is_empty(),
-                    adapter: None,
-                }],
-            )
-            .expect("forward");
-        let row: Vec<f32> = l.squeeze(0).expect("row").to_vec1().expect("vec");
-        let t = top_k(&row, 1)[0];
-        got.push(t);
-        next = vec![t];
-    }
+    let (_, got) = common::greedy(&m, None, &prompt, want.len());
     assert_eq!(got, want);
     assert!(m
         .tokenizer

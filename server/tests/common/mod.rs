@@ -8,7 +8,7 @@ use std::{
 };
 
 use candle_core::Device;
-use graft_server::model::BaseModel;
+use graft_server::model::{Adapter, BaseModel, KvCache, KvPool, SeqChunk};
 
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -60,4 +60,50 @@ pub fn top_k(x: &[f32], k: usize) -> Vec<u32> {
     idx.sort_by(|a, b| x[*b as usize].total_cmp(&x[*a as usize]));
     idx.truncate(k);
     idx
+}
+
+/// A fresh block table seeded with the adapter's KV prefix, as the engine admits a
+/// sequence.
+pub fn seeded(pool: &mut KvPool, a: Option<&Adapter>) -> KvCache {
+    let mut cache = KvCache::new();
+    if let Some(p) = a.and_then(|a| a.prefix.as_deref()) {
+        pool.grow(&mut cache, p.len).expect("room");
+        pool.seed_prefix(&mut cache, p);
+    }
+    cache
+}
+
+/// Greedy decoding through the serving path with adapter `a` (if any); returns the logits
+/// at the last prompt position and the `n` tokens.
+pub fn greedy(
+    m: &BaseModel,
+    a: Option<&Adapter>,
+    prompt: &[u32],
+    n: usize,
+) -> (Vec<f32>, Vec<u32>) {
+    let mut pool = m.llama.kv_pool(8192);
+    let mut cache = seeded(&mut pool, a);
+    let mut next = prompt.to_vec();
+    let (mut first, mut out) = (None, Vec::new());
+    for _ in 0..n {
+        let l = m
+            .llama
+            .forward_batch(
+                &mut pool,
+                &mut [SeqChunk {
+                    tokens: &next,
+                    cache: &mut cache,
+                    want_logits: true,
+                    decode: !out.is_empty(),
+                    adapter: a,
+                }],
+            )
+            .expect("forward");
+        let row: Vec<f32> = l.squeeze(0).expect("row").to_vec1().expect("vec");
+        let t = top_k(&row, 1)[0];
+        first.get_or_insert(row);
+        out.push(t);
+        next = vec![t];
+    }
+    (first.expect("logits"), out)
 }

@@ -1,0 +1,451 @@
+//! The prompt family's benchmarks (BENCHMARKS.md, issue 10), on the real SmolLM2:
+//! 1. `learning`: each PEFT fixture's training run repeated by graft with the same
+//!    hyper-parameters (steps, batch 4, learning rate, AdamW torch defaults, the fixture's
+//!    dataset): graft's loss per step beside PEFT's (`reference.json`), the mean of the last
+//!    10 steps, training tokens/s, and the trained adapter's answer to the fixtures' held-out
+//!    questions beside PEFT's;
+//! 2. `ttft`: a prompt-tuned request's time to first token with the virtual tokens' KV taken
+//!    from the per-version prefix (what graft does) vs computed for the request;
+//! 3. `mixed`: 32 streams over base, LoRA, prompt tuning and prefix tuning vs the same 32
+//!    streams bare, over gRPC.
+
+use std::{path::PathBuf, sync::Arc, time::Instant};
+
+use candle_core::{Device, Tensor};
+use clap::Parser;
+use futures::future::join_all;
+use graft_client::{GenerateOptions, GraftClient};
+use graft_server::{
+    adapters::formats,
+    config::ServerConfig,
+    model::{Adapter, BaseModel, ChatMessage, KvCache, SeqChunk},
+    server,
+    train::{
+        dataset::{parse_jsonl, tokenize, Overflow},
+        methods::{Encoder, MethodSpec, PromptInit},
+        optim::Schedule,
+        trainer::{self, Control, Outcome, TrainEvent, TrainSpec},
+    },
+};
+use graft_tests::{fixtures, random_peft};
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+    model: PathBuf,
+    /// Comma-separated: learning, ttft, mixed.
+    #[arg(long, default_value = "learning,ttft,mixed")]
+    parts: String,
+    #[arg(long, default_value_t = 32)]
+    streams: usize,
+    #[arg(long, default_value_t = 48)]
+    tokens: u32,
+    /// Added to each fixture's seed (another init and data order, for the spread).
+    #[arg(long, default_value_t = 0)]
+    seed_offset: u64,
+    /// Only these fixtures (comma-separated folder names); default all.
+    #[arg(long)]
+    only: Option<String>,
+}
+
+const FIXTURES: [(&str, &str); 4] = [
+    ("prompt-tuning", "prompt_tuning"),
+    ("p-tuning-mlp", "p_tuning"),
+    ("prefix-tuning", "prefix_tuning"),
+    ("p-tuning-v2", "p_tuning_v2"),
+];
+
+fn json(p: PathBuf) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(&p).expect("read")).expect("json")
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The fixture's method with its config's settings.
+fn method_of(dir: &str) -> MethodSpec {
+    let c = json(
+        fixtures()
+            .join("peft-methods")
+            .join(dir)
+            .join("adapter/adapter_config.json"),
+    );
+    let n = c["num_virtual_tokens"].as_u64().expect("n") as usize;
+    let e = c["encoder_hidden_size"].as_u64().unwrap_or(0) as usize;
+    match dir {
+        "prompt-tuning" => MethodSpec::PromptTuning {
+            num_virtual_tokens: n,
+            init: PromptInit::Random,
+        },
+        "p-tuning-mlp" => MethodSpec::PTuning {
+            num_virtual_tokens: n,
+            encoder: Encoder::Mlp,
+            encoder_hidden_size: e,
+            encoder_num_layers: 2,
+        },
+        "prefix-tuning" => MethodSpec::PrefixTuning {
+            num_virtual_tokens: n,
+            encoder_hidden_size: e,
+        },
+        _ => MethodSpec::PTuningV2 {
+            num_virtual_tokens: n,
+        },
+    }
+}
+
+/// Greedy continuation through the serving path.
+fn greedy(m: &BaseModel, a: &Adapter, prompt: &[u32], n: usize) -> Vec<u32> {
+    let mut pool = m.llama.kv_pool(2048);
+    let mut cache = KvCache::new();
+    if let Some(p) = a.prefix.as_deref() {
+        pool.grow(&mut cache, p.len).expect("room");
+        pool.seed_prefix(&mut cache, p);
+    }
+    let (mut next, mut out) = (prompt.to_vec(), Vec::new());
+    for _ in 0..n {
+        let l = m
+            .llama
+            .forward_batch(
+                &mut pool,
+                &mut [SeqChunk {
+                    tokens: &next,
+                    cache: &mut cache,
+                    want_logits: true,
+                    decode: !out.is_empty(),
+                    adapter: Some(a),
+                }],
+            )
+            .expect("forward");
+        let row: Vec<f32> = l.flatten_all().expect("f").to_vec1().expect("v");
+        let t = row
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i as u32)
+            .expect("argmax");
+        out.push(t);
+        next = vec![t];
+        if m.tokenizer.is_eos(t) {
+            break;
+        }
+    }
+    out
+}
+
+fn learning(m: &BaseModel, args: &Args) {
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(
+        &std::fs::read(fixtures().join("peft-lora-smollm2/train_dataset_alpaca.json"))
+            .expect("dataset"),
+    )
+    .expect("json");
+    let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
+    let render = |msgs: &[ChatMessage], g: bool| m.chat.render(msgs, g);
+    let (ex, _) = parse_jsonl(&text, None, &render).expect("parse");
+    let (data, _) = tokenize(&ex, &m.tokenizer, 512, Overflow::Truncate).expect("tokenize");
+    println!("| method | steps | lr | PEFT last-10 mean | graft last-10 mean | ratio | graft train tok/s |");
+    println!("|---|---|---|---|---|---|---|");
+    let mut curves = Vec::new();
+    let mut answers = Vec::new();
+    for (dir, name) in FIXTURES {
+        if args
+            .only
+            .as_ref()
+            .is_some_and(|o| !o.split(',').any(|x| x == dir))
+        {
+            continue;
+        }
+        let r = json(
+            fixtures()
+                .join("peft-methods")
+                .join(dir)
+                .join("reference.json"),
+        );
+        let t = &r["training"];
+        let steps = t["steps"].as_u64().expect("steps") as usize;
+        let batch = t["batch"].as_u64().expect("batch") as usize;
+        let lr = t["lr"].as_f64().expect("lr");
+        let peft: Vec<f64> = t["losses"]
+            .as_array()
+            .expect("losses")
+            .iter()
+            .map(|x| x.as_f64().expect("loss"))
+            .collect();
+        // Whole epochs (the fixtures' 40 steps are 5 epochs of 8 batches); the table
+        // compares the first `steps` steps.
+        let per_epoch = data.len().div_ceil(batch);
+        let spec = TrainSpec {
+            method: method_of(dir),
+            rank: 0,
+            alpha: 0.0,
+            dropout: 0.0,
+            targets: vec![],
+            use_rslora: false,
+            epochs: steps.div_ceil(per_epoch),
+            batch_size: batch,
+            grad_accum: 1,
+            learning_rate: lr,
+            schedule: Schedule::Constant,
+            warmup_steps: 0,
+            // torch.optim.AdamW's defaults: weight decay 0.01, no clipping.
+            weight_decay: 0.01,
+            max_grad_norm: 0.0,
+            max_seq_len: 512,
+            seed: t["seed"].as_u64().unwrap_or(0) + args.seed_offset,
+            eval_every: 0,
+            patience: 0,
+            checkpoint_every: 1_000_000,
+        };
+        let dir_tmp = tempfile::tempdir().expect("tmp");
+        let ctl = Control::default();
+        let (mut losses, mut toks, mut secs) = (Vec::new(), 0usize, 0f64);
+        let out = trainer::train(m, &spec, &data, &[], dir_tmp.path(), &ctl, &mut |e| {
+            if let TrainEvent::Step {
+                step,
+                train_loss,
+                step_tokens,
+                step_seconds,
+                ..
+            } = e
+            {
+                if step <= steps {
+                    losses.push(train_loss);
+                    toks += step_tokens;
+                    secs += step_seconds;
+                }
+            }
+        })
+        .expect("train");
+        let last10 = |v: &[f64]| {
+            v[v.len().saturating_sub(10)..].iter().sum::<f64>() / 10f64.min(v.len() as f64)
+        };
+        let (p, g) = (last10(&peft), last10(&losses));
+        println!(
+            "| {name} | {steps} | {lr} | {p:.3} | {g:.3} | {:.2} | {:.0} |",
+            g / p,
+            toks as f64 / secs
+        );
+        curves.push((name, peft, losses));
+        let Outcome::Finished(vars) = out else {
+            unreachable!("nothing cancels the run")
+        };
+        let adapter = vars
+            .export()
+            .expect("export")
+            .compile(&m.llama)
+            .expect("compile");
+        for p in r["prompts"].as_array().expect("prompts") {
+            let ids: Vec<u32> = p["token_ids"]
+                .as_array()
+                .expect("ids")
+                .iter()
+                .map(|x| x.as_u64().expect("id") as u32)
+                .collect();
+            let got = greedy(m, &adapter, &ids, 24);
+            answers.push((
+                name,
+                p["messages"][0]["content"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string(),
+                m.tokenizer.decode(&got).unwrap_or_default(),
+                p["adapted"]["greedy"]["text"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string(),
+            ));
+        }
+    }
+    println!();
+    for (name, peft, ours) in &curves {
+        let f = |v: &[f64]| {
+            v.iter()
+                .map(|x| format!("{x:.2}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        println!("{name} PEFT : {}", f(peft));
+        println!("{name} graft: {}", f(ours));
+    }
+    println!();
+    for (name, q, ours, peft) in answers {
+        println!("{name} | {q} | graft: {ours:?} | PEFT: {peft:?}");
+    }
+}
+
+fn ttft(m: &BaseModel) {
+    let p = formats::parse(
+        &std::fs::read(fixtures().join("peft-methods/prompt-tuning/adapter/adapter_config.json"))
+            .expect("c"),
+        &std::fs::read(
+            fixtures().join("peft-methods/prompt-tuning/adapter/adapter_model.safetensors"),
+        )
+        .expect("w"),
+        m.config(),
+        &m.name,
+        &formats::ImportPolicy {
+            max_rank: 64,
+            max_virtual_tokens: 128,
+            force: true,
+            base_aliases: vec![],
+        },
+    )
+    .expect("fixture");
+    let hidden = m.config().hidden_size;
+    let prompt: Vec<u32> = m
+        .tokenizer
+        .encode("<|im_start|>user\nWhat is the capital of Australia?<|im_end|>\n<|im_start|>assistant\n")
+        .expect("ids");
+    for n_virtual in [8usize, 20, 64] {
+        // The fixture's embeddings, cycled to `n_virtual` tokens.
+        let emb: Vec<f32> = p
+            .prompt
+            .as_ref()
+            .expect("embeddings")
+            .chunks_exact(hidden)
+            .cycle()
+            .take(n_virtual)
+            .flatten()
+            .copied()
+            .collect();
+        let emb_t = Tensor::from_vec(emb, (n_virtual, hidden), &Device::Cpu).expect("t");
+        let first = |prefix: &graft_server::model::KvPrefix, adapter: &Adapter| {
+            let mut pool = m.llama.kv_pool(1024);
+            let mut cache = KvCache::new();
+            pool.grow(&mut cache, prefix.len).expect("room");
+            pool.seed_prefix(&mut cache, prefix);
+            m.llama
+                .forward_batch(
+                    &mut pool,
+                    &mut [SeqChunk {
+                        tokens: &prompt,
+                        cache: &mut cache,
+                        want_logits: true,
+                        decode: false,
+                        adapter: Some(adapter),
+                    }],
+                )
+                .expect("forward");
+        };
+        let prefix = m.llama.prefix_from_embeddings(&emb_t).expect("prefix");
+        let adapter = Adapter::with_prefix(prefix.clone());
+        let (mut cached, mut computed, mut compile) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..7 {
+            let t = Instant::now();
+            first(&prefix, &adapter);
+            cached.push(t.elapsed().as_secs_f64() * 1e3);
+            let t = Instant::now();
+            let fresh = m.llama.prefix_from_embeddings(&emb_t).expect("prefix");
+            compile.push(t.elapsed().as_secs_f64() * 1e3);
+            first(&fresh, &adapter);
+            computed.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        println!(
+            "{n_virtual} virtual tokens, {}-token prompt: first token {:.1} ms with the version's KV prefix; {:.1} ms computing it for the request ({:.1} ms of that is the prefix)",
+            prompt.len(),
+            median(&mut cached),
+            median(&mut computed),
+            median(&mut compile)
+        );
+    }
+}
+
+async fn run_streams(client: &GraftClient, adapters: &[Option<String>], tokens: u32) -> f64 {
+    let start = Instant::now();
+    let results = join_all(adapters.iter().enumerate().map(|(i, a)| {
+        let c = client.clone();
+        let req = GenerateOptions {
+            adapter: a.clone(),
+            max_new_tokens: Some(tokens),
+            temperature: Some(0.7),
+            seed: Some(i as u64),
+            ..Default::default()
+        }
+        .prompt(format!("Story number {i}: Once upon a time"));
+        async move { c.generate(req).await }
+    }))
+    .await;
+    let n: f64 = results
+        .into_iter()
+        .map(|r| {
+            r.expect("generate")
+                .usage
+                .unwrap_or_default()
+                .completion_tokens as f64
+        })
+        .sum();
+    n / start.elapsed().as_secs_f64()
+}
+
+async fn mixed(args: &Args) -> anyhow::Result<()> {
+    let data = std::env::temp_dir().join(format!("graft-bench-prompt-{}", std::process::id()));
+    let mut cfg = ServerConfig::for_model(&args.model, &data);
+    cfg.tenancy.admin_key = Some(graft_tests::ADMIN_KEY.into());
+    cfg.engine.max_active_sequences = 64;
+    cfg.adapter_cache_bytes = 4 << 30;
+    let srv = server::start(cfg).await?;
+    srv.ready().await?;
+    let model: Arc<BaseModel> = srv.engine().expect("ready").model().clone();
+    let client = graft_tests::connect_as(srv.grpc_addr, graft_tests::TENANT).await;
+    let quarter = args.streams / 4;
+    for i in 0..quarter {
+        let (c, w) = random_peft(&model, i as u64 + 1, 16);
+        client
+            .import_adapter("", &format!("r{i}"), c, w, false)
+            .await?;
+    }
+    for (dir, name) in [("prompt-tuning", "pt"), ("prefix-tuning", "prefix")] {
+        let d = fixtures().join("peft-methods").join(dir).join("adapter");
+        client
+            .import_adapter(
+                "",
+                name,
+                std::fs::read(d.join("adapter_config.json"))?,
+                std::fs::read(d.join("adapter_model.safetensors"))?,
+                true,
+            )
+            .await?;
+    }
+    let bare: Vec<Option<String>> = vec![None; args.streams];
+    let mix: Vec<Option<String>> = (0..args.streams)
+        .map(|i| match i % 4 {
+            0 => None,
+            1 => Some(format!("r{}", i / 4)),
+            2 => Some("pt".into()),
+            _ => Some("prefix".into()),
+        })
+        .collect();
+    run_streams(&client, &bare[..4], 8).await;
+    let b1 = run_streams(&client, &bare, args.tokens).await;
+    let with = run_streams(&client, &mix, args.tokens).await;
+    let b2 = run_streams(&client, &bare, args.tokens).await;
+    let base = (b1 + b2) / 2.0;
+    println!(
+        "{} streams (a quarter each: base, own rank-16 LoRA on 7 modules, prompt tuning (8 virtual), prefix tuning (8)): {with:.1} tok/s; bare {base:.1} tok/s ({b1:.1}, {b2:.1}); ratio {:.2}",
+        args.streams,
+        with / base
+    );
+    srv.drain().await?;
+    let _ = std::fs::remove_dir_all(&data);
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let parts: Vec<&str> = args.parts.split(',').collect();
+    if parts.contains(&"learning") || parts.contains(&"ttft") {
+        let m = BaseModel::load(&args.model, &Device::Cpu)?;
+        if parts.contains(&"ttft") {
+            ttft(&m);
+        }
+        if parts.contains(&"learning") {
+            learning(&m, &args);
+        }
+    }
+    if parts.contains(&"mixed") {
+        mixed(&args).await?;
+    }
+    Ok(())
+}
