@@ -349,7 +349,12 @@ impl AdapterRegistry {
             .cloned()
             .unwrap_or_else(|| self.model.name.clone());
         let (config, weights) = peft::write(parsed, self.model.config(), &base)?;
-        let adapter = parsed.compile(&self.model.llama)?;
+        // Compiling runs prompt methods' virtual tokens through the base: not on an async
+        // worker.
+        let (model, p) = (self.model.clone(), parsed.clone());
+        let adapter = tokio::task::spawn_blocking(move || p.compile(&model.llama))
+            .await
+            .map_err(|e| RegistryError::Storage(e.to_string()))??;
         self.store(tenant, name, parsed, adapter, config, weights)
             .await
     }

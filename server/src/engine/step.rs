@@ -185,8 +185,10 @@ impl EngineLoop {
             ) else {
                 return;
             };
+            if !seed_prefix(&mut self.pool, &mut cache, seq.adapter.as_ref()) {
+                return;
+            }
             let mut seq = self.preempted.remove(0);
-            seed_prefix(&mut self.pool, &mut cache, seq.adapter.as_ref());
             seq.published = cache.blocks().len();
             seq.cache = cache;
             self.active.push(seq);
@@ -202,12 +204,15 @@ impl EngineLoop {
                 self.waiting.unpop(&tenant, sub);
                 break;
             };
-            self.shared.queued.fetch_sub(1, Ordering::SeqCst);
             let virt = stream.len() - sub.req.prompt_ids.len();
             let cached = cache.len().saturating_sub(virt);
+            if !seed_prefix(&mut self.pool, &mut cache, sub.req.adapter.as_ref()) {
+                self.waiting.unpop(&tenant, sub);
+                break;
+            }
+            self.shared.queued.fetch_sub(1, Ordering::SeqCst);
             metrics::counter!(m::PROMPT_TOKENS_TOTAL).increment(sub.req.prompt_ids.len() as u64);
             metrics::counter!(m::PREFIX_CACHE_HIT_TOKENS_TOTAL).increment(cached as u64);
-            seed_prefix(&mut self.pool, &mut cache, sub.req.adapter.as_ref());
             let seq = self.new_sequence(sub, stream, hashes, cache, cached);
             self.active.push(seq);
         }
@@ -572,16 +577,20 @@ fn positions(req: &super::GenerationRequest) -> Vec<u32> {
 
 /// Fills the virtual positions of a new block table from the adapter's KV prefix: computed
 /// once per adapter version (at load) and copied here, or already present where the table's
-/// first blocks came from the prefix cache.
-fn seed_prefix(pool: &mut KvPool, cache: &mut KvCache, adapter: Option<&AdapterLease>) {
+/// first blocks came from the prefix cache. `take_blocks` has checked the blocks are there;
+/// should they not be, the table is released and false returned (the request waits).
+fn seed_prefix(pool: &mut KvPool, cache: &mut KvCache, adapter: Option<&AdapterLease>) -> bool {
     let Some(prefix) = adapter.and_then(|a| a.adapter().prefix.as_deref()) else {
-        return;
+        return true;
     };
     if cache.len() < prefix.len {
-        pool.grow(cache, prefix.len)
-            .expect("take_blocks reserved the blocks for every position");
+        if pool.grow(cache, prefix.len).is_err() {
+            pool.release(cache);
+            return false;
+        }
         pool.seed_prefix(cache, prefix);
     }
+    true
 }
 
 /// The prefix cache's isolation key of a request: its tenant and the content hash of its

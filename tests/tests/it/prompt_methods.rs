@@ -183,3 +183,60 @@ async fn a_prompt_tuning_job_trains_registers_and_exports() {
     let st = safetensors::SafeTensors::deserialize(&w).expect("st");
     assert_eq!(st.tensor("prompt_embeddings").expect("t").shape()[0], 6);
 }
+
+/// Prompt-tuned sequences preempted for lack of KV blocks are re-seeded with their prefix on
+/// readmission and generate exactly what they generate alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preempted_prompt_tuned_sequences_generate_what_they_generate_alone() {
+    // 14 blocks of 16 positions on the tiny model: six 85-position sequences cannot all fit.
+    let t = graft_tests::start_with(graft_tests::tiny_model_path(), |c| {
+        c.engine.kv_cache_bytes = 14 * 16 * 2 * 2 * 32 * 4;
+    })
+    .await;
+    let model = t.server.engine().expect("ready").model().clone();
+    let hidden = model.config().hidden_size;
+    let mut s = 7u64;
+    let emb: Vec<f32> = (0..20 * hidden)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        })
+        .collect();
+    let parsed = graft_server::adapters::formats::Parsed {
+        details: graft_server::adapters::formats::Details::PromptTuning {
+            num_virtual_tokens: 20,
+        },
+        adapter: Default::default(),
+        prompt: Some(emb),
+    };
+    let (c, w) = graft_server::adapters::formats::write(&parsed, model.config(), &model.name)
+        .expect("files");
+    t.client
+        .import_adapter("", "pt", c, w, true)
+        .await
+        .expect("import");
+    let req = |i: usize| {
+        GenerateOptions {
+            adapter: Some("pt".into()),
+            ..GenerateOptions::greedy(60)
+        }
+        .prompt(format!("q {i}"))
+    };
+    let mut solo = Vec::new();
+    for i in 0..6 {
+        solo.push(t.client.generate(req(i)).await.expect("solo").token_ids);
+    }
+    let before = t.server.engine().expect("ready").preemptions();
+    let together = futures::future::join_all((0..6).map(|i| {
+        let c = t.client.clone();
+        async move { c.generate(req(i)).await.expect("together").token_ids }
+    }))
+    .await;
+    assert!(
+        t.server.engine().expect("ready").preemptions() > before,
+        "the pool forced preemptions"
+    );
+    assert_eq!(together, solo);
+}
