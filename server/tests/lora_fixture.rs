@@ -126,30 +126,11 @@ fn serving_forward_equals_plain_forward_at_the_post_linear_hook() {
     let m = model();
     let a = fixture_adapter(&m);
     let prompt: Vec<u32> = m.tokenizer.encode("The capital of France is").expect("ids");
-    let ids_t =
-        candle_core::Tensor::from_slice(&prompt, (1, prompt.len()), &Device::Cpu).expect("ids");
-    let h = m
-        .llama
-        .forward_hidden(
-            &ids_t,
-            Some(&a.adapter as &dyn graft_server::model::adapter::TensorAdapter),
-        )
-        .expect("plain");
-    let last = h
-        .narrow(1, prompt.len() - 1, 1)
-        .expect("last")
-        .reshape((1, m.config().hidden_size))
-        .expect("2d");
-    let plain: Vec<f32> = m
-        .llama
-        .weights
-        .lm_head
-        .forward(&last)
-        .expect("head")
-        .flatten_all()
-        .expect("flat")
-        .to_vec1()
-        .expect("vec");
+    let plain = common::plain_last_logits(
+        &m,
+        &prompt,
+        Some(&a.adapter as &dyn graft_server::model::adapter::TensorAdapter),
+    );
     let (served, _) = greedy(&m, Some(&a.adapter), &prompt, 1);
     let base: Vec<f32> = greedy(&m, None, &prompt, 1).0;
     let d = plain

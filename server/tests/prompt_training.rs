@@ -3,51 +3,20 @@
 //! trained (the serving forward with the compiled prefix equals the training forward), and a
 //! killed run resumes bit for bit.
 
-use std::sync::{Arc, OnceLock};
+mod common;
 
 use candle_core::{Device, Tensor};
+use common::{plain_last_logits, tiny as model, toy_examples as data};
 use graft_server::{
     adapters::formats,
-    model::{
-        adapter::TensorAdapter,
-        tiny::{write_tiny_gguf, TinySpec},
-        BaseModel, KvCache, SeqChunk,
-    },
+    model::{adapter::TensorAdapter, KvCache, SeqChunk},
     train::{
-        dataset::{parse_jsonl, tokenize, Overflow, Tokenized},
+        dataset::Tokenized,
         methods::{Encoder, MethodSpec, PromptInit},
         optim, trainable,
         trainer::{self, Control, Outcome, TrainEvent, TrainSpec},
     },
 };
-
-fn model() -> Arc<BaseModel> {
-    static M: OnceLock<Arc<BaseModel>> = OnceLock::new();
-    M.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("graft-prompt-train-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let p = dir.join("tiny.gguf");
-        write_tiny_gguf(&p, &TinySpec::default()).expect("tiny");
-        Arc::new(BaseModel::load(&p, &Device::Cpu).expect("load"))
-    })
-    .clone()
-}
-
-fn data(m: &BaseModel) -> Vec<Tokenized> {
-    let lines: String = (0..12)
-        .map(|i| {
-            format!(
-                "{{\"prompt\":\"Q{i} says\",\"completion\":\" the answer is {}\"}}\n",
-                i % 3
-            )
-        })
-        .collect();
-    let render = |msgs: &[graft_server::model::ChatMessage], g: bool| m.chat.render(msgs, g);
-    let (ex, _) = parse_jsonl(&lines, None, &render).expect("parse");
-    tokenize(&ex, &m.tokenizer, 64, Overflow::Reject)
-        .expect("tokenize")
-        .0
-}
 
 fn methods() -> Vec<MethodSpec> {
     vec![
@@ -209,26 +178,7 @@ fn every_prompt_method_learns_and_its_export_serves_what_was_trained() {
         assert_eq!(back.details, parsed.details);
         let served = back.compile(&m.llama).expect("compile");
         let prompt = &ex[0].ids;
-        let ids = Tensor::from_slice(prompt, (1, prompt.len()), &Device::Cpu).expect("ids");
-        let h = m
-            .llama
-            .forward_hidden(&ids, Some(vars.as_ref() as &dyn TensorAdapter))
-            .expect("train forward");
-        let last_h = h
-            .narrow(1, prompt.len() - 1, 1)
-            .expect("last")
-            .reshape((1, m.config().hidden_size))
-            .expect("2d");
-        let want: Vec<f32> = m
-            .llama
-            .weights
-            .lm_head
-            .forward(&last_h)
-            .expect("head")
-            .flatten_all()
-            .expect("f")
-            .to_vec1()
-            .expect("v");
+        let want = plain_last_logits(&m, prompt, Some(vars.as_ref() as &dyn TensorAdapter));
         let mut pool = m.llama.kv_pool(256);
         let mut cache = KvCache::new();
         let p = served.prefix.as_deref().expect("a prefix");

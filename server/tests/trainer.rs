@@ -2,50 +2,17 @@
 //! first step's loss equals the plain forward's loss, loss goes down, and a killed run
 //! resumes from its checkpoint onto the same trajectory.
 
-use std::sync::{Arc, OnceLock};
+mod common;
 
 use candle_core::{Device, Tensor};
-use graft_server::{
-    model::{
-        tiny::{write_tiny_gguf, TinySpec},
-        BaseModel,
-    },
-    train::{
-        dataset::{parse_jsonl, tokenize, Overflow, Tokenized},
-        lora_vars::LoraVars,
-        optim,
-        trainable::Trainable,
-        trainer::{self, Control, Outcome, TrainEvent, TrainSpec},
-    },
+use common::{tiny as model, toy_examples as data};
+use graft_server::train::{
+    dataset::Tokenized,
+    lora_vars::LoraVars,
+    optim,
+    trainable::Trainable,
+    trainer::{self, Control, Outcome, TrainEvent, TrainSpec},
 };
-
-fn model() -> Arc<BaseModel> {
-    static M: OnceLock<Arc<BaseModel>> = OnceLock::new();
-    M.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("graft-trainer-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let p = dir.join("tiny.gguf");
-        write_tiny_gguf(&p, &TinySpec::default()).expect("tiny");
-        Arc::new(BaseModel::load(&p, &Device::Cpu).expect("load"))
-    })
-    .clone()
-}
-
-fn data(m: &BaseModel) -> Vec<Tokenized> {
-    let lines: String = (0..12)
-        .map(|i| {
-            format!(
-                "{{\"prompt\":\"Q{i} says\",\"completion\":\" the answer is {}\"}}\n",
-                i % 3
-            )
-        })
-        .collect();
-    let render = |msgs: &[graft_server::model::ChatMessage], g: bool| m.chat.render(msgs, g);
-    let (ex, _) = parse_jsonl(&lines, None, &render).expect("parse");
-    tokenize(&ex, &m.tokenizer, 64, Overflow::Reject)
-        .expect("tokenize")
-        .0
-}
 
 fn spec() -> TrainSpec {
     TrainSpec {

@@ -7,8 +7,8 @@
 use std::{path::PathBuf, time::Instant};
 
 use clap::Parser;
-use futures::future::join_all;
-use graft_client::{GenerateOptions, GraftClient};
+use graft_bench::{pct, rss_mib, run_streams};
+use graft_client::GenerateOptions;
 use graft_server::{config::ServerConfig, server};
 use graft_tests::random_peft;
 
@@ -29,49 +29,6 @@ struct Args {
     in_flight: usize,
     #[arg(long, default_value_t = 2)]
     scale_rank: usize,
-}
-
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[((v.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
-}
-
-async fn run_streams(
-    client: &GraftClient,
-    adapters: &[Option<String>],
-    tokens: u32,
-) -> anyhow::Result<f64> {
-    let start = Instant::now();
-    let results = join_all(adapters.iter().enumerate().map(|(i, a)| {
-        let c = client.clone();
-        let req = GenerateOptions {
-            adapter: a.clone(),
-            max_new_tokens: Some(tokens),
-            temperature: Some(0.7),
-            seed: Some(i as u64),
-            ..Default::default()
-        }
-        .prompt(format!("Story number {i}: Once upon a time"));
-        async move { c.generate(req).await }
-    }))
-    .await;
-    let mut n = 0.0;
-    for r in results {
-        n += r?.usage.unwrap_or_default().completion_tokens as f64;
-    }
-    Ok(n / start.elapsed().as_secs_f64())
 }
 
 #[tokio::main]

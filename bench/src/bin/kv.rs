@@ -13,6 +13,7 @@ use std::{
 
 use clap::Parser;
 use futures::future::join_all;
+use graft_bench::{pct, rss_mib};
 use graft_client::{proto as pb, GenerateOptions, GraftClient};
 use graft_server::{config::ServerConfig, engine::default_kv_cache_bytes, server};
 
@@ -34,25 +35,6 @@ struct Args {
     /// Which parts to run: prefix, soak, long.
     #[arg(long, value_delimiter = ',', default_value = "prefix,soak,long")]
     parts: Vec<String>,
-}
-
-fn rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
-
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
 fn system_prompt(variant: usize) -> String {

@@ -13,8 +13,8 @@ use std::{path::PathBuf, sync::Arc, time::Instant};
 
 use candle_core::{Device, Tensor};
 use clap::Parser;
-use futures::future::join_all;
-use graft_client::{GenerateOptions, GraftClient};
+use graft_bench::{pct, run_streams};
+
 use graft_server::{
     adapters::formats,
     config::ServerConfig,
@@ -57,11 +57,6 @@ const FIXTURES: [(&str, &str); 4] = [
 
 fn json(p: PathBuf) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(&p).expect("read")).expect("json")
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 /// The fixture's method with its config's settings.
@@ -344,38 +339,11 @@ fn ttft(m: &BaseModel) {
         println!(
             "{n_virtual} virtual tokens, {}-token prompt: first token {:.1} ms with the version's KV prefix; {:.1} ms computing it for the request ({:.1} ms of that is the prefix)",
             prompt.len(),
-            median(&mut cached),
-            median(&mut computed),
-            median(&mut compile)
+            pct(&mut cached, 0.5),
+            pct(&mut computed, 0.5),
+            pct(&mut compile, 0.5)
         );
     }
-}
-
-async fn run_streams(client: &GraftClient, adapters: &[Option<String>], tokens: u32) -> f64 {
-    let start = Instant::now();
-    let results = join_all(adapters.iter().enumerate().map(|(i, a)| {
-        let c = client.clone();
-        let req = GenerateOptions {
-            adapter: a.clone(),
-            max_new_tokens: Some(tokens),
-            temperature: Some(0.7),
-            seed: Some(i as u64),
-            ..Default::default()
-        }
-        .prompt(format!("Story number {i}: Once upon a time"));
-        async move { c.generate(req).await }
-    }))
-    .await;
-    let n: f64 = results
-        .into_iter()
-        .map(|r| {
-            r.expect("generate")
-                .usage
-                .unwrap_or_default()
-                .completion_tokens as f64
-        })
-        .sum();
-    n / start.elapsed().as_secs_f64()
 }
 
 async fn mixed(args: &Args) -> anyhow::Result<()> {
@@ -416,10 +384,10 @@ async fn mixed(args: &Args) -> anyhow::Result<()> {
             _ => Some("prefix".into()),
         })
         .collect();
-    run_streams(&client, &bare[..4], 8).await;
-    let b1 = run_streams(&client, &bare, args.tokens).await;
-    let with = run_streams(&client, &mix, args.tokens).await;
-    let b2 = run_streams(&client, &bare, args.tokens).await;
+    run_streams(&client, &bare[..4], 8).await?;
+    let b1 = run_streams(&client, &bare, args.tokens).await?;
+    let with = run_streams(&client, &mix, args.tokens).await?;
+    let b2 = run_streams(&client, &bare, args.tokens).await?;
     let base = (b1 + b2) / 2.0;
     println!(
         "{} streams (a quarter each: base, own rank-16 LoRA on 7 modules, prompt tuning (8 virtual), prefix tuning (8)): {with:.1} tok/s; bare {base:.1} tok/s ({b1:.1}, {b2:.1}); ratio {:.2}",

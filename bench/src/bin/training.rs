@@ -13,6 +13,7 @@ use std::{
 use candle_core::Device;
 use clap::Parser;
 use futures::future::join_all;
+use graft_bench::pct;
 use graft_client::{proto as pb, GenerateOptions, GraftClient};
 use graft_server::{
     config::ServerConfig,
@@ -100,11 +101,6 @@ fn throughput(model: &BaseModel, steps: usize, threads: usize) -> anyhow::Result
     // Skip the first step (allocation warm-up).
     let t: f64 = times[1..].iter().sum();
     Ok(512.0 * (times.len() - 1) as f64 / t)
-}
-
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
 /// Inter-token gaps (ms) of 4 concurrent streams of 48 tokens.

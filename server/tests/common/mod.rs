@@ -8,7 +8,14 @@ use std::{
 };
 
 use candle_core::Device;
-use graft_server::model::{Adapter, BaseModel, KvCache, KvPool, SeqChunk};
+use graft_server::{
+    model::{
+        adapter::TensorAdapter,
+        tiny::{write_tiny_gguf, TinySpec},
+        Adapter, BaseModel, ChatMessage, KvCache, KvPool, SeqChunk,
+    },
+    train::dataset::{parse_jsonl, tokenize, Overflow, Tokenized},
+};
 
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -106,4 +113,56 @@ pub fn greedy(
         next = vec![t];
     }
     (first.expect("logits"), out)
+}
+
+/// The tiny random-weight model (`TinySpec::default()`), written and loaded once per binary.
+pub fn tiny() -> Arc<BaseModel> {
+    static M: OnceLock<Arc<BaseModel>> = OnceLock::new();
+    M.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("graft-tiny-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let p = dir.join("tiny.gguf");
+        write_tiny_gguf(&p, &TinySpec::default()).expect("tiny");
+        Arc::new(BaseModel::load(&p, &Device::Cpu).expect("load"))
+    })
+    .clone()
+}
+
+/// Twelve tokenised prompt/completion examples ("Qi says" -> " the answer is i % 3").
+pub fn toy_examples(m: &BaseModel) -> Vec<Tokenized> {
+    let lines: String = (0..12)
+        .map(|i| {
+            format!(
+                "{{\"prompt\":\"Q{i} says\",\"completion\":\" the answer is {}\"}}\n",
+                i % 3
+            )
+        })
+        .collect();
+    let render = |msgs: &[ChatMessage], g: bool| m.chat.render(msgs, g);
+    let (ex, _) = parse_jsonl(&lines, None, &render).expect("parse");
+    tokenize(&ex, &m.tokenizer, 64, Overflow::Reject)
+        .expect("tokenize")
+        .0
+}
+
+/// The plain (differentiable) forward's logits at the last position of `prompt` with
+/// adapter `a`.
+pub fn plain_last_logits(m: &BaseModel, prompt: &[u32], a: Option<&dyn TensorAdapter>) -> Vec<f32> {
+    let ids =
+        candle_core::Tensor::from_slice(prompt, (1, prompt.len()), &Device::Cpu).expect("ids");
+    let h = m.llama.forward_hidden(&ids, a).expect("plain forward");
+    let last = h
+        .narrow(1, prompt.len() - 1, 1)
+        .expect("last")
+        .reshape((1, m.config().hidden_size))
+        .expect("2d");
+    m.llama
+        .weights
+        .lm_head
+        .forward(&last)
+        .expect("head")
+        .flatten_all()
+        .expect("flat")
+        .to_vec1()
+        .expect("vec")
 }
