@@ -118,7 +118,8 @@ fn module_key(layer: usize, m: Module) -> String {
 }
 
 /// Parses and checks a PEFT LoRA adapter against the model `cfg` (named `base_name`).
-pub fn parse(
+/// Called through [`super::parse`], which checks the config's size and picks the reader.
+pub(super) fn parse(
     config_json: &[u8],
     weights: &[u8],
     cfg: &LlamaConfig,
@@ -331,7 +332,7 @@ pub fn parse(
 /// Writes a LoRA adapter as PEFT files (HF layout, f32): `(adapter_config.json,
 /// adapter_model.safetensors)`. `alpha` is recorded so that `alpha / r` (or `/ sqrt(r)`)
 /// gives back each pair's scale.
-pub fn write(
+pub(super) fn write(
     p: &Parsed,
     cfg: &LlamaConfig,
     base_model: &str,

@@ -58,7 +58,8 @@ fn check_eq(
 }
 
 /// Parses and checks a prompt-learning adapter against the model `cfg`.
-pub fn parse(
+/// Called through [`super::parse`], which checks the config's size and picks the reader.
+pub(super) fn parse(
     config_json: &[u8],
     weights: &[u8],
     cfg: &LlamaConfig,
@@ -206,7 +207,7 @@ fn permute_keys(rows: &[f32], cfg: &LlamaConfig, to_gguf: bool) -> Vec<f32> {
 }
 
 /// Writes a prompt-learning adapter as PEFT files, with what PEFT needs to load them back.
-pub fn write(
+pub(super) fn write(
     p: &Parsed,
     cfg: &LlamaConfig,
     base_model: &str,
