@@ -64,6 +64,7 @@ fn spec(method: MethodSpec) -> TrainSpec {
         dropout: 0.0,
         targets: vec![],
         use_rslora: false,
+        use_dora: false,
         epochs: 4,
         batch_size: 4,
         grad_accum: 1,

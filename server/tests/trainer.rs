@@ -32,6 +32,7 @@ fn spec() -> TrainSpec {
         .map(String::from)
         .to_vec(),
         use_rslora: false,
+        use_dora: false,
         epochs: 3,
         batch_size: 4,
         grad_accum: 1,

@@ -177,6 +177,7 @@ fn learning(m: &BaseModel, args: &Args) {
             dropout: 0.0,
             targets: vec![],
             use_rslora: false,
+            use_dora: false,
             epochs: steps.div_ceil(per_epoch),
             batch_size: batch,
             grad_accum: 1,

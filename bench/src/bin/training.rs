@@ -51,6 +51,7 @@ fn spec(steps: usize) -> TrainSpec {
         .map(String::from)
         .to_vec(),
         use_rslora: false,
+        use_dora: false,
         epochs: steps,
         batch_size: 4,
         grad_accum: 1,

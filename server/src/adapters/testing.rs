@@ -47,6 +47,7 @@ pub fn random_peft(model: &BaseModel, seed: u64, rank: usize) -> (Vec<u8>, Vec<u
                 .map(|m| m.hf_name().to_string())
                 .collect(),
             use_rslora: false,
+            use_dora: false,
         },
         adapter: random_lora(model, seed, rank, 0.2),
         prompt: None,

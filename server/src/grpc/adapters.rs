@@ -55,11 +55,35 @@ impl From<AdapterRow> for pb::AdapterVersion {
                 alpha,
                 target_modules,
                 use_rslora,
+                use_dora,
             } => D::Lora(pb::LoraDetails {
                 rank: rank as u32,
                 alpha,
                 target_modules,
                 use_rslora,
+                use_dora,
+            }),
+            Details::Ia3 {
+                target_modules,
+                feedforward_modules,
+            } => D::Ia3(pb::Ia3Details {
+                target_modules,
+                feedforward_modules,
+            }),
+            Details::Bottleneck(s) => D::Bottleneck(pb::BottleneckDetails {
+                after_attention: s.after_attention,
+                after_ffn: s.after_ffn,
+                reduction_factor: s.reduction_factor,
+                leave_out: s.leave_out.iter().map(|&l| l as u32).collect(),
+                non_linearity: s.non_linearity,
+                original_ln_before: s.original_ln_before,
+                original_ln_after: s.original_ln_after,
+                residual_before_ln: s.residual_before_ln,
+                ln_before: s.ln_before,
+                ln_after: s.ln_after,
+                scaling: s.scaling,
+                adapter_residual_before_ln: s.adapter_residual_before_ln,
+                name: s.name,
             }),
             Details::PromptTuning { num_virtual_tokens } => {
                 D::PromptTuning(pb::PromptTuningDetails {

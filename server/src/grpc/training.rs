@@ -16,7 +16,8 @@ use super::{
     ready, recorded, ReadySlot,
 };
 use crate::{
-    model::lora::Module,
+    adapters::formats::BnSettings,
+    model::{bottleneck::Activation, lora::Module},
     store::training::{DatasetRow, JobRow},
     train::{
         dataset::Format,
@@ -163,6 +164,8 @@ fn default_learning_rate(m: &MethodSpec) -> f64 {
         MethodSpec::PromptTuning { .. } => 3e-2,
         MethodSpec::PTuning { .. } | MethodSpec::PrefixTuning { .. } => 3e-3,
         MethodSpec::PTuningV2 { .. } => 1e-2,
+        MethodSpec::Ia3 { .. } => 1e-2,
+        MethodSpec::Bottleneck { .. } => 1e-3,
     }
 }
 
@@ -181,6 +184,8 @@ fn method_from(req: &pb::CreateJobRequest) -> Result<MethodSpec, ApiError> {
         Some(MethodConfig::PTuning(_)) => Some("p_tuning"),
         Some(MethodConfig::PrefixTuning(_)) => Some("prefix_tuning"),
         Some(MethodConfig::PTuningV2(_)) => Some("p_tuning_v2"),
+        Some(MethodConfig::Ia3(_)) => Some("ia3"),
+        Some(MethodConfig::Bottleneck(_)) => Some("bottleneck"),
     };
     if let Some(c) = config_name.filter(|c| *c != name) {
         return Err(ApiError::invalid(
@@ -282,12 +287,124 @@ fn method_from(req: &pb::CreateJobRequest) -> Result<MethodSpec, ApiError> {
                 num_virtual_tokens: tokens(c.num_virtual_tokens, "p_tuning_v2.num_virtual_tokens")?,
             }
         }
+        ("ia3", c) => {
+            let c = match c {
+                Some(MethodConfig::Ia3(c)) => c,
+                _ => Default::default(),
+            };
+            ia3_from(c)?
+        }
+        ("bottleneck", c) => {
+            let c = match c {
+                Some(MethodConfig::Bottleneck(c)) => c,
+                _ => Default::default(),
+            };
+            bottleneck_from(c)?
+        }
         (other, _) => {
             return Err(ApiError::invalid(
                 "method",
-                format!("{other:?} is not supported; expected lora, prompt_tuning, p_tuning, prefix_tuning or p_tuning_v2"),
+                format!("{other:?} is not supported; expected lora, ia3, bottleneck, prompt_tuning, p_tuning, prefix_tuning or p_tuning_v2"),
             ))
         }
+    })
+}
+
+fn ia3_from(c: pb::Ia3Method) -> Result<MethodSpec, ApiError> {
+    let targets: Vec<String> = if c.target_modules.is_empty() {
+        ["k_proj", "v_proj", "down_proj"].map(String::from).to_vec()
+    } else if c.target_modules == ["all-linear"] {
+        Module::ALL
+            .iter()
+            .map(|m| m.hf_name().to_string())
+            .collect()
+    } else {
+        c.target_modules
+    };
+    for t in &targets {
+        if Module::from_hf_name(t).is_none() {
+            return Err(ApiError::invalid(
+                "ia3.target_modules",
+                format!("{t:?} is not a module of this model"),
+            ));
+        }
+    }
+    let feedforward = if c.feedforward_modules.is_empty() {
+        targets
+            .iter()
+            .filter(|t| *t == "down_proj")
+            .cloned()
+            .collect()
+    } else {
+        c.feedforward_modules
+    };
+    if let Some(f) = feedforward.iter().find(|f| !targets.contains(f)) {
+        return Err(ApiError::invalid(
+            "ia3.feedforward_modules",
+            format!("{f:?} is not in target_modules; feedforward_modules must be a subset of them"),
+        ));
+    }
+    Ok(MethodSpec::Ia3 {
+        target_modules: targets,
+        feedforward_modules: feedforward,
+    })
+}
+
+/// A bottleneck job's settings; a size is turned into the model's reduction factor by
+/// [`MethodSpec::resolve`].
+fn bottleneck_from(c: pb::BottleneckMethod) -> Result<MethodSpec, ApiError> {
+    let mut s = BnSettings::houlsby("graft");
+    let mut size = None;
+    match (c.reduction_factor, c.bottleneck_size) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "bottleneck.bottleneck_size",
+                "give reduction_factor or bottleneck_size, not both",
+            ))
+        }
+        (Some(rf), None) if !(rf.is_finite() && rf > 0.0) => {
+            return Err(ApiError::invalid(
+                "bottleneck.reduction_factor",
+                format!("{rf} must be > 0"),
+            ))
+        }
+        (Some(rf), None) => s.reduction_factor = rf,
+        (None, Some(0)) => {
+            return Err(ApiError::invalid(
+                "bottleneck.bottleneck_size",
+                "must be at least 1",
+            ))
+        }
+        (None, Some(n)) => size = Some(n as usize),
+        (None, None) => {}
+    }
+    if !c.non_linearity.is_empty() {
+        if Activation::parse(&c.non_linearity).is_none() {
+            return Err(ApiError::invalid(
+                "bottleneck.non_linearity",
+                format!("{:?} is not supported (swish, relu, gelu, gelu_new, tanh, sigmoid, leakyrelu, linear)", c.non_linearity),
+            ));
+        }
+        s.non_linearity = c.non_linearity.to_ascii_lowercase();
+    }
+    (s.after_attention, s.after_ffn) = match c.placement.as_str() {
+        "" | "both" => (true, true),
+        "after_attention" => (true, false),
+        "after_ffn" => (false, true),
+        p => {
+            return Err(ApiError::invalid(
+                "bottleneck.placement",
+                format!("{p:?}; expected after_attention, after_ffn or both"),
+            ))
+        }
+    };
+    if !s.after_attention {
+        // Pfeiffer's placement: the residual added before the adapter (SeqBnConfig).
+        s.original_ln_before = true;
+    }
+    Ok(MethodSpec::Bottleneck {
+        settings: s,
+        bottleneck_size: size,
     })
 }
 
@@ -427,6 +544,7 @@ fn job_from(req: &pb::CreateJobRequest) -> Result<NewJob, ApiError> {
         dropout: dropout as f32,
         targets,
         use_rslora: l.use_rslora,
+        use_dora: l.use_dora,
         epochs,
         batch_size,
         grad_accum,

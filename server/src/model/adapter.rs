@@ -1,8 +1,12 @@
 //! The method-generic adapter: one immutable value per adapter version, made of optional
-//! parts, whatever method produced it (LoRA, prompt tuning, P-tuning, prefix tuning...).
-//! Both forwards consult it at the same hook points:
+//! parts, whatever method produced it (LoRA, DoRA, IA3, bottleneck adapters, prompt tuning,
+//! P-tuning, prefix tuning...). Both forwards consult it at the same hook points:
+//! - `pre_linear`: a linear module's input is changed per row before the shared weight
+//!   (IA3 on a feed-forward module: `x *= l`);
 //! - `post_linear`: a linear module's output is changed per row ([`LinearDelta`]: LoRA's
-//!   `y += s B A x`);
+//!   `y += s B A x`, IA3's `y *= l`, DoRA's `y = g (y + s B A x)`);
+//! - `after_sublayer`: the block's state after attention or the FFN is computed from the
+//!   sublayer's output and its residual input ([`Bottleneck`]; by default `r + h`);
 //! - the KV prefix: a sequence's cache starts with [`KvPrefix`] (keys already rotated,
 //!   values), so real tokens take positions `P..`; prompt tuning and P-tuning become one too
 //!   (their virtual tokens depend only on the adapter: the registry runs them through the
@@ -21,18 +25,72 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 
-use super::{lora::LoraPair, sites::Module, weights::Weights};
+pub use super::bottleneck::Bottleneck;
+use super::{
+    bottleneck,
+    lora::LoraPair,
+    sites::{Module, Sublayer},
+    weights::Weights,
+};
 
-/// A change to one linear module's output.
+/// DoRA's parts of one module: a LoRA pair, the learned magnitude, and the gain
+/// `magnitude / ||W + s B A||` (per output row, on the dequantised base weight `W`) that the
+/// forward uses, computed once by [`Adapter::compile`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dora {
+    pub lora: LoraPair,
+    pub magnitude: Vec<f32>,
+    pub gain: Vec<f32>,
+}
+
+impl Dora {
+    /// `||W + s B A||` per output row of `weight: (out, in)`, as PEFT's `get_weight_norm`.
+    pub fn weight_norm(lora: &LoraPair, weight: &Tensor) -> candle_core::Result<Vec<f32>> {
+        (weight + lora.delta()?)?
+            .sqr()?
+            .sum(1)?
+            .sqrt()?
+            .to_vec1::<f32>()
+    }
+}
+
+/// A change to one linear module.
 #[derive(Debug, Clone, PartialEq)]
 pub enum LinearDelta {
     Lora(LoraPair),
+    /// IA3: a learned vector scaling the output (`y *= l`) or, on a feed-forward module,
+    /// the input (`x *= l`, before the weight).
+    Ia3 {
+        scale: Vec<f32>,
+        on_input: bool,
+    },
+    Dora(Box<Dora>),
 }
 
 impl LinearDelta {
     pub fn bytes(&self) -> usize {
         match self {
             LinearDelta::Lora(p) => p.bytes(),
+            LinearDelta::Ia3 { scale, .. } => scale.len() * 4,
+            LinearDelta::Dora(d) => d.lora.bytes() + (d.magnitude.len() + d.gain.len()) * 4,
+        }
+    }
+
+    /// Whether the module's input is changed (`pre_linear`).
+    pub fn has_pre(&self) -> bool {
+        matches!(self, LinearDelta::Ia3 { on_input: true, .. })
+    }
+
+    /// `pre_linear` for one row of input `x`.
+    pub fn pre_row(&self, x: &mut [f32]) {
+        if let LinearDelta::Ia3 {
+            scale,
+            on_input: true,
+        } = self
+        {
+            for (v, l) in x.iter_mut().zip(scale) {
+                *v *= l;
+            }
         }
     }
 
@@ -40,12 +98,37 @@ impl LinearDelta {
     pub fn post_row(&self, x: &[f32], y: &mut [f32]) {
         match self {
             LinearDelta::Lora(p) => p.apply_row(x, y),
+            LinearDelta::Ia3 {
+                scale,
+                on_input: false,
+            } => {
+                for (v, l) in y.iter_mut().zip(scale) {
+                    *v *= l;
+                }
+            }
+            LinearDelta::Ia3 { .. } => {}
+            LinearDelta::Dora(d) => {
+                d.lora.apply_row(x, y);
+                for (v, g) in y.iter_mut().zip(&d.gain) {
+                    *v *= g;
+                }
+            }
         }
     }
 
     pub fn as_lora(&self) -> Option<&LoraPair> {
         match self {
             LinearDelta::Lora(p) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// The LoRA pair of a LoRA or DoRA module.
+    pub fn low_rank(&self) -> Option<&LoraPair> {
+        match self {
+            LinearDelta::Lora(p) => Some(p),
+            LinearDelta::Dora(d) => Some(&d.lora),
+            LinearDelta::Ia3 { .. } => None,
         }
     }
 }
@@ -102,6 +185,8 @@ impl KvPrefix {
 pub struct Adapter {
     /// `linear[layer][module]`; empty when the method has no linear part.
     pub linear: Vec<[Option<LinearDelta>; 7]>,
+    /// `sublayer[layer][site]`; empty when the method has no bottleneck.
+    pub sublayer: Vec<[Option<Bottleneck>; 2]>,
     pub prefix: Option<Arc<KvPrefix>>,
 }
 
@@ -110,6 +195,7 @@ impl Adapter {
     pub fn new(num_layers: usize) -> Self {
         Self {
             linear: (0..num_layers).map(|_| Default::default()).collect(),
+            sublayer: Vec::new(),
             prefix: None,
         }
     }
@@ -118,12 +204,35 @@ impl Adapter {
     pub fn with_prefix(prefix: KvPrefix) -> Self {
         Self {
             linear: Vec::new(),
+            sublayer: Vec::new(),
             prefix: Some(Arc::new(prefix)),
         }
     }
 
     pub fn linear(&self, layer: usize, m: Module) -> Option<&LinearDelta> {
         self.linear.get(layer)?[m.index()].as_ref()
+    }
+
+    pub fn bottleneck(&self, layer: usize, site: Sublayer) -> Option<&Bottleneck> {
+        self.sublayer.get(layer)?[site.index()].as_ref()
+    }
+
+    /// Whether any part acts on the rows themselves (rather than on the KV cache).
+    pub fn has_row_hooks(&self) -> bool {
+        !self.linear.is_empty() || !self.sublayer.is_empty()
+    }
+
+    /// Computes what the forward needs from the base weights once (DoRA's gains).
+    pub fn compile(&mut self, base: &Weights) -> candle_core::Result<()> {
+        for (li, layer) in self.linear.iter_mut().enumerate() {
+            for m in Module::ALL {
+                if let Some(LinearDelta::Dora(d)) = &mut layer[m.index()] {
+                    let norm = Dora::weight_norm(&d.lora, m.of(&base.layers[li]).weight())?;
+                    d.gain = d.magnitude.iter().zip(&norm).map(|(m, n)| m / n).collect();
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The LoRA pair of a module, if that is what the adapter has there.
@@ -143,7 +252,13 @@ impl Adapter {
             .flat_map(|l| l.iter().flatten())
             .map(LinearDelta::bytes)
             .sum();
-        linear + self.prefix.as_ref().map_or(0, |p| p.bytes())
+        let sublayer: usize = self
+            .sublayer
+            .iter()
+            .flat_map(|l| l.iter().flatten())
+            .map(Bottleneck::bytes)
+            .sum();
+        linear + sublayer + self.prefix.as_ref().map_or(0, |p| p.bytes())
     }
 
     /// Positions the adapter puts in front of every sequence (they count against the
@@ -157,7 +272,7 @@ impl Adapter {
         self.linear
             .iter()
             .flat_map(|l| l.iter().flatten())
-            .filter_map(|d| d.as_lora().map(|p| p.rank))
+            .filter_map(|d| d.low_rank().map(|p| p.rank))
             .max()
             .unwrap_or(0)
     }
@@ -170,23 +285,86 @@ impl Adapter {
             .collect()
     }
 
-    /// The reference path for linear parts: a copy of `base` with `W + s*B*A` merged into
-    /// every targeted weight (packed decode forms dropped, so the merged model runs the f32
-    /// path only).
+    /// The reference path for linear parts: a copy of `base` with every linear part merged
+    /// into its weight (`W + s*B*A`; IA3: `diag(l) W` or `W diag(l)`; DoRA:
+    /// `diag(g) (W + s*B*A)`), packed decode forms dropped, so the merged model runs the f32
+    /// path only.
     pub fn merged_into(&self, base: &Weights) -> candle_core::Result<Weights> {
         let mut w = base.clone();
         for (li, layer) in w.layers.iter_mut().enumerate() {
             for m in Module::ALL {
                 let lin = m.of_mut(layer);
                 lin.packed = None;
-                if let Some(p) = self.get(li, m) {
-                    lin.weight = (&lin.weight + p.delta()?)?;
-                }
+                let dev = lin.weight.device().clone();
+                lin.weight = match self.linear(li, m) {
+                    None => continue,
+                    Some(LinearDelta::Lora(p)) => (&lin.weight + p.delta()?)?,
+                    Some(LinearDelta::Ia3 { scale, on_input }) => {
+                        let l = vector(scale, &dev)?;
+                        let l = if *on_input {
+                            l.unsqueeze(0)?
+                        } else {
+                            l.unsqueeze(1)?
+                        };
+                        lin.weight.broadcast_mul(&l)?
+                    }
+                    Some(LinearDelta::Dora(d)) => (&lin.weight + d.lora.delta()?)?
+                        .broadcast_mul(&vector(&d.gain, &dev)?.unsqueeze(1)?)?,
+                };
             }
         }
         w.lm_head.packed = None;
         Ok(w)
     }
+}
+
+/// `pre_linear` for a step: changes the rows of `x: (n, in)` whose adapter has an input
+/// hook on this module; false (and `x` untouched) when none has.
+pub fn pre_linear_rows(rows: &[Option<&Adapter>], layer: usize, m: Module, x: &mut [f32]) -> bool {
+    fn hook<'a>(a: &Option<&'a Adapter>, layer: usize, m: Module) -> Option<&'a LinearDelta> {
+        a.and_then(|a| a.linear(layer, m)).filter(|d| d.has_pre())
+    }
+    let n = rows.len();
+    if n == 0 || rows.iter().all(|r| hook(r, layer, m).is_none()) {
+        return false;
+    }
+    let inp = x.len() / n;
+    for (xr, a) in x.chunks_mut(inp).zip(rows) {
+        if let Some(d) = hook(a, layer, m) {
+            d.pre_row(xr);
+        }
+    }
+    true
+}
+
+/// `after_sublayer` for a step: `h: (n, hidden)` holds the sublayer's output and gets the
+/// block's new state; `r` is the residual input. Rows without a bottleneck get `r + h`.
+pub fn after_sublayer_rows(
+    rows: &[Option<&Adapter>],
+    layer: usize,
+    site: Sublayer,
+    h: &mut [f32],
+    r: &[f32],
+) {
+    use rayon::prelude::*;
+    let n = rows.len();
+    if n == 0 {
+        return;
+    }
+    let hidden = h.len() / n;
+    h.par_chunks_mut(hidden)
+        .zip(r.par_chunks(hidden))
+        .zip(rows.par_iter())
+        .for_each(
+            |((hr, rr), a)| match a.and_then(|a| a.bottleneck(layer, site)) {
+                Some(b) => b.apply_row(hr, rr),
+                None => {
+                    for (v, s) in hr.iter_mut().zip(rr) {
+                        *v = s + *v;
+                    }
+                }
+            },
+        );
 }
 
 /// `post_linear` for a step: `rows[i]` is the adapter of row `i` (if any); `x: (n, in)`,
@@ -225,6 +403,10 @@ pub trait TensorAdapter {
     fn linear(&self, _layer: usize, _m: Module) -> Option<&dyn LinearHook> {
         None
     }
+    /// The `after_sublayer` hook of a block's sublayer.
+    fn sublayer(&self, _layer: usize, _site: Sublayer) -> Option<&dyn SublayerHook> {
+        None
+    }
     /// Virtual input embeddings `(P, hidden)` placed in front of the real tokens'.
     fn prompt(&self) -> candle_core::Result<Option<Tensor>> {
         Ok(None)
@@ -236,19 +418,66 @@ pub trait TensorAdapter {
     }
 }
 
-/// One module's `post_linear` as tensors: `x: (n, in)`, `y: (n, out)` -> the new `y`.
+/// One module's hooks as tensors: `pre_linear` maps the input `x: (n, in)` (by default
+/// unchanged); `post_linear` maps the output `y: (n, out)` of the (pre-hooked) `x`.
 pub trait LinearHook {
+    fn pre_linear(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        Ok(x.clone())
+    }
     fn post_linear(&self, x: &Tensor, y: Tensor) -> candle_core::Result<Tensor>;
 }
 
+/// A sublayer's `after_sublayer` as tensors: the sublayer's output `h` and residual input
+/// `r`, both `(n, hidden)`, -> the block's new state.
+pub trait SublayerHook {
+    fn after_sublayer(&self, h: &Tensor, r: &Tensor) -> candle_core::Result<Tensor>;
+}
+
+impl SublayerHook for Bottleneck {
+    fn after_sublayer(&self, h: &Tensor, r: &Tensor) -> candle_core::Result<Tensor> {
+        bottleneck::after_sublayer(
+            &self.tensors()?,
+            self.act,
+            self.scaling as f64,
+            self.placement,
+            h,
+            r,
+        )
+    }
+}
+
+fn vector(v: &[f32], dev: &Device) -> candle_core::Result<Tensor> {
+    Tensor::from_slice(v, v.len(), dev)
+}
+
+fn low_rank_update(p: &LoraPair, x: &Tensor) -> candle_core::Result<Tensor> {
+    let dev = x.device();
+    let a = Tensor::from_slice(&p.a, (p.rank, p.in_features), dev)?;
+    let b_t = Tensor::from_slice(&p.b_t, (p.rank, p.out_features), dev)?;
+    x.matmul(&a.t()?)?.matmul(&b_t)? * p.scale as f64
+}
+
 impl LinearHook for LinearDelta {
+    fn pre_linear(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            LinearDelta::Ia3 {
+                scale,
+                on_input: true,
+            } => x.broadcast_mul(&vector(scale, x.device())?),
+            _ => Ok(x.clone()),
+        }
+    }
+
     fn post_linear(&self, x: &Tensor, y: Tensor) -> candle_core::Result<Tensor> {
         match self {
-            LinearDelta::Lora(p) => {
-                let dev = x.device();
-                let a = Tensor::from_slice(&p.a, (p.rank, p.in_features), dev)?;
-                let b_t = Tensor::from_slice(&p.b_t, (p.rank, p.out_features), dev)?;
-                y + (x.matmul(&a.t()?)?.matmul(&b_t)? * p.scale as f64)?
+            LinearDelta::Lora(p) => y + low_rank_update(p, x)?,
+            LinearDelta::Ia3 {
+                scale,
+                on_input: false,
+            } => y.broadcast_mul(&vector(scale, x.device())?),
+            LinearDelta::Ia3 { .. } => Ok(y),
+            LinearDelta::Dora(d) => {
+                (y + low_rank_update(&d.lora, x)?)?.broadcast_mul(&vector(&d.gain, x.device())?)
             }
         }
     }
@@ -257,6 +486,10 @@ impl LinearHook for LinearDelta {
 impl TensorAdapter for Adapter {
     fn linear(&self, layer: usize, m: Module) -> Option<&dyn LinearHook> {
         Adapter::linear(self, layer, m).map(|d| d as &dyn LinearHook)
+    }
+
+    fn sublayer(&self, layer: usize, site: Sublayer) -> Option<&dyn SublayerHook> {
+        self.bottleneck(layer, site).map(|b| b as &dyn SublayerHook)
     }
 
     fn kv_prefix(&self) -> candle_core::Result<Option<Tensor>> {

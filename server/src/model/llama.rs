@@ -10,11 +10,13 @@
 use candle_core::{DType, Device, Tensor, D};
 
 use super::{
-    adapter::{post_linear_rows, Adapter, KvPrefix, TensorAdapter},
+    adapter::{
+        after_sublayer_rows, post_linear_rows, pre_linear_rows, Adapter, KvPrefix, TensorAdapter,
+    },
     attention::{attend, AttnShape, RopeTable, RowPlace},
     config::LlamaConfig,
     kv_cache::{KvCache, KvPool, KvShape},
-    sites::Module,
+    sites::{Module, Sublayer},
     weights::{Linear, Weights},
     ModelError,
 };
@@ -134,22 +136,43 @@ impl Llama {
         }
         let row_adapter: Vec<Option<&Adapter>> = rows
             .iter()
-            .map(|r| chunks[r.seq].adapter.filter(|a| !a.linear.is_empty()))
+            .map(|r| chunks[r.seq].adapter.filter(|a| a.has_row_hooks()))
             .collect();
-        let any_linear = row_adapter.iter().any(Option::is_some);
+        let any_hooks = row_adapter.iter().any(Option::is_some);
         let dev = &self.device;
-        // One projection: the shared weight for every row, then each row's own
-        // `post_linear` hook.
+        // One projection: each row's own `pre_linear` hook, the shared weight for every
+        // row, then each row's own `post_linear` hook.
         let project =
             |lin: &Linear, m: Module, li: usize, x: &Tensor| -> Result<Tensor, ModelError> {
-                let y = lin.forward_rows(x, decode_rows)?;
-                if !any_linear {
-                    return Ok(y);
+                if !any_hooks {
+                    return Ok(lin.forward_rows(x, decode_rows)?);
                 }
-                let xv = x.flatten_all()?.to_vec1::<f32>()?;
+                let mut xv = x.flatten_all()?.to_vec1::<f32>()?;
+                let pre = pre_linear_rows(&row_adapter, li, m, &mut xv);
+                let x = if pre {
+                    Tensor::from_slice(&xv, x.shape(), dev)?
+                } else {
+                    x.clone()
+                };
+                let y = lin.forward_rows(&x, decode_rows)?;
                 let mut yv = y.flatten_all()?.to_vec1::<f32>()?;
                 post_linear_rows(&row_adapter, li, m, &xv, &mut yv);
                 Ok(Tensor::from_vec(yv, y.shape(), dev)?)
+            };
+        // The block's state after a sublayer with output `h`: `x + h`, or a row's own
+        // `after_sublayer` hook.
+        let residual =
+            |site: Sublayer, li: usize, x: Tensor, h: Tensor| -> Result<Tensor, ModelError> {
+                if !row_adapter
+                    .iter()
+                    .any(|a| a.is_some_and(|a| a.bottleneck(li, site).is_some()))
+                {
+                    return Ok((x + h)?);
+                }
+                let mut hv = h.flatten_all()?.to_vec1::<f32>()?;
+                let xv = x.flatten_all()?.to_vec1::<f32>()?;
+                after_sublayer_rows(&row_adapter, li, site, &mut hv, &xv);
+                Ok(Tensor::from_vec(hv, x.shape(), dev)?)
             };
         let n = ids.len();
         if n == 0 {
@@ -194,11 +217,17 @@ impl Llama {
             let (keys, values) = pool.layer(li);
             let a = attend(&q, &rows, &tables, keys, values, self.attn_shape());
             let a = Tensor::from_vec(a, (n, hidden), &self.device)?;
-            x = (x + project(&layer.o, Module::O, li, &a)?)?;
+            x = residual(
+                Sublayer::Attention,
+                li,
+                x,
+                project(&layer.o, Module::O, li, &a)?,
+            )?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
             let g = project(&layer.gate, Module::Gate, li, &h)?;
             let u = project(&layer.up, Module::Up, li, &h)?;
-            x = (x + project(&layer.down, Module::Down, li, &(g.silu()? * u)?)?)?;
+            let f = project(&layer.down, Module::Down, li, &(g.silu()? * u)?)?;
+            x = residual(Sublayer::Ffn, li, x, f)?;
         }
         for c in chunks.iter_mut() {
             c.cache.advance(c.tokens.len());
@@ -369,10 +398,20 @@ impl Llama {
         let proj =
             |lin: &Linear, m: Module, li: usize, x: &Tensor| -> candle_core::Result<Tensor> {
                 // The base weight is frozen: its backward yields x's gradient only.
-                let y = super::frozen::frozen_matmul(x, lin.weight())?;
                 match adapter.and_then(|a| a.linear(li, m)) {
-                    Some(hook) => hook.post_linear(x, y),
-                    None => Ok(y),
+                    Some(hook) => {
+                        let x = hook.pre_linear(x)?;
+                        let y = super::frozen::frozen_matmul(&x, lin.weight())?;
+                        hook.post_linear(&x, y)
+                    }
+                    None => super::frozen::frozen_matmul(x, lin.weight()),
+                }
+            };
+        let residual =
+            |site: Sublayer, li: usize, x: Tensor, h: Tensor| -> candle_core::Result<Tensor> {
+                match adapter.and_then(|a| a.sublayer(li, site)) {
+                    Some(hook) => hook.after_sublayer(&h, &x),
+                    None => x + h,
                 }
             };
         for (li, layer) in self.weights.layers.iter().enumerate() {
@@ -425,16 +464,22 @@ impl Llama {
                 .matmul(&v.contiguous()?)?
                 .transpose(1, 2)?
                 .reshape((b * t, nh * hd))?;
-            x = (x + proj(&layer.o, Module::O, li, &y)?)?;
+            x = residual(
+                Sublayer::Attention,
+                li,
+                x,
+                proj(&layer.o, Module::O, li, &y)?,
+            )?;
             let h = candle_nn::ops::rms_norm_slow(&x, &layer.ffn_norm, eps)?;
             let g = proj(&layer.gate, Module::Gate, li, &h)?;
             let u = proj(&layer.up, Module::Up, li, &h)?;
-            x = (x + proj(
+            let f = proj(
                 &layer.down,
                 Module::Down,
                 li,
                 &(candle_nn::ops::silu(&g)? * u)?,
-            )?)?;
+            )?;
+            x = residual(Sublayer::Ffn, li, x, f)?;
         }
         let x = candle_nn::ops::rms_norm_slow(&x, &self.weights.final_norm, eps)?;
         Ok(x.reshape((b, t, hidden))?)

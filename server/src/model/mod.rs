@@ -6,6 +6,7 @@
 
 pub mod adapter;
 pub mod attention;
+pub mod bottleneck;
 pub mod chat;
 pub mod config;
 pub mod frozen;
@@ -29,7 +30,7 @@ pub use chat::{ChatMessage, ChatTemplate};
 pub use config::LlamaConfig;
 pub use kv_cache::{KvCache, KvExhausted, KvPool, KvShape};
 pub use llama::{Llama, SeqChunk};
-pub use sites::Module;
+pub use sites::{Module, Sublayer};
 pub use tokenizer::{StreamDecoder, TextTokenizer};
 
 /// Why a model could not be loaded or run.

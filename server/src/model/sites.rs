@@ -94,3 +94,19 @@ impl Module {
         }
     }
 }
+
+/// The two sublayers of a Llama block, after which a bottleneck adapter can act (AdapterHub's
+/// `mh_adapter` and `output_adapter`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Sublayer {
+    Attention,
+    Ffn,
+}
+
+impl Sublayer {
+    pub const ALL: [Sublayer; 2] = [Sublayer::Attention, Sublayer::Ffn];
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}

@@ -211,6 +211,7 @@ impl Trainable for LoraVars {
                     .map(|m| m.hf_name().to_string())
                     .collect(),
                 use_rslora: self.use_rslora,
+                use_dora: false,
             },
             adapter: w,
             prompt: None,

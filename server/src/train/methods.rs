@@ -1,10 +1,14 @@
 //! The training methods a job can ask for, with their settings validated and their sizes
-//! known before training starts (for quotas). LoRA's settings are the `TrainSpec`'s own
-//! (`rank`, `alpha`, ...); the prompt family's live in their variant here.
+//! known before training starts (for quotas). LoRA's (and DoRA's) settings are the
+//! `TrainSpec`'s own (`rank`, `alpha`, ..., `use_dora`); the other methods' live in their
+//! variant here.
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::LlamaConfig;
+use crate::{
+    adapters::formats::BnSettings,
+    model::{LlamaConfig, Module},
+};
 
 /// How prompt tuning's virtual tokens start (PEFT's `prompt_tuning_init`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -59,6 +63,17 @@ pub enum MethodSpec {
     PTuningV2 {
         num_virtual_tokens: usize,
     },
+    /// IA3: module names (validated), the feed-forward ones a subset of the targets.
+    Ia3 {
+        target_modules: Vec<String>,
+        feedforward_modules: Vec<String>,
+    },
+    Bottleneck {
+        settings: BnSettings,
+        /// A width asked for instead of a reduction factor (resolved against the model).
+        #[serde(default)]
+        bottleneck_size: Option<usize>,
+    },
 }
 
 impl MethodSpec {
@@ -69,12 +84,14 @@ impl MethodSpec {
             MethodSpec::PTuning { .. } => "p_tuning",
             MethodSpec::PrefixTuning { .. } => "prefix_tuning",
             MethodSpec::PTuningV2 { .. } => "p_tuning_v2",
+            MethodSpec::Ia3 { .. } => "ia3",
+            MethodSpec::Bottleneck { .. } => "bottleneck",
         }
     }
 
     pub fn virtual_tokens(&self) -> usize {
         match self {
-            MethodSpec::Lora => 0,
+            MethodSpec::Lora | MethodSpec::Ia3 { .. } | MethodSpec::Bottleneck { .. } => 0,
             MethodSpec::PromptTuning {
                 num_virtual_tokens, ..
             }
@@ -100,16 +117,58 @@ impl MethodSpec {
                 encoder_hidden_size: e,
                 ..
             } if *e == 0 => *e = cfg.kv_dim(),
+            MethodSpec::Bottleneck {
+                settings,
+                bottleneck_size: Some(n),
+            } => {
+                // AdapterHub derives the width as int(hidden // reduction_factor).
+                let h = cfg.hidden_size;
+                settings.reduction_factor = h as f64 / *n as f64;
+                if settings.size(0, h) != *n {
+                    settings.reduction_factor = h as f64 / (*n as f64 + 0.5);
+                }
+            }
             _ => {}
         }
     }
 
-    /// Floats the stored adapter of a prompt method holds (`None` for LoRA): the virtual
-    /// tokens' embeddings, or their keys and values in every layer.
-    pub fn prompt_adapter_floats(&self, cfg: &LlamaConfig) -> Option<usize> {
+    /// Floats the stored adapter holds (`None` for LoRA, whose size is the `TrainSpec`'s):
+    /// the virtual tokens' embeddings, or their keys and values in every layer; IA3's
+    /// vectors; the bottlenecks' weights.
+    pub fn adapter_floats(&self, cfg: &LlamaConfig) -> Option<usize> {
         let p = self.virtual_tokens();
         match self {
             MethodSpec::Lora => None,
+            MethodSpec::Ia3 {
+                target_modules,
+                feedforward_modules,
+            } => Some(
+                target_modules
+                    .iter()
+                    .filter_map(|t| Module::from_hf_name(t))
+                    .map(|m| {
+                        let (out, inp) = m.shape(cfg);
+                        if feedforward_modules.iter().any(|f| f == m.hf_name()) {
+                            inp
+                        } else {
+                            out
+                        }
+                    })
+                    .sum::<usize>()
+                    * cfg.num_layers,
+            ),
+            MethodSpec::Bottleneck { settings: s, .. } => {
+                let h = cfg.hidden_size;
+                let ln = 2 * h * (s.ln_before as usize + s.ln_after as usize);
+                Some(
+                    (0..cfg.num_layers)
+                        .map(|l| {
+                            let d = s.size(l, h);
+                            s.sites(l).len() * (2 * d * h + d + h + ln)
+                        })
+                        .sum(),
+                )
+            }
             MethodSpec::PromptTuning { .. } | MethodSpec::PTuning { .. } => {
                 Some(p * cfg.hidden_size)
             }
@@ -119,17 +178,18 @@ impl MethodSpec {
         }
     }
 
-    /// Floats a prompt method trains (`None` for LoRA): what it stores, or for the
-    /// reparameterised ones the encoder's input embeddings and weights.
-    pub fn prompt_trainable_floats(&self, cfg: &LlamaConfig) -> Option<usize> {
+    /// Floats the method trains (`None` for LoRA): what it stores, or for the
+    /// reparameterised prompt methods the encoder's input embeddings and weights.
+    pub fn trainable_floats(&self, cfg: &LlamaConfig) -> Option<usize> {
         let (h, kv, l) = (cfg.hidden_size, cfg.kv_dim(), cfg.num_layers);
         let p = self.virtual_tokens();
         let dense = |i: usize, o: usize| i * o + o;
         Some(match self {
             MethodSpec::Lora => return None,
-            MethodSpec::PromptTuning { .. } | MethodSpec::PTuningV2 { .. } => {
-                self.prompt_adapter_floats(cfg)?
-            }
+            MethodSpec::PromptTuning { .. }
+            | MethodSpec::PTuningV2 { .. }
+            | MethodSpec::Ia3 { .. }
+            | MethodSpec::Bottleneck { .. } => self.adapter_floats(cfg)?,
             MethodSpec::PTuning {
                 encoder: Encoder::Mlp,
                 encoder_hidden_size: e,

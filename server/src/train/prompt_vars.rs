@@ -147,7 +147,9 @@ impl PromptVars {
         let relu = |x: &Tensor| x.relu();
         let tanh = |x: &Tensor| x.tanh();
         let (embedding, net) = match method {
-            MethodSpec::Lora => candle_core::bail!("LoRA is not a prompt method"),
+            MethodSpec::Lora | MethodSpec::Ia3 { .. } | MethodSpec::Bottleneck { .. } => {
+                candle_core::bail!("{} is not a prompt method", method.name())
+            }
             MethodSpec::PromptTuning { init, .. } => {
                 let emb = match init {
                     PromptInit::Random => normal(&mut rng, p * h),

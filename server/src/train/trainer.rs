@@ -31,7 +31,7 @@ use crate::model::{adapter::TensorAdapter, config::LlamaConfig, BaseModel, Modul
 /// Everything a run needs to know, validated by the caller.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainSpec {
-    /// The method; LoRA's own settings are the fields below (`rank` to `use_rslora`).
+    /// The method; LoRA's own settings are the fields below (`rank` to `use_dora`).
     #[serde(default)]
     pub method: MethodSpec,
     pub rank: usize,
@@ -39,6 +39,9 @@ pub struct TrainSpec {
     pub dropout: f32,
     pub targets: Vec<String>,
     pub use_rslora: bool,
+    /// DoRA: LoRA plus a magnitude per output feature.
+    #[serde(default)]
+    pub use_dora: bool,
     pub epochs: usize,
     pub batch_size: usize,
     pub grad_accum: usize,
@@ -65,9 +68,10 @@ impl TrainSpec {
     }
 
     /// The bytes of tensor data the trained adapter will store (for LoRA f32 `lora_A` and
-    /// `lora_B` for every target module of every layer), known before training starts.
+    /// `lora_B`, and DoRA's magnitude, for every target module of every layer), known
+    /// before training starts.
     pub fn adapter_bytes(&self, cfg: &LlamaConfig) -> u64 {
-        if let Some(n) = self.method.prompt_adapter_floats(cfg) {
+        if let Some(n) = self.method.adapter_floats(cfg) {
             return (n * std::mem::size_of::<f32>()) as u64;
         }
         let per_layer: usize = self
@@ -75,7 +79,7 @@ impl TrainSpec {
             .iter()
             .map(|m| {
                 let (out, inp) = m.shape(cfg);
-                self.rank * (out + inp)
+                self.rank * (out + inp) + if self.use_dora { out } else { 0 }
             })
             .sum();
         (per_layer * cfg.num_layers * std::mem::size_of::<f32>()) as u64
@@ -87,7 +91,7 @@ impl TrainSpec {
     /// adapter's own for LoRA, prompt tuning and P-tuning v2; more for the methods with an
     /// encoder, whose output is what is stored.
     pub fn trainable_bytes(&self, cfg: &LlamaConfig) -> u64 {
-        match self.method.prompt_trainable_floats(cfg) {
+        match self.method.trainable_floats(cfg) {
             Some(n) => (n * std::mem::size_of::<f32>()) as u64,
             None => self.adapter_bytes(cfg),
         }

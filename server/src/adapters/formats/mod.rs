@@ -1,19 +1,25 @@
 //! Adapter file formats: readers and writers side by side, each turning one library's files
 //! into the parts of an [`Adapter`] (and back), chosen by the config's `peft_type`.
-//! - [`peft_lora`]: PEFT `LORA`;
+//! - [`peft_lora`]: PEFT `LORA` (with DoRA's `use_dora`);
+//! - [`peft_ia3`]: PEFT `IA3`;
 //! - [`peft_prompt`]: PEFT `PROMPT_TUNING`, `P_TUNING` and `PREFIX_TUNING` (with and without
-//!   `prefix_projection`).
+//!   `prefix_projection`);
+//! - [`adapterhub`]: AdapterHub's bottleneck adapters (its own config, no `peft_type`).
 //!
 //! Invariant: a refused adapter produces an [`ImportError`] naming the file or field at
 //! fault; nothing is partially accepted.
 
+pub mod adapterhub;
+pub mod peft_ia3;
 pub mod peft_lora;
 pub mod peft_prompt;
+
+pub use adapterhub::BnSettings;
 
 use safetensors::{tensor::TensorView, Dtype};
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Adapter, Llama, LlamaConfig};
+use crate::model::{Adapter, Llama, LlamaConfig, Module};
 
 /// Largest `adapter_config.json` accepted: a full per-module `rank_pattern` of a large model
 /// is a few tens of KB.
@@ -62,6 +68,9 @@ pub enum Details {
         target_modules: Vec<String>,
         #[serde(default)]
         use_rslora: bool,
+        /// DoRA: a magnitude per output feature besides the pair.
+        #[serde(default)]
+        use_dora: bool,
     },
     PromptTuning {
         num_virtual_tokens: usize,
@@ -81,6 +90,13 @@ pub enum Details {
     PTuningV2 {
         num_virtual_tokens: usize,
     },
+    Ia3 {
+        target_modules: Vec<String>,
+        /// The targeted modules whose input (rather than output) is scaled.
+        feedforward_modules: Vec<String>,
+    },
+    /// A bottleneck adapter in AdapterHub's terms.
+    Bottleneck(BnSettings),
 }
 
 impl Details {
@@ -93,13 +109,23 @@ impl Details {
             Details::PTuning { .. } => "p_tuning",
             Details::PrefixTuning { .. } => "prefix_tuning",
             Details::PTuningV2 { .. } => "p_tuning_v2",
+            Details::Ia3 { .. } => "ia3",
+            Details::Bottleneck(_) => "bottleneck",
+        }
+    }
+
+    /// The name of the weights file as the method's library writes it.
+    pub fn weights_file(&self) -> &'static str {
+        match self {
+            Details::Bottleneck(_) => adapterhub::WEIGHTS_FILE,
+            _ => WEIGHTS_FILE,
         }
     }
 
     /// Virtual tokens the method puts in front of every sequence.
     pub fn virtual_tokens(&self) -> usize {
         match self {
-            Details::Lora { .. } => 0,
+            Details::Lora { .. } | Details::Ia3 { .. } | Details::Bottleneck(_) => 0,
             Details::PromptTuning { num_virtual_tokens }
             | Details::PTuning {
                 num_virtual_tokens, ..
@@ -126,8 +152,11 @@ pub struct Parsed {
 impl Parsed {
     /// The servable adapter: virtual input embeddings are run through the base once, here,
     /// and kept as the KV prefix every sequence of this version starts from.
+    /// DoRA's gains are computed from the base weights here too.
     pub fn compile(&self, llama: &Llama) -> Result<Adapter, ImportError> {
         let mut a = self.adapter.clone();
+        a.compile(&llama.weights)
+            .map_err(|e| err(WEIGHTS_FILE, e.to_string()))?;
         if let Some(p) = &self.prompt {
             let hidden = llama.cfg.hidden_size;
             let t = candle_core::Tensor::from_slice(p, (p.len() / hidden, hidden), llama.device())
@@ -140,11 +169,6 @@ impl Parsed {
         }
         Ok(a)
     }
-}
-
-#[derive(Deserialize)]
-struct PeftType {
-    peft_type: Option<String>,
 }
 
 /// Parses and checks a PEFT adapter of any supported method against the model `cfg`
@@ -165,21 +189,26 @@ pub fn parse(
             ),
         ));
     }
-    let t: PeftType = serde_json::from_slice(config_json)
-        .map_err(|e| err(CONFIG_FILE, format!("not a valid PEFT config: {e}")))?;
-    match t.peft_type.as_deref() {
+    let v: serde_json::Value = serde_json::from_slice(config_json)
+        .map_err(|e| err(CONFIG_FILE, format!("not a valid adapter config: {e}")))?;
+    if adapterhub::is_adapterhub(&v) {
+        return adapterhub::parse(config_json, weights, cfg, base_name, policy);
+    }
+    match v.get("peft_type").and_then(serde_json::Value::as_str) {
         Some("LORA") => peft_lora::parse(config_json, weights, cfg, base_name, policy),
+        Some("IA3") => peft_ia3::parse(config_json, weights, cfg, base_name, policy),
         Some("PROMPT_TUNING" | "P_TUNING" | "PREFIX_TUNING") => {
             peft_prompt::parse(config_json, weights, cfg, base_name, policy)
         }
         other => Err(err(
             format!("{CONFIG_FILE}.peft_type"),
-            format!("{other:?} is not supported; graft imports LORA, PROMPT_TUNING, P_TUNING and PREFIX_TUNING adapters"),
+            format!("{other:?} is not supported; graft imports PEFT's LORA (and DoRA), IA3, PROMPT_TUNING, P_TUNING and PREFIX_TUNING adapters and AdapterHub's bottleneck adapters"),
         )),
     }
 }
 
-/// Writes `p` as PEFT files: `(adapter_config.json, adapter_model.safetensors)`.
+/// Writes `p` as its library's files: `(adapter_config.json, weights)` (the weights file's
+/// name is [`Details::weights_file`]).
 pub fn write(
     p: &Parsed,
     cfg: &LlamaConfig,
@@ -187,8 +216,82 @@ pub fn write(
 ) -> Result<(Vec<u8>, Vec<u8>), ImportError> {
     match &p.details {
         Details::Lora { .. } => peft_lora::write(p, cfg, base_model),
+        Details::Ia3 { .. } => peft_ia3::write(p, cfg, base_model),
+        Details::Bottleneck(_) => adapterhub::write(p, cfg, base_model),
         _ => peft_prompt::write(p, cfg, base_model),
     }
+}
+
+/// PEFT's `target_modules` (and IA3's `feedforward_modules`): names, a regex over the
+/// module's full name, or `all-linear`.
+pub(crate) enum Targets {
+    Names(Vec<String>),
+    Regex(regex::Regex),
+    AllLinear,
+}
+
+impl Targets {
+    /// From the config's value of `field`.
+    pub(crate) fn parse(v: &serde_json::Value, field: &str) -> Result<Self, ImportError> {
+        use serde_json::Value;
+        Ok(match v {
+            Value::String(s) if s == "all-linear" => Targets::AllLinear,
+            Value::String(s) => {
+                Targets::Regex(regex::Regex::new(&format!("^(?:{s})$")).map_err(|e| {
+                    err(format!("{CONFIG_FILE}.{field}"), format!("bad regex: {e}"))
+                })?)
+            }
+            Value::Array(a) => {
+                let names: Vec<String> = a
+                    .iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect();
+                for n in &names {
+                    if Module::from_hf_name(n).is_none() {
+                        return Err(err(format!("{CONFIG_FILE}.{field}"), format!("target module {n:?} does not exist in this model (it has q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")));
+                    }
+                }
+                Targets::Names(names)
+            }
+            _ => {
+                return Err(err(
+                    format!("{CONFIG_FILE}.{field}"),
+                    "missing; expected a list, a regex or \"all-linear\"",
+                ))
+            }
+        })
+    }
+
+    pub(crate) fn matches(&self, key: &str, module: Module) -> bool {
+        match self {
+            Targets::Names(n) => n
+                .iter()
+                .any(|t| t == module.hf_name() || key.ends_with(&format!(".{t}"))),
+            Targets::Regex(r) => r.is_match(key),
+            Targets::AllLinear => true,
+        }
+    }
+}
+
+/// `model.layers.{layer}.{parent}.{module}`: a module's full name in the HF model.
+pub(crate) fn module_key(layer: usize, m: Module) -> String {
+    format!("model.layers.{layer}.{}.{}", m.hf_parent(), m.hf_name())
+}
+
+/// Splits a tensor name `[base_model.model.]model.layers.N.parent.module.rest...` into the
+/// layer, the module and the rest; `None` when it names no module of a Llama block.
+pub(crate) fn module_tensor(name: &str) -> Option<(usize, Module, Vec<&str>)> {
+    let rest = name.strip_prefix("base_model.model.").unwrap_or(name);
+    let parts: Vec<&str> = rest.split('.').collect();
+    if parts.len() < 6 || parts[0] != "model" || parts[1] != "layers" {
+        return None;
+    }
+    let layer: usize = parts[2].parse().ok()?;
+    let m = Module::from_hf_name(parts[4])?;
+    if parts[3] != m.hf_parent() {
+        return None;
+    }
+    Some((layer, m, parts[5..].to_vec()))
 }
 
 /// Checks `base_model_name_or_path` against the names this base model goes by.

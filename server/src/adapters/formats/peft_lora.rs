@@ -13,10 +13,11 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::{
-    check_base, err, permute_rows, serialize, to_f32, Details, ImportError, ImportPolicy, Parsed,
-    CONFIG_FILE, WEIGHTS_FILE,
+    check_base, err, module_key, module_tensor, permute_rows, serialize, to_f32, Details,
+    ImportError, ImportPolicy, Parsed, Targets, CONFIG_FILE, WEIGHTS_FILE,
 };
 use crate::model::{
+    adapter::{Dora, LinearDelta},
     lora::{transpose, LoraPair},
     Adapter, LlamaConfig, Module,
 };
@@ -44,24 +45,6 @@ struct PeftConfig {
     base_model_name_or_path: Option<String>,
     #[serde(default)]
     fan_in_fan_out: bool,
-}
-
-enum Targets {
-    Names(Vec<String>),
-    Regex(Regex),
-    AllLinear,
-}
-
-impl Targets {
-    fn matches(&self, key: &str, module: Module) -> bool {
-        match self {
-            Targets::Names(n) => n
-                .iter()
-                .any(|t| t == module.hf_name() || key.ends_with(&format!(".{t}"))),
-            Targets::Regex(r) => r.is_match(key),
-            Targets::AllLinear => true,
-        }
-    }
 }
 
 /// Most keys a `rank_pattern` or `alpha_pattern` may have, and the longest key.
@@ -113,10 +96,6 @@ impl<T: Copy> Patterns<T> {
     }
 }
 
-fn module_key(layer: usize, m: Module) -> String {
-    format!("model.layers.{layer}.{}.{}", m.hf_parent(), m.hf_name())
-}
-
 /// Parses and checks a PEFT LoRA adapter against the model `cfg` (named `base_name`).
 /// Called through [`super::parse`], which checks the config's size and picks the reader.
 pub(super) fn parse(
@@ -131,12 +110,6 @@ pub(super) fn parse(
     let rank_pattern = Patterns::compile(&c.rank_pattern, "rank_pattern")?;
     let alpha_pattern = Patterns::compile(&c.alpha_pattern, "alpha_pattern")?;
     debug_assert_eq!(c.peft_type.as_deref(), Some("LORA"));
-    if c.use_dora {
-        return Err(err(
-            format!("{CONFIG_FILE}.use_dora"),
-            "DoRA adapters are not supported yet",
-        ));
-    }
     if !matches!(&c.modules_to_save, Value::Null)
         && c.modules_to_save.as_array().is_none_or(|a| !a.is_empty())
     {
@@ -160,33 +133,7 @@ pub(super) fn parse(
         return Err(err(format!("{CONFIG_FILE}.r"), "rank must be at least 1"));
     }
     check_base(c.base_model_name_or_path.as_deref(), base_name, policy)?;
-    let targets = match &c.target_modules {
-        Value::String(s) if s == "all-linear" => Targets::AllLinear,
-        Value::String(s) => Targets::Regex(Regex::new(&format!("^(?:{s})$")).map_err(|e| {
-            err(
-                format!("{CONFIG_FILE}.target_modules"),
-                format!("bad regex: {e}"),
-            )
-        })?),
-        Value::Array(a) => {
-            let names: Vec<String> = a
-                .iter()
-                .filter_map(|v| v.as_str().map(str::to_string))
-                .collect();
-            for n in &names {
-                if Module::from_hf_name(n).is_none() {
-                    return Err(err(format!("{CONFIG_FILE}.target_modules"), format!("target module {n:?} does not exist in this model (it has q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")));
-                }
-            }
-            Targets::Names(names)
-        }
-        _ => {
-            return Err(err(
-                format!("{CONFIG_FILE}.target_modules"),
-                "missing; expected a list, a regex or \"all-linear\"",
-            ))
-        }
-    };
+    let targets = Targets::parse(&c.target_modules, "target_modules")?;
     let layers: Option<Vec<usize>> = match &c.layers_to_transform {
         Value::Null => None,
         Value::Number(n) => Some(vec![n.as_u64().unwrap_or(u64::MAX) as usize]),
@@ -207,31 +154,18 @@ pub(super) fn parse(
     let st = SafeTensors::deserialize(weights)
         .map_err(|e| err(WEIGHTS_FILE, format!("not a valid safetensors file: {e}")))?;
     // key -> (A, B) views
-    let mut pairs: BTreeMap<(usize, Module), [Option<TensorView<'_>>; 2]> = BTreeMap::new();
+    let mut pairs: BTreeMap<(usize, Module), [Option<TensorView<'_>>; 3]> = BTreeMap::new();
     for (name, view) in st.tensors() {
-        let rest = name.strip_prefix("base_model.model.").unwrap_or(&name);
-        let parts: Vec<&str> = rest.split('.').collect();
-        // model.layers.N.parent.module.lora_X[.adapter].weight
-        let parsed = (|| {
-            if parts.len() < 7
-                || parts[0] != "model"
-                || parts[1] != "layers"
-                || *parts.last()? != "weight"
-            {
-                return None;
-            }
-            let layer: usize = parts[2].parse().ok()?;
-            let m = Module::from_hf_name(parts[4])?;
-            if parts[3] != m.hf_parent() {
-                return None;
-            }
-            let which = match parts[5] {
-                "lora_A" => 0,
-                "lora_B" => 1,
+        // model.layers.N.parent.module.lora_A[.adapter].weight, ...lora_magnitude_vector
+        let parsed = module_tensor(&name).and_then(|(layer, m, rest)| {
+            let which = match rest.as_slice() {
+                ["lora_A", .., "weight"] => 0,
+                ["lora_B", .., "weight"] => 1,
+                ["lora_magnitude_vector"] | ["lora_magnitude_vector", "weight"] => 2,
                 _ => return None,
             };
             Some((layer, m, which))
-        })();
+        });
         let Some((layer, m, which)) = parsed else {
             return Err(err(
                 WEIGHTS_FILE,
@@ -247,14 +181,14 @@ pub(super) fn parse(
                 ),
             ));
         }
-        pairs.entry((layer, m)).or_insert([None, None])[which] = Some(view);
+        pairs.entry((layer, m)).or_insert([None, None, None])[which] = Some(view);
     }
     if pairs.is_empty() {
         return Err(err(WEIGHTS_FILE, "holds no LoRA tensors"));
     }
     let mut out = Adapter::new(cfg.num_layers);
     let mut max_rank = 0;
-    for ((layer, m), [a, b]) in pairs {
+    for ((layer, m), [a, b, mag]) in pairs {
         let key = module_key(layer, m);
         if !targets.matches(&key, m) || layers.as_ref().is_some_and(|l| !l.contains(&layer)) {
             return Err(err(
@@ -299,18 +233,56 @@ pub(super) fn parse(
             ma / mr as f64
         } as f32;
         max_rank = max_rank.max(mr);
-        out.set(
-            layer,
-            m,
-            LoraPair {
-                a: av,
-                b_t: transpose(&bv, out_f, mr),
-                rank: mr,
-                in_features: in_f,
-                out_features: out_f,
-                scale,
-            },
-        );
+        let pair = LoraPair {
+            a: av,
+            b_t: transpose(&bv, out_f, mr),
+            rank: mr,
+            in_features: in_f,
+            out_features: out_f,
+            scale,
+        };
+        let delta = match (mag, c.use_dora) {
+            (None, false) => LinearDelta::Lora(pair),
+            (Some(_), false) => {
+                return Err(err(
+                    WEIGHTS_FILE,
+                    format!("{key} has a lora_magnitude_vector but the config's use_dora is false"),
+                ))
+            }
+            (None, true) => {
+                return Err(err(
+                    WEIGHTS_FILE,
+                    format!("{key} needs a lora_magnitude_vector (use_dora is true)"),
+                ))
+            }
+            (Some(mv), true) => {
+                if mv.shape() != [out_f] {
+                    return Err(err(
+                        format!("{WEIGHTS_FILE}.{key}.lora_magnitude_vector"),
+                        format!(
+                            "the DoRA magnitude is {:?}; this module needs [{out_f}] (one per output feature)",
+                            mv.shape()
+                        ),
+                    ));
+                }
+                let mut magnitude = to_f32(&format!("{key}.lora_magnitude_vector"), &mv)?;
+                match m {
+                    Module::Q => {
+                        magnitude = permute_rows(&magnitude, cfg.num_heads, out_f, 1, true)
+                    }
+                    Module::K => {
+                        magnitude = permute_rows(&magnitude, cfg.num_kv_heads, out_f, 1, true)
+                    }
+                    _ => {}
+                }
+                LinearDelta::Dora(Box::new(Dora {
+                    lora: pair,
+                    magnitude,
+                    gain: Vec::new(),
+                }))
+            }
+        };
+        out.linear[layer][m.index()] = Some(delta);
     }
     let target_modules = out
         .modules()
@@ -323,6 +295,7 @@ pub(super) fn parse(
             alpha,
             target_modules,
             use_rslora: c.use_rslora,
+            use_dora: c.use_dora,
         },
         adapter: out,
         prompt: None,
@@ -342,6 +315,7 @@ pub(super) fn write(
         alpha,
         target_modules,
         use_rslora,
+        use_dora,
     } = &p.details
     else {
         return Err(err("method", "not a LoRA adapter"));
@@ -352,8 +326,11 @@ pub(super) fn write(
     let mut alpha_pattern = serde_json::Map::new();
     for layer in 0..p.adapter.linear.len() {
         for m in Module::ALL {
-            let Some(pair) = p.adapter.get(layer, m) else {
+            let Some(d) = p.adapter.linear(layer, m) else {
                 continue;
+            };
+            let Some(pair) = d.low_rank() else {
+                return Err(err("method", "a LoRA adapter holds a non-LoRA module"));
             };
             let key = module_key(layer, m);
             let b = match m {
@@ -383,6 +360,19 @@ pub(super) fn write(
                 vec![pair.out_features, pair.rank],
                 b,
             ));
+            if let LinearDelta::Dora(d) = d {
+                let n = pair.out_features;
+                let mag = match m {
+                    Module::Q => permute_rows(&d.magnitude, cfg.num_heads, n, 1, false),
+                    Module::K => permute_rows(&d.magnitude, cfg.num_kv_heads, n, 1, false),
+                    _ => d.magnitude.clone(),
+                };
+                tensors.push((
+                    format!("base_model.model.{key}.lora_magnitude_vector"),
+                    vec![n],
+                    mag,
+                ));
+            }
             let denom = if use_rslora {
                 (pair.rank as f64).sqrt()
             } else {
@@ -406,7 +396,7 @@ pub(super) fn write(
         "lora_alpha": alpha,
         "target_modules": target_modules,
         "use_rslora": use_rslora,
-        "use_dora": false,
+        "use_dora": use_dora,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "lora_dropout": 0.0,
