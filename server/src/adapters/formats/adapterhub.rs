@@ -481,14 +481,22 @@ pub(super) fn write(
             }
         }
     }
+    // Whole factors as integers, as the library's configs write them.
+    let number = |x: f64| {
+        if x.fract() == 0.0 && x.abs() < 1e15 {
+            serde_json::json!(x as i64)
+        } else {
+            serde_json::json!(x)
+        }
+    };
     let mut rf = serde_json::Map::new();
     for (k, v) in &s.layer_reduction {
-        rf.insert(k.clone(), serde_json::json!(v));
+        rf.insert(k.clone(), number(*v));
     }
     let reduction_factor = if rf.is_empty() {
-        serde_json::json!(s.reduction_factor)
+        number(s.reduction_factor)
     } else {
-        rf.insert("default".into(), serde_json::json!(s.reduction_factor));
+        rf.insert("default".into(), number(s.reduction_factor));
         Value::Object(rf)
     };
     let config = serde_json::json!({
