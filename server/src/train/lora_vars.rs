@@ -1,6 +1,10 @@
 //! Trainable LoRA parameters: `Var`s for A and B of each targeted module, initialised as PEFT
 //! does (A uniform in ±1/sqrt(in), B zero, so training starts from the base model exactly).
 //! Only these are trained; the base weights are never `Var`s.
+//! DoRA adds a magnitude `m` per output feature, initialised to the row norms of `W` (so
+//! again the base model at step 0); the forward is PEFT's: `y = (m / ||W + sBA||) (Wx +
+//! sBAx)` with the norm detached from the graph (the DoRA paper's section 4.3), and with
+//! dropout `Wx + (g - 1) W x' + g sBA x'` on the dropped input `x'`.
 //! Dropout masks are a pure function of (job seed, step, micro-batch, layer, module) —
 //! [`LoraVars::set_dropout_seed`] — so a run resumed from a checkpoint at step `s` draws the
 //! very masks the uninterrupted run drew there: the RNG's whole state is the step, which the
@@ -15,11 +19,18 @@ use super::trainable::Trainable;
 use crate::{
     adapters::formats::{Details, Parsed},
     model::{
-        adapter::{LinearHook, TensorAdapter},
+        adapter::{Dora, LinearDelta, LinearHook, TensorAdapter},
         lora::{transpose, LoraPair},
+        weights::Weights,
         Adapter, LlamaConfig, Module,
     },
 };
+
+/// DoRA's part of a module: the magnitude and the frozen base weight its norm needs.
+pub struct DoraVar {
+    pub magnitude: Var,
+    weight: Tensor,
+}
 
 /// One module's trainable pair.
 pub struct VarPair {
@@ -28,6 +39,7 @@ pub struct VarPair {
     pub scale: f64,
     pub dropout: f32,
     pub train: bool,
+    pub dora: Option<DoraVar>,
     /// This module's stream: (layer, module) mixed in at init, the step's seed set before
     /// each forward.
     stream: u64,
@@ -60,21 +72,34 @@ fn seeded_dropout(x: &Tensor, p: f32, seed: u64) -> candle_core::Result<Tensor> 
 
 impl LinearHook for VarPair {
     fn post_linear(&self, x: &Tensor, y: Tensor) -> candle_core::Result<Tensor> {
-        y + self.forward(x)?
-    }
-}
-
-impl VarPair {
-    /// `scale * B (A dropout(x))`.
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let x = if self.train && self.dropout > 0.0 {
+        let dropped = self.train && self.dropout > 0.0;
+        let xd = if dropped {
             seeded_dropout(x, self.dropout, splitmix(self.seed.get() ^ self.stream))?
         } else {
             x.clone()
         };
-        x.matmul(&self.a.as_tensor().t()?)?
+        let lora = (xd
+            .matmul(&self.a.as_tensor().t()?)?
             .matmul(&self.b.as_tensor().t()?)?
-            * self.scale
+            * self.scale)?;
+        let Some(d) = &self.dora else {
+            return y + lora;
+        };
+        let ba = (self
+            .b
+            .as_tensor()
+            .detach()
+            .matmul(&self.a.as_tensor().detach())?
+            * self.scale)?;
+        let norm = (&d.weight + ba)?.sqr()?.sum(1)?.sqrt()?.detach();
+        let g = (d.magnitude.as_tensor() / norm)?;
+        if dropped {
+            let base_d = xd.matmul(&d.weight.t()?)?;
+            let g1 = (&g - 1.0)?;
+            y + (base_d.broadcast_mul(&g1)? + lora.broadcast_mul(&g)?)?
+        } else {
+            (y + lora)?.broadcast_mul(&g)
+        }
     }
 }
 
@@ -84,6 +109,7 @@ pub struct LoraVars {
     pub rank: usize,
     pub alpha: f64,
     pub use_rslora: bool,
+    pub use_dora: bool,
 }
 
 impl TensorAdapter for LoraVars {
@@ -95,10 +121,12 @@ impl TensorAdapter for LoraVars {
 }
 
 impl LoraVars {
-    /// Fresh parameters for `targets` in every layer.
+    /// Fresh parameters for `targets` in every layer; with `dora` (the base weights), DoRA's
+    /// magnitudes too.
     #[allow(clippy::too_many_arguments)]
     pub fn init(
         cfg: &LlamaConfig,
+        dora: Option<&Weights>,
         targets: &[Module],
         rank: usize,
         alpha: f64,
@@ -128,6 +156,17 @@ impl LoraVars {
                     scale,
                     dropout,
                     train: true,
+                    dora: match dora {
+                        Some(w) => {
+                            let weight = m.of(&w.layers[layers.len()]).weight().clone();
+                            let norm = weight.sqr()?.sum(1)?.sqrt()?;
+                            Some(DoraVar {
+                                magnitude: Var::from_tensor(&norm)?,
+                                weight,
+                            })
+                        }
+                        None => None,
+                    },
                     stream: splitmix(seed ^ splitmix((layers.len() * 7 + m.index()) as u64)),
                     seed: Cell::new(0),
                 });
@@ -139,6 +178,7 @@ impl LoraVars {
             rank,
             alpha,
             use_rslora,
+            use_dora: dora.is_some(),
         })
     }
 }
@@ -149,7 +189,11 @@ impl Trainable for LoraVars {
         self.layers
             .iter()
             .flat_map(|l| l.iter().flatten())
-            .flat_map(|p| [p.a.clone(), p.b.clone()])
+            .flat_map(|p| {
+                let mut v = vec![p.a.clone(), p.b.clone()];
+                v.extend(p.dora.as_ref().map(|d| d.magnitude.clone()));
+                v
+            })
             .collect()
     }
 
@@ -157,9 +201,12 @@ impl Trainable for LoraVars {
         let mut out = Vec::new();
         for (li, l) in self.layers.iter().enumerate() {
             for m in Module::ALL {
-                if l[m.index()].is_some() {
+                if let Some(p) = &l[m.index()] {
                     out.push(format!("{li}.{}.a", m.hf_name()));
                     out.push(format!("{li}.{}.b", m.hf_name()));
+                    if p.dora.is_some() {
+                        out.push(format!("{li}.{}.magnitude", m.hf_name()));
+                    }
                 }
             }
         }
@@ -186,18 +233,23 @@ impl Trainable for LoraVars {
                     let (rank, inp) = p.a.dims2()?;
                     let (out, _) = p.b.dims2()?;
                     let b: Vec<f32> = p.b.flatten_all()?.to_vec1()?;
-                    w.set(
-                        li,
-                        m,
-                        LoraPair {
-                            a: p.a.flatten_all()?.to_vec1()?,
-                            b_t: transpose(&b, out, rank),
-                            rank,
-                            in_features: inp,
-                            out_features: out,
-                            scale: p.scale as f32,
-                        },
-                    );
+                    let pair = LoraPair {
+                        a: p.a.flatten_all()?.to_vec1()?,
+                        b_t: transpose(&b, out, rank),
+                        rank,
+                        in_features: inp,
+                        out_features: out,
+                        scale: p.scale as f32,
+                    };
+                    w.linear[li][m.index()] = Some(match &p.dora {
+                        None => LinearDelta::Lora(pair),
+                        // The gain is computed from the base when the adapter is compiled.
+                        Some(d) => LinearDelta::Dora(Box::new(Dora {
+                            lora: pair,
+                            magnitude: d.magnitude.flatten_all()?.to_vec1()?,
+                            gain: Vec::new(),
+                        })),
+                    });
                 }
             }
         }
@@ -211,7 +263,7 @@ impl Trainable for LoraVars {
                     .map(|m| m.hf_name().to_string())
                     .collect(),
                 use_rslora: self.use_rslora,
-                use_dora: false,
+                use_dora: self.use_dora,
             },
             adapter: w,
             prompt: None,

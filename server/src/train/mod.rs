@@ -15,3 +15,4 @@ mod strict_json;
 pub mod trainable;
 pub mod trainer;
 pub mod upload;
+pub mod weight_vars;

@@ -29,7 +29,7 @@ fn uniform(rng: &mut StdRng, n: usize, bound: f32) -> Vec<f32> {
 }
 
 /// Standard normal draws (Box-Muller).
-fn normal(rng: &mut StdRng, n: usize) -> Vec<f32> {
+pub(super) fn normal(rng: &mut StdRng, n: usize) -> Vec<f32> {
     (0..n)
         .map(|_| {
             let u1: f64 = rng.random_range(f64::EPSILON..1.0);

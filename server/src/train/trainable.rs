@@ -9,7 +9,11 @@ use std::collections::HashMap;
 use candle_core::{Tensor, Var};
 
 use super::{
-    lora_vars::LoraVars, methods::MethodSpec, prompt_vars::PromptVars, trainer::TrainSpec,
+    lora_vars::LoraVars,
+    methods::MethodSpec,
+    prompt_vars::PromptVars,
+    trainer::TrainSpec,
+    weight_vars::{BottleneckVars, Ia3Vars},
 };
 use crate::{
     adapters::formats::Parsed,
@@ -55,6 +59,7 @@ pub fn init(model: &BaseModel, spec: &TrainSpec) -> candle_core::Result<Box<dyn 
     Ok(match &spec.method {
         MethodSpec::Lora => Box::new(LoraVars::init(
             model.config(),
+            spec.use_dora.then_some(&model.llama.weights),
             &spec.modules(),
             spec.rank,
             spec.alpha,
@@ -62,6 +67,17 @@ pub fn init(model: &BaseModel, spec: &TrainSpec) -> candle_core::Result<Box<dyn 
             spec.dropout,
             spec.seed,
         )?),
+        MethodSpec::Ia3 {
+            target_modules,
+            feedforward_modules,
+        } => Box::new(Ia3Vars::init(
+            model.config(),
+            target_modules,
+            feedforward_modules,
+        )?),
+        MethodSpec::Bottleneck { settings, .. } => {
+            Box::new(BottleneckVars::init(model.config(), settings, spec.seed)?)
+        }
         m => Box::new(PromptVars::init(model, m, spec.seed)?),
     })
 }
