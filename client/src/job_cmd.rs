@@ -26,7 +26,7 @@ pub struct JobArgs {
     /// Fraction of the dataset held out for evaluation, in [0, 0.5).
     #[arg(long)]
     pub validation_split: Option<f64>,
-    /// lora (default), prompt_tuning, p_tuning, prefix_tuning or p_tuning_v2.
+    /// lora (default), ia3, bottleneck, prompt_tuning, p_tuning, prefix_tuning or p_tuning_v2.
     #[arg(long)]
     pub method: Option<String>,
     // LoRA
@@ -42,6 +42,24 @@ pub struct JobArgs {
     pub target_modules: Option<Vec<String>>,
     #[arg(long)]
     pub use_rslora: Option<bool>,
+    /// DoRA: LoRA with a learned magnitude per output feature.
+    #[arg(long)]
+    pub use_dora: Option<bool>,
+    // IA3 (target modules: --target-modules)
+    /// Comma-separated targeted modules whose input is scaled.
+    #[arg(long, value_delimiter = ',')]
+    pub feedforward_modules: Option<Vec<String>>,
+    // Bottleneck adapters
+    #[arg(long)]
+    pub reduction_factor: Option<f64>,
+    #[arg(long)]
+    pub bottleneck_size: Option<u32>,
+    /// swish, relu, gelu, gelu_new, tanh, sigmoid, leakyrelu or linear.
+    #[arg(long)]
+    pub non_linearity: Option<String>,
+    /// after_attention, after_ffn or both.
+    #[arg(long)]
+    pub placement: Option<String>,
     // The prompt family
     #[arg(long)]
     pub num_virtual_tokens: Option<u32>,
@@ -131,6 +149,12 @@ impl JobArgs {
             dropout,
             target_modules,
             use_rslora,
+            use_dora,
+            feedforward_modules,
+            reduction_factor,
+            bottleneck_size,
+            non_linearity,
+            placement,
             num_virtual_tokens,
             init,
             init_text,
@@ -169,6 +193,17 @@ impl JobArgs {
                 dropout: a.dropout,
                 target_modules: a.target_modules.clone().unwrap_or_default(),
                 use_rslora: a.use_rslora.unwrap_or(false),
+                use_dora: a.use_dora.unwrap_or(false),
+            })),
+            "ia3" => Some(MethodConfig::Ia3(proto::Ia3Method {
+                target_modules: a.target_modules.clone().unwrap_or_default(),
+                feedforward_modules: a.feedforward_modules.clone().unwrap_or_default(),
+            })),
+            "bottleneck" => Some(MethodConfig::Bottleneck(proto::BottleneckMethod {
+                reduction_factor: a.reduction_factor,
+                bottleneck_size: a.bottleneck_size,
+                non_linearity: a.non_linearity.clone().unwrap_or_default(),
+                placement: a.placement.clone().unwrap_or_default(),
             })),
             "prompt_tuning" => Some(MethodConfig::PromptTuning(proto::PromptTuningMethod {
                 num_virtual_tokens: a.num_virtual_tokens,

@@ -90,9 +90,11 @@ pub struct GraftClient {
     progress: Option<Progress>,
 }
 
-/// PEFT file names, as graft stores and exports them.
+/// Adapter file names: the config, PEFT's weights and AdapterHub's weights (bottleneck
+/// adapters).
 pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
 pub const ADAPTER_WEIGHTS_FILE: &str = "adapter_model.safetensors";
+pub const ADAPTERHUB_WEIGHTS_FILE: &str = "adapter.safetensors";
 const UPLOAD_CHUNK: usize = 1 << 20;
 
 /// Sampling options for a request; `None` leaves the server's default.
@@ -473,7 +475,8 @@ impl GraftClient {
             .into_inner())
     }
 
-    /// Uploads a PEFT adapter directory (`adapter_config.json`, `adapter_model.safetensors`).
+    /// Uploads an adapter directory: `adapter_config.json` and the weights, PEFT's
+    /// `adapter_model.safetensors` or AdapterHub's `adapter.safetensors`.
     pub async fn import_adapter_dir(
         &self,
         tenant: &str,
@@ -485,16 +488,50 @@ impl GraftClient {
             std::fs::read(dir.join(f))
                 .map_err(|e| Status::invalid_argument(format!("{}: {e}", dir.join(f).display())))
         };
-        let (c, w) = (read(ADAPTER_CONFIG_FILE)?, read(ADAPTER_WEIGHTS_FILE)?);
+        let weights = if dir.join(ADAPTER_WEIGHTS_FILE).exists() {
+            ADAPTER_WEIGHTS_FILE
+        } else {
+            ADAPTERHUB_WEIGHTS_FILE
+        };
+        let (c, w) = (read(ADAPTER_CONFIG_FILE)?, read(weights)?);
         self.import_adapter(tenant, name, c, w, force).await
     }
 
-    /// Downloads a version's PEFT files: `(adapter_config.json, adapter_model.safetensors)`.
+    /// Downloads a version into `dir` as its library's files; returns the weights file's
+    /// name.
+    pub async fn export_adapter_dir(
+        &self,
+        tenant: &str,
+        adapter: &str,
+        dir: &std::path::Path,
+    ) -> Result<String, Status> {
+        let (c, name, w) = self.export_adapter_files(tenant, adapter).await?;
+        let write = |f: &str, d: Vec<u8>| {
+            std::fs::create_dir_all(dir)
+                .and_then(|_| std::fs::write(dir.join(f), d))
+                .map_err(|e| Status::internal(format!("{}: {e}", dir.join(f).display())))
+        };
+        write(ADAPTER_CONFIG_FILE, c)?;
+        write(&name, w)?;
+        Ok(name)
+    }
+
+    /// Downloads a version's files: `(adapter_config.json, weights)`.
     pub async fn export_adapter(
         &self,
         tenant: &str,
         adapter: &str,
     ) -> Result<(Vec<u8>, Vec<u8>), Status> {
+        let (c, _, w) = self.export_adapter_files(tenant, adapter).await?;
+        Ok((c, w))
+    }
+
+    /// Downloads a version's files: `(config, weights file name, weights)`.
+    pub async fn export_adapter_files(
+        &self,
+        tenant: &str,
+        adapter: &str,
+    ) -> Result<(Vec<u8>, String, Vec<u8>), Status> {
         let req = pb::ExportAdapterRequest {
             tenant: tenant.into(),
             adapter: adapter.into(),
@@ -506,17 +543,25 @@ impl GraftClient {
         .await?
         .into_inner();
         let (mut c, mut w) = (Vec::new(), Vec::new());
+        let mut name = ADAPTER_WEIGHTS_FILE;
         let mut received = 0u64;
         while let Some(chunk) = s.message().await? {
             received += chunk.data.len() as u64;
             self.report(received);
             match chunk.file_name.as_str() {
                 ADAPTER_CONFIG_FILE => c.extend(chunk.data),
-                ADAPTER_WEIGHTS_FILE => w.extend(chunk.data),
+                f @ (ADAPTER_WEIGHTS_FILE | ADAPTERHUB_WEIGHTS_FILE) => {
+                    name = if f == ADAPTER_WEIGHTS_FILE {
+                        ADAPTER_WEIGHTS_FILE
+                    } else {
+                        ADAPTERHUB_WEIGHTS_FILE
+                    };
+                    w.extend(chunk.data)
+                }
                 other => return Err(Status::internal(format!("unexpected file {other:?}"))),
             }
         }
-        Ok((c, w))
+        Ok((c, name.to_string(), w))
     }
 
     /// Every live version of the tenant's adapters (all pages).

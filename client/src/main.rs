@@ -182,8 +182,8 @@ enum JobCmd {
 
 #[derive(Subcommand)]
 enum AdapterCmd {
-    /// Upload a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) as the
-    /// next version of NAME.
+    /// Upload an adapter directory (adapter_config.json + adapter_model.safetensors from PEFT,
+    /// or + adapter.safetensors from AdapterHub) as the next version of NAME.
     Import {
         dir: std::path::PathBuf,
         #[arg(long)]
@@ -192,7 +192,8 @@ enum AdapterCmd {
         #[arg(long)]
         force: bool,
     },
-    /// Download NAME or NAME@VERSION as a PEFT directory.
+    /// Download NAME or NAME@VERSION as a directory of its library's files (PEFT's, or
+    /// AdapterHub's for bottleneck adapters).
     Export {
         adapter: String,
         #[arg(long)]
@@ -397,10 +398,26 @@ fn method_summary(v: &proto::AdapterVersion) -> String {
     use proto::adapter_version::Details;
     match &v.details {
         Some(Details::Lora(l)) => format!(
-            "r={}\talpha={}\t{}",
+            "r={}\talpha={}\t{}{}",
             l.rank,
             l.alpha,
-            l.target_modules.join(",")
+            l.target_modules.join(","),
+            if l.use_dora { "\tdora" } else { "" }
+        ),
+        Some(Details::Ia3(i)) => format!(
+            "targets={}\tfeedforward={}",
+            i.target_modules.join(","),
+            i.feedforward_modules.join(",")
+        ),
+        Some(Details::Bottleneck(b)) => format!(
+            "reduction_factor={}\t{}\t{}",
+            b.reduction_factor,
+            b.non_linearity,
+            match (b.after_attention, b.after_ffn) {
+                (true, true) => "after attention and ffn",
+                (true, false) => "after attention",
+                _ => "after ffn",
+            }
         ),
         Some(Details::PTuning(p)) => format!(
             "virtual_tokens={}\tencoder={} ({})",
@@ -446,6 +463,7 @@ async fn adapters(
             let size = [
                 graft_client::ADAPTER_CONFIG_FILE,
                 graft_client::ADAPTER_WEIGHTS_FILE,
+                graft_client::ADAPTERHUB_WEIGHTS_FILE,
             ]
             .iter()
             .filter_map(|f| std::fs::metadata(dir.join(f)).ok())
@@ -466,14 +484,10 @@ async fn adapters(
                 .map_err(status_error)?
                 .size_bytes;
             let (cl, bar) = byte_bar(client, size, "download");
-            let (c, w) = cl
-                .export_adapter(tenant, &adapter)
+            cl.export_adapter_dir(tenant, &adapter, &out)
                 .await
                 .map_err(status_error)?;
             bar.finish_and_clear();
-            std::fs::create_dir_all(&out)?;
-            std::fs::write(out.join(graft_client::ADAPTER_CONFIG_FILE), c)?;
-            std::fs::write(out.join(graft_client::ADAPTER_WEIGHTS_FILE), w)?;
             outln!("wrote {}", out.display());
         }
         AdapterCmd::Ls => {

@@ -14,7 +14,7 @@ use super::{
     ready, recorded, ReadySlot,
 };
 use crate::{
-    adapters::peft::{CONFIG_FILE, WEIGHTS_FILE},
+    adapters::peft::{adapterhub::WEIGHTS_FILE as ADAPTERHUB_WEIGHTS, CONFIG_FILE, WEIGHTS_FILE},
     store::{AdapterRow, Details},
 };
 
@@ -155,11 +155,12 @@ impl Adapters for AdaptersService {
                 ready.adapters.check_upload_size(config.len() + weights.len() + c.data.len())?;
                 match c.file_name.as_str() {
                     CONFIG_FILE => config.extend_from_slice(&c.data),
-                    WEIGHTS_FILE => weights.extend_from_slice(&c.data),
+                    // PEFT's name, or AdapterHub's.
+                    WEIGHTS_FILE | ADAPTERHUB_WEIGHTS => weights.extend_from_slice(&c.data),
                     other => {
                         return Err(ApiError::invalid(
                             "chunk.file_name",
-                            format!("{other:?} is not a PEFT adapter file ({CONFIG_FILE} or {WEIGHTS_FILE})"),
+                            format!("{other:?} is not an adapter file ({CONFIG_FILE}, {WEIGHTS_FILE} or {ADAPTERHUB_WEIGHTS})"),
                         ))
                     }
                 }
@@ -183,9 +184,9 @@ impl Adapters for AdaptersService {
             let req = req.into_inner();
             let tenant = caller.acting(&req.tenant)?;
             let r = adapter_ref("adapter", &req.adapter)?;
-            let (_, config, weights) = ready.adapters.export(&tenant, &r).await?;
+            let (row, config, weights) = ready.adapters.export(&tenant, &r).await?;
             let mut chunks = Vec::new();
-            for (name, data) in [(CONFIG_FILE, config), (WEIGHTS_FILE, weights)] {
+            for (name, data) in [(CONFIG_FILE, config), (row.details.weights_file(), weights)] {
                 for c in data.chunks(CHUNK) {
                     chunks.push(Ok(pb::AdapterFileChunk {
                         file_name: name.into(),

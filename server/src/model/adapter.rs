@@ -360,7 +360,7 @@ pub fn after_sublayer_rows(
                 Some(b) => b.apply_row(hr, rr),
                 None => {
                     for (v, s) in hr.iter_mut().zip(rr) {
-                        *v = s + *v;
+                        *v += s;
                     }
                 }
             },

@@ -285,6 +285,7 @@ mod tests {
                 alpha: 16.0,
                 target_modules: vec!["q_proj".into()],
                 use_rslora: false,
+                use_dora: false,
             },
             size_bytes: 10,
             sha256: "x".into(),
@@ -340,7 +341,8 @@ mod tests {
                 rank: 8,
                 alpha: 16.0,
                 target_modules: vec!["q_proj".into(), "v_proj".into()],
-                use_rslora: false
+                use_rslora: false,
+                use_dora: false
             }
         );
         assert_eq!((a.version, a.details.method()), (1, "lora"));

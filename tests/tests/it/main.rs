@@ -13,3 +13,4 @@ mod prompt_methods;
 mod tenancy;
 mod tls;
 mod training;
+mod weight_methods;
