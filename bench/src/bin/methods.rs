@@ -1,13 +1,14 @@
-//! The prompt family's benchmarks (BENCHMARKS.md, issue 10), on the real SmolLM2:
-//! 1. `learning`: each PEFT fixture's training run repeated by graft with the same
+//! The adapter methods' benchmarks (BENCHMARKS.md, issues 10 and 11), on the real SmolLM2:
+//! 1. `learning`: each PEFT/AdapterHub fixture's training run repeated by graft with the same
 //!    hyper-parameters (steps, batch 4, learning rate, AdamW torch defaults, the fixture's
-//!    dataset): graft's loss per step beside PEFT's (`reference.json`), the mean of the last
-//!    10 steps, training tokens/s, and the trained adapter's answer to the fixtures' held-out
-//!    questions beside PEFT's;
+//!    dataset): graft's loss per step beside the library's (`reference.json`), the mean of
+//!    the last 10 steps, training tokens/s, and the trained adapter's answer to the
+//!    fixtures' held-out questions beside the library's;
 //! 2. `ttft`: a prompt-tuned request's time to first token with the virtual tokens' KV taken
 //!    from the per-version prefix (what graft does) vs computed for the request;
-//! 3. `mixed`: 32 streams over base, LoRA, prompt tuning and prefix tuning vs the same 32
-//!    streams bare, over gRPC.
+//! 3. `mixed`: 32 streams, a quarter bare and three quarters under one adapter kind (own
+//!    rank-16 LoRAs; prompt tuning and prefix tuning; IA3, DoRA and a bottleneck; all of
+//!    them), each set against the same 32 streams bare, over gRPC.
 
 use std::{path::PathBuf, sync::Arc, time::Instant};
 
@@ -48,28 +49,60 @@ struct Args {
     only: Option<String>,
 }
 
-const FIXTURES: [(&str, &str); 4] = [
-    ("prompt-tuning", "prompt_tuning"),
-    ("p-tuning-mlp", "p_tuning"),
-    ("prefix-tuning", "prefix_tuning"),
-    ("p-tuning-v2", "p_tuning_v2"),
+/// (folder under tests/fixtures, method name)
+const FIXTURES: [(&str, &str); 7] = [
+    ("peft-methods/prompt-tuning", "prompt_tuning"),
+    ("peft-methods/p-tuning-mlp", "p_tuning"),
+    ("peft-methods/prefix-tuning", "prefix_tuning"),
+    ("peft-methods/p-tuning-v2", "p_tuning_v2"),
+    ("peft-methods/ia3", "ia3"),
+    ("peft-methods/dora", "dora"),
+    ("bottleneck-houlsby", "bottleneck"),
 ];
 
 fn json(p: PathBuf) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(&p).expect("read")).expect("json")
 }
 
-/// The fixture's method with its config's settings.
-fn method_of(dir: &str) -> MethodSpec {
-    let c = json(
-        fixtures()
-            .join("peft-methods")
-            .join(dir)
-            .join("adapter/adapter_config.json"),
-    );
-    let n = c["num_virtual_tokens"].as_u64().expect("n") as usize;
+/// The fixture's method with its config's settings, as a job spec (LoRA's fields set for
+/// DoRA).
+fn spec_of(dir: &str, cfg: &graft_server::model::LlamaConfig) -> TrainSpec {
+    let c = json(fixtures().join(dir).join("adapter/adapter_config.json"));
+    let n = c["num_virtual_tokens"].as_u64().unwrap_or(0) as usize;
     let e = c["encoder_hidden_size"].as_u64().unwrap_or(0) as usize;
-    match dir {
+    let names = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut spec = TrainSpec {
+        method: MethodSpec::Lora,
+        rank: 0,
+        alpha: 0.0,
+        dropout: 0.0,
+        targets: vec![],
+        use_rslora: false,
+        use_dora: false,
+        epochs: 1,
+        batch_size: 4,
+        grad_accum: 1,
+        learning_rate: 1e-3,
+        schedule: Schedule::Constant,
+        warmup_steps: 0,
+        // torch.optim.AdamW's defaults: weight decay 0.01, no clipping.
+        weight_decay: 0.01,
+        max_grad_norm: 0.0,
+        max_seq_len: 512,
+        seed: 0,
+        eval_every: 0,
+        patience: 0,
+        checkpoint_every: 1_000_000,
+    };
+    spec.method = match dir.rsplit('/').next().unwrap_or(dir) {
         "prompt-tuning" => MethodSpec::PromptTuning {
             num_virtual_tokens: n,
             init: PromptInit::Random,
@@ -84,9 +117,47 @@ fn method_of(dir: &str) -> MethodSpec {
             num_virtual_tokens: n,
             encoder_hidden_size: e,
         },
-        _ => MethodSpec::PTuningV2 {
+        "p-tuning-v2" => MethodSpec::PTuningV2 {
             num_virtual_tokens: n,
         },
+        "ia3" => MethodSpec::Ia3 {
+            target_modules: names(&c["target_modules"]),
+            feedforward_modules: names(&c["feedforward_modules"]),
+        },
+        "dora" => {
+            spec.rank = c["r"].as_u64().expect("r") as usize;
+            spec.alpha = c["lora_alpha"].as_f64().expect("alpha");
+            spec.targets = names(&c["target_modules"]);
+            spec.use_dora = true;
+            MethodSpec::Lora
+        }
+        _ => {
+            let d = fixtures().join(dir).join("adapter");
+            let p = formats::parse(
+                &std::fs::read(d.join("adapter_config.json")).expect("c"),
+                &std::fs::read(d.join("adapter.safetensors")).expect("w"),
+                cfg,
+                "",
+                &policy(),
+            );
+            match p.map(|p| p.details) {
+                Ok(formats::Details::Bottleneck(settings)) => MethodSpec::Bottleneck {
+                    settings,
+                    bottleneck_size: None,
+                },
+                other => panic!("{dir}: {other:?}"),
+            }
+        }
+    };
+    spec
+}
+
+fn policy() -> formats::ImportPolicy {
+    formats::ImportPolicy {
+        max_rank: 64,
+        max_virtual_tokens: 128,
+        force: true,
+        base_aliases: vec![],
     }
 }
 
@@ -139,7 +210,7 @@ fn learning(m: &BaseModel, args: &Args) {
     let render = |msgs: &[ChatMessage], g: bool| m.chat.render(msgs, g);
     let (ex, _) = parse_jsonl(&text, None, &render).expect("parse");
     let (data, _) = tokenize(&ex, &m.tokenizer, 512, Overflow::Truncate).expect("tokenize");
-    println!("| method | steps | lr | PEFT last-10 mean | graft last-10 mean | ratio | graft train tok/s |");
+    println!("| method | steps | lr | library last-10 mean | graft last-10 mean | ratio | graft train tok/s |");
     println!("|---|---|---|---|---|---|---|");
     let mut curves = Vec::new();
     let mut answers = Vec::new();
@@ -147,16 +218,11 @@ fn learning(m: &BaseModel, args: &Args) {
         if args
             .only
             .as_ref()
-            .is_some_and(|o| !o.split(',').any(|x| x == dir))
+            .is_some_and(|o| !o.split(',').any(|x| dir.ends_with(x)))
         {
             continue;
         }
-        let r = json(
-            fixtures()
-                .join("peft-methods")
-                .join(dir)
-                .join("reference.json"),
-        );
+        let r = json(fixtures().join(dir).join("reference.json"));
         let t = &r["training"];
         let steps = t["steps"].as_u64().expect("steps") as usize;
         let batch = t["batch"].as_u64().expect("batch") as usize;
@@ -171,27 +237,11 @@ fn learning(m: &BaseModel, args: &Args) {
         // compares the first `steps` steps.
         let per_epoch = data.len().div_ceil(batch);
         let spec = TrainSpec {
-            method: method_of(dir),
-            rank: 0,
-            alpha: 0.0,
-            dropout: 0.0,
-            targets: vec![],
-            use_rslora: false,
-            use_dora: false,
             epochs: steps.div_ceil(per_epoch),
             batch_size: batch,
-            grad_accum: 1,
             learning_rate: lr,
-            schedule: Schedule::Constant,
-            warmup_steps: 0,
-            // torch.optim.AdamW's defaults: weight decay 0.01, no clipping.
-            weight_decay: 0.01,
-            max_grad_norm: 0.0,
-            max_seq_len: 512,
             seed: t["seed"].as_u64().unwrap_or(0) + args.seed_offset,
-            eval_every: 0,
-            patience: 0,
-            checkpoint_every: 1_000_000,
+            ..spec_of(dir, m.config())
         };
         let dir_tmp = tempfile::tempdir().expect("tmp");
         let ctl = Control::default();
@@ -358,43 +408,89 @@ async fn mixed(args: &Args) -> anyhow::Result<()> {
     let model: Arc<BaseModel> = srv.engine().expect("ready").model().clone();
     let client = graft_tests::connect_as(srv.grpc_addr, graft_tests::TENANT).await;
     let quarter = args.streams / 4;
+    println!(
+        "{} streams, {} new tokens each; three quarters under the adapters, a quarter bare",
+        args.streams, args.tokens
+    );
+    println!("| adapters | with (tok/s) | bare (tok/s; before, after) | ratio |");
+    println!("|---|---|---|---|");
     for i in 0..quarter {
         let (c, w) = random_peft(&model, i as u64 + 1, 16);
         client
             .import_adapter("", &format!("r{i}"), c, w, false)
             .await?;
     }
-    for (dir, name) in [("prompt-tuning", "pt"), ("prefix-tuning", "prefix")] {
-        let d = fixtures().join("peft-methods").join(dir).join("adapter");
+    for (dir, name, weights) in [
+        (
+            "peft-methods/prompt-tuning",
+            "pt",
+            "adapter_model.safetensors",
+        ),
+        (
+            "peft-methods/prefix-tuning",
+            "prefix",
+            "adapter_model.safetensors",
+        ),
+        ("peft-methods/ia3", "ia3", "adapter_model.safetensors"),
+        ("peft-methods/dora", "dora", "adapter_model.safetensors"),
+        ("bottleneck-houlsby", "houlsby", "adapter.safetensors"),
+    ] {
+        let d = fixtures().join(dir).join("adapter");
         client
             .import_adapter(
                 "",
                 name,
                 std::fs::read(d.join("adapter_config.json"))?,
-                std::fs::read(d.join("adapter_model.safetensors"))?,
+                std::fs::read(d.join(weights))?,
                 true,
             )
             .await?;
     }
     let bare: Vec<Option<String>> = vec![None; args.streams];
-    let mix: Vec<Option<String>> = (0..args.streams)
-        .map(|i| match i % 4 {
-            0 => None,
-            1 => Some(format!("r{}", i / 4)),
-            2 => Some("pt".into()),
-            _ => Some("prefix".into()),
-        })
-        .collect();
+    // Each set: a quarter of the streams bare, the rest cycling through its adapters.
+    let mut sets: Vec<(&str, Vec<String>)> = vec![
+        (
+            "own rank-16 LoRAs on 7 modules",
+            (0..quarter * 3)
+                .map(|i| format!("r{}", i % quarter))
+                .collect(),
+        ),
+        (
+            "prompt tuning and prefix tuning (8 virtual tokens)",
+            vec!["pt".into(), "prefix".into()],
+        ),
+        ("IA3", vec!["ia3".into()]),
+        ("DoRA r=8 on q,k,v,o", vec!["dora".into()]),
+        (
+            "Houlsby bottleneck (36 wide, both sublayers)",
+            vec!["houlsby".into()],
+        ),
+    ];
+    sets.push((
+        "all of them",
+        vec![
+            "r0".into(),
+            "pt".into(),
+            "ia3".into(),
+            "dora".into(),
+            "houlsby".into(),
+            "prefix".into(),
+        ],
+    ));
     run_streams(&client, &bare[..4], 8).await?;
-    let b1 = run_streams(&client, &bare, args.tokens).await?;
-    let with = run_streams(&client, &mix, args.tokens).await?;
-    let b2 = run_streams(&client, &bare, args.tokens).await?;
-    let base = (b1 + b2) / 2.0;
-    println!(
-        "{} streams (a quarter each: base, own rank-16 LoRA on 7 modules, prompt tuning (8 virtual), prefix tuning (8)): {with:.1} tok/s; bare {base:.1} tok/s ({b1:.1}, {b2:.1}); ratio {:.2}",
-        args.streams,
-        with / base
-    );
+    for (what, names) in sets {
+        let mix: Vec<Option<String>> = (0..args.streams)
+            .map(|i| (i % 4 != 0).then(|| names[(i - i / 4 - 1) % names.len()].clone()))
+            .collect();
+        let b1 = run_streams(&client, &bare, args.tokens).await?;
+        let with = run_streams(&client, &mix, args.tokens).await?;
+        let b2 = run_streams(&client, &bare, args.tokens).await?;
+        let base = (b1 + b2) / 2.0;
+        println!(
+            "| {what} | {with:.1} | {base:.1} ({b1:.1}, {b2:.1}) | {:.2} |",
+            with / base
+        );
+    }
     srv.drain().await?;
     let _ = std::fs::remove_dir_all(&data);
     Ok(())
