@@ -50,7 +50,9 @@ struct Args {
 }
 
 /// (folder under tests/fixtures, method name)
-const FIXTURES: [(&str, &str); 7] = [
+const FIXTURES: [(&str, &str); 8] = [
+    // No recorded losses: its row gives LoRA's training speed beside the others'.
+    ("peft-lora-smollm2", "lora"),
     ("peft-methods/prompt-tuning", "prompt_tuning"),
     ("peft-methods/p-tuning-mlp", "p_tuning"),
     ("peft-methods/prefix-tuning", "prefix_tuning"),
@@ -124,11 +126,11 @@ fn spec_of(dir: &str, cfg: &graft_server::model::LlamaConfig) -> TrainSpec {
             target_modules: names(&c["target_modules"]),
             feedforward_modules: names(&c["feedforward_modules"]),
         },
-        "dora" => {
+        "dora" | "peft-lora-smollm2" => {
             spec.rank = c["r"].as_u64().expect("r") as usize;
             spec.alpha = c["lora_alpha"].as_f64().expect("alpha");
             spec.targets = names(&c["target_modules"]);
-            spec.use_dora = true;
+            spec.use_dora = c["use_dora"].as_bool().unwrap_or(false);
             MethodSpec::Lora
         }
         _ => {
@@ -224,15 +226,13 @@ fn learning(m: &BaseModel, args: &Args) {
         }
         let r = json(fixtures().join(dir).join("reference.json"));
         let t = &r["training"];
-        let steps = t["steps"].as_u64().expect("steps") as usize;
-        let batch = t["batch"].as_u64().expect("batch") as usize;
-        let lr = t["lr"].as_f64().expect("lr");
+        let steps = t["steps"].as_u64().unwrap_or(40) as usize;
+        let batch = t["batch"].as_u64().unwrap_or(4) as usize;
+        let lr = t["lr"].as_f64().unwrap_or(2e-4);
         let peft: Vec<f64> = t["losses"]
             .as_array()
-            .expect("losses")
-            .iter()
-            .map(|x| x.as_f64().expect("loss"))
-            .collect();
+            .map(|a| a.iter().map(|x| x.as_f64().expect("loss")).collect())
+            .unwrap_or_default();
         // Whole epochs (the fixtures' 40 steps are 5 epochs of 8 batches); the table
         // compares the first `steps` steps.
         let per_epoch = data.len().div_ceil(batch);
@@ -267,11 +267,18 @@ fn learning(m: &BaseModel, args: &Args) {
             v[v.len().saturating_sub(10)..].iter().sum::<f64>() / 10f64.min(v.len() as f64)
         };
         let (p, g) = (last10(&peft), last10(&losses));
-        println!(
-            "| {name} | {steps} | {lr} | {p:.3} | {g:.3} | {:.2} | {:.0} |",
-            g / p,
-            toks as f64 / secs
-        );
+        if peft.is_empty() {
+            println!(
+                "| {name} | {steps} | {lr} | - | {g:.3} | - | {:.0} |",
+                toks as f64 / secs
+            );
+        } else {
+            println!(
+                "| {name} | {steps} | {lr} | {p:.4} | {g:.4} | {:.2} | {:.0} |",
+                g / p,
+                toks as f64 / secs
+            );
+        }
         curves.push((name, peft, losses));
         let Outcome::Finished(vars) = out else {
             unreachable!("nothing cancels the run")
@@ -281,7 +288,7 @@ fn learning(m: &BaseModel, args: &Args) {
             .expect("export")
             .compile(&m.llama)
             .expect("compile");
-        for p in r["prompts"].as_array().expect("prompts") {
+        for p in r["prompts"].as_array().into_iter().flatten() {
             let ids: Vec<u32> = p["token_ids"]
                 .as_array()
                 .expect("ids")

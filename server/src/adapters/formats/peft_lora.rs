@@ -251,8 +251,8 @@ pub(super) fn parse(
             }
             (None, true) => {
                 return Err(err(
-                    WEIGHTS_FILE,
-                    format!("{key} needs a lora_magnitude_vector (use_dora is true)"),
+                    format!("{CONFIG_FILE}.use_dora"),
+                    format!("use_dora is true but {key} has no lora_magnitude_vector in {WEIGHTS_FILE} (DoRA needs one per module)"),
                 ))
             }
             (Some(mv), true) => {
