@@ -134,6 +134,8 @@ enum Mutation {
     FlipWeights(Vec<(usize, u8)>),
     FlipConfig(Vec<(usize, u8)>),
     ConfigField(String, serde_json::Value),
+    /// A field of AdapterHub's nested `config` object.
+    NestedField(String, serde_json::Value),
 }
 
 fn mutation() -> impl Strategy<Value = Mutation> {
@@ -182,8 +184,83 @@ fn apply(m: &Mutation, mut config: Vec<u8>, mut weights: Vec<u8>) -> (Vec<u8>, V
             c[k.as_str()] = v.clone();
             config = c.to_string().into_bytes();
         }
+        Mutation::NestedField(k, v) => {
+            let mut c: serde_json::Value = serde_json::from_slice(&config).expect("valid config");
+            if c["config"].is_object() {
+                c["config"][k.as_str()] = v.clone();
+            }
+            config = c.to_string().into_bytes();
+        }
     }
     (config, weights)
+}
+
+/// The mutations of IA3's and AdapterHub's configs: their own fields.
+fn other_mutation() -> impl Strategy<Value = Mutation> {
+    let top = prop_oneof![
+        Just("target_modules".to_string()),
+        Just("feedforward_modules".to_string()),
+        Just("peft_type".to_string()),
+        Just("modules_to_save".to_string()),
+        Just("config".to_string()),
+        Just("name".to_string()),
+        Just("hidden_size".to_string()),
+        Just("model_type".to_string()),
+    ];
+    let nested = prop_oneof![
+        Just("reduction_factor".to_string()),
+        Just("non_linearity".to_string()),
+        Just("mh_adapter".to_string()),
+        Just("output_adapter".to_string()),
+        Just("ln_before".to_string()),
+        Just("ln_after".to_string()),
+        Just("scaling".to_string()),
+        Just("leave_out".to_string()),
+        Just("residual_before_ln".to_string()),
+        Just("original_ln_before".to_string()),
+        Just("architecture".to_string()),
+        Just("is_parallel".to_string()),
+    ];
+    prop_oneof![
+        any::<usize>().prop_map(Mutation::TruncateWeights),
+        prop::collection::vec((any::<usize>(), any::<u8>()), 1..8).prop_map(Mutation::FlipWeights),
+        prop::collection::vec((any::<usize>(), any::<u8>()), 1..4).prop_map(Mutation::FlipConfig),
+        (top, json_value()).prop_map(|(k, v)| Mutation::ConfigField(k, v)),
+        (nested, json_value()).prop_map(|(k, v)| Mutation::NestedField(k, v)),
+    ]
+}
+
+/// Valid IA3 (PEFT) and bottleneck (AdapterHub) files for the tiny model, from the
+/// trainer's fresh parameters.
+fn other_files() -> &'static [(Vec<u8>, Vec<u8>); 2] {
+    use graft_server::{
+        adapters::formats::{self, BnSettings},
+        train::trainable::Trainable,
+        train::weight_vars::{BottleneckVars, Ia3Vars},
+    };
+    static F: OnceLock<[(Vec<u8>, Vec<u8>); 2]> = OnceLock::new();
+    F.get_or_init(|| {
+        let m = tiny();
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let ia3 = Ia3Vars::init(
+            m.config(),
+            &names(&["k_proj", "v_proj", "down_proj"]),
+            &names(&["down_proj"]),
+        )
+        .expect("ia3")
+        .export()
+        .expect("export");
+        let mut bn = BnSettings::houlsby("fuzz");
+        bn.reduction_factor = 8.0;
+        let bn = BottleneckVars::init(m.config(), &bn, 3)
+            .expect("bn")
+            .export()
+            .expect("export");
+        [
+            formats::write(&ia3, m.config(), &m.name).expect("ia3 files"),
+            formats::write(&bn, m.config(), &m.name).expect("bn files"),
+        ]
+    })
 }
 
 proptest! {
@@ -200,6 +277,27 @@ proptest! {
             };
             prop_assert!(*rank >= 1 && *rank <= 16);
             prop_assert!(!target_modules.is_empty());
+        }
+    }
+
+    #[test]
+    fn ia3_and_adapterhub_importers_refuse_damaged_adapters_cleanly(which in 0usize..2, m in other_mutation()) {
+        let model = tiny();
+        let (config, weights) = other_files()[which].clone();
+        let (config, weights) = apply(&m, config, weights);
+        if let Ok(parsed) = peft::parse(&config, &weights, model.config(), &model.name, &policy()) {
+            // What is accepted is servable: it compiles and runs a step.
+            let a = parsed.compile(&model.llama).expect("compiles");
+            let mut pool = model.llama.kv_pool(64);
+            let mut cache = graft_server::model::KvCache::new();
+            let out = model.llama.forward_batch(&mut pool, &mut [graft_server::model::SeqChunk {
+                tokens: &[1, 2, 3],
+                cache: &mut cache,
+                want_logits: true,
+                decode: false,
+                adapter: Some(&a),
+            }]);
+            prop_assert!(out.is_ok());
         }
     }
 

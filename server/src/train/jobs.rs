@@ -35,6 +35,9 @@ use crate::{
     tenancy::{Tenancy, TenancyError},
 };
 
+/// A trained bottleneck is at most this many times as wide as the model's hidden size.
+pub const MAX_BOTTLENECK_WIDTH: usize = 4;
+
 /// Settings of the training service.
 #[derive(Debug, Clone)]
 pub struct TrainingConfig {
@@ -319,6 +322,7 @@ impl TrainingService {
     }
 
     /// Validates a job against its data and queues it.
+    /// A bottleneck wider than [`MAX_BOTTLENECK_WIDTH`] times the hidden size is refused.
     /// Quotas are checked here, under the tenant's storage lock held until the job's row
     /// (and its hold on the adapter's bytes) exists: the unfinished-jobs count, and the
     /// bytes of the adapter it will store (known from the model and the method's settings),
@@ -326,6 +330,33 @@ impl TrainingService {
     pub async fn create_job(&self, tenant: &str, job: NewJob) -> Result<JobRow, TrainingError> {
         let mut job = job;
         job.spec.train.method.resolve(self.model.config());
+        if let MethodSpec::Bottleneck {
+            settings,
+            bottleneck_size,
+        } = &job.spec.train.method
+        {
+            // Up-projecting adapters are allowed (AdapterHub's reduction factor < 1), to a point.
+            let cfg = self.model.config();
+            let h = cfg.hidden_size;
+            let widest = (0..cfg.num_layers)
+                .map(|l| settings.size(l, h))
+                .max()
+                .unwrap_or(0);
+            if widest > MAX_BOTTLENECK_WIDTH * h {
+                let field = if bottleneck_size.is_some() {
+                    "bottleneck.bottleneck_size"
+                } else {
+                    "bottleneck.reduction_factor"
+                };
+                return Err(invalid(
+                    field,
+                    format!(
+                        "makes the bottleneck {widest} wide; at most {} ({MAX_BOTTLENECK_WIDTH} x the hidden size {h})",
+                        MAX_BOTTLENECK_WIDTH * h
+                    ),
+                ));
+            }
+        }
         crate::names::validate(&job.adapter_name, "adapter name")
             .map_err(|e| invalid("adapter_name", e))?;
         let _storage = self.tenancy.storage_guard(tenant).await;

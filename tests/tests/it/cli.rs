@@ -261,3 +261,92 @@ async fn the_cli_creates_a_prompt_tuning_job_from_a_config_file() {
     assert!(!o.status.success());
     assert!(text(&o.stderr).contains("rnak"), "{}", text(&o.stderr));
 }
+
+/// `jobs create` trains a bottleneck adapter from flags; `adapters export` writes it as
+/// AdapterHub's files (`adapter.safetensors`) and `adapters import` reads that directory back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_trains_exports_and_imports_a_bottleneck_adapter() {
+    let t = start_tiny().await;
+    let url = t.url();
+    let key = t
+        .admin
+        .create_key(graft_tests::TENANT, "cli-bn")
+        .await
+        .expect("key");
+    let dir = tempfile::tempdir().expect("tmp");
+    let data = dir.path().join("d.jsonl");
+    std::fs::write(
+        &data,
+        "{\"prompt\":\"a b\",\"completion\":\"c d e\"}\n".repeat(12),
+    )
+    .expect("write");
+    let path = |p: &std::path::Path| p.to_str().expect("utf8").to_string();
+    let o = graft(
+        &url,
+        &key,
+        &["datasets", "upload", &path(&data), "--name", "d"],
+    )
+    .await;
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let o = graft(
+        &url,
+        &key,
+        &[
+            "jobs",
+            "create",
+            "--dataset",
+            "d",
+            "--adapter",
+            "bn",
+            "--method",
+            "bottleneck",
+            "--bottleneck-size",
+            "8",
+            "--non-linearity",
+            "relu",
+            "--placement",
+            "after_ffn",
+            "--epochs",
+            "1",
+            "--max-seq-len",
+            "64",
+            "--watch",
+        ],
+    )
+    .await;
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(text(&o.stdout).contains("succeeded"), "{}", text(&o.stdout));
+    let o = graft(&url, &key, &["adapters", "ls"]).await;
+    let out = text(&o.stdout);
+    assert!(
+        out.contains("bn@1\tbottleneck\treduction_factor=8\trelu\tafter ffn"),
+        "{out}"
+    );
+    let exported = dir.path().join("bn");
+    let o = graft(
+        &url,
+        &key,
+        &["adapters", "export", "bn", "--out", &path(&exported)],
+    )
+    .await;
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(exported.join("adapter.safetensors").is_file());
+    assert!(!exported.join("adapter_model.safetensors").exists());
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(exported.join("adapter_config.json")).expect("c"))
+            .expect("json");
+    assert_eq!(cfg["config"]["output_adapter"], true);
+    let o = graft(
+        &url,
+        &key,
+        &["adapters", "import", &path(&exported), "--name", "bn-again"],
+    )
+    .await;
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let o = graft(&url, &key, &["adapters", "show", "bn-again"]).await;
+    assert!(
+        text(&o.stdout).contains("bottleneck"),
+        "{}",
+        text(&o.stdout)
+    );
+}

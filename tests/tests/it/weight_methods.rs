@@ -290,6 +290,17 @@ async fn bad_weight_method_job_settings_are_refused_naming_the_field() {
             "bottleneck.placement",
         ),
         (
+            job(
+                "x",
+                "bottleneck",
+                MethodConfig::Bottleneck(pb::BottleneckMethod {
+                    reduction_factor: Some(1e-300),
+                    ..Default::default()
+                }),
+            ),
+            "bottleneck.reduction_factor",
+        ),
+        (
             job("x", "lora", MethodConfig::Ia3(pb::Ia3Method::default())),
             "ia3",
         ),
