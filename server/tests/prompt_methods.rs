@@ -10,13 +10,13 @@ mod common;
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
-use common::{fixtures, greedy, ids, log_softmax, model, seeded, top_k};
+use common::{assert_batch_equals_solo, check_against, fixtures, greedy, ids, model};
 use graft_server::{
     adapters::{
         formats::{self, ImportPolicy},
         testing::random_lora,
     },
-    model::{adapter::TensorAdapter, Adapter, BaseModel, KvCache, SeqChunk},
+    model::{adapter::TensorAdapter, Adapter, BaseModel},
 };
 
 const METHODS: [&str; 4] = [
@@ -60,22 +60,6 @@ fn served(m: &BaseModel, method: &str) -> Adapter {
     parsed(m, method).compile(&m.llama).expect("compiles")
 }
 
-fn check_against(want: &[f32], got: &[f32], what: &str) {
-    let (lw, lg) = (log_softmax(want), log_softmax(got));
-    let (tw, tg) = (top_k(want, 20), top_k(got, 20));
-    assert_eq!(tg[0], tw[0], "{what}: top-1");
-    assert!(
-        tg.iter().filter(|t| tw.contains(t)).count() >= 19,
-        "{what}: top-20"
-    );
-    let worst = tw
-        .iter()
-        .map(|&t| (lw[t as usize] - lg[t as usize]).abs())
-        .fold(0f32, f32::max);
-    eprintln!("{what}: worst top-20 logprob difference {worst}");
-    assert!(worst <= LOGPROB_TOL, "{what}: {worst}");
-}
-
 #[test]
 fn every_prompt_method_fixture_reproduces_peft_logits_and_greedy_tokens() {
     let m = model();
@@ -99,7 +83,7 @@ fn every_prompt_method_fixture_reproduces_peft_logits_and_greedy_tokens() {
                 let want_ids = ids(&p[which]["greedy"]["ids"]);
                 let (got, got_ids) = greedy(&m, adapter, &prompt, want_ids.len());
                 let what = format!("{method} prompt {i} {which}");
-                check_against(&want, &got, &what);
+                check_against(&want, &got, LOGPROB_TOL, &what);
                 assert_eq!(got_ids, want_ids, "{what}: greedy tokens");
             }
         }
@@ -218,7 +202,6 @@ fn exported_files_parse_back_to_the_same_adapter_with_what_peft_needs() {
 }
 
 #[test]
-#[allow(clippy::needless_range_loop)] // `s` indexes the solo runs' steps and the batch's.
 fn one_batch_of_base_lora_and_prompt_method_rows_equals_their_solo_runs() {
     let m = model();
     let lora = random_lora(&m, 7, 8, 0.05);
@@ -233,70 +216,7 @@ fn one_batch_of_base_lora_and_prompt_method_rows_equals_their_solo_runs() {
                 .expect("ids")
         })
         .collect();
-    let steps = 5;
-    // Solo: each sequence alone; the logits' bits of every step.
-    let solo: Vec<Vec<Vec<u32>>> = (0..adapters.len())
-        .map(|i| {
-            let mut pool = m.llama.kv_pool(2048);
-            let a = adapters[i].as_ref();
-            let mut cache = seeded(&mut pool, a);
-            let mut next = prompts[i].clone();
-            let mut bits = Vec::new();
-            for s in 0..steps {
-                let l = m
-                    .llama
-                    .forward_batch(
-                        &mut pool,
-                        &mut [SeqChunk {
-                            tokens: &next,
-                            cache: &mut cache,
-                            want_logits: true,
-                            decode: s > 0,
-                            adapter: a,
-                        }],
-                    )
-                    .expect("solo");
-                let row: Vec<f32> = l.squeeze(0).expect("row").to_vec1().expect("vec");
-                next = vec![top_k(&row, 1)[0]];
-                bits.push(row.iter().map(|x| x.to_bits()).collect());
-            }
-            bits
-        })
-        .collect();
-    // Together: one shared pool, every row in every step.
-    let mut pool = m.llama.kv_pool(8192);
-    let mut caches: Vec<KvCache> = adapters
-        .iter()
-        .map(|a| seeded(&mut pool, a.as_ref()))
-        .collect();
-    let mut next: Vec<Vec<u32>> = prompts.clone();
-    for s in 0..steps {
-        let mut chunks: Vec<SeqChunk<'_>> = caches
-            .iter_mut()
-            .zip(&next)
-            .zip(&adapters)
-            .map(|((cache, t), a)| SeqChunk {
-                tokens: t,
-                cache,
-                want_logits: true,
-                decode: s > 0,
-                adapter: a.as_ref(),
-            })
-            .collect();
-        let l = m
-            .llama
-            .forward_batch(&mut pool, &mut chunks)
-            .expect("batch");
-        let rows: Vec<Vec<f32>> = l.to_vec2().expect("rows");
-        for (i, row) in rows.iter().enumerate() {
-            let bits: Vec<u32> = row.iter().map(|x| x.to_bits()).collect();
-            assert!(
-                bits == solo[i][s],
-                "row {i} differs from its solo run at step {s}"
-            );
-            next[i] = vec![top_k(row, 1)[0]];
-        }
-    }
+    assert_batch_equals_solo(&m, &adapters, &prompts, 5);
 }
 
 #[test]

@@ -340,42 +340,6 @@ fn a_killed_weight_method_run_resumes_bit_for_bit() {
     let ex = data(&m);
     let all = specs();
     for (what, s) in [&all[0], &all[3], &all[4]] {
-        let run = |dir: &std::path::Path, stop_after: Option<usize>| {
-            let c = Control::default();
-            let mut losses = Vec::new();
-            let out = trainer::train(&m, s, &ex, &[], dir, &c, &mut |e| {
-                if let TrainEvent::Step {
-                    step, train_loss, ..
-                } = e
-                {
-                    losses.push((step, train_loss.to_bits()));
-                    if Some(step) == stop_after {
-                        c.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
-                    }
-                }
-            })
-            .expect("train");
-            let w = match out {
-                Outcome::Finished(v) => Some(v.tensors()),
-                Outcome::Cancelled => None,
-            };
-            (losses, w)
-        };
-        let full_dir = tempfile::tempdir().expect("dir");
-        let (full, full_w) = run(full_dir.path(), None);
-        let dir = tempfile::tempdir().expect("dir");
-        run(dir.path(), Some(4));
-        let (rest, rest_w) = run(dir.path(), None);
-        assert_eq!(rest.first().map(|x| x.0), Some(5), "{what}");
-        assert_eq!(rest, full[4..].to_vec(), "{what}");
-        let (a, b) = (full_w.expect("done"), rest_w.expect("done"));
-        for (name, t) in &a {
-            let x: Vec<f32> = t.flatten_all().expect("f").to_vec1().expect("v");
-            let y: Vec<f32> = b[name].flatten_all().expect("f").to_vec1().expect("v");
-            assert!(
-                x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()),
-                "{what}: {name}"
-            );
-        }
+        common::assert_resumes_bit_for_bit(&m, s, &ex, what);
     }
 }

@@ -166,3 +166,142 @@ pub fn plain_last_logits(m: &BaseModel, prompt: &[u32], a: Option<&dyn TensorAda
         .to_vec1()
         .expect("vec")
 }
+
+/// Logits `got` agree with the reference `want` as the fixtures expect: the same top-1, at
+/// least 19 of the top-20, and the top-20's log-probabilities within `tol`.
+pub fn check_against(want: &[f32], got: &[f32], tol: f32, what: &str) {
+    let (lw, lg) = (log_softmax(want), log_softmax(got));
+    let (tw, tg) = (top_k(want, 20), top_k(got, 20));
+    assert_eq!(tg[0], tw[0], "{what}: top-1");
+    assert!(
+        tg.iter().filter(|t| tw.contains(t)).count() >= 19,
+        "{what}: top-20"
+    );
+    let worst = tw
+        .iter()
+        .map(|&t| (lw[t as usize] - lg[t as usize]).abs())
+        .fold(0f32, f32::max);
+    eprintln!("{what}: worst top-20 logprob difference {worst}");
+    assert!(worst <= tol, "{what}: {worst}");
+}
+
+/// Runs every (adapter, prompt) alone for `steps` greedy steps, then all together in one
+/// batch per step, and asserts every row's logits equal its solo run's bit for bit.
+#[allow(clippy::needless_range_loop)] // `s` indexes the solo runs' steps and the batch's.
+pub fn assert_batch_equals_solo(
+    m: &BaseModel,
+    adapters: &[Option<Adapter>],
+    prompts: &[Vec<u32>],
+    steps: usize,
+) {
+    let solo: Vec<Vec<Vec<u32>>> = (0..adapters.len())
+        .map(|i| {
+            let mut pool = m.llama.kv_pool(2048);
+            let a = adapters[i].as_ref();
+            let mut cache = seeded(&mut pool, a);
+            let mut next = prompts[i].clone();
+            let mut bits = Vec::new();
+            for s in 0..steps {
+                let l = m
+                    .llama
+                    .forward_batch(
+                        &mut pool,
+                        &mut [SeqChunk {
+                            tokens: &next,
+                            cache: &mut cache,
+                            want_logits: true,
+                            decode: s > 0,
+                            adapter: a,
+                        }],
+                    )
+                    .expect("solo");
+                let row: Vec<f32> = l.squeeze(0).expect("row").to_vec1().expect("vec");
+                next = vec![top_k(&row, 1)[0]];
+                bits.push(row.iter().map(|x| x.to_bits()).collect());
+            }
+            bits
+        })
+        .collect();
+    let mut pool = m.llama.kv_pool(8192);
+    let mut caches: Vec<KvCache> = adapters
+        .iter()
+        .map(|a| seeded(&mut pool, a.as_ref()))
+        .collect();
+    let mut next: Vec<Vec<u32>> = prompts.to_vec();
+    for s in 0..steps {
+        let mut chunks: Vec<SeqChunk<'_>> = caches
+            .iter_mut()
+            .zip(&next)
+            .zip(adapters)
+            .map(|((cache, t), a)| SeqChunk {
+                tokens: t,
+                cache,
+                want_logits: true,
+                decode: s > 0,
+                adapter: a.as_ref(),
+            })
+            .collect();
+        let l = m
+            .llama
+            .forward_batch(&mut pool, &mut chunks)
+            .expect("batch");
+        let rows: Vec<Vec<f32>> = l.to_vec2().expect("rows");
+        for (i, row) in rows.iter().enumerate() {
+            let bits: Vec<u32> = row.iter().map(|x| x.to_bits()).collect();
+            assert!(
+                bits == solo[i][s],
+                "row {i} differs from its solo run at step {s}"
+            );
+            next[i] = vec![top_k(row, 1)[0]];
+        }
+    }
+}
+
+/// Trains `spec` on `ex` to the end, then again stopped after step 4 and resumed from its
+/// checkpoint: the resumed run's losses and final parameters equal the uninterrupted run's
+/// bit for bit.
+pub fn assert_resumes_bit_for_bit(
+    m: &BaseModel,
+    spec: &graft_server::train::trainer::TrainSpec,
+    ex: &[Tokenized],
+    what: &str,
+) {
+    use graft_server::train::trainer::{self, Control, Outcome, TrainEvent};
+    let run = |dir: &std::path::Path, stop_after: Option<usize>| {
+        let c = Control::default();
+        let mut losses = Vec::new();
+        let out = trainer::train(m, spec, ex, &[], dir, &c, &mut |e| {
+            if let TrainEvent::Step {
+                step, train_loss, ..
+            } = e
+            {
+                losses.push((step, train_loss.to_bits()));
+                if Some(step) == stop_after {
+                    c.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+        })
+        .expect("train");
+        let w = match out {
+            Outcome::Finished(v) => Some(v.tensors()),
+            Outcome::Cancelled => None,
+        };
+        (losses, w)
+    };
+    let full_dir = tempfile::tempdir().expect("dir");
+    let (full, full_w) = run(full_dir.path(), None);
+    let dir = tempfile::tempdir().expect("dir");
+    run(dir.path(), Some(4));
+    let (rest, rest_w) = run(dir.path(), None);
+    assert_eq!(rest.first().map(|x| x.0), Some(5), "{what}");
+    assert_eq!(rest, full[4..].to_vec(), "{what}");
+    let (a, b) = (full_w.expect("done"), rest_w.expect("done"));
+    for (name, t) in &a {
+        let x: Vec<f32> = t.flatten_all().expect("f").to_vec1().expect("v");
+        let y: Vec<f32> = b[name].flatten_all().expect("f").to_vec1().expect("v");
+        assert!(
+            x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()),
+            "{what}: {name}"
+        );
+    }
+}
