@@ -69,7 +69,14 @@ fn json(p: PathBuf) -> serde_json::Value {
 /// The fixture's method with its config's settings, as a job spec (LoRA's fields set for
 /// DoRA).
 fn spec_of(dir: &str, cfg: &graft_server::model::LlamaConfig) -> TrainSpec {
-    let c = json(fixtures().join(dir).join("adapter/adapter_config.json"));
+    // The LoRA fixture keeps its files at the top of its folder.
+    let adapter = fixtures().join(dir).join("adapter");
+    let adapter = if adapter.is_dir() {
+        adapter
+    } else {
+        fixtures().join(dir)
+    };
+    let c = json(adapter.join("adapter_config.json"));
     let n = c["num_virtual_tokens"].as_u64().unwrap_or(0) as usize;
     let e = c["encoder_hidden_size"].as_u64().unwrap_or(0) as usize;
     let names = |v: &serde_json::Value| -> Vec<String> {

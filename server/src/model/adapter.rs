@@ -108,6 +108,11 @@ impl LinearDelta {
             }
             LinearDelta::Ia3 { .. } => {}
             LinearDelta::Dora(d) => {
+                debug_assert_eq!(
+                    d.gain.len(),
+                    y.len(),
+                    "DoRA's gains come from Adapter::compile"
+                );
                 d.lora.apply_row(x, y);
                 for (v, g) in y.iter_mut().zip(&d.gain) {
                     *v *= g;

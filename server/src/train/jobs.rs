@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, Notify};
 
 use super::{
     dataset::{self, Format, Overflow, Problem, Tokenized},
-    methods::MethodSpec,
+    methods,
     trainer::{self, Control, Outcome, TrainEvent, TrainSpec},
 };
 use crate::{
@@ -34,9 +34,6 @@ use crate::{
     },
     tenancy::{Tenancy, TenancyError},
 };
-
-/// A trained bottleneck is at most this many times as wide as the model's hidden size.
-pub const MAX_BOTTLENECK_WIDTH: usize = 4;
 
 /// Settings of the training service.
 #[derive(Debug, Clone)]
@@ -322,7 +319,6 @@ impl TrainingService {
     }
 
     /// Validates a job against its data and queues it.
-    /// A bottleneck wider than [`MAX_BOTTLENECK_WIDTH`] times the hidden size is refused.
     /// Quotas are checked here, under the tenant's storage lock held until the job's row
     /// (and its hold on the adapter's bytes) exists: the unfinished-jobs count, and the
     /// bytes of the adapter it will store (known from the model and the method's settings),
@@ -330,33 +326,15 @@ impl TrainingService {
     pub async fn create_job(&self, tenant: &str, job: NewJob) -> Result<JobRow, TrainingError> {
         let mut job = job;
         job.spec.train.method.resolve(self.model.config());
-        if let MethodSpec::Bottleneck {
-            settings,
-            bottleneck_size,
-        } = &job.spec.train.method
-        {
-            // Up-projecting adapters are allowed (AdapterHub's reduction factor < 1), to a point.
-            let cfg = self.model.config();
-            let h = cfg.hidden_size;
-            let widest = (0..cfg.num_layers)
-                .map(|l| settings.size(l, h))
-                .max()
-                .unwrap_or(0);
-            if widest > MAX_BOTTLENECK_WIDTH * h {
-                let field = if bottleneck_size.is_some() {
-                    "bottleneck.bottleneck_size"
-                } else {
-                    "bottleneck.reduction_factor"
-                };
-                return Err(invalid(
-                    field,
-                    format!(
-                        "makes the bottleneck {widest} wide; at most {} ({MAX_BOTTLENECK_WIDTH} x the hidden size {h})",
-                        MAX_BOTTLENECK_WIDTH * h
-                    ),
-                ));
-            }
-        }
+        // The method's settings against the model and this server's caps, before any size
+        // is computed from them.
+        methods::check(
+            &job.spec.train,
+            self.model.config(),
+            self.cfg.max_rank,
+            self.cfg.max_virtual_tokens,
+        )
+        .map_err(|(field, reason)| invalid(&field, reason))?;
         crate::names::validate(&job.adapter_name, "adapter name")
             .map_err(|e| invalid("adapter_name", e))?;
         let _storage = self.tenancy.storage_guard(tenant).await;
@@ -377,46 +355,6 @@ impl TrainingService {
             ),
             None => None,
         };
-        if job.spec.train.max_seq_len > self.model.config().max_position {
-            return Err(invalid(
-                "hyperparameters.max_seq_len",
-                format!(
-                    "{} is above the model's context window {}",
-                    job.spec.train.max_seq_len,
-                    self.model.config().max_position
-                ),
-            ));
-        }
-        let method = &job.spec.train.method;
-        let virt = method.virtual_tokens();
-        if virt > self.cfg.max_virtual_tokens {
-            return Err(invalid(
-                &format!("{}.num_virtual_tokens", method.name()),
-                format!(
-                    "{virt} is above this server's maximum {}",
-                    self.cfg.max_virtual_tokens
-                ),
-            ));
-        }
-        if virt + job.spec.train.max_seq_len > self.model.config().max_position {
-            return Err(invalid(
-                &format!("{}.num_virtual_tokens", method.name()),
-                format!(
-                    "{virt} virtual tokens + max_seq_len {} exceed the model's context window {}",
-                    job.spec.train.max_seq_len,
-                    self.model.config().max_position
-                ),
-            ));
-        }
-        if *method == MethodSpec::Lora && job.spec.train.rank > self.cfg.max_rank {
-            return Err(invalid(
-                "lora.r",
-                format!(
-                    "{} is above this server's maximum rank {}",
-                    job.spec.train.rank, self.cfg.max_rank
-                ),
-            ));
-        }
         // Validation: the data must tokenise under this job's limits.
         let train = self.load_examples(&ds, &job.spec).await?;
         if let Some(e) = &eval {

@@ -5,6 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::trainer::TrainSpec;
 use crate::{
     adapters::formats::BnSettings,
     model::{LlamaConfig, Module},
@@ -214,5 +215,81 @@ impl MethodSpec {
                 ..
             } => p * kv + dense(kv, *e) + dense(*e, l * 2 * kv),
         })
+    }
+}
+
+/// A trained bottleneck is at most this many times as wide as the model's hidden size.
+pub const MAX_BOTTLENECK_WIDTH: usize = 4;
+
+/// Checks a job's method settings against the model `cfg` and the server's caps; the error
+/// is (the request's field, why).
+pub fn check(
+    spec: &TrainSpec,
+    cfg: &LlamaConfig,
+    max_rank: usize,
+    max_virtual_tokens: usize,
+) -> Result<(), (String, String)> {
+    let method = &spec.method;
+    if spec.max_seq_len > cfg.max_position {
+        return Err((
+            "hyperparameters.max_seq_len".into(),
+            format!(
+                "{} is above the model's context window {}",
+                spec.max_seq_len, cfg.max_position
+            ),
+        ));
+    }
+    let virt = method.virtual_tokens();
+    let field = format!("{}.num_virtual_tokens", method.name());
+    if virt > max_virtual_tokens {
+        return Err((
+            field,
+            format!("{virt} is above this server's maximum {max_virtual_tokens}"),
+        ));
+    }
+    if virt + spec.max_seq_len > cfg.max_position {
+        return Err((
+            field,
+            format!(
+                "{virt} virtual tokens + max_seq_len {} exceed the model's context window {}",
+                spec.max_seq_len, cfg.max_position
+            ),
+        ));
+    }
+    match method {
+        MethodSpec::Lora if spec.rank > max_rank => Err((
+            "lora.r".into(),
+            format!(
+                "{} is above this server's maximum rank {max_rank}",
+                spec.rank
+            ),
+        )),
+        MethodSpec::Bottleneck {
+            settings,
+            bottleneck_size,
+        } => {
+            // Up-projecting adapters are allowed (AdapterHub's reduction factor < 1), to a point.
+            let h = cfg.hidden_size;
+            let widest = (0..cfg.num_layers)
+                .map(|l| settings.size(l, h))
+                .max()
+                .unwrap_or(0);
+            if widest <= MAX_BOTTLENECK_WIDTH * h {
+                return Ok(());
+            }
+            let field = if bottleneck_size.is_some() {
+                "bottleneck.bottleneck_size"
+            } else {
+                "bottleneck.reduction_factor"
+            };
+            Err((
+                field.into(),
+                format!(
+                    "makes the bottleneck {widest} wide; at most {} ({MAX_BOTTLENECK_WIDTH} x the hidden size {h})",
+                    MAX_BOTTLENECK_WIDTH * h
+                ),
+            ))
+        }
+        _ => Ok(()),
     }
 }
