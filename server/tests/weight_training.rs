@@ -113,6 +113,18 @@ fn specs() -> Vec<(&'static str, TrainSpec)> {
             ),
         ),
         (
+            "per-layer width, a layer left out",
+            spec(
+                bottleneck(|s| {
+                    s.layer_reduction.insert("0".into(), 4.0);
+                    s.leave_out = vec![1];
+                    s.after_attention = false;
+                }),
+                false,
+                0.0,
+            ),
+        ),
+        (
             "own layer norms gelu",
             spec(
                 bottleneck(|s| {
