@@ -196,8 +196,20 @@ fn example_of(
                 content: user,
             });
             let prompt = render(&msgs, true).map_err(|e| ("template", e.to_string()))?;
+            // The trained text is what the template writes for the assistant's turn (for
+            // ChatML `answer<|im_end|>\n`), as for chat rows; a template that does not render
+            // the turn after the prompt gets the bare answer (and EOS, at tokenisation).
+            msgs.push(ChatMessage {
+                role: "assistant".into(),
+                content: out.clone(),
+            });
+            let full = render(&msgs, false).map_err(|e| ("template", e.to_string()))?;
+            let answer = full
+                .strip_prefix(prompt.as_str())
+                .filter(|a| a.starts_with(out.as_str()))
+                .map_or(out, str::to_string);
             Ok(Example {
-                segments: vec![(prompt, false), (out, true)],
+                segments: vec![(prompt, false), (answer, true)],
                 line: 0,
             })
         }
@@ -621,7 +633,7 @@ mod tests {
     fn formats_are_detected() {
         let (e, f) = parse(r#"{"instruction":"Hi","input":"","output":"Hello"}"#).expect("alpaca");
         assert_eq!(f, Format::Alpaca);
-        assert_eq!(e[0].segments[1], ("Hello".into(), true));
+        assert_eq!(e[0].segments[1], ("Hello<|im_end|>\n".into(), true));
         assert!(e[0].segments[0].0.ends_with("<|im_start|>assistant\n"));
         let (e, f) = parse(r#"{"prompt":"2+2=","completion":"4"}"#).expect("pc");
         assert_eq!(f, Format::PromptCompletion);
