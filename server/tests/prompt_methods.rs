@@ -10,7 +10,7 @@ mod common;
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
-use common::{assert_batch_equals_solo, check_against, fixtures, greedy, ids, model};
+use common::{assert_batch_equals_solo, fixtures, greedy, model};
 use graft_server::{
     adapters::{
         formats::{self, ImportPolicy},
@@ -66,27 +66,7 @@ fn every_prompt_method_fixture_reproduces_peft_logits_and_greedy_tokens() {
     for method in METHODS {
         let a = served(&m, method);
         assert_eq!(a.virtual_tokens(), 8, "{method}");
-        let r = common::json(dir(method).join("reference.json"));
-        let refs = candle_core::safetensors::load(
-            dir(method).join("reference_logits.safetensors"),
-            &Device::Cpu,
-        )
-        .expect("reference logits");
-        for (i, p) in r["prompts"].as_array().expect("prompts").iter().enumerate() {
-            let prompt = ids(&p["token_ids"]);
-            for (which, adapter) in [("base", None), ("adapted", Some(&a))] {
-                let want: Vec<f32> = refs[&format!("prompt{i}.{which}")]
-                    .flatten_all()
-                    .expect("flat")
-                    .to_vec1()
-                    .expect("vec");
-                let want_ids = ids(&p[which]["greedy"]["ids"]);
-                let (got, got_ids) = greedy(&m, adapter, &prompt, want_ids.len());
-                let what = format!("{method} prompt {i} {which}");
-                check_against(&want, &got, LOGPROB_TOL, &what);
-                assert_eq!(got_ids, want_ids, "{what}: greedy tokens");
-            }
-        }
+        common::assert_matches_fixture(&m, &dir(method), &a, LOGPROB_TOL, method);
     }
 }
 

@@ -6,10 +6,12 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use common::{plain_last_logits, tiny as model, toy_examples as data};
+use common::{
+    max_abs_diff, plain_last_logits, served_last_logits, tiny as model, toy_examples as data,
+};
 use graft_server::{
     adapters::formats,
-    model::{adapter::TensorAdapter, KvCache, SeqChunk},
+    model::adapter::TensorAdapter,
     train::{
         dataset::Tokenized,
         methods::{Encoder, MethodSpec, PromptInit},
@@ -180,33 +182,9 @@ fn every_prompt_method_learns_and_its_export_serves_what_was_trained() {
         let served = back.compile(&m.llama).expect("compile");
         let prompt = &ex[0].ids;
         let want = plain_last_logits(&m, prompt, Some(vars.as_ref() as &dyn TensorAdapter));
-        let mut pool = m.llama.kv_pool(256);
-        let mut cache = KvCache::new();
-        let p = served.prefix.as_deref().expect("a prefix");
-        pool.grow(&mut cache, p.len).expect("room");
-        pool.seed_prefix(&mut cache, p);
-        let got: Vec<f32> = m
-            .llama
-            .forward_batch(
-                &mut pool,
-                &mut [SeqChunk {
-                    tokens: prompt,
-                    cache: &mut cache,
-                    want_logits: true,
-                    decode: false,
-                    adapter: Some(&served),
-                }],
-            )
-            .expect("serve")
-            .flatten_all()
-            .expect("f")
-            .to_vec1()
-            .expect("v");
-        let d = want
-            .iter()
-            .zip(&got)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        assert!(served.prefix.is_some(), "{method:?}: a prefix");
+        let got = served_last_logits(&m, &served, prompt);
+        let d = max_abs_diff(&want, &got);
         assert!(
             d < 1e-3,
             "{method:?}: served logits differ from trained by {d}"

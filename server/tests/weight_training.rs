@@ -7,10 +7,12 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use common::{plain_last_logits, tiny as model, toy_examples as data};
+use common::{
+    max_abs_diff, plain_last_logits, served_last_logits, tiny as model, toy_examples as data,
+};
 use graft_server::{
     adapters::formats::{self, BnSettings},
-    model::{adapter::TensorAdapter, KvCache, Module, SeqChunk},
+    model::{adapter::TensorAdapter, Module},
     train::{
         dataset::Tokenized,
         methods::MethodSpec,
@@ -312,35 +314,11 @@ fn every_weight_method_learns_and_its_export_serves_what_was_trained() {
         vars.set_train(false);
         let want = plain_last_logits(&m, prompt, Some(vars.as_ref() as &dyn TensorAdapter));
         let base = plain_last_logits(&m, prompt, None);
-        let mut pool = m.llama.kv_pool(256);
-        let mut cache = KvCache::new();
-        let got: Vec<f32> = m
-            .llama
-            .forward_batch(
-                &mut pool,
-                &mut [SeqChunk {
-                    tokens: prompt,
-                    cache: &mut cache,
-                    want_logits: true,
-                    decode: false,
-                    adapter: Some(&served),
-                }],
-            )
-            .expect("serve")
-            .flatten_all()
-            .expect("f")
-            .to_vec1()
-            .expect("v");
-        let diff = |a: &[f32], b: &[f32]| {
-            a.iter()
-                .zip(b)
-                .map(|(x, y)| (x - y).abs())
-                .fold(0f32, f32::max)
-        };
-        let d = diff(&want, &got);
+        let got = served_last_logits(&m, &served, prompt);
+        let d = max_abs_diff(&want, &got);
         assert!(d < 1e-3, "{what}: served logits differ from trained by {d}");
         assert!(
-            diff(&want, &base) > 1e-2,
+            max_abs_diff(&want, &base) > 1e-2,
             "{what}: training changed nothing"
         );
     }

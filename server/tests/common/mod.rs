@@ -305,3 +305,64 @@ pub fn assert_resumes_bit_for_bit(
         );
     }
 }
+
+/// For a fixture folder (`reference.json`, `reference_logits.safetensors`): every prompt's
+/// last-position logits and greedy tokens through the serving path, for the base model and
+/// with adapter `a`, match the library's references (`check_against` with `tol`).
+pub fn assert_matches_fixture(
+    m: &BaseModel,
+    folder: &std::path::Path,
+    a: &Adapter,
+    tol: f32,
+    name: &str,
+) {
+    let r = json(folder.join("reference.json"));
+    let refs =
+        candle_core::safetensors::load(folder.join("reference_logits.safetensors"), &Device::Cpu)
+            .expect("reference logits");
+    for (i, p) in r["prompts"].as_array().expect("prompts").iter().enumerate() {
+        let prompt = ids(&p["token_ids"]);
+        for (which, adapter) in [("base", None), ("adapted", Some(a))] {
+            let want: Vec<f32> = refs[&format!("prompt{i}.{which}")]
+                .flatten_all()
+                .expect("flat")
+                .to_vec1()
+                .expect("vec");
+            let want_ids = ids(&p[which]["greedy"]["ids"]);
+            let (got, got_ids) = greedy(m, adapter, &prompt, want_ids.len());
+            let what = format!("{name} prompt {i} {which}");
+            check_against(&want, &got, tol, &what);
+            assert_eq!(got_ids, want_ids, "{what}: greedy tokens");
+        }
+    }
+}
+
+/// Last-position logits of `prompt` through the serving path with adapter `a` (its KV
+/// prefix seeded, if any).
+pub fn served_last_logits(m: &BaseModel, a: &Adapter, prompt: &[u32]) -> Vec<f32> {
+    let mut pool = m.llama.kv_pool(256);
+    let mut cache = seeded(&mut pool, Some(a));
+    m.llama
+        .forward_batch(
+            &mut pool,
+            &mut [SeqChunk {
+                tokens: prompt,
+                cache: &mut cache,
+                want_logits: true,
+                decode: false,
+                adapter: Some(a),
+            }],
+        )
+        .expect("serve")
+        .flatten_all()
+        .expect("f")
+        .to_vec1()
+        .expect("v")
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
