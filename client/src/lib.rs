@@ -179,6 +179,15 @@ pub enum ConnectError {
     ApiKey,
 }
 
+/// How an adapter is imported.
+#[derive(Debug, Clone, Default)]
+pub struct ImportOptions {
+    /// Accept an adapter made for another base model.
+    pub force: bool,
+    /// A classification head's labels in the order of its outputs (empty: LABEL_i).
+    pub labels: Vec<String>,
+}
+
 impl GraftClient {
     /// Connects to `addr` (`http://host:port`; a bare `host:port` gets `http://`) without
     /// a key (only health and reflection will answer).
@@ -441,13 +450,31 @@ impl GraftClient {
         weights: Vec<u8>,
         force: bool,
     ) -> Result<pb::AdapterVersion, Status> {
+        let opts = ImportOptions {
+            force,
+            labels: Vec::new(),
+        };
+        self.import_adapter_with(tenant, name, config, weights, &opts)
+            .await
+    }
+
+    /// [`GraftClient::import_adapter`] with every option (a classification head's labels).
+    pub async fn import_adapter_with(
+        &self,
+        tenant: &str,
+        name: &str,
+        config: Vec<u8>,
+        weights: Vec<u8>,
+        opts: &ImportOptions,
+    ) -> Result<pb::AdapterVersion, Status> {
         let mut msgs = vec![(
             0,
             pb::ImportAdapterRequest {
                 part: Some(Part::Header(pb::ImportHeader {
                     tenant: tenant.into(),
                     name: name.into(),
-                    force,
+                    force: opts.force,
+                    labels: opts.labels.clone(),
                 })),
             },
         )];
@@ -484,6 +511,21 @@ impl GraftClient {
         dir: &std::path::Path,
         force: bool,
     ) -> Result<pb::AdapterVersion, Status> {
+        let opts = ImportOptions {
+            force,
+            labels: Vec::new(),
+        };
+        self.import_adapter_dir_with(tenant, name, dir, &opts).await
+    }
+
+    /// [`GraftClient::import_adapter_dir`] with every option.
+    pub async fn import_adapter_dir_with(
+        &self,
+        tenant: &str,
+        name: &str,
+        dir: &std::path::Path,
+        opts: &ImportOptions,
+    ) -> Result<pb::AdapterVersion, Status> {
         let read = |f: &str| {
             std::fs::read(dir.join(f))
                 .map_err(|e| Status::invalid_argument(format!("{}: {e}", dir.join(f).display())))
@@ -494,7 +536,7 @@ impl GraftClient {
             ADAPTERHUB_WEIGHTS_FILE
         };
         let (c, w) = (read(ADAPTER_CONFIG_FILE)?, read(weights)?);
-        self.import_adapter(tenant, name, c, w, force).await
+        self.import_adapter_with(tenant, name, c, w, opts).await
     }
 
     /// Downloads a version into `dir` as its library's files; returns the weights file's
@@ -627,6 +669,11 @@ impl GraftClient {
 
     pub async fn generate(&self, req: GenerateRequest) -> Result<pb::GenerateResponse, Status> {
         Ok(self.generation.clone().generate(req).await?.into_inner())
+    }
+
+    /// Classifies texts or conversations with an adapter that has a classification head.
+    pub async fn classify(&self, req: pb::ClassifyRequest) -> Result<pb::ClassifyResponse, Status> {
+        Ok(self.generation.clone().classify(req).await?.into_inner())
     }
 
     pub async fn generate_stream(

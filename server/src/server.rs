@@ -249,6 +249,7 @@ async fn load_and_warm(
     // One real step through the engine before we say SERVING.
     let prompt_ids = model.tokenizer.encode("Hello").unwrap_or_else(|_| vec![0]);
     let mut rx = engine.submit(GenerationRequest {
+        task: crate::engine::Task::Generate,
         prompt_ids,
         params: SamplingParams {
             max_new_tokens: 1,

@@ -41,6 +41,7 @@ fn engine(blocks: usize) -> EngineHandle {
 
 fn request(tenant: &str, prompt: Vec<u32>, max_new: u32, seed: u64) -> GenerationRequest {
     GenerationRequest {
+        task: graft_server::engine::Task::Generate,
         prompt_ids: prompt,
         params: SamplingParams {
             max_new_tokens: max_new,

@@ -296,6 +296,7 @@ impl AdapterRegistry {
         config_json: Vec<u8>,
         weights: Vec<u8>,
         force: bool,
+        labels: Vec<String>,
     ) -> Result<AdapterRow, RegistryError> {
         validate_name(name).map_err(|e| ImportError {
             field: "name".into(),
@@ -316,7 +317,8 @@ impl AdapterRegistry {
         let model = self.model.clone();
         let policy = self.policy(force);
         let (parsed, adapter, config_json, weights) = tokio::task::spawn_blocking(move || {
-            let p = peft::parse(&config_json, &weights, model.config(), &model.name, &policy)?;
+            let mut p = peft::parse(&config_json, &weights, model.config(), &model.name, &policy)?;
+            name_labels(&mut p.adapter, labels)?;
             let a = p.compile(&model.llama)?;
             Ok::<_, ImportError>((p, a, config_json, weights))
         })
@@ -398,6 +400,7 @@ impl AdapterRegistry {
                 tenant: tenant.into(),
                 name: name.into(),
                 details: parsed.details.clone(),
+                head: peft::HeadInfo::of(&parsed.adapter),
                 size_bytes: size,
                 sha256: sha,
                 base_fingerprint: self.model.fingerprint.clone(),
@@ -448,6 +451,11 @@ impl AdapterRegistry {
         let policy = self.policy(true);
         let d = dir.clone();
         let what = r.to_string();
+        let labels = row
+            .head
+            .as_ref()
+            .map(|h| h.labels.clone())
+            .unwrap_or_default();
         let adapter = tokio::task::spawn_blocking(move || -> Result<Adapter, RegistryError> {
             let read = |f: &str| {
                 std::fs::read(d.join(f)).map_err(|e| {
@@ -459,7 +467,10 @@ impl AdapterRegistry {
             // These files were checked at import: failing now means they were damaged on
             // disk, which is the server's loss, not the caller's bad argument.
             peft::parse(&c, &w, model.config(), &model.name, &policy)
-                .and_then(|p| p.compile(&model.llama))
+                .and_then(|mut p| {
+                    name_labels(&mut p.adapter, labels)?;
+                    p.compile(&model.llama)
+                })
                 .map_err(|e| {
                     tracing::error!(dir = %d.display(), error = %e, "a stored adapter no longer parses");
                     RegistryError::Damaged(format!("adapter {what} is damaged on the server: {e}"))
@@ -557,6 +568,29 @@ fn unique_suffix() -> String {
         .map(|d| d.as_nanos())
         .unwrap_or(0);
     format!("{nanos:x}{:04x}", rand::random::<u16>())
+}
+
+/// Names a head's outputs: `labels` (none given: the head keeps `LABEL_i`). Labels for an
+/// adapter without a head are refused.
+fn name_labels(adapter: &mut Adapter, labels: Vec<String>) -> Result<(), ImportError> {
+    if labels.is_empty() {
+        return Ok(());
+    }
+    let Some(head) = adapter.head.take() else {
+        return Err(ImportError {
+            field: "labels".into(),
+            reason: "the adapter has no classification head to name the labels of".into(),
+        });
+    };
+    let head = (*head)
+        .clone()
+        .with_labels(labels)
+        .map_err(|reason| ImportError {
+            field: "labels".into(),
+            reason,
+        })?;
+    adapter.head = Some(Arc::new(head));
+    Ok(())
 }
 
 #[cfg(test)]

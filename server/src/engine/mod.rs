@@ -10,6 +10,9 @@
 //!   blocks, a step that runs out preempts the newest sequence (recomputed later, with the
 //!   same output), and a request that could never fit is refused at `submit`.
 //! - Policy lives in `scheduler.rs` (pure), token choice in `sampler.rs`, text in `output.rs`.
+//! - A classification request ([`Task::Classify`]) is a prefill-only sequence in the same
+//!   steps: its last prompt position goes through its adapter's head instead of the LM head
+//!   (`Llama::forward_step`), and its answer is the class logits.
 //!
 //! Invariant: no lock is held across a request's generation; a request's tokens depend only
 //! on the request (prompt, parameters, seed), never on the rest of the batch.
@@ -78,9 +81,20 @@ impl Default for EngineConfig {
     }
 }
 
+/// What a request asks of its sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Task {
+    /// Continue the prompt, token after token.
+    Generate,
+    /// Run the prompt once (prefill only) through the adapter's classification head; the
+    /// answer is one [`StreamEvent::Classified`].
+    Classify,
+}
+
 /// A validated request, ready to run.
 #[derive(Debug, Clone)]
 pub struct GenerationRequest {
+    pub task: Task,
     pub prompt_ids: Vec<u32>,
     pub params: SamplingParams,
     pub deadline: Option<Instant>,
@@ -126,6 +140,9 @@ pub enum StreamEvent {
         ids: Vec<u32>,
         logprobs: Vec<f32>,
     },
+    /// A classified sequence's class logits, in the order of its head's labels (then
+    /// `Finished`).
+    Classified { logits: Vec<f32> },
     /// The last event of a sequence that ended normally or was cancelled.
     Finished {
         reason: FinishReason,
@@ -153,6 +170,12 @@ pub enum SubmitError {
         max_new_tokens: usize,
         capacity_tokens: usize,
     },
+    #[error(
+        "the adapter has a classification head: it classifies (Classify), it does not generate"
+    )]
+    HeadCannotGenerate,
+    #[error("classification needs an adapter with a classification head")]
+    NoHead,
     #[error("the server is draining and accepts no new requests")]
     Draining,
     #[error("the engine has stopped")]
@@ -229,16 +252,26 @@ impl EngineHandle {
         if self.shared.draining.load(Ordering::SeqCst) {
             return Err(SubmitError::Draining);
         }
+        let head = req
+            .adapter
+            .as_ref()
+            .is_some_and(|a| a.adapter().head.is_some());
+        match (req.task, head) {
+            (Task::Generate, true) => return Err(SubmitError::HeadCannotGenerate),
+            (Task::Classify, false) => return Err(SubmitError::NoHead),
+            _ => {}
+        }
         // Rounded to whole blocks, as the pool hands them out; a sequence ends at the
         // context window whatever max_new_tokens says.
         let virt = req
             .adapter
             .as_ref()
             .map_or(0, |a| a.adapter().virtual_tokens());
-        let (prompt, max_new) = (
-            req.prompt_ids.len() + virt,
-            req.params.max_new_tokens as usize,
-        );
+        let max_new = match req.task {
+            Task::Generate => req.params.max_new_tokens as usize,
+            Task::Classify => 0,
+        };
+        let prompt = req.prompt_ids.len() + virt;
         let needed = (prompt + max_new).min(self.model.config().max_position.max(prompt));
         if crate::model::kv_cache::blocks_for(needed) * crate::model::kv_cache::BLOCK_TOKENS
             > self.kv_capacity_tokens

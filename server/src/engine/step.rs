@@ -62,6 +62,8 @@ struct Sequence {
     /// Held until the sequence ends: pins the adapter version.
     adapter: Option<AdapterLease>,
     tenant: Arc<str>,
+    /// Classified (prefill only, one answer), not continued.
+    classify: bool,
     done: bool,
 }
 
@@ -290,6 +292,7 @@ impl EngineLoop {
             deadline: req.deadline,
             adapter: req.adapter,
             tenant: req.tenant,
+            classify: req.task == super::Task::Classify,
             done: false,
         }
     }
@@ -477,9 +480,9 @@ impl EngineLoop {
                 });
                 ran.push((i, n, sample));
             }
-            self.model.llama.forward_batch(&mut self.pool, &mut chunks)
+            self.model.llama.forward_step(&mut self.pool, &mut chunks)
         };
-        let logits = match result.and_then(|l| Ok(l.to_vec2::<f32>()?)) {
+        let logits = match result {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!(error = %e, "forward pass failed");
@@ -494,9 +497,21 @@ impl EngineLoop {
             self.publish_prompt_blocks(i);
             if sample {
                 let Some(mut row) = rows.next() else { break };
-                self.emit_next(i, &mut row);
+                if self.active[i].classify {
+                    self.emit_classes(i, row);
+                } else {
+                    self.emit_next(i, &mut row);
+                }
             }
         }
+    }
+
+    /// Sends classified sequence `i` its class logits and ends it.
+    fn emit_classes(&mut self, i: usize, logits: Vec<f32>) {
+        let seq = &mut self.active[i];
+        seq.first_token.get_or_insert(Instant::now());
+        let _ = seq.events.try_send(StreamEvent::Classified { logits });
+        seq.finish(FinishReason::Stop);
     }
 
     /// Samples the next token of sequence `i` from its logits and sends what it completes.

@@ -125,6 +125,7 @@ impl From<AdapterRow> for pb::AdapterVersion {
             method,
             details: Some(details),
             virtual_tokens,
+            head: r.head.map(|h| pb::ClassificationHead { labels: h.labels }),
         }
     }
 }
@@ -165,7 +166,7 @@ impl Adapters for AdaptersService {
                     }
                 }
             }
-            let row = ready.adapters.import(&tenant, &header.name, config, weights, header.force).await?;
+            let row = ready.adapters.import(&tenant, &header.name, config, weights, header.force, header.labels).await?;
             tracing::info!(tenant = %row.tenant, name = %row.name, version = row.version, "adapter imported");
             Ok(row.into())
         })

@@ -77,33 +77,7 @@ pub fn validate_generate(
         ));
     }
     let input = if !req.messages.is_empty() {
-        if req.messages.len() > limits.max_messages {
-            return Err(ApiError::invalid(
-                "messages",
-                format!(
-                    "{} messages; at most {} are allowed",
-                    req.messages.len(),
-                    limits.max_messages
-                ),
-            ));
-        }
-        let mut msgs = Vec::with_capacity(req.messages.len());
-        for (i, m) in req.messages.into_iter().enumerate() {
-            if !CHAT_ROLES.contains(&m.role.as_str()) {
-                return Err(ApiError::invalid(
-                    format!("messages[{i}].role"),
-                    format!(
-                        "unknown role {:?}; expected one of system, user, assistant",
-                        m.role
-                    ),
-                ));
-            }
-            msgs.push(ChatMessage {
-                role: m.role,
-                content: m.content,
-            });
-        }
-        PromptInput::Chat(msgs)
+        PromptInput::Chat(chat_messages("messages", req.messages, limits)?)
     } else if !req.raw_prompt.is_empty() {
         match String::from_utf8(req.raw_prompt) {
             Ok(s) => PromptInput::Text(s),
@@ -130,6 +104,99 @@ pub fn validate_generate(
         adapter,
         params,
     })
+}
+
+/// Chat messages of the request's field `field`: known roles, at most `max_messages`.
+fn chat_messages(
+    field: &str,
+    messages: Vec<pb::ChatMessage>,
+    limits: &RequestLimits,
+) -> Result<Vec<ChatMessage>, ApiError> {
+    if messages.len() > limits.max_messages {
+        return Err(ApiError::invalid(
+            field,
+            format!(
+                "{} messages; at most {} are allowed",
+                messages.len(),
+                limits.max_messages
+            ),
+        ));
+    }
+    let mut msgs = Vec::with_capacity(messages.len());
+    for (i, m) in messages.into_iter().enumerate() {
+        if !CHAT_ROLES.contains(&m.role.as_str()) {
+            return Err(ApiError::invalid(
+                format!("{field}[{i}].role"),
+                format!(
+                    "unknown role {:?}; expected one of system, user, assistant",
+                    m.role
+                ),
+            ));
+        }
+        msgs.push(ChatMessage {
+            role: m.role,
+            content: m.content,
+        });
+    }
+    Ok(msgs)
+}
+
+/// Most inputs one Classify request may carry.
+pub const MAX_CLASSIFY_INPUTS: usize = 256;
+
+/// A classification request whose fields are all valid: the adapter, and per input its
+/// text or messages with the field it came from (`inputs[i].text` / `inputs[i].messages`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidClassify {
+    pub adapter: AdapterRef,
+    pub inputs: Vec<(PromptInput, String)>,
+}
+
+pub fn validate_classify(
+    req: pb::ClassifyRequest,
+    limits: &RequestLimits,
+) -> Result<ValidClassify, ApiError> {
+    if req.adapter.is_empty() {
+        return Err(ApiError::invalid(
+            "adapter",
+            "name the adapter with the classification head",
+        ));
+    }
+    let adapter = adapter_ref("adapter", &req.adapter)?;
+    if req.inputs.is_empty() || req.inputs.len() > MAX_CLASSIFY_INPUTS {
+        return Err(ApiError::invalid(
+            "inputs",
+            format!(
+                "{} inputs; give 1 to {MAX_CLASSIFY_INPUTS}",
+                req.inputs.len()
+            ),
+        ));
+    }
+    let mut inputs = Vec::with_capacity(req.inputs.len());
+    for (i, input) in req.inputs.into_iter().enumerate() {
+        let field = |f: &str| format!("inputs[{i}].{f}");
+        let one = match (input.text.is_empty(), input.messages.is_empty()) {
+            (false, true) => (PromptInput::Text(input.text), field("text")),
+            (true, false) => (
+                PromptInput::Chat(chat_messages(&field("messages"), input.messages, limits)?),
+                field("messages"),
+            ),
+            (true, true) => {
+                return Err(ApiError::invalid(
+                    field("text"),
+                    "give a text or chat messages; both are empty",
+                ))
+            }
+            (false, false) => {
+                return Err(ApiError::invalid(
+                    field("text"),
+                    "give a text or chat messages, not both",
+                ))
+            }
+        };
+        inputs.push(one);
+    }
+    Ok(ValidClassify { adapter, inputs })
 }
 
 fn validate_params(

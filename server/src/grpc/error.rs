@@ -181,6 +181,9 @@ impl From<SubmitError> for ApiError {
                 what: msg,
                 retry_after: None,
             },
+            SubmitError::HeadCannotGenerate | SubmitError::NoHead => {
+                ApiError::invalid("adapter", msg)
+            }
             SubmitError::Draining | SubmitError::Stopped => ApiError::Unavailable(msg),
         }
     }

@@ -9,12 +9,13 @@ use tonic::{Request, Response, Status};
 
 use super::{
     auth::Caller,
-    convert::{deadline_from, validate_generate, PromptInput, RequestLimits},
+    convert::{deadline_from, validate_classify, validate_generate, PromptInput, RequestLimits},
     error::ApiError,
     observe, recorded, ReadySlot,
 };
 use crate::{
-    engine::{GenerationRequest, StreamEvent},
+    engine::{GenerationRequest, StreamEvent, Task},
+    model::BaseModel,
     tenancy::StreamPermit,
 };
 
@@ -43,41 +44,20 @@ impl GenerationService {
             Some(r) => Some(ready.adapters.lease(&tenant, r).await?),
             None => None,
         };
-        let model = ready.engine.model();
-        let (text, field) = match valid.input {
-            PromptInput::Text(t) => (t, "prompt"),
-            PromptInput::Chat(m) => (
-                model
-                    .chat
-                    .render(&m, true)
-                    .map_err(|e| ApiError::invalid("messages", e.to_string()))?,
-                "messages",
-            ),
-        };
-        let prompt_ids = model
-            .tokenizer
-            .encode(&text)
-            .map_err(|e| ApiError::invalid(field, e.to_string()))?;
-        let window = model.config().max_position;
-        if prompt_ids.is_empty() {
-            return Err(ApiError::invalid(field, "the prompt has no tokens"));
-        }
         let virt = adapter.as_ref().map_or(0, |a| a.adapter().virtual_tokens());
-        if prompt_ids.len() + virt >= window {
-            let with = if virt > 0 {
-                format!(" plus the adapter's {virt} virtual tokens")
-            } else {
-                String::new()
-            };
-            return Err(ApiError::invalid(
-                field,
-                format!(
-                    "the prompt is {} tokens{with} but the context window is {window} (and at least one new token must fit)",
-                    prompt_ids.len()
-                ),
-            ));
-        }
+        let field = match valid.input {
+            PromptInput::Text(_) => "prompt",
+            PromptInput::Chat(_) => "messages",
+        };
+        let prompt_ids = tokenise(
+            ready.engine.model(),
+            valid.input,
+            field,
+            virt,
+            Task::Generate,
+        )?;
         let events = ready.engine.submit(GenerationRequest {
+            task: Task::Generate,
             prompt_ids,
             params: valid.params,
             deadline,
@@ -87,6 +67,146 @@ impl GenerationService {
         Ok(Admitted { events, permit })
     }
 }
+
+impl GenerationService {
+    /// Every input as its own prefill-only sequence, submitted together so they share steps.
+    async fn classify(
+        &self,
+        req: Request<pb::ClassifyRequest>,
+    ) -> Result<pb::ClassifyResponse, ApiError> {
+        let deadline = deadline_from(req.metadata(), Instant::now());
+        let caller = Caller::of(&req)?;
+        let ready = super::ready(&self.ready)?;
+        let tenant = caller.acting(&req.get_ref().tenant)?;
+        let valid = validate_classify(req.into_inner(), &self.limits)?;
+        let _permit = caller.tenancy.begin_stream(&tenant, 0)?;
+        let lease = ready.adapters.lease(&tenant, &valid.adapter).await?;
+        let Some(head) = lease.adapter().head.clone() else {
+            return Err(ApiError::invalid(
+                "adapter",
+                format!(
+                    "{} has no classification head; it generates (Generate)",
+                    valid.adapter
+                ),
+            ));
+        };
+        let virt = lease.adapter().virtual_tokens();
+        let model = ready.engine.model();
+        let mut pending = Vec::with_capacity(valid.inputs.len());
+        for (input, field) in valid.inputs {
+            let prompt_ids = tokenise(model, input, &field, virt, Task::Classify)?;
+            pending.push(ready.engine.submit(GenerationRequest {
+                task: Task::Classify,
+                prompt_ids,
+                params: Default::default(),
+                deadline,
+                adapter: Some(lease.clone()),
+                tenant: tenant.clone().into(),
+            })?);
+        }
+        let mut results = Vec::with_capacity(pending.len());
+        for mut events in pending {
+            let mut out = pb::Classification::default();
+            loop {
+                match events.recv().await {
+                    Some(StreamEvent::Classified { logits }) => {
+                        out = classification(&head.labels, &logits);
+                    }
+                    Some(StreamEvent::Finished { usage, timings, .. }) => {
+                        out.usage = Some(usage.into());
+                        out.timings = Some(timings.into());
+                        break;
+                    }
+                    Some(StreamEvent::DeadlineExceeded) => return Err(ApiError::DeadlineExceeded),
+                    Some(StreamEvent::Failed(e)) => return Err(ApiError::Internal(e)),
+                    Some(StreamEvent::Tokens { .. }) => {}
+                    None => return Err(ApiError::Internal("the engine stopped".into())),
+                }
+            }
+            results.push(out);
+        }
+        Ok(pb::ClassifyResponse { results })
+    }
+}
+
+/// Labels with their logits and softmax probabilities; the label is the argmax.
+fn classification(labels: &[String], logits: &[f32]) -> pb::Classification {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exp: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
+    let sum: f32 = exp.iter().sum();
+    let best = logits
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map_or(0, |(i, _)| i);
+    pb::Classification {
+        label: labels.get(best).cloned().unwrap_or_default(),
+        scores: labels
+            .iter()
+            .zip(logits)
+            .zip(&exp)
+            .map(|((label, &logit), e)| pb::LabelScore {
+                label: label.clone(),
+                logit,
+                probability: e / sum,
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// A prompt's token ids, checked against the context window (with the adapter's `virt`
+/// virtual tokens, and room for one new token when generating). Chat messages are rendered
+/// with the generation prompt for generation, without it for classification. `field` is
+/// the request field the input came from.
+fn tokenise(
+    model: &BaseModel,
+    input: PromptInput,
+    field: &str,
+    virt: usize,
+    task: Task,
+) -> Result<Vec<u32>, ApiError> {
+    let generate = task == Task::Generate;
+    let text = match input {
+        PromptInput::Text(t) => t,
+        PromptInput::Chat(m) => model
+            .chat
+            .render(&m, generate)
+            .map_err(|e| ApiError::invalid(field, e.to_string()))?,
+    };
+    let prompt_ids = model
+        .tokenizer
+        .encode(&text)
+        .map_err(|e| ApiError::invalid(field, e.to_string()))?;
+    let window = model.config().max_position;
+    if prompt_ids.is_empty() {
+        return Err(ApiError::invalid(field, "the prompt has no tokens"));
+    }
+    let room = usize::from(generate);
+    if prompt_ids.len() + virt + room > window {
+        let with = if virt > 0 {
+            format!(" plus the adapter's {virt} virtual tokens")
+        } else {
+            String::new()
+        };
+        let new = if generate {
+            " (and at least one new token must fit)"
+        } else {
+            ""
+        };
+        return Err(ApiError::invalid(
+            field,
+            format!(
+                "the prompt is {} tokens{with} but the context window is {window}{new}",
+                prompt_ids.len()
+            ),
+        ));
+    }
+    Ok(prompt_ids)
+}
+
+/// A generation sequence never gets class logits (the engine refuses head adapters there).
+const CLASSIFIED: &str = "the engine classified a generation request";
 
 /// An accepted request: its engine events, and its tenant's stream slot (held until the
 /// response ends; generated tokens are charged to it).
@@ -169,6 +289,10 @@ fn to_proto_stream(admitted: Admitted, started: Instant) -> EventStream {
                 rec.end(tonic::Code::Internal);
                 (Err(ApiError::Internal(e).into()), false)
             }
+            Some(StreamEvent::Classified { .. }) => {
+                rec.end(tonic::Code::Internal);
+                (Err(ApiError::Internal(CLASSIFIED.into()).into()), false)
+            }
             None => {
                 rec.end(tonic::Code::Internal);
                 (Err(Status::internal("the engine stopped")), false)
@@ -212,11 +336,21 @@ impl Generation for GenerationService {
                     }
                     StreamEvent::DeadlineExceeded => return Err(ApiError::DeadlineExceeded),
                     StreamEvent::Failed(e) => return Err(ApiError::Internal(e)),
+                    StreamEvent::Classified { .. } => {
+                        return Err(ApiError::Internal(CLASSIFIED.into()))
+                    }
                 }
             }
             Err(ApiError::Internal("the engine stopped".into()))
         })
         .await
+    }
+
+    async fn classify(
+        &self,
+        req: Request<pb::ClassifyRequest>,
+    ) -> Result<Response<pb::ClassifyResponse>, Status> {
+        recorded("Classify", GenerationService::classify(self, req)).await
     }
 
     type GenerateStreamStream = EventStream;

@@ -12,7 +12,9 @@
 //!   (their virtual tokens depend only on the adapter: the registry runs them through the
 //!   base once at load, [`super::Llama::prefix_from_embeddings`]);
 //! - the trainer's embedding hook ([`TensorAdapter::prompt`]): virtual input embeddings in
-//!   front of the real ones.
+//!   front of the real ones;
+//! - the output: a [`ClassHead`] in place of the LM head on the last position
+//!   ([`super::Llama::forward_step`]; as a tensor, [`TensorAdapter::head`]).
 //!
 //! [`super::Llama::forward_batch`] applies an `Adapter` per row on plain slices;
 //! [`super::Llama::forward_hidden`] applies any [`TensorAdapter`] as tensors — an `Adapter`
@@ -26,6 +28,7 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor};
 
 pub use super::bottleneck::Bottleneck;
+pub use super::head::ClassHead;
 use super::{
     bottleneck,
     lora::LoraPair,
@@ -193,6 +196,9 @@ pub struct Adapter {
     /// `sublayer[layer][site]`; empty when the method has no bottleneck.
     pub sublayer: Vec<[Option<Bottleneck>; 2]>,
     pub prefix: Option<Arc<KvPrefix>>,
+    /// The output hook: a classification head in place of the LM head. A sequence of an
+    /// adapter with one is classified (prefill only), never continued.
+    pub head: Option<Arc<ClassHead>>,
 }
 
 impl Adapter {
@@ -202,6 +208,7 @@ impl Adapter {
             linear: (0..num_layers).map(|_| Default::default()).collect(),
             sublayer: Vec::new(),
             prefix: None,
+            head: None,
         }
     }
 
@@ -211,6 +218,7 @@ impl Adapter {
             linear: Vec::new(),
             sublayer: Vec::new(),
             prefix: Some(Arc::new(prefix)),
+            head: None,
         }
     }
 
@@ -263,7 +271,10 @@ impl Adapter {
             .flat_map(|l| l.iter().flatten())
             .map(Bottleneck::bytes)
             .sum();
-        linear + sublayer + self.prefix.as_ref().map_or(0, |p| p.bytes())
+        linear
+            + sublayer
+            + self.prefix.as_ref().map_or(0, |p| p.bytes())
+            + self.head.as_ref().map_or(0, |h| h.bytes())
     }
 
     /// Positions the adapter puts in front of every sequence (they count against the
@@ -421,6 +432,11 @@ pub trait TensorAdapter {
     fn kv_prefix(&self) -> candle_core::Result<Option<Tensor>> {
         Ok(None)
     }
+    /// The output hook: a classification head `(labels, hidden)` applied to the last
+    /// position's final-norm state in place of the LM head.
+    fn head(&self) -> candle_core::Result<Option<Tensor>> {
+        Ok(None)
+    }
 }
 
 /// One module's hooks as tensors: `pre_linear` maps the input `x: (n, in)` (by default
@@ -507,5 +523,12 @@ impl TensorAdapter for Adapter {
             (p.len, width),
             &Device::Cpu,
         )?))
+    }
+
+    fn head(&self) -> candle_core::Result<Option<Tensor>> {
+        self.head
+            .as_ref()
+            .map(|h| h.tensor(&Device::Cpu))
+            .transpose()
     }
 }

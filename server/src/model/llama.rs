@@ -38,6 +38,29 @@ pub struct SeqChunk<'a> {
     pub adapter: Option<&'a Adapter>,
 }
 
+/// One step's wanted rows: final-norm states `(k, hidden)` in processing order (decode
+/// chunks' rows first), the chunk each row is the last token of, and how many are decode rows.
+struct LastStates {
+    states: Tensor,
+    chunks: Vec<usize>,
+    decode: usize,
+}
+
+impl LastStates {
+    /// The permutation from processing order back to chunk order.
+    fn back(&self, dev: &Device) -> candle_core::Result<Tensor> {
+        let mut back: Vec<(usize, u32)> = self
+            .chunks
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| (s, i as u32))
+            .collect();
+        back.sort_unstable();
+        let back: Vec<u32> = back.into_iter().map(|(_, i)| i).collect();
+        Tensor::from_vec(back, self.chunks.len(), dev)
+    }
+}
+
 /// The frozen decoder.
 #[derive(Debug)]
 pub struct Llama {
@@ -84,12 +107,82 @@ impl Llama {
     }
 
     /// Runs one step over `chunks`, their keys and values in `pool`, and returns the logits
-    /// `(n, vocab)` of the last token of every chunk with `want_logits`, in order.
+    /// `(n, vocab)` of the last token of every chunk with `want_logits`, in order, all
+    /// through the LM head (an adapter's output hook is [`Llama::forward_step`]'s).
     pub fn forward_batch(
         &self,
         pool: &mut KvPool,
         chunks: &mut [SeqChunk<'_>],
     ) -> Result<Tensor, ModelError> {
+        let Some(last) = self.run_batch(pool, chunks)? else {
+            return Ok(Tensor::zeros(
+                (0, self.cfg.vocab_size),
+                DType::F32,
+                &self.device,
+            )?);
+        };
+        let logits = self
+            .weights
+            .lm_head
+            .forward_rows(&last.states, last.decode)?;
+        Ok(logits.index_select(&last.back(&self.device)?, 0)?)
+    }
+
+    /// [`Llama::forward_batch`] with the output hook: per chunk with `want_logits`, in
+    /// order, the LM head's logits, or the class logits of its adapter's head.
+    pub fn forward_step(
+        &self,
+        pool: &mut KvPool,
+        chunks: &mut [SeqChunk<'_>],
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let Some(last) = self.run_batch(pool, chunks)? else {
+            return Ok(Vec::new());
+        };
+        let head_of = |s: usize| chunks[s].adapter.and_then(|a| a.head.as_deref());
+        // Rows through the LM head, in processing order (decode rows still first).
+        let lm: Vec<u32> = (0..last.chunks.len())
+            .filter(|&i| head_of(last.chunks[i]).is_none())
+            .map(|i| i as u32)
+            .collect();
+        let mut out: Vec<Vec<f32>> = vec![Vec::new(); last.chunks.len()];
+        if !lm.is_empty() {
+            let decode = lm.iter().filter(|&&i| (i as usize) < last.decode).count();
+            let rows = if lm.len() == last.chunks.len() {
+                last.states.clone()
+            } else {
+                let idx = Tensor::from_slice(&lm, lm.len(), &self.device)?;
+                last.states.index_select(&idx, 0)?
+            };
+            let logits = self
+                .weights
+                .lm_head
+                .forward_rows(&rows, decode)?
+                .to_vec2()?;
+            for (&i, l) in lm.iter().zip(logits) {
+                out[i as usize] = l;
+            }
+        }
+        if lm.len() < last.chunks.len() {
+            let states = last.states.to_vec2::<f32>()?;
+            for (i, h) in states.iter().enumerate() {
+                if let Some(head) = head_of(last.chunks[i]) {
+                    out[i] = head.apply_row(h);
+                }
+            }
+        }
+        // Back to the callers' chunk order.
+        let mut order: Vec<(usize, Vec<f32>)> = last.chunks.iter().copied().zip(out).collect();
+        order.sort_by_key(|(s, _)| *s);
+        Ok(order.into_iter().map(|(_, l)| l).collect())
+    }
+
+    /// The decoder over one step's rows: the final-norm states of the last token of every
+    /// chunk with `want_logits` (none when no chunk has tokens).
+    fn run_batch(
+        &self,
+        pool: &mut KvPool,
+        chunks: &mut [SeqChunk<'_>],
+    ) -> Result<Option<LastStates>, ModelError> {
         let cfg = &self.cfg;
         // Decode chunks first so their rows form one block for the packed kernel.
         let mut order: Vec<usize> = (0..chunks.len()).collect();
@@ -176,11 +269,7 @@ impl Llama {
             };
         let n = ids.len();
         if n == 0 {
-            return Ok(Tensor::zeros(
-                (0, cfg.vocab_size),
-                DType::F32,
-                &self.device,
-            )?);
+            return Ok(None);
         }
         let (hidden, kv_dim) = (cfg.hidden_size, cfg.kv_dim());
         let eps = cfg.rms_eps as f32;
@@ -241,18 +330,12 @@ impl Llama {
             .collect();
         let idx = Tensor::from_vec(idx, logit_rows.len(), &self.device)?;
         let last = x.index_select(&idx, 0)?;
-        let last = candle_nn::ops::rms_norm(&last, &self.weights.final_norm, eps)?;
-        let logits = self.weights.lm_head.forward_rows(&last, logit_decode)?;
-        // Back to the callers' chunk order.
-        let mut back: Vec<(usize, u32)> = logit_rows
-            .iter()
-            .enumerate()
-            .map(|(i, &s)| (s, i as u32))
-            .collect();
-        back.sort_unstable();
-        let back: Vec<u32> = back.into_iter().map(|(_, i)| i).collect();
-        let back = Tensor::from_vec(back, logit_rows.len(), &self.device)?;
-        Ok(logits.index_select(&back, 0)?)
+        let states = candle_nn::ops::rms_norm(&last, &self.weights.final_norm, eps)?;
+        Ok(Some(LastStates {
+            states,
+            chunks: logit_rows,
+            decode: logit_decode,
+        }))
     }
 
     /// Logits `(T, vocab)` for every position of `tokens`, from differentiable ops only.
@@ -264,6 +347,24 @@ impl Llama {
             .weights
             .lm_head
             .forward(&h.reshape((t, self.cfg.hidden_size))?)?)
+    }
+
+    /// The plain path's output of one whole sequence with `adapter`: the class logits of its
+    /// head on the last position, or the LM head's logits there.
+    pub fn output_reference(
+        &self,
+        tokens: &[u32],
+        adapter: &dyn TensorAdapter,
+    ) -> Result<Vec<f32>, ModelError> {
+        let t = tokens.len();
+        let ids = Tensor::from_slice(tokens, (1, t), &self.device)?;
+        let h = self.forward_hidden(&ids, Some(adapter))?;
+        let last = h.narrow(1, t - 1, 1)?.reshape((1, self.cfg.hidden_size))?;
+        let out = match adapter.head()? {
+            Some(w) => last.matmul(&w.t()?)?,
+            None => self.weights.lm_head.forward(&last)?,
+        };
+        Ok(out.squeeze(0)?.to_vec1()?)
     }
 
     /// Final-norm hidden states `(B, T, hidden)` of `ids: (B, T)`, from differentiable ops

@@ -10,6 +10,7 @@ pub mod bottleneck;
 pub mod chat;
 pub mod config;
 pub mod frozen;
+pub mod head;
 pub mod kv_cache;
 pub mod llama;
 pub mod lora;
@@ -25,7 +26,7 @@ use std::{io::Read, path::Path};
 use candle_core::Device;
 use sha2::{Digest, Sha256};
 
-pub use adapter::{Adapter, KvPrefix};
+pub use adapter::{Adapter, ClassHead, KvPrefix};
 pub use chat::{ChatMessage, ChatTemplate};
 pub use config::LlamaConfig;
 pub use kv_cache::{KvCache, KvExhausted, KvPool, KvShape};

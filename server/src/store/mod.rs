@@ -10,7 +10,7 @@ pub mod training;
 
 use std::{path::Path, str::FromStr, time::Duration};
 
-pub use crate::adapters::formats::Details;
+pub use crate::adapters::formats::{Details, HeadInfo};
 
 use sqlx::{
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
@@ -51,6 +51,8 @@ pub struct AdapterRow {
     pub version: u32,
     /// The method's settings (its `method()` is the row's method).
     pub details: Details,
+    /// The adapter's classification head, if it has one (its labels).
+    pub head: Option<HeadInfo>,
     pub size_bytes: u64,
     pub sha256: String,
     pub base_fingerprint: String,
@@ -64,6 +66,7 @@ pub struct NewAdapter {
     pub tenant: String,
     pub name: String,
     pub details: Details,
+    pub head: Option<HeadInfo>,
     pub size_bytes: u64,
     pub sha256: String,
     pub base_fingerprint: String,
@@ -77,9 +80,19 @@ pub struct Db {
 
 const COLUMNS: &str = "id, tenant, name, version, method, details, size_bytes, sha256, base_fingerprint, dir, created_at";
 
+/// The `details` column: the method's settings, and beside them the head's (`head`, absent
+/// when there is none; rows written before heads existed have none).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredDetails {
+    #[serde(flatten)]
+    details: Details,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    head: Option<HeadInfo>,
+}
+
 fn row_to_adapter(r: &sqlx::sqlite::SqliteRow) -> Result<AdapterRow, DbError> {
     let details: String = r.get("details");
-    let details = serde_json::from_str(&details).map_err(|e| DbError {
+    let stored: StoredDetails = serde_json::from_str(&details).map_err(|e| DbError {
         op: "read adapter details",
         source: sqlx::Error::Decode(Box::new(e)),
     })?;
@@ -88,7 +101,8 @@ fn row_to_adapter(r: &sqlx::sqlite::SqliteRow) -> Result<AdapterRow, DbError> {
         tenant: r.get("tenant"),
         name: r.get("name"),
         version: r.get::<i64, _>("version") as u32,
-        details,
+        details: stored.details,
+        head: stored.head,
         size_bytes: r.get::<i64, _>("size_bytes") as u64,
         sha256: r.get("sha256"),
         base_fingerprint: r.get("base_fingerprint"),
@@ -133,7 +147,11 @@ impl Db {
     /// One statement computes the version and inserts: a read-then-write transaction would
     /// fail with SQLITE_BUSY (not wait) when another writer commits in between.
     pub async fn insert_adapter(&self, a: &NewAdapter) -> Result<AdapterRow, DbError> {
-        let details = serde_json::to_string(&a.details).unwrap_or_else(|_| "{}".into());
+        let details = serde_json::to_string(&StoredDetails {
+            details: a.details.clone(),
+            head: a.head.clone(),
+        })
+        .unwrap_or_else(|_| "{}".into());
         let row = sqlx::query(AssertSqlSafe(format!(
             "INSERT INTO adapter_versions (tenant, name, version, method, details, size_bytes, sha256, base_fingerprint, dir, created_at)
              SELECT ?1, ?2, COALESCE(MAX(version), 0) + 1, ?3, ?4, ?5, ?6, ?7, ?8, ?9
@@ -287,6 +305,7 @@ mod tests {
                 use_rslora: false,
                 use_dora: false,
             },
+            head: None,
             size_bytes: 10,
             sha256: "x".into(),
             base_fingerprint: "fp".into(),

@@ -4,12 +4,15 @@
 //! - [`peft_ia3`]: PEFT `IA3`;
 //! - [`peft_prompt`]: PEFT `PROMPT_TUNING`, `P_TUNING` and `PREFIX_TUNING` (with and without
 //!   `prefix_projection`);
-//! - [`adapterhub`]: AdapterHub's bottleneck adapters (its own config, no `peft_type`).
+//! - [`adapterhub`]: AdapterHub's bottleneck adapters (its own config, no `peft_type`);
+//! - [`heads`]: a classification head saved through PEFT's `modules_to_save`, beside any
+//!   PEFT method.
 //!
 //! Invariant: a refused adapter produces an [`ImportError`] naming the file or field at
 //! fault; nothing is partially accepted.
 
 pub mod adapterhub;
+pub mod heads;
 pub mod peft_ia3;
 pub mod peft_lora;
 pub mod peft_prompt;
@@ -97,6 +100,21 @@ pub enum Details {
     },
     /// A bottleneck adapter in AdapterHub's terms.
     Bottleneck(BnSettings),
+}
+
+/// What a stored version's output head is: a classification head's labels, in the order of
+/// its outputs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeadInfo {
+    pub labels: Vec<String>,
+}
+
+impl HeadInfo {
+    pub fn of(adapter: &Adapter) -> Option<Self> {
+        adapter.head.as_ref().map(|h| Self {
+            labels: h.labels.clone(),
+        })
+    }
 }
 
 impl Details {
@@ -194,6 +212,23 @@ pub fn parse(
     if adapterhub::is_adapterhub(&v) {
         return adapterhub::parse(config_json, weights, cfg, base_name, policy);
     }
+    let Some(split) = heads::split(&v, weights, cfg)? else {
+        return parse_peft(&v, config_json, weights, cfg, base_name, policy);
+    };
+    let mut p = parse_peft(&v, &split.config, &split.weights, cfg, base_name, policy)?;
+    p.adapter.head = Some(std::sync::Arc::new(split.head));
+    Ok(p)
+}
+
+/// A PEFT method's files, without a head.
+fn parse_peft(
+    v: &serde_json::Value,
+    config_json: &[u8],
+    weights: &[u8],
+    cfg: &LlamaConfig,
+    base_name: &str,
+    policy: &ImportPolicy,
+) -> Result<Parsed, ImportError> {
     match v.get("peft_type").and_then(serde_json::Value::as_str) {
         Some("LORA") => peft_lora::parse(config_json, weights, cfg, base_name, policy),
         Some("IA3") => peft_ia3::parse(config_json, weights, cfg, base_name, policy),
@@ -214,11 +249,19 @@ pub fn write(
     cfg: &LlamaConfig,
     base_model: &str,
 ) -> Result<(Vec<u8>, Vec<u8>), ImportError> {
-    match &p.details {
+    let (config, weights) = match &p.details {
         Details::Lora { .. } => peft_lora::write(p, cfg, base_model),
         Details::Ia3 { .. } => peft_ia3::write(p, cfg, base_model),
         Details::Bottleneck(_) => adapterhub::write(p, cfg, base_model),
         _ => peft_prompt::write(p, cfg, base_model),
+    }?;
+    match (&p.adapter.head, &p.details) {
+        (None, _) => Ok((config, weights)),
+        (Some(_), Details::Bottleneck(_)) => Err(err(
+            "head",
+            "a bottleneck adapter with a classification head cannot be written in AdapterHub's format",
+        )),
+        (Some(h), _) => heads::attach(config, weights, h),
     }
 }
 

@@ -23,8 +23,6 @@ struct Ia3Config {
     target_modules: Value,
     #[serde(default)]
     feedforward_modules: Value,
-    #[serde(default)]
-    modules_to_save: Value,
     base_model_name_or_path: Option<String>,
     #[serde(default)]
     fan_in_fan_out: bool,
@@ -58,12 +56,6 @@ pub(super) fn parse(
         return Err(err(
             format!("{CONFIG_FILE}.fan_in_fan_out"),
             "fan_in_fan_out is for Conv1D models; this model's modules are nn.Linear",
-        ));
-    }
-    if c.modules_to_save.as_array().is_some_and(|a| !a.is_empty()) {
-        return Err(err(
-            format!("{CONFIG_FILE}.modules_to_save"),
-            "modules_to_save (fully trained extra modules) is not supported with IA3",
         ));
     }
     check_base(c.base_model_name_or_path.as_deref(), base_name, policy)?;

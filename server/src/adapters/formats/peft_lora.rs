@@ -40,8 +40,6 @@ struct PeftConfig {
     #[serde(default)]
     layers_to_transform: Value,
     bias: Option<String>,
-    #[serde(default)]
-    modules_to_save: Value,
     base_model_name_or_path: Option<String>,
     #[serde(default)]
     fan_in_fan_out: bool,
@@ -110,14 +108,7 @@ pub(super) fn parse(
     let rank_pattern = Patterns::compile(&c.rank_pattern, "rank_pattern")?;
     let alpha_pattern = Patterns::compile(&c.alpha_pattern, "alpha_pattern")?;
     debug_assert_eq!(c.peft_type.as_deref(), Some("LORA"));
-    if !matches!(&c.modules_to_save, Value::Null)
-        && c.modules_to_save.as_array().is_none_or(|a| !a.is_empty())
-    {
-        return Err(err(
-            format!("{CONFIG_FILE}.modules_to_save"),
-            "modules_to_save (fully trained extra modules) is not supported",
-        ));
-    }
+    // modules_to_save (a head) was split off by `heads::split`.
     if let Some(b) = c.bias.as_deref() {
         if b != "none" {
             return Err(err(
