@@ -107,6 +107,7 @@ fn the_seq_cls_fixture_reproduces_the_class_logits_of_transformers_on_both_paths
 }
 
 #[test]
+#[allow(clippy::needless_range_loop)] // `s` indexes the solo runs' steps and the batch's.
 fn classification_rows_share_a_step_with_generation_rows_of_every_method_and_equal_their_solo_runs()
 {
     let m = model();
