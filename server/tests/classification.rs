@@ -47,25 +47,6 @@ fn served(m: &BaseModel, folder: &str, weights: &str) -> Adapter {
         .expect("compiles")
 }
 
-/// One sequence's output through the serving path's `forward_step`, prefill only.
-fn served_output(m: &BaseModel, a: &Adapter, prompt: &[u32]) -> Vec<f32> {
-    let mut pool = m.llama.kv_pool(256);
-    let mut cache = seeded(&mut pool, Some(a));
-    m.llama
-        .forward_step(
-            &mut pool,
-            &mut [SeqChunk {
-                tokens: prompt,
-                cache: &mut cache,
-                want_logits: true,
-                decode: false,
-                adapter: Some(a),
-            }],
-        )
-        .expect("serve")
-        .remove(0)
-}
-
 #[test]
 fn the_seq_cls_fixture_reproduces_the_class_logits_of_transformers_on_both_paths() {
     let m = model();
@@ -90,7 +71,7 @@ fn the_seq_cls_fixture_reproduces_the_class_logits_of_transformers_on_both_paths
             .iter()
             .map(|x| x.as_f64().expect("f") as f32)
             .collect();
-        let got = served_output(&m, &a, &want_ids);
+        let got = common::served_last_logits(&m, &a, &want_ids);
         let d = common::max_abs_diff(&want, &got);
         eprintln!("case {i}: served class logits within {d} of transformers'");
         assert!(d <= TOL, "case {i} served: {got:?} vs {want:?}");
@@ -169,7 +150,7 @@ fn classification_rows_share_a_step_with_generation_rows_of_every_method_and_equ
         .collect();
     let solo_classes: Vec<Vec<u32>> = texts
         .iter()
-        .map(|t| bits(&served_output(&m, &classifier, t)))
+        .map(|t| bits(&common::served_last_logits(&m, &classifier, t)))
         .collect();
     // Together: generation prompts prefill at step 0; at step 1 the texts are classified
     // beside the decode rows; step 2 decodes only.
