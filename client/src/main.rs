@@ -3,7 +3,9 @@
 use std::io::{BufRead, Write};
 
 use clap::{Args, Parser, Subcommand};
-use graft_client::{proto, ConnectOptions, GenerateOptions, GraftClient, TlsOptions};
+use graft_client::{
+    proto, ConnectOptions, GenerateOptions, GraftClient, ImportOptions, TlsOptions,
+};
 
 /// `println!` without its panic when stdout is a closed pipe (`graft adapters ls | head`).
 macro_rules! outln {
@@ -13,6 +15,7 @@ macro_rules! outln {
 }
 
 mod admin_cmd;
+mod classify_cmd;
 mod job_cmd;
 mod plot;
 
@@ -109,7 +112,10 @@ enum Command {
         #[command(flatten)]
         sampling: Sampling,
     },
-    /// Manage LoRA adapters (Hugging Face PEFT format).
+    /// Classify texts (arguments, or one per stdin line) with an adapter that has a
+    /// classification head: the label, then every label's probability.
+    Classify(classify_cmd::ClassifyArgs),
+    /// Manage adapters (PEFT and AdapterHub formats).
     #[command(subcommand)]
     Adapters(AdapterCmd),
     /// Upload and list training datasets (JSONL: Alpaca, chat messages, prompt/completion, text).
@@ -191,6 +197,10 @@ enum AdapterCmd {
         /// Accept an adapter made for another base model name.
         #[arg(long)]
         force: bool,
+        /// A classification head's labels in the order of its outputs, comma-separated
+        /// (default LABEL_0, LABEL_1, ...).
+        #[arg(long, value_delimiter = ',')]
+        labels: Vec<String>,
     },
     /// Download NAME or NAME@VERSION as a directory of its library's files (PEFT's, or
     /// AdapterHub's for bottleneck adapters).
@@ -339,6 +349,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             outln!("{status}");
             anyhow::ensure!(status == "SERVING", "not serving");
         }
+        Command::Classify(args) => classify_cmd::run(&client, &cli.tenant, args, json)
+            .await
+            .map_err(status_error)?,
         Command::Admin(cmd) => admin_cmd::run(&client, cmd, json)
             .await
             .map_err(status_error)?,
@@ -396,7 +409,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 /// A version's method settings, in one short line.
 fn method_summary(v: &proto::AdapterVersion) -> String {
     use proto::adapter_version::Details;
-    match &v.details {
+    let summary = match &v.details {
         Some(Details::Lora(l)) => format!(
             "r={}\talpha={}\t{}{}",
             l.rank,
@@ -428,6 +441,10 @@ fn method_summary(v: &proto::AdapterVersion) -> String {
             p.num_virtual_tokens, p.encoder_hidden_size
         ),
         _ => format!("virtual_tokens={}", v.virtual_tokens),
+    };
+    match &v.head {
+        Some(h) => format!("{summary}\thead={}", h.labels.join(",")),
+        None => summary,
     }
 }
 
@@ -436,7 +453,8 @@ fn print_version(v: &proto::AdapterVersion, json: bool) {
         let j = serde_json::json!({
             "tenant": v.tenant, "name": v.name, "version": v.version, "method": v.method,
             "virtual_tokens": v.virtual_tokens, "size_bytes": v.size_bytes,
-            "details": method_summary(v), "sha256": v.sha256, "created_at_unix": v.created_at_unix,
+            "details": method_summary(v),
+            "labels": v.head.as_ref().map(|h| h.labels.clone()), "sha256": v.sha256, "created_at_unix": v.created_at_unix,
         });
         outln!("{j}");
         return;
@@ -459,7 +477,12 @@ async fn adapters(
     json: bool,
 ) -> anyhow::Result<()> {
     match cmd {
-        AdapterCmd::Import { dir, name, force } => {
+        AdapterCmd::Import {
+            dir,
+            name,
+            force,
+            labels,
+        } => {
             let size = [
                 graft_client::ADAPTER_CONFIG_FILE,
                 graft_client::ADAPTER_WEIGHTS_FILE,
@@ -471,7 +494,7 @@ async fn adapters(
             .sum();
             let (c, bar) = byte_bar(client, size, "upload");
             let v = c
-                .import_adapter_dir(tenant, &name, &dir, force)
+                .import_adapter_dir_with(tenant, &name, &dir, &ImportOptions { force, labels })
                 .await
                 .map_err(status_error)?;
             bar.finish_and_clear();

@@ -350,3 +350,90 @@ async fn the_cli_trains_exports_and_imports_a_bottleneck_adapter() {
         text(&o.stdout)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_imports_a_classifier_with_labels_and_classifies() {
+    let t = graft_tests::start_real().await;
+    let url = t.url();
+    let key = t
+        .admin
+        .create_key(graft_tests::TENANT, "cli-cls")
+        .await
+        .expect("key");
+    let dir = graft_tests::fixtures().join("peft-methods/seq-cls/adapter");
+    let o = graft(
+        &url,
+        &key,
+        &[
+            "adapters",
+            "import",
+            dir.to_str().expect("utf8"),
+            "--name",
+            "topic",
+            "--labels",
+            "food,sport,weather",
+        ],
+    )
+    .await;
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stdout).contains("head=food,sport,weather"),
+        "{}",
+        text(&o.stdout)
+    );
+    let o = graft(
+        &url,
+        &key,
+        &[
+            "classify",
+            "--adapter",
+            "topic",
+            "The referee showed a red card after the tackle.",
+            "Roast the carrots with honey and thyme.",
+        ],
+    )
+    .await;
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let lines: Vec<String> = text(&o.stdout).lines().map(str::to_string).collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(lines[0].starts_with("sport\tfood="), "{}", lines[0]);
+    assert!(lines[1].starts_with("food\t"), "{}", lines[1]);
+    assert!(lines[1].ends_with("\tRoast the carrots with honey and thyme."));
+
+    // One text per stdin line, as JSON.
+    let mut child = tokio::process::Command::new(graft_bin())
+        .args([
+            "--addr",
+            &url,
+            "--output",
+            "json",
+            "classify",
+            "--adapter",
+            "topic",
+        ])
+        .env("GRAFT_API_KEY", &key)
+        .env_remove("GRAFT_TENANT")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin
+            .write_all(b"A rainbow appeared when the shower ended.\n\n")
+            .await
+            .expect("write");
+    }
+    let o = child.wait_with_output().await.expect("wait");
+    assert!(o.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one json line");
+    assert_eq!(v["label"], "weather");
+    let p = v["scores"]["weather"]["probability"].as_f64().expect("p");
+    assert!(p > 0.5 && p <= 1.0, "{v}");
+
+    // A missing adapter: the server's message, a failing exit.
+    let o = graft(&url, &key, &["classify", "--adapter", "nobody", "x"]).await;
+    assert!(!o.status.success());
+    assert!(text(&o.stderr).contains("NotFound"), "{}", text(&o.stderr));
+}

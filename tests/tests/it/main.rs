@@ -2,6 +2,7 @@
 
 mod adapters;
 mod bad_input;
+mod classification;
 mod cli;
 mod deploy;
 mod generation;
