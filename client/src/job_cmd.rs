@@ -29,6 +29,14 @@ pub struct JobArgs {
     /// lora (default), ia3, bottleneck, prompt_tuning, p_tuning, prefix_tuning or p_tuning_v2.
     #[arg(long)]
     pub method: Option<String>,
+    /// sft (default) or classification (a head trained beside the method on a
+    /// {"text", "label"} dataset).
+    #[arg(long)]
+    pub objective: Option<String>,
+    /// Classification: the head's labels in output order, comma-separated (default: the
+    /// dataset's labels sorted).
+    #[arg(long, value_delimiter = ',')]
+    pub labels: Option<Vec<String>>,
     // LoRA
     /// LoRA rank.
     #[arg(long)]
@@ -144,6 +152,8 @@ impl JobArgs {
             validation_dataset,
             validation_split,
             method,
+            objective,
+            labels,
             rank,
             alpha,
             dropout,
@@ -234,6 +244,11 @@ impl JobArgs {
             adapter_name: a.adapter.clone().unwrap_or_default(),
             method,
             method_config,
+            objective: a.objective.clone().unwrap_or_default(),
+            classification: a
+                .labels
+                .clone()
+                .map(|labels| proto::ClassificationObjective { labels }),
             hyperparameters: Some(proto::Hyperparameters {
                 epochs: a.epochs,
                 batch_size: a.batch_size,

@@ -537,20 +537,36 @@ async fn adapters(
 }
 
 fn print_dataset(d: &proto::Dataset, json: bool) {
+    let labels: serde_json::Map<String, serde_json::Value> = d
+        .label_counts
+        .iter()
+        .map(|c| (c.label.clone(), c.count.into()))
+        .collect();
     if json {
         let j = serde_json::json!({
             "id": d.id, "name": d.name, "format": d.format, "examples": d.examples,
             "tokens": d.tokens, "truncated_examples": d.truncated_examples,
+            "label_counts": labels,
         });
         outln!("{j}");
     } else {
+        let counts: Vec<String> = d
+            .label_counts
+            .iter()
+            .map(|c| format!("{}={}", c.label, c.count))
+            .collect();
         outln!(
-            "{}\t{}\t{} examples\t{} tokens\t{} truncated",
+            "{}\t{}\t{} examples\t{} tokens\t{} truncated{}",
             d.name,
             d.format,
             d.examples,
             d.tokens,
-            d.truncated_examples
+            d.truncated_examples,
+            if counts.is_empty() {
+                String::new()
+            } else {
+                format!("\tlabels {}", counts.join(" "))
+            }
         );
     }
 }
@@ -673,10 +689,26 @@ async fn watch(client: &GraftClient, tenant: &str, id: &str, json: bool) -> anyh
             }
             Some(Event::Eval(ev)) => {
                 eval_loss = Some(ev.eval_loss);
-                bar.println(format!(
-                    "eval at step {}: loss {:.4} token accuracy {:.3}",
-                    ev.step, ev.eval_loss, ev.token_accuracy
-                ));
+                let f1: Vec<String> = ev
+                    .per_class
+                    .iter()
+                    .map(|c| format!("{} {:.3}", c.label, c.f1))
+                    .collect();
+                bar.println(if f1.is_empty() {
+                    format!(
+                        "eval at step {}: loss {:.4} token accuracy {:.3}",
+                        ev.step, ev.eval_loss, ev.token_accuracy
+                    )
+                } else {
+                    format!(
+                        "eval at step {}: loss {:.4} accuracy {:.3} macro F1 {:.3} (F1: {})",
+                        ev.step,
+                        ev.eval_loss,
+                        ev.token_accuracy,
+                        ev.macro_f1,
+                        f1.join(", ")
+                    )
+                });
             }
             Some(Event::Checkpoint(c)) => bar.println(format!("checkpoint at step {}", c.step)),
             None => {}

@@ -80,6 +80,7 @@ fn spec(method: MethodSpec) -> TrainSpec {
         eval_every: 0,
         patience: 0,
         checkpoint_every: 2,
+        objective: Default::default(),
     }
 }
 

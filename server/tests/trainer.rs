@@ -46,6 +46,7 @@ fn spec() -> TrainSpec {
         eval_every: 0,
         patience: 0,
         checkpoint_every: 2,
+        objective: Default::default(),
     }
 }
 

@@ -53,6 +53,7 @@ fn spec(method: MethodSpec, use_dora: bool, dropout: f32) -> TrainSpec {
         eval_every: 0,
         patience: 0,
         checkpoint_every: 2,
+        objective: Default::default(),
     }
 }
 

@@ -110,6 +110,7 @@ fn spec_of(dir: &str, cfg: &graft_server::model::LlamaConfig) -> TrainSpec {
         eval_every: 0,
         patience: 0,
         checkpoint_every: 1_000_000,
+        objective: Default::default(),
     };
     spec.method = match dir.rsplit('/').next().unwrap_or(dir) {
         "prompt-tuning" => MethodSpec::PromptTuning {

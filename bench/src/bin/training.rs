@@ -65,6 +65,7 @@ fn spec(steps: usize) -> TrainSpec {
         eval_every: 0,
         patience: 0,
         checkpoint_every: 1_000_000,
+        objective: Default::default(),
     }
 }
 
@@ -75,6 +76,7 @@ fn throughput(model: &BaseModel, steps: usize, threads: usize) -> anyhow::Result
                 .map(|j| 100 + ((i * 131 + j * 7) % 20000) as u32)
                 .collect(),
             mask: (0..128).map(|j| j > 0).collect(),
+            label: None,
         })
         .collect();
     let dir = tempfile::tempdir()?;

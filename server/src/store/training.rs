@@ -17,6 +17,8 @@ pub struct DatasetRow {
     pub sha256: String,
     pub file: String,
     pub created_at: i64,
+    /// Classification datasets: examples per label (empty for the other formats).
+    pub label_counts: std::collections::BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -62,6 +64,14 @@ fn dataset(r: &sqlx::sqlite::SqliteRow) -> DatasetRow {
         sha256: r.get("sha256"),
         file: r.get("file"),
         created_at: r.get("created_at"),
+        label_counts: r
+            .get::<Option<String>, _>("label_counts")
+            .and_then(|j| {
+                serde_json::from_str(&j)
+                    .inspect_err(|e| tracing::error!(error = %e, "unreadable dataset label_counts"))
+                    .ok()
+            })
+            .unwrap_or_default(),
     }
 }
 
@@ -91,7 +101,7 @@ fn job(r: &sqlx::sqlite::SqliteRow) -> JobRow {
 }
 
 const DATASET_COLS: &str =
-    "id, tenant, name, format, examples, tokens, truncated, size_bytes, sha256, file, created_at";
+    "id, tenant, name, format, examples, tokens, truncated, size_bytes, sha256, file, created_at, label_counts";
 const JOB_COLS: &str = "id, tenant, dataset, eval_dataset, adapter_name, adapter_bytes, spec, status, error, adapter_version, step, total_steps, created_at, updated_at, \
      COALESCE((SELECT name FROM datasets d WHERE d.id = jobs.dataset), '') AS dataset_name, \
      (SELECT name FROM datasets d WHERE d.id = jobs.eval_dataset) AS eval_dataset_name";
@@ -150,8 +160,8 @@ impl Db {
     /// Inserts a dataset; `None` when a live dataset of that name exists.
     pub async fn insert_dataset(&self, d: &DatasetRow) -> Result<Option<DatasetRow>, DbError> {
         let r = sqlx::query(
-            "INSERT INTO datasets (id, tenant, name, format, examples, tokens, truncated, size_bytes, sha256, file, created_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO datasets (id, tenant, name, format, examples, tokens, truncated, size_bytes, sha256, file, created_at, label_counts)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&d.id)
         .bind(&d.tenant)
@@ -164,6 +174,10 @@ impl Db {
         .bind(&d.sha256)
         .bind(&d.file)
         .bind(now_unix())
+        .bind(
+            (!d.label_counts.is_empty())
+                .then(|| serde_json::to_string(&d.label_counts).unwrap_or_default()),
+        )
         .execute(&self.pool)
         .await;
         match r {

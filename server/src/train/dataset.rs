@@ -2,8 +2,11 @@
 //! token ids with a loss mask.
 //! Formats (detected per line, or forced): Alpaca (`instruction`, `input`, `output`,
 //! optional `system`, `history`), chat (`messages` with system/user/assistant and an optional
-//! per-message `weight` 0/1), `prompt`/`completion`, and plain `text`.
-//! Invariant: a dataset that validates yields only examples with at least one trained token.
+//! per-message `weight` 0/1), `prompt`/`completion`, plain `text`, and classification
+//! (`text` with a `label`: a string or an integer index; `train::classes`).
+//! Invariant: a dataset that validates yields only examples with at least one trained token,
+//! or (classification) only labelled examples, all of one label kind, with two labels or
+//! more.
 //! Bounds: a line longer than [`MAX_LINE_BYTES`] is refused before it is parsed, an example
 //! longer than [`MAX_EXAMPLE_TOKENS`] tokens is refused, and [`validate_reader`] holds one
 //! line and one example at a time, so validating costs memory proportional to the largest
@@ -14,7 +17,10 @@ use std::io::BufRead;
 
 use serde_json::Value;
 
-use super::strict_json::Strict;
+use super::{
+    classes::{Label, LabelCounts},
+    strict_json::Strict,
+};
 
 /// Longest line of a dataset, in bytes.
 pub const MAX_LINE_BYTES: usize = 1 << 20;
@@ -30,6 +36,8 @@ pub enum Format {
     Chat,
     PromptCompletion,
     Text,
+    /// `{"text", "label"}`: one class per text.
+    Classification,
 }
 
 impl Format {
@@ -39,6 +47,7 @@ impl Format {
             Format::Chat => "chat",
             Format::PromptCompletion => "prompt_completion",
             Format::Text => "text",
+            Format::Classification => "classification",
         }
     }
 
@@ -48,12 +57,15 @@ impl Format {
             "chat" | "messages" => Some(Self::Chat),
             "prompt_completion" | "prompt-completion" => Some(Self::PromptCompletion),
             "text" => Some(Self::Text),
+            "classification" => Some(Self::Classification),
             _ => None,
         }
     }
 
     fn detect(v: &serde_json::Map<String, Value>) -> Option<Self> {
-        if v.contains_key("messages") {
+        if v.contains_key("label") {
+            Some(Self::Classification)
+        } else if v.contains_key("messages") {
             Some(Self::Chat)
         } else if v.contains_key("instruction") || v.contains_key("output") {
             Some(Self::Alpaca)
@@ -90,6 +102,8 @@ pub struct Example {
     pub segments: Vec<(String, bool)>,
     /// The 1-based line it came from.
     pub line: usize,
+    /// A classification row's label (its one segment is the text, not trained on).
+    pub label: Option<Label>,
 }
 
 /// A tokenised example: ids and, per id, whether its prediction is trained.
@@ -98,6 +112,8 @@ pub struct Tokenized {
     pub ids: Vec<u32>,
     /// `mask[i]`: the loss includes predicting `ids[i]` from `ids[..i]`.
     pub mask: Vec<bool>,
+    /// A classification row's label: the loss is the head's at the last token instead.
+    pub label: Option<Label>,
 }
 
 /// What to do with an example longer than `max_seq_len`.
@@ -108,12 +124,14 @@ pub enum Overflow {
 }
 
 /// Counts after tokenisation.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
     pub examples: usize,
     pub tokens: usize,
     pub trained_tokens: usize,
     pub truncated: usize,
+    /// Classification datasets: examples per label.
+    pub labels: LabelCounts,
 }
 
 const MAX_PROBLEMS: usize = 10;
@@ -135,6 +153,19 @@ fn example_of(
         )
     };
     match format {
+        Format::Classification => {
+            let t = text_of(obj, "text").ok_or_else(|| missing("text"))?;
+            if t.trim().is_empty() {
+                return Err(("empty text", "\"text\" is empty".into()));
+            }
+            let v = obj.get("label").ok_or_else(|| missing("label"))?;
+            let label = Label::parse(v).map_err(|e| ("invalid label", e))?;
+            Ok(Example {
+                segments: vec![(t, false)],
+                line: 0,
+                label: Some(label),
+            })
+        }
         Format::Text => {
             let t = text_of(obj, "text").ok_or_else(|| missing("text"))?;
             if t.trim().is_empty() {
@@ -143,6 +174,7 @@ fn example_of(
             Ok(Example {
                 segments: vec![(t, true)],
                 line: 0,
+                label: None,
             })
         }
         Format::PromptCompletion => {
@@ -154,6 +186,7 @@ fn example_of(
             Ok(Example {
                 segments: vec![(p, false), (c, true)],
                 line: 0,
+                label: None,
             })
         }
         Format::Alpaca => {
@@ -211,6 +244,7 @@ fn example_of(
             Ok(Example {
                 segments: vec![(prompt, false), (answer, true)],
                 line: 0,
+                label: None,
             })
         }
         Format::Chat => {
@@ -289,7 +323,11 @@ fn example_of(
                     done = after;
                 }
             }
-            Ok(Example { segments, line: 0 })
+            Ok(Example {
+                segments,
+                line: 0,
+                label: None,
+            })
         }
     }
 }
@@ -432,8 +470,60 @@ fn next_line<R: BufRead>(
     Ok(Some(Err(len)))
 }
 
+/// What a dataset's rows have been so far: labelled or not, and which label kind.
+#[derive(Default)]
+struct LabelKinds {
+    /// (the first row's line, whether it had a label)
+    first: Option<(usize, bool)>,
+    /// (the first labelled row's line, whether its label was an integer)
+    kind: Option<(usize, bool)>,
+}
+
+impl LabelKinds {
+    /// Every row like the first: all labelled (with labels of one kind) or none.
+    fn check(&mut self, e: &Example) -> Result<(), Problem> {
+        let (line, labelled) = *self.first.get_or_insert((e.line, e.label.is_some()));
+        if labelled != e.label.is_some() {
+            return Err(problem(
+                e.line,
+                "mixed formats",
+                format!(
+                    "line {line} {} a \"label\" and this one {}; a classification dataset labels every row",
+                    if labelled { "has" } else { "has no" },
+                    if labelled { "has none" } else { "has one" },
+                ),
+            ));
+        }
+        if let Some(l) = &e.label {
+            let int = matches!(l, Label::Index(_));
+            let (line, first_int) = *self.kind.get_or_insert((e.line, int));
+            if int != first_int {
+                return Err(problem(
+                    e.line,
+                    "mixed labels",
+                    format!("line {line}'s label is of the other kind; give every label as a string or every one as an integer"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// A classification dataset has two labels or more.
+    fn finish(&self, counts: &LabelCounts) -> Result<(), Problem> {
+        if self.kind.is_some() && counts.len() < 2 {
+            let only = counts.keys().next().cloned().unwrap_or_default();
+            return Err(problem(
+                0,
+                "one label",
+                format!("every example has the label {only:?}; a classifier needs at least two"),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// What [`validate_reader`] found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Validated {
     pub format: Format,
     pub stats: Stats,
@@ -453,6 +543,7 @@ pub fn validate_reader(
     let mut problems = Vec::new();
     let mut stats = Stats::default();
     let mut seen_format = forced;
+    let mut labels = LabelKinds::default();
     let mut buf = Vec::new();
     let mut line_no = 0;
     while problems.len() < MAX_PROBLEMS {
@@ -486,9 +577,18 @@ pub fn validate_reader(
                 continue;
             }
         };
+        if let Err(p) = labels.check(&e) {
+            problems.push(p);
+            continue;
+        }
         match tokenize_one(&e, tk, max_seq_len, Overflow::Truncate) {
             Ok(t) => stats.add(&t),
             Err(p) => problems.push(p),
+        }
+    }
+    if problems.is_empty() && stats.examples > 0 {
+        if let Err(p) = labels.finish(&stats.labels) {
+            problems.push(p);
         }
     }
     if let Err(p) = finish(stats.examples == 0, problems) {
@@ -512,6 +612,9 @@ impl Stats {
         self.tokens += t.tokens.ids.len();
         self.trained_tokens += t.tokens.mask.iter().filter(|m| **m).count();
         self.truncated += usize::from(t.truncated);
+        if let Some(l) = &t.tokens.label {
+            *self.labels.entry(l.key()).or_default() += 1;
+        }
     }
 }
 
@@ -523,6 +626,9 @@ pub fn tokenize_one(
     max_seq_len: usize,
     overflow: Overflow,
 ) -> Result<TokenizedOne, Problem> {
+    if e.label.is_some() {
+        return tokenize_labelled(e, tk, max_seq_len, overflow);
+    }
     let mut ids = Vec::new();
     let mut mask = Vec::new();
     for (k, (text, trained)) in e.segments.iter().enumerate() {
@@ -581,7 +687,54 @@ pub fn tokenize_one(
         ));
     }
     Ok(TokenizedOne {
-        tokens: Tokenized { ids, mask },
+        tokens: Tokenized {
+            ids,
+            mask,
+            label: None,
+        },
+        truncated,
+    })
+}
+
+/// A classification row: its text's ids (no EOS; nothing trained on the LM head), cut to
+/// the first `max_seq_len` as transformers' truncation does, or refused.
+fn tokenize_labelled(
+    e: &Example,
+    tk: &TextTokenizer,
+    max_seq_len: usize,
+    overflow: Overflow,
+) -> Result<TokenizedOne, Problem> {
+    let text = e.segments.first().map_or("", |s| s.0.as_str());
+    let mut ids = tk
+        .encode(text)
+        .map_err(|err| problem(e.line, "tokenizer", err.to_string()))?;
+    if ids.is_empty() {
+        return Err(problem(e.line, "empty text", "the text has no tokens"));
+    }
+    if ids.len() > MAX_EXAMPLE_TOKENS {
+        return Err(problem(
+            e.line,
+            "too long",
+            format!("over {MAX_EXAMPLE_TOKENS} tokens, the most an example may have"),
+        ));
+    }
+    let truncated = ids.len() > max_seq_len;
+    if truncated {
+        if overflow == Overflow::Reject {
+            return Err(problem(
+                e.line,
+                "too long",
+                format!("{} tokens; max_seq_len is {max_seq_len}", ids.len()),
+            ));
+        }
+        ids.truncate(max_seq_len);
+    }
+    Ok(TokenizedOne {
+        tokens: Tokenized {
+            mask: vec![false; ids.len()],
+            ids,
+            label: e.label.clone(),
+        },
         truncated,
     })
 }

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Notify};
 
 use super::{
+    classes,
     dataset::{self, Format, Overflow, Problem, Tokenized},
     methods,
     trainer::{self, Control, Outcome, TrainEvent, TrainSpec},
@@ -339,13 +340,6 @@ impl TrainingService {
             .map_err(|e| invalid("adapter_name", e))?;
         let _storage = self.tenancy.storage_guard(tenant).await;
         self.tenancy.check_new_job(tenant).await?;
-        self.tenancy
-            .check_storage(
-                tenant,
-                crate::tenancy::NewObject::AdapterVersion(&job.adapter_name),
-                self.held_bytes(&job),
-            )
-            .await?;
         let ds = self.dataset(tenant, &job.dataset).await?;
         let eval = match &job.validation_dataset {
             Some(n) => Some(
@@ -357,9 +351,21 @@ impl TrainingService {
         };
         // Validation: the data must tokenise under this job's limits.
         let train = self.load_examples(&ds, &job.spec).await?;
-        if let Some(e) = &eval {
-            self.load_examples(e, &job.spec).await?;
-        }
+        let eval_rows = match &eval {
+            Some(e) => self.load_examples(e, &job.spec).await?,
+            None => Vec::new(),
+        };
+        classes::resolve_objective(&mut job.spec.train.objective, &[&train, &eval_rows])
+            .map_err(|(field, reason)| invalid(&field, reason))?;
+        drop(eval_rows);
+        // The head's size is known once its labels are.
+        self.tenancy
+            .check_storage(
+                tenant,
+                crate::tenancy::NewObject::AdapterVersion(&job.adapter_name),
+                self.held_bytes(&job),
+            )
+            .await?;
         let (n_train, _) = split_sizes(train.len(), job.spec.validation_split);
         let spe = n_train
             .div_ceil(job.spec.train.batch_size)

@@ -5,7 +5,9 @@
 //! Boundary: the trainer knows the model and files; the runner knows the database, the
 //! registry and the engine; only `grpc/training.rs` knows the proto.
 
+pub mod classes;
 pub mod dataset;
+pub mod head_vars;
 pub mod jobs;
 pub mod lora_vars;
 pub mod methods;

@@ -1,18 +1,20 @@
 //! What the trainer trains: a [`Trainable`] is an adapter method's parameters as named
 //! `Var`s, the hooks they provide to the differentiable forward ([`TensorAdapter`]), and
 //! `export()`, which turns the current values into the files' content ([`Parsed`]). The
-//! objective (SFT cross-entropy today) is the trainer's, beside it: methods and objectives
-//! combine freely.
+//! objective (SFT cross-entropy, or a classification head's: `head_vars` wraps any method's
+//! parameters with the head) is the trainer's, beside it: methods and objectives combine
+//! freely.
 
 use std::collections::HashMap;
 
 use candle_core::{Tensor, Var};
 
 use super::{
+    head_vars::HeadVars,
     lora_vars::LoraVars,
     methods::MethodSpec,
     prompt_vars::PromptVars,
-    trainer::TrainSpec,
+    trainer::{Objective, TrainSpec},
     weight_vars::{BottleneckVars, Ia3Vars},
 };
 use crate::{
@@ -32,6 +34,10 @@ pub trait Trainable: TensorAdapter + Send {
     fn set_dropout_seed(&self, _seed: u64) {}
     /// The current values as an adapter's files' content.
     fn export(&self) -> candle_core::Result<Parsed>;
+    /// The classification head's labels, when a head is trained.
+    fn labels(&self) -> Option<&[String]> {
+        None
+    }
 
     /// Named tensors (for checkpoints).
     fn tensors(&self) -> HashMap<String, Tensor> {
@@ -54,8 +60,8 @@ pub trait Trainable: TensorAdapter + Send {
     }
 }
 
-/// Fresh parameters of the spec's method.
-pub fn init(model: &BaseModel, spec: &TrainSpec) -> candle_core::Result<Box<dyn Trainable>> {
+/// Fresh parameters of the spec's method alone.
+fn init_method(model: &BaseModel, spec: &TrainSpec) -> candle_core::Result<Box<dyn Trainable>> {
     Ok(match &spec.method {
         MethodSpec::Lora => Box::new(LoraVars::init(
             model.config(),
@@ -79,5 +85,19 @@ pub fn init(model: &BaseModel, spec: &TrainSpec) -> candle_core::Result<Box<dyn 
             Box::new(BottleneckVars::init(model.config(), settings, spec.seed)?)
         }
         m => Box::new(PromptVars::init(model, m, spec.seed)?),
+    })
+}
+
+/// Fresh parameters of the spec's method and, for the classification objective, a head.
+pub fn init(model: &BaseModel, spec: &TrainSpec) -> candle_core::Result<Box<dyn Trainable>> {
+    let method = init_method(model, spec)?;
+    Ok(match &spec.objective {
+        Objective::Sft => method,
+        Objective::Classification { labels } => Box::new(HeadVars::init(
+            method,
+            labels.clone(),
+            model.config().hidden_size,
+            spec.seed,
+        )?),
     })
 }

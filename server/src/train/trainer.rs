@@ -1,6 +1,7 @@
-//! The SFT trainer: LoRA parameters trained with the model's own differentiable forward
-//! over the shared frozen weights (`Llama::forward_hidden`), masked cross-entropy on the
-//! trained tokens, AdamW with warm-up + decay, clipping, accumulation, periodic evaluation
+//! The trainer: a method's parameters trained with the model's own differentiable forward
+//! over the shared frozen weights (`Llama::forward_hidden`), for the SFT objective masked
+//! cross-entropy on the trained tokens, for the classification objective cross-entropy of a
+//! head on each row's last token (`LlamaForSequenceClassification`'s loss); AdamW with warm-up + decay, clipping, accumulation, periodic evaluation
 //! with early stopping, and atomic checkpoints a killed job resumes from.
 //! Invariant: the data order is a pure function of (seed, epoch), so a resumed run sees the
 //! same batches the interrupted one would have; a checkpoint holds parameters, optimizer
@@ -21,6 +22,7 @@ use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use super::{
+    classes::{self, ClassEval, Classes},
     dataset::Tokenized,
     methods::MethodSpec,
     optim::{self, lr_at, AdamW, Schedule},
@@ -57,6 +59,31 @@ pub struct TrainSpec {
     /// Stop after this many evaluations without improvement (0: never), keeping the best.
     pub patience: usize,
     pub checkpoint_every: usize,
+    /// What is optimised (SFT when absent: older stored specs).
+    #[serde(default)]
+    pub objective: Objective,
+}
+
+/// What the trainer optimises.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(tag = "objective", rename_all = "snake_case")]
+pub enum Objective {
+    /// Cross-entropy of the next token on the trained tokens, through the LM head.
+    #[default]
+    Sft,
+    /// Cross-entropy of a classification head `(labels, hidden)`, trained beside the
+    /// method's parameters, on each row's last token; `labels` in the head's output order.
+    Classification { labels: Vec<String> },
+}
+
+impl Objective {
+    /// The classification head's floats, if the objective trains one.
+    pub fn head_floats(&self, cfg: &LlamaConfig) -> usize {
+        match self {
+            Objective::Sft => 0,
+            Objective::Classification { labels } => labels.len() * cfg.hidden_size,
+        }
+    }
 }
 
 impl TrainSpec {
@@ -71,6 +98,11 @@ impl TrainSpec {
     /// `lora_B`, and DoRA's magnitude, for every target module of every layer), known
     /// before training starts.
     pub fn adapter_bytes(&self, cfg: &LlamaConfig) -> u64 {
+        let head = self.objective.head_floats(cfg) * std::mem::size_of::<f32>();
+        head as u64 + self.method_bytes(cfg)
+    }
+
+    fn method_bytes(&self, cfg: &LlamaConfig) -> u64 {
         if let Some(n) = self.method.adapter_floats(cfg) {
             return (n * std::mem::size_of::<f32>()) as u64;
         }
@@ -91,8 +123,9 @@ impl TrainSpec {
     /// adapter's own for LoRA, prompt tuning and P-tuning v2; more for the methods with an
     /// encoder, whose output is what is stored.
     pub fn trainable_bytes(&self, cfg: &LlamaConfig) -> u64 {
+        let head = (self.objective.head_floats(cfg) * std::mem::size_of::<f32>()) as u64;
         match self.method.trainable_floats(cfg) {
-            Some(n) => (n * std::mem::size_of::<f32>()) as u64,
+            Some(n) => (n * std::mem::size_of::<f32>()) as u64 + head,
             None => self.adapter_bytes(cfg),
         }
     }
@@ -120,7 +153,11 @@ pub enum TrainEvent {
     Eval {
         step: usize,
         eval_loss: f64,
+        /// SFT: the share of trained tokens predicted right; classification: of rows.
         token_accuracy: f64,
+        /// Classification: accuracy and per-class F1 on the validation rows.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        classes: Option<ClassEval>,
     },
     Checkpoint {
         step: usize,
@@ -137,6 +174,8 @@ pub enum TrainError {
     Tensor(#[from] candle_core::Error),
     #[error("model: {0}")]
     Model(#[from] crate::model::ModelError),
+    #[error("line {line}: {reason}")]
+    Label { line: usize, reason: String },
 }
 
 /// Why a run ended without error.
@@ -179,7 +218,13 @@ struct Batch {
     tokens: usize,
 }
 
-fn make_batch(examples: &[&Tokenized], pad: u32) -> candle_core::Result<Batch> {
+/// One padded micro-batch; a labelled row (`classes` given) contributes its last position
+/// with its class as the target.
+fn make_batch(
+    examples: &[&Tokenized],
+    pad: u32,
+    classes: Option<&Classes>,
+) -> Result<Batch, TrainError> {
     let t = examples.iter().map(|e| e.ids.len()).max().unwrap_or(1);
     let mut ids = Vec::with_capacity(examples.len() * t);
     let (mut positions, mut targets) = (Vec::new(), Vec::new());
@@ -188,6 +233,24 @@ fn make_batch(examples: &[&Tokenized], pad: u32) -> candle_core::Result<Batch> {
         tokens += e.ids.len();
         ids.extend(&e.ids);
         ids.extend(std::iter::repeat_n(pad, t - e.ids.len()));
+        match (classes, &e.label) {
+            (Some(c), Some(l)) => {
+                let class = c.class(l).ok_or_else(|| TrainError::Label {
+                    line: 0,
+                    reason: format!("label {:?} is not in the job's label set", l.key()),
+                })?;
+                positions.push((b * t + e.ids.len() - 1) as u32);
+                targets.push(class);
+                continue;
+            }
+            (Some(_), None) | (None, Some(_)) => return Err(TrainError::Label {
+                line: 0,
+                reason:
+                    "a labelled row needs the classification objective, and it needs labelled rows"
+                        .into(),
+            }),
+            (None, None) => {}
+        }
         for (i, (&id, &m)) in e.ids.iter().zip(&e.mask).enumerate() {
             if m && i > 0 {
                 positions.push((b * t + i - 1) as u32);
@@ -205,7 +268,9 @@ fn make_batch(examples: &[&Tokenized], pad: u32) -> candle_core::Result<Batch> {
     })
 }
 
-/// Mean cross-entropy of a batch's trained tokens (and the logits, for accuracy).
+/// Mean cross-entropy of a batch's trained tokens or rows (and the logits, for accuracy):
+/// through the adapter's output hook when it has one (a classification head), else the LM
+/// head.
 fn batch_loss(
     model: &BaseModel,
     vars: &dyn Trainable,
@@ -216,7 +281,10 @@ fn batch_loss(
         .forward_hidden(&b.ids, Some(vars as &dyn TensorAdapter))?;
     let (bs, t, hidden) = h.dims3()?;
     let h = h.reshape((bs * t, hidden))?.index_select(&b.positions, 0)?;
-    let logits = crate::model::frozen::frozen_matmul(&h, model.llama.weights.lm_head.weight())?;
+    let logits = match vars.head()? {
+        Some(w) => h.matmul(&w.t()?)?,
+        None => crate::model::frozen::frozen_matmul(&h, model.llama.weights.lm_head.weight())?,
+    };
     let loss = candle_nn::loss::cross_entropy(&logits, &b.targets)?;
     Ok((loss, logits))
 }
@@ -228,7 +296,8 @@ pub fn plain_loss_tensor(
     examples: &[&Tokenized],
 ) -> Result<Tensor, TrainError> {
     let pad = model.tokenizer.eos_ids.first().copied().unwrap_or(0);
-    let b = make_batch(examples, pad)?;
+    let classes = vars.labels().map(Classes::new);
+    let b = make_batch(examples, pad, classes.as_ref())?;
     Ok(batch_loss(model, vars, &b)?.0)
 }
 
@@ -252,6 +321,7 @@ pub fn train(
     emit: &mut dyn FnMut(TrainEvent),
 ) -> Result<Outcome, TrainError> {
     let mut vars = trainable::init(model, spec)?;
+    let classes = vars.labels().map(Classes::new);
     let mut opt = AdamW::new(vars.vars(), spec.weight_decay)?;
     let pad = model.tokenizer.eos_ids.first().copied().unwrap_or(0);
     let micro_per_epoch = train_set.len().div_ceil(spec.batch_size.max(1));
@@ -297,7 +367,7 @@ pub fn train(
             let lo = mb * spec.batch_size;
             let hi = (lo + spec.batch_size).min(train_set.len());
             let ex: Vec<&Tokenized> = order.1[lo..hi].iter().map(|&i| &train_set[i]).collect();
-            let batch = make_batch(&ex, pad)?;
+            let batch = make_batch(&ex, pad, classes.as_ref())?;
             tokens_done += batch.tokens;
             vars.set_dropout_seed(
                 spec.seed ^ (step as u64).wrapping_mul(0xD1B5_4A32_D192_ED03) ^ mb as u64,
@@ -367,11 +437,19 @@ pub fn train(
             };
         if eval_now {
             vars.set_train(false);
-            let (loss, acc) = evaluate(model, vars.as_ref(), eval_set, spec.batch_size, pad)?;
+            let (loss, acc, class_eval) = evaluate(
+                model,
+                vars.as_ref(),
+                eval_set,
+                spec.batch_size,
+                pad,
+                classes.as_ref(),
+            )?;
             emit(TrainEvent::Eval {
                 step: done,
                 eval_loss: loss,
                 token_accuracy: acc,
+                classes: class_eval,
             });
             if best_eval.is_none_or(|b| loss < b) {
                 best_eval = Some(loss);
@@ -411,26 +489,37 @@ pub fn train(
     Ok(Outcome::Finished(vars))
 }
 
+/// Mean loss and accuracy over `set` (per trained token, or per row for a classifier, which
+/// also gets its per-class scores).
 fn evaluate(
     model: &BaseModel,
     vars: &dyn Trainable,
     set: &[Tokenized],
     bs: usize,
     pad: u32,
-) -> Result<(f64, f64), TrainError> {
-    let (mut loss, mut n, mut correct) = (0f64, 0usize, 0usize);
+    classes: Option<&Classes>,
+) -> Result<(f64, f64, Option<ClassEval>), TrainError> {
+    let (mut loss, mut n) = (0f64, 0usize);
+    let (mut preds, mut gold) = (Vec::new(), Vec::new());
     for chunk in set.chunks(bs.max(1)) {
         let ex: Vec<&Tokenized> = chunk.iter().collect();
-        let b = make_batch(&ex, pad)?;
+        let b = make_batch(&ex, pad, classes)?;
         let (l, logits) = batch_loss(model, vars, &b)?;
         let k = b.targets.dim(0)?;
         loss += l.to_scalar::<f32>()? as f64 * k as f64;
-        let pred: Vec<u32> = logits.argmax(1)?.to_vec1()?;
-        let tgt: Vec<u32> = b.targets.to_vec1()?;
-        correct += pred.iter().zip(&tgt).filter(|(a, b)| a == b).count();
+        preds.extend(logits.argmax(1)?.to_vec1::<u32>()?);
+        gold.extend(b.targets.to_vec1::<u32>()?);
         n += k;
     }
-    Ok((loss / n.max(1) as f64, correct as f64 / n.max(1) as f64))
+    let correct = preds.iter().zip(&gold).filter(|(a, b)| a == b).count();
+    let class_eval = vars
+        .labels()
+        .map(|labels| classes::evaluate(&preds, &gold, labels));
+    Ok((
+        loss / n.max(1) as f64,
+        correct as f64 / n.max(1) as f64,
+        class_eval,
+    ))
 }
 
 /// A checkpoint I/O failure: the log has the path, the job's error (which its tenant reads)

@@ -147,6 +147,7 @@ impl TrainingService {
             sha256: format!("{:x}", std::mem::take(&mut up.hasher).finalize()),
             file: file.clone(),
             created_at: 0,
+            label_counts: validated.stats.labels.clone(),
         };
         let remove = || {
             let _ = std::fs::remove_file(self.datasets_dir().join(&file));

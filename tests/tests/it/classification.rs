@@ -245,3 +245,212 @@ async fn wrong_labels_are_refused_and_nothing_is_stored() {
         ["LABEL_0", "LABEL_1", "LABEL_2"]
     );
 }
+
+fn lines(rows: &[&str]) -> Vec<u8> {
+    rows.iter()
+        .map(|r| format!("{r}\n"))
+        .collect::<String>()
+        .into_bytes()
+}
+
+fn classification_job(objective: &str, labels: Option<Vec<String>>) -> pb::CreateJobRequest {
+    use graft_client::proto::create_job_request::MethodConfig;
+    pb::CreateJobRequest {
+        dataset: "topics".into(),
+        validation_dataset: "cases".into(),
+        adapter_name: "trained".into(),
+        method: "lora".into(),
+        method_config: Some(MethodConfig::Lora(pb::LoraMethod {
+            r: Some(8),
+            alpha: Some(16.0),
+            target_modules: vec!["q_proj".into(), "v_proj".into()],
+            ..Default::default()
+        })),
+        objective: objective.into(),
+        classification: labels.map(|labels| pb::ClassificationObjective { labels }),
+        hyperparameters: Some(pb::Hyperparameters {
+            epochs: Some(5),
+            batch_size: Some(4),
+            learning_rate: Some(1e-3),
+            lr_scheduler: "constant".into(),
+            seed: Some(17),
+            max_seq_len: Some(64),
+            checkpoint_every: Some(100),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The fixture's dataset and recipe as a job: a classification dataset with its label
+/// counts, a LoRA + head job evaluated on the six held-out cases with accuracy and
+/// per-class F1, registered with its labels, classifying the cases right; and each wrong
+/// pairing of data, objective and labels refused naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_classification_job_trains_a_head_that_classify_serves() {
+    let t = start_real().await;
+    let text = std::fs::read_to_string(fixtures().join("classification-sentences.jsonl"))
+        .expect("dataset");
+    let rows: Vec<&str> = text.lines().collect();
+    let d = t
+        .client
+        .upload_dataset("", "topics", "", lines(&rows[..36]))
+        .await
+        .expect("upload");
+    assert_eq!(d.format, "classification");
+    assert_eq!(
+        d.label_counts
+            .iter()
+            .map(|c| (c.label.as_str(), c.count))
+            .collect::<Vec<_>>(),
+        [("food", 12), ("sport", 12), ("weather", 12)]
+    );
+    t.client
+        .upload_dataset("", "cases", "", lines(&rows[36..]))
+        .await
+        .expect("upload cases");
+
+    // Datasets a classifier cannot learn from.
+    for (name, data, want) in [
+        (
+            "one",
+            lines(&[r#"{"text":"a","label":"x"}"#, r#"{"text":"b","label":"x"}"#]),
+            "one label",
+        ),
+        (
+            "mixed",
+            lines(&[r#"{"text":"a","label":"x"}"#, r#"{"text":"b"}"#]),
+            "mixed formats",
+        ),
+        (
+            "kinds",
+            lines(&[r#"{"text":"a","label":"x"}"#, r#"{"text":"b","label":1}"#]),
+            "mixed labels",
+        ),
+        (
+            "bad",
+            lines(&[r#"{"text":"a","label":[1]}"#]),
+            "invalid label",
+        ),
+    ] {
+        let err = t
+            .client
+            .upload_dataset("", name, "", data)
+            .await
+            .expect_err(name);
+        assert_eq!(err.code(), Code::InvalidArgument, "{name}");
+        assert!(
+            err.message().contains("dataset") && err.message().contains(want),
+            "{name}: {}",
+            err.message()
+        );
+    }
+    t.client
+        .upload_dataset(
+            "",
+            "sft",
+            "",
+            lines(&[r#"{"prompt":"a","completion":"b"}"#; 4]),
+        )
+        .await
+        .expect("sft data");
+
+    // Wrong pairings, each naming its field; no job is created.
+    let two = Some(vec!["food".to_string(), "sport".to_string()]);
+    for (req, field, want) in [
+        (
+            classification_job("", None),
+            "objective",
+            "classification objective",
+        ),
+        (
+            classification_job("reward", None),
+            "objective",
+            "expected sft",
+        ),
+        (
+            classification_job("classification", two),
+            "classification.labels",
+            "\"weather\" is not one of food, sport",
+        ),
+        (
+            pb::CreateJobRequest {
+                dataset: "sft".into(),
+                validation_dataset: String::new(),
+                ..classification_job("classification", None)
+            },
+            "dataset",
+            "classification dataset",
+        ),
+    ] {
+        let err = t.client.create_job(req).await.expect_err(field);
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}");
+        assert!(
+            err.message().contains(field) && err.message().contains(want),
+            "{field}: {}",
+            err.message()
+        );
+    }
+    let jobs = t
+        .client
+        .training()
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(jobs.jobs.is_empty(), "{:?}", jobs.jobs);
+
+    let created = t
+        .client
+        .create_job(classification_job("classification", None))
+        .await
+        .expect("create");
+    let (events, done) = tokio::time::timeout(
+        std::time::Duration::from_secs(900),
+        t.client.follow_job("", &created.id),
+    )
+    .await
+    .expect("in time")
+    .expect("watch");
+    assert_eq!(done.status, "succeeded", "{}", done.error);
+    let evals: Vec<pb::EvalEvent> = events
+        .into_iter()
+        .filter_map(|e| match e.event {
+            Some(pb::job_event::Event::Eval(ev)) => Some(ev),
+            _ => None,
+        })
+        .collect();
+    let last = evals.last().expect("evaluated");
+    assert_eq!(last.token_accuracy, 1.0, "{last:?}");
+    assert_eq!(last.macro_f1, 1.0, "{last:?}");
+    assert_eq!(
+        last.per_class
+            .iter()
+            .map(|c| (c.label.as_str(), c.support, c.f1))
+            .collect::<Vec<_>>(),
+        [("food", 2, 1.0), ("sport", 2, 1.0), ("weather", 2, 1.0)]
+    );
+    let v = t
+        .client
+        .get_adapter("", "trained")
+        .await
+        .expect("registered");
+    assert_eq!(v.head.expect("head").labels, ["food", "sport", "weather"]);
+    let r = reference();
+    let cases = r["cases"].as_array().expect("cases");
+    let out = t
+        .client
+        .classify(pb::ClassifyRequest {
+            adapter: "trained".into(),
+            inputs: cases
+                .iter()
+                .map(|c| text_input(c["text"].as_str().expect("text")))
+                .collect(),
+            tenant: String::new(),
+        })
+        .await
+        .expect("classify");
+    for (c, res) in cases.iter().zip(&out.results) {
+        assert_eq!(res.label, c["gold"].as_str().expect("gold"), "{c}");
+    }
+}

@@ -1,0 +1,103 @@
+//! The classification objective's trainable: a head `(labels, hidden)` trained beside any
+//! method's parameters, which it wraps. Every hook but the output is the wrapped method's;
+//! the output hook is the head. transformers initialises `score` from
+//! normal(0, `initializer_range`), 0.02 for SmolLM2 and most Llama configs; graft draws the
+//! same distribution from the job's seed.
+
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor, Var};
+use rand::{rngs::StdRng, SeedableRng};
+
+use super::{prompt_vars::normal, trainable::Trainable};
+use crate::{
+    adapters::formats::Parsed,
+    model::{
+        adapter::{LinearHook, SublayerHook, TensorAdapter},
+        ClassHead, Module, Sublayer,
+    },
+};
+
+/// transformers' default `initializer_range`.
+pub const HEAD_INIT_STD: f64 = 0.02;
+
+/// The checkpoint name of the head's variable.
+pub const HEAD_VAR: &str = "score.weight";
+
+pub struct HeadVars {
+    inner: Box<dyn Trainable>,
+    head: Var,
+    labels: Vec<String>,
+}
+
+impl HeadVars {
+    /// A fresh head for `labels` over `inner`'s parameters.
+    pub fn init(
+        inner: Box<dyn Trainable>,
+        labels: Vec<String>,
+        hidden: usize,
+        seed: u64,
+    ) -> candle_core::Result<Self> {
+        let mut rng = StdRng::seed_from_u64(seed ^ 0x5C0F_E11E_AD00_0001);
+        let w: Vec<f32> = normal(&mut rng, labels.len() * hidden)
+            .into_iter()
+            .map(|x| x * HEAD_INIT_STD as f32)
+            .collect();
+        let head = Var::from_tensor(&Tensor::from_vec(w, (labels.len(), hidden), &Device::Cpu)?)?;
+        Ok(Self {
+            inner,
+            head,
+            labels,
+        })
+    }
+}
+
+impl TensorAdapter for HeadVars {
+    fn linear(&self, layer: usize, m: Module) -> Option<&dyn LinearHook> {
+        self.inner.linear(layer, m)
+    }
+    fn sublayer(&self, layer: usize, site: Sublayer) -> Option<&dyn SublayerHook> {
+        self.inner.sublayer(layer, site)
+    }
+    fn prompt(&self) -> candle_core::Result<Option<Tensor>> {
+        self.inner.prompt()
+    }
+    fn kv_prefix(&self) -> candle_core::Result<Option<Tensor>> {
+        self.inner.kv_prefix()
+    }
+    fn head(&self) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(self.head.as_tensor().clone()))
+    }
+}
+
+impl Trainable for HeadVars {
+    fn vars(&self) -> Vec<Var> {
+        let mut v = self.inner.vars();
+        v.push(self.head.clone());
+        v
+    }
+    fn names(&self) -> Vec<String> {
+        let mut n = self.inner.names();
+        n.push(HEAD_VAR.into());
+        n
+    }
+    fn set_train(&mut self, train: bool) {
+        self.inner.set_train(train);
+    }
+    fn set_dropout_seed(&self, seed: u64) {
+        self.inner.set_dropout_seed(seed);
+    }
+    fn labels(&self) -> Option<&[String]> {
+        Some(&self.labels)
+    }
+    fn export(&self) -> candle_core::Result<Parsed> {
+        let mut p = self.inner.export()?;
+        let (_, hidden) = self.head.dims2()?;
+        p.adapter.head = Some(Arc::new(ClassHead {
+            labels: self.labels.clone(),
+            weight: self.head.flatten_all()?.to_vec1()?,
+            hidden,
+        }));
+        Ok(p)
+    }
+}
