@@ -26,7 +26,8 @@ pub struct JobArgs {
     /// Fraction of the dataset held out for evaluation, in [0, 0.5).
     #[arg(long)]
     pub validation_split: Option<f64>,
-    /// lora (default), ia3, bottleneck, prompt_tuning, p_tuning, prefix_tuning or p_tuning_v2.
+    /// lora (default), ia3, bottleneck, prompt_tuning, p_tuning, prefix_tuning, p_tuning_v2,
+    /// or head (only a classification head; with --objective classification).
     #[arg(long)]
     pub method: Option<String>,
     /// sft (default) or classification (a head trained beside the method on a

@@ -212,7 +212,9 @@ fn a_classifier_trains_on_the_fixture_recipe_and_serves_what_it_learned() {
         .expect("compiles");
     assert_eq!(back.head.as_ref().expect("head").num_labels(), 3);
     for c in &cases {
-        let trained = graft_server::model::Llama::output_reference(&m.llama, &c.ids, vars.as_ref())
+        let trained = m
+            .llama
+            .output_reference(&c.ids, vars.as_ref())
             .expect("plain");
         let served = served_last_logits(&m, &back, &c.ids);
         assert_eq!(served.len(), 3);
@@ -221,4 +223,87 @@ fn a_classifier_trains_on_the_fixture_recipe_and_serves_what_it_learned() {
             "{served:?} vs {trained:?}"
         );
     }
+}
+
+/// The `head` method: only the head trains; it is stored as PEFT stores a head-only
+/// adapter (LoRA with `target_modules: "dummy-target-modules"`, the head in
+/// `modules_to_save`), parses back and serves what was trained. Without a head those files
+/// hold nothing and are refused.
+#[test]
+fn a_head_alone_trains_and_round_trips_as_peft_stores_it() {
+    let m = tiny();
+    let (train, cases) = sentences(&m);
+    let s = TrainSpec {
+        method: MethodSpec::Head,
+        learning_rate: 1e-2,
+        epochs: 3,
+        ..spec(3, 1e-2, 5)
+    };
+    let vars = trainable::init(&m, &s).expect("init");
+    assert_eq!(vars.names(), ["score.weight"]);
+    let before =
+        trainer::plain_loss(&m, vars.as_ref(), &train.iter().collect::<Vec<_>>()).expect("loss");
+    let dir = tempfile::tempdir().expect("dir");
+    let Outcome::Finished(vars) = trainer::train(
+        &m,
+        &s,
+        &train,
+        &[],
+        dir.path(),
+        &Control::default(),
+        &mut |_| {},
+    )
+    .expect("train") else {
+        panic!("cancelled")
+    };
+    let after =
+        trainer::plain_loss(&m, vars.as_ref(), &train.iter().collect::<Vec<_>>()).expect("loss");
+    assert!(after < before, "{before} -> {after}");
+    let parsed = vars.export().expect("export");
+    let (config, weights) = formats::write(&parsed, m.config(), &m.name).expect("write");
+    let cfg: serde_json::Value = serde_json::from_slice(&config).expect("json");
+    assert_eq!(cfg["target_modules"], "dummy-target-modules");
+    assert_eq!(cfg["task_type"], "SEQ_CLS");
+    let st = safetensors::SafeTensors::deserialize(&weights).expect("st");
+    assert_eq!(st.names(), ["base_model.model.score.weight"]);
+    let policy = ImportPolicy {
+        max_rank: 64,
+        max_virtual_tokens: 128,
+        force: true,
+        base_aliases: vec![],
+    };
+    let back = formats::parse(&config, &weights, m.config(), &m.name, &policy)
+        .expect("parses")
+        .compile(&m.llama)
+        .expect("compiles");
+    assert!(back.modules().is_empty());
+    for c in &cases {
+        let trained = m
+            .llama
+            .output_reference(&c.ids, vars.as_ref())
+            .expect("plain");
+        let served = served_last_logits(&m, &back, &c.ids);
+        assert!(
+            max_abs_diff(&served, &trained) < 1e-3,
+            "{served:?} vs {trained:?}"
+        );
+    }
+    // The same config without the head: nothing to serve.
+    let mut bare = cfg.clone();
+    bare["modules_to_save"] = serde_json::Value::Null;
+    bare["task_type"] = "CAUSAL_LM".into();
+    let empty = safetensors::serialize(
+        Vec::<(String, safetensors::tensor::TensorView<'_>)>::new(),
+        None,
+    )
+    .expect("empty");
+    let e = formats::parse(
+        &serde_json::to_vec(&bare).expect("json"),
+        &empty,
+        m.config(),
+        &m.name,
+        &policy,
+    )
+    .expect_err("nothing to serve");
+    assert!(e.to_string().contains("nothing to serve"), "{e}");
 }

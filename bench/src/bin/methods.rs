@@ -8,7 +8,10 @@
 //!    from the per-version prefix (what graft does) vs computed for the request;
 //! 3. `mixed`: 32 streams, a quarter bare and three quarters under one adapter kind (own
 //!    rank-16 LoRAs; prompt tuning and prefix tuning; IA3, DoRA and a bottleneck; all of
-//!    them), each set against the same 32 streams bare, over gRPC.
+//!    them), each set against the same 32 streams bare, over gRPC;
+//! 4. `classify`: the seq-cls fixture's classifier over gRPC: Classify requests per second
+//!    (one short text each, `--streams` callers at once) alone, generation tokens/s of the
+//!    same number of streams alone, and both at once (they share engine steps).
 
 use std::{path::PathBuf, sync::Arc, time::Instant};
 
@@ -34,8 +37,8 @@ use graft_tests::{fixtures, random_peft};
 struct Args {
     #[arg(long, default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
     model: PathBuf,
-    /// Comma-separated: learning, ttft, mixed.
-    #[arg(long, default_value = "learning,ttft,mixed")]
+    /// Comma-separated: learning, ttft, mixed, classify.
+    #[arg(long, default_value = "learning,ttft,mixed,classify")]
     parts: String,
     #[arg(long, default_value_t = 32)]
     streams: usize,
@@ -527,5 +530,94 @@ async fn main() -> anyhow::Result<()> {
     if parts.contains(&"mixed") {
         mixed(&args).await?;
     }
+    if parts.contains(&"classify") {
+        classify(&args).await?;
+    }
+    Ok(())
+}
+
+/// `callers` concurrent callers each sending `per_caller` one-text Classify requests in turn;
+/// requests per second.
+async fn classify_load(
+    client: &graft_client::GraftClient,
+    texts: &[String],
+    callers: usize,
+    per_caller: usize,
+) -> anyhow::Result<f64> {
+    let start = Instant::now();
+    let results = futures::future::join_all((0..callers).map(|i| {
+        let c = client.clone();
+        let texts = texts.to_vec();
+        async move {
+            for k in 0..per_caller {
+                let text = texts[(i + k) % texts.len()].clone();
+                c.classify(graft_client::proto::ClassifyRequest {
+                    adapter: "topic".into(),
+                    inputs: vec![graft_client::proto::ClassifyInput {
+                        text,
+                        messages: Vec::new(),
+                    }],
+                    tenant: String::new(),
+                })
+                .await?;
+            }
+            Ok::<_, tonic::Status>(())
+        }
+    }))
+    .await;
+    for r in results {
+        r?;
+    }
+    Ok((callers * per_caller) as f64 / start.elapsed().as_secs_f64())
+}
+
+async fn classify(args: &Args) -> anyhow::Result<()> {
+    let data = std::env::temp_dir().join(format!("graft-bench-classify-{}", std::process::id()));
+    let mut cfg = ServerConfig::for_model(&args.model, &data);
+    cfg.tenancy.admin_key = Some(graft_tests::ADMIN_KEY.into());
+    cfg.engine.max_active_sequences = 64;
+    let srv = server::start(cfg).await?;
+    srv.ready().await?;
+    let client = graft_tests::connect_as(srv.grpc_addr, graft_tests::TENANT).await;
+    let opts = graft_client::ImportOptions {
+        force: true,
+        labels: ["food", "sport", "weather"].map(String::from).to_vec(),
+    };
+    client
+        .import_adapter_dir_with(
+            "",
+            "topic",
+            &fixtures().join("peft-methods/seq-cls/adapter"),
+            &opts,
+        )
+        .await?;
+    let r = json(fixtures().join("peft-methods/seq-cls/reference.json"));
+    let texts: Vec<String> = r["cases"]
+        .as_array()
+        .expect("cases")
+        .iter()
+        .map(|c| c["text"].as_str().expect("text").to_string())
+        .collect();
+    let n = args.streams;
+    let per = 8;
+    classify_load(&client, &texts, n, 2).await?; // warm-up
+    let alone = classify_load(&client, &texts, n, per).await?;
+    let bare: Vec<Option<String>> = vec![None; n];
+    let gen_alone = run_streams(&client, &bare, args.tokens).await?;
+    let (gen_with, cls_with) = tokio::join!(
+        run_streams(&client, &bare, args.tokens),
+        classify_load(&client, &texts, n, per)
+    );
+    println!(
+        "{n} callers; Classify: one 8-14 token text per request, {per} requests per caller; Generate: {} new tokens per stream",
+        args.tokens
+    );
+    println!("| load | Classify (req/s) | Generate (tok/s) |");
+    println!("|---|---|---|");
+    println!("| Classify alone | {alone:.1} | |");
+    println!("| Generate alone | | {gen_alone:.1} |");
+    println!("| both at once | {:.1} | {:.1} |", cls_with?, gen_with?);
+    srv.drain().await?;
+    let _ = std::fs::remove_dir_all(&data);
     Ok(())
 }

@@ -30,7 +30,7 @@ fn default_learning_rate(m: &MethodSpec) -> f64 {
         MethodSpec::PTuning { .. } | MethodSpec::PrefixTuning { .. } => 3e-3,
         MethodSpec::PTuningV2 { .. } => 1e-2,
         MethodSpec::Ia3 { .. } => 1e-2,
-        MethodSpec::Bottleneck { .. } => 1e-3,
+        MethodSpec::Bottleneck { .. } | MethodSpec::Head => 1e-3,
     }
 }
 
@@ -166,10 +166,11 @@ fn method_from(req: &pb::CreateJobRequest) -> Result<MethodSpec, ApiError> {
             };
             bottleneck_from(c)?
         }
+        ("head", _) => MethodSpec::Head,
         (other, _) => {
             return Err(ApiError::invalid(
                 "method",
-                format!("{other:?} is not supported; expected lora, ia3, bottleneck, prompt_tuning, p_tuning, prefix_tuning or p_tuning_v2"),
+                format!("{other:?} is not supported; expected lora, ia3, bottleneck, prompt_tuning, p_tuning, prefix_tuning, p_tuning_v2 or head (with the classification objective)"),
             ))
         }
     })

@@ -75,6 +75,10 @@ pub enum MethodSpec {
         #[serde(default)]
         bottleneck_size: Option<usize>,
     },
+    /// No adapter parameters: only the classification objective's head is trained (stored
+    /// as PEFT does it, LoRA with `target_modules: "dummy-target-modules"` and the head in
+    /// `modules_to_save`).
+    Head,
 }
 
 impl MethodSpec {
@@ -87,12 +91,16 @@ impl MethodSpec {
             MethodSpec::PTuningV2 { .. } => "p_tuning_v2",
             MethodSpec::Ia3 { .. } => "ia3",
             MethodSpec::Bottleneck { .. } => "bottleneck",
+            MethodSpec::Head => "head",
         }
     }
 
     pub fn virtual_tokens(&self) -> usize {
         match self {
-            MethodSpec::Lora | MethodSpec::Ia3 { .. } | MethodSpec::Bottleneck { .. } => 0,
+            MethodSpec::Lora
+            | MethodSpec::Ia3 { .. }
+            | MethodSpec::Bottleneck { .. }
+            | MethodSpec::Head => 0,
             MethodSpec::PromptTuning {
                 num_virtual_tokens, ..
             }
@@ -140,6 +148,7 @@ impl MethodSpec {
         let p = self.virtual_tokens();
         match self {
             MethodSpec::Lora => None,
+            MethodSpec::Head => Some(0),
             MethodSpec::Ia3 {
                 target_modules,
                 feedforward_modules,
@@ -190,7 +199,8 @@ impl MethodSpec {
             MethodSpec::PromptTuning { .. }
             | MethodSpec::PTuningV2 { .. }
             | MethodSpec::Ia3 { .. }
-            | MethodSpec::Bottleneck { .. } => self.adapter_floats(cfg)?,
+            | MethodSpec::Bottleneck { .. }
+            | MethodSpec::Head => self.adapter_floats(cfg)?,
             MethodSpec::PTuning {
                 encoder: Encoder::Mlp,
                 encoder_hidden_size: e,
@@ -257,6 +267,10 @@ pub fn check(
         ));
     }
     match method {
+        MethodSpec::Head if spec.objective == super::trainer::Objective::Sft => Err((
+            "method".into(),
+            "head trains only a classification head; it needs the classification objective".into(),
+        )),
         MethodSpec::Lora if spec.rank > max_rank => Err((
             "lora.r".into(),
             format!(

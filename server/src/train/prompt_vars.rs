@@ -147,7 +147,10 @@ impl PromptVars {
         let relu = |x: &Tensor| x.relu();
         let tanh = |x: &Tensor| x.tanh();
         let (embedding, net) = match method {
-            MethodSpec::Lora | MethodSpec::Ia3 { .. } | MethodSpec::Bottleneck { .. } => {
+            MethodSpec::Lora
+            | MethodSpec::Ia3 { .. }
+            | MethodSpec::Bottleneck { .. }
+            | MethodSpec::Head => {
                 candle_core::bail!("{} is not a prompt method", method.name())
             }
             MethodSpec::PromptTuning { init, .. } => {

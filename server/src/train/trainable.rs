@@ -18,7 +18,7 @@ use super::{
     weight_vars::{BottleneckVars, Ia3Vars},
 };
 use crate::{
-    adapters::formats::Parsed,
+    adapters::formats::{Details, Parsed},
     model::{adapter::TensorAdapter, BaseModel},
 };
 
@@ -84,6 +84,9 @@ fn init_method(model: &BaseModel, spec: &TrainSpec) -> candle_core::Result<Box<d
         MethodSpec::Bottleneck { settings, .. } => {
             Box::new(BottleneckVars::init(model.config(), settings, spec.seed)?)
         }
+        MethodSpec::Head => Box::new(NoVars {
+            layers: model.config().num_layers,
+        }),
         m => Box::new(PromptVars::init(model, m, spec.seed)?),
     })
 }
@@ -100,4 +103,34 @@ pub fn init(model: &BaseModel, spec: &TrainSpec) -> candle_core::Result<Box<dyn 
             spec.seed,
         )?),
     })
+}
+
+/// No adapter parameters (the `head` method: a classification head alone). It exports as
+/// PEFT stores a head-only adapter: LoRA without target modules.
+struct NoVars {
+    layers: usize,
+}
+
+impl TensorAdapter for NoVars {}
+
+impl Trainable for NoVars {
+    fn vars(&self) -> Vec<Var> {
+        Vec::new()
+    }
+    fn names(&self) -> Vec<String> {
+        Vec::new()
+    }
+    fn export(&self) -> candle_core::Result<Parsed> {
+        Ok(Parsed {
+            details: Details::Lora {
+                rank: 8,
+                alpha: 8.0,
+                target_modules: Vec::new(),
+                use_rslora: false,
+                use_dora: false,
+            },
+            adapter: crate::model::Adapter::new(self.layers),
+            prompt: None,
+        })
+    }
 }

@@ -382,6 +382,15 @@ async fn a_classification_job_trains_a_head_that_classify_serves() {
             "dataset",
             "classification dataset",
         ),
+        (
+            pb::CreateJobRequest {
+                method: "head".into(),
+                method_config: None,
+                ..classification_job("sft", None)
+            },
+            "method",
+            "needs the classification objective",
+        ),
     ] {
         let err = t.client.create_job(req).await.expect_err(field);
         assert_eq!(err.code(), Code::InvalidArgument, "{field}");

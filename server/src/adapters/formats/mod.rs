@@ -213,7 +213,14 @@ pub fn parse(
         return adapterhub::parse(config_json, weights, cfg, base_name, policy);
     }
     let Some(split) = heads::split(&v, weights, cfg)? else {
-        return parse_peft(&v, config_json, weights, cfg, base_name, policy);
+        let p = parse_peft(&v, config_json, weights, cfg, base_name, policy)?;
+        if matches!(p.details, Details::Lora { .. }) && p.adapter.modules().is_empty() {
+            return Err(err(
+                WEIGHTS_FILE,
+                "holds no LoRA tensors and the config no head (modules_to_save): nothing to serve",
+            ));
+        }
+        return Ok(p);
     };
     let mut p = parse_peft(&v, &split.config, &split.weights, cfg, base_name, policy)?;
     p.adapter.head = Some(std::sync::Arc::new(split.head));

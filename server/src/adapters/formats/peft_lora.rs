@@ -174,8 +174,18 @@ pub(super) fn parse(
         }
         pairs.entry((layer, m)).or_insert([None, None, None])[which] = Some(view);
     }
-    if pairs.is_empty() {
+    // PEFT's marker for an adapter that adapts no module (only `modules_to_save`, a head).
+    let head_only = c.target_modules.as_str() == Some(DUMMY_TARGET_MODULES);
+    if pairs.is_empty() && !head_only {
         return Err(err(WEIGHTS_FILE, "holds no LoRA tensors"));
+    }
+    if head_only && !pairs.is_empty() {
+        return Err(err(
+            format!("{CONFIG_FILE}.target_modules"),
+            format!(
+                "{DUMMY_TARGET_MODULES:?} targets no module, but {WEIGHTS_FILE} holds LoRA tensors"
+            ),
+        ));
     }
     let mut out = Adapter::new(cfg.num_layers);
     let mut max_rank = 0;
@@ -293,6 +303,9 @@ pub(super) fn parse(
     })
 }
 
+/// PEFT's `target_modules` for a LoRA adapter of no module (`peft.utils.constants`).
+pub const DUMMY_TARGET_MODULES: &str = "dummy-target-modules";
+
 /// Writes a LoRA adapter as PEFT files (HF layout, f32): `(adapter_config.json,
 /// adapter_model.safetensors)`. `alpha` is recorded so that `alpha / r` (or `/ sqrt(r)`)
 /// gives back each pair's scale.
@@ -379,6 +392,11 @@ pub(super) fn write(
         }
     }
     let st = serialize(&tensors)?;
+    let target_modules = if target_modules.is_empty() {
+        serde_json::json!(DUMMY_TARGET_MODULES)
+    } else {
+        serde_json::json!(target_modules)
+    };
     let config = serde_json::json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
