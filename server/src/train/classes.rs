@@ -181,7 +181,8 @@ pub struct ClassScore {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClassEval {
     pub accuracy: f64,
-    /// The unweighted mean of the per-class F1 scores (scikit-learn's `macro`).
+    /// The unweighted mean of the per-class F1 scores of the labels in the gold or the
+    /// predicted classes (scikit-learn's `macro`).
     pub macro_f1: f64,
     pub per_class: Vec<ClassScore>,
 }
@@ -221,9 +222,15 @@ pub fn evaluate(pred: &[u32], gold: &[u32], labels: &[String]) -> ClassEval {
             }
         })
         .collect();
+    // As scikit-learn's default: the mean over the labels present in the gold or the
+    // predicted classes (a label neither has scores nothing either way).
+    let present: Vec<f64> = (0..n)
+        .filter(|&i| tp[i] + fp[i] + fneg[i] > 0)
+        .map(|i| per_class[i].f1)
+        .collect();
     ClassEval {
         accuracy: ratio(tp.iter().sum(), gold.len() as u64),
-        macro_f1: per_class.iter().map(|c| c.f1).sum::<f64>() / n.max(1) as f64,
+        macro_f1: present.iter().sum::<f64>() / present.len().max(1) as f64,
         per_class,
     }
 }
@@ -294,6 +301,11 @@ mod tests {
         // a: p 1/2 r 1/2 -> 0.5; b: p 2/3 r 1 -> 0.8; c: 0
         assert!((f[0] - 0.5).abs() < 1e-12 && (f[1] - 0.8).abs() < 1e-12 && f[2] == 0.0);
         assert!((e.macro_f1 - 1.3 / 3.0).abs() < 1e-12);
+        // A label in neither the gold nor the predictions does not count in the mean.
+        let four: Vec<String> = ["a", "b", "c", "d"].map(String::from).to_vec();
+        let e4 = evaluate(&[0, 1, 1, 1, 0], &[0, 0, 1, 1, 2], &four);
+        assert_eq!(e4.per_class[3].support, 0);
+        assert!((e4.macro_f1 - e.macro_f1).abs() < 1e-12);
         assert_eq!(
             e.per_class.iter().map(|c| c.support).collect::<Vec<_>>(),
             [2, 2, 1]
