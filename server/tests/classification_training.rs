@@ -8,7 +8,9 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use common::{fixtures, max_abs_diff, model as real, served_last_logits, tiny};
+use common::{
+    fixtures, largest_gradient_vs_fd, max_abs_diff, model as real, served_last_logits, tiny,
+};
 use graft_server::{
     adapters::formats::{self, ImportPolicy},
     model::{BaseModel, ChatMessage},
@@ -96,27 +98,10 @@ fn head_and_lora_gradients_match_finite_differences() {
         if !(names[vi] == "score.weight" || names[vi].starts_with("0.")) {
             continue;
         }
-        let flat: Vec<f32> = g.flatten_all().expect("f").to_vec1().expect("v");
-        let base: Vec<f32> = v.flatten_all().expect("f").to_vec1().expect("v");
-        let (k, gk) = flat
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
-            .map(|(k, g)| (k, *g))
-            .expect("non-empty");
-        assert!(gk != 0.0, "{} has no gradient", names[vi]);
-        let eps = 2e-3f32;
-        let at = |d: f32| {
-            let mut x = base.clone();
-            x[k] += d;
-            v.set(&Tensor::from_vec(x, v.shape(), &Device::Cpu).expect("t"))
-                .expect("set");
+        let (gk, fd) = largest_gradient_vs_fd(v, g, || {
             trainer::plain_loss(&m, vars.as_ref(), &batch).expect("loss")
-        };
-        let (lp, lm) = (at(eps), at(-eps));
-        v.set(&Tensor::from_vec(base.clone(), v.shape(), &Device::Cpu).expect("t"))
-            .expect("restore");
-        let fd = ((lp - lm) / (2.0 * eps as f64)) as f32;
+        });
+        assert!(gk != 0.0, "{} has no gradient", names[vi]);
         assert!(
             (gk - fd).abs() <= 2e-3 + 0.05 * gk.abs(),
             "{}: autograd {gk} vs finite difference {fd}",

@@ -5,7 +5,6 @@
 
 mod common;
 
-use candle_core::{Device, Tensor};
 use common::{
     max_abs_diff, plain_last_logits, served_last_logits, tiny as model, toy_examples as data,
 };
@@ -99,26 +98,10 @@ fn prompt_method_gradients_match_finite_differences() {
         };
         assert_eq!(all.len(), grads.len());
         for (vi, (v, g)) in all.iter().zip(&grads).enumerate() {
-            let flat: Vec<f32> = g.flatten_all().expect("flat").to_vec1().expect("vec");
-            let base: Vec<f32> = v.flatten_all().expect("flat").to_vec1().expect("vec");
-            let (k, gk) = flat
-                .iter()
-                .enumerate()
-                .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
-                .map(|(k, g)| (k, *g))
-                .expect("non-empty");
-            assert!(gk != 0.0, "{method:?}: {} has no gradient", names[vi]);
-            let eps = 2e-3f32;
-            let at = |d: f32| {
-                let mut x = base.clone();
-                x[k] += d;
-                v.set(&Tensor::from_vec(x, v.shape(), &Device::Cpu).expect("t"))
-                    .expect("set");
+            let (gk, fd) = common::largest_gradient_vs_fd(v, g, || {
                 trainer::plain_loss(&m, vars.as_ref(), &batch).expect("loss")
-            };
-            let (lp, lm) = (at(eps), at(-eps));
-            at(0.0);
-            let fd = ((lp - lm) / (2.0 * eps as f64)) as f32;
+            });
+            assert!(gk != 0.0, "{method:?}: {} has no gradient", names[vi]);
             let rel = (fd - gk).abs() / gk.abs().max(1e-3);
             assert!(
                 rel < 0.05,

@@ -363,3 +363,68 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0f32, f32::max)
 }
+
+/// For variable `v` with gradient `g`: the autograd value of its largest-gradient entry and
+/// the central finite difference (step 2e-3) of `loss` there; `v` is restored afterwards.
+pub fn largest_gradient_vs_fd(
+    v: &candle_core::Var,
+    g: &candle_core::Tensor,
+    loss: impl Fn() -> f64,
+) -> (f32, f32) {
+    let flat: Vec<f32> = g.flatten_all().expect("flat").to_vec1().expect("vec");
+    let base: Vec<f32> = v.flatten_all().expect("flat").to_vec1().expect("vec");
+    let (k, gk) = flat
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
+        .map(|(k, g)| (k, *g))
+        .expect("non-empty");
+    let eps = 2e-3f32;
+    let set = |x: Vec<f32>| {
+        v.set(&candle_core::Tensor::from_vec(x, v.shape(), &Device::Cpu).expect("t"))
+            .expect("set")
+    };
+    let at = |d: f32| {
+        let mut x = base.clone();
+        x[k] += d;
+        set(x);
+        loss()
+    };
+    let (lp, lm) = (at(eps), at(-eps));
+    set(base.clone());
+    (gk, ((lp - lm) / (2.0 * eps as f64)) as f32)
+}
+
+/// A safetensors file's tensors kept where `keep(name)`, then each of `set` (name, shape,
+/// f32 values) put in: replacing the tensor of that name, or added.
+pub fn safetensors_edit(
+    w: &[u8],
+    keep: impl Fn(&str) -> bool,
+    set: &[(&str, Vec<usize>, Vec<f32>)],
+) -> Vec<u8> {
+    let st = safetensors::SafeTensors::deserialize(w).expect("st");
+    let mut all: Vec<(String, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .filter(|(n, _)| keep(n))
+        .map(|(n, t)| (n, t.shape().to_vec(), t.data().to_vec()))
+        .collect();
+    for (name, shape, v) in set {
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        match all.iter_mut().find(|(n, _, _)| n == name) {
+            Some(e) => (e.1, e.2) = (shape.clone(), bytes),
+            None => all.push((name.to_string(), shape.clone(), bytes)),
+        }
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = all
+        .iter()
+        .map(|(n, s, d)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d)
+                    .expect("view"),
+            )
+        })
+        .collect();
+    safetensors::serialize(views, None).expect("serialize")
+}
