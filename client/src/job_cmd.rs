@@ -38,6 +38,9 @@ pub struct JobArgs {
     /// dataset's labels sorted).
     #[arg(long, value_delimiter = ',')]
     pub labels: Option<Vec<String>>,
+    /// Also train a replaced LM head (the whole output layer; PEFT modules_to_save lm_head).
+    #[arg(long)]
+    pub train_lm_head: Option<bool>,
     // LoRA
     /// LoRA rank.
     #[arg(long)]
@@ -155,6 +158,7 @@ impl JobArgs {
             method,
             objective,
             labels,
+            train_lm_head,
             rank,
             alpha,
             dropout,
@@ -250,6 +254,7 @@ impl JobArgs {
                 .labels
                 .clone()
                 .map(|labels| proto::ClassificationObjective { labels }),
+            train_lm_head: a.train_lm_head.unwrap_or(false),
             hyperparameters: Some(proto::Hyperparameters {
                 epochs: a.epochs,
                 batch_size: a.batch_size,

@@ -49,6 +49,7 @@ fn spec(steps_per_epoch_epochs: usize, lr: f64, seed: u64) -> TrainSpec {
         patience: 0,
         checkpoint_every: 100,
         objective: Objective::Classification { labels: labels() },
+        train_lm_head: false,
     }
 }
 

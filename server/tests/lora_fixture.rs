@@ -283,7 +283,7 @@ fn refusals_name_the_problem() {
     dora["use_dora"] = true.into();
     check(&dora, &w, &p, "use_dora", "DoRA");
     let mut mts = cfg.clone();
-    mts["modules_to_save"] = serde_json::json!(["lm_head"]);
+    mts["modules_to_save"] = serde_json::json!(["embed_tokens"]);
     check(&mts, &w, &p, "modules_to_save", "not supported");
     // A target the model does not have.
     let mut tm = cfg.clone();

@@ -80,6 +80,7 @@ fn spec(method: MethodSpec) -> TrainSpec {
         patience: 0,
         checkpoint_every: 2,
         objective: Default::default(),
+        train_lm_head: false,
     }
 }
 

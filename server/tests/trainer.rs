@@ -47,6 +47,7 @@ fn spec() -> TrainSpec {
         patience: 0,
         checkpoint_every: 2,
         objective: Default::default(),
+        train_lm_head: false,
     }
 }
 

@@ -54,6 +54,7 @@ fn spec(method: MethodSpec, use_dora: bool, dropout: f32) -> TrainSpec {
         patience: 0,
         checkpoint_every: 2,
         objective: Default::default(),
+        train_lm_head: false,
     }
 }
 

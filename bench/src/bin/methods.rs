@@ -114,6 +114,7 @@ fn spec_of(dir: &str, cfg: &graft_server::model::LlamaConfig) -> TrainSpec {
         patience: 0,
         checkpoint_every: 1_000_000,
         objective: Default::default(),
+        train_lm_head: false,
     };
     spec.method = match dir.rsplit('/').next().unwrap_or(dir) {
         "prompt-tuning" => MethodSpec::PromptTuning {

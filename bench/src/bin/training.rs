@@ -66,6 +66,7 @@ fn spec(steps: usize) -> TrainSpec {
         patience: 0,
         checkpoint_every: 1_000_000,
         objective: Default::default(),
+        train_lm_head: false,
     }
 }
 

@@ -406,6 +406,7 @@ pub(super) fn job_from(req: &pb::CreateJobRequest) -> Result<NewJob, ApiError> {
     let objective = objective_from(req)?;
     let train = TrainSpec {
         objective,
+        train_lm_head: req.train_lm_head,
         method,
         rank,
         alpha,

@@ -13,8 +13,9 @@
 //!   base once at load, [`super::Llama::prefix_from_embeddings`]);
 //! - the trainer's embedding hook ([`TensorAdapter::prompt`]): virtual input embeddings in
 //!   front of the real ones;
-//! - the output: a [`ClassHead`] in place of the LM head on the last position
-//!   ([`super::Llama::forward_step`]; as a tensor, [`TensorAdapter::head`]).
+//! - the output: a [`ClassHead`] in place of the LM head on the last position, or a
+//!   replaced LM head ([`LmHead`]) ([`super::Llama::forward_step`]; as tensors,
+//!   [`TensorAdapter::head`] and [`TensorAdapter::lm_head`]).
 //!
 //! [`super::Llama::forward_batch`] applies an `Adapter` per row on plain slices;
 //! [`super::Llama::forward_hidden`] applies any [`TensorAdapter`] as tensors — an `Adapter`
@@ -28,7 +29,7 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor};
 
 pub use super::bottleneck::Bottleneck;
-pub use super::head::ClassHead;
+pub use super::head::{ClassHead, LmHead};
 use super::{
     bottleneck,
     lora::LoraPair,
@@ -199,6 +200,8 @@ pub struct Adapter {
     /// The output hook: a classification head in place of the LM head. A sequence of an
     /// adapter with one is classified (prefill only), never continued.
     pub head: Option<Arc<ClassHead>>,
+    /// The output hook's other form: a replaced LM head (the rows still generate).
+    pub lm_head: Option<Arc<LmHead>>,
 }
 
 impl Adapter {
@@ -209,6 +212,7 @@ impl Adapter {
             sublayer: Vec::new(),
             prefix: None,
             head: None,
+            lm_head: None,
         }
     }
 
@@ -219,6 +223,7 @@ impl Adapter {
             sublayer: Vec::new(),
             prefix: Some(Arc::new(prefix)),
             head: None,
+            lm_head: None,
         }
     }
 
@@ -275,6 +280,7 @@ impl Adapter {
             + sublayer
             + self.prefix.as_ref().map_or(0, |p| p.bytes())
             + self.head.as_ref().map_or(0, |h| h.bytes())
+            + self.lm_head.as_ref().map_or(0, |h| h.bytes())
     }
 
     /// Positions the adapter puts in front of every sequence (they count against the
@@ -437,6 +443,11 @@ pub trait TensorAdapter {
     fn head(&self) -> candle_core::Result<Option<Tensor>> {
         Ok(None)
     }
+    /// The output hook's other form: a replaced LM head `(vocab, hidden)` in place of the
+    /// base's.
+    fn lm_head(&self) -> candle_core::Result<Option<Tensor>> {
+        Ok(None)
+    }
 }
 
 /// One module's hooks as tensors: `pre_linear` maps the input `x: (n, in)` (by default
@@ -527,6 +538,13 @@ impl TensorAdapter for Adapter {
 
     fn head(&self) -> candle_core::Result<Option<Tensor>> {
         self.head
+            .as_ref()
+            .map(|h| h.tensor(&Device::Cpu))
+            .transpose()
+    }
+
+    fn lm_head(&self) -> candle_core::Result<Option<Tensor>> {
+        self.lm_head
             .as_ref()
             .map(|h| h.tensor(&Device::Cpu))
             .transpose()

@@ -58,6 +58,40 @@ impl ClassHead {
     }
 }
 
+/// A replaced LM head (PEFT's `modules_to_save: ["lm_head"]`): the adapter's own whole
+/// output layer `(vocab, hidden)` row-major, used in place of the base's for the rows of
+/// sequences that use the adapter (they generate as usual). For SmolLM2, whose LM head is
+/// tied to the input embeddings, this unties them for that adapter only.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LmHead {
+    pub weight: Vec<f32>,
+    pub hidden: usize,
+}
+
+impl LmHead {
+    pub fn vocab(&self) -> usize {
+        self.weight.len() / self.hidden.max(1)
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.weight.len() * 4
+    }
+
+    /// The logits of one final-norm hidden state (rows in parallel).
+    pub fn apply_row(&self, h: &[f32]) -> Vec<f32> {
+        use rayon::prelude::*;
+        self.weight
+            .par_chunks_exact(self.hidden)
+            .map(|w| w.iter().zip(h).map(|(a, b)| a * b).sum())
+            .collect()
+    }
+
+    /// The weight as a `(vocab, hidden)` tensor.
+    pub fn tensor(&self, dev: &Device) -> candle_core::Result<Tensor> {
+        Tensor::from_slice(&self.weight, (self.vocab(), self.hidden), dev)
+    }
+}
+
 /// Longest label accepted, in bytes.
 pub const MAX_LABEL_BYTES: usize = 128;
 

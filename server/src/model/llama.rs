@@ -139,9 +139,11 @@ impl Llama {
             return Ok(Vec::new());
         };
         let head_of = |s: usize| chunks[s].adapter.and_then(|a| a.head.as_deref());
-        // Rows through the LM head, in processing order (decode rows still first).
+        let lm_head_of = |s: usize| chunks[s].adapter.and_then(|a| a.lm_head.as_deref());
+        let own = |s: usize| head_of(s).is_some() || lm_head_of(s).is_some();
+        // Rows through the shared LM head, in processing order (decode rows still first).
         let lm: Vec<u32> = (0..last.chunks.len())
-            .filter(|&i| head_of(last.chunks[i]).is_none())
+            .filter(|&i| !own(last.chunks[i]))
             .map(|i| i as u32)
             .collect();
         let mut out: Vec<Vec<f32>> = vec![Vec::new(); last.chunks.len()];
@@ -166,6 +168,8 @@ impl Llama {
             let states = last.states.to_vec2::<f32>()?;
             for (i, h) in states.iter().enumerate() {
                 if let Some(head) = head_of(last.chunks[i]) {
+                    out[i] = head.apply_row(h);
+                } else if let Some(head) = lm_head_of(last.chunks[i]) {
                     out[i] = head.apply_row(h);
                 }
             }
@@ -360,9 +364,9 @@ impl Llama {
         let ids = Tensor::from_slice(tokens, (1, t), &self.device)?;
         let h = self.forward_hidden(&ids, Some(adapter))?;
         let last = h.narrow(1, t - 1, 1)?.reshape((1, self.cfg.hidden_size))?;
-        let out = match adapter.head()? {
-            Some(w) => last.matmul(&w.t()?)?,
-            None => self.weights.lm_head.forward(&last)?,
+        let out = match (adapter.head()?, adapter.lm_head()?) {
+            (Some(w), _) | (None, Some(w)) => last.matmul(&w.t()?)?,
+            (None, None) => self.weights.lm_head.forward(&last)?,
         };
         Ok(out.squeeze(0)?.to_vec1()?)
     }

@@ -1,8 +1,10 @@
-//! The classification objective's trainable: a head `(labels, hidden)` trained beside any
-//! method's parameters, which it wraps. Every hook but the output is the wrapped method's;
-//! the output hook is the head. transformers initialises `score` from
+//! An output layer trained beside any method's parameters, which it wraps: the
+//! classification objective's head `(labels, hidden)`, or a replaced LM head `(vocab,
+//! hidden)` (`train_lm_head`). Every hook but the output is the wrapped method's; the output
+//! hook is the trained layer. transformers initialises `score` from
 //! normal(0, `initializer_range`), 0.02 for SmolLM2 and most Llama configs; graft draws the
-//! same distribution from the job's seed.
+//! same distribution from the job's seed. A replaced LM head starts as the base's (PEFT's
+//! `modules_to_save` copies the module), dequantised to f32.
 
 use std::sync::Arc;
 
@@ -14,6 +16,7 @@ use crate::{
     adapters::formats::Parsed,
     model::{
         adapter::{LinearHook, SublayerHook, TensorAdapter},
+        head::LmHead,
         ClassHead, Module, Sublayer,
     },
 };
@@ -21,13 +24,20 @@ use crate::{
 /// transformers' default `initializer_range`.
 pub const HEAD_INIT_STD: f64 = 0.02;
 
-/// The checkpoint name of the head's variable.
+/// The checkpoint names of the trained output layers.
 pub const HEAD_VAR: &str = "score.weight";
+pub const LM_HEAD_VAR: &str = "lm_head.weight";
+
+/// Which output layer is trained.
+enum Kind {
+    Class { labels: Vec<String> },
+    Lm,
+}
 
 pub struct HeadVars {
     inner: Box<dyn Trainable>,
     head: Var,
-    labels: Vec<String>,
+    kind: Kind,
 }
 
 impl HeadVars {
@@ -47,7 +57,17 @@ impl HeadVars {
         Ok(Self {
             inner,
             head,
-            labels,
+            kind: Kind::Class { labels },
+        })
+    }
+
+    /// A replaced LM head over `inner`'s parameters, starting from the base's `weight`
+    /// `(vocab, hidden)`.
+    pub fn init_lm(inner: Box<dyn Trainable>, weight: &Tensor) -> candle_core::Result<Self> {
+        Ok(Self {
+            inner,
+            head: Var::from_tensor(&weight.to_dtype(candle_core::DType::F32)?.copy()?)?,
+            kind: Kind::Lm,
         })
     }
 }
@@ -66,7 +86,16 @@ impl TensorAdapter for HeadVars {
         self.inner.kv_prefix()
     }
     fn head(&self) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(self.head.as_tensor().clone()))
+        match self.kind {
+            Kind::Class { .. } => Ok(Some(self.head.as_tensor().clone())),
+            Kind::Lm => self.inner.head(),
+        }
+    }
+    fn lm_head(&self) -> candle_core::Result<Option<Tensor>> {
+        match self.kind {
+            Kind::Lm => Ok(Some(self.head.as_tensor().clone())),
+            Kind::Class { .. } => self.inner.lm_head(),
+        }
     }
 }
 
@@ -78,7 +107,10 @@ impl Trainable for HeadVars {
     }
     fn names(&self) -> Vec<String> {
         let mut n = self.inner.names();
-        n.push(HEAD_VAR.into());
+        n.push(match self.kind {
+            Kind::Class { .. } => HEAD_VAR.into(),
+            Kind::Lm => LM_HEAD_VAR.into(),
+        });
         n
     }
     fn set_train(&mut self, train: bool) {
@@ -88,16 +120,25 @@ impl Trainable for HeadVars {
         self.inner.set_dropout_seed(seed);
     }
     fn labels(&self) -> Option<&[String]> {
-        Some(&self.labels)
+        match &self.kind {
+            Kind::Class { labels } => Some(labels),
+            Kind::Lm => self.inner.labels(),
+        }
     }
     fn export(&self) -> candle_core::Result<Parsed> {
         let mut p = self.inner.export()?;
         let (_, hidden) = self.head.dims2()?;
-        p.adapter.head = Some(Arc::new(ClassHead {
-            labels: self.labels.clone(),
-            weight: self.head.flatten_all()?.to_vec1()?,
-            hidden,
-        }));
+        let weight = self.head.flatten_all()?.to_vec1()?;
+        match &self.kind {
+            Kind::Class { labels } => {
+                p.adapter.head = Some(Arc::new(ClassHead {
+                    labels: labels.clone(),
+                    weight,
+                    hidden,
+                }))
+            }
+            Kind::Lm => p.adapter.lm_head = Some(Arc::new(LmHead { weight, hidden })),
+        }
         Ok(p)
     }
 }

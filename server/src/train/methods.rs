@@ -240,6 +240,13 @@ pub fn check(
     max_virtual_tokens: usize,
 ) -> Result<(), (String, String)> {
     let method = &spec.method;
+    if spec.train_lm_head && spec.objective != super::trainer::Objective::Sft {
+        return Err((
+            "train_lm_head".into(),
+            "a replaced LM head is trained with the sft objective; a classifier has its own head"
+                .into(),
+        ));
+    }
     if spec.max_seq_len > cfg.max_position {
         return Err((
             "hyperparameters.max_seq_len".into(),

@@ -91,9 +91,16 @@ fn init_method(model: &BaseModel, spec: &TrainSpec) -> candle_core::Result<Box<d
     })
 }
 
-/// Fresh parameters of the spec's method and, for the classification objective, a head.
+/// Fresh parameters of the spec's method, with a replaced LM head when the spec trains one
+/// and, for the classification objective, a head.
 pub fn init(model: &BaseModel, spec: &TrainSpec) -> candle_core::Result<Box<dyn Trainable>> {
-    let method = init_method(model, spec)?;
+    let mut method = init_method(model, spec)?;
+    if spec.train_lm_head {
+        method = Box::new(HeadVars::init_lm(
+            method,
+            model.llama.weights.lm_head.weight(),
+        )?);
+    }
     Ok(match &spec.objective {
         Objective::Sft => method,
         Objective::Classification { labels } => Box::new(HeadVars::init(

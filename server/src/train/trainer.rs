@@ -62,6 +62,10 @@ pub struct TrainSpec {
     /// What is optimised (SFT when absent: older stored specs).
     #[serde(default)]
     pub objective: Objective,
+    /// Also train a replaced LM head (PEFT's `modules_to_save: ["lm_head"]`), starting from
+    /// the base's.
+    #[serde(default)]
+    pub train_lm_head: bool,
 }
 
 /// What the trainer optimises.
@@ -98,8 +102,17 @@ impl TrainSpec {
     /// `lora_B`, and DoRA's magnitude, for every target module of every layer), known
     /// before training starts.
     pub fn adapter_bytes(&self, cfg: &LlamaConfig) -> u64 {
-        let head = self.objective.head_floats(cfg) * std::mem::size_of::<f32>();
-        head as u64 + self.method_bytes(cfg)
+        (self.output_floats(cfg) * std::mem::size_of::<f32>()) as u64 + self.method_bytes(cfg)
+    }
+
+    /// The trained output layers' floats: a classification head, a replaced LM head.
+    fn output_floats(&self, cfg: &LlamaConfig) -> usize {
+        let lm = if self.train_lm_head {
+            cfg.vocab_size * cfg.hidden_size
+        } else {
+            0
+        };
+        self.objective.head_floats(cfg) + lm
     }
 
     fn method_bytes(&self, cfg: &LlamaConfig) -> u64 {
@@ -123,7 +136,7 @@ impl TrainSpec {
     /// adapter's own for LoRA, prompt tuning and P-tuning v2; more for the methods with an
     /// encoder, whose output is what is stored.
     pub fn trainable_bytes(&self, cfg: &LlamaConfig) -> u64 {
-        let head = (self.objective.head_floats(cfg) * std::mem::size_of::<f32>()) as u64;
+        let head = (self.output_floats(cfg) * std::mem::size_of::<f32>()) as u64;
         match self.method.trainable_floats(cfg) {
             Some(n) => (n * std::mem::size_of::<f32>()) as u64 + head,
             None => self.adapter_bytes(cfg),
@@ -281,9 +294,11 @@ fn batch_loss(
         .forward_hidden(&b.ids, Some(vars as &dyn TensorAdapter))?;
     let (bs, t, hidden) = h.dims3()?;
     let h = h.reshape((bs * t, hidden))?.index_select(&b.positions, 0)?;
-    let logits = match vars.head()? {
-        Some(w) => h.matmul(&w.t()?)?,
-        None => crate::model::frozen::frozen_matmul(&h, model.llama.weights.lm_head.weight())?,
+    let logits = match (vars.head()?, vars.lm_head()?) {
+        (Some(w), _) | (None, Some(w)) => h.matmul(&w.t()?)?,
+        (None, None) => {
+            crate::model::frozen::frozen_matmul(&h, model.llama.weights.lm_head.weight())?
+        }
     };
     let loss = candle_nn::loss::cross_entropy(&logits, &b.targets)?;
     Ok((loss, logits))

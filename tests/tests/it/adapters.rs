@@ -81,7 +81,7 @@ async fn refused_imports_store_nothing() {
         ),
         (bad(&|x| x["r"] = 128.into()), w.clone(), "r"),
         (
-            bad(&|x| x["modules_to_save"] = serde_json::json!(["lm_head"])),
+            bad(&|x| x["modules_to_save"] = serde_json::json!(["embed_tokens"])),
             w.clone(),
             "modules_to_save",
         ),

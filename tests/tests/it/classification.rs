@@ -391,6 +391,14 @@ async fn a_classification_job_trains_a_head_that_classify_serves() {
             "method",
             "needs the classification objective",
         ),
+        (
+            pb::CreateJobRequest {
+                train_lm_head: true,
+                ..classification_job("classification", None)
+            },
+            "train_lm_head",
+            "sft objective",
+        ),
     ] {
         let err = t.client.create_job(req).await.expect_err(field);
         assert_eq!(err.code(), Code::InvalidArgument, "{field}");

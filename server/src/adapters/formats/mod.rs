@@ -223,7 +223,8 @@ pub fn parse(
         return Ok(p);
     };
     let mut p = parse_peft(&v, &split.config, &split.weights, cfg, base_name, policy)?;
-    p.adapter.head = Some(std::sync::Arc::new(split.head));
+    p.adapter.head = split.head.map(std::sync::Arc::new);
+    p.adapter.lm_head = split.lm_head.map(std::sync::Arc::new);
     Ok(p)
 }
 
@@ -262,14 +263,22 @@ pub fn write(
         Details::Bottleneck(_) => adapterhub::write(p, cfg, base_model),
         _ => peft_prompt::write(p, cfg, base_model),
     }?;
-    match (&p.adapter.head, &p.details) {
-        (None, _) => Ok((config, weights)),
-        (Some(_), Details::Bottleneck(_)) => Err(err(
+    let out = match (&p.adapter.head, &p.adapter.lm_head) {
+        (None, None) => return Ok((config, weights)),
+        (Some(h), None) => heads::Output::Class(h),
+        (None, Some(h)) => heads::Output::Lm(h),
+        (Some(_), Some(_)) => return Err(err(
             "head",
-            "a bottleneck adapter with a classification head cannot be written in AdapterHub's format",
+            "both a classification head and a replaced LM head; an adapter has one output layer",
         )),
-        (Some(h), _) => heads::attach(config, weights, h),
+    };
+    if matches!(p.details, Details::Bottleneck(_)) {
+        return Err(err(
+            "head",
+            "a bottleneck adapter with its own output layer cannot be written in AdapterHub's format",
+        ));
     }
+    heads::attach(config, weights, out)
 }
 
 /// PEFT's `target_modules` (and IA3's `feedforward_modules`): names, a regex over the
