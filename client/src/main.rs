@@ -444,6 +444,7 @@ fn method_summary(v: &proto::AdapterVersion) -> String {
     };
     match &v.head {
         Some(h) => format!("{summary}\thead={}", h.labels.join(",")),
+        None if v.lm_head => format!("{summary}\tlm_head"),
         None => summary,
     }
 }

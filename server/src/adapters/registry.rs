@@ -401,6 +401,7 @@ impl AdapterRegistry {
                 name: name.into(),
                 details: parsed.details.clone(),
                 head: peft::HeadInfo::of(&parsed.adapter),
+                lm_head: parsed.adapter.lm_head.is_some(),
                 size_bytes: size,
                 sha256: sha,
                 base_fingerprint: self.model.fingerprint.clone(),

@@ -126,6 +126,7 @@ impl From<AdapterRow> for pb::AdapterVersion {
             details: Some(details),
             virtual_tokens,
             head: r.head.map(|h| pb::ClassificationHead { labels: h.labels }),
+            lm_head: r.lm_head,
         }
     }
 }

@@ -53,6 +53,8 @@ pub struct AdapterRow {
     pub details: Details,
     /// The adapter's classification head, if it has one (its labels).
     pub head: Option<HeadInfo>,
+    /// Whether it replaces the LM head (PEFT's `modules_to_save: ["lm_head"]`).
+    pub lm_head: bool,
     pub size_bytes: u64,
     pub sha256: String,
     pub base_fingerprint: String,
@@ -67,6 +69,7 @@ pub struct NewAdapter {
     pub name: String,
     pub details: Details,
     pub head: Option<HeadInfo>,
+    pub lm_head: bool,
     pub size_bytes: u64,
     pub sha256: String,
     pub base_fingerprint: String,
@@ -81,13 +84,16 @@ pub struct Db {
 const COLUMNS: &str = "id, tenant, name, version, method, details, size_bytes, sha256, base_fingerprint, dir, created_at";
 
 /// The `details` column: the method's settings, and beside them the head's (`head`, absent
-/// when there is none; rows written before heads existed have none).
+/// when there is none; rows written before heads existed have none) and whether the LM head
+/// is replaced (`lm_head`, absent when not).
 #[derive(serde::Serialize, serde::Deserialize)]
 struct StoredDetails {
     #[serde(flatten)]
     details: Details,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     head: Option<HeadInfo>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    lm_head: bool,
 }
 
 fn row_to_adapter(r: &sqlx::sqlite::SqliteRow) -> Result<AdapterRow, DbError> {
@@ -103,6 +109,7 @@ fn row_to_adapter(r: &sqlx::sqlite::SqliteRow) -> Result<AdapterRow, DbError> {
         version: r.get::<i64, _>("version") as u32,
         details: stored.details,
         head: stored.head,
+        lm_head: stored.lm_head,
         size_bytes: r.get::<i64, _>("size_bytes") as u64,
         sha256: r.get("sha256"),
         base_fingerprint: r.get("base_fingerprint"),
@@ -150,6 +157,7 @@ impl Db {
         let details = serde_json::to_string(&StoredDetails {
             details: a.details.clone(),
             head: a.head.clone(),
+            lm_head: a.lm_head,
         })
         .unwrap_or_else(|_| "{}".into());
         let row = sqlx::query(AssertSqlSafe(format!(
@@ -306,6 +314,7 @@ mod tests {
                 use_dora: false,
             },
             head: None,
+            lm_head: false,
             size_bytes: 10,
             sha256: "x".into(),
             base_fingerprint: "fp".into(),

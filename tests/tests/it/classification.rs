@@ -1,7 +1,8 @@
-//! Classification heads over gRPC: PEFT's SEQ_CLS fixture imported with its labels,
-//! classified through the Classify RPC with transformers' logits and labels, the head shown
-//! by GetAdapter and exported as SEQ_CLS; the wrong task for an adapter and wrong labels
-//! refused naming the field, with nothing stored.
+//! Output layers over gRPC. Classification heads: PEFT's SEQ_CLS fixture imported with its
+//! labels, classified through the Classify RPC with transformers' logits and labels, the
+//! head shown by GetAdapter and exported as SEQ_CLS; the wrong task for an adapter and wrong
+//! labels refused naming the field, with nothing stored; a classification job on the
+//! fixture's data. A replaced LM head: imported, generating through it, exported.
 
 use graft_client::{proto as pb, GenerateOptions, ImportOptions};
 use graft_tests::{fixtures, start_real};
@@ -470,4 +471,95 @@ async fn a_classification_job_trains_a_head_that_classify_serves() {
     for (c, res) in cases.iter().zip(&out.results) {
         assert_eq!(res.label, c["gold"].as_str().expect("gold"), "{c}");
     }
+}
+
+/// A replaced LM head (`modules_to_save: ["lm_head"]`) over gRPC on the tiny model:
+/// imported, shown by GetAdapter, generating through its own output layer (rows shifted by
+/// one, so its first greedy token is the plain adapter's minus one), exported as uploaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adapter_with_its_own_lm_head_generates_through_it() {
+    let t = graft_tests::start_tiny().await;
+    let m = graft_server::model::BaseModel::load(
+        &graft_tests::tiny_model_path(),
+        &candle_core::Device::Cpu,
+    )
+    .expect("tiny");
+    let (c, w) = graft_server::adapters::testing::random_peft(&m, 4, 4);
+    let (vocab, hidden) = (m.config().vocab_size, m.config().hidden_size);
+    let base: Vec<Vec<f32>> = m.llama.weights.lm_head.weight().to_vec2().expect("base");
+    // Row i is the base's row i + 1: every logit moves down one id.
+    let shifted: Vec<f32> = (0..vocab)
+        .flat_map(|i| base[(i + 1) % vocab].clone())
+        .collect();
+    let mut cfg: serde_json::Value = serde_json::from_slice(&c).expect("config");
+    cfg["modules_to_save"] = serde_json::json!(["lm_head"]);
+    let own_c = serde_json::to_vec(&cfg).expect("json");
+    let own_w = {
+        let st = safetensors::SafeTensors::deserialize(&w).expect("st");
+        let bytes: Vec<u8> = shifted.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let mut all = st.tensors();
+        all.push((
+            "base_model.model.lm_head.weight".into(),
+            safetensors::tensor::TensorView::new(
+                safetensors::Dtype::F32,
+                vec![vocab, hidden],
+                &bytes,
+            )
+            .expect("view"),
+        ));
+        safetensors::serialize(all, None).expect("serialize")
+    };
+    t.client
+        .import_adapter("", "plain", c, w, true)
+        .await
+        .expect("plain");
+    let v = t
+        .client
+        .import_adapter("", "own", own_c, own_w.clone(), true)
+        .await
+        .expect("own");
+    assert!(v.lm_head && v.head.is_none());
+    assert!(
+        !t.client
+            .get_adapter("", "plain")
+            .await
+            .expect("get")
+            .lm_head
+    );
+    let first = |adapter: &str| {
+        let c = t.client.clone();
+        let req = GenerateOptions {
+            adapter: Some(adapter.into()),
+            ..GenerateOptions::greedy(1)
+        }
+        .prompt("Hello there");
+        async move { c.generate(req).await.expect("generate").token_ids[0] }
+    };
+    let (p, o) = (first("plain").await, first("own").await);
+    assert_eq!(o as usize, (p as usize + vocab - 1) % vocab, "{p} {o}");
+    let (_, file, w) = t
+        .client
+        .export_adapter_files("", "own")
+        .await
+        .expect("export");
+    assert_eq!(file, "adapter_model.safetensors");
+    let st = safetensors::SafeTensors::deserialize(&w).expect("st");
+    let exported: Vec<f32> = st
+        .tensor("base_model.model.lm_head.weight")
+        .expect("lm_head")
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    assert!(exported == shifted);
+    let err = t
+        .client
+        .classify(pb::ClassifyRequest {
+            adapter: "own".into(),
+            inputs: vec![text_input("x")],
+            tenant: String::new(),
+        })
+        .await
+        .expect_err("no classification head");
+    assert_eq!(err.code(), Code::InvalidArgument);
 }
