@@ -24,6 +24,23 @@ fn labels(r: &serde_json::Value) -> Vec<String> {
         .collect()
 }
 
+/// A Classify request of `adapter` over `inputs`, for the caller's own tenant.
+fn request(adapter: &str, inputs: Vec<pb::ClassifyInput>) -> pb::ClassifyRequest {
+    pb::ClassifyRequest {
+        adapter: adapter.into(),
+        inputs,
+        tenant: String::new(),
+    }
+}
+
+/// The fixture's six cases as inputs.
+fn case_inputs(cases: &[serde_json::Value]) -> Vec<pb::ClassifyInput> {
+    cases
+        .iter()
+        .map(|c| text_input(c["text"].as_str().expect("text")))
+        .collect()
+}
+
 fn text_input(text: &str) -> pb::ClassifyInput {
     pb::ClassifyInput {
         text: text.into(),
@@ -53,14 +70,7 @@ async fn a_peft_sequence_classifier_classifies_as_transformers_does() {
     let cases = r["cases"].as_array().expect("cases");
     let out = t
         .client
-        .classify(pb::ClassifyRequest {
-            adapter: "topic".into(),
-            inputs: cases
-                .iter()
-                .map(|c| text_input(c["text"].as_str().expect("text")))
-                .collect(),
-            tenant: String::new(),
-        })
+        .classify(request("topic", case_inputs(cases)))
         .await
         .expect("classify");
     assert_eq!(out.results.len(), cases.len());
@@ -108,6 +118,7 @@ async fn a_peft_sequence_classifier_classifies_as_transformers_does() {
         .expect("classify chat");
     assert_eq!(chat.results.len(), 1);
     assert_eq!(chat.results[0].scores.len(), 3);
+    assert_eq!(chat.results[0].label, "food", "{:?}", chat.results[0]);
 
     // Exported as PEFT writes a sequence classifier.
     let (c, file, w) = t
@@ -163,11 +174,7 @@ async fn a_peft_sequence_classifier_classifies_as_transformers_does() {
         .expect("lora");
     let err = t
         .client
-        .classify(pb::ClassifyRequest {
-            adapter: "plain".into(),
-            inputs: vec![text_input("Rain later.")],
-            tenant: String::new(),
-        })
+        .classify(request("plain", vec![text_input("Rain later.")]))
         .await
         .expect_err("no head");
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -179,11 +186,7 @@ async fn a_peft_sequence_classifier_classifies_as_transformers_does() {
     ] {
         let err = t
             .client
-            .classify(pb::ClassifyRequest {
-                adapter: "topic".into(),
-                inputs,
-                tenant: String::new(),
-            })
+            .classify(request("topic", inputs))
             .await
             .expect_err(field);
         assert_eq!(err.code(), Code::InvalidArgument, "{field}");
@@ -191,11 +194,7 @@ async fn a_peft_sequence_classifier_classifies_as_transformers_does() {
     }
     let err = t
         .client
-        .classify(pb::ClassifyRequest {
-            adapter: "nobody".into(),
-            inputs: vec![text_input("ok")],
-            tenant: String::new(),
-        })
+        .classify(request("nobody", vec![text_input("ok")]))
         .await
         .expect_err("missing");
     assert_eq!(err.code(), Code::NotFound);
@@ -458,14 +457,7 @@ async fn a_classification_job_trains_a_head_that_classify_serves() {
     let cases = r["cases"].as_array().expect("cases");
     let out = t
         .client
-        .classify(pb::ClassifyRequest {
-            adapter: "trained".into(),
-            inputs: cases
-                .iter()
-                .map(|c| text_input(c["text"].as_str().expect("text")))
-                .collect(),
-            tenant: String::new(),
-        })
+        .classify(request("trained", case_inputs(cases)))
         .await
         .expect("classify");
     for (c, res) in cases.iter().zip(&out.results) {
@@ -554,11 +546,7 @@ async fn an_adapter_with_its_own_lm_head_generates_through_it() {
     assert!(exported == shifted);
     let err = t
         .client
-        .classify(pb::ClassifyRequest {
-            adapter: "own".into(),
-            inputs: vec![text_input("x")],
-            tenant: String::new(),
-        })
+        .classify(request("own", vec![text_input("x")]))
         .await
         .expect_err("no classification head");
     assert_eq!(err.code(), Code::InvalidArgument);
