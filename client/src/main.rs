@@ -675,10 +675,18 @@ async fn watch(client: &GraftClient, tenant: &str, id: &str, json: bool) -> anyh
         )?
         .progress_chars("=> "),
     );
+    // A hidden bar (stderr not a terminal) prints nothing: the lines go to stderr as they are.
+    let say = |line: String| {
+        if bar.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            bar.println(line);
+        }
+    };
     let mut eval_loss = None;
     while let Some(e) = s.message().await.map_err(status_error)? {
         match e.event {
-            Some(Event::Status(st)) => bar.println(format!("{} {}", st.status, st.message)),
+            Some(Event::Status(st)) => say(format!("{} {}", st.status, st.message)),
             Some(Event::Step(st)) => {
                 bar.set_length(st.total_steps);
                 bar.set_position(st.step);
@@ -695,7 +703,7 @@ async fn watch(client: &GraftClient, tenant: &str, id: &str, json: bool) -> anyh
                     .iter()
                     .map(|c| format!("{} {:.3}", c.label, c.f1))
                     .collect();
-                bar.println(if f1.is_empty() {
+                say(if f1.is_empty() {
                     format!(
                         "eval at step {}: loss {:.4} token accuracy {:.3}",
                         ev.step, ev.eval_loss, ev.token_accuracy
@@ -711,7 +719,7 @@ async fn watch(client: &GraftClient, tenant: &str, id: &str, json: bool) -> anyh
                     )
                 });
             }
-            Some(Event::Checkpoint(c)) => bar.println(format!("checkpoint at step {}", c.step)),
+            Some(Event::Checkpoint(c)) => say(format!("checkpoint at step {}", c.step)),
             None => {}
         }
     }

@@ -432,6 +432,66 @@ async fn the_cli_imports_a_classifier_with_labels_and_classifies() {
     let p = v["scores"]["weather"]["probability"].as_f64().expect("p");
     assert!(p > 0.5 && p <= 1.0, "{v}");
 
+    // A classifier trained from the CLI: the dataset's label counts, and the evaluation's
+    // accuracy and per-class F1 printed while it is followed (stderr is not a terminal here).
+    let data = graft_tests::fixtures().join("classification-sentences.jsonl");
+    let o = graft(
+        &url,
+        &key,
+        &[
+            "datasets",
+            "upload",
+            data.to_str().expect("utf8"),
+            "--name",
+            "topics",
+        ],
+    )
+    .await;
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stdout).contains("labels food=14 sport=14 weather=14"),
+        "{}",
+        text(&o.stdout)
+    );
+    let o = graft(
+        &url,
+        &key,
+        &[
+            "jobs",
+            "create",
+            "--dataset",
+            "topics",
+            "--adapter",
+            "topics",
+            "--objective",
+            "classification",
+            "--target-modules",
+            "q_proj,v_proj",
+            "--rank",
+            "4",
+            "--epochs",
+            "1",
+            "--learning-rate",
+            "1e-3",
+            "--validation-split",
+            "0.2",
+            "--watch",
+        ],
+    )
+    .await;
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("eval at step") && err.contains("macro F1") && err.contains("(F1: food "),
+        "{err}"
+    );
+    let o = graft(&url, &key, &["adapters", "show", "topics"]).await;
+    assert!(
+        text(&o.stdout).contains("head=food,sport,weather"),
+        "{}",
+        text(&o.stdout)
+    );
+
     // A missing adapter: the server's message, a failing exit.
     let o = graft(&url, &key, &["classify", "--adapter", "nobody", "x"]).await;
     assert!(!o.status.success());
