@@ -1,9 +1,9 @@
 //! `graft jobs create`: every `CreateJob` field as a flag, or all of them from a TOML or
 //! JSON file (`--config`), flags winning over the file. The server validates and defaults;
-//! this only carries what was given.
+//! this only carries what was given. `watch` follows a job with a progress bar.
 
 use clap::Args;
-use graft_client::proto;
+use graft_client::{proto, GraftClient};
 use serde::Deserialize;
 
 /// The settings of a training job (each optional: the server fills in defaults).
@@ -276,4 +276,79 @@ impl JobArgs {
             }),
         })
     }
+}
+
+/// Follows a job to its end with a step progress bar (ETA, live loss, last eval loss) on
+/// stderr; status changes and checkpoints are printed above the bar.
+pub async fn watch(client: &GraftClient, tenant: &str, id: &str, json: bool) -> anyhow::Result<()> {
+    use proto::job_event::Event;
+    let mut s = client
+        .watch_job(tenant, id, 0)
+        .await
+        .map_err(crate::status_error)?;
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40.cyan/blue} step {pos}/{len} eta {eta} {msg}",
+        )?
+        .progress_chars("=> "),
+    );
+    // A hidden bar (stderr not a terminal) prints nothing: the lines go to stderr as they are.
+    let say = |line: String| {
+        if bar.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            bar.println(line);
+        }
+    };
+    let mut eval_loss = None;
+    while let Some(e) = s.message().await.map_err(crate::status_error)? {
+        match e.event {
+            Some(Event::Status(st)) => say(format!("{} {}", st.status, st.message)),
+            Some(Event::Step(st)) => {
+                bar.set_length(st.total_steps);
+                bar.set_position(st.step);
+                let eval = eval_loss.map_or(String::new(), |l: f64| format!(" eval {l:.4}"));
+                bar.set_message(format!(
+                    "loss {:.4}{eval} lr {:.2e} {:.0} tok/s",
+                    st.train_loss, st.learning_rate, st.tokens_per_second
+                ));
+            }
+            Some(Event::Eval(ev)) => {
+                eval_loss = Some(ev.eval_loss);
+                let f1: Vec<String> = ev
+                    .per_class
+                    .iter()
+                    .map(|c| format!("{} {:.3}", c.label, c.f1))
+                    .collect();
+                say(if f1.is_empty() {
+                    format!(
+                        "eval at step {}: loss {:.4} token accuracy {:.3}",
+                        ev.step, ev.eval_loss, ev.token_accuracy
+                    )
+                } else {
+                    format!(
+                        "eval at step {}: loss {:.4} accuracy {:.3} macro F1 {:.3} (F1: {})",
+                        ev.step,
+                        ev.eval_loss,
+                        ev.token_accuracy,
+                        ev.macro_f1,
+                        f1.join(", ")
+                    )
+                });
+            }
+            Some(Event::Checkpoint(c)) => say(format!("checkpoint at step {}", c.step)),
+            None => {}
+        }
+    }
+    bar.finish_and_clear();
+    let j = client
+        .get_job(tenant, id)
+        .await
+        .map_err(crate::status_error)?;
+    crate::print_job(&j, json);
+    if j.status != "succeeded" {
+        anyhow::bail!("job {} ended {}: {}", j.id, j.status, j.error);
+    }
+    Ok(())
 }

@@ -290,7 +290,7 @@ fn byte_bar(client: &GraftClient, total: u64, what: &str) -> (GraftClient, indic
     (c, bar)
 }
 
-fn status_error(s: tonic::Status) -> anyhow::Error {
+pub(crate) fn status_error(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", s.code(), s.message())
 }
 
@@ -628,7 +628,7 @@ async fn datasets(
     Ok(())
 }
 
-fn print_job(j: &proto::Job, json: bool) {
+pub(crate) fn print_job(j: &proto::Job, json: bool) {
     if json {
         let v = serde_json::json!({
             "id": j.id, "status": j.status, "dataset": j.dataset, "dataset_id": j.dataset_id,
@@ -658,78 +658,6 @@ fn print_job(j: &proto::Job, json: bool) {
             format!("\t{}", j.error)
         }
     );
-}
-
-/// Follows a job to its end with a step progress bar (ETA, live loss, last eval loss) on
-/// stderr; status changes and checkpoints are printed above the bar.
-async fn watch(client: &GraftClient, tenant: &str, id: &str, json: bool) -> anyhow::Result<()> {
-    use proto::job_event::Event;
-    let mut s = client
-        .watch_job(tenant, id, 0)
-        .await
-        .map_err(status_error)?;
-    let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:40.cyan/blue} step {pos}/{len} eta {eta} {msg}",
-        )?
-        .progress_chars("=> "),
-    );
-    // A hidden bar (stderr not a terminal) prints nothing: the lines go to stderr as they are.
-    let say = |line: String| {
-        if bar.is_hidden() {
-            eprintln!("{line}");
-        } else {
-            bar.println(line);
-        }
-    };
-    let mut eval_loss = None;
-    while let Some(e) = s.message().await.map_err(status_error)? {
-        match e.event {
-            Some(Event::Status(st)) => say(format!("{} {}", st.status, st.message)),
-            Some(Event::Step(st)) => {
-                bar.set_length(st.total_steps);
-                bar.set_position(st.step);
-                let eval = eval_loss.map_or(String::new(), |l: f64| format!(" eval {l:.4}"));
-                bar.set_message(format!(
-                    "loss {:.4}{eval} lr {:.2e} {:.0} tok/s",
-                    st.train_loss, st.learning_rate, st.tokens_per_second
-                ));
-            }
-            Some(Event::Eval(ev)) => {
-                eval_loss = Some(ev.eval_loss);
-                let f1: Vec<String> = ev
-                    .per_class
-                    .iter()
-                    .map(|c| format!("{} {:.3}", c.label, c.f1))
-                    .collect();
-                say(if f1.is_empty() {
-                    format!(
-                        "eval at step {}: loss {:.4} token accuracy {:.3}",
-                        ev.step, ev.eval_loss, ev.token_accuracy
-                    )
-                } else {
-                    format!(
-                        "eval at step {}: loss {:.4} accuracy {:.3} macro F1 {:.3} (F1: {})",
-                        ev.step,
-                        ev.eval_loss,
-                        ev.token_accuracy,
-                        ev.macro_f1,
-                        f1.join(", ")
-                    )
-                });
-            }
-            Some(Event::Checkpoint(c)) => say(format!("checkpoint at step {}", c.step)),
-            None => {}
-        }
-    }
-    bar.finish_and_clear();
-    let j = client.get_job(tenant, id).await.map_err(status_error)?;
-    print_job(&j, json);
-    if j.status != "succeeded" {
-        anyhow::bail!("job {} ended {}: {}", j.id, j.status, j.error);
-    }
-    Ok(())
 }
 
 /// The job's stored events so far (a running job's stream is read until it goes quiet).
@@ -770,7 +698,7 @@ async fn jobs(client: &GraftClient, tenant: &str, cmd: JobCmd, json: bool) -> an
                 .map_err(status_error)?;
             print_job(&j, json);
             if follow {
-                watch(client, tenant, &j.id, json).await?;
+                job_cmd::watch(client, tenant, &j.id, json).await?;
             }
         }
         JobCmd::Ls => {
@@ -790,7 +718,7 @@ async fn jobs(client: &GraftClient, tenant: &str, cmd: JobCmd, json: bool) -> an
             &client.get_job(tenant, &id).await.map_err(status_error)?,
             json,
         ),
-        JobCmd::Watch { id } => watch(client, tenant, &id, json).await?,
+        JobCmd::Watch { id } => job_cmd::watch(client, tenant, &id, json).await?,
         JobCmd::Plot { id, out } => {
             let (train, eval) = loss_points(client, tenant, &id).await?;
             let (steps, lo, hi) =

@@ -10,8 +10,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{dataset::Tokenized, trainer::Objective};
+use super::{
+    dataset::{problem, Example, Overflow, Problem, Tokenized, TokenizedOne, MAX_EXAMPLE_TOKENS},
+    trainer::Objective,
+};
 use crate::model::head::check_labels;
+use crate::model::TextTokenizer;
 
 /// A row's label as the dataset gives it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -138,6 +142,101 @@ pub fn resolve_objective(
             Ok(())
         }
     }
+}
+
+/// What a dataset's rows have been so far: labelled or not, and which label kind.
+#[derive(Default)]
+pub(super) struct LabelKinds {
+    /// (the first row's line, whether it had a label)
+    first: Option<(usize, bool)>,
+    /// (the first labelled row's line, whether its label was an integer)
+    kind: Option<(usize, bool)>,
+}
+
+impl LabelKinds {
+    /// Every row like the first: all labelled (with labels of one kind) or none.
+    pub(super) fn check(&mut self, e: &Example) -> Result<(), Problem> {
+        let (line, labelled) = *self.first.get_or_insert((e.line, e.label.is_some()));
+        if labelled != e.label.is_some() {
+            return Err(problem(
+                e.line,
+                "mixed formats",
+                format!(
+                    "line {line} {} a \"label\" and this one {}; a classification dataset labels every row",
+                    if labelled { "has" } else { "has no" },
+                    if labelled { "has none" } else { "has one" },
+                ),
+            ));
+        }
+        if let Some(l) = &e.label {
+            let int = matches!(l, Label::Index(_));
+            let (line, first_int) = *self.kind.get_or_insert((e.line, int));
+            if int != first_int {
+                return Err(problem(
+                    e.line,
+                    "mixed labels",
+                    format!("line {line}'s label is of the other kind; give every label as a string or every one as an integer"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// A classification dataset has two labels or more.
+    pub(super) fn finish(&self, counts: &LabelCounts) -> Result<(), Problem> {
+        if self.kind.is_some() && counts.len() < 2 {
+            let only = counts.keys().next().cloned().unwrap_or_default();
+            return Err(problem(
+                0,
+                "one label",
+                format!("every example has the label {only:?}; a classifier needs at least two"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A classification row: its text's ids (no EOS; nothing trained on the LM head), cut to
+/// the first `max_seq_len` as transformers' truncation does, or refused.
+pub(super) fn tokenize_labelled(
+    e: &Example,
+    tk: &TextTokenizer,
+    max_seq_len: usize,
+    overflow: Overflow,
+) -> Result<TokenizedOne, Problem> {
+    let text = e.segments.first().map_or("", |s| s.0.as_str());
+    let mut ids = tk
+        .encode(text)
+        .map_err(|err| problem(e.line, "tokenizer", err.to_string()))?;
+    if ids.is_empty() {
+        return Err(problem(e.line, "empty text", "the text has no tokens"));
+    }
+    if ids.len() > MAX_EXAMPLE_TOKENS {
+        return Err(problem(
+            e.line,
+            "too long",
+            format!("over {MAX_EXAMPLE_TOKENS} tokens, the most an example may have"),
+        ));
+    }
+    let truncated = ids.len() > max_seq_len;
+    if truncated {
+        if overflow == Overflow::Reject {
+            return Err(problem(
+                e.line,
+                "too long",
+                format!("{} tokens; max_seq_len is {max_seq_len}", ids.len()),
+            ));
+        }
+        ids.truncate(max_seq_len);
+    }
+    Ok(TokenizedOne {
+        tokens: Tokenized {
+            mask: vec![false; ids.len()],
+            ids,
+            label: e.label.clone(),
+        },
+        truncated,
+    })
 }
 
 /// A label set's lookup from a row's label to its class index.

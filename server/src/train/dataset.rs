@@ -18,7 +18,7 @@ use std::io::BufRead;
 use serde_json::Value;
 
 use super::{
-    classes::{Label, LabelCounts},
+    classes::{tokenize_labelled, Label, LabelCounts, LabelKinds},
     strict_json::Strict,
 };
 
@@ -332,7 +332,7 @@ fn example_of(
     }
 }
 
-fn problem(line: usize, kind: &'static str, detail: impl Into<String>) -> Problem {
+pub(super) fn problem(line: usize, kind: &'static str, detail: impl Into<String>) -> Problem {
     Problem {
         line,
         kind,
@@ -468,58 +468,6 @@ fn next_line<R: BufRead>(
         r.consume(l);
     }
     Ok(Some(Err(len)))
-}
-
-/// What a dataset's rows have been so far: labelled or not, and which label kind.
-#[derive(Default)]
-struct LabelKinds {
-    /// (the first row's line, whether it had a label)
-    first: Option<(usize, bool)>,
-    /// (the first labelled row's line, whether its label was an integer)
-    kind: Option<(usize, bool)>,
-}
-
-impl LabelKinds {
-    /// Every row like the first: all labelled (with labels of one kind) or none.
-    fn check(&mut self, e: &Example) -> Result<(), Problem> {
-        let (line, labelled) = *self.first.get_or_insert((e.line, e.label.is_some()));
-        if labelled != e.label.is_some() {
-            return Err(problem(
-                e.line,
-                "mixed formats",
-                format!(
-                    "line {line} {} a \"label\" and this one {}; a classification dataset labels every row",
-                    if labelled { "has" } else { "has no" },
-                    if labelled { "has none" } else { "has one" },
-                ),
-            ));
-        }
-        if let Some(l) = &e.label {
-            let int = matches!(l, Label::Index(_));
-            let (line, first_int) = *self.kind.get_or_insert((e.line, int));
-            if int != first_int {
-                return Err(problem(
-                    e.line,
-                    "mixed labels",
-                    format!("line {line}'s label is of the other kind; give every label as a string or every one as an integer"),
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    /// A classification dataset has two labels or more.
-    fn finish(&self, counts: &LabelCounts) -> Result<(), Problem> {
-        if self.kind.is_some() && counts.len() < 2 {
-            let only = counts.keys().next().cloned().unwrap_or_default();
-            return Err(problem(
-                0,
-                "one label",
-                format!("every example has the label {only:?}; a classifier needs at least two"),
-            ));
-        }
-        Ok(())
-    }
 }
 
 /// What [`validate_reader`] found.
@@ -691,49 +639,6 @@ pub fn tokenize_one(
             ids,
             mask,
             label: None,
-        },
-        truncated,
-    })
-}
-
-/// A classification row: its text's ids (no EOS; nothing trained on the LM head), cut to
-/// the first `max_seq_len` as transformers' truncation does, or refused.
-fn tokenize_labelled(
-    e: &Example,
-    tk: &TextTokenizer,
-    max_seq_len: usize,
-    overflow: Overflow,
-) -> Result<TokenizedOne, Problem> {
-    let text = e.segments.first().map_or("", |s| s.0.as_str());
-    let mut ids = tk
-        .encode(text)
-        .map_err(|err| problem(e.line, "tokenizer", err.to_string()))?;
-    if ids.is_empty() {
-        return Err(problem(e.line, "empty text", "the text has no tokens"));
-    }
-    if ids.len() > MAX_EXAMPLE_TOKENS {
-        return Err(problem(
-            e.line,
-            "too long",
-            format!("over {MAX_EXAMPLE_TOKENS} tokens, the most an example may have"),
-        ));
-    }
-    let truncated = ids.len() > max_seq_len;
-    if truncated {
-        if overflow == Overflow::Reject {
-            return Err(problem(
-                e.line,
-                "too long",
-                format!("{} tokens; max_seq_len is {max_seq_len}", ids.len()),
-            ));
-        }
-        ids.truncate(max_seq_len);
-    }
-    Ok(TokenizedOne {
-        tokens: Tokenized {
-            mask: vec![false; ids.len()],
-            ids,
-            label: e.label.clone(),
         },
         truncated,
     })
