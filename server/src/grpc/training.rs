@@ -16,8 +16,8 @@ use crate::{
     store::training::{DatasetRow, JobRow},
     train::{
         dataset::Format,
-        jobs::{JobEvent, TrainingError},
-        trainer::TrainEvent,
+        jobs::{JobEvent, JobSpec, TrainingError},
+        trainer::{Objective, TrainEvent},
     },
 };
 
@@ -83,6 +83,7 @@ impl From<DatasetRow> for pb::Dataset {
 
 impl From<JobRow> for pb::Job {
     fn from(j: JobRow) -> Self {
+        let spec = JobSpec::of(&j);
         Self {
             id: j.id,
             tenant: j.tenant,
@@ -97,6 +98,15 @@ impl From<JobRow> for pb::Job {
             total_steps: j.total_steps,
             created_at_unix: j.created_at,
             updated_at_unix: j.updated_at,
+            method: spec.as_ref().map_or("", |s| s.train.method.name()).into(),
+            objective: spec
+                .as_ref()
+                .map_or("", |s| s.train.objective.name())
+                .into(),
+            labels: match spec.map(|s| s.train.objective) {
+                Some(Objective::Classification { labels }) => labels,
+                _ => Vec::new(),
+            },
         }
     }
 }

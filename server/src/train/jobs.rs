@@ -109,6 +109,13 @@ pub struct JobSpec {
     pub warmup_ratio: f64,
 }
 
+impl JobSpec {
+    /// A stored job's spec; `None` when the row's JSON cannot be read.
+    pub fn of(row: &JobRow) -> Option<Self> {
+        serde_json::from_str(&row.spec).ok()
+    }
+}
+
 /// A stored job event.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "data", rename_all = "snake_case")]

@@ -81,6 +81,13 @@ pub enum Objective {
 }
 
 impl Objective {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Objective::Sft => "sft",
+            Objective::Classification { .. } => "classification",
+        }
+    }
+
     /// The classification head's floats, if the objective trains one.
     pub fn head_floats(&self, cfg: &LlamaConfig) -> usize {
         match self {
@@ -187,8 +194,8 @@ pub enum TrainError {
     Tensor(#[from] candle_core::Error),
     #[error("model: {0}")]
     Model(#[from] crate::model::ModelError),
-    #[error("line {line}: {reason}")]
-    Label { line: usize, reason: String },
+    #[error("{0}")]
+    Label(String),
 }
 
 /// Why a run ended without error.
@@ -248,20 +255,19 @@ fn make_batch(
         ids.extend(std::iter::repeat_n(pad, t - e.ids.len()));
         match (classes, &e.label) {
             (Some(c), Some(l)) => {
-                let class = c.class(l).ok_or_else(|| TrainError::Label {
-                    line: 0,
-                    reason: format!("label {:?} is not in the job's label set", l.key()),
+                let class = c.class(l).ok_or_else(|| {
+                    TrainError::Label(format!("label {:?} is not in the job's label set", l.key()))
                 })?;
                 positions.push((b * t + e.ids.len() - 1) as u32);
                 targets.push(class);
                 continue;
             }
-            (Some(_), None) | (None, Some(_)) => return Err(TrainError::Label {
-                line: 0,
-                reason:
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(TrainError::Label(
                     "a labelled row needs the classification objective, and it needs labelled rows"
                         .into(),
-            }),
+                ))
+            }
             (None, None) => {}
         }
         for (i, (&id, &m)) in e.ids.iter().zip(&e.mask).enumerate() {

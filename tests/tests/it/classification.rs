@@ -422,6 +422,11 @@ async fn a_classification_job_trains_a_head_that_classify_serves() {
         .create_job(classification_job("classification", None))
         .await
         .expect("create");
+    assert_eq!(
+        (created.method.as_str(), created.objective.as_str()),
+        ("lora", "classification")
+    );
+    assert_eq!(created.labels, ["food", "sport", "weather"]);
     let (events, done) = tokio::time::timeout(
         std::time::Duration::from_secs(900),
         t.client.follow_job("", &created.id),
