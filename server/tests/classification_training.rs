@@ -53,6 +53,24 @@ fn spec(steps_per_epoch_epochs: usize, lr: f64, seed: u64) -> TrainSpec {
     }
 }
 
+/// What an import accepts here: the base model's own name, no force.
+fn policy() -> ImportPolicy {
+    ImportPolicy {
+        max_rank: 64,
+        max_virtual_tokens: 128,
+        force: false,
+        base_aliases: vec![],
+    }
+}
+
+/// PEFT files as an import reads them, compiled.
+fn parse_back(m: &BaseModel, config: &[u8], weights: &[u8]) -> graft_server::model::Adapter {
+    formats::parse(config, weights, m.config(), &m.name, &policy())
+        .expect("parses")
+        .compile(&m.llama)
+        .expect("compiles")
+}
+
 /// The dataset's rows tokenised: (the first 36 for training, the last 6: the fixture's
 /// cases).
 fn sentences(m: &BaseModel) -> (Vec<Tokenized>, Vec<Tokenized>) {
@@ -186,16 +204,7 @@ fn a_classifier_trains_on_the_fixture_recipe_and_serves_what_it_learned() {
     let (config, weights) = formats::write(&parsed, m.config(), &m.name).expect("write");
     let cfg: serde_json::Value = serde_json::from_slice(&config).expect("json");
     assert_eq!(cfg["task_type"], "SEQ_CLS");
-    let policy = ImportPolicy {
-        max_rank: 64,
-        max_virtual_tokens: 128,
-        force: false,
-        base_aliases: vec![],
-    };
-    let back = formats::parse(&config, &weights, m.config(), &m.name, &policy)
-        .expect("parses")
-        .compile(&m.llama)
-        .expect("compiles");
+    let back = parse_back(&m, &config, &weights);
     assert_eq!(back.head.as_ref().expect("head").num_labels(), 3);
     for c in &cases {
         let trained = m
@@ -252,16 +261,7 @@ fn a_head_alone_trains_and_round_trips_as_peft_stores_it() {
     assert_eq!(cfg["task_type"], "SEQ_CLS");
     let st = safetensors::SafeTensors::deserialize(&weights).expect("st");
     assert_eq!(st.names(), ["base_model.model.score.weight"]);
-    let policy = ImportPolicy {
-        max_rank: 64,
-        max_virtual_tokens: 128,
-        force: true,
-        base_aliases: vec![],
-    };
-    let back = formats::parse(&config, &weights, m.config(), &m.name, &policy)
-        .expect("parses")
-        .compile(&m.llama)
-        .expect("compiles");
+    let back = parse_back(&m, &config, &weights);
     assert!(back.modules().is_empty());
     for c in &cases {
         let trained = m
@@ -288,7 +288,7 @@ fn a_head_alone_trains_and_round_trips_as_peft_stores_it() {
         &empty,
         m.config(),
         &m.name,
-        &policy,
+        &policy(),
     )
     .expect_err("nothing to serve");
     assert!(e.to_string().contains("nothing to serve"), "{e}");
