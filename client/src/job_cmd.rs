@@ -27,7 +27,8 @@ pub struct JobArgs {
     #[arg(long)]
     pub validation_split: Option<f64>,
     /// lora (default), ia3, bottleneck, prompt_tuning, p_tuning, prefix_tuning, p_tuning_v2,
-    /// or head (only a classification head; with --objective classification).
+    /// full (full fine-tuning: the result is a model), or head (only a classification
+    /// head; with --objective classification).
     #[arg(long)]
     pub method: Option<String>,
     /// sft (default) or classification (a head trained beside the method on a
@@ -72,6 +73,16 @@ pub struct JobArgs {
     /// after_attention, after_ffn or both.
     #[arg(long)]
     pub placement: Option<String>,
+    // Full fine-tuning
+    /// Comma-separated decoder layers that train (default: all).
+    #[arg(long, value_delimiter = ',')]
+    pub layers: Option<Vec<u32>>,
+    /// Train the embeddings and LM head (default true).
+    #[arg(long)]
+    pub embeddings: Option<bool>,
+    /// Train the RMSNorm weights (default true).
+    #[arg(long)]
+    pub norms: Option<bool>,
     // The prompt family
     #[arg(long)]
     pub num_virtual_tokens: Option<u32>,
@@ -170,6 +181,9 @@ impl JobArgs {
             bottleneck_size,
             non_linearity,
             placement,
+            layers,
+            embeddings,
+            norms,
             num_virtual_tokens,
             init,
             init_text,
@@ -237,6 +251,11 @@ impl JobArgs {
             })),
             "p_tuning_v2" => Some(MethodConfig::PTuningV2(proto::PTuningV2Method {
                 num_virtual_tokens: a.num_virtual_tokens,
+            })),
+            "full" => Some(MethodConfig::Full(proto::FullMethod {
+                layers: a.layers.clone().unwrap_or_default(),
+                embeddings: a.embeddings,
+                norms: a.norms,
             })),
             // The server names what it accepts.
             _ => None,

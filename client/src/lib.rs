@@ -547,15 +547,52 @@ impl GraftClient {
         adapter: &str,
         dir: &std::path::Path,
     ) -> Result<String, Status> {
-        let (c, name, w) = self.export_adapter_files(tenant, adapter).await?;
-        let write = |f: &str, d: Vec<u8>| {
+        let files = self.export_files(tenant, adapter).await?;
+        let mut weights = String::new();
+        for (f, d) in files {
+            // Only plain names: the server never writes outside `dir`.
+            if std::path::Path::new(&f).file_name() != Some(std::ffi::OsStr::new(&f)) {
+                return Err(Status::internal(format!("unexpected file name {f:?}")));
+            }
+            if f.ends_with(".safetensors") {
+                weights = f.clone();
+            }
             std::fs::create_dir_all(dir)
-                .and_then(|_| std::fs::write(dir.join(f), d))
-                .map_err(|e| Status::internal(format!("{}: {e}", dir.join(f).display())))
+                .and_then(|_| std::fs::write(dir.join(&f), d))
+                .map_err(|e| Status::internal(format!("{}: {e}", dir.join(&f).display())))?;
+        }
+        Ok(weights)
+    }
+
+    /// Downloads a version's files as the server names them, in order: an adapter's config
+    /// and weights, or a fully fine-tuned model's HF directory (config.json,
+    /// model.safetensors, tokenizer.json, tokenizer_config.json).
+    pub async fn export_files(
+        &self,
+        tenant: &str,
+        adapter: &str,
+    ) -> Result<Vec<(String, Vec<u8>)>, Status> {
+        let req = pb::ExportAdapterRequest {
+            tenant: tenant.into(),
+            adapter: adapter.into(),
         };
-        write(ADAPTER_CONFIG_FILE, c)?;
-        write(&name, w)?;
-        Ok(name)
+        let mut s = retrying(|| {
+            let (mut c, r) = (self.adapters.clone(), req.clone());
+            async move { c.export_adapter(r).await }
+        })
+        .await?
+        .into_inner();
+        let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+        let mut received = 0u64;
+        while let Some(chunk) = s.message().await? {
+            received += chunk.data.len() as u64;
+            self.report(received);
+            match files.last_mut() {
+                Some((name, data)) if *name == chunk.file_name => data.extend(chunk.data),
+                _ => files.push((chunk.file_name, chunk.data)),
+            }
+        }
+        Ok(files)
     }
 
     /// Downloads a version's files: `(adapter_config.json, weights)`.

@@ -440,6 +440,21 @@ fn method_summary(v: &proto::AdapterVersion) -> String {
             "virtual_tokens={}\tprojection={}",
             p.num_virtual_tokens, p.encoder_hidden_size
         ),
+        Some(Details::Full(f)) => format!(
+            "model\tlayers={}\tembeddings={}\tnorms={}\ttrained={}",
+            if f.layers.is_empty() {
+                "all".to_string()
+            } else {
+                f.layers
+                    .iter()
+                    .map(|l| l.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            },
+            f.embeddings,
+            f.norms,
+            f.trained_parameters
+        ),
         _ => format!("virtual_tokens={}", v.virtual_tokens),
     };
     match &v.head {

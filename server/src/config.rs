@@ -102,6 +102,20 @@ pub struct Settings {
     /// succeeds.
     #[arg(long, env = "GRAFT_KEEP_CHECKPOINTS")]
     pub keep_checkpoints: Option<usize>,
+    /// MiB one full fine-tuning run may take beyond the resident base (default: half the
+    /// machine's memory). A job whose estimate is larger is refused at CreateJob.
+    #[arg(long, env = "GRAFT_MAX_TRAINING_MEMORY_MB")]
+    pub max_training_memory_mb: Option<usize>,
+    /// MiB of fully fine-tuned models kept loaded for serving, weights and KV pools
+    /// together (default 2048). Idle ones are unloaded to make room.
+    #[arg(long, env = "GRAFT_HOSTED_MODELS_MB")]
+    pub hosted_models_mb: Option<usize>,
+    /// MiB of KV memory each hosted fine-tuned model's engine gets (default 256).
+    #[arg(long, env = "GRAFT_HOSTED_MODEL_KV_MB")]
+    pub hosted_model_kv_mb: Option<usize>,
+    /// Seconds a hosted fine-tuned model stays loaded without requests (default 300).
+    #[arg(long, env = "GRAFT_HOSTED_MODEL_IDLE_SECS")]
+    pub hosted_model_idle_secs: Option<u64>,
     /// Log format: "text" or "json".
     #[arg(long, env = "GRAFT_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -189,6 +203,8 @@ pub struct ServerConfig {
     pub training_threads: usize,
     pub max_concurrent_jobs: usize,
     pub keep_checkpoints: usize,
+    pub max_training_memory_bytes: u64,
+    pub hosted: crate::engine::hosted::HostedConfig,
     pub tenancy: TenancyConfig,
     pub tls: Option<TlsFiles>,
     pub allow_plaintext: bool,
@@ -219,6 +235,7 @@ impl Settings {
             .or(file.max_active_sequences)
             .unwrap_or(d.max_active_sequences);
         let engine = EngineConfig {
+            gauges: true,
             max_active_sequences: max_active,
             max_active_per_tenant: self
                 .max_active_per_tenant
@@ -405,8 +422,35 @@ impl Settings {
                 .or(file.keep_checkpoints)
                 .unwrap_or(2)
                 .max(1),
+            max_training_memory_bytes: self
+                .max_training_memory_mb
+                .or(file.max_training_memory_mb)
+                .map_or_else(default_training_memory_bytes, |mb| (mb as u64) << 20),
+            hosted: crate::engine::hosted::HostedConfig {
+                budget_bytes: self
+                    .hosted_models_mb
+                    .or(file.hosted_models_mb)
+                    .unwrap_or(2048)
+                    << 20,
+                kv_cache_bytes: self
+                    .hosted_model_kv_mb
+                    .or(file.hosted_model_kv_mb)
+                    .unwrap_or(256)
+                    .max(1)
+                    << 20,
+                idle: Duration::from_secs(
+                    self.hosted_model_idle_secs
+                        .or(file.hosted_model_idle_secs)
+                        .unwrap_or(300),
+                ),
+            },
         })
     }
+}
+
+/// Half the machine's memory (8 GiB where it cannot be read).
+fn default_training_memory_bytes() -> u64 {
+    crate::engine::machine_memory_bytes().map_or(8 << 30, |b| b as u64 / 2)
 }
 
 impl ServerConfig {
@@ -431,6 +475,8 @@ impl ServerConfig {
             training_threads: 1,
             max_concurrent_jobs: 1,
             keep_checkpoints: 2,
+            max_training_memory_bytes: default_training_memory_bytes(),
+            hosted: crate::engine::hosted::HostedConfig::default(),
             tenancy: TenancyConfig::default(),
             tls: None,
             allow_plaintext: false,

@@ -30,6 +30,10 @@ pub const ADAPTER_CACHE_EVICTIONS_TOTAL: &str = "graft_adapter_cache_evictions_t
 pub const ADAPTER_LOAD_SECONDS: &str = "graft_adapter_load_seconds";
 pub const ADAPTERS_RESIDENT: &str = "graft_adapters_resident";
 pub const ADAPTERS_RESIDENT_BYTES: &str = "graft_adapters_resident_bytes";
+pub const HOSTED_MODELS_RESIDENT: &str = "graft_hosted_models_resident";
+pub const HOSTED_MODELS_RESIDENT_BYTES: &str = "graft_hosted_models_resident_bytes";
+pub const HOSTED_MODEL_LOADS_TOTAL: &str = "graft_hosted_model_loads_total";
+pub const HOSTED_MODEL_UNLOADS_TOTAL: &str = "graft_hosted_model_unloads_total";
 pub const TRAINING_JOBS: &str = "graft_training_jobs_total";
 pub const TRAINING_JOBS_NOW: &str = "graft_training_jobs_current";
 pub const TRAINING_LOSS: &str = "graft_training_loss";
@@ -120,6 +124,23 @@ pub fn describe() {
         ADAPTERS_RESIDENT_BYTES,
         Unit::Bytes,
         "Bytes of adapter weights resident in memory"
+    );
+    describe_gauge!(
+        HOSTED_MODELS_RESIDENT,
+        "Fully fine-tuned models loaded for serving, each with its own engine"
+    );
+    describe_gauge!(
+        HOSTED_MODELS_RESIDENT_BYTES,
+        Unit::Bytes,
+        "Bytes of the loaded fine-tuned models: weights and KV pools"
+    );
+    describe_counter!(
+        HOSTED_MODEL_LOADS_TOTAL,
+        "Fully fine-tuned models loaded from disk for serving"
+    );
+    describe_counter!(
+        HOSTED_MODEL_UNLOADS_TOTAL,
+        "Fully fine-tuned models unloaded (idle, to make room, or deleted)"
     );
 }
 

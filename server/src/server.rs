@@ -21,7 +21,7 @@ use tonic_health::{server::HealthReporter, ServingStatus};
 use crate::{
     adapters::{AdapterRegistry, RegistryConfig},
     config::ServerConfig,
-    engine::{EngineHandle, GenerationRequest, SamplingParams, StreamEvent},
+    engine::{hosted::HostedModels, EngineHandle, GenerationRequest, SamplingParams, StreamEvent},
     grpc::{
         adapters::AdaptersService, admin::AdminService, auth::Authenticate, convert::RequestLimits,
         generation::GenerationService, training::TrainingGrpc, Ready, ReadySlot,
@@ -243,6 +243,7 @@ async fn load_and_warm(
             training_threads: cfg.training_threads,
             max_concurrent_jobs: cfg.max_concurrent_jobs,
             keep_checkpoints: cfg.keep_checkpoints,
+            max_training_memory_bytes: cfg.max_training_memory_bytes,
         },
     );
     let engine = EngineHandle::start(model.clone(), cfg.engine.clone())?;
@@ -273,10 +274,13 @@ async fn load_and_warm(
         "warm-up done; serving"
     );
     training.start().await?;
+    let hosted = HostedModels::new(cfg.hosted.clone(), cfg.engine.clone());
+    hosted.spawn_reaper();
     slot.set(Ready {
         engine,
         adapters,
         training,
+        hosted,
     })
     .map_err(|_| anyhow::anyhow!("engine already started"))?;
     Ok(())
@@ -310,19 +314,30 @@ impl RunningServer {
         self.ready.get().map(|r| &r.adapters)
     }
 
+    pub fn hosted(&self) -> Option<&Arc<HostedModels>> {
+        self.ready.get().map(|r| &r.hosted)
+    }
+
     /// Graceful stop: NOT_SERVING, refuse new requests, let in-flight ones finish within the
     /// drain timeout (then cancel them), close the listener, wait for the server to end.
     pub async fn drain(mut self) -> anyhow::Result<()> {
         set_health(&self.health, ServingStatus::NotServing).await;
-        if let Some(engine) = self.engine() {
-            engine.begin_drain();
+        if let Some(ready) = self.ready.get() {
+            // The base's engine and every hosted model's, under one deadline.
+            let mut engines = vec![ready.engine.clone()];
+            engines.extend(ready.hosted.engines().await);
+            for e in &engines {
+                e.begin_drain();
+            }
             let deadline = Instant::now() + self.cfg.drain_timeout;
-            if !engine.wait_idle(deadline).await {
-                tracing::warn!(in_flight = engine.in_flight(), "drain timeout; cancelling");
-                engine.cancel_all();
-                engine
-                    .wait_idle(Instant::now() + std::time::Duration::from_secs(5))
-                    .await;
+            for engine in &engines {
+                if !engine.wait_idle(deadline).await {
+                    tracing::warn!(in_flight = engine.in_flight(), "drain timeout; cancelling");
+                    engine.cancel_all();
+                    engine
+                        .wait_idle(Instant::now() + std::time::Duration::from_secs(5))
+                        .await;
+                }
             }
         }
         if let Some(tx) = self.shutdown.take() {

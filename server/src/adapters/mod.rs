@@ -11,4 +11,6 @@ pub mod testing;
 
 /// The PEFT file formats by their old name.
 pub use formats as peft;
-pub use registry::{AdapterLease, AdapterRef, AdapterRegistry, RegistryConfig, RegistryError};
+pub use registry::{
+    AdapterLease, AdapterRef, AdapterRegistry, RegistryConfig, RegistryError, Resolved,
+};

@@ -22,10 +22,10 @@ use std::{
 
 use sha2::{Digest, Sha256};
 
-use super::formats::{self as peft, ImportError, ImportPolicy, Parsed};
+use super::formats::{self as peft, Details, ImportError, ImportPolicy, Parsed};
 use crate::{
     metrics as m,
-    model::{Adapter, BaseModel},
+    model::{save, weights::Weights, Adapter, BaseModel},
     store::{atomic_write, AdapterRow, Db, DbError, NewAdapter},
     tenancy::{NewObject, Tenancy, TenancyError},
 };
@@ -113,6 +113,16 @@ impl std::str::FromStr for AdapterRef {
             version,
         })
     }
+}
+
+/// What a name refers to.
+pub enum Resolved {
+    Adapter(AdapterLease),
+    /// A fully fine-tuned model: its row and HF directory.
+    Model {
+        row: AdapterRow,
+        dir: PathBuf,
+    },
 }
 
 /// An adapter version loaded in memory. Its files are removed on drop once deleted.
@@ -438,9 +448,37 @@ impl AdapterRegistry {
             .ok_or_else(|| RegistryError::NotFound(r.to_string()))
     }
 
-    /// Resolves a reference to a lease on one version, loading it from disk if needed.
+    /// Resolves a reference to a lease on one adapter version, loading it from disk if
+    /// needed. A fully fine-tuned model is not an adapter: see [`Self::resolve`].
     pub async fn lease(&self, tenant: &str, r: &AdapterRef) -> Result<AdapterLease, RegistryError> {
+        match self.resolve(tenant, r).await? {
+            Resolved::Adapter(lease) => Ok(lease),
+            Resolved::Model { .. } => Err(RegistryError::Invalid(ImportError {
+                field: "adapter".into(),
+                reason: format!(
+                    "{r} is a fully fine-tuned model, not an adapter of the base: Generate serves it by name"
+                ),
+            })),
+        }
+    }
+
+    /// What a reference names: a lease on an adapter version, or a fully fine-tuned
+    /// model's row and directory (served by its own engine).
+    pub async fn resolve(&self, tenant: &str, r: &AdapterRef) -> Result<Resolved, RegistryError> {
         let row = self.find(tenant, r).await?;
+        if matches!(row.details, Details::Full { .. }) {
+            let dir = self.adapters_dir().join(&row.dir);
+            return Ok(Resolved::Model { row, dir });
+        }
+        self.lease_row(tenant, r, row).await.map(Resolved::Adapter)
+    }
+
+    async fn lease_row(
+        &self,
+        tenant: &str,
+        r: &AdapterRef,
+        row: AdapterRow,
+    ) -> Result<AdapterLease, RegistryError> {
         if let Some(loaded) = self.lock().touch(row.id) {
             metrics::counter!(m::ADAPTER_CACHE_HITS_TOTAL).increment(1);
             return Ok(AdapterLease { row, loaded });
@@ -498,25 +536,95 @@ impl AdapterRegistry {
         Ok(AdapterLease { row, loaded })
     }
 
-    /// The stored PEFT files of a version: `(adapter_config.json, adapter_model.safetensors)`.
+    /// The stored files of a version, named as their library names them: an adapter's
+    /// config and weights, or a fully fine-tuned model's HF directory.
     pub async fn export(
         &self,
         tenant: &str,
         r: &AdapterRef,
-    ) -> Result<(AdapterRow, Vec<u8>, Vec<u8>), RegistryError> {
-        // The lease keeps the files in place while we read them.
-        let lease = self.lease(tenant, r).await?;
-        let dir = self.adapters_dir().join(&lease.row.dir);
-        let (c, w) = tokio::task::spawn_blocking(move || -> std::io::Result<(Vec<u8>, Vec<u8>)> {
-            Ok((
-                std::fs::read(dir.join(peft::CONFIG_FILE))?,
-                std::fs::read(dir.join(peft::WEIGHTS_FILE))?,
-            ))
+    ) -> Result<(AdapterRow, Vec<(String, Vec<u8>)>), RegistryError> {
+        // A lease keeps an adapter's files in place while we read them.
+        let (row, dir, files, _lease) = match self.resolve(tenant, r).await? {
+            Resolved::Adapter(lease) => {
+                let dir = self.adapters_dir().join(&lease.row.dir);
+                let files = vec![peft::CONFIG_FILE, lease.row.details.weights_file()];
+                (lease.row.clone(), dir, files, Some(lease))
+            }
+            Resolved::Model { row, dir } => (row, dir, save::HF_FILES.to_vec(), None),
+        };
+        let read = tokio::task::spawn_blocking(move || {
+            files
+                .into_iter()
+                .map(|f| Ok((f.to_string(), std::fs::read(dir.join(f))?)))
+                .collect::<std::io::Result<Vec<_>>>()
         })
         .await
         .map_err(|e| RegistryError::Storage(e.to_string()))?
-        .map_err(|e| io_error("reading the adapter files", e))?;
-        Ok((lease.row.clone(), c, w))
+        .map_err(|e| io_error("reading the stored files", e))?;
+        Ok((row, read))
+    }
+
+    /// Writes a fully fine-tuned model (`weights` of the base's architecture, with the
+    /// base's tokenizer and chat template) as an HF directory and registers it as the next
+    /// version of `name`, with method `full`. The row is written after the files are
+    /// durable; a failure removes them.
+    pub async fn store_model(
+        &self,
+        tenant: &str,
+        name: &str,
+        weights: Weights,
+        details: Details,
+    ) -> Result<AdapterRow, RegistryError> {
+        validate_name(name).map_err(|e| ImportError {
+            field: "name".into(),
+            reason: e,
+        })?;
+        let dir_name = format!("model-{}", unique_suffix());
+        let dir = self.adapters_dir().join(&dir_name);
+        let (model, d) = (self.model.clone(), dir.clone());
+        let written = tokio::task::spawn_blocking(move || -> Result<(u64, String), String> {
+            let e = |e: &dyn std::fmt::Display| e.to_string();
+            std::fs::create_dir_all(&d).map_err(|x| e(&x))?;
+            let size = save::write_hf_dir(&model, &weights, &d).map_err(|x| e(&x))?;
+            let files: Vec<PathBuf> = save::HF_FILES.iter().map(|f| d.join(f)).collect();
+            for f in files.iter().chain([&d]) {
+                std::fs::File::open(f)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|x| e(&x))?;
+            }
+            let sha = crate::model::sha256_files(&files).map_err(|x| e(&x))?;
+            Ok((size, sha))
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+        let (size, sha) = match written {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                tracing::error!(dir = %dir.display(), error = %e, "writing a fine-tuned model");
+                return Err(RegistryError::Storage(format!(
+                    "writing the model files: {e}"
+                )));
+            }
+        };
+        let row = self
+            .db
+            .insert_adapter(&NewAdapter {
+                tenant: tenant.into(),
+                name: name.into(),
+                details,
+                head: None,
+                lm_head: false,
+                size_bytes: size,
+                sha256: sha,
+                base_fingerprint: self.model.fingerprint.clone(),
+                dir: dir_name,
+            })
+            .await;
+        row.map_err(|e| {
+            let _ = std::fs::remove_dir_all(&dir);
+            e.into()
+        })
     }
 
     pub async fn list(

@@ -18,6 +18,7 @@
 //! on the request (prompt, parameters, seed), never on the rest of the batch.
 
 pub mod fair;
+pub mod hosted;
 pub mod output;
 pub mod sampler;
 pub mod scheduler;
@@ -52,24 +53,33 @@ pub struct EngineConfig {
     /// Bytes of the KV pool (keys and values of every running sequence and of cached
     /// prompt prefixes).
     pub kv_cache_bytes: usize,
+    /// Whether this engine sets the process's engine gauges (queue depth, active sequences,
+    /// KV blocks). The base's engine does; a hosted fine-tuned model's does not, so the
+    /// gauges keep describing one engine.
+    pub gauges: bool,
 }
 
 /// The default KV budget: a quarter of the machine's memory (`/proc/meminfo`), or 2 GiB
 /// where that cannot be read.
 pub fn default_kv_cache_bytes() -> usize {
-    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+    machine_memory_bytes().map_or(2 << 30, |b| b / 4)
+}
+
+/// The machine's memory (`MemTotal`), where the system says.
+pub fn machine_memory_bytes() -> Option<usize> {
+    std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
         m.lines()
             .find_map(|l| l.strip_prefix("MemTotal:"))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
             .map(|kb| kb * 1024)
-    });
-    total.map_or(2 << 30, |b| b / 4)
+    })
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
         Self {
             kv_cache_bytes: default_kv_cache_bytes(),
+            gauges: true,
             max_active_sequences: 64,
             max_queued_requests: 256,
             max_active_per_tenant: 48,
@@ -210,12 +220,14 @@ pub struct EngineHandle {
     capacity: usize,
     kv_capacity_tokens: usize,
     model: Arc<BaseModel>,
+    gauges: bool,
 }
 
 impl EngineHandle {
     /// Starts the engine loop on its own thread.
     pub fn start(model: Arc<BaseModel>, cfg: EngineConfig) -> std::io::Result<Self> {
         let capacity = cfg.max_queued_requests.max(1);
+        let gauges = cfg.gauges;
         // Unbounded channel, bounded by the `queued` count: the loop moves submissions into
         // its fair queue as they come.
         let (tx, rx) = mpsc::unbounded_channel();
@@ -231,6 +243,7 @@ impl EngineHandle {
             capacity,
             kv_capacity_tokens,
             model,
+            gauges,
         })
     }
 
@@ -302,7 +315,9 @@ impl EngineHandle {
         self.shared.in_flight.fetch_add(1, Ordering::SeqCst);
         match self.tx.send(sub) {
             Ok(()) => {
-                metrics::gauge!(crate::metrics::QUEUE_DEPTH).set(self.queue_depth() as f64);
+                if self.gauges {
+                    metrics::gauge!(crate::metrics::QUEUE_DEPTH).set(self.queue_depth() as f64);
+                }
                 Ok(erx)
             }
             Err(_) => {

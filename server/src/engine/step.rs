@@ -136,7 +136,9 @@ impl EngineLoop {
         shared: Arc<Shared>,
     ) -> Self {
         let pool = KvPool::with_budget(model.llama.kv_shape(), cfg.kv_cache_bytes);
-        metrics::gauge!(m::KV_BLOCKS_TOTAL).set(pool.num_blocks() as f64);
+        if cfg.gauges {
+            metrics::gauge!(m::KV_BLOCKS_TOTAL).set(pool.num_blocks() as f64);
+        }
         Self {
             waiting: FairQueue::new(cfg.max_active_per_tenant),
             model,
@@ -225,7 +227,10 @@ impl EngineLoop {
         loop {
             let open = self.collect();
             self.admit_waiting();
-            metrics::gauge!(m::QUEUE_DEPTH).set((self.waiting.len() + self.preempted.len()) as f64);
+            if self.cfg.gauges {
+                metrics::gauge!(m::QUEUE_DEPTH)
+                    .set((self.waiting.len() + self.preempted.len()) as f64);
+            }
             if self.active.is_empty() {
                 if !open && self.waiting.is_empty() && self.preempted.is_empty() {
                     return;
@@ -340,8 +345,10 @@ impl EngineLoop {
         if removed > 0 {
             self.shared.in_flight.fetch_sub(removed, Ordering::SeqCst);
         }
-        metrics::gauge!(m::ACTIVE_SEQUENCES).set(self.active.len() as f64);
-        metrics::gauge!(m::KV_BLOCKS_USED).set(self.pool.in_use() as f64);
+        if self.cfg.gauges {
+            metrics::gauge!(m::ACTIVE_SEQUENCES).set(self.active.len() as f64);
+            metrics::gauge!(m::KV_BLOCKS_USED).set(self.pool.in_use() as f64);
+        }
     }
 
     /// Plans the next step and grows the planned rows' block tables. Steady decode rows

@@ -109,6 +109,17 @@ impl From<AdapterRow> for pb::AdapterVersion {
             Details::PTuningV2 { num_virtual_tokens } => D::PTuningV2(pb::PTuningV2Details {
                 num_virtual_tokens: n(&num_virtual_tokens),
             }),
+            Details::Full {
+                layers,
+                embeddings,
+                norms,
+                trained_parameters,
+            } => D::Full(pb::FullDetails {
+                layers: layers.iter().map(n).collect(),
+                embeddings,
+                norms,
+                trained_parameters,
+            }),
         };
         Self {
             tenant: r.tenant,
@@ -186,16 +197,17 @@ impl Adapters for AdaptersService {
             let req = req.into_inner();
             let tenant = caller.acting(&req.tenant)?;
             let r = adapter_ref("adapter", &req.adapter)?;
-            let (row, config, weights) = ready.adapters.export(&tenant, &r).await?;
-            let mut chunks = Vec::new();
-            for (name, data) in [(CONFIG_FILE, config), (row.details.weights_file(), weights)] {
-                for c in data.chunks(CHUNK) {
-                    chunks.push(Ok(pb::AdapterFileChunk {
-                        file_name: name.into(),
-                        data: c.to_vec(),
-                    }));
-                }
-            }
+            let (_, files) = ready.adapters.export(&tenant, &r).await?;
+            // Chunks are cut as the stream is read: a model's weights are not held twice.
+            let chunks = files.into_iter().flat_map(|(name, data)| {
+                let n = data.len().div_ceil(CHUNK);
+                (0..n).map(move |i| {
+                    Ok(pb::AdapterFileChunk {
+                        file_name: name.clone(),
+                        data: data[i * CHUNK..((i + 1) * CHUNK).min(data.len())].to_vec(),
+                    })
+                })
+            });
             Ok(Box::pin(futures::stream::iter(chunks)) as ChunkStream)
         })
         .await

@@ -6,7 +6,11 @@ use std::time::Duration;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::{adapters::RegistryError, engine::SubmitError, tenancy::TenancyError};
+use crate::{
+    adapters::RegistryError,
+    engine::{hosted::HostError, SubmitError},
+    tenancy::TenancyError,
+};
 
 /// Every error an RPC can answer with.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -235,6 +239,19 @@ impl From<TenancyError> for ApiError {
                 }
             }
             TenancyError::Db(d) => db_error(d),
+        }
+    }
+}
+
+impl From<HostError> for ApiError {
+    fn from(e: HostError) -> Self {
+        match e {
+            // Busy models finish and become evictable: worth a retry.
+            e @ HostError::NoRoom { .. } => ApiError::ResourceExhausted {
+                what: e.to_string(),
+                retry_after: Some(Duration::from_secs(1)),
+            },
+            e @ HostError::Load { .. } => ApiError::DataLoss(e.to_string()),
         }
     }
 }

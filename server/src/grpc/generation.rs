@@ -14,6 +14,7 @@ use super::{
     observe, recorded, ReadySlot,
 };
 use crate::{
+    adapters::Resolved,
     engine::{GenerationRequest, StreamEvent, Task},
     model::BaseModel,
     tenancy::StreamPermit,
@@ -40,23 +41,24 @@ impl GenerationService {
         let permit = caller
             .tenancy
             .begin_stream(&tenant, valid.params.max_new_tokens as u64)?;
-        let adapter = match &valid.adapter {
-            Some(r) => Some(ready.adapters.lease(&tenant, r).await?),
-            None => None,
+        // An adapter runs in the base's engine; a fully fine-tuned model in its own.
+        let (engine, adapter) = match &valid.adapter {
+            Some(r) => match ready.adapters.resolve(&tenant, r).await? {
+                Resolved::Adapter(lease) => (ready.engine.clone(), Some(lease)),
+                Resolved::Model { row, dir } => (
+                    ready.hosted.engine(row.id, &r.to_string(), &dir).await?,
+                    None,
+                ),
+            },
+            None => (ready.engine.clone(), None),
         };
         let virt = adapter.as_ref().map_or(0, |a| a.adapter().virtual_tokens());
         let field = match valid.input {
             PromptInput::Text(_) => "prompt",
             PromptInput::Chat(_) => "messages",
         };
-        let prompt_ids = tokenise(
-            ready.engine.model(),
-            valid.input,
-            field,
-            virt,
-            Task::Generate,
-        )?;
-        let events = ready.engine.submit(GenerationRequest {
+        let prompt_ids = tokenise(engine.model(), valid.input, field, virt, Task::Generate)?;
+        let events = engine.submit(GenerationRequest {
             task: Task::Generate,
             prompt_ids,
             params: valid.params,

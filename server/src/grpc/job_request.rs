@@ -10,7 +10,7 @@ use crate::{
     model::{bottleneck::Activation, lora::Module},
     train::{
         jobs::{JobSpec, NewJob},
-        methods::{Encoder, MethodSpec, PromptInit},
+        methods::{Encoder, FullSelection, MethodSpec, PromptInit},
         optim::Schedule,
         trainer::{Objective, TrainSpec},
     },
@@ -31,6 +31,8 @@ fn default_learning_rate(m: &MethodSpec) -> f64 {
         MethodSpec::PTuningV2 { .. } => 1e-2,
         MethodSpec::Ia3 { .. } => 1e-2,
         MethodSpec::Bottleneck { .. } | MethodSpec::Head => 1e-3,
+        // Every weight moves: the small steps of full fine-tuning recipes.
+        MethodSpec::Full(_) => 1e-5,
     }
 }
 
@@ -51,6 +53,7 @@ fn method_from(req: &pb::CreateJobRequest) -> Result<MethodSpec, ApiError> {
         Some(MethodConfig::PTuningV2(_)) => Some("p_tuning_v2"),
         Some(MethodConfig::Ia3(_)) => Some("ia3"),
         Some(MethodConfig::Bottleneck(_)) => Some("bottleneck"),
+        Some(MethodConfig::Full(_)) => Some("full"),
     };
     if let Some(c) = config_name.filter(|c| *c != name) {
         return Err(ApiError::invalid(
@@ -167,10 +170,26 @@ fn method_from(req: &pb::CreateJobRequest) -> Result<MethodSpec, ApiError> {
             bottleneck_from(c)?
         }
         ("head", _) => MethodSpec::Head,
+        ("full", c) => {
+            let c = match c {
+                Some(MethodConfig::Full(c)) => c,
+                _ => Default::default(),
+            };
+            let mut layers: Vec<usize> = c.layers.iter().map(|&l| l as usize).collect();
+            layers.sort_unstable();
+            layers.dedup();
+            MethodSpec::Full(FullSelection {
+                layers,
+                embeddings: c.embeddings.unwrap_or(true),
+                norms: c.norms.unwrap_or(true),
+                // Resolved from the base by the service.
+                tied: false,
+            })
+        }
         (other, _) => {
             return Err(ApiError::invalid(
                 "method",
-                format!("{other:?} is not supported; expected lora, ia3, bottleneck, prompt_tuning, p_tuning, prefix_tuning, p_tuning_v2 or head (with the classification objective)"),
+                format!("{other:?} is not supported; expected lora, ia3, bottleneck, prompt_tuning, p_tuning, prefix_tuning, p_tuning_v2, full or head (with the classification objective)"),
             ))
         }
     })

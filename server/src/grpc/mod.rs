@@ -22,6 +22,8 @@ pub struct Ready {
     pub engine: EngineHandle,
     pub adapters: Arc<AdapterRegistry>,
     pub training: Arc<TrainingService>,
+    /// Fully fine-tuned models, each served by its own engine.
+    pub hosted: Arc<crate::engine::hosted::HostedModels>,
 }
 
 /// Filled once, when the model is loaded and warm; empty before (requests get UNAVAILABLE).

@@ -48,6 +48,10 @@ impl From<TrainingError> for ApiError {
                 retry_after: None,
             },
             TrainingError::Quota(q) => q.into(),
+            e @ TrainingError::Memory { .. } => ApiError::ResourceExhausted {
+                what: e.to_string(),
+                retry_after: None,
+            },
             TrainingError::Registry(r) => r.into(),
             TrainingError::Failed(f) => ApiError::Internal(format!("training failed: {f}")),
             TrainingError::Internal(m) => {

@@ -20,6 +20,8 @@ pub struct ChatMessage {
 /// A compiled chat template.
 pub struct ChatTemplate {
     env: Environment<'static>,
+    /// The Jinja source, as the model's files carried it (written back on export).
+    source: String,
     bos_token: String,
     eos_token: String,
 }
@@ -43,9 +45,14 @@ impl ChatTemplate {
             .map_err(|e| ModelError::Template(format!("chat template does not compile: {e}")))?;
         Ok(Self {
             env,
+            source: source.to_string(),
             bos_token: bos_token.to_string(),
             eos_token: eos_token.to_string(),
         })
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// Renders `messages`, ending with the assistant's turn header when

@@ -502,14 +502,13 @@ impl Llama {
         let mut x = x.reshape((b * t, hidden))?;
         let proj =
             |lin: &Linear, m: Module, li: usize, x: &Tensor| -> candle_core::Result<Tensor> {
-                // The base weight is frozen: its backward yields x's gradient only.
                 match adapter.and_then(|a| a.linear(li, m)) {
                     Some(hook) => {
                         let x = hook.pre_linear(x)?;
-                        let y = super::frozen::frozen_matmul(&x, lin.weight())?;
+                        let y = lin.forward_train(&x)?;
                         hook.post_linear(&x, y)
                     }
-                    None => super::frozen::frozen_matmul(x, lin.weight()),
+                    None => lin.forward_train(x),
                 }
             };
         let residual =

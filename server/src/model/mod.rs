@@ -15,6 +15,7 @@ pub mod kv_cache;
 pub mod llama;
 pub mod lora;
 pub mod packed;
+pub mod save;
 pub mod sites;
 #[cfg(any(test, feature = "testing"))]
 pub mod tiny;
@@ -192,7 +193,8 @@ fn file_stem(p: &Path) -> String {
         .unwrap_or_else(|| "model".into())
 }
 
-fn sha256_files(files: &[std::path::PathBuf]) -> Result<String, ModelError> {
+/// SHA-256 over the files' bytes, in order.
+pub fn sha256_files(files: &[std::path::PathBuf]) -> Result<String, ModelError> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     for f in files {

@@ -46,6 +46,11 @@ fn tok_err(e: impl std::fmt::Display) -> ModelError {
 }
 
 impl TextTokenizer {
+    /// The tokenizer as an HF `tokenizer.json`.
+    pub fn to_json(&self) -> Result<String, ModelError> {
+        self.inner.to_string(false).map_err(tok_err)
+    }
+
     /// Builds the tokenizer that `tokenizer.ggml.*` describes.
     pub fn from_gguf(g: &GgufFile) -> Result<Self, ModelError> {
         let model = g.meta_str("tokenizer.ggml.model").unwrap_or("");

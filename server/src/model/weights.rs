@@ -80,6 +80,16 @@ impl Linear {
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }
+    /// `x W^T` for the differentiable forward: a frozen weight's backward yields `x`'s
+    /// gradient only ([`super::frozen`]); a trained one (a `Var`, in full fine-tuning)
+    /// gets its own gradient too.
+    pub fn forward_train(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if self.weight.is_variable() {
+            x.matmul(&self.weight.t()?)
+        } else {
+            super::frozen::frozen_matmul(x, &self.weight)
+        }
+    }
     /// `x: (rows, in)` -> `(rows, out)`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         x.matmul(&self.weight.t()?)
@@ -113,6 +123,63 @@ pub struct Weights {
     pub layers: Vec<LayerWeights>,
     pub final_norm: Tensor,
     pub lm_head: Linear,
+}
+
+impl Weights {
+    /// Whether the LM head is the embedding matrix itself (tied, as SmolLM2's are).
+    pub fn tied(&self) -> bool {
+        self.lm_head.weight().id() == self.embed.id()
+    }
+
+    /// Every distinct tensor, named as an HF `LlamaForCausalLM` names it, in the HF layout
+    /// (q/k rows back in the halves order); a tied LM head is not repeated.
+    pub fn hf_tensors(&self, cfg: &LlamaConfig) -> candle_core::Result<Vec<(String, Tensor)>> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = |s: &str| format!("model.layers.{i}.{s}.weight");
+            out.extend([
+                (p("input_layernorm"), l.attn_norm.clone()),
+                (
+                    p("self_attn.q_proj"),
+                    permute_gguf_to_hf(l.q.weight(), cfg.num_heads)?,
+                ),
+                (
+                    p("self_attn.k_proj"),
+                    permute_gguf_to_hf(l.k.weight(), cfg.num_kv_heads)?,
+                ),
+                (p("self_attn.v_proj"), l.v.weight().clone()),
+                (p("self_attn.o_proj"), l.o.weight().clone()),
+                (p("post_attention_layernorm"), l.ffn_norm.clone()),
+                (p("mlp.gate_proj"), l.gate.weight().clone()),
+                (p("mlp.up_proj"), l.up.weight().clone()),
+                (p("mlp.down_proj"), l.down.weight().clone()),
+            ]);
+        }
+        out.push(("model.norm.weight".into(), self.final_norm.clone()));
+        if !self.tied() {
+            out.push(("lm_head.weight".into(), self.lm_head.weight().clone()));
+        }
+        Ok(out)
+    }
+
+    /// Bytes of the f32 weights (each distinct tensor once), plus the packed decode blocks.
+    pub fn resident_bytes(&self) -> usize {
+        let f32s = |t: &Tensor| t.elem_count() * 4;
+        let lin = |l: &Linear| f32s(l.weight()) + l.packed.as_ref().map_or(0, |p| p.bytes());
+        let mut n = f32s(&self.embed) + f32s(&self.final_norm);
+        for l in &self.layers {
+            n += f32s(&l.attn_norm) + f32s(&l.ffn_norm);
+            n += [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]
+                .into_iter()
+                .map(lin)
+                .sum::<usize>();
+        }
+        n + if self.tied() {
+            self.lm_head.packed.as_ref().map_or(0, |p| p.bytes())
+        } else {
+            lin(&self.lm_head)
+        }
+    }
 }
 
 /// Metadata read from a GGUF file besides the tensors.

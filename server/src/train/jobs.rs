@@ -23,11 +23,11 @@ use tokio::sync::{mpsc, Notify};
 use super::{
     classes,
     dataset::{self, Format, Overflow, Problem, Tokenized},
-    methods,
+    methods::{self, MethodSpec},
     trainer::{self, Control, Outcome, TrainEvent, TrainSpec},
 };
 use crate::{
-    adapters::AdapterRegistry,
+    adapters::{peft::Details, AdapterRegistry},
     model::BaseModel,
     store::{
         training::{DatasetRow, EventRow, JobRow, JobStatus},
@@ -50,6 +50,9 @@ pub struct TrainingConfig {
     /// Checkpoints a running job keeps on disk (the newest; at least 1). All of them go
     /// when the job succeeds.
     pub keep_checkpoints: usize,
+    /// Memory one full fine-tuning run may take beyond the resident base (its estimate is
+    /// checked at CreateJob).
+    pub max_training_memory_bytes: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +70,13 @@ pub enum TrainingError {
     NoSpace(String),
     #[error(transparent)]
     Quota(#[from] TenancyError),
+    /// The run would need more memory than this server allows a training run.
+    #[error("{method} needs an estimated {needed_mib} MiB of memory to train; this server allows {limit_mib} MiB (--max-training-memory-mb)")]
+    Memory {
+        method: String,
+        needed_mib: u64,
+        limit_mib: u64,
+    },
     /// The training run itself failed (NaN loss, a tensor error, a checkpoint write).
     #[error("training failed: {0}")]
     Failed(#[from] trainer::TrainError),
@@ -217,6 +227,24 @@ impl TrainingService {
         adapter + self.cfg.keep_checkpoints.max(1) as u64 * trainer::checkpoint_bytes(trained)
     }
 
+    /// Full fine-tuning's memory estimate against the configured limit (the adapter methods'
+    /// parameters are small beside the model and are not checked).
+    fn check_memory(&self, spec: &TrainSpec) -> Result<(), TrainingError> {
+        let MethodSpec::Full(sel) = &spec.method else {
+            return Ok(());
+        };
+        let needed = sel.memory_bytes(self.model.config(), spec.batch_size, spec.max_seq_len);
+        let limit = self.cfg.max_training_memory_bytes;
+        if needed > limit {
+            return Err(TrainingError::Memory {
+                method: "full fine-tuning".into(),
+                needed_mib: needed.div_ceil(1 << 20),
+                limit_mib: limit >> 20,
+            });
+        }
+        Ok(())
+    }
+
     pub async fn dataset(&self, tenant: &str, name: &str) -> Result<DatasetRow, TrainingError> {
         self.db
             .dataset_by_name(tenant, name)
@@ -334,6 +362,9 @@ impl TrainingService {
     pub async fn create_job(&self, tenant: &str, job: NewJob) -> Result<JobRow, TrainingError> {
         let mut job = job;
         job.spec.train.method.resolve(self.model.config());
+        if let MethodSpec::Full(sel) = &mut job.spec.train.method {
+            sel.tied = self.model.llama.weights.tied();
+        }
         // The method's settings against the model and this server's caps, before any size
         // is computed from them.
         methods::check(
@@ -343,6 +374,7 @@ impl TrainingService {
             self.cfg.max_virtual_tokens,
         )
         .map_err(|(field, reason)| invalid(&field, reason))?;
+        self.check_memory(&job.spec.train)?;
         crate::names::validate(&job.adapter_name, "adapter name")
             .map_err(|e| invalid("adapter_name", e))?;
         let _storage = self.tenancy.storage_guard(tenant).await;
@@ -735,6 +767,30 @@ impl TrainingService {
         let _ = forward.await;
         match outcome {
             Ok(Outcome::Cancelled) => Ok(None),
+            Ok(Outcome::Finished(vars)) if vars.model().is_some() => {
+                let (MethodSpec::Full(sel), Some(llama)) = (&spec.train.method, vars.model())
+                else {
+                    return Err(TrainingError::Internal(
+                        "a model came out of an adapter method".into(),
+                    ));
+                };
+                let details = Details::Full {
+                    layers: sel.layers.clone(),
+                    embeddings: sel.embeddings,
+                    norms: sel.norms,
+                    trained_parameters: sel.trained_floats(self.model.config()) as u64,
+                };
+                let row = self
+                    .registry
+                    .store_model(
+                        &job.tenant,
+                        &job.adapter_name,
+                        llama.weights.clone(),
+                        details,
+                    )
+                    .await?;
+                Ok(Some(row.version))
+            }
             Ok(Outcome::Finished(vars)) => {
                 let parsed = vars.export().map_err(trainer::TrainError::from)?;
                 let row = self

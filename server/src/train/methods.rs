@@ -79,6 +79,85 @@ pub enum MethodSpec {
     /// as PEFT does it, LoRA with `target_modules: "dummy-target-modules"` and the head in
     /// `modules_to_save`).
     Head,
+    /// Full fine-tuning: the base's own weights, dequantised to f32, trained with AdamW;
+    /// the result is a model, not an adapter.
+    Full(FullSelection),
+}
+
+/// Which of the base's weights full fine-tuning trains (the rest stay frozen).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FullSelection {
+    /// Decoder layers whose projections (and norms, with `norms`) train; empty: all.
+    #[serde(default)]
+    pub layers: Vec<usize>,
+    /// The token embeddings and the LM head (one matrix when the base ties them).
+    pub embeddings: bool,
+    /// The RMSNorm weights of the trained layers and the final norm.
+    pub norms: bool,
+    /// Whether the base ties its LM head to the embeddings (resolved from the base when the
+    /// job is created; sizes depend on it).
+    #[serde(default)]
+    pub tied: bool,
+}
+
+impl FullSelection {
+    pub fn trains_layer(&self, layer: usize) -> bool {
+        self.layers.is_empty() || self.layers.contains(&layer)
+    }
+
+    /// Floats of one decoder layer's projections and of its two norms.
+    fn layer_floats(cfg: &LlamaConfig) -> (usize, usize) {
+        let (h, f, kv) = (cfg.hidden_size, cfg.intermediate_size, cfg.kv_dim());
+        (2 * h * h + 2 * kv * h + 3 * h * f, 2 * h)
+    }
+
+    fn embedding_floats(&self, cfg: &LlamaConfig) -> usize {
+        cfg.vocab_size * cfg.hidden_size * if self.tied { 1 } else { 2 }
+    }
+
+    /// Floats of the whole model (what the exported `model.safetensors` holds).
+    pub fn model_floats(&self, cfg: &LlamaConfig) -> usize {
+        let (proj, norms) = Self::layer_floats(cfg);
+        self.embedding_floats(cfg) + cfg.num_layers * (proj + norms) + cfg.hidden_size
+    }
+
+    /// Floats that train.
+    pub fn trained_floats(&self, cfg: &LlamaConfig) -> usize {
+        let (proj, norms) = Self::layer_floats(cfg);
+        let layers = (0..cfg.num_layers)
+            .filter(|&l| self.trains_layer(l))
+            .count();
+        let emb = if self.embeddings {
+            self.embedding_floats(cfg)
+        } else {
+            0
+        };
+        let norm = if self.norms {
+            layers * norms + cfg.hidden_size
+        } else {
+            0
+        };
+        emb + layers * proj + norm
+    }
+
+    /// Peak bytes a run is expected to take beyond the resident base: the trained copy,
+    /// its gradient (and the accumulated one), AdamW's two moments (five f32 values per
+    /// trained float), the frozen rest's f32 copy, and the activations candle keeps for
+    /// the backward of one micro-batch of `batch` rows of `seq` tokens.
+    pub fn memory_bytes(&self, cfg: &LlamaConfig, batch: usize, seq: usize) -> u64 {
+        let trained = self.trained_floats(cfg) as u64;
+        let (h, f, v) = (
+            cfg.hidden_size as u64,
+            cfg.intermediate_size as u64,
+            cfg.vocab_size as u64,
+        );
+        let tokens = (batch * seq) as u64;
+        let heads = cfg.num_heads as u64;
+        // Per layer and token: ~16 hidden-wide states, 6 FFN-wide ones, 3 score rows per head.
+        let per_layer = tokens * (16 * h + 6 * f) + 3 * heads * tokens * seq as u64;
+        let activations = cfg.num_layers as u64 * per_layer + 3 * tokens * v;
+        4 * (5 * trained + activations)
+    }
 }
 
 impl MethodSpec {
@@ -92,6 +171,7 @@ impl MethodSpec {
             MethodSpec::Ia3 { .. } => "ia3",
             MethodSpec::Bottleneck { .. } => "bottleneck",
             MethodSpec::Head => "head",
+            MethodSpec::Full(_) => "full",
         }
     }
 
@@ -100,7 +180,8 @@ impl MethodSpec {
             MethodSpec::Lora
             | MethodSpec::Ia3 { .. }
             | MethodSpec::Bottleneck { .. }
-            | MethodSpec::Head => 0,
+            | MethodSpec::Head
+            | MethodSpec::Full(_) => 0,
             MethodSpec::PromptTuning {
                 num_virtual_tokens, ..
             }
@@ -149,6 +230,7 @@ impl MethodSpec {
         match self {
             MethodSpec::Lora => None,
             MethodSpec::Head => Some(0),
+            MethodSpec::Full(sel) => Some(sel.model_floats(cfg)),
             MethodSpec::Ia3 {
                 target_modules,
                 feedforward_modules,
@@ -196,6 +278,7 @@ impl MethodSpec {
         let dense = |i: usize, o: usize| i * o + o;
         Some(match self {
             MethodSpec::Lora => return None,
+            MethodSpec::Full(sel) => sel.trained_floats(cfg),
             MethodSpec::PromptTuning { .. }
             | MethodSpec::PTuningV2 { .. }
             | MethodSpec::Ia3 { .. }
@@ -285,6 +368,27 @@ pub fn check(
                 spec.rank
             ),
         )),
+        MethodSpec::Full(_)
+            if spec.train_lm_head || spec.objective != super::trainer::Objective::Sft =>
+        {
+            Err((
+                "method".into(),
+                "full fine-tuning trains the model's own LM head with the sft objective; \
+             train_lm_head and a classification head do not apply"
+                    .into(),
+            ))
+        }
+        MethodSpec::Full(sel) => match sel.layers.iter().find(|&&l| l >= cfg.num_layers) {
+            Some(l) => Err((
+                "full.layers".into(),
+                format!(
+                    "layer {l} does not exist; the model has {} (0..{})",
+                    cfg.num_layers,
+                    cfg.num_layers - 1
+                ),
+            )),
+            None => Ok(()),
+        },
         MethodSpec::Bottleneck {
             settings,
             bottleneck_size,

@@ -7,6 +7,7 @@
 
 pub mod classes;
 pub mod dataset;
+pub mod full_vars;
 pub mod head_vars;
 pub mod jobs;
 pub mod lora_vars;

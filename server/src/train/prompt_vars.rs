@@ -150,7 +150,8 @@ impl PromptVars {
             MethodSpec::Lora
             | MethodSpec::Ia3 { .. }
             | MethodSpec::Bottleneck { .. }
-            | MethodSpec::Head => {
+            | MethodSpec::Head
+            | MethodSpec::Full(_) => {
                 candle_core::bail!("{} is not a prompt method", method.name())
             }
             MethodSpec::PromptTuning { init, .. } => {

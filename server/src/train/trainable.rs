@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use candle_core::{Tensor, Var};
 
 use super::{
+    full_vars::FullVars,
     head_vars::HeadVars,
     lora_vars::LoraVars,
     methods::MethodSpec,
@@ -19,7 +20,7 @@ use super::{
 };
 use crate::{
     adapters::formats::{Details, Parsed},
-    model::{adapter::TensorAdapter, BaseModel},
+    model::{adapter::TensorAdapter, BaseModel, Llama},
 };
 
 pub trait Trainable: TensorAdapter + Send {
@@ -34,6 +35,11 @@ pub trait Trainable: TensorAdapter + Send {
     fn set_dropout_seed(&self, _seed: u64) {}
     /// The current values as an adapter's files' content.
     fn export(&self) -> candle_core::Result<Parsed>;
+    /// The model the forward runs instead of the base, when the method trains the model's
+    /// own weights (full fine-tuning); its result is that model, not [`Self::export`].
+    fn model(&self) -> Option<&Llama> {
+        None
+    }
     /// The classification head's labels, when a head is trained.
     fn labels(&self) -> Option<&[String]> {
         None
@@ -84,6 +90,7 @@ fn init_method(model: &BaseModel, spec: &TrainSpec) -> candle_core::Result<Box<d
         MethodSpec::Bottleneck { settings, .. } => {
             Box::new(BottleneckVars::init(model.config(), settings, spec.seed)?)
         }
+        MethodSpec::Full(sel) => Box::new(FullVars::init(&model.llama, sel)?),
         MethodSpec::Head => Box::new(NoVars {
             layers: model.config().num_layers,
         }),

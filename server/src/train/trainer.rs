@@ -68,6 +68,41 @@ pub struct TrainSpec {
     pub train_lm_head: bool,
 }
 
+/// LoRA r=8, alpha 16 on all seven projections, 3 epochs of batch 4, AdamW at 2e-4 with
+/// a constant rate, no evaluation: a base for tests and tools to change fields of.
+/// (`CreateJob`'s own defaults are `grpc/job_request.rs`'s, per method.)
+impl Default for TrainSpec {
+    fn default() -> Self {
+        Self {
+            method: MethodSpec::Lora,
+            rank: 8,
+            alpha: 16.0,
+            dropout: 0.0,
+            targets: Module::ALL
+                .iter()
+                .map(|m| m.hf_name().to_string())
+                .collect(),
+            use_rslora: false,
+            use_dora: false,
+            epochs: 3,
+            batch_size: 4,
+            grad_accum: 1,
+            learning_rate: 2e-4,
+            schedule: Schedule::Constant,
+            warmup_steps: 0,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+            max_seq_len: 512,
+            seed: 0,
+            eval_every: 0,
+            patience: 0,
+            checkpoint_every: 100,
+            objective: Objective::Sft,
+            train_lm_head: false,
+        }
+    }
+}
+
 /// What the trainer optimises.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(tag = "objective", rename_all = "snake_case")]
@@ -295,16 +330,13 @@ fn batch_loss(
     vars: &dyn Trainable,
     b: &Batch,
 ) -> Result<(Tensor, Tensor), TrainError> {
-    let h = model
-        .llama
-        .forward_hidden(&b.ids, Some(vars as &dyn TensorAdapter))?;
+    let llama = vars.model().unwrap_or(&model.llama);
+    let h = llama.forward_hidden(&b.ids, Some(vars as &dyn TensorAdapter))?;
     let (bs, t, hidden) = h.dims3()?;
     let h = h.reshape((bs * t, hidden))?.index_select(&b.positions, 0)?;
     let logits = match (vars.head()?, vars.lm_head()?) {
         (Some(w), _) | (None, Some(w)) => h.matmul(&w.t()?)?,
-        (None, None) => {
-            crate::model::frozen::frozen_matmul(&h, model.llama.weights.lm_head.weight())?
-        }
+        (None, None) => llama.weights.lm_head.forward_train(&h)?,
     };
     let loss = candle_nn::loss::cross_entropy(&logits, &b.targets)?;
     Ok((loss, logits))

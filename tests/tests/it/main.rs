@@ -5,6 +5,7 @@ mod bad_input;
 mod classification;
 mod cli;
 mod deploy;
+mod full_finetune;
 mod generation;
 mod hostile;
 mod isolation;

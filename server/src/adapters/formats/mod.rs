@@ -100,6 +100,16 @@ pub enum Details {
     },
     /// A bottleneck adapter in AdapterHub's terms.
     Bottleneck(BnSettings),
+    /// A fully fine-tuned model: an HF model directory, served by its own engine
+    /// ([`crate::engine::hosted`]), not an adapter of the base.
+    Full {
+        /// The decoder layers that trained (empty: all).
+        layers: Vec<usize>,
+        embeddings: bool,
+        norms: bool,
+        /// Weights that trained.
+        trained_parameters: u64,
+    },
 }
 
 /// What a stored version's output head is: a classification head's labels, in the order of
@@ -129,6 +139,7 @@ impl Details {
             Details::PTuningV2 { .. } => "p_tuning_v2",
             Details::Ia3 { .. } => "ia3",
             Details::Bottleneck(_) => "bottleneck",
+            Details::Full { .. } => "full",
         }
     }
 
@@ -136,6 +147,7 @@ impl Details {
     pub fn weights_file(&self) -> &'static str {
         match self {
             Details::Bottleneck(_) => adapterhub::WEIGHTS_FILE,
+            Details::Full { .. } => crate::model::save::HF_FILES[1],
             _ => WEIGHTS_FILE,
         }
     }
@@ -143,7 +155,10 @@ impl Details {
     /// Virtual tokens the method puts in front of every sequence.
     pub fn virtual_tokens(&self) -> usize {
         match self {
-            Details::Lora { .. } | Details::Ia3 { .. } | Details::Bottleneck(_) => 0,
+            Details::Lora { .. }
+            | Details::Ia3 { .. }
+            | Details::Bottleneck(_)
+            | Details::Full { .. } => 0,
             Details::PromptTuning { num_virtual_tokens }
             | Details::PTuning {
                 num_virtual_tokens, ..

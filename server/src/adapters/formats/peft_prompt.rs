@@ -264,9 +264,10 @@ pub(super) fn write(
             "prefix_projection": false,
             "encoder_hidden_size": cfg.kv_dim(),
         }),
-        Details::Lora { .. } | Details::Ia3 { .. } | Details::Bottleneck(_) => {
-            return Err(err("method", "not a prompt-learning adapter"))
-        }
+        Details::Lora { .. }
+        | Details::Ia3 { .. }
+        | Details::Bottleneck(_)
+        | Details::Full { .. } => return Err(err("method", "not a prompt-learning adapter")),
     };
     if let (Some(c), Some(e)) = (config.as_object_mut(), extra.as_object()) {
         c.extend(e.clone());
