@@ -17,14 +17,22 @@ pub fn pct(v: &mut [f64], p: f64) -> f64 {
 
 /// This process's resident set, MiB (NaN where /proc is unavailable).
 pub fn rss_mib() -> f64 {
+    status_kib("VmRSS:").map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// This process's peak resident set so far, MiB (NaN where /proc is unavailable).
+pub fn peak_rss_mib() -> f64 {
+    status_kib("VmHWM:").map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn status_kib(field: &str) -> Option<f64> {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
         })
-        .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
 /// One sampled stream per entry of `adapters` (the base model for `None`), `tokens` new

@@ -21,6 +21,7 @@ use graft_server::{
     server,
     train::{
         dataset::Tokenized,
+        methods::{FullSelection, MethodSpec},
         trainer::{self, Control, TrainEvent, TrainSpec},
     },
 };
@@ -31,11 +32,15 @@ struct Args {
     model: PathBuf,
     #[arg(long, default_value_t = 6)]
     steps: usize,
+    /// Measure full fine-tuning instead (every weight, f32, AdamW): tokens/s and the
+    /// process's peak resident memory; nothing else runs.
+    #[arg(long)]
+    full: bool,
 }
 
-fn spec(steps: usize) -> TrainSpec {
+fn spec(steps: usize, method: MethodSpec) -> TrainSpec {
     TrainSpec {
-        method: Default::default(),
+        method,
         rank: 8,
         alpha: 16.0,
         dropout: 0.0,
@@ -70,7 +75,12 @@ fn spec(steps: usize) -> TrainSpec {
     }
 }
 
-fn throughput(model: &BaseModel, steps: usize, threads: usize) -> anyhow::Result<f64> {
+fn throughput(
+    model: &BaseModel,
+    steps: usize,
+    threads: usize,
+    method: MethodSpec,
+) -> anyhow::Result<f64> {
     let ex: Vec<Tokenized> = (0..4)
         .map(|i| Tokenized {
             ids: (0..128)
@@ -89,7 +99,7 @@ fn throughput(model: &BaseModel, steps: usize, threads: usize) -> anyhow::Result
     pool.install(|| {
         trainer::train(
             model,
-            &spec(steps),
+            &spec(steps, method),
             &ex,
             &[],
             dir.path(),
@@ -173,10 +183,33 @@ async fn job_rate(client: &GraftClient, id: &str, window: Duration) -> anyhow::R
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let model = Arc::new(BaseModel::load(&args.model, &Device::Cpu)?);
+    if args.full {
+        let sel = FullSelection {
+            layers: vec![],
+            embeddings: true,
+            norms: true,
+            tied: model.llama.weights.tied(),
+        };
+        let (cfg, base) = (model.config().clone(), graft_bench::peak_rss_mib());
+        let estimate = sel.memory_bytes(&cfg, 4, 128) as f64 / (1 << 20) as f64;
+        let m = model.clone();
+        let (steps, s) = (args.steps, sel.clone());
+        let tps =
+            tokio::task::spawn_blocking(move || throughput(&m, steps, 2, MethodSpec::Full(s)))
+                .await??;
+        println!(
+            "full fine-tuning, {} weights, batch 4x128, 2 threads: {tps:.1} tokens/s; peak RSS {:.0} MiB (base loaded: {base:.0} MiB; CreateJob's estimate beyond the base: {estimate:.0} MiB)",
+            sel.trained_floats(&cfg),
+            graft_bench::peak_rss_mib()
+        );
+        return Ok(());
+    }
     for threads in [2, 1] {
         let m = model.clone();
         let steps = args.steps;
-        let tps = tokio::task::spawn_blocking(move || throughput(&m, steps, threads)).await??;
+        let tps =
+            tokio::task::spawn_blocking(move || throughput(&m, steps, threads, MethodSpec::Lora))
+                .await??;
         println!(
             "trainer, rank 8 x 7 modules, batch 4x128, {threads} thread(s): {tps:.1} tokens/s"
         );
