@@ -605,42 +605,21 @@ impl GraftClient {
         Ok((c, w))
     }
 
-    /// Downloads a version's files: `(config, weights file name, weights)`.
+    /// Downloads an adapter version's files: `(config, weights file name, weights)`.
     pub async fn export_adapter_files(
         &self,
         tenant: &str,
         adapter: &str,
     ) -> Result<(Vec<u8>, String, Vec<u8>), Status> {
-        let req = pb::ExportAdapterRequest {
-            tenant: tenant.into(),
-            adapter: adapter.into(),
-        };
-        let mut s = retrying(|| {
-            let (mut c, r) = (self.adapters.clone(), req.clone());
-            async move { c.export_adapter(r).await }
-        })
-        .await?
-        .into_inner();
-        let (mut c, mut w) = (Vec::new(), Vec::new());
-        let mut name = ADAPTER_WEIGHTS_FILE;
-        let mut received = 0u64;
-        while let Some(chunk) = s.message().await? {
-            received += chunk.data.len() as u64;
-            self.report(received);
-            match chunk.file_name.as_str() {
-                ADAPTER_CONFIG_FILE => c.extend(chunk.data),
-                f @ (ADAPTER_WEIGHTS_FILE | ADAPTERHUB_WEIGHTS_FILE) => {
-                    name = if f == ADAPTER_WEIGHTS_FILE {
-                        ADAPTER_WEIGHTS_FILE
-                    } else {
-                        ADAPTERHUB_WEIGHTS_FILE
-                    };
-                    w.extend(chunk.data)
-                }
+        let (mut c, mut w) = (Vec::new(), (ADAPTER_WEIGHTS_FILE.to_string(), Vec::new()));
+        for (name, data) in self.export_files(tenant, adapter).await? {
+            match name.as_str() {
+                ADAPTER_CONFIG_FILE => c = data,
+                ADAPTER_WEIGHTS_FILE | ADAPTERHUB_WEIGHTS_FILE => w = (name, data),
                 other => return Err(Status::internal(format!("unexpected file {other:?}"))),
             }
         }
-        Ok((c, name.to_string(), w))
+        Ok((c, w.0, w.1))
     }
 
     /// Every live version of the tenant's adapters (all pages).
