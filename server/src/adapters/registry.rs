@@ -543,19 +543,27 @@ impl AdapterRegistry {
         tenant: &str,
         r: &AdapterRef,
     ) -> Result<(AdapterRow, Vec<(String, Vec<u8>)>), RegistryError> {
-        // A lease keeps an adapter's files in place while we read them.
+        // A lease keeps an adapter's files in place while we read them. Files are
+        // (the name the library gives it, the name on disk): an adapter's weights are stored
+        // as `adapter_model.safetensors` whatever the method.
         let (row, dir, files, _lease) = match self.resolve(tenant, r).await? {
             Resolved::Adapter(lease) => {
                 let dir = self.adapters_dir().join(&lease.row.dir);
-                let files = vec![peft::CONFIG_FILE, lease.row.details.weights_file()];
+                let files = vec![
+                    (peft::CONFIG_FILE, peft::CONFIG_FILE),
+                    (lease.row.details.weights_file(), peft::WEIGHTS_FILE),
+                ];
                 (lease.row.clone(), dir, files, Some(lease))
             }
-            Resolved::Model { row, dir } => (row, dir, save::HF_FILES.to_vec(), None),
+            Resolved::Model { row, dir } => {
+                let files = save::HF_FILES.iter().map(|&f| (f, f)).collect();
+                (row, dir, files, None)
+            }
         };
         let read = tokio::task::spawn_blocking(move || {
             files
                 .into_iter()
-                .map(|f| Ok((f.to_string(), std::fs::read(dir.join(f))?)))
+                .map(|(name, disk)| Ok((name.to_string(), std::fs::read(dir.join(disk))?)))
                 .collect::<std::io::Result<Vec<_>>>()
         })
         .await
