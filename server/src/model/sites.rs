@@ -50,6 +50,16 @@ impl Module {
         }
     }
 
+    /// `model.layers.{layer}.{parent}.{module}`: this module's full name in the HF model
+    /// (its weight is that `.weight`).
+    pub fn hf_key(self, layer: usize) -> String {
+        format!(
+            "model.layers.{layer}.{}.{}",
+            self.hf_parent(),
+            self.hf_name()
+        )
+    }
+
     pub fn from_hf_name(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|m| m.hf_name() == s)
     }

@@ -11,7 +11,7 @@ use candle_core::{
     DType, Device, Tensor,
 };
 
-use super::{config::LlamaConfig, packed::PackedLinear, ModelError};
+use super::{config::LlamaConfig, packed::PackedLinear, sites::Module, ModelError};
 
 /// A linear layer `y = x W^T` over frozen weights `W: (out, in)`: f32 for the plain path
 /// and prefill GEMMs, and (from GGUF) the packed blocks the decode path streams.
@@ -136,24 +136,21 @@ impl Weights {
     pub fn hf_tensors(&self, cfg: &LlamaConfig) -> candle_core::Result<Vec<(String, Tensor)>> {
         let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
         for (i, l) in self.layers.iter().enumerate() {
-            let p = |s: &str| format!("model.layers.{i}.{s}.weight");
-            out.extend([
-                (p("input_layernorm"), l.attn_norm.clone()),
-                (
-                    p("self_attn.q_proj"),
-                    permute_gguf_to_hf(l.q.weight(), cfg.num_heads)?,
-                ),
-                (
-                    p("self_attn.k_proj"),
-                    permute_gguf_to_hf(l.k.weight(), cfg.num_kv_heads)?,
-                ),
-                (p("self_attn.v_proj"), l.v.weight().clone()),
-                (p("self_attn.o_proj"), l.o.weight().clone()),
-                (p("post_attention_layernorm"), l.ffn_norm.clone()),
-                (p("mlp.gate_proj"), l.gate.weight().clone()),
-                (p("mlp.up_proj"), l.up.weight().clone()),
-                (p("mlp.down_proj"), l.down.weight().clone()),
-            ]);
+            for (norm, t) in [
+                ("input_layernorm", &l.attn_norm),
+                ("post_attention_layernorm", &l.ffn_norm),
+            ] {
+                out.push((format!("model.layers.{i}.{norm}.weight"), t.clone()));
+            }
+            for m in Module::ALL {
+                let w = m.of(l).weight();
+                let w = match m {
+                    Module::Q => permute_gguf_to_hf(w, cfg.num_heads)?,
+                    Module::K => permute_gguf_to_hf(w, cfg.num_kv_heads)?,
+                    _ => w.clone(),
+                };
+                out.push((format!("{}.weight", m.hf_key(i)), w));
+            }
         }
         out.push(("model.norm.weight".into(), self.final_norm.clone()));
         if !self.tied() {
@@ -169,10 +166,7 @@ impl Weights {
         let mut n = f32s(&self.embed) + f32s(&self.final_norm);
         for l in &self.layers {
             n += f32s(&l.attn_norm) + f32s(&l.ffn_norm);
-            n += [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]
-                .into_iter()
-                .map(lin)
-                .sum::<usize>();
+            n += Module::ALL.iter().map(|m| lin(m.of(l))).sum::<usize>();
         }
         n + if self.tied() {
             self.lm_head.packed.as_ref().map_or(0, |p| p.bytes())

@@ -10,7 +10,7 @@ use candle_core::{Tensor, Var};
 use super::{methods::FullSelection, trainable::Trainable};
 use crate::{
     adapters::formats::Parsed,
-    model::{adapter::TensorAdapter, weights::Linear, Llama},
+    model::{adapter::TensorAdapter, weights::Linear, Llama, Module},
 };
 
 pub struct FullVars {
@@ -43,19 +43,13 @@ impl FullVars {
             if !sel.trains_layer(i) {
                 continue;
             }
-            let p = |s: &str| format!("model.layers.{i}.{s}.weight");
-            for (name, lin) in [
-                ("self_attn.q_proj", &mut l.q),
-                ("self_attn.k_proj", &mut l.k),
-                ("self_attn.v_proj", &mut l.v),
-                ("self_attn.o_proj", &mut l.o),
-                ("mlp.gate_proj", &mut l.gate),
-                ("mlp.up_proj", &mut l.up),
-                ("mlp.down_proj", &mut l.down),
-            ] {
-                *lin = Linear::new(train(p(name), lin.weight())?);
+            // Named as the exported HF tensors are (`Weights::hf_tensors`).
+            for m in Module::ALL {
+                let lin = m.of_mut(l);
+                *lin = Linear::new(train(format!("{}.weight", m.hf_key(i)), lin.weight())?);
             }
             if sel.norms {
+                let p = |s: &str| format!("model.layers.{i}.{s}.weight");
                 l.attn_norm = train(p("input_layernorm"), &l.attn_norm)?;
                 l.ffn_norm = train(p("post_attention_layernorm"), &l.ffn_norm)?;
             }

@@ -767,38 +767,35 @@ impl TrainingService {
         let _ = forward.await;
         match outcome {
             Ok(Outcome::Cancelled) => Ok(None),
-            Ok(Outcome::Finished(vars)) if vars.model().is_some() => {
-                let (MethodSpec::Full(sel), Some(llama)) = (&spec.train.method, vars.model())
-                else {
-                    return Err(TrainingError::Internal(
-                        "a model came out of an adapter method".into(),
-                    ));
-                };
-                let details = Details::Full {
-                    layers: sel.layers.clone(),
-                    embeddings: sel.embeddings,
-                    norms: sel.norms,
-                    trained_parameters: sel.trained_floats(self.model.config()) as u64,
-                };
-                let row = self
-                    .registry
-                    .store_model(
-                        &job.tenant,
-                        &job.adapter_name,
-                        llama.weights.clone(),
-                        details,
-                    )
-                    .await?;
-                Ok(Some(row.version))
-            }
-            Ok(Outcome::Finished(vars)) => {
-                let parsed = vars.export().map_err(trainer::TrainError::from)?;
-                let row = self
-                    .registry
-                    .store_parsed(&job.tenant, &job.adapter_name, &parsed)
-                    .await?;
-                Ok(Some(row.version))
-            }
+            // Full fine-tuning yields a model; every other method an adapter.
+            Ok(Outcome::Finished(vars)) => match (&spec.train.method, vars.model()) {
+                (MethodSpec::Full(sel), Some(llama)) => {
+                    let details = Details::Full {
+                        layers: sel.layers.clone(),
+                        embeddings: sel.embeddings,
+                        norms: sel.norms,
+                        trained_parameters: sel.trained_floats(self.model.config()) as u64,
+                    };
+                    let row = self
+                        .registry
+                        .store_model(
+                            &job.tenant,
+                            &job.adapter_name,
+                            llama.weights.clone(),
+                            details,
+                        )
+                        .await?;
+                    Ok(Some(row.version))
+                }
+                _ => {
+                    let parsed = vars.export().map_err(trainer::TrainError::from)?;
+                    let row = self
+                        .registry
+                        .store_parsed(&job.tenant, &job.adapter_name, &parsed)
+                        .await?;
+                    Ok(Some(row.version))
+                }
+            },
             Err(e) => Err(e.into()),
         }
     }

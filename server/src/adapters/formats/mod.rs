@@ -347,11 +347,6 @@ impl Targets {
     }
 }
 
-/// `model.layers.{layer}.{parent}.{module}`: a module's full name in the HF model.
-pub(crate) fn module_key(layer: usize, m: Module) -> String {
-    format!("model.layers.{layer}.{}.{}", m.hf_parent(), m.hf_name())
-}
-
 /// Splits a tensor name `[base_model.model.]model.layers.N.parent.module.rest...` into the
 /// layer, the module and the rest; `None` when it names no module of a Llama block.
 pub(crate) fn module_tensor(name: &str) -> Option<(usize, Module, Vec<&str>)> {

@@ -12,8 +12,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::{
-    check_base, err, module_key, module_tensor, permute_rows, serialize, to_f32, Details,
-    ImportError, ImportPolicy, Parsed, Targets, CONFIG_FILE, WEIGHTS_FILE,
+    check_base, err, module_tensor, permute_rows, serialize, to_f32, Details, ImportError,
+    ImportPolicy, Parsed, Targets, CONFIG_FILE, WEIGHTS_FILE,
 };
 use crate::model::{adapter::LinearDelta, Adapter, LlamaConfig, Module};
 
@@ -86,7 +86,7 @@ pub(super) fn parse(
     let mut out = Adapter::new(cfg.num_layers);
     let (mut target_modules, mut feedforward_modules) = (Vec::new(), Vec::new());
     for ((layer, m), view) in found {
-        let key = module_key(layer, m);
+        let key = m.hf_key(layer);
         if !targets.matches(&key, m) {
             return Err(err(
                 WEIGHTS_FILE,
@@ -171,7 +171,7 @@ pub(super) fn write(
                 (vec![scale.len(), 1], permute_for(m, cfg, scale, false))
             };
             tensors.push((
-                format!("base_model.model.{}.ia3_l", module_key(layer, m)),
+                format!("base_model.model.{}.ia3_l", m.hf_key(layer)),
                 shape,
                 v,
             ));

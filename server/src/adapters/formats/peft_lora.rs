@@ -13,8 +13,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::{
-    check_base, err, module_key, module_tensor, permute_rows, serialize, to_f32, Details,
-    ImportError, ImportPolicy, Parsed, Targets, CONFIG_FILE, WEIGHTS_FILE,
+    check_base, err, module_tensor, permute_rows, serialize, to_f32, Details, ImportError,
+    ImportPolicy, Parsed, Targets, CONFIG_FILE, WEIGHTS_FILE,
 };
 use crate::model::{
     adapter::{Dora, LinearDelta},
@@ -190,7 +190,7 @@ pub(super) fn parse(
     let mut out = Adapter::new(cfg.num_layers);
     let mut max_rank = 0;
     for ((layer, m), [a, b, mag]) in pairs {
-        let key = module_key(layer, m);
+        let key = m.hf_key(layer);
         if !targets.matches(&key, m) || layers.as_ref().is_some_and(|l| !l.contains(&layer)) {
             return Err(err(
                 WEIGHTS_FILE,
@@ -336,7 +336,7 @@ pub(super) fn write(
             let Some(pair) = d.low_rank() else {
                 return Err(err("method", "a LoRA adapter holds a non-LoRA module"));
             };
-            let key = module_key(layer, m);
+            let key = m.hf_key(layer);
             let b = match m {
                 Module::Q => permute_rows(
                     &pair.b(),
