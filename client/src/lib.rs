@@ -105,9 +105,13 @@ pub struct GenerateOptions {
     pub top_p: Option<f32>,
     pub top_k: Option<i32>,
     pub repetition_penalty: Option<f32>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
     pub stop: Vec<String>,
     pub seed: Option<u64>,
     pub logprobs: bool,
+    /// With `logprobs`: this many most likely alternatives per token (0-20).
+    pub top_logprobs: u32,
     pub adapter: Option<String>,
     /// Acting tenant: leave `None` with a tenant's key; name it with the admin key.
     pub tenant: Option<String>,
@@ -130,9 +134,12 @@ impl GenerateOptions {
             top_p: self.top_p,
             top_k: self.top_k,
             repetition_penalty: self.repetition_penalty,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
             stop: self.stop.clone(),
             seed: self.seed,
             logprobs: self.logprobs,
+            top_logprobs: self.top_logprobs,
         }
     }
 

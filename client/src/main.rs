@@ -231,6 +231,12 @@ struct Sampling {
     top_k: Option<i32>,
     #[arg(long)]
     repetition_penalty: Option<f32>,
+    /// OpenAI's presence penalty, in [-2, 2].
+    #[arg(long, allow_hyphen_values = true)]
+    presence_penalty: Option<f32>,
+    /// OpenAI's frequency penalty, in [-2, 2].
+    #[arg(long, allow_hyphen_values = true)]
+    frequency_penalty: Option<f32>,
     /// Stop sequence (repeatable).
     #[arg(long)]
     stop: Vec<String>,
@@ -249,9 +255,12 @@ impl From<Sampling> for GenerateOptions {
             top_p: s.top_p,
             top_k: s.top_k,
             repetition_penalty: s.repetition_penalty,
+            presence_penalty: s.presence_penalty,
+            frequency_penalty: s.frequency_penalty,
             stop: s.stop,
             seed: s.seed,
             logprobs: false,
+            top_logprobs: 0,
             adapter: s.adapter,
             tenant: None,
         }

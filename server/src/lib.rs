@@ -4,6 +4,7 @@
 //! -> store`; `store` is used by `adapters`, `train` and `tenancy`; `model` knows nothing of tonic.
 
 pub mod adapters;
+pub mod api;
 pub mod config;
 pub mod engine;
 pub mod grpc;

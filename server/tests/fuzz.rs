@@ -336,9 +336,18 @@ fn request() -> impl Strategy<Value = pb::GenerateRequest> {
             float(),
         ),
         prop::collection::vec(".{0,6}", 0..10),
+        (float(), float(), any::<bool>(), 0u32..30),
     )
         .prop_map(
-            |(prompt, raw, msgs, adapter, (max, temp, top_p, top_k, rep), stop)| {
+            |(
+                prompt,
+                raw,
+                msgs,
+                adapter,
+                (max, temp, top_p, top_k, rep),
+                stop,
+                (presence, frequency, logprobs, top_logprobs),
+            )| {
                 pb::GenerateRequest {
                     prompt,
                     raw_prompt: raw,
@@ -355,7 +364,10 @@ fn request() -> impl Strategy<Value = pb::GenerateRequest> {
                         repetition_penalty: rep,
                         stop,
                         seed: None,
-                        logprobs: false,
+                        logprobs,
+                        presence_penalty: presence,
+                        frequency_penalty: frequency,
+                        top_logprobs,
                     }),
                     ..Default::default()
                 }
@@ -377,6 +389,9 @@ proptest! {
             prop_assert!(p.repetition_penalty.is_finite() && p.repetition_penalty > 0.0);
             prop_assert!(p.stop.len() <= limits.max_stop_sequences);
             prop_assert!(p.stop.iter().all(|s| !s.is_empty()));
+            prop_assert!((-2.0..=2.0).contains(&p.presence_penalty));
+            prop_assert!((-2.0..=2.0).contains(&p.frequency_penalty));
+            prop_assert!(p.top_logprobs <= 20 && (p.top_logprobs == 0 || p.logprobs));
         }
     }
 }

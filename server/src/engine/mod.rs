@@ -149,6 +149,9 @@ pub enum StreamEvent {
         text: String,
         ids: Vec<u32>,
         logprobs: Vec<f32>,
+        /// Per id, the most likely alternatives `(id, logprob)`, most likely first (when the
+        /// request asked for `top_logprobs`; empty otherwise).
+        top_logprobs: Vec<Vec<(u32, f32)>>,
     },
     /// A classified sequence's class logits, in the order of its head's labels (then
     /// `Finished`).

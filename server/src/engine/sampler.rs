@@ -1,4 +1,6 @@
-//! Next-token choice from logits: repetition penalty, temperature, top-k, top-p, seeded RNG.
+//! Next-token choice from logits: repetition penalty, presence and frequency penalties,
+//! temperature, top-k, top-p, seeded RNG; the chosen token's log-probability and, when asked,
+//! the most likely alternatives'.
 //! Invariant: a sequence's sampler depends only on its own parameters, seed and history, so
 //! the same request gives the same tokens whatever else shares the batch.
 
@@ -14,9 +16,18 @@ pub struct SamplingParams {
     /// 0 = off.
     pub top_k: u32,
     pub repetition_penalty: f32,
+    /// Subtracted once from the logit of every token already generated (OpenAI's
+    /// `presence_penalty`, in [-2, 2]; 0 = off).
+    pub presence_penalty: f32,
+    /// Subtracted from a token's logit once per time it was generated (OpenAI's
+    /// `frequency_penalty`, in [-2, 2]; 0 = off).
+    pub frequency_penalty: f32,
     pub stop: Vec<String>,
     pub seed: u64,
     pub logprobs: bool,
+    /// The most likely tokens to report beside each chosen one, with their log-probabilities
+    /// (0 = none; implies nothing unless `logprobs`).
+    pub top_logprobs: u32,
 }
 
 impl Default for SamplingParams {
@@ -27,9 +38,12 @@ impl Default for SamplingParams {
             top_p: 1.0,
             top_k: 0,
             repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             stop: Vec::new(),
             seed: 0,
             logprobs: false,
+            top_logprobs: 0,
         }
     }
 }
@@ -40,13 +54,18 @@ pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
     seen: Vec<bool>,
+    /// How often each token was generated (for the presence and frequency penalties; empty
+    /// when both are off).
+    generated: Vec<u32>,
 }
 
-/// The chosen token and its log-probability under the unmodified distribution.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// The chosen token, its log-probability under the unmodified distribution and, when asked,
+/// the `top_logprobs` most likely tokens of that distribution (most likely first).
+#[derive(Debug, Clone, PartialEq)]
 pub struct Sampled {
     pub token: u32,
     pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
 }
 
 impl Sampler {
@@ -56,12 +75,16 @@ impl Sampler {
             params,
             rng,
             seen: Vec::new(),
+            generated: Vec::new(),
         };
         if s.params.repetition_penalty != 1.0 {
             s.seen = vec![false; vocab];
             for &t in prompt {
-                s.observe(t);
+                s.see(t);
             }
+        }
+        if s.params.presence_penalty != 0.0 || s.params.frequency_penalty != 0.0 {
+            s.generated = vec![0; vocab];
         }
         s
     }
@@ -70,10 +93,18 @@ impl Sampler {
         &self.params
     }
 
-    /// Records a generated token (for the repetition penalty).
-    pub fn observe(&mut self, token: u32) {
+    /// Records a prompt token (for the repetition penalty).
+    fn see(&mut self, token: u32) {
         if let Some(x) = self.seen.get_mut(token as usize) {
             *x = true;
+        }
+    }
+
+    /// Records a generated token (for the repetition, presence and frequency penalties).
+    pub fn observe(&mut self, token: u32) {
+        self.see(token);
+        if let Some(c) = self.generated.get_mut(token as usize) {
+            *c += 1;
         }
     }
 
@@ -86,6 +117,13 @@ impl Sampler {
         };
         let raw = logits.to_vec();
         let p = &self.params;
+        // OpenAI's penalties: l -= count * frequency + (count > 0) * presence, over the
+        // tokens generated so far.
+        for (l, &c) in logits.iter_mut().zip(&self.generated) {
+            if c > 0 {
+                *l -= c as f32 * p.frequency_penalty + p.presence_penalty;
+            }
+        }
         if p.repetition_penalty != 1.0 {
             for (l, &seen) in logits.iter_mut().zip(&self.seen) {
                 if seen {
@@ -102,11 +140,22 @@ impl Sampler {
         } else {
             self.sample_random(logits)
         };
-        let logprob = logprob_of
-            .map(|(max, lse)| raw[token as usize] - max - lse)
-            .unwrap_or(0.0);
+        let (logprob, top) = match logprob_of {
+            Some((max, lse)) => (
+                raw[token as usize] - max - lse,
+                most_likely(&raw, self.params.top_logprobs as usize)
+                    .into_iter()
+                    .map(|i| (i, raw[i as usize] - max - lse))
+                    .collect(),
+            ),
+            None => (0.0, Vec::new()),
+        };
         self.observe(token);
-        Sampled { token, logprob }
+        Sampled {
+            token,
+            logprob,
+            top,
+        }
     }
 
     fn sample_random(&mut self, logits: &[f32]) -> u32 {
@@ -166,6 +215,25 @@ pub fn argmax(logits: &[f32]) -> u32 {
         }
     }
     best as u32
+}
+
+/// The ids of the `k` largest logits, largest first (lower id first among ties).
+fn most_likely(logits: &[f32], k: usize) -> Vec<u32> {
+    if k == 0 {
+        return Vec::new();
+    }
+    let by_desc = |a: &u32, b: &u32| {
+        logits[*b as usize]
+            .total_cmp(&logits[*a as usize])
+            .then(a.cmp(b))
+    };
+    let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
+    if k < ids.len() {
+        ids.select_nth_unstable_by(k - 1, by_desc);
+        ids.truncate(k);
+    }
+    ids.sort_unstable_by(by_desc);
+    ids
 }
 
 /// `(max, log(sum(exp(l - max))))`, so that `log p(i) = l_i - max - lse`.
@@ -259,5 +327,121 @@ mod tests {
             &[0],
         );
         assert_eq!(s.sample(&mut [2.0, 1.0, 0.5]).token, 1);
+    }
+
+    #[test]
+    fn presence_penalty_discourages_generated_tokens_once() {
+        // Token 0 leads by 1.0; a presence penalty of 1.5 pushes it below token 1 after it
+        // was generated once, and keeps it there (the penalty does not grow).
+        let mut s = Sampler::new(
+            SamplingParams {
+                presence_penalty: 1.5,
+                ..params(0.0)
+            },
+            3,
+            &[0, 0, 0],
+        );
+        let logits = [2.0, 1.0, 0.0];
+        let tokens: Vec<u32> = (0..4)
+            .map(|_| s.sample(&mut logits.clone()).token)
+            .collect();
+        // The prompt's tokens are not penalised, so 0 comes first; then 0 is at 0.5 and 1
+        // wins; then both were generated once: 0.5 vs -0.5, so 0, and 0 stays ahead.
+        assert_eq!(tokens, vec![0, 1, 0, 0]);
+    }
+
+    #[test]
+    fn frequency_penalty_grows_with_each_repetition() {
+        // Token 0 leads token 1 by 2.5; each generation of 0 costs it 1.0 more.
+        let mut s = Sampler::new(
+            SamplingParams {
+                frequency_penalty: 1.0,
+                ..params(0.0)
+            },
+            2,
+            &[],
+        );
+        let logits = [3.5, 1.0];
+        let tokens: Vec<u32> = (0..5)
+            .map(|_| s.sample(&mut logits.clone()).token)
+            .collect();
+        // 0 (3.5 vs 1), 0 (2.5 vs 1), 0 (1.5 vs 1), 1 (0.5 vs 1), 0 (0.5 vs 1 - 1 = 0).
+        assert_eq!(tokens, vec![0, 0, 0, 1, 0]);
+    }
+
+    #[test]
+    fn negative_penalties_encourage_repetition() {
+        let mut s = Sampler::new(
+            SamplingParams {
+                presence_penalty: -2.0,
+                ..params(0.0)
+            },
+            2,
+            &[],
+        );
+        // 1 is chosen first only when it leads; force it once through a one-off logit.
+        assert_eq!(s.sample(&mut [0.0, 1.0]).token, 1);
+        // Now 0 leads by 1.5, but 1 gets +2.0.
+        assert_eq!(s.sample(&mut [1.5, 0.0]).token, 1);
+    }
+
+    #[test]
+    fn penalties_change_choices_not_reported_logprobs() {
+        let mut s = Sampler::new(
+            SamplingParams {
+                frequency_penalty: 2.0,
+                top_logprobs: 2,
+                ..params(0.0)
+            },
+            3,
+            &[],
+        );
+        let logits = [2.0f32, 1.0, 0.0];
+        let z: f32 = logits.iter().map(|x| x.exp()).sum();
+        let first = s.sample(&mut logits.clone());
+        let second = s.sample(&mut logits.clone());
+        assert_eq!((first.token, second.token), (0, 1));
+        // Both are reported under the model's own distribution.
+        assert!((second.logprob - (1.0 - z.ln())).abs() < 1e-5);
+        assert_eq!(second.top.len(), 2);
+        assert_eq!(second.top[0].0, 0);
+        assert!((second.top[0].1 - (2.0 - z.ln())).abs() < 1e-5);
+        assert_eq!(second.top[1].0, 1);
+    }
+
+    #[test]
+    fn top_logprobs_are_the_most_likely_tokens_in_order() {
+        let mut s = Sampler::new(
+            SamplingParams {
+                top_logprobs: 3,
+                seed: 9,
+                ..params(1.0)
+            },
+            5,
+            &[],
+        );
+        let logits = [0.5f32, 3.0, -1.0, 3.0, 2.0];
+        let out = s.sample(&mut logits.clone());
+        let ids: Vec<u32> = out.top.iter().map(|t| t.0).collect();
+        assert_eq!(ids, vec![1, 3, 4]);
+        let total: f32 = logits.iter().map(|x| x.exp()).sum();
+        for (id, lp) in &out.top {
+            assert!((lp - (logits[*id as usize] - total.ln())).abs() < 1e-5);
+        }
+        // The chosen token's own log-probability agrees with the table where it appears.
+        if let Some((_, lp)) = out.top.iter().find(|t| t.0 == out.token) {
+            assert_eq!(*lp, out.logprob);
+        }
+        // Without logprobs nothing is reported.
+        let mut quiet = Sampler::new(
+            SamplingParams {
+                logprobs: false,
+                top_logprobs: 3,
+                ..params(1.0)
+            },
+            5,
+            &[],
+        );
+        assert!(quiet.sample(&mut logits.clone()).top.is_empty());
     }
 }

@@ -324,6 +324,7 @@ impl EngineLoop {
                         text: rest,
                         ids: vec![],
                         logprobs: vec![],
+                        top_logprobs: vec![],
                     });
                 }
                 s.finish(FinishReason::Cancelled);
@@ -537,10 +538,15 @@ impl EngineLoop {
         seq.first_token.get_or_insert(now);
         seq.last_token = Some(now);
         seq.generated.push(s.token);
-        let logprobs = if seq.sampler.params().logprobs {
-            vec![s.logprob]
+        let (logprobs, top_logprobs) = if seq.sampler.params().logprobs {
+            let top = if seq.sampler.params().top_logprobs > 0 {
+                vec![s.top]
+            } else {
+                vec![]
+            };
+            (vec![s.logprob], top)
         } else {
-            vec![]
+            (vec![], vec![])
         };
         let mut finish = None;
         let mut text = String::new();
@@ -572,6 +578,7 @@ impl EngineLoop {
             text,
             ids: vec![s.token],
             logprobs,
+            top_logprobs,
         });
         if let Some(r) = finish {
             seq.finish(r);

@@ -6,51 +6,17 @@ use std::time::{Duration, Instant};
 
 use graft_proto::v1 as pb;
 
-use super::error::ApiError;
-use crate::{adapters::AdapterRef, engine::SamplingParams, model::ChatMessage};
+use crate::api::error::ApiError;
+use crate::{
+    adapters::AdapterRef,
+    api::generate::{check_messages, SamplingRequest},
+    engine::SamplingParams,
+    model::ChatMessage,
+};
 
-/// Bounds a request must respect.
-#[derive(Debug, Clone, Copy)]
-pub struct RequestLimits {
-    pub max_new_tokens_cap: u32,
-    pub max_stop_sequences: usize,
-    pub max_stop_bytes: usize,
-    pub max_messages: usize,
-}
-
-impl RequestLimits {
-    pub fn new(max_new_tokens_cap: u32) -> Self {
-        Self {
-            max_new_tokens_cap,
-            max_stop_sequences: 8,
-            max_stop_bytes: 256,
-            max_messages: 1024,
-        }
-    }
-}
-
-pub const DEFAULT_MAX_NEW_TOKENS: u32 = 256;
-pub const CHAT_ROLES: [&str; 3] = ["system", "user", "assistant"];
-
-/// The prompt, before tokenisation.
-#[derive(Debug, Clone, PartialEq)]
-pub enum PromptInput {
-    Text(String),
-    Chat(Vec<ChatMessage>),
-}
-
-/// A generation request whose fields are all valid.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ValidRequest {
-    pub input: PromptInput,
-    pub adapter: Option<AdapterRef>,
-    pub params: SamplingParams,
-}
-
-/// `name` or `name@version`.
-pub fn adapter_ref(field: &str, s: &str) -> Result<AdapterRef, ApiError> {
-    s.parse().map_err(|e: String| ApiError::invalid(field, e))
-}
+pub use crate::api::generate::{
+    adapter_ref, PromptInput, RequestLimits, ValidRequest, CHAT_ROLES, DEFAULT_MAX_NEW_TOKENS,
+};
 
 pub fn validate_generate(
     req: pb::GenerateRequest,
@@ -106,39 +72,21 @@ pub fn validate_generate(
     })
 }
 
-/// Chat messages of the request's field `field`: known roles, at most `max_messages`.
+/// Chat messages of the request's field `field`, checked by the one rule
+/// ([`check_messages`]).
 fn chat_messages(
     field: &str,
     messages: Vec<pb::ChatMessage>,
     limits: &RequestLimits,
 ) -> Result<Vec<ChatMessage>, ApiError> {
-    if messages.len() > limits.max_messages {
-        return Err(ApiError::invalid(
-            field,
-            format!(
-                "{} messages; at most {} are allowed",
-                messages.len(),
-                limits.max_messages
-            ),
-        ));
-    }
-    let mut msgs = Vec::with_capacity(messages.len());
-    for (i, m) in messages.into_iter().enumerate() {
-        if !CHAT_ROLES.contains(&m.role.as_str()) {
-            return Err(ApiError::invalid(
-                format!("{field}[{i}].role"),
-                format!(
-                    "unknown role {:?}; expected one of system, user, assistant",
-                    m.role
-                ),
-            ));
-        }
-        msgs.push(ChatMessage {
+    let msgs = messages
+        .into_iter()
+        .map(|m| ChatMessage {
             role: m.role,
             content: m.content,
-        });
-    }
-    Ok(msgs)
+        })
+        .collect();
+    check_messages(field, msgs, limits)
 }
 
 /// Most inputs one Classify request may carry.
@@ -203,79 +151,20 @@ fn validate_params(
     p: pb::SamplingParameters,
     limits: &RequestLimits,
 ) -> Result<SamplingParams, ApiError> {
-    let field = |f: &str| format!("parameters.{f}");
-    let max_new_tokens = p
-        .max_new_tokens
-        .unwrap_or(DEFAULT_MAX_NEW_TOKENS.min(limits.max_new_tokens_cap));
-    if max_new_tokens == 0 || max_new_tokens > limits.max_new_tokens_cap {
-        return Err(ApiError::invalid(
-            field("max_new_tokens"),
-            format!(
-                "{max_new_tokens} is outside [1, {}]",
-                limits.max_new_tokens_cap
-            ),
-        ));
-    }
-    let temperature = p.temperature.unwrap_or(1.0);
-    if !temperature.is_finite() || temperature < 0.0 {
-        return Err(ApiError::invalid(
-            field("temperature"),
-            format!("{temperature} must be a finite number >= 0 (0 = greedy)"),
-        ));
-    }
-    let top_p = p.top_p.unwrap_or(1.0);
-    if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(ApiError::invalid(
-            field("top_p"),
-            format!("{top_p} is outside (0, 1]"),
-        ));
-    }
-    let top_k = p.top_k.unwrap_or(0);
-    if top_k < 0 {
-        return Err(ApiError::invalid(
-            field("top_k"),
-            format!("{top_k} must be >= 0 (0 = off)"),
-        ));
-    }
-    let repetition_penalty = p.repetition_penalty.unwrap_or(1.0);
-    if !repetition_penalty.is_finite() || repetition_penalty <= 0.0 {
-        return Err(ApiError::invalid(
-            field("repetition_penalty"),
-            format!("{repetition_penalty} must be a finite number > 0 (1 = off)"),
-        ));
-    }
-    if p.stop.len() > limits.max_stop_sequences {
-        return Err(ApiError::invalid(
-            field("stop"),
-            format!(
-                "{} stop sequences; at most {} are allowed",
-                p.stop.len(),
-                limits.max_stop_sequences
-            ),
-        ));
-    }
-    for (i, s) in p.stop.iter().enumerate() {
-        if s.is_empty() || s.len() > limits.max_stop_bytes {
-            return Err(ApiError::invalid(
-                format!("parameters.stop[{i}]"),
-                format!(
-                    "{} bytes; a stop sequence must be 1 to {} bytes",
-                    s.len(),
-                    limits.max_stop_bytes
-                ),
-            ));
-        }
-    }
-    Ok(SamplingParams {
-        max_new_tokens,
-        temperature,
-        top_p,
-        top_k: top_k as u32,
-        repetition_penalty,
+    SamplingRequest {
+        max_new_tokens: p.max_new_tokens,
+        temperature: p.temperature,
+        top_p: p.top_p,
+        top_k: p.top_k.map(i64::from),
+        repetition_penalty: p.repetition_penalty,
+        presence_penalty: p.presence_penalty,
+        frequency_penalty: p.frequency_penalty,
         stop: p.stop,
-        seed: p.seed.unwrap_or_else(rand::random),
+        seed: p.seed,
         logprobs: p.logprobs,
-    })
+        top_logprobs: Some(p.top_logprobs),
+    }
+    .check(limits, |f| format!("parameters.{f}"))
 }
 
 /// Reads the client's `grpc-timeout` header ("<digits><unit>", unit one of H M S m u n).

@@ -1,57 +1,11 @@
-//! The one mapping from domain errors to `tonic::Status`, with rich error details
+//! The one mapping from [`ApiError`] to `tonic::Status`, with rich error details
 //! (`BadRequest` naming the field, `RetryInfo` with a delay).
-
-use std::time::Duration;
 
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::{
-    adapters::RegistryError,
-    engine::{hosted::HostError, SubmitError},
-    tenancy::TenancyError,
-};
-
-/// Every error an RPC can answer with.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum ApiError {
-    #[error("{field}: {reason}")]
-    InvalidArgument { field: String, reason: String },
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{0}")]
-    AlreadyExists(String),
-    #[error("{what}")]
-    ResourceExhausted {
-        what: String,
-        /// None where waiting cannot help (the request can never fit).
-        retry_after: Option<Duration>,
-    },
-    #[error("quota {quota} exceeded: {detail}")]
-    Quota {
-        quota: String,
-        detail: String,
-        retry_after: Option<Duration>,
-    },
-    #[error("{0}")]
-    Unauthenticated(String),
-    #[error("{0}")]
-    PermissionDenied(String),
-    #[error("{0}")]
-    FailedPrecondition(String),
-    #[error("{0}")]
-    Unavailable(String),
-    #[error("deadline exceeded")]
-    DeadlineExceeded,
-    #[error("{0}")]
-    DataLoss(String),
-    /// The request stream itself failed (the client went away, a message did not decode):
-    /// answered with the stream's own code.
-    #[error("reading the request stream: {message}")]
-    Transport { code: Code, message: String },
-    #[error("{0}")]
-    Internal(String),
-}
+use crate::api::error::clip;
+pub use crate::api::error::{db_error, ApiError};
 
 /// A failure reading a client stream, which is not the caller's bad argument.
 pub fn transport(s: Status) -> ApiError {
@@ -63,63 +17,6 @@ pub fn transport(s: Status) -> ApiError {
         code,
         message: s.message().to_string(),
     }
-}
-
-/// A database failure: a full disk is RESOURCE_EXHAUSTED with "no space left" (nothing was
-/// stored); anything else is logged and INTERNAL.
-pub(crate) fn db_error(d: crate::store::DbError) -> ApiError {
-    tracing::error!(error = %d, "database");
-    if d.is_disk_full() {
-        ApiError::ResourceExhausted {
-            what: "no space left on the server's disk (the database could not write)".into(),
-            retry_after: None,
-        }
-    } else {
-        ApiError::Internal("database error".into())
-    }
-}
-
-impl ApiError {
-    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
-        Self::InvalidArgument {
-            field: field.into(),
-            reason: reason.into(),
-        }
-    }
-
-    pub fn code(&self) -> Code {
-        match self {
-            Self::InvalidArgument { .. } => Code::InvalidArgument,
-            Self::NotFound(_) => Code::NotFound,
-            Self::AlreadyExists(_) => Code::AlreadyExists,
-            Self::ResourceExhausted { .. } => Code::ResourceExhausted,
-            Self::Quota { .. } => Code::ResourceExhausted,
-            Self::Unauthenticated(_) => Code::Unauthenticated,
-            Self::PermissionDenied(_) => Code::PermissionDenied,
-            Self::FailedPrecondition(_) => Code::FailedPrecondition,
-            Self::Unavailable(_) => Code::Unavailable,
-            Self::DeadlineExceeded => Code::DeadlineExceeded,
-            Self::DataLoss(_) => Code::DataLoss,
-            Self::Transport { code, .. } => *code,
-            Self::Internal(_) => Code::Internal,
-        }
-    }
-}
-
-/// Longest message (and detail text) an answer carries: both travel in HTTP/2 trailers,
-/// which peers cap, so text echoing a huge input is cut rather than breaking the stream.
-const MAX_TEXT: usize = 1024;
-
-fn clip(mut s: String) -> String {
-    if s.len() > MAX_TEXT {
-        let mut end = MAX_TEXT;
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        s.truncate(end);
-        s.push('…');
-    }
-    s
 }
 
 impl From<ApiError> for Status {
@@ -173,89 +70,6 @@ impl From<ApiError> for Status {
     }
 }
 
-impl From<SubmitError> for ApiError {
-    fn from(e: SubmitError) -> Self {
-        let msg = e.to_string();
-        match e {
-            SubmitError::QueueFull { retry_after, .. } => ApiError::ResourceExhausted {
-                what: msg,
-                retry_after: Some(retry_after),
-            },
-            SubmitError::NeverFits { .. } => ApiError::ResourceExhausted {
-                what: msg,
-                retry_after: None,
-            },
-            SubmitError::HeadCannotGenerate | SubmitError::NoHead => {
-                ApiError::invalid("adapter", msg)
-            }
-            SubmitError::Draining | SubmitError::Stopped => ApiError::Unavailable(msg),
-        }
-    }
-}
-
-impl From<RegistryError> for ApiError {
-    fn from(e: RegistryError) -> Self {
-        match e {
-            RegistryError::Invalid(i) => ApiError::invalid(i.field, i.reason),
-            RegistryError::NotFound(what) => {
-                ApiError::NotFound(format!("adapter {what} not found"))
-            }
-            RegistryError::Storage(m) => {
-                tracing::error!(error = %m, "adapter storage");
-                ApiError::Internal(format!("adapter storage: {m}"))
-            }
-            RegistryError::NoSpace(doing) => ApiError::ResourceExhausted {
-                what: format!("no space left on the server's disk ({doing})"),
-                retry_after: None,
-            },
-            RegistryError::Damaged(m) => ApiError::DataLoss(m),
-            RegistryError::Quota(q) => q.into(),
-            RegistryError::Db(d) => db_error(d),
-        }
-    }
-}
-
-impl From<TenancyError> for ApiError {
-    fn from(e: TenancyError) -> Self {
-        let msg = e.to_string();
-        match e {
-            TenancyError::Unauthenticated(m) => ApiError::Unauthenticated(m.into()),
-            TenancyError::PermissionDenied(m) => ApiError::PermissionDenied(m),
-            TenancyError::Invalid { field, reason } => ApiError::invalid(field, reason),
-            TenancyError::NotFound(_) => ApiError::NotFound(msg),
-            TenancyError::AlreadyExists(_) => ApiError::AlreadyExists(msg),
-            TenancyError::FailedPrecondition(m) => ApiError::FailedPrecondition(m),
-            TenancyError::Quota {
-                quota,
-                detail,
-                retry_after,
-            } => {
-                metrics::counter!(crate::metrics::QUOTA_REJECTIONS_TOTAL, "quota" => quota)
-                    .increment(1);
-                ApiError::Quota {
-                    quota: quota.into(),
-                    detail,
-                    retry_after,
-                }
-            }
-            TenancyError::Db(d) => db_error(d),
-        }
-    }
-}
-
-impl From<HostError> for ApiError {
-    fn from(e: HostError) -> Self {
-        match e {
-            // Busy models finish and become evictable: worth a retry.
-            e @ HostError::NoRoom { .. } => ApiError::ResourceExhausted {
-                what: e.to_string(),
-                retry_after: Some(Duration::from_secs(1)),
-            },
-            e @ HostError::Load { .. } => ApiError::DataLoss(e.to_string()),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -264,7 +78,11 @@ mod tests {
     fn huge_messages_are_clipped_on_a_char_boundary() {
         let long = "é".repeat(5000);
         let st = Status::from(ApiError::invalid("name", long.clone()));
-        assert!(st.message().len() <= MAX_TEXT + 3, "{}", st.message().len());
+        assert!(
+            st.message().len() <= crate::api::error::MAX_TEXT + 3,
+            "{}",
+            st.message().len()
+        );
         assert!(st.message().ends_with('…'));
         assert_eq!(clip("short".into()), "short");
     }

@@ -4,7 +4,6 @@ use std::{pin::Pin, time::Instant};
 
 use futures::Stream;
 use graft_proto::v1::{self as pb, generation_server::Generation};
-use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
 use super::{
@@ -13,11 +12,10 @@ use super::{
     error::ApiError,
     observe, recorded, ReadySlot,
 };
+use crate::api::StreamRecord;
 use crate::{
-    adapters::Resolved,
+    api::generate::{admit, tokenise, Admitted, InputField},
     engine::{GenerationRequest, StreamEvent, Task},
-    model::BaseModel,
-    tenancy::StreamPermit,
 };
 
 pub struct GenerationService {
@@ -30,43 +28,30 @@ impl GenerationService {
         Self { ready, limits }
     }
 
-    /// Validation, adapter lease, tokenisation and admission; the events of the accepted
-    /// request.
+    /// Validation, then the shared path (`api::generate::admit`): the events of the
+    /// accepted request.
     async fn start(&self, req: Request<pb::GenerateRequest>) -> Result<Admitted, ApiError> {
         let deadline = deadline_from(req.metadata(), Instant::now());
         let caller = Caller::of(&req)?;
         let ready = super::ready(&self.ready)?;
         let tenant = caller.acting(&req.get_ref().tenant)?;
         let valid = validate_generate(req.into_inner(), &self.limits)?;
-        let permit = caller
-            .tenancy
-            .begin_stream(&tenant, valid.params.max_new_tokens as u64)?;
-        // An adapter runs in the base's engine; a fully fine-tuned model in its own.
-        let (engine, adapter) = match &valid.adapter {
-            Some(r) => match ready.adapters.resolve(&tenant, r).await? {
-                Resolved::Adapter(lease) => (ready.engine.clone(), Some(lease)),
-                Resolved::Model { row, dir } => (
-                    ready.hosted.engine(row.id, &r.to_string(), &dir).await?,
-                    None,
-                ),
-            },
-            None => (ready.engine.clone(), None),
-        };
-        let virt = adapter.as_ref().map_or(0, |a| a.adapter().virtual_tokens());
         let field = match valid.input {
             PromptInput::Text(_) => "prompt",
             PromptInput::Chat(_) => "messages",
         };
-        let prompt_ids = tokenise(engine.model(), valid.input, field, virt, Task::Generate)?;
-        let events = engine.submit(GenerationRequest {
-            task: Task::Generate,
-            prompt_ids,
-            params: valid.params,
+        let mut one = admit(
+            ready,
+            &caller.tenancy,
+            &tenant,
+            valid,
+            InputField(field),
             deadline,
-            adapter,
-            tenant: tenant.into(),
-        })?;
-        Ok(Admitted { events, permit })
+            1,
+        )
+        .await?;
+        one.pop()
+            .ok_or_else(|| ApiError::Internal("no sequence was admitted".into()))
     }
 }
 
@@ -157,96 +142,24 @@ fn classification(labels: &[String], logits: &[f32]) -> pb::Classification {
     }
 }
 
-/// A prompt's token ids, checked against the context window (with the adapter's `virt`
-/// virtual tokens, and room for one new token when generating). Chat messages are rendered
-/// with the generation prompt for generation, without it for classification. `field` is
-/// the request field the input came from.
-fn tokenise(
-    model: &BaseModel,
-    input: PromptInput,
-    field: &str,
-    virt: usize,
-    task: Task,
-) -> Result<Vec<u32>, ApiError> {
-    let generate = task == Task::Generate;
-    let text = match input {
-        PromptInput::Text(t) => t,
-        PromptInput::Chat(m) => model
-            .chat
-            .render(&m, generate)
-            .map_err(|e| ApiError::invalid(field, e.to_string()))?,
-    };
-    let prompt_ids = model
-        .tokenizer
-        .encode(&text)
-        .map_err(|e| ApiError::invalid(field, e.to_string()))?;
-    let window = model.config().max_position;
-    if prompt_ids.is_empty() {
-        return Err(ApiError::invalid(field, "the prompt has no tokens"));
+/// One position's alternatives as proto.
+fn top(alternatives: Vec<(u32, f32)>) -> pb::TopLogprobs {
+    pb::TopLogprobs {
+        tokens: alternatives
+            .into_iter()
+            .map(|(token_id, logprob)| pb::TokenLogprob { token_id, logprob })
+            .collect(),
     }
-    let room = usize::from(generate);
-    if prompt_ids.len() + virt + room > window {
-        let with = if virt > 0 {
-            format!(" plus the adapter's {virt} virtual tokens")
-        } else {
-            String::new()
-        };
-        let new = if generate {
-            " (and at least one new token must fit)"
-        } else {
-            ""
-        };
-        return Err(ApiError::invalid(
-            field,
-            format!(
-                "the prompt is {} tokens{with} but the context window is {window}{new}",
-                prompt_ids.len()
-            ),
-        ));
-    }
-    Ok(prompt_ids)
 }
 
 /// A generation sequence never gets class logits (the engine refuses head adapters there).
 const CLASSIFIED: &str = "the engine classified a generation request";
 
-/// An accepted request: its engine events, and its tenant's stream slot (held until the
-/// response ends; generated tokens are charged to it).
-struct Admitted {
-    events: mpsc::Receiver<StreamEvent>,
-    permit: StreamPermit,
-}
-
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateStreamResponse, Status>> + Send>>;
 
 /// Engine events -> proto stream messages; ends after the final event.
-/// Records a GenerateStream in the request metrics exactly once: with the code it ended
-/// with, or CANCELLED when the client dropped it before its end.
-struct StreamRecord {
-    started: Instant,
-    done: bool,
-}
-
-impl StreamRecord {
-    fn end(&mut self, code: tonic::Code) {
-        if !self.done {
-            self.done = true;
-            observe("GenerateStream", code, self.started);
-        }
-    }
-}
-
-impl Drop for StreamRecord {
-    fn drop(&mut self) {
-        self.end(tonic::Code::Cancelled);
-    }
-}
-
 fn to_proto_stream(admitted: Admitted, started: Instant) -> EventStream {
-    let rec = StreamRecord {
-        started,
-        done: false,
-    };
+    let rec = StreamRecord::new("GenerateStream", started);
     let stream = futures::stream::unfold(Some((admitted, rec)), move |a| async move {
         let (mut a, mut rec) = a?;
         let ev = a.events.recv().await;
@@ -258,11 +171,13 @@ fn to_proto_stream(admitted: Admitted, started: Instant) -> EventStream {
                 text,
                 ids,
                 logprobs,
+                top_logprobs,
             }) => (
                 Ok(pb::GenerateStreamResponse {
                     text,
                     token_ids: ids,
                     logprobs,
+                    top_logprobs: top_logprobs.into_iter().map(top).collect(),
                     ..Default::default()
                 }),
                 true,
@@ -320,11 +235,13 @@ impl Generation for GenerationService {
                         text,
                         ids,
                         logprobs,
+                        top_logprobs,
                     } => {
                         a.permit.charge(ids.len());
                         out.text.push_str(&text);
                         out.token_ids.extend(ids);
                         out.logprobs.extend(logprobs);
+                        out.top_logprobs.extend(top_logprobs.into_iter().map(top));
                     }
                     StreamEvent::Finished {
                         reason,

@@ -16,7 +16,7 @@ use crate::{
     store::training::{DatasetRow, JobRow},
     train::{
         dataset::Format,
-        jobs::{JobEvent, JobSpec, TrainingError},
+        jobs::{JobEvent, JobSpec},
         trainer::{Objective, TrainEvent},
     },
 };
@@ -28,38 +28,6 @@ pub struct TrainingGrpc {
 impl TrainingGrpc {
     pub fn new(ready: ReadySlot) -> Self {
         Self { ready }
-    }
-}
-
-impl From<TrainingError> for ApiError {
-    fn from(e: TrainingError) -> Self {
-        match e {
-            TrainingError::Invalid { field, reason } => ApiError::invalid(field, reason),
-            TrainingError::NotFound(w) => ApiError::NotFound(format!("{w} not found")),
-            TrainingError::AlreadyExists(w) => {
-                ApiError::AlreadyExists(format!("{w} already exists"))
-            }
-            TrainingError::Storage(m) => {
-                tracing::error!(error = %m, "training storage");
-                ApiError::Internal(m)
-            }
-            TrainingError::NoSpace(doing) => ApiError::ResourceExhausted {
-                what: format!("no space left on the server's disk ({doing})"),
-                retry_after: None,
-            },
-            TrainingError::Quota(q) => q.into(),
-            e @ TrainingError::Memory { .. } => ApiError::ResourceExhausted {
-                what: e.to_string(),
-                retry_after: None,
-            },
-            TrainingError::Registry(r) => r.into(),
-            TrainingError::Failed(f) => ApiError::Internal(format!("training failed: {f}")),
-            TrainingError::Internal(m) => {
-                tracing::error!(error = %m, "training");
-                ApiError::Internal(m)
-            }
-            TrainingError::Db(d) => super::error::db_error(d),
-        }
     }
 }
 

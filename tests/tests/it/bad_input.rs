@@ -232,6 +232,13 @@ async fn random_requests_never_break_the_server() {
                     .collect(),
                 seed: Some(rng.random()),
                 logprobs: rng.random(),
+                presence_penalty: pick_f(&mut rng),
+                frequency_penalty: pick_f(&mut rng),
+                top_logprobs: if rng.random_bool(0.2) {
+                    rng.random_range(0..25)
+                } else {
+                    0
+                },
             }),
         });
     }
