@@ -37,6 +37,10 @@ pub struct Settings {
     /// Prometheus /metrics listen address.
     #[arg(long, env = "GRAFT_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// OpenAI-compatible HTTP API listen address (`/v1/chat/completions`, `/v1/models`, ...);
+    /// off unless set. Same keys, tenants, quotas and TLS settings as gRPC.
+    #[arg(long, env = "GRAFT_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
     /// Sequences decoded together at most.
     #[arg(long, env = "GRAFT_MAX_ACTIVE_SEQUENCES")]
     pub max_active_sequences: Option<usize>,
@@ -189,6 +193,8 @@ pub struct ServerConfig {
     pub model: PathBuf,
     pub listen: SocketAddr,
     pub metrics_listen: SocketAddr,
+    /// The OpenAI-compatible HTTP front, when on.
+    pub http_listen: Option<SocketAddr>,
     pub engine: EngineConfig,
     pub max_new_tokens_cap: u32,
     pub drain_timeout: Duration,
@@ -370,6 +376,7 @@ impl Settings {
                 .listen
                 .or(file.listen)
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50051))),
+            http_listen: self.http_listen.or(file.http_listen),
             metrics_listen: self
                 .metrics_listen
                 .or(file.metrics_listen)
@@ -461,6 +468,7 @@ impl ServerConfig {
             model: model.into(),
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            http_listen: None,
             engine: EngineConfig::default(),
             max_new_tokens_cap: 4096,
             drain_timeout: Duration::from_secs(30),

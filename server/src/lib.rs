@@ -8,6 +8,7 @@ pub mod api;
 pub mod config;
 pub mod engine;
 pub mod grpc;
+pub mod http;
 pub mod metrics;
 pub mod model;
 pub mod names;

@@ -44,12 +44,18 @@ pub enum LoadState {
 pub struct RunningServer {
     pub grpc_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
+    /// The OpenAI-compatible HTTP front's address, when it is on (`--http-listen`).
+    pub http_addr: Option<SocketAddr>,
     cfg: ServerConfig,
     ready: ReadySlot,
     health: HealthReporter,
     load: watch::Receiver<LoadState>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     serve: JoinHandle<Result<(), tonic::transport::Error>>,
+    http: Option<(
+        tokio::sync::oneshot::Sender<()>,
+        JoinHandle<std::io::Result<()>>,
+    )>,
 }
 
 const SERVICE_NAME: &str = "graft.v1.Generation";
@@ -74,6 +80,17 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
         .await
         .map_err(|e| anyhow::anyhow!("gRPC listener {}: {e}", cfg.listen))?;
     let grpc_addr = listener.local_addr()?;
+    let http_listener = match cfg.http_listen {
+        Some(addr) => {
+            crate::http::check_plaintext(addr, cfg.allow_plaintext)?;
+            Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("HTTP listener {addr}: {e}"))?,
+            )
+        }
+        None => None,
+    };
 
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
@@ -137,6 +154,26 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
                 let _ = stop_rx.await;
             }),
     );
+    let (http_addr, http) = match http_listener {
+        Some(l) => {
+            let addr = l.local_addr()?;
+            let state = crate::http::HttpState {
+                ready: ready.clone(),
+                tenancy: tenancy.clone(),
+                limits: RequestLimits::new(cfg.max_new_tokens_cap),
+                started_unix: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+            };
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(crate::http::serve(l, state, async {
+                let _ = rx.await;
+            }));
+            tracing::info!(http_addr = %addr, "OpenAI-compatible HTTP front listening");
+            (Some(addr), Some((tx, task)))
+        }
+        None => (None, None),
+    };
     tracing::info!(%grpc_addr, %metrics_addr, "listening");
 
     let (load_tx, load) = watch::channel(LoadState::Loading);
@@ -159,6 +196,8 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
     Ok(RunningServer {
         grpc_addr,
         metrics_addr,
+        http_addr,
+        http,
         cfg,
         ready,
         health,
@@ -342,6 +381,10 @@ impl RunningServer {
         }
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
+        }
+        if let Some((tx, task)) = self.http.take() {
+            let _ = tx.send(());
+            task.await??;
         }
         (&mut self.serve).await??;
         tracing::info!("drained; bye");

@@ -10,6 +10,7 @@ mod generation;
 mod hostile;
 mod isolation;
 mod kv;
+mod openai;
 mod ops;
 mod prompt_methods;
 mod tenancy;
