@@ -19,23 +19,6 @@ use crate::{
 /// 8-30; 20 is the common choice).
 const DEFAULT_VIRTUAL_TOKENS: u32 = 20;
 
-/// The default learning rate per method. The prompt family trains a handful of vectors
-/// that every position reads, from a random start (standard normal, far from the scale of
-/// real token embeddings): they need far larger steps than a low-rank update that starts
-/// at zero. The values are the ones the PEFT reference runs in `tests/fixtures` used.
-fn default_learning_rate(m: &MethodSpec) -> f64 {
-    match m {
-        MethodSpec::Lora => 2e-4,
-        MethodSpec::PromptTuning { .. } => 3e-2,
-        MethodSpec::PTuning { .. } | MethodSpec::PrefixTuning { .. } => 3e-3,
-        MethodSpec::PTuningV2 { .. } => 1e-2,
-        MethodSpec::Ia3 { .. } => 1e-2,
-        MethodSpec::Bottleneck { .. } | MethodSpec::Head => 1e-3,
-        // Every weight moves: the small steps of full fine-tuning recipes.
-        MethodSpec::Full(_) => 1e-5,
-    }
-}
-
 /// The method a request names, its settings checked and defaulted. Settings given for
 /// another method than the one named are refused rather than ignored.
 fn method_from(req: &pb::CreateJobRequest) -> Result<MethodSpec, ApiError> {
@@ -294,7 +277,7 @@ fn bottleneck_from(c: pb::BottleneckMethod) -> Result<MethodSpec, ApiError> {
 }
 
 /// Request -> job, with every hyper-parameter checked and defaults filled in.
-pub(super) fn job_from(req: &pb::CreateJobRequest) -> Result<NewJob, ApiError> {
+pub(crate) fn job_from(req: &pb::CreateJobRequest) -> Result<NewJob, ApiError> {
     let method = method_from(req)?;
     if req.dataset.is_empty() {
         return Err(ApiError::invalid("dataset", "required"));
@@ -355,7 +338,7 @@ pub(super) fn job_from(req: &pb::CreateJobRequest) -> Result<NewJob, ApiError> {
         1,
         "hyperparameters.gradient_accumulation",
     )?;
-    let lr = h.learning_rate.unwrap_or(default_learning_rate(&method));
+    let lr = h.learning_rate.unwrap_or(method.default_learning_rate());
     if !(lr.is_finite() && lr > 0.0) {
         return Err(ApiError::invalid(
             "hyperparameters.learning_rate",

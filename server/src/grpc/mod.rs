@@ -7,7 +7,7 @@ pub mod auth;
 pub mod convert;
 pub mod error;
 pub mod generation;
-mod job_request;
+pub(crate) mod job_request;
 pub mod training;
 
 use std::time::Instant;

@@ -44,6 +44,7 @@ impl From<DatasetRow> for pb::Dataset {
             size_bytes: d.size_bytes,
             sha256: d.sha256,
             created_at_unix: d.created_at,
+            filename: d.filename.unwrap_or_default(),
             label_counts: d
                 .label_counts
                 .into_iter()

@@ -10,13 +10,15 @@
 
 mod completions;
 pub mod error;
+mod files;
+mod fine_tuning;
 mod models;
 pub mod openai;
 
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use axum::{
-    extract::FromRequestParts,
+    extract::{DefaultBodyLimit, FromRequestParts},
     http::request::Parts,
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -111,6 +113,29 @@ fn router(state: HttpState) -> Router {
         .route("/v1/completions", post(completions::completions))
         .route("/v1/models", get(models::list))
         .route("/v1/models/{*id}", get(models::get))
+        // The dataset upload caps its own size (--max-dataset-mb) as it streams.
+        .route(
+            "/v1/files",
+            post(files::upload)
+                .get(files::list)
+                .layer(DefaultBodyLimit::disable()),
+        )
+        .route("/v1/files/{id}", get(files::get).delete(files::delete))
+        .route("/v1/files/{id}/content", get(files::content))
+        .route(
+            "/v1/fine_tuning/jobs",
+            post(fine_tuning::create).get(fine_tuning::list),
+        )
+        .route("/v1/fine_tuning/jobs/{id}", get(fine_tuning::get))
+        .route(
+            "/v1/fine_tuning/jobs/{id}/cancel",
+            post(fine_tuning::cancel),
+        )
+        .route("/v1/fine_tuning/jobs/{id}/events", get(fine_tuning::events))
+        .route(
+            "/v1/fine_tuning/jobs/{id}/checkpoints",
+            get(fine_tuning::checkpoints),
+        )
         .fallback(|| async {
             HttpError(ApiError::NotFound(
                 "no such route; graft serves OpenAI's /v1 API (see docs/openai-compat.md)".into(),

@@ -19,6 +19,8 @@ pub struct DatasetRow {
     pub created_at: i64,
     /// Classification datasets: examples per label (empty for the other formats).
     pub label_counts: std::collections::BTreeMap<String, u64>,
+    /// The client's file name, where the upload carried one (OpenAI's files API).
+    pub filename: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -72,6 +74,7 @@ fn dataset(r: &sqlx::sqlite::SqliteRow) -> DatasetRow {
                     .ok()
             })
             .unwrap_or_default(),
+        filename: r.get("filename"),
     }
 }
 
@@ -101,7 +104,7 @@ fn job(r: &sqlx::sqlite::SqliteRow) -> JobRow {
 }
 
 const DATASET_COLS: &str =
-    "id, tenant, name, format, examples, tokens, truncated, size_bytes, sha256, file, created_at, label_counts";
+    "id, tenant, name, format, examples, tokens, truncated, size_bytes, sha256, file, created_at, label_counts, filename";
 const JOB_COLS: &str = "id, tenant, dataset, eval_dataset, adapter_name, adapter_bytes, spec, status, error, adapter_version, step, total_steps, created_at, updated_at, \
      COALESCE((SELECT name FROM datasets d WHERE d.id = jobs.dataset), '') AS dataset_name, \
      (SELECT name FROM datasets d WHERE d.id = jobs.eval_dataset) AS eval_dataset_name";
@@ -160,8 +163,8 @@ impl Db {
     /// Inserts a dataset; `None` when a live dataset of that name exists.
     pub async fn insert_dataset(&self, d: &DatasetRow) -> Result<Option<DatasetRow>, DbError> {
         let r = sqlx::query(
-            "INSERT INTO datasets (id, tenant, name, format, examples, tokens, truncated, size_bytes, sha256, file, created_at, label_counts)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO datasets (id, tenant, name, format, examples, tokens, truncated, size_bytes, sha256, file, created_at, label_counts, filename)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&d.id)
         .bind(&d.tenant)
@@ -178,6 +181,7 @@ impl Db {
             (!d.label_counts.is_empty())
                 .then(|| serde_json::to_string(&d.label_counts).unwrap_or_default()),
         )
+        .bind(&d.filename)
         .execute(&self.pool)
         .await;
         match r {

@@ -470,6 +470,33 @@ impl TrainingService {
         Ok(self.db.list_jobs(tenant).await?)
     }
 
+    /// A dataset and the path of its stored file (read-only: served as the file's content).
+    pub async fn dataset_file(
+        &self,
+        tenant: &str,
+        name: &str,
+    ) -> Result<(DatasetRow, PathBuf), TrainingError> {
+        let row = self.dataset(tenant, name).await?;
+        let path = self.datasets_dir().join(&row.file);
+        Ok((row, path))
+    }
+
+    /// A job's stored events so far, oldest first (events that no longer parse are left
+    /// out, as `watch` leaves them).
+    pub async fn events(
+        &self,
+        tenant: &str,
+        id: &str,
+    ) -> Result<Vec<(EventRow, JobEvent)>, TrainingError> {
+        self.job(tenant, id).await?;
+        let rows = self.db.events_after(id, 0).await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| Some((serde_json::from_str(&r.event).ok()?, r)))
+            .map(|(e, r)| (r, e))
+            .collect())
+    }
+
     /// Cancels a queued job at once, a running one at its next micro-step.
     pub async fn cancel(&self, tenant: &str, id: &str) -> Result<JobRow, TrainingError> {
         let job = self.job(tenant, id).await?;

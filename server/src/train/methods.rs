@@ -163,6 +163,23 @@ impl FullSelection {
 }
 
 impl MethodSpec {
+    /// The default learning rate per method. The prompt family trains a handful of vectors
+    /// that every position reads, from a random start (standard normal, far from the scale of
+    /// real token embeddings): they need far larger steps than a low-rank update that starts
+    /// at zero. The values are the ones the PEFT reference runs in `tests/fixtures` used.
+    pub fn default_learning_rate(&self) -> f64 {
+        match self {
+            MethodSpec::Lora => 2e-4,
+            MethodSpec::PromptTuning { .. } => 3e-2,
+            MethodSpec::PTuning { .. } | MethodSpec::PrefixTuning { .. } => 3e-3,
+            MethodSpec::PTuningV2 { .. } => 1e-2,
+            MethodSpec::Ia3 { .. } => 1e-2,
+            MethodSpec::Bottleneck { .. } | MethodSpec::Head => 1e-3,
+            // Every weight moves: the small steps of full fine-tuning recipes.
+            MethodSpec::Full(_) => 1e-5,
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             MethodSpec::Lora => "lora",

@@ -29,6 +29,7 @@ pub struct DatasetUpload {
     hasher: Sha256,
     size: usize,
     cap: usize,
+    filename: Option<String>,
 }
 
 impl Drop for DatasetUpload {
@@ -39,6 +40,16 @@ impl Drop for DatasetUpload {
 }
 
 impl DatasetUpload {
+    /// Records the client's file name with the dataset (at most 255 bytes, kept whole or
+    /// cut on a character boundary; it is shown, never used as a path).
+    pub fn set_filename(&mut self, name: &str) {
+        let mut end = name.len().min(255);
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.filename = Some(name[..end].to_string());
+    }
+
     /// Appends a chunk; more than the configured cap is refused.
     pub async fn write(&mut self, chunk: &[u8]) -> Result<(), TrainingError> {
         self.size += chunk.len();
@@ -90,6 +101,7 @@ impl TrainingService {
             hasher: Sha256::new(),
             size: 0,
             cap: self.config().max_dataset_bytes,
+            filename: None,
         })
     }
 
@@ -148,6 +160,7 @@ impl TrainingService {
             file: file.clone(),
             created_at: 0,
             label_counts: validated.stats.labels.clone(),
+            filename: up.filename.clone(),
         };
         let remove = || {
             let _ = std::fs::remove_file(self.datasets_dir().join(&file));
