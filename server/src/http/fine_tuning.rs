@@ -200,13 +200,15 @@ fn to_request(
                     hyper = Some(h);
                 }
             }
-            "dpo" | "reinforcement" => return Err(bad(
-                "method.type",
-                format!(
+            "dpo" | "reinforcement" => {
+                return Err(bad(
+                    "method.type",
+                    format!(
                     "{:?} needs graft's preference trainer, which is not here yet; supervised is",
                     m.kind
                 ),
-            )),
+                ))
+            }
             other => {
                 return Err(bad(
                     "method.type",

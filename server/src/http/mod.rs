@@ -8,6 +8,7 @@
 //! - Metrics: each route is an `rpc` label of `graft_requests_total` (e.g.
 //!   `POST /v1/chat/completions`), with the gRPC code names as `code`.
 
+mod answers;
 mod completions;
 pub mod error;
 mod files;

@@ -230,6 +230,9 @@ async fn streamed_chat_is_the_unary_answer_in_chunks_with_usage_and_done() {
         .await
         .expect("unary");
     let mut req = greedy_chat(&base, 32);
+    // Set by hand: with async-openai's `byot` feature (the training tests use it) the
+    // client does not set it.
+    req.stream = Some(true);
     req.stream_options = Some(ChatCompletionStreamOptions {
         include_usage: Some(true),
         include_obfuscation: None,
@@ -413,6 +416,8 @@ async fn completions_take_a_raw_prompt_with_legacy_logprobs_and_stream() {
     assert_eq!(offsets[0], 0);
     assert_eq!(offsets[1] as usize, tokens[0].len());
     // Streamed: the same text.
+    let mut req = req;
+    req.stream = Some(true);
     let mut s = oa.completions().create_stream(req).await.expect("stream");
     let mut text = String::new();
     while let Some(c) = s.next().await {
@@ -678,6 +683,7 @@ async fn a_tenant_over_its_stream_quota_gets_429_with_retry_after() {
                 .messages(vec![user("Tell me a long story about a dragon.")])
                 .temperature(0.0)
                 .max_tokens(150u32)
+                .stream(true)
                 .build()
                 .expect("request"),
         )
