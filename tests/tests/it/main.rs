@@ -11,6 +11,7 @@ mod hostile;
 mod isolation;
 mod kv;
 mod openai;
+mod openai_compat;
 mod openai_training;
 mod ops;
 mod prompt_methods;
