@@ -7,6 +7,7 @@ PYTHON        ?= python3
 CARGO         ?= cargo
 GRPC_LISTEN   ?= 127.0.0.1:50051
 METRICS_LISTEN ?= 127.0.0.1:9090
+HTTP_LISTEN   ?= 127.0.0.1:8000
 DATA_DIR      ?= data
 # The admin key: made once (random, mode 0600) and passed by file, never by flag.
 ADMIN_KEY_FILE ?= $(DATA_DIR)/admin.key
@@ -38,6 +39,7 @@ $(ADMIN_KEY_FILE):
 
 run: model build $(ADMIN_KEY_FILE)
 	./target/release/graftd --model $(MODEL) --listen $(GRPC_LISTEN) --metrics-listen $(METRICS_LISTEN) \
+	  --http-listen $(HTTP_LISTEN) \
 	  --data-dir $(DATA_DIR) --admin-key-file $(ADMIN_KEY_FILE)
 
 # The CLI test runs target/debug/graft, which `cargo test` alone does not always link.
