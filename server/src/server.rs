@@ -299,6 +299,7 @@ async fn load_and_warm(
         deadline: None,
         adapter: None,
         tenant: "graftd-warm-up".into(),
+        constraint: None,
     })?;
     loop {
         match rx.recv().await {

@@ -53,6 +53,7 @@ fn request(tenant: &str, prompt: Vec<u32>, max_new: u32, seed: u64) -> Generatio
         deadline: None,
         adapter: None,
         tenant: tenant.into(),
+        constraint: None,
     }
 }
 

@@ -11,7 +11,10 @@ use tokio::sync::mpsc;
 use super::{error::ApiError, Ready};
 use crate::{
     adapters::{AdapterRef, Resolved},
-    engine::{EngineHandle, GenerationRequest, SamplingParams, StreamEvent, Task},
+    engine::{
+        constraint::{Constraint, ConstraintSpec},
+        EngineHandle, GenerationRequest, SamplingParams, StreamEvent, Task,
+    },
     model::{BaseModel, ChatMessage},
     tenancy::{StreamPermit, Tenancy},
 };
@@ -54,6 +57,8 @@ pub struct ValidRequest {
     pub input: PromptInput,
     pub adapter: Option<AdapterRef>,
     pub params: SamplingParams,
+    /// Structured output, and the request field it came from (for errors).
+    pub constraint: Option<(ConstraintSpec, String)>,
 }
 
 /// `name` or `name@version`.
@@ -256,6 +261,10 @@ pub async fn admit(
     };
     let virt = adapter.as_ref().map_or(0, |a| a.adapter().virtual_tokens());
     let prompt_ids = tokenise(engine.model(), req.input, field.0, virt, Task::Generate)?;
+    let constraint = match req.constraint {
+        Some((spec, field)) => Some(compile(&engine, spec, &field).await?),
+        None => None,
+    };
     let mut admitted = Vec::with_capacity(n as usize);
     for (i, permit) in permits.into_iter().enumerate() {
         let mut params = req.params.clone();
@@ -267,6 +276,7 @@ pub async fn admit(
             deadline,
             adapter: adapter.clone(),
             tenant: tenant.into(),
+            constraint: constraint.clone(),
         })?;
         admitted.push(Admitted {
             events,
@@ -275,6 +285,22 @@ pub async fn admit(
         });
     }
     Ok(admitted)
+}
+
+/// Compiles a constraint against the engine's model on a blocking thread (a large schema
+/// can take a while); a bad or unsatisfiable one is INVALID_ARGUMENT naming `field`.
+async fn compile(
+    engine: &EngineHandle,
+    spec: ConstraintSpec,
+    field: &str,
+) -> Result<Constraint, ApiError> {
+    let grammars = engine
+        .grammars()
+        .map_err(|e| ApiError::FailedPrecondition(format!("structured output: {e}")))?;
+    tokio::task::spawn_blocking(move || grammars.compile(&spec))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::invalid(field, e))
 }
 
 /// A prompt's token ids, checked against the context window (with the adapter's `virt`

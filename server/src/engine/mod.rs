@@ -17,6 +17,7 @@
 //! Invariant: no lock is held across a request's generation; a request's tokens depend only
 //! on the request (prompt, parameters, seed), never on the rest of the batch.
 
+pub mod constraint;
 pub mod fair;
 pub mod hosted;
 pub mod output;
@@ -112,6 +113,8 @@ pub struct GenerationRequest {
     pub adapter: Option<AdapterLease>,
     /// Whose request this is: the key the engine shares decode capacity fairly by.
     pub tenant: Arc<str>,
+    /// Structured output: the compiled constraint its tokens must satisfy.
+    pub constraint: Option<constraint::Constraint>,
 }
 
 /// Why a sequence ended.
@@ -224,6 +227,7 @@ pub struct EngineHandle {
     kv_capacity_tokens: usize,
     model: Arc<BaseModel>,
     gauges: bool,
+    grammars: constraint::LazyGrammars,
 }
 
 impl EngineHandle {
@@ -247,6 +251,7 @@ impl EngineHandle {
             kv_capacity_tokens,
             model,
             gauges,
+            grammars: Default::default(),
         })
     }
 
@@ -257,6 +262,12 @@ impl EngineHandle {
 
     pub fn model(&self) -> &Arc<BaseModel> {
         &self.model
+    }
+
+    /// The model's grammar compiler for structured output (built on first use; the error
+    /// says why the tokenizer cannot be used).
+    pub fn grammars(&self) -> Result<Arc<constraint::Grammars>, String> {
+        self.grammars.get(&self.model)
     }
 
     /// Queues a request; its events arrive on the returned receiver. Dropping the receiver

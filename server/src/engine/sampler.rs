@@ -6,6 +6,8 @@
 
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
+use super::constraint::Constraint;
+
 /// Validated sampling parameters (the API edge checks ranges).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
@@ -57,6 +59,8 @@ pub struct Sampler {
     /// How often each token was generated (for the presence and frequency penalties; empty
     /// when both are off).
     generated: Vec<u32>,
+    /// Structured output: what may come next.
+    constraint: Option<Constraint>,
 }
 
 /// The chosen token, its log-probability under the unmodified distribution and, when asked,
@@ -76,6 +80,7 @@ impl Sampler {
             rng,
             seen: Vec::new(),
             generated: Vec::new(),
+            constraint: None,
         };
         if s.params.repetition_penalty != 1.0 {
             s.seen = vec![false; vocab];
@@ -89,8 +94,24 @@ impl Sampler {
         s
     }
 
+    /// Samples under `constraint` from now on.
+    pub fn with_constraint(mut self, constraint: Option<Constraint>) -> Self {
+        self.constraint = constraint;
+        self
+    }
+
     pub fn params(&self) -> &SamplingParams {
         &self.params
+    }
+
+    /// The sequence's constraint, if it has one (to compute its next mask ahead of time).
+    pub fn constraint_mut(&mut self) -> Option<&mut Constraint> {
+        self.constraint.as_mut()
+    }
+
+    /// Whether a constraint says the output is complete.
+    pub fn constraint_done(&self) -> bool {
+        self.constraint.as_ref().is_some_and(Constraint::is_done)
     }
 
     /// Records a prompt token (for the repetition penalty).
@@ -108,14 +129,18 @@ impl Sampler {
         }
     }
 
-    /// Picks the next token from `logits` (modified in place).
-    pub fn sample(&mut self, logits: &mut [f32]) -> Sampled {
+    /// Picks the next token from `logits` (modified in place). Errs only when the
+    /// sequence's constraint failed (no token may come next).
+    pub fn sample(&mut self, logits: &mut [f32]) -> Result<Sampled, String> {
         let logprob_of = if self.params.logprobs {
             Some(log_softmax_denominator(logits))
         } else {
             None
         };
         let raw = logits.to_vec();
+        if let Some(c) = &mut self.constraint {
+            c.apply(logits)?;
+        }
         let p = &self.params;
         // OpenAI's penalties: l -= count * frequency + (count > 0) * presence, over the
         // tokens generated so far.
@@ -150,12 +175,15 @@ impl Sampler {
             ),
             None => (0.0, Vec::new()),
         };
+        if let Some(c) = &mut self.constraint {
+            c.commit(token)?;
+        }
         self.observe(token);
-        Sampled {
+        Ok(Sampled {
             token,
             logprob,
             top,
-        }
+        })
     }
 
     fn sample_random(&mut self, logits: &[f32]) -> u32 {
@@ -258,7 +286,7 @@ mod tests {
     #[test]
     fn greedy_is_argmax_and_logprob_is_log_softmax() {
         let mut s = Sampler::new(params(0.0), 4, &[]);
-        let out = s.sample(&mut [1.0, 3.0, 2.0, 0.0]);
+        let out = s.sample(&mut [1.0, 3.0, 2.0, 0.0]).expect("sampled");
         assert_eq!(out.token, 1);
         let z: f32 = [1.0f32, 3.0, 2.0, 0.0].iter().map(|x| x.exp()).sum();
         assert!((out.logprob - (3.0 - z.ln())).abs() < 1e-5);
@@ -277,7 +305,7 @@ mod tests {
                 &[],
             );
             (0..20)
-                .map(|_| s.sample(&mut logits.clone()).token)
+                .map(|_| s.sample(&mut logits.clone()).expect("sampled").token)
                 .collect::<Vec<_>>()
         };
         assert_eq!(run(5), run(5));
@@ -296,7 +324,12 @@ mod tests {
             &[],
         );
         for _ in 0..20 {
-            assert_eq!(s.sample(&mut [0.1, 0.2, 0.9, 0.3, 0.0]).token, 2);
+            assert_eq!(
+                s.sample(&mut [0.1, 0.2, 0.9, 0.3, 0.0])
+                    .expect("sampled")
+                    .token,
+                2
+            );
         }
     }
 
@@ -312,7 +345,7 @@ mod tests {
             &[],
         );
         for _ in 0..50 {
-            assert_eq!(s.sample(&mut [5.0, 0.0, 0.0]).token, 0);
+            assert_eq!(s.sample(&mut [5.0, 0.0, 0.0]).expect("sampled").token, 0);
         }
     }
 
@@ -326,7 +359,7 @@ mod tests {
             3,
             &[0],
         );
-        assert_eq!(s.sample(&mut [2.0, 1.0, 0.5]).token, 1);
+        assert_eq!(s.sample(&mut [2.0, 1.0, 0.5]).expect("sampled").token, 1);
     }
 
     #[test]
@@ -343,7 +376,7 @@ mod tests {
         );
         let logits = [2.0, 1.0, 0.0];
         let tokens: Vec<u32> = (0..4)
-            .map(|_| s.sample(&mut logits.clone()).token)
+            .map(|_| s.sample(&mut logits.clone()).expect("sampled").token)
             .collect();
         // The prompt's tokens are not penalised, so 0 comes first; then 0 is at 0.5 and 1
         // wins; then both were generated once: 0.5 vs -0.5, so 0, and 0 stays ahead.
@@ -363,7 +396,7 @@ mod tests {
         );
         let logits = [3.5, 1.0];
         let tokens: Vec<u32> = (0..5)
-            .map(|_| s.sample(&mut logits.clone()).token)
+            .map(|_| s.sample(&mut logits.clone()).expect("sampled").token)
             .collect();
         // 0 (3.5 vs 1), 0 (2.5 vs 1), 0 (1.5 vs 1), 1 (0.5 vs 1), 0 (0.5 vs 1 - 1 = 0).
         assert_eq!(tokens, vec![0, 0, 0, 1, 0]);
@@ -380,9 +413,9 @@ mod tests {
             &[],
         );
         // 1 is chosen first only when it leads; force it once through a one-off logit.
-        assert_eq!(s.sample(&mut [0.0, 1.0]).token, 1);
+        assert_eq!(s.sample(&mut [0.0, 1.0]).expect("sampled").token, 1);
         // Now 0 leads by 1.5, but 1 gets +2.0.
-        assert_eq!(s.sample(&mut [1.5, 0.0]).token, 1);
+        assert_eq!(s.sample(&mut [1.5, 0.0]).expect("sampled").token, 1);
     }
 
     #[test]
@@ -398,8 +431,8 @@ mod tests {
         );
         let logits = [2.0f32, 1.0, 0.0];
         let z: f32 = logits.iter().map(|x| x.exp()).sum();
-        let first = s.sample(&mut logits.clone());
-        let second = s.sample(&mut logits.clone());
+        let first = s.sample(&mut logits.clone()).expect("sampled");
+        let second = s.sample(&mut logits.clone()).expect("sampled");
         assert_eq!((first.token, second.token), (0, 1));
         // Both are reported under the model's own distribution.
         assert!((second.logprob - (1.0 - z.ln())).abs() < 1e-5);
@@ -421,7 +454,7 @@ mod tests {
             &[],
         );
         let logits = [0.5f32, 3.0, -1.0, 3.0, 2.0];
-        let out = s.sample(&mut logits.clone());
+        let out = s.sample(&mut logits.clone()).expect("sampled");
         let ids: Vec<u32> = out.top.iter().map(|t| t.0).collect();
         assert_eq!(ids, vec![1, 3, 4]);
         let total: f32 = logits.iter().map(|x| x.exp()).sum();
@@ -442,6 +475,10 @@ mod tests {
             5,
             &[],
         );
-        assert!(quiet.sample(&mut logits.clone()).top.is_empty());
+        assert!(quiet
+            .sample(&mut logits.clone())
+            .expect("sampled")
+            .top
+            .is_empty());
     }
 }

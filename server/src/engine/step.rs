@@ -278,7 +278,8 @@ impl EngineLoop {
             events,
         } = sub;
         let vocab = self.model.config().vocab_size;
-        let sampler = Sampler::new(req.params.clone(), vocab, &req.prompt_ids);
+        let sampler = Sampler::new(req.params.clone(), vocab, &req.prompt_ids)
+            .with_constraint(req.constraint);
         Sequence {
             output: TextOutput::new(req.params.stop.clone()),
             virtual_tokens: prompt.len() - req.prompt_ids.len(),
@@ -448,6 +449,9 @@ impl EngineLoop {
         let mut ran = Vec::with_capacity(plan.items.len());
         let result = {
             let mut chunks = Vec::with_capacity(plan.items.len());
+            // Constraints of the sequences that sample this step: their next masks are
+            // computed while the forward pass runs.
+            let mut constraints = Vec::new();
             let mut items = plan.items.iter().peekable();
             for (i, seq) in self.active.iter_mut().enumerate() {
                 let Some(&&(j, n)) = items.peek() else { break };
@@ -461,11 +465,15 @@ impl EngineLoop {
                     generated,
                     cache,
                     adapter,
+                    sampler,
                     ..
                 } = seq;
                 let done = cache.len();
                 let decode = done >= prompt.len();
                 let sample = done + n == total;
+                if sample {
+                    constraints.extend(sampler.constraint_mut());
+                }
                 // A replay after preemption is service already charged once.
                 let (p, g) = match (decode, sample && n == 1) {
                     (false, _) => (n, 0),
@@ -488,7 +496,18 @@ impl EngineLoop {
                 });
                 ran.push((i, n, sample));
             }
-            self.model.llama.forward_step(&mut self.pool, &mut chunks)
+            let (model, pool) = (&self.model, &mut self.pool);
+            if constraints.is_empty() {
+                model.llama.forward_step(pool, &mut chunks)
+            } else {
+                std::thread::scope(|s| {
+                    s.spawn(|| {
+                        use rayon::prelude::*;
+                        constraints.par_iter_mut().for_each(|c| c.prepare());
+                    });
+                    model.llama.forward_step(pool, &mut chunks)
+                })
+            }
         };
         let logits = match result {
             Ok(l) => l,
@@ -528,7 +547,13 @@ impl EngineLoop {
         let max_pos = self.model.config().max_position;
         let seq = &mut self.active[i];
         let now = Instant::now();
-        let s = seq.sampler.sample(logits);
+        let s = match seq.sampler.sample(logits) {
+            Ok(s) => s,
+            Err(e) => {
+                seq.fail(StreamEvent::Failed(format!("structured output: {e}")));
+                return;
+            }
+        };
         match seq.last_token {
             None => metrics::histogram!(m::TIME_TO_FIRST_TOKEN)
                 .record((now - seq.arrived).as_secs_f64()),
@@ -565,6 +590,10 @@ impl EngineLoop {
                     return;
                 }
             }
+        }
+        if finish.is_none() && seq.sampler.constraint_done() {
+            // The constrained output is complete and nothing may follow.
+            finish = Some(FinishReason::Stop);
         }
         let full = seq.generated.len() >= seq.sampler.params().max_new_tokens as usize
             || seq.prompt.len() + seq.generated.len() >= max_pos;

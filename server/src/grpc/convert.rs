@@ -10,7 +10,7 @@ use crate::api::error::ApiError;
 use crate::{
     adapters::AdapterRef,
     api::generate::{check_messages, SamplingRequest},
-    engine::SamplingParams,
+    engine::{constraint::ConstraintSpec, SamplingParams},
     model::ChatMessage,
 };
 
@@ -65,10 +65,35 @@ pub fn validate_generate(
         a => Some(adapter_ref("adapter", a)?),
     };
     let params = validate_params(req.parameters.unwrap_or_default(), limits)?;
+    let constraint = req.constraint.map(constraint_of).transpose()?;
     Ok(ValidRequest {
         input,
         adapter,
         params,
+        constraint,
+    })
+}
+
+/// The request's constraint, with the field it came from.
+fn constraint_of(
+    c: pb::generate_request::Constraint,
+) -> Result<(ConstraintSpec, String), ApiError> {
+    use pb::generate_request::Constraint as C;
+    Ok(match c {
+        C::JsonSchema(s) => {
+            let v = serde_json::from_str(&s)
+                .map_err(|e| ApiError::invalid("json_schema", format!("not JSON: {e}")))?;
+            (ConstraintSpec::JsonSchema(v), "json_schema".into())
+        }
+        C::JsonObject(true) => (ConstraintSpec::JsonObject, "json_object".into()),
+        C::JsonObject(false) => {
+            return Err(ApiError::invalid(
+                "json_object",
+                "set it to true, or leave the constraint out",
+            ))
+        }
+        C::Regex(r) => (ConstraintSpec::Regex(r), "regex".into()),
+        C::Grammar(g) => (ConstraintSpec::Lark(g), "grammar".into()),
     })
 }
 

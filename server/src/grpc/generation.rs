@@ -89,6 +89,7 @@ impl GenerationService {
                 deadline,
                 adapter: Some(lease.clone()),
                 tenant: tenant.clone().into(),
+                constraint: None,
             })?);
         }
         let mut results = Vec::with_capacity(pending.len());

@@ -27,7 +27,7 @@ use crate::{
         },
         ready, Ready,
     },
-    engine::SamplingParams,
+    engine::{constraint::ConstraintSpec, SamplingParams},
     model::ChatMessage,
 };
 
@@ -61,6 +61,39 @@ pub fn model_ref(ready: &Ready, model: &str) -> Result<Option<AdapterRef>, HttpE
     Ok(Some(adapter_ref("model", model)?))
 }
 
+/// OpenAI's `response_format` as a constraint: `text` (none), `json_object`, or
+/// `json_schema` with its `json_schema.schema`.
+fn response_format(s: &oa::Sampling) -> Result<Option<(ConstraintSpec, String)>, HttpError> {
+    let Some(f) = &s.response_format else {
+        return Ok(None);
+    };
+    let bad = |field: &str, why: &str| HttpError(ApiError::invalid(field, why));
+    match f.get("type").and_then(|t| t.as_str()) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some((ConstraintSpec::JsonObject, "response_format".into()))),
+        Some("json_schema") => {
+            let schema = f
+                .get("json_schema")
+                .and_then(|j| j.get("schema"))
+                .ok_or_else(|| bad("response_format.json_schema.schema", "required"))?;
+            if !schema.is_object() && !schema.is_boolean() {
+                return Err(bad(
+                    "response_format.json_schema.schema",
+                    "a JSON Schema is an object",
+                ));
+            }
+            Ok(Some((
+                ConstraintSpec::JsonSchema(schema.clone()),
+                "response_format.json_schema.schema".into(),
+            )))
+        }
+        _ => Err(bad(
+            "response_format.type",
+            "expected text, json_object or json_schema",
+        )),
+    }
+}
+
 /// Refuses the OpenAI fields graft does not implement, naming them.
 fn refuse_unsupported(s: &oa::Sampling) -> Result<(), HttpError> {
     let refuse = |field: &str, why: &str| Err(HttpError(ApiError::invalid(field, why)));
@@ -74,16 +107,6 @@ fn refuse_unsupported(s: &oa::Sampling) -> Result<(), HttpError> {
     }
     if s.logit_bias.is_some() {
         return refuse("logit_bias", "logit_bias is not supported");
-    }
-    match &s.response_format {
-        None => {}
-        Some(v) if v.get("type").and_then(|t| t.as_str()) == Some("text") => {}
-        Some(_) => {
-            return refuse(
-                "response_format",
-                "structured output (json_object, json_schema) is not supported yet; only {\"type\": \"text\"}",
-            )
-        }
     }
     Ok(())
 }
@@ -231,6 +254,7 @@ async fn start_chat(
         input,
         adapter,
         params,
+        constraint: response_format(&sampled)?,
     };
     let admitted = admit(
         ready,
@@ -336,6 +360,7 @@ async fn start_completions(
     )?;
     let adapter = model_ref(ready, &req.model)?;
     let texts = prompts(req.prompt)?;
+    let constraint = response_format(&sampled)?;
     let count = texts.len() as u32;
     let meta = Meta::new("cmpl", &req.model, req.logprobs.is_some(), &sampled, n);
     let mut admitted = Vec::new();
@@ -349,6 +374,7 @@ async fn start_completions(
             input: PromptInput::Text(text),
             adapter: adapter.clone(),
             params: params.clone(),
+            constraint: constraint.clone(),
         };
         admitted.extend(
             admit(

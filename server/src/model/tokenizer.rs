@@ -189,6 +189,12 @@ impl TextTokenizer {
         Ok(ids)
     }
 
+    /// Token ids of `text` alone: no BOS, special tokens in the text parsed.
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>, ModelError> {
+        let enc = self.inner.encode(text, false).map_err(tok_err)?;
+        Ok(enc.get_ids().to_vec())
+    }
+
     /// Text of `ids`, special tokens left out.
     pub fn decode(&self, ids: &[u32]) -> Result<String, ModelError> {
         self.inner.decode(ids, true).map_err(tok_err)

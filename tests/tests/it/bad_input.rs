@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use futures::future::join_all;
-use graft_client::{proto, GenerateOptions};
+use graft_client::{proto, proto::generate_request::Constraint, GenerateOptions};
 use graft_tests::{start_tiny, start_with, tiny_model_path};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use tonic::Code;
@@ -232,14 +232,22 @@ async fn random_requests_never_break_the_server() {
                     .collect(),
                 seed: Some(rng.random()),
                 logprobs: rng.random(),
-                presence_penalty: pick_f(&mut rng),
-                frequency_penalty: pick_f(&mut rng),
+                presence_penalty: pick_f(&mut rng).filter(|_| rng.random_bool(0.3)),
+                frequency_penalty: pick_f(&mut rng).filter(|_| rng.random_bool(0.3)),
                 top_logprobs: if rng.random_bool(0.2) {
                     rng.random_range(0..25)
                 } else {
                     0
                 },
             }),
+            // Now and then a constraint, valid or not.
+            constraint: match rng.random_range(0..40) {
+                0 => Some(Constraint::Regex("[a-z]{1,3}".into())),
+                1 => Some(Constraint::Regex("(".into())),
+                2 => Some(Constraint::JsonObject(rng.random())),
+                3 => Some(Constraint::JsonSchema("{\"type\": 7}".into())),
+                _ => None,
+            },
         });
     }
     let mut ok = 0;

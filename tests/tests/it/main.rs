@@ -15,6 +15,7 @@ mod openai_compat;
 mod openai_training;
 mod ops;
 mod prompt_methods;
+mod structured;
 mod tenancy;
 mod tls;
 mod training;
