@@ -82,12 +82,11 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
     let grpc_addr = listener.local_addr()?;
     let http_listener = match cfg.http_listen {
         Some(addr) => {
-            crate::http::check_plaintext(addr, cfg.allow_plaintext)?;
-            Some(
-                TcpListener::bind(addr)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("HTTP listener {addr}: {e}"))?,
-            )
+            let transport = crate::http::Transport::of(&cfg, addr)?;
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("HTTP listener {addr}: {e}"))?;
+            Some((l, transport))
         }
         None => None,
     };
@@ -155,7 +154,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
             }),
     );
     let (http_addr, http) = match http_listener {
-        Some(l) => {
+        Some((l, transport)) => {
             let addr = l.local_addr()?;
             let state = crate::http::HttpState {
                 ready: ready.clone(),
@@ -166,7 +165,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
                     .map_or(0, |d| d.as_secs()),
             };
             let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-            let task = tokio::spawn(crate::http::serve(l, state, async {
+            let task = tokio::spawn(crate::http::serve(l, transport, state, async {
                 let _ = rx.await;
             }));
             tracing::info!(http_addr = %addr, "OpenAI-compatible HTTP front listening");

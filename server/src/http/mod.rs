@@ -5,6 +5,8 @@
 //! errors leave through the one mapping in `error.rs`.
 //! - Auth: `Authorization: Bearer <key>`, the same keys as gRPC. An admin key names the
 //!   tenant it acts for in `X-Graft-Tenant` (OpenAI's bodies have no such field).
+//! - TLS: gRPC's certificate and key (and client CA) when set (`tls.rs`); plaintext only
+//!   on loopback unless `--allow-plaintext`, as for gRPC.
 //! - Metrics: each route is an `rpc` label of `graft_requests_total` (e.g.
 //!   `POST /v1/chat/completions`), with the gRPC code names as `code`.
 
@@ -15,6 +17,7 @@ mod files;
 mod fine_tuning;
 mod models;
 pub mod openai;
+mod tls;
 
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
@@ -145,22 +148,46 @@ fn router(state: HttpState) -> Router {
         .with_state(state)
 }
 
+/// How the HTTP front is reached: TLS with gRPC's certificate, or plaintext.
+pub enum Transport {
+    Tls(Arc<rustls::ServerConfig>),
+    Plain,
+}
+
+impl Transport {
+    /// TLS when gRPC has it (same files); plaintext only on loopback or when allowed, as
+    /// for gRPC.
+    pub fn of(cfg: &crate::config::ServerConfig, addr: SocketAddr) -> anyhow::Result<Self> {
+        match &cfg.tls {
+            Some(files) => Ok(Self::Tls(tls::server_config(files)?)),
+            None => {
+                anyhow::ensure!(
+                    addr.ip().is_loopback() || cfg.allow_plaintext,
+                    "refusing plaintext HTTP on {addr}: configure --tls-cert/--tls-key, or pass --allow-plaintext (e.g. behind a TLS-terminating proxy)"
+                );
+                Ok(Self::Plain)
+            }
+        }
+    }
+}
+
 /// Serves the HTTP front on `listener` until `stop` resolves.
 pub async fn serve(
     listener: TcpListener,
+    transport: Transport,
     state: HttpState,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(stop)
-        .await
-}
-
-/// Refuses plaintext HTTP off loopback, as for gRPC.
-pub fn check_plaintext(addr: SocketAddr, allow_plaintext: bool) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        addr.ip().is_loopback() || allow_plaintext,
-        "refusing plaintext HTTP on {addr}: pass --allow-plaintext (e.g. behind a TLS-terminating proxy)"
-    );
-    Ok(())
+    match transport {
+        Transport::Plain => {
+            axum::serve(listener, router(state))
+                .with_graceful_shutdown(stop)
+                .await
+        }
+        Transport::Tls(cfg) => {
+            axum::serve(tls::TlsListener::new(listener, cfg)?, router(state))
+                .with_graceful_shutdown(stop)
+                .await
+        }
+    }
 }

@@ -20,7 +20,6 @@ use graft_client::GenerateOptions;
 use graft_proto::v1 as pb;
 use graft_tests::{fixture_adapter, real_model_path, start_with, TestServer, TENANT};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A real-model server with the HTTP front on, and a fresh key of [`TENANT`].
 async fn start() -> (TestServer, String) {
@@ -54,47 +53,7 @@ async fn raw(
     key: Option<&str>,
     body: Option<Value>,
 ) -> (u16, String, String) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let auth = key
-        .map(|k| format!("Authorization: Bearer {k}\r\n"))
-        .unwrap_or_default();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.expect("read");
-    let (head, body) = out.split_once("\r\n\r\n").expect("a response");
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("status");
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(body)
-    } else {
-        body.to_string()
-    };
-    (status, head.to_string(), body)
-}
-
-/// The payload of a chunked HTTP/1.1 body.
-fn dechunk(mut rest: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, after)) = rest.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).expect("chunk size");
-        if n == 0 {
-            break;
-        }
-        out.push_str(&after[..n]);
-        rest = &after[n + 2..];
-    }
-    out
+    graft_tests::http_json(addr, method, path, key, body.as_ref()).await
 }
 
 /// The error object of an answer: `(type, param)`.
@@ -605,8 +564,8 @@ async fn bad_requests_get_openai_errors_naming_the_field() {
         ),
         (serde_json::json!({"logit_bias": {"1": 5}}), "logit_bias"),
         (
-            serde_json::json!({"response_format": {"type": "json_object"}}),
-            "response_format",
+            serde_json::json!({"response_format": {"type": "xml"}}),
+            "response_format.type",
         ),
     ] {
         let (s, _, body) = raw(

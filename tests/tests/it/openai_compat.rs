@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 
 use graft_tests::{repo_root, start_with, tiny_model_path, TENANT};
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 struct Row {
     route: String,
@@ -49,22 +48,8 @@ async fn call(
     key: &str,
     body: Option<&Value>,
 ) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let body = body.map(Value::to_string).unwrap_or_default();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.expect("read");
-    let (head, body) = out.split_once("\r\n\r\n").expect("response");
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("status");
-    (status, body.to_string())
+    let (status, _, body) = graft_tests::http_json(addr, method, path, Some(key), body).await;
+    (status, body)
 }
 
 /// A multipart upload of `bytes` as a fine-tuning file; its id.
@@ -76,18 +61,13 @@ async fn upload(addr: SocketAddr, key: &str, bytes: &[u8]) -> String {
     .into_bytes();
     body.extend_from_slice(bytes);
     body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let head = format!(
         "POST /v1/files HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {key}\r\nContent-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {}\r\n\r\n",
         body.len()
     );
-    s.write_all(head.as_bytes()).await.expect("write");
-    s.write_all(&body).await.expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.expect("read");
-    let (head, body) = out.split_once("\r\n\r\n").expect("response");
+    let (_, head, body) = graft_tests::http_raw(addr, head.as_bytes(), &body).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}\n{body}");
-    let v: Value = serde_json::from_str(body).expect("file object");
+    let v: Value = serde_json::from_str(&body).expect("file object");
     v["id"].as_str().expect("id").to_string()
 }
 

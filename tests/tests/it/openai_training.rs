@@ -20,7 +20,6 @@ use async_openai::{
 };
 use graft_tests::{fixtures, real_model_path, start_with, tiny_model_path, TestServer, TENANT};
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn start(model: std::path::PathBuf) -> (TestServer, Client<OpenAIConfig>, String) {
     let ts = start_with(model, |c| {
@@ -69,20 +68,8 @@ fn status_of(e: OpenAIError) -> (u16, Option<String>) {
 
 /// `(status, body)` of a raw HTTP/1.1 GET.
 async fn get(addr: SocketAddr, path: &str, key: &str) -> (u16, Value) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {key}\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).await.expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.expect("read");
-    let (head, body) = out.split_once("\r\n\r\n").expect("response");
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("status");
-    (status, serde_json::from_str(body).expect("json body"))
+    let (status, _, body) = graft_tests::http_json(addr, "GET", path, Some(key), None).await;
+    (status, serde_json::from_str(&body).expect("json body"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

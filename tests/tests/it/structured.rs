@@ -10,7 +10,6 @@ use graft_client::GenerateOptions;
 use graft_proto::v1::{self as pb, generate_request::Constraint};
 use graft_tests::{fixture_adapter, real_model_path, start_with, TestServer, TENANT};
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 
 /// Nested objects, an array, enums, integers with bounds and required fields.
@@ -292,20 +291,7 @@ async fn short_budgets_end_with_length_and_bad_constraints_name_their_field() {
 }
 
 async fn post(addr: SocketAddr, key: &str, body: &Value) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let body = body.to_string();
-    let req = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.expect("read");
-    let (head, body) = out.split_once("\r\n\r\n").expect("response");
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("status");
-    (status, body.to_string())
+    let (status, _, body) =
+        graft_tests::http_json(addr, "POST", "/v1/chat/completions", Some(key), Some(body)).await;
+    (status, body)
 }
