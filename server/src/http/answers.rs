@@ -269,28 +269,33 @@ fn choice_parts(
 /// stream ends (CANCELLED if the client leaves first).
 fn sse(
     route: &'static str,
+    object: &'static str,
     parts: impl Stream<Item = Result<Part, ApiError>> + Send + 'static,
-    chunk: impl Fn(Part) -> serde_json::Value + Send + 'static,
-    usage_chunk: impl Fn(oa::Usage) -> serde_json::Value + Send + 'static,
-    meta: &Meta,
+    meta: Meta,
     started: Instant,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    struct State<P, C, U> {
+    struct State<P> {
         parts: P,
-        chunk: C,
-        usage_chunk: U,
+        meta: Meta,
         usages: Vec<(u32, Usage)>,
-        include_usage: bool,
-        n: u32,
         rec: StreamRecord,
     }
+    // One chunk: the route's envelope around `choices`; `usage` is null on every chunk but
+    // the last when usage was asked for, and absent otherwise.
+    let envelope = move |meta: &Meta, choices: serde_json::Value, usage: Option<oa::Usage>| {
+        let mut v = serde_json::json!({
+            "id": meta.id, "object": object, "created": meta.created, "model": meta.model,
+            "choices": choices, "system_fingerprint": null,
+        });
+        if meta.include_usage {
+            v["usage"] = serde_json::to_value(usage).unwrap_or_default();
+        }
+        v
+    };
     let state = State {
         parts: Box::pin(parts),
-        chunk,
-        usage_chunk,
+        meta,
         usages: Vec::new(),
-        include_usage: meta.include_usage,
-        n: meta.n,
         rec: StreamRecord::new(route, started),
     };
     let json = |v: serde_json::Value| Event::default().data(v.to_string());
@@ -300,7 +305,13 @@ fn sse(
             match st.parts.next().await {
                 Some(Ok(Part::End(index, u))) => st.usages.push((index, u)),
                 Some(Ok(p)) => {
-                    let ev = json((st.chunk)(p));
+                    let choice = match p {
+                        Part::Choice(c) => serde_json::to_value(c),
+                        Part::Completion(c) => serde_json::to_value(c),
+                        Part::End(..) => continue,
+                    };
+                    let choices = serde_json::json!([choice.unwrap_or_default()]);
+                    let ev = json(envelope(&st.meta, choices, None));
                     return Some((vec![ev], Some(st)));
                 }
                 Some(Err(e)) => {
@@ -313,8 +324,9 @@ fn sse(
                 }
                 None => {
                     let mut out = Vec::new();
-                    if st.include_usage {
-                        out.push(json((st.usage_chunk)(usage(&st.usages, st.n))));
+                    if st.meta.include_usage {
+                        let u = usage(&st.usages, st.meta.n);
+                        out.push(json(envelope(&st.meta, serde_json::json!([]), Some(u))));
                     }
                     out.push(Event::default().data("[DONE]"));
                     st.rec.end(tonic::Code::Ok);
@@ -377,41 +389,7 @@ pub(super) fn chat_stream(
         .boxed()
     });
     let parts = stream::iter(heads).chain(stream::select_all(streams));
-    let (m1, m2) = (meta.clone(), meta.clone());
-    sse(
-        CHAT,
-        parts,
-        move |p| {
-            let choices = match p {
-                Part::Choice(c) => vec![c],
-                _ => vec![],
-            };
-            serde_json::to_value(oa::ChatChunk {
-                id: m1.id.clone(),
-                object: "chat.completion.chunk",
-                created: m1.created,
-                model: m1.model.clone(),
-                choices,
-                usage: m1.include_usage.then_some(None),
-                system_fingerprint: None,
-            })
-            .unwrap_or_default()
-        },
-        move |u| {
-            serde_json::to_value(oa::ChatChunk {
-                id: m2.id.clone(),
-                object: "chat.completion.chunk",
-                created: m2.created,
-                model: m2.model.clone(),
-                choices: vec![],
-                usage: Some(Some(u)),
-                system_fingerprint: None,
-            })
-            .unwrap_or_default()
-        },
-        &meta,
-        started,
-    )
+    sse(CHAT, "chat.completion.chunk", parts, meta, started)
 }
 
 /// The legacy API's log-probabilities of one choice's tokens, offsets counted from
@@ -472,7 +450,7 @@ pub(super) async fn completions_unary(
         created: meta.created,
         model: meta.model,
         choices,
-        usage: Some(Some(usage(&usages, meta.n))),
+        usage: usage(&usages, meta.n),
         system_fingerprint: None,
     }))
 }
@@ -514,39 +492,11 @@ pub(super) fn completions_stream(
         )
         .boxed()
     });
-    let (m1, m2) = (meta.clone(), meta.clone());
     sse(
         COMPLETIONS,
+        "text_completion",
         stream::select_all(streams),
-        move |p| {
-            let choices = match p {
-                Part::Completion(c) => vec![c],
-                _ => vec![],
-            };
-            serde_json::to_value(oa::Completion {
-                id: m1.id.clone(),
-                object: "text_completion",
-                created: m1.created,
-                model: m1.model.clone(),
-                choices,
-                usage: m1.include_usage.then_some(None),
-                system_fingerprint: None,
-            })
-            .unwrap_or_default()
-        },
-        move |u| {
-            serde_json::to_value(oa::Completion {
-                id: m2.id.clone(),
-                object: "text_completion",
-                created: m2.created,
-                model: m2.model.clone(),
-                choices: vec![],
-                usage: Some(Some(u)),
-                system_fingerprint: None,
-            })
-            .unwrap_or_default()
-        },
-        &meta,
+        meta,
         started,
     )
 }

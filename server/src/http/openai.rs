@@ -164,19 +164,6 @@ pub struct TopLogprob {
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct ChatChunk {
-    pub id: String,
-    pub object: &'static str,
-    pub created: u64,
-    pub model: String,
-    pub choices: Vec<ChunkChoice>,
-    /// Present (null) on every chunk when usage was asked for; filled on the last.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub usage: Option<Option<Usage>>,
-    pub system_fingerprint: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize)]
 pub struct ChunkChoice {
     pub index: u32,
     pub delta: Delta,
@@ -199,8 +186,7 @@ pub struct Completion {
     pub created: u64,
     pub model: String,
     pub choices: Vec<CompletionChoice>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub usage: Option<Option<Usage>>,
+    pub usage: Usage,
     pub system_fingerprint: Option<String>,
 }
 
