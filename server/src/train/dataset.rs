@@ -38,6 +38,9 @@ pub enum Format {
     Text,
     /// `{"text", "label"}`: one class per text.
     Classification,
+    /// A prompt with a chosen and a rejected completion (TRL's or OpenAI's DPO rows;
+    /// `train::preference`).
+    Preference,
 }
 
 impl Format {
@@ -48,6 +51,7 @@ impl Format {
             Format::PromptCompletion => "prompt_completion",
             Format::Text => "text",
             Format::Classification => "classification",
+            Format::Preference => "preference",
         }
     }
 
@@ -58,6 +62,7 @@ impl Format {
             "prompt_completion" | "prompt-completion" => Some(Self::PromptCompletion),
             "text" => Some(Self::Text),
             "classification" => Some(Self::Classification),
+            "preference" => Some(Self::Preference),
             _ => None,
         }
     }
@@ -65,6 +70,8 @@ impl Format {
     fn detect(v: &serde_json::Map<String, Value>) -> Option<Self> {
         if v.contains_key("label") {
             Some(Self::Classification)
+        } else if super::preference::is_preference(v) {
+            Some(Self::Preference)
         } else if v.contains_key("messages") {
             Some(Self::Chat)
         } else if v.contains_key("instruction") || v.contains_key("output") {
@@ -104,6 +111,9 @@ pub struct Example {
     pub line: usize,
     /// A classification row's label (its one segment is the text, not trained on).
     pub label: Option<Label>,
+    /// A preference row's rejected completion (its segments are the prompt and the chosen
+    /// completion).
+    pub rejected: Option<String>,
 }
 
 /// A tokenised example: ids and, per id, whether its prediction is trained.
@@ -153,6 +163,7 @@ fn example_of(
         )
     };
     match format {
+        Format::Preference => super::preference::example(obj, render),
         Format::Classification => {
             let t = text_of(obj, "text").ok_or_else(|| missing("text"))?;
             if t.trim().is_empty() {
@@ -164,6 +175,7 @@ fn example_of(
                 segments: vec![(t, false)],
                 line: 0,
                 label: Some(label),
+                rejected: None,
             })
         }
         Format::Text => {
@@ -175,6 +187,7 @@ fn example_of(
                 segments: vec![(t, true)],
                 line: 0,
                 label: None,
+                rejected: None,
             })
         }
         Format::PromptCompletion => {
@@ -187,6 +200,7 @@ fn example_of(
                 segments: vec![(p, false), (c, true)],
                 line: 0,
                 label: None,
+                rejected: None,
             })
         }
         Format::Alpaca => {
@@ -245,6 +259,7 @@ fn example_of(
                 segments: vec![(prompt, false), (answer, true)],
                 line: 0,
                 label: None,
+                rejected: None,
             })
         }
         Format::Chat => {
@@ -327,6 +342,7 @@ fn example_of(
                 segments,
                 line: 0,
                 label: None,
+                rejected: None,
             })
         }
     }
@@ -377,7 +393,7 @@ fn parse_line(
         return Err(problem(
             line_no,
             "missing field",
-            "no instruction/output, messages, prompt/completion or text field",
+            "no instruction/output, messages, prompt/completion, text, or chosen/rejected field",
         ));
     };
     let mut e = example_of(obj, format, render).map_err(|(k, d)| problem(line_no, k, d))?;

@@ -388,6 +388,18 @@ impl TrainingService {
             ),
             None => None,
         };
+        // Preference rows train reward models and DPO, which no objective here is.
+        for (d, field) in [
+            (Some(&ds), "dataset"),
+            (eval.as_ref(), "validation_dataset"),
+        ] {
+            if d.is_some_and(|d| d.format == Format::Preference.name()) {
+                return Err(invalid(
+                    field,
+                    "a preference dataset (prompt, chosen, rejected) trains reward models and DPO, which graft does not offer yet; SFT needs completions to imitate",
+                ));
+            }
+        }
         // Validation: the data must tokenise under this job's limits.
         let train = self.load_examples(&ds, &job.spec).await?;
         let eval_rows = match &eval {

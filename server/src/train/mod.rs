@@ -1,9 +1,11 @@
-//! Training on request: datasets (`dataset`), the methods a job can train (`methods`) and
+//! Training on request: datasets (`dataset`; labelled rows in `classes`, preference rows in
+//! `preference`), the methods a job can train (`methods`) and
 //! their trainable parameters behind one [`trainable::Trainable`] (`lora_vars`,
 //! `prompt_vars`), the optimizer (`optim`), the SFT loop with checkpoints (`trainer`), and
 //! the job runner that owns job state, persists events and registers results (`jobs`).
 //! Boundary: the trainer knows the model and files; the runner knows the database, the
-//! registry and the engine; only `grpc/training.rs` knows the proto.
+//! registry and the engine; only the fronts (`grpc/`, `http/`) know wire
+//! forms.
 
 pub mod classes;
 pub mod dataset;
@@ -13,6 +15,7 @@ pub mod jobs;
 pub mod lora_vars;
 pub mod methods;
 pub mod optim;
+pub mod preference;
 pub mod prompt_vars;
 mod strict_json;
 pub mod trainable;

@@ -420,3 +420,79 @@ async fn bad_files_and_jobs_are_refused_naming_the_field_and_a_queued_job_cancel
     let (s, _) = get(addr, "/v1/files", &key).await;
     assert_eq!(s, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preference_files_are_accepted_in_both_shapes_and_refused_for_supervised_jobs() {
+    let (ts, oa, _key) = start(tiny_model_path()).await;
+    let base = ts.server.engine().expect("ready").model().name.clone();
+    // OpenAI's DPO rows, as its docs write them.
+    let openai: String = (0..6)
+        .map(|i| {
+            json!({
+                "input": {"messages": [{"role": "user", "content": format!("What is {i} plus {i}?")}]},
+                "preferred_output": [{"role": "assistant", "content": format!("{}", 2 * i)}],
+                "non_preferred_output": [{"role": "assistant", "content": format!("Adding {i} to itself, we get {}.", 2 * i)}],
+            })
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    let file = oa
+        .files()
+        .create(CreateFileRequest {
+            file: FileInput::from_vec_u8("dpo.jsonl".into(), openai.into_bytes()),
+            purpose: FilePurpose::FineTune,
+            expires_after: None,
+        })
+        .await
+        .expect("an OpenAI preference file is accepted");
+    // TRL's rows (the fixture), over gRPC.
+    let trl = std::fs::read(fixtures().join("preference-pairs-brief.jsonl")).expect("fixture");
+    let ds = ts
+        .client
+        .upload_dataset("", "pairs", "", trl)
+        .await
+        .expect("a TRL preference dataset is accepted");
+    assert_eq!((ds.examples, ds.format.as_str()), (40, "preference"));
+    let d = ts
+        .client
+        .training()
+        .get_dataset(graft_client::proto::GetDatasetRequest {
+            tenant: String::new(),
+            name: file.id.clone(),
+        })
+        .await
+        .expect("dataset")
+        .into_inner();
+    assert_eq!((d.examples, d.format.as_str()), (6, "preference"));
+    // Rows that are not preference pairs are named by line.
+    let bad = "{\"prompt\": \"q\", \"chosen\": \"a\", \"rejected\": \"a\"}\n";
+    let e = ts
+        .client
+        .upload_dataset("", "same", "", bad.as_bytes().to_vec())
+        .await
+        .expect_err("chosen == rejected");
+    assert!(
+        e.message().contains("line 1") && e.message().contains("same completions"),
+        "{}",
+        e.message()
+    );
+    // A supervised job cannot train on them (DPO is graft's preference trainer's).
+    let e = oa
+        .fine_tuning()
+        .create_byot::<_, Value>(json!({"model": base, "training_file": file.id}))
+        .await
+        .expect_err("supervised on preference rows");
+    assert_eq!(status_of(e), (400, Some("training_file".into())));
+    let e = ts
+        .client
+        .create_job(graft_client::proto::CreateJobRequest {
+            dataset: "pairs".into(),
+            adapter_name: "x".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("SFT on preference rows");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().starts_with("dataset:"), "{}", e.message());
+}
