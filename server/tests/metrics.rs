@@ -12,7 +12,7 @@ use std::{
 
 use graft_client::GenerateOptions;
 use graft_server::model::tiny::{write_tiny_gguf, TinySpec};
-use process::{free_port, spawn_with_metrics, tenant_client};
+use process::{free_port, spawn_with_args, tenant_client};
 
 fn scrape(port: u16) -> String {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect /metrics");
@@ -27,12 +27,14 @@ fn scrape(port: u16) -> String {
 fn value(text: &str, name: &str, labels: &[&str]) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            let key = l.split_whitespace().next().unwrap_or("");
-            (key == name || key.starts_with(&format!("{name}{{")))
+        // `name{labels} value`: label values may hold spaces (an HTTP route), so the
+        // value is what follows the last space.
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(key, _)| {
+            (*key == name || key.starts_with(&format!("{name}{{")))
                 && labels.iter().all(|f| key.contains(f))
         })
-        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .filter_map(|(_, v)| v.parse::<f64>().ok())
         .sum()
 }
 
@@ -41,8 +43,16 @@ async fn metrics_count_exactly_this_servers_traffic() {
     let dir = tempfile::tempdir().expect("tempdir");
     let model = dir.path().join("tiny.gguf");
     write_tiny_gguf(&model, &TinySpec::default()).expect("tiny model");
-    let (port, mport) = (free_port(), free_port());
-    let _graftd = spawn_with_metrics(&model, &dir.path().join("data"), port, mport, Stdio::null());
+    let (port, mport, hport) = (free_port(), free_port(), free_port());
+    let http = format!("127.0.0.1:{hport}");
+    let _graftd = spawn_with_args(
+        &model,
+        &dir.path().join("data"),
+        port,
+        mport,
+        Stdio::null(),
+        &["--http-listen", &http],
+    );
     let client = tenant_client(port, "metrics").await;
     // Serving (the warm-up generation has run) before the first snapshot.
     while client.health().await.ok().as_deref() != Some("SERVING") {
@@ -114,6 +124,52 @@ async fn metrics_count_exactly_this_servers_traffic() {
         later = scrape(mport);
     }
     assert_eq!(cancelled(&later), 1.0, "{later}");
+    // The OpenAI front's routes are counted under their route, with gRPC's code names.
+    let chat = |body: &str| {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", hport)).expect("connect HTTP");
+        let req = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {}\r\nX-Graft-Tenant: metrics\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            process::ADMIN_KEY,
+            body.len()
+        );
+        s.write_all(req.as_bytes()).expect("request");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("response");
+        out
+    };
+    let model_name = "graft-tiny";
+    let before = scrape(mport);
+    let ok = chat(&format!(
+        r#"{{"model": "{model_name}", "max_tokens": 4, "temperature": 0, "messages": [{{"role": "user", "content": "hi"}}]}}"#
+    ));
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    let body: serde_json::Value =
+        serde_json::from_str(ok.split_once("\r\n\r\n").expect("body").1).expect("json");
+    let bad = chat(&format!(
+        r#"{{"model": "{model_name}", "temperature": -1, "messages": [{{"role": "user", "content": "hi"}}]}}"#
+    ));
+    assert!(bad.starts_with("HTTP/1.1 400"), "{bad}");
+    let after_http = scrape(mport);
+    let delta = |name: &str, labels: &[&str]| {
+        value(&after_http, name, labels) - value(&before, name, labels)
+    };
+    let route = "rpc=\"POST /v1/chat/completions\"";
+    assert_eq!(
+        delta("graft_requests_total", &[route, "code=\"OK\""]),
+        1.0,
+        "{after_http}"
+    );
+    assert_eq!(
+        delta(
+            "graft_requests_total",
+            &[route, "code=\"INVALID_ARGUMENT\""]
+        ),
+        1.0
+    );
+    assert_eq!(
+        delta("graft_generated_tokens_total", &[]),
+        body["usage"]["completion_tokens"].as_f64().expect("usage")
+    );
     for name in [
         "graft_inter_token_latency_seconds_bucket",
         "graft_batch_size_bucket",

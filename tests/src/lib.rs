@@ -149,12 +149,14 @@ pub async fn start_tiny() -> TestServer {
 pub fn metric_value(text: &str, name: &str, label_filter: &[&str]) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            let key = l.split_whitespace().next().unwrap_or("");
-            (key == name || key.starts_with(&format!("{name}{{")))
+        // `name{labels} value`: label values may hold spaces (an HTTP route), so the
+        // value is what follows the last space.
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(key, _)| {
+            (*key == name || key.starts_with(&format!("{name}{{")))
                 && label_filter.iter().all(|f| key.contains(f))
         })
-        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .filter_map(|(_, v)| v.parse::<f64>().ok())
         .sum()
 }
 

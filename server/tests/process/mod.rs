@@ -62,8 +62,21 @@ pub fn spawn_with_metrics(
     metrics_port: u16,
     log: Stdio,
 ) -> Graftd {
+    spawn_with_args(model, data, port, metrics_port, log, &[])
+}
+
+/// As [`spawn_with_metrics`], with more flags.
+pub fn spawn_with_args(
+    model: &Path,
+    data: &Path,
+    port: u16,
+    metrics_port: u16,
+    log: Stdio,
+    extra: &[&str],
+) -> Graftd {
     Graftd(
         Command::new(env!("CARGO_BIN_EXE_graftd"))
+            .args(extra)
             .args(["--model", model.to_str().expect("utf8")])
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
