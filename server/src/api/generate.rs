@@ -13,7 +13,8 @@ use crate::{
     adapters::{AdapterRef, Resolved},
     engine::{
         constraint::{Constraint, ConstraintSpec},
-        EngineHandle, GenerationRequest, SamplingParams, StreamEvent, Task,
+        EngineHandle, FinishReason, GenerationRequest, SamplingParams, StreamEvent, Task, Timings,
+        Usage,
     },
     model::{BaseModel, ChatMessage},
     tenancy::{StreamPermit, Tenancy},
@@ -226,6 +227,70 @@ pub struct Admitted {
     pub permit: StreamPermit,
     pub model: Arc<BaseModel>,
 }
+
+/// A request read to its end: everything it generated, why it ended, and its usage and
+/// timings.
+pub struct Completed {
+    pub text: String,
+    pub ids: Vec<u32>,
+    pub logprobs: Vec<f32>,
+    /// Per id, the most likely alternatives (when asked for).
+    pub top: Vec<Vec<(u32, f32)>>,
+    pub reason: FinishReason,
+    pub usage: Usage,
+    pub timings: Timings,
+}
+
+impl Admitted {
+    /// Reads the request's events to its end, charging its tokens to its tenant; a deadline
+    /// or an engine failure is the error.
+    pub async fn complete(mut self) -> Result<Completed, ApiError> {
+        let mut out = Completed {
+            text: String::new(),
+            ids: Vec::new(),
+            logprobs: Vec::new(),
+            top: Vec::new(),
+            reason: FinishReason::Stop,
+            usage: Usage::default(),
+            timings: Timings::default(),
+        };
+        while let Some(ev) = self.events.recv().await {
+            match ev {
+                StreamEvent::Tokens {
+                    text,
+                    ids,
+                    logprobs,
+                    top_logprobs,
+                } => {
+                    self.permit.charge(ids.len());
+                    out.text.push_str(&text);
+                    out.ids.extend(ids);
+                    out.logprobs.extend(logprobs);
+                    out.top.extend(top_logprobs);
+                }
+                StreamEvent::Finished {
+                    reason,
+                    usage,
+                    timings,
+                } => {
+                    out.reason = reason;
+                    out.usage = usage;
+                    out.timings = timings;
+                    return Ok(out);
+                }
+                StreamEvent::DeadlineExceeded => return Err(ApiError::DeadlineExceeded),
+                StreamEvent::Failed(e) => return Err(ApiError::Internal(e)),
+                StreamEvent::Classified { .. } => {
+                    return Err(ApiError::Internal(CLASSIFIED.into()))
+                }
+            }
+        }
+        Err(ApiError::Internal("the engine stopped".into()))
+    }
+}
+
+/// A generation sequence never gets class logits (the engine refuses head adapters there).
+pub const CLASSIFIED: &str = "the engine classified a generation request";
 
 /// Where a request's prompt came from, for errors that name it.
 #[derive(Debug, Clone, Copy)]

@@ -14,7 +14,7 @@ use super::{
 };
 use crate::api::StreamRecord;
 use crate::{
-    api::generate::{admit, tokenise, Admitted, InputField},
+    api::generate::{admit, tokenise, Admitted, InputField, CLASSIFIED},
     engine::{GenerationRequest, StreamEvent, Task},
 };
 
@@ -153,9 +153,6 @@ fn top(alternatives: Vec<(u32, f32)>) -> pb::TopLogprobs {
     }
 }
 
-/// A generation sequence never gets class logits (the engine refuses head adapters there).
-const CLASSIFIED: &str = "the engine classified a generation request";
-
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateStreamResponse, Status>> + Send>>;
 
 /// Engine events -> proto stream messages; ends after the final event.
@@ -228,40 +225,16 @@ impl Generation for GenerationService {
         req: Request<pb::GenerateRequest>,
     ) -> Result<Response<pb::GenerateResponse>, Status> {
         recorded("Generate", async {
-            let mut a = self.start(req).await?;
-            let mut out = pb::GenerateResponse::default();
-            while let Some(ev) = a.events.recv().await {
-                match ev {
-                    StreamEvent::Tokens {
-                        text,
-                        ids,
-                        logprobs,
-                        top_logprobs,
-                    } => {
-                        a.permit.charge(ids.len());
-                        out.text.push_str(&text);
-                        out.token_ids.extend(ids);
-                        out.logprobs.extend(logprobs);
-                        out.top_logprobs.extend(top_logprobs.into_iter().map(top));
-                    }
-                    StreamEvent::Finished {
-                        reason,
-                        usage,
-                        timings,
-                    } => {
-                        out.finish_reason = pb::FinishReason::from(reason) as i32;
-                        out.usage = Some(usage.into());
-                        out.timings = Some(timings.into());
-                        return Ok(out);
-                    }
-                    StreamEvent::DeadlineExceeded => return Err(ApiError::DeadlineExceeded),
-                    StreamEvent::Failed(e) => return Err(ApiError::Internal(e)),
-                    StreamEvent::Classified { .. } => {
-                        return Err(ApiError::Internal(CLASSIFIED.into()))
-                    }
-                }
-            }
-            Err(ApiError::Internal("the engine stopped".into()))
+            let c = self.start(req).await?.complete().await?;
+            Ok(pb::GenerateResponse {
+                text: c.text,
+                token_ids: c.ids,
+                finish_reason: pb::FinishReason::from(c.reason) as i32,
+                usage: Some(c.usage.into()),
+                timings: Some(c.timings.into()),
+                logprobs: c.logprobs,
+                top_logprobs: c.top.into_iter().map(top).collect(),
+            })
         })
         .await
     }

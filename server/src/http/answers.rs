@@ -52,56 +52,6 @@ impl Meta {
     }
 }
 
-/// One choice, read to its end.
-struct Finished {
-    text: String,
-    ids: Vec<u32>,
-    logprobs: Vec<f32>,
-    top: Vec<Vec<(u32, f32)>>,
-    reason: FinishReason,
-    usage: Usage,
-}
-
-async fn read_choice(mut a: Admitted) -> Result<Finished, ApiError> {
-    let mut out = Finished {
-        text: String::new(),
-        ids: Vec::new(),
-        logprobs: Vec::new(),
-        top: Vec::new(),
-        reason: FinishReason::Stop,
-        usage: Usage::default(),
-    };
-    while let Some(ev) = a.events.recv().await {
-        match ev {
-            StreamEvent::Tokens {
-                text,
-                ids,
-                logprobs,
-                top_logprobs,
-            } => {
-                a.permit.charge(ids.len());
-                out.text.push_str(&text);
-                out.ids.extend(ids);
-                out.logprobs.extend(logprobs);
-                out.top.extend(top_logprobs);
-            }
-            StreamEvent::Finished { reason, usage, .. } => {
-                out.reason = reason;
-                out.usage = usage;
-                return Ok(out);
-            }
-            StreamEvent::DeadlineExceeded => return Err(ApiError::DeadlineExceeded),
-            StreamEvent::Failed(e) => return Err(ApiError::Internal(e)),
-            StreamEvent::Classified { .. } => {
-                return Err(ApiError::Internal(
-                    "the engine classified a generation request".into(),
-                ))
-            }
-        }
-    }
-    Err(ApiError::Internal("the engine stopped".into()))
-}
-
 pub(super) fn finish_reason(r: FinishReason) -> &'static str {
     match r {
         FinishReason::Length => "length",
@@ -182,7 +132,7 @@ pub(super) async fn chat_unary(
     meta: Meta,
 ) -> Result<Json<oa::ChatCompletion>, HttpError> {
     let model = admitted.first().map(|a| a.model.clone());
-    let done = futures::future::join_all(admitted.into_iter().map(read_choice)).await;
+    let done = futures::future::join_all(admitted.into_iter().map(Admitted::complete)).await;
     let mut choices = Vec::with_capacity(done.len());
     let mut usages = Vec::with_capacity(done.len());
     for (i, f) in done.into_iter().enumerate() {
@@ -427,7 +377,7 @@ pub(super) async fn completions_unary(
     meta: Meta,
 ) -> Result<Json<oa::Completion>, HttpError> {
     let model = admitted.first().map(|a| a.model.clone());
-    let done = futures::future::join_all(admitted.into_iter().map(read_choice)).await;
+    let done = futures::future::join_all(admitted.into_iter().map(Admitted::complete)).await;
     let mut choices = Vec::with_capacity(done.len());
     let mut usages = Vec::with_capacity(done.len());
     for (i, f) in done.into_iter().enumerate() {
