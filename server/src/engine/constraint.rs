@@ -6,9 +6,10 @@
 //! `finish_reason` length).
 //!
 //! Why llguidance: it compiles JSON Schema, regex and Lark grammars lazily against the
-//! token trie (no ahead-of-time automaton over the 49k-token vocabulary), computes a mask
-//! in well under a millisecond for typical schemas, and is what vLLM, SGLang and
-//! llama.cpp use; outlines-core covers JSON Schema and regex but no context-free grammars.
+//! token trie (no ahead-of-time automaton over the 49k-token vocabulary; a nested schema
+//! compiles in ~1 ms here, BENCHMARKS.md), and 16 constrained streams among 32 left
+//! aggregate decode unchanged within noise; outlines-core covers JSON Schema and regex but
+//! no context-free grammars.
 //!
 //! Where the time goes: compilation runs at admission, on a blocking thread, never on the
 //! engine loop. The masks of a step's constrained sequences are computed on a side thread
