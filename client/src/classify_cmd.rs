@@ -1,4 +1,5 @@
-//! `graft classify`: texts through an adapter's classification head.
+//! `graft classify`: texts through an adapter's classification head; `graft score`:
+//! (prompt, completion) pairs through a reward model.
 
 use std::io::BufRead;
 
@@ -22,14 +23,7 @@ pub async fn run(
     json: bool,
 ) -> Result<(), Status> {
     let texts = if args.texts.is_empty() {
-        std::io::stdin()
-            .lock()
-            .lines()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| Status::invalid_argument(format!("stdin: {e}")))?
-            .into_iter()
-            .filter(|l| !l.trim().is_empty())
-            .collect()
+        stdin_lines()?
     } else {
         args.texts
     };
@@ -70,4 +64,66 @@ pub async fn run(
         }
     }
     Ok(())
+}
+
+#[derive(Args)]
+pub struct ScoreArgs {
+    /// The reward model: NAME or NAME@VERSION.
+    #[arg(long)]
+    adapter: String,
+    /// The prompt (one user message) every completion answers.
+    #[arg(long)]
+    prompt: String,
+    /// Completions to score; none: one per line of stdin.
+    completions: Vec<String>,
+}
+
+pub async fn score(
+    client: &GraftClient,
+    tenant: &str,
+    args: ScoreArgs,
+    json: bool,
+) -> Result<(), Status> {
+    let completions = if args.completions.is_empty() {
+        stdin_lines()?
+    } else {
+        args.completions
+    };
+    let out = client
+        .score(pb::ScoreRequest {
+            adapter: args.adapter,
+            inputs: completions
+                .iter()
+                .map(|c| pb::ScoreInput {
+                    prompt: args.prompt.clone(),
+                    messages: Vec::new(),
+                    completion: c.clone(),
+                })
+                .collect(),
+            tenant: tenant.into(),
+        })
+        .await?;
+    for (completion, r) in completions.iter().zip(&out.results) {
+        if json {
+            outln!(
+                "{}",
+                serde_json::json!({"completion": completion, "reward": r.reward})
+            );
+        } else {
+            outln!("{:.4}\t{}", r.reward, completion);
+        }
+    }
+    Ok(())
+}
+
+/// The non-blank lines of stdin.
+fn stdin_lines() -> Result<Vec<String>, Status> {
+    Ok(std::io::stdin()
+        .lock()
+        .lines()
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Status::invalid_argument(format!("stdin: {e}")))?
+        .into_iter()
+        .filter(|l| !l.trim().is_empty())
+        .collect())
 }

@@ -31,10 +31,23 @@ pub struct JobArgs {
     /// head; with --objective classification).
     #[arg(long)]
     pub method: Option<String>,
-    /// sft (default) or classification (a head trained beside the method on a
-    /// {"text", "label"} dataset).
+    /// sft (default), classification (a head trained beside the method on a
+    /// {"text", "label"} dataset), reward_model (a scalar head on a preference dataset) or
+    /// dpo (on a preference dataset).
     #[arg(long)]
     pub objective: Option<String>,
+    /// Reward model: TRL's center_rewards_coefficient (default 0).
+    #[arg(long)]
+    pub center_rewards_coefficient: Option<f64>,
+    /// DPO: the KL weight beta (default 0.1).
+    #[arg(long)]
+    pub beta: Option<f64>,
+    /// DPO: sigmoid (default), ipo or hinge.
+    #[arg(long)]
+    pub loss_type: Option<String>,
+    /// DPO: cDPO's label smoothing in [0, 0.5).
+    #[arg(long)]
+    pub label_smoothing: Option<f64>,
     /// Classification: the head's labels in output order, comma-separated (default: the
     /// dataset's labels sorted).
     #[arg(long, value_delimiter = ',')]
@@ -169,6 +182,10 @@ impl JobArgs {
             method,
             objective,
             labels,
+            center_rewards_coefficient,
+            beta,
+            loss_type,
+            label_smoothing,
             train_lm_head,
             rank,
             alpha,
@@ -273,6 +290,18 @@ impl JobArgs {
                 .labels
                 .clone()
                 .map(|labels| proto::ClassificationObjective { labels }),
+            reward_model: a.center_rewards_coefficient.map(|c| {
+                proto::RewardModelObjective {
+                    center_rewards_coefficient: Some(c),
+                }
+            }),
+            dpo: (a.beta.is_some() || a.loss_type.is_some() || a.label_smoothing.is_some()).then(
+                || proto::DpoObjective {
+                    beta: a.beta,
+                    loss_type: a.loss_type.clone().unwrap_or_default(),
+                    label_smoothing: a.label_smoothing,
+                },
+            ),
             train_lm_head: a.train_lm_head.unwrap_or(false),
             hyperparameters: Some(proto::Hyperparameters {
                 epochs: a.epochs,
@@ -329,8 +358,11 @@ pub async fn watch(client: &GraftClient, tenant: &str, id: &str, json: bool) -> 
                 bar.set_position(st.step);
                 let eval = eval_loss.map_or(String::new(), |l: f64| format!(" eval {l:.4}"));
                 bar.set_message(format!(
-                    "loss {:.4}{eval} lr {:.2e} {:.0} tok/s",
-                    st.train_loss, st.learning_rate, st.tokens_per_second
+                    "loss {:.4}{eval}{} lr {:.2e} {:.0} tok/s",
+                    st.train_loss,
+                    pair_metrics(&st.metrics),
+                    st.learning_rate,
+                    st.tokens_per_second
                 ));
             }
             Some(Event::Eval(ev)) => {
@@ -340,7 +372,15 @@ pub async fn watch(client: &GraftClient, tenant: &str, id: &str, json: bool) -> 
                     .iter()
                     .map(|c| format!("{} {:.3}", c.label, c.f1))
                     .collect();
-                say(if f1.is_empty() {
+                say(if !ev.metrics.is_empty() {
+                    format!(
+                        "eval at step {}: loss {:.4} pairwise accuracy {:.3}{}",
+                        ev.step,
+                        ev.eval_loss,
+                        ev.token_accuracy,
+                        pair_metrics(&ev.metrics)
+                    )
+                } else if f1.is_empty() {
                     format!(
                         "eval at step {}: loss {:.4} token accuracy {:.3}",
                         ev.step, ev.eval_loss, ev.token_accuracy
@@ -370,4 +410,17 @@ pub async fn watch(client: &GraftClient, tenant: &str, id: &str, json: bool) -> 
         anyhow::bail!("job {} ended {}: {}", j.id, j.status, j.error);
     }
     Ok(())
+}
+
+/// The preference objectives' headline metrics (TRL's names), as ` name value` pairs.
+fn pair_metrics(m: &std::collections::HashMap<String, f64>) -> String {
+    [
+        ("rewards/accuracies", "acc"),
+        ("rewards/margins", "margin"),
+        ("rewards/chosen", "chosen"),
+        ("rewards/rejected", "rejected"),
+    ]
+    .iter()
+    .filter_map(|(k, short)| m.get(*k).map(|v| format!(" {short} {v:.3}")))
+    .collect()
 }

@@ -699,6 +699,11 @@ impl GraftClient {
         Ok(self.generation.clone().classify(req).await?.into_inner())
     }
 
+    /// The rewards a reward-model adapter gives (prompt, completion) pairs.
+    pub async fn score(&self, req: pb::ScoreRequest) -> Result<pb::ScoreResponse, Status> {
+        Ok(self.generation.clone().score(req).await?.into_inner())
+    }
+
     pub async fn generate_stream(
         &self,
         req: GenerateRequest,

@@ -115,6 +115,9 @@ enum Command {
     /// Classify texts (arguments, or one per stdin line) with an adapter that has a
     /// classification head: the label, then every label's probability.
     Classify(classify_cmd::ClassifyArgs),
+    /// Score completions (arguments, or one per stdin line) of one prompt with a reward
+    /// model: the reward, then the completion.
+    Score(classify_cmd::ScoreArgs),
     /// Manage adapters (PEFT and AdapterHub formats).
     #[command(subcommand)]
     Adapters(AdapterCmd),
@@ -359,6 +362,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             anyhow::ensure!(status == "SERVING", "not serving");
         }
         Command::Classify(args) => classify_cmd::run(&client, &cli.tenant, args, json)
+            .await
+            .map_err(status_error)?,
+        Command::Score(args) => classify_cmd::score(&client, &cli.tenant, args, json)
             .await
             .map_err(status_error)?,
         Command::Admin(cmd) => admin_cmd::run(&client, cmd, json)

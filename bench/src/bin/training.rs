@@ -88,6 +88,7 @@ fn throughput(
                 .collect(),
             mask: (0..128).map(|j| j > 0).collect(),
             label: None,
+            rejected: None,
         })
         .collect();
     let dir = tempfile::tempdir()?;

@@ -136,7 +136,10 @@ impl From<AdapterRow> for pb::AdapterVersion {
             method,
             details: Some(details),
             virtual_tokens,
-            head: r.head.map(|h| pb::ClassificationHead { labels: h.labels }),
+            head: r.head.map(|h| pb::ClassificationHead {
+                reward_model: h.labels.len() == 1,
+                labels: h.labels,
+            }),
             lm_head: r.lm_head,
         }
     }

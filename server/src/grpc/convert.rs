@@ -147,29 +147,81 @@ pub fn validate_classify(
     }
     let mut inputs = Vec::with_capacity(req.inputs.len());
     for (i, input) in req.inputs.into_iter().enumerate() {
-        let field = |f: &str| format!("inputs[{i}].{f}");
-        let one = match (input.text.is_empty(), input.messages.is_empty()) {
-            (false, true) => (PromptInput::Text(input.text), field("text")),
-            (true, false) => (
-                PromptInput::Chat(chat_messages(&field("messages"), input.messages, limits)?),
-                field("messages"),
-            ),
-            (true, true) => {
-                return Err(ApiError::invalid(
-                    field("text"),
-                    "give a text or chat messages; both are empty",
-                ))
-            }
-            (false, false) => {
-                return Err(ApiError::invalid(
-                    field("text"),
-                    "give a text or chat messages, not both",
-                ))
-            }
-        };
-        inputs.push(one);
+        inputs.push(text_or_messages(
+            &format!("inputs[{i}]."),
+            ("text", input.text),
+            input.messages,
+            limits,
+        )?);
     }
     Ok(ValidClassify { adapter, inputs })
+}
+
+/// An input given as a text (`text.0` names its field) or as chat messages, exactly one,
+/// with the field it came from (under `prefix`).
+fn text_or_messages(
+    prefix: &str,
+    text: (&str, String),
+    messages: Vec<pb::ChatMessage>,
+    limits: &RequestLimits,
+) -> Result<(PromptInput, String), ApiError> {
+    let field = |f: &str| format!("{prefix}{f}");
+    match (text.1.is_empty(), messages.is_empty()) {
+        (false, true) => Ok((PromptInput::Text(text.1), field(text.0))),
+        (true, false) => Ok((
+            PromptInput::Chat(chat_messages(&field("messages"), messages, limits)?),
+            field("messages"),
+        )),
+        (true, true) => Err(ApiError::invalid(
+            field(text.0),
+            format!("give a {} or chat messages; both are empty", text.0),
+        )),
+        (false, false) => Err(ApiError::invalid(
+            field(text.0),
+            format!("give a {} or chat messages, not both", text.0),
+        )),
+    }
+}
+
+/// A Score request whose fields are all valid: the adapter, and per pair the prompt (a text
+/// or messages, with its field) and the completion.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidScore {
+    pub adapter: AdapterRef,
+    pub inputs: Vec<(PromptInput, String, String)>,
+}
+
+pub fn validate_score(
+    req: pb::ScoreRequest,
+    limits: &RequestLimits,
+) -> Result<ValidScore, ApiError> {
+    if req.adapter.is_empty() {
+        return Err(ApiError::invalid("adapter", "name the reward model"));
+    }
+    let adapter = adapter_ref("adapter", &req.adapter)?;
+    if req.inputs.is_empty() || req.inputs.len() > MAX_CLASSIFY_INPUTS {
+        return Err(ApiError::invalid(
+            "inputs",
+            format!(
+                "{} inputs; give 1 to {MAX_CLASSIFY_INPUTS}",
+                req.inputs.len()
+            ),
+        ));
+    }
+    let mut inputs = Vec::with_capacity(req.inputs.len());
+    for (i, input) in req.inputs.into_iter().enumerate() {
+        let prefix = format!("inputs[{i}].");
+        let (prompt, field) =
+            text_or_messages(&prefix, ("prompt", input.prompt), input.messages, limits)?;
+        if input.completion.trim().is_empty() {
+            return Err(ApiError::invalid(
+                format!("{prefix}completion"),
+                "the completion to score is empty",
+            ));
+        }
+        inputs.push((prompt, field, input.completion));
+    }
+    Ok(ValidScore { adapter, inputs })
 }
 
 fn validate_params(

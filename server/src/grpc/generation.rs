@@ -8,7 +8,10 @@ use tonic::{Request, Response, Status};
 
 use super::{
     auth::Caller,
-    convert::{deadline_from, validate_classify, validate_generate, PromptInput, RequestLimits},
+    convert::{
+        deadline_from, validate_classify, validate_generate, validate_score, PromptInput,
+        RequestLimits,
+    },
     error::ApiError,
     observe, recorded, ReadySlot,
 };
@@ -16,6 +19,7 @@ use crate::api::StreamRecord;
 use crate::{
     api::generate::{admit, tokenise, Admitted, InputField, CLASSIFIED},
     engine::{GenerationRequest, StreamEvent, Task},
+    train::preference,
 };
 
 pub struct GenerationService {
@@ -68,14 +72,21 @@ impl GenerationService {
         let valid = validate_classify(req.into_inner(), &self.limits)?;
         let _permit = caller.tenancy.begin_stream(&tenant, 0)?;
         let lease = ready.adapters.lease(&tenant, &valid.adapter).await?;
-        let Some(head) = lease.adapter().head.clone() else {
-            return Err(ApiError::invalid(
-                "adapter",
-                format!(
-                    "{} has no classification head; it generates (Generate)",
-                    valid.adapter
-                ),
-            ));
+        let head = match lease.adapter().head.clone() {
+            Some(h) if !h.is_reward() => h,
+            other => {
+                return Err(ApiError::invalid(
+                    "adapter",
+                    if other.is_some() {
+                        format!("{} is a reward model; it scores (Score)", valid.adapter)
+                    } else {
+                        format!(
+                            "{} has no classification head; it generates (Generate)",
+                            valid.adapter
+                        )
+                    },
+                ))
+            }
         };
         let virt = lease.adapter().virtual_tokens();
         let model = ready.engine.model();
@@ -93,27 +104,90 @@ impl GenerationService {
             })?);
         }
         let mut results = Vec::with_capacity(pending.len());
-        for mut events in pending {
-            let mut out = pb::Classification::default();
-            loop {
-                match events.recv().await {
-                    Some(StreamEvent::Classified { logits }) => {
-                        out = classification(&head.labels, &logits);
-                    }
-                    Some(StreamEvent::Finished { usage, timings, .. }) => {
-                        out.usage = Some(usage.into());
-                        out.timings = Some(timings.into());
-                        break;
-                    }
-                    Some(StreamEvent::DeadlineExceeded) => return Err(ApiError::DeadlineExceeded),
-                    Some(StreamEvent::Failed(e)) => return Err(ApiError::Internal(e)),
-                    Some(StreamEvent::Tokens { .. }) => {}
-                    None => return Err(ApiError::Internal("the engine stopped".into())),
-                }
-            }
+        for events in pending {
+            let (logits, usage, timings) = head_output(events).await?;
+            let mut out = classification(&head.labels, &logits);
+            out.usage = Some(usage);
+            out.timings = Some(timings);
             results.push(out);
         }
         Ok(pb::ClassifyResponse { results })
+    }
+
+    /// Every (prompt, completion) pair as its own prefill-only sequence through the reward
+    /// model's head, submitted together so they share steps (with generation too).
+    async fn score(&self, req: Request<pb::ScoreRequest>) -> Result<pb::ScoreResponse, ApiError> {
+        let deadline = deadline_from(req.metadata(), Instant::now());
+        let caller = Caller::of(&req)?;
+        let ready = super::ready(&self.ready)?;
+        let tenant = caller.acting(&req.get_ref().tenant)?;
+        let valid = validate_score(req.into_inner(), &self.limits)?;
+        let _permit = caller.tenancy.begin_stream(&tenant, 0)?;
+        let lease = ready.adapters.lease(&tenant, &valid.adapter).await?;
+        match &lease.adapter().head {
+            Some(h) if h.is_reward() => {}
+            other => {
+                let has = match other {
+                    Some(h) => format!("a classification head of {} labels (Classify)", h.num_labels()),
+                    None => "no head; it generates (Generate)".into(),
+                };
+                return Err(ApiError::invalid(
+                    "adapter",
+                    format!("{} is not a reward model: it has {has}", valid.adapter),
+                ));
+            }
+        }
+        let model = ready.engine.model();
+        let room = model.config().max_position - lease.adapter().virtual_tokens();
+        let render = |m: &[crate::model::ChatMessage], g: bool| model.chat.render(m, g);
+        let mut pending = Vec::with_capacity(valid.inputs.len());
+        for (prompt, field, completion) in valid.inputs {
+            let msgs = match prompt {
+                PromptInput::Text(t) => vec![preference::user(&t)],
+                PromptInput::Chat(m) => m,
+            };
+            let prompt_ids =
+                preference::scored_ids(&msgs, &completion, &render, &model.tokenizer, room)
+                    .map_err(|e| ApiError::invalid(field, e))?;
+            pending.push(ready.engine.submit(GenerationRequest {
+                task: Task::Classify,
+                prompt_ids,
+                params: Default::default(),
+                deadline,
+                adapter: Some(lease.clone()),
+                tenant: tenant.clone().into(),
+                constraint: None,
+            })?);
+        }
+        let mut results = Vec::with_capacity(pending.len());
+        for events in pending {
+            let (logits, usage, timings) = head_output(events).await?;
+            results.push(pb::Score {
+                reward: logits.first().copied().unwrap_or_default(),
+                usage: Some(usage),
+                timings: Some(timings),
+            });
+        }
+        Ok(pb::ScoreResponse { results })
+    }
+}
+
+/// A prefill-only sequence's head logits, usage and timings, read to its end.
+async fn head_output(
+    mut events: tokio::sync::mpsc::Receiver<StreamEvent>,
+) -> Result<(Vec<f32>, pb::Usage, pb::Timings), ApiError> {
+    let mut out = Vec::new();
+    loop {
+        match events.recv().await {
+            Some(StreamEvent::Classified { logits }) => out = logits,
+            Some(StreamEvent::Finished { usage, timings, .. }) => {
+                return Ok((out, usage.into(), timings.into()))
+            }
+            Some(StreamEvent::DeadlineExceeded) => return Err(ApiError::DeadlineExceeded),
+            Some(StreamEvent::Failed(e)) => return Err(ApiError::Internal(e)),
+            Some(StreamEvent::Tokens { .. }) => {}
+            None => return Err(ApiError::Internal("the engine stopped".into())),
+        }
     }
 }
 
@@ -244,6 +318,13 @@ impl Generation for GenerationService {
         req: Request<pb::ClassifyRequest>,
     ) -> Result<Response<pb::ClassifyResponse>, Status> {
         recorded("Classify", GenerationService::classify(self, req)).await
+    }
+
+    async fn score(
+        &self,
+        req: Request<pb::ScoreRequest>,
+    ) -> Result<Response<pb::ScoreResponse>, Status> {
+        recorded("Score", GenerationService::score(self, req)).await
     }
 
     type GenerateStreamStream = EventStream;

@@ -12,7 +12,7 @@ use crate::{
         jobs::{JobSpec, NewJob},
         methods::{Encoder, FullSelection, MethodSpec, PromptInit},
         optim::Schedule,
-        trainer::{Objective, TrainSpec},
+        trainer::{DpoLoss, DpoSettings, Objective, TrainSpec},
     },
 };
 /// Virtual tokens of a prompt method when the request leaves them out (PEFT's examples use
@@ -449,16 +449,24 @@ pub(crate) fn job_from(req: &pb::CreateJobRequest) -> Result<NewJob, ApiError> {
 /// The objective a request names; a classification job's labels are checked here for
 /// themselves (count, length, duplicates) and against the data when the job is created.
 fn objective_from(req: &pb::CreateJobRequest) -> Result<Objective, ApiError> {
-    match req.objective.as_str() {
-        "" | "sft" => {
-            if req.classification.is_some() {
-                return Err(ApiError::invalid(
-                    "classification",
-                    "settings of the classification objective given, but the objective is sft",
-                ));
-            }
-            Ok(Objective::Sft)
+    let name = match req.objective.as_str() {
+        "" => "sft",
+        o => o,
+    };
+    for (given, field) in [
+        (req.classification.is_some(), "classification"),
+        (req.reward_model.is_some(), "reward_model"),
+        (req.dpo.is_some(), "dpo"),
+    ] {
+        if given && field != name {
+            return Err(ApiError::invalid(
+                field,
+                format!("settings of the {field} objective given, but the objective is {name}"),
+            ));
         }
+    }
+    match name {
+        "sft" => Ok(Objective::Sft),
         "classification" => Ok(Objective::Classification {
             labels: req
                 .classification
@@ -466,9 +474,75 @@ fn objective_from(req: &pb::CreateJobRequest) -> Result<Objective, ApiError> {
                 .map(|c| c.labels.clone())
                 .unwrap_or_default(),
         }),
+        "reward_model" => {
+            let c = req
+                .reward_model
+                .as_ref()
+                .and_then(|r| r.center_rewards_coefficient)
+                .unwrap_or(0.0);
+            if !(0.0..=1.0).contains(&c) {
+                return Err(ApiError::invalid(
+                    "reward_model.center_rewards_coefficient",
+                    format!("{c} is outside [0, 1]"),
+                ));
+            }
+            Ok(Objective::RewardModel {
+                center_rewards_coefficient: c,
+            })
+        }
+        "dpo" => {
+            let d = req.dpo.clone().unwrap_or_default();
+            Ok(Objective::Dpo(dpo_settings(
+                d.beta,
+                &d.loss_type,
+                d.label_smoothing,
+                "dpo.",
+            )?))
+        }
         o => Err(ApiError::invalid(
             "objective",
-            format!("{o:?}; expected sft or classification"),
+            format!("{o:?}; expected sft, classification, reward_model or dpo"),
         )),
     }
+}
+
+/// DPO's settings with their defaults (β 0.1, sigmoid loss, no smoothing); `prefix` is
+/// where the request keeps them (`dpo.` here, OpenAI's `method.dpo.hyperparameters.`).
+pub fn dpo_settings(
+    beta: Option<f64>,
+    loss_type: &str,
+    label_smoothing: Option<f64>,
+    prefix: &str,
+) -> Result<DpoSettings, ApiError> {
+    let beta = beta.unwrap_or(0.1);
+    if !(beta > 0.0 && beta <= 10.0) {
+        return Err(ApiError::invalid(
+            format!("{prefix}beta"),
+            format!("{beta} is outside (0, 10]"),
+        ));
+    }
+    let loss_type = DpoLoss::parse(loss_type).ok_or_else(|| {
+        ApiError::invalid(
+            format!("{prefix}loss_type"),
+            format!("{loss_type:?}; expected sigmoid, ipo or hinge"),
+        )
+    })?;
+    let label_smoothing = label_smoothing.unwrap_or(0.0);
+    if !(0.0..0.5).contains(&label_smoothing) {
+        return Err(ApiError::invalid(
+            format!("{prefix}label_smoothing"),
+            format!("{label_smoothing} is outside [0, 0.5)"),
+        ));
+    }
+    if label_smoothing > 0.0 && loss_type != DpoLoss::Sigmoid {
+        return Err(ApiError::invalid(
+            format!("{prefix}label_smoothing"),
+            "label smoothing applies to the sigmoid loss only",
+        ));
+    }
+    Ok(DpoSettings {
+        beta,
+        loss_type,
+        label_smoothing,
+    })
 }

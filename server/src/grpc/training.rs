@@ -100,8 +100,10 @@ fn to_proto_event(seq: u64, at_ms: i64, e: JobEvent) -> pb::JobEvent {
             grad_norm,
             tokens_per_second,
             eta_seconds,
+            metrics,
             ..
         }) => Event::Step(pb::StepEvent {
+            metrics: metrics.into_iter().collect(),
             step: step as u64,
             total_steps: total_steps as u64,
             epoch,
@@ -116,7 +118,9 @@ fn to_proto_event(seq: u64, at_ms: i64, e: JobEvent) -> pb::JobEvent {
             eval_loss,
             token_accuracy,
             classes,
+            metrics,
         }) => Event::Eval(pb::EvalEvent {
+            metrics: metrics.into_iter().collect(),
             step: step as u64,
             eval_loss,
             token_accuracy,

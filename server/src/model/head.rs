@@ -33,6 +33,12 @@ impl ClassHead {
         self.labels.len()
     }
 
+    /// A head of one output is a reward model's (transformers' `num_labels: 1`, as TRL's
+    /// reward models are saved): it scores rather than classifies.
+    pub fn is_reward(&self) -> bool {
+        self.num_labels() == 1
+    }
+
     pub fn bytes(&self) -> usize {
         self.weight.len() * 4 + self.labels.iter().map(String::len).sum::<usize>()
     }

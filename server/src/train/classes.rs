@@ -115,7 +115,16 @@ pub fn resolve_objective(
     sets: &[&[Tokenized]],
 ) -> Result<(), (String, String)> {
     let rows = || sets.iter().flat_map(|s| s.iter());
+    let pairs = objective.on_pairs();
+    if rows().any(|t| t.rejected.is_some() != pairs) {
+        return Err(("dataset".into(), if pairs {
+            format!("the {} objective trains on a preference dataset ({{\"prompt\", \"chosen\", \"rejected\"}} on every row)", objective.name())
+        } else {
+            format!("the dataset is a preference dataset (prompt, chosen, rejected); it trains the reward_model and dpo objectives, not {}", objective.name())
+        }));
+    }
     match objective {
+        Objective::RewardModel { .. } | Objective::Dpo(_) => Ok(()),
         Objective::Sft => {
             if rows().any(|t| t.label.is_some()) {
                 return Err((
@@ -234,6 +243,7 @@ pub(super) fn tokenize_labelled(
             mask: vec![false; ids.len()],
             ids,
             label: e.label.clone(),
+            rejected: None,
         },
         truncated,
     })

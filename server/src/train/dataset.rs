@@ -114,6 +114,9 @@ pub struct Example {
     /// A preference row's rejected completion (its segments are the prompt and the chosen
     /// completion).
     pub rejected: Option<String>,
+    /// A preference row's margin (TRL's `margin`: how much better the chosen completion
+    /// is; 0 when not given).
+    pub margin: f64,
 }
 
 /// A tokenised example: ids and, per id, whether its prediction is trained.
@@ -124,6 +127,18 @@ pub struct Tokenized {
     pub mask: Vec<bool>,
     /// A classification row's label: the loss is the head's at the last token instead.
     pub label: Option<Label>,
+    /// A preference row's other side: `ids`/`mask` are the prompt and the chosen
+    /// completion, this the same prompt and the rejected one.
+    pub rejected: Option<Box<RejectedTokens>>,
+}
+
+/// The rejected side of a tokenised preference row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RejectedTokens {
+    pub ids: Vec<u32>,
+    /// As [`Tokenized::mask`]: the rejected completion's tokens.
+    pub mask: Vec<bool>,
+    pub margin: f32,
 }
 
 /// What to do with an example longer than `max_seq_len`.
@@ -176,6 +191,7 @@ fn example_of(
                 line: 0,
                 label: Some(label),
                 rejected: None,
+                margin: 0.0,
             })
         }
         Format::Text => {
@@ -188,6 +204,7 @@ fn example_of(
                 line: 0,
                 label: None,
                 rejected: None,
+                margin: 0.0,
             })
         }
         Format::PromptCompletion => {
@@ -201,6 +218,7 @@ fn example_of(
                 line: 0,
                 label: None,
                 rejected: None,
+                margin: 0.0,
             })
         }
         Format::Alpaca => {
@@ -260,6 +278,7 @@ fn example_of(
                 line: 0,
                 label: None,
                 rejected: None,
+                margin: 0.0,
             })
         }
         Format::Chat => {
@@ -343,6 +362,7 @@ fn example_of(
                 line: 0,
                 label: None,
                 rejected: None,
+                margin: 0.0,
             })
         }
     }
@@ -593,6 +613,31 @@ pub fn tokenize_one(
     if e.label.is_some() {
         return tokenize_labelled(e, tk, max_seq_len, overflow);
     }
+    if let Some(rejected) = &e.rejected {
+        // Both sides as completions of the same prompt, each under the same limits.
+        let mut chosen = tokenize_one(
+            &Example {
+                rejected: None,
+                ..e.clone()
+            },
+            tk,
+            max_seq_len,
+            overflow,
+        )?;
+        let other = Example {
+            segments: vec![e.segments[0].clone(), (rejected.clone(), true)],
+            rejected: None,
+            ..e.clone()
+        };
+        let other = tokenize_one(&other, tk, max_seq_len, overflow)?;
+        chosen.tokens.rejected = Some(Box::new(RejectedTokens {
+            ids: other.tokens.ids,
+            mask: other.tokens.mask,
+            margin: e.margin as f32,
+        }));
+        chosen.truncated |= other.truncated;
+        return Ok(chosen);
+    }
     let mut ids = Vec::new();
     let mut mask = Vec::new();
     for (k, (text, trained)) in e.segments.iter().enumerate() {
@@ -655,6 +700,7 @@ pub fn tokenize_one(
             ids,
             mask,
             label: None,
+            rejected: None,
         },
         truncated,
     })

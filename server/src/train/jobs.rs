@@ -388,16 +388,33 @@ impl TrainingService {
             ),
             None => None,
         };
-        // Preference rows train reward models and DPO, which no objective here is.
+        // Preference rows train the pair objectives (reward models, DPO), and only they do.
+        let pairs = job.spec.train.objective.on_pairs();
         for (d, field) in [
             (Some(&ds), "dataset"),
             (eval.as_ref(), "validation_dataset"),
         ] {
-            if d.is_some_and(|d| d.format == Format::Preference.name()) {
-                return Err(invalid(
-                    field,
-                    "a preference dataset (prompt, chosen, rejected) trains reward models and DPO, which graft does not offer yet; SFT needs completions to imitate",
-                ));
+            match d {
+                Some(d) if (d.format == Format::Preference.name()) != pairs => {
+                    return Err(invalid(
+                        field,
+                        if pairs {
+                            format!(
+                                "{:?} is a {} dataset; the {} objective trains on a preference dataset (prompt, chosen, rejected)",
+                                d.name,
+                                d.format,
+                                job.spec.train.objective.name()
+                            )
+                        } else {
+                            format!(
+                                "{:?} is a preference dataset (prompt, chosen, rejected); it trains the reward_model and dpo objectives, not {}",
+                                d.name,
+                                job.spec.train.objective.name()
+                            )
+                        },
+                    ));
+                }
+                _ => {}
             }
         }
         // Validation: the data must tokenise under this job's limits.

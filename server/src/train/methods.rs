@@ -376,10 +376,19 @@ pub fn check(
         ));
     }
     match method {
-        MethodSpec::Head if spec.objective == super::trainer::Objective::Sft => Err((
-            "method".into(),
-            "head trains only a classification head; it needs the classification objective".into(),
-        )),
+        MethodSpec::Head
+            if !matches!(
+                spec.objective,
+                super::trainer::Objective::Classification { .. }
+                    | super::trainer::Objective::RewardModel { .. }
+            ) =>
+        {
+            Err((
+                "method".into(),
+                "head trains only a head; it needs the classification or reward_model objective"
+                    .into(),
+            ))
+        }
         MethodSpec::Lora if spec.rank > max_rank => Err((
             "lora.r".into(),
             format!(
@@ -393,7 +402,7 @@ pub fn check(
             Err((
                 "method".into(),
                 "full fine-tuning trains the model's own LM head with the sft objective; \
-             train_lm_head and a classification head do not apply"
+             train_lm_head, heads and the preference objectives do not apply"
                     .into(),
             ))
         }

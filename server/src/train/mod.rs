@@ -1,5 +1,5 @@
 //! Training on request: datasets (`dataset`; labelled rows in `classes`, preference rows in
-//! `preference`), the methods a job can train (`methods`) and
+//! `preference`, trained by the pair objectives of `pairs`), the methods a job can train (`methods`) and
 //! their trainable parameters behind one [`trainable::Trainable`] (`lora_vars`,
 //! `prompt_vars`), the optimizer (`optim`), the SFT loop with checkpoints (`trainer`), and
 //! the job runner that owns job state, persists events and registers results (`jobs`).
@@ -15,6 +15,7 @@ pub mod jobs;
 pub mod lora_vars;
 pub mod methods;
 pub mod optim;
+pub mod pairs;
 pub mod preference;
 pub mod prompt_vars;
 mod strict_json;

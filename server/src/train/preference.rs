@@ -13,8 +13,8 @@
 
 use serde_json::Value;
 
-use super::dataset::{Example, RenderChat};
-use crate::model::ChatMessage;
+use super::dataset::{tokenize_one, Example, Overflow, RenderChat};
+use crate::model::{ChatMessage, TextTokenizer};
 
 type Bad = (&'static str, String);
 
@@ -127,20 +127,46 @@ pub fn example(
             format!("{chosen_field:?} and {rejected_field:?} are the same text"),
         ));
     }
-    if let Some(m) = obj.get("margin") {
-        if !m.as_f64().is_some_and(f64::is_finite) {
-            return Err(("wrong type", "\"margin\" must be a number".into()));
-        }
-    }
+    let margin = match obj.get("margin") {
+        None | Some(Value::Null) => 0.0,
+        Some(m) => m
+            .as_f64()
+            .filter(|m| m.is_finite())
+            .ok_or(("wrong type", "\"margin\" must be a number".to_string()))?,
+    };
     Ok(Example {
         segments: vec![(prompt, false), (chosen, true)],
         line: 0,
         label: None,
         rejected: Some(rejected),
+        margin,
     })
 }
 
-fn user(s: &str) -> ChatMessage {
+/// The ids a reward model reads for `prompt` (messages) and `completion`: a preference
+/// row's side as training tokenises it (the rendered prompt with its generation prompt,
+/// the completion, EOS), refused past `max_len` tokens. The error is the reason.
+pub fn scored_ids(
+    prompt: &[ChatMessage],
+    completion: &str,
+    render: RenderChat<'_>,
+    tk: &TextTokenizer,
+    max_len: usize,
+) -> Result<Vec<u32>, String> {
+    let prompt = render_prompt(prompt, render).map_err(|(_, e)| e)?;
+    let e = Example {
+        segments: vec![(prompt, false), (completion.to_string(), true)],
+        line: 0,
+        label: None,
+        rejected: None,
+        margin: 0.0,
+    };
+    let t = tokenize_one(&e, tk, max_len, Overflow::Reject).map_err(|p| p.detail)?;
+    Ok(t.tokens.ids)
+}
+
+/// A plain-text prompt as the chat it stands for: one user message.
+pub fn user(s: &str) -> ChatMessage {
     ChatMessage {
         role: "user".into(),
         content: s.into(),
@@ -189,6 +215,7 @@ mod tests {
             ]
         );
         assert_eq!(plain.rejected.as_deref(), Some("Five."));
+        assert_eq!(plain.margin, 1.5);
         let conv = parse(json!({
             "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}],
             "chosen": [{"role": "assistant", "content": "4"}],

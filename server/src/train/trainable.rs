@@ -98,8 +98,11 @@ fn init_method(model: &BaseModel, spec: &TrainSpec) -> candle_core::Result<Box<d
     })
 }
 
+/// The one output of a reward model's head (transformers' `id2label` for `num_labels` 1).
+pub const REWARD_LABEL: &str = "LABEL_0";
+
 /// Fresh parameters of the spec's method, with a replaced LM head when the spec trains one
-/// and, for the classification objective, a head.
+/// and, for the classification and reward-model objectives, a head.
 pub fn init(model: &BaseModel, spec: &TrainSpec) -> candle_core::Result<Box<dyn Trainable>> {
     let mut method = init_method(model, spec)?;
     if spec.train_lm_head {
@@ -109,7 +112,13 @@ pub fn init(model: &BaseModel, spec: &TrainSpec) -> candle_core::Result<Box<dyn 
         )?);
     }
     Ok(match &spec.objective {
-        Objective::Sft => method,
+        Objective::Sft | Objective::Dpo(_) => method,
+        Objective::RewardModel { .. } => Box::new(HeadVars::init(
+            method,
+            vec![REWARD_LABEL.into()],
+            model.config().hidden_size,
+            spec.seed,
+        )?),
         Objective::Classification { labels } => Box::new(HeadVars::init(
             method,
             labels.clone(),

@@ -26,6 +26,7 @@ use super::{
     dataset::Tokenized,
     methods::MethodSpec,
     optim::{self, lr_at, AdamW, Schedule},
+    pairs::{self, Metrics, References},
     trainable::{self, Trainable},
 };
 use crate::model::{adapter::TensorAdapter, config::LlamaConfig, BaseModel, Module};
@@ -113,6 +114,50 @@ pub enum Objective {
     /// Cross-entropy of a classification head `(labels, hidden)`, trained beside the
     /// method's parameters, on each row's last token; `labels` in the head's output order.
     Classification { labels: Vec<String> },
+    /// A reward model: a scalar head on the last token trained on preference pairs with
+    /// `-log σ(r_chosen − r_rejected − margin)`, plus
+    /// `center_rewards_coefficient · mean((r_chosen + r_rejected)²)` (TRL's reward
+    /// centring; 0: off).
+    RewardModel {
+        #[serde(default)]
+        center_rewards_coefficient: f64,
+    },
+    /// Direct preference optimisation against the reference (the base, adapter off).
+    Dpo(DpoSettings),
+}
+
+/// DPO's settings (TRL's `DPOConfig` names).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DpoSettings {
+    /// The KL weight β: how far the policy may move from the reference (> 0).
+    pub beta: f64,
+    pub loss_type: DpoLoss,
+    /// cDPO's label smoothing: the assumed share of flipped preference labels, in [0, 0.5).
+    #[serde(default)]
+    pub label_smoothing: f64,
+}
+
+/// DPO's loss on `h = (log π/π_ref)(chosen) − (log π/π_ref)(rejected)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DpoLoss {
+    /// `−log σ(βh)` (with label smoothing ε: `−(1−ε) log σ(βh) − ε log σ(−βh)`).
+    Sigmoid,
+    /// IPO: `(h − 1/(2β))²`.
+    Ipo,
+    /// SLiC's hinge: `max(0, 1 − βh)`.
+    Hinge,
+}
+
+impl DpoLoss {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "" | "sigmoid" => Some(Self::Sigmoid),
+            "ipo" => Some(Self::Ipo),
+            "hinge" => Some(Self::Hinge),
+            _ => None,
+        }
+    }
 }
 
 impl Objective {
@@ -120,14 +165,22 @@ impl Objective {
         match self {
             Objective::Sft => "sft",
             Objective::Classification { .. } => "classification",
+            Objective::RewardModel { .. } => "reward_model",
+            Objective::Dpo(_) => "dpo",
         }
+    }
+
+    /// Whether the objective trains on preference pairs (prompt, chosen, rejected).
+    pub fn on_pairs(&self) -> bool {
+        matches!(self, Objective::RewardModel { .. } | Objective::Dpo(_))
     }
 
     /// The classification head's floats, if the objective trains one.
     pub fn head_floats(&self, cfg: &LlamaConfig) -> usize {
         match self {
-            Objective::Sft => 0,
+            Objective::Sft | Objective::Dpo(_) => 0,
             Objective::Classification { labels } => labels.len() * cfg.hidden_size,
+            Objective::RewardModel { .. } => cfg.hidden_size,
         }
     }
 }
@@ -204,15 +257,22 @@ pub enum TrainEvent {
         step_tokens: usize,
         #[serde(default)]
         step_seconds: f64,
+        /// The objective's own means over the step (the pair objectives': TRL's names).
+        #[serde(default, skip_serializing_if = "Metrics::is_empty")]
+        metrics: Metrics,
     },
     Eval {
         step: usize,
         eval_loss: f64,
-        /// SFT: the share of trained tokens predicted right; classification: of rows.
+        /// SFT: the share of trained tokens predicted right; classification: of rows;
+        /// the pair objectives: of pairs ranked right.
         token_accuracy: f64,
         /// Classification: accuracy and per-class F1 on the validation rows.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         classes: Option<ClassEval>,
+        /// The objective's own means over the validation rows (as [`TrainEvent::Step`]'s).
+        #[serde(default, skip_serializing_if = "Metrics::is_empty")]
+        metrics: Metrics,
     },
     Checkpoint {
         step: usize,
@@ -394,6 +454,17 @@ pub fn train(
         stale = meta.evals_without_improvement;
         tracing::info!(step = start_step, "resuming from checkpoint");
     }
+    let refs = match spec.objective {
+        Objective::Dpo(_) => Some(References::load_or_compute(
+            model,
+            train_set,
+            eval_set,
+            spec.batch_size,
+            pad,
+            ckpt_dir,
+        )?),
+        _ => None,
+    };
     let started = Instant::now();
     let mut tokens_done = 0usize;
     let mut order: (usize, Vec<usize>) = (usize::MAX, Vec::new());
@@ -411,6 +482,7 @@ pub fn train(
             (first_micro..(first_micro + spec.grad_accum).min(micro_per_epoch)).collect();
         let mut acc: Option<Vec<Tensor>> = None;
         let mut loss_sum = 0f64;
+        let (mut metric_sums, mut pairs_seen) = (Metrics::new(), 0usize);
         let (step_started, tokens_before) = (Instant::now(), tokens_done);
         vars.set_train(true);
         for &mb in &micros {
@@ -419,13 +491,24 @@ pub fn train(
             }
             let lo = mb * spec.batch_size;
             let hi = (lo + spec.batch_size).min(train_set.len());
-            let ex: Vec<&Tokenized> = order.1[lo..hi].iter().map(|&i| &train_set[i]).collect();
-            let batch = make_batch(&ex, pad, classes.as_ref())?;
-            tokens_done += batch.tokens;
+            let picked = &order.1[lo..hi];
+            let ex: Vec<&Tokenized> = picked.iter().map(|&i| &train_set[i]).collect();
             vars.set_dropout_seed(
                 spec.seed ^ (step as u64).wrapping_mul(0xD1B5_4A32_D192_ED03) ^ mb as u64,
             );
-            let (loss, _) = batch_loss(model, vars.as_ref(), &batch)?;
+            let loss = if spec.objective.on_pairs() {
+                let batch = pairs::pair_batch(&ex, pad)?;
+                tokens_done += batch.tokens;
+                let r = refs_of(refs.as_ref().map(|r| r.train.as_slice()), picked);
+                let out = pairs::pair_loss(model, vars.as_ref(), &spec.objective, &batch, &r)?;
+                pairs::add_metrics(&mut metric_sums, &out.sums);
+                pairs_seen += batch.pairs;
+                out.loss
+            } else {
+                let batch = make_batch(&ex, pad, classes.as_ref())?;
+                tokens_done += batch.tokens;
+                batch_loss(model, vars.as_ref(), &batch)?.0
+            };
             let l = loss.to_scalar::<f32>()? as f64;
             if !l.is_finite() {
                 return Err(TrainError::NanLoss { step: step + 1 });
@@ -480,6 +563,7 @@ pub fn train(
             eta_seconds: per_step * (total - done) as f64,
             step_tokens: tokens_done - tokens_before,
             step_seconds: step_started.elapsed().as_secs_f64(),
+            metrics: pairs::mean_metrics(metric_sums, pairs_seen),
         });
         let end_of_epoch = done % steps_per_epoch == 0;
         let eval_now = !eval_set.is_empty()
@@ -490,19 +574,27 @@ pub fn train(
             };
         if eval_now {
             vars.set_train(false);
-            let (loss, acc, class_eval) = evaluate(
-                model,
-                vars.as_ref(),
-                eval_set,
-                spec.batch_size,
-                pad,
-                classes.as_ref(),
-            )?;
+            let (loss, acc, class_eval, metrics) = if spec.objective.on_pairs() {
+                let refs = refs.as_ref().map(|r| r.eval.as_slice());
+                let (l, a, m) = evaluate_pairs(model, vars.as_ref(), spec, eval_set, refs, pad)?;
+                (l, a, None, m)
+            } else {
+                let (l, a, c) = evaluate(
+                    model,
+                    vars.as_ref(),
+                    eval_set,
+                    spec.batch_size,
+                    pad,
+                    classes.as_ref(),
+                )?;
+                (l, a, c, Metrics::new())
+            };
             emit(TrainEvent::Eval {
                 step: done,
                 eval_loss: loss,
                 token_accuracy: acc,
                 classes: class_eval,
+                metrics,
             });
             if best_eval.is_none_or(|b| loss < b) {
                 best_eval = Some(loss);
@@ -575,6 +667,43 @@ fn evaluate(
     ))
 }
 
+/// The reference log-probabilities of the examples `picked` (zeros without references:
+/// the reward model reads none).
+fn refs_of(refs: Option<&[[f32; 2]]>, picked: &[usize]) -> Vec<[f32; 2]> {
+    picked
+        .iter()
+        .map(|&i| refs.and_then(|r| r.get(i)).copied().unwrap_or_default())
+        .collect()
+}
+
+/// Mean loss, the share of pairs ranked right, and the objective's metrics over `set`.
+fn evaluate_pairs(
+    model: &BaseModel,
+    vars: &dyn Trainable,
+    spec: &TrainSpec,
+    set: &[Tokenized],
+    refs: Option<&[[f32; 2]]>,
+    pad: u32,
+) -> Result<(f64, f64, Metrics), TrainError> {
+    let (mut loss, mut correct, mut n, mut sums) = (0f64, 0usize, 0usize, Metrics::new());
+    let bs = spec.batch_size.max(1);
+    for (k, chunk) in set.chunks(bs).enumerate() {
+        let rows: Vec<&Tokenized> = chunk.iter().collect();
+        let picked: Vec<usize> = (k * bs..k * bs + chunk.len()).collect();
+        let b = pairs::pair_batch(&rows, pad)?;
+        let out = pairs::pair_loss(model, vars, &spec.objective, &b, &refs_of(refs, &picked))?;
+        loss += out.loss.to_scalar::<f32>()? as f64 * b.pairs as f64;
+        correct += out.correct;
+        n += b.pairs;
+        pairs::add_metrics(&mut sums, &out.sums);
+    }
+    Ok((
+        loss / n.max(1) as f64,
+        correct as f64 / n.max(1) as f64,
+        pairs::mean_metrics(sums, n),
+    ))
+}
+
 /// A checkpoint I/O failure: the log has the path, the job's error (which its tenant reads)
 /// only the file's name.
 fn ckpt_err(doing: &str, path: &Path, e: impl std::fmt::Display) -> TrainError {
@@ -597,7 +726,7 @@ fn read_meta(dir: &Path) -> Result<Option<CheckpointMeta>, TrainError> {
     }
 }
 
-fn save_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<(), TrainError> {
+pub(super) fn save_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<(), TrainError> {
     let tmp = path.with_extension("tmp");
     candle_core::safetensors::save(tensors, &tmp).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);

@@ -41,7 +41,7 @@ fn steps(events: &[pb::JobEvent]) -> Vec<pb::StepEvent> {
     events
         .iter()
         .filter_map(|e| match &e.event {
-            Some(pb::job_event::Event::Step(s)) => Some(*s),
+            Some(pb::job_event::Event::Step(s)) => Some(s.clone()),
             _ => None,
         })
         .collect()
