@@ -290,11 +290,11 @@ impl JobArgs {
                 .labels
                 .clone()
                 .map(|labels| proto::ClassificationObjective { labels }),
-            reward_model: a.center_rewards_coefficient.map(|c| {
-                proto::RewardModelObjective {
+            reward_model: a
+                .center_rewards_coefficient
+                .map(|c| proto::RewardModelObjective {
                     center_rewards_coefficient: Some(c),
-                }
-            }),
+                }),
             dpo: (a.beta.is_some() || a.loss_type.is_some() || a.label_smoothing.is_some()).then(
                 || proto::DpoObjective {
                     beta: a.beta,

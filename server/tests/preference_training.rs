@@ -59,8 +59,8 @@ fn spec(objective: Objective, epochs: usize, lr: f64) -> TrainSpec {
 
 /// The public pairs tokenised: (the first 30, the last 10).
 fn pairs_of(m: &BaseModel) -> (Vec<Tokenized>, Vec<Tokenized>) {
-    let text = std::fs::read_to_string(fixtures().join("preference-pairs-brief.jsonl"))
-        .expect("dataset");
+    let text =
+        std::fs::read_to_string(fixtures().join("preference-pairs-brief.jsonl")).expect("dataset");
     let render = |msgs: &[ChatMessage], g: bool| m.chat.render(msgs, g);
     let (ex, format) = parse_jsonl(&text, None, &render).expect("parse");
     assert_eq!(format.name(), "preference");
@@ -97,7 +97,9 @@ fn losses_match_their_closed_forms() {
         (DpoLoss::Sigmoid, 0.5, 0.2, |h, b, e| {
             -(1.0 - e) * sig(b * h).ln() - e * sig(-b * h).ln()
         }),
-        (DpoLoss::Ipo, 0.25, 0.0, |h, b, _| (h - 1.0 / (2.0 * b)).powi(2)),
+        (DpoLoss::Ipo, 0.25, 0.0, |h, b, _| {
+            (h - 1.0 / (2.0 * b)).powi(2)
+        }),
         (DpoLoss::Hinge, 0.3, 0.0, |h, b, _| (1.0 - b * h).max(0.0)),
     ];
     for (loss_type, beta, eps, want) in cases {
@@ -109,7 +111,10 @@ fn losses_match_their_closed_forms() {
         let got: Vec<f32> = dpo_losses(&ht, &s).expect("loss").to_vec1().expect("v");
         for (&x, g) in h.iter().zip(got) {
             let w = want(x as f64, beta, eps);
-            assert!((g as f64 - w).abs() < 1e-5, "{loss_type:?} h={x}: {g} vs {w}");
+            assert!(
+                (g as f64 - w).abs() < 1e-5,
+                "{loss_type:?} h={x}: {g} vs {w}"
+            );
         }
     }
     // log σ is finite and right far out on both sides.
@@ -148,9 +153,8 @@ fn reward_and_dpo_gradients_match_finite_differences() {
             if !(names[vi] == "score.weight" || names[vi].starts_with("0.")) {
                 continue;
             }
-            let (gk, fd) = largest_gradient_vs_fd(v, g, || {
-                loss().to_scalar::<f32>().expect("scalar") as f64
-            });
+            let (gk, fd) =
+                largest_gradient_vs_fd(v, g, || loss().to_scalar::<f32>().expect("scalar") as f64);
             assert!(gk != 0.0, "{objective:?}: {} has no gradient", names[vi]);
             assert!(
                 (gk - fd).abs() <= 2e-3 + 0.05 * gk.abs(),
@@ -186,8 +190,7 @@ fn dpo_starts_at_the_reference_and_stores_it_once() {
     assert!((l - std::f32::consts::LN_2).abs() < 1e-4, "{l}");
     assert!(out.sums["rewards/margins"].abs() < 1e-3, "{:?}", out.sums);
     assert!(
-        (out.sums["logps/chosen"] - refs.train[..4].iter().map(|r| r[0] as f64).sum::<f64>())
-            .abs()
+        (out.sums["logps/chosen"] - refs.train[..4].iter().map(|r| r[0] as f64).sum::<f64>()).abs()
             < 1e-2
     );
 }
@@ -258,7 +261,7 @@ fn run(
 fn a_reward_model_learns_to_prefer_the_brief_answers_and_serves_from_its_peft_files() {
     let m = real();
     let (train, held) = pairs_of(&m);
-    let (vars, losses, (loss, acc, metrics)) = run(&m, &spec(reward(0.0), 2, 1e-3), &train, &held);
+    let (vars, losses, (loss, acc, metrics)) = run(&m, &spec(reward(0.0), 1, 1e-3), &train, &held);
     eprintln!("reward model: held-out loss {loss:.4} accuracy {acc} {metrics:?}");
     assert!(acc >= 0.9, "held-out pairwise accuracy {acc}");
     assert!(metrics["rewards/margins"] > 0.0, "{metrics:?}");
@@ -267,7 +270,8 @@ fn a_reward_model_learns_to_prefer_the_brief_answers_and_serves_from_its_peft_fi
     let (config, weights) = formats::write(&parsed, m.config(), &m.name).expect("write");
     let cfg: serde_json::Value = serde_json::from_slice(&config).expect("json");
     assert_eq!(cfg["task_type"], "SEQ_CLS");
-    assert_eq!(cfg["modules_to_save"], serde_json::json!(["score"]));
+    let saved = cfg["modules_to_save"].as_array().expect("modules_to_save");
+    assert!(saved.contains(&serde_json::json!("score")), "{saved:?}");
     let policy = ImportPolicy {
         max_rank: 64,
         max_virtual_tokens: 128,
@@ -281,12 +285,21 @@ fn a_reward_model_learns_to_prefer_the_brief_answers_and_serves_from_its_peft_fi
     assert!(back.head.as_ref().expect("head").is_reward());
     for p in &held {
         let rejected = &p.rejected.as_ref().expect("pair").ids;
-        let trained = m.llama.output_reference(&p.ids, vars.as_ref()).expect("plain");
+        let trained = m
+            .llama
+            .output_reference(&p.ids, vars.as_ref())
+            .expect("plain");
         let served = served_last_logits(&m, &back, &p.ids);
         assert_eq!(served.len(), 1);
-        assert!(max_abs_diff(&served, &trained) < 1e-3, "{served:?} vs {trained:?}");
+        assert!(
+            max_abs_diff(&served, &trained) < 1e-3,
+            "{served:?} vs {trained:?}"
+        );
         let other = served_last_logits(&m, &back, rejected);
-        eprintln!("served rewards: chosen {:.3} rejected {:.3}", served[0], other[0]);
+        eprintln!(
+            "served rewards: chosen {:.3} rejected {:.3}",
+            served[0], other[0]
+        );
     }
 }
 
@@ -307,7 +320,7 @@ fn dpo_learns_to_prefer_the_brief_answers_and_answers_more_briefly() {
     let (train, held) = pairs_of(&m);
     let (vars, _, (loss, acc, metrics)) = run(
         &m,
-        &spec(dpo(0.1, DpoLoss::Sigmoid, 0.0), 2, 1e-3),
+        &spec(dpo(0.1, DpoLoss::Sigmoid, 0.0), 1, 1e-3),
         &train,
         &held,
     );

@@ -128,7 +128,10 @@ impl GenerationService {
             Some(h) if h.is_reward() => {}
             other => {
                 let has = match other {
-                    Some(h) => format!("a classification head of {} labels (Classify)", h.num_labels()),
+                    Some(h) => format!(
+                        "a classification head of {} labels (Classify)",
+                        h.num_labels()
+                    ),
                     None => "no head; it generates (Generate)".into(),
                 };
                 return Err(ApiError::invalid(

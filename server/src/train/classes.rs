@@ -117,11 +117,14 @@ pub fn resolve_objective(
     let rows = || sets.iter().flat_map(|s| s.iter());
     let pairs = objective.on_pairs();
     if rows().any(|t| t.rejected.is_some() != pairs) {
-        return Err(("dataset".into(), if pairs {
-            format!("the {} objective trains on a preference dataset ({{\"prompt\", \"chosen\", \"rejected\"}} on every row)", objective.name())
-        } else {
-            format!("the dataset is a preference dataset (prompt, chosen, rejected); it trains the reward_model and dpo objectives, not {}", objective.name())
-        }));
+        return Err((
+            "dataset".into(),
+            if pairs {
+                format!("the {} objective trains on a preference dataset ({{\"prompt\", \"chosen\", \"rejected\"}} on every row)", objective.name())
+            } else {
+                format!("the dataset is a preference dataset (prompt, chosen, rejected); it trains the reward_model and dpo objectives, not {}", objective.name())
+            },
+        ));
     }
     match objective {
         Objective::RewardModel { .. } | Objective::Dpo(_) => Ok(()),

@@ -385,7 +385,7 @@ pub fn check(
         {
             Err((
                 "method".into(),
-                "head trains only a head; it needs the classification or reward_model objective"
+                "head trains only a head; it needs the classification objective (or reward_model)"
                     .into(),
             ))
         }

@@ -54,8 +54,13 @@ pub fn pair_batch(pairs: &[&Tokenized], pad: u32) -> Result<PairBatch, TrainErro
     }
     let t = sides.iter().map(|s| s.0.len()).max().unwrap_or(1).max(1);
     let n_rows = sides.len();
-    let (mut ids, mut last, mut positions, mut targets, mut owner) =
-        (Vec::with_capacity(n_rows * t), vec![], vec![], vec![], vec![]);
+    let (mut ids, mut last, mut positions, mut targets, mut owner) = (
+        Vec::with_capacity(n_rows * t),
+        vec![],
+        vec![],
+        vec![],
+        vec![],
+    );
     let mut tokens = 0;
     for (r, (row, mask)) in sides.iter().enumerate() {
         tokens += row.len();
@@ -126,8 +131,8 @@ fn sequence_logps(
         Some(w) => h.matmul(&w.t()?)?,
         None => llama.weights.lm_head.forward_train(&h)?,
     };
-    let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?
-        .gather(&b.targets.unsqueeze(1)?, 1)?;
+    let lp =
+        candle_nn::ops::log_softmax(&logits, D::Minus1)?.gather(&b.targets.unsqueeze(1)?, 1)?;
     Ok(b.rows.matmul(&lp)?.squeeze(1)?)
 }
 
@@ -351,4 +356,3 @@ pub fn mean_metrics(sums: Metrics, n: usize) -> Metrics {
         .map(|(k, v)| (k, v / n.max(1) as f64))
         .collect()
 }
-

@@ -726,7 +726,10 @@ fn read_meta(dir: &Path) -> Result<Option<CheckpointMeta>, TrainError> {
     }
 }
 
-pub(super) fn save_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<(), TrainError> {
+pub(super) fn save_tensors(
+    path: &Path,
+    tensors: &HashMap<String, Tensor>,
+) -> Result<(), TrainError> {
     let tmp = path.with_extension("tmp");
     candle_core::safetensors::save(tensors, &tmp).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);

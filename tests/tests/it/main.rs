@@ -14,6 +14,7 @@ mod openai;
 mod openai_compat;
 mod openai_training;
 mod ops;
+mod preference;
 mod prompt_methods;
 mod structured;
 mod tenancy;

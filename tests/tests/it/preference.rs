@@ -1,0 +1,413 @@
+//! The preference objectives over gRPC, on the tiny model: a reward_model job on the public
+//! pairs whose held-out accuracy (its eval event) is the ranking the Score RPC gives the
+//! same pairs; the reward model exported as PEFT SEQ_CLS and imported back as a reward
+//! model; a DPO job with TRL's metrics whose adapter generates at once; the wrong task for
+//! an adapter, bad settings and the wrong data refused naming the field, no job created.
+
+use graft_client::{
+    proto::{self as pb, create_job_request::MethodConfig},
+    GenerateOptions,
+};
+use graft_tests::{fixtures, start_tiny};
+use tonic::Code;
+
+/// The fixture's pairs: (prompt, chosen, rejected) of every line.
+fn pairs() -> (Vec<u8>, Vec<(String, String, String)>) {
+    let bytes = std::fs::read(fixtures().join("preference-pairs-brief.jsonl")).expect("fixture");
+    let rows = String::from_utf8(bytes.clone())
+        .expect("utf-8")
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("json");
+            let s = |k: &str| v[k].as_str().expect("string").to_string();
+            (s("prompt"), s("chosen"), s("rejected"))
+        })
+        .collect();
+    (bytes, rows)
+}
+
+fn lines(all: &[u8], range: std::ops::Range<usize>) -> Vec<u8> {
+    let text = std::str::from_utf8(all).expect("utf-8");
+    text.lines()
+        .skip(range.start)
+        .take(range.len())
+        .map(|l| format!("{l}\n"))
+        .collect::<String>()
+        .into_bytes()
+}
+
+fn job(objective: &str, adapter: &str) -> pb::CreateJobRequest {
+    pb::CreateJobRequest {
+        dataset: "pairs".into(),
+        validation_dataset: "held".into(),
+        adapter_name: adapter.into(),
+        method: "lora".into(),
+        method_config: Some(MethodConfig::Lora(pb::LoraMethod {
+            r: Some(4),
+            alpha: Some(8.0),
+            target_modules: vec!["q_proj".into(), "v_proj".into()],
+            ..Default::default()
+        })),
+        objective: objective.into(),
+        hyperparameters: Some(pb::Hyperparameters {
+            epochs: Some(1),
+            batch_size: Some(4),
+            learning_rate: Some(5e-3),
+            seed: Some(3),
+            max_seq_len: Some(512),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn score_input(prompt: &str, completion: &str) -> pb::ScoreInput {
+    pb::ScoreInput {
+        prompt: prompt.into(),
+        messages: Vec::new(),
+        completion: completion.into(),
+    }
+}
+
+/// The last eval event of a finished job.
+async fn last_eval(t: &graft_tests::TestServer, id: &str) -> (Vec<pb::StepEvent>, pb::EvalEvent) {
+    let (events, done) = tokio::time::timeout(
+        std::time::Duration::from_secs(600),
+        t.client.follow_job("", id),
+    )
+    .await
+    .expect("in time")
+    .expect("watch");
+    assert_eq!(done.status, "succeeded", "{}", done.error);
+    let mut steps = Vec::new();
+    let mut eval = None;
+    for e in events {
+        match e.event {
+            Some(pb::job_event::Event::Step(s)) => steps.push(s),
+            Some(pb::job_event::Event::Eval(e)) => eval = Some(e),
+            _ => {}
+        }
+    }
+    (steps, eval.expect("evaluated"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reward_model_job_scores_what_it_evaluated_and_round_trips_as_peft() {
+    let t = start_tiny().await;
+    let (bytes, rows) = pairs();
+    let d = t
+        .client
+        .upload_dataset("", "pairs", "", lines(&bytes, 0..30))
+        .await
+        .expect("upload");
+    assert_eq!(d.format, "preference");
+    t.client
+        .upload_dataset("", "held", "", lines(&bytes, 30..40))
+        .await
+        .expect("upload held");
+    let created = t
+        .client
+        .create_job(pb::CreateJobRequest {
+            reward_model: Some(pb::RewardModelObjective {
+                center_rewards_coefficient: Some(0.01),
+            }),
+            ..job("reward_model", "rm")
+        })
+        .await
+        .expect("create");
+    assert_eq!(created.objective, "reward_model");
+    let (steps, eval) = last_eval(&t, &created.id).await;
+    assert_eq!(steps.len(), 8);
+    for k in [
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+    ] {
+        assert!(
+            steps[0].metrics.contains_key(k),
+            "{k}: {:?}",
+            steps[0].metrics
+        );
+        assert!(eval.metrics.contains_key(k), "{k}: {:?}", eval.metrics);
+    }
+    assert_eq!(eval.token_accuracy, eval.metrics["rewards/accuracies"]);
+
+    let v = t.client.get_adapter("", "rm").await.expect("registered");
+    let head = v.head.expect("head");
+    assert!(head.reward_model, "{head:?}");
+    // Score ranks the held-out pairs as the job's evaluation did, with its mean margin.
+    let held = &rows[30..];
+    let mut inputs = Vec::new();
+    for (p, c, r) in held {
+        inputs.push(score_input(p, c));
+        inputs.push(score_input(p, r));
+    }
+    let out = t
+        .client
+        .score(pb::ScoreRequest {
+            adapter: "rm".into(),
+            inputs: inputs.clone(),
+            tenant: String::new(),
+        })
+        .await
+        .expect("score");
+    assert_eq!(out.results.len(), 20);
+    let r: Vec<f32> = out.results.iter().map(|s| s.reward).collect();
+    let right = r.chunks(2).filter(|p| p[0] > p[1]).count() as f64 / 10.0;
+    let margin = r.chunks(2).map(|p| (p[0] - p[1]) as f64).sum::<f64>() / 10.0;
+    assert!(
+        (right - eval.token_accuracy).abs() < 1e-9,
+        "{right} vs {eval:?}"
+    );
+    assert!(
+        (margin - eval.metrics["rewards/margins"]).abs() < 1e-3 * (1.0 + margin.abs()),
+        "{margin} vs {eval:?}"
+    );
+    assert!(out.results[0].usage.as_ref().expect("usage").prompt_tokens > 0);
+
+    // Exported as PEFT SEQ_CLS with one output, imported back: the same rewards.
+    let (config, weights) = t.client.export_adapter("", "rm").await.expect("export");
+    let cfg: serde_json::Value = serde_json::from_slice(&config).expect("json");
+    assert_eq!(cfg["task_type"], "SEQ_CLS");
+    let back = t
+        .client
+        .import_adapter("", "rm-back", config, weights, false)
+        .await
+        .expect("import");
+    assert!(back.head.expect("head").reward_model);
+    let again = t
+        .client
+        .score(pb::ScoreRequest {
+            adapter: "rm-back".into(),
+            inputs: inputs[..2].to_vec(),
+            tenant: String::new(),
+        })
+        .await
+        .expect("score imported");
+    assert_eq!(again.results[0].reward, out.results[0].reward);
+    assert_eq!(again.results[1].reward, out.results[1].reward);
+
+    // A reward model does not classify; Score needs a reward model and a completion.
+    let e = t
+        .client
+        .classify(pb::ClassifyRequest {
+            adapter: "rm".into(),
+            inputs: vec![pb::ClassifyInput {
+                text: "x".into(),
+                messages: vec![],
+            }],
+            tenant: String::new(),
+        })
+        .await
+        .expect_err("classify a reward model");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("reward model"), "{}", e.message());
+    for (req, field) in [
+        (
+            pb::ScoreRequest {
+                adapter: "rm".into(),
+                inputs: vec![score_input("q", " ")],
+                tenant: String::new(),
+            },
+            "inputs[0].completion",
+        ),
+        (
+            pb::ScoreRequest {
+                adapter: "rm".into(),
+                inputs: vec![score_input("", "a")],
+                tenant: String::new(),
+            },
+            "inputs[0].prompt",
+        ),
+        (
+            pb::ScoreRequest {
+                adapter: "rm".into(),
+                inputs: vec![],
+                tenant: String::new(),
+            },
+            "inputs",
+        ),
+    ] {
+        let e = t.client.score(req).await.expect_err(field);
+        assert_eq!(e.code(), Code::InvalidArgument, "{field}");
+        assert!(e.message().starts_with(field), "{field}: {}", e.message());
+    }
+    let e = t
+        .client
+        .score(pb::ScoreRequest {
+            adapter: "nobody".into(),
+            inputs: vec![score_input("q", "a")],
+            tenant: String::new(),
+        })
+        .await
+        .expect_err("missing adapter");
+    assert_eq!(e.code(), Code::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dpo_job_reports_trls_metrics_and_its_adapter_generates() {
+    let t = start_tiny().await;
+    let (bytes, _) = pairs();
+    t.client
+        .upload_dataset("", "pairs", "", lines(&bytes, 0..12))
+        .await
+        .expect("upload");
+    t.client
+        .upload_dataset("", "held", "", lines(&bytes, 30..34))
+        .await
+        .expect("upload held");
+    t.client
+        .upload_dataset(
+            "",
+            "sft",
+            "",
+            b"{\"prompt\":\"a\",\"completion\":\"b\"}\n".to_vec(),
+        )
+        .await
+        .expect("sft data");
+
+    // Wrong settings and data, each naming its field; no job is created.
+    let with = |dpo: pb::DpoObjective| pb::CreateJobRequest {
+        dpo: Some(dpo),
+        ..job("dpo", "policy")
+    };
+    for (req, field, want) in [
+        (
+            with(pb::DpoObjective {
+                beta: Some(0.0),
+                ..Default::default()
+            }),
+            "dpo.beta",
+            "outside",
+        ),
+        (
+            with(pb::DpoObjective {
+                loss_type: "kto".into(),
+                ..Default::default()
+            }),
+            "dpo.loss_type",
+            "expected sigmoid",
+        ),
+        (
+            with(pb::DpoObjective {
+                loss_type: "ipo".into(),
+                label_smoothing: Some(0.1),
+                ..Default::default()
+            }),
+            "dpo.label_smoothing",
+            "sigmoid loss only",
+        ),
+        (
+            pb::CreateJobRequest {
+                dpo: Some(pb::DpoObjective::default()),
+                ..job("sft", "policy")
+            },
+            "dpo",
+            "objective is sft",
+        ),
+        (
+            pb::CreateJobRequest {
+                dataset: "sft".into(),
+                ..job("dpo", "policy")
+            },
+            "dataset",
+            "trains on a preference dataset",
+        ),
+        (job("sft", "policy"), "dataset", "not sft"),
+        (
+            pb::CreateJobRequest {
+                method: "head".into(),
+                method_config: None,
+                ..job("dpo", "policy")
+            },
+            "method",
+            "head trains only a head",
+        ),
+    ] {
+        let e = t.client.create_job(req).await.expect_err(field);
+        assert_eq!(e.code(), Code::InvalidArgument, "{field}");
+        assert!(
+            e.message().starts_with(&format!("{field}:")) && e.message().contains(want),
+            "{field}: {}",
+            e.message()
+        );
+    }
+    let jobs = t
+        .client
+        .training()
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(jobs.jobs.is_empty(), "{:?}", jobs.jobs);
+
+    let created = t
+        .client
+        .create_job(with(pb::DpoObjective {
+            beta: Some(0.2),
+            ..Default::default()
+        }))
+        .await
+        .expect("create");
+    assert_eq!(created.objective, "dpo");
+    let (steps, eval) = last_eval(&t, &created.id).await;
+    assert_eq!(steps.len(), 3);
+    for k in [
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+    ] {
+        assert!(
+            steps[0].metrics.contains_key(k),
+            "{k}: {:?}",
+            steps[0].metrics
+        );
+        assert!(eval.metrics.contains_key(k), "{k}: {:?}", eval.metrics);
+    }
+    // The policy starts as the reference: the first step's loss is ln 2, its margin 0.
+    assert!(
+        (steps[0].train_loss - std::f64::consts::LN_2).abs() < 1e-4,
+        "{:?}",
+        steps[0]
+    );
+    assert!(steps[0].metrics["rewards/margins"].abs() < 1e-4);
+    // The result is an ordinary adapter: it generates at once, with no head.
+    let v = t
+        .client
+        .get_adapter("", "policy")
+        .await
+        .expect("registered");
+    assert!(v.head.is_none());
+    let out = t
+        .client
+        .generate(
+            GenerateOptions {
+                adapter: Some("policy".into()),
+                ..GenerateOptions::greedy(4)
+            }
+            .prompt("hello"),
+        )
+        .await
+        .expect("generate");
+    assert!(!out.token_ids.is_empty());
+    // It has no head to score with.
+    let e = t
+        .client
+        .score(pb::ScoreRequest {
+            adapter: "policy".into(),
+            inputs: vec![score_input("q", "a")],
+            tenant: String::new(),
+        })
+        .await
+        .expect_err("score without a head");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().contains("not a reward model"),
+        "{}",
+        e.message()
+    );
+}
