@@ -24,7 +24,7 @@ use crate::{
     store::training::{JobRow, JobStatus},
     train::{
         jobs::{JobEvent, JobSpec},
-        trainer::TrainEvent,
+        trainer::{Objective, TrainEvent},
     },
 };
 
@@ -66,6 +66,7 @@ pub struct Method {
     #[serde(rename = "type")]
     pub kind: String,
     pub supervised: Option<MethodSettings>,
+    pub dpo: Option<MethodSettings>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -183,47 +184,51 @@ fn to_request(
         return Err(bad("integrations", "integrations are not supported".into()));
     }
     let mut hyper = req.hyperparameters.clone();
+    let kind = req
+        .method
+        .as_ref()
+        .map_or("supervised", |m| m.kind.as_str());
     if let Some(m) = &req.method {
-        match m.kind.as_str() {
-            "supervised" => {
-                if let Some(h) = m
-                    .supervised
-                    .as_ref()
-                    .and_then(|s| s.hyperparameters.clone())
-                {
-                    if hyper.is_some() {
-                        return Err(bad(
-                            "method.supervised.hyperparameters",
-                            "give hyperparameters here or at the top, not both".into(),
-                        ));
-                    }
-                    hyper = Some(h);
-                }
-            }
-            "dpo" | "reinforcement" => {
+        let settings = match kind {
+            "supervised" => &m.supervised,
+            "dpo" => &m.dpo,
+            "reinforcement" => {
                 return Err(bad(
                     "method.type",
-                    format!(
-                    "{:?} needs graft's preference trainer, which is not here yet; supervised is",
-                    m.kind
-                ),
+                    "\"reinforcement\" (RL fine-tuning with graders) is not here yet; supervised and dpo are".into(),
                 ))
             }
             other => {
                 return Err(bad(
                     "method.type",
-                    format!("{other:?}; expected supervised"),
+                    format!("{other:?}; expected supervised or dpo"),
                 ))
             }
+        };
+        if let Some(h) = settings.as_ref().and_then(|s| s.hyperparameters.clone()) {
+            if hyper.is_some() {
+                return Err(bad(
+                    &format!("method.{kind}.hyperparameters"),
+                    "give hyperparameters here or at the top, not both".into(),
+                ));
+            }
+            hyper = Some(h);
         }
     }
     let h = hyper.unwrap_or_default();
-    if h.beta.is_some() {
-        return Err(bad(
-            "hyperparameters.beta",
-            "beta is DPO's; the method is supervised".into(),
-        ));
-    }
+    let dpo = match (kind, h.beta.clone().and_then(Auto::value)) {
+        ("dpo", beta) => Some(
+            crate::grpc::job_request::dpo_settings(beta, "", None, "method.dpo.hyperparameters.")
+                .map_err(HttpError)?,
+        ),
+        (_, _) if h.beta.is_some() => {
+            return Err(bad(
+                "hyperparameters.beta",
+                "beta is DPO's; the method is supervised".into(),
+            ))
+        }
+        _ => None,
+    };
     let ext = req.graft.clone().unwrap_or_default();
     let method = ext.method.clone().unwrap_or_else(|| "lora".into());
     let job_hex: String = format!("{:08x}", rand::random::<u32>());
@@ -263,6 +268,12 @@ fn to_request(
         method,
         method_config: lora,
         validation_split: ext.validation_split,
+        objective: if dpo.is_some() { "dpo" } else { "sft" }.into(),
+        dpo: dpo.map(|d| pb::DpoObjective {
+            beta: Some(d.beta),
+            loss_type: String::new(),
+            label_smoothing: None,
+        }),
         hyperparameters: Some(pb::Hyperparameters {
             epochs: h.n_epochs.and_then(Auto::value),
             batch_size: h.batch_size.and_then(Auto::value),
@@ -335,7 +346,14 @@ fn job_object(row: &JobRow, ready: &Ready) -> Value {
         "integrations": [],
         "metadata": null,
         "user_provided_suffix": suffix,
-        "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}},
+        "method": match train.map(|t| &t.objective) {
+            Some(Objective::Dpo(d)) => {
+                let mut h = hyper.unwrap_or_default();
+                h["beta"] = json!(d.beta);
+                json!({"type": "dpo", "dpo": {"hyperparameters": h}})
+            }
+            _ => json!({"type": "supervised", "supervised": {"hyperparameters": hyper}}),
+        },
         "graft": {
             "method": train.map(|t| t.method.name()),
             "adapter": row.adapter_name,
@@ -458,23 +476,39 @@ fn event_object(job: &str, seq: u64, at_ms: i64, e: &JobEvent) -> Value {
             total_steps,
             train_loss,
             learning_rate,
+            metrics,
             ..
-        }) => (
-            "metrics",
-            format!("Step {step}/{total_steps}: training loss={train_loss:.4}"),
-            json!({ "step": step, "total_steps": total_steps, "train_loss": train_loss,
-                    "learning_rate": learning_rate }),
-        ),
+        }) => {
+            let mut data = json!({ "step": step, "total_steps": total_steps,
+                "train_loss": train_loss, "learning_rate": learning_rate });
+            // The objective's own (DPO's and reward models': TRL's names), as they are.
+            for (k, v) in metrics {
+                data[k] = json!(v);
+            }
+            (
+                "metrics",
+                format!("Step {step}/{total_steps}: training loss={train_loss:.4}"),
+                data,
+            )
+        }
         JobEvent::Train(TrainEvent::Eval {
             step,
             eval_loss,
             token_accuracy,
+            metrics,
             ..
-        }) => (
-            "metrics",
-            format!("Step {step}: validation loss={eval_loss:.4}"),
-            json!({ "step": step, "valid_loss": eval_loss, "valid_mean_token_accuracy": token_accuracy }),
-        ),
+        }) => {
+            let mut data = json!({ "step": step, "valid_loss": eval_loss,
+                "valid_mean_token_accuracy": token_accuracy });
+            for (k, v) in metrics {
+                data[format!("valid_{k}")] = json!(v);
+            }
+            (
+                "metrics",
+                format!("Step {step}: validation loss={eval_loss:.4}"),
+                data,
+            )
+        }
         JobEvent::Train(TrainEvent::Checkpoint { step }) => (
             "message",
             format!("Checkpoint saved at step {step}"),

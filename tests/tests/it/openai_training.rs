@@ -327,9 +327,20 @@ async fn bad_files_and_jobs_are_refused_naming_the_field_and_a_queued_job_cancel
     for (extra, status, param) in [
         (json!({"model": "gpt-4o-mini"}), 400, Some("model")),
         (
-            json!({"method": {"type": "dpo", "dpo": {}}}),
+            json!({"method": {"type": "reinforcement", "reinforcement": {}}}),
             400,
             Some("method.type"),
+        ),
+        (
+            json!({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0}}}}),
+            400,
+            Some("method.dpo.hyperparameters.beta"),
+        ),
+        // DPO trains on preference pairs; this file is a supervised one.
+        (
+            json!({"method": {"type": "dpo", "dpo": {}}}),
+            400,
+            Some("training_file"),
         ),
         (
             json!({"hyperparameters": {"n_epochs": 0}}),
@@ -422,7 +433,8 @@ async fn bad_files_and_jobs_are_refused_naming_the_field_and_a_queued_job_cancel
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn preference_files_are_accepted_in_both_shapes_and_refused_for_supervised_jobs() {
+async fn preference_files_are_accepted_in_both_shapes_train_dpo_and_are_refused_for_supervised_jobs(
+) {
     let (ts, oa, _key) = start(tiny_model_path()).await;
     let base = ts.server.engine().expect("ready").model().name.clone();
     // OpenAI's DPO rows, as its docs write them.
@@ -477,7 +489,53 @@ async fn preference_files_are_accepted_in_both_shapes_and_refused_for_supervised
         "{}",
         e.message()
     );
-    // A supervised job cannot train on them (DPO is graft's preference trainer's).
+    // A DPO job trains on them, with OpenAI's method object and TRL's metrics in its
+    // events.
+    let job: Value = oa
+        .fine_tuning()
+        .create_byot(json!({
+            "model": base, "training_file": file.id, "suffix": "pref",
+            "method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 1}}},
+        }))
+        .await
+        .expect("a DPO job");
+    assert_eq!(job["method"]["type"], "dpo", "{job}");
+    assert_eq!(
+        job["method"]["dpo"]["hyperparameters"]["beta"], 0.2,
+        "{job}"
+    );
+    let id = job["id"].as_str().expect("id").to_string();
+    let done = tokio::time::timeout(std::time::Duration::from_secs(300), async {
+        loop {
+            let j = oa.fine_tuning().retrieve(&id).await.expect("retrieve");
+            if j.finished_at.is_some() {
+                return j;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("in time");
+    assert_eq!(
+        done.status,
+        FineTuningJobStatus::Succeeded,
+        "{:?}",
+        done.error
+    );
+    let events = oa
+        .fine_tuning()
+        .list_events(&id)
+        .await
+        .expect("events")
+        .data;
+    assert!(
+        events.iter().any(|e| e
+            .data
+            .as_ref()
+            .is_some_and(|d| d.get("rewards/margins").is_some())),
+        "{events:?}"
+    );
+    // A supervised job cannot train on them.
     let e = oa
         .fine_tuning()
         .create_byot::<_, Value>(json!({"model": base, "training_file": file.id}))
