@@ -48,6 +48,21 @@ pub struct JobArgs {
     /// DPO: cDPO's label smoothing in [0, 0.5).
     #[arg(long)]
     pub label_smoothing: Option<f64>,
+    /// GRPO: completions per prompt (default 8).
+    #[arg(long)]
+    pub num_generations: Option<u32>,
+    /// GRPO: rollout tokens at most (default 64).
+    #[arg(long)]
+    pub max_new_tokens: Option<u32>,
+    /// GRPO: rollout sampling temperature (default 1).
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    /// GRPO: the grader as JSON, e.g. {"type": "string_match", "reference":
+    /// "{{row.answer}}", "contains": true}; types string_match, regex (pattern),
+    /// json_schema (schema), length (min, max, unit words|tokens), weighted (graders:
+    /// [{weight, grader}]).
+    #[arg(long)]
+    pub grader: Option<String>,
     /// Classification: the head's labels in output order, comma-separated (default: the
     /// dataset's labels sorted).
     #[arg(long, value_delimiter = ',')]
@@ -186,6 +201,10 @@ impl JobArgs {
             beta,
             loss_type,
             label_smoothing,
+            num_generations,
+            max_new_tokens,
+            temperature,
+            grader,
             train_lm_head,
             rank,
             alpha,
@@ -295,13 +314,31 @@ impl JobArgs {
                 .map(|c| proto::RewardModelObjective {
                     center_rewards_coefficient: Some(c),
                 }),
-            dpo: (a.beta.is_some() || a.loss_type.is_some() || a.label_smoothing.is_some()).then(
-                || proto::DpoObjective {
-                    beta: a.beta,
-                    loss_type: a.loss_type.clone().unwrap_or_default(),
-                    label_smoothing: a.label_smoothing,
-                },
-            ),
+            dpo: (a.objective.as_deref() == Some("dpo")
+                && (a.beta.is_some() || a.loss_type.is_some() || a.label_smoothing.is_some()))
+            .then(|| proto::DpoObjective {
+                beta: a.beta,
+                loss_type: a.loss_type.clone().unwrap_or_default(),
+                label_smoothing: a.label_smoothing,
+            }),
+            grpo: match &a.grader {
+                None => None,
+                Some(g) => Some(proto::GrpoObjective {
+                    num_generations: a.num_generations,
+                    beta: if a.objective.as_deref() == Some("grpo") {
+                        a.beta
+                    } else {
+                        None
+                    },
+                    max_new_tokens: a.max_new_tokens,
+                    temperature: a.temperature,
+                    grader: Some(grader_of(
+                        &serde_json::from_str(g)
+                            .map_err(|e| anyhow::anyhow!("--grader is not JSON: {e}"))?,
+                    )?),
+                    ..Default::default()
+                }),
+            },
             train_lm_head: a.train_lm_head.unwrap_or(false),
             hyperparameters: Some(proto::Hyperparameters {
                 epochs: a.epochs,
@@ -423,4 +460,57 @@ fn pair_metrics(m: &std::collections::HashMap<String, f64>) -> String {
     .iter()
     .filter_map(|(k, short)| m.get(*k).map(|v| format!(" {short} {v:.3}")))
     .collect()
+}
+
+/// A grader given as JSON (`{"type": ...}`, the server's own spec shape) as the request's
+/// message.
+fn grader_of(v: &serde_json::Value) -> anyhow::Result<proto::Grader> {
+    use proto::grader::Kind;
+    let s = |k: &str| {
+        v.get(k)
+            .and_then(|x| x.as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let b = |k: &str| v.get(k).and_then(|x| x.as_bool()).unwrap_or(false);
+    let u = |k: &str| v.get(k).and_then(|x| x.as_u64()).map(|x| x as u32);
+    let kind = match v.get("type").and_then(|t| t.as_str()) {
+        Some("string_match") => Kind::StringMatch(proto::StringMatchGrader {
+            reference: s("reference"),
+            case_insensitive: b("case_insensitive"),
+            contains: b("contains"),
+        }),
+        Some("regex") => Kind::Regex(proto::RegexGrader {
+            pattern: s("pattern"),
+        }),
+        Some("json_schema") => Kind::JsonSchema(proto::JsonSchemaGrader {
+            schema: v.get("schema").map(|x| x.to_string()).unwrap_or_default(),
+        }),
+        Some("length") => Kind::Length(proto::LengthGrader {
+            min: u("min"),
+            max: u("max"),
+            unit: s("unit"),
+        }),
+        Some("weighted") => Kind::Weighted(proto::WeightedGraders {
+            graders: v
+                .get("graders")
+                .and_then(|g| g.as_array())
+                .map(|a| a.as_slice())
+                .unwrap_or_default()
+                .iter()
+                .map(|w| {
+                    Ok(proto::WeightedGrader {
+                        weight: w.get("weight").and_then(|x| x.as_f64()).unwrap_or(1.0),
+                        grader: Some(grader_of(
+                            w.get("grader").unwrap_or(&serde_json::Value::Null),
+                        )?),
+                    })
+                })
+                .collect::<anyhow::Result<_>>()?,
+        }),
+        other => anyhow::bail!(
+            "grader type {other:?}; expected string_match, regex, json_schema, length or weighted"
+        ),
+    };
+    Ok(proto::Grader { kind: Some(kind) })
 }

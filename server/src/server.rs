@@ -285,6 +285,7 @@ async fn load_and_warm(
         },
     );
     let engine = EngineHandle::start(model.clone(), cfg.engine.clone())?;
+    training.attach_engine(engine.clone());
     // One real step through the engine before we say SERVING.
     let prompt_ids = model.tokenizer.encode("Hello").unwrap_or_else(|_| vec![0]);
     let mut rx = engine.submit(GenerationRequest {

@@ -89,6 +89,7 @@ fn throughput(
             mask: (0..128).map(|j| j > 0).collect(),
             label: None,
             rejected: None,
+            fields: None,
         })
         .collect();
     let dir = tempfile::tempdir()?;

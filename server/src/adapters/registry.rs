@@ -155,6 +155,40 @@ impl AdapterLease {
     pub fn adapter(&self) -> &Adapter {
         &self.loaded.adapter
     }
+
+    /// A lease on an adapter no version row stands for (an RL job's policy snapshot): it
+    /// serves `tenant`'s requests under `name`, with `tag` as its content identity (the
+    /// prefix cache never shares blocks across tags), and owns no files.
+    pub fn transient(tenant: &str, name: &str, tag: &str, adapter: Adapter) -> Self {
+        Self {
+            row: AdapterRow {
+                id: 0,
+                tenant: tenant.into(),
+                name: name.into(),
+                version: 0,
+                // Only the row's shape matters: the adapter itself is in memory.
+                details: Details::Lora {
+                    rank: 0,
+                    alpha: 0.0,
+                    target_modules: Vec::new(),
+                    use_rslora: false,
+                    use_dora: false,
+                },
+                head: None,
+                lm_head: adapter.lm_head.is_some(),
+                size_bytes: 0,
+                sha256: format!("transient:{tag}"),
+                base_fingerprint: String::new(),
+                dir: String::new(),
+                created_at: 0,
+            },
+            loaded: Arc::new(Loaded {
+                adapter,
+                dir: PathBuf::new(),
+                delete_files: AtomicBool::new(false),
+            }),
+        }
+    }
 }
 
 struct Entry {

@@ -192,6 +192,12 @@ impl Constraint {
         self.matcher.consume_token(token).map_err(|e| e.to_string())
     }
 
+    /// Whether `tokens` (a fresh constraint's whole output) are a complete sentence of
+    /// the grammar: the JSON Schema grader's test.
+    pub fn accepts(&mut self, tokens: &[u32]) -> bool {
+        self.matcher.consume_tokens(tokens).is_ok() && self.matcher.is_accepting().unwrap_or(false)
+    }
+
     /// Whether the output is complete and nothing may follow.
     pub fn is_done(&self) -> bool {
         self.matcher.is_stopped()

@@ -9,10 +9,11 @@ use crate::{
     adapters::formats::BnSettings,
     model::{bottleneck::Activation, lora::Module},
     train::{
+        graders::{GraderSpec, LengthUnit, Weighted},
         jobs::{JobSpec, NewJob},
         methods::{Encoder, FullSelection, MethodSpec, PromptInit},
         optim::Schedule,
-        trainer::{DpoLoss, DpoSettings, Objective, TrainSpec},
+        trainer::{DpoLoss, DpoSettings, GrpoSettings, Objective, TrainSpec},
     },
 };
 /// Virtual tokens of a prompt method when the request leaves them out (PEFT's examples use
@@ -457,6 +458,7 @@ fn objective_from(req: &pb::CreateJobRequest) -> Result<Objective, ApiError> {
         (req.classification.is_some(), "classification"),
         (req.reward_model.is_some(), "reward_model"),
         (req.dpo.is_some(), "dpo"),
+        (req.grpo.is_some(), "grpo"),
     ] {
         if given && field != name {
             return Err(ApiError::invalid(
@@ -499,11 +501,137 @@ fn objective_from(req: &pb::CreateJobRequest) -> Result<Objective, ApiError> {
                 "dpo.",
             )?))
         }
+        "grpo" => Ok(Objective::Grpo(grpo_settings(
+            req.grpo.as_ref().ok_or_else(|| {
+                ApiError::invalid("grpo.grader", "the grpo objective needs a grader")
+            })?,
+        )?)),
         o => Err(ApiError::invalid(
             "objective",
-            format!("{o:?}; expected sft, classification, reward_model or dpo"),
+            format!("{o:?}; expected sft, classification, reward_model, dpo or grpo"),
         )),
     }
+}
+
+/// GRPO's settings with their defaults; the grader's references are checked against the
+/// data when the job is created.
+fn grpo_settings(g: &pb::GrpoObjective) -> Result<GrpoSettings, ApiError> {
+    let num_generations = g.num_generations.unwrap_or(8);
+    if !(2..=64).contains(&num_generations) {
+        return Err(ApiError::invalid(
+            "grpo.num_generations",
+            format!("{num_generations}; give 2 to 64 (advantages compare completions of a prompt)"),
+        ));
+    }
+    let beta = g.beta.unwrap_or(0.0);
+    if !(0.0..=10.0).contains(&beta) {
+        return Err(ApiError::invalid(
+            "grpo.beta",
+            format!("{beta} is outside [0, 10]"),
+        ));
+    }
+    let epsilon = g.epsilon.unwrap_or(0.2);
+    if !(epsilon > 0.0 && epsilon < 1.0) {
+        return Err(ApiError::invalid(
+            "grpo.epsilon",
+            format!("{epsilon} is outside (0, 1)"),
+        ));
+    }
+    let num_iterations = g.num_iterations.unwrap_or(1);
+    if !(1..=8).contains(&num_iterations) {
+        return Err(ApiError::invalid(
+            "grpo.num_iterations",
+            format!("{num_iterations}; give 1 to 8"),
+        ));
+    }
+    let temperature = g.temperature.unwrap_or(1.0);
+    if !(temperature > 0.0 && temperature <= 2.0) {
+        return Err(ApiError::invalid(
+            "grpo.temperature",
+            format!("{temperature} is outside (0, 2]: rollouts are sampled"),
+        ));
+    }
+    let top_p = g.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::invalid(
+            "grpo.top_p",
+            format!("{top_p} is outside (0, 1]"),
+        ));
+    }
+    let max_new_tokens = g.max_new_tokens.unwrap_or(64);
+    if !(1..=1024).contains(&max_new_tokens) {
+        return Err(ApiError::invalid(
+            "grpo.max_new_tokens",
+            format!("{max_new_tokens}; give 1 to 1024"),
+        ));
+    }
+    let grader = grader_spec(g.grader.as_ref(), "grpo.grader")?;
+    Ok(GrpoSettings {
+        num_generations: num_generations as usize,
+        beta,
+        epsilon,
+        num_iterations: num_iterations as usize,
+        temperature,
+        top_p,
+        max_new_tokens,
+        grader,
+    })
+}
+
+/// A grader as the domain's spec; only what the wire form cannot say is checked here.
+fn grader_spec(g: Option<&pb::Grader>, field: &str) -> Result<GraderSpec, ApiError> {
+    use pb::grader::Kind;
+    let kind = g.and_then(|g| g.kind.as_ref()).ok_or_else(|| {
+        ApiError::invalid(
+            field,
+            "give one of string_match, regex, json_schema, length or weighted",
+        )
+    })?;
+    Ok(match kind {
+        Kind::StringMatch(m) => GraderSpec::StringMatch {
+            reference: m.reference.clone(),
+            case_insensitive: m.case_insensitive,
+            contains: m.contains,
+        },
+        Kind::Regex(r) => GraderSpec::Regex {
+            pattern: r.pattern.clone(),
+        },
+        Kind::JsonSchema(j) => GraderSpec::JsonSchema {
+            schema: serde_json::from_str(&j.schema).map_err(|e| {
+                ApiError::invalid(format!("{field}.json_schema.schema"), e.to_string())
+            })?,
+        },
+        Kind::Length(l) => GraderSpec::Length {
+            min: l.min,
+            max: l.max,
+            unit: match l.unit.as_str() {
+                "" | "words" => LengthUnit::Words,
+                "tokens" => LengthUnit::Tokens,
+                u => {
+                    return Err(ApiError::invalid(
+                        format!("{field}.length.unit"),
+                        format!("{u:?}; expected words or tokens"),
+                    ))
+                }
+            },
+        },
+        Kind::Weighted(w) => GraderSpec::Weighted {
+            graders: w
+                .graders
+                .iter()
+                .enumerate()
+                .map(|(i, g)| {
+                    Ok(Weighted {
+                        weight: g.weight,
+                        grader: grader_spec(
+                            g.grader.as_ref(),
+                            &format!("{field}.weighted.graders[{i}].grader"),
+                        )?,
+                    })
+                })
+                .collect::<Result<_, ApiError>>()?,
+        },
+    })
 }
 
 /// DPO's settings with their defaults (β 0.1, sigmoid loss, no smoothing); `prefix` is

@@ -115,7 +115,20 @@ pub fn resolve_objective(
     sets: &[&[Tokenized]],
 ) -> Result<(), (String, String)> {
     let rows = || sets.iter().flat_map(|s| s.iter());
-    let pairs = objective.on_pairs();
+    let (pairs, online) = (objective.on_pairs(), objective.online());
+    if rows().any(|t| t.fields.is_some() != online) {
+        return Err((
+            "dataset".into(),
+            if online {
+                format!("the {} objective trains on a prompts dataset ({{\"prompt\"}} or {{\"messages\"}} without answers)", objective.name())
+            } else {
+                format!(
+                    "the dataset is a prompts dataset (no answers); it trains grpo, not {}",
+                    objective.name()
+                )
+            },
+        ));
+    }
     if rows().any(|t| t.rejected.is_some() != pairs) {
         return Err((
             "dataset".into(),
@@ -127,7 +140,7 @@ pub fn resolve_objective(
         ));
     }
     match objective {
-        Objective::RewardModel { .. } | Objective::Dpo(_) => Ok(()),
+        Objective::RewardModel { .. } | Objective::Dpo(_) | Objective::Grpo(_) => Ok(()),
         Objective::Sft => {
             if rows().any(|t| t.label.is_some()) {
                 return Err((
@@ -247,6 +260,7 @@ pub(super) fn tokenize_labelled(
             ids,
             label: e.label.clone(),
             rejected: None,
+            fields: None,
         },
         truncated,
     })

@@ -41,6 +41,9 @@ pub enum Format {
     /// A prompt with a chosen and a rejected completion (TRL's or OpenAI's DPO rows;
     /// `train::preference`).
     Preference,
+    /// Prompts alone, for online RL: `{"prompt"}` (a string or messages) or `{"messages"}`
+    /// (with this format named at upload), every other field kept for graders.
+    Prompts,
 }
 
 impl Format {
@@ -52,6 +55,7 @@ impl Format {
             Format::Text => "text",
             Format::Classification => "classification",
             Format::Preference => "preference",
+            Format::Prompts => "prompts",
         }
     }
 
@@ -63,6 +67,7 @@ impl Format {
             "text" => Some(Self::Text),
             "classification" => Some(Self::Classification),
             "preference" => Some(Self::Preference),
+            "prompts" | "prompt" => Some(Self::Prompts),
             _ => None,
         }
     }
@@ -76,6 +81,8 @@ impl Format {
             Some(Self::Chat)
         } else if v.contains_key("instruction") || v.contains_key("output") {
             Some(Self::Alpaca)
+        } else if v.contains_key("prompt") && !v.contains_key("completion") {
+            Some(Self::Prompts)
         } else if v.contains_key("prompt") || v.contains_key("completion") {
             Some(Self::PromptCompletion)
         } else if v.contains_key("text") {
@@ -117,6 +124,9 @@ pub struct Example {
     /// A preference row's margin (TRL's `margin`: how much better the chosen completion
     /// is; 0 when not given).
     pub margin: f64,
+    /// A prompt row's other fields (for graders); `Some` marks a prompt row, whose one
+    /// segment is the rendered prompt.
+    pub fields: Option<serde_json::Map<String, Value>>,
 }
 
 /// A tokenised example: ids and, per id, whether its prediction is trained.
@@ -130,6 +140,9 @@ pub struct Tokenized {
     /// A preference row's other side: `ids`/`mask` are the prompt and the chosen
     /// completion, this the same prompt and the rejected one.
     pub rejected: Option<Box<RejectedTokens>>,
+    /// A prompt row's other fields (online RL: the graders read them); its `ids` are the
+    /// prompt, nothing trained.
+    pub fields: Option<std::sync::Arc<serde_json::Map<String, Value>>>,
 }
 
 /// The rejected side of a tokenised preference row.
@@ -179,6 +192,7 @@ fn example_of(
     };
     match format {
         Format::Preference => super::preference::example(obj, render),
+        Format::Prompts => super::preference::prompt_row(obj, render),
         Format::Classification => {
             let t = text_of(obj, "text").ok_or_else(|| missing("text"))?;
             if t.trim().is_empty() {
@@ -192,6 +206,7 @@ fn example_of(
                 label: Some(label),
                 rejected: None,
                 margin: 0.0,
+                fields: None,
             })
         }
         Format::Text => {
@@ -205,6 +220,7 @@ fn example_of(
                 label: None,
                 rejected: None,
                 margin: 0.0,
+                fields: None,
             })
         }
         Format::PromptCompletion => {
@@ -219,6 +235,7 @@ fn example_of(
                 label: None,
                 rejected: None,
                 margin: 0.0,
+                fields: None,
             })
         }
         Format::Alpaca => {
@@ -279,6 +296,7 @@ fn example_of(
                 label: None,
                 rejected: None,
                 margin: 0.0,
+                fields: None,
             })
         }
         Format::Chat => {
@@ -363,6 +381,7 @@ fn example_of(
                 label: None,
                 rejected: None,
                 margin: 0.0,
+                fields: None,
             })
         }
     }
@@ -613,6 +632,9 @@ pub fn tokenize_one(
     if e.label.is_some() {
         return tokenize_labelled(e, tk, max_seq_len, overflow);
     }
+    if let Some(fields) = &e.fields {
+        return tokenize_prompt(e, fields, tk, max_seq_len);
+    }
     if let Some(rejected) = &e.rejected {
         // Both sides as completions of the same prompt, each under the same limits.
         let mut chosen = tokenize_one(
@@ -701,8 +723,46 @@ pub fn tokenize_one(
             mask,
             label: None,
             rejected: None,
+            fields: None,
         },
         truncated,
+    })
+}
+
+/// A prompt row: the rendered prompt's ids (refused past `max_seq_len`: a cut prompt
+/// would ask something else) and its fields.
+fn tokenize_prompt(
+    e: &Example,
+    fields: &serde_json::Map<String, Value>,
+    tk: &TextTokenizer,
+    max_seq_len: usize,
+) -> Result<TokenizedOne, Problem> {
+    let text = e.segments.first().map_or("", |s| s.0.as_str());
+    let ids = tk
+        .encode(text)
+        .map_err(|err| problem(e.line, "tokenizer", err.to_string()))?;
+    if ids.is_empty() {
+        return Err(problem(e.line, "empty prompt", "the prompt has no tokens"));
+    }
+    if ids.len() > max_seq_len.min(MAX_EXAMPLE_TOKENS) {
+        return Err(problem(
+            e.line,
+            "too long",
+            format!(
+                "the prompt is {} tokens; max_seq_len is {max_seq_len}",
+                ids.len()
+            ),
+        ));
+    }
+    Ok(TokenizedOne {
+        tokens: Tokenized {
+            mask: vec![false; ids.len()],
+            ids,
+            label: None,
+            rejected: None,
+            fields: Some(std::sync::Arc::new(fields.clone())),
+        },
+        truncated: false,
     })
 }
 

@@ -155,6 +155,8 @@ pub struct TrainingService {
     cfg: TrainingConfig,
     live: Mutex<HashMap<String, Live>>,
     wake: Notify,
+    /// The serving engine, once it runs: online RL samples its rollouts there.
+    engine: std::sync::OnceLock<crate::engine::EngineHandle>,
 }
 
 pub(super) fn new_id(prefix: &str) -> String {
@@ -191,7 +193,13 @@ impl TrainingService {
             cfg,
             live: Mutex::default(),
             wake: Notify::new(),
+            engine: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Gives online-RL jobs the serving engine to sample with (once, at start).
+    pub fn attach_engine(&self, engine: crate::engine::EngineHandle) {
+        let _ = self.engine.set(engine);
     }
 
     pub fn config(&self) -> &TrainingConfig {
@@ -388,33 +396,37 @@ impl TrainingService {
             ),
             None => None,
         };
-        // Preference rows train the pair objectives (reward models, DPO), and only they do.
-        let pairs = job.spec.train.objective.on_pairs();
+        // Preference rows train the pair objectives (reward models, DPO) and prompt rows
+        // the online ones (GRPO), and only they do.
+        let objective = &job.spec.train.objective;
+        let want = if objective.on_pairs() {
+            Some(Format::Preference)
+        } else if objective.online() {
+            Some(Format::Prompts)
+        } else {
+            None
+        };
         for (d, field) in [
             (Some(&ds), "dataset"),
             (eval.as_ref(), "validation_dataset"),
         ] {
-            match d {
-                Some(d) if (d.format == Format::Preference.name()) != pairs => {
-                    return Err(invalid(
-                        field,
-                        if pairs {
-                            format!(
-                                "{:?} is a {} dataset; the {} objective trains on a preference dataset (prompt, chosen, rejected)",
-                                d.name,
-                                d.format,
-                                job.spec.train.objective.name()
-                            )
-                        } else {
-                            format!(
-                                "{:?} is a preference dataset (prompt, chosen, rejected); it trains the reward_model and dpo objectives, not {}",
-                                d.name,
-                                job.spec.train.objective.name()
-                            )
-                        },
-                    ));
-                }
-                _ => {}
+            let Some(d) = d else { continue };
+            let special = [Format::Preference, Format::Prompts]
+                .into_iter()
+                .find(|f| d.format == f.name());
+            if special != want {
+                let need = want.map_or("completions to learn from".to_string(), |f| {
+                    format!("a {} dataset", f.name())
+                });
+                return Err(invalid(
+                    field,
+                    format!(
+                        "{:?} is a {} dataset; the {} objective trains on {need}",
+                        d.name,
+                        d.format,
+                        objective.name()
+                    ),
+                ));
             }
         }
         // Validation: the data must tokenise under this job's limits.
@@ -425,6 +437,12 @@ impl TrainingService {
         };
         classes::resolve_objective(&mut job.spec.train.objective, &[&train, &eval_rows])
             .map_err(|(field, reason)| invalid(&field, reason))?;
+        super::rl_job::grader(
+            &job.spec.train.objective,
+            &[&train, &eval_rows],
+            self.engine.get(),
+        )
+        .map_err(|(field, reason)| invalid(&field, reason))?;
         drop(eval_rows);
         // The head's size is known once its labels are.
         self.tenancy
@@ -777,16 +795,31 @@ impl TrainingService {
             keep_checkpoints: self.cfg.keep_checkpoints,
         };
         let train_spec = spec.train.clone();
+        let engine = self.engine.get().cloned();
+        let (tenant, name) = (job.tenant.clone(), job.adapter_name.clone());
         let handle = tokio::task::spawn_blocking(move || {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
                 .thread_name(|i| format!("graft-train-{i}"))
                 .build()
                 .map_err(|e| trainer::TrainError::Checkpoint(format!("training threads: {e}")))?;
-            pool.install(|| {
-                trainer::train(&model, &train_spec, &train, &eval, &ckpt, &ctl, &mut |e| {
-                    let _ = etx.send(e);
-                })
+            let mut emit = |e| {
+                let _ = etx.send(e);
+            };
+            pool.install(|| match &engine {
+                Some(engine) if train_spec.objective.online() => super::rl_job::run(
+                    &model,
+                    &train_spec,
+                    engine,
+                    &tenant,
+                    &name,
+                    &train,
+                    &eval,
+                    &ckpt,
+                    &ctl,
+                    &mut emit,
+                ),
+                _ => trainer::train(&model, &train_spec, &train, &eval, &ckpt, &ctl, &mut emit),
             })
         });
         let me = self.clone();

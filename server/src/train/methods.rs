@@ -358,6 +358,17 @@ pub fn check(
             ),
         ));
     }
+    if let super::trainer::Objective::Grpo(g) = &spec.objective {
+        if spec.max_seq_len + g.max_new_tokens as usize > cfg.max_position {
+            return Err((
+                "grpo.max_new_tokens".into(),
+                format!(
+                    "max_seq_len {} + {} new tokens exceed the model's context window {}",
+                    spec.max_seq_len, g.max_new_tokens, cfg.max_position
+                ),
+            ));
+        }
+    }
     let virt = method.virtual_tokens();
     let field = format!("{}.num_virtual_tokens", method.name());
     if virt > max_virtual_tokens {

@@ -10,6 +10,7 @@
 pub mod classes;
 pub mod dataset;
 pub mod full_vars;
+pub mod graders;
 pub mod head_vars;
 pub mod jobs;
 pub mod lora_vars;
@@ -18,6 +19,10 @@ pub mod optim;
 pub mod pairs;
 pub mod preference;
 pub mod prompt_vars;
+pub mod rl;
+pub mod rl_job;
+pub mod rollouts;
+pub mod sequences;
 mod strict_json;
 pub mod trainable;
 pub mod trainer;

@@ -10,29 +10,22 @@
 
 use std::{collections::BTreeMap, path::Path};
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{Device, Tensor};
 
 use super::{
     dataset::Tokenized,
+    sequences::{hidden, sequence_logps, SeqBatch},
     trainable::Trainable,
     trainer::{DpoLoss, DpoSettings, Objective, TrainError},
 };
-use crate::model::{adapter::TensorAdapter, BaseModel};
+use crate::model::BaseModel;
 
 /// Named scalars of a step or an evaluation.
 pub type Metrics = BTreeMap<String, f64>;
 
 /// One padded batch of `2B` rows: the chosen sides of `B` pairs, then their rejected sides.
 pub struct PairBatch {
-    ids: Tensor,
-    /// Flat index (`row * T + i`) of each row's last token.
-    last: Tensor,
-    /// Flat indices of the hidden states that predict each completion token, and the
-    /// tokens.
-    positions: Tensor,
-    targets: Tensor,
-    /// `(2B, N)`: row r's completion tokens are the ones with a 1.
-    rows: Tensor,
+    seqs: SeqBatch,
     margins: Tensor,
     pub pairs: usize,
     pub tokens: usize,
@@ -52,44 +45,12 @@ pub fn pair_batch(pairs: &[&Tokenized], pad: u32) -> Result<PairBatch, TrainErro
         })?;
         sides.push((&r.ids, &r.mask));
     }
-    let t = sides.iter().map(|s| s.0.len()).max().unwrap_or(1).max(1);
-    let n_rows = sides.len();
-    let (mut ids, mut last, mut positions, mut targets, mut owner) = (
-        Vec::with_capacity(n_rows * t),
-        vec![],
-        vec![],
-        vec![],
-        vec![],
-    );
-    let mut tokens = 0;
-    for (r, (row, mask)) in sides.iter().enumerate() {
-        tokens += row.len();
-        ids.extend_from_slice(row);
-        ids.extend(std::iter::repeat_n(pad, t - row.len()));
-        last.push((r * t + row.len().max(1) - 1) as u32);
-        for (i, (&id, &m)) in row.iter().zip(mask.iter()).enumerate() {
-            if m && i > 0 {
-                positions.push((r * t + i - 1) as u32);
-                targets.push(id);
-                owner.push(r);
-            }
-        }
-    }
-    let n = positions.len();
-    let mut rows = vec![0f32; n_rows * n];
-    for (j, &r) in owner.iter().enumerate() {
-        rows[r * n + j] = 1.0;
-    }
-    let dev = Device::Cpu;
+    let seqs = SeqBatch::new(&sides, pad)?;
     Ok(PairBatch {
-        ids: Tensor::from_vec(ids, (n_rows, t), &dev)?,
-        last: Tensor::from_vec(last, n_rows, &dev)?,
-        positions: Tensor::from_vec(positions, n, &dev)?,
-        targets: Tensor::from_vec(targets, n, &dev)?,
-        rows: Tensor::from_vec(rows, (n_rows, n), &dev)?,
-        margins: Tensor::from_vec(margins, pairs.len(), &dev)?,
+        tokens: seqs.tokens,
+        seqs,
+        margins: Tensor::from_vec(margins, pairs.len(), &Device::Cpu)?,
         pairs: pairs.len(),
-        tokens,
     })
 }
 
@@ -98,42 +59,6 @@ pub fn log_sigmoid(x: &Tensor) -> candle_core::Result<Tensor> {
     let abs = x.abs()?;
     let min0 = ((x - &abs)? * 0.5)?;
     min0 - ((abs.neg()?.exp()? + 1.0)?.log()?)
-}
-
-/// The final-norm hidden states `(2B, T, H)` of the batch with the adapter `vars`, or the
-/// base's with none.
-fn hidden(
-    model: &BaseModel,
-    vars: Option<&dyn Trainable>,
-    b: &PairBatch,
-) -> Result<Tensor, TrainError> {
-    let llama = vars.and_then(|v| v.model()).unwrap_or(&model.llama);
-    Ok(llama.forward_hidden(&b.ids, vars.map(|v| v as &dyn TensorAdapter))?)
-}
-
-/// The summed log-probability of each row's completion tokens, `(2B,)`.
-fn sequence_logps(
-    model: &BaseModel,
-    vars: Option<&dyn Trainable>,
-    b: &PairBatch,
-) -> Result<Tensor, TrainError> {
-    let h = hidden(model, vars, b)?;
-    let (rows, t, width) = h.dims3()?;
-    let h = h
-        .reshape((rows * t, width))?
-        .index_select(&b.positions, 0)?;
-    let lm = match vars {
-        Some(v) => v.lm_head()?,
-        None => None,
-    };
-    let llama = vars.and_then(|v| v.model()).unwrap_or(&model.llama);
-    let logits = match lm {
-        Some(w) => h.matmul(&w.t()?)?,
-        None => llama.weights.lm_head.forward_train(&h)?,
-    };
-    let lp =
-        candle_nn::ops::log_softmax(&logits, D::Minus1)?.gather(&b.targets.unsqueeze(1)?, 1)?;
-    Ok(b.rows.matmul(&lp)?.squeeze(1)?)
 }
 
 /// The reference's log-probabilities of every pair's two completions, `(chosen, rejected)`
@@ -183,7 +108,7 @@ impl References {
             for chunk in set.chunks(batch.max(1)) {
                 let rows: Vec<&Tokenized> = chunk.iter().collect();
                 let b = pair_batch(&rows, pad)?;
-                let lp = sequence_logps(model, None, &b)?.to_vec1::<f32>()?;
+                let lp = sequence_logps(model, None, &b.seqs)?.to_vec1::<f32>()?;
                 let (c, r) = lp.split_at(b.pairs);
                 out.extend(c.iter().zip(r).map(|(&c, &r)| [c, r]));
             }
@@ -243,9 +168,11 @@ pub fn pair_loss(
 
 /// The reward model's scalar of each row, `(2B,)`: the head on the last token's hidden state.
 fn rewards(model: &BaseModel, vars: &dyn Trainable, b: &PairBatch) -> Result<Tensor, TrainError> {
-    let h = hidden(model, Some(vars), b)?;
+    let h = hidden(model, Some(vars), &b.seqs)?;
     let (rows, t, width) = h.dims3()?;
-    let h = h.reshape((rows * t, width))?.index_select(&b.last, 0)?;
+    let h = h
+        .reshape((rows * t, width))?
+        .index_select(&b.seqs.last, 0)?;
     let head = vars
         .head()?
         .ok_or_else(|| TrainError::Label("a reward model needs its head".into()))?;
@@ -298,7 +225,7 @@ fn dpo_loss(
     s: &DpoSettings,
     refs: &[[f32; 2]],
 ) -> Result<PairLoss, TrainError> {
-    let lp = sequence_logps(model, Some(vars), b)?;
+    let lp = sequence_logps(model, Some(vars), &b.seqs)?;
     let (pc, pr) = (lp.narrow(0, 0, b.pairs)?, lp.narrow(0, b.pairs, b.pairs)?);
     let dev = Device::Cpu;
     let ref_c = Tensor::from_vec(refs.iter().map(|r| r[0]).collect(), b.pairs, &dev)?;

@@ -140,6 +140,7 @@ pub fn example(
         label: None,
         rejected: Some(rejected),
         margin,
+        fields: None,
     })
 }
 
@@ -160,9 +161,56 @@ pub fn scored_ids(
         label: None,
         rejected: None,
         margin: 0.0,
+        fields: None,
     };
     let t = tokenize_one(&e, tk, max_len, Overflow::Reject).map_err(|p| p.detail)?;
     Ok(t.tokens.ids)
+}
+
+/// A prompt row for online RL: `prompt` (a string, as one user message, or messages) or
+/// `messages`, rendered with the generation prompt; every other field is kept for the
+/// graders.
+pub fn prompt_row(
+    obj: &serde_json::Map<String, Value>,
+    render: RenderChat<'_>,
+) -> Result<Example, Bad> {
+    let (key, msgs) = match (obj.get("prompt"), obj.get("messages")) {
+        (Some(Value::String(s)), None) => ("prompt", vec![user(s)]),
+        (Some(v @ Value::Array(_)), None) => ("prompt", messages(v, "prompt")?),
+        (None, Some(v)) => ("messages", messages(v, "messages")?),
+        (Some(_), Some(_)) => {
+            return Err((
+                "mixed formats",
+                "give \"prompt\" or \"messages\", not both".into(),
+            ))
+        }
+        (Some(_), None) => {
+            return Err((
+                "wrong type",
+                "\"prompt\" must be a string or a list of messages".into(),
+            ))
+        }
+        (None, None) => {
+            return Err((
+                "missing field",
+                "\"prompt\" or \"messages\" is required".into(),
+            ))
+        }
+    };
+    if msgs.iter().all(|m| m.content.trim().is_empty()) {
+        return Err(("empty prompt", format!("{key:?} is empty")));
+    }
+    let prompt = render_prompt(&msgs, render)?;
+    let mut fields = obj.clone();
+    fields.remove(key);
+    Ok(Example {
+        segments: vec![(prompt, false)],
+        line: 0,
+        label: None,
+        rejected: None,
+        margin: 0.0,
+        fields: Some(fields),
+    })
 }
 
 /// A plain-text prompt as the chat it stands for: one user message.

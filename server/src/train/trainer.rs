@@ -124,6 +124,28 @@ pub enum Objective {
     },
     /// Direct preference optimisation against the reference (the base, adapter off).
     Dpo(DpoSettings),
+    /// GRPO: completions sampled by the serving engine with the policy, scored by graders,
+    /// advantages normalised within each prompt's group (`train::rl`).
+    Grpo(GrpoSettings),
+}
+
+/// GRPO's settings (TRL's `GRPOConfig` names where it has them).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GrpoSettings {
+    /// Completions per prompt (≥ 2): the group its advantages are normalised in.
+    pub num_generations: usize,
+    /// The KL weight against the reference (the base, adapter off); 0: no KL term.
+    pub beta: f64,
+    /// The surrogate's clip range ε: the ratio is clipped to [1 − ε, 1 + ε].
+    pub epsilon: f64,
+    /// Optimiser steps per batch of rollouts (μ); above 1 the clip takes effect.
+    pub num_iterations: usize,
+    /// Sampling of the rollouts.
+    pub temperature: f32,
+    pub top_p: f32,
+    pub max_new_tokens: u32,
+    /// The reward of a completion: a grader's score in [0, 1].
+    pub grader: super::graders::GraderSpec,
 }
 
 /// DPO's settings (TRL's `DPOConfig` names).
@@ -167,7 +189,13 @@ impl Objective {
             Objective::Classification { .. } => "classification",
             Objective::RewardModel { .. } => "reward_model",
             Objective::Dpo(_) => "dpo",
+            Objective::Grpo(_) => "grpo",
         }
+    }
+
+    /// Whether the objective learns from its own samples, on a prompts dataset.
+    pub fn online(&self) -> bool {
+        matches!(self, Objective::Grpo(_))
     }
 
     /// Whether the objective trains on preference pairs (prompt, chosen, rejected).
@@ -178,7 +206,7 @@ impl Objective {
     /// The classification head's floats, if the objective trains one.
     pub fn head_floats(&self, cfg: &LlamaConfig) -> usize {
         match self {
-            Objective::Sft | Objective::Dpo(_) => 0,
+            Objective::Sft | Objective::Dpo(_) | Objective::Grpo(_) => 0,
             Objective::Classification { labels } => labels.len() * cfg.hidden_size,
             Objective::RewardModel { .. } => cfg.hidden_size,
         }
@@ -291,6 +319,8 @@ pub enum TrainError {
     Model(#[from] crate::model::ModelError),
     #[error("{0}")]
     Label(String),
+    #[error("rollouts: {0}")]
+    Rollout(String),
 }
 
 /// Why a run ended without error.
@@ -433,6 +463,11 @@ pub fn train(
     ctl: &Control,
     emit: &mut dyn FnMut(TrainEvent),
 ) -> Result<Outcome, TrainError> {
+    if spec.objective.online() {
+        return Err(TrainError::Rollout(
+            "an online objective samples with the serving engine (train::rl)".into(),
+        ));
+    }
     let mut vars = trainable::init(model, spec)?;
     let classes = vars.labels().map(Classes::new);
     let mut opt = AdamW::new(vars.vars(), spec.weight_decay)?;
@@ -440,20 +475,15 @@ pub fn train(
     let micro_per_epoch = train_set.len().div_ceil(spec.batch_size.max(1));
     let steps_per_epoch = micro_per_epoch.div_ceil(spec.grad_accum.max(1));
     let total = steps_per_epoch * spec.epochs;
-    let mut best_eval: Option<f64> = None;
-    let mut stale = 0usize;
-    let mut start_step = 0;
-    if let Some(meta) = read_meta(ckpt_dir)? {
-        let saved = candle_core::safetensors::load(ckpt_dir.join(&meta.tensors), &Device::Cpu)
-            .map_err(|e| TrainError::Checkpoint(format!("reading {}: {e}", meta.tensors)))?;
-        vars.load(&saved).map_err(TrainError::Checkpoint)?;
-        opt.load_state(&saved, meta.step)
-            .map_err(TrainError::Checkpoint)?;
-        start_step = meta.step;
-        best_eval = meta.best_eval;
-        stale = meta.evals_without_improvement;
-        tracing::info!(step = start_step, "resuming from checkpoint");
-    }
+    let (start_step, best_eval, stale) = resume(ckpt_dir, vars.as_ref(), &mut opt)?;
+    let mut progress = Progress {
+        spec,
+        dir: ckpt_dir,
+        total,
+        steps_per_epoch,
+        best_eval,
+        stale,
+    };
     let refs = match spec.objective {
         Objective::Dpo(_) => Some(References::load_or_compute(
             model,
@@ -471,11 +501,7 @@ pub fn train(
     for step in start_step..total {
         let epoch = step / steps_per_epoch;
         if order.0 != epoch {
-            let mut idx: Vec<usize> = (0..train_set.len()).collect();
-            idx.shuffle(&mut StdRng::seed_from_u64(
-                spec.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9),
-            ));
-            order = (epoch, idx);
+            order = (epoch, epoch_order(spec.seed, epoch, train_set.len()));
         }
         let first_micro = (step % steps_per_epoch) * spec.grad_accum;
         let micros: Vec<usize> =
@@ -565,16 +591,10 @@ pub fn train(
             step_seconds: step_started.elapsed().as_secs_f64(),
             metrics: pairs::mean_metrics(metric_sums, pairs_seen),
         });
-        let end_of_epoch = done % steps_per_epoch == 0;
-        let eval_now = !eval_set.is_empty()
-            && if spec.eval_every > 0 {
-                done % spec.eval_every == 0 || done == total
-            } else {
-                end_of_epoch
-            };
-        if eval_now {
+        let eval_now = !eval_set.is_empty() && progress.eval_due(spec, done);
+        let eval = if eval_now {
             vars.set_train(false);
-            let (loss, acc, class_eval, metrics) = if spec.objective.on_pairs() {
+            Some(if spec.objective.on_pairs() {
                 let refs = refs.as_ref().map(|r| r.eval.as_slice());
                 let (l, a, m) = evaluate_pairs(model, vars.as_ref(), spec, eval_set, refs, pad)?;
                 (l, a, None, m)
@@ -588,50 +608,129 @@ pub fn train(
                     classes.as_ref(),
                 )?;
                 (l, a, c, Metrics::new())
-            };
+            })
+        } else {
+            None
+        };
+        if progress.end_step(done, eval, vars.as_ref(), &opt, ctl, emit)? {
+            break;
+        }
+    }
+    progress.finish(vars)
+}
+
+/// What a run tracks from step to step besides the parameters: the evaluations (the best
+/// and how many since it improved, for early stopping) and when to checkpoint.
+pub(super) struct Progress<'a> {
+    pub(super) spec: &'a TrainSpec,
+    pub(super) dir: &'a Path,
+    pub(super) total: usize,
+    pub(super) steps_per_epoch: usize,
+    pub(super) best_eval: Option<f64>,
+    pub(super) stale: usize,
+}
+
+/// An evaluation's (loss, accuracy, per-class scores, the objective's metrics).
+pub(super) type EvalResult = (f64, f64, Option<ClassEval>, Metrics);
+
+impl Progress<'_> {
+    /// Whether step `done` ends with an evaluation (every `eval_every` steps and at the
+    /// end, or at each epoch's end).
+    pub(super) fn eval_due(&self, spec: &TrainSpec, done: usize) -> bool {
+        if spec.eval_every > 0 {
+            done % spec.eval_every == 0 || done == self.total
+        } else {
+            done % self.steps_per_epoch == 0
+        }
+    }
+
+    /// After step `done` (and its evaluation, if one ran): reports the evaluation, keeps
+    /// the best parameters for early stopping, checkpoints when due. True: stop early.
+    pub(super) fn end_step(
+        &mut self,
+        done: usize,
+        eval: Option<EvalResult>,
+        vars: &dyn Trainable,
+        opt: &AdamW,
+        ctl: &Control,
+        emit: &mut dyn FnMut(TrainEvent),
+    ) -> Result<bool, TrainError> {
+        let spec = self.spec;
+        if let Some((loss, acc, classes, metrics)) = eval {
             emit(TrainEvent::Eval {
                 step: done,
                 eval_loss: loss,
                 token_accuracy: acc,
-                classes: class_eval,
+                classes,
                 metrics,
             });
-            if best_eval.is_none_or(|b| loss < b) {
-                best_eval = Some(loss);
-                stale = 0;
+            if self.best_eval.is_none_or(|b| loss < b) {
+                self.best_eval = Some(loss);
+                self.stale = 0;
                 if spec.patience > 0 {
-                    save_tensors(&ckpt_dir.join("best.safetensors"), &vars.tensors())?;
+                    save_tensors(&self.dir.join("best.safetensors"), &vars.tensors())?;
                 }
             } else {
-                stale += 1;
+                self.stale += 1;
             }
         }
-        let stop_early = spec.patience > 0 && stale >= spec.patience;
-        if done % spec.checkpoint_every.max(1) == 0 || done == total || stop_early {
+        let stop_early = spec.patience > 0 && self.stale >= spec.patience;
+        if done % spec.checkpoint_every.max(1) == 0 || done == self.total || stop_early {
             checkpoint(
-                ckpt_dir,
+                self.dir,
                 done,
-                vars.as_ref(),
-                &opt,
-                best_eval,
-                stale,
+                vars,
+                opt,
+                self.best_eval,
+                self.stale,
                 ctl.keep_checkpoints,
             )?;
             emit(TrainEvent::Checkpoint { step: done });
         }
         if stop_early {
             tracing::info!(step = done, "early stopping: no eval improvement");
-            break;
         }
+        Ok(stop_early)
     }
-    // With early stopping, the best evaluated parameters are the result.
-    let best = ckpt_dir.join("best.safetensors");
-    if spec.patience > 0 && best.exists() {
-        let saved = candle_core::safetensors::load(&best, &Device::Cpu)
-            .map_err(|e| TrainError::Checkpoint(e.to_string()))?;
-        vars.load(&saved).map_err(TrainError::Checkpoint)?;
+
+    /// The run's result: with early stopping, the best evaluated parameters.
+    pub(super) fn finish(&self, vars: Box<dyn Trainable>) -> Result<Outcome, TrainError> {
+        let best = self.dir.join("best.safetensors");
+        if self.spec.patience > 0 && best.exists() {
+            let saved = candle_core::safetensors::load(&best, &Device::Cpu)
+                .map_err(|e| TrainError::Checkpoint(e.to_string()))?;
+            vars.load(&saved).map_err(TrainError::Checkpoint)?;
+        }
+        Ok(Outcome::Finished(vars))
     }
-    Ok(Outcome::Finished(vars))
+}
+
+/// The data order of `epoch`: a pure function of (seed, epoch).
+pub(super) fn epoch_order(seed: u64, epoch: usize, n: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..n).collect();
+    idx.shuffle(&mut StdRng::seed_from_u64(
+        seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9),
+    ));
+    idx
+}
+
+/// Loads the newest checkpoint in `dir`, if any, into `vars` and `opt`: the step to go on
+/// from, the best evaluation and the evaluations since it improved.
+pub(super) fn resume(
+    dir: &Path,
+    vars: &dyn Trainable,
+    opt: &mut AdamW,
+) -> Result<(usize, Option<f64>, usize), TrainError> {
+    let Some(meta) = read_meta(dir)? else {
+        return Ok((0, None, 0));
+    };
+    let saved = candle_core::safetensors::load(dir.join(&meta.tensors), &Device::Cpu)
+        .map_err(|e| TrainError::Checkpoint(format!("reading {}: {e}", meta.tensors)))?;
+    vars.load(&saved).map_err(TrainError::Checkpoint)?;
+    opt.load_state(&saved, meta.step)
+        .map_err(TrainError::Checkpoint)?;
+    tracing::info!(step = meta.step, "resuming from checkpoint");
+    Ok((meta.step, meta.best_eval, meta.evals_without_improvement))
 }
 
 /// Mean loss and accuracy over `set` (per trained token, or per row for a classifier, which

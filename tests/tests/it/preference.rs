@@ -314,7 +314,11 @@ async fn a_dpo_job_reports_trls_metrics_and_its_adapter_generates() {
             "dataset",
             "trains on a preference dataset",
         ),
-        (job("sft", "policy"), "dataset", "not sft"),
+        (
+            job("sft", "policy"),
+            "dataset",
+            "the sft objective trains on completions",
+        ),
         (
             pb::CreateJobRequest {
                 method: "head".into(),
@@ -410,4 +414,170 @@ async fn a_dpo_job_reports_trls_metrics_and_its_adapter_generates() {
         "{}",
         e.message()
     );
+}
+
+fn grpo_job(grader: pb::Grader, num_generations: u32) -> pb::CreateJobRequest {
+    let base = job("grpo", "rl");
+    pb::CreateJobRequest {
+        hyperparameters: Some(pb::Hyperparameters {
+            max_seq_len: Some(128),
+            ..base.hyperparameters.clone().expect("hyperparameters")
+        }),
+        dataset: "questions".into(),
+        validation_dataset: "held-questions".into(),
+        objective: "grpo".into(),
+        grpo: Some(pb::GrpoObjective {
+            num_generations: Some(num_generations),
+            beta: Some(0.04),
+            max_new_tokens: Some(8),
+            grader: Some(grader),
+            ..Default::default()
+        }),
+        ..base
+    }
+}
+
+fn contains_answer() -> pb::Grader {
+    pb::Grader {
+        kind: Some(pb::grader::Kind::StringMatch(pb::StringMatchGrader {
+            reference: "{{row.answer}}".into(),
+            case_insensitive: true,
+            contains: true,
+        })),
+    }
+}
+
+/// GRPO over gRPC on the tiny model: prompt rows with an extra field for the grader, the
+/// rollouts sampled by the engine, TRL's GRPO metrics in the events, the policy served at
+/// once; bad settings, graders and data refused naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpo_job_samples_with_the_engine_grades_and_serves_its_policy() {
+    let t = start_tiny().await;
+    let rows: String = (0..8)
+        .map(|i| format!("{{\"prompt\": \"Say {i}.\", \"answer\": \"{i}\"}}\n"))
+        .collect();
+    let d = t
+        .client
+        .upload_dataset("", "questions", "", rows.into_bytes())
+        .await
+        .expect("upload prompts");
+    assert_eq!((d.format.as_str(), d.examples), ("prompts", 8));
+    t.client
+        .upload_dataset(
+            "",
+            "held-questions",
+            "",
+            b"{\"messages\": [{\"role\": \"user\", \"content\": \"Say 9.\"}], \"answer\": \"9\"}\n"
+                .to_vec(),
+        )
+        .await
+        .expect_err("messages-only rows need the prompts format named");
+    let held = t
+        .client
+        .upload_dataset(
+            "",
+            "held-questions",
+            "prompts",
+            b"{\"messages\": [{\"role\": \"user\", \"content\": \"Say 9.\"}], \"answer\": \"9\"}\n"
+                .to_vec(),
+        )
+        .await
+        .expect("upload held prompts");
+    assert_eq!(held.format, "prompts");
+    let (bytes, _) = pairs();
+    t.client
+        .upload_dataset("", "pairs", "", lines(&bytes, 0..4))
+        .await
+        .expect("pairs");
+
+    let missing = pb::Grader {
+        kind: Some(pb::grader::Kind::StringMatch(pb::StringMatchGrader {
+            reference: "{{row.solution}}".into(),
+            ..Default::default()
+        })),
+    };
+    for (req, field, want) in [
+        (
+            grpo_job(contains_answer(), 1),
+            "grpo.num_generations",
+            "give 2 to 64",
+        ),
+        (
+            grpo_job(missing, 4),
+            "grpo.grader.reference",
+            "no field \"solution\"",
+        ),
+        (
+            grpo_job(pb::Grader { kind: None }, 4),
+            "grpo.grader",
+            "give one of",
+        ),
+        (
+            pb::CreateJobRequest {
+                dataset: "pairs".into(),
+                validation_dataset: String::new(),
+                ..grpo_job(contains_answer(), 4)
+            },
+            "dataset",
+            "trains on a prompts dataset",
+        ),
+        (
+            pb::CreateJobRequest {
+                dataset: "questions".into(),
+                validation_dataset: String::new(),
+                ..job("sft", "x")
+            },
+            "dataset",
+            "is a prompts dataset",
+        ),
+    ] {
+        let e = t.client.create_job(req).await.expect_err(field);
+        assert_eq!(e.code(), Code::InvalidArgument, "{field}");
+        assert!(
+            e.message().starts_with(&format!("{field}:")) && e.message().contains(want),
+            "{field}: {}",
+            e.message()
+        );
+    }
+
+    let created = t
+        .client
+        .create_job(grpo_job(contains_answer(), 4))
+        .await
+        .expect("create");
+    assert_eq!(created.objective, "grpo");
+    let (steps, eval) = last_eval(&t, &created.id).await;
+    // 8 prompts, 4 a step.
+    assert_eq!(steps.len(), 2);
+    for k in [
+        "reward",
+        "reward_std",
+        "frac_reward_zero_std",
+        "completion_length",
+        "entropy",
+        "clip_ratio",
+        "kl",
+    ] {
+        assert!(
+            steps[0].metrics.contains_key(k),
+            "{k}: {:?}",
+            steps[0].metrics
+        );
+    }
+    let len = steps[0].metrics["completion_length"];
+    assert!(len > 0.0 && len <= 8.0, "{len}");
+    assert!(eval.metrics.contains_key("reward"), "{eval:?}");
+    assert_eq!(eval.eval_loss, 1.0 - eval.metrics["reward"]);
+    let out = t
+        .client
+        .generate(
+            GenerateOptions {
+                adapter: Some("rl".into()),
+                ..GenerateOptions::greedy(4)
+            }
+            .prompt("Say 3."),
+        )
+        .await
+        .expect("the policy serves");
+    assert!(!out.token_ids.is_empty());
 }
