@@ -1,0 +1,294 @@
+//! GRPO: advantages against a hand-computed example, the k3 KL estimator against the
+//! closed form, the surrogate's gradient against finite differences on the tiny model, a
+//! run resumed from its checkpoint equal to the uninterrupted one (rollouts sampled by the
+//! real engine), and on the real SmolLM2 a rule grader's reward rising as the policy
+//! learns to answer briefly and right.
+
+mod common;
+
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use common::{largest_gradient_vs_fd, model as real, tiny, toy_examples};
+use graft_server::{
+    engine::{EngineConfig, EngineHandle},
+    model::{BaseModel, ChatMessage},
+    train::{
+        dataset::{parse_jsonl, tokenize, Format, Overflow, Tokenized},
+        graders::{self, GraderSpec},
+        methods::MethodSpec,
+        optim,
+        rl::{group_advantages, grpo_loss, kl_k3, train_grpo, RlContext},
+        rollouts::EngineRollouts,
+        sequences::{token_logps, SeqBatch},
+        trainable,
+        trainer::{Control, GrpoSettings, Objective, Outcome, TrainEvent, TrainSpec},
+    },
+};
+
+fn settings(grader: GraderSpec, g: usize, max_new_tokens: u32) -> GrpoSettings {
+    GrpoSettings {
+        num_generations: g,
+        beta: 0.04,
+        epsilon: 0.2,
+        num_iterations: 1,
+        temperature: 1.0,
+        top_p: 1.0,
+        max_new_tokens,
+        grader,
+    }
+}
+
+fn spec(s: GrpoSettings, prompts_per_step: usize, epochs: usize, lr: f64) -> TrainSpec {
+    TrainSpec {
+        method: MethodSpec::Lora,
+        rank: 8,
+        alpha: 16.0,
+        targets: ["q_proj", "v_proj"].map(String::from).to_vec(),
+        epochs,
+        batch_size: prompts_per_step,
+        learning_rate: lr,
+        max_seq_len: 128,
+        seed: 11,
+        checkpoint_every: 2,
+        objective: Objective::Grpo(s),
+        ..TrainSpec::default()
+    }
+}
+
+/// Prompt rows (`{"prompt", "answer"}` lines) tokenised as a job loads them.
+fn prompts(m: &BaseModel, lines: &str) -> Vec<Tokenized> {
+    let render = |msgs: &[ChatMessage], g: bool| m.chat.render(msgs, g);
+    let (ex, format) = parse_jsonl(lines, None, &render).expect("parse");
+    assert_eq!(format, Format::Prompts);
+    tokenize(&ex, &m.tokenizer, 128, Overflow::Reject)
+        .expect("tokenize")
+        .0
+}
+
+fn engine(m: Arc<BaseModel>) -> EngineHandle {
+    EngineHandle::start(m, EngineConfig::default()).expect("engine")
+}
+
+#[test]
+fn advantages_and_the_kl_estimator_match_hand_and_closed_forms() {
+    // Group 1: rewards 1 0 0 1, mean 0.5, unbiased std sqrt(1/3); group 2: all equal.
+    let a = group_advantages(&[1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5], 4);
+    let want = 0.5 / ((1.0f64 / 3.0).sqrt() + 1e-4);
+    for (got, w) in a.iter().zip([want, -want, -want, want, 0.0, 0.0, 0.0, 0.0]) {
+        assert!((got - w).abs() < 1e-12, "{a:?}");
+    }
+    // Under samples from p, k3's expectation is KL(p || q) exactly:
+    // Σ p (q/p − log(q/p) − 1) = Σ q − 1 + Σ p log(p/q).
+    let p = [0.5f32, 0.3, 0.15, 0.05];
+    let q = [0.25f32, 0.25, 0.25, 0.25];
+    let lp = Tensor::new(&p.map(f32::ln)[..], &Device::Cpu).expect("lp");
+    let lq = Tensor::new(&q.map(f32::ln)[..], &Device::Cpu).expect("lq");
+    let k3: Vec<f32> = kl_k3(&lp, &lq).expect("k3").to_vec1().expect("v");
+    let expect: f32 = p.iter().zip(&k3).map(|(p, k)| p * k).sum();
+    let closed: f32 = p.iter().zip(&q).map(|(p, q)| p * (p / q).ln()).sum();
+    assert!((expect - closed).abs() < 1e-6, "{expect} vs {closed}");
+    assert!(k3.iter().all(|&k| k >= 0.0), "{k3:?}");
+}
+
+#[test]
+fn the_surrogate_gradient_matches_finite_differences() {
+    let m = tiny();
+    let ex = toy_examples(&m);
+    let rows: Vec<(&[u32], &[bool])> = ex.iter().take(3).map(|e| (&e.ids[..], &e.mask[..])).collect();
+    let b = SeqBatch::new(&rows, 0).expect("batch");
+    let s = settings(
+        GraderSpec::Regex {
+            pattern: "x".into(),
+        },
+        3,
+        8,
+    );
+    let vars = trainable::init(&m, &spec(s.clone(), 1, 1, 1e-3)).expect("init");
+    for v in vars.vars() {
+        let x: Vec<f32> = v.flatten_all().expect("f").to_vec1().expect("v");
+        let j: Vec<f32> = x
+            .iter()
+            .enumerate()
+            .map(|(i, x)| x + 0.05 * ((i * 7919 % 97) as f32 / 97.0 - 0.5))
+            .collect();
+        v.set(&Tensor::from_vec(j, v.shape(), &Device::Cpu).expect("t"))
+            .expect("set");
+    }
+    // Old log-probabilities a little off the current ones (ratios inside the clip range),
+    // a reference further off, advantages of both signs.
+    let (lp0, _) = token_logps(&m, Some(vars.as_ref()), &b, false).expect("lp");
+    let n = lp0.dim(0).expect("n");
+    let old = (lp0.detach() - 0.05).expect("old");
+    let reference = (lp0.detach() - 0.3).expect("ref");
+    let adv: Vec<f32> = b
+        .counts
+        .iter()
+        .zip([1.2f32, -0.7, 0.4])
+        .flat_map(|(&c, a)| std::iter::repeat_n(a, c))
+        .collect();
+    assert_eq!(adv.len(), n);
+    let adv = Tensor::from_vec(adv, n, &Device::Cpu).expect("adv");
+    let loss = || {
+        let (lp, _) = token_logps(&m, Some(vars.as_ref()), &b, false).expect("lp");
+        grpo_loss(&lp, &old, Some(&reference), &adv, &b.rows, &b.counts, &s)
+            .expect("loss")
+            .0
+    };
+    let (names, all) = (vars.names(), vars.vars());
+    let grads = optim::collect(&loss().backward().expect("backward"), &all).expect("grads");
+    let mut checked = 0;
+    for (vi, (v, g)) in all.iter().zip(&grads).enumerate() {
+        if !names[vi].starts_with("0.") {
+            continue;
+        }
+        let (gk, fd) = largest_gradient_vs_fd(v, g, || {
+            loss().to_scalar::<f32>().expect("scalar") as f64
+        });
+        assert!(gk != 0.0, "{} has no gradient", names[vi]);
+        assert!(
+            (gk - fd).abs() <= 2e-3 + 0.05 * gk.abs(),
+            "{}: autograd {gk} vs finite difference {fd}",
+            names[vi]
+        );
+        checked += 1;
+    }
+    assert!(checked >= 2, "checked {checked}");
+}
+
+/// Trains `s` with rollouts from `eng`; stops after step `stop` when given. The step
+/// losses (bits) and rewards, and the final parameters.
+#[allow(clippy::type_complexity)]
+fn run(
+    m: &BaseModel,
+    eng: &EngineHandle,
+    s: &TrainSpec,
+    rows: &[Tokenized],
+    dir: &std::path::Path,
+    stop: Option<usize>,
+) -> (Vec<(usize, u32, f64)>, Option<Vec<(String, Vec<f32>)>>) {
+    let Objective::Grpo(g) = &s.objective else {
+        panic!("grpo")
+    };
+    let empty = serde_json::Map::new();
+    let fields: Vec<&serde_json::Map<String, serde_json::Value>> = rows
+        .iter()
+        .map(|r| r.fields.as_deref().unwrap_or(&empty))
+        .collect();
+    let grader = graders::compile(&g.grader, "grader", &fields, &|| eng.grammars()).expect("grader");
+    let rollouts = EngineRollouts {
+        engine: eng.clone(),
+        tenant: "t".into(),
+        name: "policy".into(),
+    };
+    let cx = RlContext {
+        grader: &grader,
+        rollouts: &rollouts,
+    };
+    let c = Control::default();
+    let mut steps = Vec::new();
+    let out = train_grpo(m, s, g, &cx, rows, &[], dir, &c, &mut |e| {
+        if let TrainEvent::Step {
+            step,
+            train_loss,
+            metrics,
+            ..
+        } = e
+        {
+            steps.push((step, (train_loss as f32).to_bits(), metrics["reward"]));
+            if Some(step) == stop {
+                c.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    })
+    .expect("train");
+    let w = match out {
+        Outcome::Finished(v) => {
+            let mut t: Vec<(String, Vec<f32>)> = v
+                .tensors()
+                .into_iter()
+                .map(|(k, t)| (k, t.flatten_all().expect("f").to_vec1().expect("v")))
+                .collect();
+            t.sort_by(|a, b| a.0.cmp(&b.0));
+            Some(t)
+        }
+        Outcome::Cancelled => None,
+    };
+    (steps, w)
+}
+
+#[test]
+fn a_grpo_run_resumes_bit_for_bit() {
+    let m = tiny();
+    let eng = engine(m.clone());
+    let lines: String = (0..8)
+        .map(|i| format!("{{\"prompt\": \"n{i}\", \"answer\": \"{}\"}}\n", i % 3))
+        .collect();
+    let rows = prompts(&m, &lines);
+    let grader = GraderSpec::StringMatch {
+        reference: "{{row.answer}}".into(),
+        case_insensitive: false,
+        contains: true,
+    };
+    let s = spec(settings(grader, 4, 6), 2, 2, 5e-3);
+    let full_dir = tempfile::tempdir().expect("dir");
+    let (full, full_w) = run(&m, &eng, &s, &rows, full_dir.path(), None);
+    assert_eq!(full.len(), 8);
+    let dir = tempfile::tempdir().expect("dir");
+    run(&m, &eng, &s, &rows, dir.path(), Some(4));
+    let (rest, rest_w) = run(&m, &eng, &s, &rows, dir.path(), None);
+    assert_eq!(rest.first().map(|x| x.0), Some(5));
+    assert_eq!(rest, full[4..].to_vec());
+    assert_eq!(rest_w.expect("done"), full_w.expect("done"));
+}
+
+/// Sixteen questions with one-word answers (the grader reads `answer`).
+const QUESTIONS: &str = r#"{"prompt": "What is the capital of France? Answer in one word.", "answer": "Paris"}
+{"prompt": "What colour is the sky on a clear day? Answer in one word.", "answer": "blue"}
+{"prompt": "How many legs does a spider have? Answer with a number.", "answer": "8"}
+{"prompt": "What is the opposite of hot? Answer in one word.", "answer": "cold"}
+{"prompt": "What is 2 plus 3? Answer with a number.", "answer": "5"}
+{"prompt": "Which planet do we live on? Answer in one word.", "answer": "Earth"}
+{"prompt": "What is frozen water called? Answer in one word.", "answer": "ice"}
+{"prompt": "How many days are in a week? Answer with a number.", "answer": "7"}
+{"prompt": "What animal says moo? Answer in one word.", "answer": "cow"}
+{"prompt": "What is the capital of Italy? Answer in one word.", "answer": "Rome"}
+{"prompt": "What colour is grass? Answer in one word.", "answer": "green"}
+{"prompt": "What is 10 minus 4? Answer with a number.", "answer": "6"}
+{"prompt": "What do bees make? Answer in one word.", "answer": "honey"}
+{"prompt": "How many wheels does a bicycle have? Answer with a number.", "answer": "2"}
+{"prompt": "What is the largest ocean on Earth? Answer in one word.", "answer": "Pacific"}
+{"prompt": "What gas do plants take in? Answer in one word.", "answer": "carbon"}
+"#;
+
+/// The issue's rule grader ("at most 6 words and contains the row's answer", each half
+/// worth 0.5) on the real model: the mean reward of the last 5 steps clearly above the
+/// first 5's, with rollouts from the serving engine.
+#[test]
+fn grpo_raises_a_rule_graders_reward_on_the_real_model() {
+    let m = real();
+    let eng = engine(m.clone());
+    let rows = prompts(&m, QUESTIONS);
+    let grader: GraderSpec = serde_json::from_value(serde_json::json!({
+        "type": "weighted",
+        "graders": [
+            {"weight": 1, "grader": {"type": "string_match", "reference": "{{row.answer}}",
+                                     "case_insensitive": true, "contains": true}},
+            {"weight": 1, "grader": {"type": "length", "max": 6, "unit": "words"}},
+        ]
+    }))
+    .expect("grader");
+    let s = spec(settings(grader, 4, 24), 4, 5, 2e-3);
+    let dir = tempfile::tempdir().expect("dir");
+    let t = std::time::Instant::now();
+    let (steps, _) = run(&m, &eng, &s, &rows, dir.path(), None);
+    let rewards: Vec<f64> = steps.iter().map(|s| s.2).collect();
+    let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len() as f64;
+    let (first, last) = (mean(&rewards[..5]), mean(&rewards[rewards.len() - 5..]));
+    eprintln!(
+        "grpo: {} steps in {:.1} s; rewards {rewards:?}; first 5 {first:.3}, last 5 {last:.3}",
+        steps.len(),
+        t.elapsed().as_secs_f64()
+    );
+    assert!(last > first + 0.1, "first {first} last {last}: {rewards:?}");
+}
