@@ -95,7 +95,11 @@ fn advantages_and_the_kl_estimator_match_hand_and_closed_forms() {
 fn the_surrogate_gradient_matches_finite_differences() {
     let m = tiny();
     let ex = toy_examples(&m);
-    let rows: Vec<(&[u32], &[bool])> = ex.iter().take(3).map(|e| (&e.ids[..], &e.mask[..])).collect();
+    let rows: Vec<(&[u32], &[bool])> = ex
+        .iter()
+        .take(3)
+        .map(|e| (&e.ids[..], &e.mask[..]))
+        .collect();
     let b = SeqBatch::new(&rows, 0).expect("batch");
     let s = settings(
         GraderSpec::Regex {
@@ -142,9 +146,8 @@ fn the_surrogate_gradient_matches_finite_differences() {
         if !names[vi].starts_with("0.") {
             continue;
         }
-        let (gk, fd) = largest_gradient_vs_fd(v, g, || {
-            loss().to_scalar::<f32>().expect("scalar") as f64
-        });
+        let (gk, fd) =
+            largest_gradient_vs_fd(v, g, || loss().to_scalar::<f32>().expect("scalar") as f64);
         assert!(gk != 0.0, "{} has no gradient", names[vi]);
         assert!(
             (gk - fd).abs() <= 2e-3 + 0.05 * gk.abs(),
@@ -175,7 +178,8 @@ fn run(
         .iter()
         .map(|r| r.fields.as_deref().unwrap_or(&empty))
         .collect();
-    let grader = graders::compile(&g.grader, "grader", &fields, &|| eng.grammars()).expect("grader");
+    let grader =
+        graders::compile(&g.grader, "grader", &fields, &|| eng.grammars()).expect("grader");
     let rollouts = EngineRollouts {
         engine: eng.clone(),
         tenant: "t".into(),
@@ -262,8 +266,8 @@ const QUESTIONS: &str = r#"{"prompt": "What is the capital of France? Answer in 
 "#;
 
 /// The issue's rule grader ("at most 6 words and contains the row's answer", each half
-/// worth 0.5) on the real model: the mean reward of the last 5 steps clearly above the
-/// first 5's, with rollouts from the serving engine.
+/// worth 0.5) on the real model: the mean reward of the last 4 of 12 steps clearly above
+/// the first 4's, with rollouts from the serving engine.
 #[test]
 fn grpo_raises_a_rule_graders_reward_on_the_real_model() {
     let m = real();
@@ -278,15 +282,23 @@ fn grpo_raises_a_rule_graders_reward_on_the_real_model() {
         ]
     }))
     .expect("grader");
-    let s = spec(settings(grader, 4, 24), 4, 5, 2e-3);
+    let s = spec(
+        GrpoSettings {
+            beta: 0.0,
+            ..settings(grader, 4, 24)
+        },
+        4,
+        3,
+        2e-3,
+    );
     let dir = tempfile::tempdir().expect("dir");
     let t = std::time::Instant::now();
     let (steps, _) = run(&m, &eng, &s, &rows, dir.path(), None);
     let rewards: Vec<f64> = steps.iter().map(|s| s.2).collect();
     let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len() as f64;
-    let (first, last) = (mean(&rewards[..5]), mean(&rewards[rewards.len() - 5..]));
+    let (first, last) = (mean(&rewards[..4]), mean(&rewards[rewards.len() - 4..]));
     eprintln!(
-        "grpo: {} steps in {:.1} s; rewards {rewards:?}; first 5 {first:.3}, last 5 {last:.3}",
+        "grpo: {} steps in {:.1} s; rewards {rewards:?}; first 4 {first:.3}, last 4 {last:.3}",
         steps.len(),
         t.elapsed().as_secs_f64()
     );

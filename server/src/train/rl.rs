@@ -187,13 +187,21 @@ pub fn train_grpo(
             .map(|(grp, a)| group_batch(grp, a, pad))
             .collect::<Result<_, _>>()?;
         tokens_done += groups.iter().map(|g| g.0.tokens).sum::<usize>();
-        // The log-probabilities the rollouts were sampled under, and the reference's.
-        let old: Vec<Tensor> = groups
+        // The log-probabilities the rollouts were sampled under (with one iteration, the
+        // ones the loss computes: their ratio is 1), and the reference's.
+        let iterations = s.num_iterations.max(1);
+        let old: Vec<Option<Tensor>> = groups
             .iter()
             .map(|(b, _)| {
-                Ok(token_logps(model, Some(vars.as_ref()), b, false)?
-                    .0
-                    .detach())
+                Ok(if iterations > 1 {
+                    Some(
+                        token_logps(model, Some(vars.as_ref()), b, false)?
+                            .0
+                            .detach(),
+                    )
+                } else {
+                    None
+                })
             })
             .collect::<Result<_, TrainError>>()?;
         let refs: Vec<Option<Tensor>> = groups
@@ -216,18 +224,19 @@ pub fn train_grpo(
             step,
         );
         vars.set_train(true);
-        for it in 0..s.num_iterations.max(1) {
+        for it in 0..iterations {
             let mut acc: Option<Vec<Tensor>> = None;
             for (k, (b, adv_tok)) in groups.iter().enumerate() {
                 if ctl.cancel.load(Ordering::SeqCst) {
                     return Ok(Outcome::Cancelled);
                 }
-                let last = it + 1 == s.num_iterations.max(1);
+                let last = it + 1 == iterations;
                 let (lp, ent) = token_logps(model, Some(vars.as_ref()), b, last)?;
                 let adv_t = Tensor::from_slice(adv_tok, adv_tok.len(), &Device::Cpu)?;
+                let detached = lp.detach();
                 let (loss, clip) = grpo_loss(
                     &lp,
-                    &old[k],
+                    old[k].as_ref().unwrap_or(&detached),
                     refs[k].as_ref(),
                     &adv_t,
                     &b.rows,
