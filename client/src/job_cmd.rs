@@ -51,13 +51,22 @@ pub struct JobArgs {
     /// GRPO: completions per prompt (default 8).
     #[arg(long)]
     pub num_generations: Option<u32>,
-    /// GRPO: rollout tokens at most (default 64).
+    /// GRPO and PPO: rollout tokens at most (default 64).
     #[arg(long)]
     pub max_new_tokens: Option<u32>,
-    /// GRPO: rollout sampling temperature (default 1).
+    /// GRPO and PPO: rollout sampling temperature (default 1).
     #[arg(long)]
     pub temperature: Option<f32>,
-    /// GRPO: the grader as JSON, e.g. {"type": "string_match", "reference":
+    /// PPO: the KL penalty's weight (default 0.05).
+    #[arg(long)]
+    pub kl_coef: Option<f64>,
+    /// PPO: adapt the KL weight towards this KL per completion.
+    #[arg(long)]
+    pub target_kl: Option<f64>,
+    /// PPO: passes over each batch of rollouts (default 4).
+    #[arg(long)]
+    pub ppo_epochs: Option<u32>,
+    /// GRPO and PPO: the grader as JSON, e.g. {"type": "string_match", "reference":
     /// "{{row.answer}}", "contains": true}; types string_match, regex (pattern),
     /// json_schema (schema), length (min, max, unit words|tokens), weighted (graders:
     /// [{weight, grader}]).
@@ -202,6 +211,9 @@ impl JobArgs {
             loss_type,
             label_smoothing,
             num_generations,
+            kl_coef,
+            target_kl,
+            ppo_epochs,
             max_new_tokens,
             temperature,
             grader,
@@ -321,9 +333,24 @@ impl JobArgs {
                 loss_type: a.loss_type.clone().unwrap_or_default(),
                 label_smoothing: a.label_smoothing,
             }),
-            grpo: match &a.grader {
-                None => None,
-                Some(g) => Some(proto::GrpoObjective {
+            ppo: match (&a.grader, a.objective.as_deref()) {
+                (Some(g), Some("ppo")) => Some(proto::PpoObjective {
+                    max_new_tokens: a.max_new_tokens,
+                    temperature: a.temperature,
+                    kl_coef: a.kl_coef,
+                    target_kl: a.target_kl,
+                    ppo_epochs: a.ppo_epochs,
+                    grader: Some(grader_of(
+                        &serde_json::from_str(g)
+                            .map_err(|e| anyhow::anyhow!("--grader is not JSON: {e}"))?,
+                    )?),
+                    ..Default::default()
+                }),
+                _ => None,
+            },
+            grpo: match (&a.grader, a.objective.as_deref()) {
+                (None, _) | (_, Some("ppo")) => None,
+                (Some(g), _) => Some(proto::GrpoObjective {
                     num_generations: a.num_generations,
                     beta: if a.objective.as_deref() == Some("grpo") {
                         a.beta

@@ -13,7 +13,7 @@ use crate::{
         jobs::{JobSpec, NewJob},
         methods::{Encoder, FullSelection, MethodSpec, PromptInit},
         optim::Schedule,
-        trainer::{DpoLoss, DpoSettings, GrpoSettings, Objective, TrainSpec},
+        trainer::{DpoLoss, DpoSettings, GrpoSettings, Objective, PpoSettings, TrainSpec},
     },
 };
 /// Virtual tokens of a prompt method when the request leaves them out (PEFT's examples use
@@ -459,6 +459,7 @@ fn objective_from(req: &pb::CreateJobRequest) -> Result<Objective, ApiError> {
         (req.reward_model.is_some(), "reward_model"),
         (req.dpo.is_some(), "dpo"),
         (req.grpo.is_some(), "grpo"),
+        (req.ppo.is_some(), "ppo"),
     ] {
         if given && field != name {
             return Err(ApiError::invalid(
@@ -506,9 +507,12 @@ fn objective_from(req: &pb::CreateJobRequest) -> Result<Objective, ApiError> {
                 ApiError::invalid("grpo.grader", "the grpo objective needs a grader")
             })?,
         )?)),
+        "ppo" => Ok(Objective::Ppo(ppo_settings(req.ppo.as_ref().ok_or_else(
+            || ApiError::invalid("ppo.grader", "the ppo objective needs a grader"),
+        )?)?)),
         o => Err(ApiError::invalid(
             "objective",
-            format!("{o:?}; expected sft, classification, reward_model, dpo or grpo"),
+            format!("{o:?}; expected sft, classification, reward_model, dpo, grpo or ppo"),
         )),
     }
 }
@@ -544,27 +548,8 @@ fn grpo_settings(g: &pb::GrpoObjective) -> Result<GrpoSettings, ApiError> {
             format!("{num_iterations}; give 1 to 8"),
         ));
     }
-    let temperature = g.temperature.unwrap_or(1.0);
-    if !(temperature > 0.0 && temperature <= 2.0) {
-        return Err(ApiError::invalid(
-            "grpo.temperature",
-            format!("{temperature} is outside (0, 2]: rollouts are sampled"),
-        ));
-    }
-    let top_p = g.top_p.unwrap_or(1.0);
-    if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(ApiError::invalid(
-            "grpo.top_p",
-            format!("{top_p} is outside (0, 1]"),
-        ));
-    }
-    let max_new_tokens = g.max_new_tokens.unwrap_or(64);
-    if !(1..=1024).contains(&max_new_tokens) {
-        return Err(ApiError::invalid(
-            "grpo.max_new_tokens",
-            format!("{max_new_tokens}; give 1 to 1024"),
-        ));
-    }
+    let (temperature, top_p, max_new_tokens) =
+        rollout_sampling(g.temperature, g.top_p, g.max_new_tokens, "grpo.")?;
     let grader = grader_spec(g.grader.as_ref(), "grpo.grader")?;
     Ok(GrpoSettings {
         num_generations: num_generations as usize,
@@ -576,6 +561,110 @@ fn grpo_settings(g: &pb::GrpoObjective) -> Result<GrpoSettings, ApiError> {
         max_new_tokens,
         grader,
     })
+}
+
+/// `value` (default `default`) when within `[lo, hi]`, else INVALID_ARGUMENT naming
+/// `field`.
+fn bounded(
+    value: Option<f64>,
+    default: f64,
+    lo: f64,
+    hi: f64,
+    field: &str,
+) -> Result<f64, ApiError> {
+    let v = value.unwrap_or(default);
+    if !(lo..=hi).contains(&v) {
+        return Err(ApiError::invalid(
+            field,
+            format!("{v} is outside [{lo}, {hi}]"),
+        ));
+    }
+    Ok(v)
+}
+
+/// PPO's settings with their defaults (TRL's).
+fn ppo_settings(p: &pb::PpoObjective) -> Result<PpoSettings, ApiError> {
+    let positive = |v: Option<f64>, d: f64, hi: f64, f: &str| {
+        let v = bounded(v, d, 0.0, hi, f)?;
+        if v == 0.0 {
+            return Err(ApiError::invalid(f, "must be > 0"));
+        }
+        Ok(v)
+    };
+    let target_kl = match p.target_kl {
+        None => None,
+        Some(t) => Some(positive(Some(t), 0.0, 100.0, "ppo.target_kl")?),
+    };
+    let ppo_epochs = p.ppo_epochs.unwrap_or(4);
+    if !(1..=16).contains(&ppo_epochs) {
+        return Err(ApiError::invalid(
+            "ppo.ppo_epochs",
+            format!("{ppo_epochs}; give 1 to 16"),
+        ));
+    }
+    let num_mini_batches = p.num_mini_batches.unwrap_or(1);
+    if !(1..=64).contains(&num_mini_batches) {
+        return Err(ApiError::invalid(
+            "ppo.num_mini_batches",
+            format!("{num_mini_batches}; give 1 to 64"),
+        ));
+    }
+    let (temperature, top_p, max_new_tokens) =
+        rollout_sampling(p.temperature, p.top_p, p.max_new_tokens, "ppo.")?;
+    Ok(PpoSettings {
+        kl_coef: bounded(p.kl_coef, 0.05, 0.0, 10.0, "ppo.kl_coef")?,
+        target_kl,
+        gamma: bounded(p.gamma, 1.0, 0.0, 1.0, "ppo.gamma")?,
+        lam: bounded(p.lam, 0.95, 0.0, 1.0, "ppo.lam")?,
+        cliprange: positive(p.cliprange, 0.2, 1.0, "ppo.cliprange")?,
+        cliprange_value: positive(p.cliprange_value, 0.2, 1.0, "ppo.cliprange_value")?,
+        vf_coef: bounded(p.vf_coef, 0.1, 0.0, 10.0, "ppo.vf_coef")?,
+        ppo_epochs: ppo_epochs as usize,
+        num_mini_batches: num_mini_batches as usize,
+        whiten_advantages: p.whiten_advantages.unwrap_or(true),
+        missing_eos_penalty: bounded(
+            p.missing_eos_penalty,
+            0.0,
+            0.0,
+            10.0,
+            "ppo.missing_eos_penalty",
+        )?,
+        temperature,
+        top_p,
+        max_new_tokens,
+        grader: grader_spec(p.grader.as_ref(), "ppo.grader")?,
+    })
+}
+
+/// Rollout sampling's (temperature, top_p, max_new_tokens) with their defaults (1, 1, 64).
+fn rollout_sampling(
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    max_new_tokens: Option<u32>,
+    prefix: &str,
+) -> Result<(f32, f32, u32), ApiError> {
+    let temperature = temperature.unwrap_or(1.0);
+    if !(temperature > 0.0 && temperature <= 2.0) {
+        return Err(ApiError::invalid(
+            format!("{prefix}temperature"),
+            format!("{temperature} is outside (0, 2]: rollouts are sampled"),
+        ));
+    }
+    let top_p = top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::invalid(
+            format!("{prefix}top_p"),
+            format!("{top_p} is outside (0, 1]"),
+        ));
+    }
+    let max_new_tokens = max_new_tokens.unwrap_or(64);
+    if !(1..=1024).contains(&max_new_tokens) {
+        return Err(ApiError::invalid(
+            format!("{prefix}max_new_tokens"),
+            format!("{max_new_tokens}; give 1 to 1024"),
+        ));
+    }
+    Ok((temperature, top_p, max_new_tokens))
 }
 
 /// A grader as the domain's spec; only what the wire form cannot say is checked here.

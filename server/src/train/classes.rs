@@ -140,7 +140,10 @@ pub fn resolve_objective(
         ));
     }
     match objective {
-        Objective::RewardModel { .. } | Objective::Dpo(_) | Objective::Grpo(_) => Ok(()),
+        Objective::RewardModel { .. }
+        | Objective::Dpo(_)
+        | Objective::Grpo(_)
+        | Objective::Ppo(_) => Ok(()),
         Objective::Sft => {
             if rows().any(|t| t.label.is_some()) {
                 return Err((

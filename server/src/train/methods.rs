@@ -358,13 +358,13 @@ pub fn check(
             ),
         ));
     }
-    if let super::trainer::Objective::Grpo(g) = &spec.objective {
-        if spec.max_seq_len + g.max_new_tokens as usize > cfg.max_position {
+    if let Some((_, new_tokens)) = spec.objective.grader() {
+        if spec.max_seq_len + new_tokens as usize > cfg.max_position {
             return Err((
-                "grpo.max_new_tokens".into(),
+                format!("{}.max_new_tokens", spec.objective.name()),
                 format!(
-                    "max_seq_len {} + {} new tokens exceed the model's context window {}",
-                    spec.max_seq_len, g.max_new_tokens, cfg.max_position
+                    "max_seq_len {} + {new_tokens} new tokens exceed the model's context window {}",
+                    spec.max_seq_len, cfg.max_position
                 ),
             ));
         }

@@ -17,6 +17,7 @@ pub mod lora_vars;
 pub mod methods;
 pub mod optim;
 pub mod pairs;
+pub mod ppo;
 pub mod preference;
 pub mod prompt_vars;
 pub mod rl;

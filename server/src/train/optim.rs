@@ -103,6 +103,11 @@ impl AdamW {
             out.insert(format!("adam.m.{i}"), self.m[i].clone());
             out.insert(format!("adam.v.{i}"), self.v[i].clone());
         }
+        // The optimizer's own step count (bias correction): several updates per training
+        // step (RL's iterations and epochs) make it differ from the training step.
+        if let Ok(t) = Tensor::new(&[self.step as u32], &candle_core::Device::Cpu) {
+            out.insert("adam.step".into(), t);
+        }
         out
     }
 
@@ -121,7 +126,15 @@ impl AdamW {
             self.m[i] = get(format!("adam.m.{i}"))?;
             self.v[i] = get(format!("adam.v.{i}"))?;
         }
-        self.step = step;
+        // Checkpoints from before the count was saved: one update per training step.
+        self.step = match saved.get("adam.step") {
+            Some(t) => t
+                .to_vec1::<u32>()
+                .ok()
+                .and_then(|v| v.first().copied())
+                .ok_or("checkpoint's adam.step is not a count")? as usize,
+            None => step,
+        };
         Ok(())
     }
 }

@@ -106,10 +106,10 @@ pub fn grpo_loss(
 }
 
 /// One rollout: its prompt row, completion and reward.
-struct Rolled<'a> {
-    row: &'a Tokenized,
-    completion: Vec<u32>,
-    reward: f64,
+pub(super) struct Rolled<'a> {
+    pub(super) row: &'a Tokenized,
+    pub(super) completion: Vec<u32>,
+    pub(super) reward: f64,
 }
 
 /// Everything a GRPO run reads besides the model and the data.
@@ -373,7 +373,7 @@ fn rollout_seed(seed: u64, step: usize, p: usize, g: usize) -> u64 {
 
 /// `g` completions of each of `rows` sampled with the current policy, scored.
 #[allow(clippy::too_many_arguments)]
-fn roll<'a>(
+pub(super) fn roll<'a>(
     model: &BaseModel,
     vars: &dyn Trainable,
     cx: &RlContext<'_>,
@@ -424,7 +424,7 @@ fn roll<'a>(
 
 /// A group's sequences (prompt + completion, the completion trained) and each trained
 /// token's advantage.
-fn group_batch(
+pub(super) fn group_batch(
     grp: &[Rolled<'_>],
     adv: &[f64],
     pad: u32,

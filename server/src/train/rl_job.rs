@@ -6,6 +6,7 @@ use std::sync::Arc;
 use super::{
     dataset::Tokenized,
     graders::{self, Grader},
+    ppo,
     rl::{self, RlContext},
     rollouts::EngineRollouts,
     trainer::{Control, Objective, Outcome, TrainError, TrainEvent, TrainSpec},
@@ -22,9 +23,10 @@ pub fn grader(
     sets: &[&[Tokenized]],
     engine: Option<&EngineHandle>,
 ) -> Result<Option<Grader>, (String, String)> {
-    let Objective::Grpo(s) = objective else {
+    let Some((spec, _)) = objective.grader() else {
         return Ok(None);
     };
+    let field = format!("{}.grader", objective.name());
     let empty = serde_json::Map::new();
     let rows: Vec<&serde_json::Map<String, serde_json::Value>> = sets
         .iter()
@@ -36,7 +38,7 @@ pub fn grader(
             .ok_or_else(|| "the serving engine is not running".to_string())?
             .grammars()
     };
-    graders::compile(&s.grader, "grpo.grader", &rows, &grammars).map(Some)
+    graders::compile(spec, &field, &rows, &grammars).map(Some)
 }
 
 /// Runs a GRPO job (on the training thread): the policy's rollouts are sampled by
@@ -54,9 +56,6 @@ pub fn run(
     ctl: &Control,
     emit: &mut dyn FnMut(TrainEvent),
 ) -> Result<Outcome, TrainError> {
-    let Objective::Grpo(s) = &spec.objective else {
-        return Err(TrainError::Label("not an online objective".into()));
-    };
     let grader = grader(&spec.objective, &[train, eval], Some(engine))
         .map_err(|(f, e)| TrainError::Label(format!("{f}: {e}")))?
         .ok_or_else(|| TrainError::Label("no grader".into()))?;
@@ -69,5 +68,12 @@ pub fn run(
         grader: &grader,
         rollouts: &rollouts,
     };
-    rl::train_grpo(model, spec, s, &cx, train, eval, dir, ctl, emit)
+    match &spec.objective {
+        Objective::Grpo(s) => rl::train_grpo(model, spec, s, &cx, train, eval, dir, ctl, emit),
+        Objective::Ppo(s) => ppo::train_ppo(model, spec, s, &cx, train, eval, dir, ctl, emit),
+        other => Err(TrainError::Label(format!(
+            "{} is not an online objective",
+            other.name()
+        ))),
+    }
 }

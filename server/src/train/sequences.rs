@@ -89,6 +89,18 @@ pub fn token_logps(
     b: &SeqBatch,
     entropy: bool,
 ) -> Result<(Tensor, Option<f64>), TrainError> {
+    let (lp, ent, _) = token_outputs(model, vars, b, entropy)?;
+    Ok((lp, ent))
+}
+
+/// [`token_logps`], and the final-norm hidden states `(N, H)` that predicted each trained
+/// token (a value head reads them).
+pub fn token_outputs(
+    model: &BaseModel,
+    vars: Option<&dyn Trainable>,
+    b: &SeqBatch,
+    entropy: bool,
+) -> Result<(Tensor, Option<f64>, Tensor), TrainError> {
     let h = hidden(model, vars, b)?;
     let (rows, t, width) = h.dims3()?;
     let h = h
@@ -112,7 +124,7 @@ pub fn token_logps(
     } else {
         None
     };
-    Ok((lp, ent))
+    Ok((lp, ent, h))
 }
 
 /// Each row's summed log-probability of its trained tokens, `(R,)`.

@@ -112,7 +112,7 @@ pub fn init(model: &BaseModel, spec: &TrainSpec) -> candle_core::Result<Box<dyn 
         )?);
     }
     Ok(match &spec.objective {
-        Objective::Sft | Objective::Dpo(_) | Objective::Grpo(_) => method,
+        Objective::Sft | Objective::Dpo(_) | Objective::Grpo(_) | Objective::Ppo(_) => method,
         Objective::RewardModel { .. } => Box::new(HeadVars::init(
             method,
             vec![REWARD_LABEL.into()],

@@ -127,6 +127,34 @@ pub enum Objective {
     /// GRPO: completions sampled by the serving engine with the policy, scored by graders,
     /// advantages normalised within each prompt's group (`train::rl`).
     Grpo(GrpoSettings),
+    /// PPO: a value head trained beside the policy, per-token KL penalty against the
+    /// reference, GAE, clipped surrogate and value losses (`train::ppo`).
+    Ppo(PpoSettings),
+}
+
+/// PPO's settings (the names of TRL's `PPOConfig`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PpoSettings {
+    /// The per-token KL penalty's weight (the start, when adaptive).
+    pub kl_coef: f64,
+    /// Adapt `kl_coef` towards this KL per completion (Ziegler et al.'s controller,
+    /// horizon 10 000); none: fixed.
+    pub target_kl: Option<f64>,
+    pub gamma: f64,
+    pub lam: f64,
+    pub cliprange: f64,
+    pub cliprange_value: f64,
+    pub vf_coef: f64,
+    pub ppo_epochs: usize,
+    pub num_mini_batches: usize,
+    pub whiten_advantages: bool,
+    /// Subtracted from the score of a completion that did not end with EOS (0: off).
+    pub missing_eos_penalty: f64,
+    pub temperature: f32,
+    pub top_p: f32,
+    /// The response-length cap.
+    pub max_new_tokens: u32,
+    pub grader: super::graders::GraderSpec,
 }
 
 /// GRPO's settings (TRL's `GRPOConfig` names where it has them).
@@ -190,12 +218,22 @@ impl Objective {
             Objective::RewardModel { .. } => "reward_model",
             Objective::Dpo(_) => "dpo",
             Objective::Grpo(_) => "grpo",
+            Objective::Ppo(_) => "ppo",
         }
     }
 
     /// Whether the objective learns from its own samples, on a prompts dataset.
     pub fn online(&self) -> bool {
-        matches!(self, Objective::Grpo(_))
+        self.grader().is_some()
+    }
+
+    /// An online objective's grader, and its rollouts' length cap.
+    pub fn grader(&self) -> Option<(&super::graders::GraderSpec, u32)> {
+        match self {
+            Objective::Grpo(s) => Some((&s.grader, s.max_new_tokens)),
+            Objective::Ppo(s) => Some((&s.grader, s.max_new_tokens)),
+            _ => None,
+        }
     }
 
     /// Whether the objective trains on preference pairs (prompt, chosen, rejected).
@@ -206,7 +244,7 @@ impl Objective {
     /// The classification head's floats, if the objective trains one.
     pub fn head_floats(&self, cfg: &LlamaConfig) -> usize {
         match self {
-            Objective::Sft | Objective::Dpo(_) | Objective::Grpo(_) => 0,
+            Objective::Sft | Objective::Dpo(_) | Objective::Grpo(_) | Objective::Ppo(_) => 0,
             Objective::Classification { labels } => labels.len() * cfg.hidden_size,
             Objective::RewardModel { .. } => cfg.hidden_size,
         }

@@ -1,8 +1,11 @@
-//! GRPO: advantages against a hand-computed example, the k3 KL estimator against the
-//! closed form, the surrogate's gradient against finite differences on the tiny model, a
-//! run resumed from its checkpoint equal to the uninterrupted one (rollouts sampled by the
-//! real engine), and on the real SmolLM2 a rule grader's reward rising as the policy
-//! learns to answer briefly and right.
+//! Online RL. GRPO: advantages against a hand-computed example, the k3 KL estimator
+//! against the closed form, the surrogate's gradient against finite differences on the
+//! tiny model, a run resumed from its checkpoint equal to the uninterrupted one (rollouts
+//! sampled by the real engine), and on the real SmolLM2 a rule grader's reward rising as
+//! the policy learns to answer briefly and right. PPO: GAE against a hand computation, the
+//! surrogate and value losses' gradients (policy and value head) against finite
+//! differences, the adaptive KL controller, and a resumed run (with its adaptive KL
+//! coefficient) equal to the uninterrupted one.
 
 mod common;
 
@@ -18,11 +21,12 @@ use graft_server::{
         graders::{self, GraderSpec},
         methods::MethodSpec,
         optim,
+        ppo::{adapt_kl, gae, ppo_loss, train_ppo, WithValue},
         rl::{group_advantages, grpo_loss, kl_k3, train_grpo, RlContext},
         rollouts::EngineRollouts,
         sequences::{token_logps, SeqBatch},
         trainable,
-        trainer::{Control, GrpoSettings, Objective, Outcome, TrainEvent, TrainSpec},
+        trainer::{Control, GrpoSettings, Objective, Outcome, PpoSettings, TrainEvent, TrainSpec},
     },
 };
 
@@ -170,16 +174,13 @@ fn run(
     dir: &std::path::Path,
     stop: Option<usize>,
 ) -> (Vec<(usize, u32, f64)>, Option<Vec<(String, Vec<f32>)>>) {
-    let Objective::Grpo(g) = &s.objective else {
-        panic!("grpo")
-    };
+    let (spec_g, _) = s.objective.grader().expect("online");
     let empty = serde_json::Map::new();
     let fields: Vec<&serde_json::Map<String, serde_json::Value>> = rows
         .iter()
         .map(|r| r.fields.as_deref().unwrap_or(&empty))
         .collect();
-    let grader =
-        graders::compile(&g.grader, "grader", &fields, &|| eng.grammars()).expect("grader");
+    let grader = graders::compile(spec_g, "grader", &fields, &|| eng.grammars()).expect("grader");
     let rollouts = EngineRollouts {
         engine: eng.clone(),
         tenant: "t".into(),
@@ -191,7 +192,7 @@ fn run(
     };
     let c = Control::default();
     let mut steps = Vec::new();
-    let out = train_grpo(m, s, g, &cx, rows, &[], dir, &c, &mut |e| {
+    let mut emit = |e| {
         if let TrainEvent::Step {
             step,
             train_loss,
@@ -204,7 +205,12 @@ fn run(
                 c.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
             }
         }
-    })
+    };
+    let out = match &s.objective {
+        Objective::Grpo(g) => train_grpo(m, s, g, &cx, rows, &[], dir, &c, &mut emit),
+        Objective::Ppo(p) => train_ppo(m, s, p, &cx, rows, &[], dir, &c, &mut emit),
+        _ => panic!("online"),
+    }
     .expect("train");
     let w = match out {
         Outcome::Finished(v) => {
@@ -303,4 +309,171 @@ fn grpo_raises_a_rule_graders_reward_on_the_real_model() {
         t.elapsed().as_secs_f64()
     );
     assert!(last > first + 0.1, "first {first} last {last}: {rewards:?}");
+}
+
+fn ppo(grader: GraderSpec, max_new_tokens: u32) -> PpoSettings {
+    PpoSettings {
+        kl_coef: 0.05,
+        target_kl: Some(0.5),
+        gamma: 1.0,
+        lam: 0.95,
+        cliprange: 0.2,
+        cliprange_value: 0.2,
+        vf_coef: 0.1,
+        ppo_epochs: 2,
+        num_mini_batches: 2,
+        whiten_advantages: true,
+        missing_eos_penalty: 0.1,
+        temperature: 1.0,
+        top_p: 1.0,
+        max_new_tokens,
+        grader,
+    }
+}
+
+#[test]
+fn gae_and_the_kl_controller_match_hand_computations() {
+    let (r, v) = ([0.0f32, -0.1, 1.0], [0.5f32, 0.4, 0.2]);
+    let (gamma, lam) = (0.9f64, 0.8f64);
+    // δ2 = 1 − 0.2; δ1 = −0.1 + 0.9·0.2 − 0.4; δ0 = 0 + 0.9·0.4 − 0.5.
+    let d = [0.9 * 0.4 - 0.5, -0.1 + 0.9 * 0.2 - 0.4, 1.0 - 0.2];
+    let a2 = d[2];
+    let a1 = d[1] + gamma * lam * a2;
+    let a0 = d[0] + gamma * lam * a1;
+    let (adv, ret) = gae(&r, &v, gamma, lam);
+    for (got, want) in adv.iter().zip([a0, a1, a2]) {
+        assert!((*got as f64 - want).abs() < 1e-6, "{adv:?}");
+    }
+    for ((r, a), v) in ret.iter().zip(&adv).zip(&v) {
+        assert!((r - (a + v)).abs() < 1e-6);
+    }
+    // Above the target the coefficient grows, below it shrinks, by at most 20% of n/10 000.
+    assert!((adapt_kl(0.1, 2.0, 1.0, 100) - 0.1 * (1.0 + 0.2 * 0.01)).abs() < 1e-12);
+    assert!((adapt_kl(0.1, 0.9, 1.0, 100) - 0.1 * (1.0 - 0.1 * 0.01)).abs() < 1e-12);
+}
+
+#[test]
+fn the_ppo_losses_gradients_match_finite_differences() {
+    let m = tiny();
+    let ex = toy_examples(&m);
+    let rows: Vec<(&[u32], &[bool])> = ex
+        .iter()
+        .take(3)
+        .map(|e| (&e.ids[..], &e.mask[..]))
+        .collect();
+    let b = SeqBatch::new(&rows, 0).expect("batch");
+    let s = ppo(
+        GraderSpec::Regex {
+            pattern: "x".into(),
+        },
+        8,
+    );
+    let inner = trainable::init(
+        &m,
+        &spec(
+            settings(
+                GraderSpec::Regex {
+                    pattern: "x".into(),
+                },
+                2,
+                8,
+            ),
+            1,
+            1,
+            1e-3,
+        ),
+    )
+    .expect("init");
+    let vars = WithValue::init(inner, m.config().hidden_size, 3).expect("value head");
+    use graft_server::train::trainable::Trainable;
+    for v in vars.vars() {
+        let x: Vec<f32> = v.flatten_all().expect("f").to_vec1().expect("v");
+        let j: Vec<f32> = x
+            .iter()
+            .enumerate()
+            .map(|(i, x)| x + 0.05 * ((i * 7919 % 97) as f32 / 97.0 - 0.5))
+            .collect();
+        v.set(&Tensor::from_vec(j, v.shape(), &Device::Cpu).expect("t"))
+            .expect("set");
+    }
+    let (lp0, _, h0) =
+        graft_server::train::sequences::token_outputs(&m, Some(&vars), &b, false).expect("outputs");
+    let n = lp0.dim(0).expect("n");
+    let old_lp = (lp0.detach() - 0.05).expect("old");
+    let old_v = (vars.values(&h0.detach()).expect("v") + 0.03).expect("old v");
+    let pattern = |k: usize, scale: f32| -> Tensor {
+        let v: Vec<f32> = (0..n)
+            .map(|i| scale * (((i * 37 + k) % 11) as f32 / 11.0 - 0.4))
+            .collect();
+        Tensor::from_vec(v, n, &Device::Cpu).expect("t")
+    };
+    let (adv, ret) = (pattern(1, 2.0), pattern(5, 1.0));
+    let loss = || {
+        let (lp, _, h) = graft_server::train::sequences::token_outputs(&m, Some(&vars), &b, false)
+            .expect("outputs");
+        let values = vars.values(&h).expect("values");
+        ppo_loss(&lp, &old_lp, &values, &old_v, &adv, &ret, &s)
+            .expect("loss")
+            .0
+    };
+    let (names, all) = (vars.names(), vars.vars());
+    let grads = optim::collect(&loss().backward().expect("backward"), &all).expect("grads");
+    let mut checked = 0;
+    for (vi, (v, g)) in all.iter().zip(&grads).enumerate() {
+        if !(names[vi].starts_with("0.") || names[vi] == "v_head.weight") {
+            continue;
+        }
+        let (gk, fd) =
+            largest_gradient_vs_fd(v, g, || loss().to_scalar::<f32>().expect("scalar") as f64);
+        assert!(gk != 0.0, "{} has no gradient", names[vi]);
+        assert!(
+            (gk - fd).abs() <= 2e-3 + 0.05 * gk.abs(),
+            "{}: autograd {gk} vs finite difference {fd}",
+            names[vi]
+        );
+        checked += 1;
+    }
+    assert!(checked >= 3, "checked {checked}");
+}
+
+#[test]
+fn a_ppo_run_with_an_adaptive_kl_resumes_bit_for_bit() {
+    let m = tiny();
+    let eng = engine(m.clone());
+    let lines: String = (0..8)
+        .map(|i| format!("{{\"prompt\": \"n{i}\", \"answer\": \"{}\"}}\n", i % 3))
+        .collect();
+    let rows = prompts(&m, &lines);
+    let grader = GraderSpec::StringMatch {
+        reference: "{{row.answer}}".into(),
+        case_insensitive: false,
+        contains: true,
+    };
+    let s = TrainSpec {
+        objective: Objective::Ppo(ppo(grader, 6)),
+        ..spec(
+            settings(
+                GraderSpec::Regex {
+                    pattern: "x".into(),
+                },
+                2,
+                6,
+            ),
+            4,
+            2,
+            5e-3,
+        )
+    };
+    let full_dir = tempfile::tempdir().expect("dir");
+    let (full, full_w) = run(&m, &eng, &s, &rows, full_dir.path(), None);
+    assert_eq!(full.len(), 4);
+    let dir = tempfile::tempdir().expect("dir");
+    run(&m, &eng, &s, &rows, dir.path(), Some(2));
+    let (rest, rest_w) = run(&m, &eng, &s, &rows, dir.path(), None);
+    assert_eq!(rest.first().map(|x| x.0), Some(3));
+    assert_eq!(rest, full[2..].to_vec());
+    let (a, b) = (full_w.expect("done"), rest_w.expect("done"));
+    // The value head trained and is checkpointed; the exported policy leaves it out.
+    assert!(a.iter().any(|(n, _)| n == "v_head.weight"));
+    assert_eq!(a, b);
 }
