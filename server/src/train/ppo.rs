@@ -395,6 +395,8 @@ pub fn train_ppo(
         });
         if s.target_kl.is_some() {
             let state = serde_json::json!({ "kl_coef": kl_coef }).to_string();
+            std::fs::create_dir_all(ckpt_dir)
+                .map_err(|e| TrainError::Checkpoint(format!("creating the job's folder: {e}")))?;
             crate::store::atomic_write(&state_path(ckpt_dir, done), state.as_bytes())
                 .map_err(|e| TrainError::Checkpoint(format!("writing ppo-{done}.json: {e}")))?;
             let _ = std::fs::remove_file(state_path(

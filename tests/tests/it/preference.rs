@@ -580,4 +580,79 @@ async fn a_grpo_job_samples_with_the_engine_grades_and_serves_its_policy() {
         .await
         .expect("the policy serves");
     assert!(!out.token_ids.is_empty());
+
+    // PPO on the same rows: its metrics, a value head that is not part of the result.
+    let ppo = |ppo: pb::PpoObjective| pb::CreateJobRequest {
+        objective: "ppo".into(),
+        grpo: None,
+        adapter_name: "ppo".into(),
+        ppo: Some(ppo),
+        ..grpo_job(contains_answer(), 4)
+    };
+    for (req, field) in [
+        (
+            ppo(pb::PpoObjective {
+                grader: Some(contains_answer()),
+                gamma: Some(1.5),
+                ..Default::default()
+            }),
+            "ppo.gamma",
+        ),
+        (
+            ppo(pb::PpoObjective {
+                grader: Some(contains_answer()),
+                cliprange: Some(0.0),
+                ..Default::default()
+            }),
+            "ppo.cliprange",
+        ),
+        (ppo(pb::PpoObjective::default()), "ppo.grader"),
+    ] {
+        let e = t.client.create_job(req).await.expect_err(field);
+        assert_eq!(e.code(), Code::InvalidArgument, "{field}");
+        assert!(
+            e.message().starts_with(&format!("{field}:")),
+            "{field}: {}",
+            e.message()
+        );
+    }
+    let created = t
+        .client
+        .create_job(ppo(pb::PpoObjective {
+            grader: Some(contains_answer()),
+            target_kl: Some(0.1),
+            max_new_tokens: Some(8),
+            ..Default::default()
+        }))
+        .await
+        .expect("create ppo");
+    assert_eq!(created.objective, "ppo");
+    let (steps, _) = last_eval(&t, &created.id).await;
+    assert_eq!(steps.len(), 2);
+    for k in [
+        "reward",
+        "kl",
+        "kl_coef",
+        "policy_loss",
+        "value_loss",
+        "clip_ratio",
+        "entropy",
+        "completion_length",
+    ] {
+        assert!(
+            steps[0].metrics.contains_key(k),
+            "{k}: {:?}",
+            steps[0].metrics
+        );
+    }
+    let v = t.client.get_adapter("", "ppo").await.expect("registered");
+    assert!(v.head.is_none(), "the value head is not exported: {v:?}");
+    let (_, weights) = t.client.export_adapter("", "ppo").await.expect("export");
+    let names = safetensors::SafeTensors::deserialize(&weights)
+        .expect("safetensors")
+        .names()
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+    assert!(names.iter().all(|n| n.contains("lora_")), "{names:?}");
 }
