@@ -252,24 +252,13 @@ fn a_grpo_run_resumes_bit_for_bit() {
     assert_eq!(rest_w.expect("done"), full_w.expect("done"));
 }
 
-/// Sixteen questions with one-word answers (the grader reads `answer`).
-const QUESTIONS: &str = r#"{"prompt": "What is the capital of France? Answer in one word.", "answer": "Paris"}
-{"prompt": "What colour is the sky on a clear day? Answer in one word.", "answer": "blue"}
-{"prompt": "How many legs does a spider have? Answer with a number.", "answer": "8"}
-{"prompt": "What is the opposite of hot? Answer in one word.", "answer": "cold"}
-{"prompt": "What is 2 plus 3? Answer with a number.", "answer": "5"}
-{"prompt": "Which planet do we live on? Answer in one word.", "answer": "Earth"}
-{"prompt": "What is frozen water called? Answer in one word.", "answer": "ice"}
-{"prompt": "How many days are in a week? Answer with a number.", "answer": "7"}
-{"prompt": "What animal says moo? Answer in one word.", "answer": "cow"}
-{"prompt": "What is the capital of Italy? Answer in one word.", "answer": "Rome"}
-{"prompt": "What colour is grass? Answer in one word.", "answer": "green"}
-{"prompt": "What is 10 minus 4? Answer with a number.", "answer": "6"}
-{"prompt": "What do bees make? Answer in one word.", "answer": "honey"}
-{"prompt": "How many wheels does a bicycle have? Answer with a number.", "answer": "2"}
-{"prompt": "What is the largest ocean on Earth? Answer in one word.", "answer": "Pacific"}
-{"prompt": "What gas do plants take in? Answer in one word.", "answer": "carbon"}
-"#;
+/// Sixteen questions with one-word answers (`tests/fixtures/rl-questions.jsonl`; the
+/// grader reads `answer`).
+fn questions(m: &BaseModel) -> Vec<Tokenized> {
+    let text =
+        std::fs::read_to_string(common::fixtures().join("rl-questions.jsonl")).expect("fixture");
+    prompts(m, &text)
+}
 
 /// The issue's rule grader ("at most 6 words and contains the row's answer", each half
 /// worth 0.5) on the real model: the mean reward of the last 4 of 12 steps clearly above
@@ -278,7 +267,7 @@ const QUESTIONS: &str = r#"{"prompt": "What is the capital of France? Answer in 
 fn grpo_raises_a_rule_graders_reward_on_the_real_model() {
     let m = real();
     let eng = engine(m.clone());
-    let rows = prompts(&m, QUESTIONS);
+    let rows = questions(&m);
     let grader: GraderSpec = serde_json::from_value(serde_json::json!({
         "type": "weighted",
         "graders": [
@@ -476,4 +465,43 @@ fn a_ppo_run_with_an_adaptive_kl_resumes_bit_for_bit() {
     // The value head trained and is checkpointed; the exported policy leaves it out.
     assert!(a.iter().any(|(n, _)| n == "v_head.weight"));
     assert_eq!(a, b);
+}
+
+/// PPO with the same rule grader on the real model: one completion per prompt, 8 prompts a
+/// step, 12 steps; the mean reward of the last 4 steps clearly above the first 4's.
+#[test]
+fn ppo_raises_a_rule_graders_reward_on_the_real_model() {
+    let m = real();
+    let eng = engine(m.clone());
+    let rows = questions(&m);
+    let grader: GraderSpec = serde_json::from_value(serde_json::json!({
+        "type": "weighted",
+        "graders": [
+            {"weight": 1, "grader": {"type": "string_match", "reference": "{{row.answer}}",
+                                     "case_insensitive": true, "contains": true}},
+            {"weight": 1, "grader": {"type": "length", "max": 6, "unit": "words"}},
+        ]
+    }))
+    .expect("grader");
+    let s = TrainSpec {
+        objective: Objective::Ppo(PpoSettings {
+            target_kl: None,
+            missing_eos_penalty: 0.0,
+            num_mini_batches: 1,
+            ..ppo(grader.clone(), 24)
+        }),
+        ..spec(settings(grader, 2, 24), 8, 6, 2e-3)
+    };
+    let dir = tempfile::tempdir().expect("dir");
+    let t = std::time::Instant::now();
+    let (steps, _) = run(&m, &eng, &s, &rows, dir.path(), None);
+    let rewards: Vec<f64> = steps.iter().map(|s| s.2).collect();
+    let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len() as f64;
+    let (first, last) = (mean(&rewards[..4]), mean(&rewards[rewards.len() - 4..]));
+    eprintln!(
+        "ppo: {} steps in {:.1} s; rewards {rewards:?}; first 4 {first:.3}, last 4 {last:.3}",
+        steps.len(),
+        t.elapsed().as_secs_f64()
+    );
+    assert!(last > first + 0.1, "first {first} last {last}: {rewards:?}");
 }
