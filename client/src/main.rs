@@ -179,11 +179,14 @@ enum JobCmd {
     Show { id: String },
     /// Follow a job to its end: a step progress bar with ETA, live loss and eval loss.
     Watch { id: String },
-    /// Draw a job's training and validation loss against the step as a PNG.
+    /// Draw a job's training and validation loss against the step as a PNG; with
+    /// --metrics, those step metrics instead (an RL job's reward and KL: --metrics reward,kl).
     Plot {
         id: String,
         #[arg(long, default_value = "loss.png")]
         out: std::path::PathBuf,
+        #[arg(long, value_delimiter = ',')]
+        metrics: Vec<String>,
     },
     /// Cancel a job.
     Cancel { id: String },
@@ -664,7 +667,7 @@ pub(crate) fn print_job(j: &proto::Job, json: bool) {
             "id": j.id, "status": j.status, "dataset": j.dataset, "dataset_id": j.dataset_id,
             "validation_dataset": j.validation_dataset, "adapter_name": j.adapter_name,
             "adapter_version": j.adapter_version, "step": j.step, "total_steps": j.total_steps,
-            "error": j.error,
+            "error": j.error, "method": j.method, "objective": j.objective,
         });
         outln!("{v}");
         return;
@@ -716,6 +719,35 @@ async fn loss_points(
     Ok((train, eval))
 }
 
+/// Each of `names`' (step, value) points from the job's step events.
+async fn metric_points(
+    client: &GraftClient,
+    tenant: &str,
+    id: &str,
+    names: &[String],
+) -> anyhow::Result<Vec<Vec<(f64, f64)>>> {
+    use proto::job_event::Event;
+    let mut s = client
+        .watch_job(tenant, id, 0)
+        .await
+        .map_err(status_error)?;
+    let mut out = vec![Vec::new(); names.len()];
+    while let Ok(Some(e)) = tokio::time::timeout(std::time::Duration::from_secs(2), s.message())
+        .await
+        .map_err(|_| ())
+        .and_then(|r| r.map_err(|_| ()))
+    {
+        if let Some(Event::Step(st)) = e.event {
+            for (n, pts) in names.iter().zip(&mut out) {
+                if let Some(v) = st.metrics.get(n) {
+                    pts.push((st.step as f64, *v));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 async fn jobs(client: &GraftClient, tenant: &str, cmd: JobCmd, json: bool) -> anyhow::Result<()> {
     match cmd {
         JobCmd::Create {
@@ -749,7 +781,23 @@ async fn jobs(client: &GraftClient, tenant: &str, cmd: JobCmd, json: bool) -> an
             json,
         ),
         JobCmd::Watch { id } => job_cmd::watch(client, tenant, &id, json).await?,
-        JobCmd::Plot { id, out } => {
+        JobCmd::Plot { id, out, metrics } if !metrics.is_empty() => {
+            let points = metric_points(client, tenant, &id, &metrics).await?;
+            let series: Vec<(&[(f64, f64)], &str, bool)> = points
+                .iter()
+                .zip(&metrics)
+                .map(|(p, m)| (&p[..], m.as_str(), false))
+                .collect();
+            let (steps, lo, hi) =
+                plot::series_png(&format!("Job {id}"), &metrics.join(", "), &series, &out)?;
+            outln!(
+                "wrote {}: {} of {} steps; x: step 0..{steps}, y: {lo:.3}..{hi:.3}",
+                out.display(),
+                metrics.join(", "),
+                points.iter().map(Vec::len).max().unwrap_or(0)
+            );
+        }
+        JobCmd::Plot { id, out, .. } => {
             let (train, eval) = loss_points(client, tenant, &id).await?;
             let (steps, lo, hi) =
                 plot::loss_png(&format!("Loss of job {id}"), &train, &eval, &out)?;

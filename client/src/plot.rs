@@ -1,5 +1,5 @@
-//! `graft jobs plot`: training and validation loss against the step, as a PNG with axes,
-//! labels and a legend. The text is drawn with DejaVu Sans embedded in the binary, so the
+//! `graft jobs plot`: training and validation loss (or an objective's step metrics, such
+//! as an RL job's reward and KL) against the step, as a PNG with axes, labels and a legend. The text is drawn with DejaVu Sans embedded in the binary, so the
 //! command needs no system font.
 
 use std::{path::Path, sync::Once};
@@ -35,8 +35,37 @@ pub fn loss_png(
         !train.is_empty() || !eval.is_empty(),
         "the job has no loss to plot yet"
     );
+    series_png(
+        title,
+        "loss",
+        &[(train, "training", false), (eval, "validation", true)],
+        out,
+    )
+}
+
+/// The colours of a plot's series, in order.
+const COLORS: [RGBColor; 4] = [
+    TRAIN_COLOR,
+    EVAL_COLOR,
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+];
+
+/// Draws `(points, label, marked)` series (step, value) into `out` (800 x 480 PNG) with
+/// `y` as the value axis' name; marked series get a dot per point. Returns the plotted
+/// ranges `(max step, min value, max value)`.
+pub fn series_png(
+    title: &str,
+    y: &str,
+    series: &[(&[(f64, f64)], &str, bool)],
+    out: &Path,
+) -> anyhow::Result<(f64, f64, f64)> {
+    anyhow::ensure!(
+        series.iter().any(|s| !s.0.is_empty()),
+        "the job has no {y} to plot yet"
+    );
     register_font()?;
-    let all = train.iter().chain(eval);
+    let all = series.iter().flat_map(|s| s.0.iter());
     let max_step = all.clone().map(|p| p.0).fold(1.0, f64::max);
     let (lo, hi) = all
         .map(|p| p.1)
@@ -56,17 +85,15 @@ pub fn loss_png(
         .configure_mesh()
         .x_desc("step")
         .x_label_formatter(&|x| format!("{x:.0}"))
-        .y_desc("loss")
+        .y_desc(y)
         .light_line_style(RGBColor(235, 235, 235))
         .label_style(("sans-serif", 14))
         .draw()?;
-    for (points, color, label) in [
-        (train, TRAIN_COLOR, "training"),
-        (eval, EVAL_COLOR, "validation"),
-    ] {
+    for (&(points, label, marked), color) in series.iter().zip(COLORS.iter().cycle()) {
         if points.is_empty() {
             continue;
         }
+        let color = *color;
         chart
             .draw_series(LineSeries::new(
                 points.iter().copied(),
@@ -74,8 +101,10 @@ pub fn loss_png(
             ))?
             .label(label)
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2)));
+        if marked {
+            chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
+        }
     }
-    chart.draw_series(eval.iter().map(|&p| Circle::new(p, 4, EVAL_COLOR.filled())))?;
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::UpperRight)

@@ -115,10 +115,17 @@ fn measure(
 
 /// Inter-token latencies (ms) of 4 greedy streams of 64 tokens.
 fn streams(engine: &EngineHandle, m: &BaseModel) -> Vec<f64> {
-    let prompt = m
-        .tokenizer
-        .encode("Tell me a long story about a lighthouse.")
-        .expect("ids");
+    let chat = m
+        .chat
+        .render(
+            &[ChatMessage {
+                role: "user".into(),
+                content: "Tell me a long story about a lighthouse keeper.".into(),
+            }],
+            true,
+        )
+        .expect("chat");
+    let prompt = m.tokenizer.encode(&chat).expect("ids");
     let rx: Vec<_> = (0..4)
         .map(|i| {
             engine
@@ -143,7 +150,7 @@ fn streams(engine: &EngineHandle, m: &BaseModel) -> Vec<f64> {
         .into_iter()
         .map(|mut rx| {
             std::thread::spawn(move || {
-                let mut last = None;
+                let mut last: Option<Instant> = None;
                 let mut gaps = Vec::new();
                 while let Some(e) = rx.blocking_recv() {
                     match e {

@@ -497,3 +497,146 @@ async fn the_cli_imports_a_classifier_with_labels_and_classifies() {
     assert!(!o.status.success());
     assert!(text(&o.stderr).contains("NotFound"), "{}", text(&o.stderr));
 }
+
+/// RLHF from the CLI on the tiny model: a reward model trained on the public pairs and
+/// `score` ranking with it; a GRPO job with a JSON grader and `--beta`, watched, and its
+/// reward and KL drawn by `jobs plot --metrics`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_trains_a_reward_model_scores_and_plots_an_rl_jobs_reward() {
+    let t = start_tiny().await;
+    let url = t.url();
+    let key = t
+        .admin
+        .create_key(graft_tests::TENANT, "cli-rl")
+        .await
+        .expect("key");
+    let dir = tempfile::tempdir().expect("tmp");
+    let pairs = graft_tests::fixtures().join("preference-pairs-brief.jsonl");
+    let questions = dir.path().join("q.jsonl");
+    std::fs::write(
+        &questions,
+        (0..8)
+            .map(|i| format!("{{\"prompt\": \"Say {i}.\", \"answer\": \"{i}\"}}\n"))
+            .collect::<String>(),
+    )
+    .expect("write");
+    for (file, name) in [(pairs.as_path(), "pairs"), (questions.as_path(), "q")] {
+        let o = graft(
+            &url,
+            &key,
+            &[
+                "datasets",
+                "upload",
+                file.to_str().expect("utf8"),
+                "--name",
+                name,
+            ],
+        )
+        .await;
+        assert!(o.status.success(), "{}", text(&o.stderr));
+    }
+    let o = graft(
+        &url,
+        &key,
+        &[
+            "jobs",
+            "create",
+            "--dataset",
+            "pairs",
+            "--adapter",
+            "rm",
+            "--objective",
+            "reward_model",
+            "--epochs",
+            "1",
+            "--max-seq-len",
+            "512",
+            "--watch",
+        ],
+    )
+    .await;
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let o = graft(
+        &url,
+        &key,
+        &[
+            "--output",
+            "json",
+            "score",
+            "--adapter",
+            "rm",
+            "--prompt",
+            "How many legs does a spider have?",
+            "Eight.",
+            "Spiders have eight legs.",
+        ],
+    )
+    .await;
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let scores: Vec<serde_json::Value> = text(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    assert_eq!(scores.len(), 2);
+    assert!(
+        scores.iter().all(|s| s["reward"].as_f64().is_some()),
+        "{scores:?}"
+    );
+    let o = graft(
+        &url,
+        &key,
+        &[
+            "jobs",
+            "create",
+            "--dataset",
+            "q",
+            "--adapter",
+            "rl",
+            "--objective",
+            "grpo",
+            "--num-generations",
+            "4",
+            "--max-new-tokens",
+            "6",
+            "--beta",
+            "0.04",
+            "--max-seq-len",
+            "128",
+            "--epochs",
+            "2",
+            "--grader",
+            r#"{"type": "string_match", "reference": "{{row.answer}}", "contains": true}"#,
+            "--watch",
+        ],
+    )
+    .await;
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let o = graft(&url, &key, &["--output", "json", "jobs", "ls"]).await;
+    let job = text(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
+        .find(|j| j["objective"] == "grpo")
+        .expect("the grpo job");
+    let png = dir.path().join("reward.png");
+    let o = graft(
+        &url,
+        &key,
+        &[
+            "jobs",
+            "plot",
+            job["id"].as_str().expect("id"),
+            "--metrics",
+            "reward,kl",
+            "--out",
+            png.to_str().expect("utf8"),
+        ],
+    )
+    .await;
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stdout).contains("reward, kl of 4 steps"),
+        "{}",
+        text(&o.stdout)
+    );
+    assert_eq!(&std::fs::read(&png).expect("png")[..4], b"\x89PNG");
+}
