@@ -476,13 +476,17 @@ pub async fn watch(client: &GraftClient, tenant: &str, id: &str, json: bool) -> 
     Ok(())
 }
 
-/// The preference objectives' headline metrics (TRL's names), as ` name value` pairs.
+/// The preference and RL objectives' headline metrics (TRL's names), as ` name value`
+/// pairs.
 fn pair_metrics(m: &std::collections::HashMap<String, f64>) -> String {
     [
         ("rewards/accuracies", "acc"),
         ("rewards/margins", "margin"),
         ("rewards/chosen", "chosen"),
         ("rewards/rejected", "rejected"),
+        ("reward", "reward"),
+        ("kl", "kl"),
+        ("completion_length", "len"),
     ]
     .iter()
     .filter_map(|(k, short)| m.get(*k).map(|v| format!(" {short} {v:.3}")))
