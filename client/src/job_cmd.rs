@@ -68,8 +68,8 @@ pub struct JobArgs {
     pub ppo_epochs: Option<u32>,
     /// GRPO and PPO: the grader as JSON, e.g. {"type": "string_match", "reference":
     /// "{{row.answer}}", "contains": true}; types string_match, regex (pattern),
-    /// json_schema (schema), length (min, max, unit words|tokens), weighted (graders:
-    /// [{weight, grader}]).
+    /// json_schema (schema), length (min, max, unit words|tokens), reward_model (adapter),
+    /// weighted (graders: [{weight, grader}]).
     #[arg(long)]
     pub grader: Option<String>,
     /// Classification: the head's labels in output order, comma-separated (default: the
@@ -522,6 +522,9 @@ fn grader_of(v: &serde_json::Value) -> anyhow::Result<proto::Grader> {
             max: u("max"),
             unit: s("unit"),
         }),
+        Some("reward_model") => Kind::RewardModel(proto::RewardModelGrader {
+            adapter: s("adapter"),
+        }),
         Some("weighted") => Kind::Weighted(proto::WeightedGraders {
             graders: v
                 .get("graders")
@@ -540,7 +543,7 @@ fn grader_of(v: &serde_json::Value) -> anyhow::Result<proto::Grader> {
                 .collect::<anyhow::Result<_>>()?,
         }),
         other => anyhow::bail!(
-            "grader type {other:?}; expected string_match, regex, json_schema, length or weighted"
+            "grader type {other:?}; expected string_match, regex, json_schema, length, reward_model or weighted"
         ),
     };
     Ok(proto::Grader { kind: Some(kind) })

@@ -180,7 +180,16 @@ fn run(
         .iter()
         .map(|r| r.fields.as_deref().unwrap_or(&empty))
         .collect();
-    let grader = graders::compile(spec_g, "grader", &fields, &|| eng.grammars()).expect("grader");
+    let grader = graders::compile(
+        spec_g,
+        "grader",
+        &fields,
+        &graders::Resources {
+            grammars: &|| eng.grammars(),
+            reward_models: &Default::default(),
+        },
+    )
+    .expect("grader");
     let rollouts = EngineRollouts {
         engine: eng.clone(),
         tenant: "t".into(),

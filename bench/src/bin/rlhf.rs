@@ -231,8 +231,16 @@ fn main() {
         .iter()
         .map(|r| r.fields.as_deref().unwrap_or(&empty))
         .collect();
-    let compiled =
-        graders::compile(&grader, "grader", &fields, &|| engine.grammars()).expect("grader");
+    let compiled = graders::compile(
+        &grader,
+        "grader",
+        &fields,
+        &graders::Resources {
+            grammars: &|| engine.grammars(),
+            reward_models: &Default::default(),
+        },
+    )
+    .expect("grader");
     let timed = Timed {
         inner: EngineRollouts {
             engine: engine.clone(),

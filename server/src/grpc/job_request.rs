@@ -673,7 +673,7 @@ fn grader_spec(g: Option<&pb::Grader>, field: &str) -> Result<GraderSpec, ApiErr
     let kind = g.and_then(|g| g.kind.as_ref()).ok_or_else(|| {
         ApiError::invalid(
             field,
-            "give one of string_match, regex, json_schema, length or weighted",
+            "give one of string_match, regex, json_schema, length, reward_model or weighted",
         )
     })?;
     Ok(match kind {
@@ -704,6 +704,17 @@ fn grader_spec(g: Option<&pb::Grader>, field: &str) -> Result<GraderSpec, ApiErr
                 }
             },
         },
+        Kind::RewardModel(r) => {
+            if r.adapter.is_empty() {
+                return Err(ApiError::invalid(
+                    format!("{field}.reward_model.adapter"),
+                    "name the reward model",
+                ));
+            }
+            GraderSpec::RewardModel {
+                adapter: r.adapter.clone(),
+            }
+        }
         Kind::Weighted(w) => GraderSpec::Weighted {
             graders: w
                 .graders

@@ -2,13 +2,14 @@
 //! (rewards) and as an evaluation. No code runs but these: a string match against a row
 //! field or a literal, a regular expression, "parses as JSON and validates against this
 //! JSON Schema" (the schema compiled by llguidance, as structured output is), length
-//! bounds in tokens or words, and a weighted sum of graders.
+//! bounds in tokens or words, a reward-model adapter's `σ(reward)`, and a weighted sum of
+//! graders.
 //!
 //! A reference is a literal, or a row field written `{{row.FIELD}}` (as in OpenAI's
 //! graders' `{{item.FIELD}}`, which is accepted too). Specs are checked when a job is
 //! created ([`check`]): a field no row has is an error naming the grader.
 
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -39,8 +40,38 @@ pub enum GraderSpec {
         max: Option<u32>,
         unit: LengthUnit,
     },
+    /// `σ(reward)` of a reward-model adapter of the job's tenant (`name` or
+    /// `name@version`), on the prompt and the completion as the reward model was trained.
+    RewardModel { adapter: String },
     /// `Σ wᵢ gᵢ / Σ wᵢ` of the inner graders (weights ≥ 0, not all 0).
     Weighted { graders: Vec<Weighted> },
+}
+
+impl GraderSpec {
+    /// The reward-model adapters this grader reads (to be leased before compiling).
+    pub fn reward_models(&self) -> Vec<&str> {
+        match self {
+            GraderSpec::RewardModel { adapter } => vec![adapter.as_str()],
+            GraderSpec::Weighted { graders } => graders
+                .iter()
+                .flat_map(|w| w.grader.reward_models())
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// A reward model's reward of a whole sequence (prompt, completion, EOS): the serving
+/// engine's Score path (`train::rollouts`).
+pub trait RewardScorer: Send + Sync {
+    fn reward(&self, ids: &[u32]) -> Result<f32, String>;
+}
+
+/// What compiling a grader may need: the grammar compiler (JSON Schema) and the leased
+/// reward models by the name the spec gives.
+pub struct Resources<'a> {
+    pub grammars: &'a dyn Fn() -> Result<Arc<Grammars>, String>,
+    pub reward_models: &'a HashMap<String, Arc<dyn RewardScorer>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -65,6 +96,7 @@ pub enum Grader {
     },
     Regex(regex::Regex),
     JsonSchema(Arc<Grammars>, ConstraintSpec),
+    RewardModel(Arc<dyn RewardScorer>),
     Length {
         min: u32,
         max: u32,
@@ -117,17 +149,17 @@ pub fn compile(
     spec: &GraderSpec,
     field: &str,
     rows: &[&Map<String, Value>],
-    grammars: &dyn Fn() -> Result<Arc<Grammars>, String>,
+    res: &Resources<'_>,
 ) -> Result<Grader, (String, String)> {
     let mut count = 0;
-    compile_inner(spec, field, rows, grammars, &mut count)
+    compile_inner(spec, field, rows, res, &mut count)
 }
 
 fn compile_inner(
     spec: &GraderSpec,
     field: &str,
     rows: &[&Map<String, Value>],
-    grammars: &dyn Fn() -> Result<Arc<Grammars>, String>,
+    res: &Resources<'_>,
     count: &mut usize,
 ) -> Result<Grader, (String, String)> {
     *count += 1;
@@ -173,12 +205,21 @@ fn compile_inner(
             if !schema.is_object() {
                 return bad("schema", "a JSON Schema is an object".into());
             }
-            let g = grammars().map_err(|e| (format!("{field}.schema"), e))?;
+            let g = (res.grammars)().map_err(|e| (format!("{field}.schema"), e))?;
             let spec = ConstraintSpec::JsonSchema(schema.clone());
             g.compile(&spec)
                 .map_err(|e| (format!("{field}.schema"), e))?;
             Grader::JsonSchema(g, spec)
         }
+        GraderSpec::RewardModel { adapter } => match res.reward_models.get(adapter) {
+            Some(r) => Grader::RewardModel(r.clone()),
+            None => {
+                return bad(
+                    "adapter",
+                    format!("the reward model {adapter:?} is not leased"),
+                )
+            }
+        },
         GraderSpec::Length { min, max, unit } => {
             let (lo, hi) = (min.unwrap_or(0), max.unwrap_or(u32::MAX));
             if min.is_none() && max.is_none() {
@@ -205,7 +246,7 @@ fn compile_inner(
                 }
                 out.push((
                     w.weight,
-                    compile_inner(&w.grader, &format!("{f}.grader"), rows, grammars, count)?,
+                    compile_inner(&w.grader, &format!("{f}.grader"), rows, res, count)?,
                 ));
             }
             if out.iter().all(|(w, _)| *w == 0.0) {
@@ -219,7 +260,11 @@ fn compile_inner(
 /// What a grader reads of one completion.
 pub struct Sample<'a> {
     pub text: &'a str,
+    /// The completion's tokens (without EOS).
     pub tokens: &'a [u32],
+    /// The prompt's tokens and the EOS id (what a reward model reads around the tokens).
+    pub prompt: &'a [u32],
+    pub eos: u32,
     pub row: &'a Map<String, Value>,
 }
 
@@ -246,6 +291,23 @@ impl Grader {
             Grader::JsonSchema(g, spec) => f64::from(u8::from(
                 g.compile(spec).is_ok_and(|mut c| c.accepts(s.tokens)),
             )),
+            Grader::RewardModel(r) => {
+                let ids: Vec<u32> = s
+                    .prompt
+                    .iter()
+                    .chain(s.tokens)
+                    .copied()
+                    .chain([s.eos])
+                    .collect();
+                // A failed score is no reward (logged): the run goes on.
+                match r.reward(&ids) {
+                    Ok(x) => 1.0 / (1.0 + (-(x as f64)).exp()),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reward model grader");
+                        0.0
+                    }
+                }
+            }
             Grader::Length { min, max, unit } => {
                 let n = match unit {
                     LengthUnit::Tokens => s.tokens.len(),
@@ -275,13 +337,38 @@ mod tests {
         Err("no grammars here".into())
     }
 
+    struct Fixed(f32);
+
+    impl RewardScorer for Fixed {
+        fn reward(&self, ids: &[u32]) -> Result<f32, String> {
+            // The prompt, the completion and EOS, in that order.
+            assert_eq!(ids.first(), Some(&1000));
+            assert_eq!(ids.last(), Some(&2));
+            Ok(self.0)
+        }
+    }
+
+    fn models() -> HashMap<String, Arc<dyn RewardScorer>> {
+        HashMap::from([(
+            "rm".to_string(),
+            Arc::new(Fixed(0.0)) as Arc<dyn RewardScorer>,
+        )])
+    }
+
     fn grade(spec: Value, text: &str, r: &Map<String, Value>) -> f64 {
         let spec: GraderSpec = serde_json::from_value(spec).expect("spec");
-        let g = compile(&spec, "graders[0]", &[r], &no_grammars).expect("compiles");
+        let models = models();
+        let res = Resources {
+            grammars: &no_grammars,
+            reward_models: &models,
+        };
+        let g = compile(&spec, "graders[0]", &[r], &res).expect("compiles");
         let tokens: Vec<u32> = text.bytes().map(u32::from).collect();
         g.score(&Sample {
             text,
             tokens: &tokens,
+            prompt: &[1000],
+            eos: 2,
             row: r,
         })
     }
@@ -315,6 +402,11 @@ mod tests {
         assert_eq!(grade(sum.clone(), "Paris.", &r), 1.0);
         assert_eq!(grade(sum.clone(), "It is Paris.", &r), 0.75);
         assert_eq!(grade(sum, "No idea", &r), 0.25);
+        // A reward model's reward through the logistic: 0 -> 0.5.
+        assert_eq!(
+            grade(json!({"type": "reward_model", "adapter": "rm"}), "x", &r),
+            0.5
+        );
     }
 
     #[test]
@@ -323,7 +415,12 @@ mod tests {
         let refs: Vec<&Map<String, Value>> = rows.iter().collect();
         let err = |spec: Value| {
             let spec: GraderSpec = serde_json::from_value(spec).expect("spec");
-            match compile(&spec, "graders[0]", &refs, &no_grammars) {
+            let models = models();
+            let res = Resources {
+                grammars: &no_grammars,
+                reward_models: &models,
+            };
+            match compile(&spec, "graders[0]", &refs, &res) {
                 Ok(_) => panic!("accepted"),
                 Err(e) => e,
             }

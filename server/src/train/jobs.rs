@@ -197,6 +197,49 @@ impl TrainingService {
         })
     }
 
+    /// The reward-model adapters an online objective's grader names, leased from the
+    /// tenant's own (another tenant's or a missing one is NOT_FOUND; an adapter without a
+    /// one-output head is INVALID_ARGUMENT), as engine-backed scorers.
+    async fn reward_models(
+        &self,
+        tenant: &str,
+        objective: &trainer::Objective,
+    ) -> Result<HashMap<String, Arc<dyn super::graders::RewardScorer>>, TrainingError> {
+        let mut out: HashMap<String, Arc<dyn super::graders::RewardScorer>> = HashMap::new();
+        let Some((spec, _)) = objective.grader() else {
+            return Ok(out);
+        };
+        let field = format!("{}.grader", objective.name());
+        for name in spec.reward_models() {
+            let r: crate::adapters::AdapterRef =
+                name.parse().map_err(|e: String| invalid(&field, e))?;
+            let lease = self.registry.lease(tenant, &r).await.map_err(|e| match e {
+                crate::adapters::RegistryError::NotFound(_) => {
+                    TrainingError::NotFound(format!("reward model {name}"))
+                }
+                other => TrainingError::Registry(other),
+            })?;
+            if !lease.adapter().head.as_ref().is_some_and(|h| h.is_reward()) {
+                return Err(invalid(
+                    &field,
+                    format!("{name} is not a reward model (a head of one output)"),
+                ));
+            }
+            let engine = self.engine.get().ok_or_else(|| {
+                TrainingError::Storage("the serving engine is not running".into())
+            })?;
+            out.insert(
+                name.to_string(),
+                Arc::new(super::rollouts::EngineScorer {
+                    engine: engine.clone(),
+                    tenant: tenant.into(),
+                    lease,
+                }),
+            );
+        }
+        Ok(out)
+    }
+
     /// Gives online-RL jobs the serving engine to sample with (once, at start).
     pub fn attach_engine(&self, engine: crate::engine::EngineHandle) {
         let _ = self.engine.set(engine);
@@ -437,10 +480,14 @@ impl TrainingService {
         };
         classes::resolve_objective(&mut job.spec.train.objective, &[&train, &eval_rows])
             .map_err(|(field, reason)| invalid(&field, reason))?;
+        let reward_models = self
+            .reward_models(tenant, &job.spec.train.objective)
+            .await?;
         super::rl_job::grader(
             &job.spec.train.objective,
             &[&train, &eval_rows],
             self.engine.get(),
+            &reward_models,
         )
         .map_err(|(field, reason)| invalid(&field, reason))?;
         drop(eval_rows);
@@ -797,6 +844,9 @@ impl TrainingService {
         let train_spec = spec.train.clone();
         let engine = self.engine.get().cloned();
         let (tenant, name) = (job.tenant.clone(), job.adapter_name.clone());
+        let reward_models = self
+            .reward_models(&job.tenant, &spec.train.objective)
+            .await?;
         let handle = tokio::task::spawn_blocking(move || {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
@@ -817,6 +867,7 @@ impl TrainingService {
                     &eval,
                     &ckpt,
                     &ctl,
+                    &reward_models,
                     &mut emit,
                 ),
                 _ => trainer::train(&model, &train_spec, &train, &eval, &ckpt, &ctl, &mut emit),

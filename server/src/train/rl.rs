@@ -411,6 +411,8 @@ pub(super) fn roll<'a>(
             let reward = cx.grader.score(&Sample {
                 text: &text,
                 tokens: body,
+                prompt: &row.ids,
+                eos: tk.eos_ids.first().copied().unwrap_or(0),
                 row: row.fields.as_deref().unwrap_or(&empty),
             });
             Rolled {

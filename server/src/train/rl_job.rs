@@ -1,11 +1,11 @@
 //! An online-RL job's glue between the runner (`jobs`) and the loop (`rl`): its grader
 //! compiled against the job's prompt rows, and the serving engine as its sampler.
 
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc};
 
 use super::{
     dataset::Tokenized,
-    graders::{self, Grader},
+    graders::{self, Grader, Resources, RewardScorer},
     ppo,
     rl::{self, RlContext},
     rollouts::EngineRollouts,
@@ -22,6 +22,7 @@ pub fn grader(
     objective: &Objective,
     sets: &[&[Tokenized]],
     engine: Option<&EngineHandle>,
+    reward_models: &HashMap<String, Arc<dyn RewardScorer>>,
 ) -> Result<Option<Grader>, (String, String)> {
     let Some((spec, _)) = objective.grader() else {
         return Ok(None);
@@ -38,7 +39,11 @@ pub fn grader(
             .ok_or_else(|| "the serving engine is not running".to_string())?
             .grammars()
     };
-    graders::compile(spec, &field, &rows, &grammars).map(Some)
+    let res = Resources {
+        grammars: &grammars,
+        reward_models,
+    };
+    graders::compile(spec, &field, &rows, &res).map(Some)
 }
 
 /// Runs a GRPO job (on the training thread): the policy's rollouts are sampled by
@@ -54,9 +59,10 @@ pub fn run(
     eval: &[Tokenized],
     dir: &std::path::Path,
     ctl: &Control,
+    reward_models: &HashMap<String, Arc<dyn RewardScorer>>,
     emit: &mut dyn FnMut(TrainEvent),
 ) -> Result<Outcome, TrainError> {
-    let grader = grader(&spec.objective, &[train, eval], Some(engine))
+    let grader = grader(&spec.objective, &[train, eval], Some(engine), reward_models)
         .map_err(|(f, e)| TrainError::Label(format!("{f}: {e}")))?
         .ok_or_else(|| TrainError::Label("no grader".into()))?;
     let rollouts = EngineRollouts {

@@ -4,7 +4,10 @@
 
 use std::sync::Arc;
 
-use super::rl::{RolloutParams, Rollouts};
+use super::{
+    graders::RewardScorer,
+    rl::{RolloutParams, Rollouts},
+};
 use crate::{
     adapters::AdapterLease,
     engine::{EngineHandle, GenerationRequest, SamplingParams, StreamEvent, Task},
@@ -67,5 +70,41 @@ impl Rollouts for EngineRollouts {
             out.push(ids);
         }
         Ok(out)
+    }
+}
+
+/// A reward-model adapter scoring through the engine, as the Score RPC does: each sequence
+/// a prefill-only request in the engine's steps.
+pub struct EngineScorer {
+    pub engine: EngineHandle,
+    pub tenant: Arc<str>,
+    pub lease: AdapterLease,
+}
+
+impl RewardScorer for EngineScorer {
+    fn reward(&self, ids: &[u32]) -> Result<f32, String> {
+        let mut rx = self
+            .engine
+            .submit(GenerationRequest {
+                task: Task::Classify,
+                prompt_ids: ids.to_vec(),
+                params: SamplingParams::default(),
+                deadline: None,
+                adapter: Some(self.lease.clone()),
+                tenant: self.tenant.clone(),
+                constraint: None,
+            })
+            .map_err(|e| e.to_string())?;
+        let mut reward = None;
+        loop {
+            match rx.blocking_recv() {
+                Some(StreamEvent::Classified { logits }) => reward = logits.first().copied(),
+                Some(StreamEvent::Finished { .. }) => break,
+                Some(StreamEvent::Failed(e)) => return Err(e),
+                Some(_) => {}
+                None => return Err("the engine stopped".into()),
+            }
+        }
+        reward.ok_or_else(|| "the reward model gave no reward".into())
     }
 }

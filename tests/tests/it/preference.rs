@@ -243,6 +243,81 @@ async fn a_reward_model_job_scores_what_it_evaluated_and_round_trips_as_peft() {
         .await
         .expect_err("missing adapter");
     assert_eq!(e.code(), Code::NotFound);
+
+    // The reward model as a GRPO grader: σ(reward) through the engine. A missing or
+    // another tenant's adapter is NOT_FOUND, one that is not a reward model is refused.
+    let rows: String = (0..4)
+        .map(|i| format!("{{\"prompt\": \"{}\"}}\n", rows[i].0))
+        .collect();
+    let model = t.server.engine().expect("ready").model().clone();
+    let (cfg, w) = graft_tests::random_peft(&model, 1, 2);
+    t.client
+        .import_adapter("", "plain", cfg, w, false)
+        .await
+        .expect("a plain adapter");
+    let other = t.tenant("other").await;
+    for c in [&t.client, &other] {
+        c.upload_dataset("", "questions", "", rows.clone().into_bytes())
+            .await
+            .expect("prompts");
+    }
+    let by_rm = |name: &str| {
+        let mut j = grpo_job(
+            pb::Grader {
+                kind: Some(pb::grader::Kind::RewardModel(pb::RewardModelGrader {
+                    adapter: name.into(),
+                })),
+            },
+            2,
+        );
+        j.validation_dataset = String::new();
+        j.adapter_name = "rl-rm".into();
+        j
+    };
+    let e = other
+        .create_job(by_rm("rm"))
+        .await
+        .expect_err("another tenant's");
+    assert_eq!(e.code(), Code::NotFound, "{}", e.message());
+    let e = t
+        .client
+        .create_job(by_rm("nobody"))
+        .await
+        .expect_err("missing");
+    assert_eq!(e.code(), Code::NotFound, "{}", e.message());
+    let e = t
+        .client
+        .create_job(by_rm("plain"))
+        .await
+        .expect_err("not a reward model");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().starts_with("grpo.grader:") && e.message().contains("not a reward model"),
+        "{}",
+        e.message()
+    );
+    let created = t.client.create_job(by_rm("rm")).await.expect("create");
+    let (events, done) = tokio::time::timeout(
+        std::time::Duration::from_secs(300),
+        t.client.follow_job("", &created.id),
+    )
+    .await
+    .expect("in time")
+    .expect("watch");
+    assert_eq!(done.status, "succeeded", "{}", done.error);
+    let rewards: Vec<f64> = events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(pb::job_event::Event::Step(s)) => s.metrics.get("reward").copied(),
+            _ => None,
+        })
+        .collect();
+    assert!(!rewards.is_empty());
+    // σ of real-valued rewards: strictly between 0 and 1, and not a rule's 0, 0.5 or 1.
+    assert!(
+        rewards.iter().all(|&r| r > 0.0 && r < 1.0 && r != 0.5),
+        "{rewards:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
