@@ -783,7 +783,7 @@ async fn jobs(client: &GraftClient, tenant: &str, cmd: JobCmd, json: bool) -> an
         JobCmd::Watch { id } => job_cmd::watch(client, tenant, &id, json).await?,
         JobCmd::Plot { id, out, metrics } if !metrics.is_empty() => {
             let points = metric_points(client, tenant, &id, &metrics).await?;
-            let series: Vec<(&[(f64, f64)], &str, bool)> = points
+            let series: Vec<plot::Series<'_>> = points
                 .iter()
                 .zip(&metrics)
                 .map(|(p, m)| (&p[..], m.as_str(), false))

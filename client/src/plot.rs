@@ -51,13 +51,16 @@ const COLORS: [RGBColor; 4] = [
     RGBColor(214, 39, 40),
 ];
 
+/// One series of a plot: its (step, value) points, its label, whether each point gets a dot.
+pub type Series<'a> = (&'a [(f64, f64)], &'a str, bool);
+
 /// Draws `(points, label, marked)` series (step, value) into `out` (800 x 480 PNG) with
 /// `y` as the value axis' name; marked series get a dot per point. Returns the plotted
 /// ranges `(max step, min value, max value)`.
 pub fn series_png(
     title: &str,
     y: &str,
-    series: &[(&[(f64, f64)], &str, bool)],
+    series: &[Series<'_>],
     out: &Path,
 ) -> anyhow::Result<(f64, f64, f64)> {
     anyhow::ensure!(

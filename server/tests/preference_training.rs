@@ -92,7 +92,9 @@ fn losses_match_their_closed_forms() {
     fn sig(x: f64) -> f64 {
         1.0 / (1.0 + (-x).exp())
     }
-    let cases: [(DpoLoss, f64, f64, fn(f64, f64, f64) -> f64); 4] = [
+    /// (h, β, ε) -> the loss.
+    type Closed = fn(f64, f64, f64) -> f64;
+    let cases: [(DpoLoss, f64, f64, Closed); 4] = [
         (DpoLoss::Sigmoid, 0.1, 0.0, |h, b, _| -(sig(b * h)).ln()),
         (DpoLoss::Sigmoid, 0.5, 0.2, |h, b, e| {
             -(1.0 - e) * sig(b * h).ln() - e * sig(-b * h).ln()

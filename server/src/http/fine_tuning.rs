@@ -216,7 +216,7 @@ fn to_request(
         }
     }
     let h = hyper.unwrap_or_default();
-    let dpo = match (kind, h.beta.clone().and_then(Auto::value)) {
+    let dpo = match (kind, h.beta.and_then(Auto::value)) {
         ("dpo", beta) => Some(
             crate::grpc::job_request::dpo_settings(beta, "", None, "method.dpo.hyperparameters.")
                 .map_err(HttpError)?,

@@ -181,7 +181,7 @@ fn compile_inner(
                 Reference::Field(f) => {
                     if let Some(i) = rows
                         .iter()
-                        .position(|row| !row.get(f).is_some_and(|v| !v.is_null()))
+                        .position(|row| row.get(f).is_none_or(|v| v.is_null()))
                     {
                         return bad(
                             "reference",

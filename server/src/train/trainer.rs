@@ -676,9 +676,9 @@ impl Progress<'_> {
     /// end, or at each epoch's end).
     pub(super) fn eval_due(&self, spec: &TrainSpec, done: usize) -> bool {
         if spec.eval_every > 0 {
-            done % spec.eval_every == 0 || done == self.total
+            done.is_multiple_of(spec.eval_every) || done == self.total
         } else {
-            done % self.steps_per_epoch == 0
+            done.is_multiple_of(self.steps_per_epoch)
         }
     }
 
@@ -713,7 +713,7 @@ impl Progress<'_> {
             }
         }
         let stop_early = spec.patience > 0 && self.stale >= spec.patience;
-        if done % spec.checkpoint_every.max(1) == 0 || done == self.total || stop_early {
+        if done.is_multiple_of(spec.checkpoint_every.max(1)) || done == self.total || stop_early {
             checkpoint(
                 self.dir,
                 done,
