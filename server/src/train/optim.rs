@@ -149,6 +149,43 @@ pub fn collect(grads: &GradStore, vars: &[Var]) -> candle_core::Result<Vec<Tenso
         .collect()
 }
 
+/// Adds `grads` into the running sum `acc` (gradient accumulation over micro-batches).
+pub fn accumulate(acc: &mut Option<Vec<Tensor>>, grads: Vec<Tensor>) -> candle_core::Result<()> {
+    *acc = Some(match acc.take() {
+        None => grads,
+        Some(a) => a
+            .iter()
+            .zip(&grads)
+            .map(|(x, y)| x + y)
+            .collect::<candle_core::Result<_>>()?,
+    });
+    Ok(())
+}
+
+/// The mean of `n` accumulated gradients, scaled down to `max_norm` when above it (0: no
+/// clipping), and their global norm before clipping (not finite: the caller's NaN).
+pub fn mean_clipped(
+    acc: Option<Vec<Tensor>>,
+    n: usize,
+    max_norm: f64,
+) -> candle_core::Result<(Vec<Tensor>, f64)> {
+    let n = n.max(1) as f64;
+    let mut grads: Vec<Tensor> = acc
+        .unwrap_or_default()
+        .into_iter()
+        .map(|g| g / n)
+        .collect::<candle_core::Result<_>>()?;
+    let norm = global_norm(&grads)?;
+    if norm.is_finite() && max_norm > 0.0 && norm > max_norm {
+        let f = max_norm / (norm + 1e-6);
+        grads = grads
+            .into_iter()
+            .map(|g| g * f)
+            .collect::<candle_core::Result<_>>()?;
+    }
+    Ok((grads, norm))
+}
+
 /// Global L2 norm of `grads`.
 pub fn global_norm(grads: &[Tensor]) -> candle_core::Result<f64> {
     let mut s = 0f64;

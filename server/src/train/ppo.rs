@@ -344,17 +344,11 @@ pub fn train_ppo(
                     *acc += x;
                 }
                 updates += 1;
-                let mut grads = optim::collect(&loss.backward()?, &vars.vars())?;
-                norm = optim::global_norm(&grads)?;
+                let grads = optim::collect(&loss.backward()?, &vars.vars())?;
+                let (grads, n) = optim::mean_clipped(Some(grads), 1, spec.max_grad_norm)?;
+                norm = n;
                 if !norm.is_finite() {
                     return Err(TrainError::NanLoss { step: step + 1 });
-                }
-                if spec.max_grad_norm > 0.0 && norm > spec.max_grad_norm {
-                    let f = spec.max_grad_norm / (norm + 1e-6);
-                    grads = grads
-                        .into_iter()
-                        .map(|g| g * f)
-                        .collect::<candle_core::Result<_>>()?;
                 }
                 opt.apply(&grads, lr)?;
             }

@@ -260,31 +260,12 @@ pub fn train_grpo(
                     add_metrics(&mut sums, &m);
                 }
                 let grads = optim::collect(&loss.backward()?, &vars.vars())?;
-                acc = Some(match acc {
-                    None => grads,
-                    Some(a) => a
-                        .iter()
-                        .zip(&grads)
-                        .map(|(x, y)| x + y)
-                        .collect::<candle_core::Result<_>>()?,
-                });
+                optim::accumulate(&mut acc, grads)?;
             }
-            let n = groups.len().max(1) as f64;
-            let mut grads: Vec<Tensor> = acc
-                .unwrap_or_default()
-                .into_iter()
-                .map(|g| g / n)
-                .collect::<candle_core::Result<_>>()?;
-            norm = optim::global_norm(&grads)?;
+            let (grads, n) = optim::mean_clipped(acc, groups.len(), spec.max_grad_norm)?;
+            norm = n;
             if !norm.is_finite() {
                 return Err(TrainError::NanLoss { step: step + 1 });
-            }
-            if spec.max_grad_norm > 0.0 && norm > spec.max_grad_norm {
-                let f = spec.max_grad_norm / (norm + 1e-6);
-                grads = grads
-                    .into_iter()
-                    .map(|g| g * f)
-                    .collect::<candle_core::Result<_>>()?;
             }
             opt.apply(&grads, lr)?;
         }

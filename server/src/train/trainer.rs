@@ -579,31 +579,12 @@ pub fn train(
             }
             loss_sum += l;
             let grads = optim::collect(&loss.backward()?, &vars.vars())?;
-            acc = Some(match acc {
-                None => grads,
-                Some(a) => a
-                    .iter()
-                    .zip(&grads)
-                    .map(|(x, y)| x + y)
-                    .collect::<candle_core::Result<_>>()?,
-            });
+            optim::accumulate(&mut acc, grads)?;
         }
         let n = micros.len().max(1) as f64;
-        let mut grads: Vec<Tensor> = acc
-            .unwrap_or_default()
-            .into_iter()
-            .map(|g| g / n)
-            .collect::<candle_core::Result<_>>()?;
-        let norm = optim::global_norm(&grads)?;
+        let (grads, norm) = optim::mean_clipped(acc, micros.len(), spec.max_grad_norm)?;
         if !norm.is_finite() {
             return Err(TrainError::NanLoss { step: step + 1 });
-        }
-        if spec.max_grad_norm > 0.0 && norm > spec.max_grad_norm {
-            let f = spec.max_grad_norm / (norm + 1e-6);
-            grads = grads
-                .into_iter()
-                .map(|g| g * f)
-                .collect::<candle_core::Result<_>>()?;
         }
         let lr = lr_at(
             spec.learning_rate,
