@@ -48,6 +48,9 @@ pub struct JobArgs {
     /// DPO: cDPO's label smoothing in [0, 0.5).
     #[arg(long)]
     pub label_smoothing: Option<f64>,
+    /// Continue this LoRA adapter (NAME or NAME@VERSION), e.g. DPO after SFT.
+    #[arg(long)]
+    pub init_adapter: Option<String>,
     /// GRPO: completions per prompt (default 8).
     #[arg(long)]
     pub num_generations: Option<u32>,
@@ -211,6 +214,7 @@ impl JobArgs {
             loss_type,
             label_smoothing,
             num_generations,
+            init_adapter,
             kl_coef,
             target_kl,
             ppo_epochs,
@@ -366,6 +370,7 @@ impl JobArgs {
                     ..Default::default()
                 }),
             },
+            init_adapter: a.init_adapter.clone().unwrap_or_default(),
             train_lm_head: a.train_lm_head.unwrap_or(false),
             hyperparameters: Some(proto::Hyperparameters {
                 epochs: a.epochs,

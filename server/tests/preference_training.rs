@@ -177,10 +177,12 @@ fn dpo_starts_at_the_reference_and_stores_it_once() {
     let m = tiny();
     let (train, held) = pairs_of(&m);
     let dir = tempfile::tempdir().expect("dir");
-    let refs = References::load_or_compute(&m, &train, &held, 4, 0, dir.path()).expect("refs");
+    let refs =
+        References::load_or_compute(&m, None, &train, &held, 4, 0, dir.path()).expect("refs");
     assert_eq!((refs.train.len(), refs.eval.len()), (30, 10));
     assert!(refs.train.iter().all(|r| r[0] < 0.0 && r[1] < 0.0));
-    let again = References::load_or_compute(&m, &train, &held, 4, 0, dir.path()).expect("read");
+    let again =
+        References::load_or_compute(&m, None, &train, &held, 4, 0, dir.path()).expect("read");
     assert_eq!(again.train, refs.train);
     assert_eq!(again.eval, refs.eval);
     let objective = dpo(0.1, DpoLoss::Sigmoid, 0.0);

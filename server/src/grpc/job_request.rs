@@ -443,6 +443,7 @@ pub(crate) fn job_from(req: &pb::CreateJobRequest) -> Result<NewJob, ApiError> {
             loss_on_all,
             reject_too_long: h.reject_too_long,
             warmup_ratio: ratio,
+            init_adapter: (!req.init_adapter.is_empty()).then(|| req.init_adapter.clone()),
         },
     })
 }

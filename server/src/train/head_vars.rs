@@ -119,6 +119,9 @@ impl Trainable for HeadVars {
     fn set_dropout_seed(&self, seed: u64) {
         self.inner.set_dropout_seed(seed);
     }
+    fn start_from(&self, adapter: &crate::model::Adapter) -> Result<(), String> {
+        self.inner.start_from(adapter)
+    }
     fn labels(&self) -> Option<&[String]> {
         match &self.kind {
             Kind::Class { labels } => Some(labels),

@@ -117,6 +117,10 @@ pub struct JobSpec {
     pub reject_too_long: bool,
     /// Warm-up as a fraction of all steps (used when `train.warmup_steps` is 0).
     pub warmup_ratio: f64,
+    /// The LoRA adapter version the job continues (`name@version`, fixed at CreateJob);
+    /// its settings are the job's.
+    #[serde(default)]
+    pub init_adapter: Option<String>,
 }
 
 impl JobSpec {
@@ -238,6 +242,62 @@ impl TrainingService {
             );
         }
         Ok(out)
+    }
+
+    /// A job continuing an adapter (`init_adapter`): the tenant's LoRA version (a missing
+    /// or another tenant's is NOT_FOUND), whose rank, alpha, targets and rsLoRA become the
+    /// job's; the name is pinned to its version so a resumed job starts from the same one.
+    async fn adopt_init_adapter(
+        &self,
+        tenant: &str,
+        spec: &mut JobSpec,
+    ) -> Result<(), TrainingError> {
+        let Some(name) = spec.init_adapter.clone() else {
+            return Ok(());
+        };
+        let r: crate::adapters::AdapterRef = name
+            .parse()
+            .map_err(|e: String| invalid("init_adapter", e))?;
+        let lease = self.registry.lease(tenant, &r).await.map_err(|e| match e {
+            crate::adapters::RegistryError::NotFound(_) => {
+                TrainingError::NotFound(format!("init_adapter {name}"))
+            }
+            other => TrainingError::Registry(other),
+        })?;
+        if spec.train.method != MethodSpec::Lora {
+            return Err(invalid(
+                "init_adapter",
+                format!(
+                    "continues a LoRA adapter; the method is {}",
+                    spec.train.method.name()
+                ),
+            ));
+        }
+        match &lease.row.details {
+            Details::Lora {
+                rank,
+                alpha,
+                target_modules,
+                use_rslora,
+                use_dora: false,
+            } if lease.row.head.is_none() && !lease.row.lm_head => {
+                spec.train.rank = *rank;
+                spec.train.alpha = *alpha;
+                spec.train.targets = target_modules.clone();
+                spec.train.use_rslora = *use_rslora;
+                spec.train.use_dora = false;
+            }
+            _ => {
+                return Err(invalid(
+                    "init_adapter",
+                    format!(
+                        "{name} is not a plain LoRA adapter (DoRA, heads and other methods cannot be continued)"
+                    ),
+                ))
+            }
+        }
+        spec.init_adapter = Some(format!("{}@{}", lease.row.name, lease.row.version));
+        Ok(())
     }
 
     /// Gives online-RL jobs the serving engine to sample with (once, at start).
@@ -412,6 +472,7 @@ impl TrainingService {
     /// so a job whose result would not fit is refused now, not after hours of work.
     pub async fn create_job(&self, tenant: &str, job: NewJob) -> Result<JobRow, TrainingError> {
         let mut job = job;
+        self.adopt_init_adapter(tenant, &mut job.spec).await?;
         job.spec.train.method.resolve(self.model.config());
         if let MethodSpec::Full(sel) = &mut job.spec.train.method {
             sel.tied = self.model.llama.weights.tied();
@@ -837,9 +898,29 @@ impl TrainingService {
         let (etx, mut erx) = mpsc::unbounded_channel::<TrainEvent>();
         let model = self.model.clone();
         let threads = self.cfg.training_threads.max(1);
+        let init = match &spec.init_adapter {
+            Some(name) => {
+                let r: crate::adapters::AdapterRef = name
+                    .parse()
+                    .map_err(|e: String| invalid("init_adapter", e))?;
+                let lease = self
+                    .registry
+                    .lease(&job.tenant, &r)
+                    .await
+                    .map_err(|e| match e {
+                        crate::adapters::RegistryError::NotFound(_) => {
+                            TrainingError::NotFound(format!("init_adapter {name}"))
+                        }
+                        other => TrainingError::Registry(other),
+                    })?;
+                Some(Arc::new(lease.adapter().clone()))
+            }
+            None => None,
+        };
         let ctl = Control {
             cancel,
             keep_checkpoints: self.cfg.keep_checkpoints,
+            init,
         };
         let train_spec = spec.train.clone();
         let engine = self.engine.get().cloned();

@@ -184,6 +184,43 @@ impl LoraVars {
 }
 
 impl Trainable for LoraVars {
+    /// A and B of every target from the adapter's LoRA pairs (PEFT's scale included in
+    /// them already, so the scales must agree); the targets must be the same.
+    fn start_from(&self, adapter: &Adapter) -> Result<(), String> {
+        if self.use_dora {
+            return Err("a DoRA adapter cannot be continued".into());
+        }
+        for (l, layer) in self.layers.iter().enumerate() {
+            for (m, pair) in layer.iter().enumerate() {
+                let delta = adapter.linear.get(l).and_then(|d| d[m].as_ref());
+                match (pair, delta) {
+                    (None, None) => {}
+                    (Some(p), Some(LinearDelta::Lora(d))) => {
+                        if (d.scale as f64 - p.scale).abs() > 1e-6 * p.scale.abs().max(1.0) {
+                            return Err(format!(
+                                "layer {l} module {m}: scale {} against the job's {}",
+                                d.scale, p.scale
+                            ));
+                        }
+                        let dev = Device::Cpu;
+                        let a = Tensor::from_slice(&d.a, (d.rank, d.in_features), &dev)
+                            .map_err(|e| e.to_string())?;
+                        let b = Tensor::from_slice(&d.b_t, (d.rank, d.out_features), &dev)
+                            .and_then(|t| t.t()?.contiguous())
+                            .map_err(|e| e.to_string())?;
+                        if a.dims() != p.a.dims() || b.dims() != p.b.dims() {
+                            return Err(format!("layer {l} module {m}: shapes differ"));
+                        }
+                        p.a.set(&a).map_err(|e| e.to_string())?;
+                        p.b.set(&b).map_err(|e| e.to_string())?;
+                    }
+                    _ => return Err(format!("layer {l} module {m}: not a LoRA pair of both")),
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Layer by layer, module by module, A then B.
     fn vars(&self) -> Vec<Var> {
         self.layers

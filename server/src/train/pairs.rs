@@ -71,10 +71,11 @@ pub struct References {
 const REFERENCES_FILE: &str = "reference_logps.safetensors";
 
 impl References {
-    /// Reads the job's stored references, or computes them with the base (the adapter off)
-    /// and stores them first.
+    /// Reads the job's stored references, or computes them with `reference` (none: the
+    /// base, the adapter off) and stores them first.
     pub fn load_or_compute(
         model: &BaseModel,
+        reference: Option<&dyn Trainable>,
         train: &[Tokenized],
         eval: &[Tokenized],
         batch: usize,
@@ -108,7 +109,7 @@ impl References {
             for chunk in set.chunks(batch.max(1)) {
                 let rows: Vec<&Tokenized> = chunk.iter().collect();
                 let b = pair_batch(&rows, pad)?;
-                let lp = sequence_logps(model, None, &b.seqs)?.to_vec1::<f32>()?;
+                let lp = sequence_logps(model, reference, &b.seqs)?.to_vec1::<f32>()?;
                 let (c, r) = lp.split_at(b.pairs);
                 out.extend(c.iter().zip(r).map(|(&c, &r)| [c, r]));
             }

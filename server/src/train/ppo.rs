@@ -106,6 +106,9 @@ impl Trainable for WithValue {
     fn export(&self) -> candle_core::Result<Parsed> {
         self.inner.export()
     }
+    fn start_from(&self, adapter: &crate::model::Adapter) -> Result<(), String> {
+        self.inner.start_from(adapter)
+    }
 }
 
 /// Generalised advantage estimation over one completion's per-token `rewards` and
@@ -193,7 +196,7 @@ pub fn train_ppo(
     ctl: &Control,
     emit: &mut dyn FnMut(TrainEvent),
 ) -> Result<Outcome, TrainError> {
-    let inner = trainable::init(model, spec)?;
+    let inner = trainable::start(model, spec, ctl.init.as_deref())?;
     let mut vars = WithValue::init(inner, model.config().hidden_size, spec.seed)?;
     let mut opt = AdamW::new(vars.vars(), spec.weight_decay)?;
     let pad = model.tokenizer.eos_ids.first().copied().unwrap_or(0);

@@ -132,7 +132,7 @@ pub fn train_grpo(
     ctl: &Control,
     emit: &mut dyn FnMut(TrainEvent),
 ) -> Result<Outcome, TrainError> {
-    let mut vars = trainable::init(model, spec)?;
+    let mut vars = trainable::start(model, spec, ctl.init.as_deref())?;
     let mut opt = AdamW::new(vars.vars(), spec.weight_decay)?;
     let pad = model.tokenizer.eos_ids.first().copied().unwrap_or(0);
     let per_epoch = train.len().div_ceil(spec.batch_size.max(1));

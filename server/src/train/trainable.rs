@@ -20,7 +20,7 @@ use super::{
 };
 use crate::{
     adapters::formats::{Details, Parsed},
-    model::{adapter::TensorAdapter, BaseModel, Llama},
+    model::{adapter::TensorAdapter, Adapter, BaseModel, Llama},
 };
 
 pub trait Trainable: TensorAdapter + Send {
@@ -45,6 +45,12 @@ pub trait Trainable: TensorAdapter + Send {
         None
     }
 
+    /// Sets the method's parameters to a stored adapter's (a job's `init_adapter`); the
+    /// error says why they do not fit. Only LoRA can start from an adapter.
+    fn start_from(&self, _adapter: &Adapter) -> Result<(), String> {
+        Err("only LoRA parameters can start from an adapter".into())
+    }
+
     /// Named tensors (for checkpoints).
     fn tensors(&self) -> HashMap<String, Tensor> {
         self.names()
@@ -64,6 +70,21 @@ pub trait Trainable: TensorAdapter + Send {
         }
         Ok(())
     }
+}
+
+/// The spec's parameters as a run starts them: fresh ([`init`]), then set to `from`'s when
+/// the job continues an adapter.
+pub fn start(
+    model: &BaseModel,
+    spec: &TrainSpec,
+    from: Option<&Adapter>,
+) -> Result<Box<dyn Trainable>, super::trainer::TrainError> {
+    let vars = init(model, spec)?;
+    if let Some(a) = from {
+        vars.start_from(a)
+            .map_err(|e| super::trainer::TrainError::Checkpoint(format!("init_adapter: {e}")))?;
+    }
+    Ok(vars)
 }
 
 /// Fresh parameters of the spec's method alone.

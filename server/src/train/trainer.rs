@@ -373,6 +373,9 @@ pub struct Control {
     pub cancel: Arc<AtomicBool>,
     /// Checkpoints kept on disk at once (the newest ones; at least 1).
     pub keep_checkpoints: usize,
+    /// The adapter version the method's parameters start from (`init_adapter`), instead of
+    /// their fresh initialisation; a checkpoint, when there is one, still wins.
+    pub init: Option<Arc<crate::model::Adapter>>,
 }
 
 impl Default for Control {
@@ -380,6 +383,7 @@ impl Default for Control {
         Self {
             cancel: Arc::default(),
             keep_checkpoints: 1,
+            init: None,
         }
     }
 }
@@ -506,13 +510,30 @@ pub fn train(
             "an online objective samples with the serving engine (train::rl)".into(),
         ));
     }
-    let mut vars = trainable::init(model, spec)?;
+    let mut vars = trainable::start(model, spec, ctl.init.as_deref())?;
     let classes = vars.labels().map(Classes::new);
     let mut opt = AdamW::new(vars.vars(), spec.weight_decay)?;
     let pad = model.tokenizer.eos_ids.first().copied().unwrap_or(0);
     let micro_per_epoch = train_set.len().div_ceil(spec.batch_size.max(1));
     let steps_per_epoch = micro_per_epoch.div_ceil(spec.grad_accum.max(1));
     let total = steps_per_epoch * spec.epochs;
+    // Before any checkpoint is loaded: with `init`, the parameters as they start; the
+    // dropout of training off.
+    vars.set_train(false);
+    let refs = match spec.objective {
+        // The reference: the base, or the adapter the job continues, frozen (the
+        // parameters as they start).
+        Objective::Dpo(_) => Some(References::load_or_compute(
+            model,
+            ctl.init.is_some().then_some(vars.as_ref()),
+            train_set,
+            eval_set,
+            spec.batch_size,
+            pad,
+            ckpt_dir,
+        )?),
+        _ => None,
+    };
     let (start_step, best_eval, stale) = resume(ckpt_dir, vars.as_ref(), &mut opt)?;
     let mut progress = Progress {
         spec,
@@ -521,17 +542,6 @@ pub fn train(
         steps_per_epoch,
         best_eval,
         stale,
-    };
-    let refs = match spec.objective {
-        Objective::Dpo(_) => Some(References::load_or_compute(
-            model,
-            train_set,
-            eval_set,
-            spec.batch_size,
-            pad,
-            ckpt_dir,
-        )?),
-        _ => None,
     };
     let started = Instant::now();
     let mut tokens_done = 0usize;

@@ -454,6 +454,7 @@ async fn a_dpo_job_reports_trls_metrics_and_its_adapter_generates() {
         steps[0]
     );
     assert!(steps[0].metrics["rewards/margins"].abs() < 1e-4);
+    let base_first_logps = steps[0].metrics["logps/chosen"];
     // The result is an ordinary adapter: it generates at once, with no head.
     let v = t
         .client
@@ -473,6 +474,70 @@ async fn a_dpo_job_reports_trls_metrics_and_its_adapter_generates() {
         .await
         .expect("generate");
     assert!(!out.token_ids.is_empty());
+    // DPO continuing an SFT adapter: its reference is that adapter, frozen, so the first
+    // step is at ln 2 again although the policy is not the base.
+    let sft = t
+        .client
+        .create_job(pb::CreateJobRequest {
+            dataset: "sft".into(),
+            validation_dataset: String::new(),
+            hyperparameters: Some(pb::Hyperparameters {
+                epochs: Some(4),
+                learning_rate: Some(5e-2),
+                ..job("sft", "sft-base").hyperparameters.expect("h")
+            }),
+            ..job("sft", "sft-base")
+        })
+        .await
+        .expect("sft job");
+    let (_, done) = t.client.follow_job("", &sft.id).await.expect("sft");
+    assert_eq!(done.status, "succeeded", "{}", done.error);
+    for (req, code, want) in [
+        (
+            pb::CreateJobRequest {
+                init_adapter: "nobody".into(),
+                ..job("dpo", "cont")
+            },
+            Code::NotFound,
+            "init_adapter nobody",
+        ),
+        (
+            pb::CreateJobRequest {
+                init_adapter: "sft-base".into(),
+                method: "ia3".into(),
+                method_config: None,
+                ..job("dpo", "cont")
+            },
+            Code::InvalidArgument,
+            "init_adapter:",
+        ),
+    ] {
+        let e = t.client.create_job(req).await.expect_err(want);
+        assert_eq!(e.code(), code, "{}", e.message());
+        assert!(e.message().contains(want), "{}", e.message());
+    }
+    let created = t
+        .client
+        .create_job(pb::CreateJobRequest {
+            init_adapter: "sft-base".into(),
+            ..job("dpo", "cont")
+        })
+        .await
+        .expect("dpo from sft");
+    let (steps, _) = last_eval(&t, &created.id).await;
+    assert!(
+        (steps[0].train_loss - std::f64::consts::LN_2).abs() < 1e-4,
+        "{:?}",
+        steps[0]
+    );
+    // The policy is the SFT adapter, not the base: its log-probabilities differ from those
+    // of the job that started from the base.
+    assert!(
+        (steps[0].metrics["logps/chosen"] - base_first_logps).abs() > 1e-3,
+        "{} vs {base_first_logps}",
+        steps[0].metrics["logps/chosen"]
+    );
+
     // It has no head to score with.
     let e = t
         .client
