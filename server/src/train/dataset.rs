@@ -584,6 +584,22 @@ pub fn validate_reader(
             problems.push(p);
             continue;
         }
+        // Prompt rows (no answers) and rows with answers do not mix: a prompt/completion
+        // line without its completion is a missing field, not a prompt.
+        let prompts = seen_format == Some(Format::Prompts);
+        if e.fields.is_some() != prompts {
+            let format = seen_format.map_or("", Format::name);
+            problems.push(problem(
+                line_no,
+                "mixed formats",
+                if prompts {
+                    "this row has an answer; a prompts dataset has prompts only".to_string()
+                } else {
+                    format!("\"completion\" is required for the {format} format")
+                },
+            ));
+            continue;
+        }
         match tokenize_one(&e, tk, max_seq_len, Overflow::Truncate) {
             Ok(t) => stats.add(&t),
             Err(p) => problems.push(p),
@@ -940,5 +956,27 @@ mod tests {
             .expect("io")
             .expect("two good lines");
         assert_eq!(ok.stats.examples, 2);
+    }
+
+    #[test]
+    fn prompt_rows_and_rows_with_answers_do_not_mix() {
+        let tk = tiny_tokenizer();
+        let check =
+            |text: &str| validate_reader(text.as_bytes(), None, &render, &tk, 64).expect("io");
+        let p = check("{\"prompt\":\"a\",\"completion\":\"b\"}\n{\"prompt\":\"c\"}\n")
+            .expect_err("a completion is missing");
+        assert_eq!((p[0].line, p[0].kind), (2, "mixed formats"));
+        assert!(
+            p[0].detail.contains("\"completion\" is required"),
+            "{}",
+            p[0]
+        );
+        let p =
+            check("{\"prompt\":\"a\",\"answer\":\"x\"}\n{\"prompt\":\"c\",\"completion\":\"d\"}\n")
+                .expect_err("an answer in a prompts dataset");
+        assert_eq!((p[0].line, p[0].kind), (2, "mixed formats"));
+        let ok =
+            check("{\"prompt\":\"a\",\"answer\":\"x\"}\n{\"prompt\":\"c\"}\n").expect("prompts");
+        assert_eq!((ok.format, ok.stats.examples), (Format::Prompts, 2));
     }
 }
