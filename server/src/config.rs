@@ -57,6 +57,10 @@ pub struct Settings {
     /// Prompt tokens one sequence prefills in one step at most.
     #[arg(long, env = "GRAFT_PREFILL_CHUNK")]
     pub prefill_chunk: Option<usize>,
+    /// Prompt tokens of background work (RL jobs' rollouts) in one step at most while
+    /// interactive requests run.
+    #[arg(long, env = "GRAFT_BACKGROUND_PREFILL")]
+    pub background_prefill: Option<usize>,
     /// MiB of KV memory for every running sequence and cached prompt prefix together
     /// (default: a quarter of the machine's memory). A request that could never fit is
     /// refused; when running sequences fill it, the newest waits (preempted).
@@ -261,6 +265,10 @@ impl Settings {
                     .prefill_chunk
                     .or(file.prefill_chunk)
                     .unwrap_or(d.limits.prefill_chunk),
+                background_prefill: self
+                    .background_prefill
+                    .or(file.background_prefill)
+                    .unwrap_or(d.limits.background_prefill),
             },
             kv_cache_bytes: self
                 .kv_cache_mb
@@ -280,6 +288,10 @@ impl Settings {
         anyhow::ensure!(
             engine.limits.prefill_chunk >= 1,
             "prefill_chunk must be at least 1"
+        );
+        anyhow::ensure!(
+            engine.limits.background_prefill >= 1,
+            "background_prefill must be at least 1"
         );
         let log_format = self
             .log_format

@@ -300,6 +300,7 @@ async fn load_and_warm(
         adapter: None,
         tenant: "graftd-warm-up".into(),
         constraint: None,
+        background: false,
     })?;
     loop {
         match rx.recv().await {

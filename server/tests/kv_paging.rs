@@ -54,6 +54,7 @@ fn request(tenant: &str, prompt: Vec<u32>, max_new: u32, seed: u64) -> Generatio
         adapter: None,
         tenant: tenant.into(),
         constraint: None,
+        background: false,
     }
 }
 

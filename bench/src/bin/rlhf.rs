@@ -39,6 +39,9 @@ struct Args {
     fixtures: PathBuf,
     #[arg(long, default_value_t = 4)]
     steps: usize,
+    /// Only part 3 (serving beside a GRPO job).
+    #[arg(long)]
+    serving_only: bool,
 }
 
 /// The engine's sampling, timed.
@@ -142,6 +145,7 @@ fn streams(engine: &EngineHandle, m: &BaseModel) -> Vec<f64> {
                     adapter: None,
                     tenant: format!("user-{i}").into(),
                     constraint: None,
+                    background: false,
                 })
                 .expect("submit")
         })
@@ -191,22 +195,27 @@ fn main() {
         m.name, a.steps
     );
 
-    for (name, objective) in [
-        (
-            "reward model",
-            Objective::RewardModel {
-                center_rewards_coefficient: 0.0,
-            },
-        ),
-        (
-            "dpo",
-            Objective::Dpo(DpoSettings {
-                beta: 0.1,
-                loss_type: DpoLoss::Sigmoid,
-                label_smoothing: 0.0,
-            }),
-        ),
-    ] {
+    let offline = if a.serving_only {
+        vec![]
+    } else {
+        vec![
+            (
+                "reward model",
+                Objective::RewardModel {
+                    center_rewards_coefficient: 0.0,
+                },
+            ),
+            (
+                "dpo",
+                Objective::Dpo(DpoSettings {
+                    beta: 0.1,
+                    loss_type: DpoLoss::Sigmoid,
+                    label_smoothing: 0.0,
+                }),
+            ),
+        ]
+    };
+    for (name, objective) in offline {
         let s = spec(objective, 4, a.steps, pairs.len());
         let d = dir();
         let (tps, secs) = pool.install(|| {
@@ -280,14 +289,19 @@ fn main() {
         max_new_tokens: 24,
         grader: grader.clone(),
     };
-    for (name, objective, batch) in [
-        (
-            "grpo (4 prompts x 4 completions)",
-            Objective::Grpo(grpo.clone()),
-            4,
-        ),
-        ("ppo (8 prompts, 4 epochs)", Objective::Ppo(ppo.clone()), 8),
-    ] {
+    let online = if a.serving_only {
+        vec![]
+    } else {
+        vec![
+            (
+                "grpo (4 prompts x 4 completions)",
+                Objective::Grpo(grpo.clone()),
+                4,
+            ),
+            ("ppo (8 prompts, 4 epochs)", Objective::Ppo(ppo), 8),
+        ]
+    };
+    for (name, objective, batch) in online {
         let s = spec(objective, batch, a.steps, prompts.len());
         let d = dir();
         *timed.seconds.lock().expect("lock") = 0.0;
@@ -315,7 +329,10 @@ fn main() {
     }
 
     // Serving beside an RL job.
-    let alone = streams(&engine, &m);
+    let mut alone = Vec::new();
+    for _ in 0..3 {
+        alone.extend(streams(&engine, &m));
+    }
     let s = spec(Objective::Grpo(grpo), 4, 1000, prompts.len());
     let d = dir();
     let stop = Control::default();
@@ -348,7 +365,7 @@ fn main() {
         h.join().expect("job").expect("train");
         during
     });
-    let (mut alone, mut during) = (alone, job);
+    let mut during = job;
     let (a50, a99) = (pct(&mut alone, 0.5), pct(&mut alone, 0.99));
     let (d50, d99) = (pct(&mut during, 0.5), pct(&mut during, 0.99));
     println!(

@@ -342,6 +342,7 @@ pub async fn admit(
             adapter: adapter.clone(),
             tenant: tenant.into(),
             constraint: constraint.clone(),
+            background: false,
         })?;
         admitted.push(Admitted {
             events,

@@ -87,6 +87,7 @@ impl Default for EngineConfig {
             limits: StepLimits {
                 max_batch_tokens: 512,
                 prefill_chunk: 256,
+                background_prefill: 32,
             },
         }
     }
@@ -115,6 +116,9 @@ pub struct GenerationRequest {
     pub tenant: Arc<str>,
     /// Structured output: the compiled constraint its tokens must satisfy.
     pub constraint: Option<constraint::Constraint>,
+    /// Background work no one reads token by token (an RL job's rollouts and their
+    /// rewards): its prompt yields to interactive requests' (`StepLimits::background_prefill`).
+    pub background: bool,
 }
 
 /// Why a sequence ended.

@@ -25,7 +25,7 @@ use super::{
     fair::FairQueue,
     output::TextOutput,
     sampler::Sampler,
-    scheduler::{plan_step, SeqPhase, StepPlan},
+    scheduler::{plan_step, SeqPhase, Slot, StepPlan},
     EngineConfig, FinishReason, Shared, StreamEvent, Submission, Timings, Usage,
 };
 use crate::{
@@ -64,6 +64,8 @@ struct Sequence {
     tenant: Arc<str>,
     /// Classified (prefill only, one answer), not continued.
     classify: bool,
+    /// Background work: its prefill yields to interactive sequences (`scheduler`).
+    background: bool,
     done: bool,
 }
 
@@ -299,6 +301,7 @@ impl EngineLoop {
             adapter: req.adapter,
             tenant: req.tenant,
             classify: req.task == super::Task::Classify,
+            background: req.background,
             done: false,
         }
     }
@@ -363,7 +366,16 @@ impl EngineLoop {
                 return None;
             }
             let phases: Vec<SeqPhase> = self.active.iter().map(Sequence::phase).collect();
-            let mut plan = plan_step(&phases, self.cfg.limits);
+            let slots: Vec<Slot> = self
+                .active
+                .iter()
+                .zip(&phases)
+                .map(|(s, &phase)| Slot {
+                    phase,
+                    background: s.background,
+                })
+                .collect();
+            let mut plan = plan_step(&slots, self.cfg.limits);
             let mut short = false;
             for &(i, n) in &plan.items {
                 if phases[i] == SeqPhase::NEXT {

@@ -101,6 +101,7 @@ impl GenerationService {
                 adapter: Some(lease.clone()),
                 tenant: tenant.clone().into(),
                 constraint: None,
+                background: false,
             })?);
         }
         let mut results = Vec::with_capacity(pending.len());
@@ -160,6 +161,7 @@ impl GenerationService {
                 adapter: Some(lease.clone()),
                 tenant: tenant.clone().into(),
                 constraint: None,
+                background: false,
             })?);
         }
         let mut results = Vec::with_capacity(pending.len());

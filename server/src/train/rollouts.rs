@@ -48,6 +48,7 @@ impl Rollouts for EngineRollouts {
                         adapter: Some(lease.clone()),
                         tenant: self.tenant.clone(),
                         constraint: None,
+                        background: true,
                     })
                     .map_err(|e| e.to_string())?,
             );
@@ -93,6 +94,7 @@ impl RewardScorer for EngineScorer {
                 adapter: Some(self.lease.clone()),
                 tenant: self.tenant.clone(),
                 constraint: None,
+                background: true,
             })
             .map_err(|e| e.to_string())?;
         let mut reward = None;
