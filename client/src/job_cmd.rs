@@ -75,6 +75,10 @@ pub struct JobArgs {
     /// weighted (graders: [{weight, grader}]).
     #[arg(long)]
     pub grader: Option<String>,
+    /// SFT and DPO: evaluate by grading the adapter's greedy answers (--max-new-tokens at
+    /// most) to the validation dataset's prompts; the grader as JSON, as --grader.
+    #[arg(long)]
+    pub eval_grader: Option<String>,
     /// Classification: the head's labels in output order, comma-separated (default: the
     /// dataset's labels sorted).
     #[arg(long, value_delimiter = ',')]
@@ -221,6 +225,7 @@ impl JobArgs {
             max_new_tokens,
             temperature,
             grader,
+            eval_grader,
             train_lm_head,
             rank,
             alpha,
@@ -369,6 +374,17 @@ impl JobArgs {
                     )?),
                     ..Default::default()
                 }),
+            },
+            eval_grader: match &a.eval_grader {
+                Some(g) => Some(proto::EvalGrader {
+                    grader: Some(grader_of(
+                        &serde_json::from_str(g)
+                            .map_err(|e| anyhow::anyhow!("--eval-grader is not JSON: {e}"))?,
+                    )?),
+                    temperature: None,
+                    max_new_tokens: a.max_new_tokens,
+                }),
+                None => None,
             },
             init_adapter: a.init_adapter.clone().unwrap_or_default(),
             train_lm_head: a.train_lm_head.unwrap_or(false),

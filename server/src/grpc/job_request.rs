@@ -9,7 +9,7 @@ use crate::{
     adapters::formats::BnSettings,
     model::{bottleneck::Activation, lora::Module},
     train::{
-        graders::{GraderSpec, LengthUnit, Weighted},
+        graders::{EvalGrader, GraderSpec, LengthUnit, Weighted},
         jobs::{JobSpec, NewJob},
         methods::{Encoder, FullSelection, MethodSpec, PromptInit},
         optim::Schedule,
@@ -407,6 +407,7 @@ pub(crate) fn job_from(req: &pb::CreateJobRequest) -> Result<NewJob, ApiError> {
         }
     };
     let objective = objective_from(req)?;
+    let eval_grader = eval_grader_from(req.eval_grader.as_ref(), &objective, &method)?;
     let train = TrainSpec {
         objective,
         train_lm_head: req.train_lm_head,
@@ -444,8 +445,47 @@ pub(crate) fn job_from(req: &pb::CreateJobRequest) -> Result<NewJob, ApiError> {
             reject_too_long: h.reject_too_long,
             warmup_ratio: ratio,
             init_adapter: (!req.init_adapter.is_empty()).then(|| req.init_adapter.clone()),
+            eval_grader,
         },
     })
+}
+
+/// An offline job's graded evaluation with its defaults (greedy, 64 new tokens).
+fn eval_grader_from(
+    e: Option<&pb::EvalGrader>,
+    objective: &Objective,
+    method: &MethodSpec,
+) -> Result<Option<EvalGrader>, ApiError> {
+    let Some(e) = e else { return Ok(None) };
+    if matches!(method, MethodSpec::Full(_)) {
+        return Err(ApiError::invalid(
+            "eval_grader",
+            "a full fine-tuning job's model is not sampled while it trains; grade the result once it is served",
+        ));
+    }
+    if !matches!(objective, Objective::Sft | Objective::Dpo(_)) {
+        let why = if objective.online() {
+            format!(
+                "a {0} job is evaluated by its own grader ({0}.grader)",
+                objective.name()
+            )
+        } else {
+            format!("a {} job does not generate", objective.name())
+        };
+        return Err(ApiError::invalid("eval_grader", why));
+    }
+    let temperature = e.temperature.unwrap_or(0.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::invalid(
+            "eval_grader.temperature",
+            format!("{temperature} is outside [0, 2] (0: greedy)"),
+        ));
+    }
+    Ok(Some(EvalGrader {
+        grader: grader_spec(e.grader.as_ref(), "eval_grader.grader")?,
+        temperature,
+        max_new_tokens: new_tokens_bound(e.max_new_tokens, "eval_grader.max_new_tokens")?,
+    }))
 }
 
 /// The objective a request names; a classification job's labels are checked here for
@@ -658,14 +698,17 @@ fn rollout_sampling(
             format!("{top_p} is outside (0, 1]"),
         ));
     }
-    let max_new_tokens = max_new_tokens.unwrap_or(64);
-    if !(1..=1024).contains(&max_new_tokens) {
-        return Err(ApiError::invalid(
-            format!("{prefix}max_new_tokens"),
-            format!("{max_new_tokens}; give 1 to 1024"),
-        ));
-    }
+    let max_new_tokens = new_tokens_bound(max_new_tokens, &format!("{prefix}max_new_tokens"))?;
     Ok((temperature, top_p, max_new_tokens))
+}
+
+/// A sampled answer's length bound: default 64, at most 1024.
+fn new_tokens_bound(n: Option<u32>, field: &str) -> Result<u32, ApiError> {
+    let n = n.unwrap_or(64);
+    if !(1..=1024).contains(&n) {
+        return Err(ApiError::invalid(field, format!("{n}; give 1 to 1024")));
+    }
+    Ok(n)
 }
 
 /// A grader as the domain's spec; only what the wire form cannot say is checked here.

@@ -17,6 +17,16 @@ use serde_json::{Map, Value};
 use crate::engine::constraint::{ConstraintSpec, Grammars};
 
 /// How a grader is given (stored with the job).
+/// Graded generations as an offline job's evaluation (`CreateJob.eval_grader`): the
+/// adapter answers each validation prompt, the grader scores the answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalGrader {
+    pub grader: GraderSpec,
+    /// 0: greedy.
+    pub temperature: f32,
+    pub max_new_tokens: u32,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum GraderSpec {

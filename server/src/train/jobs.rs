@@ -121,12 +121,21 @@ pub struct JobSpec {
     /// its settings are the job's.
     #[serde(default)]
     pub init_adapter: Option<String>,
+    /// An offline job's evaluation by a grader, on a validation dataset of prompts.
+    #[serde(default)]
+    pub eval_grader: Option<super::graders::EvalGrader>,
 }
 
 impl JobSpec {
     /// A stored job's spec; `None` when the row's JSON cannot be read.
     pub fn of(row: &JobRow) -> Option<Self> {
         serde_json::from_str(&row.spec).ok()
+    }
+
+    /// The grader the job runs and the request's field that gave it: an online
+    /// objective's, or an offline job's `eval_grader`.
+    pub fn grader(&self) -> Option<(&super::graders::GraderSpec, String)> {
+        super::rl_job::job_grader(&self.train.objective, self.eval_grader.as_ref())
     }
 }
 
@@ -207,13 +216,12 @@ impl TrainingService {
     async fn reward_models(
         &self,
         tenant: &str,
-        objective: &trainer::Objective,
+        job: &JobSpec,
     ) -> Result<HashMap<String, Arc<dyn super::graders::RewardScorer>>, TrainingError> {
         let mut out: HashMap<String, Arc<dyn super::graders::RewardScorer>> = HashMap::new();
-        let Some((spec, _)) = objective.grader() else {
+        let Some((spec, field)) = job.grader() else {
             return Ok(out);
         };
-        let field = format!("{}.grader", objective.name());
         for name in spec.reward_models() {
             let r: crate::adapters::AdapterRef =
                 name.parse().map_err(|e: String| invalid(&field, e))?;
@@ -501,7 +509,7 @@ impl TrainingService {
             None => None,
         };
         // Preference rows train the pair objectives (reward models, DPO) and prompt rows
-        // the online ones (GRPO), and only they do.
+        // the online ones (GRPO, PPO), and only they do; a grader evaluates on prompts.
         let objective = &job.spec.train.objective;
         let want = if objective.on_pairs() {
             Some(Format::Preference)
@@ -510,9 +518,20 @@ impl TrainingService {
         } else {
             None
         };
-        for (d, field) in [
-            (Some(&ds), "dataset"),
-            (eval.as_ref(), "validation_dataset"),
+        let graded = job.spec.eval_grader.is_some();
+        if graded && eval.is_none() {
+            return Err(invalid(
+                "validation_dataset",
+                "eval_grader grades the adapter's answers to a validation dataset of prompts; name one",
+            ));
+        }
+        for (d, field, want) in [
+            (Some(&ds), "dataset", want),
+            (
+                eval.as_ref(),
+                "validation_dataset",
+                if graded { Some(Format::Prompts) } else { want },
+            ),
         ] {
             let Some(d) = d else { continue };
             let special = [Format::Preference, Format::Prompts]
@@ -522,14 +541,14 @@ impl TrainingService {
                 let need = want.map_or("completions to learn from".to_string(), |f| {
                     format!("a {} dataset", f.name())
                 });
+                let why = if field == "validation_dataset" && graded {
+                    format!("eval_grader grades answers to {need}")
+                } else {
+                    format!("the {} objective trains on {need}", objective.name())
+                };
                 return Err(invalid(
                     field,
-                    format!(
-                        "{:?} is a {} dataset; the {} objective trains on {need}",
-                        d.name,
-                        d.format,
-                        objective.name()
-                    ),
+                    format!("{:?} is a {} dataset; {why}", d.name, d.format),
                 ));
             }
         }
@@ -539,14 +558,18 @@ impl TrainingService {
             Some(e) => self.load_examples(e, &job.spec).await?,
             None => Vec::new(),
         };
-        classes::resolve_objective(&mut job.spec.train.objective, &[&train, &eval_rows])
+        // A graded evaluation's prompts were checked above; they are no training rows.
+        let trained: &[&[Tokenized]] = if graded {
+            &[&train]
+        } else {
+            &[&train, &eval_rows]
+        };
+        classes::resolve_objective(&mut job.spec.train.objective, trained)
             .map_err(|(field, reason)| invalid(&field, reason))?;
-        let reward_models = self
-            .reward_models(tenant, &job.spec.train.objective)
-            .await?;
+        let reward_models = self.reward_models(tenant, &job.spec).await?;
         super::rl_job::grader(
-            &job.spec.train.objective,
-            &[&train, &eval_rows],
+            job.spec.grader(),
+            &super::rl_job::graded_rows(&job.spec.train.objective, &train, &eval_rows),
             self.engine.get(),
             &reward_models,
         )
@@ -923,11 +946,12 @@ impl TrainingService {
             init,
         };
         let train_spec = spec.train.clone();
+        let eval_grader = spec.eval_grader.clone();
+        // Online objectives and graded evaluations sample with the serving engine.
+        let samples = train_spec.objective.online() || eval_grader.is_some();
         let engine = self.engine.get().cloned();
         let (tenant, name) = (job.tenant.clone(), job.adapter_name.clone());
-        let reward_models = self
-            .reward_models(&job.tenant, &spec.train.objective)
-            .await?;
+        let reward_models = self.reward_models(&job.tenant, &spec).await?;
         let handle = tokio::task::spawn_blocking(move || {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
@@ -938,9 +962,10 @@ impl TrainingService {
                 let _ = etx.send(e);
             };
             pool.install(|| match &engine {
-                Some(engine) if train_spec.objective.online() => super::rl_job::run(
+                Some(engine) if samples => super::rl_job::run(
                     &model,
                     &train_spec,
+                    eval_grader.as_ref(),
                     engine,
                     &tenant,
                     &name,
@@ -951,6 +976,9 @@ impl TrainingService {
                     &reward_models,
                     &mut emit,
                 ),
+                None if samples => Err(trainer::TrainError::Rollout(
+                    "the serving engine is not running".into(),
+                )),
                 _ => trainer::train(&model, &train_spec, &train, &eval, &ckpt, &ctl, &mut emit),
             })
         });

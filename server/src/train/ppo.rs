@@ -20,7 +20,7 @@ use super::{
     optim::{self, lr_at, AdamW},
     pairs::Metrics,
     prompt_vars::normal,
-    rl::{roll, RlContext, RolloutParams},
+    rl::{evaluate_graded, roll, RlContext, RolloutParams},
     sequences::{token_logps, token_outputs, SeqBatch},
     trainable::{self, Trainable},
     trainer::{
@@ -403,24 +403,9 @@ pub fn train_ppo(
         }
         let eval_result = if !eval.is_empty() && progress.eval_due(spec, done) {
             vars.set_train(false);
-            let rows: Vec<&Tokenized> = eval.iter().collect();
-            let scored = roll(
-                model,
-                &vars,
-                cx,
-                &rows,
-                1,
-                usize::MAX - step,
-                spec.seed,
-                &params,
-            )?;
-            let mean = scored.iter().map(|r| r.reward).sum::<f64>() / scored.len().max(1) as f64;
-            Some((
-                1.0 - mean,
-                mean,
-                None,
-                Metrics::from([("reward".to_string(), mean)]),
-            ))
+            Some(evaluate_graded(
+                model, &vars, cx, eval, step, spec.seed, &params,
+            )?)
         } else {
             None
         };

@@ -22,8 +22,8 @@ use super::{
     sequences::{token_logps, SeqBatch},
     trainable::{self, Trainable},
     trainer::{
-        epoch_order, resume, Control, GrpoSettings, Outcome, Progress, TrainError, TrainEvent,
-        TrainSpec,
+        epoch_order, resume, Control, EvalResult, GrpoSettings, Outcome, Progress, TrainError,
+        TrainEvent, TrainSpec,
     },
 };
 use crate::model::{Adapter, BaseModel};
@@ -309,30 +309,15 @@ pub fn train_grpo(
         });
         let eval_result = if !eval.is_empty() && progress.eval_due(spec, done) {
             vars.set_train(false);
-            let rows: Vec<&Tokenized> = eval.iter().collect();
-            // One completion per prompt, with seeds apart from training's.
-            let scored = roll(
+            Some(evaluate_graded(
                 model,
                 vars.as_ref(),
                 cx,
-                &rows,
-                1,
-                usize::MAX - step,
+                eval,
+                step,
                 spec.seed,
                 &params,
-            )?;
-            let mean = scored.iter().map(|r| r.reward).sum::<f64>() / scored.len().max(1) as f64;
-            let len = scored.iter().map(|r| r.completion.len()).sum::<usize>() as f64
-                / scored.len().max(1) as f64;
-            Some((
-                1.0 - mean,
-                mean,
-                None,
-                Metrics::from([
-                    ("reward".to_string(), mean),
-                    ("completion_length".to_string(), len),
-                ]),
-            ))
+            )?)
         } else {
             None
         };
@@ -341,6 +326,41 @@ pub fn train_grpo(
         }
     }
     progress.finish(vars)
+}
+
+/// An evaluation by the grader: one completion per prompt of `eval` (seeds apart from
+/// training's), scored; `eval_loss` is 1 minus the mean reward (so early stopping follows
+/// the grader), `token_accuracy` the mean reward.
+pub(super) fn evaluate_graded(
+    model: &BaseModel,
+    vars: &dyn Trainable,
+    cx: &RlContext<'_>,
+    eval: &[Tokenized],
+    step: usize,
+    seed: u64,
+    params: &RolloutParams,
+) -> Result<EvalResult, TrainError> {
+    let rows: Vec<&Tokenized> = eval.iter().collect();
+    let scored = roll(model, vars, cx, &rows, 1, usize::MAX - step, seed, params)?;
+    let n = scored.len().max(1) as f64;
+    let mean = scored.iter().map(|r| r.reward).sum::<f64>() / n;
+    let len = scored.iter().map(|r| r.completion.len()).sum::<usize>() as f64 / n;
+    Ok((
+        1.0 - mean,
+        mean,
+        None,
+        Metrics::from([
+            ("reward".to_string(), mean),
+            ("completion_length".to_string(), len),
+        ]),
+    ))
+}
+
+/// A grader evaluating an offline job (`eval_grader`): the context and the answers'
+/// sampling.
+pub struct Grading<'a> {
+    pub cx: RlContext<'a>,
+    pub params: RolloutParams,
 }
 
 /// The sampling seed of generation `g` of prompt `p` at step `step`.

@@ -1,33 +1,33 @@
-//! An online-RL job's glue between the runner (`jobs`) and the loop (`rl`): its grader
-//! compiled against the job's prompt rows, and the serving engine as its sampler.
+//! The glue between the runner (`jobs`) and the loops of jobs that sample with the serving
+//! engine (online RL, and offline jobs evaluated by a grader): the grader compiled
+//! against the job's prompt rows, and the engine as the sampler.
 
 use std::{collections::HashMap, sync::Arc};
 
 use super::{
     dataset::Tokenized,
-    graders::{self, Grader, Resources, RewardScorer},
+    graders::{self, EvalGrader, Grader, GraderSpec, Resources, RewardScorer},
     ppo,
     rl::{self, RlContext},
     rollouts::EngineRollouts,
-    trainer::{Control, Objective, Outcome, TrainError, TrainEvent, TrainSpec},
+    trainer::{self, Control, Objective, Outcome, TrainError, TrainEvent, TrainSpec},
 };
 use crate::{
     engine::{constraint::Grammars, EngineHandle},
     model::BaseModel,
 };
 
-/// An online objective's grader compiled, its row references checked against every row
-/// of `sets`; the error is (the request's field, why).
+/// A job's grader ([`job_grader`]) compiled, its row references checked against every row of `sets`; the error is (the
+/// request's field, why).
 pub fn grader(
-    objective: &Objective,
+    graded: Option<(&GraderSpec, String)>,
     sets: &[&[Tokenized]],
     engine: Option<&EngineHandle>,
     reward_models: &HashMap<String, Arc<dyn RewardScorer>>,
 ) -> Result<Option<Grader>, (String, String)> {
-    let Some((spec, _)) = objective.grader() else {
+    let Some((spec, field)) = graded else {
         return Ok(None);
     };
-    let field = format!("{}.grader", objective.name());
     let empty = serde_json::Map::new();
     let rows: Vec<&serde_json::Map<String, serde_json::Value>> = sets
         .iter()
@@ -46,12 +46,41 @@ pub fn grader(
     graders::compile(spec, &field, &rows, &res).map(Some)
 }
 
-/// Runs a GRPO job (on the training thread): the policy's rollouts are sampled by
+/// The grader a job runs and the request's field that gave it: an online objective's, or
+/// an offline job's `eval_grader`.
+pub fn job_grader<'a>(
+    objective: &'a Objective,
+    eval_grader: Option<&'a EvalGrader>,
+) -> Option<(&'a GraderSpec, String)> {
+    match (objective.grader(), eval_grader) {
+        (Some((g, _)), _) => Some((g, format!("{}.grader", objective.name()))),
+        (None, Some(e)) => Some((&e.grader, "eval_grader.grader".into())),
+        (None, None) => None,
+    }
+}
+
+/// The rows a job's grader reads: an online job's prompts, training and validation; an
+/// offline job's validation prompts only (its training rows are answers, not graded).
+pub fn graded_rows<'a>(
+    objective: &Objective,
+    train: &'a [Tokenized],
+    eval: &'a [Tokenized],
+) -> Vec<&'a [Tokenized]> {
+    if objective.online() {
+        vec![train, eval]
+    } else {
+        vec![eval]
+    }
+}
+
+/// Runs a job that samples with the serving engine (on the training thread): an online
+/// objective's rollouts, or an offline job's graded evaluation (`eval_grader`), sampled by
 /// `engine` under the job's tenant, as `name`.
 #[allow(clippy::too_many_arguments)]
 pub fn run(
     model: &BaseModel,
     spec: &TrainSpec,
+    eval_grader: Option<&EvalGrader>,
     engine: &EngineHandle,
     tenant: &str,
     name: &str,
@@ -62,9 +91,14 @@ pub fn run(
     reward_models: &HashMap<String, Arc<dyn RewardScorer>>,
     emit: &mut dyn FnMut(TrainEvent),
 ) -> Result<Outcome, TrainError> {
-    let grader = grader(&spec.objective, &[train, eval], Some(engine), reward_models)
-        .map_err(|(f, e)| TrainError::Label(format!("{f}: {e}")))?
-        .ok_or_else(|| TrainError::Label("no grader".into()))?;
+    let grader = grader(
+        job_grader(&spec.objective, eval_grader),
+        &graded_rows(&spec.objective, train, eval),
+        Some(engine),
+        reward_models,
+    )
+    .map_err(|(f, e)| TrainError::Label(format!("{f}: {e}")))?
+    .ok_or_else(|| TrainError::Label("no grader".into()))?;
     let rollouts = EngineRollouts {
         engine: engine.clone(),
         tenant: tenant.into(),
@@ -74,10 +108,21 @@ pub fn run(
         grader: &grader,
         rollouts: &rollouts,
     };
-    match &spec.objective {
-        Objective::Grpo(s) => rl::train_grpo(model, spec, s, &cx, train, eval, dir, ctl, emit),
-        Objective::Ppo(s) => ppo::train_ppo(model, spec, s, &cx, train, eval, dir, ctl, emit),
-        other => Err(TrainError::Label(format!(
+    match (&spec.objective, eval_grader) {
+        (Objective::Grpo(s), _) => rl::train_grpo(model, spec, s, &cx, train, eval, dir, ctl, emit),
+        (Objective::Ppo(s), _) => ppo::train_ppo(model, spec, s, &cx, train, eval, dir, ctl, emit),
+        (_, Some(e)) => {
+            let grading = rl::Grading {
+                cx,
+                params: rl::RolloutParams {
+                    temperature: e.temperature,
+                    top_p: 1.0,
+                    max_new_tokens: e.max_new_tokens,
+                },
+            };
+            trainer::train_graded(model, spec, train, eval, dir, ctl, Some(&grading), emit)
+        }
+        (other, None) => Err(TrainError::Label(format!(
             "{} is not an online objective",
             other.name()
         ))),

@@ -505,6 +505,23 @@ pub fn train(
     ctl: &Control,
     emit: &mut dyn FnMut(TrainEvent),
 ) -> Result<Outcome, TrainError> {
+    train_graded(model, spec, train_set, eval_set, ckpt_dir, ctl, None, emit)
+}
+
+/// [`train`], evaluated by `grading` when given: `eval_set` is then prompt rows, answered
+/// by the adapter through the serving engine and graded (`rl::evaluate_graded`), instead of
+/// the loss on held-out answers.
+#[allow(clippy::too_many_arguments)]
+pub fn train_graded(
+    model: &BaseModel,
+    spec: &TrainSpec,
+    train_set: &[Tokenized],
+    eval_set: &[Tokenized],
+    ckpt_dir: &Path,
+    ctl: &Control,
+    grading: Option<&super::rl::Grading<'_>>,
+    emit: &mut dyn FnMut(TrainEvent),
+) -> Result<Outcome, TrainError> {
     if spec.objective.online() {
         return Err(TrainError::Rollout(
             "an online objective samples with the serving engine (train::rl)".into(),
@@ -527,7 +544,8 @@ pub fn train(
             model,
             ctl.init.is_some().then_some(vars.as_ref()),
             train_set,
-            eval_set,
+            // A graded evaluation has prompts, no pairs to score.
+            if grading.is_some() { &[] } else { eval_set },
             spec.batch_size,
             pad,
             ckpt_dir,
@@ -623,7 +641,17 @@ pub fn train(
         let eval_now = !eval_set.is_empty() && progress.eval_due(spec, done);
         let eval = if eval_now {
             vars.set_train(false);
-            Some(if spec.objective.on_pairs() {
+            Some(if let Some(g) = grading {
+                super::rl::evaluate_graded(
+                    model,
+                    vars.as_ref(),
+                    &g.cx,
+                    eval_set,
+                    step,
+                    spec.seed,
+                    &g.params,
+                )?
+            } else if spec.objective.on_pairs() {
                 let refs = refs.as_ref().map(|r| r.eval.as_slice());
                 let (l, a, m) = evaluate_pairs(model, vars.as_ref(), spec, eval_set, refs, pad)?;
                 (l, a, None, m)

@@ -5,6 +5,7 @@ mod bad_input;
 mod classification;
 mod cli;
 mod deploy;
+mod eval_graders;
 mod full_finetune;
 mod generation;
 mod hostile;
