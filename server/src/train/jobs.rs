@@ -289,6 +289,24 @@ impl TrainingService {
                 use_rslora,
                 use_dora: false,
             } if lease.row.head.is_none() && !lease.row.lm_head => {
+                let scale = if *use_rslora {
+                    *alpha / (*rank as f64).sqrt()
+                } else {
+                    *alpha / *rank as f64
+                };
+                let uniform = lease.adapter().linear.iter().flatten().flatten().all(|d| {
+                    matches!(d, crate::model::adapter::LinearDelta::Lora(p)
+                        if p.rank == *rank
+                            && (f64::from(p.scale) - scale).abs() <= 1e-6 * scale.abs().max(1.0))
+                });
+                if !uniform {
+                    return Err(invalid(
+                        "init_adapter",
+                        format!(
+                            "{name} has ranks or alphas per module (PEFT's rank_pattern or alpha_pattern); a job trains one rank and alpha"
+                        ),
+                    ));
+                }
                 spec.train.rank = *rank;
                 spec.train.alpha = *alpha;
                 spec.train.targets = target_modules.clone();

@@ -492,7 +492,34 @@ async fn a_dpo_job_reports_trls_metrics_and_its_adapter_generates() {
         .expect("sft job");
     let (_, done) = t.client.follow_job("", &sft.id).await.expect("sft");
     assert_eq!(done.status, "succeeded", "{}", done.error);
+    // A PEFT LoRA with another alpha on q_proj: one rank and alpha cannot continue it.
+    let tiny = graft_server::model::BaseModel::load(
+        &graft_tests::tiny_model_path(),
+        &candle_core::Device::Cpu,
+    )
+    .expect("tiny");
+    let (c, w) = graft_server::adapters::testing::random_peft(&tiny, 7, 4);
+    let mut cfg: serde_json::Value = serde_json::from_slice(&c).expect("config");
+    cfg["alpha_pattern"] = serde_json::json!({"q_proj": 3.0});
+    t.client
+        .import_adapter(
+            "",
+            "patterned",
+            serde_json::to_vec(&cfg).expect("json"),
+            w,
+            false,
+        )
+        .await
+        .expect("import");
     for (req, code, want) in [
+        (
+            pb::CreateJobRequest {
+                init_adapter: "patterned".into(),
+                ..job("dpo", "cont")
+            },
+            Code::InvalidArgument,
+            "rank_pattern or alpha_pattern",
+        ),
         (
             pb::CreateJobRequest {
                 init_adapter: "nobody".into(),
