@@ -54,6 +54,10 @@ pub struct JobArgs {
     /// GRPO: completions per prompt (default 8).
     #[arg(long)]
     pub num_generations: Option<u32>,
+    /// GRPO: group (default: normalised in the prompt's group) or rloo (leave-one-out
+    /// baseline).
+    #[arg(long)]
+    pub advantage: Option<String>,
     /// GRPO and PPO: rollout tokens at most (default 64).
     #[arg(long)]
     pub max_new_tokens: Option<u32>,
@@ -218,6 +222,7 @@ impl JobArgs {
             loss_type,
             label_smoothing,
             num_generations,
+            advantage,
             init_adapter,
             kl_coef,
             target_kl,
@@ -361,6 +366,7 @@ impl JobArgs {
                 (None, _) | (_, Some("ppo")) => None,
                 (Some(g), _) => Some(proto::GrpoObjective {
                     num_generations: a.num_generations,
+                    advantage: a.advantage.clone().unwrap_or_default(),
                     beta: if a.objective.as_deref() == Some("grpo") {
                         a.beta
                     } else {

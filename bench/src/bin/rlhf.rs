@@ -25,8 +25,8 @@ use graft_server::{
         rl::{train_grpo, RlContext, RolloutParams, Rollouts},
         rollouts::EngineRollouts,
         trainer::{
-            self, Control, DpoLoss, DpoSettings, GrpoSettings, Objective, PpoSettings, TrainEvent,
-            TrainSpec,
+            self, Advantage, Control, DpoLoss, DpoSettings, GrpoSettings, Objective, PpoSettings,
+            TrainEvent, TrainSpec,
         },
     },
 };
@@ -267,6 +267,7 @@ fn main() {
         beta: 0.0,
         epsilon: 0.2,
         num_iterations: 1,
+        advantage: Advantage::Group,
         temperature: 1.0,
         top_p: 1.0,
         max_new_tokens: 24,

@@ -13,7 +13,9 @@ use crate::{
         jobs::{JobSpec, NewJob},
         methods::{Encoder, FullSelection, MethodSpec, PromptInit},
         optim::Schedule,
-        trainer::{DpoLoss, DpoSettings, GrpoSettings, Objective, PpoSettings, TrainSpec},
+        trainer::{
+            Advantage, DpoLoss, DpoSettings, GrpoSettings, Objective, PpoSettings, TrainSpec,
+        },
     },
 };
 /// Virtual tokens of a prompt method when the request leaves them out (PEFT's examples use
@@ -592,11 +594,22 @@ fn grpo_settings(g: &pb::GrpoObjective) -> Result<GrpoSettings, ApiError> {
     let (temperature, top_p, max_new_tokens) =
         rollout_sampling(g.temperature, g.top_p, g.max_new_tokens, "grpo.")?;
     let grader = grader_spec(g.grader.as_ref(), "grpo.grader")?;
+    let advantage = match g.advantage.as_str() {
+        "" | "group" => Advantage::Group,
+        "rloo" => Advantage::Rloo,
+        other => {
+            return Err(ApiError::invalid(
+                "grpo.advantage",
+                format!("{other:?}; expected group or rloo"),
+            ))
+        }
+    };
     Ok(GrpoSettings {
         num_generations: num_generations as usize,
         beta,
         epsilon,
         num_iterations: num_iterations as usize,
+        advantage,
         temperature,
         top_p,
         max_new_tokens,

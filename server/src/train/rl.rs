@@ -22,8 +22,8 @@ use super::{
     sequences::{token_logps, SeqBatch},
     trainable::{self, Trainable},
     trainer::{
-        epoch_order, resume, Control, EvalResult, GrpoSettings, Outcome, Progress, TrainError,
-        TrainEvent, TrainSpec,
+        epoch_order, resume, Advantage, Control, EvalResult, GrpoSettings, Outcome, Progress,
+        TrainError, TrainEvent, TrainSpec,
     },
 };
 use crate::model::{Adapter, BaseModel};
@@ -50,17 +50,23 @@ pub trait Rollouts: Sync {
     ) -> Result<Vec<Vec<u32>>, String>;
 }
 
-/// The group-normalised advantages of `rewards` (groups of `g` in order):
-/// `(r − mean) / (std + 1e-4)` with the unbiased standard deviation, as TRL's default.
-pub fn group_advantages(rewards: &[f64], g: usize) -> Vec<f64> {
+/// The advantages of `rewards` (groups of `g` in order) against their group: GRPO's
+/// `(r − mean) / (std + 1e-4)` with the unbiased standard deviation, as TRL's default, or
+/// RLOO's `r − mean of the others`.
+pub fn group_advantages(rewards: &[f64], g: usize, kind: Advantage) -> Vec<f64> {
     rewards
         .chunks(g.max(1))
         .flat_map(|grp| {
             let n = grp.len() as f64;
-            let mean = grp.iter().sum::<f64>() / n;
+            let sum = grp.iter().sum::<f64>();
+            let mean = sum / n;
             let var = grp.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
             let std = var.sqrt();
-            grp.iter().map(move |r| (r - mean) / (std + 1e-4))
+            grp.iter().map(move |r| match kind {
+                Advantage::Group => (r - mean) / (std + 1e-4),
+                Advantage::Rloo if n > 1.0 => r - (sum - r) / (n - 1.0),
+                Advantage::Rloo => 0.0,
+            })
         })
         .collect()
 }
@@ -180,7 +186,7 @@ pub fn train_grpo(
             return Ok(Outcome::Cancelled);
         }
         let rewards: Vec<f64> = rolled.iter().map(|r| r.reward).collect();
-        let adv = group_advantages(&rewards, s.num_generations);
+        let adv = group_advantages(&rewards, s.num_generations, s.advantage);
         let groups: Vec<(SeqBatch, Vec<f32>)> = rolled
             .chunks(s.num_generations)
             .zip(adv.chunks(s.num_generations))

@@ -168,12 +168,26 @@ pub struct GrpoSettings {
     pub epsilon: f64,
     /// Optimiser steps per batch of rollouts (μ); above 1 the clip takes effect.
     pub num_iterations: usize,
+    /// How a completion's advantage is taken against its group.
+    #[serde(default)]
+    pub advantage: Advantage,
     /// Sampling of the rollouts.
     pub temperature: f32,
     pub top_p: f32,
     pub max_new_tokens: u32,
     /// The reward of a completion: a grader's score in [0, 1].
     pub grader: super::graders::GraderSpec,
+}
+
+/// A GRPO completion's advantage against the other completions of its prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Advantage {
+    /// GRPO's: `(r − mean) / (std + 1e-4)` over the group.
+    #[default]
+    Group,
+    /// RLOO's leave-one-out baseline: `r − mean of the others' rewards`, not scaled.
+    Rloo,
 }
 
 /// DPO's settings (TRL's `DPOConfig` names).

@@ -681,6 +681,17 @@ async fn a_grpo_job_samples_with_the_engine_grades_and_serves_its_policy() {
         ),
         (
             pb::CreateJobRequest {
+                grpo: Some(pb::GrpoObjective {
+                    advantage: "ppo".into(),
+                    ..grpo_job(contains_answer(), 4).grpo.expect("grpo")
+                }),
+                ..grpo_job(contains_answer(), 4)
+            },
+            "grpo.advantage",
+            "expected group or rloo",
+        ),
+        (
+            pb::CreateJobRequest {
                 dataset: "pairs".into(),
                 validation_dataset: String::new(),
                 ..grpo_job(contains_answer(), 4)
