@@ -26,7 +26,10 @@ use graft_server::{
         rollouts::EngineRollouts,
         sequences::{token_logps, SeqBatch},
         trainable,
-        trainer::{Control, GrpoSettings, Objective, Outcome, PpoSettings, TrainEvent, TrainSpec},
+        trainer::{
+            Advantage, Control, GrpoSettings, Objective, Outcome, PpoSettings, TrainEvent,
+            TrainSpec,
+        },
     },
 };
 
@@ -36,6 +39,7 @@ fn settings(grader: GraderSpec, g: usize, max_new_tokens: u32) -> GrpoSettings {
         beta: 0.04,
         epsilon: 0.2,
         num_iterations: 1,
+        advantage: Advantage::Group,
         temperature: 1.0,
         top_p: 1.0,
         max_new_tokens,
@@ -77,9 +81,20 @@ fn engine(m: Arc<BaseModel>) -> EngineHandle {
 #[test]
 fn advantages_and_the_kl_estimator_match_hand_and_closed_forms() {
     // Group 1: rewards 1 0 0 1, mean 0.5, unbiased std sqrt(1/3); group 2: all equal.
-    let a = group_advantages(&[1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5], 4);
+    let rewards = [1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5];
+    let a = group_advantages(&rewards, 4, Advantage::Group);
     let want = 0.5 / ((1.0f64 / 3.0).sqrt() + 1e-4);
     for (got, w) in a.iter().zip([want, -want, -want, want, 0.0, 0.0, 0.0, 0.0]) {
+        assert!((got - w).abs() < 1e-12, "{a:?}");
+    }
+    // RLOO: 1 − mean(0, 0, 1) = 2/3; 0 − mean(1, 0, 1) = −2/3; equal rewards give 0.
+    let a = group_advantages(&rewards, 4, Advantage::Rloo);
+    let w = 2.0 / 3.0;
+    for (got, w) in a.iter().zip([w, -w, -w, w, 0.0, 0.0, 0.0, 0.0]) {
+        assert!((got - w).abs() < 1e-12, "{a:?}");
+    }
+    let a = group_advantages(&[0.9, 0.3, 0.0], 3, Advantage::Rloo);
+    for (got, w) in a.iter().zip([0.9 - 0.15, 0.3 - 0.45, 0.0 - 0.6]) {
         assert!((got - w).abs() < 1e-12, "{a:?}");
     }
     // Under samples from p, k3's expectation is KL(p || q) exactly:
@@ -164,7 +179,8 @@ fn the_surrogate_gradient_matches_finite_differences() {
 }
 
 /// Trains `s` with rollouts from `eng`; stops after step `stop` when given. The step
-/// losses (bits) and rewards, and the final parameters.
+/// losses (bits), rewards and KLs to the reference (where the objective has one: GRPO's a
+/// token, PPO's a completion), and the final parameters.
 #[allow(clippy::type_complexity)]
 fn run(
     m: &BaseModel,
@@ -173,7 +189,10 @@ fn run(
     rows: &[Tokenized],
     dir: &std::path::Path,
     stop: Option<usize>,
-) -> (Vec<(usize, u32, f64)>, Option<Vec<(String, Vec<f32>)>>) {
+) -> (
+    Vec<(usize, u32, f64, Option<f64>)>,
+    Option<Vec<(String, Vec<f32>)>>,
+) {
     let (spec_g, _) = s.objective.grader().expect("online");
     let empty = serde_json::Map::new();
     let fields: Vec<&serde_json::Map<String, serde_json::Value>> = rows
@@ -209,7 +228,12 @@ fn run(
             ..
         } = e
         {
-            steps.push((step, (train_loss as f32).to_bits(), metrics["reward"]));
+            steps.push((
+                step,
+                (train_loss as f32).to_bits(),
+                metrics["reward"],
+                metrics.get("kl").copied(),
+            ));
             if Some(step) == stop {
                 c.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
             }
@@ -271,7 +295,8 @@ fn questions(m: &BaseModel) -> Vec<Tokenized> {
 
 /// The rule grader ("at most 6 words and contains the row's answer", each half
 /// worth 0.5) on the real model: the mean reward of the last 4 of 12 steps clearly above
-/// the first 4's, with rollouts from the serving engine.
+/// the first 4's, with rollouts from the serving engine, and the KL to the reference (the
+/// base, β 0.2) bounded all along.
 #[test]
 fn grpo_raises_a_rule_graders_reward_on_the_real_model() {
     let m = real();
@@ -288,7 +313,7 @@ fn grpo_raises_a_rule_graders_reward_on_the_real_model() {
     .expect("grader");
     let s = spec(
         GrpoSettings {
-            beta: 0.0,
+            beta: 0.2,
             ..settings(grader, 4, 24)
         },
         4,
@@ -307,6 +332,28 @@ fn grpo_raises_a_rule_graders_reward_on_the_real_model() {
         t.elapsed().as_secs_f64()
     );
     assert!(last > first + 0.1, "first {first} last {last}: {rewards:?}");
+    // k3 a token, β 0.2: at most 0.48 seen.
+    kl_bounded("grpo", &steps, 1.0);
+}
+
+/// The KL to the reference at every step: ~0 at the first (the policy starts as the
+/// reference), positive later (it moved), below `bound` nats throughout (it stayed near).
+fn kl_bounded(what: &str, steps: &[(usize, u32, f64, Option<f64>)], bound: f64) {
+    let kl: Vec<f64> = steps
+        .iter()
+        .map(|s| s.3.expect("the step reports its KL"))
+        .collect();
+    eprintln!("{what}: KL to the reference by step {kl:?}");
+    assert!(kl[0].abs() < 1e-3, "{kl:?}");
+    assert!(
+        kl.iter().any(|&k| k > 0.0),
+        "the policy never moved: {kl:?}"
+    );
+    assert!(
+        kl.iter()
+            .all(|&k| k.is_finite() && (0.0..bound).contains(&k)),
+        "{kl:?}"
+    );
 }
 
 fn ppo(grader: GraderSpec, max_new_tokens: u32) -> PpoSettings {
@@ -477,7 +524,8 @@ fn a_ppo_run_with_an_adaptive_kl_resumes_bit_for_bit() {
 }
 
 /// PPO with the same rule grader on the real model: one completion per prompt, 8 prompts a
-/// step, 12 steps; the mean reward of the last 4 steps clearly above the first 4's.
+/// step, 12 steps; the mean reward of the last 4 steps clearly above the first 4's, and the
+/// KL to the reference (kl_coef 0.05) bounded all along.
 #[test]
 fn ppo_raises_a_rule_graders_reward_on_the_real_model() {
     let m = real();
@@ -513,4 +561,6 @@ fn ppo_raises_a_rule_graders_reward_on_the_real_model() {
         t.elapsed().as_secs_f64()
     );
     assert!(last > first + 0.1, "first {first} last {last}: {rewards:?}");
+    // Summed over a completion of at most 24 tokens, kl_coef 0.05: at most 7.3 seen.
+    kl_bounded("ppo", &steps, 12.0);
 }
