@@ -1,5 +1,6 @@
 //! A training job whose server is killed with SIGKILL resumes from its last checkpoint when
-//! the server starts again: no step before the checkpoint runs twice, and the job finishes.
+//! the server starts again: no step before the checkpoint runs twice, and the job finishes;
+//! for SFT, GRPO and PPO.
 
 use std::{
     process::{Command, Stdio},
@@ -35,8 +36,15 @@ fn step_of(e: &pb::JobEvent) -> Option<u64> {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_job_resumes_from_its_checkpoint() {
+/// Uploads `jsonl` as dataset "d", creates `job` on it, kills graftd with SIGKILL once a
+/// checkpoint at step `kill_after` or later is written, starts it again and follows the job
+/// to its end: no step up to that checkpoint runs twice, and the job succeeds.
+async fn killed_job_resumes(
+    jsonl: String,
+    format: &str,
+    job: pb::CreateJobRequest,
+    kill_after: u64,
+) {
     let dir = tempfile::tempdir().expect("tempdir");
     let model = dir.path().join("tiny.gguf");
     write_tiny_gguf(&model, &TinySpec::default()).expect("tiny");
@@ -44,11 +52,11 @@ async fn a_killed_job_resumes_from_its_checkpoint() {
     let port = free_port();
     let mut child = spawn(&model, &data, port, Stdio::null());
     let mut c = connect(port).await;
-    let jsonl = "{\"prompt\":\"a b\",\"completion\":\"c d e\"}\n".repeat(8);
     let msgs = vec![
         pb::UploadDatasetRequest {
             part: Some(Part::Header(pb::DatasetHeader {
                 name: "d".into(),
+                format: format.into(),
                 ..Default::default()
             })),
         },
@@ -63,17 +71,12 @@ async fn a_killed_job_resumes_from_its_checkpoint() {
         .create_job(pb::CreateJobRequest {
             dataset: "d".into(),
             adapter_name: "resumed".into(),
-            hyperparameters: Some(pb::Hyperparameters {
-                epochs: Some(300),
-                checkpoint_every: Some(10),
-                ..Default::default()
-            }),
-            ..Default::default()
+            ..job
         })
         .await
         .expect("create")
         .into_inner();
-    // Wait for a checkpoint past step 20, then kill -9.
+    // Wait for a checkpoint at `kill_after` or later, then kill -9.
     let mut w = c
         .watch_job(pb::WatchJobRequest {
             id: job.id.clone(),
@@ -85,16 +88,15 @@ async fn a_killed_job_resumes_from_its_checkpoint() {
     let mut checkpointed = 0;
     while let Some(e) = w.message().await.expect("event") {
         if let Some(pb::job_event::Event::Checkpoint(cp)) = &e.event {
-            if cp.step >= 20 {
+            if cp.step >= kill_after {
                 checkpointed = cp.step;
                 break;
             }
         }
     }
-    assert!(checkpointed >= 20, "no checkpoint seen");
+    assert!(checkpointed >= kill_after, "no checkpoint seen");
     drop(w);
     child.kill();
-
     let mut child = spawn(&model, &data, port, Stdio::null());
     let mut c = connect(port).await;
     let mut w = c
@@ -148,4 +150,75 @@ async fn a_killed_job_resumes_from_its_checkpoint() {
         .args(["-TERM", &child.id().to_string()])
         .status();
     child.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_job_resumes_from_its_checkpoint() {
+    let job = pb::CreateJobRequest {
+        hyperparameters: Some(pb::Hyperparameters {
+            epochs: Some(300),
+            checkpoint_every: Some(10),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let jsonl = "{\"prompt\":\"a b\",\"completion\":\"c d e\"}\n".repeat(8);
+    killed_job_resumes(jsonl, "", job, 20).await;
+}
+
+fn contains_answer() -> pb::Grader {
+    pb::Grader {
+        kind: Some(pb::grader::Kind::StringMatch(pb::StringMatchGrader {
+            reference: "{{row.answer}}".into(),
+            case_insensitive: true,
+            contains: true,
+        })),
+    }
+}
+
+fn prompts() -> String {
+    (0..8)
+        .map(|i| format!("{{\"prompt\": \"Say {i}.\", \"answer\": \"{i}\"}}\n"))
+        .collect()
+}
+
+fn online(objective: &str) -> pb::CreateJobRequest {
+    pb::CreateJobRequest {
+        objective: objective.into(),
+        hyperparameters: Some(pb::Hyperparameters {
+            epochs: Some(40),
+            batch_size: Some(4),
+            checkpoint_every: Some(5),
+            max_seq_len: Some(64),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// GRPO and PPO (with its adaptive KL coefficient) after SIGKILL: the policy, value head,
+/// optimizer and controller come back from the checkpoint and the rollouts go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_rl_jobs_resume_from_their_checkpoints() {
+    let grpo = pb::CreateJobRequest {
+        grpo: Some(pb::GrpoObjective {
+            num_generations: Some(2),
+            max_new_tokens: Some(4),
+            grader: Some(contains_answer()),
+            ..Default::default()
+        }),
+        ..online("grpo")
+    };
+    killed_job_resumes(prompts(), "prompts", grpo, 10).await;
+    let ppo = pb::CreateJobRequest {
+        ppo: Some(pb::PpoObjective {
+            target_kl: Some(0.5),
+            ppo_epochs: Some(2),
+            max_new_tokens: Some(4),
+            grader: Some(contains_answer()),
+            ..Default::default()
+        }),
+        ..online("ppo")
+    };
+    killed_job_resumes(prompts(), "prompts", ppo, 10).await;
 }
