@@ -60,7 +60,7 @@ impl GenerationService {
 }
 
 impl GenerationService {
-    /// Every input as its own prefill-only sequence, submitted together so they share steps.
+    /// Every input through the adapter's classification head (`head_outputs`).
     async fn classify(
         &self,
         req: Request<pb::ClassifyRequest>,
@@ -90,33 +90,24 @@ impl GenerationService {
         };
         let virt = lease.adapter().virtual_tokens();
         let model = ready.engine.model();
-        let mut pending = Vec::with_capacity(valid.inputs.len());
-        for (input, field) in valid.inputs {
-            let prompt_ids = tokenise(model, input, &field, virt, Task::Classify)?;
-            pending.push(ready.engine.submit(GenerationRequest {
-                task: Task::Classify,
-                prompt_ids,
-                params: Default::default(),
-                deadline,
-                adapter: Some(lease.clone()),
-                tenant: tenant.clone().into(),
-                constraint: None,
-                background: false,
-            })?);
-        }
-        let mut results = Vec::with_capacity(pending.len());
-        for events in pending {
-            let (logits, usage, timings) = head_output(events).await?;
-            let mut out = classification(&head.labels, &logits);
-            out.usage = Some(usage);
-            out.timings = Some(timings);
-            results.push(out);
-        }
+        let prompts = valid
+            .inputs
+            .into_iter()
+            .map(|(input, field)| tokenise(model, input, &field, virt, Task::Classify))
+            .collect::<Result<Vec<_>, _>>()?;
+        let results = head_outputs(&ready.engine, &lease, &tenant, deadline, prompts)
+            .await?
+            .into_iter()
+            .map(|(logits, usage, timings)| pb::Classification {
+                usage: Some(usage),
+                timings: Some(timings),
+                ..classification(&head.labels, &logits)
+            })
+            .collect();
         Ok(pb::ClassifyResponse { results })
     }
 
-    /// Every (prompt, completion) pair as its own prefill-only sequence through the reward
-    /// model's head, submitted together so they share steps (with generation too).
+    /// Every (prompt, completion) pair through the reward model's head (`head_outputs`).
     async fn score(&self, req: Request<pb::ScoreRequest>) -> Result<pb::ScoreResponse, ApiError> {
         let deadline = deadline_from(req.metadata(), Instant::now());
         let caller = Caller::of(&req)?;
@@ -144,37 +135,58 @@ impl GenerationService {
         let model = ready.engine.model();
         let room = model.config().max_position - lease.adapter().virtual_tokens();
         let render = |m: &[crate::model::ChatMessage], g: bool| model.chat.render(m, g);
-        let mut pending = Vec::with_capacity(valid.inputs.len());
-        for (prompt, field, completion) in valid.inputs {
-            let msgs = match prompt {
-                PromptInput::Text(t) => vec![preference::user(&t)],
-                PromptInput::Chat(m) => m,
-            };
-            let prompt_ids =
+        let prompts = valid
+            .inputs
+            .into_iter()
+            .map(|(prompt, field, completion)| {
+                let msgs = match prompt {
+                    PromptInput::Text(t) => vec![preference::user(&t)],
+                    PromptInput::Chat(m) => m,
+                };
                 preference::scored_ids(&msgs, &completion, &render, &model.tokenizer, room)
-                    .map_err(|e| ApiError::invalid(field, e))?;
-            pending.push(ready.engine.submit(GenerationRequest {
-                task: Task::Classify,
-                prompt_ids,
-                params: Default::default(),
-                deadline,
-                adapter: Some(lease.clone()),
-                tenant: tenant.clone().into(),
-                constraint: None,
-                background: false,
-            })?);
-        }
-        let mut results = Vec::with_capacity(pending.len());
-        for events in pending {
-            let (logits, usage, timings) = head_output(events).await?;
-            results.push(pb::Score {
+                    .map_err(|e| ApiError::invalid(field, e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let results = head_outputs(&ready.engine, &lease, &tenant, deadline, prompts)
+            .await?
+            .into_iter()
+            .map(|(logits, usage, timings)| pb::Score {
                 reward: logits.first().copied().unwrap_or_default(),
                 usage: Some(usage),
                 timings: Some(timings),
-            });
-        }
+            })
+            .collect();
         Ok(pb::ScoreResponse { results })
     }
+}
+
+/// Each prompt as its own prefill-only sequence through the adapter's head, submitted
+/// together so they share steps (with generation too); their head outputs in order.
+async fn head_outputs(
+    engine: &crate::engine::EngineHandle,
+    lease: &crate::adapters::AdapterLease,
+    tenant: &str,
+    deadline: Option<Instant>,
+    prompts: Vec<Vec<u32>>,
+) -> Result<Vec<(Vec<f32>, pb::Usage, pb::Timings)>, ApiError> {
+    let mut pending = Vec::with_capacity(prompts.len());
+    for prompt_ids in prompts {
+        pending.push(engine.submit(GenerationRequest {
+            task: Task::Classify,
+            prompt_ids,
+            params: Default::default(),
+            deadline,
+            adapter: Some(lease.clone()),
+            tenant: tenant.into(),
+            constraint: None,
+            background: false,
+        })?);
+    }
+    let mut out = Vec::with_capacity(pending.len());
+    for events in pending {
+        out.push(head_output(events).await?);
+    }
+    Ok(out)
 }
 
 /// A prefill-only sequence's head logits, usage and timings, read to its end.
