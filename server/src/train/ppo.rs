@@ -20,13 +20,10 @@ use super::{
     optim::{self, lr_at, AdamW},
     pairs::Metrics,
     prompt_vars::normal,
-    rl::{evaluate_graded, roll, RlContext, RolloutParams},
+    rl::{evaluate_graded, roll, step_rows, OnlineRun, RlContext, RolloutParams},
     sequences::{token_logps, token_outputs, SeqBatch},
     trainable::{self, Trainable},
-    trainer::{
-        epoch_order, resume, Control, Outcome, PpoSettings, Progress, TrainError, TrainEvent,
-        TrainSpec,
-    },
+    trainer::{Control, Outcome, PpoSettings, TrainError, TrainEvent, TrainSpec},
 };
 use crate::{
     adapters::formats::Parsed,
@@ -200,9 +197,12 @@ pub fn train_ppo(
     let mut vars = WithValue::init(inner, model.config().hidden_size, spec.seed)?;
     let mut opt = AdamW::new(vars.vars(), spec.weight_decay)?;
     let pad = model.tokenizer.eos_ids.first().copied().unwrap_or(0);
-    let per_epoch = train.len().div_ceil(spec.batch_size.max(1));
-    let total = per_epoch * spec.epochs;
-    let (start, best_eval, stale) = resume(ckpt_dir, &vars, &mut opt)?;
+    let OnlineRun {
+        mut progress,
+        start,
+        per_epoch,
+        total,
+    } = OnlineRun::resume(spec, train.len(), ckpt_dir, &vars, &mut opt)?;
     let mut kl_coef = s.kl_coef;
     if start > 0 && s.target_kl.is_some() {
         let p = state_path(ckpt_dir, start);
@@ -213,14 +213,6 @@ pub fn train_ppo(
             .and_then(|v| v["kl_coef"].as_f64())
             .ok_or_else(|| TrainError::Checkpoint(format!("ppo-{start}.json lacks kl_coef")))?;
     }
-    let mut progress = Progress {
-        spec,
-        dir: ckpt_dir,
-        total,
-        steps_per_epoch: per_epoch,
-        best_eval,
-        stale,
-    };
     let params = RolloutParams {
         temperature: s.temperature,
         top_p: s.top_p,
@@ -234,12 +226,7 @@ pub fn train_ppo(
             return Ok(Outcome::Cancelled);
         }
         let step_started = std::time::Instant::now();
-        let order = epoch_order(spec.seed, step / per_epoch, train.len());
-        let lo = (step % per_epoch) * spec.batch_size;
-        let rows: Vec<&Tokenized> = order[lo..(lo + spec.batch_size).min(train.len())]
-            .iter()
-            .map(|&i| &train[i])
-            .collect();
+        let rows = step_rows(spec, train, per_epoch, step);
         vars.set_train(false);
         let rolled = roll(model, &vars, cx, &rows, 1, step, spec.seed, &params)?;
         if ctl.cancel.load(Ordering::SeqCst) {

@@ -141,17 +141,12 @@ pub fn train_grpo(
     let mut vars = trainable::start(model, spec, ctl.init.as_deref())?;
     let mut opt = AdamW::new(vars.vars(), spec.weight_decay)?;
     let pad = model.tokenizer.eos_ids.first().copied().unwrap_or(0);
-    let per_epoch = train.len().div_ceil(spec.batch_size.max(1));
-    let total = per_epoch * spec.epochs;
-    let (start, best_eval, stale) = resume(ckpt_dir, vars.as_ref(), &mut opt)?;
-    let mut progress = Progress {
-        spec,
-        dir: ckpt_dir,
+    let OnlineRun {
+        mut progress,
+        start,
+        per_epoch,
         total,
-        steps_per_epoch: per_epoch,
-        best_eval,
-        stale,
-    };
+    } = OnlineRun::resume(spec, train.len(), ckpt_dir, vars.as_ref(), &mut opt)?;
     let params = RolloutParams {
         temperature: s.temperature,
         top_p: s.top_p,
@@ -164,13 +159,7 @@ pub fn train_grpo(
             return Ok(Outcome::Cancelled);
         }
         let step_started = std::time::Instant::now();
-        let epoch = step / per_epoch;
-        let order = epoch_order(spec.seed, epoch, train.len());
-        let lo = (step % per_epoch) * spec.batch_size;
-        let rows: Vec<&Tokenized> = order[lo..(lo + spec.batch_size).min(train.len())]
-            .iter()
-            .map(|&i| &train[i])
-            .collect();
+        let rows = step_rows(spec, train, per_epoch, step);
         vars.set_train(false);
         let rolled = roll(
             model,
@@ -332,6 +321,58 @@ pub fn train_grpo(
         }
     }
     progress.finish(vars)
+}
+
+/// Where an online run stands: its step count over the prompt rows (one step a batch of
+/// prompts), the step it resumes at and the evaluations' bookkeeping, read from the newest
+/// checkpoint in `dir` (which also restores `vars` and `opt`).
+pub(super) struct OnlineRun<'a> {
+    pub(super) progress: Progress<'a>,
+    pub(super) start: usize,
+    pub(super) per_epoch: usize,
+    pub(super) total: usize,
+}
+
+impl<'a> OnlineRun<'a> {
+    pub(super) fn resume(
+        spec: &'a TrainSpec,
+        rows: usize,
+        dir: &'a std::path::Path,
+        vars: &dyn Trainable,
+        opt: &mut AdamW,
+    ) -> Result<Self, TrainError> {
+        let per_epoch = rows.div_ceil(spec.batch_size.max(1));
+        let total = per_epoch * spec.epochs;
+        let (start, best_eval, stale) = resume(dir, vars, opt)?;
+        Ok(Self {
+            progress: Progress {
+                spec,
+                dir,
+                total,
+                steps_per_epoch: per_epoch,
+                best_eval,
+                stale,
+            },
+            start,
+            per_epoch,
+            total,
+        })
+    }
+}
+
+/// The prompt rows of `step`: the next `batch_size` of its epoch's order.
+pub(super) fn step_rows<'t>(
+    spec: &TrainSpec,
+    train: &'t [Tokenized],
+    per_epoch: usize,
+    step: usize,
+) -> Vec<&'t Tokenized> {
+    let order = epoch_order(spec.seed, step / per_epoch, train.len());
+    let lo = (step % per_epoch) * spec.batch_size;
+    order[lo..(lo + spec.batch_size).min(train.len())]
+        .iter()
+        .map(|&i| &train[i])
+        .collect()
 }
 
 /// An evaluation by the grader: one completion per prompt of `eval` (seeds apart from
