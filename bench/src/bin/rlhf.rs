@@ -4,7 +4,7 @@
 //! 2. the rollout share of a GRPO and of a PPO step (time in the engine's sampling over the
 //!    step's wall time);
 //! 3. serving beside an RL job: inter-token latency p50/p99 of 4 greedy streams alone and
-//!    while a GRPO job samples and trains.
+//!    while a GRPO job samples and trains (on `--job-threads`, default 1 as graftd's).
 
 use std::{
     path::PathBuf,
@@ -42,6 +42,10 @@ struct Args {
     /// Only part 3 (serving beside a GRPO job).
     #[arg(long)]
     serving_only: bool,
+    /// Training threads of the GRPO job in part 3 (graftd's default `training_threads`
+    /// is 1).
+    #[arg(long, default_value_t = 1)]
+    job_threads: usize,
 }
 
 /// The engine's sampling, timed.
@@ -337,9 +341,13 @@ fn main() {
     let s = spec(Objective::Grpo(grpo), 4, 1000, prompts.len());
     let d = dir();
     let stop = Control::default();
+    let job_pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(a.job_threads)
+        .build()
+        .expect("pool");
     let job = std::thread::scope(|scope| {
         let h = scope.spawn(|| {
-            pool.install(|| {
+            job_pool.install(|| {
                 train_grpo(
                     &m,
                     &s,
@@ -370,7 +378,8 @@ fn main() {
     let (a50, a99) = (pct(&mut alone, 0.5), pct(&mut alone, 0.99));
     let (d50, d99) = (pct(&mut during, 0.5), pct(&mut during, 0.99));
     println!(
-        "serving ITL alone: p50 {a50:.1} ms p99 {a99:.1} ms; beside a GRPO job: p50 {d50:.1} ms p99 {d99:.1} ms (x{:.2} p50, x{:.2} p99)",
+        "serving ITL alone: p50 {a50:.1} ms p99 {a99:.1} ms; beside a GRPO job on {} training threads: p50 {d50:.1} ms p99 {d99:.1} ms (x{:.2} p50, x{:.2} p99)",
+        a.job_threads,
         d50 / a50,
         d99 / a99
     );
