@@ -11,6 +11,7 @@ mod generation;
 mod hostile;
 mod isolation;
 mod kv;
+mod lm_head_job;
 mod openai;
 mod openai_compat;
 mod openai_training;
