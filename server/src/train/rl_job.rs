@@ -17,8 +17,8 @@ use crate::{
     model::BaseModel,
 };
 
-/// A job's grader ([`job_grader`]) compiled, its row references checked against every row of `sets`; the error is (the
-/// request's field, why).
+/// A job's grader ([`job_grader`]) compiled, its row references checked against every
+/// row of `sets`; the error is (the request's field, why).
 pub fn grader(
     graded: Option<(&GraderSpec, String)>,
     sets: &[&[Tokenized]],
