@@ -22,6 +22,9 @@ struct Args {
     /// Prompt length for the prefill measurement.
     #[arg(long, default_value_t = 512)]
     prefill_tokens: usize,
+    /// The decode rows' kernel (graftd's --decode-kernel).
+    #[arg(long)]
+    decode_kernel: Option<graft_server::model::packed::DecodeKernel>,
 }
 
 fn percentile(v: &mut [f64], p: f64) -> f64 {
@@ -66,14 +69,18 @@ async fn main() -> anyhow::Result<()> {
     let mut cfg = ServerConfig::for_model(&args.model, &data);
     cfg.tenancy.admin_key = Some(graft_tests::ADMIN_KEY.into());
     cfg.engine.max_active_sequences = 64;
+    if let Some(k) = args.decode_kernel {
+        cfg.decode_kernel = k;
+    }
     let srv = server::start(cfg).await?;
     srv.ready().await?;
     let model = srv.engine().expect("ready").model().clone();
     let client = graft_tests::connect_as(srv.grpc_addr, graft_tests::TENANT).await;
     println!(
-        "machine: {} cores; model: {}",
+        "machine: {} cores; model: {}; decode kernel: {:?}",
         std::thread::available_parallelism()?.get(),
-        args.model.display()
+        args.model.display(),
+        model.llama.decode_kernel()
     );
 
     // Single-stream decode: rate after the first token.

@@ -8,6 +8,7 @@ use serde::Deserialize;
 
 use crate::{
     engine::{EngineConfig, StepLimits},
+    model::packed::DecodeKernel,
     tenancy::{Limits, TenancyConfig},
 };
 
@@ -61,6 +62,11 @@ pub struct Settings {
     /// interactive requests run.
     #[arg(long, env = "GRAFT_BACKGROUND_PREFILL")]
     pub background_prefill: Option<usize>,
+    /// The decode rows' matmul kernel over the GGUF's quantised weights: "int16"
+    /// (activations quantised to 16 bits per block of 32, integer dot products) or "exact"
+    /// (f32 activations; the reference).
+    #[arg(long, env = "GRAFT_DECODE_KERNEL")]
+    pub decode_kernel: Option<DecodeKernel>,
     /// MiB of KV memory for every running sequence and cached prompt prefix together
     /// (default: a quarter of the machine's memory). A request that could never fit is
     /// refused; when running sequences fill it, the newest waits (preempted).
@@ -200,6 +206,7 @@ pub struct ServerConfig {
     /// The OpenAI-compatible HTTP front, when on.
     pub http_listen: Option<SocketAddr>,
     pub engine: EngineConfig,
+    pub decode_kernel: DecodeKernel,
     pub max_new_tokens_cap: u32,
     pub drain_timeout: Duration,
     pub log_json: bool,
@@ -394,6 +401,10 @@ impl Settings {
                 .or(file.metrics_listen)
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9090))),
             engine,
+            decode_kernel: self
+                .decode_kernel
+                .or(file.decode_kernel)
+                .unwrap_or_default(),
             max_new_tokens_cap: self
                 .max_new_tokens_cap
                 .or(file.max_new_tokens_cap)
@@ -482,6 +493,7 @@ impl ServerConfig {
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             http_listen: None,
             engine: EngineConfig::default(),
+            decode_kernel: DecodeKernel::default(),
             max_new_tokens_cap: 4096,
             drain_timeout: Duration::from_secs(30),
             log_json: false,

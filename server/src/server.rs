@@ -242,6 +242,8 @@ async fn load_and_warm(
     let model =
         tokio::task::spawn_blocking(move || BaseModel::load(&path, &candle_core::Device::Cpu))
             .await??;
+    let mut model = model;
+    model.llama.set_decode_kernel(cfg.decode_kernel);
     let model = Arc::new(model);
     tracing::info!(
         model = %model.name,

@@ -47,7 +47,7 @@ fn untied(base: &Llama) -> Llama {
     let mut w = base.weights.clone();
     w.lm_head = Linear::new(w.embed.copy().expect("copy"));
     assert!(!w.tied());
-    Llama::new(base.cfg.clone(), w, base.device().clone())
+    Llama::new(base.cfg.clone(), w, base.device().clone()).expect("model")
 }
 
 fn check_gradients(m: &BaseModel, vars: &dyn Trainable, batch: &[&Tokenized], what: &str) {

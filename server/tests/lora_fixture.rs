@@ -98,7 +98,8 @@ fn serving_path_equals_the_merged_reference_path() {
         m.config().clone(),
         a.adapter.merged_into(&m.llama.weights).expect("merge"),
         Device::Cpu,
-    );
+    )
+    .expect("model");
     let prompt = m
         .tokenizer
         .encode("What is the capital of Peru?")

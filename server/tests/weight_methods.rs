@@ -151,7 +151,8 @@ fn serving_forward_equals_plain_forward_and_merged_weights_at_every_hook() {
                 m.config().clone(),
                 a.merged_into(&m.llama.weights).expect("merge"),
                 Device::Cpu,
-            );
+            )
+            .expect("model");
             let r = plain_logits(&merged, None, &prompt);
             let d = max_diff(&r, &served_logits);
             assert!(d < 2e-3, "{}: merged reference differs by {d}", method.0);

@@ -1,13 +1,21 @@
 //! Single-stream decode in a loop, for profilers (`perf record`): no server, no gRPC.
 
 use candle_core::Device;
-use graft_server::model::{BaseModel, SeqChunk};
+use graft_server::model::{packed::DecodeKernel, BaseModel, SeqChunk};
 
 fn main() -> anyhow::Result<()> {
     let path = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "models/SmolLM2-135M-Instruct.Q4_1.gguf".into());
-    let m = BaseModel::load(std::path::Path::new(&path), &Device::Cpu)?;
+    let mut m = BaseModel::load(std::path::Path::new(&path), &Device::Cpu)?;
+    // The decode kernel: "exact" (default) or "int16".
+    let kernel: DecodeKernel = std::env::args()
+        .nth(2)
+        .as_deref()
+        .unwrap_or("exact")
+        .parse()
+        .map_err(anyhow::Error::msg)?;
+    m.llama.set_decode_kernel(kernel);
     let prompt = m.tokenizer.encode("Count from 1 to 1000: 1, 2, 3, 4,")?;
     let mut pool = m.llama.kv_pool(8192);
     let mut cache = graft_server::model::KvCache::new();
@@ -34,6 +42,9 @@ fn main() -> anyhow::Result<()> {
             .unwrap_or(0);
         next = vec![best];
     }
-    println!("{:.1} tokens/s", n as f64 / t.elapsed().as_secs_f64());
+    println!(
+        "{kernel:?}: {:.1} tokens/s",
+        n as f64 / t.elapsed().as_secs_f64()
+    );
     Ok(())
 }

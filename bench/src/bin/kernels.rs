@@ -1,5 +1,5 @@
-//! Kernel micro-benchmark: the packed decode matmul (Q4_1 / Q8_0 blocks) against candle's
-//! f32 matmul on the same shapes, at several batch sizes. Ratios in one run.
+//! Kernel micro-benchmark: the packed decode matmul (Q4_1 / Q8_0 blocks), exact and int16,
+//! against candle's f32 matmul on the same shapes, at several batch sizes. Ratios in one run.
 
 use std::time::Instant;
 
@@ -7,7 +7,7 @@ use candle_core::{
     quantized::{GgmlDType, QTensor},
     Device, Tensor,
 };
-use graft_server::model::packed::PackedLinear;
+use graft_server::model::packed::{DecodeKernel, PackedLinear};
 
 fn time<F: FnMut()>(mut f: F) -> f64 {
     f();
@@ -36,9 +36,13 @@ fn main() -> anyhow::Result<()> {
                 let packed_ms = time(|| {
                     let _ = packed.matmul(&xv, rows);
                 });
+                let int16_ms = time(|| {
+                    let _ = packed.matmul_with(DecodeKernel::Int16, &xv, rows);
+                });
                 println!(
-                    "{n:>5}x{k:<5} {dt:?} rows {rows:>3}: f32 {f32_ms:7.3} ms  packed {packed_ms:7.3} ms  (packed/f32 {:.2})",
-                    packed_ms / f32_ms
+                    "{n:>5}x{k:<5} {dt:?} rows {rows:>3}: f32 {f32_ms:7.3} ms  packed {packed_ms:7.3} ms  int16 {int16_ms:7.3} ms  (packed/f32 {:.2}, int16/packed {:.2})",
+                    packed_ms / f32_ms,
+                    int16_ms / packed_ms
                 );
             }
         }

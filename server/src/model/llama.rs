@@ -16,6 +16,8 @@ use super::{
     attention::{attend, AttnShape, RopeTable, RowPlace},
     config::LlamaConfig,
     kv_cache::{KvCache, KvPool, KvShape},
+    packed::DecodeKernel,
+    rows as ops,
     sites::{Module, Sublayer},
     weights::{Linear, Weights},
     ModelError,
@@ -68,17 +70,43 @@ pub struct Llama {
     pub weights: Weights,
     rope: RopeTable,
     device: Device,
+    /// Per layer, the attention and FFN RMSNorm weights as plain values for the serving
+    /// step; and the final norm's.
+    norms: Vec<(Vec<f32>, Vec<f32>)>,
+    final_norm: Vec<f32>,
+    decode_kernel: DecodeKernel,
 }
 
 impl Llama {
-    pub fn new(cfg: LlamaConfig, weights: Weights, device: Device) -> Self {
+    pub fn new(cfg: LlamaConfig, weights: Weights, device: Device) -> Result<Self, ModelError> {
         let rope = RopeTable::new(cfg.head_dim(), cfg.max_position, cfg.rope_theta);
-        Self {
+        let plain = |t: &Tensor| -> Result<Vec<f32>, ModelError> {
+            Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+        };
+        let norms = weights
+            .layers
+            .iter()
+            .map(|l| Ok((plain(&l.attn_norm)?, plain(&l.ffn_norm)?)))
+            .collect::<Result<_, ModelError>>()?;
+        let final_norm = plain(&weights.final_norm)?;
+        Ok(Self {
             cfg,
             weights,
             rope,
             device,
-        }
+            norms,
+            final_norm,
+            decode_kernel: DecodeKernel::default(),
+        })
+    }
+
+    /// Chooses the decode rows' kernel (the exact f32 one by default).
+    pub fn set_decode_kernel(&mut self, kernel: DecodeKernel) {
+        self.decode_kernel = kernel;
+    }
+
+    pub fn decode_kernel(&self) -> DecodeKernel {
+        self.decode_kernel
     }
 
     pub fn device(&self) -> &Device {
@@ -121,10 +149,10 @@ impl Llama {
                 &self.device,
             )?);
         };
-        let logits = self
-            .weights
-            .lm_head
-            .forward_rows(&last.states, last.decode)?;
+        let logits =
+            self.weights
+                .lm_head
+                .forward_rows(&last.states, last.decode, self.decode_kernel)?;
         Ok(logits.index_select(&last.back(&self.device)?, 0)?)
     }
 
@@ -158,7 +186,7 @@ impl Llama {
             let logits = self
                 .weights
                 .lm_head
-                .forward_rows(&rows, decode)?
+                .forward_rows(&rows, decode, self.decode_kernel)?
                 .to_vec2()?;
             for (&i, l) in lm.iter().zip(logits) {
                 out[i as usize] = l;
@@ -236,60 +264,52 @@ impl Llama {
             .map(|r| chunks[r.seq].adapter.filter(|a| a.has_row_hooks()))
             .collect();
         let any_hooks = row_adapter.iter().any(Option::is_some);
-        let dev = &self.device;
-        // One projection: each row's own `pre_linear` hook, the shared weight for every
-        // row, then each row's own `post_linear` hook.
-        let project =
-            |lin: &Linear, m: Module, li: usize, x: &Tensor| -> Result<Tensor, ModelError> {
-                if !any_hooks {
-                    return Ok(lin.forward_rows(x, decode_rows)?);
-                }
-                let mut xv = x.flatten_all()?.to_vec1::<f32>()?;
-                let pre = pre_linear_rows(&row_adapter, li, m, &mut xv);
-                let x = if pre {
-                    Tensor::from_slice(&xv, x.shape(), dev)?
-                } else {
-                    x.clone()
-                };
-                let y = lin.forward_rows(&x, decode_rows)?;
-                let mut yv = y.flatten_all()?.to_vec1::<f32>()?;
-                post_linear_rows(&row_adapter, li, m, &xv, &mut yv);
-                Ok(Tensor::from_vec(yv, y.shape(), dev)?)
-            };
-        // The block's state after a sublayer with output `h`: `x + h`, or a row's own
-        // `after_sublayer` hook.
-        let residual =
-            |site: Sublayer, li: usize, x: Tensor, h: Tensor| -> Result<Tensor, ModelError> {
-                if !row_adapter
-                    .iter()
-                    .any(|a| a.is_some_and(|a| a.bottleneck(li, site).is_some()))
-                {
-                    return Ok((x + h)?);
-                }
-                let mut hv = h.flatten_all()?.to_vec1::<f32>()?;
-                let xv = x.flatten_all()?.to_vec1::<f32>()?;
-                after_sublayer_rows(&row_adapter, li, site, &mut hv, &xv);
-                Ok(Tensor::from_vec(hv, x.shape(), dev)?)
-            };
         let n = ids.len();
         if n == 0 {
             return Ok(None);
         }
+        let kernel = self.decode_kernel;
+        // One projection: each row's own `pre_linear` hook, the shared weight for every
+        // row, then each row's own `post_linear` hook.
+        let project =
+            |lin: &Linear, m: Module, li: usize, x: &[f32]| -> Result<Vec<f32>, ModelError> {
+                if !any_hooks {
+                    return Ok(lin.forward_rows_vec(x, n, decode_rows, kernel)?);
+                }
+                let mut xv = x.to_vec();
+                pre_linear_rows(&row_adapter, li, m, &mut xv);
+                let mut y = lin.forward_rows_vec(&xv, n, decode_rows, kernel)?;
+                post_linear_rows(&row_adapter, li, m, &xv, &mut y);
+                Ok(y)
+            };
+        // The block's state after a sublayer with output `h`: `x + h`, or a row's own
+        // `after_sublayer` hook.
+        let residual = |site: Sublayer, li: usize, x: &mut Vec<f32>, mut h: Vec<f32>| {
+            if row_adapter
+                .iter()
+                .any(|a| a.is_some_and(|a| a.bottleneck(li, site).is_some()))
+            {
+                after_sublayer_rows(&row_adapter, li, site, &mut h, x);
+                *x = h;
+            } else {
+                ops::add(x, &h);
+            }
+        };
         let (hidden, kv_dim) = (cfg.hidden_size, cfg.kv_dim());
         let eps = cfg.rms_eps as f32;
         let ids_t = Tensor::from_vec(ids, n, &self.device)?;
-        let mut x = self.weights.embed.index_select(&ids_t, 0)?;
+        let mut x: Vec<f32> = self
+            .weights
+            .embed
+            .index_select(&ids_t, 0)?
+            .flatten_all()?
+            .to_vec1()?;
         for (li, layer) in self.weights.layers.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let mut q = project(&layer.q, Module::Q, li, &h)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            let mut k = project(&layer.k, Module::K, li, &h)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            let v = project(&layer.v, Module::V, li, &h)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
+            let (attn_norm, ffn_norm) = &self.norms[li];
+            let h = ops::rms_norm(&x, attn_norm, eps);
+            let mut q = project(&layer.q, Module::Q, li, &h)?;
+            let mut k = project(&layer.k, Module::K, li, &h)?;
+            let v = project(&layer.v, Module::V, li, &h)?;
             for (r, place) in rows.iter().enumerate() {
                 self.rope
                     .apply(&mut q[r * hidden..(r + 1) * hidden], place.pos);
@@ -309,18 +329,14 @@ impl Llama {
             let tables: Vec<&[u32]> = chunks.iter().map(|c| c.cache.blocks()).collect();
             let (keys, values) = pool.layer(li);
             let a = attend(&q, &rows, &tables, keys, values, self.attn_shape());
-            let a = Tensor::from_vec(a, (n, hidden), &self.device)?;
-            x = residual(
-                Sublayer::Attention,
-                li,
-                x,
-                project(&layer.o, Module::O, li, &a)?,
-            )?;
-            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
-            let g = project(&layer.gate, Module::Gate, li, &h)?;
+            let o = project(&layer.o, Module::O, li, &a)?;
+            residual(Sublayer::Attention, li, &mut x, o);
+            let h = ops::rms_norm(&x, ffn_norm, eps);
+            let mut g = project(&layer.gate, Module::Gate, li, &h)?;
             let u = project(&layer.up, Module::Up, li, &h)?;
-            let f = project(&layer.down, Module::Down, li, &(g.silu()? * u)?)?;
-            x = residual(Sublayer::Ffn, li, x, f)?;
+            ops::silu_mul(&mut g, &u);
+            let f = project(&layer.down, Module::Down, li, &g)?;
+            residual(Sublayer::Ffn, li, &mut x, f);
         }
         for c in chunks.iter_mut() {
             c.cache.advance(c.tokens.len());
@@ -332,9 +348,16 @@ impl Llama {
             .iter()
             .map(|&s| (row_of[s] + chunks[s].tokens.len() - 1) as u32)
             .collect();
-        let idx = Tensor::from_vec(idx, logit_rows.len(), &self.device)?;
-        let last = x.index_select(&idx, 0)?;
-        let states = candle_nn::ops::rms_norm(&last, &self.weights.final_norm, eps)?;
+        let last: Vec<f32> = idx
+            .iter()
+            .flat_map(|&r| &x[r as usize * hidden..(r as usize + 1) * hidden])
+            .copied()
+            .collect();
+        let states = Tensor::from_vec(
+            ops::rms_norm(&last, &self.final_norm, eps),
+            (idx.len(), hidden),
+            &self.device,
+        )?;
         Ok(Some(LastStates {
             states,
             chunks: logit_rows,

@@ -15,6 +15,7 @@ pub mod kv_cache;
 pub mod llama;
 pub mod lora;
 pub mod packed;
+pub mod rows;
 pub mod save;
 pub mod sites;
 #[cfg(any(test, feature = "testing"))]
@@ -106,7 +107,7 @@ impl BaseModel {
         };
         let w = g.weights(&cfg, device)?;
         Ok(Self {
-            llama: Llama::new(cfg, w, device.clone()),
+            llama: Llama::new(cfg, w, device.clone())?,
             tokenizer,
             chat,
             fingerprint: sha256_files(&[path.to_path_buf()])?,
@@ -162,7 +163,7 @@ impl BaseModel {
             .collect();
         files.sort();
         Ok(Self {
-            llama: Llama::new(cfg, w, device.clone()),
+            llama: Llama::new(cfg, w, device.clone())?,
             tokenizer,
             chat,
             fingerprint: sha256_files(&files)?,

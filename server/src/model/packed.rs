@@ -10,7 +10,34 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
 use rayon::prelude::*;
 
+mod int16;
+
 const BLOCK: usize = 32;
+
+/// How decode rows' activations meet the packed weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DecodeKernel {
+    /// f32 activations against the exactly dequantised weights: the reference.
+    #[default]
+    Exact,
+    /// Activations quantised to 16 bits per block of 32 and integer dot products
+    /// ([`int16`]); weights kept as f32 fall back to the exact kernel.
+    Int16,
+}
+
+impl std::str::FromStr for DecodeKernel {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "exact" => Ok(Self::Exact),
+            "int16" => Ok(Self::Int16),
+            other => Err(format!(
+                "unknown decode kernel {other:?} (expected exact or int16)"
+            )),
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 enum Blocks {
@@ -162,7 +189,18 @@ impl PackedLinear {
         }
     }
 
-    /// `x: (rows, in)` row-major -> `(rows, out)` row-major.
+    /// [`PackedLinear::matmul`] through `kernel`.
+    pub fn matmul_with(&self, kernel: DecodeKernel, x: &[f32], rows: usize) -> Vec<f32> {
+        match kernel {
+            DecodeKernel::Int16 => {
+                int16::matmul(self, x, rows).unwrap_or_else(|| self.matmul(x, rows))
+            }
+            DecodeKernel::Exact => self.matmul(x, rows),
+        }
+    }
+
+    /// `x: (rows, in)` row-major -> `(rows, out)` row-major, f32 activations (the exact
+    /// kernel).
     pub fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
         let (n, k) = (self.out, self.inp);
         debug_assert_eq!(x.len(), rows * k);

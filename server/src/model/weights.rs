@@ -11,7 +11,12 @@ use candle_core::{
     DType, Device, Tensor,
 };
 
-use super::{config::LlamaConfig, packed::PackedLinear, sites::Module, ModelError};
+use super::{
+    config::LlamaConfig,
+    packed::{DecodeKernel, PackedLinear},
+    sites::Module,
+    ModelError,
+};
 
 /// A linear layer `y = x W^T` over frozen weights `W: (out, in)`: f32 for the plain path
 /// and prefill GEMMs, and (from GGUF) the packed blocks the decode path streams.
@@ -42,24 +47,43 @@ impl Linear {
     }
 
     /// `x: (rows, in)` where the first `decode_rows` rows are decode tokens: those go through
-    /// the packed kernel (row-wise, batch-invariant), the rest through the f32 GEMM.
-    pub fn forward_rows(&self, x: &Tensor, decode_rows: usize) -> candle_core::Result<Tensor> {
+    /// the packed kernel `kernel` (row-wise, batch-invariant), the rest through the f32 GEMM.
+    pub fn forward_rows(
+        &self,
+        x: &Tensor,
+        decode_rows: usize,
+        kernel: DecodeKernel,
+    ) -> candle_core::Result<Tensor> {
         let rows = x.dim(0)?;
-        let Some(p) = self.packed.as_ref().filter(|_| decode_rows > 0) else {
+        if self.packed.is_none() || decode_rows == 0 {
             return self.forward_tiled(x);
-        };
-        let xd = x.narrow(0, 0, decode_rows)?;
-        let xv = xd.flatten_all()?.to_vec1::<f32>()?;
-        let yd = Tensor::from_vec(
-            p.matmul(&xv, decode_rows),
-            (decode_rows, p.out_features()),
-            x.device(),
-        )?;
-        if decode_rows == rows {
-            return Ok(yd);
         }
-        let yp = self.forward_tiled(&x.narrow(0, decode_rows, rows - decode_rows)?)?;
-        Tensor::cat(&[&yd, &yp], 0)
+        let y = self.forward_rows_vec(&x.flatten_all()?.to_vec1()?, rows, decode_rows, kernel)?;
+        Tensor::from_vec(y, (rows, self.out_features()), x.device())
+    }
+
+    /// [`Linear::forward_rows`] over a plain buffer `x` of `rows` rows, row-major.
+    pub fn forward_rows_vec(
+        &self,
+        x: &[f32],
+        rows: usize,
+        decode_rows: usize,
+        kernel: DecodeKernel,
+    ) -> candle_core::Result<Vec<f32>> {
+        let k = self.in_features();
+        let dev = self.weight.device();
+        let gemm = |x: &[f32], rows: usize| -> candle_core::Result<Vec<f32>> {
+            let t = Tensor::from_slice(x, (rows, k), dev)?;
+            self.forward_tiled(&t)?.flatten_all()?.to_vec1()
+        };
+        let Some(p) = self.packed.as_ref().filter(|_| decode_rows > 0) else {
+            return gemm(x, rows);
+        };
+        let mut y = p.matmul_with(kernel, &x[..decode_rows * k], decode_rows);
+        if decode_rows < rows {
+            y.extend(gemm(&x[decode_rows * k..], rows - decode_rows)?);
+        }
+        Ok(y)
     }
 
     /// `x W^T` through the f32 GEMM in whole tiles of [`GEMM_TILE_ROWS`] rows, zero rows

@@ -58,7 +58,8 @@ impl FullVars {
             w.final_norm = train("model.norm.weight".into(), &w.final_norm)?;
         }
         Ok(Self {
-            llama: Llama::new(base.cfg.clone(), w, base.device().clone()),
+            llama: Llama::new(base.cfg.clone(), w, base.device().clone())
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?,
             vars,
             names,
         })

@@ -31,16 +31,16 @@ pub fn fixtures() -> PathBuf {
 /// The real SmolLM2 (`make model`), loaded once per test binary.
 pub fn model() -> Arc<BaseModel> {
     static M: OnceLock<Arc<BaseModel>> = OnceLock::new();
-    M.get_or_init(|| {
-        let path = std::env::var_os("GRAFT_TEST_MODEL")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| repo_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
-        Arc::new(
-            BaseModel::load(&path, &Device::Cpu)
-                .unwrap_or_else(|e| panic!("load {} (run `make model`): {e}", path.display())),
-        )
-    })
-    .clone()
+    M.get_or_init(|| Arc::new(load_model())).clone()
+}
+
+/// The real SmolLM2, loaded anew.
+pub fn load_model() -> BaseModel {
+    let path = std::env::var_os("GRAFT_TEST_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    BaseModel::load(&path, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("load {} (run `make model`): {e}", path.display()))
 }
 
 pub fn json(path: PathBuf) -> serde_json::Value {

@@ -1,0 +1,214 @@
+//! The integer-dot decode kernel (`--decode-kernel int16`) on the real model against every
+//! fixture of the real Hugging Face stack: with each fixture's prompt fed through decode
+//! rows (so every position, not only the generated ones, runs the integer kernel), the
+//! last prompt position's logits keep the reference's top-1, at least 19 of its top-20 and
+//! its top-20 log-probabilities within 0.05, and the greedy continuation is the reference's
+//! token for token; a mixed batch of every method's rows equals their solo runs bit for bit.
+
+mod common;
+
+use std::{
+    collections::HashSet,
+    path::PathBuf,
+    sync::{Arc, OnceLock},
+};
+
+use candle_core::Device;
+use common::{assert_batch_equals_solo, check_against, fixtures, ids, top_k};
+use graft_server::{
+    adapters::formats::{self, ImportPolicy},
+    model::{packed::DecodeKernel, Adapter, BaseModel, SeqChunk},
+};
+
+/// The bound issue 17 sets (llama.cpp's 8-bit activations are within ~0.5 of the
+/// reference; graft's 8-bit experiment moved them by up to 0.58).
+const LOGPROB_TOL: f32 = 0.05;
+
+/// The real model with the integer kernel on decode rows, loaded once.
+fn int16_model() -> Arc<BaseModel> {
+    static M: OnceLock<Arc<BaseModel>> = OnceLock::new();
+    M.get_or_init(|| {
+        let mut m = common::load_model();
+        m.llama.set_decode_kernel(DecodeKernel::Int16);
+        Arc::new(m)
+    })
+    .clone()
+}
+
+/// (name, fixture folder, adapter folder inside it, weights file)
+const FIXTURES: [(&str, &str, &str, &str); 8] = [
+    ("lora", "peft-lora-smollm2", "", "adapter_model.safetensors"),
+    (
+        "prompt-tuning",
+        "peft-methods/prompt-tuning",
+        "adapter",
+        "adapter_model.safetensors",
+    ),
+    (
+        "p-tuning-mlp",
+        "peft-methods/p-tuning-mlp",
+        "adapter",
+        "adapter_model.safetensors",
+    ),
+    (
+        "prefix-tuning",
+        "peft-methods/prefix-tuning",
+        "adapter",
+        "adapter_model.safetensors",
+    ),
+    (
+        "p-tuning-v2",
+        "peft-methods/p-tuning-v2",
+        "adapter",
+        "adapter_model.safetensors",
+    ),
+    (
+        "ia3",
+        "peft-methods/ia3",
+        "adapter",
+        "adapter_model.safetensors",
+    ),
+    (
+        "dora",
+        "peft-methods/dora",
+        "adapter",
+        "adapter_model.safetensors",
+    ),
+    (
+        "bottleneck",
+        "bottleneck-houlsby",
+        "adapter",
+        "adapter.safetensors",
+    ),
+];
+
+fn adapter(m: &BaseModel, (_, folder, sub, weights): (&str, &str, &str, &str)) -> Adapter {
+    let d: PathBuf = fixtures().join(folder).join(sub);
+    let policy = ImportPolicy {
+        max_rank: 64,
+        max_virtual_tokens: 128,
+        force: false,
+        base_aliases: vec!["HuggingFaceTB/SmolLM2-135M-Instruct".into()],
+    };
+    let c = std::fs::read(d.join("adapter_config.json")).expect("config");
+    let w = std::fs::read(d.join(weights)).expect("weights");
+    formats::parse(&c, &w, m.config(), &m.name, &policy)
+        .expect("fixture imports")
+        .compile(&m.llama)
+        .expect("compiles")
+}
+
+/// A fixture's cases: (prompt ids, "base" | "adapted", reference logits, greedy ids). The
+/// LoRA fixture has one prompt at the top level; the others a `prompts` list.
+fn cases(folder: &str) -> Vec<(Vec<u32>, &'static str, Vec<f32>, Vec<u32>)> {
+    let dir = fixtures().join(folder);
+    let r = common::json(dir.join("reference.json"));
+    let refs =
+        candle_core::safetensors::load(dir.join("reference_logits.safetensors"), &Device::Cpu)
+            .expect("reference logits");
+    let logits = |key: &str| -> Vec<f32> {
+        refs[key]
+            .flatten_all()
+            .and_then(|t| t.to_vec1())
+            .expect("logits")
+    };
+    let mut out = Vec::new();
+    for which in ["base", "adapted"] {
+        match r["prompts"].as_array() {
+            Some(prompts) => {
+                for (i, p) in prompts.iter().enumerate() {
+                    out.push((
+                        ids(&p["token_ids"]),
+                        which,
+                        logits(&format!("prompt{i}.{which}")),
+                        ids(&p[which]["greedy"]["ids"]),
+                    ));
+                }
+            }
+            None => out.push((
+                ids(&r["prompt"]["token_ids"]),
+                which,
+                logits(which),
+                ids(&r[which]["greedy"]["ids"]),
+            )),
+        }
+    }
+    out
+}
+
+/// Every token through decode rows, the prompt's included, one a step: the logits at the
+/// last prompt position and `n` greedy tokens.
+fn decode_all(
+    m: &BaseModel,
+    a: Option<&Adapter>,
+    prompt: &[u32],
+    n: usize,
+) -> (Vec<f32>, Vec<u32>) {
+    let mut pool = m.llama.kv_pool(4096);
+    let mut cache = common::seeded(&mut pool, a);
+    let mut step = |t: u32| -> Vec<f32> {
+        m.llama
+            .forward_step(
+                &mut pool,
+                &mut [SeqChunk {
+                    tokens: &[t],
+                    cache: &mut cache,
+                    want_logits: true,
+                    decode: true,
+                    adapter: a,
+                }],
+            )
+            .expect("decode step")
+            .remove(0)
+    };
+    let mut last = Vec::new();
+    for &t in prompt {
+        last = step(t);
+    }
+    let first = last.clone();
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let t = top_k(&last, 1)[0];
+        out.push(t);
+        last = step(t);
+    }
+    (first, out)
+}
+
+#[test]
+fn int16_decode_keeps_every_fixtures_greedy_tokens_and_top20_logprobs() {
+    let m = int16_model();
+    assert_eq!(m.llama.decode_kernel(), DecodeKernel::Int16);
+    // The base model's cases repeat across fixtures with the same prompt: run each once.
+    let mut base_done: HashSet<Vec<u32>> = HashSet::new();
+    for fx in FIXTURES {
+        let a = adapter(&m, fx);
+        for (prompt, which, want, want_ids) in cases(fx.1) {
+            let adapter = match which {
+                "base" if !base_done.insert(prompt.clone()) => continue,
+                "base" => None,
+                _ => Some(&a),
+            };
+            let (got, got_ids) = decode_all(&m, adapter, &prompt, want_ids.len());
+            let what = format!("int16 {} {which}", fx.0);
+            check_against(&want, &got, LOGPROB_TOL, &what);
+            assert_eq!(got_ids, want_ids, "{what}: greedy tokens");
+        }
+    }
+}
+
+#[test]
+fn int16_rows_of_every_method_are_batch_invariant() {
+    let m = int16_model();
+    let adapters: Vec<Option<Adapter>> = std::iter::once(None)
+        .chain(FIXTURES.iter().map(|&fx| Some(adapter(&m, fx))))
+        .collect();
+    let prompts: Vec<Vec<u32>> = (0..adapters.len())
+        .map(|i| {
+            m.tokenizer
+                .encode(&format!("Question {i}: what is {i} plus {i}?"))
+                .expect("encode")
+        })
+        .collect();
+    assert_batch_equals_solo(&m, &adapters, &prompts, 5);
+}
