@@ -540,6 +540,41 @@ mod tests {
     }
 
     #[test]
+    fn the_decode_kernel_comes_from_flag_or_file_and_a_wrong_name_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("graft.toml");
+        std::fs::write(&path, "decode_kernel = \"int16\"\n").expect("write");
+        let file = Settings::parse_from(["graftd", "--config", path.to_str().expect("utf8")]);
+        assert_eq!(
+            file.resolve().expect("resolves").decode_kernel,
+            DecodeKernel::Int16
+        );
+        let flag = Settings::parse_from([
+            "graftd",
+            "--config",
+            path.to_str().expect("utf8"),
+            "--decode-kernel",
+            "exact",
+        ]);
+        assert_eq!(
+            flag.resolve().expect("resolves").decode_kernel,
+            DecodeKernel::Exact
+        );
+        let default = Settings::parse_from(["graftd"]);
+        assert_eq!(
+            default.resolve().expect("resolves").decode_kernel,
+            DecodeKernel::Exact
+        );
+        let wrong = Settings::try_parse_from(["graftd", "--decode-kernel", "int8"])
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            wrong.contains("int8") && wrong.contains("exact or int16"),
+            "{wrong}"
+        );
+    }
+
+    #[test]
     fn unknown_file_keys_are_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("graft.toml");

@@ -98,9 +98,12 @@ fn adapter(m: &BaseModel, (_, folder, sub, weights): (&str, &str, &str, &str)) -
         .expect("compiles")
 }
 
-/// A fixture's cases: (prompt ids, "base" | "adapted", reference logits, greedy ids). The
-/// LoRA fixture has one prompt at the top level; the others a `prompts` list.
-fn cases(folder: &str) -> Vec<(Vec<u32>, &'static str, Vec<f32>, Vec<u32>)> {
+/// One case of a fixture: prompt ids, "base" | "adapted", reference logits, greedy ids.
+type Case = (Vec<u32>, &'static str, Vec<f32>, Vec<u32>);
+
+/// A fixture's cases. The LoRA fixture has one prompt at the top level; the others a
+/// `prompts` list.
+fn cases(folder: &str) -> Vec<Case> {
     let dir = fixtures().join(folder);
     let r = common::json(dir.join("reference.json"));
     let refs =

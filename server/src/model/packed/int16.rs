@@ -89,9 +89,9 @@ fn dot_portable(blocks: &Blocks, nb: usize, r: usize, xq: &QuantRows, row: usize
         }
         let dd = d * xq.d[at];
         let prod = |e: usize| w[e] * xb[e] as i32;
-        for l in 0..LANES {
+        for (l, a) in acc.iter_mut().enumerate() {
             let lane = prod(2 * l) + prod(2 * l + 1) + prod(16 + 2 * l) + prod(17 + 2 * l);
-            acc[l] = dd.mul_add(lane as f32, acc[l]);
+            *a = dd.mul_add(lane as f32, *a);
         }
     }
     reduce(&acc) + summ
