@@ -193,6 +193,19 @@ fn int16_decode_keeps_every_fixtures_greedy_tokens_and_top20_logprobs() {
                 _ => Some(&a),
             };
             let (got, got_ids) = decode_all(&m, adapter, &prompt, want_ids.len());
+            if adapter.is_none() {
+                // The integer kernel ran: the exact kernel's logits differ in their bits.
+                let (exact, _) = decode_all(&common::model(), None, &prompt, 0);
+                assert_eq!(common::model().llama.decode_kernel(), DecodeKernel::Exact);
+                assert!(
+                    exact
+                        .iter()
+                        .zip(&got)
+                        .any(|(a, b)| a.to_bits() != b.to_bits()),
+                    "int16 {}: the logits are the exact kernel's",
+                    fx.0
+                );
+            }
             let what = format!("int16 {} {which}", fx.0);
             check_against(&want, &got, LOGPROB_TOL, &what);
             assert_eq!(got_ids, want_ids, "{what}: greedy tokens");
