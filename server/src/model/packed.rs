@@ -554,14 +554,14 @@ mod tests {
 
     use super::*;
 
-    fn weights(n: usize, k: usize) -> Tensor {
+    pub(super) fn weights(n: usize, k: usize) -> Tensor {
         let v: Vec<f32> = (0..n * k)
             .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.3)
             .collect();
         Tensor::from_vec(v, (n, k), &Device::Cpu).expect("tensor")
     }
 
-    fn inputs(rows: usize, k: usize) -> Vec<f32> {
+    pub(super) fn inputs(rows: usize, k: usize) -> Vec<f32> {
         (0..rows * k)
             .map(|i| (i * 104729 % 977) as f32 / 488.0 - 1.0)
             .collect()

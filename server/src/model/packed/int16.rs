@@ -323,25 +323,9 @@ mod avx2 {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{
-        quantized::{GgmlDType, QTensor},
-        Device, Tensor,
-    };
+    use candle_core::quantized::{GgmlDType, QTensor};
 
-    use super::*;
-
-    fn weights(n: usize, k: usize) -> Tensor {
-        let v: Vec<f32> = (0..n * k)
-            .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.3)
-            .collect();
-        Tensor::from_vec(v, (n, k), &Device::Cpu).expect("tensor")
-    }
-
-    fn inputs(rows: usize, k: usize) -> Vec<f32> {
-        (0..rows * k)
-            .map(|i| (i * 104729 % 977) as f32 / 488.0 - 1.0)
-            .collect()
-    }
+    use super::{super::tests::inputs, super::tests::weights, *};
 
     const FORMATS: [GgmlDType; 3] = [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0];
 
