@@ -231,17 +231,22 @@ impl PackedLinear {
                 }
             },
         );
-        if rows == 1 {
-            return out_t;
-        }
-        let mut out = vec![0f32; rows * n];
-        for j in 0..n {
-            for b in 0..rows {
-                out[b * n + j] = out_t[j * rows + b];
-            }
-        }
-        out
+        untranspose(out_t, n, rows)
     }
+}
+
+/// `(out, rows)` results, as the kernels' tasks write them, to `(rows, out)`.
+fn untranspose(out_t: Vec<f32>, n: usize, rows: usize) -> Vec<f32> {
+    if rows == 1 {
+        return out_t;
+    }
+    let mut out = vec![0f32; rows * n];
+    for j in 0..n {
+        for b in 0..rows {
+            out[b * n + j] = out_t[j * rows + b];
+        }
+    }
+    out
 }
 
 impl PackedLinear {
@@ -462,7 +467,7 @@ mod avx2 {
     }
 
     #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
+    pub(super) unsafe fn hsum(v: __m256) -> f32 {
         let mut a: Acc = [0.0; LANES];
         _mm256_storeu_ps(a.as_mut_ptr(), v);
         reduce(&a)

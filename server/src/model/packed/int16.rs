@@ -17,7 +17,7 @@
 
 use rayon::prelude::*;
 
-use super::{reduce, Acc, Blocks, PackedLinear, BLOCK, LANES};
+use super::{reduce, untranspose, Acc, Blocks, PackedLinear, BLOCK, LANES};
 
 /// Activation rows quantised per block: `q` (rows·k), and per block `d` and `d·Σq`.
 pub(super) struct QuantRows {
@@ -132,16 +132,7 @@ pub(super) fn matmul(w: &PackedLinear, x: &[f32], rows: usize) -> Option<Vec<f32
                 }
             }
         });
-    if rows == 1 {
-        return Some(out_t);
-    }
-    let mut out = vec![0f32; rows * n];
-    for j in 0..n {
-        for b in 0..rows {
-            out[b * n + j] = out_t[j * rows + b];
-        }
-    }
-    Some(out)
+    Some(untranspose(out_t, n, rows))
 }
 
 fn simd_available() -> bool {
@@ -157,7 +148,7 @@ fn simd_available() -> bool {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{reduce, Acc, Blocks, QuantRows, BLOCK, LANES};
+    use super::{super::avx2::hsum, Blocks, QuantRows, BLOCK};
 
     /// Block `b` of weight row `r` as sixteen-bit values: elements 0..16 and 16..32, its
     /// scale, and Q4_1's min (0 and `false` for the others).
@@ -207,13 +198,6 @@ mod avx2 {
             }
             Blocks::F32(_) => unreachable!("f32 weights have no integer kernel"),
         }
-    }
-
-    #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let mut a: Acc = [0.0; LANES];
-        _mm256_storeu_ps(a.as_mut_ptr(), v);
-        reduce(&a)
     }
 
     /// `WR` weight rows from `r0` by `XR` activation rows from `b0`; `out[j * rows + b]` is
