@@ -81,6 +81,11 @@ pub struct Settings {
     /// Data directory: the database and adapter files.
     #[arg(long, env = "GRAFT_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// The metadata database: `postgres://user:password@host/db` for a PostgreSQL server
+    /// that several replicas share, or `sqlite://FILE` (default: `graft.db` in the data
+    /// directory).
+    #[arg(long, env = "GRAFT_DATABASE_URL")]
+    pub database_url: Option<String>,
     /// MiB of adapter weights kept in memory (least recently used evicted; in-use never).
     #[arg(long, env = "GRAFT_ADAPTER_CACHE_MB")]
     pub adapter_cache_mb: Option<usize>,
@@ -211,6 +216,8 @@ pub struct ServerConfig {
     pub drain_timeout: Duration,
     pub log_json: bool,
     pub data_dir: PathBuf,
+    /// The metadata database's URL; `None`: SQLite in `data_dir`.
+    pub database_url: Option<String>,
     pub adapter_cache_bytes: usize,
     pub max_adapter_rank: usize,
     pub max_virtual_tokens: usize,
@@ -419,6 +426,7 @@ impl Settings {
                 .data_dir
                 .or(file.data_dir)
                 .unwrap_or_else(|| PathBuf::from("data")),
+            database_url: self.database_url.or(file.database_url),
             adapter_cache_bytes: self
                 .adapter_cache_mb
                 .or(file.adapter_cache_mb)
@@ -498,6 +506,7 @@ impl ServerConfig {
             drain_timeout: Duration::from_secs(30),
             log_json: false,
             data_dir: data_dir.into(),
+            database_url: None,
             adapter_cache_bytes: 1 << 30,
             max_adapter_rank: 64,
             max_virtual_tokens: DEFAULT_MAX_VIRTUAL_TOKENS,

@@ -106,7 +106,10 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
     // service answers) while the model loads.
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|e| anyhow::anyhow!("data directory {}: {e}", cfg.data_dir.display()))?;
-    let db = Db::open(&cfg.data_dir.join("graft.db")).await?;
+    let db = match &cfg.database_url {
+        Some(url) => Db::connect(url).await?,
+        None => Db::open(&cfg.data_dir.join("graft.db")).await?,
+    };
     let tenancy = Tenancy::open(db.clone(), cfg.tenancy.clone()).await?;
     if cfg.tenancy.admin_key.is_none() {
         tracing::warn!("no admin key configured: the Admin service is disabled");

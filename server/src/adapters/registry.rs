@@ -368,7 +368,7 @@ impl AdapterRegistry {
         })
         .await
         .map_err(|e| RegistryError::Storage(e.to_string()))??;
-        let _storage = self.tenancy.storage_guard(tenant).await;
+        let _storage = self.tenancy.storage_guard(tenant).await?;
         let bytes = (config_json.len() + weights.len()) as u64;
         self.tenancy
             .check_storage(tenant, NewObject::AdapterVersion(name), bytes)

@@ -65,6 +65,10 @@ pub fn db_error(d: crate::store::DbError) -> ApiError {
             what: "no space left on the server's disk (the database could not write)".into(),
             retry_after: None,
         }
+    } else if d.is_unavailable() {
+        ApiError::Unavailable(
+            "the metadata database cannot be reached; nothing was written, try again later".into(),
+        )
     } else {
         ApiError::Internal("database error".into())
     }

@@ -6,15 +6,17 @@
 //! half a file; files without a row are orphans that `startup` removes.
 
 pub mod tenancy;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod training;
 
-use std::{path::Path, str::FromStr, time::Duration};
+use std::{path::Path, time::Duration};
 
 pub use crate::adapters::formats::{Details, HeadInfo};
 
 use sqlx::{
-    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
-    AssertSqlSafe, Row, SqlitePool,
+    any::{AnyPoolOptions, AnyRow},
+    AnyPool, AssertSqlSafe, Executor, Row,
 };
 
 /// Database errors, with the operation that failed.
@@ -27,19 +29,50 @@ pub struct DbError {
 }
 
 impl DbError {
-    /// The database could not write because the disk is full (SQLITE_FULL, or an I/O
-    /// error saying so).
+    /// The database could not write because the disk is full (SQLITE_FULL, PostgreSQL's
+    /// `disk_full`, or an I/O error saying so).
     pub fn is_disk_full(&self) -> bool {
         match &self.source {
-            sqlx::Error::Database(d) => d.code().as_deref() == Some("13"),
+            sqlx::Error::Database(d) => matches!(d.code().as_deref(), Some("13" | "53100")),
             sqlx::Error::Io(e) => e.kind() == std::io::ErrorKind::StorageFull,
             _ => false,
         }
+    }
+
+    /// The database cannot be reached (a server down, a connection lost, no connection
+    /// free in time): the caller may retry later; nothing was written.
+    pub fn is_unavailable(&self) -> bool {
+        match &self.source {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => true,
+            // PostgreSQL's class 08 (connection exception) and 57P (operator intervention:
+            // shutting down, cannot connect now).
+            sqlx::Error::Database(d) => d
+                .code()
+                .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
+            _ => false,
+        }
+    }
+
+    fn is_unique_violation(&self) -> bool {
+        matches!(&self.source, sqlx::Error::Database(d) if d.is_unique_violation())
     }
 }
 
 fn db_err(op: &'static str) -> impl FnOnce(sqlx::Error) -> DbError {
     move |source| DbError { op, source }
+}
+
+/// Which database a [`Db`] talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// One embedded file: one process (the default, and what `make run` uses).
+    Sqlite,
+    /// A server that several replicas share.
+    Postgres,
 }
 
 /// One stored adapter version.
@@ -76,9 +109,12 @@ pub struct NewAdapter {
     pub dir: String,
 }
 
+/// The metadata database: one pool, SQLite or PostgreSQL behind sqlx's `Any` driver, with
+/// the same queries for both (`$n` parameters, which SQLite reads as positions too).
 #[derive(Clone, Debug)]
 pub struct Db {
-    pool: SqlitePool,
+    pool: AnyPool,
+    backend: Backend,
 }
 
 const COLUMNS: &str = "id, tenant, name, version, method, details, size_bytes, sha256, base_fingerprint, dir, created_at";
@@ -96,7 +132,7 @@ struct StoredDetails {
     lm_head: bool,
 }
 
-fn row_to_adapter(r: &sqlx::sqlite::SqliteRow) -> Result<AdapterRow, DbError> {
+fn row_to_adapter(r: &AnyRow) -> Result<AdapterRow, DbError> {
     let details: String = r.get("details");
     let stored: StoredDetails = serde_json::from_str(&details).map_err(|e| DbError {
         op: "read adapter details",
@@ -125,35 +161,117 @@ fn now_unix() -> i64 {
         .unwrap_or(0)
 }
 
+/// A 64-bit advisory-lock key for `name` in `space`: the first 8 bytes of a SHA-256 (any two
+/// replicas compute the same key; a collision only makes two tenants wait for each other).
+fn lock_key(space: &str, name: &str) -> i64 {
+    use sha2::Digest;
+    let h = sha2::Sha256::new()
+        .chain_update(space)
+        .chain_update([0])
+        .chain_update(name)
+        .finalize();
+    i64::from_be_bytes(h[..8].try_into().unwrap_or_default())
+}
+
+/// A tenant's write lock on the database ([`Db::tenant_write_lock`]); released on drop.
+#[must_use = "the lock is released when the guard drops"]
+pub struct TenantWriteLock(#[allow(dead_code)] Option<sqlx::Transaction<'static, sqlx::Any>>);
+
 impl Db {
-    /// Opens (creating if needed) `path` and runs the migrations.
+    /// Opens (creating if needed) the SQLite file `path` and runs the migrations.
     pub async fn open(path: &Path) -> Result<Self, DbError> {
-        let url = format!("sqlite://{}", path.display());
-        let opts = SqliteConnectOptions::from_str(&url)
-            .map_err(db_err("parse url"))?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(Duration::from_secs(5));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(opts)
+        Self::connect(&format!("sqlite://{}?mode=rwc", path.display())).await
+    }
+
+    /// Connects to `url` (`sqlite://FILE` or `postgres://...`) and runs that database's
+    /// migrations (each replica runs them at start; sqlx serialises concurrent runs on
+    /// PostgreSQL with an advisory lock).
+    pub async fn connect(url: &str) -> Result<Self, DbError> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Backend::Postgres
+        } else {
+            return Err(DbError {
+                op: "parse url",
+                source: sqlx::Error::Configuration(
+                    "the database URL must start with sqlite:// or postgres://".into(),
+                ),
+            });
+        };
+        let pool = match backend {
+            // WAL with full fsync: a committed row survives a crash; writers wait for the
+            // lock up to 5 s instead of failing at once.
+            Backend::Sqlite => AnyPoolOptions::new()
+                .max_connections(4)
+                .after_connect(|conn, _| {
+                    Box::pin(async move {
+                        conn.execute(
+                            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;",
+                        )
+                        .await
+                        .map(|_| ())
+                    })
+                }),
+            // Connections are made when needed: a server that is down fails the requests
+            // that write (UNAVAILABLE), not the process.
+            Backend::Postgres => AnyPoolOptions::new()
+                .max_connections(16)
+                .acquire_timeout(Duration::from_secs(5)),
+        }
+        .connect(url)
+        .await
+        .map_err(db_err("connect"))?;
+        let migrated = match backend {
+            Backend::Sqlite => sqlx::migrate!("./migrations/sqlite").run(&pool).await,
+            Backend::Postgres => sqlx::migrate!("./migrations/postgres").run(&pool).await,
+        };
+        migrated.map_err(|e| DbError {
+            op: "migrate",
+            source: e.into(),
+        })?;
+        Ok(Self { pool, backend })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Holds `tenant`'s write lock across every process on this database until the guard
+    /// drops: a quota check and the write it allows cannot interleave with another
+    /// replica's. On PostgreSQL a transaction-scoped advisory lock keyed by the tenant
+    /// (released when the guard's transaction rolls back); on SQLite, whose file one process
+    /// owns, nothing (the caller's in-process lock is the whole story).
+    pub async fn tenant_write_lock(&self, tenant: &str) -> Result<TenantWriteLock, DbError> {
+        if self.backend == Backend::Sqlite {
+            return Ok(TenantWriteLock(None));
+        }
+        let mut tx = self.pool.begin().await.map_err(db_err("begin"))?;
+        sqlx::query("SELECT COUNT(*) FROM (SELECT pg_advisory_xact_lock($1)) AS l")
+            .bind(lock_key("tenant", tenant))
+            .fetch_one(&mut *tx)
             .await
-            .map_err(db_err("connect"))?;
-        sqlx::migrate!("./migrations")
-            .run(&pool)
-            .await
-            .map_err(|e| DbError {
-                op: "migrate",
-                source: e.into(),
-            })?;
-        Ok(Self { pool })
+            .map_err(db_err("tenant lock"))?;
+        Ok(TenantWriteLock(Some(tx)))
     }
 
     /// Inserts the next version of `(tenant, name)`; returns the stored row.
     /// One statement computes the version and inserts: a read-then-write transaction would
-    /// fail with SQLITE_BUSY (not wait) when another writer commits in between.
+    /// fail with SQLITE_BUSY (not wait) when another writer commits in between. On
+    /// PostgreSQL two replicas may compute the same number at once; the unique constraint
+    /// refuses the second, which numbers again (no duplicate, no gap).
     pub async fn insert_adapter(&self, a: &NewAdapter) -> Result<AdapterRow, DbError> {
+        let mut tries = 0;
+        loop {
+            match self.try_insert_adapter(a).await {
+                Err(e) if e.is_unique_violation() && tries < 20 => tries += 1,
+                r => return r,
+            }
+        }
+    }
+
+    async fn try_insert_adapter(&self, a: &NewAdapter) -> Result<AdapterRow, DbError> {
         let details = serde_json::to_string(&StoredDetails {
             details: a.details.clone(),
             head: a.head.clone(),
@@ -162,8 +280,8 @@ impl Db {
         .unwrap_or_else(|_| "{}".into());
         let row = sqlx::query(AssertSqlSafe(format!(
             "INSERT INTO adapter_versions (tenant, name, version, method, details, size_bytes, sha256, base_fingerprint, dir, created_at)
-             SELECT ?1, ?2, COALESCE(MAX(version), 0) + 1, ?3, ?4, ?5, ?6, ?7, ?8, ?9
-             FROM adapter_versions WHERE tenant = ?1 AND name = ?2
+             SELECT $1, $2, COALESCE(MAX(version), 0) + 1, $3, $4, $5, $6, $7, $8, $9
+             FROM adapter_versions WHERE tenant = $1 AND name = $2
              RETURNING {COLUMNS}"
         )))
         .bind(&a.tenant)
@@ -189,8 +307,8 @@ impl Db {
         version: Option<u32>,
     ) -> Result<Option<AdapterRow>, DbError> {
         let q = match version {
-            Some(_) => format!("SELECT {COLUMNS} FROM adapter_versions WHERE tenant = ? AND name = ? AND version = ? AND deleted_at IS NULL"),
-            None => format!("SELECT {COLUMNS} FROM adapter_versions WHERE tenant = ? AND name = ? AND deleted_at IS NULL ORDER BY version DESC LIMIT 1"),
+            Some(_) => format!("SELECT {COLUMNS} FROM adapter_versions WHERE tenant = $1 AND name = $2 AND version = $3 AND deleted_at IS NULL"),
+            None => format!("SELECT {COLUMNS} FROM adapter_versions WHERE tenant = $1 AND name = $2 AND deleted_at IS NULL ORDER BY version DESC LIMIT 1"),
         };
         let mut query = sqlx::query(AssertSqlSafe(q)).bind(tenant).bind(name);
         if let Some(v) = version {
@@ -214,13 +332,11 @@ impl Db {
         let (an, av) = after.unwrap_or_default();
         let rows = sqlx::query(AssertSqlSafe(format!(
             "SELECT {COLUMNS} FROM adapter_versions
-             WHERE tenant = ? AND deleted_at IS NULL AND (? IS NULL OR name = ?) AND (name > ? OR (name = ? AND version > ?))
-             ORDER BY name, version LIMIT ?"
+             WHERE tenant = $1 AND deleted_at IS NULL AND ($2 IS NULL OR name = $2) AND (name > $3 OR (name = $3 AND version > $4))
+             ORDER BY name, version LIMIT $5"
         )))
         .bind(tenant)
         .bind(name)
-        .bind(name)
-        .bind(&an)
         .bind(&an)
         .bind(av as i64)
         .bind(limit as i64)
@@ -239,14 +355,13 @@ impl Db {
         version: Option<u32>,
     ) -> Result<Vec<AdapterRow>, DbError> {
         let rows = sqlx::query(AssertSqlSafe(format!(
-            "UPDATE adapter_versions SET deleted_at = ?
-             WHERE tenant = ? AND name = ? AND (? IS NULL OR version = ?) AND deleted_at IS NULL
+            "UPDATE adapter_versions SET deleted_at = $1
+             WHERE tenant = $2 AND name = $3 AND ($4 IS NULL OR version = $4) AND deleted_at IS NULL
              RETURNING {COLUMNS}"
         )))
         .bind(now_unix())
         .bind(tenant)
         .bind(name)
-        .bind(version.map(|v| v as i64))
         .bind(version.map(|v| v as i64))
         .fetch_all(&self.pool)
         .await
@@ -326,12 +441,13 @@ mod tests {
     /// details (the migrations run one by one on a database holding such a row).
     #[tokio::test]
     async fn lora_rows_of_the_old_schema_migrate_to_method_and_details() {
-        let pool = SqlitePoolOptions::new()
+        sqlx::any::install_default_drivers();
+        let pool = AnyPoolOptions::new()
             .max_connections(1)
             .connect("sqlite::memory:")
             .await
             .expect("memory db");
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/sqlite");
         let mut files: Vec<_> = std::fs::read_dir(&dir)
             .expect("migrations")
             .flatten()
@@ -376,10 +492,14 @@ mod tests {
         assert_eq!((a.version, a.details.method()), (1, "lora"));
     }
 
-    #[tokio::test]
-    async fn versions_count_up_and_are_never_reused() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let db = Db::open(&dir.path().join("g.db")).await.expect("open");
+    /// Versions count up per (tenant, name), survive a reopen and are never reused after a
+    /// delete; `open` opens the same database each time.
+    async fn versions_count_up<F, Fut>(open: F)
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Db>,
+    {
+        let db = open().await;
         assert_eq!(
             db.insert_adapter(&new("t", "a")).await.expect("1").version,
             1
@@ -421,8 +541,79 @@ mod tests {
             listed.iter().map(|r| r.version).collect::<Vec<_>>(),
             vec![1, 3]
         );
+        let after = db
+            .list_adapters("t", Some("a"), Some(("a".into(), 1)), 10)
+            .await
+            .expect("list after");
+        assert_eq!(after.iter().map(|r| r.version).collect::<Vec<_>>(), [3]);
+        assert_eq!(
+            db.delete_adapter("u", "a", None).await.expect("all").len(),
+            1
+        );
         drop(db);
-        let db = Db::open(&dir.path().join("g.db")).await.expect("reopen");
-        assert_eq!(db.count_adapters().await.expect("count"), 3);
+        let db = open().await;
+        assert_eq!(db.count_adapters().await.expect("count"), 2);
+        assert_eq!(db.live_adapter_dirs().await.expect("dirs").len(), 2);
+    }
+
+    #[tokio::test]
+    async fn versions_count_up_and_are_never_reused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("g.db");
+        versions_count_up(|| async { Db::open(&path).await.expect("open") }).await;
+    }
+
+    #[tokio::test]
+    async fn versions_count_up_and_are_never_reused_on_postgres() {
+        let pg = testing::TestPostgres::start();
+        let url = pg.database("versions").await;
+        versions_count_up(|| async {
+            let db = Db::connect(&url).await.expect("connect");
+            assert_eq!(db.backend(), Backend::Postgres);
+            db
+        })
+        .await;
+    }
+
+    /// Two replicas (two pools on one PostgreSQL) store versions of one adapter at once:
+    /// every insert gets its own number, 1..=40, none twice and none skipped.
+    #[tokio::test]
+    async fn two_replicas_storing_at_once_never_share_a_version_on_postgres() {
+        let pg = testing::TestPostgres::start();
+        let url = pg.database("race").await;
+        let a = Db::connect(&url).await.expect("replica a");
+        let b = Db::connect(&url).await.expect("replica b");
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..40 {
+            let db = if i % 2 == 0 { a.clone() } else { b.clone() };
+            tasks.spawn(async move { db.insert_adapter(&new("t", "hot")).await });
+        }
+        let mut versions = Vec::new();
+        while let Some(r) = tasks.join_next().await {
+            versions.push(r.expect("task").expect("insert").version);
+        }
+        versions.sort_unstable();
+        assert_eq!(versions, (1..=40).collect::<Vec<u32>>());
+    }
+
+    #[tokio::test]
+    async fn a_url_of_another_database_is_refused_by_name() {
+        let e = Db::connect("mysql://x/y").await.expect_err("refused");
+        assert!(e.to_string().contains("postgres://"), "{e}");
+    }
+
+    /// A PostgreSQL server that is not there: an error that says the database is
+    /// unreachable (answered UNAVAILABLE), not a hang or a panic.
+    #[tokio::test]
+    async fn an_unreachable_postgres_is_unavailable() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let e = Db::connect(&format!("postgres://graft@127.0.0.1:{port}/x"))
+            .await
+            .expect_err("nothing listens");
+        assert!(e.is_unavailable(), "{e:?}");
     }
 }

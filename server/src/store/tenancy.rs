@@ -38,7 +38,7 @@ pub struct StoredUsage {
     pub unfinished_jobs: u32,
 }
 
-fn tenant(r: &sqlx::sqlite::SqliteRow) -> TenantRow {
+fn tenant(r: &sqlx::any::AnyRow) -> TenantRow {
     TenantRow {
         name: r.get("name"),
         quotas: r.get("quotas"),
@@ -46,7 +46,7 @@ fn tenant(r: &sqlx::sqlite::SqliteRow) -> TenantRow {
     }
 }
 
-fn key(r: &sqlx::sqlite::SqliteRow) -> KeyRow {
+fn key(r: &sqlx::any::AnyRow) -> KeyRow {
     KeyRow {
         id: r.get("id"),
         tenant: r.get("tenant"),
@@ -63,7 +63,7 @@ impl Db {
     /// Inserts a tenant; false when the name is taken.
     pub async fn insert_tenant(&self, name: &str, quotas: &str) -> Result<bool, DbError> {
         let r = sqlx::query(
-            "INSERT INTO tenants (name, quotas, created_at) VALUES (?, ?, ?) ON CONFLICT (name) DO NOTHING",
+            "INSERT INTO tenants (name, quotas, created_at) VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING",
         )
         .bind(name)
         .bind(quotas)
@@ -83,7 +83,7 @@ impl Db {
     }
 
     pub async fn set_tenant_quotas(&self, name: &str, quotas: &str) -> Result<bool, DbError> {
-        let r = sqlx::query("UPDATE tenants SET quotas = ? WHERE name = ?")
+        let r = sqlx::query("UPDATE tenants SET quotas = $1 WHERE name = $2")
             .bind(quotas)
             .bind(name)
             .execute(&self.pool)
@@ -95,12 +95,12 @@ impl Db {
     /// Deletes a tenant and its keys, in one transaction; false when it does not exist.
     pub async fn delete_tenant(&self, name: &str) -> Result<bool, DbError> {
         let mut tx = self.pool.begin().await.map_err(db_err("begin"))?;
-        sqlx::query("DELETE FROM api_keys WHERE tenant = ?")
+        sqlx::query("DELETE FROM api_keys WHERE tenant = $1")
             .bind(name)
             .execute(&mut *tx)
             .await
             .map_err(db_err("delete keys"))?;
-        let r = sqlx::query("DELETE FROM tenants WHERE name = ?")
+        let r = sqlx::query("DELETE FROM tenants WHERE name = $1")
             .bind(name)
             .execute(&mut *tx)
             .await
@@ -112,7 +112,7 @@ impl Db {
     pub async fn insert_key(&self, k: &KeyRow) -> Result<(), DbError> {
         sqlx::query(
             "INSERT INTO api_keys (id, tenant, salt, hash, description, created_at, expires_at, revoked_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(&k.id)
         .bind(&k.tenant)
@@ -142,7 +142,7 @@ impl Db {
     /// Marks a key revoked (once); the stored row, or None when there is no such key.
     pub async fn revoke_key(&self, id: &str) -> Result<Option<KeyRow>, DbError> {
         let r = sqlx::query(
-            "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?
+            "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $1) WHERE id = $2
              RETURNING id, tenant, salt, hash, description, created_at, expires_at, revoked_at",
         )
         .bind(now_unix())
@@ -157,13 +157,13 @@ impl Db {
     pub async fn stored_usage(&self, tenant: &str) -> Result<StoredUsage, DbError> {
         let r = sqlx::query(
             "SELECT
-               (SELECT COUNT(DISTINCT name) FROM adapter_versions WHERE tenant = ?1 AND deleted_at IS NULL),
-               (SELECT COALESCE(SUM(size_bytes), 0) FROM adapter_versions WHERE tenant = ?1 AND deleted_at IS NULL)
-                 + (SELECT COALESCE(SUM(size_bytes), 0) FROM datasets WHERE tenant = ?1 AND deleted_at IS NULL)
-                 + (SELECT COALESCE(SUM(adapter_bytes), 0) FROM jobs WHERE tenant = ?1 AND status IN ('validating', 'queued', 'running')),
-               (SELECT COUNT(*) FROM datasets WHERE tenant = ?1 AND deleted_at IS NULL),
-               (SELECT COUNT(*) FROM jobs WHERE tenant = ?1 AND status = 'running'),
-               (SELECT COUNT(*) FROM jobs WHERE tenant = ?1 AND status IN ('validating', 'queued', 'running'))",
+               (SELECT COUNT(DISTINCT name) FROM adapter_versions WHERE tenant = $1 AND deleted_at IS NULL),
+               CAST((SELECT COALESCE(SUM(size_bytes), 0) FROM adapter_versions WHERE tenant = $1 AND deleted_at IS NULL)
+                 + (SELECT COALESCE(SUM(size_bytes), 0) FROM datasets WHERE tenant = $1 AND deleted_at IS NULL)
+                 + (SELECT COALESCE(SUM(adapter_bytes), 0) FROM jobs WHERE tenant = $1 AND status IN ('validating', 'queued', 'running')) AS BIGINT),
+               (SELECT COUNT(*) FROM datasets WHERE tenant = $1 AND deleted_at IS NULL),
+               (SELECT COUNT(*) FROM jobs WHERE tenant = $1 AND status = 'running'),
+               (SELECT COUNT(*) FROM jobs WHERE tenant = $1 AND status IN ('validating', 'queued', 'running'))",
         )
         .bind(tenant)
         .fetch_one(&self.pool)
@@ -181,7 +181,7 @@ impl Db {
     /// Whether a live adapter `(tenant, name)` exists (a new version adds no adapter).
     pub async fn adapter_name_exists(&self, tenant: &str, name: &str) -> Result<bool, DbError> {
         let n: i64 = sqlx::query(
-            "SELECT COUNT(*) FROM adapter_versions WHERE tenant = ? AND name = ? AND deleted_at IS NULL",
+            "SELECT COUNT(*) FROM adapter_versions WHERE tenant = $1 AND name = $2 AND deleted_at IS NULL",
         )
         .bind(tenant)
         .bind(name)
@@ -197,10 +197,12 @@ impl Db {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn tenants_and_keys_round_trip_and_delete_together() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let db = Db::open(&dir.path().join("g.db")).await.expect("open");
+    async fn tenants_and_keys_round_trip<F, Fut>(open: F)
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Db>,
+    {
+        let db = open().await;
         assert!(db.insert_tenant("acme", "{}").await.expect("insert"));
         assert!(!db.insert_tenant("acme", "{}").await.expect("dup"));
         let k = KeyRow {
@@ -223,7 +225,7 @@ mod tests {
             .await
             .expect("q"));
         drop(db);
-        let db = Db::open(&dir.path().join("g.db")).await.expect("reopen");
+        let db = open().await;
         assert_eq!(
             db.tenants().await.expect("t")[0].quotas,
             "{\"max_datasets\":3}"
@@ -235,5 +237,19 @@ mod tests {
         assert!(db.delete_tenant("acme").await.expect("delete"));
         assert!(db.keys().await.expect("keys").is_empty());
         assert!(!db.delete_tenant("acme").await.expect("again"));
+    }
+
+    #[tokio::test]
+    async fn tenants_and_keys_round_trip_and_delete_together() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("g.db");
+        tenants_and_keys_round_trip(|| async { Db::open(&path).await.expect("open") }).await;
+    }
+
+    #[tokio::test]
+    async fn tenants_and_keys_round_trip_and_delete_together_on_postgres() {
+        let pg = crate::store::testing::TestPostgres::start();
+        let url = pg.database("tenants").await;
+        tenants_and_keys_round_trip(|| async { Db::connect(&url).await.expect("connect") }).await;
     }
 }

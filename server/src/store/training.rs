@@ -53,7 +53,7 @@ pub struct EventRow {
     pub event: String,
 }
 
-fn dataset(r: &sqlx::sqlite::SqliteRow) -> DatasetRow {
+fn dataset(r: &sqlx::any::AnyRow) -> DatasetRow {
     DatasetRow {
         id: r.get("id"),
         tenant: r.get("tenant"),
@@ -78,7 +78,7 @@ fn dataset(r: &sqlx::sqlite::SqliteRow) -> DatasetRow {
     }
 }
 
-fn job(r: &sqlx::sqlite::SqliteRow) -> JobRow {
+fn job(r: &sqlx::any::AnyRow) -> JobRow {
     JobRow {
         id: r.get("id"),
         tenant: r.get("tenant"),
@@ -164,7 +164,7 @@ impl Db {
     pub async fn insert_dataset(&self, d: &DatasetRow) -> Result<Option<DatasetRow>, DbError> {
         let r = sqlx::query(
             "INSERT INTO datasets (id, tenant, name, format, examples, tokens, truncated, size_bytes, sha256, file, created_at, label_counts, filename)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
         )
         .bind(&d.id)
         .bind(&d.tenant)
@@ -191,14 +191,14 @@ impl Db {
         }
     }
 
-    /// The tenant's one dataset where `filter` (one `?`, bound to `key`) holds.
+    /// The tenant's one dataset where `filter` (one `$2`, bound to `key`) holds.
     async fn find_dataset(
         &self,
         tenant: &str,
         filter: &str,
         key: &str,
     ) -> Result<Option<DatasetRow>, DbError> {
-        let q = format!("SELECT {DATASET_COLS} FROM datasets WHERE tenant = ? AND {filter}");
+        let q = format!("SELECT {DATASET_COLS} FROM datasets WHERE tenant = $1 AND {filter}");
         let r = sqlx::query(sqlx::AssertSqlSafe(q))
             .bind(tenant)
             .bind(key)
@@ -213,7 +213,7 @@ impl Db {
         tenant: &str,
         name: &str,
     ) -> Result<Option<DatasetRow>, DbError> {
-        self.find_dataset(tenant, "name = ? AND deleted_at IS NULL", name)
+        self.find_dataset(tenant, "name = $2 AND deleted_at IS NULL", name)
             .await
     }
 
@@ -222,13 +222,14 @@ impl Db {
         tenant: &str,
         id: &str,
     ) -> Result<Option<DatasetRow>, DbError> {
-        self.find_dataset(tenant, "id = ? AND deleted_at IS NULL", id)
+        self.find_dataset(tenant, "id = $2 AND deleted_at IS NULL", id)
             .await
     }
 
     /// A job's dataset by id, deleted or not: a job keeps the data it was created with.
     pub async fn job_dataset(&self, tenant: &str, id: &str) -> Result<Option<DatasetRow>, DbError> {
-        self.find_dataset(tenant, "id = ? AND file != ''", id).await
+        self.find_dataset(tenant, "id = $2 AND file != ''", id)
+            .await
     }
 
     /// Deleted datasets whose file no unfinished job needs any more: `(id, file)`.
@@ -245,7 +246,7 @@ impl Db {
 
     /// Records that a deleted dataset's file is gone.
     pub async fn forget_dataset_file(&self, id: &str) -> Result<(), DbError> {
-        sqlx::query("UPDATE datasets SET file = '' WHERE id = ? AND deleted_at IS NOT NULL")
+        sqlx::query("UPDATE datasets SET file = '' WHERE id = $1 AND deleted_at IS NOT NULL")
             .bind(id)
             .execute(&self.pool)
             .await
@@ -262,7 +263,7 @@ impl Db {
     }
 
     pub async fn list_datasets(&self, tenant: &str) -> Result<Vec<DatasetRow>, DbError> {
-        let q = format!("SELECT {DATASET_COLS} FROM datasets WHERE tenant = ? AND deleted_at IS NULL ORDER BY name");
+        let q = format!("SELECT {DATASET_COLS} FROM datasets WHERE tenant = $1 AND deleted_at IS NULL ORDER BY name");
         let r = sqlx::query(sqlx::AssertSqlSafe(q))
             .bind(tenant)
             .fetch_all(&self.pool)
@@ -276,7 +277,7 @@ impl Db {
         tenant: &str,
         name: &str,
     ) -> Result<Option<DatasetRow>, DbError> {
-        let q = format!("UPDATE datasets SET deleted_at = ? WHERE tenant = ? AND name = ? AND deleted_at IS NULL RETURNING {DATASET_COLS}");
+        let q = format!("UPDATE datasets SET deleted_at = $1 WHERE tenant = $2 AND name = $3 AND deleted_at IS NULL RETURNING {DATASET_COLS}");
         let r = sqlx::query(sqlx::AssertSqlSafe(q))
             .bind(now_unix())
             .bind(tenant)
@@ -290,7 +291,7 @@ impl Db {
     pub async fn insert_job(&self, j: &JobRow) -> Result<(), DbError> {
         sqlx::query(
             "INSERT INTO jobs (id, tenant, dataset, eval_dataset, adapter_name, adapter_bytes, spec, status, step, total_steps, created_at, updated_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0, $9, $10, $11)",
         )
         .bind(&j.id)
         .bind(&j.tenant)
@@ -310,7 +311,7 @@ impl Db {
     }
 
     pub async fn job(&self, tenant: &str, id: &str) -> Result<Option<JobRow>, DbError> {
-        let q = format!("SELECT {JOB_COLS} FROM jobs WHERE tenant = ? AND id = ?");
+        let q = format!("SELECT {JOB_COLS} FROM jobs WHERE tenant = $1 AND id = $2");
         let r = sqlx::query(sqlx::AssertSqlSafe(q))
             .bind(tenant)
             .bind(id)
@@ -322,7 +323,7 @@ impl Db {
 
     pub async fn list_jobs(&self, tenant: &str) -> Result<Vec<JobRow>, DbError> {
         let q =
-            format!("SELECT {JOB_COLS} FROM jobs WHERE tenant = ? ORDER BY created_at DESC, id");
+            format!("SELECT {JOB_COLS} FROM jobs WHERE tenant = $1 ORDER BY created_at DESC, id");
         let r = sqlx::query(sqlx::AssertSqlSafe(q))
             .bind(tenant)
             .fetch_all(&self.pool)
@@ -361,7 +362,7 @@ impl Db {
             return Ok(None);
         };
         let q = format!(
-            "UPDATE jobs SET status = 'running', updated_at = ? WHERE id = ? AND status = 'queued'
+            "UPDATE jobs SET status = 'running', updated_at = $1 WHERE id = $2 AND status = 'queued'
              RETURNING {JOB_COLS}"
         );
         let r = sqlx::query(sqlx::AssertSqlSafe(q))
@@ -383,8 +384,8 @@ impl Db {
         adapter_version: Option<u32>,
     ) -> Result<bool, DbError> {
         let r = sqlx::query(
-            "UPDATE jobs SET status = ?, error = COALESCE(?, error), adapter_version = COALESCE(?, adapter_version), updated_at = ?
-             WHERE id = ? AND status NOT IN ('succeeded', 'failed', 'cancelled')",
+            "UPDATE jobs SET status = $1, error = COALESCE($2, error), adapter_version = COALESCE($3, adapter_version), updated_at = $4
+             WHERE id = $5 AND status NOT IN ('succeeded', 'failed', 'cancelled')",
         )
         .bind(status.as_str())
         .bind(error)
@@ -398,7 +399,7 @@ impl Db {
     }
 
     pub async fn set_job_progress(&self, id: &str, step: u64, total: u64) -> Result<(), DbError> {
-        sqlx::query("UPDATE jobs SET step = ?, total_steps = ?, updated_at = ? WHERE id = ?")
+        sqlx::query("UPDATE jobs SET step = $1, total_steps = $2, updated_at = $3 WHERE id = $4")
             .bind(step as i64)
             .bind(total as i64)
             .bind(now_unix())
@@ -412,7 +413,7 @@ impl Db {
     /// How many jobs are queued and how many running, over all tenants.
     pub async fn count_unfinished_jobs(&self) -> Result<(u64, u64), DbError> {
         let (queued, running): (i64, i64) = sqlx::query_as(
-            "SELECT COALESCE(SUM(status = 'queued'), 0), COALESCE(SUM(status = 'running'), 0) FROM jobs",
+            "SELECT COUNT(*) FILTER (WHERE status = 'queued'), COUNT(*) FILTER (WHERE status = 'running') FROM jobs",
         )
         .fetch_one(&self.pool)
         .await
@@ -423,7 +424,7 @@ impl Db {
     /// Jobs interrupted by a stop or crash go back to the queue (they resume from their
     /// checkpoints).
     pub async fn requeue_interrupted_jobs(&self) -> Result<u64, DbError> {
-        let r = sqlx::query("UPDATE jobs SET status = 'queued', updated_at = ? WHERE status IN ('running', 'validating')")
+        let r = sqlx::query("UPDATE jobs SET status = 'queued', updated_at = $1 WHERE status IN ('running', 'validating')")
             .bind(now_unix())
             .execute(&self.pool)
             .await
@@ -439,10 +440,9 @@ impl Db {
             .unwrap_or(0);
         let r = sqlx::query(
             "INSERT INTO job_events (job_id, seq, at_ms, event)
-             VALUES (?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM job_events WHERE job_id = ?), ?, ?)
+             VALUES ($1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM job_events WHERE job_id = $1), $2, $3)
              RETURNING seq",
         )
-        .bind(job_id)
         .bind(job_id)
         .bind(at_ms)
         .bind(event)
@@ -458,7 +458,7 @@ impl Db {
 
     pub async fn events_after(&self, job_id: &str, after: u64) -> Result<Vec<EventRow>, DbError> {
         let r = sqlx::query(
-            "SELECT seq, at_ms, event FROM job_events WHERE job_id = ? AND seq > ? ORDER BY seq",
+            "SELECT seq, at_ms, event FROM job_events WHERE job_id = $1 AND seq > $2 ORDER BY seq",
         )
         .bind(job_id)
         .bind(after as i64)

@@ -356,7 +356,7 @@ impl Tenancy {
     /// Deletes an empty tenant and its keys.
     pub async fn delete_tenant(&self, name: &str) -> Result<(), TenancyError> {
         let info = self.tenant(name).await?;
-        let _storage = self.storage_guard(name).await;
+        let _storage = self.storage_guard(name).await?;
         let u = self.db.stored_usage(name).await?;
         if u.adapters > 0 || u.datasets > 0 || u.unfinished_jobs > 0 {
             return Err(TenancyError::FailedPrecondition(format!(
@@ -463,8 +463,10 @@ impl Tenancy {
         self.tenant(tenant).await
     }
 
-    /// Holds the tenant's storage lock: check a storage quota and write under it.
-    pub async fn storage_guard(&self, tenant: &str) -> tokio::sync::OwnedMutexGuard<()> {
+    /// Holds the tenant's storage lock: check a storage quota and write under it. The lock
+    /// is this process's (per tenant) and, on a database that several replicas share, the
+    /// database's ([`Db::tenant_write_lock`]), so no two replicas overdraw a quota together.
+    pub async fn storage_guard(&self, tenant: &str) -> Result<StorageGuard, TenancyError> {
         let lock = self
             .storage_locks
             .lock()
@@ -472,7 +474,12 @@ impl Tenancy {
             .entry(tenant.to_string())
             .or_default()
             .clone();
-        lock.lock_owned().await
+        let local = lock.lock_owned().await;
+        let shared = self.db.tenant_write_lock(tenant).await?;
+        Ok(StorageGuard {
+            _shared: shared,
+            _local: local,
+        })
     }
 
     /// Refuses a write that would take `tenant` over a storage quota: one that stores
@@ -616,6 +623,13 @@ impl Drop for StreamPermit {
             m.bucket.give_back(unused, self.per_minute, Instant::now());
         }
     }
+}
+
+/// A tenant's storage lock ([`Tenancy::storage_guard`]), released on drop (the database's
+/// first, then this process's).
+pub struct StorageGuard {
+    _shared: crate::store::TenantWriteLock,
+    _local: tokio::sync::OwnedMutexGuard<()>,
 }
 
 #[cfg(test)]
@@ -795,5 +809,67 @@ mod tests {
             t.tenant("acme").await,
             Err(TenancyError::NotFound(_))
         ));
+    }
+
+    /// Two replicas (two `Tenancy` over two pools on one PostgreSQL) take uploads of one
+    /// tenant at once, each checking the quota and then writing after a pause: the
+    /// database's tenant lock lets exactly `max_datasets` through, not one per replica.
+    #[tokio::test]
+    async fn a_storage_quota_holds_across_replicas_on_postgres() {
+        let pg = crate::store::testing::TestPostgres::start();
+        let url = pg.database("quota").await;
+        let cfg = TenancyConfig {
+            admin_key: None,
+            defaults: Limits {
+                max_datasets: 3,
+                ..Limits::default()
+            },
+        };
+        let mut replicas = Vec::new();
+        for _ in 0..2 {
+            let db = Db::connect(&url).await.expect("connect");
+            replicas.push((
+                db.clone(),
+                Tenancy::open(db, cfg.clone()).await.expect("open"),
+            ));
+        }
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..12 {
+            let (db, t) = replicas[i % 2].clone();
+            tasks.spawn(async move {
+                let _guard = t.storage_guard("acme").await.expect("lock");
+                if t.check_storage("acme", NewObject::Dataset, 10)
+                    .await
+                    .is_err()
+                {
+                    return false;
+                }
+                // What an upload does between its check and its row (writing the file).
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let row = crate::store::training::DatasetRow {
+                    id: format!("d{i}"),
+                    tenant: "acme".into(),
+                    name: format!("set{i}"),
+                    format: "chat".into(),
+                    examples: 1,
+                    tokens: 1,
+                    truncated: 0,
+                    size_bytes: 10,
+                    sha256: "x".into(),
+                    file: format!("d{i}.jsonl"),
+                    created_at: 0,
+                    label_counts: Default::default(),
+                    filename: None,
+                };
+                db.insert_dataset(&row).await.expect("insert").is_some()
+            });
+        }
+        let mut admitted = 0;
+        while let Some(ok) = tasks.join_next().await {
+            admitted += usize::from(ok.expect("task"));
+        }
+        assert_eq!(admitted, 3);
+        let stored = replicas[0].0.stored_usage("acme").await.expect("usage");
+        assert_eq!(stored.datasets, 3);
     }
 }

@@ -133,7 +133,7 @@ impl TrainingService {
         .map_err(|e| io_error("reading the dataset", e))?
         .map_err(|p| invalid("dataset", problems_text(&p)))?;
         let tenancy = self.tenancy();
-        let _storage = tenancy.storage_guard(&up.tenant).await;
+        let _storage = tenancy.storage_guard(&up.tenant).await?;
         tenancy
             .check_storage(&up.tenant, NewObject::Dataset, up.size as u64)
             .await?;

@@ -30,7 +30,7 @@ impl TrainingService {
         self.check_memory(&job.spec.train)?;
         crate::names::validate(&job.adapter_name, "adapter name")
             .map_err(|e| invalid("adapter_name", e))?;
-        let _storage = self.tenancy.storage_guard(tenant).await;
+        let _storage = self.tenancy.storage_guard(tenant).await?;
         self.tenancy.check_new_job(tenant).await?;
         let ds = self.dataset(tenant, &job.dataset).await?;
         let eval = match &job.validation_dataset {
