@@ -12,7 +12,7 @@ DATA_DIR      ?= data
 # The admin key: made once (random, mode 0600) and passed by file, never by flag.
 ADMIN_KEY_FILE ?= $(DATA_DIR)/admin.key
 
-.PHONY: all model build run test bench fmt clippy clean check-deploy
+.PHONY: all model build run test test-postgres bench fmt clippy clean check-deploy
 
 all: build
 
@@ -43,9 +43,15 @@ run: model build $(ADMIN_KEY_FILE)
 	  --data-dir $(DATA_DIR) --admin-key-file $(ADMIN_KEY_FILE)
 
 # The CLI test runs target/debug/graft, which `cargo test` alone does not always link.
+# The integration suite runs a second time with its metadata in PostgreSQL (a throw-away
+# cluster from Debian's `postgresql` programs, on loopback; see tests/pg-cluster.sh).
 test: model
 	$(CARGO) build --bin graft
 	$(CARGO) test --workspace
+	$(MAKE) test-postgres
+
+test-postgres: model
+	tests/pg-cluster.sh run $(CARGO) test -p graft-tests --test it
 
 # promtool from Debian's prometheus package, unpacked (not installed) under target/tools.
 PROMTOOL := target/tools/usr/bin/promtool

@@ -2,7 +2,7 @@
 //! binary uses) on 127.0.0.1:0 and connects the real client to it.
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::OnceLock,
     time::{Duration, Instant},
 };
@@ -104,6 +104,7 @@ pub async fn start_in(
     tweak: impl FnOnce(&mut ServerConfig),
 ) -> TestServer {
     let mut cfg = ServerConfig::for_model(model, data.path());
+    cfg.database_url = test_database(data.path()).await;
     cfg.tenancy.admin_key = Some(ADMIN_KEY.into());
     tweak(&mut cfg);
     let server = server::start(cfg).await.expect("server starts");
@@ -124,6 +125,19 @@ pub async fn start_in(
         admin,
         data,
     }
+}
+
+/// With `GRAFT_TEST_DATABASE_URL` set (`tests/pg-cluster.sh run`, as `make test` does for
+/// one pass of this suite), every test server keeps its metadata in PostgreSQL: a database of
+/// that cluster of its own, named after its data directory, so a server restarted on the
+/// same directory finds its rows again. Without it, SQLite in the data directory.
+pub async fn test_database(data: &Path) -> Option<String> {
+    let admin = std::env::var("GRAFT_TEST_DATABASE_URL").ok()?;
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    data.hash(&mut h);
+    let name = format!("it_{:016x}", h.finish());
+    Some(graft_server::store::testing::database(&admin, &name).await)
 }
 
 /// A client with a fresh key of `tenant` (created if missing), over `admin`'s connection.

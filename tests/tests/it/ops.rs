@@ -33,6 +33,7 @@ async fn health(url: &str) -> ServingStatus {
 async fn health_is_not_serving_until_loaded_then_serving() {
     let data = tempfile::tempdir().expect("data dir");
     let mut cfg = ServerConfig::for_model(real_model_path(), data.path());
+    cfg.database_url = graft_tests::test_database(data.path()).await;
     cfg.tenancy.admin_key = Some(graft_tests::ADMIN_KEY.into());
     // Loading waits for this gate, so the loading phase is always observed.
     let gate = std::sync::Arc::new(tokio::sync::Notify::new());

@@ -70,8 +70,10 @@ async fn tls_and_mutual_tls_serve_and_plaintext_does_not() {
 
     // Server TLS only.
     let data = tempfile::tempdir().expect("data");
+    let database_url = graft_tests::test_database(data.path()).await;
     let start = |client_ca: Option<std::path::PathBuf>| {
         let mut cfg = ServerConfig::for_model(tiny_model_path(), data.path());
+        cfg.database_url = database_url.clone();
         cfg.tenancy.admin_key = Some(ADMIN_KEY.into());
         cfg.tls = Some(graft_server::config::TlsFiles {
             cert: cert_p.clone(),
@@ -135,6 +137,7 @@ async fn tls_and_mutual_tls_serve_and_plaintext_does_not() {
 async fn plaintext_off_loopback_needs_an_explicit_yes() {
     let data = tempfile::tempdir().expect("data");
     let mut cfg = ServerConfig::for_model(tiny_model_path(), data.path());
+    cfg.database_url = graft_tests::test_database(data.path()).await;
     cfg.listen = "0.0.0.0:0".parse().expect("addr");
     let err = server::start(cfg.clone()).await.err().expect("refused");
     assert!(err.to_string().contains("--allow-plaintext"), "{err}");
@@ -178,8 +181,10 @@ async fn the_http_front_serves_tls_and_mutual_tls_with_grpcs_certificate() {
         write(dir.path(), "server.key", &key),
     );
     let data = tempfile::tempdir().expect("data");
+    let database_url = graft_tests::test_database(data.path()).await;
     let start = |client_ca: Option<std::path::PathBuf>| {
         let mut cfg = ServerConfig::for_model(tiny_model_path(), data.path());
+        cfg.database_url = database_url.clone();
         cfg.tenancy.admin_key = Some(ADMIN_KEY.into());
         cfg.http_listen = Some("127.0.0.1:0".parse().expect("addr"));
         cfg.tls = Some(graft_server::config::TlsFiles {
