@@ -111,6 +111,13 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
         None => Db::open(&cfg.data_dir.join("graft.db")).await?,
     };
     let tenancy = Tenancy::open(db.clone(), cfg.tenancy.clone()).await?;
+    // On a database other processes share, their tenant and key changes reach this one by
+    // notification, and by a poll every 10 s at worst (returns at once on SQLite).
+    tokio::spawn(
+        tenancy
+            .clone()
+            .follow_changes(std::time::Duration::from_secs(10)),
+    );
     if cfg.tenancy.admin_key.is_none() {
         tracing::warn!("no admin key configured: the Admin service is disabled");
     }

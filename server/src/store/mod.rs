@@ -111,10 +111,37 @@ pub struct NewAdapter {
 
 /// The metadata database: one pool, SQLite or PostgreSQL behind sqlx's `Any` driver, with
 /// the same queries for both (`$n` parameters, which SQLite reads as positions too).
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Db {
     pool: AnyPool,
     backend: Backend,
+    /// PostgreSQL's URL, for the change listener's own connection (may hold a password:
+    /// never printed).
+    url: std::sync::Arc<str>,
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Db")
+            .field("backend", &self.backend)
+            .finish()
+    }
+}
+
+/// The PostgreSQL channel on which processes sharing a database announce changes.
+const CHANGES_CHANNEL: &str = "graft_changes";
+
+/// Announcements of changes made by any process on the database ([`Db::changes`]).
+pub struct Changes(sqlx::postgres::PgListener);
+
+impl Changes {
+    /// The next announcement's text; `None` when the listening connection was lost (it is
+    /// made again on the next call): announcements made meanwhile are lost, so the caller
+    /// re-reads what it follows.
+    pub async fn next(&mut self) -> Result<Option<String>, DbError> {
+        let n = self.0.try_recv().await.map_err(db_err("listen"))?;
+        Ok(n.map(|n| n.payload().to_string()))
+    }
 }
 
 const COLUMNS: &str = "id, tenant, name, version, method, details, size_bytes, sha256, base_fingerprint, dir, created_at";
@@ -231,11 +258,43 @@ impl Db {
             op: "migrate",
             source: e.into(),
         })?;
-        Ok(Self { pool, backend })
+        Ok(Self {
+            pool,
+            backend,
+            url: url.into(),
+        })
     }
 
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+
+    /// Tells every process on this database (this one included) that `what` changed:
+    /// PostgreSQL's `NOTIFY`; nothing on SQLite, which one process owns.
+    pub async fn announce(&self, what: &str) -> Result<(), DbError> {
+        if self.backend == Backend::Sqlite {
+            return Ok(());
+        }
+        sqlx::query("SELECT COUNT(*) FROM (SELECT pg_notify($1, $2)) AS n")
+            .bind(CHANGES_CHANNEL)
+            .bind(what)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db_err("announce"))?;
+        Ok(())
+    }
+
+    /// Listens for [`announce`](Self::announce)ments on a connection of its own; `None` on
+    /// SQLite.
+    pub async fn changes(&self) -> Result<Option<Changes>, DbError> {
+        if self.backend == Backend::Sqlite {
+            return Ok(None);
+        }
+        let mut l = sqlx::postgres::PgListener::connect(&self.url)
+            .await
+            .map_err(db_err("listen"))?;
+        l.listen(CHANGES_CHANNEL).await.map_err(db_err("listen"))?;
+        Ok(Some(Changes(l)))
     }
 
     /// Holds `tenant`'s write lock across every process on this database until the guard

@@ -162,6 +162,30 @@ fn now_unix() -> i64 {
         .unwrap_or(0)
 }
 
+/// What [`Tenancy`] announces when tenants or keys change.
+const TENANTS_CHANGED: &str = "tenants";
+
+async fn load_directory(db: &Db) -> Result<Directory, TenancyError> {
+    let mut dir = Directory::default();
+    for t in db.tenants().await? {
+        let quotas = serde_json::from_str(&t.quotas).unwrap_or_else(|e| {
+            tracing::error!(tenant = %t.name, error = %e, "unreadable quota overrides; using defaults");
+            Quotas::default()
+        });
+        dir.tenants.insert(
+            t.name,
+            TenantEntry {
+                quotas,
+                created_at: t.created_at,
+            },
+        );
+    }
+    for k in db.keys().await? {
+        dir.keys.insert(k.id.clone(), k);
+    }
+    Ok(dir)
+}
+
 fn tenant_name(field: &str, name: &str) -> Result<(), TenancyError> {
     crate::names::validate(name, "tenant name").map_err(|e| invalid(field, e))
 }
@@ -169,23 +193,7 @@ fn tenant_name(field: &str, name: &str) -> Result<(), TenancyError> {
 impl Tenancy {
     /// Loads tenants and keys from the database.
     pub async fn open(db: Db, cfg: TenancyConfig) -> Result<Arc<Self>, TenancyError> {
-        let mut dir = Directory::default();
-        for t in db.tenants().await? {
-            let quotas = serde_json::from_str(&t.quotas).unwrap_or_else(|e| {
-                tracing::error!(tenant = %t.name, error = %e, "unreadable quota overrides; using defaults");
-                Quotas::default()
-            });
-            dir.tenants.insert(
-                t.name,
-                TenantEntry {
-                    quotas,
-                    created_at: t.created_at,
-                },
-            );
-        }
-        for k in db.keys().await? {
-            dir.keys.insert(k.id.clone(), k);
-        }
+        let dir = load_directory(&db).await?;
         Ok(Arc::new(Self {
             db,
             admin: cfg.admin_key.as_deref().map(keys::digest),
@@ -195,6 +203,62 @@ impl Tenancy {
             meters: Arc::default(),
             storage_locks: Mutex::default(),
         }))
+    }
+
+    /// Reads tenants and keys from the database again (what other processes on a shared
+    /// database wrote).
+    pub async fn reload(&self) -> Result<(), TenancyError> {
+        let _w = self.writer.lock().await;
+        let dir = load_directory(&self.db).await?;
+        *self.write() = dir;
+        Ok(())
+    }
+
+    /// Keeps the directory in step with other processes on a shared database: reloads on
+    /// each announcement of a change to tenants or keys (PostgreSQL `LISTEN`), after the
+    /// listening connection was lost, and every `poll` in any case (announcements are not
+    /// stored: one sent while this process was not listening is lost; the poll bounds how
+    /// long that can matter). Returns at once on SQLite, which one process owns.
+    pub async fn follow_changes(self: Arc<Self>, poll: Duration) {
+        let mut changes = match self.db.changes().await {
+            Ok(None) => return,
+            Ok(Some(c)) => Some(c),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for tenant changes; polling only");
+                None
+            }
+        };
+        loop {
+            let reload = match changes.as_mut() {
+                Some(c) => match tokio::time::timeout(poll, c.next()).await {
+                    Ok(Ok(Some(what))) => what == TENANTS_CHANGED,
+                    // Lost connection (re-made on the next call), an error, or the poll.
+                    Ok(Ok(None)) | Err(_) => true,
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "listening for tenant changes");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        true
+                    }
+                },
+                None => {
+                    tokio::time::sleep(poll).await;
+                    true
+                }
+            };
+            if reload {
+                if let Err(e) = self.reload().await {
+                    tracing::warn!(error = %e, "reloading tenants and keys");
+                }
+            }
+        }
+    }
+
+    /// Announces a change of tenants or keys to the other processes (a failure is logged:
+    /// their poll will find the change).
+    async fn announce(&self) {
+        if let Err(e) = self.db.announce(TENANTS_CHANGED).await {
+            tracing::warn!(error = %e, "announcing a tenant change");
+        }
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Directory> {
@@ -315,6 +379,7 @@ impl Tenancy {
                 created_at: now_unix(),
             },
         );
+        self.announce().await;
         drop(_w);
         self.tenant(name).await
     }
@@ -366,9 +431,12 @@ impl Tenancy {
         }
         let _w = self.writer.lock().await;
         self.db.delete_tenant(name).await?;
-        let mut dir = self.write();
-        dir.tenants.remove(name);
-        dir.keys.retain(|_, k| k.tenant != name);
+        {
+            let mut dir = self.write();
+            dir.tenants.remove(name);
+            dir.keys.retain(|_, k| k.tenant != name);
+        }
+        self.announce().await;
         Ok(())
     }
 
@@ -405,6 +473,7 @@ impl Tenancy {
         self.db.insert_key(&row).await?;
         let info = KeyInfo::from(&row);
         self.write().keys.insert(row.id.clone(), row);
+        self.announce().await;
         Ok((info, minted.token))
     }
 
@@ -436,6 +505,7 @@ impl Tenancy {
             .ok_or_else(|| TenancyError::NotFound(format!("key {id}")))?;
         let info = KeyInfo::from(&row);
         self.write().keys.insert(row.id.clone(), row);
+        self.announce().await;
         Ok(info)
     }
 
@@ -459,6 +529,7 @@ impl Tenancy {
         if let Some(t) = self.write().tenants.get_mut(tenant) {
             t.quotas = new;
         }
+        self.announce().await;
         drop(_w);
         self.tenant(tenant).await
     }
@@ -871,5 +942,60 @@ mod tests {
         assert_eq!(admitted, 3);
         let stored = replicas[0].0.stored_usage("acme").await.expect("usage");
         assert_eq!(stored.datasets, 3);
+    }
+
+    /// Keys made or revoked on one replica work or stop working on another through
+    /// PostgreSQL's LISTEN/NOTIFY, well before the poll (set to a minute here) would notice.
+    #[tokio::test]
+    async fn keys_reach_another_replica_by_notification_on_postgres() {
+        let pg = crate::store::testing::TestPostgres::start();
+        let url = pg.database("follow").await;
+        let open = || async {
+            Tenancy::open(
+                Db::connect(&url).await.expect("connect"),
+                TenancyConfig::default(),
+            )
+            .await
+            .expect("open")
+        };
+        let (a, b) = (open().await, open().await);
+        tokio::spawn(b.clone().follow_changes(Duration::from_secs(60)));
+        // b listens once an announcement reaches it (its listener connects in the
+        // background): announce until one does.
+        a.create_tenant("warmup", Quotas::default())
+            .await
+            .expect("tenant");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !b.read().tenants.contains_key("warmup") {
+            assert!(Instant::now() < deadline, "no notification reached b");
+            a.announce().await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        a.create_tenant("acme", Quotas::default())
+            .await
+            .expect("tenant");
+        let (info, token) = a.create_key("acme", "ci", None).await.expect("key");
+        let started = Instant::now();
+        while b.authenticate(Some(&bearer(&token))).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "b never saw the key"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let visible = started.elapsed();
+        a.revoke_key(&info.id).await.expect("revoke");
+        let started = Instant::now();
+        while b.authenticate(Some(&bearer(&token))).is_ok() {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "b still takes the key"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        eprintln!(
+            "key visible on b after {visible:?}, revocation after {:?}",
+            started.elapsed()
+        );
     }
 }
