@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # A throw-away PostgreSQL cluster for tests, from Debian's `postgresql` package (no Docker):
 #   pg-cluster.sh start DIR   initdb in DIR, start on a free loopback port, print its URL
+#                             (again on a stopped cluster: the same data and port)
 #   pg-cluster.sh stop DIR    stop it (DIR is the caller's to remove)
 #   pg-cluster.sh run CMD...  start one in a temporary folder, run CMD with
 #                             GRAFT_TEST_DATABASE_URL set to it, stop it and remove it
 # As root (CI), the server runs as the `postgres` user (initdb refuses root). Durability
-# settings are off (fsync, synchronous_commit): the tests never crash PostgreSQL itself.
+# settings are off (fsync, full-page writes): only an OS crash could lose a commit, and the
+# tests never crash the OS (they do stop PostgreSQL at once: its own recovery replays the log).
 # GRAFT_PG_BIN names the folder of initdb/pg_ctl when they are not in the usual places.
 set -euo pipefail
 
@@ -35,11 +37,16 @@ start() {
     bin=$(bindir)
     mkdir -p "$dir"
     if [ "$(id -u)" = 0 ]; then chown "$(owner)" "$dir"; fi
-    as_owner "$bin/initdb" -D "$dir/data" -U graft --auth=trust -E UTF8 --locale=C --no-sync \
-        >"$dir/initdb.log" 2>&1 || { cat "$dir/initdb.log" >&2; exit 1; }
-    port=$(free_port)
+    if [ -d "$dir/data" ]; then
+        port=$(cat "$dir/port")
+    else
+        as_owner "$bin/initdb" -D "$dir/data" -U graft --auth=trust -E UTF8 --locale=C --no-sync \
+            >"$dir/initdb.log" 2>&1 || { cat "$dir/initdb.log" >&2; exit 1; }
+        port=$(free_port)
+        echo "$port" >"$dir/port"
+    fi
     as_owner "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
-        -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300" \
+        -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off -c max_connections=300" \
         start >/dev/null || { cat "$dir/server.log" >&2; exit 1; }
     echo "postgres://graft@127.0.0.1:$port/postgres"
 }

@@ -280,6 +280,13 @@ async fn load_and_warm(
         )
         .await?,
     );
+    // Adapter versions other processes on a shared database store or delete: by
+    // notification, and every 10 s at worst (returns at once on SQLite).
+    tokio::spawn(
+        adapters
+            .clone()
+            .follow_changes(std::time::Duration::from_secs(10)),
+    );
     let training = TrainingService::new(
         db,
         tenancy,

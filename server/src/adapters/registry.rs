@@ -17,7 +17,7 @@ use std::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use sha2::{Digest, Sha256};
@@ -267,6 +267,7 @@ pub struct AdapterRegistry {
     model: Arc<BaseModel>,
     cfg: RegistryConfig,
     cache: Mutex<Cache>,
+    versions: super::versions::Versions,
 }
 
 impl AdapterRegistry {
@@ -287,6 +288,7 @@ impl AdapterRegistry {
             model,
             cfg,
             cache: Mutex::default(),
+            versions: Default::default(),
         };
         let dir = reg.adapters_dir();
         std::fs::create_dir_all(&dir)
@@ -452,6 +454,9 @@ impl AdapterRegistry {
                 dir: dir_name,
             })
             .await;
+        if row.is_ok() {
+            self.changed(tenant, name).await;
+        }
         match row {
             Ok(row) => {
                 // The new version is resident at once: the next request uses it without a load.
@@ -474,12 +479,57 @@ impl AdapterRegistry {
         self.cache.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The live row for a reference, or `NotFound`.
+    /// The live row for a reference, or `NotFound` (from the cached versions of the name:
+    /// no database query while they are current).
     pub async fn find(&self, tenant: &str, r: &AdapterRef) -> Result<AdapterRow, RegistryError> {
-        self.db
-            .find_adapter(tenant, &r.name, r.version)
+        self.versions
+            .find(&self.db, tenant, &r.name, r.version)
             .await?
             .ok_or_else(|| RegistryError::NotFound(r.to_string()))
+    }
+
+    /// After this process stored or deleted versions of `name`: forgets its cached
+    /// versions, and tells other processes on a shared database to do the same.
+    async fn changed(&self, tenant: &str, name: &str) {
+        self.versions.invalidate(tenant, name);
+        let what = super::versions::announcement(tenant, name);
+        if let Err(e) = self.db.announce(&what).await {
+            tracing::warn!(error = %e, "announcing an adapter change");
+        }
+    }
+
+    /// Keeps the cached versions in step with other processes on a shared database
+    /// (PostgreSQL `LISTEN`): an announced name is forgotten; after a lost listening
+    /// connection, and every `poll`, every name is read again on its next use. Returns at
+    /// once on SQLite, which one process owns.
+    pub async fn follow_changes(self: Arc<Self>, poll: Duration) {
+        let mut changes = match self.db.changes().await {
+            Ok(None) => return,
+            Ok(Some(c)) => Some(c),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for adapter changes; polling only");
+                None
+            }
+        };
+        loop {
+            match changes.as_mut() {
+                Some(c) => match tokio::time::timeout(poll, c.next()).await {
+                    Ok(Ok(Some(what))) => {
+                        self.versions.announced(&what);
+                    }
+                    Ok(Ok(None)) | Err(_) => self.versions.all_stale(),
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "listening for adapter changes");
+                        self.versions.all_stale();
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                },
+                None => {
+                    tokio::time::sleep(poll).await;
+                    self.versions.all_stale();
+                }
+            }
+        }
     }
 
     /// Resolves a reference to a lease on one adapter version, loading it from disk if
@@ -559,8 +609,8 @@ impl AdapterRegistry {
         });
         // A delete may have raced the load: check the row is still live before caching.
         if self
-            .db
-            .find_adapter(tenant, &row.name, Some(row.version))
+            .versions
+            .find(&self.db, tenant, &row.name, Some(row.version))
             .await?
             .is_none()
         {
@@ -663,6 +713,9 @@ impl AdapterRegistry {
                 dir: dir_name,
             })
             .await;
+        if row.is_ok() {
+            self.changed(tenant, name).await;
+        }
         row.map_err(|e| {
             let _ = std::fs::remove_dir_all(&dir);
             e.into()
@@ -686,7 +739,10 @@ impl AdapterRegistry {
         tenant: &str,
         r: &AdapterRef,
     ) -> Result<Vec<AdapterRow>, RegistryError> {
-        let rows = self.db.delete_adapter(tenant, &r.name, r.version).await?;
+        let rows = self.db.delete_adapter(tenant, &r.name, r.version).await;
+        // Whatever the answer, what this process knows of the name may be out of date.
+        self.changed(tenant, &r.name).await;
+        let rows = rows?;
         if rows.is_empty() {
             return Err(RegistryError::NotFound(r.to_string()));
         }

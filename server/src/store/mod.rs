@@ -380,6 +380,23 @@ impl Db {
         row.as_ref().map(row_to_adapter).transpose()
     }
 
+    /// Every live version of `tenant`'s `name`, ascending.
+    pub async fn adapter_versions(
+        &self,
+        tenant: &str,
+        name: &str,
+    ) -> Result<Vec<AdapterRow>, DbError> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM adapter_versions WHERE tenant = $1 AND name = $2 AND deleted_at IS NULL ORDER BY version"
+        )))
+        .bind(tenant)
+        .bind(name)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err("adapter versions"))?;
+        rows.iter().map(row_to_adapter).collect()
+    }
+
     /// Live versions of a tenant, ordered by (name, version), after the `after` id cursor.
     pub async fn list_adapters(
         &self,

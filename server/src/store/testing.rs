@@ -25,19 +25,19 @@ impl TestPostgres {
             .prefix("graft-pg")
             .tempdir()
             .expect("temporary folder");
-        let out = std::process::Command::new("bash")
-            .arg(script())
-            .arg("start")
-            .arg(dir.path())
-            .output()
-            .expect("run tests/pg-cluster.sh");
-        assert!(
-            out.status.success(),
-            "tests/pg-cluster.sh could not start PostgreSQL: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let url = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let url = run_script("start", dir.path());
         Self { dir, url }
+    }
+
+    /// Stops the server (immediate shutdown: connections drop); [`Self::resume`] starts it
+    /// again with the same data on the same port.
+    pub fn stop(&self) {
+        run_script("stop", self.dir.path());
+    }
+
+    pub fn resume(&self) {
+        let url = run_script("start", self.dir.path());
+        assert_eq!(url, self.url, "the same port again");
     }
 
     /// The URL of the cluster's `postgres` database.
@@ -59,6 +59,22 @@ impl Drop for TestPostgres {
             .arg(self.dir.path())
             .status();
     }
+}
+
+/// Runs `tests/pg-cluster.sh <what> <dir>`; what it printed.
+fn run_script(what: &str, dir: &std::path::Path) -> String {
+    let out = std::process::Command::new("bash")
+        .arg(script())
+        .arg(what)
+        .arg(dir)
+        .output()
+        .expect("run tests/pg-cluster.sh");
+    assert!(
+        out.status.success(),
+        "tests/pg-cluster.sh {what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// The URL of database `name` in the cluster that `admin_url` (any database of it) reaches,

@@ -16,6 +16,7 @@ mod openai;
 mod openai_compat;
 mod openai_training;
 mod ops;
+mod postgres;
 mod preference;
 mod prompt_methods;
 mod structured;
