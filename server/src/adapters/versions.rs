@@ -8,10 +8,16 @@
 //! - Announcements are not stored: after the listening connection was lost, and every poll
 //!   period in any case, every entry becomes stale. A stale entry is read again on its next
 //!   use; when the database cannot be reached then, the stale entry answers (and the
-//!   failure is logged), so adapters in use keep serving.
+//!   failure is logged), so adapters in use keep serving. For a few seconds after such a
+//!   failure stale entries answer without trying the database again, so requests do not
+//!   each wait out a connection timeout.
 //! - A read that raced an invalidation is not cached (a generation count tells).
 
-use std::{collections::HashMap, sync::Mutex};
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
 
 use crate::store::{AdapterRow, Db, DbError};
 
@@ -36,7 +42,12 @@ struct State {
     generation: u64,
     /// Bumped when every entry becomes stale.
     epoch: u64,
+    /// Until when stale entries answer without a try of the database (it just failed).
+    unreachable_until: Option<Instant>,
 }
+
+/// How long after the database could not be reached stale entries answer at once.
+const UNREACHABLE_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Default)]
 pub struct Versions {
@@ -63,22 +74,26 @@ impl Versions {
         };
         let (generation, stale) = {
             let s = self.lock();
+            let unreachable = s.unreachable_until.is_some_and(|t| Instant::now() < t);
             match s.entries.get(&key) {
-                Some(e) if e.epoch == s.epoch => return Ok(pick(&e.rows)),
+                Some(e) if e.epoch == s.epoch || unreachable => return Ok(pick(&e.rows)),
                 Some(e) => (s.generation, Some(pick(&e.rows))),
                 None => (s.generation, None),
             }
         };
         let rows = match db.adapter_versions(tenant, name).await {
             Ok(rows) => rows,
-            Err(e) if e.is_unavailable() && stale.is_some() => {
+            Err(e) if e.is_unavailable() => {
+                self.lock().unreachable_until = Some(Instant::now() + UNREACHABLE_GRACE);
+                let Some(stale) = stale else { return Err(e) };
                 tracing::warn!(error = %e, "the database cannot be reached: resolving an adapter from memory");
-                return Ok(stale.flatten());
+                return Ok(stale);
             }
             Err(e) => return Err(e),
         };
         let found = pick(&rows);
         let mut s = self.lock();
+        s.unreachable_until = None;
         if s.generation == generation {
             let epoch = s.epoch;
             s.entries.insert(key, Entry { rows, epoch });

@@ -70,6 +70,17 @@ async fn a_stopped_postgres_fails_writes_with_unavailable_and_serving_goes_on() 
         .expect("a resolved adapter serves")
         .text;
     assert_eq!(during, hot);
+    // That request found the database unreachable; the next ones do not wait for it again.
+    let started = Instant::now();
+    t.client
+        .generate(with_adapter(Some("hot")))
+        .await
+        .expect("a resolved adapter serves");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "waited {:?}",
+        started.elapsed()
+    );
 
     pg.resume();
     let started = Instant::now();
