@@ -499,37 +499,21 @@ impl AdapterRegistry {
     }
 
     /// Keeps the cached versions in step with other processes on a shared database
-    /// (PostgreSQL `LISTEN`): an announced name is forgotten; after a lost listening
-    /// connection, and every `poll`, every name is read again on its next use. Returns at
-    /// once on SQLite, which one process owns.
+    /// (PostgreSQL `LISTEN`, [`Db::follow`]): an announced name is forgotten; when some
+    /// announcements may have been missed, and every `poll`, every name is read again on its
+    /// next use. Returns at once on SQLite, which one process owns.
     pub async fn follow_changes(self: Arc<Self>, poll: Duration) {
-        let mut changes = match self.db.changes().await {
-            Ok(None) => return,
-            Ok(Some(c)) => Some(c),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for adapter changes; polling only");
-                None
-            }
-        };
-        loop {
-            match changes.as_mut() {
-                Some(c) => match tokio::time::timeout(poll, c.next()).await {
-                    Ok(Ok(Some(what))) => {
+        self.db
+            .follow("adapters", poll, |news| {
+                match news {
+                    Some(what) => {
                         self.versions.announced(&what);
                     }
-                    Ok(Ok(None)) | Err(_) => self.versions.all_stale(),
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "listening for adapter changes");
-                        self.versions.all_stale();
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
-                },
-                None => {
-                    tokio::time::sleep(poll).await;
-                    self.versions.all_stale();
+                    None => self.versions.all_stale(),
                 }
-            }
-        }
+                std::future::ready(())
+            })
+            .await;
     }
 
     /// Resolves a reference to a lease on one adapter version, loading it from disk if

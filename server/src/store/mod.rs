@@ -132,13 +132,13 @@ impl std::fmt::Debug for Db {
 const CHANGES_CHANNEL: &str = "graft_changes";
 
 /// Announcements of changes made by any process on the database ([`Db::changes`]).
-pub struct Changes(sqlx::postgres::PgListener);
+struct Changes(sqlx::postgres::PgListener);
 
 impl Changes {
     /// The next announcement's text; `None` when the listening connection was lost (it is
     /// made again on the next call): announcements made meanwhile are lost, so the caller
     /// re-reads what it follows.
-    pub async fn next(&mut self) -> Result<Option<String>, DbError> {
+    async fn next(&mut self) -> Result<Option<String>, DbError> {
         let n = self.0.try_recv().await.map_err(db_err("listen"))?;
         Ok(n.map(|n| n.payload().to_string()))
     }
@@ -286,7 +286,7 @@ impl Db {
 
     /// Listens for [`announce`](Self::announce)ments on a connection of its own; `None` on
     /// SQLite.
-    pub async fn changes(&self) -> Result<Option<Changes>, DbError> {
+    async fn changes(&self) -> Result<Option<Changes>, DbError> {
         if self.backend == Backend::Sqlite {
             return Ok(None);
         }
@@ -295,6 +295,45 @@ impl Db {
             .map_err(db_err("listen"))?;
         l.listen(CHANGES_CHANNEL).await.map_err(db_err("listen"))?;
         Ok(Some(Changes(l)))
+    }
+
+    /// Follows other processes' announcements for as long as the process runs: `heard`
+    /// gets each one (`Some`), or `None` when some may have been missed (the listening
+    /// connection was lost and is made again, or could not be made) and at least every
+    /// `poll`, so a follower that refreshes everything on `None` is never more than `poll`
+    /// behind. Returns at once on SQLite, which one process owns. `what` names the follower
+    /// in logs.
+    pub async fn follow<F, Fut>(&self, what: &'static str, poll: Duration, mut heard: F)
+    where
+        F: FnMut(Option<String>) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let mut changes = match self.changes().await {
+            Ok(None) => return,
+            Ok(Some(c)) => Some(c),
+            Err(e) => {
+                tracing::warn!(follower = what, error = %e, "cannot listen for changes; polling only");
+                None
+            }
+        };
+        loop {
+            let news = match changes.as_mut() {
+                Some(c) => match tokio::time::timeout(poll, c.next()).await {
+                    Ok(Ok(news)) => news,
+                    Err(_) => None,
+                    Ok(Err(e)) => {
+                        tracing::warn!(follower = what, error = %e, "listening for changes");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        None
+                    }
+                },
+                None => {
+                    tokio::time::sleep(poll).await;
+                    None
+                }
+            };
+            heard(news).await;
+        }
     }
 
     /// Holds `tenant`'s write lock across every process on this database until the guard

@@ -215,42 +215,22 @@ impl Tenancy {
     }
 
     /// Keeps the directory in step with other processes on a shared database: reloads on
-    /// each announcement of a change to tenants or keys (PostgreSQL `LISTEN`), after the
-    /// listening connection was lost, and every `poll` in any case (announcements are not
-    /// stored: one sent while this process was not listening is lost; the poll bounds how
-    /// long that can matter). Returns at once on SQLite, which one process owns.
+    /// each announcement of a change to tenants or keys (PostgreSQL `LISTEN`), when some may
+    /// have been missed, and every `poll` in any case ([`Db::follow`]). Returns at once on
+    /// SQLite, which one process owns.
     pub async fn follow_changes(self: Arc<Self>, poll: Duration) {
-        let mut changes = match self.db.changes().await {
-            Ok(None) => return,
-            Ok(Some(c)) => Some(c),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for tenant changes; polling only");
-                None
-            }
-        };
-        loop {
-            let reload = match changes.as_mut() {
-                Some(c) => match tokio::time::timeout(poll, c.next()).await {
-                    Ok(Ok(Some(what))) => what == TENANTS_CHANGED,
-                    // Lost connection (re-made on the next call), an error, or the poll.
-                    Ok(Ok(None)) | Err(_) => true,
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "listening for tenant changes");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        true
+        let db = self.db.clone();
+        db.follow("tenants", poll, |news| {
+            let me = self.clone();
+            async move {
+                if news.as_deref().is_none_or(|w| w == TENANTS_CHANGED) {
+                    if let Err(e) = me.reload().await {
+                        tracing::warn!(error = %e, "reloading tenants and keys");
                     }
-                },
-                None => {
-                    tokio::time::sleep(poll).await;
-                    true
-                }
-            };
-            if reload {
-                if let Err(e) = self.reload().await {
-                    tracing::warn!(error = %e, "reloading tenants and keys");
                 }
             }
-        }
+        })
+        .await;
     }
 
     /// Announces a change of tenants or keys to the other processes (a failure is logged:
