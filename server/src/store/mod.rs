@@ -397,28 +397,6 @@ impl Db {
         row_to_adapter(&row)
     }
 
-    /// A live version: the newest when `version` is `None`.
-    pub async fn find_adapter(
-        &self,
-        tenant: &str,
-        name: &str,
-        version: Option<u32>,
-    ) -> Result<Option<AdapterRow>, DbError> {
-        let q = match version {
-            Some(_) => format!("SELECT {COLUMNS} FROM adapter_versions WHERE tenant = $1 AND name = $2 AND version = $3 AND deleted_at IS NULL"),
-            None => format!("SELECT {COLUMNS} FROM adapter_versions WHERE tenant = $1 AND name = $2 AND deleted_at IS NULL ORDER BY version DESC LIMIT 1"),
-        };
-        let mut query = sqlx::query(AssertSqlSafe(q)).bind(tenant).bind(name);
-        if let Some(v) = version {
-            query = query.bind(v as i64);
-        }
-        let row = query
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db_err("find adapter"))?;
-        row.as_ref().map(row_to_adapter).transpose()
-    }
-
     /// Every live version of `tenant`'s `name`, ascending.
     pub async fn adapter_versions(
         &self,
@@ -634,19 +612,9 @@ mod tests {
                 .len(),
             1
         );
-        assert_eq!(
-            db.find_adapter("t", "a", None)
-                .await
-                .expect("find")
-                .expect("some")
-                .version,
-            1
-        );
-        assert!(db
-            .find_adapter("t", "a", Some(2))
-            .await
-            .expect("find")
-            .is_none());
+        // The deleted version is no longer live: the newest live one is 1 again.
+        let live = db.adapter_versions("t", "a").await.expect("versions");
+        assert_eq!(live.iter().map(|r| r.version).collect::<Vec<_>>(), [1]);
         assert_eq!(
             db.insert_adapter(&new("t", "a")).await.expect("3").version,
             3
