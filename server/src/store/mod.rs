@@ -118,6 +118,9 @@ pub struct Db {
     /// PostgreSQL's URL, for the change listener's own connection (may hold a password:
     /// never printed).
     url: std::sync::Arc<str>,
+    /// This process's mark on its announcements (random at connect; clones share it), so
+    /// its followers skip what it announced itself and already applied.
+    instance: u64,
 }
 
 impl std::fmt::Debug for Db {
@@ -262,6 +265,7 @@ impl Db {
             pool,
             backend,
             url: url.into(),
+            instance: rand::random(),
         })
     }
 
@@ -269,15 +273,16 @@ impl Db {
         self.backend
     }
 
-    /// Tells every process on this database (this one included) that `what` changed:
-    /// PostgreSQL's `NOTIFY`; nothing on SQLite, which one process owns.
+    /// Tells the other processes on this database that `what` changed: PostgreSQL's
+    /// `NOTIFY`, marked with this process's instance; nothing on SQLite, which one process
+    /// owns.
     pub async fn announce(&self, what: &str) -> Result<(), DbError> {
         if self.backend == Backend::Sqlite {
             return Ok(());
         }
         sqlx::query("SELECT COUNT(*) FROM (SELECT pg_notify($1, $2)) AS n")
             .bind(CHANGES_CHANNEL)
-            .bind(what)
+            .bind(format!("{:016x} {what}", self.instance))
             .fetch_one(&self.pool)
             .await
             .map_err(db_err("announce"))?;
@@ -298,7 +303,8 @@ impl Db {
     }
 
     /// Follows other processes' announcements for as long as the process runs: `heard`
-    /// gets each one (`Some`), or `None` when some may have been missed (the listening
+    /// gets each one (`Some`; this process's own are skipped: it applied them when it made
+    /// them), or `None` when some may have been missed (the listening
     /// connection was lost and is made again, or could not be made) and at least every
     /// `poll`, so a follower that refreshes everything on `None` is never more than `poll`
     /// behind. Returns at once on SQLite, which one process owns. `what` names the follower
@@ -319,7 +325,14 @@ impl Db {
         loop {
             let news = match changes.as_mut() {
                 Some(c) => match tokio::time::timeout(poll, c.next()).await {
-                    Ok(Ok(news)) => news,
+                    Ok(Ok(Some(news))) => {
+                        let (from, what) = news.split_once(' ').unwrap_or_default();
+                        if from == format!("{:016x}", self.instance) {
+                            continue;
+                        }
+                        Some(what.to_string())
+                    }
+                    Ok(Ok(None)) => None,
                     Err(_) => None,
                     Ok(Err(e)) => {
                         tracing::warn!(follower = what, error = %e, "listening for changes");
