@@ -128,3 +128,66 @@ impl Versions {
         s.epoch += 1;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{testing::TestPostgres, Details, NewAdapter};
+
+    /// With PostgreSQL stopped: a stale name answers from memory, a name never read answers
+    /// the database's error, and for a while after the failure a stale name answers at once
+    /// (it does not wait out another connection timeout).
+    #[tokio::test]
+    async fn stale_names_answer_from_memory_while_the_database_is_unreachable() {
+        let pg = TestPostgres::start();
+        let db = Db::connect(&pg.database("versions").await)
+            .await
+            .expect("connect");
+        db.insert_adapter(&NewAdapter {
+            tenant: "t".into(),
+            name: "a".into(),
+            details: Details::Lora {
+                rank: 8,
+                alpha: 16.0,
+                target_modules: vec!["q_proj".into()],
+                use_rslora: false,
+                use_dora: false,
+            },
+            head: None,
+            lm_head: false,
+            size_bytes: 10,
+            sha256: "x".into(),
+            base_fingerprint: "fp".into(),
+            dir: "d".into(),
+        })
+        .await
+        .expect("insert");
+        let v = Versions::default();
+        let version = |r: Option<AdapterRow>| r.map(|r| r.version);
+        assert_eq!(
+            version(v.find(&db, "t", "a", None).await.expect("read")),
+            Some(1)
+        );
+        v.all_stale();
+        pg.stop();
+        assert_eq!(
+            version(v.find(&db, "t", "a", None).await.expect("from memory")),
+            Some(1)
+        );
+        let e = v
+            .find(&db, "t", "never-read", None)
+            .await
+            .expect_err("nothing in memory");
+        assert!(e.is_unavailable(), "{e:?}");
+        let started = Instant::now();
+        assert_eq!(
+            version(v.find(&db, "t", "a", Some(1)).await.expect("at once")),
+            Some(1)
+        );
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "waited {:?}",
+            started.elapsed()
+        );
+    }
+}
