@@ -12,7 +12,7 @@ DATA_DIR      ?= data
 # The admin key: made once (random, mode 0600) and passed by file, never by flag.
 ADMIN_KEY_FILE ?= $(DATA_DIR)/admin.key
 
-.PHONY: all model build run test test-postgres bench fmt clippy clean check-deploy
+.PHONY: all model moto build run test test-shared bench fmt clippy clean check-deploy
 
 all: build
 
@@ -42,16 +42,26 @@ run: model build $(ADMIN_KEY_FILE)
 	  --http-listen $(HTTP_LISTEN) \
 	  --data-dir $(DATA_DIR) --admin-key-file $(ADMIN_KEY_FILE)
 
-# The CLI test runs target/debug/graft, which `cargo test` alone does not always link.
-# The integration suite runs a second time with its metadata in PostgreSQL (a throw-away
-# cluster from Debian's `postgresql` programs, on loopback; see tests/pg-cluster.sh).
-test: model
-	$(CARGO) build --bin graft
+# The CLI and process tests run target/debug/graft and graftd, which `cargo test` alone does not always link.
+# The integration suite runs a second time on shared stores, as replicas would: metadata in
+# PostgreSQL (a throw-away cluster from Debian's `postgresql` programs, tests/pg-cluster.sh)
+# and blobs in an S3 bucket (moto's S3 server, tests/s3-server.sh), both on loopback.
+test: model moto
+	$(CARGO) build --bin graft --bin graftd
 	$(CARGO) test --workspace
-	$(MAKE) test-postgres
+	$(MAKE) test-shared
 
-test-postgres: model
-	tests/pg-cluster.sh run $(CARGO) test -p graft-tests --test it
+test-shared: model moto
+	tests/pg-cluster.sh run tests/s3-server.sh run $(CARGO) test -p graft-tests --test it
+
+# moto's S3-protocol server (PyPI), in a venv under target/ (tests only; pinned).
+MOTO := target/moto/bin/moto_server
+moto: $(MOTO)
+
+$(MOTO):
+	$(PYTHON) -m venv target/moto
+	target/moto/bin/pip install --quiet 'moto[server]==5.2.6'
+	@test -x $@
 
 # promtool from Debian's prometheus package, unpacked (not installed) under target/tools.
 PROMTOOL := target/tools/usr/bin/promtool

@@ -86,6 +86,19 @@ pub struct Settings {
     /// directory).
     #[arg(long, env = "GRAFT_DATABASE_URL")]
     pub database_url: Option<String>,
+    /// Where adapters, datasets and checkpoints are stored: `s3://bucket/prefix` for an
+    /// S3-compatible bucket that several replicas share (endpoint, region and credentials
+    /// from the usual `AWS_*` variables), or `file:///dir` (default: the data directory).
+    #[arg(long, env = "GRAFT_BLOB_STORE")]
+    pub blob_store: Option<String>,
+    /// Seconds a stored file no row names is kept before the orphan sweep removes it
+    /// (another replica may still be uploading it).
+    #[arg(long, env = "GRAFT_ORPHAN_GRACE_SECS")]
+    pub orphan_grace_secs: Option<u64>,
+    /// Seconds a running job stays this process's without a heartbeat (renewed every third
+    /// of it): on a shared database, another replica takes over a dead one's job after this.
+    #[arg(long, env = "GRAFT_JOB_LEASE_SECS")]
+    pub job_lease_secs: Option<u64>,
     /// MiB of adapter weights kept in memory (least recently used evicted; in-use never).
     #[arg(long, env = "GRAFT_ADAPTER_CACHE_MB")]
     pub adapter_cache_mb: Option<usize>,
@@ -218,6 +231,10 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// The metadata database's URL; `None`: SQLite in `data_dir`.
     pub database_url: Option<String>,
+    /// The blob store's URL; `None`: the data directory.
+    pub blob_store: Option<String>,
+    pub orphan_grace: Duration,
+    pub job_lease: Duration,
     pub adapter_cache_bytes: usize,
     pub max_adapter_rank: usize,
     pub max_virtual_tokens: usize,
@@ -427,6 +444,18 @@ impl Settings {
                 .or(file.data_dir)
                 .unwrap_or_else(|| PathBuf::from("data")),
             database_url: self.database_url.or(file.database_url),
+            blob_store: self.blob_store.or(file.blob_store),
+            orphan_grace: Duration::from_secs(
+                self.orphan_grace_secs
+                    .or(file.orphan_grace_secs)
+                    .unwrap_or(3600),
+            ),
+            job_lease: Duration::from_secs(
+                self.job_lease_secs
+                    .or(file.job_lease_secs)
+                    .unwrap_or(30)
+                    .max(1),
+            ),
             adapter_cache_bytes: self
                 .adapter_cache_mb
                 .or(file.adapter_cache_mb)
@@ -507,6 +536,9 @@ impl ServerConfig {
             log_json: false,
             data_dir: data_dir.into(),
             database_url: None,
+            blob_store: None,
+            orphan_grace: Duration::from_secs(3600),
+            job_lease: Duration::from_secs(30),
             adapter_cache_bytes: 1 << 30,
             max_adapter_rank: 64,
             max_virtual_tokens: DEFAULT_MAX_VIRTUAL_TOKENS,

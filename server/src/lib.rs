@@ -5,6 +5,7 @@
 
 pub mod adapters;
 pub mod api;
+pub mod blobs;
 pub mod config;
 pub mod engine;
 pub mod grpc;

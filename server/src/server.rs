@@ -110,6 +110,10 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
         Some(url) => Db::connect(url).await?,
         None => Db::open(&cfg.data_dir.join("graft.db")).await?,
     };
+    let blobs = Arc::new(
+        crate::blobs::Blobs::open(cfg.blob_store.as_deref(), &cfg.data_dir)
+            .map_err(|e| anyhow::anyhow!(e))?,
+    );
     let tenancy = Tenancy::open(db.clone(), cfg.tenancy.clone()).await?;
     // On a database other processes share, their tenant and key changes reach this one by
     // notification, and by a poll every 10 s at worst (returns at once on SQLite).
@@ -189,7 +193,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
     {
         let (cfg, slot, health) = (cfg.clone(), ready.clone(), health.clone());
         tokio::spawn(async move {
-            let state = match load_and_warm(&cfg, db, tenancy, &slot).await {
+            let state = match load_and_warm(&cfg, db, tenancy, blobs, &slot).await {
                 Ok(()) => {
                     set_health(&health, ServingStatus::Serving).await;
                     LoadState::Ready
@@ -242,6 +246,7 @@ async fn load_and_warm(
     cfg: &ServerConfig,
     db: Db,
     tenancy: Arc<Tenancy>,
+    blobs: Arc<crate::blobs::Blobs>,
     slot: &ReadySlot,
 ) -> anyhow::Result<()> {
     if let Some(gate) = &cfg.load_gate {
@@ -269,8 +274,10 @@ async fn load_and_warm(
             db.clone(),
             tenancy.clone(),
             model.clone(),
+            blobs.clone(),
             RegistryConfig {
                 data_dir: cfg.data_dir.clone(),
+                orphan_grace: cfg.orphan_grace,
                 cache_bytes: cfg.adapter_cache_bytes,
                 max_rank: cfg.max_adapter_rank,
                 max_virtual_tokens: cfg.max_virtual_tokens,
@@ -287,6 +294,8 @@ async fn load_and_warm(
             .clone()
             .follow_changes(std::time::Duration::from_secs(10)),
     );
+    // Orphaned blobs (an upload whose row never came) go once older than the grace.
+    tokio::spawn(adapters.clone().sweep_forever(cfg.orphan_grace / 4));
     let training = TrainingService::new(
         db,
         tenancy,
@@ -300,6 +309,8 @@ async fn load_and_warm(
             training_threads: cfg.training_threads,
             max_concurrent_jobs: cfg.max_concurrent_jobs,
             keep_checkpoints: cfg.keep_checkpoints,
+            orphan_grace: cfg.orphan_grace,
+            job_lease: cfg.job_lease,
             max_training_memory_bytes: cfg.max_training_memory_bytes,
         },
     );
@@ -348,6 +359,11 @@ async fn load_and_warm(
 
 impl RunningServer {
     /// Waits until the model is loaded and warm (or its load failed).
+    /// The configuration it runs with.
+    pub fn config(&self) -> &ServerConfig {
+        &self.cfg
+    }
+
     pub async fn ready(&self) -> anyhow::Result<()> {
         let mut rx = self.load.clone();
         let state = rx

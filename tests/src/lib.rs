@@ -38,6 +38,8 @@ pub fn tiny_model_path() -> PathBuf {
     .clone()
 }
 
+pub mod process;
+
 /// The admin key every test server starts with.
 pub const ADMIN_KEY: &str = "test-admin-key-0123456789";
 /// The tenant `TestServer::client` acts for.
@@ -105,6 +107,7 @@ pub async fn start_in(
 ) -> TestServer {
     let mut cfg = ServerConfig::for_model(model, data.path());
     cfg.database_url = test_database(data.path()).await;
+    cfg.blob_store = test_blob_store(data.path());
     cfg.tenancy.admin_key = Some(ADMIN_KEY.into());
     tweak(&mut cfg);
     let server = server::start(cfg).await.expect("server starts");
@@ -138,6 +141,37 @@ pub async fn test_database(data: &Path) -> Option<String> {
     data.hash(&mut h);
     let name = format!("it_{:016x}", h.finish());
     Some(graft_server::store::testing::database(&admin, &name).await)
+}
+
+/// With `GRAFT_TEST_BLOB_STORE` set (an `s3://bucket` of `tests/s3-server.sh run`, as
+/// `make test` does for the PostgreSQL pass of this suite), every test server keeps its blobs
+/// in that bucket under a prefix of its own, named after its data directory (so a restart on
+/// the same directory finds them). Without it, the data directory itself.
+pub fn test_blob_store(data: &Path) -> Option<String> {
+    let base = std::env::var("GRAFT_TEST_BLOB_STORE").ok()?;
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    data.hash(&mut h);
+    Some(format!(
+        "{}/it_{:016x}",
+        base.trim_end_matches('/'),
+        h.finish()
+    ))
+}
+
+impl TestServer {
+    /// The server's blob store, as the server opens it.
+    pub fn blobs(&self) -> graft_server::blobs::Blobs {
+        let cfg = self.server.config();
+        graft_server::blobs::Blobs::open(cfg.blob_store.as_deref(), self.data.path())
+            .expect("blob store")
+    }
+
+    /// The names the server has stored directly under `prefix` (`adapters`, `datasets`,
+    /// `jobs/<id>`), wherever its blob store is.
+    pub async fn stored(&self, prefix: &str) -> Vec<String> {
+        self.blobs().names(prefix).await.expect("list blobs")
+    }
 }
 
 /// A client with a fresh key of `tenant` (created if missing), over `admin`'s connection.

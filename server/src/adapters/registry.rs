@@ -1,5 +1,6 @@
-//! The adapter registry: names -> immutable numbered versions (rows in the database, files
-//! under `<data>/adapters/<dir>/`), a memory-budgeted LRU of loaded adapters, and leases.
+//! The adapter registry: names -> immutable numbered versions (rows in the database, blobs
+//! under `adapters/<dir>/` in the blob store), a memory-budgeted LRU of loaded adapters, and
+//! leases.
 //! Invariants:
 //! - a version is immutable; `name` resolves to the newest live version at lease time, and a
 //!   lease pins that version for the whole request;
@@ -7,8 +8,9 @@
 //!   reference;
 //! - a deleted version is invisible to new requests at once; its files go when its last lease
 //!   ends (`Loaded::drop`);
-//! - an import that fails stores nothing (files are written before the row, orphans are
-//!   swept at start-up).
+//! - an import that fails stores nothing visible: blobs are durable before the row is
+//!   written; blobs no row names are orphans, removed by [`AdapterRegistry::sweep_orphans`]
+//!   once older than the grace period (younger ones may be another replica's upload).
 
 use std::{
     collections::HashMap,
@@ -24,16 +26,20 @@ use sha2::{Digest, Sha256};
 
 use super::formats::{self as peft, Details, ImportError, ImportPolicy, Parsed};
 use crate::{
+    blobs::{BlobError, Blobs},
     metrics as m,
     model::{save, weights::Weights, Adapter, BaseModel},
-    store::{atomic_write, AdapterRow, Db, DbError, NewAdapter},
+    store::{AdapterRow, Db, DbError, NewAdapter},
     tenancy::{NewObject, Tenancy, TenancyError},
 };
 
 /// Registry settings.
 #[derive(Debug, Clone)]
 pub struct RegistryConfig {
+    /// Where fine-tuned models are written before they are stored.
     pub data_dir: PathBuf,
+    /// Blobs no row names are removed once older than this.
+    pub orphan_grace: Duration,
     /// Bytes of adapter weights kept resident at most (in-use adapters may exceed it).
     pub cache_bytes: usize,
     pub max_rank: usize,
@@ -60,17 +66,8 @@ pub enum RegistryError {
     Quota(#[from] TenancyError),
     #[error(transparent)]
     Db(#[from] DbError),
-}
-
-/// An I/O failure while `doing` something: a full disk is [`RegistryError::NoSpace`]; the
-/// message never carries a server path (the log does).
-fn io_error(doing: &str, e: std::io::Error) -> RegistryError {
-    if e.kind() == std::io::ErrorKind::StorageFull {
-        RegistryError::NoSpace(doing.into())
-    } else {
-        tracing::error!(error = %e, "{doing}");
-        RegistryError::Storage(format!("{doing} failed: {}", e.kind()))
-    }
+    #[error(transparent)]
+    Blob(#[from] BlobError),
 }
 
 /// `name` or `name@version`, validated.
@@ -125,22 +122,36 @@ pub enum Resolved {
     },
 }
 
-/// An adapter version loaded in memory. Its files are removed on drop once deleted.
+/// An adapter version loaded in memory. Its blobs are removed on drop once deleted.
 #[derive(Debug)]
 pub struct Loaded {
     pub adapter: Adapter,
-    dir: PathBuf,
+    /// The blobs' prefix (`adapters/<dir>`) and the runtime that removes them once deleted
+    /// (the last lease may end on the engine's thread); None for a transient adapter.
+    files: Option<(Arc<Blobs>, String, tokio::runtime::Handle)>,
     delete_files: AtomicBool,
 }
 
 impl Drop for Loaded {
     fn drop(&mut self) {
-        if self.delete_files.load(Ordering::SeqCst) {
-            if let Err(e) = std::fs::remove_dir_all(&self.dir) {
-                tracing::warn!(dir = %self.dir.display(), error = %e, "could not remove deleted adapter files");
-            }
+        if !self.delete_files.load(Ordering::SeqCst) {
+            return;
+        }
+        if let Some((blobs, prefix, rt)) = self.files.take() {
+            rt.spawn(remove_blobs(blobs, prefix));
         }
     }
+}
+
+/// Removes a deleted version's blobs (a failure leaves them to the orphan sweep).
+async fn remove_blobs(blobs: Arc<Blobs>, prefix: String) {
+    if let Err(e) = blobs.delete_prefix(&prefix).await {
+        tracing::warn!(prefix, error = %e, "could not remove adapter files");
+    }
+}
+
+fn prefix_of(dir: &str) -> String {
+    format!("adapters/{dir}")
 }
 
 /// A request's hold on one adapter version: the version cannot be evicted or have its files
@@ -184,7 +195,7 @@ impl AdapterLease {
             },
             loaded: Arc::new(Loaded {
                 adapter,
-                dir: PathBuf::new(),
+                files: None,
                 delete_files: AtomicBool::new(false),
             }),
         }
@@ -268,18 +279,16 @@ pub struct AdapterRegistry {
     cfg: RegistryConfig,
     cache: Mutex<Cache>,
     versions: super::versions::Versions,
+    blobs: Arc<Blobs>,
 }
 
 impl AdapterRegistry {
-    fn adapters_dir(&self) -> PathBuf {
-        self.cfg.data_dir.join("adapters")
-    }
-
-    /// Opens the registry and sweeps files that no live row references.
+    /// Opens the registry and sweeps orphaned blobs (see [`Self::sweep_orphans`]).
     pub async fn open(
         db: Db,
         tenancy: Arc<Tenancy>,
         model: Arc<BaseModel>,
+        blobs: Arc<Blobs>,
         cfg: RegistryConfig,
     ) -> Result<Self, RegistryError> {
         let reg = Self {
@@ -289,23 +298,42 @@ impl AdapterRegistry {
             cfg,
             cache: Mutex::default(),
             versions: Default::default(),
+            blobs,
         };
-        let dir = reg.adapters_dir();
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| RegistryError::Storage(format!("{}: {e}", dir.display())))?;
+        reg.sweep_orphans().await?;
+        Ok(reg)
+    }
+
+    /// Removes the blobs of adapter directories no live version names and that are older
+    /// than the grace period; returns how many directories went. The listing comes before
+    /// the query, so a row written meanwhile protects its blobs.
+    pub async fn sweep_orphans(&self) -> Result<usize, RegistryError> {
+        let old = self
+            .blobs
+            .entries_older_than("adapters", self.cfg.orphan_grace)
+            .await?;
+        if old.is_empty() {
+            return Ok(0);
+        }
         let live: std::collections::HashSet<String> =
-            reg.db.live_adapter_dirs().await?.into_iter().collect();
-        for entry in std::fs::read_dir(&dir)
-            .map_err(|e| RegistryError::Storage(e.to_string()))?
-            .flatten()
-        {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if !live.contains(&name) {
-                tracing::info!(dir = %name, "removing adapter files no live version references");
-                let _ = std::fs::remove_dir_all(entry.path());
+            self.db.live_adapter_dirs().await?.into_iter().collect();
+        let mut removed = 0;
+        for dir in old.into_iter().filter(|d| !live.contains(d)) {
+            tracing::info!(dir, "removing adapter files no live version references");
+            self.blobs.delete_prefix(&prefix_of(&dir)).await?;
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
+    /// Sweeps orphans every `every` (errors are logged: the next round tries again).
+    pub async fn sweep_forever(self: Arc<Self>, every: Duration) {
+        loop {
+            tokio::time::sleep(every).await;
+            if let Err(e) = self.sweep_orphans().await {
+                tracing::warn!(error = %e, "sweeping orphaned adapter files");
             }
         }
-        Ok(reg)
     }
 
     pub fn config(&self) -> &RegistryConfig {
@@ -421,24 +449,23 @@ impl AdapterRegistry {
         h.update(&weights);
         let sha = format!("{:x}", h.finalize());
         let dir_name = format!("{}-{}", &sha[..16], unique_suffix());
-        let dir = self.adapters_dir().join(&dir_name);
+        let prefix = prefix_of(&dir_name);
         let size = (config_json.len() + weights.len()) as u64;
-        let d = dir.clone();
-        let written = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            std::fs::create_dir_all(&d)?;
-            atomic_write(&d.join(peft::WEIGHTS_FILE), &weights)?;
-            atomic_write(&d.join(peft::CONFIG_FILE), &config_json)?;
-            if let Some(parent) = d.parent() {
-                std::fs::File::open(parent)?.sync_all()?;
-            }
-            Ok(())
-        })
-        .await
-        .map_err(|e| RegistryError::Storage(e.to_string()))?;
+        let written = async {
+            let blobs = &self.blobs;
+            blobs
+                .put(&format!("{prefix}/{}", peft::WEIGHTS_FILE), weights)
+                .await?;
+            blobs
+                .put(&format!("{prefix}/{}", peft::CONFIG_FILE), config_json)
+                .await
+        }
+        .await;
         if let Err(e) = written {
-            // Nothing half-written stays behind (a full disk included).
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(io_error("writing the adapter files", e));
+            // Nothing half-written stays behind (a full disk included); what cannot be
+            // removed now (the store is down) is an orphan the sweep removes later.
+            let _ = self.blobs.delete_prefix(&prefix).await;
+            return Err(e.into());
         }
         let row = self
             .db
@@ -462,14 +489,18 @@ impl AdapterRegistry {
                 // The new version is resident at once: the next request uses it without a load.
                 let loaded = Arc::new(Loaded {
                     adapter,
-                    dir,
+                    files: Some((
+                        self.blobs.clone(),
+                        prefix,
+                        tokio::runtime::Handle::current(),
+                    )),
                     delete_files: AtomicBool::new(false),
                 });
                 self.lock().insert(row.id, loaded, self.cfg.cache_bytes);
                 Ok(row)
             }
             Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
+                let _ = self.blobs.delete_prefix(&prefix).await;
                 Err(e.into())
             }
         }
@@ -535,7 +566,7 @@ impl AdapterRegistry {
     pub async fn resolve(&self, tenant: &str, r: &AdapterRef) -> Result<Resolved, RegistryError> {
         let row = self.find(tenant, r).await?;
         if matches!(row.details, Details::Full { .. }) {
-            let dir = self.adapters_dir().join(&row.dir);
+            let dir = self.blobs.local_dir(&prefix_of(&row.dir)).await?;
             return Ok(Resolved::Model { row, dir });
         }
         self.lease_row(tenant, r, row).await.map(Resolved::Adapter)
@@ -553,10 +584,12 @@ impl AdapterRegistry {
         }
         metrics::counter!(m::ADAPTER_CACHE_MISSES_TOTAL).increment(1);
         let started = Instant::now();
-        let dir = self.adapters_dir().join(&row.dir);
+        let prefix = prefix_of(&row.dir);
+        let config = self.blob(&prefix, peft::CONFIG_FILE, r).await?;
+        let weights = self.blob(&prefix, peft::WEIGHTS_FILE, r).await?;
         let model = self.model.clone();
         let policy = self.policy(true);
-        let d = dir.clone();
+        let d = prefix.clone();
         let what = r.to_string();
         let labels = row
             .head
@@ -564,13 +597,7 @@ impl AdapterRegistry {
             .map(|h| h.labels.clone())
             .unwrap_or_default();
         let adapter = tokio::task::spawn_blocking(move || -> Result<Adapter, RegistryError> {
-            let read = |f: &str| {
-                std::fs::read(d.join(f)).map_err(|e| {
-                    tracing::error!(file = %d.join(f).display(), error = %e, "reading a stored adapter");
-                    RegistryError::Storage(format!("reading adapter {what}: {}", e.kind()))
-                })
-            };
-            let (c, w) = (read(peft::CONFIG_FILE)?, read(peft::WEIGHTS_FILE)?);
+            let (c, w) = (config, weights);
             // These files were checked at import: failing now means they were damaged on
             // disk, which is the server's loss, not the caller's bad argument.
             peft::parse(&c, &w, model.config(), &model.name, &policy)
@@ -579,7 +606,7 @@ impl AdapterRegistry {
                     p.compile(&model.llama)
                 })
                 .map_err(|e| {
-                    tracing::error!(dir = %d.display(), error = %e, "a stored adapter no longer parses");
+                    tracing::error!(prefix = d, error = %e, "a stored adapter no longer parses");
                     RegistryError::Damaged(format!("adapter {what} is damaged on the server: {e}"))
                 })
         })
@@ -588,7 +615,11 @@ impl AdapterRegistry {
         metrics::histogram!(m::ADAPTER_LOAD_SECONDS).record(started.elapsed().as_secs_f64());
         let loaded = Arc::new(Loaded {
             adapter,
-            dir,
+            files: Some((
+                self.blobs.clone(),
+                prefix,
+                tokio::runtime::Handle::current(),
+            )),
             delete_files: AtomicBool::new(false),
         });
         // A delete may have raced the load: check the row is still live before caching.
@@ -614,30 +645,48 @@ impl AdapterRegistry {
         // A lease keeps an adapter's files in place while we read them. Files are
         // (the name the library gives it, the name on disk): an adapter's weights are stored
         // as `adapter_model.safetensors` whatever the method.
-        let (row, dir, files, _lease) = match self.resolve(tenant, r).await? {
-            Resolved::Adapter(lease) => {
-                let dir = self.adapters_dir().join(&lease.row.dir);
-                let files = vec![
-                    (peft::CONFIG_FILE, peft::CONFIG_FILE),
-                    (lease.row.details.weights_file(), peft::WEIGHTS_FILE),
-                ];
-                (lease.row.clone(), dir, files, Some(lease))
-            }
-            Resolved::Model { row, dir } => {
-                let files = save::HF_FILES.iter().map(|&f| (f, f)).collect();
-                (row, dir, files, None)
-            }
+        let row = self.find(tenant, r).await?;
+        let (files, _lease): (Vec<(&str, &str)>, _) = if matches!(row.details, Details::Full { .. })
+        {
+            (save::HF_FILES.iter().map(|&f| (f, f)).collect(), None)
+        } else {
+            let lease = self.lease_row(tenant, r, row.clone()).await?;
+            let files = vec![
+                (peft::CONFIG_FILE, peft::CONFIG_FILE),
+                (row.details.weights_file(), peft::WEIGHTS_FILE),
+            ];
+            (files, Some(lease))
         };
-        let read = tokio::task::spawn_blocking(move || {
-            files
-                .into_iter()
-                .map(|(name, disk)| Ok((name.to_string(), std::fs::read(dir.join(disk))?)))
-                .collect::<std::io::Result<Vec<_>>>()
-        })
-        .await
-        .map_err(|e| RegistryError::Storage(e.to_string()))?
-        .map_err(|e| io_error("reading the stored files", e))?;
+        let prefix = prefix_of(&row.dir);
+        let mut read = Vec::with_capacity(files.len());
+        for (name, stored) in files {
+            read.push((
+                name.to_string(),
+                self.blob(&prefix, stored, r).await?.to_vec(),
+            ));
+        }
         Ok((row, read))
+    }
+
+    /// One stored blob of version `r`: a blob its row names but the store lacks is data loss.
+    async fn blob(
+        &self,
+        prefix: &str,
+        file: &str,
+        r: &AdapterRef,
+    ) -> Result<bytes::Bytes, RegistryError> {
+        self.blobs
+            .get(&format!("{prefix}/{file}"))
+            .await
+            .map_err(|e| match e {
+                BlobError::NotFound(key) => {
+                    tracing::error!(key, "a stored adapter's file is missing");
+                    RegistryError::Damaged(format!(
+                        "adapter {r} is damaged on the server: {file} is missing"
+                    ))
+                }
+                e => e.into(),
+            })
     }
 
     /// Writes a fully fine-tuned model (`weights` of the base's architecture, with the
@@ -656,7 +705,13 @@ impl AdapterRegistry {
             reason: e,
         })?;
         let dir_name = format!("model-{}", unique_suffix());
-        let dir = self.adapters_dir().join(&dir_name);
+        let prefix = prefix_of(&dir_name);
+        // Written where a local store keeps it, or into a staging directory a remote store
+        // uploads from (then kept as this machine's cached copy).
+        let dir = match self.blobs.is_local() {
+            true => self.blobs.local_dir(&prefix).await?,
+            false => self.cfg.data_dir.join("staging").join(&dir_name),
+        };
         let (model, d) = (self.model.clone(), dir.clone());
         let written = tokio::task::spawn_blocking(move || -> Result<(u64, String), String> {
             let e = |e: &dyn std::fmt::Display| e.to_string();
@@ -683,6 +738,14 @@ impl AdapterRegistry {
                 )));
             }
         };
+        if !self.blobs.is_local() {
+            let uploaded = self.blobs.put_dir(&prefix, &dir).await;
+            let _ = tokio::fs::remove_dir_all(&dir).await;
+            if let Err(e) = uploaded {
+                let _ = self.blobs.delete_prefix(&prefix).await;
+                return Err(e.into());
+            }
+        }
         let row = self
             .db
             .insert_adapter(&NewAdapter {
@@ -700,10 +763,13 @@ impl AdapterRegistry {
         if row.is_ok() {
             self.changed(tenant, name).await;
         }
-        row.map_err(|e| {
-            let _ = std::fs::remove_dir_all(&dir);
-            e.into()
-        })
+        match row {
+            Ok(row) => Ok(row),
+            Err(e) => {
+                let _ = self.blobs.delete_prefix(&prefix).await;
+                Err(e.into())
+            }
+        }
     }
 
     pub async fn list(
@@ -735,15 +801,15 @@ impl AdapterRegistry {
             match cached {
                 // Removed with the last reference (now, or when the last lease drops).
                 Some(loaded) => loaded.delete_files.store(true, Ordering::SeqCst),
-                None => {
-                    let dir = self.adapters_dir().join(&row.dir);
-                    if let Err(e) = std::fs::remove_dir_all(&dir) {
-                        tracing::warn!(dir = %dir.display(), error = %e, "could not remove adapter files");
-                    }
-                }
+                None => remove_blobs(self.blobs.clone(), prefix_of(&row.dir)).await,
             }
         }
         Ok(rows)
+    }
+
+    /// The blob store the registry (and the training service) keep files in.
+    pub fn blobs(&self) -> &Blobs {
+        &self.blobs
     }
 
     /// Resident adapters and their bytes.

@@ -10,6 +10,7 @@ use tonic::Code;
 
 use crate::{
     adapters::RegistryError,
+    blobs::BlobError,
     engine::{hosted::HostError, SubmitError},
     tenancy::TenancyError,
     train::jobs::TrainingError,
@@ -155,6 +156,24 @@ impl From<RegistryError> for ApiError {
             RegistryError::Damaged(m) => ApiError::DataLoss(m),
             RegistryError::Quota(q) => q.into(),
             RegistryError::Db(d) => db_error(d),
+            RegistryError::Blob(b) => b.into(),
+        }
+    }
+}
+
+/// A blob store failure: a full local disk is RESOURCE_EXHAUSTED, a remote store that does
+/// not answer is UNAVAILABLE (nothing was registered; worth a retry), a blob a row names but
+/// the store lacks is DATA_LOSS.
+impl From<BlobError> for ApiError {
+    fn from(e: BlobError) -> Self {
+        match e {
+            e @ BlobError::NoSpace(_) => ApiError::ResourceExhausted {
+                what: e.to_string(),
+                retry_after: None,
+            },
+            e @ BlobError::Unavailable(_) => ApiError::Unavailable(e.to_string()),
+            e @ BlobError::NotFound(_) => ApiError::DataLoss(e.to_string()),
+            e @ BlobError::Failed(_) => ApiError::Internal(e.to_string()),
         }
     }
 }
@@ -228,6 +247,7 @@ impl From<TrainingError> for ApiError {
                 ApiError::Internal(m)
             }
             TrainingError::Db(d) => db_error(d),
+            TrainingError::Blob(b) => b.into(),
         }
     }
 }

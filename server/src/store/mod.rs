@@ -184,6 +184,13 @@ fn row_to_adapter(r: &AnyRow) -> Result<AdapterRow, DbError> {
     })
 }
 
+fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 fn now_unix() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -267,6 +274,11 @@ impl Db {
             url: url.into(),
             instance: rand::random(),
         })
+    }
+
+    /// This process's name on the database: its announcements and the job leases it holds.
+    pub fn instance(&self) -> String {
+        format!("{:016x}", self.instance)
     }
 
     pub fn backend(&self) -> Backend {

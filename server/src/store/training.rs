@@ -2,7 +2,7 @@
 
 use sqlx::Row;
 
-use super::{db_err, now_unix, Db, DbError};
+use super::{db_err, now_millis, now_unix, Db, DbError};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct DatasetRow {
@@ -332,29 +332,39 @@ impl Db {
         Ok(r.iter().map(job).collect())
     }
 
-    /// Marks the oldest queued job whose tenant may start one more (`may_run(tenant,
-    /// running)`) as running and returns it. One runner calls this, so the choice and the
-    /// update cannot interleave with another claim.
-    pub async fn claim_queued_job(
+    /// Claims for process `owner`, until `lease` from now, the oldest job that is queued or
+    /// whose running lease expired (its process died), among those whose tenant may run one
+    /// more (`may_run(tenant, running)`, counting unexpired running jobs); marks it running
+    /// and returns it. The claim is one conditional `UPDATE` of that row (queued, or its lease
+    /// still expired): of processes racing for a job, exactly one gets it.
+    pub async fn claim_job(
         &self,
+        owner: &str,
+        lease: std::time::Duration,
         may_run: impl Fn(&str, u32) -> bool,
     ) -> Result<Option<JobRow>, DbError> {
+        let now = now_millis();
         let running: std::collections::HashMap<String, i64> = sqlx::query(
-            "SELECT tenant, COUNT(*) FROM jobs WHERE status = 'running' GROUP BY tenant",
+            "SELECT tenant, COUNT(*) FROM jobs WHERE status = 'running'
+             AND (lease_expires IS NULL OR lease_expires >= $1) GROUP BY tenant",
         )
+        .bind(now)
         .fetch_all(&self.pool)
         .await
         .map_err(db_err("running jobs"))?
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-        let queued = sqlx::query(
-            "SELECT id, tenant FROM jobs WHERE status = 'queued' ORDER BY created_at, id",
-        )
+        let claimable = "(status = 'queued' OR (status IN ('running', 'validating') \
+                         AND lease_expires IS NOT NULL AND lease_expires < $1))";
+        let candidates = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT id, tenant FROM jobs WHERE {claimable} ORDER BY created_at, id"
+        )))
+        .bind(now)
         .fetch_all(&self.pool)
         .await
         .map_err(db_err("queued jobs"))?;
-        let Some(id) = queued.iter().find_map(|r| {
+        let Some(id) = candidates.iter().find_map(|r| {
             let tenant: String = r.get(1);
             let n = running.get(&tenant).copied().unwrap_or(0) as u32;
             may_run(&tenant, n).then(|| r.get::<String, _>(0))
@@ -362,10 +372,13 @@ impl Db {
             return Ok(None);
         };
         let q = format!(
-            "UPDATE jobs SET status = 'running', updated_at = $1 WHERE id = $2 AND status = 'queued'
-             RETURNING {JOB_COLS}"
+            "UPDATE jobs SET status = 'running', lease_owner = $2, lease_expires = $3, updated_at = $4
+             WHERE id = $5 AND {claimable} RETURNING {JOB_COLS}"
         );
         let r = sqlx::query(sqlx::AssertSqlSafe(q))
+            .bind(now)
+            .bind(owner)
+            .bind(now + lease.as_millis() as i64)
             .bind(now_unix())
             .bind(id)
             .fetch_optional(&self.pool)
@@ -374,24 +387,65 @@ impl Db {
         Ok(r.as_ref().map(job))
     }
 
+    /// Extends `owner`'s lease on a running job; false when it no longer holds one (the job
+    /// was cancelled, or its lease expired and another process took it over).
+    pub async fn renew_job_lease(
+        &self,
+        id: &str,
+        owner: &str,
+        lease: std::time::Duration,
+    ) -> Result<bool, DbError> {
+        let r = sqlx::query(
+            "UPDATE jobs SET lease_expires = $1 WHERE id = $2 AND lease_owner = $3 AND status = 'running'",
+        )
+        .bind(now_millis() + lease.as_millis() as i64)
+        .bind(id)
+        .bind(owner)
+        .execute(&self.pool)
+        .await
+        .map_err(db_err("renew job lease"))?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// Gives `owner`'s running job back to the queue (a draining process), for another
+    /// process to resume from its checkpoint at once; false when `owner` did not hold it.
+    pub async fn release_job(&self, id: &str, owner: &str) -> Result<bool, DbError> {
+        let r = sqlx::query(
+            "UPDATE jobs SET status = 'queued', lease_owner = NULL, lease_expires = NULL, updated_at = $1
+             WHERE id = $2 AND lease_owner = $3 AND status = 'running'",
+        )
+        .bind(now_unix())
+        .bind(id)
+        .bind(owner)
+        .execute(&self.pool)
+        .await
+        .map_err(db_err("release job"))?;
+        Ok(r.rows_affected() > 0)
+    }
+
     /// Sets a job's status (and error / adapter version), unless it is already terminal.
     /// Returns whether it changed.
+    /// With `owner`, only while that process holds the job's lease (a process that lost its
+    /// job to another one records nothing of it).
     pub async fn set_job_status(
         &self,
         id: &str,
         status: JobStatus,
         error: Option<&str>,
         adapter_version: Option<u32>,
+        owner: Option<&str>,
     ) -> Result<bool, DbError> {
         let r = sqlx::query(
             "UPDATE jobs SET status = $1, error = COALESCE($2, error), adapter_version = COALESCE($3, adapter_version), updated_at = $4
-             WHERE id = $5 AND status NOT IN ('succeeded', 'failed', 'cancelled')",
+             WHERE id = $5 AND status NOT IN ('succeeded', 'failed', 'cancelled')
+             AND (CAST($6 AS TEXT) IS NULL OR lease_owner = CAST($6 AS TEXT))",
         )
         .bind(status.as_str())
         .bind(error)
         .bind(adapter_version.map(|v| v as i64))
         .bind(now_unix())
         .bind(id)
+        .bind(owner)
         .execute(&self.pool)
         .await
         .map_err(db_err("set job status"))?;
@@ -422,9 +476,11 @@ impl Db {
     }
 
     /// Jobs interrupted by a stop or crash go back to the queue (they resume from their
-    /// checkpoints).
+    /// checkpoints). For a database only this process uses (SQLite): on a shared one, a
+    /// running job belongs to whichever process holds its lease, and an expired lease is
+    /// claimed like a queued job ([`Self::claim_job`]).
     pub async fn requeue_interrupted_jobs(&self) -> Result<u64, DbError> {
-        let r = sqlx::query("UPDATE jobs SET status = 'queued', updated_at = $1 WHERE status IN ('running', 'validating')")
+        let r = sqlx::query("UPDATE jobs SET status = 'queued', lease_owner = NULL, lease_expires = NULL, updated_at = $1 WHERE status IN ('running', 'validating')")
             .bind(now_unix())
             .execute(&self.pool)
             .await
@@ -499,5 +555,127 @@ mod status_tests {
                 JobStatus::Cancelled
             ]
         );
+    }
+}
+
+#[cfg(test)]
+mod lease_tests {
+    use std::time::Duration;
+
+    use super::{JobRow, JobStatus};
+    use crate::store::{testing::TestPostgres, Db};
+
+    fn queued(id: &str, tenant: &str) -> JobRow {
+        JobRow {
+            id: id.into(),
+            tenant: tenant.into(),
+            dataset: "ds".into(),
+            eval_dataset: None,
+            dataset_name: String::new(),
+            eval_dataset_name: None,
+            adapter_name: "a".into(),
+            adapter_bytes: 0,
+            spec: "{}".into(),
+            status: JobStatus::Queued,
+            error: None,
+            adapter_version: None,
+            step: 0,
+            total_steps: 1,
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+
+    /// Two replicas (two pools on one PostgreSQL, each its own instance) claim at once:
+    /// each of 10 jobs goes to exactly one. A lease that is not renewed expires and the other
+    /// replica takes the job over; the first one then can neither renew nor record an end.
+    #[tokio::test]
+    async fn a_job_goes_to_one_replica_and_an_expired_lease_to_another() {
+        let pg = TestPostgres::start();
+        let url = pg.database("leases").await;
+        let a = Db::connect(&url).await.expect("replica a");
+        let b = Db::connect(&url).await.expect("replica b");
+        assert_ne!(a.instance(), b.instance());
+        for i in 0..10 {
+            a.insert_job(&queued(&format!("j{i}"), "t"))
+                .await
+                .expect("job");
+        }
+        let lease = Duration::from_secs(60);
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..20 {
+            let db = if i % 2 == 0 { a.clone() } else { b.clone() };
+            tasks.spawn(async move {
+                let me = db.instance();
+                db.claim_job(&me, lease, |_, _| true).await
+            });
+        }
+        let mut claimed = Vec::new();
+        while let Some(r) = tasks.join_next().await {
+            if let Some(j) = r.expect("task").expect("claim") {
+                claimed.push(j.id);
+            }
+        }
+        claimed.sort();
+        let all: Vec<String> = (0..10).map(|i| format!("j{i}")).collect();
+        let mut want = all.clone();
+        want.sort();
+        assert_eq!(claimed, want, "every job once, none twice");
+        // Nothing is left to claim while the leases hold.
+        assert!(b
+            .claim_job(&b.instance(), lease, |_, _| true)
+            .await
+            .expect("claim")
+            .is_none());
+
+        // A new job, claimed by a with a short lease that it does not renew (it "died").
+        a.insert_job(&queued("k", "t")).await.expect("job");
+        let short = Duration::from_millis(300);
+        let k = a
+            .claim_job(&a.instance(), short, |t, _| t == "t")
+            .await
+            .expect("claim");
+        assert_eq!(k.map(|j| j.id).as_deref(), Some("k"));
+        assert!(b
+            .claim_job(&b.instance(), lease, |_, _| true)
+            .await
+            .expect("claim")
+            .is_none());
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let taken = b
+            .claim_job(&b.instance(), lease, |_, _| true)
+            .await
+            .expect("claim");
+        assert_eq!(taken.map(|j| j.id).as_deref(), Some("k"), "taken over");
+        assert!(!a
+            .renew_job_lease("k", &a.instance(), lease)
+            .await
+            .expect("renew"));
+        assert!(b
+            .renew_job_lease("k", &b.instance(), lease)
+            .await
+            .expect("renew"));
+        let ended = |db: Db| async move {
+            let me = db.instance();
+            db.set_job_status("k", JobStatus::Failed, Some("x"), None, Some(&me))
+                .await
+                .expect("status")
+        };
+        assert!(!ended(a.clone()).await, "the old owner records nothing");
+        // A per-tenant limit counts the unexpired running jobs.
+        a.insert_job(&queued("m", "t")).await.expect("job");
+        let none = a
+            .claim_job(&a.instance(), lease, |_, running| running < 11)
+            .await
+            .expect("claim");
+        assert!(none.is_none(), "11 running already");
+        // Releasing gives the job back to the queue at once.
+        assert!(b.release_job("k", &b.instance()).await.expect("release"));
+        assert!(!a.release_job("k", &a.instance()).await.expect("not a's"));
+        let again = a
+            .claim_job(&a.instance(), lease, |_, _| true)
+            .await
+            .expect("claim");
+        assert_eq!(again.map(|j| j.id).as_deref(), Some("k"));
     }
 }

@@ -600,8 +600,11 @@ fn ckpt_err(doing: &str, path: &Path, e: impl std::fmt::Display) -> TrainError {
     TrainError::Checkpoint(format!("{doing} {name}: {e}"))
 }
 
+/// The file naming a job's newest checkpoint.
+pub const CHECKPOINT_META: &str = "checkpoint.json";
+
 fn read_meta(dir: &Path) -> Result<Option<CheckpointMeta>, TrainError> {
-    let p = dir.join("checkpoint.json");
+    let p = dir.join(CHECKPOINT_META);
     match std::fs::read(&p) {
         Ok(b) => serde_json::from_slice(&b)
             .map(Some)
@@ -663,7 +666,7 @@ fn checkpoint(
         evals_without_improvement: stale,
     };
     let bytes = serde_json::to_vec(&meta).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
-    let meta_path = dir.join("checkpoint.json");
+    let meta_path = dir.join(CHECKPOINT_META);
     crate::store::atomic_write(&meta_path, &bytes)
         .map_err(|e| ckpt_err("writing", &meta_path, e))?;
     let mut steps: Vec<usize> = std::fs::read_dir(dir)

@@ -13,7 +13,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::{
     dataset::{self, Format},
-    jobs::{invalid, io_error, new_id, problems_text, TrainingError, TrainingService},
+    jobs::{dataset_key, invalid, io_error, new_id, problems_text, TrainingError, TrainingService},
 };
 use crate::{names, store::training::DatasetRow, tenancy::NewObject};
 
@@ -34,7 +34,7 @@ pub struct DatasetUpload {
 
 impl Drop for DatasetUpload {
     fn drop(&mut self) {
-        // After a finished upload the file has been renamed away and this finds nothing.
+        // Stored or not, the local file is done with.
         let _ = std::fs::remove_file(&self.tmp);
     }
 }
@@ -82,10 +82,10 @@ impl TrainingService {
         if self.db().dataset_by_name(tenant, name).await?.is_some() {
             return Err(TrainingError::AlreadyExists(format!("dataset {name:?}")));
         }
-        let dir = self.datasets_dir();
+        let dir = self.uploads_dir();
         tokio::fs::create_dir_all(&dir)
             .await
-            .map_err(|e| io_error("creating the dataset directory", e))?;
+            .map_err(|e| io_error("creating the upload directory", e))?;
         let id = new_id("ds");
         let tmp = dir.join(format!(".{id}.jsonl.tmp"));
         let file = tokio::fs::File::create(&tmp)
@@ -138,15 +138,12 @@ impl TrainingService {
             .check_storage(&up.tenant, NewObject::Dataset, up.size as u64)
             .await?;
         let file = format!("{}.jsonl", up.id);
-        let path = self.datasets_dir().join(&file);
-        let (tmp, dir) = (up.tmp.clone(), self.datasets_dir());
-        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            std::fs::rename(&tmp, &path)?;
-            std::fs::File::open(dir)?.sync_all()
-        })
-        .await
-        .map_err(|e| TrainingError::Storage(e.to_string()))?
-        .map_err(|e| io_error("storing the dataset", e))?;
+        let key = dataset_key(&file);
+        // Durable in the store before the row names it; a failure stores nothing.
+        if let Err(e) = self.blobs().put_file(&key, &up.tmp).await {
+            let _ = self.blobs().delete(&key).await;
+            return Err(e.into());
+        }
         let row = DatasetRow {
             id: up.id.clone(),
             tenant: up.tenant.clone(),
@@ -162,20 +159,22 @@ impl TrainingService {
             label_counts: validated.stats.labels.clone(),
             filename: up.filename.clone(),
         };
-        let remove = || {
-            let _ = std::fs::remove_file(self.datasets_dir().join(&file));
+        let remove = || async {
+            if let Err(e) = self.blobs().delete(&key).await {
+                tracing::warn!(key, error = %e, "removing an unrecorded dataset file (left to the sweep)");
+            }
         };
         match self.db().insert_dataset(&row).await {
             Ok(Some(r)) => Ok(r),
             Ok(None) => {
-                remove();
+                remove().await;
                 Err(TrainingError::AlreadyExists(format!(
                     "dataset {:?}",
                     up.name
                 )))
             }
             Err(e) => {
-                remove();
+                remove().await;
                 Err(e.into())
             }
         }

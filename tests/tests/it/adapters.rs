@@ -7,8 +7,8 @@ use std::time::Duration;
 use futures::future::join_all;
 use graft_client::GenerateOptions;
 use graft_tests::{
-    eventually, fixture_adapter, metric_value, random_peft, real_model_path, start_in, start_real,
-    start_tiny, start_with, tiny_model_path,
+    fixture_adapter, metric_value, random_peft, real_model_path, start_in, start_real, start_tiny,
+    start_with, tiny_model_path,
 };
 use tonic::Code;
 
@@ -20,10 +20,9 @@ fn australia(adapter: Option<&str>) -> graft_proto::v1::GenerateRequest {
     .chat([("user", "What is the capital of Australia?")])
 }
 
-fn adapter_files(t: &graft_tests::TestServer) -> usize {
-    std::fs::read_dir(t.data.path().join("adapters"))
-        .map(|d| d.count())
-        .unwrap_or(0)
+/// Adapter directories the server has stored (in its data directory or its bucket).
+async fn adapter_files(t: &graft_tests::TestServer) -> usize {
+    t.stored("adapters").await.len()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -116,7 +115,7 @@ async fn refused_imports_store_nothing() {
         assert_eq!(e.code(), Code::InvalidArgument);
     }
     assert!(t.client.list_adapters("").await.expect("list").is_empty());
-    assert_eq!(adapter_files(&t), 0, "a refused import left files");
+    assert_eq!(adapter_files(&t).await, 0, "a refused import left files");
     // The upload cap.
     let small = start_with(real_model_path(), |c| c.max_adapter_upload_bytes = 1000).await;
     let e = small
@@ -194,7 +193,7 @@ async fn delete_while_in_use_finishes_the_stream_then_removes_files() {
         .import_adapter("", "temp", c, w, false)
         .await
         .expect("import");
-    assert_eq!(adapter_files(&t), 1);
+    assert_eq!(adapter_files(&t).await, 1);
     let opts = GenerateOptions {
         adapter: Some("temp@1".into()),
         ..GenerateOptions::greedy(40)
@@ -228,10 +227,11 @@ async fn delete_while_in_use_finishes_the_stream_then_removes_files() {
         last = m.finish_reason;
     }
     assert_ne!(last, 0);
-    assert!(
-        eventually(Duration::from_secs(5), || adapter_files(&t) == 0).await,
-        "files outlived the last lease"
-    );
+    let end = std::time::Instant::now() + Duration::from_secs(5);
+    while adapter_files(&t).await > 0 && std::time::Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(adapter_files(&t).await, 0, "files outlived the last lease");
     assert_eq!(
         t.client
             .delete_adapter("", "temp")

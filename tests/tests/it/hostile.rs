@@ -25,14 +25,22 @@ async fn datasets(c: &graft_client::GraftClient) -> Vec<String> {
         .collect()
 }
 
-fn datasets_dir_entries(dir: &std::path::Path) -> Vec<String> {
-    std::fs::read_dir(dir.join("datasets"))
+/// Files under the data directory's `sub` folder (none when it does not exist).
+fn entries(dir: &std::path::Path, sub: &str) -> Vec<String> {
+    std::fs::read_dir(dir.join(sub))
         .map(|d| {
             d.flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Stored dataset files and this machine's uploads in progress.
+fn datasets_dir_entries(dir: &std::path::Path) -> Vec<String> {
+    let mut all = entries(dir, "datasets");
+    all.extend(entries(dir, "uploads"));
+    all
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -54,7 +62,7 @@ async fn one_huge_line_and_duplicate_keys_are_refused_by_line() {
         "{m}"
     );
     assert!(
-        datasets_dir_entries(t.data.path()).is_empty(),
+        datasets_dir_entries(t.data.path()).is_empty() && t.stored("datasets").await.is_empty(),
         "nothing stored"
     );
     assert!(datasets(&t.client).await.is_empty());
@@ -167,7 +175,11 @@ async fn a_full_disk_is_resource_exhausted_and_leaves_no_temporary_files() {
     let data = dir.path().to_path_buf();
     // The database on the small disk too (SQLite in the data directory, also in the suite's
     // PostgreSQL pass): the test is of a disk that fills under both files and database.
-    let t = start_in(tiny_model_path(), dir, |c| c.database_url = None).await;
+    let t = start_in(tiny_model_path(), dir, |c| {
+        c.database_url = None;
+        c.blob_store = None;
+    })
+    .await;
     t.client
         .upload_dataset("", "small", "", b"{\"text\":\"kept\"}\n".to_vec())
         .await
@@ -187,9 +199,12 @@ async fn a_full_disk_is_resource_exhausted_and_leaves_no_temporary_files() {
         "no server path in {}",
         err.message()
     );
+    // No temporary file of ours, nor a staged one of the store's (`name#n`).
     let files = datasets_dir_entries(&data);
     assert!(
-        files.iter().all(|f| !f.ends_with(".tmp")),
+        files
+            .iter()
+            .all(|f| !f.ends_with(".tmp") && !f.contains('#')),
         "temporaries left: {files:?}"
     );
     // An adapter import onto the full disk: the same, and no half-written directory.
@@ -204,10 +219,7 @@ async fn a_full_disk_is_resource_exhausted_and_leaves_no_temporary_files() {
         .expect_err("disk full");
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(err.message().contains("no space left"), "{}", err.message());
-    let adapters: Vec<_> = std::fs::read_dir(data.join("adapters"))
-        .expect("adapters dir")
-        .flatten()
-        .collect();
+    let adapters = entries(&data, "adapters");
     assert!(adapters.is_empty(), "{adapters:?}");
     // CreateJob with no byte free: the database cannot write either.
     let err = t

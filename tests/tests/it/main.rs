@@ -2,6 +2,7 @@
 
 mod adapters;
 mod bad_input;
+mod blob_store;
 mod classification;
 mod cli;
 mod deploy;
@@ -19,6 +20,7 @@ mod ops;
 mod postgres;
 mod preference;
 mod prompt_methods;
+mod replicas;
 mod structured;
 mod tenancy;
 mod tls;

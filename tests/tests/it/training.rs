@@ -463,6 +463,13 @@ async fn cancel_stops_a_running_job_and_keeps_its_checkpoint() {
         .join(&j.id)
         .join("checkpoint.json")
         .exists());
+    // The checkpoint is in the blob store too (another replica could resume from it).
+    let stored = t.stored(&format!("jobs/{}", j.id)).await;
+    assert!(
+        stored.iter().any(|f| f == "checkpoint.json")
+            && stored.iter().any(|f| f.starts_with("checkpoint-")),
+        "{stored:?}"
+    );
     // No adapter was registered.
     assert!(t.client.list_adapters("").await.expect("list").is_empty());
     // Ops see the job in the metrics.
@@ -590,11 +597,11 @@ async fn one_job_computes_at_a_time_and_the_next_waits_in_the_queue() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_dataset_serves_its_jobs_then_its_file_is_removed() {
     let t = tiny_with_dataset().await;
-    let file = |d: &pb::Dataset| {
-        t.data
-            .path()
-            .join("datasets")
-            .join(format!("{}.jsonl", d.id))
+    // Whether the dataset's file is in the server's blob store.
+    let stored = |d: &pb::Dataset| {
+        let name = format!("{}.jsonl", d.id);
+        let t = &t;
+        async move { t.stored("datasets").await.contains(&name) }
     };
     let lines = b"{\"prompt\":\"x y\",\"completion\":\"z\"}\n".repeat(8);
     let training = t.client.training();
@@ -612,9 +619,9 @@ async fn a_deleted_dataset_serves_its_jobs_then_its_file_is_removed() {
         .upload_dataset("", "lonely", "", lines.clone())
         .await
         .expect("upload");
-    assert!(file(&lonely).exists());
+    assert!(stored(&lonely).await);
     delete("lonely").await.expect("delete");
-    assert!(!file(&lonely).exists(), "an unneeded file is removed");
+    assert!(!stored(&lonely).await, "an unneeded file is removed");
     // A queued job keeps its deleted dataset's file and trains on it.
     let e = t
         .client
@@ -645,7 +652,7 @@ async fn a_deleted_dataset_serves_its_jobs_then_its_file_is_removed() {
         .map(|d| d.name)
         .collect();
     assert_eq!(names, ["d"], "a deleted dataset is not listed");
-    assert!(file(&e).exists(), "a queued job still needs the file");
+    assert!(stored(&e).await, "a queued job still needs the file");
     let shown = t.client.get_job("", &queued.id).await.expect("job");
     assert_eq!(
         (shown.dataset.as_str(), shown.dataset_id.as_str()),
@@ -660,7 +667,7 @@ async fn a_deleted_dataset_serves_its_jobs_then_its_file_is_removed() {
             .expect("watch");
     assert_eq!(done.status, "succeeded", "{}", done.error);
     let gone = async {
-        while file(&e).exists() {
+        while stored(&e).await {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };
@@ -669,23 +676,31 @@ async fn a_deleted_dataset_serves_its_jobs_then_its_file_is_removed() {
         .expect("the file is removed once the job has ended");
 }
 
-/// A crash between writing a dataset's file and recording it leaves a file no row names;
-/// the next start removes it and keeps every recorded dataset.
+/// A crash between storing a dataset's file and recording it leaves a file no row names;
+/// a start removes it once it is older than the orphan grace (a younger one may be another
+/// replica's upload in progress), keeps every recorded dataset, and removes this machine's
+/// unfinished uploads at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_removes_orphaned_dataset_files_and_keeps_the_rest() {
     let t = tiny_with_dataset().await;
-    let dir = t.data.path().join("datasets");
-    for stray in ["ds-orphan.jsonl", ".ds-half.jsonl.tmp"] {
-        std::fs::write(dir.join(stray), "{}\n").expect("stray file");
-    }
+    t.blobs()
+        .put("datasets/ds-orphan.jsonl", &b"{}\n"[..])
+        .await
+        .expect("stray blob");
+    let uploads = t.data.path().join("uploads");
+    std::fs::create_dir_all(&uploads).expect("uploads dir");
+    std::fs::write(uploads.join(".ds-half.jsonl.tmp"), "{}\n").expect("stray upload");
     let data = t.data.clone();
     t.server.drain().await.expect("drain");
-    let t = graft_tests::start_in(tiny_model_path(), data, |_| {}).await;
-    let mut left: Vec<String> = std::fs::read_dir(&dir)
-        .expect("dir")
-        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-        .collect();
-    left.sort();
+    // Within the grace (an hour by default) the stray stays; the half upload goes.
+    let t = graft_tests::start_in(tiny_model_path(), data.clone(), |_| {}).await;
+    assert_eq!(t.stored("datasets").await.len(), 2);
+    assert!(!uploads.join(".ds-half.jsonl.tmp").exists());
+    t.server.drain().await.expect("drain");
+    // Past the grace, it goes.
+    let t =
+        graft_tests::start_in(tiny_model_path(), data, |c| c.orphan_grace = Duration::ZERO).await;
+    let left = t.stored("datasets").await;
     let d = t
         .client
         .training()

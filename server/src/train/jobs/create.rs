@@ -153,7 +153,7 @@ impl TrainingService {
         )
         .await?;
         self.db
-            .set_job_status(&row.id, JobStatus::Queued, None, None)
+            .set_job_status(&row.id, JobStatus::Queued, None, None, None)
             .await?;
         self.event(
             &row.id,

@@ -55,6 +55,12 @@ pub struct TrainingConfig {
     /// Checkpoints a running job keeps on disk (the newest; at least 1). All of them go
     /// when the job succeeds.
     pub keep_checkpoints: usize,
+    /// Stored files no row names are removed once older than this.
+    pub orphan_grace: std::time::Duration,
+    /// How long a claimed job stays this process's without a heartbeat (renewed every
+    /// third of it): after a crash, another process on the same database takes the job over
+    /// once this has passed.
+    pub job_lease: std::time::Duration,
     /// Memory one full fine-tuning run may take beyond the resident base (its estimate is
     /// checked at CreateJob).
     pub max_training_memory_bytes: u64,
@@ -93,6 +99,8 @@ pub enum TrainingError {
     Internal(String),
     #[error(transparent)]
     Db(#[from] DbError),
+    #[error(transparent)]
+    Blob(#[from] crate::blobs::BlobError),
 }
 
 /// An I/O failure while `doing` something: a full disk is [`TrainingError::NoSpace`]; the
@@ -104,6 +112,16 @@ pub(super) fn io_error(doing: &str, e: std::io::Error) -> TrainingError {
         tracing::error!(error = %e, "{doing}");
         TrainingError::Storage(format!("{doing} failed: {}", e.kind()))
     }
+}
+
+/// A job's checkpoints' prefix in the blob store.
+fn checkpoint_key(job: &str) -> String {
+    format!("jobs/{job}")
+}
+
+/// A stored dataset file's key in the blob store.
+pub(super) fn dataset_key(file: &str) -> String {
+    format!("datasets/{file}")
 }
 
 pub(super) fn invalid(field: &str, reason: impl Into<String>) -> TrainingError {
@@ -236,8 +254,13 @@ impl TrainingService {
         &self.tenancy
     }
 
-    pub(super) fn datasets_dir(&self) -> PathBuf {
-        self.cfg.data_dir.join("datasets")
+    /// Where uploads are written and checked before they are stored (this machine's).
+    pub(super) fn uploads_dir(&self) -> PathBuf {
+        self.cfg.data_dir.join("uploads")
+    }
+
+    pub(super) fn blobs(&self) -> &crate::blobs::Blobs {
+        self.registry.blobs()
     }
 
     /// The bytes the adapter `job` trains will store, for the storage quota at CreateJob.
@@ -286,15 +309,10 @@ impl TrainingService {
             Ok(rows) => rows,
             Err(e) => return tracing::warn!(error = %e, "finding dataset files to remove"),
         };
-        let dir = self.cfg.data_dir.join("datasets");
         for (id, file) in rows {
-            match std::fs::remove_file(dir.join(&file)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    tracing::warn!(dataset = id, error = %e, "removing a deleted dataset's file");
-                    continue;
-                }
+            if let Err(e) = self.blobs().delete(&dataset_key(&file)).await {
+                tracing::warn!(dataset = id, error = %e, "removing a deleted dataset's file");
+                continue;
             }
             if let Err(e) = self.db.forget_dataset_file(&id).await {
                 tracing::warn!(dataset = id, error = %e, "forgetting a dataset file");
@@ -302,22 +320,25 @@ impl TrainingService {
         }
     }
 
-    /// At start-up (before any upload): removes dataset files no row names, left by a
-    /// crash between writing the file and recording the dataset, and unneeded ones.
+    /// At start-up (before any upload): removes this machine's unfinished uploads, stored
+    /// dataset files no row names (a crash between storing the file and recording the
+    /// dataset) once older than the orphan grace (younger ones may be another replica's
+    /// upload in progress), and unneeded ones.
     async fn sweep_dataset_files(&self) -> Result<(), TrainingError> {
+        let _ = tokio::fs::remove_dir_all(self.uploads_dir()).await;
         self.remove_unneeded_dataset_files().await;
+        let old = self
+            .blobs()
+            .entries_older_than("datasets", self.cfg.orphan_grace)
+            .await?;
+        if old.is_empty() {
+            return Ok(());
+        }
         let named: std::collections::HashSet<String> =
             self.db.dataset_files().await?.into_iter().collect();
-        let dir = self.cfg.data_dir.join("datasets");
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            return Ok(()); // no dataset uploaded yet
-        };
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if !named.contains(&name) {
-                tracing::info!(file = name, "removing an orphaned dataset file");
-                let _ = std::fs::remove_file(entry.path());
-            }
+        for file in old.into_iter().filter(|f| !named.contains(f)) {
+            tracing::info!(file, "removing an orphaned dataset file");
+            self.blobs().delete(&dataset_key(&file)).await?;
         }
         Ok(())
     }
@@ -329,7 +350,7 @@ impl TrainingService {
         row: &DatasetRow,
         spec: &JobSpec,
     ) -> Result<Vec<Tokenized>, TrainingError> {
-        let path = self.datasets_dir().join(&row.file);
+        let path = self.blobs().local_file(&dataset_key(&row.file)).await?;
         let (model, format) = (self.model.clone(), Format::parse(&row.format));
         let (overflow, max_seq_len, loss_on_all) = (
             if spec.reject_too_long {
@@ -380,7 +401,7 @@ impl TrainingService {
         name: &str,
     ) -> Result<(DatasetRow, PathBuf), TrainingError> {
         let row = self.dataset(tenant, name).await?;
-        let path = self.datasets_dir().join(&row.file);
+        let path = self.blobs().local_file(&dataset_key(&row.file)).await?;
         Ok((row, path))
     }
 
@@ -421,6 +442,7 @@ impl TrainingService {
                         id,
                         JobStatus::Cancelled,
                         Some("cancelled before it started"),
+                        None,
                         None,
                     )
                     .await?
@@ -484,9 +506,13 @@ impl TrainingService {
     /// `max_concurrent_jobs` at a time, until the process ends.
     pub async fn start(self: &Arc<Self>) -> Result<(), TrainingError> {
         self.sweep_dataset_files().await?;
-        let n = self.db.requeue_interrupted_jobs().await?;
-        if n > 0 {
-            tracing::info!(jobs = n, "re-queued interrupted training jobs");
+        // A database of this process's own: what was running was this process's. On a
+        // shared one, expired leases are claimed like queued jobs.
+        if self.db.backend() == crate::store::Backend::Sqlite {
+            let n = self.db.requeue_interrupted_jobs().await?;
+            if n > 0 {
+                tracing::info!(jobs = n, "re-queued interrupted training jobs");
+            }
         }
         let me = self.clone();
         tokio::spawn(async move {
@@ -514,7 +540,8 @@ impl TrainingService {
                 let may_run = |tenant: &str, running: u32| {
                     running < limits.get(tenant).copied().unwrap_or(default_limit)
                 };
-                match me.db.claim_queued_job(may_run).await {
+                let owner = me.db.instance();
+                match me.db.claim_job(&owner, me.cfg.job_lease, may_run).await {
                     Ok(Some(job)) => {
                         let me = me.clone();
                         tokio::spawn(async move {
@@ -540,7 +567,12 @@ impl TrainingService {
 
     async fn finish(&self, id: &str, status: JobStatus, message: String, version: Option<u32>) {
         let err = (status == JobStatus::Failed).then_some(message.as_str());
-        match self.db.set_job_status(id, status, err, version).await {
+        let owner = self.db.instance();
+        match self
+            .db
+            .set_job_status(id, status, err, version, Some(&owner))
+            .await
+        {
             Ok(true) => {
                 let _ = self.event(id, JobEvent::Status { status, message }).await;
             }
@@ -563,6 +595,9 @@ impl TrainingService {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => tracing::warn!(job = id, error = %e, "removing an ended job's checkpoints"),
         }
+        if let Err(e) = self.blobs().delete_prefix(&checkpoint_key(id)).await {
+            tracing::warn!(job = id, error = %e, "removing an ended job's stored checkpoints");
+        }
     }
 
     async fn run(self: &Arc<Self>, job: JobRow) {
@@ -574,7 +609,32 @@ impl TrainingService {
                 cancel: cancel.clone(),
             },
         );
+        // The heartbeat: while this runs, the lease is renewed; a lease this process no
+        // longer holds (the job was cancelled on another process, or this one stalled past
+        // the lease and another took the job over) stops the run.
+        let heartbeat = {
+            let (db, id, cancel) = (self.db.clone(), id.clone(), cancel.clone());
+            let lease = self.cfg.job_lease;
+            tokio::spawn(async move {
+                let owner = db.instance();
+                loop {
+                    tokio::time::sleep(lease / 3).await;
+                    match db.renew_job_lease(&id, &owner, lease).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            tracing::warn!(job = id, "the job's lease is gone; stopping it here");
+                            cancel.store(true, Ordering::SeqCst);
+                            return;
+                        }
+                        // The database is away: keep running, try again (the lease may
+                        // expire meanwhile; then the next renewal finds it gone).
+                        Err(e) => tracing::warn!(job = id, error = %e, "renewing the job's lease"),
+                    }
+                }
+            })
+        };
         let result = self.run_inner(&job, cancel).await;
+        heartbeat.abort();
         self.live
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -643,6 +703,16 @@ impl TrainingService {
         .await?;
         crate::metrics::job_started();
         let ckpt = trainer::checkpoint_dir(&self.cfg.data_dir, &job.id);
+        // A job resumed on a machine that does not have its checkpoints (another replica
+        // ran it before) starts from the ones in the store.
+        let ckpt_key = checkpoint_key(&job.id);
+        if !self.blobs().in_place(&ckpt_key, &ckpt)
+            && !tokio::fs::try_exists(ckpt.join(trainer::CHECKPOINT_META))
+                .await
+                .unwrap_or(false)
+        {
+            self.blobs().fetch_dir(&ckpt_key, &ckpt).await?;
+        }
         let (etx, mut erx) = mpsc::unbounded_channel::<TrainEvent>();
         let model = self.model.clone();
         let threads = self.cfg.training_threads.max(1);
@@ -731,6 +801,17 @@ impl TrainingService {
                         *step_tokens,
                         *step_seconds,
                     );
+                }
+                if let TrainEvent::Checkpoint { .. } = &e {
+                    // Into the store, so another replica can resume from it.
+                    let dir = trainer::checkpoint_dir(&me.cfg.data_dir, &jid);
+                    let stored = me
+                        .blobs()
+                        .mirror_dir(&checkpoint_key(&jid), &dir, trainer::CHECKPOINT_META)
+                        .await;
+                    if let Err(e) = stored {
+                        tracing::warn!(job = jid, error = %e, "storing a checkpoint");
+                    }
                 }
                 let _ = me.event(&jid, JobEvent::Train(e)).await;
             }
