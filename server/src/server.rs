@@ -399,6 +399,12 @@ impl RunningServer {
     pub async fn drain(mut self) -> anyhow::Result<()> {
         set_health(&self.health, ServingStatus::NotServing).await;
         if let Some(ready) = self.ready.get() {
+            // Running training jobs stop at their next step and go back to the queue (another
+            // replica resumes them from their last checkpoint), within the drain timeout.
+            ready
+                .training
+                .release_all(Instant::now() + self.cfg.drain_timeout)
+                .await;
             // The base's engine and every hosted model's, under one deadline.
             let mut engines = vec![ready.engine.clone()];
             engines.extend(ready.hosted.engines().await);

@@ -96,6 +96,17 @@ impl Graftd {
         crate::connect_as(self.addr, tenant).await
     }
 
+    /// SIGTERM (a drain), and the exit status once the process has ended.
+    pub async fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("running");
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("kill -TERM");
+        assert!(sent.success());
+        self.child.wait().await.expect("wait")
+    }
+
     /// SIGKILL, and waits for the process to be gone.
     pub async fn kill(mut self) {
         let _ = self.child.kill().await;

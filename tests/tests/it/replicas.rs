@@ -128,3 +128,91 @@ async fn a_killed_replicas_job_is_taken_over_and_resumed_from_its_stored_checkpo
     .expect("B serves the adapter it trained");
     b.kill().await;
 }
+
+/// SIGTERM on the replica running a job: it stops the job at its next step, gives it back
+/// to the queue and exits 0; the other replica resumes it at once (long before the 60 s
+/// lease could expire) from the stored checkpoint, and it succeeds there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_replica_hands_its_job_to_another_at_once() {
+    let pg = TestPostgres::start();
+    let url = pg.database("drain").await;
+    let s3 = S3Server::start();
+    let mut env = s3.env();
+    env.push(("GRAFT_JOB_LEASE_SECS".into(), "60".into()));
+    let model = tiny_model_path();
+    let (da, db) = (
+        tempfile::tempdir().expect("a"),
+        tempfile::tempdir().expect("b"),
+    );
+    let opts = |data| GraftdOptions {
+        model: &model,
+        data,
+        database_url: Some(url.clone()),
+        blob_store: Some("s3://graft-test/drain".into()),
+        env: env.clone(),
+    };
+    let a = Graftd::spawn(opts(da.path())).await;
+    let ca = a.client(TENANT).await;
+    ca.upload_dataset(
+        "",
+        "d",
+        "",
+        b"{\"prompt\":\"a b\",\"completion\":\"c d e\"}\n".repeat(8),
+    )
+    .await
+    .expect("upload");
+    let job = ca
+        .create_job(pb::CreateJobRequest {
+            dataset: "d".into(),
+            adapter_name: "handed".into(),
+            hyperparameters: Some(pb::Hyperparameters {
+                epochs: Some(300),
+                checkpoint_every: Some(10),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("create");
+    let mut w = ca.watch_job("", &job.id, 0).await.expect("watch");
+    while let Some(e) = w.message().await.expect("event") {
+        if matches!(&e.event, Some(pb::job_event::Event::Checkpoint(cp)) if cp.step >= 10) {
+            break;
+        }
+    }
+    drop(w);
+    let b = Graftd::spawn(opts(db.path())).await;
+    let started = Instant::now();
+    let status = a.terminate().await;
+    assert!(status.success(), "{status}");
+    let cb = b.client(TENANT).await;
+    let (events, done) = tokio::time::timeout(Duration::from_secs(120), cb.follow_job("", &job.id))
+        .await
+        .expect("ends")
+        .expect("watch");
+    assert_eq!(done.status, "succeeded", "{}", done.error);
+    assert!(
+        started.elapsed() < Duration::from_secs(50),
+        "waited for the lease: {:?}",
+        started.elapsed()
+    );
+    let statuses: Vec<(String, String)> = events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(pb::job_event::Event::Status(s)) => Some((s.status.clone(), s.message.clone())),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        statuses
+            .iter()
+            .any(|(s, m)| s == "queued" && m.contains("released by a stopping replica")),
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|(s, _)| s == "running").count(),
+        2,
+        "{statuses:?}"
+    );
+    b.kill().await;
+}

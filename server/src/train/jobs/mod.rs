@@ -181,6 +181,8 @@ pub struct NewJob {
 
 struct Live {
     cancel: Arc<AtomicBool>,
+    /// Set by a drain: the stopped run goes back to the queue rather than ending cancelled.
+    release: Arc<AtomicBool>,
 }
 
 pub struct TrainingService {
@@ -191,6 +193,8 @@ pub struct TrainingService {
     cfg: TrainingConfig,
     live: Mutex<HashMap<String, Live>>,
     wake: Notify,
+    /// Set by [`TrainingService::release_all`]: this process claims no more jobs.
+    draining: AtomicBool,
     /// The serving engine, once it runs: online RL samples its rollouts there.
     engine: std::sync::OnceLock<crate::engine::EngineHandle>,
 }
@@ -229,6 +233,7 @@ impl TrainingService {
             cfg,
             live: Mutex::default(),
             wake: Notify::new(),
+            draining: AtomicBool::new(false),
             engine: std::sync::OnceLock::new(),
         })
     }
@@ -536,6 +541,9 @@ impl TrainingService {
                 let Ok(slot) = slots.clone().acquire_owned().await else {
                     return;
                 };
+                if me.draining.load(Ordering::SeqCst) {
+                    return;
+                }
                 let (default_limit, limits) = me.tenancy.running_job_limits();
                 let may_run = |tenant: &str, running: u32| {
                     running < limits.get(tenant).copied().unwrap_or(default_limit)
@@ -586,6 +594,49 @@ impl TrainingService {
         self.remove_unneeded_dataset_files().await;
     }
 
+    /// A job a drain stopped goes back to the queue, for another process (or this one when it
+    /// starts again) to resume from its last stored checkpoint.
+    async fn release(&self, id: &str) {
+        match self.db.release_job(id, &self.db.instance()).await {
+            Ok(true) => {
+                let message = "released by a stopping replica; resumes from its last checkpoint";
+                let _ = self
+                    .event(
+                        id,
+                        JobEvent::Status {
+                            status: JobStatus::Queued,
+                            message: message.into(),
+                        },
+                    )
+                    .await;
+                self.wake.notify_one();
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(job = id, error = %e, "releasing the job (its lease will expire)")
+            }
+        }
+    }
+
+    /// Drain: claims no more jobs, stops the running ones at their next step and gives them
+    /// back to the queue; returns once none runs here or at `deadline`.
+    pub async fn release_all(&self, deadline: std::time::Instant) {
+        self.draining.store(true, Ordering::SeqCst);
+        for live in self.live.lock().unwrap_or_else(|e| e.into_inner()).values() {
+            live.release.store(true, Ordering::SeqCst);
+            live.cancel.store(true, Ordering::SeqCst);
+        }
+        while std::time::Instant::now() < deadline
+            && !self
+                .live
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty()
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// A succeeded job's checkpoints go: its adapter is a registered version now. (A
     /// cancelled or failed job keeps its last checkpoints.)
     async fn remove_checkpoints(&self, id: &str) {
@@ -603,10 +654,12 @@ impl TrainingService {
     async fn run(self: &Arc<Self>, job: JobRow) {
         let id = job.id.clone();
         let cancel = Arc::new(AtomicBool::new(false));
+        let release = Arc::new(AtomicBool::new(false));
         self.live.lock().unwrap_or_else(|e| e.into_inner()).insert(
             id.clone(),
             Live {
                 cancel: cancel.clone(),
+                release: release.clone(),
             },
         );
         // The heartbeat: while this runs, the lease is renewed; a lease this process no
@@ -649,6 +702,7 @@ impl TrainingService {
                 )
                 .await
             }
+            Ok(None) if release.load(Ordering::SeqCst) => self.release(&id).await,
             Ok(None) => {
                 self.finish(&id, JobStatus::Cancelled, "cancelled".into(), None)
                     .await
