@@ -72,11 +72,21 @@ $(PROMTOOL):
 	  dpkg-deb -x "$$tmp"/prometheus_*.deb target/tools && rm -rf "$$tmp"
 	@$(PROMTOOL) --version | head -1
 
-# The deploy files for real: Prometheus config and alert rules through promtool (the
-# dashboard's and rules' metric names and the manifests are checked by `make test`).
-check-deploy: $(PROMTOOL)
+# kubernetes-validate (PyPI): the manifests against Kubernetes' own OpenAPI schemas.
+KUBEVALIDATE := target/kubevalidate/bin/kubernetes-validate
+
+$(KUBEVALIDATE):
+	$(PYTHON) -m venv target/kubevalidate
+	target/kubevalidate/bin/pip install --quiet 'kubernetes-validate==1.37.0'
+	@test -x $@
+
+# The deploy files for real: Prometheus config and alert rules through promtool, the
+# Kubernetes manifests through kubernetes-validate --strict (the dashboard's and rules'
+# metric names and how the manifests fit together are checked by `make test`).
+check-deploy: $(PROMTOOL) $(KUBEVALIDATE)
 	$(PROMTOOL) check config deploy/prometheus/prometheus.yml
 	$(PROMTOOL) check rules deploy/prometheus/alerts.yml
+	$(KUBEVALIDATE) --strict --quiet deploy/kubernetes/*.yaml deploy/k8s/*.yaml
 
 bench: model
 	$(CARGO) run --release -p graft-bench -- --model $(MODEL)

@@ -202,16 +202,20 @@ impl Blobs {
         got.bytes().await.map_err(|e| self.error(key, "reading", e))
     }
 
-    /// Removes every blob under `prefix/` (and, for a remote store, this machine's copies).
-    pub async fn delete_prefix(&self, prefix: &str) -> Result<(), BlobError> {
-        let dir = Key::from(prefix);
-        let keys: Vec<Key> = self
-            .store
-            .list(Some(&dir))
+    /// Every blob's key under `dir/`.
+    async fn keys(&self, dir: &Key) -> Result<Vec<Key>, BlobError> {
+        self.store
+            .list(Some(dir))
             .map_ok(|m| m.location)
             .try_collect()
             .await
-            .map_err(|e| self.error(prefix, "listing", e))?;
+            .map_err(|e| self.error(dir.as_ref(), "listing", e))
+    }
+
+    /// Removes every blob under `prefix/` (and, for a remote store, this machine's copies).
+    pub async fn delete_prefix(&self, prefix: &str) -> Result<(), BlobError> {
+        let dir = Key::from(prefix);
+        let keys = self.keys(&dir).await?;
         for key in keys {
             match self.store.delete(&key).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
@@ -349,13 +353,7 @@ impl Blobs {
     /// false when there is none.
     pub async fn fetch_dir(&self, prefix: &str, dest: &Path) -> Result<bool, BlobError> {
         let dir = Key::from(prefix);
-        let keys: Vec<Key> = self
-            .store
-            .list(Some(&dir))
-            .map_ok(|m| m.location)
-            .try_collect()
-            .await
-            .map_err(|e| self.error(prefix, "listing", e))?;
+        let keys = self.keys(&dir).await?;
         for key in &keys {
             let Some(rel) = key.prefix_match(&dir) else {
                 continue;

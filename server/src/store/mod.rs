@@ -367,12 +367,22 @@ impl Db {
     /// (released when the guard's transaction rolls back); on SQLite, whose file one process
     /// owns, nothing (the caller's in-process lock is the whole story).
     pub async fn tenant_write_lock(&self, tenant: &str) -> Result<TenantWriteLock, DbError> {
+        self.advisory_lock("tenant", tenant).await
+    }
+
+    /// A transaction-scoped advisory lock on `(space, key)` across every process on a
+    /// PostgreSQL database (nothing on SQLite); released when the guard drops.
+    pub(crate) async fn advisory_lock(
+        &self,
+        space: &str,
+        key: &str,
+    ) -> Result<TenantWriteLock, DbError> {
         if self.backend == Backend::Sqlite {
             return Ok(TenantWriteLock(None));
         }
         let mut tx = self.pool.begin().await.map_err(db_err("begin"))?;
         sqlx::query("SELECT COUNT(*) FROM (SELECT pg_advisory_xact_lock($1)) AS l")
-            .bind(lock_key("tenant", tenant))
+            .bind(lock_key(space, key))
             .fetch_one(&mut *tx)
             .await
             .map_err(db_err("tenant lock"))?;

@@ -180,6 +180,62 @@ async fn dashboard_and_alerts_query_only_exported_metrics() {
     }
 }
 
+/// The replicated setup (`deploy/kubernetes/`; the schemas are checked by `make
+/// check-deploy` with kubernetes-validate): three replicas on PostgreSQL and a bucket from
+/// the Secret and ConfigMap, a disruption budget, and a grace period above the drain timeout.
+#[test]
+fn the_replicated_manifests_fit_together() {
+    use clap::Parser;
+    let dir = repo_root().join("deploy/kubernetes");
+    let mut docs = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(&dir).expect("deploy/kubernetes") {
+        let text = std::fs::read_to_string(entry.expect("entry").path()).expect("read");
+        let v: serde_yaml::Value = serde_yaml::from_str(&text).expect("yaml");
+        docs.insert(v["kind"].as_str().expect("kind").to_string(), v);
+    }
+    let d = &docs["Deployment"];
+    assert_eq!(d["spec"]["replicas"].as_u64(), Some(3));
+    let pod = &d["spec"]["template"]["spec"];
+    let env: Vec<&str> = pod["containers"][0]["env"]
+        .as_sequence()
+        .expect("env")
+        .iter()
+        .filter_map(|e| e["name"].as_str())
+        .collect();
+    for want in [
+        "GRAFT_DATABASE_URL",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+    ] {
+        assert!(env.contains(&want), "{want} in {env:?}");
+    }
+    assert_eq!(
+        docs["PodDisruptionBudget"]["spec"]["selector"],
+        d["spec"]["selector"]
+    );
+    let toml = docs["ConfigMap"]["data"]["graft.toml"]
+        .as_str()
+        .expect("toml");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let p = tmp.path().join("graft.toml");
+    std::fs::write(&p, toml).expect("write");
+    let cfg = Settings::parse_from(["graftd", "--config", p.to_str().expect("utf8")])
+        .resolve()
+        .expect("graftd accepts the configuration");
+    assert!(cfg
+        .blob_store
+        .as_deref()
+        .is_some_and(|u| u.starts_with("s3://")));
+    let grace = pod["terminationGracePeriodSeconds"]
+        .as_u64()
+        .expect("grace");
+    assert!(
+        grace > cfg.drain_timeout.as_secs(),
+        "grace {grace} s must exceed the drain timeout {:?}",
+        cfg.drain_timeout
+    );
+}
+
 #[test]
 fn manifests_parse_with_the_expected_kinds_and_config() {
     let mut kinds = BTreeSet::new();

@@ -17,19 +17,27 @@ fn step_of(e: &pb::JobEvent) -> Option<u64> {
     }
 }
 
-/// A job running on replica A, whose process is SIGKILLed after a checkpoint: replica B
-/// takes the job over once A's lease expires, downloads the checkpoint A stored in the
-/// bucket, resumes from it (no step up to it runs twice) and succeeds; B then serves the
-/// adapter. Prints the failover time (kill -> the first step on B) for BENCHMARKS.md.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_replicas_job_is_taken_over_and_resumed_from_its_stored_checkpoint() {
+/// Two replicas' world: PostgreSQL, an S3 server, replica A running job "d" -> `adapter`
+/// (300 epochs, a checkpoint every 10 steps) past a checkpoint at `min_step` or later, and B
+/// started after A claimed it. Drop order: the processes before their stores.
+struct Pair {
+    b: Graftd,
+    a: Graftd,
+    job: pb::Job,
+    checkpointed: u64,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+    _s3: S3Server,
+    _pg: TestPostgres,
+}
+
+async fn pair(name: &str, lease_secs: u64, adapter: &str, min_step: u64) -> Pair {
     let pg = TestPostgres::start();
-    let url = pg.database("failover").await;
+    let url = pg.database(name).await;
     let s3 = S3Server::start();
     let mut env = s3.env();
-    env.push(("GRAFT_JOB_LEASE_SECS".into(), "2".into()));
+    env.push(("GRAFT_JOB_LEASE_SECS".into(), lease_secs.to_string()));
     let model = tiny_model_path();
-    let (da, db) = (
+    let dirs = (
         tempfile::tempdir().expect("a"),
         tempfile::tempdir().expect("b"),
     );
@@ -37,10 +45,10 @@ async fn a_killed_replicas_job_is_taken_over_and_resumed_from_its_stored_checkpo
         model: &model,
         data,
         database_url: Some(url.clone()),
-        blob_store: Some("s3://graft-test/failover".into()),
+        blob_store: Some(format!("s3://graft-test/{name}")),
         env: env.clone(),
     };
-    let a = Graftd::spawn(opts(da.path())).await;
+    let a = Graftd::spawn(opts(dirs.0.path())).await;
     let ca = a.client(TENANT).await;
     ca.upload_dataset(
         "",
@@ -53,7 +61,7 @@ async fn a_killed_replicas_job_is_taken_over_and_resumed_from_its_stored_checkpo
     let job = ca
         .create_job(pb::CreateJobRequest {
             dataset: "d".into(),
-            adapter_name: "moved".into(),
+            adapter_name: adapter.into(),
             hyperparameters: Some(pb::Hyperparameters {
                 epochs: Some(300),
                 checkpoint_every: Some(10),
@@ -67,16 +75,42 @@ async fn a_killed_replicas_job_is_taken_over_and_resumed_from_its_stored_checkpo
     let mut checkpointed = 0;
     while let Some(e) = w.message().await.expect("event") {
         if let Some(pb::job_event::Event::Checkpoint(cp)) = &e.event {
-            if cp.step >= 20 {
+            if cp.step >= min_step {
                 checkpointed = cp.step;
                 break;
             }
         }
     }
-    assert!(checkpointed >= 20, "no checkpoint seen");
+    assert!(checkpointed >= min_step, "no checkpoint seen");
     drop(w);
-    // B starts after A claimed the job; then A dies without a word.
-    let b = Graftd::spawn(opts(db.path())).await;
+    let b = Graftd::spawn(opts(dirs.1.path())).await;
+    Pair {
+        b,
+        a,
+        job,
+        checkpointed,
+        _dirs: dirs,
+        _s3: s3,
+        _pg: pg,
+    }
+}
+
+/// A job running on replica A, whose process is SIGKILLed after a checkpoint: replica B
+/// takes the job over once A's lease expires, downloads the checkpoint A stored in the
+/// bucket, resumes from it (no step up to it runs twice) and succeeds; B then serves the
+/// adapter. Prints the failover time (kill -> the first step on B) for BENCHMARKS.md.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replicas_job_is_taken_over_and_resumed_from_its_stored_checkpoint() {
+    // The stores live in `world` to the test's end (a temporary would drop them at once).
+    let world = pair("failover", 2, "moved", 20).await;
+    let Pair {
+        a,
+        b,
+        job,
+        checkpointed,
+        ..
+    } = world;
+    // B started after A claimed the job; now A dies without a word.
     let killed = Instant::now();
     a.kill().await;
     let cb = b.client(TENANT).await;
@@ -134,54 +168,8 @@ async fn a_killed_replicas_job_is_taken_over_and_resumed_from_its_stored_checkpo
 /// lease could expire) from the stored checkpoint, and it succeeds there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_replica_hands_its_job_to_another_at_once() {
-    let pg = TestPostgres::start();
-    let url = pg.database("drain").await;
-    let s3 = S3Server::start();
-    let mut env = s3.env();
-    env.push(("GRAFT_JOB_LEASE_SECS".into(), "60".into()));
-    let model = tiny_model_path();
-    let (da, db) = (
-        tempfile::tempdir().expect("a"),
-        tempfile::tempdir().expect("b"),
-    );
-    let opts = |data| GraftdOptions {
-        model: &model,
-        data,
-        database_url: Some(url.clone()),
-        blob_store: Some("s3://graft-test/drain".into()),
-        env: env.clone(),
-    };
-    let a = Graftd::spawn(opts(da.path())).await;
-    let ca = a.client(TENANT).await;
-    ca.upload_dataset(
-        "",
-        "d",
-        "",
-        b"{\"prompt\":\"a b\",\"completion\":\"c d e\"}\n".repeat(8),
-    )
-    .await
-    .expect("upload");
-    let job = ca
-        .create_job(pb::CreateJobRequest {
-            dataset: "d".into(),
-            adapter_name: "handed".into(),
-            hyperparameters: Some(pb::Hyperparameters {
-                epochs: Some(300),
-                checkpoint_every: Some(10),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
-        .expect("create");
-    let mut w = ca.watch_job("", &job.id, 0).await.expect("watch");
-    while let Some(e) = w.message().await.expect("event") {
-        if matches!(&e.event, Some(pb::job_event::Event::Checkpoint(cp)) if cp.step >= 10) {
-            break;
-        }
-    }
-    drop(w);
-    let b = Graftd::spawn(opts(db.path())).await;
+    let world = pair("drain", 60, "handed", 10).await;
+    let Pair { a, b, job, .. } = world;
     let started = Instant::now();
     let status = a.terminate().await;
     assert!(status.success(), "{status}");
