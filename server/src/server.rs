@@ -294,8 +294,13 @@ async fn load_and_warm(
             .clone()
             .follow_changes(std::time::Duration::from_secs(10)),
     );
-    // Orphaned blobs (an upload whose row never came) go once older than the grace.
-    tokio::spawn(adapters.clone().sweep_forever(cfg.orphan_grace / 4));
+    // Orphaned blobs (an upload whose row never came) go once older than the grace; the
+    // sweep runs every quarter of it, at most once a minute.
+    tokio::spawn(
+        adapters
+            .clone()
+            .sweep_forever((cfg.orphan_grace / 4).max(std::time::Duration::from_secs(60))),
+    );
     let training = TrainingService::new(
         db,
         tenancy,
