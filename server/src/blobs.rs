@@ -171,24 +171,9 @@ impl Blobs {
 
     /// Stores every file of a local directory under `prefix/`.
     pub async fn put_dir(&self, prefix: &str, dir: &Path) -> Result<(), BlobError> {
-        let mut entries = tokio::fs::read_dir(dir)
-            .await
-            .map_err(|e| io_error(prefix, "listing", e))?;
-        while let Some(entry) = entries
-            .next_entry()
-            .await
-            .map_err(|e| io_error(prefix, "listing", e))?
-        {
-            if entry
-                .file_type()
-                .await
-                .map(|t| t.is_file())
-                .unwrap_or(false)
-            {
-                let name = entry.file_name().to_string_lossy().into_owned();
-                self.put_file(&format!("{prefix}/{name}"), &entry.path())
-                    .await?;
-            }
+        for (name, _) in plain_files(prefix, dir).await? {
+            self.put_file(&format!("{prefix}/{name}"), &dir.join(&name))
+                .await?;
         }
         Ok(())
     }
@@ -393,23 +378,8 @@ impl Blobs {
             .try_collect()
             .await
             .map_err(|e| self.error(prefix, "listing", e))?;
-        let mut local = Vec::new();
-        let mut entries = tokio::fs::read_dir(dir)
-            .await
-            .map_err(|e| io_error(prefix, "listing", e))?;
-        while let Some(entry) = entries
-            .next_entry()
-            .await
-            .map_err(|e| io_error(prefix, "listing", e))?
-        {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let Ok(meta) = entry.metadata().await else {
-                continue; // removed meanwhile (an older checkpoint)
-            };
-            if meta.is_file() && !name.ends_with(".tmp") {
-                local.push((name, meta.len()));
-            }
-        }
+        let mut local = plain_files(prefix, dir).await?;
+        local.retain(|(name, _)| !name.ends_with(".tmp"));
         local.sort_by_key(|(n, _)| n == last);
         for (name, len) in &local {
             if stored.get(name) == Some(len) && name != last {
@@ -452,6 +422,28 @@ impl Blobs {
             BlobError::Unavailable(format!("{doing} {key} failed; retry later"))
         }
     }
+}
+
+/// The plain files of a local directory, with their sizes (`prefix` names it in errors; a
+/// file removed while listing, such as an older checkpoint, is left out).
+async fn plain_files(prefix: &str, dir: &Path) -> Result<Vec<(String, u64)>, BlobError> {
+    let mut files = Vec::new();
+    let mut entries = tokio::fs::read_dir(dir)
+        .await
+        .map_err(|e| io_error(prefix, "listing", e))?;
+    while let Some(entry) = entries
+        .next_entry()
+        .await
+        .map_err(|e| io_error(prefix, "listing", e))?
+    {
+        let Ok(meta) = entry.metadata().await else {
+            continue;
+        };
+        if meta.is_file() {
+            files.push((entry.file_name().to_string_lossy().into_owned(), meta.len()));
+        }
+    }
+    Ok(files)
 }
 
 /// The `std::io::Error` behind an object store error, if there is one.

@@ -132,7 +132,7 @@ impl Versions {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{testing::TestPostgres, Details, NewAdapter};
+    use crate::store::testing::{self, TestPostgres};
 
     /// With PostgreSQL stopped: a stale name answers from memory, a name never read answers
     /// the database's error, and for a while after the failure a stale name answers at once
@@ -143,25 +143,9 @@ mod tests {
         let db = Db::connect(&pg.database("versions").await)
             .await
             .expect("connect");
-        db.insert_adapter(&NewAdapter {
-            tenant: "t".into(),
-            name: "a".into(),
-            details: Details::Lora {
-                rank: 8,
-                alpha: 16.0,
-                target_modules: vec!["q_proj".into()],
-                use_rslora: false,
-                use_dora: false,
-            },
-            head: None,
-            lm_head: false,
-            size_bytes: 10,
-            sha256: "x".into(),
-            base_fingerprint: "fp".into(),
-            dir: "d".into(),
-        })
-        .await
-        .expect("insert");
+        db.insert_adapter(&testing::new_adapter("t", "a"))
+            .await
+            .expect("insert");
         let v = Versions::default();
         let version = |r: Option<AdapterRow>| r.map(|r| r.version);
         assert_eq!(

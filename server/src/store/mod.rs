@@ -545,26 +545,6 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
-    fn new(tenant: &str, name: &str) -> NewAdapter {
-        NewAdapter {
-            tenant: tenant.into(),
-            name: name.into(),
-            details: Details::Lora {
-                rank: 8,
-                alpha: 16.0,
-                target_modules: vec!["q_proj".into()],
-                use_rslora: false,
-                use_dora: false,
-            },
-            head: None,
-            lm_head: false,
-            size_bytes: 10,
-            sha256: "x".into(),
-            base_fingerprint: "fp".into(),
-            dir: format!("{tenant}-{name}"),
-        }
-    }
-
     /// Rows stored before adapters had a method become LoRA rows with their settings as
     /// details (the migrations run one by one on a database holding such a row).
     #[tokio::test]
@@ -629,15 +609,24 @@ mod tests {
     {
         let db = open().await;
         assert_eq!(
-            db.insert_adapter(&new("t", "a")).await.expect("1").version,
+            db.insert_adapter(&testing::new_adapter("t", "a"))
+                .await
+                .expect("1")
+                .version,
             1
         );
         assert_eq!(
-            db.insert_adapter(&new("t", "a")).await.expect("2").version,
+            db.insert_adapter(&testing::new_adapter("t", "a"))
+                .await
+                .expect("2")
+                .version,
             2
         );
         assert_eq!(
-            db.insert_adapter(&new("u", "a")).await.expect("u1").version,
+            db.insert_adapter(&testing::new_adapter("u", "a"))
+                .await
+                .expect("u1")
+                .version,
             1
         );
         assert_eq!(
@@ -651,7 +640,10 @@ mod tests {
         let live = db.adapter_versions("t", "a").await.expect("versions");
         assert_eq!(live.iter().map(|r| r.version).collect::<Vec<_>>(), [1]);
         assert_eq!(
-            db.insert_adapter(&new("t", "a")).await.expect("3").version,
+            db.insert_adapter(&testing::new_adapter("t", "a"))
+                .await
+                .expect("3")
+                .version,
             3
         );
         let listed = db.list_adapters("t", None, None, 10).await.expect("list");
@@ -704,7 +696,7 @@ mod tests {
         let mut tasks = tokio::task::JoinSet::new();
         for i in 0..40 {
             let db = if i % 2 == 0 { a.clone() } else { b.clone() };
-            tasks.spawn(async move { db.insert_adapter(&new("t", "hot")).await });
+            tasks.spawn(async move { db.insert_adapter(&testing::new_adapter("t", "hot")).await });
         }
         let mut versions = Vec::new();
         while let Some(r) = tasks.join_next().await {

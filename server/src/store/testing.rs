@@ -106,3 +106,25 @@ pub async fn database(admin_url: &str, name: &str) -> String {
         .expect("a URL that names a database");
     format!("{base}/{name}")
 }
+
+/// A LoRA version row of `tenant`'s adapter `name` for tests of the database (its blobs are
+/// not written: `dir` is only a name).
+pub fn new_adapter(tenant: &str, name: &str) -> super::NewAdapter {
+    super::NewAdapter {
+        tenant: tenant.into(),
+        name: name.into(),
+        details: super::Details::Lora {
+            rank: 8,
+            alpha: 16.0,
+            target_modules: vec!["q_proj".into()],
+            use_rslora: false,
+            use_dora: false,
+        },
+        head: None,
+        lm_head: false,
+        size_bytes: 10,
+        sha256: "x".into(),
+        base_fingerprint: "fp".into(),
+        dir: format!("{tenant}-{name}"),
+    }
+}
