@@ -79,6 +79,9 @@ pub struct ConnectOptions {
 
 pub use graft_proto::v1 as proto;
 
+pub mod routing;
+pub use routing::{Replicas, ADAPTER_HEADER};
+
 /// Connection to one graftd.
 #[derive(Clone)]
 pub struct GraftClient {
@@ -691,16 +694,19 @@ impl GraftClient {
     }
 
     pub async fn generate(&self, req: GenerateRequest) -> Result<pb::GenerateResponse, Status> {
+        let req = naming_adapter(&req.adapter.clone(), req);
         Ok(self.generation.clone().generate(req).await?.into_inner())
     }
 
     /// Classifies texts or conversations with an adapter that has a classification head.
     pub async fn classify(&self, req: pb::ClassifyRequest) -> Result<pb::ClassifyResponse, Status> {
+        let req = naming_adapter(&req.adapter.clone(), req);
         Ok(self.generation.clone().classify(req).await?.into_inner())
     }
 
     /// The rewards a reward-model adapter gives (prompt, completion) pairs.
     pub async fn score(&self, req: pb::ScoreRequest) -> Result<pb::ScoreResponse, Status> {
+        let req = naming_adapter(&req.adapter.clone(), req);
         Ok(self.generation.clone().score(req).await?.into_inner())
     }
 
@@ -708,6 +714,7 @@ impl GraftClient {
         &self,
         req: GenerateRequest,
     ) -> Result<Streaming<pb::GenerateStreamResponse>, Status> {
+        let req = naming_adapter(&req.adapter.clone(), req);
         Ok(self
             .generation
             .clone()
@@ -715,6 +722,17 @@ impl GraftClient {
             .await?
             .into_inner())
     }
+}
+
+/// The request with the [`ADAPTER_HEADER`] set to the adapter's name (none for the bare
+/// model, or a name that is not a valid header value: the server rejects those anyway).
+fn naming_adapter<T>(adapter: &str, msg: T) -> Request<T> {
+    let mut req = Request::new(msg);
+    let key = routing::routing_key(adapter);
+    if let (false, Ok(v)) = (key.is_empty(), key.parse::<MetadataValue<Ascii>>()) {
+        req.metadata_mut().insert(ADAPTER_HEADER, v);
+    }
+    req
 }
 
 #[cfg(test)]
@@ -753,5 +771,25 @@ mod tests {
         .await;
         assert!(r.is_err());
         assert_eq!(calls.load(Ordering::SeqCst), 4, "gives up after 4 tries");
+    }
+
+    #[test]
+    fn adapter_calls_name_the_adapter_in_a_header_for_proxies() {
+        let r = naming_adapter("support@3", ());
+        assert_eq!(
+            r.metadata()
+                .get(ADAPTER_HEADER)
+                .and_then(|v| v.to_str().ok()),
+            Some("support"),
+            "the name, without the version"
+        );
+        assert!(naming_adapter("", ())
+            .metadata()
+            .get(ADAPTER_HEADER)
+            .is_none());
+        assert!(naming_adapter("bad\nname", ())
+            .metadata()
+            .get(ADAPTER_HEADER)
+            .is_none());
     }
 }

@@ -76,21 +76,26 @@ impl TestServer {
 
     /// Reads `/metrics` over plain HTTP/1.1.
     pub async fn scrape(&self) -> String {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(self.server.metrics_addr)
-            .await
-            .expect("connect metrics");
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .expect("write");
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.expect("read");
-        assert!(
-            out.starts_with("HTTP/1.1 200"),
-            "metrics answered {out:.80}"
-        );
-        out
+        scrape(self.server.metrics_addr).await
     }
+}
+
+/// Reads `/metrics` of the metrics listener at `addr` over plain HTTP/1.1.
+pub async fn scrape(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect metrics");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    assert!(
+        out.starts_with("HTTP/1.1 200"),
+        "metrics answered {out:.80}"
+    );
+    out
 }
 
 /// Starts a server for `model`, lets `tweak` adjust the config, waits until it is ready.

@@ -37,6 +37,7 @@ pub fn graftd_bin() -> PathBuf {
 pub struct Graftd {
     child: tokio::process::Child,
     pub addr: SocketAddr,
+    pub metrics: SocketAddr,
     pub data: PathBuf,
 }
 
@@ -53,13 +54,14 @@ impl Graftd {
     /// Starts graftd and waits until its health says SERVING (at most 60 s).
     pub async fn spawn(o: GraftdOptions<'_>) -> Self {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-        let metrics = format!("127.0.0.1:{}", free_port());
+        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let mut cmd = tokio::process::Command::new(graftd_bin());
         cmd.arg("--model")
             .arg(o.model)
             .arg("--data-dir")
             .arg(o.data)
-            .args(["--listen", &addr.to_string(), "--metrics-listen", &metrics])
+            .args(["--listen", &addr.to_string()])
+            .args(["--metrics-listen", &metrics.to_string()])
             .env("GRAFT_ADMIN_KEY", ADMIN_KEY)
             .env("RUST_LOG", "warn")
             .envs(o.env)
@@ -87,6 +89,7 @@ impl Graftd {
         Self {
             child,
             addr,
+            metrics,
             data: o.data.to_path_buf(),
         }
     }
@@ -94,6 +97,11 @@ impl Graftd {
     /// A client with a fresh key of `tenant` (created if missing).
     pub async fn client(&self, tenant: &str) -> GraftClient {
         crate::connect_as(self.addr, tenant).await
+    }
+
+    /// Its `/metrics` text.
+    pub async fn scrape(&self) -> String {
+        crate::scrape(self.metrics).await
     }
 
     /// SIGTERM (a drain), and the exit status once the process has ended.

@@ -156,7 +156,7 @@ pub fn train_grpo(
     let mut tokens_done = 0usize;
     for step in start..total {
         if ctl.cancel.load(Ordering::SeqCst) {
-            return Ok(Outcome::Cancelled);
+            return progress.stop(step, vars.as_ref(), &opt, ctl, emit);
         }
         let step_started = std::time::Instant::now();
         let rows = step_rows(spec, train, per_epoch, step);
@@ -172,7 +172,8 @@ pub fn train_grpo(
             &params,
         )?;
         if ctl.cancel.load(Ordering::SeqCst) {
-            return Ok(Outcome::Cancelled);
+            // Sampled, not yet updated: `step` steps are whole.
+            return progress.stop(step, vars.as_ref(), &opt, ctl, emit);
         }
         let rewards: Vec<f64> = rolled.iter().map(|r| r.reward).collect();
         let adv = group_advantages(&rewards, s.num_generations, s.advantage);
@@ -352,6 +353,7 @@ impl<'a> OnlineRun<'a> {
                 steps_per_epoch: per_epoch,
                 best_eval,
                 stale,
+                saved: start,
             },
             start,
             per_epoch,

@@ -100,6 +100,11 @@ pub enum Outcome {
 #[derive(Clone)]
 pub struct Control {
     pub cancel: Arc<AtomicBool>,
+    /// Set with `cancel` by a drain: the run checkpoints the steps it has completed before
+    /// it stops (where its state is whole, between steps or an SFT step's micro-batches), so
+    /// the replica that takes the job over resumes from there, not from the last periodic
+    /// checkpoint.
+    pub checkpoint_on_cancel: Arc<AtomicBool>,
     /// Checkpoints kept on disk at once (the newest ones; at least 1).
     pub keep_checkpoints: usize,
     /// The adapter version the method's parameters start from (`init_adapter`), instead of
@@ -111,6 +116,7 @@ impl Default for Control {
     fn default() -> Self {
         Self {
             cancel: Arc::default(),
+            checkpoint_on_cancel: Arc::default(),
             keep_checkpoints: 1,
             init: None,
         }
@@ -289,6 +295,7 @@ pub fn train_graded(
         steps_per_epoch,
         best_eval,
         stale,
+        saved: start_step,
     };
     let started = Instant::now();
     let mut tokens_done = 0usize;
@@ -308,7 +315,8 @@ pub fn train_graded(
         vars.set_train(true);
         for &mb in &micros {
             if ctl.cancel.load(Ordering::SeqCst) {
-                return Ok(Outcome::Cancelled);
+                // The optimizer has applied `step` steps; this one's gradients are dropped.
+                return progress.stop(step, vars.as_ref(), &opt, ctl, emit);
             }
             let lo = mb * spec.batch_size;
             let hi = (lo + spec.batch_size).min(train_set.len());
@@ -414,6 +422,8 @@ pub(super) struct Progress<'a> {
     pub(super) steps_per_epoch: usize,
     pub(super) best_eval: Option<f64>,
     pub(super) stale: usize,
+    /// The step of the newest checkpoint (or the one the run resumed from).
+    pub(super) saved: usize,
 }
 
 /// An evaluation's (loss, accuracy, per-class scores, the objective's metrics).
@@ -472,11 +482,38 @@ impl Progress<'_> {
                 ctl.keep_checkpoints,
             )?;
             emit(TrainEvent::Checkpoint { step: done });
+            self.saved = done;
         }
         if stop_early {
             tracing::info!(step = done, "early stopping: no eval improvement");
         }
         Ok(stop_early)
+    }
+
+    /// A cancelled run's end, with `done` steps completed and applied: a drain's
+    /// (`checkpoint_on_cancel`) checkpoints them first unless the newest checkpoint has them.
+    pub(super) fn stop(
+        &mut self,
+        done: usize,
+        vars: &dyn Trainable,
+        opt: &AdamW,
+        ctl: &Control,
+        emit: &mut dyn FnMut(TrainEvent),
+    ) -> Result<Outcome, TrainError> {
+        if ctl.checkpoint_on_cancel.load(Ordering::SeqCst) && done > self.saved {
+            checkpoint(
+                self.dir,
+                done,
+                vars,
+                opt,
+                self.best_eval,
+                self.stale,
+                ctl.keep_checkpoints,
+            )?;
+            emit(TrainEvent::Checkpoint { step: done });
+            self.saved = done;
+        }
+        Ok(Outcome::Cancelled)
     }
 
     /// The run's result: with early stopping, the best evaluated parameters.

@@ -188,12 +188,30 @@ fn the_replicated_manifests_fit_together() {
     use clap::Parser;
     let dir = repo_root().join("deploy/kubernetes");
     let mut docs = std::collections::BTreeMap::new();
+    let mut services = Vec::new();
     for entry in std::fs::read_dir(&dir).expect("deploy/kubernetes") {
         let text = std::fs::read_to_string(entry.expect("entry").path()).expect("read");
         let v: serde_yaml::Value = serde_yaml::from_str(&text).expect("yaml");
-        docs.insert(v["kind"].as_str().expect("kind").to_string(), v);
+        let kind = v["kind"].as_str().expect("kind").to_string();
+        if kind == "Service" {
+            services.push(v.clone());
+        }
+        docs.insert(kind, v);
     }
     let d = &docs["Deployment"];
+    let pod_labels = &d["spec"]["template"]["metadata"]["labels"];
+    // One Service balancing connections, one headless listing the pods for the client's
+    // adapter-affine routing; both select the Deployment's pods.
+    assert_eq!(services.len(), 2);
+    for s in &services {
+        assert_eq!(&s["spec"]["selector"], pod_labels, "{s:?}");
+    }
+    assert!(
+        services
+            .iter()
+            .any(|s| s["spec"]["clusterIP"].as_str() == Some("None")),
+        "a headless Service for routing"
+    );
     assert_eq!(d["spec"]["replicas"].as_u64(), Some(3));
     let pod = &d["spec"]["template"]["spec"];
     let env: Vec<&str> = pod["containers"][0]["env"]
@@ -300,6 +318,7 @@ fn manifests_parse_with_the_expected_kinds_and_config() {
     for s in ["graftd", "prometheus", "grafana"] {
         assert!(compose["services"][s].is_mapping(), "compose service {s}");
     }
+    compose_replicas_profile();
     // The Dockerfile builds what `make build` builds.
     let dockerfile = deploy("Dockerfile");
     let make = std::fs::read_to_string(repo_root().join("Makefile")).expect("Makefile");
@@ -307,6 +326,60 @@ fn manifests_parse_with_the_expected_kinds_and_config() {
     assert!(
         dockerfile.contains(build) && make.contains("build --release --bin graftd --bin graft")
     );
+}
+
+/// `--profile replicas` of compose.yaml: PostgreSQL, an S3-compatible server with its
+/// bucket, and two graftd replicas configured for both, each on its own port and cache.
+fn compose_replicas_profile() {
+    let mut compose: serde_yaml::Value =
+        serde_yaml::from_str(&deploy("compose.yaml")).expect("compose YAML");
+    compose.apply_merge().expect("merge keys");
+    let services = compose["services"].as_mapping().expect("services");
+    let in_profile: Vec<&str> = services
+        .iter()
+        .filter(|(_, s)| {
+            s["profiles"]
+                .as_sequence()
+                .is_some_and(|p| p.iter().any(|x| x.as_str() == Some("replicas")))
+        })
+        .filter_map(|(k, _)| k.as_str())
+        .collect();
+    for want in ["postgres", "s3", "s3-bucket", "graftd-a", "graftd-b"] {
+        assert!(in_profile.contains(&want), "{want} in {in_profile:?}");
+    }
+    let password = compose["services"]["postgres"]["environment"]["POSTGRES_PASSWORD"]
+        .as_str()
+        .expect("password");
+    let s3_secret = compose["services"]["s3"]["environment"]["MINIO_ROOT_PASSWORD"]
+        .as_str()
+        .expect("secret");
+    let mut ports = BTreeSet::new();
+    for r in ["graftd-a", "graftd-b"] {
+        let env = &compose["services"][r]["environment"];
+        let get = |k: &str| env[k].as_str().unwrap_or_else(|| panic!("{r}: {k}"));
+        assert_eq!(
+            get("GRAFT_DATABASE_URL"),
+            format!("postgres://graft:{password}@postgres:5432/graft")
+        );
+        assert!(get("GRAFT_BLOB_STORE").starts_with("s3://graft-blobs/"));
+        assert_eq!(get("AWS_ENDPOINT"), "http://s3:9000");
+        assert_eq!(get("AWS_SECRET_ACCESS_KEY"), s3_secret);
+        assert!(
+            compose["services"][r]["build"].is_mapping(),
+            "{r} builds graftd"
+        );
+        ports.insert(compose["services"][r]["ports"][0].as_str().expect("port"));
+        let volumes = format!("{:?}", compose["services"][r]["volumes"]);
+        assert!(
+            volumes.contains(&format!("graft-cache-{}", &r[7..])),
+            "{volumes}"
+        );
+    }
+    assert_eq!(ports.len(), 2, "each replica on its own port");
+    let bucket = compose["services"]["s3-bucket"]["entrypoint"][2]
+        .as_str()
+        .expect("bucket command");
+    assert!(bucket.contains("graft-blobs"), "{bucket}");
 }
 
 use serde::Deserialize as _;

@@ -594,8 +594,8 @@ impl TrainingService {
         self.remove_unneeded_dataset_files().await;
     }
 
-    /// A job a drain stopped goes back to the queue, for another process (or this one when it
-    /// starts again) to resume from its last stored checkpoint.
+    /// A job a drain stopped (and checkpointed) goes back to the queue, for another process
+    /// (or this one when it starts again) to resume from its last stored checkpoint.
     async fn release(&self, id: &str) {
         match self.db.release_job(id, &self.db.instance()).await {
             Ok(true) => {
@@ -618,8 +618,9 @@ impl TrainingService {
         }
     }
 
-    /// Drain: claims no more jobs, stops the running ones at their next step and gives them
-    /// back to the queue; returns once none runs here or at `deadline`.
+    /// Drain: claims no more jobs, stops the running ones at their next step or micro-batch,
+    /// checkpoints the steps they completed (stored in the blob store) and gives them back
+    /// to the queue; returns once none runs here or at `deadline`.
     pub async fn release_all(&self, deadline: std::time::Instant) {
         self.draining.store(true, Ordering::SeqCst);
         for live in self.live.lock().unwrap_or_else(|e| e.into_inner()).values() {
@@ -686,7 +687,7 @@ impl TrainingService {
                 }
             })
         };
-        let result = self.run_inner(&job, cancel).await;
+        let result = self.run_inner(&job, cancel, release.clone()).await;
         heartbeat.abort();
         self.live
             .lock()
@@ -720,6 +721,7 @@ impl TrainingService {
         self: &Arc<Self>,
         job: &JobRow,
         cancel: Arc<AtomicBool>,
+        release: Arc<AtomicBool>,
     ) -> Result<Option<u32>, TrainingError> {
         let spec: JobSpec = serde_json::from_str(&job.spec)
             .map_err(|e| TrainingError::Storage(format!("job spec: {e}")))?;
@@ -791,6 +793,7 @@ impl TrainingService {
         };
         let ctl = Control {
             cancel,
+            checkpoint_on_cancel: release,
             keep_checkpoints: self.cfg.keep_checkpoints,
             init,
         };
