@@ -3,7 +3,8 @@
 //! `tests/pg-cluster.sh`), in one run:
 //! 1. generation with an adapter whose versions are cached (the hot path: admission and the
 //!    adapter lookup read memory, not the database);
-//! 2. `GetAdapter` (one read of the database per call);
+//! 2. `GetAdapter` (answered from the cached versions) and `ListAdapters` (one query of the
+//!    database per call);
 //! 3. an import (rows written in a transaction; blobs on the local disk both times).
 
 use std::{path::PathBuf, time::Instant};
@@ -40,7 +41,7 @@ where
     (pct(&mut ms, 0.5), pct(&mut ms, 0.99))
 }
 
-async fn measure(client: &GraftClient, model: &BaseModel, args: &Args) -> [(f64, f64); 3] {
+async fn measure(client: &GraftClient, model: &BaseModel, args: &Args) -> [(f64, f64); 4] {
     let (c, w) = random_peft(model, 1, 8);
     client
         .import_adapter("", "hot", c.clone(), w.clone(), false)
@@ -64,6 +65,10 @@ async fn measure(client: &GraftClient, model: &BaseModel, args: &Args) -> [(f64,
         client.get_adapter("", "hot").await.expect("get");
     })
     .await;
+    let list = time(args.requests, |_| async {
+        client.list_adapters("").await.expect("list");
+    })
+    .await;
     let import = time(args.imports, |i| {
         let (c, w) = (c.clone(), w.clone());
         async move {
@@ -74,7 +79,7 @@ async fn measure(client: &GraftClient, model: &BaseModel, args: &Args) -> [(f64,
         }
     })
     .await;
-    [generate, get, import]
+    [generate, get, list, import]
 }
 
 #[tokio::main]
@@ -108,7 +113,8 @@ async fn main() -> anyhow::Result<()> {
     println!("|---|---|---|---|");
     for (name, (s, p)) in [
         "generate, 1 token, cached adapter",
-        "GetAdapter (one database read)",
+        "GetAdapter (versions cached)",
+        "ListAdapters (one database query)",
         "ImportAdapter (rows + blobs)",
     ]
     .iter()

@@ -180,6 +180,11 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     match transport {
         Transport::Plain => {
+            use axum::serve::ListenerExt as _;
+            // TCP_NODELAY, as on the gRPC listener (no delayed-ACK stalls).
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             axum::serve(listener, router(state))
                 .with_graceful_shutdown(stop)
                 .await

@@ -161,3 +161,25 @@ async fn reflection_lists_the_services() {
         }
     }
 }
+
+/// Small unary answers are not held back by Nagle's algorithm waiting for the client's
+/// delayed ACK (about 40 ms a call on Linux before graftd set TCP_NODELAY on accepted
+/// connections): on one connection, a GetAdapter answered from memory takes well under that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_unary_calls_are_not_delayed_by_nagle() {
+    let t = start_tiny().await;
+    let model = t.server.engine().expect("ready").model().clone();
+    let (c, w) = graft_tests::random_peft(&model, 3, 4);
+    t.client
+        .import_adapter("", "quick", c, w, false)
+        .await
+        .expect("import");
+    let mut ms: Vec<f64> = Vec::new();
+    for _ in 0..30 {
+        let started = std::time::Instant::now();
+        t.client.get_adapter("", "quick").await.expect("get");
+        ms.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    ms.sort_by(f64::total_cmp);
+    assert!(ms[15] < 20.0, "median {} ms: {ms:?}", ms[15]);
+}
