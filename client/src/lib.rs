@@ -207,6 +207,26 @@ impl GraftClient {
 
     /// Connects with a key and, for `https://` addresses, TLS.
     pub async fn connect_with(addr: &str, opts: &ConnectOptions) -> Result<Self, ConnectError> {
+        let (uri, endpoint) = Self::endpoint(addr, opts)?;
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| ConnectError::Transport(uri, e))?;
+        Self::from_channel(channel).with_api_key(opts.api_key.as_deref())
+    }
+
+    /// Like [`Self::connect_with`], connecting on the first call instead of now (and again
+    /// after the connection is lost): a replica that is down fails its calls with
+    /// `UNAVAILABLE`, not the client's making.
+    pub fn connect_lazy_with(addr: &str, opts: &ConnectOptions) -> Result<Self, ConnectError> {
+        let (_, endpoint) = Self::endpoint(addr, opts)?;
+        Self::from_channel(endpoint.connect_lazy()).with_api_key(opts.api_key.as_deref())
+    }
+
+    fn endpoint(
+        addr: &str,
+        opts: &ConnectOptions,
+    ) -> Result<(String, tonic::transport::Endpoint), ConnectError> {
         let uri = if addr.contains("://") {
             addr.to_string()
         } else {
@@ -231,11 +251,7 @@ impl GraftClient {
                 .tls_config(tls)
                 .map_err(|e| ConnectError::Transport(uri.clone(), e))?;
         }
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|e| ConnectError::Transport(uri, e))?;
-        Self::from_channel(channel).with_api_key(opts.api_key.as_deref())
+        Ok((uri, endpoint))
     }
 
     pub fn from_channel(channel: Channel) -> Self {

@@ -75,11 +75,13 @@ impl Replicas {
         }
     }
 
-    /// Connects to every address; each replica's name is its address as given.
-    pub async fn connect(addrs: &[String], opts: &ConnectOptions) -> Result<Self, ConnectError> {
+    /// Clients of every address, each connecting on its first call (a replica that is down
+    /// answers `UNAVAILABLE` and its adapters go to their next choice); each replica's name
+    /// is its address as given.
+    pub fn connect(addrs: &[String], opts: &ConnectOptions) -> Result<Self, ConnectError> {
         let mut replicas = Vec::with_capacity(addrs.len());
         for addr in addrs {
-            replicas.push((addr.clone(), GraftClient::connect_with(addr, opts).await?));
+            replicas.push((addr.clone(), GraftClient::connect_lazy_with(addr, opts)?));
         }
         Ok(Self::new(replicas))
     }
@@ -109,7 +111,7 @@ impl Replicas {
                 "it resolves to no address".into(),
             ));
         }
-        Self::connect(&addrs, opts).await
+        Self::connect(&addrs, opts)
     }
 
     pub fn len(&self) -> usize {
@@ -256,6 +258,19 @@ mod tests {
             let survivors: Vec<_> = before.into_iter().filter(|n| n != "r2").collect();
             assert_eq!(after, survivors, "{name}");
         }
+    }
+
+    #[tokio::test]
+    async fn resolve_names_each_address_of_a_host() {
+        let r = Replicas::resolve("127.0.0.1:50999", &ConnectOptions::default())
+            .await
+            .expect("resolves");
+        assert_eq!(names(&r, None), ["http://127.0.0.1:50999"]);
+        let err = Replicas::resolve("no-such-host.invalid:1", &ConnectOptions::default())
+            .await
+            .err()
+            .expect("no address");
+        assert!(matches!(err, ConnectError::Address(..)), "{err}");
     }
 
     #[tokio::test]

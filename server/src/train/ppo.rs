@@ -223,14 +223,14 @@ pub fn train_ppo(
     let mut tokens_done = 0usize;
     for step in start..total {
         if ctl.cancel.load(Ordering::SeqCst) {
-            return progress.stop(step, &vars, &opt, ctl, emit);
+            return Ok(progress.stop(step, &vars, &opt, ctl, emit));
         }
         let step_started = std::time::Instant::now();
         let rows = step_rows(spec, train, per_epoch, step);
         vars.set_train(false);
         let rolled = roll(model, &vars, cx, &rows, 1, step, spec.seed, &params)?;
         if ctl.cancel.load(Ordering::SeqCst) {
-            return progress.stop(step, &vars, &opt, ctl, emit);
+            return Ok(progress.stop(step, &vars, &opt, ctl, emit));
         }
         let scores: Vec<f64> = rolled
             .iter()

@@ -156,7 +156,7 @@ pub fn train_grpo(
     let mut tokens_done = 0usize;
     for step in start..total {
         if ctl.cancel.load(Ordering::SeqCst) {
-            return progress.stop(step, vars.as_ref(), &opt, ctl, emit);
+            return Ok(progress.stop(step, vars.as_ref(), &opt, ctl, emit));
         }
         let step_started = std::time::Instant::now();
         let rows = step_rows(spec, train, per_epoch, step);
@@ -173,7 +173,7 @@ pub fn train_grpo(
         )?;
         if ctl.cancel.load(Ordering::SeqCst) {
             // Sampled, not yet updated: `step` steps are whole.
-            return progress.stop(step, vars.as_ref(), &opt, ctl, emit);
+            return Ok(progress.stop(step, vars.as_ref(), &opt, ctl, emit));
         }
         let rewards: Vec<f64> = rolled.iter().map(|r| r.reward).collect();
         let adv = group_advantages(&rewards, s.num_generations, s.advantage);

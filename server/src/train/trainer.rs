@@ -316,7 +316,7 @@ pub fn train_graded(
         for &mb in &micros {
             if ctl.cancel.load(Ordering::SeqCst) {
                 // The optimizer has applied `step` steps; this one's gradients are dropped.
-                return progress.stop(step, vars.as_ref(), &opt, ctl, emit);
+                return Ok(progress.stop(step, vars.as_ref(), &opt, ctl, emit));
             }
             let lo = mb * spec.batch_size;
             let hi = (lo + spec.batch_size).min(train_set.len());
@@ -492,6 +492,7 @@ impl Progress<'_> {
 
     /// A cancelled run's end, with `done` steps completed and applied: a drain's
     /// (`checkpoint_on_cancel`) checkpoints them first unless the newest checkpoint has them.
+    /// A checkpoint that cannot be written leaves the job to resume from the one before.
     pub(super) fn stop(
         &mut self,
         done: usize,
@@ -499,9 +500,9 @@ impl Progress<'_> {
         opt: &AdamW,
         ctl: &Control,
         emit: &mut dyn FnMut(TrainEvent),
-    ) -> Result<Outcome, TrainError> {
+    ) -> Outcome {
         if ctl.checkpoint_on_cancel.load(Ordering::SeqCst) && done > self.saved {
-            checkpoint(
+            let saved = checkpoint(
                 self.dir,
                 done,
                 vars,
@@ -509,11 +510,16 @@ impl Progress<'_> {
                 self.best_eval,
                 self.stale,
                 ctl.keep_checkpoints,
-            )?;
-            emit(TrainEvent::Checkpoint { step: done });
-            self.saved = done;
+            );
+            match saved {
+                Ok(()) => {
+                    emit(TrainEvent::Checkpoint { step: done });
+                    self.saved = done;
+                }
+                Err(e) => tracing::warn!(step = done, error = %e, "checkpointing a stopped run"),
+            }
         }
-        Ok(Outcome::Cancelled)
+        Outcome::Cancelled
     }
 
     /// The run's result: with early stopping, the best evaluated parameters.

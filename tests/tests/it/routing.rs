@@ -154,6 +154,21 @@ async fn routing_by_adapter_loads_each_adapter_once_where_round_robin_loads_it_e
         round_robin >= 3.0 * routed,
         "round-robin {round_robin} vs routed {routed}"
     );
+    // A replica gone: its adapters' calls go to their second choice, the others' stay.
+    let mut rs = rs.into_iter();
+    rs.next().expect("replica-0").kill().await;
+    for a in &routed_set {
+        replicas
+            .generate(
+                GenerateOptions {
+                    adapter: Some(a.clone()),
+                    ..GenerateOptions::greedy(1)
+                }
+                .prompt("hello"),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{a} with replica-0 gone: {e:?}"));
+    }
     for r in rs {
         r.kill().await;
     }
