@@ -18,10 +18,10 @@ fn with_adapter(adapter: Option<&str>) -> pb::GenerateRequest {
     .prompt("hello")
 }
 
-/// PostgreSQL stopped under a running graftd: calls that must write answer UNAVAILABLE
-/// with a message that says so and store nothing; generation goes on, with an adapter
-/// already resolved too (its versions are cached); once PostgreSQL is back, the same
-/// writes succeed without restarting graftd.
+/// PostgreSQL stopped for 10 s under a running graftd: a stream admitted before is
+/// delivered to its end; calls that must write answer UNAVAILABLE with a message that says so and store
+/// nothing; generation goes on, with an adapter already resolved too (its versions are
+/// cached); once PostgreSQL is back, the same writes succeed without restarting graftd.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_postgres_fails_writes_with_unavailable_and_serving_goes_on() {
     let pg = TestPostgres::start();
@@ -40,7 +40,22 @@ async fn a_stopped_postgres_fails_writes_with_unavailable_and_serving_goes_on() 
         .expect("adapted")
         .text;
 
+    // A stream admitted before the outage and read during it (on the tiny model its
+    // generation may end before the stop completes; the engine never reads the database).
+    let mut long = t
+        .client
+        .generate_stream(
+            GenerateOptions {
+                adapter: Some("hot".into()),
+                ..GenerateOptions::greedy(300)
+            }
+            .prompt("hello"),
+        )
+        .await
+        .expect("stream");
+    let first = long.message().await.expect("first").expect("a message");
     pg.stop();
+    let stopped = Instant::now();
     let err = t
         .client
         .import_adapter("", "cold", c.clone(), w.clone(), false)
@@ -81,6 +96,31 @@ async fn a_stopped_postgres_fails_writes_with_unavailable_and_serving_goes_on() 
         "waited {:?}",
         started.elapsed()
     );
+
+    // The outage lasts 10 s; the admitted stream is delivered whole within it.
+    let mut tokens = first.token_ids.len() as u32;
+    let mut last = first;
+    while let Some(m) = long.message().await.expect("the stream goes on") {
+        tokens += m.token_ids.len() as u32;
+        last = m;
+    }
+    assert!(
+        matches!(
+            last.finish_reason(),
+            pb::FinishReason::Length | pb::FinishReason::Eos
+        ),
+        "{last:?}"
+    );
+    assert_eq!(
+        Some(tokens),
+        last.usage.map(|u| u.completion_tokens),
+        "every token arrived"
+    );
+    tokio::time::sleep(Duration::from_secs(10).saturating_sub(stopped.elapsed())).await;
+    t.client
+        .generate(with_adapter(Some("hot")))
+        .await
+        .expect("still serving after 10 s without PostgreSQL");
 
     pg.resume();
     let started = Instant::now();
