@@ -20,6 +20,7 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use object_store::{
     aws::{AmazonS3Builder, AmazonS3ConfigKey},
+    buffered::BufWriter,
     local::LocalFileSystem,
     path::Path as Key,
     prefix::PrefixStore,
@@ -161,12 +162,40 @@ impl Blobs {
             .map_err(|e| self.error(key, "writing", e))
     }
 
-    /// Stores a file that is on this machine under `key`.
+    /// Stores a file that is on this machine under `key`, streamed: never whole in memory
+    /// (past 10 MiB a multipart upload on S3; staged, synced and renamed locally). A failure
+    /// leaves nothing under `key`.
     pub async fn put_file(&self, key: &str, file: &Path) -> Result<(), BlobError> {
-        let bytes = tokio::fs::read(file)
+        use tokio::io::AsyncWriteExt as _;
+        let mut src = tokio::fs::File::open(file)
             .await
             .map_err(|e| io_error(key, "reading", e))?;
-        self.put(key, bytes).await
+        let mut dst = BufWriter::new(self.store.clone(), Key::from(key));
+        let written = match tokio::io::copy(&mut src, &mut dst).await {
+            Ok(_) => dst.shutdown().await,
+            Err(e) => Err(e),
+        };
+        match written {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let _ = dst.abort().await;
+                Err(self.written_error(key, e))
+            }
+        }
+    }
+
+    /// A streamed write's error: the store's own where the writer wrapped one (so an
+    /// unreachable S3 is `Unavailable`), else the local file's.
+    fn written_error(&self, key: &str, e: std::io::Error) -> BlobError {
+        let kind = e.kind();
+        match e
+            .into_inner()
+            .map(|inner| inner.downcast::<object_store::Error>())
+        {
+            Some(Ok(store)) => self.error(key, "writing", *store),
+            Some(Err(other)) => io_error(key, "writing", std::io::Error::new(kind, other)),
+            None => io_error(key, "writing", kind.into()),
+        }
     }
 
     /// Stores every file of a local directory under `prefix/`.

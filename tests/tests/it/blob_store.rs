@@ -59,11 +59,28 @@ async fn an_s3_bucket_stores_lists_downloads_and_deletes_blobs() {
         blobs.get("adapters/a1/w.bin").await,
         Err(graft_server::blobs::BlobError::NotFound(_))
     ));
+    // A file past the writer's 10 MiB buffer goes up streamed, as a multipart upload.
+    let big: Vec<u8> = (0..12u32 << 20).map(|i| (i % 251) as u8).collect();
+    let file = dir.path().join("big.jsonl");
+    std::fs::write(&file, &big).expect("write");
+    blobs
+        .put_file("datasets/big.jsonl", &file)
+        .await
+        .expect("put_file");
+    assert!(blobs.get("datasets/big.jsonl").await.expect("get")[..] == big[..]);
     // A stopped server: UNAVAILABLE-class errors within the retry budget, not a hang.
     s3.stop();
     let started = std::time::Instant::now();
     let e = blobs
         .put("adapters/b/x", &b"x"[..])
+        .await
+        .expect_err("down");
+    assert!(
+        matches!(e, graft_server::blobs::BlobError::Unavailable(_)),
+        "{e:?}"
+    );
+    let e = blobs
+        .put_file("datasets/again.jsonl", &file)
         .await
         .expect_err("down");
     assert!(
