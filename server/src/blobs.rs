@@ -249,6 +249,33 @@ impl Blobs {
         Ok(())
     }
 
+    /// The directories this machine has downloaded under `dir/` (`adapters`: fully
+    /// fine-tuned models' HF directories); none for a local store, whose files are the blobs.
+    pub async fn cached_names(&self, dir: &str) -> Vec<String> {
+        if self.local.is_some() {
+            return Vec::new();
+        }
+        let Ok(mut entries) = tokio::fs::read_dir(self.cache.join(dir)).await else {
+            return Vec::new();
+        };
+        let mut names = Vec::new();
+        while let Ok(Some(e)) = entries.next_entry().await {
+            if e.file_type().await.is_ok_and(|t| t.is_dir()) {
+                names.extend(e.file_name().to_str().map(str::to_string));
+            }
+        }
+        names.sort();
+        names
+    }
+
+    /// Forgets this machine's download of `prefix/` (the blobs stay; the next
+    /// [`Self::local_dir`] downloads them again).
+    pub async fn drop_cached(&self, prefix: &str) {
+        if self.local.is_none() {
+            let _ = tokio::fs::remove_dir_all(self.cache.join(prefix)).await;
+        }
+    }
+
     /// Removes one blob (a missing one is not an error).
     pub async fn delete(&self, key: &str) -> Result<(), BlobError> {
         match self.store.delete(&Key::from(key)).await {

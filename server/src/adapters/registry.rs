@@ -312,7 +312,11 @@ impl AdapterRegistry {
             .blobs
             .entries_older_than("adapters", self.cfg.orphan_grace)
             .await?;
-        if old.is_empty() {
+        // Downloads of fully fine-tuned models, listed before the rows are read: a copy is
+        // made only of a version that was live, so one whose row is gone now was deleted
+        // (by this process or another) and its download goes.
+        let cached = self.blobs.cached_names("adapters").await;
+        if old.is_empty() && cached.is_empty() {
             return Ok(0);
         }
         let live: std::collections::HashSet<String> =
@@ -322,6 +326,10 @@ impl AdapterRegistry {
             tracing::info!(dir, "removing adapter files no live version references");
             self.blobs.delete_prefix(&prefix_of(&dir)).await?;
             removed += 1;
+        }
+        for dir in cached.into_iter().filter(|d| !live.contains(d)) {
+            tracing::info!(dir, "removing the download of a deleted model");
+            self.blobs.drop_cached(&prefix_of(&dir)).await;
         }
         Ok(removed)
     }

@@ -52,6 +52,13 @@ async fn an_s3_bucket_stores_lists_downloads_and_deletes_blobs() {
         std::fs::read(local.join("w.bin")).expect("cached"),
         vec![7u8; 100]
     );
+    assert_eq!(blobs.cached_names("adapters").await, ["a1"]);
+    // Forgetting the download keeps the blobs; the next use downloads them again.
+    blobs.drop_cached("adapters/a1").await;
+    assert!(!local.exists());
+    assert!(blobs.cached_names("adapters").await.is_empty());
+    assert_eq!(blobs.local_dir("adapters/a1").await.expect("again"), local);
+    assert!(local.join("w.bin").exists());
     blobs.delete_prefix("adapters/a1").await.expect("delete");
     assert!(blobs.names("adapters").await.expect("names").is_empty());
     assert!(!local.exists(), "the cached copy goes too");
