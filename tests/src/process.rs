@@ -207,3 +207,36 @@ fn script(what: &str, dir: &Path) -> String {
     );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
+
+/// Uploads dataset "d" (8 short examples) and starts a job of 300 epochs on it (600 steps
+/// of milliseconds each on the tiny model) training `adapter`, checkpointing every
+/// `checkpoint_every` steps: a job that runs long enough to be killed, drained or taken over.
+pub async fn start_long_job(
+    client: &GraftClient,
+    adapter: &str,
+    checkpoint_every: u32,
+) -> graft_client::proto::Job {
+    use graft_client::proto as pb;
+    client
+        .upload_dataset(
+            "",
+            "d",
+            "",
+            b"{\"prompt\":\"a b\",\"completion\":\"c d e\"}\n".repeat(8),
+        )
+        .await
+        .expect("upload");
+    client
+        .create_job(pb::CreateJobRequest {
+            dataset: "d".into(),
+            adapter_name: adapter.into(),
+            hyperparameters: Some(pb::Hyperparameters {
+                epochs: Some(300),
+                checkpoint_every: Some(checkpoint_every),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("create")
+}

@@ -472,17 +472,7 @@ impl Progress<'_> {
         }
         let stop_early = spec.patience > 0 && self.stale >= spec.patience;
         if done.is_multiple_of(spec.checkpoint_every.max(1)) || done == self.total || stop_early {
-            checkpoint(
-                self.dir,
-                done,
-                vars,
-                opt,
-                self.best_eval,
-                self.stale,
-                ctl.keep_checkpoints,
-            )?;
-            emit(TrainEvent::Checkpoint { step: done });
-            self.saved = done;
+            self.save(done, vars, opt, ctl, emit)?;
         }
         if stop_early {
             tracing::info!(step = done, "early stopping: no eval improvement");
@@ -502,24 +492,34 @@ impl Progress<'_> {
         emit: &mut dyn FnMut(TrainEvent),
     ) -> Outcome {
         if ctl.checkpoint_on_cancel.load(Ordering::SeqCst) && done > self.saved {
-            let saved = checkpoint(
-                self.dir,
-                done,
-                vars,
-                opt,
-                self.best_eval,
-                self.stale,
-                ctl.keep_checkpoints,
-            );
-            match saved {
-                Ok(()) => {
-                    emit(TrainEvent::Checkpoint { step: done });
-                    self.saved = done;
-                }
-                Err(e) => tracing::warn!(step = done, error = %e, "checkpointing a stopped run"),
+            if let Err(e) = self.save(done, vars, opt, ctl, emit) {
+                tracing::warn!(step = done, error = %e, "checkpointing a stopped run");
             }
         }
         Outcome::Cancelled
+    }
+
+    /// Checkpoints `done` steps and announces it.
+    fn save(
+        &mut self,
+        done: usize,
+        vars: &dyn Trainable,
+        opt: &AdamW,
+        ctl: &Control,
+        emit: &mut dyn FnMut(TrainEvent),
+    ) -> Result<(), TrainError> {
+        checkpoint(
+            self.dir,
+            done,
+            vars,
+            opt,
+            self.best_eval,
+            self.stale,
+            ctl.keep_checkpoints,
+        )?;
+        emit(TrainEvent::Checkpoint { step: done });
+        self.saved = done;
+        Ok(())
     }
 
     /// The run's result: with early stopping, the best evaluated parameters.

@@ -9,7 +9,7 @@ use graft_client::{proto as pb, GenerateOptions, GraftClient};
 use graft_server::{blobs::Blobs, model::BaseModel, store::testing::TestPostgres};
 use graft_tests::{
     metric_value,
-    process::{Graftd, GraftdOptions, S3Server},
+    process::{start_long_job, Graftd, GraftdOptions, S3Server},
     random_peft, tiny_model_path, TENANT,
 };
 
@@ -263,28 +263,7 @@ async fn a_job_whose_replica_is_killed_20_times_mid_step_still_succeeds() {
         rs[0].as_ref().expect("r0").client(TENANT).await,
         rs[1].as_ref().expect("r1").client(TENANT).await,
     ];
-    let c0 = clients[0].clone();
-    c0.upload_dataset(
-        "",
-        "d",
-        "",
-        b"{\"prompt\":\"a b\",\"completion\":\"c d e\"}\n".repeat(8),
-    )
-    .await
-    .expect("upload");
-    let job = c0
-        .create_job(pb::CreateJobRequest {
-            dataset: "d".into(),
-            adapter_name: "survivor".into(),
-            hyperparameters: Some(pb::Hyperparameters {
-                epochs: Some(300),
-                checkpoint_every: Some(5),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
-        .expect("create");
+    let job = start_long_job(&clients[0], "survivor", 5).await;
     let mut last_step = 0;
     for kill in 0..KILLS {
         // Wait for the job to make progress on one replica, then kill that replica at once

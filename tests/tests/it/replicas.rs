@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use graft_client::{proto as pb, GenerateOptions};
 use graft_server::store::testing::TestPostgres;
 use graft_tests::{
-    process::{Graftd, GraftdOptions, S3Server},
+    process::{start_long_job, Graftd, GraftdOptions, S3Server},
     tiny_model_path, TENANT,
 };
 
@@ -50,27 +50,7 @@ async fn pair(name: &str, lease_secs: u64, adapter: &str, min_step: u64) -> Pair
     };
     let a = Graftd::spawn(opts(dirs.0.path())).await;
     let ca = a.client(TENANT).await;
-    ca.upload_dataset(
-        "",
-        "d",
-        "",
-        b"{\"prompt\":\"a b\",\"completion\":\"c d e\"}\n".repeat(8),
-    )
-    .await
-    .expect("upload");
-    let job = ca
-        .create_job(pb::CreateJobRequest {
-            dataset: "d".into(),
-            adapter_name: adapter.into(),
-            hyperparameters: Some(pb::Hyperparameters {
-                epochs: Some(300),
-                checkpoint_every: Some(10),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
-        .expect("create");
+    let job = start_long_job(&ca, adapter, 10).await;
     let mut w = ca.watch_job("", &job.id, 0).await.expect("watch");
     let mut checkpointed = 0;
     while let Some(e) = w.message().await.expect("event") {
