@@ -80,13 +80,24 @@ $(KUBEVALIDATE):
 	target/kubevalidate/bin/pip install --quiet 'kubernetes-validate==1.37.0'
 	@test -x $@
 
+# The Compose specification's JSON schema, as the docker-compose 1.29.2 wheel (PyPI) ships it.
+COMPOSE_SCHEMA := target/tools/compose_spec.json
+
+$(COMPOSE_SCHEMA): $(KUBEVALIDATE)
+	@mkdir -p target/tools
+	@tmp=$$(mktemp -d) && target/kubevalidate/bin/pip download --quiet --no-deps --dest "$$tmp" 'docker-compose==1.29.2' && \
+	  target/kubevalidate/bin/python -c 'import sys, zipfile; sys.stdout.buffer.write(zipfile.ZipFile(sys.argv[1]).read("compose/config/compose_spec.json"))' \
+	    "$$tmp"/docker_compose-1.29.2-py2.py3-none-any.whl > $@.tmp && mv $@.tmp $@ && rm -rf "$$tmp"
+
 # The deploy files for real: Prometheus config and alert rules through promtool, the
-# Kubernetes manifests through kubernetes-validate --strict (the dashboard's and rules'
-# metric names and how the manifests fit together are checked by `make test`).
-check-deploy: $(PROMTOOL) $(KUBEVALIDATE)
+# Kubernetes manifests through kubernetes-validate --strict, compose.yaml against the
+# Compose schema (the dashboard's and rules' metric names and how the manifests fit
+# together are checked by `make test`).
+check-deploy: $(PROMTOOL) $(KUBEVALIDATE) $(COMPOSE_SCHEMA)
 	$(PROMTOOL) check config deploy/prometheus/prometheus.yml
 	$(PROMTOOL) check rules deploy/prometheus/alerts.yml
 	$(KUBEVALIDATE) --strict --quiet deploy/kubernetes/*.yaml deploy/k8s/*.yaml
+	target/kubevalidate/bin/python deploy/check-compose.py $(COMPOSE_SCHEMA) deploy/compose.yaml
 
 bench: model
 	$(CARGO) run --release -p graft-bench -- --model $(MODEL)
