@@ -663,6 +663,11 @@ impl TrainingService {
                 release: release.clone(),
             },
         );
+        // Claimed as a drain began (after it flagged the running jobs): give it back too.
+        if self.draining.load(Ordering::SeqCst) {
+            release.store(true, Ordering::SeqCst);
+            cancel.store(true, Ordering::SeqCst);
+        }
         // The heartbeat: while this runs, the lease is renewed; a lease this process no
         // longer holds (the job was cancelled on another process, or this one stalled past
         // the lease and another took the job over) stops the run.
@@ -689,10 +694,6 @@ impl TrainingService {
         };
         let result = self.run_inner(&job, cancel, release.clone()).await;
         heartbeat.abort();
-        self.live
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
         match result {
             Ok(Some(version)) => {
                 self.finish(
@@ -714,6 +715,12 @@ impl TrainingService {
                     .await
             }
         }
+        // Only now: a drain waits for this, so the process does not exit before the job's
+        // end (or its release to the queue) is recorded.
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
     }
 
     /// Runs one claimed job; `Ok(Some(version))` when its adapter was registered.
