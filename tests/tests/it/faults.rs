@@ -236,19 +236,30 @@ async fn replicas_killed_during_dataset_uploads_leave_no_half_dataset() {
     survivor.kill().await;
 }
 
-/// The replica running the job, of two: the one that has started a run of it (each process
-/// here is fresh or has run only this job).
+/// The replica running the job, of two: the one with a run of it started and not ended
+/// (runs started minus runs ended, from its own counters; a run that lost its lease to the
+/// other replica ends as cancelled there). None while neither or, for a moment, both do.
 async fn runner(rs: &[Option<Graftd>; 2]) -> Option<usize> {
-    let mut found = None;
+    let mut running = Vec::new();
     for (i, r) in rs.iter().enumerate() {
         let r = r.as_ref().expect("both run between kills");
         let text = r.scrape().await;
-        if metric_value(&text, "graft_training_jobs_total", &["status=\"running\""]) > 0.0 {
-            assert!(found.is_none(), "both replicas started the job");
-            found = Some(i);
+        let count = |s: &str| {
+            metric_value(
+                &text,
+                "graft_training_jobs_total",
+                &[&format!("status=\"{s}\"")],
+            )
+        };
+        let ended = count("succeeded") + count("failed") + count("cancelled");
+        if count("running") > ended {
+            running.push(i);
         }
     }
-    found
+    match running[..] {
+        [one] => Some(one),
+        _ => None,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
