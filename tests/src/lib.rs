@@ -213,6 +213,20 @@ pub fn metric_value(text: &str, name: &str, label_filter: &[&str]) -> f64 {
         .sum()
 }
 
+/// Uploads dataset "d": 8 copies of one short prompt/completion pair (the tiny model
+/// trains on it in milliseconds a step).
+pub async fn upload_tiny_dataset(client: &GraftClient) {
+    client
+        .upload_dataset(
+            "",
+            "d",
+            "",
+            b"{\"prompt\":\"a b\",\"completion\":\"c d e\"}\n".repeat(8),
+        )
+        .await
+        .expect("upload");
+}
+
 /// Polls `f` until true or `timeout`.
 pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + timeout;

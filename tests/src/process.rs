@@ -208,7 +208,7 @@ fn script(what: &str, dir: &Path) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-/// Uploads dataset "d" (8 short examples) and starts a job of 300 epochs on it (600 steps
+/// Uploads dataset "d" ([`crate::upload_tiny_dataset`]) and starts a job of 300 epochs on it (600 steps
 /// of milliseconds each on the tiny model) training `adapter`, checkpointing every
 /// `checkpoint_every` steps: a job that runs long enough to be killed, drained or taken over.
 pub async fn start_long_job(
@@ -217,15 +217,7 @@ pub async fn start_long_job(
     checkpoint_every: u32,
 ) -> graft_client::proto::Job {
     use graft_client::proto as pb;
-    client
-        .upload_dataset(
-            "",
-            "d",
-            "",
-            b"{\"prompt\":\"a b\",\"completion\":\"c d e\"}\n".repeat(8),
-        )
-        .await
-        .expect("upload");
+    crate::upload_tiny_dataset(client).await;
     client
         .create_job(pb::CreateJobRequest {
             dataset: "d".into(),

@@ -67,26 +67,48 @@ impl World {
     }
 }
 
-/// Runs `write` on a fresh replica and SIGKILLs that replica `delay` after it began; the
-/// write's answer, if one came before the kill.
-async fn killed_during<T: Send + 'static>(
-    world: &mut World,
-    delay: Duration,
-    write: impl FnOnce(GraftClient) -> tokio::task::JoinHandle<Result<T, tonic::Status>>,
-) -> Option<T> {
-    let victim = world.spawn().await;
-    let task = write(victim.client(TENANT).await);
-    tokio::time::sleep(delay).await;
-    victim.kill().await;
-    task.await.expect("task").ok()
-}
+/// Times one `write` (named "probe", index 0) on a replica of its own, then runs it
+/// `KILLS` times (named `<prefix><i>`, index i), each on a fresh replica SIGKILLed from
+/// before the write reaches the server to after it is done (0 to 1.3 times the probe's
+/// time, evenly). The names acknowledged before their kill; asserts the kills landed both
+/// before and after a write's end.
+async fn writes_killed<T, F>(world: &mut World, what: &str, prefix: &str, write: F) -> Vec<String>
+where
+    T: Send + 'static,
+    F: Fn(GraftClient, String, usize) -> tokio::task::JoinHandle<Result<T, tonic::Status>>,
+{
+    let probe = world.spawn().await;
+    let client = probe.client(TENANT).await;
+    let started = Instant::now();
+    write(client, "probe".into(), 0)
+        .await
+        .expect("task")
+        .unwrap_or_else(|e| panic!("the probe {what}: {e:?}"));
+    let typical = started.elapsed();
+    probe.kill().await;
 
-/// The kill delays: from before the write reaches the server to after it is done
-/// (`typical` is how long one takes), evenly.
-fn delays(typical: Duration) -> Vec<Duration> {
-    (0..KILLS)
-        .map(|i| typical.mul_f64(1.3 * i as f64 / (KILLS - 1) as f64))
-        .collect()
+    let mut acked = Vec::new();
+    for i in 0..KILLS {
+        let delay = typical.mul_f64(1.3 * i as f64 / (KILLS - 1) as f64);
+        let name = format!("{prefix}{i}");
+        let victim = world.spawn().await;
+        let task = write(victim.client(TENANT).await, name.clone(), i);
+        tokio::time::sleep(delay).await;
+        victim.kill().await;
+        if task.await.expect("task").is_ok() {
+            acked.push(name);
+        }
+    }
+    eprintln!(
+        "{what}s killed: {} of {KILLS} acknowledged before the kill (one takes {typical:?})",
+        acked.len()
+    );
+    assert!(acked.len() < KILLS, "no kill landed before an {what}'s end");
+    assert!(
+        !acked.is_empty(),
+        "no {what} was acknowledged before its kill"
+    );
+    acked
 }
 
 fn greedy(adapter: &str) -> pb::GenerateRequest {
@@ -106,38 +128,11 @@ async fn replicas_killed_during_imports_leave_no_half_adapter_and_lose_no_acknow
     let files: Vec<(Vec<u8>, Vec<u8>)> = (0..KILLS)
         .map(|i| random_peft(&m, 40 + i as u64, 64))
         .collect();
-    // How long an import takes on a replica of its own, to spread the kills over it.
-    let probe = world.spawn().await;
-    let cp = probe.client(TENANT).await;
-    let t = Instant::now();
-    cp.import_adapter("", "probe", files[0].0.clone(), files[0].1.clone(), false)
-        .await
-        .expect("probe import");
-    let typical = t.elapsed();
-    probe.kill().await;
-
-    let mut acked = Vec::new();
-    for (i, delay) in delays(typical).into_iter().enumerate() {
-        let name = format!("k{i}");
+    let acked = writes_killed(&mut world, "import", "k", |client, name, i| {
         let (c, w) = files[i].clone();
-        let n = name.clone();
-        let got = killed_during(&mut world, delay, |client| {
-            tokio::spawn(async move { client.import_adapter("", &n, c, w, false).await })
-        })
-        .await;
-        if got.is_some() {
-            acked.push(name);
-        }
-    }
-    eprintln!(
-        "imports killed: {} of {KILLS} acknowledged before the kill (one takes {typical:?})",
-        acked.len()
-    );
-    assert!(acked.len() < KILLS, "no kill landed before an import's end");
-    assert!(
-        !acked.is_empty(),
-        "no import was acknowledged before its kill"
-    );
+        tokio::spawn(async move { client.import_adapter("", &name, c, w, false).await })
+    })
+    .await;
 
     // A replica started afterwards and the one that ran throughout agree, and every version
     // either of them lists is whole: it exports the files imported and it serves.
@@ -176,38 +171,11 @@ async fn replicas_killed_during_dataset_uploads_leave_no_half_dataset() {
     // About 2 MB: two upload chunks, a validation pass, one blob.
     let line = b"{\"prompt\":\"the quick brown fox jumps\",\"completion\":\"over the lazy dog\"}\n";
     let jsonl: Vec<u8> = line.repeat(2 * 1024 * 1024 / line.len());
-    let probe = world.spawn().await;
-    let t = Instant::now();
-    probe
-        .client(TENANT)
-        .await
-        .upload_dataset("", "probe", "", jsonl.clone())
-        .await
-        .expect("probe upload");
-    let typical = t.elapsed();
-    probe.kill().await;
-
-    let mut acked = Vec::new();
-    for (i, delay) in delays(typical).into_iter().enumerate() {
-        let name = format!("d{i}");
-        let (n, body) = (name.clone(), jsonl.clone());
-        let got = killed_during(&mut world, delay, |client| {
-            tokio::spawn(async move { client.upload_dataset("", &n, "", body).await })
-        })
-        .await;
-        if let Some(d) = got {
-            acked.push(d.name);
-        }
-    }
-    eprintln!(
-        "uploads killed: {} of {KILLS} acknowledged before the kill (one takes {typical:?})",
-        acked.len()
-    );
-    assert!(acked.len() < KILLS, "no kill landed before an upload's end");
-    assert!(
-        !acked.is_empty(),
-        "no upload was acknowledged before its kill"
-    );
+    let acked = writes_killed(&mut world, "upload", "d", |client, name, _| {
+        let body = jsonl.clone();
+        tokio::spawn(async move { client.upload_dataset("", &name, "", body).await })
+    })
+    .await;
 
     let listed = cs
         .training()

@@ -18,19 +18,28 @@ fn step_of(e: &pb::JobEvent) -> Option<u64> {
 }
 
 /// Two replicas' world: PostgreSQL, an S3 server, replica A running job "d" -> `adapter`
-/// (300 epochs, a checkpoint every 10 steps) past a checkpoint at `min_step` or later, and B
-/// started after A claimed it. Drop order: the processes before their stores.
+/// (300 epochs, a checkpoint every `checkpoint_every` steps) past step `min_step` (with
+/// `after_checkpoint`, past a checkpoint at `min_step` or later), and B started after A
+/// claimed it. Drop order: the processes before their stores.
 struct Pair {
     b: Graftd,
     a: Graftd,
     job: pb::Job,
-    checkpointed: u64,
+    /// The step (or checkpoint) of A's that was waited for.
+    reached: u64,
     _dirs: (tempfile::TempDir, tempfile::TempDir),
     _s3: S3Server,
     _pg: TestPostgres,
 }
 
-async fn pair(name: &str, lease_secs: u64, adapter: &str, min_step: u64) -> Pair {
+async fn pair(
+    name: &str,
+    lease_secs: u64,
+    adapter: &str,
+    checkpoint_every: u32,
+    min_step: u64,
+    after_checkpoint: bool,
+) -> Pair {
     let pg = TestPostgres::start();
     let url = pg.database(name).await;
     let s3 = S3Server::start();
@@ -50,25 +59,28 @@ async fn pair(name: &str, lease_secs: u64, adapter: &str, min_step: u64) -> Pair
     };
     let a = Graftd::spawn(opts(dirs.0.path())).await;
     let ca = a.client(TENANT).await;
-    let job = start_long_job(&ca, adapter, 10).await;
+    let job = start_long_job(&ca, adapter, checkpoint_every).await;
     let mut w = ca.watch_job("", &job.id, 0).await.expect("watch");
-    let mut checkpointed = 0;
+    let mut reached = 0;
     while let Some(e) = w.message().await.expect("event") {
-        if let Some(pb::job_event::Event::Checkpoint(cp)) = &e.event {
-            if cp.step >= min_step {
-                checkpointed = cp.step;
-                break;
-            }
+        let step = match &e.event {
+            Some(pb::job_event::Event::Checkpoint(cp)) if after_checkpoint => cp.step,
+            Some(pb::job_event::Event::Step(s)) if !after_checkpoint => s.step,
+            _ => continue,
+        };
+        if step >= min_step {
+            reached = step;
+            break;
         }
     }
-    assert!(checkpointed >= min_step, "no checkpoint seen");
+    assert!(reached >= min_step, "step {min_step} not reached");
     drop(w);
     let b = Graftd::spawn(opts(dirs.1.path())).await;
     Pair {
         b,
         a,
         job,
-        checkpointed,
+        reached,
         _dirs: dirs,
         _s3: s3,
         _pg: pg,
@@ -82,12 +94,12 @@ async fn pair(name: &str, lease_secs: u64, adapter: &str, min_step: u64) -> Pair
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_replicas_job_is_taken_over_and_resumed_from_its_stored_checkpoint() {
     // The stores live in `world` to the test's end (a temporary would drop them at once).
-    let world = pair("failover", 2, "moved", 20).await;
+    let world = pair("failover", 2, "moved", 10, 20, true).await;
     let Pair {
         a,
         b,
         job,
-        checkpointed,
+        reached: checkpointed,
         ..
     } = world;
     // B started after A claimed the job; now A dies without a word.
@@ -144,12 +156,15 @@ async fn a_killed_replicas_job_is_taken_over_and_resumed_from_its_stored_checkpo
 }
 
 /// SIGTERM on the replica running a job: it stops the job at its next micro-batch,
-/// checkpoints the steps it completed (not only every 10th), gives the job back to the queue
+/// checkpoints the steps it completed (the job has no periodic checkpoint before its end),
+/// gives the job back to the queue
 /// and exits 0; the other replica resumes it at once (long before the 60 s lease could
 /// expire) from that checkpoint, so no step runs twice, and it succeeds there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_replica_hands_its_job_to_another_at_once() {
-    let world = pair("drain", 60, "handed", 10).await;
+    // No periodic checkpoint before the job's end: one before the hand-over can only be
+    // the drain's, and B could only skip A's steps by resuming from it.
+    let world = pair("drain", 60, "handed", 1000, 10, false).await;
     let Pair { a, b, job, .. } = world;
     let started = Instant::now();
     let status = a.terminate().await;

@@ -408,15 +408,7 @@ fn long_job(adapter: &str, h: pb::Hyperparameters) -> pb::CreateJobRequest {
 /// A tiny-model server with a small prompt/completion dataset "d" uploaded.
 async fn tiny_with_dataset() -> graft_tests::TestServer {
     let t = start_with(tiny_model_path(), |_| {}).await;
-    t.client
-        .upload_dataset(
-            "",
-            "d",
-            "",
-            b"{\"prompt\":\"a b\",\"completion\":\"c d e\"}\n".repeat(8),
-        )
-        .await
-        .expect("upload");
+    graft_tests::upload_tiny_dataset(&t.client).await;
     t
 }
 
