@@ -148,7 +148,10 @@ fn simd_available() -> bool {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{super::avx2::hsum, Blocks, QuantRows, BLOCK};
+    use super::{
+        super::avx2::{hsum, prefetch, PREFETCH_ROWS},
+        Blocks, QuantRows, BLOCK,
+    };
 
     /// Block `b` of weight row `r` as sixteen-bit values: elements 0..16 and 16..32, its
     /// scale, and Q4_1's min (0 and `false` for the others).
@@ -223,6 +226,7 @@ mod avx2 {
                 false,
             ); WR];
             for (j, w) in ws.iter_mut().enumerate() {
+                prefetch(blocks, (r0 + j + PREFETCH_ROWS) * nb + b);
                 *w = wblock(blocks, nb, r0 + j, b);
             }
             for i in 0..XR {
