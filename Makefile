@@ -12,7 +12,7 @@ DATA_DIR      ?= data
 # The admin key: made once (random, mode 0600) and passed by file, never by flag.
 ADMIN_KEY_FILE ?= $(DATA_DIR)/admin.key
 
-.PHONY: all model moto build run test test-shared bench fmt clippy clean check-deploy
+.PHONY: all model moto build run test test-shared bench bench-peers fmt clippy clean check-deploy
 
 all: build
 
@@ -101,6 +101,12 @@ check-deploy: $(PROMTOOL) $(KUBEVALIDATE) $(COMPOSE_SCHEMA)
 
 bench: model
 	$(CARGO) run --release -p graft-bench -- --model $(MODEL)
+
+# graft beside llama.cpp and PyTorch+PEFT in one invocation, repetitions interleaved: the
+# ratios of BENCHMARKS.md. Needs the peers built once by ../shared/peers/setup.sh (not CI).
+bench-peers: model
+	$(CARGO) build --release -p graft-bench --bins
+	$(PYTHON) bench/peers/side_by_side.py $(BENCH_PEERS_ARGS)
 
 fmt:
 	$(CARGO) fmt --all

@@ -15,6 +15,16 @@ pub fn pct(v: &mut [f64], p: f64) -> f64 {
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
+/// One machine-readable figure line, `RESULT {"bench": name, ...fields}`, beside the prose
+/// lines: what `bench/peers/side_by_side.py` (`make bench-peers`) reads, in the peers' scripts' format.
+pub fn result(bench: &str, fields: serde_json::Value) {
+    let mut v = serde_json::json!({ "bench": bench });
+    if let (Some(o), serde_json::Value::Object(f)) = (v.as_object_mut(), fields) {
+        o.extend(f);
+    }
+    println!("RESULT {v}");
+}
+
 /// This process's resident set, MiB (NaN where /proc is unavailable).
 pub fn rss_mib() -> f64 {
     status_kib("VmRSS:").map_or(f64::NAN, |kb| kb / 1024.0)

@@ -5,8 +5,10 @@ use std::{path::PathBuf, time::Instant};
 
 use clap::Parser;
 use futures::future::join_all;
+use graft_bench::{pct, peak_rss_mib, result};
 use graft_client::GenerateOptions;
 use graft_server::{config::ServerConfig, server};
+use serde_json::json;
 
 #[derive(Parser)]
 #[command(about = "Measure graftd over gRPC")]
@@ -19,30 +21,12 @@ struct Args {
     /// Concurrency levels for aggregate decode.
     #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
     streams: Vec<usize>,
-    /// Prompt length for the prefill measurement.
-    #[arg(long, default_value_t = 512)]
-    prefill_tokens: usize,
+    /// Prompt lengths for the prefill measurement.
+    #[arg(long, value_delimiter = ',', default_value = "512")]
+    prefill_tokens: Vec<usize>,
     /// The decode rows' kernel (graftd's --decode-kernel).
     #[arg(long)]
     decode_kernel: Option<graft_server::model::packed::DecodeKernel>,
-}
-
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v[i]
-}
-
-fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
 }
 
 /// A prompt of exactly `n` tokens for this model.
@@ -92,20 +76,29 @@ async fn main() -> anyhow::Result<()> {
     let n = r.usage.unwrap_or_default().completion_tokens as f64;
     let single = (n - 1.0) / (t.total_seconds - t.time_to_first_token_seconds);
     println!("single-stream decode: {single:.1} tokens/s ({n} tokens)");
+    result(
+        "graft_single_stream",
+        json!({ "new_tokens": n, "tok_s": single }),
+    );
 
     // Prefill: one token out of a long prompt; the time to first token is the prefill.
-    let p = prompt_of(&model, args.prefill_tokens);
-    let r = client
-        .generate(GenerateOptions::greedy(1).prompt(p))
-        .await?;
-    let u = r.usage.unwrap_or_default();
-    let t = r.timings.unwrap_or_default();
-    println!(
-        "prefill: {:.1} tokens/s ({} prompt tokens in {:.3}s)",
-        u.prompt_tokens as f64 / t.time_to_first_token_seconds,
-        u.prompt_tokens,
-        t.time_to_first_token_seconds
-    );
+    for &len in &args.prefill_tokens {
+        let p = prompt_of(&model, len);
+        let r = client
+            .generate(GenerateOptions::greedy(1).prompt(p))
+            .await?;
+        let u = r.usage.unwrap_or_default();
+        let t = r.timings.unwrap_or_default();
+        let tps = u.prompt_tokens as f64 / t.time_to_first_token_seconds;
+        println!(
+            "prefill: {tps:.1} tokens/s ({} prompt tokens in {:.3}s)",
+            u.prompt_tokens, t.time_to_first_token_seconds
+        );
+        result(
+            "graft_prefill",
+            json!({ "prompt_tokens": u.prompt_tokens, "tok_s": tps }),
+        );
+    }
 
     for &streams in &args.streams {
         let start = Instant::now();
@@ -129,14 +122,18 @@ async fn main() -> anyhow::Result<()> {
             tokens += r.usage.unwrap_or_default().completion_tokens as f64;
             ttft.push(r.timings.unwrap_or_default().time_to_first_token_seconds);
         }
+        let (p50, p99) = (pct(&mut ttft, 0.5), pct(&mut ttft, 0.99));
         println!(
-            "{streams:>2} streams: aggregate {:.1} tokens/s; TTFT p50 {:.3}s p99 {:.3}s",
+            "{streams:>2} streams: aggregate {:.1} tokens/s; TTFT p50 {p50:.3}s p99 {p99:.3}s",
             tokens / wall,
-            percentile(&mut ttft, 0.5),
-            percentile(&mut ttft, 0.99)
+        );
+        result(
+            "graft_streams",
+            json!({ "streams": streams, "new_tokens": args.decode_tokens, "tok_s": tokens / wall, "ttft_p50_s": p50 }),
         );
     }
     println!("peak resident memory: {:.0} MiB", peak_rss_mib());
+    result("graft_memory", json!({ "peak_rss_mib": peak_rss_mib() }));
     srv.drain().await?;
     let _ = std::fs::remove_dir_all(&data);
     Ok(())

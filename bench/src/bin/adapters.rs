@@ -7,10 +7,11 @@
 use std::{path::PathBuf, time::Instant};
 
 use clap::Parser;
-use graft_bench::{pct, rss_mib, run_streams};
+use graft_bench::{pct, result, rss_mib, run_streams};
 use graft_client::GenerateOptions;
 use graft_server::{config::ServerConfig, server};
 use graft_tests::random_peft;
+use serde_json::json;
 
 #[derive(Parser)]
 struct Args {
@@ -29,6 +30,9 @@ struct Args {
     in_flight: usize,
     #[arg(long, default_value_t = 2)]
     scale_rank: usize,
+    /// Which measurements: `mixed`, `cold`, `scale` (all three by default).
+    #[arg(long, value_delimiter = ',', default_value = "mixed,cold,scale")]
+    parts: Vec<String>,
 }
 
 #[tokio::main]
@@ -44,67 +48,86 @@ async fn main() -> anyhow::Result<()> {
     let model = srv.engine().expect("ready").model().clone();
     let client = graft_tests::connect_as(srv.grpc_addr, graft_tests::TENANT).await;
 
+    let part = |p: &str| args.parts.iter().any(|x| x == p);
+
     // 1. Mixed adapters vs bare base.
-    for i in 0..args.streams {
-        let (c, w) = random_peft(&model, i as u64 + 1, args.rank);
-        client
-            .import_adapter("", &format!("r{i}"), c, w, false)
-            .await?;
-    }
-    let bare: Vec<Option<String>> = vec![None; args.streams];
-    let mixed: Vec<Option<String>> = (0..args.streams).map(|i| Some(format!("r{i}"))).collect();
-    run_streams(&client, &bare[..4], 8).await?; // warm
-    let base = run_streams(&client, &bare, args.tokens).await?;
-    let with = run_streams(&client, &mixed, args.tokens).await?;
-    let base2 = run_streams(&client, &bare, args.tokens).await?;
-    let base = (base + base2) / 2.0;
-    println!(
+    if part("mixed") {
+        for i in 0..args.streams {
+            let (c, w) = random_peft(&model, i as u64 + 1, args.rank);
+            client
+                .import_adapter("", &format!("r{i}"), c, w, false)
+                .await?;
+        }
+        let bare: Vec<Option<String>> = vec![None; args.streams];
+        let mixed: Vec<Option<String>> = (0..args.streams).map(|i| Some(format!("r{i}"))).collect();
+        run_streams(&client, &bare[..4], 8).await?; // warm
+        let base = run_streams(&client, &bare, args.tokens).await?;
+        let with = run_streams(&client, &mixed, args.tokens).await?;
+        let base2 = run_streams(&client, &bare, args.tokens).await?;
+        let base = (base + base2) / 2.0;
+        println!(
         "{} streams, each its own rank-{} adapter on 7 modules: {with:.1} tok/s; bare base {base:.1} tok/s; ratio {:.2}",
         args.streams,
         args.rank,
         with / base
     );
+        result(
+            "graft_mixed_adapters",
+            json!({ "streams": args.streams, "rank": args.rank, "tok_s": with, "bare_tok_s": base,
+            "ratio": with / base }),
+        );
+    }
     srv.drain().await?;
     let _ = std::fs::remove_dir_all(&data);
 
     // 2. Cold loads: a cache too small to keep anything, so every request loads from disk.
-    let mut cfg = ServerConfig::for_model(&args.model, &data);
-    cfg.tenancy.admin_key = Some(graft_tests::ADMIN_KEY.into());
-    cfg.adapter_cache_bytes = 1;
-    let srv = server::start(cfg).await?;
-    srv.ready().await?;
-    let client = graft_tests::connect_as(srv.grpc_addr, graft_tests::TENANT).await;
-    for i in 0..20 {
-        let (c, w) = random_peft(&model, 500 + i, args.rank);
-        client
-            .import_adapter("", &format!("c{i}"), c, w, false)
-            .await?;
-    }
-    let (mut cold, mut warm) = (Vec::new(), Vec::new());
-    for i in 0..20 {
-        for (a, out) in [(Some(format!("c{i}")), &mut cold), (None, &mut warm)] {
-            let t = Instant::now();
+    if part("cold") {
+        let mut cfg = ServerConfig::for_model(&args.model, &data);
+        cfg.tenancy.admin_key = Some(graft_tests::ADMIN_KEY.into());
+        cfg.adapter_cache_bytes = 1;
+        let srv = server::start(cfg).await?;
+        srv.ready().await?;
+        let client = graft_tests::connect_as(srv.grpc_addr, graft_tests::TENANT).await;
+        for i in 0..20 {
+            let (c, w) = random_peft(&model, 500 + i, args.rank);
             client
-                .generate(
-                    GenerateOptions {
-                        adapter: a,
-                        ..GenerateOptions::greedy(1)
-                    }
-                    .prompt("Hello there"),
-                )
+                .import_adapter("", &format!("c{i}"), c, w, false)
                 .await?;
-            out.push(t.elapsed().as_secs_f64() * 1e3);
         }
-    }
-    println!(
+        let (mut cold, mut warm) = (Vec::new(), Vec::new());
+        for i in 0..20 {
+            for (a, out) in [(Some(format!("c{i}")), &mut cold), (None, &mut warm)] {
+                let t = Instant::now();
+                client
+                    .generate(
+                        GenerateOptions {
+                            adapter: a,
+                            ..GenerateOptions::greedy(1)
+                        }
+                        .prompt("Hello there"),
+                    )
+                    .await?;
+                out.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        println!(
         "cold rank-{} adapter to first token: p50 {:.1} ms p99 {:.1} ms (same request without adapter: p50 {:.1} ms)",
         args.rank,
         pct(&mut cold, 0.5),
         pct(&mut cold, 0.99),
         pct(&mut warm, 0.5)
     );
-    srv.drain().await?;
-    let _ = std::fs::remove_dir_all(&data);
+        result(
+            "graft_cold_adapter",
+            json!({ "rank": args.rank, "first_token_p50_ms": pct(&mut cold, 0.5),
+            "bare_first_token_p50_ms": pct(&mut warm, 0.5) }),
+        );
+        srv.drain().await?;
+        let _ = std::fs::remove_dir_all(&data);
+    }
+    if !part("scale") {
+        return Ok(());
+    }
 
     // 3. Many registered, a subset in flight, budget bounded.
     let mut cfg = ServerConfig::for_model(&args.model, &data);

@@ -36,6 +36,10 @@ struct Args {
     /// process's peak resident memory; nothing else runs.
     #[arg(long)]
     full: bool,
+    /// Only the trainer's throughput with 2 threads (and the process's peak memory), as
+    /// `make bench-peers` compares it with PyTorch+PEFT's.
+    #[arg(long)]
+    trainer_only: bool,
 }
 
 fn spec(steps: usize, method: MethodSpec) -> TrainSpec {
@@ -206,7 +210,8 @@ async fn main() -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    for threads in [2, 1] {
+    let threads: &[usize] = if args.trainer_only { &[2] } else { &[2, 1] };
+    for &threads in threads {
         let m = model.clone();
         let steps = args.steps;
         let tps =
@@ -215,6 +220,14 @@ async fn main() -> anyhow::Result<()> {
         println!(
             "trainer, rank 8 x 7 modules, batch 4x128, {threads} thread(s): {tps:.1} tokens/s"
         );
+        graft_bench::result(
+            "graft_lora_sft",
+            serde_json::json!({ "threads": threads, "batch": 4, "seq": 128, "tok_s": tps,
+                "peak_rss_mib": graft_bench::peak_rss_mib() }),
+        );
+    }
+    if args.trainer_only {
+        return Ok(());
     }
     drop(model);
 
