@@ -8,13 +8,13 @@ use std::{path::PathBuf, sync::Arc, sync::OnceLock};
 use candle_core::Device;
 use graft_server::{
     engine::{
-        EngineConfig, EngineHandle, GenerationRequest, SamplingParams, StreamEvent, SubmitError,
-        Usage,
+        sampler::Sampler, EngineConfig, EngineHandle, GenerationRequest, SamplingParams,
+        StreamEvent, SubmitError, Usage, PACKED_PROMPT_TOKENS,
     },
     model::{
         kv_cache::BLOCK_TOKENS,
         tiny::{write_tiny_gguf, TinySpec},
-        BaseModel,
+        BaseModel, KvCache, SeqChunk,
     },
 };
 
@@ -141,6 +141,67 @@ async fn a_prompt_prefix_is_shared_within_a_tenant_only_and_changes_nothing() {
     run(&e, request("a", whole.clone(), 4, 0)).await;
     let (_, u5) = run(&e, request("a", whole, 4, 0)).await;
     assert_eq!(u5.cached_prompt_tokens as usize, BLOCK_TOKENS);
+}
+
+/// The first token of `prompt`, greedy, with its log-probability's bits, from the model run
+/// directly: the prompt's rows through the packed kernel (`packed`) or the f32 GEMM.
+fn first_token(prompt: &[u32], packed: bool) -> (u32, u32) {
+    let m = tiny();
+    let mut pool = m.llama.kv_pool(256);
+    let mut cache = KvCache::new();
+    let mut logits = m
+        .llama
+        .forward_step(
+            &mut pool,
+            &mut [SeqChunk {
+                tokens: prompt,
+                cache: &mut cache,
+                want_logits: true,
+                decode: packed,
+                adapter: None,
+            }],
+        )
+        .expect("forward")
+        .remove(0);
+    let params = request("a", prompt.to_vec(), 1, 0).params;
+    let s = Sampler::new(params, m.config().vocab_size, prompt)
+        .sample(&mut logits)
+        .expect("sample");
+    (s.token, s.logprob.to_bits())
+}
+
+/// A prompt of at most PACKED_PROMPT_TOKENS is prefilled through the packed kernel (the
+/// GEMM, in 16-row tiles of f32 weights, made a short request's first token slow), one
+/// token longer through the GEMM; and the prefix cache never hands KV computed one way to a
+/// prompt of the other kind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_prompts_prefill_through_the_packed_kernel_and_keep_their_own_kv() {
+    let e = engine(256);
+    let short = prompt(11, PACKED_PROMPT_TOKENS);
+    let (packed, gemm) = (first_token(&short, true), first_token(&short, false));
+    assert_ne!(
+        packed.1, gemm.1,
+        "the kernels round differently, so the engine's bits tell which one ran"
+    );
+    let (out, u) = run_exact(&e, request("a", short.clone(), 1, 0)).await;
+    assert_eq!((out[0], u.cached_prompt_tokens), (packed, 0));
+    let mut long = short.clone();
+    long.push(42);
+    let (out, u) = run_exact(&e, request("a", long.clone(), 1, 0)).await;
+    assert_eq!(
+        u.cached_prompt_tokens, 0,
+        "the short prompt's full blocks (packed KV) are not the long prompt's"
+    );
+    assert_eq!(out[0], first_token(&long, false));
+    // Within a kind, blocks are shared as before.
+    let (again, u) = run_exact(&e, request("a", long, 1, 0)).await;
+    assert_eq!(u.cached_prompt_tokens as usize, 2 * BLOCK_TOKENS);
+    assert_eq!(again, out);
+    let mut other_short = short[..BLOCK_TOKENS].to_vec();
+    other_short.extend(prompt(12, 5));
+    let (out, u) = run_exact(&e, request("a", other_short.clone(), 1, 0)).await;
+    assert_eq!(u.cached_prompt_tokens as usize, BLOCK_TOKENS);
+    assert_eq!(out[0], first_token(&other_short, true));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -436,7 +436,7 @@ impl AdapterRegistry {
         // Compiling runs prompt methods' virtual tokens through the base: not on an async
         // worker.
         let (model, p) = (self.model.clone(), parsed.clone());
-        let adapter = tokio::task::spawn_blocking(move || p.compile(&model.llama))
+        let adapter = tokio::task::spawn_blocking(move || p.into_compiled(&model.llama))
             .await
             .map_err(|e| RegistryError::Storage(e.to_string()))??;
         self.store(tenant, name, parsed, adapter, config, weights)
@@ -611,7 +611,7 @@ impl AdapterRegistry {
             peft::parse(&c, &w, model.config(), &model.name, &policy)
                 .and_then(|mut p| {
                     name_labels(&mut p.adapter, labels)?;
-                    p.compile(&model.llama)
+                    p.into_compiled(&model.llama)
                 })
                 .map_err(|e| {
                     tracing::error!(prefix = d, error = %e, "a stored adapter no longer parses");

@@ -37,6 +37,7 @@ use tokio::sync::mpsc;
 
 pub use sampler::SamplingParams;
 pub use scheduler::StepLimits;
+pub use step::PACKED_PROMPT_TOKENS;
 
 use crate::{adapters::AdapterLease, model::BaseModel};
 

@@ -12,7 +12,9 @@
 //! kept, and it waits to be readmitted before any new request. It then recomputes its prompt
 //! through the prefill path and its generated tokens through the decode path, the very
 //! paths that produced them, so its KV, and hence its output, is what it was. Prefill chunks
-//! shrink to the blocks there are.
+//! shrink to the blocks there are. A short prompt (at most [`PACKED_PROMPT_TOKENS`]) runs
+//! through the packed kernel like decode rows, a long one through the f32 GEMM; which is
+//! fixed by the request, never by the step.
 
 use std::{
     sync::{atomic::Ordering, Arc},
@@ -72,6 +74,11 @@ struct Sequence {
 impl Sequence {
     fn total(&self) -> usize {
         self.prompt.len() + self.generated.len()
+    }
+
+    /// Whether the prompt runs through the packed (decode) kernel: see [`packed_prompt`].
+    fn packed_prompt(&self) -> bool {
+        packed_prompt(self.prompt.len() - self.virtual_tokens)
     }
 
     fn phase(&self) -> SeqPhase {
@@ -472,6 +479,7 @@ impl EngineLoop {
                 }
                 items.next();
                 let total = seq.total();
+                let packed = seq.packed_prompt();
                 let Sequence {
                     prompt,
                     generated,
@@ -503,7 +511,7 @@ impl EngineLoop {
                     tokens,
                     cache,
                     want_logits: sample,
-                    decode,
+                    decode: decode || packed,
                     adapter: adapter.as_ref().map(|a| a.adapter()),
                 });
                 ran.push((i, n, sample));
@@ -663,19 +671,37 @@ fn seed_prefix(pool: &mut KvPool, cache: &mut KvCache, adapter: Option<&AdapterL
     true
 }
 
-/// The prefix cache's isolation key of a request: its tenant and the content hash of its
-/// adapter version. Blocks are shared only under equal salts, so a tenant's prompt never
-/// makes another tenant's identical prompt faster, and a new adapter version never sees
-/// the KV of an older one.
+/// Prompts of at most this many tokens run through the packed kernel, like decode rows.
+/// The f32 GEMM that prefills longer prompts reads every weight as f32 (four bytes a
+/// parameter, in whole tiles of 16 rows), which made the first token of a short request
+/// cost ~85 ms here; up to about this many rows the packed kernel, reading the GGUF blocks
+/// once per weight row for every row of the step, is faster (`kernels`: 0.45-0.9 of the
+/// GEMM's time at 8 rows, 1.1-1.2 at 32).
+pub const PACKED_PROMPT_TOKENS: usize = 32;
+
+/// Whether a prompt of `tokens` tokens runs through the packed kernel. A property of the
+/// request alone, never of the step it shares or of how its prefill is chunked, so a
+/// sequence's bits stay what they are alone; the prefix cache keeps the two kinds apart
+/// ([`prefix_salt`]).
+fn packed_prompt(tokens: usize) -> bool {
+    tokens <= PACKED_PROMPT_TOKENS
+}
+
+/// The prefix cache's isolation key of a request: its tenant, the content hash of its
+/// adapter version and whether its prompt runs through the packed kernel. Blocks are shared
+/// only under equal salts, so a tenant's prompt never makes another tenant's identical
+/// prompt faster, a new adapter version never sees the KV of an older one, and KV computed
+/// by one kernel never stands in for the other's.
 fn prefix_salt(req: &super::GenerationRequest) -> Vec<u8> {
     let adapter = req
         .adapter
         .as_ref()
         .map_or("base", |a| a.row.sha256.as_str());
-    let mut salt = Vec::with_capacity(req.tenant.len() + adapter.len() + 1);
+    let mut salt = Vec::with_capacity(req.tenant.len() + adapter.len() + 2);
     salt.extend_from_slice(req.tenant.as_bytes());
     salt.push(0);
     salt.extend_from_slice(adapter.as_bytes());
+    salt.push(packed_prompt(req.prompt_ids.len()) as u8);
     salt
 }
 

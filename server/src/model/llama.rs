@@ -31,9 +31,9 @@ pub struct SeqChunk<'a> {
     pub cache: &'a mut KvCache,
     /// Whether the logits of this chunk's last token are wanted.
     pub want_logits: bool,
-    /// A generated token (decode phase) rather than prompt tokens: decode rows run through
-    /// the packed kernel. The choice depends only on the sequence's own phase, never on the
-    /// batch, so results stay batch-invariant.
+    /// Rows through the packed (decode) kernel rather than the f32 GEMM: generated tokens,
+    /// and the engine's short prompts. The choice depends only on the sequence itself, never
+    /// on the batch, so results stay batch-invariant.
     pub decode: bool,
     /// The sequence's adapter, applied to its rows only. Its KV prefix, if any, is already
     /// in `cache` ([`KvPool::seed_prefix`]); the hooks applied here are its linear parts.

@@ -7,6 +7,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use rayon::prelude::*;
+
 use regex::Regex;
 use safetensors::{tensor::TensorView, SafeTensors};
 use serde::Deserialize;
@@ -187,9 +189,9 @@ pub(super) fn parse(
             ),
         ));
     }
-    let mut out = Adapter::new(cfg.num_layers);
-    let mut max_rank = 0;
-    for ((layer, m), [a, b, mag]) in pairs {
+    // Each module's tensors converted on its own (in parallel: this is most of a cold
+    // load's time), the first problem in module order reported.
+    let module = |((layer, m), [a, b, mag]): ((usize, Module), [Option<TensorView<'_>>; 3])| -> Result<(usize, Module, usize, LinearDelta), ImportError> {
         let key = m.hf_key(layer);
         if !targets.matches(&key, m) || layers.as_ref().is_some_and(|l| !l.contains(&layer)) {
             return Err(err(
@@ -233,7 +235,6 @@ pub(super) fn parse(
         } else {
             ma / mr as f64
         } as f32;
-        max_rank = max_rank.max(mr);
         let pair = LoraPair {
             a: av,
             b_t: transpose(&bv, out_f, mr),
@@ -283,6 +284,14 @@ pub(super) fn parse(
                 }))
             }
         };
+        Ok((layer, m, mr, delta))
+    };
+    let modules: Vec<_> = pairs.into_par_iter().map(module).collect();
+    let mut out = Adapter::new(cfg.num_layers);
+    let mut max_rank = 0;
+    for r in modules {
+        let (layer, m, mr, delta) = r?;
+        max_rank = max_rank.max(mr);
         out.linear[layer][m.index()] = Some(delta);
     }
     let target_modules = out
