@@ -470,7 +470,7 @@ mod avx2 {
     /// Weight rows this far below the ones being read are prefetched, block by block.
     /// Decode streams every weight from memory once a token; the hardware prefetcher alone
     /// left a single row's kernel at ~6.5 GB/s here, and reading two 4-row tiles ahead
-    /// brought a micro-benchmark over 88 MB of Q4_1 rows to ~10.8 GB/s.
+    /// brought a scratch benchmark over 88 MB of Q4_1 rows to ~10.8 GB/s (BENCHMARKS.md).
     pub(super) const PREFETCH_ROWS: usize = 8;
 
     /// Asks for block `i`'s quants (and its scales every 8th block) in cache. A hint only:
