@@ -106,7 +106,7 @@ def main():
                 if r["bench"] == "graft_single_stream":
                     add("decode 1 stream (tok/s)", "graft", r["tok_s"])
                 elif r["bench"] == "graft_prefill":
-                    add(f"prefill {128 if r['prompt_tokens'] < 300 else 512} (tok/s)", "graft", r["tok_s"])
+                    add(f"prefill {r['prompt_len']} (tok/s)", "graft", r["tok_s"])
         if "batched" in only:
             text, rss = run(out, "batched_bench", rep, [f"{llama}/llama-batched-bench", "-m", MODEL, "-t", t, "-tb", t,
                                                         "-c", "8192", "-b", "2048", "-ub", "512", "-npp", "128",

@@ -96,7 +96,7 @@ async fn main() -> anyhow::Result<()> {
         );
         result(
             "graft_prefill",
-            json!({ "prompt_tokens": u.prompt_tokens, "tok_s": tps }),
+            json!({ "prompt_len": len, "prompt_tokens": u.prompt_tokens, "tok_s": tps }),
         );
     }
 

@@ -110,17 +110,19 @@ async fn main() -> anyhow::Result<()> {
                 out.push(t.elapsed().as_secs_f64() * 1e3);
             }
         }
+        let (cold50, cold99, warm50) = (
+            pct(&mut cold, 0.5),
+            pct(&mut cold, 0.99),
+            pct(&mut warm, 0.5),
+        );
         println!(
-        "cold rank-{} adapter to first token: p50 {:.1} ms p99 {:.1} ms (same request without adapter: p50 {:.1} ms)",
+        "cold rank-{} adapter to first token: p50 {cold50:.1} ms p99 {cold99:.1} ms (same request without adapter: p50 {warm50:.1} ms)",
         args.rank,
-        pct(&mut cold, 0.5),
-        pct(&mut cold, 0.99),
-        pct(&mut warm, 0.5)
     );
         result(
             "graft_cold_adapter",
-            json!({ "rank": args.rank, "first_token_p50_ms": pct(&mut cold, 0.5),
-            "bare_first_token_p50_ms": pct(&mut warm, 0.5) }),
+            json!({ "rank": args.rank, "first_token_p50_ms": cold50,
+            "bare_first_token_p50_ms": warm50 }),
         );
         srv.drain().await?;
         let _ = std::fs::remove_dir_all(&data);
