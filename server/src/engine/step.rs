@@ -676,7 +676,7 @@ fn seed_prefix(pool: &mut KvPool, cache: &mut KvCache, adapter: Option<&AdapterL
 /// parameter, in whole tiles of 16 rows), which made the first token of a short request
 /// cost ~85 ms here; up to about this many rows the packed kernel, reading the GGUF blocks
 /// once per weight row for every row of the step, is faster (`kernels`: 0.45-0.9 of the
-/// GEMM's time at 8 rows, 1.1-1.2 at 32).
+/// GEMM's time at 8 rows, 1.1-1.3 at 32).
 pub const PACKED_PROMPT_TOKENS: usize = 32;
 
 /// Whether a prompt of `tokens` tokens runs through the packed kernel. A property of the
