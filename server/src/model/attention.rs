@@ -97,36 +97,35 @@ pub fn attend(
         (b * BLOCK_TOKENS + p % BLOCK_TOKENS) * kv_dim + kvh * head_dim
     };
     let mut out = vec![0f32; rows.len() * hidden];
-    out.par_chunks_mut(hidden)
-        .zip(q.par_chunks(hidden))
-        .zip(rows.par_iter())
-        .for_each_init(Vec::new, |scores, ((o_row, q_row), place)| {
+    // One unit of work per (row, head): a single decode row still spreads its heads over
+    // the pool. Every unit reads only its own row's query and cache.
+    out.par_chunks_mut(head_dim)
+        .zip(q.par_chunks(head_dim))
+        .enumerate()
+        .for_each_init(Vec::new, |scores, (u, (oh, qh))| {
+            let (place, h) = (&rows[u / num_heads], u % num_heads);
             let table = tables[place.seq];
             let n = place.pos + 1;
-            for h in 0..num_heads {
-                let kvh = h / group;
-                let qh = &q_row[h * head_dim..(h + 1) * head_dim];
-                scores.clear();
-                let mut max = f32::NEG_INFINITY;
-                for p in 0..n {
-                    let o = at(table, p, kvh);
-                    let s = dot(qh, &keys[o..o + head_dim]) * scale;
-                    max = max.max(s);
-                    scores.push(s);
-                }
-                let mut sum = 0f32;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                let inv = 1.0 / sum;
-                let oh = &mut o_row[h * head_dim..(h + 1) * head_dim];
-                for (p, s) in scores.iter().enumerate() {
-                    let w = s * inv;
-                    let o = at(table, p, kvh);
-                    for (o, x) in oh.iter_mut().zip(&values[o..o + head_dim]) {
-                        *o += w * x;
-                    }
+            let kvh = h / group;
+            scores.clear();
+            let mut max = f32::NEG_INFINITY;
+            for p in 0..n {
+                let o = at(table, p, kvh);
+                let s = dot(qh, &keys[o..o + head_dim]) * scale;
+                max = max.max(s);
+                scores.push(s);
+            }
+            let mut sum = 0f32;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let inv = 1.0 / sum;
+            for (p, s) in scores.iter().enumerate() {
+                let w = s * inv;
+                let o = at(table, p, kvh);
+                for (o, x) in oh.iter_mut().zip(&values[o..o + head_dim]) {
+                    *o += w * x;
                 }
             }
         });
@@ -135,17 +134,19 @@ pub fn attend(
 
 #[inline]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight independent accumulators let the compiler vectorise without reassociating.
+    // Eight independent accumulators, one per lane: the compiler vectorises this without
+    // reassociating (exact chunks, so no bounds checks in the loop).
     let mut acc = [0f32; 8];
-    let chunks = a.len() / 8;
-    for c in 0..chunks {
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ar, br) = (ac.remainder(), bc.remainder());
+    for (x, y) in ac.zip(bc) {
         for j in 0..8 {
-            acc[j] += a[c * 8 + j] * b[c * 8 + j];
+            acc[j] += x[j] * y[j];
         }
     }
     let mut s: f32 = acc.iter().sum();
-    for i in chunks * 8..a.len() {
-        s += a[i] * b[i];
+    for (x, y) in ar.iter().zip(br) {
+        s += x * y;
     }
     s
 }
