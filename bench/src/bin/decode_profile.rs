@@ -1,50 +1,65 @@
-//! Single-stream decode in a loop, for profilers (`perf record`): no server, no gRPC.
+//! Decode in a loop, for profilers (`perf record`): no server, no gRPC.
+//! `decode_profile [model.gguf] [exact|int16] [streams]`: `streams` sequences (1 by
+//! default) decode together, one token each per step.
 
 use candle_core::Device;
-use graft_server::model::{packed::DecodeKernel, BaseModel, SeqChunk};
+use graft_server::model::{packed::DecodeKernel, BaseModel, KvCache, SeqChunk};
 
 fn main() -> anyhow::Result<()> {
-    let path = std::env::args()
-        .nth(1)
+    let mut args = std::env::args().skip(1);
+    let path = args
+        .next()
         .unwrap_or_else(|| "models/SmolLM2-135M-Instruct.Q4_1.gguf".into());
     let mut m = BaseModel::load(std::path::Path::new(&path), &Device::Cpu)?;
     // The decode kernel: "exact" (default) or "int16".
-    let kernel: DecodeKernel = std::env::args()
-        .nth(2)
+    let kernel: DecodeKernel = args
+        .next()
         .as_deref()
         .unwrap_or("exact")
         .parse()
         .map_err(anyhow::Error::msg)?;
+    let streams: usize = args.next().as_deref().unwrap_or("1").parse()?;
     m.llama.set_decode_kernel(kernel);
     let prompt = m.tokenizer.encode("Count from 1 to 1000: 1, 2, 3, 4,")?;
-    let mut pool = m.llama.kv_pool(8192);
-    let mut cache = graft_server::model::KvCache::new();
-    let mut next = prompt.clone();
-    let t = std::time::Instant::now();
-    let n = 200;
-    for i in 0..n {
-        let l = m.llama.forward_batch(
-            &mut pool,
-            &mut [SeqChunk {
-                tokens: &next,
-                cache: &mut cache,
+    let mut pool = m.llama.kv_pool(8192 * streams);
+    let mut caches: Vec<KvCache> = (0..streams).map(|_| KvCache::new()).collect();
+    let mut next = vec![prompt; streams];
+    let n = if streams == 1 { 200 } else { 64 };
+    let mut t = std::time::Instant::now();
+    for i in 0..=n {
+        if i == 1 {
+            // Timed from the first decode step: the prompts' prefill is not decode.
+            t = std::time::Instant::now();
+        }
+        let mut chunks: Vec<SeqChunk> = caches
+            .iter_mut()
+            .zip(&next)
+            .map(|(cache, tokens)| SeqChunk {
+                tokens,
+                cache,
                 want_logits: true,
                 decode: i > 0,
                 adapter: None,
-            }],
-        )?;
-        let row: Vec<f32> = l.squeeze(0)?.to_vec1()?;
-        let best = row
+            })
+            .collect();
+        let l = m.llama.forward_batch(&mut pool, &mut chunks)?;
+        next = l
+            .to_vec2::<f32>()?
             .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .map(|x| x.0 as u32)
-            .unwrap_or(0);
-        next = vec![best];
+            .map(|row| {
+                let best = row
+                    .iter()
+                    .enumerate()
+                    .max_by(|a, b| a.1.total_cmp(b.1))
+                    .map(|x| x.0 as u32)
+                    .unwrap_or(0);
+                vec![best]
+            })
+            .collect();
     }
     println!(
-        "{kernel:?}: {:.1} tokens/s",
-        n as f64 / t.elapsed().as_secs_f64()
+        "{kernel:?}, {streams} stream(s): {:.1} tokens/s",
+        (n * streams) as f64 / t.elapsed().as_secs_f64()
     );
     Ok(())
 }

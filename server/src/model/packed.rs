@@ -140,8 +140,25 @@ impl PackedLinear {
         }
     }
 
-    /// Writes row `r` of the weight, dequantised, into `buf` (len `in`).
+    /// Writes row `r` of the weight, dequantised, into `buf` (len `in`): with AVX2 four
+    /// 8-wide groups per block, else [`PackedLinear::row_portable`] (the same values).
+    #[allow(unsafe_code)]
     fn row(&self, r: usize, buf: &mut [f32]) {
+        assert!(r < self.out && buf.len() == self.inp);
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && self.inp.is_multiple_of(BLOCK)
+        {
+            // SAFETY: AVX2/FMA checked above; row `r` exists and `buf` holds its `inp` values.
+            unsafe { avx2::dequant_row(&self.blocks, self.inp / BLOCK, r, buf) };
+            return;
+        }
+        self.row_portable(r, buf);
+    }
+
+    /// [`PackedLinear::row`] one value at a time: the reference.
+    fn row_portable(&self, r: usize, buf: &mut [f32]) {
         let nb = self.inp / BLOCK;
         match &self.blocks {
             Blocks::Q4_0 { d, qs } => {
@@ -427,6 +444,22 @@ mod avx2 {
         }
     }
 
+    /// Row `r` dequantised into `out` (`nb` blocks of 32), exactly as `PackedLinear::row_portable`.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available; row `r` exists, the weight's rows are `nb` blocks
+    /// long and `out` holds `nb * 32` values.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dequant_row(blocks: &Blocks, nb: usize, r: usize, out: &mut [f32]) {
+        let po = out.as_mut_ptr();
+        for b in 0..nb {
+            let v = block(blocks, nb, r, b);
+            for (g, v) in v.into_iter().enumerate() {
+                _mm256_storeu_ps(po.add(b * BLOCK + g * LANES), v);
+            }
+        }
+    }
+
     /// `take` (1..=4) consecutive weight rows from `r0`, each dotted with `x` (len `k`):
     /// independent accumulation chains, one per weight row, in the canonical lane order.
     ///
@@ -665,6 +698,41 @@ mod tests {
         tile_rows_portable(&w0, Some(&w1), &x, k, 7, &mut b0, Some(&mut b1));
         assert_ne!(a0, vec![0f32; 7], "the SIMD kernel wrote its outputs");
         assert_eq!((a0, a1), (b0, b1));
+    }
+
+    /// The AVX2 dequantisation of a row gives the portable one's values, bit for bit.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    #[allow(unsafe_code)]
+    fn simd_and_portable_dequantisation_agree_bitwise() {
+        assert!(
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma"),
+            "this CPU lacks AVX2/FMA, so the SIMD dequantisation cannot be checked on it"
+        );
+        let (n, k) = (5, 96);
+        for dt in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q8_0,
+            GgmlDType::F32,
+        ] {
+            let p = PackedLinear::from_qtensor(&QTensor::quantize(&weights(n, k), dt).expect("q"))
+                .expect("pack");
+            for r in 0..n {
+                let (mut simd, mut portable) = (vec![0f32; k], vec![0f32; k]);
+                // SAFETY: AVX2/FMA asserted; row r < n exists, rows are k/32 blocks, and
+                // `simd` holds k values.
+                unsafe { avx2::dequant_row(&p.blocks, k / BLOCK, r, &mut simd) };
+                p.row_portable(r, &mut portable);
+                assert_ne!(portable, vec![0f32; k], "{dt:?} row {r} dequantised");
+                assert_eq!(
+                    simd.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    portable.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "{dt:?} row {r}"
+                );
+            }
+        }
     }
 
     /// A row gives bit-identical results alone and among others.
