@@ -226,13 +226,15 @@ impl PackedLinear {
                 return out;
             }
         }
-        // Output transposed (out, rows) so each task writes one contiguous run; each task
-        // takes TILE weight rows, dequantises them two at a time and runs 2x4 tiles.
+        // Each task takes TILE weight rows, dequantises them two at a time and runs 2x4
+        // tiles into its transposed chunk.
         const TILE: usize = 16;
-        let mut out_t = vec![0f32; n * rows];
-        out_t.par_chunks_mut(TILE * rows).enumerate().for_each_init(
+        by_tiles(
+            n,
+            rows,
+            TILE,
             || (vec![0f32; k], vec![0f32; k]),
-            |(w0, w1), (t, chunk)| {
+            |(w0, w1), t, chunk| {
                 let wrows = chunk.len() / rows;
                 let mut i = 0;
                 while i < wrows {
@@ -247,22 +249,56 @@ impl PackedLinear {
                     i += if pair { 2 } else { 1 };
                 }
             },
-        );
-        untranspose(out_t, n, rows)
+        )
     }
 }
 
-/// `(out, rows)` results, as the kernels' tasks write them, to `(rows, out)`.
-fn untranspose(out_t: Vec<f32>, n: usize, rows: usize) -> Vec<f32> {
-    if rows == 1 {
-        return out_t;
-    }
+/// The output `(rows, n)` of a matmul whose tasks each own `tile` weight rows: task `t`
+/// fills `chunk`, its outputs transposed (`(w, rows)`, `w` = `tile` but for the last
+/// task), and copies them into columns `t*tile..` of every row itself, in parallel.
+#[allow(unsafe_code)]
+fn by_tiles<S>(
+    n: usize,
+    rows: usize,
+    tile: usize,
+    init: impl Fn() -> S + Sync + Send,
+    task: impl Fn(&mut S, usize, &mut [f32]) + Sync + Send,
+) -> Vec<f32> {
     let mut out = vec![0f32; rows * n];
-    for j in 0..n {
-        for b in 0..rows {
-            out[b * n + j] = out_t[j * rows + b];
+    if rows == 1 {
+        // One row: the transposed chunk is the row's own slice.
+        out.par_chunks_mut(tile)
+            .enumerate()
+            .for_each_init(&init, |s, (t, chunk)| task(s, t, chunk));
+        return out;
+    }
+    /// The output's base pointer, shared by tasks that write disjoint columns.
+    struct Dst(*mut f32);
+    // SAFETY: tasks write through it only at disjoint indices (below).
+    unsafe impl Sync for Dst {}
+    impl Dst {
+        fn at(&self, i: usize) -> *mut f32 {
+            self.0.wrapping_add(i)
         }
     }
+    let dst = Dst(out.as_mut_ptr());
+    (0..n.div_ceil(tile)).into_par_iter().for_each_init(
+        || (init(), Vec::new()),
+        |(s, chunk), t| {
+            let w = tile.min(n - t * tile);
+            chunk.clear();
+            chunk.resize(w * rows, 0f32);
+            task(s, t, chunk);
+            for b in 0..rows {
+                for (j, col) in chunk.chunks_exact(rows).enumerate() {
+                    // SAFETY: `b < rows` and `t*tile + j < n`, so the index is inside
+                    // `out` (rows * n), which outlives the loop; column `t*tile + j`
+                    // belongs to task `t` alone, so no two tasks write one element.
+                    unsafe { *dst.at(b * n + t * tile + j) = col[b] };
+                }
+            }
+        },
+    );
     out
 }
 

@@ -15,9 +15,7 @@
 //! Every tile shape, SIMD or portable, does exactly this, so a row's result never depends on
 //! the rows beside it.
 
-use rayon::prelude::*;
-
-use super::{reduce, untranspose, Acc, Blocks, PackedLinear, BLOCK, LANES};
+use super::{reduce, Acc, Blocks, PackedLinear, BLOCK, LANES};
 
 /// Activation rows quantised per block: `q` (rows·k), and per block `d` and `d·Σq`.
 pub(super) struct QuantRows {
@@ -108,13 +106,14 @@ pub(super) fn matmul(w: &PackedLinear, x: &[f32], rows: usize) -> Option<Vec<f32
     assert_eq!(x.len(), rows * k, "activation rows");
     let xq = QuantRows::new(x, k);
     let simd = simd_available();
-    // Output transposed (out, rows): each task owns TILE weight rows' outputs.
+    // Each task owns TILE weight rows' outputs.
     const TILE: usize = 16;
-    let mut out_t = vec![0f32; n * rows];
-    out_t
-        .par_chunks_mut(TILE * rows)
-        .enumerate()
-        .for_each(|(t, chunk)| {
+    Some(super::by_tiles(
+        n,
+        rows,
+        TILE,
+        || (),
+        |_, t, chunk| {
             let r0 = t * TILE;
             if simd {
                 #[cfg(target_arch = "x86_64")]
@@ -131,8 +130,8 @@ pub(super) fn matmul(w: &PackedLinear, x: &[f32], rows: usize) -> Option<Vec<f32
                     *o = dot_portable(&w.blocks, k / BLOCK, r0 + j, &xq, b);
                 }
             }
-        });
-    Some(untranspose(out_t, n, rows))
+        },
+    ))
 }
 
 fn simd_available() -> bool {
