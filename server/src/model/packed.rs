@@ -11,6 +11,7 @@ use half::f16;
 use rayon::prelude::*;
 
 mod int16;
+mod wide;
 
 const BLOCK: usize = 32;
 
@@ -227,8 +228,36 @@ impl PackedLinear {
             }
         }
         // Each task takes TILE weight rows, dequantises them two at a time and runs 2x4
-        // tiles into its transposed chunk.
+        // tiles into its transposed chunk (four at a time through `wide` where it runs).
         const TILE: usize = 16;
+        #[cfg(target_arch = "x86_64")]
+        if wide::available() && k.is_multiple_of(LANES) {
+            let xp = wide::Pairs::new(x, rows, k);
+            return by_tiles(
+                n,
+                rows,
+                TILE,
+                || vec![vec![0f32; k]; 4],
+                |w, t, chunk| {
+                    let wrows = chunk.len() / rows;
+                    for i in (0..wrows).step_by(4) {
+                        let take = (wrows - i).min(4);
+                        for (j, w) in w.iter_mut().take(take).enumerate() {
+                            self.row(t * TILE + i + j, w);
+                        }
+                        let ws: Vec<&[f32]> = w.iter().take(take).map(|w| &w[..]).collect();
+                        let mut outs: Vec<&mut [f32]> = chunk[i * rows..(i + take) * rows]
+                            .chunks_mut(rows)
+                            .collect();
+                        // SAFETY: `wide::available()` checked above.
+                        #[allow(unsafe_code)]
+                        unsafe {
+                            wide::tile(&ws, &xp, rows, &mut outs)
+                        };
+                    }
+                },
+            );
+        }
         by_tiles(
             n,
             rows,
@@ -734,6 +763,42 @@ mod tests {
         tile_rows_portable(&w0, Some(&w1), &x, k, 7, &mut b0, Some(&mut b1));
         assert_ne!(a0, vec![0f32; 7], "the SIMD kernel wrote its outputs");
         assert_eq!((a0, a1), (b0, b1));
+    }
+
+    /// The AVX-512 tile (two activation rows a register) gives the portable kernel's bits
+    /// for every weight-row count it takes and odd and even row counts. On a CPU without
+    /// AVX-512 the matmul never calls it, and the test says so and checks nothing else.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    #[allow(unsafe_code)]
+    fn wide_tile_agrees_bitwise_with_the_portable_kernel() {
+        if !wide::available() {
+            eprintln!("this CPU lacks AVX-512 F/DQ: the wide tile is never used here");
+            return;
+        }
+        let k = 96;
+        let w = inputs(4, k);
+        for rows in 1..=11 {
+            let x = inputs(rows, k);
+            let xp = wide::Pairs::new(&x, rows, k);
+            for take in 1..=4 {
+                let ws: Vec<&[f32]> = w.chunks_exact(k).take(take).collect();
+                let mut got = vec![vec![0f32; rows]; take];
+                let mut outs: Vec<&mut [f32]> = got.iter_mut().map(|o| &mut o[..]).collect();
+                // SAFETY: `wide::available()` is true (checked above).
+                unsafe { wide::tile(&ws, &xp, rows, &mut outs) };
+                for (j, got) in got.iter().enumerate() {
+                    let mut want = vec![0f32; rows];
+                    tile_rows_portable(ws[j], None, &x, k, rows, &mut want, None);
+                    assert_ne!(want, vec![0f32; rows]);
+                    assert_eq!(
+                        got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        "rows {rows}, weight row {j} of {take}"
+                    );
+                }
+            }
+        }
     }
 
     /// The AVX2 dequantisation of a row gives the portable one's values, bit for bit.
