@@ -207,6 +207,20 @@ impl Blobs {
         Ok(())
     }
 
+    /// [`Self::get`] for a blob that is never rewritten once stored (an adapter version's
+    /// files: every version has its own directory). From a local store the file is mapped
+    /// into memory rather than copied, so a cold adapter load reads the page cache once,
+    /// while parsing it.
+    pub async fn get_immutable(&self, key: &str) -> Result<Bytes, BlobError> {
+        let Some(root) = &self.local else {
+            return self.get(key).await;
+        };
+        let (path, k) = (root.join(key), key.to_string());
+        tokio::task::spawn_blocking(move || map_file(&path, &k))
+            .await
+            .map_err(|e| BlobError::Failed(format!("reading {key}: {e}")))?
+    }
+
     pub async fn get(&self, key: &str) -> Result<Bytes, BlobError> {
         let got = self
             .store
@@ -582,4 +596,24 @@ mod tests {
             assert!(e.contains("blob store"), "{e}");
         }
     }
+}
+
+/// A stored file mapped read-only into memory.
+#[allow(unsafe_code)]
+fn map_file(path: &Path, key: &str) -> Result<Bytes, BlobError> {
+    let failed = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::NotFound => BlobError::NotFound(key.into()),
+        _ => BlobError::Failed(format!("reading {key}: {e}")),
+    };
+    let file = std::fs::File::open(path).map_err(failed)?;
+    if file.metadata().map_err(failed)?.len() == 0 {
+        // An empty file cannot be mapped.
+        return Ok(Bytes::new());
+    }
+    // Populated at once: one call faults the pages in, not one fault per page on first use.
+    // SAFETY: only blobs that are never written in place are mapped (`get_immutable`): the
+    // local store writes a staged file and renames it over the key, and a delete unlinks
+    // it, so the mapped pages stay this file's bytes for as long as the map lives.
+    let map = unsafe { memmap2::MmapOptions::new().populate().map(&file) }.map_err(failed)?;
+    Ok(Bytes::from_owner(map))
 }

@@ -594,7 +594,7 @@ impl AdapterRegistry {
         let started = Instant::now();
         let prefix = prefix_of(&row.dir);
         let config = self.blob(&prefix, peft::CONFIG_FILE, r).await?;
-        let weights = self.blob(&prefix, peft::WEIGHTS_FILE, r).await?;
+        let weights = self.blob_immutable(&prefix, peft::WEIGHTS_FILE, r).await?;
         let model = self.model.clone();
         let policy = self.policy(true);
         let d = prefix.clone();
@@ -683,18 +683,36 @@ impl AdapterRegistry {
         file: &str,
         r: &AdapterRef,
     ) -> Result<bytes::Bytes, RegistryError> {
-        self.blobs
-            .get(&format!("{prefix}/{file}"))
-            .await
-            .map_err(|e| match e {
-                BlobError::NotFound(key) => {
-                    tracing::error!(key, "a stored adapter's file is missing");
-                    RegistryError::Damaged(format!(
-                        "adapter {r} is damaged on the server: {file} is missing"
-                    ))
-                }
-                e => e.into(),
-            })
+        let got = self.blobs.get(&format!("{prefix}/{file}")).await;
+        Self::damaged_if_missing(got, file, r)
+    }
+
+    /// [`Self::blob`] mapped rather than copied from a local store: a version's files are
+    /// never rewritten (each version has its own directory).
+    async fn blob_immutable(
+        &self,
+        prefix: &str,
+        file: &str,
+        r: &AdapterRef,
+    ) -> Result<bytes::Bytes, RegistryError> {
+        let got = self.blobs.get_immutable(&format!("{prefix}/{file}")).await;
+        Self::damaged_if_missing(got, file, r)
+    }
+
+    fn damaged_if_missing(
+        got: Result<bytes::Bytes, BlobError>,
+        file: &str,
+        r: &AdapterRef,
+    ) -> Result<bytes::Bytes, RegistryError> {
+        got.map_err(|e| match e {
+            BlobError::NotFound(key) => {
+                tracing::error!(key, "a stored adapter's file is missing");
+                RegistryError::Damaged(format!(
+                    "adapter {r} is damaged on the server: {file} is missing"
+                ))
+            }
+            e => e.into(),
+        })
     }
 
     /// Writes a fully fine-tuned model (`weights` of the base's architecture, with the

@@ -408,3 +408,62 @@ async fn uploads_and_exports_report_their_bytes() {
     let down = seen.lock().expect("lock").clone();
     assert_eq!(down.last().copied(), Some(total), "{down:?}");
 }
+
+/// A stored adapter whose weights file is damaged or gone on the server answers DATA_LOSS
+/// naming the adapter on every load (the cache holds one adapter at most, and each request
+/// for the other evicts it, so every request reads the store), and an intact adapter beside
+/// it serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adapter_whose_stored_weights_are_damaged_or_missing_answers_data_loss() {
+    let t = start_with(tiny_model_path(), |c| c.adapter_cache_bytes = 1).await;
+    let model = t.server.engine().expect("ready").model().clone();
+    for (i, name) in ["kept", "hurt"].iter().enumerate() {
+        let (c, w) = random_peft(&model, 90 + i as u64, 4);
+        t.client
+            .import_adapter("", name, c, w, false)
+            .await
+            .expect("import");
+    }
+    let generate = |name: &str| {
+        t.client.generate(
+            GenerateOptions {
+                adapter: Some(name.into()),
+                ..GenerateOptions::greedy(2)
+            }
+            .prompt("hi"),
+        )
+    };
+    generate("hurt").await.expect("intact before");
+    let dir = t
+        .server
+        .adapters()
+        .expect("ready")
+        .find(graft_tests::TENANT, &"hurt".parse().expect("ref"))
+        .await
+        .expect("row")
+        .dir;
+    let key = format!("adapters/{dir}/adapter_model.safetensors");
+    let blobs = t.blobs();
+    blobs
+        .put(&key, b"not a safetensors file".to_vec())
+        .await
+        .expect("damage");
+    generate("kept").await.expect("evicts hurt");
+    let e = generate("hurt").await.expect_err("damaged weights");
+    assert_eq!(e.code(), Code::DataLoss, "{e:?}");
+    assert!(
+        e.message().contains("hurt") && e.message().contains("damaged"),
+        "{e:?}"
+    );
+    blobs.delete(&key).await.expect("remove");
+    generate("kept").await.expect("evicts hurt");
+    let e = generate("hurt").await.expect_err("missing weights");
+    assert_eq!(e.code(), Code::DataLoss, "{e:?}");
+    assert!(
+        e.message().contains("adapter_model.safetensors is missing"),
+        "{e:?}"
+    );
+    generate("kept")
+        .await
+        .expect("the intact adapter serves on");
+}
