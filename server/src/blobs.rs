@@ -537,6 +537,26 @@ fn io_error(key: &str, doing: &str, e: std::io::Error) -> BlobError {
     }
 }
 
+/// A stored file mapped read-only into memory.
+#[allow(unsafe_code)]
+fn map_file(path: &Path, key: &str) -> Result<Bytes, BlobError> {
+    let failed = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::NotFound => BlobError::NotFound(key.into()),
+        _ => BlobError::Failed(format!("reading {key}: {e}")),
+    };
+    let file = std::fs::File::open(path).map_err(failed)?;
+    if file.metadata().map_err(failed)?.len() == 0 {
+        // An empty file cannot be mapped.
+        return Ok(Bytes::new());
+    }
+    // Populated at once: one call faults the pages in, not one fault per page on first use.
+    // SAFETY: only blobs that are never written in place are mapped (`get_immutable`): the
+    // local store writes a staged file and renames it over the key, and a delete unlinks
+    // it, so the mapped pages stay this file's bytes for as long as the map lives.
+    let map = unsafe { memmap2::MmapOptions::new().populate().map(&file) }.map_err(failed)?;
+    Ok(Bytes::from_owner(map))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -596,24 +616,4 @@ mod tests {
             assert!(e.contains("blob store"), "{e}");
         }
     }
-}
-
-/// A stored file mapped read-only into memory.
-#[allow(unsafe_code)]
-fn map_file(path: &Path, key: &str) -> Result<Bytes, BlobError> {
-    let failed = |e: std::io::Error| match e.kind() {
-        std::io::ErrorKind::NotFound => BlobError::NotFound(key.into()),
-        _ => BlobError::Failed(format!("reading {key}: {e}")),
-    };
-    let file = std::fs::File::open(path).map_err(failed)?;
-    if file.metadata().map_err(failed)?.len() == 0 {
-        // An empty file cannot be mapped.
-        return Ok(Bytes::new());
-    }
-    // Populated at once: one call faults the pages in, not one fault per page on first use.
-    // SAFETY: only blobs that are never written in place are mapped (`get_immutable`): the
-    // local store writes a staged file and renames it over the key, and a delete unlinks
-    // it, so the mapped pages stay this file's bytes for as long as the map lives.
-    let map = unsafe { memmap2::MmapOptions::new().populate().map(&file) }.map_err(failed)?;
-    Ok(Bytes::from_owner(map))
 }
