@@ -699,6 +699,22 @@ mod tests {
         Tensor::from_vec(v, (n, k), &Device::Cpu).expect("tensor")
     }
 
+    /// [`weights`] packed from each block format the kernels take (and f32).
+    fn every_format(n: usize, k: usize) -> Vec<(GgmlDType, PackedLinear)> {
+        [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q8_0,
+            GgmlDType::F32,
+        ]
+        .into_iter()
+        .map(|dt| {
+            let q = QTensor::quantize(&weights(n, k), dt).expect("q");
+            (dt, PackedLinear::from_qtensor(&q).expect("pack"))
+        })
+        .collect()
+    }
+
     pub(super) fn inputs(rows: usize, k: usize) -> Vec<f32> {
         (0..rows * k)
             .map(|i| (i * 104729 % 977) as f32 / 488.0 - 1.0)
@@ -812,14 +828,7 @@ mod tests {
             "this CPU lacks AVX2/FMA, so the SIMD dequantisation cannot be checked on it"
         );
         let (n, k) = (5, 96);
-        for dt in [
-            GgmlDType::Q4_0,
-            GgmlDType::Q4_1,
-            GgmlDType::Q8_0,
-            GgmlDType::F32,
-        ] {
-            let p = PackedLinear::from_qtensor(&QTensor::quantize(&weights(n, k), dt).expect("q"))
-                .expect("pack");
+        for (dt, p) in every_format(n, k) {
             for r in 0..n {
                 let (mut simd, mut portable) = (vec![0f32; k], vec![0f32; k]);
                 // SAFETY: AVX2/FMA asserted; row r < n exists, rows are k/32 blocks, and
@@ -840,14 +849,7 @@ mod tests {
     #[test]
     fn rows_are_batch_invariant() {
         let (n, k) = (33, 64);
-        for dt in [
-            GgmlDType::Q4_0,
-            GgmlDType::Q4_1,
-            GgmlDType::Q8_0,
-            GgmlDType::F32,
-        ] {
-            let p = PackedLinear::from_qtensor(&QTensor::quantize(&weights(n, k), dt).expect("q"))
-                .expect("pack");
+        for (dt, p) in every_format(n, k) {
             let x = inputs(9, k);
             let all = p.matmul(&x, 9);
             for r in 0..9 {
