@@ -15,6 +15,15 @@ mod wide;
 
 const BLOCK: usize = 32;
 
+/// Whether this CPU runs the AVX2/FMA kernels (`avx2`, `int16::avx2`).
+fn avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma");
+    #[allow(unreachable_code)]
+    false
+}
+
 /// How decode rows' activations meet the packed weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -147,10 +156,7 @@ impl PackedLinear {
     fn row(&self, r: usize, buf: &mut [f32]) {
         assert!(r < self.out && buf.len() == self.inp);
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-            && self.inp.is_multiple_of(BLOCK)
-        {
+        if avx2_fma() && self.inp.is_multiple_of(BLOCK) {
             // SAFETY: AVX2/FMA checked above; row `r` exists and `buf` holds its `inp` values.
             unsafe { avx2::dequant_row(&self.blocks, self.inp / BLOCK, r, buf) };
             return;
@@ -337,10 +343,7 @@ impl PackedLinear {
     #[allow(unsafe_code)]
     fn matmul_fused(&self, x: &[f32], rows: usize) -> Option<Vec<f32>> {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-            && self.inp.is_multiple_of(BLOCK)
-        {
+        if avx2_fma() && self.inp.is_multiple_of(BLOCK) {
             let (n, k) = (self.out, self.inp);
             assert!(x.len() >= rows * k);
             let mut out = vec![0f32; rows * n];
@@ -404,7 +407,7 @@ fn tile_rows(
     assert!(w0.len() == k && w1.is_none_or(|w| w.len() == k) && x.len() >= rows * k);
     assert!(o0.len() >= rows && o1.as_ref().is_none_or(|o| o.len() >= rows));
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+    if avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA (checked above); every pointer the kernel reads or
         // writes is within the slices whose lengths the asserts above check.
         unsafe { avx2::tile_rows(w0, w1, x, k, rows, o0, o1) };
@@ -764,8 +767,7 @@ mod tests {
         // The AVX2 kernel itself, called directly: a machine without it fails here rather
         // than comparing the portable kernel with itself.
         assert!(
-            std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma"),
+            avx2_fma(),
             "this CPU lacks AVX2/FMA, so the SIMD kernel cannot be checked on it"
         );
         let k = 64;
@@ -823,8 +825,7 @@ mod tests {
     #[allow(unsafe_code)]
     fn simd_and_portable_dequantisation_agree_bitwise() {
         assert!(
-            std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma"),
+            avx2_fma(),
             "this CPU lacks AVX2/FMA, so the SIMD dequantisation cannot be checked on it"
         );
         let (n, k) = (5, 96);

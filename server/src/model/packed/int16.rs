@@ -15,7 +15,7 @@
 //! Every tile shape, SIMD or portable, does exactly this, so a row's result never depends on
 //! the rows beside it.
 
-use super::{reduce, Acc, Blocks, PackedLinear, BLOCK, LANES};
+use super::{avx2_fma, reduce, Acc, Blocks, PackedLinear, BLOCK, LANES};
 
 /// Activation rows quantised per block: `q` (rows·k), and per block `d` and `d·Σq`.
 pub(super) struct QuantRows {
@@ -105,7 +105,7 @@ pub(super) fn matmul(w: &PackedLinear, x: &[f32], rows: usize) -> Option<Vec<f32
     }
     assert_eq!(x.len(), rows * k, "activation rows");
     let xq = QuantRows::new(x, k);
-    let simd = simd_available();
+    let simd = avx2_fma();
     // Each task owns TILE weight rows' outputs.
     const TILE: usize = 16;
     Some(super::by_tiles(
@@ -117,7 +117,7 @@ pub(super) fn matmul(w: &PackedLinear, x: &[f32], rows: usize) -> Option<Vec<f32
             let r0 = t * TILE;
             if simd {
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: AVX2/FMA present (`simd_available`); the chunk holds the outputs of
+                // SAFETY: AVX2/FMA present (`avx2_fma`); the chunk holds the outputs of
                 // weight rows r0.. (all < out) for every activation row, and `xq` was built
                 // from `rows` rows of `k` values, `k` a whole number of blocks.
                 unsafe {
@@ -132,14 +132,6 @@ pub(super) fn matmul(w: &PackedLinear, x: &[f32], rows: usize) -> Option<Vec<f32
             }
         },
     ))
-}
-
-fn simd_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return std::arch::is_x86_feature_detected!("avx2")
-        && std::arch::is_x86_feature_detected!("fma");
-    #[allow(unreachable_code)]
-    false
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -327,7 +319,7 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     fn simd_tiles_match_the_portable_kernel_bitwise() {
         assert!(
-            simd_available(),
+            avx2_fma(),
             "this CPU lacks AVX2/FMA, so the SIMD kernel cannot be checked on it"
         );
         let (n, k) = (37, 96);
