@@ -44,22 +44,25 @@ fn hf_directory_matches_the_gguf_it_came_from() {
     std::fs::create_dir(&hf).expect("mkdir");
     let w = &g.llama.weights;
     let mut t: HashMap<String, Tensor> = HashMap::new();
-    t.insert("model.embed_tokens.weight".into(), w.embed.clone());
+    t.insert(
+        "model.embed_tokens.weight".into(),
+        w.embed.weight().expect("embed"),
+    );
     t.insert("model.norm.weight".into(), w.final_norm.clone());
     for (i, l) in w.layers.iter().enumerate() {
         let p = |s: &str| format!("model.layers.{i}.{s}.weight");
-        let q = permute_gguf_to_hf(l.q.weight(), cfg.num_heads).expect("permute q");
-        let k = permute_gguf_to_hf(l.k.weight(), cfg.num_kv_heads).expect("permute k");
+        let q = permute_gguf_to_hf(&l.q.weight().expect("q"), cfg.num_heads).expect("permute q");
+        let k = permute_gguf_to_hf(&l.k.weight().expect("k"), cfg.num_kv_heads).expect("permute k");
         t.insert(
             p("self_attn.q_proj"),
             q.to_dtype(candle_core::DType::BF16).expect("bf16"),
         );
         t.insert(p("self_attn.k_proj"), k);
-        t.insert(p("self_attn.v_proj"), l.v.weight().clone());
-        t.insert(p("self_attn.o_proj"), l.o.weight().clone());
-        t.insert(p("mlp.gate_proj"), l.gate.weight().clone());
-        t.insert(p("mlp.up_proj"), l.up.weight().clone());
-        t.insert(p("mlp.down_proj"), l.down.weight().clone());
+        t.insert(p("self_attn.v_proj"), l.v.weight().expect("weight"));
+        t.insert(p("self_attn.o_proj"), l.o.weight().expect("weight"));
+        t.insert(p("mlp.gate_proj"), l.gate.weight().expect("weight"));
+        t.insert(p("mlp.up_proj"), l.up.weight().expect("weight"));
+        t.insert(p("mlp.down_proj"), l.down.weight().expect("weight"));
         t.insert(p("input_layernorm"), l.attn_norm.clone());
         t.insert(p("post_attention_layernorm"), l.ffn_norm.clone());
     }

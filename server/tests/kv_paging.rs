@@ -13,25 +13,37 @@ use graft_server::{
     },
     model::{
         kv_cache::BLOCK_TOKENS,
+        packed::DecodeKernel,
         tiny::{write_tiny_gguf, TinySpec},
         BaseModel, KvCache, SeqChunk,
     },
 };
 
-fn tiny() -> Arc<BaseModel> {
-    static M: OnceLock<Arc<BaseModel>> = OnceLock::new();
-    M.get_or_init(|| {
+fn tiny_with(kernel: DecodeKernel) -> BaseModel {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    let path = DIR.get_or_init(|| {
         let dir: PathBuf = std::env::temp_dir().join(format!("graft-kv-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let path = dir.join("tiny.gguf");
         write_tiny_gguf(&path, &TinySpec::default()).expect("tiny");
-        Arc::new(BaseModel::load(&path, &Device::Cpu).expect("load"))
-    })
-    .clone()
+        path
+    });
+    let mut m = BaseModel::load(path, &Device::Cpu).expect("load");
+    m.llama.set_decode_kernel(kernel);
+    m
+}
+
+fn tiny() -> Arc<BaseModel> {
+    static M: OnceLock<Arc<BaseModel>> = OnceLock::new();
+    M.get_or_init(|| Arc::new(tiny_with(DecodeKernel::Exact)))
+        .clone()
 }
 
 fn engine(blocks: usize) -> EngineHandle {
-    let m = tiny();
+    engine_of(tiny(), blocks)
+}
+
+fn engine_of(m: Arc<BaseModel>, blocks: usize) -> EngineHandle {
     let cfg = EngineConfig {
         kv_cache_bytes: blocks * m.llama.kv_shape().bytes_per_block(),
         ..EngineConfig::default()
@@ -143,10 +155,9 @@ async fn a_prompt_prefix_is_shared_within_a_tenant_only_and_changes_nothing() {
     assert_eq!(u5.cached_prompt_tokens as usize, BLOCK_TOKENS);
 }
 
-/// The first token of `prompt`, greedy, with its log-probability's bits, from the model run
-/// directly: the prompt's rows through the packed kernel (`packed`) or the f32 GEMM.
-fn first_token(prompt: &[u32], packed: bool) -> (u32, u32) {
-    let m = tiny();
+/// The first token of `prompt`, greedy, with its log-probability's bits, from `m` run
+/// directly: the prompt's rows through its decode kernel (`decode`) or the exact one.
+fn first_token(m: &BaseModel, prompt: &[u32], decode: bool) -> (u32, u32) {
     let mut pool = m.llama.kv_pool(256);
     let mut cache = KvCache::new();
     let mut logits = m
@@ -157,7 +168,7 @@ fn first_token(prompt: &[u32], packed: bool) -> (u32, u32) {
                 tokens: prompt,
                 cache: &mut cache,
                 want_logits: true,
-                decode: packed,
+                decode,
                 adapter: None,
             }],
         )
@@ -170,27 +181,29 @@ fn first_token(prompt: &[u32], packed: bool) -> (u32, u32) {
     (s.token, s.logprob.to_bits())
 }
 
-/// A prompt of at most PACKED_PROMPT_TOKENS is prefilled through the packed kernel (the
-/// GEMM, in 16-row tiles of f32 weights, made a short request's first token slow), one
-/// token longer through the GEMM; and the prefix cache never hands KV computed one way to a
-/// prompt of the other kind.
+/// A prompt of at most PACKED_PROMPT_TOKENS is prefilled through the decode kernel, one
+/// token longer through the exact packed kernel: under `int16` (fast for a few rows, slow
+/// for many) the two differ, and the prefix cache never hands KV computed one way to a
+/// prompt of the other kind. (Under the default `exact` they are one path.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn short_prompts_prefill_through_the_packed_kernel_and_keep_their_own_kv() {
-    let e = engine(256);
+async fn short_prompts_prefill_through_the_decode_kernel_and_keep_their_own_kv() {
+    let m = Arc::new(tiny_with(DecodeKernel::Int16));
+    let e = engine_of(m.clone(), 256);
+    let first_token = |p: &[u32], decode: bool| first_token(&m, p, decode);
     let short = prompt(11, PACKED_PROMPT_TOKENS);
-    let (packed, gemm) = (first_token(&short, true), first_token(&short, false));
+    let (int16, exact) = (first_token(&short, true), first_token(&short, false));
     assert_ne!(
-        packed.1, gemm.1,
+        int16.1, exact.1,
         "the kernels round differently, so the engine's bits tell which one ran"
     );
     let (out, u) = run_exact(&e, request("a", short.clone(), 1, 0)).await;
-    assert_eq!((out[0], u.cached_prompt_tokens), (packed, 0));
+    assert_eq!((out[0], u.cached_prompt_tokens), (int16, 0));
     let mut long = short.clone();
     long.push(42);
     let (out, u) = run_exact(&e, request("a", long.clone(), 1, 0)).await;
     assert_eq!(
         u.cached_prompt_tokens, 0,
-        "the short prompt's full blocks (packed KV) are not the long prompt's"
+        "the short prompt's full blocks (int16 KV) are not the long prompt's"
     );
     assert_eq!(out[0], first_token(&long, false));
     // Within a kind, blocks are shared as before.

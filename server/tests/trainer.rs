@@ -255,7 +255,7 @@ fn backward_computes_no_gradient_for_the_frozen_base_weights() {
     let mut weight_shapes = std::collections::HashSet::new();
     for l in &m.llama.weights.layers {
         for lin in [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down] {
-            let (out, inp) = lin.weight().dims2().expect("2-d");
+            let (out, inp) = (lin.out_features(), lin.in_features());
             weight_shapes.insert(vec![inp, out]);
             weight_shapes.insert(vec![out, inp]);
         }
@@ -317,4 +317,51 @@ fn a_run_keeps_its_newest_checkpoints_only() {
         let size = std::fs::metadata(dir.path().join(f)).expect("meta").len();
         assert!(size <= held, "{f}: {size} bytes, {held} held");
     }
+}
+
+/// A GGUF model holds its packed blocks, not f32 weights: serving (a prompt longer than the
+/// packed-kernel short-prompt limit, then decode) makes no f32 copy; the training forward
+/// keeps one while a job holds the weights in use, and the last holder's end drops it.
+#[test]
+fn f32_weights_are_made_for_training_only_and_dropped_after_it() {
+    use graft_server::model::{
+        tiny::{write_tiny_gguf, TinySpec},
+        BaseModel, Module,
+    };
+    // Its own model: no other test moves what this one's weights hold.
+    let dir = tempfile::tempdir().expect("dir");
+    let p = dir.path().join("tiny.gguf");
+    write_tiny_gguf(&p, &TinySpec::default()).expect("tiny");
+    let m = BaseModel::load(&p, &Device::Cpu).expect("load");
+    let w = &m.llama.weights;
+    assert!(w.tied(), "the tiny model's head is its embedding");
+    let dense: usize = std::iter::once(&w.embed)
+        .chain(w.layers.iter().flat_map(|l| Module::ALL.map(|m| m.of(l))))
+        .map(|l| l.out_features() * l.in_features() * 4)
+        .sum();
+    let served = w.resident_bytes();
+
+    let vocab = m.config().vocab_size as u32;
+    let prompt: Vec<u32> = (0..40).map(|i| (i * 7 + 3) % vocab).collect();
+    assert!(prompt.len() > graft_server::engine::PACKED_PROMPT_TOKENS);
+    let (_, tokens) = common::greedy(&m, None, &prompt, 4);
+    assert_eq!(tokens.len(), 4);
+    assert_eq!(w.resident_bytes(), served, "serving made f32 weights");
+
+    let (a, b) = (w.dense_in_use(), w.dense_in_use());
+    let ids = Tensor::from_slice(&prompt, (1, prompt.len()), &Device::Cpu).expect("ids");
+    m.llama.forward_hidden(&ids, None).expect("forward");
+    assert_eq!(
+        w.resident_bytes(),
+        served + dense,
+        "the training forward keeps them"
+    );
+    drop(a);
+    assert_eq!(w.resident_bytes(), served + dense, "one holder is left");
+    drop(b);
+    assert_eq!(
+        w.resident_bytes(),
+        served,
+        "the last holder's end drops them"
+    );
 }

@@ -204,7 +204,10 @@ fn weight_method_gradients_match_finite_differences() {
                 let mut parts = names[vi].split('.');
                 let li: usize = parts.next().expect("layer").parse().expect("layer");
                 let module = Module::from_hf_name(parts.next().expect("module")).expect("module");
-                let w = module.of(&m.llama.weights.layers[li]).weight().clone();
+                let w = module
+                    .of(&m.llama.weights.layers[li])
+                    .weight()
+                    .expect("weight");
                 let scale = if s.use_rslora {
                     s.alpha / (s.rank as f64).sqrt()
                 } else {

@@ -13,8 +13,9 @@
 //! through the prefill path and its generated tokens through the decode path, the very
 //! paths that produced them, so its KV, and hence its output, is what it was. Prefill chunks
 //! shrink to the blocks there are. A short prompt (at most [`PACKED_PROMPT_TOKENS`]) runs
-//! through the packed kernel like decode rows, a long one through the f32 GEMM; which is
-//! fixed by the request, never by the step.
+//! through the decode kernel like decode rows, a long one through the exact packed kernel
+//! (or, for a model without blocks, everything through the f32 GEMM); which is fixed by the
+//! request, never by the step.
 
 use std::{
     sync::{atomic::Ordering, Arc},
@@ -76,7 +77,7 @@ impl Sequence {
         self.prompt.len() + self.generated.len()
     }
 
-    /// Whether the prompt runs through the packed (decode) kernel: see [`packed_prompt`].
+    /// Whether the prompt runs through the decode kernel: see [`packed_prompt`].
     fn packed_prompt(&self) -> bool {
         packed_prompt(self.prompt.len() - self.virtual_tokens)
     }
@@ -671,15 +672,16 @@ fn seed_prefix(pool: &mut KvPool, cache: &mut KvCache, adapter: Option<&AdapterL
     true
 }
 
-/// Prompts of at most this many tokens run through the packed kernel, like decode rows.
-/// The f32 GEMM that prefills longer prompts reads every weight as f32 (four bytes a
-/// parameter, in whole tiles of 16 rows), which made the first token of a short request
-/// cost ~85 ms here; up to about this many rows the packed kernel, reading the GGUF blocks
-/// once per weight row for every row of the step, is faster (`kernels`: 0.45-0.9 of the
-/// GEMM's time at 8 rows, 1.1-1.3 at 32).
+/// Prompts of at most this many tokens run through the decode kernel (`--decode-kernel`),
+/// like decode rows; longer ones through the exact packed kernel (`Linear::forward_rows`).
+/// Under the default `exact` kernel the two are one path. `int16` is fast for a few rows and
+/// slow for many (1.9-2.7x the exact kernel's time at 256 rows, `kernels`), so long prompts
+/// keep the exact one. (Before GGUF weights were held as blocks only, long prompts ran
+/// through an f32 GEMM, and this limit kept the ~85 ms that GEMM put before a short
+/// request's first token away from it.)
 pub const PACKED_PROMPT_TOKENS: usize = 32;
 
-/// Whether a prompt of `tokens` tokens runs through the packed kernel. A property of the
+/// Whether a prompt of `tokens` tokens runs through the decode kernel. A property of the
 /// request alone, never of the step it shares or of how its prefill is chunked, so a
 /// sequence's bits stay what they are alone; the prefix cache keeps the two kinds apart
 /// ([`prefix_salt`]).
@@ -688,7 +690,7 @@ fn packed_prompt(tokens: usize) -> bool {
 }
 
 /// The prefix cache's isolation key of a request: its tenant, the content hash of its
-/// adapter version and whether its prompt runs through the packed kernel. Blocks are shared
+/// adapter version and whether its prompt runs through the decode kernel. Blocks are shared
 /// only under equal salts, so a tenant's prompt never makes another tenant's identical
 /// prompt faster, a new adapter version never sees the KV of an older one, and KV computed
 /// by one kernel never stands in for the other's.

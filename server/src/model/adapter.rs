@@ -34,7 +34,7 @@ use super::{
     bottleneck,
     lora::LoraPair,
     sites::{Module, Sublayer},
-    weights::Weights,
+    weights::{Linear, Weights},
 };
 
 /// DoRA's parts of one module: a LoRA pair, the learned magnitude, and the gain
@@ -245,7 +245,7 @@ impl Adapter {
         for (li, layer) in self.linear.iter_mut().enumerate() {
             for m in Module::ALL {
                 if let Some(LinearDelta::Dora(d)) = &mut layer[m.index()] {
-                    let norm = Dora::weight_norm(&d.lora, m.of(&base.layers[li]).weight())?;
+                    let norm = Dora::weight_norm(&d.lora, &m.of(&base.layers[li]).weight()?)?;
                     d.gain = d.magnitude.iter().zip(&norm).map(|(m, n)| m / n).collect();
                 }
             }
@@ -316,11 +316,11 @@ impl Adapter {
         for (li, layer) in w.layers.iter_mut().enumerate() {
             for m in Module::ALL {
                 let lin = m.of_mut(layer);
-                lin.packed = None;
-                let dev = lin.weight.device().clone();
-                lin.weight = match self.linear(li, m) {
-                    None => continue,
-                    Some(LinearDelta::Lora(p)) => (&lin.weight + p.delta()?)?,
+                let base = lin.weight()?;
+                let dev = base.device().clone();
+                *lin = Linear::new(match self.linear(li, m) {
+                    None => base,
+                    Some(LinearDelta::Lora(p)) => (&base + p.delta()?)?,
                     Some(LinearDelta::Ia3 { scale, on_input }) => {
                         let l = vector(scale, &dev)?;
                         let l = if *on_input {
@@ -328,14 +328,20 @@ impl Adapter {
                         } else {
                             l.unsqueeze(1)?
                         };
-                        lin.weight.broadcast_mul(&l)?
+                        base.broadcast_mul(&l)?
                     }
-                    Some(LinearDelta::Dora(d)) => (&lin.weight + d.lora.delta()?)?
+                    Some(LinearDelta::Dora(d)) => (&base + d.lora.delta()?)?
                         .broadcast_mul(&vector(&d.gain, &dev)?.unsqueeze(1)?)?,
-                };
+                });
             }
         }
-        w.lm_head.packed = None;
+        let tied = w.tied();
+        w.embed = w.embed.unpacked()?;
+        w.lm_head = if tied {
+            w.embed.clone()
+        } else {
+            w.lm_head.unpacked()?
+        };
         Ok(w)
     }
 }

@@ -321,13 +321,7 @@ impl Llama {
         };
         let (hidden, kv_dim) = (cfg.hidden_size, cfg.kv_dim());
         let eps = cfg.rms_eps as f32;
-        let ids_t = Tensor::from_vec(ids, n, &self.device)?;
-        let mut x: Vec<f32> = self
-            .weights
-            .embed
-            .index_select(&ids_t, 0)?
-            .flatten_all()?
-            .to_vec1()?;
+        let mut x: Vec<f32> = self.weights.embed.rows(&ids)?;
         for (li, layer) in self.weights.layers.iter().enumerate() {
             let (attn_norm, ffn_norm) = &self.norms[li];
             let h = ops::rms_norm(&x, attn_norm, eps);
@@ -434,6 +428,7 @@ impl Llama {
         let x = self
             .weights
             .embed
+            .weight_kept()?
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, t, hidden))?;
         let prompt = match adapter {

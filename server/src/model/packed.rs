@@ -10,6 +10,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
 use rayon::prelude::*;
 
+mod dense;
 mod int16;
 mod wide;
 
@@ -703,7 +704,7 @@ mod tests {
     }
 
     /// [`weights`] packed from each block format the kernels take (and f32).
-    fn every_format(n: usize, k: usize) -> Vec<(GgmlDType, PackedLinear)> {
+    pub(super) fn every_format(n: usize, k: usize) -> Vec<(GgmlDType, PackedLinear)> {
         [
             GgmlDType::Q4_0,
             GgmlDType::Q4_1,

@@ -4,7 +4,7 @@
 
 use std::{collections::HashMap, fs::File, path::Path};
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{
     quantized::{gguf_file, QTensor},
@@ -18,12 +18,23 @@ use super::{
     ModelError,
 };
 
-/// A linear layer `y = x W^T` over frozen weights `W: (out, in)`: f32 for the plain path
-/// and prefill GEMMs, and (from GGUF) the packed blocks the decode path streams.
+/// A linear layer `y = x W^T` over frozen weights `W: (out, in)`. From GGUF it holds the
+/// packed blocks every served row streams, and makes the f32 weights from them only when an
+/// f32 path asks ([`Linear::weight`]); from HF files (or trained, or merged) it holds f32.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    pub(crate) weight: Tensor,
+    dense: Dense,
     pub(crate) packed: Option<Arc<PackedLinear>>,
+}
+
+/// A linear layer's f32 weights.
+#[derive(Debug, Clone)]
+enum Dense {
+    /// Held for the layer's life.
+    Resident(Tensor),
+    /// Made from the packed blocks on demand; kept once a differentiable forward has used
+    /// them (training), until [`Weights::release_dense`]. Shared by the layer's clones.
+    OnDemand(Arc<Mutex<Option<Tensor>>>),
 }
 
 /// Rows of one serving GEMM call come in whole multiples of this (see
@@ -33,21 +44,114 @@ pub const GEMM_TILE_ROWS: usize = 16;
 impl Linear {
     pub fn new(weight: Tensor) -> Self {
         Self {
-            weight,
+            dense: Dense::Resident(weight),
             packed: None,
         }
     }
 
-    /// From a GGUF tensor: dequantised f32 plus the packed blocks.
-    pub fn from_qtensor(q: &QTensor, dev: &Device) -> Result<Self, ModelError> {
+    /// From a GGUF tensor: the packed blocks, f32 on demand.
+    pub fn from_qtensor(q: &QTensor) -> Result<Self, ModelError> {
         Ok(Self {
-            weight: q.dequantize(dev)?.to_dtype(DType::F32)?,
+            dense: Dense::OnDemand(Arc::default()),
             packed: Some(Arc::new(PackedLinear::from_qtensor(q)?)),
         })
     }
 
+    /// The f32 weights `(out, in)`: held or kept ones, else made from the packed blocks for
+    /// this caller alone (not kept).
+    pub fn weight(&self) -> candle_core::Result<Tensor> {
+        match self.held() {
+            Some(t) => Ok(t),
+            None => self.dequantized(),
+        }
+    }
+
+    /// The f32 weights if held or kept now.
+    fn held(&self) -> Option<Tensor> {
+        match &self.dense {
+            Dense::Resident(t) => Some(t.clone()),
+            Dense::OnDemand(kept) => lock(kept).clone(),
+        }
+    }
+
+    /// [`Linear::weight`], kept for the next caller: the differentiable forward's, which
+    /// runs once a training step, and the trainer's other per-job uses of the base weights.
+    ///
+    /// The lock is never held while the weights are made: that runs on the rayon pool, whose
+    /// workers, waiting for it, may take up a serving step that looks the embedding up
+    /// here. Two callers at once may both make them; the first kept stays.
+    pub fn weight_kept(&self) -> candle_core::Result<Tensor> {
+        if let Some(t) = self.held() {
+            return Ok(t);
+        }
+        let t = self.dequantized()?;
+        let Dense::OnDemand(kept) = &self.dense else {
+            return Ok(t);
+        };
+        Ok(lock(kept).get_or_insert(t).clone())
+    }
+
+    fn dequantized(&self) -> candle_core::Result<Tensor> {
+        let p = self.packed.as_ref().ok_or_else(|| {
+            candle_core::Error::Msg("a weight with neither f32 nor blocks".into())
+        })?;
+        Tensor::from_vec(
+            p.to_dense(),
+            (p.out_features(), p.in_features()),
+            &Device::Cpu,
+        )
+    }
+
+    /// Drops kept f32 weights made from the blocks.
+    fn release(&self) {
+        if let Dense::OnDemand(kept) = &self.dense {
+            *lock(kept) = None;
+        }
+    }
+
+    /// Bytes of f32 weights held now.
+    fn dense_bytes(&self) -> usize {
+        let f32s = |t: &Tensor| t.elem_count() * 4;
+        match &self.dense {
+            Dense::Resident(t) => f32s(t),
+            Dense::OnDemand(kept) => lock(kept).as_ref().map_or(0, f32s),
+        }
+    }
+
+    /// Whether `other` is this very layer (a clone of it), not merely equal weights.
+    pub fn same_as(&self, other: &Linear) -> bool {
+        match (&self.dense, &other.dense) {
+            (Dense::Resident(a), Dense::Resident(b)) => a.id() == b.id(),
+            (Dense::OnDemand(a), Dense::OnDemand(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+
+    /// This layer with its f32 weights held and no packed form: for the f32 paths only.
+    pub fn unpacked(&self) -> candle_core::Result<Self> {
+        Ok(Self::new(self.weight()?))
+    }
+
+    /// Rows `ids` of the weight, one after another (the embedding lookup), from the blocks
+    /// where the f32 weights are not held.
+    pub fn rows(&self, ids: &[u32]) -> candle_core::Result<Vec<f32>> {
+        match (self.held(), &self.packed) {
+            (Some(w), _) => {
+                let idx = Tensor::from_slice(ids, ids.len(), w.device())?;
+                w.index_select(&idx, 0)?.flatten_all()?.to_vec1()
+            }
+            (None, Some(p)) => p
+                .dense_rows(ids)
+                .ok_or_else(|| candle_core::Error::Msg("a row id past the weight's rows".into())),
+            (None, None) => Err(candle_core::Error::Msg(
+                "a weight with neither f32 nor blocks".into(),
+            )),
+        }
+    }
+
     /// `x: (rows, in)` where the first `decode_rows` rows are decode tokens: those go through
-    /// the packed kernel `kernel` (row-wise, batch-invariant), the rest through the f32 GEMM.
+    /// the packed kernel `kernel` (row-wise, batch-invariant), the rest through the exact
+    /// packed kernel, or, without blocks, everything through the f32 GEMM.
     pub fn forward_rows(
         &self,
         x: &Tensor,
@@ -55,7 +159,7 @@ impl Linear {
         kernel: DecodeKernel,
     ) -> candle_core::Result<Tensor> {
         let rows = x.dim(0)?;
-        if self.packed.is_none() || decode_rows == 0 {
+        if self.packed.is_none() {
             return self.forward_tiled(x);
         }
         let y = self.forward_rows_vec(&x.flatten_all()?.to_vec1()?, rows, decode_rows, kernel)?;
@@ -71,17 +175,16 @@ impl Linear {
         kernel: DecodeKernel,
     ) -> candle_core::Result<Vec<f32>> {
         let k = self.in_features();
-        let dev = self.weight.device();
-        let gemm = |x: &[f32], rows: usize| -> candle_core::Result<Vec<f32>> {
-            let t = Tensor::from_slice(x, (rows, k), dev)?;
-            self.forward_tiled(&t)?.flatten_all()?.to_vec1()
+        let Some(p) = self.packed.as_ref() else {
+            let t = Tensor::from_slice(x, (rows, k), &Device::Cpu)?;
+            return self.forward_tiled(&t)?.flatten_all()?.to_vec1();
         };
-        let Some(p) = self.packed.as_ref().filter(|_| decode_rows > 0) else {
-            return gemm(x, rows);
-        };
+        if kernel == DecodeKernel::Exact || decode_rows == 0 {
+            return Ok(p.matmul(x, rows));
+        }
         let mut y = p.matmul_with(kernel, &x[..decode_rows * k], decode_rows);
         if decode_rows < rows {
-            y.extend(gemm(&x[decode_rows * k..], rows - decode_rows)?);
+            y.extend(p.matmul(&x[decode_rows * k..], rows - decode_rows));
         }
         Ok(y)
     }
@@ -101,29 +204,40 @@ impl Linear {
         let z = Tensor::zeros((pad, x.dim(1)?), x.dtype(), x.device())?;
         self.forward(&Tensor::cat(&[x, &z], 0)?)?.narrow(0, 0, rows)
     }
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
-    }
     /// `x W^T` for the differentiable forward: a frozen weight's backward yields `x`'s
     /// gradient only ([`super::frozen`]); a trained one (a `Var`, in full fine-tuning)
     /// gets its own gradient too.
     pub fn forward_train(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if self.weight.is_variable() {
-            x.matmul(&self.weight.t()?)
+        let w = self.weight_kept()?;
+        if w.is_variable() {
+            x.matmul(&w.t()?)
         } else {
-            super::frozen::frozen_matmul(x, &self.weight)
+            super::frozen::frozen_matmul(x, &w)
         }
     }
     /// `x: (rows, in)` -> `(rows, out)`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.matmul(&self.weight.t()?)
+        x.matmul(&self.weight_kept()?.t()?)
     }
     pub fn out_features(&self) -> usize {
-        self.weight.dims()[0]
+        match (&self.dense, &self.packed) {
+            (Dense::Resident(t), _) => t.dims()[0],
+            (_, Some(p)) => p.out_features(),
+            (Dense::OnDemand(_), None) => 0,
+        }
     }
     pub fn in_features(&self) -> usize {
-        self.weight.dims()[1]
+        match (&self.dense, &self.packed) {
+            (Dense::Resident(t), _) => t.dims()[1],
+            (_, Some(p)) => p.in_features(),
+            (Dense::OnDemand(_), None) => 0,
+        }
     }
+}
+
+/// A poisoned lock still holds a whole value here (an `Option<Tensor>` set in one store).
+fn lock(m: &Mutex<Option<Tensor>>) -> std::sync::MutexGuard<'_, Option<Tensor>> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The weights of one decoder block.
@@ -140,25 +254,57 @@ pub struct LayerWeights {
     pub down: Linear,
 }
 
-/// All weights of the model. `lm_head` shares storage with `embed` when tied.
+/// All weights of the model. `lm_head` is `embed` itself when tied.
 #[derive(Debug, Clone)]
 pub struct Weights {
-    pub embed: Tensor,
+    pub embed: Linear,
     pub layers: Vec<LayerWeights>,
     pub final_norm: Tensor,
     pub lm_head: Linear,
+    /// Holders of [`DenseInUse`]: f32 weights made from blocks are kept while any is held.
+    in_use: Arc<Mutex<usize>>,
 }
 
 impl Weights {
+    pub fn new(
+        embed: Linear,
+        layers: Vec<LayerWeights>,
+        final_norm: Tensor,
+        lm_head: Linear,
+    ) -> Self {
+        Self {
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+            in_use: Arc::default(),
+        }
+    }
+
     /// Whether the LM head is the embedding matrix itself (tied, as SmolLM2's are).
     pub fn tied(&self) -> bool {
-        self.lm_head.weight().id() == self.embed.id()
+        self.lm_head.same_as(&self.embed)
+    }
+
+    /// Every linear layer, the embedding and a tied LM head once.
+    fn linears(&self) -> impl Iterator<Item = &Linear> {
+        let head = (!self.tied()).then_some(&self.lm_head);
+        std::iter::once(&self.embed)
+            .chain(
+                self.layers
+                    .iter()
+                    .flat_map(|l| Module::ALL.map(|m| m.of(l))),
+            )
+            .chain(head)
     }
 
     /// Every distinct tensor, named as an HF `LlamaForCausalLM` names it, in the HF layout
     /// (q/k rows back in the halves order); a tied LM head is not repeated.
     pub fn hf_tensors(&self, cfg: &LlamaConfig) -> candle_core::Result<Vec<(String, Tensor)>> {
-        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            self.embed.weight()?,
+        )];
         for (i, l) in self.layers.iter().enumerate() {
             for (norm, t) in [
                 ("input_layernorm", &l.attn_norm),
@@ -167,37 +313,71 @@ impl Weights {
                 out.push((format!("model.layers.{i}.{norm}.weight"), t.clone()));
             }
             for m in Module::ALL {
-                let w = m.of(l).weight();
+                let w = m.of(l).weight()?;
                 let w = match m {
-                    Module::Q => permute_gguf_to_hf(w, cfg.num_heads)?,
-                    Module::K => permute_gguf_to_hf(w, cfg.num_kv_heads)?,
-                    _ => w.clone(),
+                    Module::Q => permute_gguf_to_hf(&w, cfg.num_heads)?,
+                    Module::K => permute_gguf_to_hf(&w, cfg.num_kv_heads)?,
+                    _ => w,
                 };
                 out.push((format!("{}.weight", m.hf_key(i)), w));
             }
         }
         out.push(("model.norm.weight".into(), self.final_norm.clone()));
         if !self.tied() {
-            out.push(("lm_head.weight".into(), self.lm_head.weight().clone()));
+            out.push(("lm_head.weight".into(), self.lm_head.weight()?));
         }
         Ok(out)
     }
 
-    /// Bytes of the f32 weights (each distinct tensor once), plus the packed decode blocks.
+    /// Bytes held now: f32 weights (each distinct tensor once, those made from blocks while
+    /// they are kept) and the packed blocks.
     pub fn resident_bytes(&self) -> usize {
         let f32s = |t: &Tensor| t.elem_count() * 4;
-        let lin = |l: &Linear| f32s(l.weight()) + l.packed.as_ref().map_or(0, |p| p.bytes());
-        let mut n = f32s(&self.embed) + f32s(&self.final_norm);
-        for l in &self.layers {
-            n += f32s(&l.attn_norm) + f32s(&l.ffn_norm);
-            n += Module::ALL.iter().map(|m| lin(m.of(l))).sum::<usize>();
-        }
-        n + if self.tied() {
-            self.lm_head.packed.as_ref().map_or(0, |p| p.bytes())
-        } else {
-            lin(&self.lm_head)
+        let norms: usize = self
+            .layers
+            .iter()
+            .map(|l| f32s(&l.attn_norm) + f32s(&l.ffn_norm))
+            .sum();
+        let linears: usize = self
+            .linears()
+            .map(|l| l.dense_bytes() + l.packed.as_ref().map_or(0, |p| p.bytes()))
+            .sum();
+        norms + f32s(&self.final_norm) + linears
+    }
+
+    /// Marks the f32 weights made from blocks as in use (by a training job) until the
+    /// answer is dropped: the differentiable forward keeps them from its first step on, and
+    /// when the last holder lets go they are dropped, so serving alone holds the blocks only.
+    pub fn dense_in_use(&self) -> DenseInUse {
+        *count(&self.in_use) += 1;
+        DenseInUse {
+            weights: self.clone(),
         }
     }
+
+    /// Drops every kept f32 weight made from blocks (made again when next asked for).
+    pub fn release_dense(&self) {
+        self.linears().for_each(Linear::release);
+    }
+}
+
+/// See [`Weights::dense_in_use`].
+pub struct DenseInUse {
+    weights: Weights,
+}
+
+impl Drop for DenseInUse {
+    fn drop(&mut self) {
+        let mut n = count(&self.weights.in_use);
+        *n -= 1;
+        if *n == 0 {
+            self.weights.release_dense();
+        }
+    }
+}
+
+fn count(m: &Mutex<usize>) -> std::sync::MutexGuard<'_, usize> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Metadata read from a GGUF file besides the tensors.
@@ -281,18 +461,17 @@ impl GgufFile {
 
     fn linear(&mut self, name: &str, dev: &Device) -> Result<Linear, ModelError> {
         let q = self.qtensor(name, dev)?;
-        Linear::from_qtensor(&q, dev)
+        Linear::from_qtensor(&q)
     }
 
     fn has_tensor(&self, name: &str) -> bool {
         self.content.tensor_infos.contains_key(name)
     }
 
-    /// Loads every tensor as f32. GGUF already stores Q/K in the interleaved-RoPE order.
+    /// Loads the linear layers as packed blocks (f32 on demand) and the norms as f32. GGUF
+    /// already stores Q/K in the interleaved-RoPE order.
     pub fn weights(&mut self, cfg: &LlamaConfig, dev: &Device) -> Result<Weights, ModelError> {
-        let embed_q = self.qtensor("token_embd.weight", dev)?;
-        let embed_linear = Linear::from_qtensor(&embed_q, dev)?;
-        let embed = embed_linear.weight.clone();
+        let embed = self.linear("token_embd.weight", dev)?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let p = |s: &str| format!("blk.{i}.{s}.weight");
@@ -312,14 +491,9 @@ impl GgufFile {
         let lm_head = if self.has_tensor("output.weight") {
             self.linear("output.weight", dev)?
         } else {
-            embed_linear
+            embed.clone()
         };
-        let w = Weights {
-            embed,
-            layers,
-            final_norm,
-            lm_head,
-        };
+        let w = Weights::new(embed, layers, final_norm, lm_head);
         check_shapes(&w, cfg)?;
         Ok(w)
     }
@@ -378,7 +552,7 @@ pub fn load_hf_weights(
             .ok_or_else(|| ModelError::Format(format!("tensor {name} is missing")))?;
         Ok(t.to_dtype(DType::F32)?)
     };
-    let embed = take("model.embed_tokens.weight")?;
+    let embed = Linear::new(take("model.embed_tokens.weight")?);
     let mut layers = Vec::with_capacity(cfg.num_layers);
     for i in 0..cfg.num_layers {
         let p = |s: &str| format!("model.layers.{i}.{s}.weight");
@@ -399,41 +573,39 @@ pub fn load_hf_weights(
     let final_norm = take("model.norm.weight")?;
     let lm_head = match take("lm_head.weight") {
         Ok(t) => Linear::new(t),
-        Err(_) if tied => Linear::new(embed.clone()),
+        Err(_) if tied => embed.clone(),
         Err(e) => return Err(e),
     };
-    let w = Weights {
-        embed,
-        layers,
-        final_norm,
-        lm_head,
-    };
+    let w = Weights::new(embed, layers, final_norm, lm_head);
     check_shapes(&w, cfg)?;
     Ok(w)
 }
 
 fn check_shapes(w: &Weights, cfg: &LlamaConfig) -> Result<(), ModelError> {
-    let want = |name: &str, t: &Tensor, dims: &[usize]| -> Result<(), ModelError> {
-        if t.dims() != dims {
+    let want_dims = |name: &str, got: &[usize], dims: &[usize]| -> Result<(), ModelError> {
+        if got != dims {
             return Err(ModelError::Format(format!(
-                "tensor {name} has shape {:?}, expected {dims:?}",
-                t.dims()
+                "tensor {name} has shape {got:?}, expected {dims:?}"
             )));
         }
         Ok(())
     };
+    let want = |name: &str, t: &Tensor, dims: &[usize]| want_dims(name, t.dims(), dims);
+    let lin = |name: &str, l: &Linear, dims: &[usize]| {
+        want_dims(name, &[l.out_features(), l.in_features()], dims)
+    };
     let (h, f, kv) = (cfg.hidden_size, cfg.intermediate_size, cfg.kv_dim());
-    want("embed", &w.embed, &[cfg.vocab_size, h])?;
-    want("lm_head", w.lm_head.weight(), &[cfg.vocab_size, h])?;
+    lin("embed", &w.embed, &[cfg.vocab_size, h])?;
+    lin("lm_head", &w.lm_head, &[cfg.vocab_size, h])?;
     want("final_norm", &w.final_norm, &[h])?;
     for (i, l) in w.layers.iter().enumerate() {
-        want(&format!("layer {i} q"), l.q.weight(), &[h, h])?;
-        want(&format!("layer {i} k"), l.k.weight(), &[kv, h])?;
-        want(&format!("layer {i} v"), l.v.weight(), &[kv, h])?;
-        want(&format!("layer {i} o"), l.o.weight(), &[h, h])?;
-        want(&format!("layer {i} gate"), l.gate.weight(), &[f, h])?;
-        want(&format!("layer {i} up"), l.up.weight(), &[f, h])?;
-        want(&format!("layer {i} down"), l.down.weight(), &[h, f])?;
+        lin(&format!("layer {i} q"), &l.q, &[h, h])?;
+        lin(&format!("layer {i} k"), &l.k, &[kv, h])?;
+        lin(&format!("layer {i} v"), &l.v, &[kv, h])?;
+        lin(&format!("layer {i} o"), &l.o, &[h, h])?;
+        lin(&format!("layer {i} gate"), &l.gate, &[f, h])?;
+        lin(&format!("layer {i} up"), &l.up, &[f, h])?;
+        lin(&format!("layer {i} down"), &l.down, &[h, f])?;
         want(&format!("layer {i} attn_norm"), &l.attn_norm, &[h])?;
         want(&format!("layer {i} ffn_norm"), &l.ffn_norm, &[h])?;
     }

@@ -32,11 +32,14 @@ impl FullVars {
             Ok(out)
         };
         if sel.embeddings {
-            w.embed = train("model.embed_tokens.weight".into(), &w.embed)?;
+            w.embed = Linear::new(train(
+                "model.embed_tokens.weight".into(),
+                &w.embed.weight()?,
+            )?);
             w.lm_head = if tied {
-                Linear::new(w.embed.clone())
+                w.embed.clone()
             } else {
-                Linear::new(train("lm_head.weight".into(), w.lm_head.weight())?)
+                Linear::new(train("lm_head.weight".into(), &w.lm_head.weight()?)?)
             };
         }
         for (i, l) in w.layers.iter_mut().enumerate() {
@@ -46,7 +49,7 @@ impl FullVars {
             // Named as the exported HF tensors are (`Weights::hf_tensors`).
             for m in Module::ALL {
                 let lin = m.of_mut(l);
-                *lin = Linear::new(train(format!("{}.weight", m.hf_key(i)), lin.weight())?);
+                *lin = Linear::new(train(format!("{}.weight", m.hf_key(i)), &lin.weight()?)?);
             }
             if sel.norms {
                 let p = |s: &str| format!("model.layers.{i}.{s}.weight");

@@ -158,7 +158,7 @@ impl LoraVars {
                     train: true,
                     dora: match dora {
                         Some(w) => {
-                            let weight = m.of(&w.layers[layers.len()]).weight().clone();
+                            let weight = m.of(&w.layers[layers.len()]).weight_kept()?;
                             let norm = weight.sqr()?.sum(1)?.sqrt()?;
                             Some(DoraVar {
                                 magnitude: Var::from_tensor(&norm)?,

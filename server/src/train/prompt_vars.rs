@@ -311,14 +311,7 @@ impl PromptVars {
 
 /// Rows of the base model's input embedding for `ids`.
 fn embed_rows(model: &BaseModel, ids: &[u32]) -> candle_core::Result<Vec<f32>> {
-    let idx = Tensor::from_slice(ids, ids.len(), &Device::Cpu)?;
-    model
-        .llama
-        .weights
-        .embed
-        .index_select(&idx, 0)?
-        .flatten_all()?
-        .to_vec1()
+    model.llama.weights.embed.rows(ids)
 }
 
 impl TensorAdapter for PromptVars {

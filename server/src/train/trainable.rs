@@ -129,7 +129,7 @@ pub fn init(model: &BaseModel, spec: &TrainSpec) -> candle_core::Result<Box<dyn 
     if spec.train_lm_head {
         method = Box::new(HeadVars::init_lm(
             method,
-            model.llama.weights.lm_head.weight(),
+            &model.llama.weights.lm_head.weight()?,
         )?);
     }
     Ok(match &spec.objective {

@@ -88,6 +88,7 @@ async fn a_job_trains_a_replaced_lm_head_that_exports_and_serves() {
         .weights
         .lm_head
         .weight()
+        .expect("lm head")
         .flatten_all()
         .expect("flat")
         .to_vec1()

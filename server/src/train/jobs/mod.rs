@@ -812,6 +812,9 @@ impl TrainingService {
         let (tenant, name) = (job.tenant.clone(), job.adapter_name.clone());
         let reward_models = self.reward_models(&job.tenant, &spec).await?;
         let handle = tokio::task::spawn_blocking(move || {
+            // The base's f32 weights, made from its blocks at the first step, stay until the
+            // last running job ends.
+            let _dense = model.llama.weights.dense_in_use();
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
                 .thread_name(|i| format!("graft-train-{i}"))
