@@ -1,6 +1,8 @@
 //! The frozen base weights and their loaders (GGUF and HF safetensors directories).
-//! Invariant: weights are loaded once, converted to the layout the forward pass wants
-//! (f32, GGUF Q/K row order for interleaved RoPE), and never mutated afterwards.
+//! Invariant: weights are loaded once, in the layout the forward pass wants (GGUF's packed
+//! blocks, or f32 from HF files; GGUF Q/K row order for interleaved RoPE), and never
+//! mutated afterwards; f32 weights made from blocks on demand are the blocks' exact values,
+//! made again the same whenever they were dropped.
 
 use std::{collections::HashMap, fs::File, path::Path};
 
