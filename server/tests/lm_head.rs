@@ -48,14 +48,8 @@ fn lora_details() -> Details {
 
 /// The base's (tied, dequantised) LM head moved by a deterministic pattern.
 fn moved_lm_head(m: &BaseModel) -> LmHead {
-    let w: Vec<Vec<f32>> = m
-        .llama
-        .weights
-        .lm_head
-        .weight()
-        .expect("lm head")
-        .to_vec2()
-        .expect("lm head");
+    let head = m.llama.weights.lm_head.weight().expect("lm head");
+    let w: Vec<Vec<f32>> = head.to_vec2().expect("lm head");
     let hidden = m.config().hidden_size;
     let weight = w
         .concat()
@@ -263,14 +257,8 @@ fn a_replaced_lm_head_trains_beside_lora_and_serves_what_was_trained() {
     let names = vars.names();
     assert_eq!(names.last().map(String::as_str), Some("lm_head.weight"));
     let all = vars.vars();
-    let base: Vec<Vec<f32>> = m
-        .llama
-        .weights
-        .lm_head
-        .weight()
-        .expect("lm head")
-        .to_vec2()
-        .expect("base");
+    let head = m.llama.weights.lm_head.weight().expect("lm head");
+    let base: Vec<Vec<f32>> = head.to_vec2().expect("base");
     let start: Vec<Vec<f32>> = all.last().expect("lm head").to_vec2().expect("start");
     assert_eq!(start, base, "starts as the base's");
     let batch: Vec<_> = ex.iter().take(3).collect();

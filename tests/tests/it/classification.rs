@@ -483,14 +483,8 @@ async fn an_adapter_with_its_own_lm_head_generates_through_it() {
     .expect("tiny");
     let (c, w) = graft_server::adapters::testing::random_peft(&m, 4, 4);
     let (vocab, hidden) = (m.config().vocab_size, m.config().hidden_size);
-    let base: Vec<Vec<f32>> = m
-        .llama
-        .weights
-        .lm_head
-        .weight()
-        .expect("lm head")
-        .to_vec2()
-        .expect("base");
+    let head = m.llama.weights.lm_head.weight().expect("lm head");
+    let base: Vec<Vec<f32>> = head.to_vec2().expect("base");
     // Row i is the base's row i + 1: every logit moves down one id.
     let shifted: Vec<f32> = (0..vocab)
         .flat_map(|i| base[(i + 1) % vocab].clone())
