@@ -320,7 +320,7 @@ fn a_run_keeps_its_newest_checkpoints_only() {
 }
 
 /// A GGUF model holds its packed blocks, not f32 weights: serving (a prompt longer than the
-/// packed-kernel short-prompt limit, then decode) makes no f32 copy; the training forward
+/// packed-kernel short-prompt limit, then decode) leaves no f32 copy held; the training forward
 /// keeps one while a job holds the weights in use, and the last holder's end drops it.
 #[test]
 fn f32_weights_are_made_for_training_only_and_dropped_after_it() {
@@ -346,7 +346,7 @@ fn f32_weights_are_made_for_training_only_and_dropped_after_it() {
     assert!(prompt.len() > graft_server::engine::PACKED_PROMPT_TOKENS);
     let (_, tokens) = common::greedy(&m, None, &prompt, 4);
     assert_eq!(tokens.len(), 4);
-    assert_eq!(w.resident_bytes(), served, "serving made f32 weights");
+    assert_eq!(w.resident_bytes(), served, "serving left f32 weights held");
 
     let (a, b) = (w.dense_in_use(), w.dense_in_use());
     let ids = Tensor::from_slice(&prompt, (1, prompt.len()), &Device::Cpu).expect("ids");

@@ -25,18 +25,20 @@ use super::{
 /// f32 path asks ([`Linear::weight`]); from HF files (or trained, or merged) it holds f32.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    dense: Dense,
-    pub(crate) packed: Option<Arc<PackedLinear>>,
+    form: Form,
 }
 
-/// A linear layer's f32 weights.
 #[derive(Debug, Clone)]
-enum Dense {
-    /// Held for the layer's life.
-    Resident(Tensor),
-    /// Made from the packed blocks on demand; kept once a differentiable forward has used
-    /// them (training), until [`Weights::release_dense`]. Shared by the layer's clones.
-    OnDemand(Arc<Mutex<Option<Tensor>>>),
+enum Form {
+    /// f32 weights held for the layer's life.
+    Dense(Tensor),
+    /// GGUF blocks; their f32 weights made on demand and `kept` once a differentiable
+    /// forward has used them (training), until [`Weights::release_dense`]. Shared by the
+    /// layer's clones.
+    Packed {
+        blocks: Arc<PackedLinear>,
+        kept: Arc<Mutex<Option<Tensor>>>,
+    },
 }
 
 /// Rows of one serving GEMM call come in whole multiples of this (see
@@ -46,85 +48,83 @@ pub const GEMM_TILE_ROWS: usize = 16;
 impl Linear {
     pub fn new(weight: Tensor) -> Self {
         Self {
-            dense: Dense::Resident(weight),
-            packed: None,
+            form: Form::Dense(weight),
         }
     }
 
     /// From a GGUF tensor: the packed blocks, f32 on demand.
     pub fn from_qtensor(q: &QTensor) -> Result<Self, ModelError> {
         Ok(Self {
-            dense: Dense::OnDemand(Arc::default()),
-            packed: Some(Arc::new(PackedLinear::from_qtensor(q)?)),
+            form: Form::Packed {
+                blocks: Arc::new(PackedLinear::from_qtensor(q)?),
+                kept: Arc::default(),
+            },
         })
+    }
+
+    /// The packed blocks, for a layer loaded from GGUF.
+    fn packed(&self) -> Option<&PackedLinear> {
+        match &self.form {
+            Form::Dense(_) => None,
+            Form::Packed { blocks, .. } => Some(blocks),
+        }
     }
 
     /// The f32 weights `(out, in)`: held or kept ones, else made from the packed blocks for
     /// this caller alone (not kept).
     pub fn weight(&self) -> candle_core::Result<Tensor> {
-        match self.held() {
-            Some(t) => Ok(t),
-            None => self.dequantized(),
-        }
-    }
-
-    /// The f32 weights if held or kept now.
-    fn held(&self) -> Option<Tensor> {
-        match &self.dense {
-            Dense::Resident(t) => Some(t.clone()),
-            Dense::OnDemand(kept) => lock(kept).clone(),
+        match &self.form {
+            Form::Dense(t) => Ok(t.clone()),
+            Form::Packed { blocks, kept } => {
+                // Bound first: the guard must be gone before the weights are made (below).
+                let held = lock(kept).clone();
+                match held {
+                    Some(t) => Ok(t),
+                    None => dequantized(blocks),
+                }
+            }
         }
     }
 
     /// [`Linear::weight`], kept for the next caller: the differentiable forward's, which
     /// runs once a training step, and the trainer's other per-job uses of the base weights.
     ///
-    /// The lock is never held while the weights are made: that runs on the rayon pool, whose
-    /// workers, waiting for it, may take up a serving step that looks the embedding up
-    /// here. Two callers at once may both make them; the first kept stays.
+    /// The lock is never held while the weights are made (here or in [`Linear::weight`]):
+    /// that runs on the rayon pool, whose workers, waiting for it, may take up other work
+    /// that needs the lock. Two callers at once may both make them; the first kept stays.
     pub fn weight_kept(&self) -> candle_core::Result<Tensor> {
-        if let Some(t) = self.held() {
+        let Form::Packed { blocks, kept } = &self.form else {
+            return self.weight();
+        };
+        let held = lock(kept).clone();
+        if let Some(t) = held {
             return Ok(t);
         }
-        let t = self.dequantized()?;
-        let Dense::OnDemand(kept) = &self.dense else {
-            return Ok(t);
-        };
+        let t = dequantized(blocks)?;
         Ok(lock(kept).get_or_insert(t).clone())
-    }
-
-    fn dequantized(&self) -> candle_core::Result<Tensor> {
-        let p = self.packed.as_ref().ok_or_else(|| {
-            candle_core::Error::Msg("a weight with neither f32 nor blocks".into())
-        })?;
-        Tensor::from_vec(
-            p.to_dense(),
-            (p.out_features(), p.in_features()),
-            &Device::Cpu,
-        )
     }
 
     /// Drops kept f32 weights made from the blocks.
     fn release(&self) {
-        if let Dense::OnDemand(kept) = &self.dense {
+        if let Form::Packed { kept, .. } = &self.form {
             *lock(kept) = None;
         }
     }
 
-    /// Bytes of f32 weights held now.
-    fn dense_bytes(&self) -> usize {
+    /// Bytes held now: the f32 weights (those made from blocks while kept) and the blocks.
+    fn bytes(&self) -> usize {
         let f32s = |t: &Tensor| t.elem_count() * 4;
-        match &self.dense {
-            Dense::Resident(t) => f32s(t),
-            Dense::OnDemand(kept) => lock(kept).as_ref().map_or(0, f32s),
+        match &self.form {
+            Form::Dense(t) => f32s(t),
+            Form::Packed { blocks, kept } => blocks.bytes() + lock(kept).as_ref().map_or(0, f32s),
         }
     }
 
     /// Whether `other` is this very layer (a clone of it), not merely equal weights.
     pub fn same_as(&self, other: &Linear) -> bool {
-        match (&self.dense, &other.dense) {
-            (Dense::Resident(a), Dense::Resident(b)) => a.id() == b.id(),
-            (Dense::OnDemand(a), Dense::OnDemand(b)) => Arc::ptr_eq(a, b),
+        match (&self.form, &other.form) {
+            (Form::Dense(a), Form::Dense(b)) => a.id() == b.id(),
+            (Form::Packed { blocks: a, .. }, Form::Packed { blocks: b, .. }) => Arc::ptr_eq(a, b),
             _ => false,
         }
     }
@@ -134,20 +134,17 @@ impl Linear {
         Ok(Self::new(self.weight()?))
     }
 
-    /// Rows `ids` of the weight, one after another (the embedding lookup), from the blocks
-    /// where the f32 weights are not held.
+    /// Rows `ids` of the weight, one after another (the embedding lookup): from the blocks
+    /// when there are blocks (the f32 weights' values, bit for bit).
     pub fn rows(&self, ids: &[u32]) -> candle_core::Result<Vec<f32>> {
-        match (self.held(), &self.packed) {
-            (Some(w), _) => {
+        match &self.form {
+            Form::Dense(w) => {
                 let idx = Tensor::from_slice(ids, ids.len(), w.device())?;
                 w.index_select(&idx, 0)?.flatten_all()?.to_vec1()
             }
-            (None, Some(p)) => p
+            Form::Packed { blocks, .. } => blocks
                 .dense_rows(ids)
                 .ok_or_else(|| candle_core::Error::Msg("a row id past the weight's rows".into())),
-            (None, None) => Err(candle_core::Error::Msg(
-                "a weight with neither f32 nor blocks".into(),
-            )),
         }
     }
 
@@ -161,7 +158,7 @@ impl Linear {
         kernel: DecodeKernel,
     ) -> candle_core::Result<Tensor> {
         let rows = x.dim(0)?;
-        if self.packed.is_none() {
+        if self.packed().is_none() {
             return self.forward_tiled(x);
         }
         let y = self.forward_rows_vec(&x.flatten_all()?.to_vec1()?, rows, decode_rows, kernel)?;
@@ -177,7 +174,7 @@ impl Linear {
         kernel: DecodeKernel,
     ) -> candle_core::Result<Vec<f32>> {
         let k = self.in_features();
-        let Some(p) = self.packed.as_ref() else {
+        let Some(p) = self.packed() else {
             let t = Tensor::from_slice(x, (rows, k), &Device::Cpu)?;
             return self.forward_tiled(&t)?.flatten_all()?.to_vec1();
         };
@@ -222,23 +219,31 @@ impl Linear {
         x.matmul(&self.weight_kept()?.t()?)
     }
     pub fn out_features(&self) -> usize {
-        match (&self.dense, &self.packed) {
-            (Dense::Resident(t), _) => t.dims()[0],
-            (_, Some(p)) => p.out_features(),
-            (Dense::OnDemand(_), None) => 0,
+        match &self.form {
+            Form::Dense(t) => t.dims()[0],
+            Form::Packed { blocks, .. } => blocks.out_features(),
         }
     }
     pub fn in_features(&self) -> usize {
-        match (&self.dense, &self.packed) {
-            (Dense::Resident(t), _) => t.dims()[1],
-            (_, Some(p)) => p.in_features(),
-            (Dense::OnDemand(_), None) => 0,
+        match &self.form {
+            Form::Dense(t) => t.dims()[1],
+            Form::Packed { blocks, .. } => blocks.in_features(),
         }
     }
 }
 
-/// A poisoned lock still holds a whole value here (an `Option<Tensor>` set in one store).
-fn lock(m: &Mutex<Option<Tensor>>) -> std::sync::MutexGuard<'_, Option<Tensor>> {
+/// The f32 weights of `blocks`.
+fn dequantized(blocks: &PackedLinear) -> candle_core::Result<Tensor> {
+    Tensor::from_vec(
+        blocks.to_dense(),
+        (blocks.out_features(), blocks.in_features()),
+        &Device::Cpu,
+    )
+}
+
+/// Every lock here guards a value set in one store (a kept tensor, a holder count), so a
+/// poisoned one still holds a whole value.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
@@ -340,10 +345,7 @@ impl Weights {
             .iter()
             .map(|l| f32s(&l.attn_norm) + f32s(&l.ffn_norm))
             .sum();
-        let linears: usize = self
-            .linears()
-            .map(|l| l.dense_bytes() + l.packed.as_ref().map_or(0, |p| p.bytes()))
-            .sum();
+        let linears: usize = self.linears().map(Linear::bytes).sum();
         norms + f32s(&self.final_norm) + linears
     }
 
@@ -351,7 +353,7 @@ impl Weights {
     /// answer is dropped: the differentiable forward keeps them from its first step on, and
     /// when the last holder lets go they are dropped, so serving alone holds the blocks only.
     pub fn dense_in_use(&self) -> DenseInUse {
-        *count(&self.in_use) += 1;
+        *lock(&self.in_use) += 1;
         DenseInUse {
             weights: self.clone(),
         }
@@ -370,16 +372,12 @@ pub struct DenseInUse {
 
 impl Drop for DenseInUse {
     fn drop(&mut self) {
-        let mut n = count(&self.weights.in_use);
+        let mut n = lock(&self.weights.in_use);
         *n -= 1;
         if *n == 0 {
             self.weights.release_dense();
         }
     }
-}
-
-fn count(m: &Mutex<usize>) -> std::sync::MutexGuard<'_, usize> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Metadata read from a GGUF file besides the tensors.
