@@ -13,7 +13,7 @@ use graft_server::{
         peft::{self, Details, ImportPolicy, Parsed as ParsedLora},
         testing::random_lora,
     },
-    model::{Adapter as LoraWeights, BaseModel, Llama, SeqChunk},
+    model::{lora::F32s, Adapter as LoraWeights, BaseModel, Llama, Module, SeqChunk},
 };
 
 fn fixture_dir() -> PathBuf {
@@ -171,6 +171,39 @@ fn written_files_parse_back_to_the_same_weights() {
             "{name} differs after the q/k permutation round trip"
         );
     }
+}
+
+/// A stored f32 file is served in place: every `A` and the `B`s outside q and k are views
+/// of the file's bytes (q's and k's rows are permuted into a copy), and the adapter equals
+/// the one parsed from a copy.
+#[test]
+fn f32_weights_are_read_in_place_from_the_file() {
+    let m = model();
+    let dir = fixture_dir();
+    let c = std::fs::read(dir.join("adapter_config.json")).expect("config");
+    let w = bytes::Bytes::from(std::fs::read(dir.join("adapter_model.safetensors")).expect("w"));
+    let p = peft::parse_bytes(&c, &w, m.config(), &m.name, &policy()).expect("parses");
+    let file = w.as_ptr_range();
+    let in_file = |v: &F32s| {
+        let r = v.as_ptr_range();
+        matches!(v, F32s::Shared(_))
+            && file.start <= r.start as *const u8
+            && r.end as *const u8 <= file.end
+    };
+    let mut seen = 0;
+    for layer in 0..m.config().num_layers {
+        for module in Module::ALL {
+            let Some(pair) = p.adapter.linear(layer, module).and_then(|d| d.as_lora()) else {
+                continue;
+            };
+            seen += 1;
+            assert!(in_file(&pair.a), "layer {layer} {module:?}: A was copied");
+            let permuted = matches!(module, Module::Q | Module::K);
+            assert_eq!(in_file(&pair.b), !permuted, "layer {layer} {module:?}: B");
+        }
+    }
+    assert_eq!(seen, 7 * m.config().num_layers);
+    assert_eq!(p.adapter, fixture_adapter(&m).adapter);
 }
 
 /// Eight different adapters and one bare row decode together; each row equals its solo run.

@@ -398,8 +398,11 @@ impl AdapterRegistry {
         self.check_upload_size(config_json.len() + weights.len())?;
         let model = self.model.clone();
         let policy = self.policy(force);
+        // The served adapter may read its weights in place from these bytes.
+        let weights = bytes::Bytes::from(weights);
         let (parsed, adapter, config_json, weights) = tokio::task::spawn_blocking(move || {
-            let mut p = peft::parse(&config_json, &weights, model.config(), &model.name, &policy)?;
+            let mut p =
+                peft::parse_bytes(&config_json, &weights, model.config(), &model.name, &policy)?;
             name_labels(&mut p.adapter, labels)?;
             let a = p.compile(&model.llama)?;
             Ok::<_, ImportError>((p, a, config_json, weights))
@@ -450,8 +453,9 @@ impl AdapterRegistry {
         parsed: &Parsed,
         adapter: Adapter,
         config_json: Vec<u8>,
-        weights: Vec<u8>,
+        weights: impl Into<bytes::Bytes>,
     ) -> Result<AdapterRow, RegistryError> {
+        let weights: bytes::Bytes = weights.into();
         let mut h = Sha256::new();
         h.update(&config_json);
         h.update(&weights);
@@ -608,7 +612,7 @@ impl AdapterRegistry {
             let (c, w) = (config, weights);
             // These files were checked at import: failing now means they were damaged on
             // disk, which is the server's loss, not the caller's bad argument.
-            peft::parse(&c, &w, model.config(), &model.name, &policy)
+            peft::parse_bytes(&c, &w, model.config(), &model.name, &policy)
                 .and_then(|mut p| {
                     name_labels(&mut p.adapter, labels)?;
                     p.into_compiled(&model.llama)

@@ -23,8 +23,8 @@ pub fn random_lora(model: &BaseModel, seed: u64, rank: usize, spread: f32) -> Ad
                 layer,
                 m,
                 LoraPair {
-                    a: (0..rank * i).map(|_| rnd()).collect(),
-                    b_t: (0..o * rank).map(|_| rnd()).collect(),
+                    a: (0..rank * i).map(|_| rnd()).collect::<Vec<f32>>().into(),
+                    b: (0..o * rank).map(|_| rnd()).collect::<Vec<f32>>().into(),
                     rank,
                     in_features: i,
                     out_features: o,

@@ -491,8 +491,8 @@ fn vector(v: &[f32], dev: &Device) -> candle_core::Result<Tensor> {
 fn low_rank_update(p: &LoraPair, x: &Tensor) -> candle_core::Result<Tensor> {
     let dev = x.device();
     let a = Tensor::from_slice(&p.a, (p.rank, p.in_features), dev)?;
-    let b_t = Tensor::from_slice(&p.b_t, (p.rank, p.out_features), dev)?;
-    x.matmul(&a.t()?)?.matmul(&b_t)? * p.scale as f64
+    let b = Tensor::from_slice(&p.b, (p.out_features, p.rank), dev)?;
+    x.matmul(&a.t()?)?.matmul(&b.t()?)? * p.scale as f64
 }
 
 impl LinearHook for LinearDelta {

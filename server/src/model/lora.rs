@@ -8,14 +8,17 @@
 
 use candle_core::Tensor;
 
+pub use super::f32s::F32s;
+
 pub use super::sites::Module;
 
-/// One module's low-rank pair, row-major f32: `A: (r, in)` and `B` stored transposed,
-/// `b_t = B^T: (r, out)`, so the update `y += B t` is `r` contiguous axpys over `out`.
+/// One module's low-rank pair, row-major f32 as PEFT stores it: `A: (r, in)` and
+/// `B: (out, r)` (in the model's row order). Either may be read in place from a stored
+/// file ([`F32s`]): a cold load of a PEFT file with f32 weights copies only q's and k's `B`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraPair {
-    pub a: Vec<f32>,
-    pub b_t: Vec<f32>,
+    pub a: F32s,
+    pub b: F32s,
     pub rank: usize,
     pub in_features: usize,
     pub out_features: usize,
@@ -25,42 +28,131 @@ pub struct LoraPair {
 impl LoraPair {
     /// `y += scale * B (A x)` for one row.
     pub fn apply_row(&self, x: &[f32], y: &mut [f32]) {
-        let mut t = [0f32; 256];
+        self.apply_rows(x, y)
+    }
+
+    /// [`LoraPair::apply_row`] for rows `x: (n, in)`, `y: (n, out)` of this one adapter,
+    /// reading `A` and `B` once for all of them. Each row's arithmetic is the one-row
+    /// form's, in the same order, so a row's bits do not depend on its neighbours.
+    pub fn apply_rows(&self, x: &[f32], y: &mut [f32]) {
+        let (r, inp, out) = (self.rank, self.in_features, self.out_features);
+        let n = x.len() / inp;
+        debug_assert_eq!(y.len(), n * out);
+        let mut stack = [0f32; 256];
         let mut heap;
-        let t: &mut [f32] = if self.rank <= t.len() {
-            &mut t[..self.rank]
+        let t: &mut [f32] = if n * r <= stack.len() {
+            &mut stack[..n * r]
         } else {
-            heap = vec![0f32; self.rank];
+            heap = vec![0f32; n * r];
             &mut heap
         };
-        for (j, tj) in t.iter_mut().enumerate() {
-            let a = &self.a[j * self.in_features..(j + 1) * self.in_features];
-            *tj = dot(a, x) * self.scale;
-        }
-        // Each output sums its r terms in order j = 0..r (fixed per row, batch-invariant).
-        for (j, &tj) in t.iter().enumerate() {
-            let bj = &self.b_t[j * self.out_features..(j + 1) * self.out_features];
-            for (yo, &b) in y.iter_mut().zip(bj) {
-                *yo = b.mul_add(tj, *yo);
+        // t = scale * A x, per row: (n, r).
+        for (j, a) in self.a.chunks_exact(inp).enumerate() {
+            for (i, xr) in x.chunks_exact(inp).enumerate() {
+                t[i * r + j] = dot(a, xr) * self.scale;
             }
         }
+        // y += B t, each output's r terms summed in `b_dot`'s order.
+        #[cfg(target_arch = "x86_64")]
+        if r.is_multiple_of(8) && super::packed::avx2_fma() {
+            // SAFETY: the CPU has AVX2 and FMA (checked above).
+            #[allow(unsafe_code)]
+            unsafe {
+                avx2::add_b_t(&self.b, t, r, y)
+            };
+            return;
+        }
+        add_b_t(&self.b, t, r, y);
     }
 
     pub fn bytes(&self) -> usize {
-        (self.a.len() + self.b_t.len()) * 4
-    }
-
-    /// `B: (out, r)` row-major, as PEFT stores it.
-    pub fn b(&self) -> Vec<f32> {
-        transpose(&self.b_t, self.rank, self.out_features)
+        (self.a.len() + self.b.len()) * 4
     }
 
     /// `scale * B A` as an `(out, in)` tensor.
     pub fn delta(&self) -> candle_core::Result<Tensor> {
         let dev = candle_core::Device::Cpu;
         let a = Tensor::from_slice(&self.a, (self.rank, self.in_features), &dev)?;
-        let b_t = Tensor::from_slice(&self.b_t, (self.rank, self.out_features), &dev)?;
-        b_t.t()?.matmul(&a)? * self.scale as f64
+        let b = Tensor::from_slice(&self.b, (self.out_features, self.rank), &dev)?;
+        b.matmul(&a)? * self.scale as f64
+    }
+}
+
+/// `y_i += B t_i` for each row `i`: `b: (out, r)`, `t: (n, r)`, `y: (n, out)`; the plain
+/// form of [`avx2::add_b_t`], bit for bit.
+fn add_b_t(b: &[f32], t: &[f32], r: usize, y: &mut [f32]) {
+    let out = b.len() / r;
+    for (ti, yi) in t.chunks_exact(r).zip(y.chunks_exact_mut(out)) {
+        for (bo, yo) in b.chunks_exact(r).zip(yi.iter_mut()) {
+            *yo += b_dot(bo, ti);
+        }
+    }
+}
+
+/// One output's `Σ_j b_j t_j`: eight lanes `p_l` over the whole 8-chunks of `j` (the first
+/// chunk a product, the rest fused multiply-adds), summed `((p0+p1)+(p2+p3)) +
+/// ((p4+p5)+(p6+p7))`, then the tail's terms fused in order.
+fn b_dot(b: &[f32], t: &[f32]) -> f32 {
+    let c = t.len() / 8 * 8;
+    let mut p = [0f32; 8];
+    if c > 0 {
+        for l in 0..8 {
+            p[l] = b[l] * t[l];
+        }
+        for ch in (8..c).step_by(8) {
+            for l in 0..8 {
+                p[l] = b[ch + l].mul_add(t[ch + l], p[l]);
+            }
+        }
+    }
+    let mut s = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+    for j in c..t.len() {
+        s = b[j].mul_add(t[j], s);
+    }
+    s
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// [`super::add_b_t`] for a rank that is a multiple of 8, eight outputs at a time: each
+    /// output's lanes are one register, and the 8 registers' sums come out of one `hadd`
+    /// tree in `b_dot`'s order.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn add_b_t(b: &[f32], t: &[f32], r: usize, y: &mut [f32]) {
+        let out = b.len() / r;
+        let whole = out / 8 * 8;
+        for (ti, yi) in t.chunks_exact(r).zip(y.chunks_exact_mut(out)) {
+            let tp = ti.as_ptr();
+            for o in (0..whole).step_by(8) {
+                let bp = b.as_ptr().add(o * r);
+                let mut v = [_mm256_setzero_ps(); 8];
+                for (k, vk) in v.iter_mut().enumerate() {
+                    let row = bp.add(k * r);
+                    *vk = _mm256_mul_ps(_mm256_loadu_ps(row), _mm256_loadu_ps(tp));
+                    for ch in (8..r).step_by(8) {
+                        *vk = _mm256_fmadd_ps(
+                            _mm256_loadu_ps(row.add(ch)),
+                            _mm256_loadu_ps(tp.add(ch)),
+                            *vk,
+                        );
+                    }
+                }
+                let q0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+                let q1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+                let s = _mm256_add_ps(
+                    _mm256_permute2f128_ps(q0, q1, 0x20),
+                    _mm256_permute2f128_ps(q0, q1, 0x31),
+                );
+                let yp = yi.as_mut_ptr().add(o);
+                _mm256_storeu_ps(yp, _mm256_add_ps(_mm256_loadu_ps(yp), s));
+            }
+            for o in whole..out {
+                yi[o] += super::b_dot(&b[o * r..(o + 1) * r], ti);
+            }
+        }
     }
 }
 
@@ -88,4 +180,100 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
         s = a[i].mul_add(b[i], s);
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(rank: usize, inp: usize, out: usize) -> LoraPair {
+        let v = |n: usize, k: usize| -> F32s {
+            (0..n)
+                .map(|i| ((i * 7919 + k * 104729) % 1000) as f32 / 1000.0 - 0.5)
+                .collect::<Vec<_>>()
+                .into()
+        };
+        LoraPair {
+            a: v(rank * inp, 1),
+            b: v(out * rank, 2),
+            rank,
+            in_features: inp,
+            out_features: out,
+            scale: 0.75,
+        }
+    }
+
+    /// The AVX2 form of `y += B t` is the plain form bit for bit (ranks 8, 16 and 24, an
+    /// output count with a tail), and on this machine it is the one `apply_rows` runs.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx2_b_update_is_the_plain_one_bit_for_bit() {
+        assert!(
+            crate::model::packed::avx2_fma(),
+            "this test needs AVX2 and FMA"
+        );
+        for (r, out, n) in [(8, 16, 1), (16, 36, 3), (24, 8, 2)] {
+            let b: Vec<f32> = (0..out * r)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 31.0)
+                .collect();
+            let t: Vec<f32> = (0..n * r)
+                .map(|i| ((i * 53 % 89) as f32 - 44.0) / 17.0)
+                .collect();
+            let y0: Vec<f32> = (0..n * out).map(|i| (i % 7) as f32 * 0.3 - 1.0).collect();
+            let (mut plain, mut fast) = (y0.clone(), y0.clone());
+            add_b_t(&b, &t, r, &mut plain);
+            // SAFETY: checked above.
+            #[allow(unsafe_code)]
+            unsafe {
+                avx2::add_b_t(&b, &t, r, &mut fast)
+            };
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&plain), bits(&fast), "rank {r}, {out} outputs");
+            assert_ne!(plain, y0);
+        }
+    }
+
+    /// Rows run together are the rows run alone, bit for bit, and both are
+    /// `y + scale * B A x` (in f64 here) to float error.
+    #[test]
+    fn rows_together_are_rows_alone_and_the_plain_update() {
+        for r in [12, 16] {
+            rows_together_at_rank(r);
+        }
+    }
+
+    fn rows_together_at_rank(r: usize) {
+        let (inp, out, n) = (40, 24, 5);
+        let p = pair(r, inp, out);
+        let x: Vec<f32> = (0..n * inp)
+            .map(|i| ((i % 17) as f32 - 8.0) / 9.0)
+            .collect();
+        let y0: Vec<f32> = (0..n * out).map(|i| (i % 5) as f32 - 2.0).collect();
+        let mut together = y0.clone();
+        p.apply_rows(&x, &mut together);
+        for i in 0..n {
+            let mut alone = y0[i * out..(i + 1) * out].to_vec();
+            p.apply_row(&x[i * inp..(i + 1) * inp], &mut alone);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&alone),
+                bits(&together[i * out..(i + 1) * out]),
+                "row {i}"
+            );
+            for o in 0..out {
+                let mut want = y0[i * out + o] as f64;
+                for j in 0..r {
+                    let ax: f64 = (0..inp)
+                        .map(|k| p.a[j * inp + k] as f64 * x[i * inp + k] as f64)
+                        .sum();
+                    want += p.scale as f64 * p.b[o * r + j] as f64 * ax;
+                }
+                let got = together[i * out + o] as f64;
+                assert!(
+                    (got - want).abs() < 1e-4,
+                    "row {i} out {o}: {got} vs {want}"
+                );
+            }
+        }
+    }
 }

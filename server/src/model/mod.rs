@@ -9,6 +9,7 @@ pub mod attention;
 pub mod bottleneck;
 pub mod chat;
 pub mod config;
+pub mod f32s;
 pub mod frozen;
 pub mod head;
 pub mod kv_cache;

@@ -17,7 +17,7 @@ mod wide;
 const BLOCK: usize = 32;
 
 /// Whether this CPU runs the AVX2/FMA kernels (`avx2`, `int16::avx2`).
-fn avx2_fma() -> bool {
+pub(crate) fn avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     return std::arch::is_x86_feature_detected!("avx2")
         && std::arch::is_x86_feature_detected!("fma");

@@ -20,7 +20,7 @@ use crate::{
     adapters::formats::{Details, Parsed},
     model::{
         adapter::{Dora, LinearDelta, LinearHook, TensorAdapter},
-        lora::{transpose, LoraPair},
+        lora::LoraPair,
         weights::Weights,
         Adapter, LlamaConfig, Module,
     },
@@ -205,8 +205,7 @@ impl Trainable for LoraVars {
                         let dev = Device::Cpu;
                         let a = Tensor::from_slice(&d.a, (d.rank, d.in_features), &dev)
                             .map_err(|e| e.to_string())?;
-                        let b = Tensor::from_slice(&d.b_t, (d.rank, d.out_features), &dev)
-                            .and_then(|t| t.t()?.contiguous())
+                        let b = Tensor::from_slice(&d.b, (d.out_features, d.rank), &dev)
                             .map_err(|e| e.to_string())?;
                         if a.dims() != p.a.dims() || b.dims() != p.b.dims() {
                             return Err(format!("layer {l} module {m}: shapes differ"));
@@ -269,10 +268,9 @@ impl Trainable for LoraVars {
                 if let Some(p) = &l[m.index()] {
                     let (rank, inp) = p.a.dims2()?;
                     let (out, _) = p.b.dims2()?;
-                    let b: Vec<f32> = p.b.flatten_all()?.to_vec1()?;
                     let pair = LoraPair {
-                        a: p.a.flatten_all()?.to_vec1()?,
-                        b_t: transpose(&b, out, rank),
+                        a: p.a.flatten_all()?.to_vec1::<f32>()?.into(),
+                        b: p.b.flatten_all()?.to_vec1::<f32>()?.into(),
                         rank,
                         in_features: inp,
                         out_features: out,

@@ -19,10 +19,11 @@ pub mod peft_prompt;
 
 pub use adapterhub::BnSettings;
 
+use bytes::Bytes;
 use safetensors::{tensor::TensorView, Dtype};
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Adapter, Llama, LlamaConfig, Module};
+use crate::model::{f32s::F32s, Adapter, Llama, LlamaConfig, Module};
 
 /// Largest `adapter_config.json` accepted: a full per-module `rank_pattern` of a large model
 /// is a few tens of KB.
@@ -211,10 +212,24 @@ impl Parsed {
 }
 
 /// Parses and checks a PEFT adapter of any supported method against the model `cfg`
-/// (named `base_name`).
+/// (named `base_name`). The adapter's weights are a copy of `weights`; [`parse_bytes`]
+/// reads them in place instead.
 pub fn parse(
     config_json: &[u8],
     weights: &[u8],
+    cfg: &LlamaConfig,
+    base_name: &str,
+    policy: &ImportPolicy,
+) -> Result<Parsed, ImportError> {
+    let weights = Bytes::copy_from_slice(weights);
+    parse_bytes(config_json, &weights, cfg, base_name, policy)
+}
+
+/// [`parse`] whose adapter keeps `weights` (a mapped stored file, an upload) and reads its
+/// `f32` values in place where it can.
+pub fn parse_bytes(
+    config_json: &[u8],
+    weights: &Bytes,
     cfg: &LlamaConfig,
     base_name: &str,
     policy: &ImportPolicy,
@@ -243,7 +258,14 @@ pub fn parse(
         }
         return Ok(p);
     };
-    let mut p = parse_peft(&v, &split.config, &split.weights, cfg, base_name, policy)?;
+    let mut p = parse_peft(
+        &v,
+        &split.config,
+        &Bytes::from(split.weights),
+        cfg,
+        base_name,
+        policy,
+    )?;
     p.adapter.head = split.head.map(std::sync::Arc::new);
     p.adapter.lm_head = split.lm_head.map(std::sync::Arc::new);
     Ok(p)
@@ -253,7 +275,7 @@ pub fn parse(
 fn parse_peft(
     v: &serde_json::Value,
     config_json: &[u8],
-    weights: &[u8],
+    weights: &Bytes,
     cfg: &LlamaConfig,
     base_name: &str,
     policy: &ImportPolicy,
@@ -430,6 +452,17 @@ pub(crate) fn normalise(s: &str) -> String {
         .to_ascii_lowercase()
 }
 
+/// [`to_f32`] read in place from `file`, the bytes `t` views, where they are aligned `f32`s.
+pub(crate) fn to_f32s(name: &str, t: &TensorView<'_>, file: &Bytes) -> Result<F32s, ImportError> {
+    if t.dtype() == Dtype::F32 {
+        if let Some(v) = F32s::view(file.slice_ref(t.data())) {
+            finite(name, &v)?;
+            return Ok(v);
+        }
+    }
+    to_f32(name, t).map(F32s::from)
+}
+
 pub(crate) fn to_f32(name: &str, t: &TensorView<'_>) -> Result<Vec<f32>, ImportError> {
     let d = t.data();
     let v: Vec<f32> = match t.dtype() {
@@ -452,13 +485,18 @@ pub(crate) fn to_f32(name: &str, t: &TensorView<'_>) -> Result<Vec<f32>, ImportE
             ))
         }
     };
-    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-        return Err(err(
+    finite(name, &v)?;
+    Ok(v)
+}
+
+fn finite(name: &str, v: &[f32]) -> Result<(), ImportError> {
+    match v.iter().position(|x| !x.is_finite()) {
+        Some(i) => Err(err(
             WEIGHTS_FILE,
             format!("tensor {name} holds a non-finite value (NaN or Inf) at index {i}"),
-        ));
+        )),
+        None => Ok(()),
     }
-    Ok(v)
 }
 
 /// Permutes rows (first dim `rows = n_head * head_dim`, `cols` columns) HF -> GGUF order.

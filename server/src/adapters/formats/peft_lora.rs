@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use bytes::Bytes;
 use rayon::prelude::*;
 
 use regex::Regex;
@@ -15,12 +16,12 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::{
-    check_base, err, module_tensor, permute_rows, serialize, to_f32, Details, ImportError,
+    check_base, err, module_tensor, permute_rows, serialize, to_f32, to_f32s, Details, ImportError,
     ImportPolicy, Parsed, Targets, CONFIG_FILE, WEIGHTS_FILE,
 };
 use crate::model::{
     adapter::{Dora, LinearDelta},
-    lora::{transpose, LoraPair},
+    lora::LoraPair,
     Adapter, LlamaConfig, Module,
 };
 
@@ -100,7 +101,7 @@ impl<T: Copy> Patterns<T> {
 /// Called through [`super::parse`], which checks the config's size and picks the reader.
 pub(super) fn parse(
     config_json: &[u8],
-    weights: &[u8],
+    weights: &Bytes,
     cfg: &LlamaConfig,
     base_name: &str,
     policy: &ImportPolicy,
@@ -223,11 +224,13 @@ pub(super) fn parse(
                 format!("{key}: lora_A is {:?} and lora_B {:?}; this model needs [{mr}, {in_f}] and [{out_f}, {mr}]", a.shape(), b.shape()),
             ));
         }
-        let av = to_f32(&format!("{key}.lora_A"), &a)?;
-        let mut bv = to_f32(&format!("{key}.lora_B"), &b)?;
+        // Read in place from the file where they can be (f32, aligned): only q's and k's
+        // `B` are copied, their rows permuted into the model's order.
+        let av = to_f32s(&format!("{key}.lora_A"), &a, weights)?;
+        let mut bv = to_f32s(&format!("{key}.lora_B"), &b, weights)?;
         match m {
-            Module::Q => bv = permute_rows(&bv, cfg.num_heads, out_f, mr, true),
-            Module::K => bv = permute_rows(&bv, cfg.num_kv_heads, out_f, mr, true),
+            Module::Q => bv = permute_rows(&bv, cfg.num_heads, out_f, mr, true).into(),
+            Module::K => bv = permute_rows(&bv, cfg.num_kv_heads, out_f, mr, true).into(),
             _ => {}
         }
         let scale = if c.use_rslora {
@@ -237,7 +240,7 @@ pub(super) fn parse(
         } as f32;
         let pair = LoraPair {
             a: av,
-            b_t: transpose(&bv, out_f, mr),
+            b: bv,
             rank: mr,
             in_features: in_f,
             out_features: out_f,
@@ -347,26 +350,22 @@ pub(super) fn write(
             };
             let key = m.hf_key(layer);
             let b = match m {
-                Module::Q => permute_rows(
-                    &pair.b(),
-                    cfg.num_heads,
-                    pair.out_features,
-                    pair.rank,
-                    false,
-                ),
+                Module::Q => {
+                    permute_rows(&pair.b, cfg.num_heads, pair.out_features, pair.rank, false)
+                }
                 Module::K => permute_rows(
-                    &pair.b(),
+                    &pair.b,
                     cfg.num_kv_heads,
                     pair.out_features,
                     pair.rank,
                     false,
                 ),
-                _ => pair.b(),
+                _ => pair.b.to_vec(),
             };
             tensors.push((
                 format!("base_model.model.{key}.lora_A.weight"),
                 vec![pair.rank, pair.in_features],
-                pair.a.clone(),
+                pair.a.to_vec(),
             ));
             tensors.push((
                 format!("base_model.model.{key}.lora_B.weight"),
