@@ -612,7 +612,7 @@ impl AdapterRegistry {
             let (c, w) = (config, weights);
             // These files were checked at import: failing now means they were damaged on
             // disk, which is the server's loss, not the caller's bad argument.
-            peft::parse_bytes(&c, &w, model.config(), &model.name, &policy)
+            peft::parse_stored(&c, &w, model.config(), &model.name, &policy)
                 .and_then(|mut p| {
                     name_labels(&mut p.adapter, labels)?;
                     p.into_compiled(&model.llama)

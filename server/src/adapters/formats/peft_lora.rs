@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use super::{
     check_base, err, module_tensor, permute_rows, serialize, to_f32, to_f32s, Details, ImportError,
-    ImportPolicy, Parsed, Targets, CONFIG_FILE, WEIGHTS_FILE,
+    ImportPolicy, Parsed, Scan, Targets, CONFIG_FILE, WEIGHTS_FILE,
 };
 use crate::model::{
     adapter::{Dora, LinearDelta},
@@ -105,6 +105,7 @@ pub(super) fn parse(
     cfg: &LlamaConfig,
     base_name: &str,
     policy: &ImportPolicy,
+    scan: Scan,
 ) -> Result<Parsed, ImportError> {
     let c: PeftConfig = serde_json::from_slice(config_json)
         .map_err(|e| err(CONFIG_FILE, format!("not a valid PEFT config: {e}")))?;
@@ -226,8 +227,8 @@ pub(super) fn parse(
         }
         // Read in place from the file where they can be (f32, aligned): only q's and k's
         // `B` are copied, their rows permuted into the model's order.
-        let av = to_f32s(&format!("{key}.lora_A"), &a, weights)?;
-        let mut bv = to_f32s(&format!("{key}.lora_B"), &b, weights)?;
+        let av = to_f32s(&format!("{key}.lora_A"), &a, weights, scan)?;
+        let mut bv = to_f32s(&format!("{key}.lora_B"), &b, weights, scan)?;
         match m {
             Module::Q => bv = permute_rows(&bv, cfg.num_heads, out_f, mr, true).into(),
             Module::K => bv = permute_rows(&bv, cfg.num_kv_heads, out_f, mr, true).into(),
