@@ -10,7 +10,7 @@ use candle_core::Device;
 use common::{fixtures, greedy, ids, log_softmax, model, top_k};
 use graft_server::{
     adapters::{
-        peft::{self, Details, ImportPolicy, Parsed as ParsedLora},
+        peft::{self, Details, ImportPolicy, Parsed as ParsedLora, Scan},
         testing::random_lora,
     },
     model::{lora::F32s, Adapter as LoraWeights, BaseModel, Llama, Module, SeqChunk},
@@ -182,7 +182,8 @@ fn f32_weights_are_read_in_place_from_the_file() {
     let dir = fixture_dir();
     let c = std::fs::read(dir.join("adapter_config.json")).expect("config");
     let w = bytes::Bytes::from(std::fs::read(dir.join("adapter_model.safetensors")).expect("w"));
-    let p = peft::parse_bytes(&c, &w, m.config(), &m.name, &policy()).expect("parses");
+    let p =
+        peft::parse_bytes(&c, &w, m.config(), &m.name, &policy(), Scan::Stored).expect("parses");
     let file = w.as_ptr_range();
     let in_file = |v: &F32s| {
         let r = v.as_ptr_range();

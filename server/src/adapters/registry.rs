@@ -24,7 +24,7 @@ use std::{
 
 use sha2::{Digest, Sha256};
 
-use super::formats::{self as peft, Details, ImportError, ImportPolicy, Parsed};
+use super::formats::{self as peft, Details, ImportError, ImportPolicy, Parsed, Scan};
 use crate::{
     blobs::{BlobError, Blobs},
     metrics as m,
@@ -401,8 +401,14 @@ impl AdapterRegistry {
         // The served adapter may read its weights in place from these bytes.
         let weights = bytes::Bytes::from(weights);
         let (parsed, adapter, config_json, weights) = tokio::task::spawn_blocking(move || {
-            let mut p =
-                peft::parse_bytes(&config_json, &weights, model.config(), &model.name, &policy)?;
+            let mut p = peft::parse_bytes(
+                &config_json,
+                &weights,
+                model.config(),
+                &model.name,
+                &policy,
+                Scan::Values,
+            )?;
             name_labels(&mut p.adapter, labels)?;
             let a = p.compile(&model.llama)?;
             Ok::<_, ImportError>((p, a, config_json, weights))
@@ -612,7 +618,7 @@ impl AdapterRegistry {
             let (c, w) = (config, weights);
             // These files were checked at import: failing now means they were damaged on
             // disk, which is the server's loss, not the caller's bad argument.
-            peft::parse_stored(&c, &w, model.config(), &model.name, &policy)
+            peft::parse_bytes(&c, &w, model.config(), &model.name, &policy, Scan::Stored)
                 .and_then(|mut p| {
                     name_labels(&mut p.adapter, labels)?;
                     p.into_compiled(&model.llama)

@@ -28,29 +28,17 @@ pub struct LoraPair {
 impl LoraPair {
     /// `y += scale * B (A x)` for one row.
     pub fn apply_row(&self, x: &[f32], y: &mut [f32]) {
-        self.apply_rows(x, y)
-    }
-
-    /// [`LoraPair::apply_row`] for rows `x: (n, in)`, `y: (n, out)` of this one adapter,
-    /// reading `A` and `B` once for all of them. Each row's arithmetic is the one-row
-    /// form's, in the same order, so a row's bits do not depend on its neighbours.
-    pub fn apply_rows(&self, x: &[f32], y: &mut [f32]) {
-        let (r, inp, out) = (self.rank, self.in_features, self.out_features);
-        let n = x.len() / inp;
-        debug_assert_eq!(y.len(), n * out);
+        let r = self.rank;
         let mut stack = [0f32; 256];
         let mut heap;
-        let t: &mut [f32] = if n * r <= stack.len() {
-            &mut stack[..n * r]
+        let t: &mut [f32] = if r <= stack.len() {
+            &mut stack[..r]
         } else {
-            heap = vec![0f32; n * r];
+            heap = vec![0f32; r];
             &mut heap
         };
-        // t = scale * A x, per row: (n, r).
-        for (j, a) in self.a.chunks_exact(inp).enumerate() {
-            for (i, xr) in x.chunks_exact(inp).enumerate() {
-                t[i * r + j] = dot(a, xr) * self.scale;
-            }
+        for (tj, a) in t.iter_mut().zip(self.a.chunks_exact(self.in_features)) {
+            *tj = dot(a, x) * self.scale;
         }
         // y += B t, each output's r terms summed in `b_dot`'s order.
         #[cfg(target_arch = "x86_64")]
@@ -58,11 +46,11 @@ impl LoraPair {
             // SAFETY: the CPU has AVX2 and FMA (checked above).
             #[allow(unsafe_code)]
             unsafe {
-                avx2::add_b_t(&self.b, t, r, y)
+                avx2::add_b_t(&self.b, t, y)
             };
             return;
         }
-        add_b_t(&self.b, t, r, y);
+        add_b_t(&self.b, t, y);
     }
 
     pub fn bytes(&self) -> usize {
@@ -78,14 +66,10 @@ impl LoraPair {
     }
 }
 
-/// `y_i += B t_i` for each row `i`: `b: (out, r)`, `t: (n, r)`, `y: (n, out)`; the plain
-/// form of [`avx2::add_b_t`], bit for bit.
-fn add_b_t(b: &[f32], t: &[f32], r: usize, y: &mut [f32]) {
-    let out = b.len() / r;
-    for (ti, yi) in t.chunks_exact(r).zip(y.chunks_exact_mut(out)) {
-        for (bo, yo) in b.chunks_exact(r).zip(yi.iter_mut()) {
-            *yo += b_dot(bo, ti);
-        }
+/// `y += B t`: `b: (out, r)`, `t: (r)`; the plain form of [`avx2::add_b_t`], bit for bit.
+fn add_b_t(b: &[f32], t: &[f32], y: &mut [f32]) {
+    for (bo, yo) in b.chunks_exact(t.len()).zip(y.iter_mut()) {
+        *yo += b_dot(bo, t);
     }
 }
 
@@ -121,37 +105,37 @@ mod avx2 {
     /// output's lanes are one register, and the 8 registers' sums come out of one `hadd`
     /// tree in `b_dot`'s order.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn add_b_t(b: &[f32], t: &[f32], r: usize, y: &mut [f32]) {
-        let out = b.len() / r;
+    pub(super) unsafe fn add_b_t(b: &[f32], t: &[f32], y: &mut [f32]) {
+        let r = t.len();
+        let out = y.len();
+        assert_eq!(b.len(), out * r, "B is (out, r)");
         let whole = out / 8 * 8;
-        for (ti, yi) in t.chunks_exact(r).zip(y.chunks_exact_mut(out)) {
-            let tp = ti.as_ptr();
-            for o in (0..whole).step_by(8) {
-                let bp = b.as_ptr().add(o * r);
-                let mut v = [_mm256_setzero_ps(); 8];
-                for (k, vk) in v.iter_mut().enumerate() {
-                    let row = bp.add(k * r);
-                    *vk = _mm256_mul_ps(_mm256_loadu_ps(row), _mm256_loadu_ps(tp));
-                    for ch in (8..r).step_by(8) {
-                        *vk = _mm256_fmadd_ps(
-                            _mm256_loadu_ps(row.add(ch)),
-                            _mm256_loadu_ps(tp.add(ch)),
-                            *vk,
-                        );
-                    }
+        let tp = t.as_ptr();
+        for o in (0..whole).step_by(8) {
+            let bp = b.as_ptr().add(o * r);
+            let mut v = [_mm256_setzero_ps(); 8];
+            for (k, vk) in v.iter_mut().enumerate() {
+                let row = bp.add(k * r);
+                *vk = _mm256_mul_ps(_mm256_loadu_ps(row), _mm256_loadu_ps(tp));
+                for ch in (8..r).step_by(8) {
+                    *vk = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(row.add(ch)),
+                        _mm256_loadu_ps(tp.add(ch)),
+                        *vk,
+                    );
                 }
-                let q0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
-                let q1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
-                let s = _mm256_add_ps(
-                    _mm256_permute2f128_ps(q0, q1, 0x20),
-                    _mm256_permute2f128_ps(q0, q1, 0x31),
-                );
-                let yp = yi.as_mut_ptr().add(o);
-                _mm256_storeu_ps(yp, _mm256_add_ps(_mm256_loadu_ps(yp), s));
             }
-            for o in whole..out {
-                yi[o] += super::b_dot(&b[o * r..(o + 1) * r], ti);
-            }
+            let q0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+            let q1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+            let s = _mm256_add_ps(
+                _mm256_permute2f128_ps(q0, q1, 0x20),
+                _mm256_permute2f128_ps(q0, q1, 0x31),
+            );
+            let yp = y.as_mut_ptr().add(o);
+            _mm256_storeu_ps(yp, _mm256_add_ps(_mm256_loadu_ps(yp), s));
+        }
+        for o in whole..out {
+            y[o] += super::b_dot(&b[o * r..(o + 1) * r], t);
         }
     }
 }
@@ -204,7 +188,7 @@ mod tests {
     }
 
     /// The AVX2 form of `y += B t` is the plain form bit for bit (ranks 8, 16 and 24, an
-    /// output count with a tail), and on this machine it is the one `apply_rows` runs.
+    /// output count with a tail), and on this machine it is the one `apply_row` runs.
     #[test]
     #[cfg(target_arch = "x86_64")]
     fn avx2_b_update_is_the_plain_one_bit_for_bit() {
@@ -212,20 +196,20 @@ mod tests {
             crate::model::packed::avx2_fma(),
             "this test needs AVX2 and FMA"
         );
-        for (r, out, n) in [(8, 16, 1), (16, 36, 3), (24, 8, 2)] {
+        for (r, out) in [(8, 16), (16, 36), (24, 8)] {
             let b: Vec<f32> = (0..out * r)
                 .map(|i| ((i * 37 % 101) as f32 - 50.0) / 31.0)
                 .collect();
-            let t: Vec<f32> = (0..n * r)
+            let t: Vec<f32> = (0..r)
                 .map(|i| ((i * 53 % 89) as f32 - 44.0) / 17.0)
                 .collect();
-            let y0: Vec<f32> = (0..n * out).map(|i| (i % 7) as f32 * 0.3 - 1.0).collect();
+            let y0: Vec<f32> = (0..out).map(|i| (i % 7) as f32 * 0.3 - 1.0).collect();
             let (mut plain, mut fast) = (y0.clone(), y0.clone());
-            add_b_t(&b, &t, r, &mut plain);
+            add_b_t(&b, &t, &mut plain);
             // SAFETY: checked above.
             #[allow(unsafe_code)]
             unsafe {
-                avx2::add_b_t(&b, &t, r, &mut fast)
+                avx2::add_b_t(&b, &t, &mut fast)
             };
             let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&plain), bits(&fast), "rank {r}, {out} outputs");
@@ -233,45 +217,29 @@ mod tests {
         }
     }
 
-    /// Rows run together are the rows run alone, bit for bit, and both are
-    /// `y + scale * B A x` (in f64 here) to float error.
+    /// A row's update is `y + scale * B A x` (in f64 here) to float error, through the
+    /// plain `B` update (rank 12) and the AVX2 one (rank 16).
     #[test]
-    fn rows_together_are_rows_alone_and_the_plain_update() {
+    fn a_rows_update_is_the_plain_low_rank_update() {
         for r in [12, 16] {
-            rows_together_at_rank(r);
-        }
-    }
-
-    fn rows_together_at_rank(r: usize) {
-        let (inp, out, n) = (40, 24, 5);
-        let p = pair(r, inp, out);
-        let x: Vec<f32> = (0..n * inp)
-            .map(|i| ((i % 17) as f32 - 8.0) / 9.0)
-            .collect();
-        let y0: Vec<f32> = (0..n * out).map(|i| (i % 5) as f32 - 2.0).collect();
-        let mut together = y0.clone();
-        p.apply_rows(&x, &mut together);
-        for i in 0..n {
-            let mut alone = y0[i * out..(i + 1) * out].to_vec();
-            p.apply_row(&x[i * inp..(i + 1) * inp], &mut alone);
-            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-            assert_eq!(
-                bits(&alone),
-                bits(&together[i * out..(i + 1) * out]),
-                "row {i}"
-            );
+            let (inp, out) = (40, 24);
+            let p = pair(r, inp, out);
+            let x: Vec<f32> = (0..inp).map(|i| ((i % 17) as f32 - 8.0) / 9.0).collect();
+            let y0: Vec<f32> = (0..out).map(|i| (i % 5) as f32 - 2.0).collect();
+            let mut y = y0.clone();
+            p.apply_row(&x, &mut y);
             for o in 0..out {
-                let mut want = y0[i * out + o] as f64;
+                let mut want = y0[o] as f64;
                 for j in 0..r {
                     let ax: f64 = (0..inp)
-                        .map(|k| p.a[j * inp + k] as f64 * x[i * inp + k] as f64)
+                        .map(|k| p.a[j * inp + k] as f64 * x[k] as f64)
                         .sum();
                     want += p.scale as f64 * p.b[o * r + j] as f64 * ax;
                 }
-                let got = together[i * out + o] as f64;
+                let got = y[o] as f64;
                 assert!(
                     (got - want).abs() < 1e-4,
-                    "row {i} out {o}: {got} vs {want}"
+                    "rank {r} out {o}: {got} vs {want}"
                 );
             }
         }

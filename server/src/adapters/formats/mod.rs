@@ -222,35 +222,13 @@ pub fn parse(
     policy: &ImportPolicy,
 ) -> Result<Parsed, ImportError> {
     let weights = Bytes::copy_from_slice(weights);
-    parse_bytes(config_json, &weights, cfg, base_name, policy)
+    parse_bytes(config_json, &weights, cfg, base_name, policy, Scan::Values)
 }
 
-/// [`parse`] whose adapter keeps `weights` (an upload) and reads its `f32` values in place
-/// where it can.
+/// [`parse`] whose adapter keeps `weights` (an upload, a stored version's mapped file) and
+/// reads its `f32` values in place where it can; `scan` says whether those are checked for
+/// NaN and infinities.
 pub fn parse_bytes(
-    config_json: &[u8],
-    weights: &Bytes,
-    cfg: &LlamaConfig,
-    base_name: &str,
-    policy: &ImportPolicy,
-) -> Result<Parsed, ImportError> {
-    parse_scanning(config_json, weights, cfg, base_name, policy, Scan::Values)
-}
-
-/// [`parse_bytes`] for a stored version's files (mapped): the values read in place are not
-/// scanned for NaN and infinities again (a rank-16 LoRA's ~20 MB scan was ~2 ms of every
-/// cold load); everything else is checked as at import.
-pub fn parse_stored(
-    config_json: &[u8],
-    weights: &Bytes,
-    cfg: &LlamaConfig,
-    base_name: &str,
-    policy: &ImportPolicy,
-) -> Result<Parsed, ImportError> {
-    parse_scanning(config_json, weights, cfg, base_name, policy, Scan::Stored)
-}
-
-fn parse_scanning(
     config_json: &[u8],
     weights: &Bytes,
     cfg: &LlamaConfig,
@@ -480,9 +458,11 @@ pub(crate) fn normalise(s: &str) -> String {
 
 /// Whether values read in place are scanned for NaN and infinities.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Scan {
+pub enum Scan {
     Values,
-    /// A stored version's files: scanned when they were imported, never rewritten since.
+    /// A stored version's files: scanned when they were imported and never rewritten
+    /// since, so not again (a rank-16 LoRA's ~20 MB scan was ~2 ms of every cold load).
+    /// Everything else is checked as at import.
     Stored,
 }
 
