@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use crate::{
     engine::{EngineConfig, StepLimits},
-    model::packed::DecodeKernel,
+    model::{packed::DecodeKernel, DeviceSpec},
     tenancy::{Limits, TenancyConfig},
 };
 
@@ -67,6 +67,10 @@ pub struct Settings {
     /// (f32 activations; the reference).
     #[arg(long, env = "GRAFT_DECODE_KERNEL")]
     pub decode_kernel: Option<DecodeKernel>,
+    /// Where the model's weights live and its matmuls run: "cpu" (default), or "cuda:N"
+    /// (one GPU; only in a build with the `cuda` feature, `make build-cuda`).
+    #[arg(long, env = "GRAFT_DEVICE")]
+    pub device: Option<DeviceSpec>,
     /// MiB of KV memory for every running sequence and cached prompt prefix together
     /// (default: a quarter of the machine's memory). A request that could never fit is
     /// refused; when running sequences fill it, the newest waits (preempted).
@@ -225,6 +229,7 @@ pub struct ServerConfig {
     pub http_listen: Option<SocketAddr>,
     pub engine: EngineConfig,
     pub decode_kernel: DecodeKernel,
+    pub device: DeviceSpec,
     pub max_new_tokens_cap: u32,
     pub drain_timeout: Duration,
     pub log_json: bool,
@@ -429,6 +434,7 @@ impl Settings {
                 .decode_kernel
                 .or(file.decode_kernel)
                 .unwrap_or_default(),
+            device: self.device.or(file.device).unwrap_or_default(),
             max_new_tokens_cap: self
                 .max_new_tokens_cap
                 .or(file.max_new_tokens_cap)
@@ -531,6 +537,7 @@ impl ServerConfig {
             http_listen: None,
             engine: EngineConfig::default(),
             decode_kernel: DecodeKernel::default(),
+            device: DeviceSpec::Cpu,
             max_new_tokens_cap: 4096,
             drain_timeout: Duration::from_secs(30),
             log_json: false,
@@ -613,6 +620,36 @@ mod tests {
             wrong.contains("int8") && wrong.contains("exact or int16"),
             "{wrong}"
         );
+    }
+
+    #[test]
+    fn the_device_comes_from_flag_env_or_file_and_a_wrong_one_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("graft.toml");
+        std::fs::write(&path, "device = \"cuda:1\"\n").expect("write");
+        let cfg = path.to_str().expect("utf8");
+        let file = Settings::parse_from(["graftd", "--config", cfg]);
+        assert_eq!(
+            file.resolve().expect("resolves").device,
+            DeviceSpec::Cuda(1)
+        );
+        let flag = Settings::parse_from(["graftd", "--config", cfg, "--device", "cpu"]);
+        assert_eq!(flag.resolve().expect("resolves").device, DeviceSpec::Cpu);
+        let default = Settings::parse_from(["graftd"]);
+        assert_eq!(default.resolve().expect("resolves").device, DeviceSpec::Cpu);
+        let wrong = Settings::try_parse_from(["graftd", "--device", "gpu0"])
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            wrong.contains("gpu0") && wrong.contains("cuda:N"),
+            "{wrong}"
+        );
+        std::fs::write(&path, "device = \"tpu\"\n").expect("write");
+        let wrong = Settings::parse_from(["graftd", "--config", cfg])
+            .resolve()
+            .expect_err("refused")
+            .to_string();
+        assert!(wrong.contains("tpu"), "{wrong}");
     }
 
     #[test]

@@ -258,10 +258,9 @@ async fn load_and_warm(
         gate.notified().await;
     }
     let t0 = Instant::now();
-    let path = cfg.model.clone();
+    let (path, device) = (cfg.model.clone(), cfg.device);
     let model =
-        tokio::task::spawn_blocking(move || BaseModel::load(&path, &candle_core::Device::Cpu))
-            .await??;
+        tokio::task::spawn_blocking(move || BaseModel::load(&path, &device.open()?)).await??;
     let mut model = model;
     model.llama.set_decode_kernel(cfg.decode_kernel);
     let model = Arc::new(model);
@@ -269,6 +268,7 @@ async fn load_and_warm(
         model = %model.name,
         layers = model.config().num_layers,
         hidden = model.config().hidden_size,
+        device = %cfg.device,
         seconds = t0.elapsed().as_secs_f64(),
         "model loaded"
     );

@@ -57,7 +57,18 @@ fn lora_gradients_match_finite_differences() {
     let ex = data(&m);
     let batch: Vec<&Tokenized> = ex.iter().take(3).collect();
     let s = spec();
-    let vars = LoraVars::init(m.config(), None, &s.modules(), 4, 8.0, false, 0.0, 1).expect("vars");
+    let vars = LoraVars::init(
+        &Device::Cpu,
+        m.config(),
+        None,
+        &s.modules(),
+        4,
+        8.0,
+        false,
+        0.0,
+        1,
+    )
+    .expect("vars");
     // B starts at zero (so A gets no gradient); make both non-zero for the check.
     for v in vars.vars() {
         let t = Tensor::randn(0f32, 0.1, v.shape(), &Device::Cpu).expect("randn");
@@ -243,7 +254,18 @@ fn resumes_bit_for_bit(s: TrainSpec) {
 fn backward_computes_no_gradient_for_the_frozen_base_weights() {
     let m = model();
     let s = spec();
-    let vars = LoraVars::init(m.config(), None, &s.modules(), 4, 8.0, false, 0.0, 1).expect("vars");
+    let vars = LoraVars::init(
+        &Device::Cpu,
+        m.config(),
+        None,
+        &s.modules(),
+        4,
+        8.0,
+        false,
+        0.0,
+        1,
+    )
+    .expect("vars");
     for v in vars.vars() {
         let t = Tensor::randn(0f32, 0.1, v.shape(), &Device::Cpu).expect("randn");
         v.set(&t).expect("set");

@@ -430,6 +430,7 @@ impl Llama {
             .embed
             .weight_kept()?
             .index_select(&ids.flatten_all()?, 0)?
+            .to_dtype(DType::F32)?
             .reshape((b, t, hidden))?;
         let prompt = match adapter {
             Some(a) => a.prompt()?,
@@ -461,6 +462,7 @@ impl Llama {
             )));
         }
         let mut kv = Vec::with_capacity(self.cfg.num_layers);
+        let embeddings = embeddings.to_device(&self.device)?;
         self.run_layers(embeddings.unsqueeze(0)?, None, Some(&mut kv))?;
         let kv_dim = self.cfg.kv_dim();
         let flat = |t: &Tensor| -> candle_core::Result<Vec<f32>> {

@@ -9,6 +9,7 @@ pub mod attention;
 pub mod bottleneck;
 pub mod chat;
 pub mod config;
+pub mod device;
 pub mod f32s;
 pub mod frozen;
 pub mod head;
@@ -32,6 +33,7 @@ use sha2::{Digest, Sha256};
 pub use adapter::{Adapter, ClassHead, KvPrefix};
 pub use chat::{ChatMessage, ChatTemplate};
 pub use config::LlamaConfig;
+pub use device::DeviceSpec;
 pub use kv_cache::{KvCache, KvExhausted, KvPool, KvShape};
 pub use llama::{Llama, SeqChunk};
 pub use sites::{Module, Sublayer};
@@ -73,7 +75,8 @@ pub struct BaseModel {
 
 impl BaseModel {
     /// Loads a `.gguf` file or an HF-style directory (`config.json`, `*.safetensors`,
-    /// `tokenizer.json`, optionally `tokenizer_config.json` with a chat template).
+    /// `tokenizer.json`, optionally `tokenizer_config.json` with a chat template), its
+    /// weights placed on `device` ([`weights::Weights::placed`]).
     pub fn load(path: &Path, device: &Device) -> Result<Self, ModelError> {
         if path.is_dir() {
             Self::load_hf_dir(path, device)
@@ -106,7 +109,10 @@ impl BaseModel {
             (Some(b), Some(s)) => vec![format!("{b}-{s}")],
             _ => vec![],
         };
-        let w = g.weights(&cfg, device)?;
+        // Read on the CPU (GGUF blocks are unpacked there), then placed on `device`.
+        let w = g
+            .weights(&cfg, &Device::Cpu)?
+            .placed(device, device::weight_dtype(device))?;
         Ok(Self {
             llama: Llama::new(cfg, w, device.clone())?,
             tokenizer,
@@ -156,7 +162,8 @@ impl BaseModel {
             .and_then(|v| v.as_str())
             .map(str::to_string);
         let chat = chat_template(template, &tokenizer)?;
-        let w = weights::load_hf_weights(dir, &cfg, hf.tie_word_embeddings, device)?;
+        let w = weights::load_hf_weights(dir, &cfg, hf.tie_word_embeddings, &Device::Cpu)?
+            .placed(device, device::weight_dtype(device))?;
         let mut files: Vec<_> = std::fs::read_dir(dir)
             .map_err(|e| ModelError::Io(e.to_string()))?
             .filter_map(|e| e.ok().map(|e| e.path()))

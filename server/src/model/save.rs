@@ -20,12 +20,31 @@ pub const HF_FILES: [&str; 4] = [
 /// Writes `weights` (of `model`'s architecture) with `model`'s tokenizer and chat template
 /// into `dir` (which must exist). Returns the bytes written.
 pub fn write_hf_dir(model: &BaseModel, weights: &Weights, dir: &Path) -> Result<u64, ModelError> {
+    write_hf_meta(model, weights.tied(), dir)?;
+    let tensors: HashMap<String, candle_core::Tensor> =
+        weights.hf_tensors(model.config())?.into_iter().collect();
+    let st = dir.join(HF_FILES[1]);
+    candle_core::safetensors::save(&tensors, &st)
+        .map_err(|e| ModelError::Io(format!("{}: {e}", st.display())))?;
+    let mut total = 0;
+    for f in HF_FILES {
+        let p = dir.join(f);
+        total += std::fs::metadata(&p)
+            .map_err(|e| ModelError::Io(format!("{}: {e}", p.display())))?
+            .len();
+    }
+    Ok(total)
+}
+
+/// The files of an HF model directory besides the weights: `config.json` (of `model`'s
+/// architecture, its embeddings `tied` or not), `tokenizer.json` and `tokenizer_config.json`
+/// with the chat template. (The GPU check writes random weights beside them.)
+pub fn write_hf_meta(model: &BaseModel, tied: bool, dir: &Path) -> Result<(), ModelError> {
     let cfg = model.config();
     let tk = &model.tokenizer;
-    let io = |p: &Path, e: std::io::Error| ModelError::Io(format!("{}: {e}", p.display()));
     let write = |name: &str, bytes: &[u8]| -> Result<(), ModelError> {
         let p = dir.join(name);
-        std::fs::write(&p, bytes).map_err(|e| io(&p, e))
+        std::fs::write(&p, bytes).map_err(|e| ModelError::Io(format!("{}: {e}", p.display())))
     };
     let eos = match tk.eos_ids.as_slice() {
         [one] => json!(one),
@@ -47,18 +66,13 @@ pub fn write_hf_dir(model: &BaseModel, weights: &Weights, dir: &Path) -> Result<
         "hidden_act": "silu",
         "attention_bias": false,
         "mlp_bias": false,
-        "tie_word_embeddings": weights.tied(),
+        "tie_word_embeddings": tied,
         "bos_token_id": tk.bos_id,
         "eos_token_id": eos,
         "torch_dtype": "float32",
     });
     let pretty = |v: &serde_json::Value| serde_json::to_vec_pretty(v).expect("JSON values print");
     write(HF_FILES[0], &pretty(&config))?;
-    let tensors: HashMap<String, candle_core::Tensor> =
-        weights.hf_tensors(cfg)?.into_iter().collect();
-    let st = dir.join(HF_FILES[1]);
-    candle_core::safetensors::save(&tensors, &st)
-        .map_err(|e| ModelError::Io(format!("{}: {e}", st.display())))?;
     write(HF_FILES[2], tk.to_json()?.as_bytes())?;
     let tok_config = json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -69,11 +83,5 @@ pub fn write_hf_dir(model: &BaseModel, weights: &Weights, dir: &Path) -> Result<
         "clean_up_tokenization_spaces": false,
         "chat_template": model.chat.source(),
     });
-    write(HF_FILES[3], &pretty(&tok_config))?;
-    let mut total = 0;
-    for f in HF_FILES {
-        let p = dir.join(f);
-        total += std::fs::metadata(&p).map_err(|e| io(&p, e))?.len();
-    }
-    Ok(total)
+    write(HF_FILES[3], &pretty(&tok_config))
 }

@@ -113,7 +113,7 @@ impl Linear {
 
     /// Bytes held now: the f32 weights (those made from blocks while kept) and the blocks.
     fn bytes(&self) -> usize {
-        let f32s = |t: &Tensor| t.elem_count() * 4;
+        let f32s = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
         match &self.form {
             Form::Dense(t) => f32s(t),
             Form::Packed { blocks, kept } => blocks.bytes() + lock(kept).as_ref().map_or(0, f32s),
@@ -140,7 +140,10 @@ impl Linear {
         match &self.form {
             Form::Dense(w) => {
                 let idx = Tensor::from_slice(ids, ids.len(), w.device())?;
-                w.index_select(&idx, 0)?.flatten_all()?.to_vec1()
+                w.index_select(&idx, 0)?
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1()
             }
             Form::Packed { blocks, .. } => blocks
                 .dense_rows(ids)
@@ -175,7 +178,8 @@ impl Linear {
     ) -> candle_core::Result<Vec<f32>> {
         let k = self.in_features();
         let Some(p) = self.packed() else {
-            let t = Tensor::from_slice(x, (rows, k), &Device::Cpu)?;
+            // The weight's device: on a GPU the rows go there and the outputs come back.
+            let t = Tensor::from_slice(x, (rows, k), self.device())?;
             return self.forward_tiled(&t)?.flatten_all()?.to_vec1();
         };
         if kernel == DecodeKernel::Exact || decode_rows == 0 {
@@ -206,17 +210,41 @@ impl Linear {
     /// `x W^T` for the differentiable forward: a frozen weight's backward yields `x`'s
     /// gradient only ([`super::frozen`]); a trained one (a `Var`, in full fine-tuning)
     /// gets its own gradient too.
+    ///
+    /// Weights held in another dtype than `x`'s (bf16 on a GPU) take `x` cast to theirs and
+    /// give `x`'s dtype back. There (and on any device but the CPU, which the custom op's
+    /// kernel is written for) candle's own matmul runs, whose backward also makes the frozen
+    /// weight's gradient, thrown away.
     pub fn forward_train(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let w = self.weight_kept()?;
         if w.is_variable() {
             x.matmul(&w.t()?)
-        } else {
+        } else if w.device().is_cpu() && w.dtype() == x.dtype() {
             super::frozen::frozen_matmul(x, &w)
+        } else {
+            matmul_as(x, &w)
         }
     }
-    /// `x: (rows, in)` -> `(rows, out)`.
+    /// `x: (rows, in)` -> `(rows, out)`, in `x`'s dtype (see [`Linear::forward_train`]).
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.matmul(&self.weight_kept()?.t()?)
+        matmul_as(x, &self.weight_kept()?)
+    }
+
+    /// Where the layer's weights are: the CPU for GGUF blocks.
+    pub fn device(&self) -> &Device {
+        match &self.form {
+            Form::Dense(t) => t.device(),
+            Form::Packed { .. } => &Device::Cpu,
+        }
+    }
+
+    /// This layer's weights held on `dev` as `dtype` (bf16 on a GPU:
+    /// [`super::device::weight_dtype`]); on the CPU as f32, itself (GGUF blocks stay blocks).
+    pub fn placed(&self, dev: &Device, dtype: DType) -> candle_core::Result<Self> {
+        if dev.is_cpu() && dtype == DType::F32 {
+            return Ok(self.clone());
+        }
+        Ok(Self::new(self.weight()?.to_device(dev)?.to_dtype(dtype)?))
     }
     pub fn out_features(&self) -> usize {
         match &self.form {
@@ -230,6 +258,14 @@ impl Linear {
             Form::Packed { blocks, .. } => blocks.in_features(),
         }
     }
+}
+
+/// `x W^T` in `x`'s dtype, `x` cast to `w`'s when they differ.
+fn matmul_as(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    if x.dtype() == w.dtype() {
+        return x.matmul(&w.t()?);
+    }
+    x.to_dtype(w.dtype())?.matmul(&w.t()?)?.to_dtype(x.dtype())
 }
 
 /// The f32 weights of `blocks`.
@@ -357,6 +393,40 @@ impl Weights {
         DenseInUse {
             weights: self.clone(),
         }
+    }
+
+    /// These weights on `dev`: every linear layer as [`Linear::placed`] in `dtype` (a tied
+    /// LM head stays the embedding itself), the norms as f32 there. On the CPU as f32,
+    /// themselves.
+    pub fn placed(&self, dev: &Device, dtype: DType) -> candle_core::Result<Self> {
+        if dev.is_cpu() && dtype == DType::F32 {
+            return Ok(self.clone());
+        }
+        let norm = |t: &Tensor| t.to_device(dev)?.to_dtype(DType::F32);
+        let embed = self.embed.placed(dev, dtype)?;
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(LayerWeights {
+                    attn_norm: norm(&l.attn_norm)?,
+                    q: l.q.placed(dev, dtype)?,
+                    k: l.k.placed(dev, dtype)?,
+                    v: l.v.placed(dev, dtype)?,
+                    o: l.o.placed(dev, dtype)?,
+                    ffn_norm: norm(&l.ffn_norm)?,
+                    gate: l.gate.placed(dev, dtype)?,
+                    up: l.up.placed(dev, dtype)?,
+                    down: l.down.placed(dev, dtype)?,
+                })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let lm_head = if self.tied() {
+            embed.clone()
+        } else {
+            self.lm_head.placed(dev, dtype)?
+        };
+        Ok(Self::new(embed, layers, norm(&self.final_norm)?, lm_head))
     }
 
     /// Drops every kept f32 weight made from blocks (made again when next asked for).

@@ -125,6 +125,7 @@ impl LoraVars {
     /// magnitudes too.
     #[allow(clippy::too_many_arguments)]
     pub fn init(
+        dev: &Device,
         cfg: &LlamaConfig,
         dora: Option<&Weights>,
         targets: &[Module],
@@ -134,7 +135,6 @@ impl LoraVars {
         dropout: f32,
         seed: u64,
     ) -> candle_core::Result<Self> {
-        let dev = Device::Cpu;
         let mut rng = StdRng::seed_from_u64(seed);
         let scale = if use_rslora {
             alpha / (rank as f64).sqrt()
@@ -151,14 +151,18 @@ impl LoraVars {
                     .map(|_| rng.random_range(-bound..bound))
                     .collect();
                 l[m.index()] = Some(VarPair {
-                    a: Var::from_tensor(&Tensor::from_vec(a, (rank, inp), &dev)?)?,
-                    b: Var::zeros((out, rank), DType::F32, &dev)?,
+                    a: Var::from_tensor(&Tensor::from_vec(a, (rank, inp), dev)?)?,
+                    b: Var::zeros((out, rank), DType::F32, dev)?,
                     scale,
                     dropout,
                     train: true,
                     dora: match dora {
                         Some(w) => {
-                            let weight = m.of(&w.layers[layers.len()]).weight_kept()?;
+                            // f32 on any device (a GPU holds the base in bf16).
+                            let weight = m
+                                .of(&w.layers[layers.len()])
+                                .weight_kept()?
+                                .to_dtype(DType::F32)?;
                             let norm = weight.sqr()?.sum(1)?.sqrt()?;
                             Some(DoraVar {
                                 magnitude: Var::from_tensor(&norm)?,
@@ -202,10 +206,10 @@ impl Trainable for LoraVars {
                                 d.scale, p.scale
                             ));
                         }
-                        let dev = Device::Cpu;
-                        let a = Tensor::from_slice(&d.a, (d.rank, d.in_features), &dev)
+                        let dev = p.a.device();
+                        let a = Tensor::from_slice(&d.a, (d.rank, d.in_features), dev)
                             .map_err(|e| e.to_string())?;
-                        let b = Tensor::from_slice(&d.b, (d.out_features, d.rank), &dev)
+                        let b = Tensor::from_slice(&d.b, (d.out_features, d.rank), dev)
                             .map_err(|e| e.to_string())?;
                         if a.dims() != p.a.dims() || b.dims() != p.b.dims() {
                             return Err(format!("layer {l} module {m}: shapes differ"));

@@ -242,6 +242,21 @@ impl Objective {
 }
 
 impl TrainSpec {
+    /// What of this spec trains on the CPU only, if anything: on a GPU (`--device cuda:N`)
+    /// graftd trains LoRA and DoRA with the SFT objective so far; the other methods'
+    /// parameters, heads and objectives build their tensors on the CPU.
+    pub fn cpu_only(&self) -> Option<&'static str> {
+        if !matches!(self.method, MethodSpec::Lora) {
+            Some("this method")
+        } else if !matches!(self.objective, Objective::Sft) {
+            Some("this objective")
+        } else if self.train_lm_head {
+            Some("a trained LM head")
+        } else {
+            None
+        }
+    }
+
     pub fn modules(&self) -> Vec<Module> {
         self.targets
             .iter()

@@ -89,8 +89,16 @@ pub fn start(
 
 /// Fresh parameters of the spec's method alone.
 fn init_method(model: &BaseModel, spec: &TrainSpec) -> candle_core::Result<Box<dyn Trainable>> {
+    let dev = model.llama.device();
+    if let Some(what) = spec.cpu_only().filter(|_| !dev.is_cpu()) {
+        return Err(candle_core::Error::Msg(format!(
+            "{what} trains on the CPU only; on a GPU graftd trains LoRA (and DoRA) with the \
+             SFT objective"
+        )));
+    }
     Ok(match &spec.method {
         MethodSpec::Lora => Box::new(LoraVars::init(
+            dev,
             model.config(),
             spec.use_dora.then_some(&model.llama.weights),
             &spec.modules(),
@@ -117,6 +125,13 @@ fn init_method(model: &BaseModel, spec: &TrainSpec) -> candle_core::Result<Box<d
         }),
         m => Box::new(PromptVars::init(model, m, spec.seed)?),
     })
+}
+
+/// The device a run's parameters are on (the CPU for a run with none).
+pub fn device_of(vars: &dyn Trainable) -> candle_core::Device {
+    vars.vars()
+        .first()
+        .map_or(candle_core::Device::Cpu, |v| v.device().clone())
 }
 
 /// The one output of a reward model's head (transformers' `id2label` for `num_labels` 1).

@@ -146,6 +146,7 @@ fn make_batch(
     examples: &[&Tokenized],
     pad: u32,
     classes: Option<&Classes>,
+    dev: &Device,
 ) -> Result<Batch, TrainError> {
     let t = examples.iter().map(|e| e.ids.len()).max().unwrap_or(1);
     let mut ids = Vec::with_capacity(examples.len() * t);
@@ -179,12 +180,11 @@ fn make_batch(
             }
         }
     }
-    let dev = Device::Cpu;
     let n = positions.len();
     Ok(Batch {
-        ids: Tensor::from_vec(ids, (examples.len(), t), &dev)?,
-        positions: Tensor::from_vec(positions, n, &dev)?,
-        targets: Tensor::from_vec(targets, n, &dev)?,
+        ids: Tensor::from_vec(ids, (examples.len(), t), dev)?,
+        positions: Tensor::from_vec(positions, n, dev)?,
+        targets: Tensor::from_vec(targets, n, dev)?,
         tokens,
     })
 }
@@ -217,7 +217,7 @@ pub fn plain_loss_tensor(
 ) -> Result<Tensor, TrainError> {
     let pad = model.tokenizer.eos_ids.first().copied().unwrap_or(0);
     let classes = vars.labels().map(Classes::new);
-    let b = make_batch(examples, pad, classes.as_ref())?;
+    let b = make_batch(examples, pad, classes.as_ref(), model.llama.device())?;
     Ok(batch_loss(model, vars, &b)?.0)
 }
 
@@ -334,7 +334,7 @@ pub fn train_graded(
                 pairs_seen += batch.pairs;
                 out.loss
             } else {
-                let batch = make_batch(&ex, pad, classes.as_ref())?;
+                let batch = make_batch(&ex, pad, classes.as_ref(), model.llama.device())?;
                 tokens_done += batch.tokens;
                 batch_loss(model, vars.as_ref(), &batch)?.0
             };
@@ -526,7 +526,7 @@ impl Progress<'_> {
     pub(super) fn finish(&self, vars: Box<dyn Trainable>) -> Result<Outcome, TrainError> {
         let best = self.dir.join("best.safetensors");
         if self.spec.patience > 0 && best.exists() {
-            let saved = candle_core::safetensors::load(&best, &Device::Cpu)
+            let saved = candle_core::safetensors::load(&best, &trainable::device_of(vars.as_ref()))
                 .map_err(|e| TrainError::Checkpoint(e.to_string()))?;
             vars.load(&saved).map_err(TrainError::Checkpoint)?;
         }
@@ -553,7 +553,8 @@ pub(super) fn resume(
     let Some(meta) = read_meta(dir)? else {
         return Ok((0, None, 0));
     };
-    let saved = candle_core::safetensors::load(dir.join(&meta.tensors), &Device::Cpu)
+    let dev = trainable::device_of(vars);
+    let saved = candle_core::safetensors::load(dir.join(&meta.tensors), &dev)
         .map_err(|e| TrainError::Checkpoint(format!("reading {}: {e}", meta.tensors)))?;
     vars.load(&saved).map_err(TrainError::Checkpoint)?;
     opt.load_state(&saved, meta.step)
@@ -576,7 +577,7 @@ fn evaluate(
     let (mut preds, mut gold) = (Vec::new(), Vec::new());
     for chunk in set.chunks(bs.max(1)) {
         let ex: Vec<&Tokenized> = chunk.iter().collect();
-        let b = make_batch(&ex, pad, classes)?;
+        let b = make_batch(&ex, pad, classes, model.llama.device())?;
         let (l, logits) = batch_loss(model, vars, &b)?;
         let k = b.targets.dim(0)?;
         loss += l.to_scalar::<f32>()? as f64 * k as f64;

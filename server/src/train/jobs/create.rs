@@ -28,6 +28,17 @@ impl TrainingService {
         )
         .map_err(|(field, reason)| invalid(&field, reason))?;
         self.check_memory(&job.spec.train)?;
+        if let Some(what) = job.spec.train.cpu_only() {
+            if !self.model.llama.device().is_cpu() {
+                return Err(invalid(
+                    "method",
+                    format!(
+                        "{what} trains on the CPU only; this graftd runs on a GPU, where it \
+                         trains LoRA (and DoRA) with the SFT objective"
+                    ),
+                ));
+            }
+        }
         crate::names::validate(&job.adapter_name, "adapter name")
             .map_err(|e| invalid("adapter_name", e))?;
         let _storage = self.tenancy.storage_guard(tenant).await?;
