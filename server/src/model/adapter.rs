@@ -26,7 +26,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 pub use super::bottleneck::Bottleneck;
 pub use super::head::{ClassHead, LmHead};
@@ -50,6 +50,8 @@ pub struct Dora {
 impl Dora {
     /// `||W + s B A||` per output row of `weight: (out, in)`, as PEFT's `get_weight_norm`.
     pub fn weight_norm(lora: &LoraPair, weight: &Tensor) -> candle_core::Result<Vec<f32>> {
+        // On the CPU in f32 (a GPU holds the base as bf16 there; the adapter is on the CPU).
+        let weight = weight.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
         (weight + lora.delta()?)?
             .sqr()?
             .sum(1)?
