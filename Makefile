@@ -12,7 +12,8 @@ DATA_DIR      ?= data
 # The admin key: made once (random, mode 0600) and passed by file, never by flag.
 ADMIN_KEY_FILE ?= $(DATA_DIR)/admin.key
 
-.PHONY: all model moto build run test test-shared bench bench-peers fmt clippy clean check-deploy
+.PHONY: all model moto build run test test-shared bench bench-peers fmt clippy clean check-deploy \
+        cuda-toolchain check-cuda build-cuda gpu-kit gpu-dry-run
 
 all: build
 
@@ -107,6 +108,50 @@ bench: model
 bench-peers: model
 	$(CARGO) build --release -p graft-bench --bins
 	$(PYTHON) bench/peers/side_by_side.py $(BENCH_PEERS_ARGS)
+
+# The GPU build (issue 15; README "GPU"). nvcc 13.4 and the CUDA headers from PyPI into
+# target/cuda (deploy/cuda/toolchain.sh); kernels for CUDA_COMPUTE_CAP (90: Hopper, sm_90a;
+# 80 for Ampere). Its own target folder, so the CPU build's stays as it is.
+CUDA_HOME_DIR   := $(CURDIR)/target/cuda/home
+CUDA_COMPUTE_CAP ?= 90
+CUDA_ENV := CUDA_HOME=$(CUDA_HOME_DIR) PATH=$(CUDA_HOME_DIR)/bin:$$PATH CUDA_COMPUTE_CAP=$(CUDA_COMPUTE_CAP) \
+	CARGO_TARGET_DIR=$(CURDIR)/target/cuda/build
+CUDA_BINS := --bin graftd --bin graft-gpu-check
+
+cuda-toolchain: $(CUDA_HOME_DIR)/bin/nvcc
+
+$(CUDA_HOME_DIR)/bin/nvcc:
+	deploy/cuda/toolchain.sh
+
+# Compiles the `cuda` build (kernels included) without a GPU, so it cannot rot (CI runs it).
+check-cuda: cuda-toolchain
+	$(CUDA_ENV) $(CARGO) check --release -p graft-server -p graft-bench --features graft-server/cuda $(CUDA_BINS)
+
+build-cuda: cuda-toolchain
+	$(CUDA_ENV) $(CARGO) build --release -p graft-server -p graft-bench --features graft-server/cuda $(CUDA_BINS)
+
+# What bench/gpu/check.py needs on the GPU machine, carried there as target/gpu-kit: the
+# cuda build of graft-gpu-check (stripped, xz), the model's config and tokenizer files, and
+# the cuRAND fallback (deploy/cuda/toolchain.sh) for a machine whose CUDA libraries lack it.
+gpu-kit: build-cuda model
+	$(CARGO) build --release -p graft-bench --bin graft-gpu-check
+	@mkdir -p target/gpu-kit
+	strip -o target/gpu-kit/graft-gpu-check target/cuda/build/release/graft-gpu-check
+	xz -f -T2 target/gpu-kit/graft-gpu-check
+	target/release/graft-gpu-check --model $(MODEL) --write-meta target/gpu-kit/meta
+	@mkdir -p target/gpu-kit/fallback
+	cp target/cuda/home/lib/stubs/libcurand.so target/gpu-kit/fallback/libcurand.so.10
+	@du -sh target/gpu-kit
+
+# bench/gpu/check.py end to end on the CPU (a CPU graft-gpu-check, PyTorch from PyPI in a
+# venv under target/): the script as the GPU machine runs it, small figures.
+gpu-dry-run: model
+	$(CARGO) build --release -p graft-bench --bin graft-gpu-check
+	@mkdir -p target/gpu-dry-kit
+	cp target/release/graft-gpu-check target/gpu-dry-kit/
+	target/release/graft-gpu-check --model $(MODEL) --write-meta target/gpu-dry-kit/meta
+	test -x target/gpu-venv/bin/python || ($(PYTHON) -m venv target/gpu-venv && target/gpu-venv/bin/pip install --quiet torch)
+	target/gpu-venv/bin/python bench/gpu/check.py --kit target/gpu-dry-kit --device cpu --quick --work target/gpu-dry
 
 fmt:
 	$(CARGO) fmt --all
