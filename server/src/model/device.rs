@@ -97,7 +97,7 @@ mod tests {
         assert_eq!("cuda:3".parse::<DeviceSpec>(), Ok(DeviceSpec::Cuda(3)));
         assert_eq!(DeviceSpec::Cuda(3).to_string(), "cuda:3");
         for bad in ["gpu", "cuda:", "cuda:x", "cuda:-1", ""] {
-            let e = bad.parse::<DeviceSpec>().unwrap_err();
+            let e = bad.parse::<DeviceSpec>().expect_err("refused");
             assert!(e.contains("cuda:N"), "{bad}: {e}");
         }
     }
@@ -105,8 +105,8 @@ mod tests {
     #[cfg(not(feature = "cuda"))]
     #[test]
     fn a_cpu_build_refuses_a_gpu_and_says_why() {
-        let e = DeviceSpec::Cuda(0).open().unwrap_err().to_string();
+        let e = DeviceSpec::Cuda(0).open().expect_err("refused").to_string();
         assert!(e.contains("without the `cuda` feature"), "{e}");
-        assert!(DeviceSpec::Cpu.open().unwrap().is_cpu());
+        assert!(DeviceSpec::Cpu.open().expect("cpu").is_cpu());
     }
 }
