@@ -20,10 +20,7 @@ use graft_server::{
         testing::random_lora,
     },
     model::{Adapter, BaseModel, DeviceSpec, KvCache, KvPool, SeqChunk},
-    train::{
-        dataset::Tokenized,
-        trainer::{self, Control, TrainEvent, TrainSpec},
-    },
+    train::methods::MethodSpec,
 };
 use serde_json::{json, Value};
 
@@ -155,67 +152,6 @@ fn streams_rate(
         .collect();
     let (_, secs) = run(m, pool, &prompts, adapters, steps)?;
     Ok((n * steps) as f64 / secs)
-}
-
-fn lora_sft_rate(m: &BaseModel, steps: usize) -> anyhow::Result<f64> {
-    let ex: Vec<Tokenized> = (0..4)
-        .map(|i| Tokenized {
-            ids: (0..128)
-                .map(|j| 100 + ((i * 131 + j * 7) % 20000) as u32)
-                .collect(),
-            mask: (0..128).map(|j| j > 0).collect(),
-            label: None,
-            rejected: None,
-            fields: None,
-        })
-        .collect();
-    let spec = TrainSpec {
-        method: Default::default(),
-        rank: 8,
-        alpha: 16.0,
-        dropout: 0.0,
-        targets: graft_server::model::Module::ALL
-            .map(|m| m.hf_name().to_string())
-            .to_vec(),
-        use_rslora: false,
-        use_dora: false,
-        epochs: steps,
-        batch_size: 4,
-        grad_accum: 1,
-        learning_rate: 1e-4,
-        schedule: graft_server::train::optim::Schedule::Constant,
-        warmup_steps: 0,
-        weight_decay: 0.0,
-        max_grad_norm: 1.0,
-        max_seq_len: 128,
-        seed: 1,
-        eval_every: 0,
-        patience: 0,
-        checkpoint_every: 1_000_000,
-        objective: Default::default(),
-        train_lm_head: false,
-    };
-    let dir = tempfile::tempdir()?;
-    let mut times = Vec::new();
-    let mut last = Instant::now();
-    trainer::train(
-        m,
-        &spec,
-        &ex,
-        &[],
-        dir.path(),
-        &Control::default(),
-        &mut |e| {
-            if let TrainEvent::Step { .. } = e {
-                let now = Instant::now();
-                times.push((now - last).as_secs_f64());
-                last = now;
-            }
-        },
-    )?;
-    // The first step warms up (kernels compiled, weights touched).
-    let timed = &times[1.min(times.len() - 1)..];
-    Ok(512.0 * timed.len() as f64 / timed.iter().sum::<f64>())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -356,7 +292,8 @@ fn main() -> anyhow::Result<()> {
             Ok(prefill_len as f64 / t.elapsed().as_secs_f64())
         })());
         save(&report)?;
-        report["perf"]["lora_sft_tok_s"] = figure(lora_sft_rate(&m, train_steps));
+        report["perf"]["lora_sft_tok_s"] =
+            figure(graft_bench::trainer_rate(&m, train_steps, MethodSpec::Lora));
         eprintln!("{}", report["perf"]);
         save(&report)?;
     }

@@ -19,11 +19,7 @@ use graft_server::{
     config::ServerConfig,
     model::BaseModel,
     server,
-    train::{
-        dataset::Tokenized,
-        methods::{FullSelection, MethodSpec},
-        trainer::{self, Control, TrainEvent, TrainSpec},
-    },
+    train::methods::{FullSelection, MethodSpec},
 };
 
 #[derive(Parser)]
@@ -42,85 +38,16 @@ struct Args {
     trainer_only: bool,
 }
 
-fn spec(steps: usize, method: MethodSpec) -> TrainSpec {
-    TrainSpec {
-        method,
-        rank: 8,
-        alpha: 16.0,
-        dropout: 0.0,
-        targets: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
-        .map(String::from)
-        .to_vec(),
-        use_rslora: false,
-        use_dora: false,
-        epochs: steps,
-        batch_size: 4,
-        grad_accum: 1,
-        learning_rate: 1e-4,
-        schedule: graft_server::train::optim::Schedule::Constant,
-        warmup_steps: 0,
-        weight_decay: 0.0,
-        max_grad_norm: 1.0,
-        max_seq_len: 128,
-        seed: 1,
-        eval_every: 0,
-        patience: 0,
-        checkpoint_every: 1_000_000,
-        objective: Default::default(),
-        train_lm_head: false,
-    }
-}
-
 fn throughput(
     model: &BaseModel,
     steps: usize,
     threads: usize,
     method: MethodSpec,
 ) -> anyhow::Result<f64> {
-    let ex: Vec<Tokenized> = (0..4)
-        .map(|i| Tokenized {
-            ids: (0..128)
-                .map(|j| 100 + ((i * 131 + j * 7) % 20000) as u32)
-                .collect(),
-            mask: (0..128).map(|j| j > 0).collect(),
-            label: None,
-            rejected: None,
-            fields: None,
-        })
-        .collect();
-    let dir = tempfile::tempdir()?;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()?;
-    let mut times = Vec::new();
-    let mut last = Instant::now();
-    pool.install(|| {
-        trainer::train(
-            model,
-            &spec(steps, method),
-            &ex,
-            &[],
-            dir.path(),
-            &Control::default(),
-            &mut |e| {
-                if let TrainEvent::Step { .. } = e {
-                    times.push(last.elapsed().as_secs_f64());
-                    last = Instant::now();
-                }
-            },
-        )
-    })?;
-    // Skip the first step (allocation warm-up).
-    let t: f64 = times[1..].iter().sum();
-    Ok(512.0 * (times.len() - 1) as f64 / t)
+    pool.install(|| graft_bench::trainer_rate(model, steps, method))
 }
 
 /// Inter-token gaps (ms) of 4 concurrent streams of 48 tokens.
