@@ -211,7 +211,10 @@ fn the_spec_says_what_trains_on_the_cpu_only() {
         train_lm_head: true,
         ..lora_sft(4)
     };
-    assert_eq!(head.cpu_only(), Some("a trained LM head"));
+    assert_eq!(
+        head.cpu_only(),
+        Some(("train_lm_head", "a trained LM head"))
+    );
     let ia3 = TrainSpec {
         method: MethodSpec::Ia3 {
             target_modules: vec!["k_proj".into()],
@@ -219,12 +222,12 @@ fn the_spec_says_what_trains_on_the_cpu_only() {
         },
         ..lora_sft(4)
     };
-    assert_eq!(ia3.cpu_only(), Some("this method"));
+    assert_eq!(ia3.cpu_only(), Some(("method", "this method")));
     let cls = TrainSpec {
         objective: Objective::Classification {
             labels: vec!["a".into(), "b".into()],
         },
         ..lora_sft(4)
     };
-    assert_eq!(cls.cpu_only(), Some("this objective"));
+    assert_eq!(cls.cpu_only(), Some(("objective", "this objective")));
 }

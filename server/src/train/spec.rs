@@ -242,16 +242,17 @@ impl Objective {
 }
 
 impl TrainSpec {
-    /// What of this spec trains on the CPU only, if anything: on a GPU (`--device cuda:N`)
-    /// graftd trains LoRA and DoRA with the SFT objective so far; the other methods'
-    /// parameters, heads and objectives build their tensors on the CPU.
-    pub fn cpu_only(&self) -> Option<&'static str> {
+    /// What of this spec trains on the CPU only, if anything, as (the request's field, what
+    /// it asks for): on a GPU (`--device cuda:N`) graftd trains LoRA and DoRA with the SFT
+    /// objective so far; the other methods' parameters, heads and objectives build their
+    /// tensors on the CPU.
+    pub fn cpu_only(&self) -> Option<(&'static str, &'static str)> {
         if !matches!(self.method, MethodSpec::Lora) {
-            Some("this method")
+            Some(("method", "this method"))
         } else if !matches!(self.objective, Objective::Sft) {
-            Some("this objective")
+            Some(("objective", "this objective"))
         } else if self.train_lm_head {
-            Some("a trained LM head")
+            Some(("train_lm_head", "a trained LM head"))
         } else {
             None
         }

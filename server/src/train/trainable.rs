@@ -90,7 +90,7 @@ pub fn start(
 /// Fresh parameters of the spec's method alone.
 fn init_method(model: &BaseModel, spec: &TrainSpec) -> candle_core::Result<Box<dyn Trainable>> {
     let dev = model.llama.device();
-    if let Some(what) = spec.cpu_only().filter(|_| !dev.is_cpu()) {
+    if let Some((_, what)) = spec.cpu_only().filter(|_| !dev.is_cpu()) {
         return Err(candle_core::Error::Msg(format!(
             "{what} trains on the CPU only; on a GPU graftd trains LoRA (and DoRA) with the \
              SFT objective"
