@@ -13,8 +13,9 @@ SmolLM2-135M config and tokenizer files, and this script. It
    server started in-process until SERVING plus one gRPC generation; and the figures
    (decode at 1, 32 and 256 streams, prefill of 512, 32 distinct LoRAs vs bare, LoRA SFT);
 3. runs the same model in PyTorch: an fp32 reference (TF32 off) for the logits and greedy
-   tokens, and the bf16 model for the same figures (a KV cache, per-row LoRAs as batched
-   matmuls, LoRA SFT with AdamW);
+   tokens, PyTorch's own bf16 run of them (on a GPU: graft may deviate from fp32 by 1.5x
+   what bf16 arithmetic costs PyTorch, or the stated tolerance), and the bf16 model for the
+   same figures (a KV cache, per-row LoRAs as batched matmuls, LoRA SFT with AdamW);
 4. writes `result.json` and prints a summary with the ratios.
 
 `--device cpu --quick` is the dry run on a machine without a GPU (a CPU build of
@@ -309,23 +310,40 @@ def log_softmax(x):
     return torch.log_softmax(torch.as_tensor(x, dtype=torch.float32), -1)
 
 
-def compare(graft_cases, torch_cases, tol):
+def deviation(got, ref):
+    """Worst top-20 (of the reference) log-probability difference, and how many greedy
+    tokens agree from the start."""
+    lg, lt = log_softmax(got["logits"]), log_softmax(ref["logits"])
+    top = torch.topk(lt, 20).indices
+    worst = float((lg[top] - lt[top]).abs().max())
+    same = 0
+    while same < len(ref["greedy"]) and got["greedy"][same] == ref["greedy"][same]:
+        same += 1
+    return worst, same, int(lg.argmax()) == int(lt.argmax())
+
+
+def compare(graft_cases, torch_cases, tol, bf16_cases=None):
+    """graft against the fp32 reference. On a GPU (`bf16_cases`: PyTorch's own bf16 run of
+    the same weights) the bound is bf16's: within `tol` or 1.5x PyTorch bf16's own deviation
+    from fp32, whichever is larger; the greedy tokens agree as long as PyTorch bf16's do, or
+    part where the reference's top two are within that bound."""
     rows, ok = [], True
-    for g, t in zip(graft_cases, torch_cases):
+    for k, (g, t) in enumerate(zip(graft_cases, torch_cases)):
         assert (g["prompt"], g["adapter"]) == (t["prompt"], t["adapter"])
-        lg, lt = log_softmax(g["logits"]), log_softmax(t["logits"])
-        top = torch.topk(lt, 20).indices
-        worst = float((lg[top] - lt[top]).abs().max())
-        same = 0
-        while same < len(t["greedy"]) and g["greedy"][same] == t["greedy"][same]:
-            same += 1
-        # A divergence is forgiven only at a near-tie of the reference's top two.
+        worst, same, top1 = deviation(g, t)
+        bound, row = tol, {}
+        if bf16_cases is not None:
+            bw, bsame, btop1 = deviation(bf16_cases[k], t)
+            bound = max(tol, 1.5 * bw)
+            row = {"pytorch_bf16_top20_logprob_max_diff": bw, "pytorch_bf16_greedy_equal_steps": bsame,
+                   "pytorch_bf16_top1_equal": btop1}
         margin = t["margins"][same] if same < len(t["greedy"]) else None
-        good = worst <= tol and (margin is None or margin <= 2 * tol)
+        agreed = margin is None or margin <= 2 * bound or (bf16_cases is not None and same >= row["pytorch_bf16_greedy_equal_steps"])
+        good = top1 and worst <= bound and agreed
         ok &= good
         rows.append({"prompt": g["prompt"], "adapter": g["adapter"], "top20_logprob_max_diff": worst,
-                     "top1_equal": int(lg.argmax()) == int(lt.argmax()), "greedy_equal_steps": same,
-                     "margin_at_divergence": margin, "pass": good})
+                     "bound": bound, "top1_equal": top1, "greedy_equal_steps": same,
+                     "margin_at_divergence": margin, **row, "pass": good})
     return ok, rows
 
 
@@ -374,8 +392,10 @@ def main():
                     help="also copy result.json here (the device tool's $OUT)")
     ap.add_argument("--quick", action="store_true", help="small figures (the CPU dry run)")
     ap.add_argument("--tol", type=float, default=None,
-                    help="top-20 log-probability tolerance (default 5e-2 on a GPU, where graft holds "
-                         "bf16 weights and rounds every projection to bf16; 1e-3 on the CPU, f32)")
+                    help="top-20 log-probability tolerance against the fp32 reference (default 5e-2 "
+                         "on a GPU, raised to 1.5x PyTorch bf16's own deviation where that is larger: "
+                         "graft holds bf16 weights and rounds every projection to bf16; 1e-3 on the "
+                         "CPU, where both are f32)")
     ap.add_argument("--seed", type=int, default=15)
     a = ap.parse_args()
     gpu = a.device.startswith("cuda")
@@ -432,7 +452,13 @@ def main():
     ref = Llama(W, cfg, dev, torch.float32)
     lr = stack_loras([per_layer(lora, cfg["num_hidden_layers"])], [0], dev, torch.float32, 2.0)
     tcases = reference(ref, prompts, lr, 32)
-    ok, rows = compare(graft["cases"], tcases, tol)
+    bcases = None
+    if gpu:  # PyTorch's own bf16 run: how far bf16 arithmetic alone moves the figures
+        refb = Llama(W, cfg, dev, torch.bfloat16)
+        lrb = stack_loras([per_layer(lora, cfg["num_hidden_layers"])], [0], dev, torch.bfloat16, 2.0)
+        bcases = reference(refb, prompts, lrb, 32)
+        del refb
+    ok, rows = compare(graft["cases"], tcases, tol, bcases)
     ok &= rc == 0 and len(rows) == len(tcases)
     report["correctness"] = {"pass": ok, "cases": rows}
     report["batch_invariance"] = graft.get("batch_invariance")
