@@ -32,7 +32,11 @@ fn tiny_bf16() -> BaseModel {
         graft_server::model::tiny::write_tiny_gguf(&p, &Default::default()).expect("tiny");
         p
     });
-    let mut m = BaseModel::load(path, &Device::Cpu).expect("load");
+    bf16(BaseModel::load(path, &Device::Cpu).expect("load"))
+}
+
+/// `m` with its weights placed as the GPU build places them (bf16), on the CPU.
+fn bf16(mut m: BaseModel) -> BaseModel {
     let placed = m
         .llama
         .weights
@@ -243,13 +247,7 @@ fn the_spec_says_what_trains_on_the_cpu_only() {
 /// which PyTorch in bf16 does as well, and more.)
 #[test]
 fn every_method_fixture_serves_over_bf16_weights() {
-    let mut m = common::load_model();
-    let placed = m
-        .llama
-        .weights
-        .placed(&Device::Cpu, DType::BF16)
-        .expect("placed");
-    m.llama = Llama::new(m.llama.cfg.clone(), placed, Device::Cpu).expect("llama");
+    let m = bf16(common::load_model());
     let policy = ImportPolicy {
         max_rank: 64,
         max_virtual_tokens: 128,
