@@ -1,12 +1,15 @@
 //! graft-gpu-check: the model on one device (`--device cuda:0` in a `cuda` build; `cpu`
-//! for the dry run), checked and measured without gRPC, for `bench/gpu/check.py`, which runs
-//! PyTorch on the same random weights beside it and compares (issue 15).
+//! for the dry run), checked and measured on the model directly (and with `--server`, the
+//! whole server over gRPC), for `bench/gpu/check.py`, which runs PyTorch on the same random
+//! weights beside it and compares (issue 15).
 //!
 //! Writes one JSON file (`--out`):
 //! - `cases`: per prompt (token ids from `--prompts`), base and with the PEFT LoRA of
 //!   `--lora`: the serving path's logits at the last prompt position and 32 greedy tokens;
 //! - `batch_invariance`: prompt 0 decoded alone and as one of 32 sequences stepping
 //!   together: the largest logit difference over 8 steps, and whether every bit agreed;
+//! - `server` (`--server`): seconds until the in-process server said SERVING on the device,
+//!   and one greedy generation over gRPC;
 //! - `perf`: single-stream decode, aggregate decode at 32 and 256 streams, prefill of 512
 //!   tokens, 32 streams with 32 distinct rank-16 LoRAs against the same streams bare, and
 //!   LoRA SFT (rank 8, 7 modules, batch 4 x 128) in tokens/s.
