@@ -5,7 +5,7 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use common::{tiny as model, toy_examples as data};
+use common::{lora_spec as spec, tiny as model, toy_examples as data};
 use graft_server::train::{
     dataset::Tokenized,
     lora_vars::LoraVars,
@@ -13,43 +13,6 @@ use graft_server::train::{
     trainable::Trainable,
     trainer::{self, Control, Outcome, TrainEvent, TrainSpec},
 };
-
-fn spec() -> TrainSpec {
-    TrainSpec {
-        method: Default::default(),
-        rank: 4,
-        alpha: 8.0,
-        dropout: 0.0,
-        targets: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
-        .map(String::from)
-        .to_vec(),
-        use_rslora: false,
-        use_dora: false,
-        epochs: 3,
-        batch_size: 4,
-        grad_accum: 1,
-        learning_rate: 1e-2,
-        schedule: graft_server::train::optim::Schedule::Linear,
-        warmup_steps: 1,
-        weight_decay: 0.0,
-        max_grad_norm: 1.0,
-        max_seq_len: 64,
-        seed: 3,
-        eval_every: 0,
-        patience: 0,
-        checkpoint_every: 2,
-        objective: Default::default(),
-        train_lm_head: false,
-    }
-}
 
 #[test]
 fn lora_gradients_match_finite_differences() {

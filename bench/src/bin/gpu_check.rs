@@ -22,6 +22,7 @@ use graft_server::{
         formats::{self, ImportPolicy},
         testing::random_lora,
     },
+    engine::sampler::argmax,
     model::{Adapter, BaseModel, DeviceSpec, KvCache, KvPool, SeqChunk},
     train::methods::MethodSpec,
 };
@@ -84,16 +85,6 @@ fn check_server(model: &std::path::Path, device: DeviceSpec) -> anyhow::Result<V
         eprintln!("server on {device}: SERVING after {ready_s:.1}s; generated {tokens} tokens");
         Ok(json!({ "serving_after_s": ready_s, "generated_tokens": tokens, "text": r.text }))
     })
-}
-
-fn argmax(x: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, v) in x.iter().enumerate() {
-        if *v > x[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 /// Runs `prompts` (one per sequence, each with its adapter) through prefill and then `steps`

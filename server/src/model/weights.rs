@@ -238,12 +238,8 @@ impl Linear {
         }
     }
 
-    /// This layer's weights held on `dev` as `dtype` (bf16 on a GPU:
-    /// [`super::device::weight_dtype`]); on the CPU as f32, itself (GGUF blocks stay blocks).
-    pub fn placed(&self, dev: &Device, dtype: DType) -> candle_core::Result<Self> {
-        if dev.is_cpu() && dtype == DType::F32 {
-            return Ok(self.clone());
-        }
+    /// This layer's weights held on `dev` as `dtype`, dense (for [`Weights::placed`]).
+    fn placed(&self, dev: &Device, dtype: DType) -> candle_core::Result<Self> {
         Ok(Self::new(self.weight()?.to_device(dev)?.to_dtype(dtype)?))
     }
     pub fn out_features(&self) -> usize {
@@ -395,9 +391,9 @@ impl Weights {
         }
     }
 
-    /// These weights on `dev`: every linear layer as [`Linear::placed`] in `dtype` (a tied
-    /// LM head stays the embedding itself), the norms as f32 there. On the CPU as f32,
-    /// themselves.
+    /// These weights on `dev`: every linear layer dense in `dtype` (bf16 on a GPU:
+    /// [`super::device::weight_dtype`]; a tied LM head stays the embedding itself), the
+    /// norms as f32 there. On the CPU as f32, themselves (GGUF blocks stay blocks).
     pub fn placed(&self, dev: &Device, dtype: DType) -> candle_core::Result<Self> {
         if dev.is_cpu() && dtype == DType::F32 {
             return Ok(self.clone());

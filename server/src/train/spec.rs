@@ -242,20 +242,27 @@ impl Objective {
 }
 
 impl TrainSpec {
-    /// What of this spec trains on the CPU only, if anything, as (the request's field, what
-    /// it asks for): on a GPU (`--device cuda:N`) graftd trains LoRA and DoRA with the SFT
-    /// objective so far; the other methods' parameters, heads and objectives build their
-    /// tensors on the CPU.
-    pub fn cpu_only(&self) -> Option<(&'static str, &'static str)> {
-        if !matches!(self.method, MethodSpec::Lora) {
-            Some(("method", "this method"))
+    /// What of this spec trains on the CPU only, if anything: the request's field that asks
+    /// for it and the refusal. On a GPU (`--device cuda:N`) graftd trains LoRA and DoRA with
+    /// the SFT objective so far; the other methods' parameters, heads and objectives build
+    /// their tensors on the CPU.
+    pub fn cpu_only(&self) -> Option<(&'static str, String)> {
+        let (field, what) = if !matches!(self.method, MethodSpec::Lora) {
+            ("method", "this method")
         } else if !matches!(self.objective, Objective::Sft) {
-            Some(("objective", "this objective"))
+            ("objective", "this objective")
         } else if self.train_lm_head {
-            Some(("train_lm_head", "a trained LM head"))
+            ("train_lm_head", "a trained LM head")
         } else {
-            None
-        }
+            return None;
+        };
+        Some((
+            field,
+            format!(
+                "{what} trains on the CPU only; on a GPU graftd trains LoRA (and DoRA) with \
+                 the SFT objective"
+            ),
+        ))
     }
 
     pub fn modules(&self) -> Vec<Module> {

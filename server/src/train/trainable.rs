@@ -90,11 +90,8 @@ pub fn start(
 /// Fresh parameters of the spec's method alone.
 fn init_method(model: &BaseModel, spec: &TrainSpec) -> candle_core::Result<Box<dyn Trainable>> {
     let dev = model.llama.device();
-    if let Some((_, what)) = spec.cpu_only().filter(|_| !dev.is_cpu()) {
-        return Err(candle_core::Error::Msg(format!(
-            "{what} trains on the CPU only; on a GPU graftd trains LoRA (and DoRA) with the \
-             SFT objective"
-        )));
+    if let Some((_, refusal)) = spec.cpu_only().filter(|_| !dev.is_cpu()) {
+        return Err(candle_core::Error::Msg(refusal));
     }
     Ok(match &spec.method {
         MethodSpec::Lora => Box::new(LoraVars::init(

@@ -169,7 +169,8 @@ pub fn plain_last_logits(m: &BaseModel, prompt: &[u32], a: Option<&dyn TensorAda
 
 /// Logits `got` agree with the reference `want` as the fixtures expect: the same top-1, at
 /// least 19 of the top-20, and the top-20's log-probabilities within `tol`.
-pub fn check_against(want: &[f32], got: &[f32], tol: f32, what: &str) {
+/// Returns the worst of those differences.
+pub fn check_against(want: &[f32], got: &[f32], tol: f32, what: &str) -> f32 {
     let (lw, lg) = (log_softmax(want), log_softmax(got));
     let (tw, tg) = (top_k(want, 20), top_k(got, 20));
     assert_eq!(tg[0], tw[0], "{what}: top-1");
@@ -183,6 +184,7 @@ pub fn check_against(want: &[f32], got: &[f32], tol: f32, what: &str) {
         .fold(0f32, f32::max);
     eprintln!("{what}: worst top-20 logprob difference {worst}");
     assert!(worst <= tol, "{what}: {worst}");
+    worst
 }
 
 /// Runs every (adapter, prompt) alone for `steps` greedy steps, then all together in one
@@ -425,4 +427,44 @@ pub fn safetensors_edit(
         })
         .collect();
     safetensors::serialize(views, None).expect("serialize")
+}
+
+/// A small LoRA SFT run on the tiny model: rank 4 on all seven modules, 3 epochs of batch
+/// 4, checkpoints every 2 steps.
+pub fn lora_spec() -> graft_server::train::trainer::TrainSpec {
+    use graft_server::train::trainer::TrainSpec;
+    TrainSpec {
+        method: Default::default(),
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        targets: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
+        .map(String::from)
+        .to_vec(),
+        use_rslora: false,
+        use_dora: false,
+        epochs: 3,
+        batch_size: 4,
+        grad_accum: 1,
+        learning_rate: 1e-2,
+        schedule: graft_server::train::optim::Schedule::Linear,
+        warmup_steps: 1,
+        weight_decay: 0.0,
+        max_grad_norm: 1.0,
+        max_seq_len: 64,
+        seed: 3,
+        eval_every: 0,
+        patience: 0,
+        checkpoint_every: 2,
+        objective: Default::default(),
+        train_lm_head: false,
+    }
 }

@@ -28,15 +28,9 @@ impl TrainingService {
         )
         .map_err(|(field, reason)| invalid(&field, reason))?;
         self.check_memory(&job.spec.train)?;
-        if let Some((field, what)) = job.spec.train.cpu_only() {
+        if let Some((field, refusal)) = job.spec.train.cpu_only() {
             if !self.model.llama.device().is_cpu() {
-                return Err(invalid(
-                    field,
-                    format!(
-                        "{what} trains on the CPU only; this graftd runs on a GPU, where it \
-                         trains LoRA (and DoRA) with the SFT objective"
-                    ),
-                ));
+                return Err(invalid(field, refusal));
             }
         }
         crate::names::validate(&job.adapter_name, "adapter name")
