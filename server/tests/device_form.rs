@@ -43,6 +43,9 @@ fn bf16(mut m: BaseModel) -> BaseModel {
         .placed(&Device::Cpu, DType::BF16)
         .expect("placed");
     m.llama = Llama::new(m.llama.cfg.clone(), placed, Device::Cpu).expect("llama");
+    // Every test here runs this form: fail loudly if placing left the f32 or packed one.
+    let q = m.llama.weights.layers[0].q.weight().expect("q");
+    assert_eq!(q.dtype(), DType::BF16, "weights placed as bf16");
     m
 }
 
