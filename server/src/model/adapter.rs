@@ -465,6 +465,24 @@ pub trait LinearHook {
         Ok(x.clone())
     }
     fn post_linear(&self, x: &Tensor, y: Tensor) -> candle_core::Result<Tensor>;
+    /// The whole hooked module `post_linear(pre_linear(x), lin(pre_linear(x)))`
+    /// ([`composed`]). A hook may compute the same values with fewer tensors kept for the
+    /// backward (a trained LoRA pair: one fused op, [`Linear::forward_train_plus`]).
+    fn project(&self, lin: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
+        composed(self, lin, x)
+    }
+}
+
+/// [`LinearHook::project`] from the hook points, op by op: the reference a fused form is
+/// tested against.
+pub fn composed<H: LinearHook + ?Sized>(
+    hook: &H,
+    lin: &Linear,
+    x: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let x = hook.pre_linear(x)?;
+    let y = lin.forward_train(&x)?;
+    hook.post_linear(&x, y)
 }
 
 /// A sublayer's `after_sublayer` as tensors: the sublayer's output `h` and residual input

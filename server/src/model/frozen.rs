@@ -3,7 +3,7 @@
 //! frozen base weights is a whole extra matmul per layer thrown away; training would pay a
 //! third more compute for nothing.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
 
 pub struct FrozenMatmul {
     /// `(out, in)`; a cheap handle on the shared weight.
@@ -63,4 +63,158 @@ pub fn frozen_matmul(x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor>
     x.contiguous()?.apply_op1(FrozenMatmul {
         weight: weight.clone(),
     })
+}
+
+/// `x W^T + t B^T` over a frozen `W`: a projection and a low-rank update whose small input
+/// `t: (rows, r)` the caller computes (LoRA's `s x A^T`). A composed `y + t B^T` keeps three
+/// `(rows, out)` tensors alive until the backward (the frozen product, the update and their
+/// sum); this keeps one. Its backward yields the gradients of `x` (through `W`: `t`'s own
+/// dependence on `x` is the caller's graph's), of `t` and of `B`.
+pub struct FrozenPlusLowRank {
+    /// `(out, in)`; a cheap handle on the shared weight.
+    pub weight: Tensor,
+}
+
+/// The contiguous f32 values of an argument as a `(rows, cols)` tensor (a copy).
+fn matrix(storage: &CpuStorage, layout: &Layout, what: &str) -> candle_core::Result<Tensor> {
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{what} must be contiguous")))?;
+    let v = &storage.as_slice::<f32>()?[start..end];
+    let cols = *layout
+        .shape()
+        .dims()
+        .last()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{what} is a scalar")))?;
+    Tensor::from_slice(v, (v.len() / cols.max(1), cols), &candle_core::Device::Cpu)
+}
+
+impl CustomOp3 for FrozenPlusLowRank {
+    fn name(&self) -> &'static str {
+        "frozen-plus-low-rank"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, t, b) = (
+            matrix(s1, l1, "x")?,
+            matrix(s2, l2, "t")?,
+            matrix(s3, l3, "B")?,
+        );
+        if t.dim(0)? != x.dim(0)? || b.dim(1)? != t.dim(1)? || b.dim(0)? != self.weight.dim(0)? {
+            return Err(candle_core::Error::Msg(format!(
+                "frozen-plus-low-rank: x {:?}, t {:?}, B {:?}, W {:?} do not fit",
+                x.dims(),
+                t.dims(),
+                b.dims(),
+                self.weight.dims()
+            )));
+        }
+        let y = (x.matmul(&self.weight.t()?)? + t.matmul(&b.t()?)?)?;
+        let mut shape = l1.shape().dims().to_vec();
+        *shape.last_mut().expect("x has a last dimension") = self.weight.dim(0)?;
+        Ok((
+            CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?),
+            Shape::from(shape),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let out = self.weight.dim(0)?;
+        let rows = grad.elem_count() / out.max(1);
+        // From detached arguments: a gradient that kept `t`'s graph (the whole forward,
+        // through `x`) would keep it alive in the optimizer's state after the step.
+        let g = grad.detach().reshape((rows, out))?;
+        let t2 = t.detach().reshape((rows, b.dim(1)?))?;
+        let gx = g.matmul(&self.weight)?.reshape(x.shape())?;
+        let gt = g.matmul(&b.detach())?.reshape(t.shape())?;
+        let gb = g.t()?.matmul(&t2)?;
+        Ok((Some(gx), Some(gt), Some(gb)))
+    }
+}
+
+/// `x W^T + t B^T` with no gradient for `W` ([`FrozenPlusLowRank`]).
+pub fn frozen_plus_low_rank(
+    x: &Tensor,
+    weight: &Tensor,
+    t: &Tensor,
+    b: &Tensor,
+) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op3(
+        &t.contiguous()?,
+        &b.contiguous()?,
+        FrozenPlusLowRank {
+            weight: weight.clone(),
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor, Var};
+
+    use super::frozen_plus_low_rank;
+
+    /// The largest absolute difference of two same-shaped tensors.
+    fn worst(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    #[test]
+    fn the_fused_update_has_the_composed_values_and_gradients() {
+        let dev = Device::Cpu;
+        let (rows, inp, out, r) = (6, 20, 12, 3);
+        let w = Tensor::randn(0f32, 1.0, (out, inp), &dev).unwrap();
+        let x = Var::randn(0f32, 1.0, (2, rows / 2, inp), &dev).unwrap();
+        let a = Var::randn(0f32, 1.0, (r, inp), &dev).unwrap();
+        let b = Var::randn(0f32, 1.0, (out, r), &dev).unwrap();
+        // A weighting of the outputs, so every gradient element differs.
+        let c = Tensor::randn(0f32, 1.0, (2, rows / 2, out), &dev).unwrap();
+        // The op flattens leading dimensions; the composed form runs on the flat rows.
+        let flat = x.as_tensor().reshape((rows, inp)).unwrap();
+        let t = (flat.matmul(&a.t().unwrap()).unwrap() * 0.5).unwrap();
+        let fused = frozen_plus_low_rank(&x, &w, &t, &b).unwrap();
+        let plain = (flat.matmul(&w.t().unwrap()).unwrap() + t.matmul(&b.t().unwrap()).unwrap())
+            .unwrap()
+            .reshape((2, rows / 2, out))
+            .unwrap();
+        assert_eq!(fused.dims(), [2, rows / 2, out]);
+        assert!(worst(&fused, &plain) < 1e-4, "{}", worst(&fused, &plain));
+        let gf = (fused * &c).unwrap().sum_all().unwrap().backward().unwrap();
+        let gp = (plain * &c).unwrap().sum_all().unwrap().backward().unwrap();
+        for (name, v) in [("x", &x), ("A", &a), ("B", &b)] {
+            let (f, p) = (gf.get(v).unwrap(), gp.get(v).unwrap());
+            assert!(worst(f, p) < 1e-4, "{name}: {}", worst(f, p));
+            assert!(
+                worst(p, &p.zeros_like().unwrap()) > 1e-2,
+                "{name}'s gradient is not trivial"
+            );
+            // A gradient holding a graph would keep the whole forward alive in the
+            // optimizer's state.
+            assert!(!f.track_op(), "{name}'s gradient keeps a graph");
+        }
+    }
 }

@@ -547,11 +547,7 @@ impl Llama {
         let proj =
             |lin: &Linear, m: Module, li: usize, x: &Tensor| -> candle_core::Result<Tensor> {
                 match adapter.and_then(|a| a.linear(li, m)) {
-                    Some(hook) => {
-                        let x = hook.pre_linear(x)?;
-                        let y = lin.forward_train(&x)?;
-                        hook.post_linear(&x, y)
-                    }
+                    Some(hook) => hook.project(lin, x),
                     None => lin.forward_train(x),
                 }
             };

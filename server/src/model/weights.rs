@@ -225,6 +225,23 @@ impl Linear {
             matmul_as(x, &w)
         }
     }
+    /// `x W^T + t B^T` for the differentiable forward: this layer plus a low-rank update
+    /// `t: (rows, r)`, `b: (out, r)` beside it. Over a frozen f32 weight on the CPU one op
+    /// ([`super::frozen::FrozenPlusLowRank`]) that keeps a single `(rows, out)` tensor for
+    /// the backward; else [`Linear::forward_train`] plus the update.
+    pub fn forward_train_plus(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        b: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let w = self.weight_kept()?;
+        let all_f32 = [x, t, b, &w].iter().all(|v| v.dtype() == DType::F32);
+        if !w.is_variable() && w.device().is_cpu() && all_f32 {
+            return super::frozen::frozen_plus_low_rank(x, &w, t, b);
+        }
+        self.forward_train(x)? + t.matmul(&b.t()?)?
+    }
     /// `x: (rows, in)` -> `(rows, out)`, in `x`'s dtype (see [`Linear::forward_train`]).
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         matmul_as(x, &self.weight_kept()?)

@@ -19,9 +19,9 @@ use super::trainable::Trainable;
 use crate::{
     adapters::formats::{Details, Parsed},
     model::{
-        adapter::{Dora, LinearDelta, LinearHook, TensorAdapter},
+        adapter::{composed, Dora, LinearDelta, LinearHook, TensorAdapter},
         lora::LoraPair,
-        weights::Weights,
+        weights::{Linear, Weights},
         Adapter, LlamaConfig, Module,
     },
 };
@@ -70,14 +70,36 @@ fn seeded_dropout(x: &Tensor, p: f32, seed: u64) -> candle_core::Result<Tensor> 
     x * Tensor::from_vec(mask, x.shape(), x.device())?
 }
 
-impl LinearHook for VarPair {
-    fn post_linear(&self, x: &Tensor, y: Tensor) -> candle_core::Result<Tensor> {
-        let dropped = self.train && self.dropout > 0.0;
-        let xd = if dropped {
-            seeded_dropout(x, self.dropout, splitmix(self.seed.get() ^ self.stream))?
+impl VarPair {
+    /// Whether this forward drops inputs of the update.
+    fn dropping(&self) -> bool {
+        self.train && self.dropout > 0.0
+    }
+
+    /// The update's input: `x`, or its dropout in training.
+    fn update_input(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if self.dropping() {
+            seeded_dropout(x, self.dropout, splitmix(self.seed.get() ^ self.stream))
         } else {
-            x.clone()
-        };
+            Ok(x.clone())
+        }
+    }
+}
+
+impl LinearHook for VarPair {
+    /// Plain LoRA as one fused op, `x W^T + (s x' A^T) B^T`, keeping one `(rows, out)`
+    /// tensor for the backward instead of three; DoRA op by op.
+    fn project(&self, lin: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
+        if self.dora.is_some() {
+            return composed(self, lin, x);
+        }
+        let t = (self.update_input(x)?.matmul(&self.a.as_tensor().t()?)? * self.scale)?;
+        lin.forward_train_plus(x, &t, self.b.as_tensor())
+    }
+
+    fn post_linear(&self, x: &Tensor, y: Tensor) -> candle_core::Result<Tensor> {
+        let dropped = self.dropping();
+        let xd = self.update_input(x)?;
         let lora = (xd
             .matmul(&self.a.as_tensor().t()?)?
             .matmul(&self.b.as_tensor().t()?)?
@@ -307,5 +329,49 @@ impl Trainable for LoraVars {
             adapter: w,
             prompt: None,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor, Var};
+
+    use super::{composed, splitmix, Cell, Linear, LinearHook, VarPair};
+
+    fn worst(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap();
+        d.max(0).unwrap().to_scalar().unwrap()
+    }
+
+    /// A trained LoRA pair's fused `project` gives the hook points' values and gradients,
+    /// with and without dropout (the same mask both ways).
+    #[test]
+    fn a_pairs_fused_projection_is_its_hook_points() {
+        let dev = Device::Cpu;
+        let (rows, inp, out, r) = (5, 16, 10, 4);
+        let lin = Linear::new(Tensor::randn(0f32, 1.0, (out, inp), &dev).unwrap());
+        let c = Tensor::randn(0f32, 1.0, (rows, out), &dev).unwrap();
+        for dropout in [0.0, 0.3] {
+            let pair = VarPair {
+                a: Var::randn(0f32, 1.0, (r, inp), &dev).unwrap(),
+                b: Var::randn(0f32, 1.0, (out, r), &dev).unwrap(),
+                scale: 2.0,
+                dropout,
+                train: true,
+                dora: None,
+                stream: splitmix(3),
+                seed: Cell::new(11),
+            };
+            let x = Var::randn(0f32, 1.0, (rows, inp), &dev).unwrap();
+            let fused = pair.project(&lin, &x).unwrap();
+            let plain = composed(&pair, &lin, &x).unwrap();
+            assert!(worst(&fused, &plain) < 1e-4, "dropout {dropout}");
+            let gf = (fused * &c).unwrap().sum_all().unwrap().backward().unwrap();
+            let gp = (plain * &c).unwrap().sum_all().unwrap().backward().unwrap();
+            for v in [&x, &pair.a, &pair.b] {
+                let (f, p) = (gf.get(v).unwrap(), gp.get(v).unwrap());
+                assert!(worst(f, p) < 1e-4, "dropout {dropout}: {}", worst(f, p));
+            }
+        }
     }
 }

@@ -143,7 +143,9 @@ impl AdamW {
 pub fn collect(grads: &GradStore, vars: &[Var]) -> candle_core::Result<Vec<Tensor>> {
     vars.iter()
         .map(|v| match grads.get(v.as_tensor()) {
-            Some(g) => Ok(g.clone()),
+            // Detached: a gradient that kept a graph would keep the step's forward alive
+            // in the accumulated sum and the optimizer's moments.
+            Some(g) => Ok(g.detach()),
             None => v.zeros_like(),
         })
         .collect()
