@@ -7,7 +7,7 @@
 //!
 //! Invariant: the model never owns per-sequence state and never mutates its weights.
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 
 use super::{
     adapter::{
@@ -15,6 +15,7 @@ use super::{
     },
     attention::{attend, AttnShape, RopeTable, RowPlace},
     config::LlamaConfig,
+    fused,
     kv_cache::{KvCache, KvPool, KvShape},
     packed::DecodeKernel,
     rows as ops,
@@ -530,19 +531,6 @@ impl Llama {
         let (cos, sin) = self.rope.tables(positions);
         let cos = Tensor::from_slice(cos, (positions, hd / 2), dev)?.narrow(0, prefix_len, t)?;
         let sin = Tensor::from_slice(sin, (positions, hd / 2), dev)?.narrow(0, prefix_len, t)?;
-        // Query i (at position prefix_len + i) sees keys 0..=prefix_len + i.
-        let mask: Vec<f32> = (0..t)
-            .flat_map(|i| {
-                (0..positions).map(move |j| {
-                    if j > i + prefix_len {
-                        f32::NEG_INFINITY
-                    } else {
-                        0.0
-                    }
-                })
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, (t, positions), dev)?;
         let mut x = x.reshape((b * t, hidden))?;
         let proj =
             |lin: &Linear, m: Module, li: usize, x: &Tensor| -> candle_core::Result<Tensor> {
@@ -559,7 +547,7 @@ impl Llama {
                 }
             };
         for (li, layer) in self.weights.layers.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm_slow(&x, &layer.attn_norm, eps)?;
+            let h = fused::rms_norm(&x, &layer.attn_norm, eps)?;
             let heads = |y: Tensor, n: usize| -> candle_core::Result<Tensor> {
                 y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
             };
@@ -601,9 +589,9 @@ impl Llama {
                     .reshape((b, nh, positions, hd))
             };
             let (k, v) = (repeat(k)?, repeat(v)?);
-            let att = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
-            let att = att.broadcast_add(&mask)?;
-            let att = candle_nn::ops::softmax(&att, D::Minus1)?;
+            // Query i (at position prefix_len + i) sees keys 0..=prefix_len + i.
+            let att =
+                fused::causal_softmax(&q.matmul(&k.t()?)?, 1.0 / (hd as f64).sqrt(), prefix_len)?;
             let y = att
                 .matmul(&v.contiguous()?)?
                 .transpose(1, 2)?
@@ -614,18 +602,18 @@ impl Llama {
                 x,
                 proj(&layer.o, Module::O, li, &y)?,
             )?;
-            let h = candle_nn::ops::rms_norm_slow(&x, &layer.ffn_norm, eps)?;
+            let h = fused::rms_norm(&x, &layer.ffn_norm, eps)?;
             let g = proj(&layer.gate, Module::Gate, li, &h)?;
             let u = proj(&layer.up, Module::Up, li, &h)?;
             let f = proj(
                 &layer.down,
                 Module::Down,
                 li,
-                &(candle_nn::ops::silu(&g)? * u)?,
+                &fused::swiglu(&g, &u)?,
             )?;
             x = residual(Sublayer::Ffn, li, x, f)?;
         }
-        let x = candle_nn::ops::rms_norm_slow(&x, &self.weights.final_norm, eps)?;
+        let x = fused::rms_norm(&x, &self.weights.final_norm, eps)?;
         Ok(x.reshape((b, t, hidden))?)
     }
 }

@@ -12,6 +12,7 @@ pub mod config;
 pub mod device;
 pub mod f32s;
 pub mod frozen;
+pub mod fused;
 pub mod head;
 pub mod kv_cache;
 pub mod llama;

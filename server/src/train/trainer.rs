@@ -205,7 +205,7 @@ fn batch_loss(
         (Some(w), _) | (None, Some(w)) => h.matmul(&w.t()?)?,
         (None, None) => llama.weights.lm_head.forward_train(&h)?,
     };
-    let loss = candle_nn::loss::cross_entropy(&logits, &b.targets)?;
+    let loss = crate::model::fused::cross_entropy(&logits, &b.targets)?;
     Ok((loss, logits))
 }
 
