@@ -74,7 +74,7 @@ def main():
     py = os.path.join(peers, "venv", "bin", "python")
     if not os.path.exists(MODEL):
         die(f"no model at {MODEL}: run `make model`")
-    if llama is None:
+    if llama is None and only & {"decode", "batched"}:
         die(f"no llama.cpp build under {peers}/llama.cpp: run ../shared/peers/setup.sh llama")
     if "train" in only and not os.path.exists(py):
         die(f"no PyTorch venv at {peers}/venv: run ../shared/peers/setup.sh venv (or --only without train)")
