@@ -144,8 +144,8 @@ impl FullSelection {
     /// seven f32 values (the trained copy, its gradient, the accumulated one, AdamW's two
     /// moments and the update's two temporaries), and the activations candle keeps for the
     /// backward of one micro-batch of `batch` rows of `seq` tokens. Measured on
-    /// SmolLM2-135M, batch 4 x 128: 4,930 MiB over the base at peak against this estimate's
-    /// 5,162 (BENCHMARKS.md).
+    /// SmolLM2-135M, batch 4 x 128: 4,197 MiB over the base at peak against this estimate's
+    /// 5,162 (BENCHMARKS.md; 4,930 before the fused ops of `model/fused.rs`).
     pub fn memory_bytes(&self, cfg: &LlamaConfig, batch: usize, seq: usize) -> u64 {
         let trained = self.trained_floats(cfg) as u64;
         let (h, f, v) = (
