@@ -3,8 +3,8 @@
 //! the chain keeps one per op. A training step's memory is mostly these kept tensors (a
 //! causal softmax over `(B, heads, T, T)` scores was five of them).
 //!
-//! Each op runs on the CPU over f32; [`causal_softmax`], [`rms_norm`], [`swiglu`] and
-//! [`cross_entropy`] fall back to the candle chain elsewhere (a GPU, bf16). The tests hold
+//! Each op runs on the CPU over f32; [`causal_softmax`], [`rms_norm`], [`rope_i`],
+//! [`swiglu`] and [`cross_entropy`] fall back to the candle chain elsewhere (a GPU, bf16). The tests hold
 //! every op equal to its chain in values and gradients.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, D};
@@ -246,6 +246,81 @@ pub fn swiglu(g: &Tensor, u: &Tensor) -> candle_core::Result<Tensor> {
     candle_nn::ops::silu(g)? * u
 }
 
+/// Interleaved rotary embedding of `(B, heads, T, D)`: each pair `(x[2i], x[2i+1])` of
+/// position `t` rotated by the angle whose cosine and sine are `cos[t, i]`, `sin[t, i]`.
+struct RopeI {
+    /// `(T, D/2)` each.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    t: usize,
+}
+
+impl RopeI {
+    /// Rotates every row of `x` by its position's angle, or by its negative (`back`: the
+    /// backward, the rotation's transpose).
+    fn rotate(&self, x: &[f32], d: usize, back: bool) -> Vec<f32> {
+        let half = d / 2;
+        let sign = if back { -1.0 } else { 1.0 };
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .enumerate()
+            .for_each(|(r, (o, x))| {
+                let at = (r % self.t) * half;
+                let (cos, sin) = (&self.cos[at..at + half], &self.sin[at..at + half]);
+                for i in 0..half {
+                    let (x0, x1, c, s) = (x[2 * i], x[2 * i + 1], cos[i], sign * sin[i]);
+                    o[2 * i] = x0 * c - x1 * s;
+                    o[2 * i + 1] = x0 * s + x1 * c;
+                }
+            });
+        out
+    }
+}
+
+impl CustomOp1 for RopeI {
+    fn name(&self) -> &'static str {
+        "rope-i"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = values(s, l, "x")?;
+        let d = last(l.shape())?;
+        let rows_t = l.dims().len().checked_sub(2).map_or(1, |i| l.dims()[i]);
+        if rows_t != self.t || self.cos.len() != self.t * (d / 2) || d % 2 != 0 {
+            return Err(candle_core::Error::Msg(format!(
+                "rope-i: x {:?} against tables of {} positions x {}",
+                l.dims(),
+                self.t,
+                self.cos.len() / self.t.max(1)
+            )));
+        }
+        Ok((CpuStorage::F32(self.rotate(x, d, false)), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let d = x.dim(D::Minus1)?;
+        let g: Vec<f32> = g.detach().contiguous()?.flatten_all()?.to_vec1()?;
+        let dx = self.rotate(&g, d, true);
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+/// Interleaved RoPE of `x: (B, heads, T, D)` with `cos`, `sin`: `(T, D/2)`, as
+/// `candle_nn::rotary_emb::rope_i_slow`.
+pub fn rope_i(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    if fusable(x) && fusable(cos) && fusable(sin) {
+        let t = cos.dim(0)?;
+        let op = RopeI {
+            cos: cos.flatten_all()?.to_vec1()?,
+            sin: sin.flatten_all()?.to_vec1()?,
+            t,
+        };
+        return x.contiguous()?.apply_op1(op);
+    }
+    candle_nn::rotary_emb::rope_i_slow(x, cos, sin)
+}
+
 /// Mean cross-entropy of `logits: (N, C)` against `targets: (N)` (u32 class indices).
 struct CrossEntropy;
 
@@ -416,6 +491,16 @@ mod tests {
         let fused = rms_norm(&x, &a, 1e-5).unwrap();
         let chain = candle_nn::ops::rms_norm_slow(&x, &a, 1e-5).unwrap();
         same(&[&x, &a], &fused, &chain, 1e-4);
+    }
+
+    #[test]
+    fn rope_i_is_the_chain() {
+        let x = var(&[2, 3, 5, 8], 1.0);
+        let cos = Tensor::randn(0f32, 1.0, (5, 4), &Device::Cpu).unwrap();
+        let sin = Tensor::randn(0f32, 1.0, (5, 4), &Device::Cpu).unwrap();
+        let fused = rope_i(&x, &cos, &sin).unwrap();
+        let chain = candle_nn::rotary_emb::rope_i_slow(&x, &cos, &sin).unwrap();
+        same(&[&x], &fused, &chain, 1e-5);
     }
 
     #[test]

@@ -554,8 +554,8 @@ impl Llama {
             let q = heads(proj(&layer.q, Module::Q, li, &h)?, nh)?;
             let k = heads(proj(&layer.k, Module::K, li, &h)?, nkv)?;
             let v = heads(proj(&layer.v, Module::V, li, &h)?, nkv)?;
-            let q = candle_nn::rotary_emb::rope_i_slow(&q, &cos, &sin)?;
-            let k = candle_nn::rotary_emb::rope_i_slow(&k, &cos, &sin)?;
+            let q = fused::rope_i(&q, &cos, &sin)?;
+            let k = fused::rope_i(&k, &cos, &sin)?;
             if let Some(c) = capture.as_deref_mut() {
                 c.push((k.clone(), v.clone()));
             }
@@ -605,12 +605,7 @@ impl Llama {
             let h = fused::rms_norm(&x, &layer.ffn_norm, eps)?;
             let g = proj(&layer.gate, Module::Gate, li, &h)?;
             let u = proj(&layer.up, Module::Up, li, &h)?;
-            let f = proj(
-                &layer.down,
-                Module::Down,
-                li,
-                &fused::swiglu(&g, &u)?,
-            )?;
+            let f = proj(&layer.down, Module::Down, li, &fused::swiglu(&g, &u)?)?;
             x = residual(Sublayer::Ffn, li, x, f)?;
         }
         let x = fused::rms_norm(&x, &self.weights.final_norm, eps)?;
