@@ -435,94 +435,107 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> candle_core::Result<T
     candle_nn::loss::cross_entropy(logits, targets)
 }
 
+/// What the tests of a fused op check it with.
 #[cfg(test)]
-mod tests {
-    use candle_core::{Device, Tensor, Var};
+pub(crate) mod check {
+    use candle_core::{Device, Result, Tensor, Var};
 
-    use super::*;
-
-    fn worst(a: &Tensor, b: &Tensor) -> f32 {
-        let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap();
-        d.max(0).unwrap().to_scalar().unwrap()
+    /// The largest absolute difference of two same-shaped tensors.
+    pub fn worst(a: &Tensor, b: &Tensor) -> Result<f32> {
+        (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar()
     }
 
     /// `fused` and `chain` of the same vars: equal values, and equal gradients of a random
-    /// weighting of their outputs (not trivial ones), with no graph kept by a gradient.
-    fn same(vars: &[&Var], fused: &Tensor, chain: &Tensor, tol: f32) {
+    /// weighting of their outputs (not trivial ones), no gradient keeping a graph the chain's
+    /// does not (one would keep the step's whole forward alive in the optimizer's state).
+    pub fn same(vars: &[&Var], fused: &Tensor, chain: &Tensor, tol: f32) -> Result<()> {
         assert_eq!(fused.dims(), chain.dims());
-        assert!(worst(fused, chain) < tol, "values: {}", worst(fused, chain));
-        let c = Tensor::randn(0f32, 1.0, fused.shape(), &Device::Cpu).unwrap();
-        let gf = (fused * &c).unwrap().sum_all().unwrap().backward().unwrap();
-        let gc = (chain * &c).unwrap().sum_all().unwrap().backward().unwrap();
+        let d = worst(fused, chain)?;
+        assert!(d < tol, "values: {d}");
+        let c = Tensor::randn(0f32, 1.0, fused.shape(), &Device::Cpu)?;
+        let gf = (fused * &c)?.sum_all()?.backward()?;
+        let gc = (chain * &c)?.sum_all()?.backward()?;
         for (i, v) in vars.iter().enumerate() {
-            let (f, p) = (gf.get(v).unwrap(), gc.get(v).unwrap());
-            assert!(worst(f, p) < tol, "gradient {i}: {}", worst(f, p));
-            assert!(!f.track_op(), "gradient {i} keeps a graph");
+            let (Some(f), Some(p)) = (gf.get(v), gc.get(v)) else {
+                panic!("no gradient for var {i}");
+            };
+            let d = worst(f, p)?;
+            assert!(d < tol, "gradient {i}: {d}");
+            assert!(!f.track_op() || p.track_op(), "gradient {i} keeps a graph");
             assert!(
-                worst(p, &p.zeros_like().unwrap()) > 1e-3,
+                worst(p, &p.zeros_like()?)? > 1e-3,
                 "gradient {i} is trivial"
             );
         }
+        Ok(())
     }
+}
 
-    fn var(shape: &[usize], scale: f64) -> Var {
-        let t = (Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap() * scale).unwrap();
-        Var::from_tensor(&t).unwrap()
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Result, Tensor, Var};
+
+    use super::{check::same, *};
+
+    fn var(shape: &[usize], scale: f64) -> Result<Var> {
+        Var::from_tensor(&(Tensor::randn(0f32, 1.0, shape, &Device::Cpu)? * scale)?)
     }
 
     #[test]
-    fn causal_softmax_is_the_masked_softmax_chain() {
+    fn causal_softmax_is_the_masked_softmax_chain() -> Result<()> {
         // A prefix of 3 (P = T + 3), and none.
         for (t, p) in [(5, 8), (6, 6)] {
-            let s = var(&[2, 3, t, p], 2.0);
-            let fused = causal_softmax(&s, 0.37, p - t).unwrap();
-            let chain = causal_softmax_chain(&s, 0.37, p - t).unwrap();
-            same(&[&s], &fused, &chain, 1e-5);
+            let s = var(&[2, 3, t, p], 2.0)?;
+            let fused = causal_softmax(&s, 0.37, p - t)?;
+            let chain = causal_softmax_chain(&s, 0.37, p - t)?;
+            same(&[&s], &fused, &chain, 1e-5)?;
             // The mask holds: query 0 sees keys 0..=p-t only.
-            let row: Vec<f32> = fused.flatten_all().unwrap().to_vec1().unwrap()[..p].to_vec();
+            let row: Vec<f32> = fused.flatten_all()?.to_vec1()?[..p].to_vec();
             assert!(row[p - t + 1..].iter().all(|&v| v == 0.0), "{row:?}");
         }
+        Ok(())
     }
 
     #[test]
-    fn rms_norm_is_the_chain() {
-        let x = var(&[2, 5, 24], 3.0);
-        let a = var(&[24], 1.0);
-        let fused = rms_norm(&x, &a, 1e-5).unwrap();
-        let chain = candle_nn::ops::rms_norm_slow(&x, &a, 1e-5).unwrap();
-        same(&[&x, &a], &fused, &chain, 1e-4);
+    fn rms_norm_is_the_chain() -> Result<()> {
+        let x = var(&[2, 5, 24], 3.0)?;
+        let a = var(&[24], 1.0)?;
+        let fused = rms_norm(&x, &a, 1e-5)?;
+        let chain = candle_nn::ops::rms_norm_slow(&x, &a, 1e-5)?;
+        same(&[&x, &a], &fused, &chain, 1e-4)
     }
 
     #[test]
-    fn rope_i_is_the_chain() {
-        let x = var(&[2, 3, 5, 8], 1.0);
-        let cos = Tensor::randn(0f32, 1.0, (5, 4), &Device::Cpu).unwrap();
-        let sin = Tensor::randn(0f32, 1.0, (5, 4), &Device::Cpu).unwrap();
-        let fused = rope_i(&x, &cos, &sin).unwrap();
-        let chain = candle_nn::rotary_emb::rope_i_slow(&x, &cos, &sin).unwrap();
-        same(&[&x], &fused, &chain, 1e-5);
+    fn rope_i_is_the_chain() -> Result<()> {
+        let x = var(&[2, 3, 5, 8], 1.0)?;
+        let cos = Tensor::randn(0f32, 1.0, (5, 4), &Device::Cpu)?;
+        let sin = Tensor::randn(0f32, 1.0, (5, 4), &Device::Cpu)?;
+        let fused = rope_i(&x, &cos, &sin)?;
+        let chain = candle_nn::rotary_emb::rope_i_slow(&x, &cos, &sin)?;
+        same(&[&x], &fused, &chain, 1e-5)
     }
 
     #[test]
-    fn swiglu_is_the_chain() {
-        let g = var(&[7, 33], 3.0);
-        let u = var(&[7, 33], 1.0);
-        let fused = swiglu(&g, &u).unwrap();
-        let chain = (candle_nn::ops::silu(&g).unwrap() * u.as_tensor()).unwrap();
-        same(&[&g, &u], &fused, &chain, 1e-5);
+    fn swiglu_is_the_chain() -> Result<()> {
+        let g = var(&[7, 33], 3.0)?;
+        let u = var(&[7, 33], 1.0)?;
+        let fused = swiglu(&g, &u)?;
+        let chain = (candle_nn::ops::silu(&g)? * u.as_tensor())?;
+        same(&[&g, &u], &fused, &chain, 1e-5)
     }
 
     #[test]
-    fn cross_entropy_is_candles() {
-        let l = var(&[9, 50], 4.0);
-        let t = Tensor::from_vec(vec![0u32, 49, 3, 3, 17, 25, 1, 48, 30], 9, &Device::Cpu).unwrap();
-        let fused = cross_entropy(&l, &t).unwrap();
-        let chain = candle_nn::loss::cross_entropy(&l, &t).unwrap();
-        same(&[&l], &fused, &chain, 1e-5);
-        let bad = Tensor::from_vec(vec![50u32; 9], 9, &Device::Cpu).unwrap();
+    fn cross_entropy_is_candles() -> Result<()> {
+        let l = var(&[9, 50], 4.0)?;
+        let t = Tensor::from_vec(vec![0u32, 49, 3, 3, 17, 25, 1, 48, 30], 9, &Device::Cpu)?;
+        let fused = cross_entropy(&l, &t)?;
+        let chain = candle_nn::loss::cross_entropy(&l, &t)?;
+        same(&[&l], &fused, &chain, 1e-5)?;
+        let bad = Tensor::from_vec(vec![50u32; 9], 9, &Device::Cpu)?;
         assert!(
             cross_entropy(&l, &bad).is_err(),
             "a target past the classes"
         );
+        Ok(())
     }
 }
