@@ -3,7 +3,9 @@
 //! frozen base weights is a whole extra matmul per layer thrown away; training would pay a
 //! third more compute for nothing.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Device, Layout, Shape, Tensor};
+
+use super::fused::{last, values};
 
 pub struct FrozenMatmul {
     /// `(out, in)`; a cheap handle on the shared weight.
@@ -20,41 +22,14 @@ impl CustomOp1 for FrozenMatmul {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
-            candle_core::Error::Msg("frozen-matmul needs a contiguous input".into())
-        })?;
-        let x = &storage.as_slice::<f32>()?[start..end];
-        let dims = layout.shape().dims();
-        let inp = *dims
-            .last()
-            .ok_or_else(|| candle_core::Error::Msg("scalar input".into()))?;
-        let rows = x.len() / inp.max(1);
-        let xt = Tensor::from_slice(x, (rows, inp), self.weight.device())?;
-        let y = xt.matmul(&self.weight.t()?)?;
-        let out = self.weight.dim(0)?;
-        let mut shape = dims.to_vec();
-        *shape.last_mut().expect("non-empty") = out;
-        Ok((
-            CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?),
-            Shape::from(shape),
-        ))
+        let y = matrix(storage, layout, "x")?.matmul(&self.weight.t()?)?;
+        output(&y, layout, self.weight.dim(0)?)
     }
 
-    fn bwd(
-        &self,
-        _arg: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        let dims = grad.dims();
-        let out = *dims
-            .last()
-            .ok_or_else(|| candle_core::Error::Msg("scalar grad".into()))?;
-        let rows = grad.elem_count() / out.max(1);
-        let g = grad.reshape((rows, out))?.matmul(&self.weight)?;
-        let mut shape = dims.to_vec();
-        *shape.last_mut().expect("non-empty") = self.weight.dim(1)?;
-        Ok(Some(g.reshape(shape)?))
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let out = self.weight.dim(0)?;
+        let g = grad.reshape((grad.elem_count() / out.max(1), out))?;
+        Ok(Some(g.matmul(&self.weight)?.reshape(x.shape())?))
     }
 }
 
@@ -77,16 +52,22 @@ pub struct FrozenPlusLowRank {
 
 /// The contiguous f32 values of an argument as a `(rows, cols)` tensor (a copy).
 fn matrix(storage: &CpuStorage, layout: &Layout, what: &str) -> candle_core::Result<Tensor> {
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("{what} must be contiguous")))?;
-    let v = &storage.as_slice::<f32>()?[start..end];
-    let cols = *layout
-        .shape()
-        .dims()
-        .last()
-        .ok_or_else(|| candle_core::Error::Msg(format!("{what} is a scalar")))?;
-    Tensor::from_slice(v, (v.len() / cols.max(1), cols), &candle_core::Device::Cpu)
+    let v = values(storage, layout, what)?;
+    let cols = last(layout.shape())?;
+    Tensor::from_slice(v, (v.len() / cols.max(1), cols), &Device::Cpu)
+}
+
+/// A matmul's result `y: (rows, out)` as the op's output: the input's shape with its last
+/// dimension `out`.
+fn output(y: &Tensor, input: &Layout, out: usize) -> candle_core::Result<(CpuStorage, Shape)> {
+    let mut shape = input.shape().dims().to_vec();
+    if let Some(l) = shape.last_mut() {
+        *l = out;
+    }
+    Ok((
+        CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?),
+        Shape::from(shape),
+    ))
 }
 
 impl CustomOp3 for FrozenPlusLowRank {
@@ -118,12 +99,7 @@ impl CustomOp3 for FrozenPlusLowRank {
             )));
         }
         let y = (x.matmul(&self.weight.t()?)? + t.matmul(&b.t()?)?)?;
-        let mut shape = l1.shape().dims().to_vec();
-        *shape.last_mut().expect("x has a last dimension") = self.weight.dim(0)?;
-        Ok((
-            CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?),
-            Shape::from(shape),
-        ))
+        output(&y, l1, self.weight.dim(0)?)
     }
 
     fn bwd(

@@ -4,22 +4,35 @@
 //! causal softmax over `(B, heads, T, T)` scores was five of them).
 //!
 //! Each op runs on the CPU over f32; [`causal_softmax`], [`rms_norm`], [`rope_i`],
-//! [`swiglu`] and [`cross_entropy`] fall back to the candle chain elsewhere (a GPU, bf16). The tests hold
-//! every op equal to its chain in values and gradients.
+//! [`swiglu`] and [`cross_entropy`] fall back to the candle chain elsewhere (a GPU, bf16).
+//! The tests hold every op equal to its chain in values and gradients.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType, D};
 use rayon::prelude::*;
 
-/// The contiguous f32 values of an op's argument.
-fn values<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+/// The contiguous values of an op's argument.
+fn slice_of<'a, T: WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [T]> {
     let (start, end) = l
         .contiguous_offsets()
         .ok_or_else(|| candle_core::Error::Msg(format!("{what} must be contiguous")))?;
-    Ok(&s.as_slice::<f32>()?[start..end])
+    Ok(&s.as_slice::<T>()?[start..end])
+}
+
+/// The contiguous f32 values of an op's argument.
+pub(super) fn values<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    slice_of(s, l, what)
 }
 
 /// The last dimension of a shape.
-fn last(shape: &Shape) -> candle_core::Result<usize> {
+pub(super) fn last(shape: &Shape) -> candle_core::Result<usize> {
     shape
         .dims()
         .last()
@@ -343,16 +356,15 @@ fn log_sum_exp(row: &[f32], probs: Option<&mut [f32]>) -> f32 {
 }
 
 /// The class index of each row, checked against `classes`.
-fn classes_of(targets: &Tensor, n: usize, classes: usize) -> candle_core::Result<Vec<usize>> {
-    let t: Vec<u32> = targets.to_vec1()?;
+fn classes_of(t: &[u32], n: usize, classes: usize) -> candle_core::Result<Vec<usize>> {
     if t.len() != n {
         return Err(candle_core::Error::Msg(format!(
             "cross-entropy: {} targets for {n} rows",
             t.len()
         )));
     }
-    t.into_iter()
-        .map(|c| {
+    t.iter()
+        .map(|&c| {
             let c = c as usize;
             if c < classes {
                 Ok(c)
@@ -380,15 +392,7 @@ impl CustomOp2 for CrossEntropy {
         let logits = values(s1, l1, "logits")?;
         let c = last(l1.shape())?;
         let n = logits.len() / c.max(1);
-        let (start, end) = l2
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("targets must be contiguous".into()))?;
-        let targets = Tensor::from_slice(
-            &s2.as_slice::<u32>()?[start..end],
-            end - start,
-            &candle_core::Device::Cpu,
-        )?;
-        let classes = classes_of(&targets, n, c)?;
+        let classes = classes_of(slice_of(s2, l2, "targets")?, n, c)?;
         let total: f64 = logits
             .par_chunks(c)
             .zip(classes.par_iter())
@@ -410,7 +414,7 @@ impl CustomOp2 for CrossEntropy {
         // d/dlogits = (softmax - onehot) * g / N.
         let (n, c) = logits.dims2()?;
         let x: Vec<f32> = logits.detach().flatten_all()?.to_vec1()?;
-        let classes = classes_of(targets, n, c)?;
+        let classes = classes_of(&targets.to_vec1::<u32>()?, n, c)?;
         let g = grad.detach().to_scalar::<f32>()? / n.max(1) as f32;
         let mut d = vec![0f32; x.len()];
         d.par_chunks_mut(c)
