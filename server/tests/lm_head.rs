@@ -30,17 +30,7 @@ fn lora_details() -> Details {
     Details::Lora {
         rank: 4,
         alpha: 8.0,
-        target_modules: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
-        .map(String::from)
-        .to_vec(),
+        target_modules: common::all_targets(),
         use_rslora: false,
         use_dora: false,
     }

@@ -21,40 +21,19 @@ use graft_server::{
     },
 };
 
+/// [`common::lora_spec`] for `method`, 4 epochs at a constant rate, seed 5; rsLoRA with
+/// DoRA and dropout.
 fn spec(method: MethodSpec, use_dora: bool, dropout: f32) -> TrainSpec {
     TrainSpec {
         method,
-        rank: 4,
-        alpha: 8.0,
         dropout,
-        targets: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
-        .map(String::from)
-        .to_vec(),
         use_rslora: use_dora && dropout > 0.0,
         use_dora,
         epochs: 4,
-        batch_size: 4,
-        grad_accum: 1,
-        learning_rate: 1e-2,
         schedule: graft_server::train::optim::Schedule::Constant,
         warmup_steps: 0,
-        weight_decay: 0.0,
-        max_grad_norm: 1.0,
-        max_seq_len: 64,
         seed: 5,
-        eval_every: 0,
-        patience: 0,
-        checkpoint_every: 2,
-        objective: Default::default(),
-        train_lm_head: false,
+        ..common::lora_spec()
     }
 }
 

@@ -429,6 +429,13 @@ pub fn safetensors_edit(
     safetensors::serialize(views, None).expect("serialize")
 }
 
+/// The HF names of all seven target modules, in the model's order.
+pub fn all_targets() -> Vec<String> {
+    graft_server::model::Module::ALL
+        .map(|m| m.hf_name().to_string())
+        .to_vec()
+}
+
 /// A small LoRA SFT run on the tiny model: rank 4 on all seven modules, 3 epochs of batch
 /// 4, checkpoints every 2 steps.
 pub fn lora_spec() -> graft_server::train::trainer::TrainSpec {
@@ -438,17 +445,7 @@ pub fn lora_spec() -> graft_server::train::trainer::TrainSpec {
         rank: 4,
         alpha: 8.0,
         dropout: 0.0,
-        targets: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
-        .map(String::from)
-        .to_vec(),
+        targets: all_targets(),
         use_rslora: false,
         use_dora: false,
         epochs: 3,
