@@ -2,11 +2,11 @@
 //! one 512-bit register (rows `2p` and `2p+1` in the low and high eight lanes) and each
 //! eight-wide weight chunk is broadcast to both halves. Every (weight row, activation row)
 //! pair is then accumulated exactly as the AVX2 and portable kernels do it (lane `l` sums
-//! elements `l, l+8, ...` in order with one FMA each, lanes reduced by [`reduce`]), at twice
-//! the width, so the bits are the same whichever kernel ran and whatever else was in the
-//! batch.
+//! elements `l, l+8, ...` in order with one FMA each, lanes summed with
+//! [`super::reduce`]'s additions), at twice the width, so the bits are the same whichever
+//! kernel ran and whatever else was in the batch.
 
-use super::{reduce, Acc, LANES};
+use super::LANES;
 
 /// Whether this CPU runs [`tile`] (AVX-512 F and DQ).
 pub(super) fn available() -> bool {
@@ -115,19 +115,28 @@ unsafe fn write<const W: usize, const P: usize>(
     rows: usize,
     outs: &mut [&mut [f32]],
 ) {
+    use std::arch::x86_64::*;
     for (j, acc) in acc.iter().enumerate() {
         for (i, a) in acc.iter().enumerate() {
-            let mut v = [0f32; 2 * LANES];
-            std::arch::x86_64::_mm512_storeu_ps(v.as_mut_ptr(), *a);
-            let (lo, hi): (&Acc, &Acc) = (
-                v[..LANES].try_into().expect("lanes"),
-                v[LANES..].try_into().expect("lanes"),
-            );
+            let (lo, hi) = halves(*a);
             let b = 2 * (p0 + i);
-            outs[j][b] = reduce(lo);
+            outs[j][b] = lo;
             if b + 1 < rows {
-                outs[j][b + 1] = reduce(hi);
+                outs[j][b + 1] = hi;
             }
         }
+    }
+    /// [`super::reduce`] of both eight-lane halves in registers: lane `l` of each half plus
+    /// lane `l+4`, then lanes 0+1 and 2+3, then those two sums; `reduce`'s additions in its
+    /// order, so the bits are the same.
+    #[inline(always)]
+    unsafe fn halves(v: __m512) -> (f32, f32) {
+        let s = _mm512_add_ps(v, _mm512_shuffle_f32x4::<0xB1>(v, v));
+        let t = _mm512_add_ps(s, _mm512_permute_ps::<0xB1>(s));
+        let u = _mm512_add_ps(t, _mm512_permute_ps::<0x4E>(t));
+        (
+            _mm512_cvtss_f32(u),
+            _mm_cvtss_f32(_mm512_extractf32x4_ps::<2>(u)),
+        )
     }
 }
