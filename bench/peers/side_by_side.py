@@ -6,6 +6,10 @@ graft's own benchmark binaries on the same machine, interleaved repetition by re
 that drift of a shared machine hits every side alike, and writes one table of medians and
 ratios (`summary.md`, plus every raw output) into the output folder.
 
+The 32-stream figure comes twice: graft's aggregate with short prompts, prefill included (as
+the issue first measured it), and, like for like with llama-batched-bench's S_TG (`-npp 128`,
+decode phase only), graft's decode phase after 128-token prompts, each its own text.
+
 The peers are the ones `../shared/peers/setup.sh` builds into target/peers (not for CI).
 Each command is its own process; its peak resident memory comes from wait4(2), the same way
 for every side. Stdlib only.
@@ -122,6 +126,16 @@ def main():
                 if r["bench"] == "graft_streams" and r["streams"] == 32:
                     add("decode 32 streams x 64 (tok/s)", "graft", r["tok_s"])
             add("peak RSS serving 32 streams (MiB)", "graft", rss)
+            # Like for like with S_TG: 128-token prompts (each its own text), the decode
+            # phase only.
+            text, _ = run(out, "graft_batched_tg", rep, [f"{GRAFT}/graft-bench", "--model", MODEL, "--decode-tokens", "64",
+                                                         "--streams", "32", "--stream-prompt-tokens", "128",
+                                                         "--prefill-tokens", "128", "--decode-kernel", "exact"], env)
+            for r in results(text):
+                if r["bench"] == "graft_streams" and r["streams"] == 32:
+                    add("decode phase, 32 streams x 64 after 128-token prompts (tok/s)", "graft", r["tg_tok_s"])
+                    add("decode phase, 32 streams x 64 after 128-token prompts (tok/s)", "peer",
+                        fig["decode 32 streams x 64 (tok/s)"]["peer"][-1])
         if "train" in only:
             text, rss = run(out, "hf_train", rep, [py, os.path.join(scripts, "hf_bench.py"), "train"], env)
             for r in results(text):

@@ -24,6 +24,10 @@ struct Args {
     /// Prompt lengths for the prefill measurement.
     #[arg(long, value_delimiter = ',', default_value = "512")]
     prefill_tokens: Vec<usize>,
+    /// Prompt length of each aggregate-decode stream, in tokens (each stream's prompt its own
+    /// text). Without it, a short prompt ("Story number i: Once upon a time").
+    #[arg(long)]
+    stream_prompt_tokens: Option<usize>,
     /// The decode rows' kernel (graftd's --decode-kernel).
     #[arg(long)]
     decode_kernel: Option<graft_server::model::packed::DecodeKernel>,
@@ -100,36 +104,71 @@ async fn main() -> anyhow::Result<()> {
         );
     }
 
+    // The text after each stream's "Story number i: ", made once, before any timing.
+    let filler = match args.stream_prompt_tokens {
+        Some(n) => prompt_of(&model, n.saturating_sub(6)),
+        None => "Once upon a time".to_string(),
+    };
     for &streams in &args.streams {
+        // Every stream's tokens, timed as they arrive.
         let start = Instant::now();
         let results = join_all((0..streams).map(|i| {
             let c = client.clone();
+            let text = format!("Story number {i}: {filler}");
             let req = GenerateOptions {
                 max_new_tokens: Some(args.decode_tokens),
                 temperature: Some(0.7),
                 seed: Some(i as u64),
                 ..Default::default()
             }
-            .prompt(format!("Story number {i}: Once upon a time"));
-            async move { c.generate(req).await }
+            .prompt(text);
+            async move {
+                let mut s = c.generate_stream(req).await?;
+                let mut at = Vec::new();
+                while let Some(m) = s.message().await? {
+                    let now = Instant::now();
+                    at.extend(std::iter::repeat_n(now, m.token_ids.len()));
+                }
+                Ok::<_, tonic::Status>(at)
+            }
         }))
         .await;
-        let wall = start.elapsed().as_secs_f64();
-        let mut tokens = 0.0;
-        let mut ttft = Vec::new();
+        let mut arrivals = Vec::new();
         for r in results {
-            let r = r?;
-            tokens += r.usage.unwrap_or_default().completion_tokens as f64;
-            ttft.push(r.timings.unwrap_or_default().time_to_first_token_seconds);
+            arrivals.push(r?);
         }
+        anyhow::ensure!(
+            arrivals.iter().all(|a| !a.is_empty()),
+            "a stream produced no token"
+        );
+        let end = arrivals
+            .iter()
+            .filter_map(|a| a.last())
+            .max()
+            .copied()
+            .unwrap_or(start);
+        let tokens: usize = arrivals.iter().map(Vec::len).sum();
+        let wall = (end - start).as_secs_f64();
+        let mut ttft: Vec<f64> = arrivals
+            .iter()
+            .map(|a| (a[0] - start).as_secs_f64())
+            .collect();
+        // The decode phase, as llama-batched-bench's S_TG counts it: from the moment every
+        // stream has its first token (every prompt prefilled) to the last token, and the
+        // tokens that arrived in between.
+        let t0 = arrivals.iter().map(|a| a[0]).max().unwrap_or(start);
+        let tg_tokens = arrivals.iter().flatten().filter(|&&t| t > t0).count();
+        let tg = tg_tokens as f64 / (end - t0).as_secs_f64().max(1e-9);
         let (p50, p99) = (pct(&mut ttft, 0.5), pct(&mut ttft, 0.99));
         println!(
-            "{streams:>2} streams: aggregate {:.1} tokens/s; TTFT p50 {p50:.3}s p99 {p99:.3}s",
-            tokens / wall,
+            "{streams:>2} streams: aggregate {:.1} tokens/s (prompts included); decode phase {tg:.1} tokens/s ({tg_tokens} tokens after every stream's first); TTFT p50 {p50:.3}s p99 {p99:.3}s (client-side)",
+            tokens as f64 / wall,
         );
         result(
             "graft_streams",
-            json!({ "streams": streams, "new_tokens": args.decode_tokens, "tok_s": tokens / wall, "ttft_p50_s": p50 }),
+            json!({ "streams": streams, "new_tokens": args.decode_tokens,
+                "prompt_tokens": args.stream_prompt_tokens, "tok_s": tokens as f64 / wall,
+                "tg_tok_s": tg, "ttft_p50_s": p50 }),
         );
     }
     println!("peak resident memory: {:.0} MiB", peak_rss_mib());
