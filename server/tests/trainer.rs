@@ -139,6 +139,78 @@ fn first_step_loss_is_the_plain_forward_loss_and_loss_goes_down() {
     assert!(last < losses[0] * 0.5, "loss {} -> {last}", losses[0]);
 }
 
+/// `Control::start_values` replaces the method's fresh draws (what the PEFT comparison in
+/// `graft-bench methods --peft-start` relies on): the first step's loss is the plain
+/// forward's with those values, not with the fresh ones; a name missing from the values is
+/// an error naming it.
+#[test]
+fn a_run_starts_from_the_values_it_is_given() {
+    let m = model();
+    let ex = data(&m);
+    let batch: Vec<&Tokenized> = ex.iter().collect();
+    let mut s = spec();
+    s.batch_size = ex.len();
+    s.epochs = 1;
+    // Other values than the run's own draws: B non-zero, so the adapter changes the loss.
+    let given = LoraVars::init(
+        &Device::Cpu,
+        m.config(),
+        None,
+        &s.modules(),
+        s.rank,
+        s.alpha,
+        false,
+        0.0,
+        s.seed + 1,
+    )
+    .expect("vars");
+    for v in given.vars() {
+        let t = Tensor::randn(0f32, 0.1, v.shape(), &Device::Cpu).expect("randn");
+        v.set(&t).expect("set");
+    }
+    let expected = trainer::plain_loss(&m, &given, &batch).expect("loss");
+    let base = {
+        let fresh = LoraVars::init(
+            &Device::Cpu,
+            m.config(),
+            None,
+            &s.modules(),
+            s.rank,
+            s.alpha,
+            false,
+            0.0,
+            s.seed,
+        )
+        .expect("vars");
+        trainer::plain_loss(&m, &fresh, &batch).expect("loss")
+    };
+    assert!((expected - base).abs() > 1e-3, "{expected} vs {base}");
+    let run = |values: std::collections::HashMap<String, Tensor>| {
+        let ctl = Control {
+            start_values: Some(std::sync::Arc::new(values)),
+            ..Control::default()
+        };
+        let dir = tempfile::tempdir().expect("dir");
+        let mut first = None;
+        trainer::train(&m, &s, &ex, &[], dir.path(), &ctl, &mut |e| {
+            if let TrainEvent::Step { train_loss, .. } = e {
+                first.get_or_insert(train_loss);
+            }
+        })
+        .map(|_| first)
+    };
+    let first = run(given.tensors()).expect("train").expect("a step");
+    assert!(
+        (first - expected).abs() < 1e-5,
+        "first step {first} vs the given values' {expected}"
+    );
+    let mut partial = given.tensors();
+    let missing = given.names()[0].clone();
+    partial.remove(&missing);
+    let err = run(partial).err().expect("refused").to_string();
+    assert!(err.contains(&missing), "{err}");
+}
+
 #[test]
 fn a_killed_run_resumes_onto_the_same_trajectory() {
     // With dropout too: its masks follow from (seed, step, micro-batch), so the resumed run

@@ -193,7 +193,7 @@ pub fn train_ppo(
     ctl: &Control,
     emit: &mut dyn FnMut(TrainEvent),
 ) -> Result<Outcome, TrainError> {
-    let inner = trainable::start(model, spec, ctl.init.as_deref())?;
+    let inner = trainable::start(model, spec, ctl)?;
     let mut vars = WithValue::init(inner, model.config().hidden_size, spec.seed)?;
     let mut opt = AdamW::new(vars.vars(), spec.weight_decay)?;
     let pad = model.tokenizer.eos_ids.first().copied().unwrap_or(0);

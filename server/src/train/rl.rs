@@ -138,7 +138,7 @@ pub fn train_grpo(
     ctl: &Control,
     emit: &mut dyn FnMut(TrainEvent),
 ) -> Result<Outcome, TrainError> {
-    let mut vars = trainable::start(model, spec, ctl.init.as_deref())?;
+    let mut vars = trainable::start(model, spec, ctl)?;
     let mut opt = AdamW::new(vars.vars(), spec.weight_decay)?;
     let pad = model.tokenizer.eos_ids.first().copied().unwrap_or(0);
     let OnlineRun {

@@ -15,7 +15,7 @@ use super::{
     lora_vars::LoraVars,
     methods::MethodSpec,
     prompt_vars::PromptVars,
-    trainer::{Objective, TrainSpec},
+    trainer::{Control, Objective, TrainError, TrainSpec},
     weight_vars::{BottleneckVars, Ia3Vars},
 };
 use crate::{
@@ -72,17 +72,21 @@ pub trait Trainable: TensorAdapter + Send {
     }
 }
 
-/// The spec's parameters as a run starts them: fresh ([`init`]), then set to `from`'s when
-/// the job continues an adapter.
+/// The spec's parameters as a run starts them: fresh ([`init`]), then set to the adapter's
+/// when the job continues one (`ctl.init`), or to the values `ctl.start_values` names.
 pub fn start(
     model: &BaseModel,
     spec: &TrainSpec,
-    from: Option<&Adapter>,
-) -> Result<Box<dyn Trainable>, super::trainer::TrainError> {
+    ctl: &Control,
+) -> Result<Box<dyn Trainable>, TrainError> {
     let vars = init(model, spec)?;
-    if let Some(a) = from {
+    if let Some(a) = ctl.init.as_deref() {
         vars.start_from(a)
-            .map_err(|e| super::trainer::TrainError::Checkpoint(format!("init_adapter: {e}")))?;
+            .map_err(|e| TrainError::Checkpoint(format!("init_adapter: {e}")))?;
+    }
+    if let Some(values) = ctl.start_values.as_deref() {
+        vars.load(values)
+            .map_err(|e| TrainError::Checkpoint(format!("start values: {e}")))?;
     }
     Ok(vars)
 }

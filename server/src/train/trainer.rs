@@ -110,6 +110,11 @@ pub struct Control {
     /// The adapter version the method's parameters start from (`init_adapter`), instead of
     /// their fresh initialisation; a checkpoint, when there is one, still wins.
     pub init: Option<Arc<crate::model::Adapter>>,
+    /// Starting values of the method's parameters by name (every one of
+    /// [`Trainable::names`], in its shape), instead of their fresh initialisation: another
+    /// library's draws, so that a run can be compared with that library's step by step
+    /// (`graft-bench methods --peft-start`). A checkpoint, when there is one, still wins.
+    pub start_values: Option<Arc<HashMap<String, Tensor>>>,
 }
 
 impl Default for Control {
@@ -119,6 +124,7 @@ impl Default for Control {
             checkpoint_on_cancel: Arc::default(),
             keep_checkpoints: 1,
             init: None,
+            start_values: None,
         }
     }
 }
@@ -262,7 +268,7 @@ pub fn train_graded(
             "an online objective samples with the serving engine (train::rl)".into(),
         ));
     }
-    let mut vars = trainable::start(model, spec, ctl.init.as_deref())?;
+    let mut vars = trainable::start(model, spec, ctl)?;
     let classes = vars.labels().map(Classes::new);
     let mut opt = AdamW::new(vars.vars(), spec.weight_decay)?;
     let pad = model.tokenizer.eos_ids.first().copied().unwrap_or(0);
@@ -532,6 +538,18 @@ impl Progress<'_> {
         }
         Ok(Outcome::Finished(vars))
     }
+}
+
+/// `wanted` (indices into `rows`, repeats allowed) arranged so that the first epoch of a run
+/// with `seed` takes them in that order: another trainer's batches, step for step.
+pub fn in_epoch_order<T: Clone>(rows: &[T], wanted: &[usize], seed: u64) -> Vec<T> {
+    let order = epoch_order(seed, 0, wanted.len());
+    let mut out: Vec<Option<T>> = vec![None; wanted.len()];
+    for (&slot, &w) in order.iter().zip(wanted) {
+        out[slot] = Some(rows[w].clone());
+    }
+    // `order` is a permutation: every slot is filled.
+    out.into_iter().flatten().collect()
 }
 
 /// The data order of `epoch`: a pure function of (seed, epoch).

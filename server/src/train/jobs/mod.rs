@@ -803,6 +803,7 @@ impl TrainingService {
             checkpoint_on_cancel: release,
             keep_checkpoints: self.cfg.keep_checkpoints,
             init,
+            start_values: None,
         };
         let train_spec = spec.train.clone();
         let eval_grader = spec.eval_grader.clone();
