@@ -13,7 +13,12 @@
 //!    (one short text each, `--streams` callers at once) alone, generation tokens/s of the
 //!    same number of streams alone, and both at once (they share engine steps).
 
-use std::{path::PathBuf, sync::Arc, time::Instant};
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Instant,
+};
 
 use candle_core::{Device, Tensor};
 use clap::Parser;
@@ -25,7 +30,7 @@ use graft_server::{
     model::{Adapter, BaseModel, ChatMessage, KvCache, SeqChunk},
     server,
     train::{
-        dataset::{parse_jsonl, tokenize, Overflow},
+        dataset::{parse_jsonl, tokenize, Overflow, Tokenized},
         methods::{Encoder, MethodSpec, PromptInit},
         optim::Schedule,
         trainer::{self, Control, Outcome, TrainEvent, TrainSpec},
@@ -50,6 +55,12 @@ struct Args {
     /// Only these fixtures (comma-separated folder names); default all.
     #[arg(long)]
     only: Option<String>,
+    /// `bench/peers/peft_learning.py --dump`'s folder: where it holds `<method>-<seed>/`
+    /// (PEFT's starting parameters and batches for that seed), graft's run starts from the
+    /// same parameters and takes the same batches in the same order, and its losses are set
+    /// beside that PEFT run's step by step.
+    #[arg(long)]
+    peft_start: Option<PathBuf>,
 }
 
 /// (folder under tests/fixtures, method name)
@@ -248,17 +259,30 @@ fn learning(m: &BaseModel, args: &Args) {
         // Whole epochs (the fixtures' 40 steps are 5 epochs of 8 batches); the table
         // compares the first `steps` steps.
         let per_epoch = data.len().div_ceil(batch);
+        let seed = t["seed"].as_u64().unwrap_or(0) + args.seed_offset;
+        let start = args.peft_start.as_ref().and_then(|d| {
+            let d = d.join(format!("{}-{seed}", dir.rsplit('/').next().unwrap_or(dir)));
+            d.is_dir().then(|| peft_start(&d, &data, seed))
+        });
+        let (epochs, train_set, peft) = match &start {
+            // One epoch of PEFT's batches, in its order.
+            Some(s) => (1, s.rows.clone(), s.losses.clone()),
+            None => (steps.div_ceil(per_epoch), data.clone(), peft),
+        };
         let spec = TrainSpec {
-            epochs: steps.div_ceil(per_epoch),
+            epochs,
             batch_size: batch,
             learning_rate: lr,
-            seed: t["seed"].as_u64().unwrap_or(0) + args.seed_offset,
+            seed,
             ..spec_of(dir, m.config())
         };
         let dir_tmp = tempfile::tempdir().expect("tmp");
-        let ctl = Control::default();
+        let ctl = Control {
+            start_values: start.map(|s| Arc::new(s.values)),
+            ..Control::default()
+        };
         let (mut losses, mut toks, mut secs) = (Vec::new(), 0usize, 0f64);
-        let out = trainer::train(m, &spec, &data, &[], dir_tmp.path(), &ctl, &mut |e| {
+        let out = trainer::train(m, &spec, &train_set, &[], dir_tmp.path(), &ctl, &mut |e| {
             if let TrainEvent::Step {
                 step,
                 train_loss,
@@ -336,6 +360,40 @@ fn learning(m: &BaseModel, args: &Args) {
     println!();
     for (name, q, ours, peft) in answers {
         println!("{name} | {q} | graft: {ours:?} | PEFT: {peft:?}");
+    }
+}
+
+/// A PEFT run's start (`peft_learning.py --dump`): its parameters' starting values under
+/// graft's names, the training rows arranged so that graft's shuffle for `seed` hands them
+/// out in PEFT's batches and order, and that run's own losses.
+struct PeftStart {
+    values: HashMap<String, Tensor>,
+    rows: Vec<Tokenized>,
+    losses: Vec<f64>,
+}
+
+fn peft_start(dir: &Path, data: &[Tokenized], seed: u64) -> PeftStart {
+    let values = candle_core::safetensors::load(dir.join("start.safetensors"), &Device::Cpu)
+        .expect("start.safetensors");
+    let o = json(dir.join("order.json"));
+    let wanted: Vec<usize> = o["batches"]
+        .as_array()
+        .expect("batches")
+        .iter()
+        .flat_map(|b| b.as_array().expect("batch").iter())
+        .map(|i| i.as_u64().expect("row") as usize)
+        .collect();
+    let rows = trainer::in_epoch_order(data, &wanted, seed);
+    let losses = o["losses"]
+        .as_array()
+        .expect("losses")
+        .iter()
+        .map(|x| x.as_f64().expect("loss"))
+        .collect();
+    PeftStart {
+        values,
+        rows,
+        losses,
     }
 }
 
