@@ -2,9 +2,10 @@
 //! drew for a fixture's training run and fed that run's batches in its order
 //! (`tests/fixtures/library-start/<method>/`, written by `bench/peers/peft_learning.py
 //! --dump`), graft's training losses are the fixture's recorded PEFT losses
-//! (`reference.json`) over the first steps: the same loss, the same gradients and the same
-//! AdamW update, not merely the same forward. (Later steps drift apart as two PEFT runs of
-//! the same recipe do under another float order; BENCHMARKS.md has the whole curves.)
+//! (`reference.json`) over the first 4-5 steps, to a few thousandths: the same loss, the same
+//! gradients and the same AdamW update, not merely the same forward (a learning rate 10 %
+//! off already misses at step 2). Later steps drift apart as two PEFT runs of the same
+//! recipe do under another float order; BENCHMARKS.md has the whole curves.
 
 mod common;
 
@@ -111,7 +112,7 @@ fn prompt_tuning_learns_as_peft_does() {
         num_virtual_tokens: 8,
         init: PromptInit::Random,
     };
-    like_peft("prompt-tuning", spec, 4, 0.02);
+    like_peft("prompt-tuning", spec, 5, 3e-3);
 }
 
 /// The prefix's keys are trained in the model's head layout, PEFT's in HF's: the same
@@ -121,7 +122,7 @@ fn p_tuning_v2_learns_as_peft_does() {
     let spec = MethodSpec::PTuningV2 {
         num_virtual_tokens: 8,
     };
-    like_peft("p-tuning-v2", spec, 4, 0.02);
+    like_peft("p-tuning-v2", spec, 4, 6e-3);
 }
 
 #[test]
@@ -130,5 +131,5 @@ fn ia3_learns_as_peft_does() {
         target_modules: vec!["k_proj".into(), "v_proj".into(), "down_proj".into()],
         feedforward_modules: vec!["down_proj".into()],
     };
-    like_peft("ia3", spec, 8, 0.02);
+    like_peft("ia3", spec, 4, 3e-3);
 }
