@@ -207,7 +207,7 @@ fn a_run_starts_from_the_values_it_is_given() {
     let mut partial = given.tensors();
     let missing = given.names()[0].clone();
     partial.remove(&missing);
-    let err = run(partial).err().expect("refused").to_string();
+    let err = run(partial).expect_err("refused").to_string();
     assert!(err.contains(&missing), "{err}");
 }
 
