@@ -573,14 +573,31 @@ impl GraftClient {
         adapter: &str,
         dir: &std::path::Path,
     ) -> Result<String, Status> {
-        let files = self.export_files(tenant, adapter).await?;
+        self.export_adapter_dir_as(tenant, adapter, dir, "", "")
+            .await
+    }
+
+    /// [`Self::export_adapter_dir`] in `format` (ExportAdapterRequest's: "" for the
+    /// version's own files, "gguf" for a fully fine-tuned model as one GGUF file, its
+    /// matrices in `quantization`); returns the weights file's name.
+    pub async fn export_adapter_dir_as(
+        &self,
+        tenant: &str,
+        adapter: &str,
+        dir: &std::path::Path,
+        format: &str,
+        quantization: &str,
+    ) -> Result<String, Status> {
+        let files = self
+            .export_files_as(tenant, adapter, format, quantization)
+            .await?;
         let mut weights = String::new();
         for (f, d) in files {
             // Only plain names: the server never writes outside `dir`.
             if std::path::Path::new(&f).file_name() != Some(std::ffi::OsStr::new(&f)) {
                 return Err(Status::internal(format!("unexpected file name {f:?}")));
             }
-            if f.ends_with(".safetensors") {
+            if f.ends_with(".safetensors") || f.ends_with(".gguf") {
                 weights = f.clone();
             }
             std::fs::create_dir_all(dir)
@@ -598,9 +615,23 @@ impl GraftClient {
         tenant: &str,
         adapter: &str,
     ) -> Result<Vec<(String, Vec<u8>)>, Status> {
+        self.export_files_as(tenant, adapter, "", "").await
+    }
+
+    /// [`Self::export_files`] in `format` and `quantization` (see
+    /// [`Self::export_adapter_dir_as`]).
+    pub async fn export_files_as(
+        &self,
+        tenant: &str,
+        adapter: &str,
+        format: &str,
+        quantization: &str,
+    ) -> Result<Vec<(String, Vec<u8>)>, Status> {
         let req = pb::ExportAdapterRequest {
             tenant: tenant.into(),
             adapter: adapter.into(),
+            format: format.into(),
+            quantization: quantization.into(),
         };
         let mut s = retrying(|| {
             let (mut c, r) = (self.adapters.clone(), req.clone());

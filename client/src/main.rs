@@ -209,11 +209,17 @@ enum AdapterCmd {
         labels: Vec<String>,
     },
     /// Download NAME or NAME@VERSION as a directory of its library's files (PEFT's, or
-    /// AdapterHub's for bottleneck adapters).
+    /// AdapterHub's for bottleneck adapters; a fully fine-tuned model's HF directory).
     Export {
         adapter: String,
         #[arg(long)]
         out: std::path::PathBuf,
+        /// `gguf`: a fully fine-tuned model as one llama.cpp GGUF file instead.
+        #[arg(long, default_value = "")]
+        format: String,
+        /// With `--format gguf`: f32, f16 (default), q8_0, q4_0 or q4_1.
+        #[arg(long, default_value = "")]
+        quantization: String,
     },
     /// List every live version.
     Ls,
@@ -534,14 +540,19 @@ async fn adapters(
             bar.finish_and_clear();
             print_version(&v, json);
         }
-        AdapterCmd::Export { adapter, out } => {
+        AdapterCmd::Export {
+            adapter,
+            out,
+            format,
+            quantization,
+        } => {
             let size = client
                 .get_adapter(tenant, &adapter)
                 .await
                 .map_err(status_error)?
                 .size_bytes;
             let (cl, bar) = byte_bar(client, size, "download");
-            cl.export_adapter_dir(tenant, &adapter, &out)
+            cl.export_adapter_dir_as(tenant, &adapter, &out, &format, &quantization)
                 .await
                 .map_err(status_error)?;
             bar.finish_and_clear();

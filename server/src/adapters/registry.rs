@@ -150,7 +150,7 @@ async fn remove_blobs(blobs: Arc<Blobs>, prefix: String) {
     }
 }
 
-fn prefix_of(dir: &str) -> String {
+pub(super) fn prefix_of(dir: &str) -> String {
     format!("adapters/{dir}")
 }
 
@@ -279,7 +279,7 @@ pub struct AdapterRegistry {
     cfg: RegistryConfig,
     cache: Mutex<Cache>,
     versions: super::versions::Versions,
-    blobs: Arc<Blobs>,
+    pub(super) blobs: Arc<Blobs>,
 }
 
 impl AdapterRegistry {
@@ -590,7 +590,7 @@ impl AdapterRegistry {
         self.lease_row(tenant, r, row).await.map(Resolved::Adapter)
     }
 
-    async fn lease_row(
+    pub(super) async fn lease_row(
         &self,
         tenant: &str,
         r: &AdapterRef,
@@ -653,41 +653,8 @@ impl AdapterRegistry {
         Ok(AdapterLease { row, loaded })
     }
 
-    /// The stored files of a version, named as their library names them: an adapter's
-    /// config and weights, or a fully fine-tuned model's HF directory.
-    pub async fn export(
-        &self,
-        tenant: &str,
-        r: &AdapterRef,
-    ) -> Result<(AdapterRow, Vec<(String, Vec<u8>)>), RegistryError> {
-        // A lease keeps an adapter's files in place while we read them. Files are
-        // (the name the library gives it, the name on disk): an adapter's weights are stored
-        // as `adapter_model.safetensors` whatever the method.
-        let row = self.find(tenant, r).await?;
-        let (files, _lease): (Vec<(&str, &str)>, _) = if matches!(row.details, Details::Full { .. })
-        {
-            (save::HF_FILES.iter().map(|&f| (f, f)).collect(), None)
-        } else {
-            let lease = self.lease_row(tenant, r, row.clone()).await?;
-            let files = vec![
-                (peft::CONFIG_FILE, peft::CONFIG_FILE),
-                (row.details.weights_file(), peft::WEIGHTS_FILE),
-            ];
-            (files, Some(lease))
-        };
-        let prefix = prefix_of(&row.dir);
-        let mut read = Vec::with_capacity(files.len());
-        for (name, stored) in files {
-            read.push((
-                name.to_string(),
-                self.blob(&prefix, stored, r).await?.to_vec(),
-            ));
-        }
-        Ok((row, read))
-    }
-
     /// One stored blob of version `r`: a blob its row names but the store lacks is data loss.
-    async fn blob(
+    pub(super) async fn blob(
         &self,
         prefix: &str,
         file: &str,

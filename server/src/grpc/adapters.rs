@@ -14,7 +14,10 @@ use super::{
     ready, recorded, ReadySlot,
 };
 use crate::{
-    adapters::peft::{adapterhub::WEIGHTS_FILE as ADAPTERHUB_WEIGHTS, CONFIG_FILE, WEIGHTS_FILE},
+    adapters::{
+        peft::{adapterhub::WEIGHTS_FILE as ADAPTERHUB_WEIGHTS, CONFIG_FILE, WEIGHTS_FILE},
+        ExportFormat,
+    },
     store::{AdapterRow, Details},
 };
 
@@ -200,7 +203,9 @@ impl Adapters for AdaptersService {
             let req = req.into_inner();
             let tenant = caller.acting(&req.tenant)?;
             let r = adapter_ref("adapter", &req.adapter)?;
-            let (_, files) = ready.adapters.export(&tenant, &r).await?;
+            let format = ExportFormat::parse(&req.format, &req.quantization)
+                .map_err(|e| ApiError::invalid(e.field, e.reason))?;
+            let (_, files) = ready.adapters.export(&tenant, &r, format).await?;
             // Chunks are cut as the stream is read: a model's weights are not held twice.
             let chunks = files.into_iter().flat_map(|(name, data)| {
                 let n = data.len().div_ceil(CHUNK);

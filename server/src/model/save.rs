@@ -1,10 +1,15 @@
 //! A model written as a Hugging Face `LlamaForCausalLM` directory: `config.json`,
 //! `model.safetensors` (f32, HF names and q/k row order), `tokenizer.json` and
 //! `tokenizer_config.json` with the chat template. What transformers' `from_pretrained`
-//! and `graftd --model DIR` ([`BaseModel::load`]) both read.
+//! and `graftd --model DIR` ([`BaseModel::load`]) both read. Also a model as one GGUF file
+//! ([`gguf_bytes`]), as llama.cpp reads it.
 
 use std::{collections::HashMap, path::Path};
 
+use candle_core::{
+    quantized::{gguf_file, GgmlDType, QTensor},
+    Tensor,
+};
 use serde_json::json;
 
 use super::{weights::Weights, BaseModel, ModelError};
@@ -84,4 +89,137 @@ pub fn write_hf_meta(model: &BaseModel, tied: bool, dir: &Path) -> Result<(), Mo
         "chat_template": model.chat.source(),
     });
     write(HF_FILES[3], &pretty(&tok_config))
+}
+
+/// The tensor types a model's matrices can be written in as GGUF.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GgufType {
+    F32,
+    F16,
+    Q8_0,
+    Q4_0,
+    Q4_1,
+}
+
+impl GgufType {
+    pub const ALL: [GgufType; 5] = [
+        GgufType::F32,
+        GgufType::F16,
+        GgufType::Q8_0,
+        GgufType::Q4_0,
+        GgufType::Q4_1,
+    ];
+
+    /// llama.cpp's name (`--outtype`, `llama-quantize`), lower case.
+    pub fn name(self) -> &'static str {
+        match self {
+            GgufType::F32 => "f32",
+            GgufType::F16 => "f16",
+            GgufType::Q8_0 => "q8_0",
+            GgufType::Q4_0 => "q4_0",
+            GgufType::Q4_1 => "q4_1",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|t| t.name().eq_ignore_ascii_case(s))
+    }
+
+    fn ggml(self) -> GgmlDType {
+        match self {
+            GgufType::F32 => GgmlDType::F32,
+            GgufType::F16 => GgmlDType::F16,
+            GgufType::Q8_0 => GgmlDType::Q8_0,
+            GgufType::Q4_0 => GgmlDType::Q4_0,
+            GgufType::Q4_1 => GgmlDType::Q4_1,
+        }
+    }
+
+    /// `general.file_type` (llama.cpp's `llama_ftype`: ALL_F32, MOSTLY_F16, MOSTLY_Q8_0...).
+    fn file_type(self) -> u32 {
+        match self {
+            GgufType::F32 => 0,
+            GgufType::F16 => 1,
+            GgufType::Q4_0 => 2,
+            GgufType::Q4_1 => 3,
+            GgufType::Q8_0 => 7,
+        }
+    }
+}
+
+/// `model` (its weights, tokenizer and chat template) as one llama.cpp-style GGUF file
+/// named `name`: every matrix in `ty` (one whose rows do not split into `ty`'s blocks stays
+/// f32), norms in f32, q/k rows in the interleaved order GGUF keeps them in (the model's
+/// own). What `graftd --model`, llama.cpp and transformers' GGUF loader read.
+pub fn gguf_bytes(model: &BaseModel, name: &str, ty: GgufType) -> Result<Vec<u8>, ModelError> {
+    use gguf_file::Value as V;
+    let cfg = model.config();
+    let w = &model.llama.weights;
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    let mut matrix = |n: String, t: Tensor| -> Result<(), ModelError> {
+        let q = ty.ggml();
+        let fits = t.dims().last().is_some_and(|&c| c % q.block_size() == 0);
+        let q = if fits { q } else { GgmlDType::F32 };
+        tensors.push((n, QTensor::quantize(&t, q)?));
+        Ok(())
+    };
+    matrix("token_embd.weight".into(), w.embed.weight()?)?;
+    for (i, l) in w.layers.iter().enumerate() {
+        for (m, gguf) in [
+            (&l.q, "attn_q"),
+            (&l.k, "attn_k"),
+            (&l.v, "attn_v"),
+            (&l.o, "attn_output"),
+            (&l.gate, "ffn_gate"),
+            (&l.up, "ffn_up"),
+            (&l.down, "ffn_down"),
+        ] {
+            matrix(format!("blk.{i}.{gguf}.weight"), m.weight()?)?;
+        }
+    }
+    if !w.tied() {
+        matrix("output.weight".into(), w.lm_head.weight()?)?;
+    }
+    let mut norm = |n: String, t: &Tensor| -> Result<(), ModelError> {
+        tensors.push((n, QTensor::quantize(t, GgmlDType::F32)?));
+        Ok(())
+    };
+    for (i, l) in w.layers.iter().enumerate() {
+        norm(format!("blk.{i}.attn_norm.weight"), &l.attn_norm)?;
+        norm(format!("blk.{i}.ffn_norm.weight"), &l.ffn_norm)?;
+    }
+    norm("output_norm.weight".into(), &w.final_norm)?;
+
+    let u = |x: usize| V::U32(x as u32);
+    let mut meta: Vec<(&str, V)> = vec![
+        ("general.architecture", V::String("llama".into())),
+        ("general.name", V::String(name.into())),
+        ("general.file_type", V::U32(ty.file_type())),
+        ("general.quantization_version", V::U32(2)),
+        ("llama.vocab_size", u(cfg.vocab_size)),
+        ("llama.context_length", u(cfg.max_position)),
+        ("llama.embedding_length", u(cfg.hidden_size)),
+        ("llama.block_count", u(cfg.num_layers)),
+        ("llama.feed_forward_length", u(cfg.intermediate_size)),
+        ("llama.rope.dimension_count", u(cfg.head_dim())),
+        ("llama.attention.head_count", u(cfg.num_heads)),
+        ("llama.attention.head_count_kv", u(cfg.num_kv_heads)),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            V::F32(cfg.rms_eps as f32),
+        ),
+        ("llama.rope.freq_base", V::F32(cfg.rope_theta)),
+    ];
+    meta.extend(model.tokenizer.gguf_metadata(cfg.vocab_size)?);
+    meta.push((
+        "tokenizer.chat_template",
+        V::String(model.chat.source().into()),
+    ));
+    let meta_refs: Vec<(&str, &V)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut out = std::io::Cursor::new(Vec::new());
+    gguf_file::write(&mut out, &meta_refs, &tensor_refs)?;
+    Ok(out.into_inner())
 }

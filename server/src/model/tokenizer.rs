@@ -15,6 +15,8 @@ use tokenizers::{
     AddedToken, Tokenizer,
 };
 
+use candle_core::quantized::gguf_file::Value as GgufValue;
+
 use super::{weights::GgufFile, ModelError};
 
 /// GGUF `token_type` of control tokens (`<|im_start|>`, `<|endoftext|>`...).
@@ -148,6 +150,92 @@ impl TextTokenizer {
         })
     }
 
+    /// The tokenizer as GGUF `tokenizer.ggml.*` metadata (what [`Self::from_gguf`] and
+    /// llama.cpp read), its token list padded to `vocab_size` rows with unused `[PAD{i}]`
+    /// entries as llama.cpp's converter pads it. Only byte-level BPE with the GPT-2 or
+    /// SmolLM pre-tokenizer has a GGUF form here; another is an error naming it.
+    pub fn gguf_metadata(
+        &self,
+        vocab_size: usize,
+    ) -> Result<Vec<(&'static str, GgufValue)>, ModelError> {
+        const TOKEN_TYPE_NORMAL: i32 = 1;
+        const TOKEN_TYPE_UNUSED: i32 = 5;
+        let j: serde_json::Value = serde_json::from_str(&self.to_json()?).map_err(tok_err)?;
+        let model = &j["model"];
+        if model["type"] != "BPE" || j["decoder"]["type"] != "ByteLevel" {
+            return Err(ModelError::Tokenizer(format!(
+                "a {} tokenizer with a {} decoder has no GGUF form here (byte-level BPE only)",
+                model["type"], j["decoder"]["type"]
+            )));
+        }
+        let pre = gguf_pre_tokenizer(&j["pre_tokenizer"])?;
+        let n = self.vocab_size().max(vocab_size);
+        let mut tokens: Vec<Option<String>> = vec![None; n];
+        let mut types = vec![TOKEN_TYPE_NORMAL; n];
+        for (t, id) in self.inner.get_vocab(true) {
+            if let Some(slot) = tokens.get_mut(id as usize) {
+                *slot = Some(t);
+            }
+        }
+        for a in j["added_tokens"].as_array().into_iter().flatten() {
+            if let Some(id) = a["id"].as_u64().filter(|&i| (i as usize) < n) {
+                types[id as usize] = if a["special"].as_bool().unwrap_or(false) {
+                    TOKEN_TYPE_CONTROL
+                } else {
+                    TOKEN_TYPE_USER_DEFINED
+                };
+            }
+        }
+        let tokens: Vec<GgufValue> = tokens
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| {
+                GgufValue::String(t.unwrap_or_else(|| {
+                    types[i] = TOKEN_TYPE_UNUSED;
+                    format!("[PAD{i}]")
+                }))
+            })
+            .collect();
+        // `tokenizers` writes merges as pairs (or, before 0.20, as "a b" strings).
+        let merges: Vec<GgufValue> = model["merges"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|m| match m {
+                serde_json::Value::String(s) => Some(s.clone()),
+                serde_json::Value::Array(p) => {
+                    Some(format!("{} {}", p.first()?.as_str()?, p.get(1)?.as_str()?))
+                }
+                _ => None,
+            })
+            .map(GgufValue::String)
+            .collect();
+        let mut out = vec![
+            ("tokenizer.ggml.model", GgufValue::String("gpt2".into())),
+            ("tokenizer.ggml.pre", GgufValue::String(pre.into())),
+            ("tokenizer.ggml.tokens", GgufValue::Array(tokens)),
+            (
+                "tokenizer.ggml.token_type",
+                GgufValue::Array(types.into_iter().map(GgufValue::I32).collect()),
+            ),
+            ("tokenizer.ggml.merges", GgufValue::Array(merges)),
+            (
+                "tokenizer.ggml.add_bos_token",
+                GgufValue::Bool(self.add_bos),
+            ),
+        ];
+        if let Some(b) = self.bos_id {
+            out.push(("tokenizer.ggml.bos_token_id", GgufValue::U32(b)));
+        }
+        if let Some(&e) = self.eos_ids.first() {
+            out.push(("tokenizer.ggml.eos_token_id", GgufValue::U32(e)));
+        }
+        if let Some(&t) = self.eos_ids.get(1) {
+            out.push(("tokenizer.ggml.eot_token_id", GgufValue::U32(t)));
+        }
+        Ok(out)
+    }
+
     /// Reads an HF `tokenizer.json`; special ids come from the model's config.
     pub fn from_file(
         path: &Path,
@@ -202,6 +290,33 @@ impl TextTokenizer {
 
     pub fn is_eos(&self, id: u32) -> bool {
         self.eos_ids.contains(&id)
+    }
+}
+
+/// The GGUF `tokenizer.ggml.pre` name of a `tokenizer.json` pre-tokenizer: the ones
+/// [`TextTokenizer::from_gguf`] builds.
+fn gguf_pre_tokenizer(p: &serde_json::Value) -> Result<&'static str, ModelError> {
+    let parts: Vec<&serde_json::Value> = match p["type"].as_str() {
+        Some("Sequence") => p["pretokenizers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .collect(),
+        _ => vec![p],
+    };
+    let kind = |v: &serde_json::Value| v["type"].as_str().unwrap_or("").to_string();
+    match parts.as_slice() {
+        [b] if kind(b) == "ByteLevel" => Ok("gpt2"),
+        [d, b]
+            if kind(d) == "Digits"
+                && d["individual_digits"].as_bool() == Some(true)
+                && kind(b) == "ByteLevel" =>
+        {
+            Ok("smollm")
+        }
+        _ => Err(ModelError::Tokenizer(format!(
+            "the pre-tokenizer {p} has no GGUF name here (GPT-2's byte-level, or SmolLM's digits then byte-level)"
+        ))),
     }
 }
 

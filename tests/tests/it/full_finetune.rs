@@ -57,6 +57,25 @@ fn greedy(adapter: Option<&str>) -> pb::GenerateRequest {
     .prompt(PROMPT)
 }
 
+/// The last prompt position's logits of a model loaded on its own (the plain forward).
+fn last_logits(m: &BaseModel) -> Logits {
+    let ids = m.tokenizer.encode(PROMPT).expect("encode");
+    let l = m.llama.forward_reference(&ids).expect("forward");
+    Logits(l.get(ids.len() - 1).expect("row").to_vec1().expect("v"))
+}
+
+struct Logits(Vec<f32>);
+
+impl Logits {
+    fn max_abs_diff(&self, o: &Logits) -> f32 {
+        self.0
+            .iter()
+            .zip(&o.0)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max)
+    }
+}
+
 /// Greedy tokens of a model loaded on its own, through its serving path.
 fn local_greedy(m: &BaseModel, n: usize) -> Vec<u32> {
     use graft_server::model::SeqChunk;
@@ -154,6 +173,59 @@ async fn a_full_fine_tuning_job_yields_a_model_that_generate_serves_by_name() {
     let exported = BaseModel::load(dir.path(), &candle_core::Device::Cpu).expect("loads");
     let want = local_greedy(&exported, 8);
     assert_eq!(served.token_ids, want);
+    // As one GGUF file: in f32 it computes what the directory computes (same greedy
+    // tokens, logits within float noise), with the same tokenizer and chat template; in q8_0
+    // it loads and serves too, smaller. Bad formats are refused naming the field.
+    let gguf = |q: &'static str| {
+        let c = t.client.clone();
+        async move {
+            let d = tempfile::tempdir().expect("dir");
+            let f = c
+                .export_adapter_dir_as("", "tuned", d.path(), "gguf", q)
+                .await
+                .expect("gguf export");
+            assert_eq!(f, format!("model-{q}.gguf"));
+            let size = std::fs::metadata(d.path().join(&f)).expect("file").len();
+            let m = BaseModel::load(&d.path().join(&f), &candle_core::Device::Cpu)
+                .expect("the GGUF loads");
+            (m, size)
+        }
+    };
+    let (g32, size32) = gguf("f32").await;
+    assert_eq!(local_greedy(&g32, 8), want);
+    assert_eq!(
+        last_logits(&g32).max_abs_diff(&last_logits(&exported)),
+        0.0,
+        "f32 GGUF logits"
+    );
+    let text = "<|im_start|>user\nQ5 says 12 things, the answer?<|im_end|>\n";
+    assert_eq!(
+        g32.tokenizer.encode(text).expect("encode"),
+        exported.tokenizer.encode(text).expect("encode")
+    );
+    assert_eq!(g32.tokenizer.eos_ids, exported.tokenizer.eos_ids);
+    assert_eq!(g32.chat.source(), exported.chat.source());
+    let (g8, size8) = gguf("q8_0").await;
+    assert!(size8 * 3 < size32, "q8_0 {size8} vs f32 {size32} bytes");
+    assert_eq!(local_greedy(&g8, 8).len(), want.len());
+    for (format, quantization, field) in [
+        ("gguf", "q3_k", "quantization"),
+        ("", "q8_0", "quantization"),
+        ("onnx", "", "format"),
+    ] {
+        let d = tempfile::tempdir().expect("dir");
+        let err = t
+            .client
+            .export_adapter_dir_as("", "tuned", d.path(), format, quantization)
+            .await
+            .expect_err("refused");
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(
+            err.message().starts_with(&format!("{field}:")),
+            "{}",
+            err.message()
+        );
+    }
     let base = t.client.generate(greedy(None)).await.expect("base");
     assert_eq!(base.token_ids, local_greedy(&base_model, 8));
     assert_ne!(
