@@ -1,5 +1,6 @@
 """The library side of the learning comparison (BENCHMARKS.md, issues 10 and 11): each
-fixture's adapter config (`tests/fixtures/peft-methods/<method>/adapter` with PEFT, and
+fixture's adapter config (`tests/fixtures/peft-methods/<method>/adapter` with PEFT: the
+causal methods on the Alpaca rows, `seq-cls` on the classification sentences; and
 `tests/fixtures/bottleneck-houlsby/adapter` with AdapterHub's `adapters` library) trained
 afresh with the fixture's recipe: `reference.json`'s steps, batch and learning rate; AdamW
 with torch's defaults; the chat template, user = instruction [+ "\n\n" + input], loss on
@@ -41,6 +42,9 @@ METHODS = ["prompt-tuning", "p-tuning-mlp", "prefix-tuning", "p-tuning-v2", "ia3
 # AdapterHub's fixture: run with a venv holding the `adapters` library (it pins transformers
 # 4.57), e.g. target/peers/venv-adapters (bench/peers/adapterhub_load.py says how).
 HOULSBY = "bottleneck-houlsby"
+# The classification fixture: LoRA on q/v plus a `score` head (`LlamaForSequenceClassification`)
+# on `classification-sentences.jsonl` minus its last 6 rows, cross-entropy over the labels.
+SEQ_CLS = "seq-cls"
 
 
 def fixture_dir(method):
@@ -71,8 +75,28 @@ def build(method, seed):
     cfg = PeftConfig.from_pretrained(adapter_dir)
     cfg.inference_mode = False
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(HF_DIR, dtype=torch.float32)
+    if method == SEQ_CLS:
+        from transformers import AutoModelForSequenceClassification
+
+        labels = json.load(open(os.path.join(fixture_dir(method), "reference.json")))["labels"]
+        model = AutoModelForSequenceClassification.from_pretrained(
+            HF_DIR, num_labels=len(labels), id2label=dict(enumerate(labels)),
+            label2id={x: i for i, x in enumerate(labels)}, dtype=torch.float32)
+        model.config.pad_token_id = AutoTokenizer.from_pretrained(HF_DIR).pad_token_id
+    else:
+        model = AutoModelForCausalLM.from_pretrained(HF_DIR, dtype=torch.float32)
     return get_peft_model(model, cfg)
+
+
+def examples(method, tok):
+    """(input ids, targets) per training row: the answer's tokens for the causal methods,
+    the label's index for the classifier."""
+    if method == SEQ_CLS:
+        labels = json.load(open(os.path.join(fixture_dir(method), "reference.json")))["labels"]
+        rows = [json.loads(x) for x in open(os.path.join(FIX, "classification-sentences.jsonl"))][:-6]
+        return [(tok(r["text"], add_special_tokens=False)["input_ids"], labels.index(r["label"])) for r in rows]
+    data = json.load(open(os.path.join(FIX, "peft-lora-smollm2", "train_dataset_alpaca.json")))
+    return [encode(tok, ex) for ex in data]
 
 
 def user_text(ex):
@@ -121,6 +145,9 @@ def graft_names(model):
             continue
         t = p.detach().clone().float()
         parts = n.split(".")
+        if "modules_to_save" in parts and parts[parts.index("modules_to_save") - 1] == "score":
+            out["score.weight"] = t  # the classification head, (labels, hidden) as graft's
+            continue
         if n.startswith("prompt_encoder."):
             rest = ".".join(parts[2:])  # after prompt_encoder.default
             if rest == "embedding.weight":
@@ -154,7 +181,7 @@ def graft_names(model):
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def train(method, seed, tok, data, dump=None, perturb=0.0):
+def train(method, seed, tok, dump=None, perturb=0.0):
     ref = json.load(open(os.path.join(fixture_dir(method), "reference.json")))
     t = ref["training"]
     steps, B, lr = t["steps"], t["batch"], t["lr"]
@@ -162,7 +189,7 @@ def train(method, seed, tok, data, dump=None, perturb=0.0):
     rnd = random.Random(seed)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    enc = [encode(tok, ex) for ex in data]
+    enc = examples(method, tok)
     if dump:
         os.makedirs(dump, exist_ok=True)
         save_file(graft_names(model), os.path.join(dump, "start.safetensors"))
@@ -188,8 +215,11 @@ def train(method, seed, tok, data, dump=None, perturb=0.0):
         for r, i in enumerate(bidx):
             x, y = enc[i]
             ids[r, : len(x)] = torch.tensor(x)
-            lab[r, : len(y)] = torch.tensor(y)
             att[r, : len(x)] = 1
+            if method != SEQ_CLS:
+                lab[r, : len(y)] = torch.tensor(y)
+        if method == SEQ_CLS:
+            lab = torch.tensor([enc[i][1] for i in bidx])
         loss = model(input_ids=ids, attention_mask=att, labels=lab).loss
         loss.backward()
         opt.step()
@@ -220,12 +250,11 @@ def main():
 
         tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(HF_DIR, "tokenizer.json"))
         tok.chat_template = open(os.path.join(HF_DIR, "chat_template.jinja")).read()
-    data = json.load(open(os.path.join(FIX, "peft-lora-smollm2", "train_dataset_alpaca.json")))
     for m in a.methods.split(","):
         base = json.load(open(os.path.join(fixture_dir(m), "reference.json")))["training"]["seed"]
         for off in [int(s) for s in a.seeds.split(",")]:
             dump = a.dump and os.path.join(a.dump, f"{m}-{base + off}")
-            r = train(m, base + off, tok, data, dump, a.perturb)
+            r = train(m, base + off, tok, dump, a.perturb)
             r["seed_offset"] = off
             print(json.dumps(r), flush=True)
 
