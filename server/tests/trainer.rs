@@ -151,26 +151,8 @@ fn a_run_starts_from_the_values_it_is_given() {
     let mut s = spec();
     s.batch_size = ex.len();
     s.epochs = 1;
-    // Other values than the run's own draws: B non-zero, so the adapter changes the loss.
-    let given = LoraVars::init(
-        &Device::Cpu,
-        m.config(),
-        None,
-        &s.modules(),
-        s.rank,
-        s.alpha,
-        false,
-        0.0,
-        s.seed + 1,
-    )
-    .expect("vars");
-    for v in given.vars() {
-        let t = Tensor::randn(0f32, 0.1, v.shape(), &Device::Cpu).expect("randn");
-        v.set(&t).expect("set");
-    }
-    let expected = trainer::plain_loss(&m, &given, &batch).expect("loss");
-    let base = {
-        let fresh = LoraVars::init(
+    let vars = |seed: u64| {
+        LoraVars::init(
             &Device::Cpu,
             m.config(),
             None,
@@ -179,11 +161,18 @@ fn a_run_starts_from_the_values_it_is_given() {
             s.alpha,
             false,
             0.0,
-            s.seed,
+            seed,
         )
-        .expect("vars");
-        trainer::plain_loss(&m, &fresh, &batch).expect("loss")
+        .expect("vars")
     };
+    // Other values than the run's own draws: B non-zero, so the adapter changes the loss.
+    let given = vars(s.seed + 1);
+    for v in given.vars() {
+        let t = Tensor::randn(0f32, 0.1, v.shape(), &Device::Cpu).expect("randn");
+        v.set(&t).expect("set");
+    }
+    let expected = trainer::plain_loss(&m, &given, &batch).expect("loss");
+    let base = trainer::plain_loss(&m, &vars(s.seed), &batch).expect("loss");
     assert!((expected - base).abs() > 1e-3, "{expected} vs {base}");
     let run = |values: std::collections::HashMap<String, Tensor>| {
         let ctl = Control {
