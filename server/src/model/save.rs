@@ -12,7 +12,7 @@ use candle_core::{
 };
 use serde_json::json;
 
-use super::{weights::Weights, BaseModel, ModelError};
+use super::{weights::Weights, BaseModel, ModelError, Module};
 
 /// The files [`write_hf_dir`] writes, in the order it writes them.
 pub const HF_FILES: [&str; 4] = [
@@ -167,16 +167,11 @@ pub fn gguf_bytes(model: &BaseModel, name: &str, ty: GgufType) -> Result<Vec<u8>
     };
     matrix("token_embd.weight".into(), w.embed.weight()?)?;
     for (i, l) in w.layers.iter().enumerate() {
-        for (m, gguf) in [
-            (&l.q, "attn_q"),
-            (&l.k, "attn_k"),
-            (&l.v, "attn_v"),
-            (&l.o, "attn_output"),
-            (&l.gate, "ffn_gate"),
-            (&l.up, "ffn_up"),
-            (&l.down, "ffn_down"),
-        ] {
-            matrix(format!("blk.{i}.{gguf}.weight"), m.weight()?)?;
+        for m in Module::ALL {
+            matrix(
+                format!("blk.{i}.{}.weight", m.gguf_name()),
+                m.of(l).weight()?,
+            )?;
         }
     }
     if !w.tied() {

@@ -60,6 +60,20 @@ impl Module {
         )
     }
 
+    /// The GGUF tensor name within a block (`blk.{layer}.{name}.weight`), as llama.cpp
+    /// names it.
+    pub fn gguf_name(self) -> &'static str {
+        match self {
+            Module::Q => "attn_q",
+            Module::K => "attn_k",
+            Module::V => "attn_v",
+            Module::O => "attn_output",
+            Module::Gate => "ffn_gate",
+            Module::Up => "ffn_up",
+            Module::Down => "ffn_down",
+        }
+    }
+
     pub fn from_hf_name(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|m| m.hf_name() == s)
     }

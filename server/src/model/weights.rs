@@ -558,16 +558,17 @@ impl GgufFile {
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let p = |s: &str| format!("blk.{i}.{s}.weight");
+            let n = |m: Module| p(m.gguf_name());
             layers.push(LayerWeights {
                 attn_norm: self.tensor(&p("attn_norm"), dev)?,
-                q: self.linear(&p("attn_q"), dev)?,
-                k: self.linear(&p("attn_k"), dev)?,
-                v: self.linear(&p("attn_v"), dev)?,
-                o: self.linear(&p("attn_output"), dev)?,
+                q: self.linear(&n(Module::Q), dev)?,
+                k: self.linear(&n(Module::K), dev)?,
+                v: self.linear(&n(Module::V), dev)?,
+                o: self.linear(&n(Module::O), dev)?,
                 ffn_norm: self.tensor(&p("ffn_norm"), dev)?,
-                gate: self.linear(&p("ffn_gate"), dev)?,
-                up: self.linear(&p("ffn_up"), dev)?,
-                down: self.linear(&p("ffn_down"), dev)?,
+                gate: self.linear(&n(Module::Gate), dev)?,
+                up: self.linear(&n(Module::Up), dev)?,
+                down: self.linear(&n(Module::Down), dev)?,
             });
         }
         let final_norm = self.tensor("output_norm.weight", dev)?;
