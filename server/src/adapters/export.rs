@@ -64,9 +64,6 @@ impl AdapterRegistry {
         r: &AdapterRef,
         format: ExportFormat,
     ) -> Result<(AdapterRow, Vec<(String, Vec<u8>)>), RegistryError> {
-        // A lease keeps an adapter's files in place while we read them. Files are
-        // (the name the library gives it, the name on disk): an adapter's weights are stored
-        // as `adapter_model.safetensors` whatever the method.
         let row = self.find(tenant, r).await?;
         let full = matches!(row.details, Details::Full { .. });
         if let ExportFormat::Gguf(ty) = format {
@@ -97,6 +94,9 @@ impl AdapterRegistry {
             .map_err(|e| RegistryError::Storage(format!("GGUF export: {e}")))??;
             return Ok((row, vec![(format!("model-{}.gguf", ty.name()), bytes)]));
         }
+        // A lease keeps an adapter's files in place while we read them. Files are
+        // (the name the library gives it, the name on disk): an adapter's weights are stored
+        // as `adapter_model.safetensors` whatever the method.
         let (files, _lease): (Vec<(&str, &str)>, _) = if full {
             (save::HF_FILES.iter().map(|&f| (f, f)).collect(), None)
         } else {

@@ -19,9 +19,13 @@ use candle_core::quantized::gguf_file::Value as GgufValue;
 
 use super::{weights::GgufFile, ModelError};
 
+/// GGUF `token_type` of ordinary vocabulary entries.
+const TOKEN_TYPE_NORMAL: i32 = 1;
 /// GGUF `token_type` of control tokens (`<|im_start|>`, `<|endoftext|>`...).
 const TOKEN_TYPE_CONTROL: i32 = 3;
 const TOKEN_TYPE_USER_DEFINED: i32 = 4;
+/// GGUF `token_type` of padding entries beyond the tokenizer's own (`[PAD{i}]`).
+const TOKEN_TYPE_UNUSED: i32 = 5;
 
 /// A tokenizer plus the special ids generation needs.
 #[derive(Clone)]
@@ -158,8 +162,6 @@ impl TextTokenizer {
         &self,
         vocab_size: usize,
     ) -> Result<Vec<(&'static str, GgufValue)>, ModelError> {
-        const TOKEN_TYPE_NORMAL: i32 = 1;
-        const TOKEN_TYPE_UNUSED: i32 = 5;
         let j: serde_json::Value = serde_json::from_str(&self.to_json()?).map_err(tok_err)?;
         let model = &j["model"];
         if model["type"] != "BPE" || j["decoder"]["type"] != "ByteLevel" {
