@@ -174,8 +174,9 @@ async fn a_full_fine_tuning_job_yields_a_model_that_generate_serves_by_name() {
     let want = local_greedy(&exported, 8);
     assert_eq!(served.token_ids, want);
     // As one GGUF file: in f32 it computes what the directory computes (same greedy
-    // tokens, logits within float noise), with the same tokenizer and chat template; in q8_0
-    // it loads and serves too, smaller. Bad formats are refused naming the field.
+    // tokens, the same logits bit for bit), with the same tokenizer and chat template; in
+    // q8_0 it loads and serves too, smaller, its logits near the directory's. Bad formats
+    // are refused naming the field.
     let gguf = |q: &'static str| {
         let c = t.client.clone();
         async move {
@@ -208,6 +209,13 @@ async fn a_full_fine_tuning_job_yields_a_model_that_generate_serves_by_name() {
     let (g8, size8) = gguf("q8_0").await;
     assert!(size8 * 3 < size32, "q8_0 {size8} vs f32 {size32} bytes");
     assert_eq!(local_greedy(&g8, 8).len(), want.len());
+    // Its matrices are the model's, quantised: near the directory's logits (0.10 of a
+    // largest |logit| of 17 when written), not equal to them.
+    let d8 = last_logits(&g8).max_abs_diff(&last_logits(&exported));
+    assert!(
+        d8 > 0.0 && d8 < 0.5,
+        "q8_0 logits {d8} from the directory's"
+    );
     for (format, quantization, field) in [
         ("gguf", "q3_k", "quantization"),
         ("", "q8_0", "quantization"),
