@@ -31,6 +31,9 @@ struct Args {
     /// The decode rows' kernel (graftd's --decode-kernel).
     #[arg(long)]
     decode_kernel: Option<graft_server::model::packed::DecodeKernel>,
+    /// How the KV cache stores keys and values (graftd's --kv-cache-dtype).
+    #[arg(long)]
+    kv_cache_dtype: Option<graft_server::model::KvDtype>,
 }
 
 /// A prompt of exactly `n` tokens for this model.
@@ -60,15 +63,19 @@ async fn main() -> anyhow::Result<()> {
     if let Some(k) = args.decode_kernel {
         cfg.decode_kernel = k;
     }
+    if let Some(d) = args.kv_cache_dtype {
+        cfg.engine.kv_cache_dtype = d;
+    }
     let srv = server::start(cfg).await?;
     srv.ready().await?;
     let model = srv.engine().expect("ready").model().clone();
     let client = graft_tests::connect_as(srv.grpc_addr, graft_tests::TENANT).await;
     println!(
-        "machine: {} cores; model: {}; decode kernel: {:?}",
+        "machine: {} cores; model: {}; decode kernel: {:?}; KV cache: {:?}",
         std::thread::available_parallelism()?.get(),
         args.model.display(),
-        model.llama.decode_kernel()
+        model.llama.decode_kernel(),
+        args.kv_cache_dtype.unwrap_or_default()
     );
 
     // Single-stream decode: rate after the first token.

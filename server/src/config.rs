@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use crate::{
     engine::{EngineConfig, StepLimits},
-    model::{packed::DecodeKernel, DeviceSpec},
+    model::{packed::DecodeKernel, DeviceSpec, KvDtype},
     tenancy::{Limits, TenancyConfig},
 };
 
@@ -76,6 +76,11 @@ pub struct Settings {
     /// refused; when running sequences fill it, the newest waits (preempted).
     #[arg(long, env = "GRAFT_KV_CACHE_MB")]
     pub kv_cache_mb: Option<usize>,
+    /// How cached keys and values are stored: "f32" (default; a served row's logits equal
+    /// the plain forward's) or "f16" (half the memory and the bytes each decode step
+    /// reads, as llama.cpp's default cache; each cached value rounded to f16).
+    #[arg(long, env = "GRAFT_KV_CACHE_DTYPE")]
+    pub kv_cache_dtype: Option<KvDtype>,
     /// Largest max_new_tokens a request may ask for.
     #[arg(long, env = "GRAFT_MAX_NEW_TOKENS_CAP")]
     pub max_new_tokens_cap: Option<u32>,
@@ -310,6 +315,10 @@ impl Settings {
                 .kv_cache_mb
                 .or(file.kv_cache_mb)
                 .map_or(d.kv_cache_bytes, |mb| mb << 20),
+            kv_cache_dtype: self
+                .kv_cache_dtype
+                .or(file.kv_cache_dtype)
+                .unwrap_or_default(),
         };
         anyhow::ensure!(
             engine.kv_cache_bytes >= 1 << 20,
@@ -618,6 +627,34 @@ mod tests {
             .to_string();
         assert!(
             wrong.contains("int8") && wrong.contains("exact or int16"),
+            "{wrong}"
+        );
+    }
+
+    #[test]
+    fn the_kv_cache_dtype_comes_from_flag_or_file_and_a_wrong_name_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("graft.toml");
+        std::fs::write(&path, "kv_cache_dtype = \"f16\"\n").expect("write");
+        let cfg = path.to_str().expect("utf8");
+        let dtype = |args: &[&str]| {
+            Settings::parse_from(args)
+                .resolve()
+                .expect("resolves")
+                .engine
+                .kv_cache_dtype
+        };
+        assert_eq!(dtype(&["graftd", "--config", cfg]), KvDtype::F16);
+        assert_eq!(
+            dtype(&["graftd", "--config", cfg, "--kv-cache-dtype", "f32"]),
+            KvDtype::F32
+        );
+        assert_eq!(dtype(&["graftd"]), KvDtype::F32);
+        let wrong = Settings::try_parse_from(["graftd", "--kv-cache-dtype", "fp8"])
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            wrong.contains("fp8") && wrong.contains("f32 or f16"),
             "{wrong}"
         );
     }

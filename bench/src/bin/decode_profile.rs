@@ -1,9 +1,13 @@
 //! Decode in a loop, for profilers (`perf record`): no server, no gRPC.
-//! `decode_profile [model.gguf] [exact|int16] [streams]`: `streams` sequences (1 by
-//! default) decode together, one token each per step.
+//! `decode_profile [model.gguf] [exact|int16] [streams] [f32|f16] [prompt tokens]`:
+//! `streams` sequences (1 by default) decode together, one token each per step, over a KV
+//! cache of the given dtype (f32 by default), after a prompt of the given length (a short
+//! one by default).
 
 use candle_core::Device;
-use graft_server::model::{packed::DecodeKernel, BaseModel, KvCache, SeqChunk};
+use graft_server::model::{
+    kv_cache::blocks_for, packed::DecodeKernel, BaseModel, KvCache, KvDtype, KvPool, SeqChunk,
+};
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -19,9 +23,27 @@ fn main() -> anyhow::Result<()> {
         .parse()
         .map_err(anyhow::Error::msg)?;
     let streams: usize = args.next().as_deref().unwrap_or("1").parse()?;
+    let dtype: KvDtype = args
+        .next()
+        .as_deref()
+        .unwrap_or("f32")
+        .parse()
+        .map_err(anyhow::Error::msg)?;
+    let prompt_tokens: Option<usize> = args.next().map(|n| n.parse()).transpose()?;
     m.llama.set_decode_kernel(kernel);
-    let prompt = m.tokenizer.encode("Count from 1 to 1000: 1, 2, 3, 4,")?;
-    let mut pool = m.llama.kv_pool(8192 * streams);
+    let text = "Count from 1 to 1000: 1, 2, 3, 4,";
+    let prompt = match prompt_tokens {
+        None => m.tokenizer.encode(text)?,
+        Some(n) => {
+            let ids = m.tokenizer.encode(&text.repeat(n / 8 + 1))?;
+            ids[..n.min(ids.len())].to_vec()
+        }
+    };
+    let mut pool = KvPool::new(
+        m.llama.kv_shape().with_dtype(dtype),
+        blocks_for(8192 * streams),
+    );
+    let pool_prompt_len = prompt.len();
     let mut caches: Vec<KvCache> = (0..streams).map(|_| KvCache::new()).collect();
     let mut next = vec![prompt; streams];
     let n = if streams == 1 { 200 } else { 64 };
@@ -58,7 +80,8 @@ fn main() -> anyhow::Result<()> {
             .collect();
     }
     println!(
-        "{kernel:?}, {streams} stream(s): {:.1} tokens/s",
+        "{kernel:?}, {dtype:?} KV, {streams} stream(s) after {} prompt tokens: {:.1} tokens/s",
+        pool_prompt_len,
         (n * streams) as f64 / t.elapsed().as_secs_f64()
     );
     Ok(())

@@ -39,7 +39,10 @@ pub use sampler::SamplingParams;
 pub use scheduler::StepLimits;
 pub use step::PACKED_PROMPT_TOKENS;
 
-use crate::{adapters::AdapterLease, model::BaseModel};
+use crate::{
+    adapters::AdapterLease,
+    model::{BaseModel, KvDtype},
+};
 
 /// Engine settings.
 #[derive(Debug, Clone)]
@@ -55,6 +58,8 @@ pub struct EngineConfig {
     /// Bytes of the KV pool (keys and values of every running sequence and of cached
     /// prompt prefixes).
     pub kv_cache_bytes: usize,
+    /// How the pool stores keys and values (f16 holds twice the tokens in the same bytes).
+    pub kv_cache_dtype: KvDtype,
     /// Whether this engine sets the process's engine gauges (queue depth, active sequences,
     /// KV blocks). The base's engine does; a hosted fine-tuned model's does not, so the
     /// gauges keep describing one engine.
@@ -81,6 +86,7 @@ impl Default for EngineConfig {
     fn default() -> Self {
         Self {
             kv_cache_bytes: default_kv_cache_bytes(),
+            kv_cache_dtype: KvDtype::default(),
             gauges: true,
             max_active_sequences: 64,
             max_queued_requests: 256,

@@ -145,7 +145,10 @@ impl EngineLoop {
         rx: mpsc::UnboundedReceiver<Submission>,
         shared: Arc<Shared>,
     ) -> Self {
-        let pool = KvPool::with_budget(model.llama.kv_shape(), cfg.kv_cache_bytes);
+        let pool = KvPool::with_budget(
+            model.llama.kv_shape().with_dtype(cfg.kv_cache_dtype),
+            cfg.kv_cache_bytes,
+        );
         if cfg.gauges {
             metrics::gauge!(m::KV_BLOCKS_TOTAL).set(pool.num_blocks() as f64);
         }

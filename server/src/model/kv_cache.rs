@@ -1,8 +1,9 @@
 //! Paged key/value memory: one pool of fixed-size blocks for every sequence, and each
 //! sequence's block table ([`KvCache`]).
 //!
-//! - Storage per layer is one slab `[block][slot][kv_head][head_dim]` (f32, keys after
-//!   RoPE), sized once from a byte budget; pages are touched only as blocks are used.
+//! - Storage per layer is one slab `[block][slot][kv_head][head_dim]` (keys after RoPE), in
+//!   f32 or f16 ([`KvDtype`]), sized once from a byte budget; pages are touched only as
+//!   blocks are used.
 //! - A [`KvCache`] is a block table plus a length: position `p` lives in block
 //!   `blocks[p / block_tokens]`, slot `p % block_tokens`.
 //! - Blocks are reference-counted. A *full* block of prompt tokens can be published under a
@@ -20,6 +21,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use half::{f16, slice::HalfFloatSliceExt};
 use sha2::{Digest, Sha256};
 
 /// Tokens per block.
@@ -70,18 +72,58 @@ impl KvCache {
     }
 }
 
+/// How cached keys and values are stored. f32 keeps exactly what the layer computed (the
+/// reference: a served row's logits equal the plain forward's); f16 halves the bytes every
+/// decode step reads and the memory a token holds, as llama.cpp's default cache does, at
+/// the cost of rounding each cached value to f16 (11 significant bits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvDtype {
+    #[default]
+    F32,
+    F16,
+}
+
+impl KvDtype {
+    pub fn bytes(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::F16 => 2,
+        }
+    }
+}
+
+impl std::str::FromStr for KvDtype {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "f16" => Ok(Self::F16),
+            other => Err(format!(
+                "unknown KV cache dtype {other:?} (expected f32 or f16)"
+            )),
+        }
+    }
+}
+
 /// The shape of the per-token KV state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvShape {
     pub num_layers: usize,
     /// `num_kv_heads * head_dim`.
     pub kv_dim: usize,
+    pub dtype: KvDtype,
 }
 
 impl KvShape {
+    /// The same shape stored as `dtype`.
+    pub fn with_dtype(self, dtype: KvDtype) -> Self {
+        Self { dtype, ..self }
+    }
+
     /// Bytes of keys and values one token holds in every layer.
     pub fn bytes_per_token(&self) -> usize {
-        self.num_layers * 2 * self.kv_dim * 4
+        self.num_layers * 2 * self.kv_dim * self.dtype.bytes()
     }
 
     pub fn bytes_per_block(&self) -> usize {
@@ -111,13 +153,57 @@ pub fn block_hashes(salt: &[u8], tokens: &[u32]) -> Vec<BlockHash> {
         .collect()
 }
 
+/// One layer's keys and values for every block, in the pool's dtype.
+#[derive(Debug)]
+enum Slabs {
+    F32 { k: Vec<f32>, v: Vec<f32> },
+    F16 { k: Vec<f16>, v: Vec<f16> },
+}
+
+impl Slabs {
+    fn zeroed(dtype: KvDtype, len: usize) -> Self {
+        // Zeroed allocations are mapped lazily: a page costs memory once it is written.
+        match dtype {
+            KvDtype::F32 => Self::F32 {
+                k: vec![0f32; len],
+                v: vec![0f32; len],
+            },
+            KvDtype::F16 => Self::F16 {
+                k: vec![f16::ZERO; len],
+                v: vec![f16::ZERO; len],
+            },
+        }
+    }
+
+    /// Stores one position's key and value at `at`, rounded to the dtype.
+    fn store(&mut self, at: usize, key: &[f32], value: &[f32]) {
+        let n = key.len();
+        match self {
+            Self::F32 { k, v } => {
+                k[at..at + n].copy_from_slice(key);
+                v[at..at + n].copy_from_slice(value);
+            }
+            Self::F16 { k, v } => {
+                k[at..at + n].convert_from_f32_slice(key);
+                v[at..at + n].convert_from_f32_slice(value);
+            }
+        }
+    }
+}
+
+/// One layer's keys and values (`[block][slot][kv_dim]` each), as attention reads them.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum KvLayer<'a> {
+    F32(&'a [f32], &'a [f32]),
+    F16(&'a [f16], &'a [f16]),
+}
+
 /// The block pool: storage, reference counts, the published-block index and its LRU.
 #[derive(Debug)]
 pub struct KvPool {
     shape: KvShape,
     num_blocks: usize,
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    layers: Vec<Slabs>,
     refs: Vec<u32>,
     hash_of: Vec<Option<BlockHash>>,
     published: HashMap<BlockHash, u32>,
@@ -137,9 +223,9 @@ impl KvPool {
         Self {
             shape,
             num_blocks,
-            // Zeroed allocations are mapped lazily: a page costs memory once it is written.
-            k: (0..shape.num_layers).map(|_| vec![0f32; slab]).collect(),
-            v: (0..shape.num_layers).map(|_| vec![0f32; slab]).collect(),
+            layers: (0..shape.num_layers)
+                .map(|_| Slabs::zeroed(shape.dtype, slab))
+                .collect(),
             refs: vec![0; num_blocks],
             hash_of: vec![None; num_blocks],
             published: HashMap::new(),
@@ -157,6 +243,10 @@ impl KvPool {
 
     pub fn num_blocks(&self) -> usize {
         self.num_blocks
+    }
+
+    pub fn dtype(&self) -> KvDtype {
+        self.shape.dtype
     }
 
     /// Positions the whole pool holds.
@@ -288,8 +378,7 @@ impl KvPool {
             let pos = start + i;
             debug_assert!(self.refs[cache.blocks[pos / BLOCK_TOKENS] as usize] > 0);
             let o = self.offset(cache, pos);
-            self.k[layer][o..o + d].copy_from_slice(kr);
-            self.v[layer][o..o + d].copy_from_slice(vr);
+            self.layers[layer].store(o, kr, vr);
         }
     }
 
@@ -316,8 +405,11 @@ impl KvPool {
     }
 
     /// Layer `layer`'s key and value slabs, for attention through block tables.
-    pub(crate) fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
-        (&self.k[layer], &self.v[layer])
+    pub(crate) fn layer(&self, layer: usize) -> KvLayer<'_> {
+        match &self.layers[layer] {
+            Slabs::F32 { k, v } => KvLayer::F32(k, v),
+            Slabs::F16 { k, v } => KvLayer::F16(k, v),
+        }
     }
 }
 
@@ -328,6 +420,7 @@ mod tests {
     const SHAPE: KvShape = KvShape {
         num_layers: 2,
         kv_dim: 4,
+        dtype: KvDtype::F32,
     };
 
     #[test]
@@ -397,9 +490,39 @@ mod tests {
         pool.grow(&mut a, 20).expect("ok");
         let k: Vec<f32> = (0..20 * 4).map(|x| x as f32).collect();
         pool.write(1, &a, 0, &k, &k);
-        let (ks, _) = pool.layer(1);
+        let KvLayer::F32(ks, _) = pool.layer(1) else {
+            panic!("an f32 pool")
+        };
         let o = pool.offset(&a, 17);
         assert_eq!(&ks[o..o + 4], &k[17 * 4..18 * 4]);
-        assert_eq!(pool.layer(0).0[o], 0.0, "other layers untouched");
+        let KvLayer::F32(other, _) = pool.layer(0) else {
+            panic!("an f32 pool")
+        };
+        assert_eq!(other[o], 0.0, "other layers untouched");
+    }
+
+    #[test]
+    fn an_f16_pool_stores_each_value_rounded_and_holds_twice_the_tokens() {
+        let half = SHAPE.with_dtype(KvDtype::F16);
+        assert_eq!(half.bytes_per_token() * 2, SHAPE.bytes_per_token());
+        let budget = SHAPE.bytes_per_block() * 4;
+        assert_eq!(KvPool::with_budget(SHAPE, budget).num_blocks(), 4);
+        let mut pool = KvPool::with_budget(half, budget);
+        assert_eq!(pool.num_blocks(), 8);
+        let mut a = KvCache::new();
+        pool.grow(&mut a, 3).expect("ok");
+        let k: Vec<f32> = (0..12).map(|x| 1.0 / (x as f32 + 3.0)).collect();
+        let v: Vec<f32> = k.iter().map(|x| -x).collect();
+        pool.write(0, &a, 0, &k, &v);
+        let KvLayer::F16(ks, vs) = pool.layer(0) else {
+            panic!("an f16 pool")
+        };
+        let o = pool.offset(&a, 2);
+        for i in 0..4 {
+            let want = f16::from_f32(k[8 + i]);
+            assert_eq!(ks[o + i], want);
+            assert_eq!(vs[o + i], -want);
+            assert_ne!(want.to_f32(), k[8 + i], "1/11..1/14 are not exact in f16");
+        }
     }
 }

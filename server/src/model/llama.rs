@@ -16,7 +16,7 @@ use super::{
     attention::{attend, AttnShape, RopeTable, RowPlace},
     config::LlamaConfig,
     fused,
-    kv_cache::{KvCache, KvPool, KvShape},
+    kv_cache::{KvCache, KvDtype, KvPool, KvShape},
     packed::DecodeKernel,
     rows as ops,
     sites::{Module, Sublayer},
@@ -127,6 +127,7 @@ impl Llama {
         KvShape {
             num_layers: self.cfg.num_layers,
             kv_dim: self.cfg.kv_dim(),
+            dtype: KvDtype::F32,
         }
     }
 
@@ -346,8 +347,7 @@ impl Llama {
                 );
             }
             let tables: Vec<&[u32]> = chunks.iter().map(|c| c.cache.blocks()).collect();
-            let (keys, values) = pool.layer(li);
-            let a = attend(&q, &rows, &tables, keys, values, self.attn_shape());
+            let a = attend(&q, &rows, &tables, pool.layer(li), self.attn_shape());
             let o = project(&layer.o, Module::O, li, &a)?;
             residual(Sublayer::Attention, li, &mut x, o);
             let h = ops::rms_norm(&x, ffn_norm, eps);

@@ -35,7 +35,7 @@ pub use adapter::{Adapter, ClassHead, KvPrefix};
 pub use chat::{ChatMessage, ChatTemplate};
 pub use config::LlamaConfig;
 pub use device::DeviceSpec;
-pub use kv_cache::{KvCache, KvExhausted, KvPool, KvShape};
+pub use kv_cache::{KvCache, KvDtype, KvExhausted, KvPool, KvShape};
 pub use llama::{Llama, SeqChunk};
 pub use sites::{Module, Sublayer};
 pub use tokenizer::{StreamDecoder, TextTokenizer};

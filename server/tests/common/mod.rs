@@ -11,8 +11,9 @@ use candle_core::Device;
 use graft_server::{
     model::{
         adapter::TensorAdapter,
+        kv_cache::blocks_for,
         tiny::{write_tiny_gguf, TinySpec},
-        Adapter, BaseModel, ChatMessage, KvCache, KvPool, SeqChunk,
+        Adapter, BaseModel, ChatMessage, KvCache, KvDtype, KvPool, SeqChunk,
     },
     train::dataset::{parse_jsonl, tokenize, Overflow, Tokenized},
 };
@@ -69,6 +70,11 @@ pub fn top_k(x: &[f32], k: usize) -> Vec<u32> {
     idx
 }
 
+/// A KV pool of `m`'s shape holding `tokens` positions stored as `dtype`.
+pub fn pool(m: &BaseModel, tokens: usize, dtype: KvDtype) -> KvPool {
+    KvPool::new(m.llama.kv_shape().with_dtype(dtype), blocks_for(tokens))
+}
+
 /// A fresh block table seeded with the adapter's KV prefix, as the engine admits a
 /// sequence.
 pub fn seeded(pool: &mut KvPool, a: Option<&Adapter>) -> KvCache {
@@ -88,7 +94,18 @@ pub fn greedy(
     prompt: &[u32],
     n: usize,
 ) -> (Vec<f32>, Vec<u32>) {
-    let mut pool = m.llama.kv_pool(8192);
+    greedy_in(m, KvDtype::F32, a, prompt, n)
+}
+
+/// [`greedy`] with the KV cache stored as `dtype`.
+pub fn greedy_in(
+    m: &BaseModel,
+    dtype: KvDtype,
+    a: Option<&Adapter>,
+    prompt: &[u32],
+    n: usize,
+) -> (Vec<f32>, Vec<u32>) {
+    let mut pool = pool(m, 8192, dtype);
     let mut cache = seeded(&mut pool, a);
     let mut next = prompt.to_vec();
     let (mut first, mut out) = (None, Vec::new());
@@ -189,7 +206,6 @@ pub fn check_against(want: &[f32], got: &[f32], tol: f32, what: &str) -> f32 {
 
 /// Runs every (adapter, prompt) alone for `steps` greedy steps, then all together in one
 /// batch per step, and asserts every row's logits equal its solo run's bit for bit.
-#[allow(clippy::needless_range_loop)] // `s` indexes the solo runs' steps and the batch's.
 /// (Through `forward_step`: rows without an output layer of their own get the LM head's
 /// logits, as `forward_batch` gives them; a replaced LM head's rows get their own.)
 pub fn assert_batch_equals_solo(
@@ -198,9 +214,21 @@ pub fn assert_batch_equals_solo(
     prompts: &[Vec<u32>],
     steps: usize,
 ) {
+    assert_batch_equals_solo_in(m, KvDtype::F32, adapters, prompts, steps)
+}
+
+/// [`assert_batch_equals_solo`] with every KV cache stored as `dtype`.
+#[allow(clippy::needless_range_loop)] // `s` indexes the solo runs' steps and the batch's.
+pub fn assert_batch_equals_solo_in(
+    m: &BaseModel,
+    dtype: KvDtype,
+    adapters: &[Option<Adapter>],
+    prompts: &[Vec<u32>],
+    steps: usize,
+) {
     let solo: Vec<Vec<Vec<u32>>> = (0..adapters.len())
         .map(|i| {
-            let mut pool = m.llama.kv_pool(2048);
+            let mut pool = pool(m, 2048, dtype);
             let a = adapters[i].as_ref();
             let mut cache = seeded(&mut pool, a);
             let mut next = prompts[i].clone();
@@ -226,7 +254,7 @@ pub fn assert_batch_equals_solo(
             bits
         })
         .collect();
-    let mut pool = m.llama.kv_pool(8192);
+    let mut pool = pool(m, 8192, dtype);
     let mut caches: Vec<KvCache> = adapters
         .iter()
         .map(|a| seeded(&mut pool, a.as_ref()))

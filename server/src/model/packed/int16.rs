@@ -5,7 +5,7 @@
 //!
 //! Why 16 bits and not llama.cpp's 8: with 8-bit activations the real model's top-20
 //! log-probabilities move by up to ~0.6 (llama.cpp's own are within ~0.5 of transformers');
-//! graft bounds them at 0.05 (`server/tests/int16_decode.rs`), which 16-bit activations
+//! graft bounds them at 0.05 (`server/tests/fast_paths.rs`), which 16-bit activations
 //! meet with room to spare.
 //!
 //! Per (weight row, activation row) pair the arithmetic is fixed: lane `l` of a block holds
