@@ -67,6 +67,9 @@ def main():
     ap.add_argument("--single-kernel", default="int16",
                     help="graftd's --decode-kernel for the single-stream and prefill rows "
                          "(the 32-stream row uses exact, the faster one at many rows)")
+    ap.add_argument("--kv-cache-dtype", default="f16",
+                    help="graftd's --kv-cache-dtype for the 32-stream rows (f16, as llama.cpp's "
+                         "default cache that llama-batched-bench uses; f32 is graftd's default)")
     args = ap.parse_args()
     only = set(args.only.split(","))
 
@@ -121,7 +124,8 @@ def main():
             add("peak RSS serving 32 streams (MiB)", "peer", rss)
             text, rss = run(out, "graft_batched", rep, [f"{GRAFT}/graft-bench", "--model", MODEL, "--decode-tokens", "64",
                                                         "--streams", "32", "--prefill-tokens", "128",
-                                                        "--decode-kernel", "exact"], env)
+                                                        "--decode-kernel", "exact",
+                                                        "--kv-cache-dtype", args.kv_cache_dtype], env)
             for r in results(text):
                 if r["bench"] == "graft_streams" and r["streams"] == 32:
                     add("decode 32 streams x 64 (tok/s)", "graft", r["tok_s"])
@@ -130,7 +134,8 @@ def main():
             # phase only.
             text, _ = run(out, "graft_batched_tg", rep, [f"{GRAFT}/graft-bench", "--model", MODEL, "--decode-tokens", "64",
                                                          "--streams", "32", "--stream-prompt-tokens", "128",
-                                                         "--prefill-tokens", "128", "--decode-kernel", "exact"], env)
+                                                         "--prefill-tokens", "128", "--decode-kernel", "exact",
+                                                        "--kv-cache-dtype", args.kv_cache_dtype], env)
             for r in results(text):
                 if r["bench"] == "graft_streams" and r["streams"] == 32:
                     add("decode phase, 32 streams x 64 after 128-token prompts (tok/s)", "graft", r["tg_tok_s"])
@@ -160,7 +165,8 @@ def main():
     fmt = lambda v: "" if v is None else f"{v:.2f}"
     lines = [f"# graft beside its peers, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
              f"{args.reps} repetitions interleaved, {t} threads each side; llama.cpp from {llama}; "
-             f"graft's decode kernel {args.single_kernel} for one stream and prefill, exact for 32 streams; "
+             f"graft's decode kernel {args.single_kernel} for one stream and prefill, exact for 32 streams, "
+             f"its KV cache {args.kv_cache_dtype} for 32 streams; "
              f"medians (all repetitions in brackets).", "",
              "| figure | graft | peer | graft / peer |", "|---|---:|---:|---:|"]
     for key, v in fig.items():

@@ -123,7 +123,7 @@ fn classification_rows_share_a_step_with_generation_rows_of_every_method_and_equ
         .iter()
         .enumerate()
         .map(|(i, a)| {
-            let mut pool = m.llama.kv_pool(1024);
+            let mut pool = m.llama.kv_pool(1024).expect("KV pool");
             let mut cache = seeded(&mut pool, a.as_ref());
             let mut next = prompt(i);
             (0..3)
@@ -154,7 +154,7 @@ fn classification_rows_share_a_step_with_generation_rows_of_every_method_and_equ
         .collect();
     // Together: generation prompts prefill at step 0; at step 1 the texts are classified
     // beside the decode rows; step 2 decodes only.
-    let mut pool = m.llama.kv_pool(8192);
+    let mut pool = m.llama.kv_pool(8192).expect("KV pool");
     let mut caches: Vec<_> = generators
         .iter()
         .map(|a| seeded(&mut pool, a.as_ref()))

@@ -155,7 +155,7 @@ fn decode_all(
     prompt: &[u32],
     n: usize,
 ) -> (Vec<f32>, Vec<u32>) {
-    let mut pool = m.llama.kv_pool(4096);
+    let mut pool = m.llama.kv_pool(4096).expect("KV pool");
     let mut cache = common::seeded(&mut pool, a);
     let mut step = |t: u32| -> Vec<f32> {
         m.llama

@@ -288,7 +288,7 @@ proptest! {
         if let Ok(parsed) = peft::parse(&config, &weights, model.config(), &model.name, &policy()) {
             // What is accepted is servable: it compiles and runs a step.
             let a = parsed.compile(&model.llama).expect("compiles");
-            let mut pool = model.llama.kv_pool(64);
+            let mut pool = model.llama.kv_pool(64).expect("KV pool");
             let mut cache = graft_server::model::KvCache::new();
             let out = model.llama.forward_batch(&mut pool, &mut [graft_server::model::SeqChunk {
                 tokens: &[1, 2, 3],

@@ -12,7 +12,7 @@ use graft_server::model::{
 };
 
 fn last_logits(m: &BaseModel, ids: &[u32]) -> Vec<f32> {
-    let mut pool = m.llama.kv_pool(8192);
+    let mut pool = m.llama.kv_pool(8192).expect("KV pool");
     let mut cache = graft_server::model::KvCache::new();
     m.llama
         .forward_batch(

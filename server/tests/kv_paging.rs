@@ -158,7 +158,7 @@ async fn a_prompt_prefix_is_shared_within_a_tenant_only_and_changes_nothing() {
 /// The first token of `prompt`, greedy, with its log-probability's bits, from `m` run
 /// directly: the prompt's rows through its decode kernel (`decode`) or the exact one.
 fn first_token(m: &BaseModel, prompt: &[u32], decode: bool) -> (u32, u32) {
-    let mut pool = m.llama.kv_pool(256);
+    let mut pool = m.llama.kv_pool(256).expect("KV pool");
     let mut cache = KvCache::new();
     let mut logits = m
         .llama

@@ -118,7 +118,7 @@ fn replaced_lm_head_rows_share_a_step_with_others_and_equal_their_solo_runs() {
     assert_batch_equals_solo(&m, &adapters, &prompts, 4);
     // And one step with a classification row too (prefill only): every row equal to its
     // solo step.
-    let mut pool = m.llama.kv_pool(4096);
+    let mut pool = m.llama.kv_pool(4096).expect("KV pool");
     let all: Vec<Option<&Adapter>> = adapters
         .iter()
         .map(Option::as_ref)

@@ -226,7 +226,7 @@ fn mixed_batch_of_adapters_equals_solo_runs() {
         .map(|i| greedy(&m, lora_of(i), &prompts[i], 6).1)
         .collect();
     // Together: prefill all, then decode all in shared steps.
-    let mut pool = m.llama.kv_pool(9 * 1024);
+    let mut pool = m.llama.kv_pool(9 * 1024).expect("KV pool");
     let mut caches: Vec<_> = (0..9)
         .map(|_| graft_server::model::KvCache::new())
         .collect();

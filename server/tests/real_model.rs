@@ -10,7 +10,7 @@ use graft_server::model::{BaseModel, ChatMessage, SeqChunk};
 
 /// Logits of the last prompt position through the serving path, prefilled in `chunk`s.
 fn serving_last_logits(m: &BaseModel, prompt: &[u32], chunk: usize) -> Vec<f32> {
-    let mut pool = m.llama.kv_pool(8192);
+    let mut pool = m.llama.kv_pool(8192).expect("KV pool");
     let mut cache = graft_server::model::KvCache::new();
     let mut last = None;
     for (i, c) in prompt.chunks(chunk).enumerate() {

@@ -42,7 +42,7 @@ fn main() -> anyhow::Result<()> {
     let mut pool = KvPool::new(
         m.llama.kv_shape().with_dtype(dtype),
         blocks_for(8192 * streams),
-    );
+    )?;
     let pool_prompt_len = prompt.len();
     let mut caches: Vec<KvCache> = (0..streams).map(|_| KvCache::new()).collect();
     let mut next = vec![prompt; streams];

@@ -184,7 +184,7 @@ fn main() -> anyhow::Result<()> {
         }
         None => None,
     };
-    let mut pool = m.llama.kv_pool(40_000);
+    let mut pool = m.llama.kv_pool(40_000).expect("KV pool");
 
     // Correctness: each case alone through the serving path.
     let mut cases = Vec::new();

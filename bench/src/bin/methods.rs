@@ -188,7 +188,7 @@ fn policy() -> formats::ImportPolicy {
 
 /// Greedy continuation through the serving path.
 fn greedy(m: &BaseModel, a: &Adapter, prompt: &[u32], n: usize) -> Vec<u32> {
-    let mut pool = m.llama.kv_pool(2048);
+    let mut pool = m.llama.kv_pool(2048).expect("KV pool");
     let mut cache = KvCache::new();
     if let Some(p) = a.prefix.as_deref() {
         pool.grow(&mut cache, p.len).expect("room");
@@ -434,7 +434,7 @@ fn ttft(m: &BaseModel) {
             .collect();
         let emb_t = Tensor::from_vec(emb, (n_virtual, hidden), &Device::Cpu).expect("t");
         let first = |prefix: &graft_server::model::KvPrefix, adapter: &Adapter| {
-            let mut pool = m.llama.kv_pool(1024);
+            let mut pool = m.llama.kv_pool(1024).expect("KV pool");
             let mut cache = KvCache::new();
             pool.grow(&mut cache, prefix.len).expect("room");
             pool.seed_prefix(&mut cache, prefix);

@@ -250,7 +250,7 @@ impl EngineHandle {
         // its fair queue as they come.
         let (tx, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared::default());
-        let engine = step::EngineLoop::new(model.clone(), cfg, rx, shared.clone());
+        let engine = step::EngineLoop::new(model.clone(), cfg, rx, shared.clone())?;
         let kv_capacity_tokens = engine.kv_capacity_tokens();
         std::thread::Builder::new()
             .name("graft-engine".into())

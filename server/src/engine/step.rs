@@ -144,15 +144,21 @@ impl EngineLoop {
         cfg: EngineConfig,
         rx: mpsc::UnboundedReceiver<Submission>,
         shared: Arc<Shared>,
-    ) -> Self {
+    ) -> std::io::Result<Self> {
         let pool = KvPool::with_budget(
             model.llama.kv_shape().with_dtype(cfg.kv_cache_dtype),
             cfg.kv_cache_bytes,
-        );
+        )
+        .map_err(|e| {
+            std::io::Error::other(format!(
+                "cannot map {} MiB of KV memory (--kv-cache-mb): {e}",
+                cfg.kv_cache_bytes >> 20
+            ))
+        })?;
         if cfg.gauges {
             metrics::gauge!(m::KV_BLOCKS_TOTAL).set(pool.num_blocks() as f64);
         }
-        Self {
+        Ok(Self {
             waiting: FairQueue::new(cfg.max_active_per_tenant),
             model,
             cfg,
@@ -161,7 +167,7 @@ impl EngineLoop {
             active: Vec::new(),
             preempted: Vec::new(),
             pool,
-        }
+        })
     }
 
     pub(super) fn kv_capacity_tokens(&self) -> usize {

@@ -210,7 +210,8 @@ mod tests {
                 dtype,
             },
             8,
-        );
+        )
+        .expect("pool");
         let lens = [5usize, 21];
         let mut caches = [KvCache::new(), KvCache::new()];
         for (c, &n) in caches.iter_mut().zip(&lens) {

@@ -21,7 +21,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use half::{f16, slice::HalfFloatSliceExt};
+use half::{
+    f16,
+    slice::{HalfBitsSliceExt, HalfFloatSliceExt},
+};
 use sha2::{Digest, Sha256};
 
 /// Tokens per block.
@@ -153,26 +156,61 @@ pub fn block_hashes(salt: &[u8], tokens: &[u32]) -> Vec<BlockHash> {
         .collect()
 }
 
-/// One layer's keys and values for every block, in the pool's dtype.
+/// `len` zeroed elements in an anonymous mapping of their own: the system maps a page when
+/// it is first written, whatever the allocator has done before. (`vec![0; n]` is lazy only
+/// while glibc serves it by a fresh `mmap`; after large frees it hands out heap memory and
+/// zeroes every page up front.)
+struct Slab<T> {
+    map: memmap2::MmapMut,
+    _t: std::marker::PhantomData<T>,
+}
+
+impl<T: bytemuck::Pod> Slab<T> {
+    fn zeroed(len: usize) -> std::io::Result<Self> {
+        let bytes = len
+            .checked_mul(std::mem::size_of::<T>())
+            .filter(|&b| b > 0)
+            .ok_or_else(|| std::io::Error::other(format!("no KV slab of {len} elements")))?;
+        Ok(Self {
+            map: memmap2::MmapMut::map_anon(bytes)?,
+            _t: std::marker::PhantomData,
+        })
+    }
+
+    fn get(&self) -> &[T] {
+        bytemuck::cast_slice(&self.map)
+    }
+
+    fn get_mut(&mut self) -> &mut [T] {
+        bytemuck::cast_slice_mut(&mut self.map)
+    }
+}
+
+impl<T> std::fmt::Debug for Slab<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Slab({} bytes)", self.map.len())
+    }
+}
+
+/// One layer's keys and values for every block, in the pool's dtype (f16 as its bits).
 #[derive(Debug)]
 enum Slabs {
-    F32 { k: Vec<f32>, v: Vec<f32> },
-    F16 { k: Vec<f16>, v: Vec<f16> },
+    F32 { k: Slab<f32>, v: Slab<f32> },
+    F16 { k: Slab<u16>, v: Slab<u16> },
 }
 
 impl Slabs {
-    fn zeroed(dtype: KvDtype, len: usize) -> Self {
-        // Zeroed allocations are mapped lazily: a page costs memory once it is written.
-        match dtype {
+    fn zeroed(dtype: KvDtype, len: usize) -> std::io::Result<Self> {
+        Ok(match dtype {
             KvDtype::F32 => Self::F32 {
-                k: vec![0f32; len],
-                v: vec![0f32; len],
+                k: Slab::zeroed(len)?,
+                v: Slab::zeroed(len)?,
             },
             KvDtype::F16 => Self::F16 {
-                k: vec![f16::ZERO; len],
-                v: vec![f16::ZERO; len],
+                k: Slab::zeroed(len)?,
+                v: Slab::zeroed(len)?,
             },
-        }
+        })
     }
 
     /// Stores one position's key and value at `at`, rounded to the dtype.
@@ -180,12 +218,16 @@ impl Slabs {
         let n = key.len();
         match self {
             Self::F32 { k, v } => {
-                k[at..at + n].copy_from_slice(key);
-                v[at..at + n].copy_from_slice(value);
+                k.get_mut()[at..at + n].copy_from_slice(key);
+                v.get_mut()[at..at + n].copy_from_slice(value);
             }
             Self::F16 { k, v } => {
-                k[at..at + n].convert_from_f32_slice(key);
-                v[at..at + n].convert_from_f32_slice(value);
+                k.get_mut()[at..at + n]
+                    .reinterpret_cast_mut::<f16>()
+                    .convert_from_f32_slice(key);
+                v.get_mut()[at..at + n]
+                    .reinterpret_cast_mut::<f16>()
+                    .convert_from_f32_slice(value);
             }
         }
     }
@@ -216,16 +258,17 @@ pub struct KvPool {
 }
 
 impl KvPool {
-    /// A pool of `num_blocks` blocks (at least one).
-    pub fn new(shape: KvShape, num_blocks: usize) -> Self {
+    /// A pool of `num_blocks` blocks (at least one). Fails where the system cannot map
+    /// that much memory.
+    pub fn new(shape: KvShape, num_blocks: usize) -> std::io::Result<Self> {
         let num_blocks = num_blocks.max(1);
-        let slab = num_blocks * BLOCK_TOKENS * shape.kv_dim;
-        Self {
+        let slab = num_blocks.saturating_mul(BLOCK_TOKENS * shape.kv_dim);
+        Ok(Self {
             shape,
             num_blocks,
             layers: (0..shape.num_layers)
                 .map(|_| Slabs::zeroed(shape.dtype, slab))
-                .collect(),
+                .collect::<std::io::Result<_>>()?,
             refs: vec![0; num_blocks],
             hash_of: vec![None; num_blocks],
             published: HashMap::new(),
@@ -233,11 +276,11 @@ impl KvPool {
             lru: BTreeMap::new(),
             last_use: vec![0; num_blocks],
             tick: 0,
-        }
+        })
     }
 
     /// As many blocks as fit in `bytes`.
-    pub fn with_budget(shape: KvShape, bytes: usize) -> Self {
+    pub fn with_budget(shape: KvShape, bytes: usize) -> std::io::Result<Self> {
         Self::new(shape, bytes / shape.bytes_per_block().max(1))
     }
 
@@ -407,8 +450,10 @@ impl KvPool {
     /// Layer `layer`'s key and value slabs, for attention through block tables.
     pub(crate) fn layer(&self, layer: usize) -> KvLayer<'_> {
         match &self.layers[layer] {
-            Slabs::F32 { k, v } => KvLayer::F32(k, v),
-            Slabs::F16 { k, v } => KvLayer::F16(k, v),
+            Slabs::F32 { k, v } => KvLayer::F32(k.get(), v.get()),
+            Slabs::F16 { k, v } => {
+                KvLayer::F16(k.get().reinterpret_cast(), v.get().reinterpret_cast())
+            }
         }
     }
 }
@@ -425,7 +470,7 @@ mod tests {
 
     #[test]
     fn grow_is_all_or_nothing_and_release_frees() {
-        let mut pool = KvPool::new(SHAPE, 4);
+        let mut pool = KvPool::new(SHAPE, 4).expect("pool");
         let mut a = KvCache::new();
         pool.grow(&mut a, 40).expect("ok"); // 3 blocks
         assert_eq!(pool.available(), 1);
@@ -457,7 +502,7 @@ mod tests {
 
     #[test]
     fn published_blocks_are_shared_then_cached_then_evicted_lru() {
-        let mut pool = KvPool::new(SHAPE, 3);
+        let mut pool = KvPool::new(SHAPE, 3).expect("pool");
         let t: Vec<u32> = (0..32).collect();
         let hs = block_hashes(b"s", &t);
         let mut a = KvCache::new();
@@ -483,7 +528,7 @@ mod tests {
 
     #[test]
     fn writes_land_in_the_tables_blocks() {
-        let mut pool = KvPool::new(SHAPE, 4);
+        let mut pool = KvPool::new(SHAPE, 4).expect("pool");
         let mut a = KvCache::new();
         let mut b = KvCache::new();
         pool.grow(&mut b, 1).expect("ok");
@@ -501,13 +546,52 @@ mod tests {
         assert_eq!(other[o], 0.0, "other layers untouched");
     }
 
+    /// This process's resident memory (`/proc/self/statm`, pages of 4 KiB).
+    fn rss_bytes() -> usize {
+        let statm = std::fs::read_to_string("/proc/self/statm").expect("statm");
+        let pages: usize = statm
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .expect("resident pages");
+        pages * 4096
+    }
+
+    #[test]
+    fn a_pool_costs_memory_only_as_its_blocks_are_written() {
+        let shape = KvShape {
+            num_layers: 30,
+            kv_dim: 192,
+            dtype: KvDtype::F32,
+        };
+        for dtype in [KvDtype::F32, KvDtype::F16] {
+            let before = rss_bytes();
+            let mut pool = KvPool::with_budget(shape.with_dtype(dtype), 1 << 30).expect("pool");
+            let mut a = KvCache::new();
+            pool.grow(&mut a, 16).expect("ok");
+            let row = vec![1f32; 16 * 192];
+            for layer in 0..30 {
+                pool.write(layer, &a, 0, &row, &row);
+            }
+            let grown = rss_bytes().saturating_sub(before);
+            // One block written (~1.4 MiB as f32) of a 1 GiB pool; other tests of this
+            // binary run beside it, hence the margin.
+            assert!(
+                grown < 128 << 20,
+                "{dtype:?}: a 1 GiB pool made {} MiB resident",
+                grown >> 20
+            );
+        }
+    }
+
     #[test]
     fn an_f16_pool_stores_each_value_rounded_and_holds_twice_the_tokens() {
         let half = SHAPE.with_dtype(KvDtype::F16);
         assert_eq!(half.bytes_per_token() * 2, SHAPE.bytes_per_token());
         let budget = SHAPE.bytes_per_block() * 4;
-        assert_eq!(KvPool::with_budget(SHAPE, budget).num_blocks(), 4);
-        let mut pool = KvPool::with_budget(half, budget);
+        let full = KvPool::with_budget(SHAPE, budget).expect("pool");
+        assert_eq!(full.num_blocks(), 4);
+        let mut pool = KvPool::with_budget(half, budget).expect("pool");
         assert_eq!(pool.num_blocks(), 8);
         let mut a = KvCache::new();
         pool.grow(&mut a, 3).expect("ok");

@@ -131,8 +131,8 @@ impl Llama {
         }
     }
 
-    /// A KV pool holding `tokens` positions (rounded up to whole blocks).
-    pub fn kv_pool(&self, tokens: usize) -> KvPool {
+    /// An f32 KV pool holding `tokens` positions (rounded up to whole blocks).
+    pub fn kv_pool(&self, tokens: usize) -> std::io::Result<KvPool> {
         KvPool::new(self.kv_shape(), super::kv_cache::blocks_for(tokens))
     }
 

@@ -72,7 +72,7 @@ pub fn top_k(x: &[f32], k: usize) -> Vec<u32> {
 
 /// A KV pool of `m`'s shape holding `tokens` positions stored as `dtype`.
 pub fn pool(m: &BaseModel, tokens: usize, dtype: KvDtype) -> KvPool {
-    KvPool::new(m.llama.kv_shape().with_dtype(dtype), blocks_for(tokens))
+    KvPool::new(m.llama.kv_shape().with_dtype(dtype), blocks_for(tokens)).expect("KV pool")
 }
 
 /// A fresh block table seeded with the adapter's KV prefix, as the engine admits a
@@ -368,7 +368,7 @@ pub fn assert_matches_fixture(
 /// The last position's output of `prompt` through the serving path's `forward_step` with
 /// adapter `a` (its KV prefix seeded, if any): the LM logits, or its head's class logits.
 pub fn served_last_logits(m: &BaseModel, a: &Adapter, prompt: &[u32]) -> Vec<f32> {
-    let mut pool = m.llama.kv_pool(256);
+    let mut pool = m.llama.kv_pool(256).expect("KV pool");
     let mut cache = seeded(&mut pool, Some(a));
     m.llama
         .forward_step(

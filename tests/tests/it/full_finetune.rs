@@ -79,7 +79,7 @@ impl Logits {
 /// Greedy tokens of a model loaded on its own, through its serving path.
 fn local_greedy(m: &BaseModel, n: usize) -> Vec<u32> {
     use graft_server::model::SeqChunk;
-    let mut pool = m.llama.kv_pool(1024);
+    let mut pool = m.llama.kv_pool(1024).expect("KV pool");
     let mut cache = graft_server::model::KvCache::new();
     let mut next = m.tokenizer.encode(PROMPT).expect("encode");
     let mut out = Vec::new();
