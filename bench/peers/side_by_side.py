@@ -6,9 +6,12 @@ graft's own benchmark binaries on the same machine, interleaved repetition by re
 that drift of a shared machine hits every side alike, and writes one table of medians and
 ratios (`summary.md`, plus every raw output) into the output folder.
 
-The 32-stream figure comes twice: graft's aggregate with short prompts, prefill included (as
-the issue first measured it), and, like for like with llama-batched-bench's S_TG (`-npp 128`,
-decode phase only), graft's decode phase after 128-token prompts, each its own text.
+The 32-stream figure comes three times: graft's aggregate with short prompts, prefill
+included (as the issue first measured it); and, beside llama-batched-bench's S_TG (`-npp
+128`, decode phase only), after 128-token prompts (each its own text) graft's decode phase
+(from every stream's first token to the last token, which ends with fewer rows as the
+earliest streams finish) and the window in which every stream decodes (S_TG's state: all 32
+rows every step). graft's KV cache is f16 for these rows by default, as llama.cpp's is.
 
 The peers are the ones `../shared/peers/setup.sh` builds into target/peers (not for CI).
 Each command is its own process; its peak resident memory comes from wait4(2), the same way
@@ -141,6 +144,9 @@ def main():
                     add("decode phase, 32 streams x 64 after 128-token prompts (tok/s)", "graft", r["tg_tok_s"])
                     add("decode phase, 32 streams x 64 after 128-token prompts (tok/s)", "peer",
                         fig["decode 32 streams x 64 (tok/s)"]["peer"][-1])
+                    key = "every stream decoding, 32 streams after 128-token prompts (tok/s)"
+                    add(key, "graft", r["all_decoding_tok_s"])
+                    add(key, "peer", fig["decode 32 streams x 64 (tok/s)"]["peer"][-1])
         if "train" in only:
             text, rss = run(out, "hf_train", rep, [py, os.path.join(scripts, "hf_bench.py"), "train"], env)
             for r in results(text):
