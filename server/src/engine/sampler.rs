@@ -137,7 +137,8 @@ impl Sampler {
         } else {
             None
         };
-        let raw = logits.to_vec();
+        // The logits as the model gave them, for the reported log-probabilities only.
+        let raw = logprob_of.map(|_| logits.to_vec());
         if let Some(c) = &mut self.constraint {
             c.apply(logits)?;
         }
@@ -165,8 +166,8 @@ impl Sampler {
         } else {
             self.sample_random(logits)
         };
-        let (logprob, top) = match logprob_of {
-            Some((max, lse)) => (
+        let (logprob, top) = match logprob_of.zip(raw) {
+            Some(((max, lse), raw)) => (
                 raw[token as usize] - max - lse,
                 most_likely(&raw, self.params.top_logprobs as usize)
                     .into_iter()
@@ -187,6 +188,44 @@ impl Sampler {
     }
 
     fn sample_random(&mut self, logits: &[f32]) -> u32 {
+        let p = &self.params;
+        if (p.top_k == 0 || p.top_k as usize >= logits.len()) && p.top_p >= 1.0 {
+            self.sample_whole(logits)
+        } else {
+            self.sample_candidates(logits)
+        }
+    }
+
+    /// [`Self::sample_candidates`] where every finite logit is a candidate (no top-k, no
+    /// top-p), without building the candidate list: the same maximum, the same
+    /// probabilities summed in the same order and the same draw, so the same token; three
+    /// passes over the logits and no allocation (32 rows of 49,152 logits a step).
+    fn sample_whole(&mut self, logits: &[f32]) -> u32 {
+        let inv_t = 1.0 / self.params.temperature;
+        let finite = || logits.iter().filter(|l| l.is_finite()).map(|&l| l * inv_t);
+        let max = finite().fold(f32::NEG_INFINITY, f32::max);
+        if max == f32::NEG_INFINITY {
+            return argmax(logits);
+        }
+        let total: f32 = finite().map(|l| (l - max).exp()).sum();
+        let mut r = self.rng.random::<f32>() * total;
+        let mut last = 0;
+        for (i, &l) in logits.iter().enumerate() {
+            if !l.is_finite() {
+                continue;
+            }
+            last = i as u32;
+            r -= (l * inv_t - max).exp();
+            if r <= 0.0 {
+                return last;
+            }
+        }
+        last
+    }
+
+    /// Samples among the finite logits at the temperature, cut to the `top_k` largest and
+    /// then to the nucleus of mass `top_p`.
+    fn sample_candidates(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;
         let inv_t = 1.0 / p.temperature;
         let mut cand: Vec<(f32, u32)> = logits
@@ -310,6 +349,26 @@ mod tests {
         };
         assert_eq!(run(5), run(5));
         assert_ne!(run(5), run(6));
+    }
+
+    #[test]
+    fn whole_vocabulary_sampling_draws_what_the_candidate_list_draws() {
+        let mut logits: Vec<f32> = (0..5000)
+            .map(|i| ((i * 7919 % 1000) as f32 / 100.0 - 5.0) * (1.0 + (i % 3) as f32))
+            .collect();
+        logits[17] = f32::NEG_INFINITY;
+        logits[4000] = f32::NAN;
+        for (seed, t) in [(1, 0.7), (2, 1.0), (3, 0.2), (4, 1.5)] {
+            let mut whole = Sampler::new(SamplingParams { seed, ..params(t) }, 5000, &[]);
+            let mut listed = Sampler::new(SamplingParams { seed, ..params(t) }, 5000, &[]);
+            let a: Vec<u32> = (0..200).map(|_| whole.sample_whole(&logits)).collect();
+            let b: Vec<u32> = (0..200)
+                .map(|_| listed.sample_candidates(&logits))
+                .collect();
+            assert_eq!(a, b, "seed {seed}, temperature {t}");
+            assert!(a.iter().collect::<std::collections::HashSet<_>>().len() > 20);
+            assert!(!a.contains(&17) && !a.contains(&4000));
+        }
     }
 
     #[test]

@@ -27,7 +27,7 @@ use tokio::sync::mpsc::{self, error::TryRecvError};
 use super::{
     fair::FairQueue,
     output::TextOutput,
-    sampler::Sampler,
+    sampler::{Sampled, Sampler},
     scheduler::{plan_step, SeqPhase, Slot, StepPlan},
     EngineConfig, FinishReason, Shared, StreamEvent, Submission, Timings, Usage,
 };
@@ -550,16 +550,20 @@ impl EngineLoop {
             }
         };
         let mut rows = logits.into_iter();
+        let mut to_sample = Vec::new();
         for (i, _, sample) in ran {
             self.publish_prompt_blocks(i);
             if sample {
-                let Some(mut row) = rows.next() else { break };
+                let Some(row) = rows.next() else { break };
                 if self.active[i].classify {
                     self.emit_classes(i, row);
                 } else {
-                    self.emit_next(i, &mut row);
+                    to_sample.push((i, row));
                 }
             }
+        }
+        for (i, sampled) in self.sample_rows(to_sample) {
+            self.emit_next(i, sampled);
         }
     }
 
@@ -571,13 +575,32 @@ impl EngineLoop {
         seq.finish(FinishReason::Stop);
     }
 
-    /// Samples the next token of sequence `i` from its logits and sends what it completes.
-    fn emit_next(&mut self, i: usize, logits: &mut [f32]) {
+    /// Samples each `(sequence, logits)` row's next token with the sequence's own sampler,
+    /// the rows in parallel (each sampler's draws are its own, so the tokens do not depend
+    /// on the order or the threads). A sampler reads every logit of its row, ~49 K for
+    /// SmolLM2: serially, 32 rows held one core for ~10 % of a decode step.
+    fn sample_rows(
+        &mut self,
+        rows: Vec<(usize, Vec<f32>)>,
+    ) -> Vec<(usize, Result<Sampled, String>)> {
+        use rayon::prelude::*;
+        let mut seqs: Vec<Option<&mut Sequence>> = self.active.iter_mut().map(Some).collect();
+        let mut jobs: Vec<(usize, &mut Sampler, Vec<f32>)> = rows
+            .into_iter()
+            .filter_map(|(i, row)| Some((i, &mut seqs.get_mut(i)?.take()?.sampler, row)))
+            .collect();
+        jobs.par_iter_mut()
+            .map(|(i, sampler, row)| (*i, sampler.sample(row)))
+            .collect()
+    }
+
+    /// Records sequence `i`'s sampled token and sends what it completes.
+    fn emit_next(&mut self, i: usize, sampled: Result<Sampled, String>) {
         let tk = &self.model.tokenizer;
         let max_pos = self.model.config().max_position;
         let seq = &mut self.active[i];
         let now = Instant::now();
-        let s = match seq.sampler.sample(logits) {
+        let s = match sampled {
             Ok(s) => s,
             Err(e) => {
                 seq.fail(StreamEvent::Failed(format!("structured output: {e}")));
