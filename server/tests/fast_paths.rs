@@ -186,48 +186,37 @@ fn decode_all(
     (first, out)
 }
 
-#[test]
-fn int16_decode_keeps_every_fixtures_greedy_tokens_and_top20_logprobs() {
-    let m = int16_model();
-    assert_eq!(m.llama.decode_kernel(), DecodeKernel::Int16);
-    // The base model's cases repeat across fixtures with the same prompt: run each once.
+/// Calls `check(fixture, "base" | "adapted", adapter, prompt, reference logits, reference
+/// greedy ids)` for every fixture's cases, the base model's cases once per prompt (they
+/// repeat across fixtures).
+fn each_case(
+    m: &BaseModel,
+    mut check: impl FnMut(&str, &str, Option<&Adapter>, &[u32], &[f32], &[u32]),
+) {
     let mut base_done: HashSet<Vec<u32>> = HashSet::new();
     for fx in FIXTURES {
-        let a = adapter(&m, fx);
+        let a = adapter(m, fx);
         for (prompt, which, want, want_ids) in cases(fx.1) {
             let adapter = match which {
                 "base" if !base_done.insert(prompt.clone()) => continue,
                 "base" => None,
                 _ => Some(&a),
             };
-            let (got, got_ids) = decode_all(&m, adapter, &prompt, want_ids.len());
-            if adapter.is_none() {
-                // The integer kernel ran: the exact kernel's logits differ in their bits.
-                let (exact, _) = decode_all(&common::model(), None, &prompt, 0);
-                assert_eq!(common::model().llama.decode_kernel(), DecodeKernel::Exact);
-                assert!(
-                    exact
-                        .iter()
-                        .zip(&got)
-                        .any(|(a, b)| a.to_bits() != b.to_bits()),
-                    "int16 {}: the logits are the exact kernel's",
-                    fx.0
-                );
-            }
-            let what = format!("int16 {} {which}", fx.0);
-            check_against(&want, &got, LOGPROB_TOL, &what);
-            assert_eq!(got_ids, want_ids, "{what}: greedy tokens");
+            check(fx.0, which, adapter, &prompt, &want, &want_ids);
         }
     }
 }
 
-#[test]
-fn int16_rows_of_every_method_are_batch_invariant() {
-    let m = int16_model();
-    let adapters: Vec<Option<Adapter>> = std::iter::once(None)
-        .chain(FIXTURES.iter().map(|&fx| Some(adapter(&m, fx))))
-        .collect();
-    assert_batch_equals_solo(&m, &adapters, &prompts(&m, adapters.len()), 5);
+/// Whether two logit rows differ in any bit.
+fn differ(a: &[f32], b: &[f32]) -> bool {
+    a.iter().zip(b).any(|(x, y)| x.to_bits() != y.to_bits())
+}
+
+/// No adapter, then every fixture's.
+fn every_method(m: &BaseModel) -> Vec<Option<Adapter>> {
+    std::iter::once(None)
+        .chain(FIXTURES.iter().map(|&fx| Some(adapter(m, fx))))
+        .collect()
 }
 
 /// `n` short prompts, each its own.
@@ -242,41 +231,54 @@ fn prompts(m: &BaseModel, n: usize) -> Vec<Vec<u32>> {
 }
 
 #[test]
+fn int16_decode_keeps_every_fixtures_greedy_tokens_and_top20_logprobs() {
+    let m = int16_model();
+    assert_eq!(m.llama.decode_kernel(), DecodeKernel::Int16);
+    each_case(&m, |name, which, adapter, prompt, want, want_ids| {
+        let (got, got_ids) = decode_all(&m, adapter, prompt, want_ids.len());
+        if adapter.is_none() {
+            // The integer kernel ran: the exact kernel's logits differ in their bits.
+            let (exact, _) = decode_all(&common::model(), None, prompt, 0);
+            assert_eq!(common::model().llama.decode_kernel(), DecodeKernel::Exact);
+            assert!(
+                differ(&exact, &got),
+                "int16 {name}: the logits are the exact kernel's"
+            );
+        }
+        let what = format!("int16 {name} {which}");
+        check_against(want, &got, LOGPROB_TOL, &what);
+        assert_eq!(got_ids, want_ids, "{what}: greedy tokens");
+    });
+}
+
+#[test]
+fn int16_rows_of_every_method_are_batch_invariant() {
+    let m = int16_model();
+    let adapters = every_method(&m);
+    assert_batch_equals_solo(&m, &adapters, &prompts(&m, adapters.len()), 5);
+}
+
+#[test]
 fn an_f16_kv_cache_keeps_every_fixtures_greedy_tokens_and_top20_logprobs() {
     let m = common::model();
     assert_eq!(m.llama.decode_kernel(), DecodeKernel::Exact);
-    let mut base_done: HashSet<Vec<u32>> = HashSet::new();
-    for fx in FIXTURES {
-        let a = adapter(&m, fx);
-        for (prompt, which, want, want_ids) in cases(fx.1) {
-            let adapter = match which {
-                "base" if !base_done.insert(prompt.clone()) => continue,
-                "base" => None,
-                _ => Some(&a),
-            };
-            let (got, got_ids) = greedy_in(&m, KvDtype::F16, adapter, &prompt, want_ids.len());
-            // The cache held f16: the logits differ in their bits from an f32 cache's.
-            let (exact, _) = greedy_in(&m, KvDtype::F32, adapter, &prompt, 1);
-            assert!(
-                exact
-                    .iter()
-                    .zip(&got)
-                    .any(|(a, b)| a.to_bits() != b.to_bits()),
-                "f16 KV {} {which}: the logits are the f32 cache's",
-                fx.0
-            );
-            let what = format!("f16 KV {} {which}", fx.0);
-            check_against(&want, &got, LOGPROB_TOL, &what);
-            assert_eq!(got_ids, want_ids, "{what}: greedy tokens");
-        }
-    }
+    each_case(&m, |name, which, adapter, prompt, want, want_ids| {
+        let (got, got_ids) = greedy_in(&m, KvDtype::F16, adapter, prompt, want_ids.len());
+        // The cache held f16: the logits differ in their bits from an f32 cache's.
+        let (exact, _) = greedy_in(&m, KvDtype::F32, adapter, prompt, 1);
+        let what = format!("f16 KV {name} {which}");
+        assert!(
+            differ(&exact, &got),
+            "{what}: the logits are the f32 cache's"
+        );
+        check_against(want, &got, LOGPROB_TOL, &what);
+        assert_eq!(got_ids, want_ids, "{what}: greedy tokens");
+    });
 }
 
 #[test]
 fn rows_of_every_method_over_an_f16_kv_cache_are_batch_invariant() {
     let m = common::model();
-    let adapters: Vec<Option<Adapter>> = std::iter::once(None)
-        .chain(FIXTURES.iter().map(|&fx| Some(adapter(&m, fx))))
-        .collect();
+    let adapters = every_method(&m);
     assert_batch_equals_solo_in(&m, KvDtype::F16, &adapters, &prompts(&m, adapters.len()), 5);
 }
