@@ -578,7 +578,8 @@ impl EngineLoop {
     /// Samples each `(sequence, logits)` row's next token with the sequence's own sampler,
     /// the rows in parallel (each sampler's draws are its own, so the tokens do not depend
     /// on the order or the threads). A sampler reads every logit of its row, ~49 K for
-    /// SmolLM2: serially, 32 rows held one core for ~10 % of a decode step.
+    /// SmolLM2: serially, 32 rows held one core while the other waited (BENCHMARKS.md,
+    /// issue 17's eighth part: ~5 % of the 32-stream decode phase).
     fn sample_rows(
         &mut self,
         rows: Vec<(usize, Vec<f32>)>,
