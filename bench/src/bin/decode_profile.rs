@@ -15,20 +15,9 @@ fn main() -> anyhow::Result<()> {
         .next()
         .unwrap_or_else(|| "models/SmolLM2-135M-Instruct.Q4_1.gguf".into());
     let mut m = BaseModel::load(std::path::Path::new(&path), &Device::Cpu)?;
-    // The decode kernel: "exact" (default) or "int16".
-    let kernel: DecodeKernel = args
-        .next()
-        .as_deref()
-        .unwrap_or("exact")
-        .parse()
-        .map_err(anyhow::Error::msg)?;
-    let streams: usize = args.next().as_deref().unwrap_or("1").parse()?;
-    let dtype: KvDtype = args
-        .next()
-        .as_deref()
-        .unwrap_or("f32")
-        .parse()
-        .map_err(anyhow::Error::msg)?;
+    let kernel: DecodeKernel = next_or(&mut args, "exact")?;
+    let streams: usize = next_or(&mut args, "1")?;
+    let dtype: KvDtype = next_or(&mut args, "f32")?;
     let prompt_tokens: Option<usize> = args.next().map(|n| n.parse()).transpose()?;
     m.llama.set_decode_kernel(kernel);
     let text = "Count from 1 to 1000: 1, 2, 3, 4,";
@@ -43,7 +32,7 @@ fn main() -> anyhow::Result<()> {
         m.llama.kv_shape().with_dtype(dtype),
         blocks_for(8192 * streams),
     )?;
-    let pool_prompt_len = prompt.len();
+    let prompt_len = prompt.len();
     let mut caches: Vec<KvCache> = (0..streams).map(|_| KvCache::new()).collect();
     let mut next = vec![prompt; streams];
     let n = if streams == 1 { 200 } else { 64 };
@@ -81,8 +70,20 @@ fn main() -> anyhow::Result<()> {
     }
     println!(
         "{kernel:?}, {dtype:?} KV, {streams} stream(s) after {} prompt tokens: {:.1} tokens/s",
-        pool_prompt_len,
+        prompt_len,
         (n * streams) as f64 / t.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// The next argument (or `default` where there is none), parsed.
+fn next_or<T>(args: &mut impl Iterator<Item = String>, default: &str) -> anyhow::Result<T>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    let arg = args.next();
+    let arg = arg.as_deref().unwrap_or(default);
+    arg.parse()
+        .map_err(|e| anyhow::anyhow!("argument {arg:?}: {e}"))
 }

@@ -288,10 +288,6 @@ impl KvPool {
         self.num_blocks
     }
 
-    pub fn dtype(&self) -> KvDtype {
-        self.shape.dtype
-    }
-
     /// Positions the whole pool holds.
     pub fn capacity_tokens(&self) -> usize {
         self.num_blocks * BLOCK_TOKENS
