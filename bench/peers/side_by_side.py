@@ -158,13 +158,17 @@ def main():
             add("peak RSS training (MiB)", "graft", rss)
         if "adapters" in only:
             text, _ = run(out, "graft_adapters", rep, [f"{GRAFT}/adapters", "--model", MODEL, "--parts", "mixed,cold"], env)
-            for r in results(text):
+            # The same mixed batch with every pair served in bf16 (--lora-dtype bf16).
+            text16, _ = run(out, "graft_adapters_bf16", rep, [f"{GRAFT}/adapters", "--model", MODEL, "--parts",
+                                                              "mixed,cold", "--lora-dtype", "bf16"], env)
+            for r in results(text) + results(text16):
                 if r["bench"] == "graft_mixed_adapters":
-                    add("32 streams, own rank-16 LoRA each / bare (ratio)", "graft", r["ratio"])
+                    add(f"32 streams, own rank-16 LoRA each ({r['lora_dtype']}) / bare (ratio)", "graft", r["ratio"])
                 elif r["bench"] == "graft_cold_adapter":
-                    add("cold rank-16 adapter, first token p50 (ms)", "graft", r["first_token_p50_ms"])
-                    add("same request without adapter, p50 (ms)", "graft", r["bare_first_token_p50_ms"])
-                    add("cold adapter added, p50 (ms)", "graft",
+                    d = "" if r["lora_dtype"] == "f32" else f" ({r['lora_dtype']})"
+                    add(f"cold rank-16 adapter, first token p50 (ms){d}", "graft", r["first_token_p50_ms"])
+                    add(f"same request without adapter, p50 (ms){d}", "graft", r["bare_first_token_p50_ms"])
+                    add(f"cold adapter added, p50 (ms){d}", "graft",
                         r["first_token_p50_ms"] - r["bare_first_token_p50_ms"])
 
     med = lambda v: statistics.median(v) if v else None
@@ -178,7 +182,7 @@ def main():
     for key, v in fig.items():
         g, p = med(v["graft"]), med(v["peer"])
         ratio = f"{g / p:.2f}x" if g is not None and p else ""
-        raw = lambda xs: f" ({', '.join(f'{x:.1f}' for x in xs)})" if xs else ""
+        raw = lambda xs: f" ({', '.join(f'{x:.2f}' if abs(x) < 10 else f'{x:.1f}' for x in xs)})" if xs else ""
         lines.append(f"| {key} | {fmt(g)}{raw(v['graft'])} | {fmt(p)}{raw(v['peer'])} | {ratio} |")
     summary = "\n".join(lines) + "\n"
     open(os.path.join(out, "summary.md"), "w").write(summary)

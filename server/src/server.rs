@@ -284,6 +284,7 @@ async fn load_and_warm(
                 data_dir: cfg.data_dir.clone(),
                 orphan_grace: cfg.orphan_grace,
                 cache_bytes: cfg.adapter_cache_bytes,
+                lora_dtype: cfg.lora_dtype,
                 max_rank: cfg.max_adapter_rank,
                 max_virtual_tokens: cfg.max_virtual_tokens,
                 max_upload_bytes: cfg.max_adapter_upload_bytes,

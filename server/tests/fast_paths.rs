@@ -3,7 +3,8 @@
 //! - the integer-dot decode kernel (`--decode-kernel int16`): with each fixture's prompt
 //!   fed through decode rows (so every position, not only the generated ones, runs the
 //!   integer kernel);
-//! - the f16 KV cache (`--kv-cache-dtype f16`), prompt prefilled then decoded.
+//! - the f16 KV cache (`--kv-cache-dtype f16`), prompt prefilled then decoded;
+//! - LoRA and DoRA pairs served in bf16 or f16 (`--lora-dtype`).
 //!
 //! For each, the last prompt position's logits keep the reference's top-1, at least 19 of
 //! its top-20 and its top-20 log-probabilities within 0.05, and the greedy continuation is
@@ -25,7 +26,7 @@ use common::{
 };
 use graft_server::{
     adapters::formats::{self, ImportPolicy},
-    model::{packed::DecodeKernel, Adapter, BaseModel, KvDtype, SeqChunk},
+    model::{lora::LoraDtype, packed::DecodeKernel, Adapter, BaseModel, KvDtype, SeqChunk},
 };
 
 /// The bound issue 17 sets for a fast path (llama.cpp's 8-bit activations are within ~0.5 of the
@@ -90,7 +91,16 @@ const FIXTURES: [(&str, &str, &str, &str); 8] = [
     ),
 ];
 
-fn adapter(m: &BaseModel, (_, folder, sub, weights): (&str, &str, &str, &str)) -> Adapter {
+fn adapter(m: &BaseModel, fx: (&str, &str, &str, &str)) -> Adapter {
+    adapter_as(m, fx, LoraDtype::F32)
+}
+
+/// A fixture's adapter as the registry serves it with `--lora-dtype dtype`.
+fn adapter_as(
+    m: &BaseModel,
+    (_, folder, sub, weights): (&str, &str, &str, &str),
+    dtype: LoraDtype,
+) -> Adapter {
     let d: PathBuf = fixtures().join(folder).join(sub);
     let policy = ImportPolicy {
         max_rank: 64,
@@ -102,7 +112,7 @@ fn adapter(m: &BaseModel, (_, folder, sub, weights): (&str, &str, &str, &str)) -
     let w = std::fs::read(d.join(weights)).expect("weights");
     formats::parse(&c, &w, m.config(), &m.name, &policy)
         .expect("fixture imports")
-        .compile(&m.llama)
+        .into_served(&m.llama, dtype)
         .expect("compiles")
 }
 
@@ -212,10 +222,10 @@ fn differ(a: &[f32], b: &[f32]) -> bool {
     a.iter().zip(b).any(|(x, y)| x.to_bits() != y.to_bits())
 }
 
-/// No adapter, then every fixture's.
-fn every_method(m: &BaseModel) -> Vec<Option<Adapter>> {
+/// No adapter, then every fixture's, LoRA and DoRA pairs in `dtype`.
+fn every_method(m: &BaseModel, dtype: LoraDtype) -> Vec<Option<Adapter>> {
     std::iter::once(None)
-        .chain(FIXTURES.iter().map(|&fx| Some(adapter(m, fx))))
+        .chain(FIXTURES.iter().map(|&fx| Some(adapter_as(m, fx, dtype))))
         .collect()
 }
 
@@ -254,7 +264,7 @@ fn int16_decode_keeps_every_fixtures_greedy_tokens_and_top20_logprobs() {
 #[test]
 fn int16_rows_of_every_method_are_batch_invariant() {
     let m = int16_model();
-    let adapters = every_method(&m);
+    let adapters = every_method(&m, LoraDtype::F32);
     assert_batch_equals_solo(&m, &adapters, &prompts(&m, adapters.len()), 5);
 }
 
@@ -279,6 +289,47 @@ fn an_f16_kv_cache_keeps_every_fixtures_greedy_tokens_and_top20_logprobs() {
 #[test]
 fn rows_of_every_method_over_an_f16_kv_cache_are_batch_invariant() {
     let m = common::model();
-    let adapters = every_method(&m);
+    let adapters = every_method(&m, LoraDtype::F32);
     assert_batch_equals_solo_in(&m, KvDtype::F16, &adapters, &prompts(&m, adapters.len()), 5);
+}
+
+#[test]
+fn lora_and_dora_served_in_16_bits_keep_their_fixtures_greedy_tokens_and_top20_logprobs() {
+    let m = common::model();
+    for dtype in [LoraDtype::Bf16, LoraDtype::F16] {
+        for fx in FIXTURES
+            .into_iter()
+            .filter(|fx| matches!(fx.0, "lora" | "dora"))
+        {
+            let (exact, a) = (adapter(&m, fx), adapter_as(&m, fx, dtype));
+            let what = format!("{} in {}", fx.0, dtype.name());
+            // Half the bytes resident (a DoRA module's magnitude and gains stay f32).
+            assert!(
+                a.bytes() * 10 < exact.bytes() * 6,
+                "{what}: {} bytes",
+                a.bytes()
+            );
+            for (prompt, _, want, want_ids) in cases(fx.1).into_iter().filter(|c| c.1 == "adapted")
+            {
+                let (got, got_ids) = greedy_in(&m, KvDtype::F32, Some(&a), &prompt, want_ids.len());
+                let (f32s, _) = greedy_in(&m, KvDtype::F32, Some(&exact), &prompt, 1);
+                assert!(differ(&f32s, &got), "{what}: the logits are the f32 pairs'");
+                let (worst, exact_worst) = (
+                    check_against(&want, &got, LOGPROB_TOL, &what),
+                    check_against(&want, &f32s, LOGPROB_TOL, &what),
+                );
+                println!(
+                    "{what}: top-20 within {worst:.5} of PEFT's (f32 pairs: {exact_worst:.5})"
+                );
+                assert_eq!(got_ids, want_ids, "{what}: greedy tokens");
+            }
+        }
+    }
+}
+
+#[test]
+fn rows_of_every_method_with_bf16_lora_are_batch_invariant() {
+    let m = common::model();
+    let adapters = every_method(&m, LoraDtype::Bf16);
+    assert_batch_equals_solo(&m, &adapters, &prompts(&m, adapters.len()), 5);
 }

@@ -13,7 +13,10 @@ use graft_server::{
         peft::{self, Details, ImportPolicy, Parsed as ParsedLora, Scan},
         testing::random_lora,
     },
-    model::{lora::F32s, Adapter as LoraWeights, BaseModel, Llama, Module, SeqChunk},
+    model::{
+        lora::{F32s, Values},
+        Adapter as LoraWeights, BaseModel, Llama, Module, SeqChunk,
+    },
 };
 
 fn fixture_dir() -> PathBuf {
@@ -185,7 +188,8 @@ fn f32_weights_are_read_in_place_from_the_file() {
     let p =
         peft::parse_bytes(&c, &w, m.config(), &m.name, &policy(), Scan::Stored).expect("parses");
     let file = w.as_ptr_range();
-    let in_file = |v: &F32s| {
+    let in_file = |v: &Values| {
+        let Values::F32(v) = v else { return false };
         let r = v.as_ptr_range();
         matches!(v, F32s::Shared(_))
             && file.start <= r.start as *const u8

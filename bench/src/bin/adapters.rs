@@ -30,6 +30,12 @@ struct Args {
     in_flight: usize,
     #[arg(long, default_value_t = 2)]
     scale_rank: usize,
+    /// What graftd serves LoRA matrices in (`--lora-dtype`: f32, bf16 or f16).
+    #[arg(long, default_value = "f32")]
+    lora_dtype: graft_server::model::lora::LoraDtype,
+    /// graftd's `--kv-cache-dtype` (f32 or f16).
+    #[arg(long, default_value = "f32")]
+    kv_cache_dtype: graft_server::model::KvDtype,
     /// Which measurements: `mixed`, `cold`, `scale` (all three by default).
     #[arg(long, value_delimiter = ',', default_value = "mixed,cold,scale")]
     parts: Vec<String>,
@@ -43,12 +49,15 @@ async fn main() -> anyhow::Result<()> {
     cfg.tenancy.admin_key = Some(graft_tests::ADMIN_KEY.into());
     cfg.engine.max_active_sequences = 64;
     cfg.adapter_cache_bytes = 4 << 30;
+    cfg.lora_dtype = args.lora_dtype;
+    cfg.engine.kv_cache_dtype = args.kv_cache_dtype;
     let srv = server::start(cfg).await?;
     srv.ready().await?;
     let model = srv.engine().expect("ready").model().clone();
     let client = graft_tests::connect_as(srv.grpc_addr, graft_tests::TENANT).await;
 
     let part = |p: &str| args.parts.iter().any(|x| x == p);
+    let kv_name = format!("{:?}", args.kv_cache_dtype).to_lowercase();
 
     // 1. Mixed adapters vs bare base.
     if part("mixed") {
@@ -66,14 +75,17 @@ async fn main() -> anyhow::Result<()> {
         let base2 = run_streams(&client, &bare, args.tokens).await?;
         let base = (base + base2) / 2.0;
         println!(
-        "{} streams, each its own rank-{} adapter on 7 modules: {with:.1} tok/s; bare base {base:.1} tok/s; ratio {:.2}",
+        "{} streams, each its own rank-{} adapter on 7 modules ({} LoRA, {} KV cache): {with:.1} tok/s; bare base {base:.1} tok/s; ratio {:.2}",
         args.streams,
         args.rank,
+        args.lora_dtype.name(),
+        kv_name,
         with / base
     );
         result(
             "graft_mixed_adapters",
-            json!({ "streams": args.streams, "rank": args.rank, "tok_s": with, "bare_tok_s": base,
+            json!({ "streams": args.streams, "rank": args.rank, "lora_dtype": args.lora_dtype.name(),
+            "kv_cache_dtype": kv_name, "tok_s": with, "bare_tok_s": base,
             "ratio": with / base }),
         );
     }
@@ -85,6 +97,8 @@ async fn main() -> anyhow::Result<()> {
         let mut cfg = ServerConfig::for_model(&args.model, &data);
         cfg.tenancy.admin_key = Some(graft_tests::ADMIN_KEY.into());
         cfg.adapter_cache_bytes = 1;
+        cfg.lora_dtype = args.lora_dtype;
+        cfg.engine.kv_cache_dtype = args.kv_cache_dtype;
         let srv = server::start(cfg).await?;
         srv.ready().await?;
         let client = graft_tests::connect_as(srv.grpc_addr, graft_tests::TENANT).await;
@@ -121,7 +135,7 @@ async fn main() -> anyhow::Result<()> {
     );
         result(
             "graft_cold_adapter",
-            json!({ "rank": args.rank, "first_token_p50_ms": cold50,
+            json!({ "rank": args.rank, "lora_dtype": args.lora_dtype.name(), "first_token_p50_ms": cold50,
             "bare_first_token_p50_ms": warm50 }),
         );
         srv.drain().await?;

@@ -28,7 +28,7 @@ use super::formats::{self as peft, Details, ImportError, ImportPolicy, Parsed, S
 use crate::{
     blobs::{BlobError, Blobs},
     metrics as m,
-    model::{save, weights::Weights, Adapter, BaseModel},
+    model::{lora::LoraDtype, save, weights::Weights, Adapter, BaseModel},
     store::{AdapterRow, Db, DbError, NewAdapter},
     tenancy::{NewObject, Tenancy, TenancyError},
 };
@@ -44,6 +44,8 @@ pub struct RegistryConfig {
     pub cache_bytes: usize,
     pub max_rank: usize,
     pub max_virtual_tokens: usize,
+    /// What LoRA and DoRA pairs are served in (`--lora-dtype`); stored files keep theirs.
+    pub lora_dtype: LoraDtype,
     pub max_upload_bytes: usize,
     pub base_aliases: Vec<String>,
 }
@@ -398,6 +400,7 @@ impl AdapterRegistry {
         self.check_upload_size(config_json.len() + weights.len())?;
         let model = self.model.clone();
         let policy = self.policy(force);
+        let dtype = self.cfg.lora_dtype;
         // The served adapter may read its weights in place from these bytes.
         let weights = bytes::Bytes::from(weights);
         let (parsed, adapter, config_json, weights) = tokio::task::spawn_blocking(move || {
@@ -410,7 +413,7 @@ impl AdapterRegistry {
                 Scan::Values,
             )?;
             name_labels(&mut p.adapter, labels)?;
-            let a = p.compile(&model.llama)?;
+            let a = p.clone().into_served(&model.llama, dtype)?;
             Ok::<_, ImportError>((p, a, config_json, weights))
         })
         .await
@@ -444,8 +447,8 @@ impl AdapterRegistry {
         let (config, weights) = peft::write(parsed, self.model.config(), &base)?;
         // Compiling runs prompt methods' virtual tokens through the base: not on an async
         // worker.
-        let (model, p) = (self.model.clone(), parsed.clone());
-        let adapter = tokio::task::spawn_blocking(move || p.into_compiled(&model.llama))
+        let (model, p, dtype) = (self.model.clone(), parsed.clone(), self.cfg.lora_dtype);
+        let adapter = tokio::task::spawn_blocking(move || p.into_served(&model.llama, dtype))
             .await
             .map_err(|e| RegistryError::Storage(e.to_string()))??;
         self.store(tenant, name, parsed, adapter, config, weights)
@@ -603,33 +606,7 @@ impl AdapterRegistry {
         metrics::counter!(m::ADAPTER_CACHE_MISSES_TOTAL).increment(1);
         let started = Instant::now();
         let prefix = prefix_of(&row.dir);
-        let config = self.blob(&prefix, peft::CONFIG_FILE, r).await?;
-        let weights = self.blob_immutable(&prefix, peft::WEIGHTS_FILE, r).await?;
-        let model = self.model.clone();
-        let policy = self.policy(true);
-        let d = prefix.clone();
-        let what = r.to_string();
-        let labels = row
-            .head
-            .as_ref()
-            .map(|h| h.labels.clone())
-            .unwrap_or_default();
-        let adapter = tokio::task::spawn_blocking(move || -> Result<Adapter, RegistryError> {
-            let (c, w) = (config, weights);
-            // These files were checked at import: failing now means they were damaged on
-            // disk, which is the server's loss, not the caller's bad argument.
-            peft::parse_bytes(&c, &w, model.config(), &model.name, &policy, Scan::Stored)
-                .and_then(|mut p| {
-                    name_labels(&mut p.adapter, labels)?;
-                    p.into_compiled(&model.llama)
-                })
-                .map_err(|e| {
-                    tracing::error!(prefix = d, error = %e, "a stored adapter no longer parses");
-                    RegistryError::Damaged(format!("adapter {what} is damaged on the server: {e}"))
-                })
-        })
-        .await
-        .map_err(|e| RegistryError::Storage(e.to_string()))??;
+        let adapter = self.parse_stored(&row, r, self.cfg.lora_dtype).await?;
         metrics::histogram!(m::ADAPTER_LOAD_SECONDS).record(started.elapsed().as_secs_f64());
         let loaded = Arc::new(Loaded {
             adapter,
@@ -651,6 +628,52 @@ impl AdapterRegistry {
         }
         let loaded = self.lock().insert(row.id, loaded, self.cfg.cache_bytes);
         Ok(AdapterLease { row, loaded })
+    }
+
+    /// A stored version's files parsed and compiled, its LoRA and DoRA pairs in `dtype`.
+    async fn parse_stored(
+        &self,
+        row: &AdapterRow,
+        r: &AdapterRef,
+        dtype: LoraDtype,
+    ) -> Result<Adapter, RegistryError> {
+        let prefix = prefix_of(&row.dir);
+        let config = self.blob(&prefix, peft::CONFIG_FILE, r).await?;
+        let weights = self.blob_immutable(&prefix, peft::WEIGHTS_FILE, r).await?;
+        let model = self.model.clone();
+        let policy = self.policy(true);
+        let what = r.to_string();
+        let labels = row
+            .head
+            .as_ref()
+            .map(|h| h.labels.clone())
+            .unwrap_or_default();
+        tokio::task::spawn_blocking(move || -> Result<Adapter, RegistryError> {
+            let (c, w) = (config, weights);
+            // These files were checked at import: failing now means they were damaged on
+            // disk, which is the server's loss, not the caller's bad argument.
+            peft::parse_bytes(&c, &w, model.config(), &model.name, &policy, Scan::Stored)
+                .and_then(|mut p| {
+                    name_labels(&mut p.adapter, labels)?;
+                    p.into_served(&model.llama, dtype)
+                })
+                .map_err(|e| {
+                    tracing::error!(prefix, error = %e, "a stored adapter no longer parses");
+                    RegistryError::Damaged(format!("adapter {what} is damaged on the server: {e}"))
+                })
+        })
+        .await
+        .map_err(|e| RegistryError::Storage(e.to_string()))?
+    }
+
+    /// Version `r`'s adapter with its stored values exactly (LoRA pairs in `f32`, whatever
+    /// `--lora-dtype` serves): what a training job starts from. Not cached.
+    pub async fn exact(&self, tenant: &str, r: &AdapterRef) -> Result<Adapter, RegistryError> {
+        let lease = self.lease(tenant, r).await?;
+        if self.cfg.lora_dtype == LoraDtype::F32 {
+            return Ok(lease.adapter().clone());
+        }
+        self.parse_stored(&lease.row, r, LoraDtype::F32).await
     }
 
     /// One stored blob of version `r`: a blob its row names but the store lacks is data loss.

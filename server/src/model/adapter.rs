@@ -255,6 +255,28 @@ impl Adapter {
         Ok(())
     }
 
+    /// Every LoRA and DoRA pair in `dtype` ([`LoraPair::to_dtype`]): what the registry
+    /// serves with `--lora-dtype`. Done before [`Adapter::compile`], so DoRA's gains are
+    /// those of the values served. An error names the layer and module.
+    pub fn set_lora_dtype(&mut self, dtype: super::lora::LoraDtype) -> Result<(), String> {
+        for (li, layer) in self.linear.iter_mut().enumerate() {
+            for m in Module::ALL {
+                let pair = match &mut layer[m.index()] {
+                    Some(LinearDelta::Lora(p)) => p,
+                    Some(LinearDelta::Dora(d)) => &mut d.lora,
+                    _ => continue,
+                };
+                if pair.a.dtype() == dtype && pair.b.dtype() == dtype {
+                    continue;
+                }
+                *pair = pair
+                    .to_dtype(dtype)
+                    .map_err(|e| format!("layer {li} {}: {e}", m.hf_name()))?;
+            }
+        }
+        Ok(())
+    }
+
     /// The LoRA pair of a module, if that is what the adapter has there.
     pub fn get(&self, layer: usize, m: Module) -> Option<&LoraPair> {
         self.linear(layer, m).and_then(LinearDelta::as_lora)
@@ -510,8 +532,8 @@ fn vector(v: &[f32], dev: &Device) -> candle_core::Result<Tensor> {
 
 fn low_rank_update(p: &LoraPair, x: &Tensor) -> candle_core::Result<Tensor> {
     let dev = x.device();
-    let a = Tensor::from_slice(&p.a, (p.rank, p.in_features), dev)?;
-    let b = Tensor::from_slice(&p.b, (p.out_features, p.rank), dev)?;
+    let a = Tensor::from_slice(&p.a.to_f32(), (p.rank, p.in_features), dev)?;
+    let b = Tensor::from_slice(&p.b.to_f32(), (p.out_features, p.rank), dev)?;
     x.matmul(&a.t()?)?.matmul(&b.t()?)? * p.scale as f64
 }
 

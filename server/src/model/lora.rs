@@ -9,16 +9,19 @@
 use candle_core::Tensor;
 
 pub use super::f32s::F32s;
+use super::lora_values::Weight;
+pub use super::lora_values::{LoraDtype, Values};
 
 pub use super::sites::Module;
 
-/// One module's low-rank pair, row-major f32 as PEFT stores it: `A: (r, in)` and
-/// `B: (out, r)` (in the model's row order). Either may be read in place from a stored
-/// file ([`F32s`]): a cold load of a PEFT file with f32 weights copies only q's and k's `B`.
+/// One module's low-rank pair, row-major as PEFT stores it: `A: (r, in)` and `B: (out, r)`
+/// (in the model's row order). In `f32` either may be read in place from a stored file
+/// ([`F32s`]): a cold load of a PEFT file with f32 weights copies only q's and k's `B`; on
+/// request both are served in `bf16` or `f16` ([`Values`], [`LoraPair::to_dtype`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraPair {
-    pub a: F32s,
-    pub b: F32s,
+    pub a: Values,
+    pub b: Values,
     pub rank: usize,
     pub in_features: usize,
     pub out_features: usize,
@@ -26,8 +29,18 @@ pub struct LoraPair {
 }
 
 impl LoraPair {
-    /// `y += scale * B (A x)` for one row.
+    /// `y += scale * B (A x)` for one row. Whatever the dtype, values are widened to `f32`
+    /// before any arithmetic, in one order, so the result is that of an `f32` pair holding
+    /// the same values, bit for bit.
     pub fn apply_row(&self, x: &[f32], y: &mut [f32]) {
+        match &self.a {
+            Values::F32(a) => self.apply_with(a, x, y),
+            Values::Bf16(a) => self.apply_with(a, x, y),
+            Values::F16(a) => self.apply_with(a, x, y),
+        }
+    }
+
+    fn apply_with<A: Weight>(&self, a: &[A], x: &[f32], y: &mut [f32]) {
         let r = self.rank;
         let mut stack = [0f32; 256];
         let mut heap;
@@ -37,37 +50,74 @@ impl LoraPair {
             heap = vec![0f32; r];
             &mut heap
         };
-        for (tj, a) in t.iter_mut().zip(self.a.chunks_exact(self.in_features)) {
+        let fast = simd();
+        for (tj, a) in t.iter_mut().zip(a.chunks_exact(self.in_features)) {
+            #[cfg(target_arch = "x86_64")]
+            if fast {
+                // SAFETY: the CPU has AVX2, FMA and F16C (`simd`).
+                #[allow(unsafe_code)]
+                {
+                    *tj = unsafe { avx2::dot(a, x) } * self.scale;
+                }
+                continue;
+            }
             *tj = dot(a, x) * self.scale;
         }
-        // y += B t, each output's r terms summed in `b_dot`'s order.
-        #[cfg(target_arch = "x86_64")]
-        if r.is_multiple_of(8) && super::packed::avx2_fma() {
-            // SAFETY: the CPU has AVX2 and FMA (checked above).
-            #[allow(unsafe_code)]
-            unsafe {
-                avx2::add_b_t(&self.b, t, y)
-            };
-            return;
+        match &self.b {
+            Values::F32(b) => add_b_t_any(b, t, y, fast),
+            Values::Bf16(b) => add_b_t_any(b, t, y, fast),
+            Values::F16(b) => add_b_t_any(b, t, y, fast),
         }
-        add_b_t(&self.b, t, y);
+    }
+
+    /// Both matrices in `dtype` ([`Values::to_dtype`]); an error names the matrix.
+    pub fn to_dtype(&self, dtype: LoraDtype) -> Result<Self, String> {
+        Ok(LoraPair {
+            a: self.a.to_dtype(dtype).map_err(|e| format!("lora_A: {e}"))?,
+            b: self.b.to_dtype(dtype).map_err(|e| format!("lora_B: {e}"))?,
+            ..*self
+        })
     }
 
     pub fn bytes(&self) -> usize {
-        (self.a.len() + self.b.len()) * 4
+        self.a.bytes() + self.b.bytes()
     }
 
     /// `scale * B A` as an `(out, in)` tensor.
     pub fn delta(&self) -> candle_core::Result<Tensor> {
         let dev = candle_core::Device::Cpu;
-        let a = Tensor::from_slice(&self.a, (self.rank, self.in_features), &dev)?;
-        let b = Tensor::from_slice(&self.b, (self.out_features, self.rank), &dev)?;
+        let a = Tensor::from_slice(&self.a.to_f32(), (self.rank, self.in_features), &dev)?;
+        let b = Tensor::from_slice(&self.b.to_f32(), (self.out_features, self.rank), &dev)?;
         b.matmul(&a)? * self.scale as f64
     }
 }
 
+/// Whether the AVX2 kernels run: AVX2, FMA and F16C.
+fn simd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return super::packed::avx2_fma() && std::arch::is_x86_feature_detected!("f16c");
+    #[allow(unreachable_code)]
+    false
+}
+
+/// `y += B t` through the AVX2 kernel when `fast` and the rank is a multiple of 8, else
+/// the plain form (the same bits).
+fn add_b_t_any<B: Weight>(b: &[B], t: &[f32], y: &mut [f32], fast: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if fast && t.len().is_multiple_of(8) {
+        // SAFETY: the CPU has AVX2, FMA and F16C (`simd`).
+        #[allow(unsafe_code)]
+        unsafe {
+            avx2::add_b_t(b, t, y)
+        };
+        return;
+    }
+    let _ = fast;
+    add_b_t(b, t, y);
+}
+
 /// `y += B t`: `b: (out, r)`, `t: (r)`; the plain form of [`avx2::add_b_t`], bit for bit.
-fn add_b_t(b: &[f32], t: &[f32], y: &mut [f32]) {
+fn add_b_t<B: Weight>(b: &[B], t: &[f32], y: &mut [f32]) {
     for (bo, yo) in b.chunks_exact(t.len()).zip(y.iter_mut()) {
         *yo += b_dot(bo, t);
     }
@@ -76,22 +126,22 @@ fn add_b_t(b: &[f32], t: &[f32], y: &mut [f32]) {
 /// One output's `Σ_j b_j t_j`: eight lanes `p_l` over the whole 8-chunks of `j` (the first
 /// chunk a product, the rest fused multiply-adds), summed `((p0+p1)+(p2+p3)) +
 /// ((p4+p5)+(p6+p7))`, then the tail's terms fused in order.
-fn b_dot(b: &[f32], t: &[f32]) -> f32 {
+fn b_dot<B: Weight>(b: &[B], t: &[f32]) -> f32 {
     let c = t.len() / 8 * 8;
     let mut p = [0f32; 8];
     if c > 0 {
         for l in 0..8 {
-            p[l] = b[l] * t[l];
+            p[l] = b[l].widen() * t[l];
         }
         for ch in (8..c).step_by(8) {
             for l in 0..8 {
-                p[l] = b[ch + l].mul_add(t[ch + l], p[l]);
+                p[l] = b[ch + l].widen().mul_add(t[ch + l], p[l]);
             }
         }
     }
     let mut s = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
     for j in c..t.len() {
-        s = b[j].mul_add(t[j], s);
+        s = b[j].widen().mul_add(t[j], s);
     }
     s
 }
@@ -101,11 +151,34 @@ fn b_dot(b: &[f32], t: &[f32]) -> f32 {
 mod avx2 {
     use std::arch::x86_64::*;
 
+    use super::Weight;
+
+    /// [`super::dot`] eight lanes at a time, in its order: lane `l` fuses the `l`-th value
+    /// of every whole 8-chunk, the lanes are summed `((0+4)+(1+5)) + ((2+6)+(3+7))`, then
+    /// the tail is fused in order.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot<A: Weight>(a: &[A], x: &[f32]) -> f32 {
+        let n = a.len() / 8 * 8;
+        assert!(x.len() >= a.len(), "x is as long as a row of A");
+        let (ap, xp) = (a.as_ptr(), x.as_ptr());
+        let mut acc = _mm256_setzero_ps();
+        for c in (0..n).step_by(8) {
+            acc = _mm256_fmadd_ps(A::load8(ap.add(c)), _mm256_loadu_ps(xp.add(c)), acc);
+        }
+        let q = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+        let h = _mm_hadd_ps(q, q);
+        let mut s = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+        for i in n..a.len() {
+            s = a[i].widen().mul_add(x[i], s);
+        }
+        s
+    }
+
     /// [`super::add_b_t`] for a rank that is a multiple of 8, eight outputs at a time: each
     /// output's lanes are one register, and the 8 registers' sums come out of one `hadd`
     /// tree in `b_dot`'s order.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn add_b_t(b: &[f32], t: &[f32], y: &mut [f32]) {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn add_b_t<B: Weight>(b: &[B], t: &[f32], y: &mut [f32]) {
         let r = t.len();
         let out = y.len();
         assert_eq!(b.len(), out * r, "B is (out, r)");
@@ -116,13 +189,9 @@ mod avx2 {
             let mut v = [_mm256_setzero_ps(); 8];
             for (k, vk) in v.iter_mut().enumerate() {
                 let row = bp.add(k * r);
-                *vk = _mm256_mul_ps(_mm256_loadu_ps(row), _mm256_loadu_ps(tp));
+                *vk = _mm256_mul_ps(B::load8(row), _mm256_loadu_ps(tp));
                 for ch in (8..r).step_by(8) {
-                    *vk = _mm256_fmadd_ps(
-                        _mm256_loadu_ps(row.add(ch)),
-                        _mm256_loadu_ps(tp.add(ch)),
-                        *vk,
-                    );
+                    *vk = _mm256_fmadd_ps(B::load8(row.add(ch)), _mm256_loadu_ps(tp.add(ch)), *vk);
                 }
             }
             let q0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
@@ -151,17 +220,17 @@ pub fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot<A: Weight>(a: &[A], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let n = a.len() / 8 * 8;
     for (ac, bc) in a[..n].chunks_exact(8).zip(b[..n].chunks_exact(8)) {
         for l in 0..8 {
-            acc[l] = ac[l].mul_add(bc[l], acc[l]);
+            acc[l] = ac[l].widen().mul_add(bc[l], acc[l]);
         }
     }
     let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
     for i in n..a.len() {
-        s = a[i].mul_add(b[i], s);
+        s = a[i].widen().mul_add(b[i], s);
     }
     s
 }
@@ -171,7 +240,7 @@ mod tests {
     use super::*;
 
     fn pair(rank: usize, inp: usize, out: usize) -> LoraPair {
-        let v = |n: usize, k: usize| -> F32s {
+        let v = |n: usize, k: usize| -> Values {
             (0..n)
                 .map(|i| ((i * 7919 + k * 104729) % 1000) as f32 / 1000.0 - 0.5)
                 .collect::<Vec<_>>()
@@ -205,7 +274,7 @@ mod tests {
                 .collect();
             let y0: Vec<f32> = (0..out).map(|i| (i % 7) as f32 * 0.3 - 1.0).collect();
             let (mut plain, mut fast) = (y0.clone(), y0.clone());
-            add_b_t(&b, &t, &mut plain);
+            add_b_t::<f32>(&b, &t, &mut plain);
             // SAFETY: checked above.
             #[allow(unsafe_code)]
             unsafe {
@@ -224,6 +293,7 @@ mod tests {
         for r in [12, 16] {
             let (inp, out) = (40, 24);
             let p = pair(r, inp, out);
+            let (pa, pb) = (p.a.to_f32(), p.b.to_f32());
             let x: Vec<f32> = (0..inp).map(|i| ((i % 17) as f32 - 8.0) / 9.0).collect();
             let y0: Vec<f32> = (0..out).map(|i| (i % 5) as f32 - 2.0).collect();
             let mut y = y0.clone();
@@ -231,10 +301,8 @@ mod tests {
             for o in 0..out {
                 let mut want = y0[o] as f64;
                 for j in 0..r {
-                    let ax: f64 = (0..inp)
-                        .map(|k| p.a[j * inp + k] as f64 * x[k] as f64)
-                        .sum();
-                    want += p.scale as f64 * p.b[o * r + j] as f64 * ax;
+                    let ax: f64 = (0..inp).map(|k| pa[j * inp + k] as f64 * x[k] as f64).sum();
+                    want += p.scale as f64 * pb[o * r + j] as f64 * ax;
                 }
                 let got = y[o] as f64;
                 assert!(
@@ -242,6 +310,60 @@ mod tests {
                     "rank {r} out {o}: {got} vs {want}"
                 );
             }
+        }
+    }
+
+    /// A pair served in bf16 or f16 computes exactly what an f32 pair holding the rounded
+    /// values computes (ranks 8, 12 and 16: the AVX2 `B` update and the plain one), and
+    /// rounding does change the result; the AVX2 `A` dot is the plain one bit for bit.
+    #[test]
+    fn a_16_bit_pair_is_the_f32_pair_of_its_rounded_values_bit_for_bit() {
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        for r in [8, 12, 16] {
+            let (inp, out) = (43, 20);
+            let p = pair(r, inp, out);
+            let x: Vec<f32> = (0..inp).map(|i| ((i % 13) as f32 - 6.0) / 7.0).collect();
+            let y0: Vec<f32> = (0..out).map(|i| (i % 3) as f32 - 1.0).collect();
+            let mut exact = y0.clone();
+            p.apply_row(&x, &mut exact);
+            for dtype in [LoraDtype::Bf16, LoraDtype::F16] {
+                let half = p.to_dtype(dtype).expect("fits");
+                assert_eq!(half.bytes() * 2, p.bytes());
+                let widened = half.to_dtype(LoraDtype::F32).expect("widens");
+                let (mut h, mut w) = (y0.clone(), y0.clone());
+                half.apply_row(&x, &mut h);
+                widened.apply_row(&x, &mut w);
+                assert_eq!(bits(&h), bits(&w), "rank {r} {dtype:?}");
+                assert_ne!(bits(&h), bits(&exact), "rank {r} {dtype:?}: rounding shows");
+                let worst = h
+                    .iter()
+                    .zip(&exact)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(worst < 0.05, "rank {r} {dtype:?}: {worst}");
+            }
+        }
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx2_a_dot_is_the_plain_one_bit_for_bit() {
+        assert!(simd(), "this test needs AVX2, FMA and F16C");
+        for n in [8, 43, 576] {
+            let a: Vec<f32> = (0..n)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 31.0)
+                .collect();
+            let x: Vec<f32> = (0..n)
+                .map(|i| ((i * 53 % 89) as f32 - 44.0) / 17.0)
+                .collect();
+            let ab: Vec<half::bf16> = a.iter().map(|&v| half::bf16::from_f32(v)).collect();
+            let ah: Vec<half::f16> = a.iter().map(|&v| half::f16::from_f32(v)).collect();
+            // SAFETY: checked above.
+            #[allow(unsafe_code)]
+            let fast = unsafe { [avx2::dot(&a, &x), avx2::dot(&ab, &x), avx2::dot(&ah, &x)] };
+            let plain = [dot(&a, &x), dot(&ab, &x), dot(&ah, &x)];
+            assert_eq!(fast.map(f32::to_bits), plain.map(f32::to_bits), "n {n}");
+            assert_ne!(plain[0], plain[1]);
         }
     }
 }

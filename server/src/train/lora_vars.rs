@@ -229,9 +229,9 @@ impl Trainable for LoraVars {
                             ));
                         }
                         let dev = p.a.device();
-                        let a = Tensor::from_slice(&d.a, (d.rank, d.in_features), dev)
+                        let a = Tensor::from_slice(&d.a.to_f32(), (d.rank, d.in_features), dev)
                             .map_err(|e| e.to_string())?;
-                        let b = Tensor::from_slice(&d.b, (d.out_features, d.rank), dev)
+                        let b = Tensor::from_slice(&d.b.to_f32(), (d.out_features, d.rank), dev)
                             .map_err(|e| e.to_string())?;
                         if a.dims() != p.a.dims() || b.dims() != p.b.dims() {
                             return Err(format!("layer {l} module {m}: shapes differ"));

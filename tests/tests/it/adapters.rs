@@ -56,6 +56,48 @@ async fn the_peft_fixture_is_served_and_exported_unchanged() {
     assert_eq!(got.sha256, v.sha256);
 }
 
+/// `--lora-dtype bf16`: the fixture is served from half the bytes and still answers as
+/// PEFT's does, its stored files export unchanged, and a training job's starting point
+/// (`AdapterRegistry::exact`) has the stored f32 values, not the rounded ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lora_served_in_bf16_keeps_the_stored_values() {
+    use graft_server::model::lora::{LoraDtype, Values};
+    let t = start_with(real_model_path(), |c| c.lora_dtype = LoraDtype::Bf16).await;
+    let (c, w) = fixture_adapter();
+    t.client
+        .import_adapter("", "answers", c.clone(), w.clone(), false)
+        .await
+        .expect("import");
+    let with = t
+        .client
+        .generate(australia(Some("answers")))
+        .await
+        .expect("adapted");
+    assert!(with.text.starts_with("ANSWER: Canberra"), "{:?}", with.text);
+    let reg = t.server.adapters().expect("ready");
+    let r = "answers".parse().expect("ref");
+    let served = reg.lease(graft_tests::TENANT, &r).await.expect("lease");
+    let exact = reg.exact(graft_tests::TENANT, &r).await.expect("exact");
+    let (s, e) = (
+        served
+            .adapter()
+            .get(0, graft_server::model::Module::Q)
+            .expect("q"),
+        exact.get(0, graft_server::model::Module::Q).expect("q"),
+    );
+    assert!(matches!((&s.a, &e.a), (Values::Bf16(_), Values::F32(_))));
+    assert_eq!(s.a, e.a.to_dtype(LoraDtype::Bf16).expect("rounds"));
+    assert_ne!(s.a.to_f32(), e.a.to_f32(), "the served values are rounded");
+    assert_eq!(served.adapter().bytes() * 2, exact.bytes());
+    assert_eq!(reg.resident().1, served.adapter().bytes());
+    let (ec, ew) = t
+        .client
+        .export_adapter("", "answers@1")
+        .await
+        .expect("export");
+    assert_eq!((ec, ew), (c, w));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_imports_store_nothing() {
     let t = start_real().await;

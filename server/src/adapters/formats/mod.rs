@@ -23,7 +23,7 @@ use bytes::Bytes;
 use safetensors::{tensor::TensorView, Dtype};
 use serde::{Deserialize, Serialize};
 
-use crate::model::{f32s::F32s, Adapter, Llama, LlamaConfig, Module};
+use crate::model::{f32s::F32s, lora::LoraDtype, Adapter, Llama, LlamaConfig, Module};
 
 /// Largest `adapter_config.json` accepted: a full per-module `rank_pattern` of a large model
 /// is a few tens of KB.
@@ -208,6 +208,20 @@ impl Parsed {
             a.prefix = Some(std::sync::Arc::new(prefix));
         }
         Ok(a)
+    }
+}
+
+impl Parsed {
+    /// [`Parsed::into_compiled`] with the LoRA and DoRA pairs in `dtype` (what the registry
+    /// serves, `--lora-dtype`); a value `dtype` cannot hold is refused naming its module.
+    pub fn into_served(mut self, llama: &Llama, dtype: LoraDtype) -> Result<Adapter, ImportError> {
+        self.adapter.set_lora_dtype(dtype).map_err(|e| {
+            err(
+                WEIGHTS_FILE,
+                format!("served as --lora-dtype {}: {e}", dtype.name()),
+            )
+        })?;
+        self.into_compiled(llama)
     }
 }
 

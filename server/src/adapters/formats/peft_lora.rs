@@ -240,8 +240,8 @@ pub(super) fn parse(
             ma / mr as f64
         } as f32;
         let pair = LoraPair {
-            a: av,
-            b: bv,
+            a: av.into(),
+            b: bv.into(),
             rank: mr,
             in_features: in_f,
             out_features: out_f,
@@ -351,22 +351,26 @@ pub(super) fn write(
             };
             let key = m.hf_key(layer);
             let b = match m {
-                Module::Q => {
-                    permute_rows(&pair.b, cfg.num_heads, pair.out_features, pair.rank, false)
-                }
+                Module::Q => permute_rows(
+                    &pair.b.to_f32(),
+                    cfg.num_heads,
+                    pair.out_features,
+                    pair.rank,
+                    false,
+                ),
                 Module::K => permute_rows(
-                    &pair.b,
+                    &pair.b.to_f32(),
                     cfg.num_kv_heads,
                     pair.out_features,
                     pair.rank,
                     false,
                 ),
-                _ => pair.b.to_vec(),
+                _ => pair.b.to_f32().into_owned(),
             };
             tensors.push((
                 format!("base_model.model.{key}.lora_A.weight"),
                 vec![pair.rank, pair.in_features],
-                pair.a.to_vec(),
+                pair.a.to_f32().into_owned(),
             ));
             tensors.push((
                 format!("base_model.model.{key}.lora_B.weight"),

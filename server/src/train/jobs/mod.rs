@@ -784,9 +784,10 @@ impl TrainingService {
                 let r: crate::adapters::AdapterRef = name
                     .parse()
                     .map_err(|e: String| invalid("init_adapter", e))?;
-                let lease = self
+                // Its stored values, not the served ones (`--lora-dtype` may round them).
+                let adapter = self
                     .registry
-                    .lease(&job.tenant, &r)
+                    .exact(&job.tenant, &r)
                     .await
                     .map_err(|e| match e {
                         crate::adapters::RegistryError::NotFound(_) => {
@@ -794,7 +795,7 @@ impl TrainingService {
                         }
                         other => TrainingError::Registry(other),
                     })?;
-                Some(Arc::new(lease.adapter().clone()))
+                Some(Arc::new(adapter))
             }
             None => None,
         };
