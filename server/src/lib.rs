@@ -13,6 +13,7 @@ pub mod http;
 pub mod metrics;
 pub mod model;
 pub mod names;
+pub mod process;
 pub mod server;
 pub mod store;
 pub mod tenancy;

@@ -333,3 +333,42 @@ fn rows_of_every_method_with_bf16_lora_are_batch_invariant() {
     let adapters = every_method(&m, LoraDtype::Bf16);
     assert_batch_equals_solo(&m, &adapters, &prompts(&m, adapters.len()), 5);
 }
+
+/// A value f16 cannot hold is refused when the adapter is served in f16, naming the layer
+/// and module; bf16 (f32's range) serves it.
+#[test]
+fn a_value_beyond_f16_is_refused_naming_its_module() {
+    let m = common::model();
+    let d = fixtures().join("peft-lora-smollm2");
+    let policy = ImportPolicy {
+        max_rank: 64,
+        max_virtual_tokens: 128,
+        force: false,
+        base_aliases: vec!["HuggingFaceTB/SmolLM2-135M-Instruct".into()],
+    };
+    let c = std::fs::read(d.join("adapter_config.json")).expect("config");
+    let w = std::fs::read(d.join("adapter_model.safetensors")).expect("weights");
+    let mut p = formats::parse(&c, &w, m.config(), &m.name, &policy).expect("imports");
+    let mut pair = p
+        .adapter
+        .get(3, graft_server::model::Module::Up)
+        .expect("up_proj")
+        .clone();
+    let mut b = pair.b.to_f32().into_owned();
+    b[5] = 7.0e4;
+    pair.b = b.into();
+    p.adapter.set(3, graft_server::model::Module::Up, pair);
+    let e = p
+        .clone()
+        .into_served(&m.llama, LoraDtype::F16)
+        .expect_err("70,000 is beyond f16");
+    assert_eq!(e.field, "adapter_model.safetensors");
+    assert!(
+        e.reason
+            .contains("layer 3 up_proj: lora_B: value 5 (70000) does not fit f16"),
+        "{}",
+        e.reason
+    );
+    p.into_served(&m.llama, LoraDtype::Bf16)
+        .expect("bf16 holds it");
+}

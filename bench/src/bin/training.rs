@@ -112,8 +112,16 @@ async fn job_rate(client: &GraftClient, id: &str, window: Duration) -> anyhow::R
     Ok((s1 - s0) as f64 * 4.0 * 60.0 / (t1 - t0).as_secs_f64().max(1e-9))
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// As graftd: candle's workers park at once (`graft_server::process`).
+fn main() -> anyhow::Result<()> {
+    graft_server::process::park_candle_workers_at_once();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     let model = Arc::new(BaseModel::load(&args.model, &Device::Cpu)?);
     if args.full {
