@@ -5,11 +5,7 @@ use graft_server::{config::Settings, server};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
-    graft_server::process::park_candle_workers_at_once();
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(run())
+    graft_server::process::run_main(run())?
 }
 
 async fn run() -> anyhow::Result<()> {

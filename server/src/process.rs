@@ -1,5 +1,14 @@
 //! Process-wide settings a binary applies first thing in `main`, while it has one thread.
 
+/// A binary's `main`: the settings below, then `body` on a multi-threaded tokio runtime.
+pub fn run_main<T>(body: impl std::future::Future<Output = T>) -> std::io::Result<T> {
+    park_candle_workers_at_once();
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(body))
+}
+
 /// candle's element-wise ops hand half their work to a pool of candle's own threads
 /// (`candle-bp-*`, one fewer than the cores), and each of those spins up to 25,000 times
 /// after every op before it parks (`CANDLE_BARRIER_POOL_SPIN_LIMIT`). On a machine with as

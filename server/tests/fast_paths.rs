@@ -96,11 +96,14 @@ fn adapter(m: &BaseModel, fx: (&str, &str, &str, &str)) -> Adapter {
 }
 
 /// A fixture's adapter as the registry serves it with `--lora-dtype dtype`.
-fn adapter_as(
-    m: &BaseModel,
-    (_, folder, sub, weights): (&str, &str, &str, &str),
-    dtype: LoraDtype,
-) -> Adapter {
+fn adapter_as(m: &BaseModel, fx: (&str, &str, &str, &str), dtype: LoraDtype) -> Adapter {
+    parsed(m, fx)
+        .into_served(&m.llama, dtype)
+        .expect("compiles")
+}
+
+/// A fixture's files parsed.
+fn parsed(m: &BaseModel, (_, folder, sub, weights): (&str, &str, &str, &str)) -> formats::Parsed {
     let d: PathBuf = fixtures().join(folder).join(sub);
     let policy = ImportPolicy {
         max_rank: 64,
@@ -110,10 +113,7 @@ fn adapter_as(
     };
     let c = std::fs::read(d.join("adapter_config.json")).expect("config");
     let w = std::fs::read(d.join(weights)).expect("weights");
-    formats::parse(&c, &w, m.config(), &m.name, &policy)
-        .expect("fixture imports")
-        .into_served(&m.llama, dtype)
-        .expect("compiles")
+    formats::parse(&c, &w, m.config(), &m.name, &policy).expect("fixture imports")
 }
 
 /// One case of a fixture: prompt ids, "base" | "adapted", reference logits, greedy ids.
@@ -339,16 +339,7 @@ fn rows_of_every_method_with_bf16_lora_are_batch_invariant() {
 #[test]
 fn a_value_beyond_f16_is_refused_naming_its_module() {
     let m = common::model();
-    let d = fixtures().join("peft-lora-smollm2");
-    let policy = ImportPolicy {
-        max_rank: 64,
-        max_virtual_tokens: 128,
-        force: false,
-        base_aliases: vec!["HuggingFaceTB/SmolLM2-135M-Instruct".into()],
-    };
-    let c = std::fs::read(d.join("adapter_config.json")).expect("config");
-    let w = std::fs::read(d.join("adapter_model.safetensors")).expect("weights");
-    let mut p = formats::parse(&c, &w, m.config(), &m.name, &policy).expect("imports");
+    let mut p = parsed(&m, FIXTURES[0]);
     let mut pair = p
         .adapter
         .get(3, graft_server::model::Module::Up)

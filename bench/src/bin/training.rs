@@ -114,11 +114,7 @@ async fn job_rate(client: &GraftClient, id: &str, window: Duration) -> anyhow::R
 
 /// As graftd: candle's workers park at once (`graft_server::process`).
 fn main() -> anyhow::Result<()> {
-    graft_server::process::park_candle_workers_at_once();
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(run())
+    graft_server::process::run_main(run())?
 }
 
 async fn run() -> anyhow::Result<()> {

@@ -508,15 +508,7 @@ impl AdapterRegistry {
         match row {
             Ok(row) => {
                 // The new version is resident at once: the next request uses it without a load.
-                let loaded = Arc::new(Loaded {
-                    adapter,
-                    files: Some((
-                        self.blobs.clone(),
-                        prefix,
-                        tokio::runtime::Handle::current(),
-                    )),
-                    delete_files: AtomicBool::new(false),
-                });
+                let loaded = self.loaded(adapter, prefix);
                 self.lock().insert(row.id, loaded, self.cfg.cache_bytes);
                 Ok(row)
             }
@@ -608,15 +600,7 @@ impl AdapterRegistry {
         let prefix = prefix_of(&row.dir);
         let adapter = self.parse_stored(&row, r, self.cfg.lora_dtype).await?;
         metrics::histogram!(m::ADAPTER_LOAD_SECONDS).record(started.elapsed().as_secs_f64());
-        let loaded = Arc::new(Loaded {
-            adapter,
-            files: Some((
-                self.blobs.clone(),
-                prefix,
-                tokio::runtime::Handle::current(),
-            )),
-            delete_files: AtomicBool::new(false),
-        });
+        let loaded = self.loaded(adapter, prefix);
         // A delete may have raced the load: check the row is still live before caching.
         if self
             .versions
@@ -628,6 +612,19 @@ impl AdapterRegistry {
         }
         let loaded = self.lock().insert(row.id, loaded, self.cfg.cache_bytes);
         Ok(AdapterLease { row, loaded })
+    }
+
+    /// A served adapter whose stored files are under `prefix`.
+    fn loaded(&self, adapter: Adapter, prefix: String) -> Arc<Loaded> {
+        Arc::new(Loaded {
+            adapter,
+            files: Some((
+                self.blobs.clone(),
+                prefix,
+                tokio::runtime::Handle::current(),
+            )),
+            delete_files: AtomicBool::new(false),
+        })
     }
 
     /// A stored version's files parsed and compiled, its LoRA and DoRA pairs in `dtype`.
