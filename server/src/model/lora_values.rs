@@ -16,8 +16,11 @@ use super::f32s::F32s;
 #[serde(rename_all = "lowercase")]
 pub enum LoraDtype {
     #[default]
+    #[serde(alias = "float32")]
     F32,
+    #[serde(alias = "bfloat16")]
     Bf16,
+    #[serde(alias = "float16")]
     F16,
 }
 
