@@ -58,11 +58,16 @@ async fn the_peft_fixture_is_served_and_exported_unchanged() {
 
 /// `--lora-dtype bf16`: the fixture is served from half the bytes and still answers as
 /// PEFT's does, its stored files export unchanged, and a training job's starting point
-/// (`AdapterRegistry::exact`) has the stored f32 values, not the rounded ones.
+/// (`AdapterRegistry::exact`) has the stored f32 values, not the rounded ones. The cache
+/// keeps one adapter at most, so the lease below is a cold load of the stored files.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lora_served_in_bf16_keeps_the_stored_values() {
     use graft_server::model::lora::{LoraDtype, Values};
-    let t = start_with(real_model_path(), |c| c.lora_dtype = LoraDtype::Bf16).await;
+    let t = start_with(real_model_path(), |c| {
+        c.lora_dtype = LoraDtype::Bf16;
+        c.adapter_cache_bytes = 1;
+    })
+    .await;
     let (c, w) = fixture_adapter();
     t.client
         .import_adapter("", "answers", c.clone(), w.clone(), false)
@@ -76,7 +81,19 @@ async fn lora_served_in_bf16_keeps_the_stored_values() {
     assert!(with.text.starts_with("ANSWER: Canberra"), "{:?}", with.text);
     let reg = t.server.adapters().expect("ready");
     let r = "answers".parse().expect("ref");
+    // Another version takes the cache's one place.
+    t.client
+        .import_adapter("", "other", c.clone(), w.clone(), false)
+        .await
+        .expect("import");
+    let before = t.scrape().await;
     let served = reg.lease(graft_tests::TENANT, &r).await.expect("lease");
+    let misses = |text: &str| metric_value(text, "graft_adapter_cache_misses_total", &[]);
+    assert_eq!(
+        misses(&t.scrape().await) - misses(&before),
+        1.0,
+        "a cold load"
+    );
     let exact = reg.exact(graft_tests::TENANT, &r).await.expect("exact");
     let (s, e) = (
         served
