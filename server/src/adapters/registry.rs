@@ -565,12 +565,7 @@ impl AdapterRegistry {
     pub async fn lease(&self, tenant: &str, r: &AdapterRef) -> Result<AdapterLease, RegistryError> {
         match self.resolve(tenant, r).await? {
             Resolved::Adapter(lease) => Ok(lease),
-            Resolved::Model { .. } => Err(RegistryError::Invalid(ImportError {
-                field: "adapter".into(),
-                reason: format!(
-                    "{r} is a fully fine-tuned model, not an adapter of the base: Generate serves it by name"
-                ),
-            })),
+            Resolved::Model { .. } => Err(not_an_adapter(r)),
         }
     }
 
@@ -666,11 +661,15 @@ impl AdapterRegistry {
     /// Version `r`'s adapter with its stored values exactly (LoRA pairs in `f32`, whatever
     /// `--lora-dtype` serves): what a training job starts from. Not cached.
     pub async fn exact(&self, tenant: &str, r: &AdapterRef) -> Result<Adapter, RegistryError> {
-        let lease = self.lease(tenant, r).await?;
         if self.cfg.lora_dtype == LoraDtype::F32 {
-            return Ok(lease.adapter().clone());
+            return Ok(self.lease(tenant, r).await?.adapter().clone());
         }
-        self.parse_stored(&lease.row, r, LoraDtype::F32).await
+        // Not through the cache: a lease would first load and round the version too.
+        let row = self.find(tenant, r).await?;
+        if matches!(row.details, Details::Full { .. }) {
+            return Err(not_an_adapter(r));
+        }
+        self.parse_stored(&row, r, LoraDtype::F32).await
     }
 
     /// One stored blob of version `r`: a blob its row names but the store lacks is data loss.
@@ -840,6 +839,16 @@ impl AdapterRegistry {
         let c = self.lock();
         (c.entries.len(), c.bytes)
     }
+}
+
+/// What naming a fully fine-tuned model where an adapter is wanted gets.
+fn not_an_adapter(r: &AdapterRef) -> RegistryError {
+    RegistryError::Invalid(ImportError {
+        field: "adapter".into(),
+        reason: format!(
+            "{r} is a fully fine-tuned model, not an adapter of the base: Generate serves it by name"
+        ),
+    })
 }
 
 fn unique_suffix() -> String {

@@ -350,22 +350,17 @@ pub(super) fn write(
                 return Err(err("method", "a LoRA adapter holds a non-LoRA module"));
             };
             let key = m.hf_key(layer);
+            let b = pair.b.to_f32();
             let b = match m {
-                Module::Q => permute_rows(
-                    &pair.b.to_f32(),
-                    cfg.num_heads,
-                    pair.out_features,
-                    pair.rank,
-                    false,
-                ),
-                Module::K => permute_rows(
-                    &pair.b.to_f32(),
-                    cfg.num_kv_heads,
-                    pair.out_features,
-                    pair.rank,
-                    false,
-                ),
-                _ => pair.b.to_f32().into_owned(),
+                Module::Q | Module::K => {
+                    let heads = if m == Module::Q {
+                        cfg.num_heads
+                    } else {
+                        cfg.num_kv_heads
+                    };
+                    permute_rows(&b, heads, pair.out_features, pair.rank, false)
+                }
+                _ => b.into_owned(),
             };
             tensors.push((
                 format!("base_model.model.{key}.lora_A.weight"),
