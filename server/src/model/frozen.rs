@@ -3,9 +3,9 @@
 //! frozen base weights is a whole extra matmul per layer thrown away; training would pay a
 //! third more compute for nothing.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Device, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
 
-use super::fused::{last, values};
+use super::fused::{last, values, with_values};
 
 pub struct FrozenMatmul {
     /// `(out, in)`; a cheap handle on the shared weight.
@@ -22,13 +22,23 @@ impl CustomOp1 for FrozenMatmul {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let y = matrix(storage, layout, "x")?.matmul(&self.weight.t()?)?;
-        output(&y, layout, self.weight.dim(0)?)
+        let x = values(storage, layout, "x")?;
+        let (out, inp) = self.weight.dims2()?;
+        let rows = rows_of(x, inp, "x")?;
+        let mut y = vec![0f32; rows * out];
+        with_values(&self.weight, "W", |w| {
+            gemm_nt(&mut y, x, w, (rows, out, inp), false);
+            Ok(())
+        })?;
+        Ok((CpuStorage::F32(y), output_shape(layout, out)))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let out = self.weight.dim(0)?;
-        let g = grad.reshape((grad.elem_count() / out.max(1), out))?;
+        // Detached, as in `FrozenPlusLowRank::bwd`: a gradient need not keep the graph.
+        let g = grad
+            .detach()
+            .reshape((grad.elem_count() / out.max(1), out))?;
         Ok(Some(g.matmul(&self.weight)?.reshape(x.shape())?))
     }
 }
@@ -50,24 +60,72 @@ pub struct FrozenPlusLowRank {
     pub weight: Tensor,
 }
 
-/// The contiguous f32 values of an argument as a `(rows, cols)` tensor (a copy).
-fn matrix(storage: &CpuStorage, layout: &Layout, what: &str) -> candle_core::Result<Tensor> {
-    let v = values(storage, layout, what)?;
-    let cols = last(layout.shape())?;
-    Tensor::from_slice(v, (v.len() / cols.max(1), cols), &Device::Cpu)
+/// How many rows of `cols` values `v` holds, refusing a length that is not a whole number.
+fn rows_of(v: &[f32], cols: usize, what: &str) -> candle_core::Result<usize> {
+    if cols == 0 || !v.len().is_multiple_of(cols) {
+        return Err(candle_core::Error::Msg(format!(
+            "{what}: {} values are not rows of {cols}",
+            v.len()
+        )));
+    }
+    Ok(v.len() / cols)
 }
 
-/// A matmul's result `y: (rows, out)` as the op's output: the input's shape with its last
-/// dimension `out`.
-fn output(y: &Tensor, input: &Layout, out: usize) -> candle_core::Result<(CpuStorage, Shape)> {
+/// `dst (m, n) = lhs (m, k) rhs^T`, or `+=` with `accumulate`, where `rhs` is `(n, k)` row
+/// major: a weight as stored. One call of the GEMM candle's own matmul runs (the same kernels,
+/// threads and blocking), straight on the slices: no copy of the input into a tensor, none of
+/// the result out of one, and no third tensor for a sum.
+fn gemm_nt(
+    dst: &mut [f32],
+    lhs: &[f32],
+    rhs: &[f32],
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+) {
+    assert!(dst.len() == m * n && lhs.len() == m * k && rhs.len() == n * k);
+    let threads = candle_core::utils::get_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    let (n_i, k_i) = (n as isize, k as isize);
+    // SAFETY: the lengths are asserted above, and every stride below stays inside them:
+    // dst and lhs are row major (`(m, n)`, `(m, k)`), and rhs^T's element `(p, j)` is
+    // `rhs[j * k + p]`.
+    #[allow(unsafe_code)]
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n_i,
+            accumulate,
+            lhs.as_ptr(),
+            1,
+            k_i,
+            rhs.as_ptr(),
+            k_i,
+            1,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// The op's output shape: the input's with its last dimension `out`.
+fn output_shape(input: &Layout, out: usize) -> Shape {
     let mut shape = input.shape().dims().to_vec();
     if let Some(l) = shape.last_mut() {
         *l = out;
     }
-    Ok((
-        CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?),
-        Shape::from(shape),
-    ))
+    Shape::from(shape)
 }
 
 impl CustomOp3 for FrozenPlusLowRank {
@@ -85,21 +143,28 @@ impl CustomOp3 for FrozenPlusLowRank {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, t, b) = (
-            matrix(s1, l1, "x")?,
-            matrix(s2, l2, "t")?,
-            matrix(s3, l3, "B")?,
+            values(s1, l1, "x")?,
+            values(s2, l2, "t")?,
+            values(s3, l3, "B")?,
         );
-        if t.dim(0)? != x.dim(0)? || b.dim(1)? != t.dim(1)? || b.dim(0)? != self.weight.dim(0)? {
+        let (out, inp) = self.weight.dims2()?;
+        let (rows, r) = (rows_of(x, inp, "x")?, last(l2.shape())?);
+        if rows_of(t, r, "t")? != rows || rows_of(b, r, "B")? != out {
             return Err(candle_core::Error::Msg(format!(
                 "frozen-plus-low-rank: x {:?}, t {:?}, B {:?}, W {:?} do not fit",
-                x.dims(),
-                t.dims(),
-                b.dims(),
+                l1.dims(),
+                l2.dims(),
+                l3.dims(),
                 self.weight.dims()
             )));
         }
-        let y = (x.matmul(&self.weight.t()?)? + t.matmul(&b.t()?)?)?;
-        output(&y, l1, self.weight.dim(0)?)
+        let mut y = vec![0f32; rows * out];
+        with_values(&self.weight, "W", |w| {
+            gemm_nt(&mut y, x, w, (rows, out, inp), false);
+            Ok(())
+        })?;
+        gemm_nt(&mut y, t, b, (rows, out, r), true);
+        Ok((CpuStorage::F32(y), output_shape(l1, out)))
     }
 
     fn bwd(
@@ -143,7 +208,7 @@ pub fn frozen_plus_low_rank(
 mod tests {
     use candle_core::{Device, Result, Tensor, Var};
 
-    use super::{super::fused::check::same, frozen_plus_low_rank};
+    use super::{super::fused::check::same, frozen_matmul, frozen_plus_low_rank};
 
     #[test]
     fn the_fused_update_has_the_composed_values_and_gradients() -> Result<()> {
@@ -159,5 +224,36 @@ mod tests {
         let fused = frozen_plus_low_rank(&x, &w, &t, &b)?;
         let plain = (flat.matmul(&w.t()?)? + t.matmul(&b.t()?)?)?.reshape((2, rows / 2, out))?;
         same(&[&x, &a, &b], &fused, &plain, 1e-4)
+    }
+
+    #[test]
+    fn the_frozen_product_is_candles_matmul() -> Result<()> {
+        let dev = Device::Cpu;
+        let (rows, inp, out) = (70, 96, 40);
+        let w = Tensor::randn(0f32, 1.0, (out, inp), &dev)?;
+        let x = Var::randn(0f32, 1.0, (2, rows / 2, inp), &dev)?;
+        let fused = frozen_matmul(&x, &w)?;
+        let plain = x.as_tensor().broadcast_matmul(&w.t()?)?;
+        // The same GEMM with the same blocking: the same bits, straight from the slices.
+        assert_eq!(fused.dims(), plain.dims());
+        assert_eq!(
+            fused.flatten_all()?.to_vec1::<f32>()?,
+            plain.flatten_all()?.to_vec1::<f32>()?
+        );
+        same(&[&x], &fused, &plain, 1e-4)
+    }
+
+    #[test]
+    fn arguments_that_do_not_fit_are_an_error() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::zeros((4, 6), candle_core::DType::F32, &dev)?;
+        let x = Tensor::zeros((3, 5), candle_core::DType::F32, &dev)?;
+        assert!(frozen_matmul(&x, &w).is_err());
+        let x = Tensor::zeros((3, 6), candle_core::DType::F32, &dev)?;
+        let t = Tensor::zeros((2, 2), candle_core::DType::F32, &dev)?;
+        let b = Tensor::zeros((4, 2), candle_core::DType::F32, &dev)?;
+        let err = frozen_plus_low_rank(&x, &w, &t, &b).err();
+        assert!(err.is_some_and(|e| e.to_string().contains("do not fit")));
+        Ok(())
     }
 }

@@ -7,7 +7,7 @@
 //! [`swiglu`] and [`cross_entropy`] fall back to the candle chain elsewhere (a GPU, bf16).
 //! The tests hold every op equal to its chain in values and gradients.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Storage, Tensor, WithDType, D};
 use rayon::prelude::*;
 
 /// The contiguous values of an op's argument.
@@ -29,6 +29,21 @@ pub(super) fn values<'a>(
     what: &str,
 ) -> candle_core::Result<&'a [f32]> {
     slice_of(s, l, what)
+}
+
+/// Runs `f` on the contiguous f32 values of a tensor held on the CPU.
+pub(super) fn with_values<R>(
+    t: &Tensor,
+    what: &str,
+    f: impl FnOnce(&[f32]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(s) => f(values(s, layout, what)?),
+        _ => Err(candle_core::Error::Msg(format!(
+            "{what} must be on the CPU"
+        ))),
+    }
 }
 
 /// The last dimension of a shape.
@@ -413,17 +428,21 @@ impl CustomOp2 for CrossEntropy {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         // d/dlogits = (softmax - onehot) * g / N.
         let (n, c) = logits.dims2()?;
-        let x: Vec<f32> = logits.detach().flatten_all()?.to_vec1()?;
         let classes = classes_of(&targets.to_vec1::<u32>()?, n, c)?;
         let g = grad.detach().to_scalar::<f32>()? / n.max(1) as f32;
-        let mut d = vec![0f32; x.len()];
-        d.par_chunks_mut(c)
-            .zip(x.par_chunks(c).zip(classes.par_iter()))
-            .for_each(|(d, (row, &k))| {
-                log_sum_exp(row, Some(d));
-                d[k] -= 1.0;
-                d.iter_mut().for_each(|v| *v *= g);
-            });
+        let mut d = vec![0f32; n * c];
+        // The logits read where they are: a copy would be `N x C` floats (100 MB for 512
+        // tokens of SmolLM2's vocabulary) written once and read once.
+        with_values(logits, "logits", |x| {
+            d.par_chunks_mut(c)
+                .zip(x.par_chunks(c).zip(classes.par_iter()))
+                .for_each(|(d, (row, &k))| {
+                    log_sum_exp(row, Some(d));
+                    d[k] -= 1.0;
+                    d.iter_mut().for_each(|v| *v *= g);
+                });
+            Ok(())
+        })?;
         Ok((Some(Tensor::from_vec(d, (n, c), logits.device())?), None))
     }
 }
