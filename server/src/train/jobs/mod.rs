@@ -816,7 +816,7 @@ impl TrainingService {
         let handle = tokio::task::spawn_blocking(move || {
             // The base's f32 weights, made from its blocks at the first step, stay until the
             // last running job ends.
-            let _dense = model.llama.weights.dense_in_use();
+            let dense = model.llama.weights.dense_in_use();
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
                 .thread_name(|i| format!("graft-train-{i}"))
@@ -825,7 +825,7 @@ impl TrainingService {
             let mut emit = |e| {
                 let _ = etx.send(e);
             };
-            pool.install(|| match &engine {
+            let ended = pool.install(|| match &engine {
                 Some(engine) if samples => super::rl_job::run(
                     &model,
                     &train_spec,
@@ -844,7 +844,11 @@ impl TrainingService {
                     "the serving engine is not running".into(),
                 )),
                 _ => trainer::train(&model, &train_spec, &train, &eval, &ckpt, &ctl, &mut emit),
-            })
+            });
+            drop((pool, dense));
+            // What the steps kept for one another goes back to the kernel.
+            crate::process::release_freed_memory();
+            ended
         });
         let me = self.clone();
         let jid = job.id.clone();
