@@ -53,8 +53,12 @@ fn prompt_of(client_model: &graft_server::model::BaseModel, n: usize) -> String 
     client_model.tokenizer.decode(&ids[..n]).expect("decode")
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// As graftd: its process settings (`graft_server::process`), then the measurements.
+fn main() -> anyhow::Result<()> {
+    graft_server::process::run_main(run())?
+}
+
+async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     let data = std::env::temp_dir().join(format!("graft-bench-{}", std::process::id()));
     let mut cfg = ServerConfig::for_model(&args.model, &data);

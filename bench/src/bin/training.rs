@@ -112,7 +112,7 @@ async fn job_rate(client: &GraftClient, id: &str, window: Duration) -> anyhow::R
     Ok((s1 - s0) as f64 * 4.0 * 60.0 / (t1 - t0).as_secs_f64().max(1e-9))
 }
 
-/// As graftd: candle's workers park at once (`graft_server::process`).
+/// As graftd: its process settings (`graft_server::process`), then the measurements.
 fn main() -> anyhow::Result<()> {
     graft_server::process::run_main(run())?
 }
