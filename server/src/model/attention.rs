@@ -132,37 +132,53 @@ fn attend_in<T: Cached>(
         (b * BLOCK_TOKENS + p % BLOCK_TOKENS) * kv_dim + kvh * head_dim
     };
     let mut out = vec![0f32; rows.len() * hidden];
-    // One unit of work per (row, head): a single decode row still spreads its heads over
-    // the pool. Every unit reads only its own row's query and cache.
-    out.par_chunks_mut(head_dim)
-        .zip(q.par_chunks(head_dim))
+    // One unit of work per (row, head), or with a few rows or more per (row, KV head): the
+    // heads sharing a cached head then widen and read each of its keys and values once
+    // instead of once each. A single decode row still spreads its heads over the pool.
+    // Every head's arithmetic is the same, in the same order, either way, and every unit
+    // reads only its own row's query and cache.
+    let unit = if rows.len() >= 4 { group } else { 1 };
+    let units_per_row = num_heads / unit;
+    out.par_chunks_mut(unit * head_dim)
+        .zip(q.par_chunks(unit * head_dim))
         .enumerate()
         .for_each_init(
-            || (Vec::new(), vec![0f32; head_dim]),
-            |(scores, buf), (u, (oh, qh))| {
-                let (place, h) = (&rows[u / num_heads], u % num_heads);
+            || (Vec::new(), vec![0f32; head_dim], Vec::new()),
+            |(scores, buf, max), (u, (oh, qh))| {
+                let place = &rows[u / units_per_row];
+                let kvh = (u % units_per_row) * unit / group;
                 let table = tables[place.seq];
                 let n = place.pos + 1;
-                let kvh = h / group;
                 scores.clear();
-                let mut max = f32::NEG_INFINITY;
+                scores.resize(unit * n, 0f32);
+                max.clear();
+                max.resize(unit, f32::NEG_INFINITY);
                 for p in 0..n {
                     let o = at(table, p, kvh);
-                    let s = dot(qh, T::widen(&keys[o..o + head_dim], buf)) * scale;
-                    max = max.max(s);
-                    scores.push(s);
+                    let k = T::widen(&keys[o..o + head_dim], buf);
+                    for (i, qi) in qh.chunks_exact(head_dim).enumerate() {
+                        let s = dot(qi, k) * scale;
+                        max[i] = max[i].max(s);
+                        scores[i * n + p] = s;
+                    }
                 }
-                let mut sum = 0f32;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
+                for (head, &m) in scores.chunks_exact_mut(n).zip(max.iter()) {
+                    let mut sum = 0f32;
+                    for s in head.iter_mut() {
+                        *s = (*s - m).exp();
+                        sum += *s;
+                    }
+                    let inv = 1.0 / sum;
+                    head.iter_mut().for_each(|s| *s *= inv);
                 }
-                let inv = 1.0 / sum;
-                for (p, s) in scores.iter().enumerate() {
-                    let w = s * inv;
+                for p in 0..n {
                     let o = at(table, p, kvh);
-                    for (o, x) in oh.iter_mut().zip(T::widen(&values[o..o + head_dim], buf)) {
-                        *o += w * x;
+                    let v = T::widen(&values[o..o + head_dim], buf);
+                    for (i, oi) in oh.chunks_exact_mut(head_dim).enumerate() {
+                        let w = scores[i * n + p];
+                        for (o, x) in oi.iter_mut().zip(v) {
+                            *o += w * x;
+                        }
                     }
                 }
             },
@@ -197,6 +213,11 @@ mod tests {
     /// Two sequences (one prefilling 5 rows, one decoding after 20 cached positions) over
     /// a pool of `dtype`, keys and values from `kv(position, index)`.
     fn run(dtype: KvDtype, kv: impl Fn(usize, usize) -> f32) -> Vec<f32> {
+        run_rows(dtype, kv, None)
+    }
+
+    /// [`run`]'s rows, or only row `pick` of them (the others' caches still there).
+    fn run_rows(dtype: KvDtype, kv: impl Fn(usize, usize) -> f32, pick: Option<usize>) -> Vec<f32> {
         let shape = AttnShape {
             num_heads: 4,
             num_kv_heads: 2,
@@ -228,7 +249,35 @@ mod tests {
             .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
             .collect();
         let tables: Vec<&[u32]> = caches.iter().map(|c| c.blocks()).collect();
-        attend(&q, &rows, &tables, pool.layer(0), shape)
+        match pick {
+            None => attend(&q, &rows, &tables, pool.layer(0), shape),
+            Some(i) => attend(
+                &q[i * 32..][..32],
+                &rows[i..=i],
+                &tables,
+                pool.layer(0),
+                shape,
+            ),
+        }
+    }
+
+    /// Six rows share each cached head among its query heads' work; one row alone splits
+    /// the work per query head. Each row's output is the same, bit for bit.
+    #[test]
+    fn a_row_alone_and_among_others_attends_the_same() {
+        let x = |p: usize, i: usize| ((p * 131 + i * 17) % 97) as f32 / 48.5 - 1.0;
+        for dtype in [KvDtype::F32, KvDtype::F16] {
+            let all = run_rows(dtype, x, None);
+            for i in 0..6 {
+                let alone = run_rows(dtype, x, Some(i));
+                let bits = |v: &[f32]| v.iter().map(|y| y.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&alone),
+                    bits(&all[i * 32..][..32]),
+                    "{dtype:?} row {i}"
+                );
+            }
+        }
     }
 
     #[test]
