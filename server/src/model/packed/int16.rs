@@ -253,6 +253,9 @@ mod avx2 {
     /// # Safety
     /// AVX2 and FMA must be available; weight rows `r0..r0 + chunk.len() / rows` exist with
     /// `nb` blocks each; `xq` holds `rows` rows of `nb` blocks.
+    // Kept out of line: inlined into its caller's closure, the build of 2026-12-06 decoded one
+    // stream ~20 % slower (`BENCHMARKS.md`, issue 17, tenth part).
+    #[inline(never)]
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn tiles(
         blocks: &Blocks,
