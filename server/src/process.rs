@@ -35,7 +35,9 @@ pub fn park_candle_workers_at_once() {
 /// 4 x 128). This keeps freed memory in one heap for the next step instead: one arena for
 /// every thread (the trainer runs on a fresh rayon pool, whose threads would otherwise take
 /// arenas of their own), no `mmap`ed blocks, and no trimming at `free`.
-/// [`release_freed_memory`] gives it back when a job ends. An operator's own
+/// [`release_freed_memory`] gives it back when a job ends, and graftd's server calls it once
+/// a minute too ([`release_freed_memory_every`]), so a large one-off buffer (an export, an
+/// import) does not stay resident in a server that trains nothing. An operator's own
 /// `GLIBC_TUNABLES` for malloc are kept. Elsewhere than glibc this does nothing.
 ///
 /// Call before any other thread exists: the arena limit binds threads as they first
@@ -68,5 +70,18 @@ pub fn release_freed_memory() {
         unsafe {
             libc::malloc_trim(0);
         }
+    }
+}
+
+/// [`release_freed_memory`] every `period`, forever (off the async threads). While a job
+/// trains, each call costs its next step the page faults [`keep_freed_memory`] saves, once:
+/// ~0.25 s a minute on 2 cores.
+pub async fn release_freed_memory_every(period: std::time::Duration) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let _ = tokio::task::spawn_blocking(release_freed_memory).await;
     }
 }

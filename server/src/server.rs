@@ -307,6 +307,11 @@ async fn load_and_warm(
             .clone()
             .sweep_forever((cfg.orphan_grace / 4).max(std::time::Duration::from_secs(60))),
     );
+    // What the allocator keeps for training steps (`process::keep_freed_memory`) goes back
+    // to the kernel once a minute.
+    tokio::spawn(crate::process::release_freed_memory_every(
+        std::time::Duration::from_secs(60),
+    ));
     let training = TrainingService::new(
         db,
         tenancy,
