@@ -74,8 +74,8 @@ pub fn release_freed_memory() {
 }
 
 /// [`release_freed_memory`] every `period`, forever (off the async threads). While a job
-/// trains, each call costs its next step the page faults [`keep_freed_memory`] saves, once:
-/// ~0.25 s a minute on 2 cores.
+/// trains, each call costs its next step, once, the page faults [`keep_freed_memory`]
+/// saves (~100,000 for SmolLM2 at batch 4 x 128).
 pub async fn release_freed_memory_every(period: std::time::Duration) {
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -137,7 +137,7 @@ fn attend_in<T: Cached>(
     // instead of once each. A single decode row still spreads its heads over the pool.
     // Every head's arithmetic is the same, in the same order, either way, and every unit
     // reads only its own row's query and cache.
-    let unit = if rows.len() >= 4 { group } else { 1 };
+    let unit = heads_per_unit(rows.len(), group);
     let units_per_row = num_heads / unit;
     out.par_chunks_mut(unit * head_dim)
         .zip(q.par_chunks(unit * head_dim))
@@ -184,6 +184,16 @@ fn attend_in<T: Cached>(
             },
         );
     out
+}
+
+/// How many query heads one unit of attention work takes: a KV head's whole group from 4
+/// rows up, else one (so a single decode row still spreads over the pool).
+fn heads_per_unit(rows: usize, group: usize) -> usize {
+    if rows >= 4 {
+        group
+    } else {
+        1
+    }
 }
 
 #[inline]
@@ -265,6 +275,9 @@ mod tests {
     /// the work per query head. Each row's output is the same, bit for bit.
     #[test]
     fn a_row_alone_and_among_others_attends_the_same() {
+        // The two ways of splitting the work are the ones compared (`run_rows`' 4 query
+        // heads share 2 KV heads).
+        assert_eq!((heads_per_unit(6, 2), heads_per_unit(1, 2)), (2, 1));
         let x = |p: usize, i: usize| ((p * 131 + i * 17) % 97) as f32 / 48.5 - 1.0;
         for dtype in [KvDtype::F32, KvDtype::F16] {
             let all = run_rows(dtype, x, None);

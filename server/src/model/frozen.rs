@@ -25,11 +25,7 @@ impl CustomOp1 for FrozenMatmul {
         let x = values(storage, layout, "x")?;
         let (out, inp) = self.weight.dims2()?;
         let rows = rows_of(x, inp, "x")?;
-        let mut y = vec![0f32; rows * out];
-        with_values(&self.weight, "W", |w| {
-            gemm_nt(&mut y, x, w, (rows, out, inp), false);
-            Ok(())
-        })?;
+        let y = times_frozen_t(&self.weight, x, rows)?;
         Ok((CpuStorage::F32(y), output_shape(layout, out)))
     }
 
@@ -119,6 +115,17 @@ fn gemm_nt(
     }
 }
 
+/// `x W^T` for `rows` rows of `x` over a frozen `W: (out, in)`, as a fresh `(rows, out)`.
+fn times_frozen_t(weight: &Tensor, x: &[f32], rows: usize) -> candle_core::Result<Vec<f32>> {
+    let (out, inp) = weight.dims2()?;
+    let mut y = vec![0f32; rows * out];
+    with_values(weight, "W", |w| {
+        gemm_nt(&mut y, x, w, (rows, out, inp), false);
+        Ok(())
+    })?;
+    Ok(y)
+}
+
 /// The op's output shape: the input's with its last dimension `out`.
 fn output_shape(input: &Layout, out: usize) -> Shape {
     let mut shape = input.shape().dims().to_vec();
@@ -158,11 +165,7 @@ impl CustomOp3 for FrozenPlusLowRank {
                 self.weight.dims()
             )));
         }
-        let mut y = vec![0f32; rows * out];
-        with_values(&self.weight, "W", |w| {
-            gemm_nt(&mut y, x, w, (rows, out, inp), false);
-            Ok(())
-        })?;
+        let mut y = times_frozen_t(&self.weight, x, rows)?;
         gemm_nt(&mut y, t, b, (rows, out, r), true);
         Ok((CpuStorage::F32(y), output_shape(l1, out)))
     }
@@ -248,7 +251,8 @@ mod tests {
         let dev = Device::Cpu;
         let w = Tensor::zeros((4, 6), candle_core::DType::F32, &dev)?;
         let x = Tensor::zeros((3, 5), candle_core::DType::F32, &dev)?;
-        assert!(frozen_matmul(&x, &w).is_err());
+        let err = frozen_matmul(&x, &w).err();
+        assert!(err.is_some_and(|e| e.to_string().contains("are not rows of 6")));
         let x = Tensor::zeros((3, 6), candle_core::DType::F32, &dev)?;
         let t = Tensor::zeros((2, 2), candle_core::DType::F32, &dev)?;
         let b = Tensor::zeros((4, 2), candle_core::DType::F32, &dev)?;
