@@ -158,10 +158,13 @@ def main():
             add("peak RSS training (MiB)", "graft", rss)
         if "adapters" in only:
             text, _ = run(out, "graft_adapters", rep, [f"{GRAFT}/adapters", "--model", MODEL, "--parts", "mixed,cold"], env)
-            # The same mixed batch with every pair served in bf16 (--lora-dtype bf16).
-            text16, _ = run(out, "graft_adapters_bf16", rep, [f"{GRAFT}/adapters", "--model", MODEL, "--parts",
-                                                              "mixed,cold", "--lora-dtype", "bf16"], env)
-            for r in results(text) + results(text16):
+            # The same mixed batch with every pair served in bf16 and in int8 (--lora-dtype).
+            narrow = []
+            for d in ("bf16", "int8"):
+                t16, _ = run(out, f"graft_adapters_{d}", rep, [f"{GRAFT}/adapters", "--model", MODEL, "--parts",
+                                                               "mixed,cold", "--lora-dtype", d], env)
+                narrow += results(t16)
+            for r in results(text) + narrow:
                 if r["bench"] == "graft_mixed_adapters":
                     add(f"32 streams, own rank-16 LoRA each ({r['lora_dtype']}) / bare (ratio)", "graft", r["ratio"])
                 elif r["bench"] == "graft_cold_adapter":

@@ -114,7 +114,8 @@ pub struct Settings {
     /// What LoRA and DoRA matrices are served in: "f32" (the default: the stored values
     /// exactly), "bf16" or "f16" (each value rounded once when the adapter is loaded: half
     /// the memory, and half the bytes a decode step reads for each row's adapter, as vLLM's
-    /// --lora-dtype). Stored files and training keep their f32 values.
+    /// --lora-dtype), or "int8" (8 bits a value and one scale per rank component: about a
+    /// quarter of them). Stored files and training keep their f32 values.
     #[arg(long, env = "GRAFT_LORA_DTYPE")]
     pub lora_dtype: Option<LoraDtype>,
     /// Largest LoRA rank accepted.
@@ -667,9 +668,13 @@ mod tests {
             (KvDtype::F32, LoraDtype::F16)
         );
         assert_eq!(dtypes(&["graftd"]), (KvDtype::F32, LoraDtype::F32));
+        assert_eq!(
+            dtypes(&["graftd", "--lora-dtype", "int8"]),
+            (KvDtype::F32, LoraDtype::Int8)
+        );
         for (flag, known) in [
             ("--kv-cache-dtype", "f32 or f16"),
-            ("--lora-dtype", "f32, bf16 or f16"),
+            ("--lora-dtype", "f32, bf16, f16 or int8"),
         ] {
             let wrong = Settings::try_parse_from(["graftd", flag, "fp8"])
                 .expect_err("refused")

@@ -10,7 +10,7 @@ use candle_core::Tensor;
 
 pub use super::f32s::F32s;
 use super::lora_values::Weight;
-pub use super::lora_values::{LoraDtype, Values};
+pub use super::lora_values::{Int8, LoraDtype, Scaled, Values};
 
 pub use super::sites::Module;
 
@@ -29,18 +29,11 @@ pub struct LoraPair {
 }
 
 impl LoraPair {
-    /// `y += scale * B (A x)` for one row. Whatever the dtype, values are widened to `f32`
-    /// before any arithmetic, in one order, so the result is that of an `f32` pair holding
-    /// the same values, bit for bit.
+    /// `y += scale * B (A x)` for one row. Whatever the float dtype, values are widened to
+    /// `f32` before any arithmetic, in one order, so the result is that of an `f32` pair
+    /// holding the same values, bit for bit. An `int8` pair scales each rank component
+    /// instead: `t_j = scale * sa_j * (qA_j . x)`, then `y += qB (sb * t)`.
     pub fn apply_row(&self, x: &[f32], y: &mut [f32]) {
-        match &self.a {
-            Values::F32(a) => self.apply_with(a, x, y),
-            Values::Bf16(a) => self.apply_with(a, x, y),
-            Values::F16(a) => self.apply_with(a, x, y),
-        }
-    }
-
-    fn apply_with<A: Weight>(&self, a: &[A], x: &[f32], y: &mut [f32]) {
         let r = self.rank;
         let mut stack = [0f32; 256];
         let mut heap;
@@ -51,30 +44,103 @@ impl LoraPair {
             &mut heap
         };
         let fast = simd();
-        for (tj, a) in t.iter_mut().zip(a.chunks_exact(self.in_features)) {
-            #[cfg(target_arch = "x86_64")]
-            if fast {
-                // SAFETY: the CPU has AVX2, FMA and F16C (`simd`).
-                #[allow(unsafe_code)]
-                {
-                    *tj = unsafe { avx2::dot(a, x) } * self.scale;
-                }
-                continue;
+        self.prefetch_head();
+        match &self.a {
+            Values::F32(a) => self.shrink(a, None, x, t, fast),
+            Values::Bf16(a) => self.shrink(a, None, x, t, fast),
+            Values::F16(a) => self.shrink(a, None, x, t, fast),
+            Values::Int8(a) => {
+                debug_assert_eq!(a.scaled, Scaled::Rows, "A is scaled by rows (to_dtype)");
+                self.shrink(&a.q, Some(&a.scales), x, t, fast)
             }
-            *tj = dot(a, x) * self.scale;
         }
         match &self.b {
             Values::F32(b) => add_b_t_any(b, t, y, fast),
             Values::Bf16(b) => add_b_t_any(b, t, y, fast),
             Values::F16(b) => add_b_t_any(b, t, y, fast),
+            Values::Int8(b) => {
+                debug_assert_eq!(b.scaled, Scaled::Columns, "B is scaled by columns");
+                for (tj, s) in t.iter_mut().zip(&b.scales) {
+                    *tj *= s;
+                }
+                add_b_t_any(&b.q, t, y, fast)
+            }
         }
     }
 
-    /// Both matrices in `dtype` ([`Values::to_dtype`]); an error names the matrix.
+    /// Asks for the first lines of `A` and `B` in cache, ahead of the kernels' own
+    /// prefetches (a hint only).
+    pub fn prefetch_head(&self) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let head = |p: *const u8, bytes: usize| {
+                for line in (0..bytes.min(2048)).step_by(64) {
+                    // SAFETY: a prefetch reads nothing; the address is inside the matrix.
+                    #[allow(unsafe_code)]
+                    unsafe {
+                        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                            p.wrapping_add(line).cast(),
+                        )
+                    };
+                }
+            };
+            for v in [&self.a, &self.b] {
+                let (p, bytes) = v.raw();
+                head(p, bytes);
+            }
+        }
+    }
+
+    /// `t = scale * A x`, each row of `A` first times its own scale when it has one.
+    fn shrink<A: Weight>(
+        &self,
+        a: &[A],
+        scales: Option<&[f32]>,
+        x: &[f32],
+        t: &mut [f32],
+        fast: bool,
+    ) {
+        for (j, (tj, a)) in t
+            .iter_mut()
+            .zip(a.chunks_exact(self.in_features))
+            .enumerate()
+        {
+            let mut d;
+            #[cfg(target_arch = "x86_64")]
+            if fast {
+                // SAFETY: the CPU has AVX2, FMA and F16C (`simd`).
+                #[allow(unsafe_code)]
+                {
+                    d = unsafe { avx2::dot(a, x) };
+                }
+            } else {
+                d = dot(a, x);
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            {
+                let _ = fast;
+                d = dot(a, x);
+            }
+            if let Some(s) = scales {
+                d *= s[j];
+            }
+            *tj = d * self.scale;
+        }
+    }
+
+    /// Both matrices in `dtype` ([`Values::to_dtype`]; in `int8`, `A` scaled by rows and
+    /// `B` by columns: one scale per rank component each); an error names the matrix.
     pub fn to_dtype(&self, dtype: LoraDtype) -> Result<Self, String> {
+        let (a, b) = match dtype {
+            LoraDtype::Int8 => (
+                self.a.to_int8(self.in_features, Scaled::Rows),
+                self.b.to_int8(self.rank, Scaled::Columns),
+            ),
+            _ => (self.a.to_dtype(dtype), self.b.to_dtype(dtype)),
+        };
         Ok(LoraPair {
-            a: self.a.to_dtype(dtype).map_err(|e| format!("lora_A: {e}"))?,
-            b: self.b.to_dtype(dtype).map_err(|e| format!("lora_B: {e}"))?,
+            a: a.map_err(|e| format!("lora_A: {e}"))?,
+            b: b.map_err(|e| format!("lora_B: {e}"))?,
             ..*self
         })
     }
@@ -153,18 +219,28 @@ mod avx2 {
 
     use super::Weight;
 
-    /// [`super::dot`] eight lanes at a time, in its order: lane `l` fuses the `l`-th value
-    /// of every whole 8-chunk, the lanes are summed `((0+4)+(1+5)) + ((2+6)+(3+7))`, then
-    /// the tail is fused in order.
+    /// [`super::dot`] in its order: four eight-lane accumulators, 8-chunk `i` fused into
+    /// accumulator `i % 4`, the accumulators summed `(0+1)+(2+3)`, their lanes
+    /// `((0+4)+(1+5)) + ((2+6)+(3+7))`, then the tail fused in order.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dot<A: Weight>(a: &[A], x: &[f32]) -> f32 {
         let n = a.len() / 8 * 8;
         assert!(x.len() >= a.len(), "x is as long as a row of A");
         let (ap, xp) = (a.as_ptr(), x.as_ptr());
-        let mut acc = _mm256_setzero_ps();
-        for c in (0..n).step_by(8) {
-            acc = _mm256_fmadd_ps(A::load8(ap.add(c)), _mm256_loadu_ps(xp.add(c)), acc);
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut c = 0;
+        while c + 32 <= n {
+            ahead(ap.add(c), 32);
+            for (q, acc) in acc.iter_mut().enumerate() {
+                let at = c + 8 * q;
+                *acc = _mm256_fmadd_ps(A::load8(ap.add(at)), _mm256_loadu_ps(xp.add(at)), *acc);
+            }
+            c += 32;
         }
+        for (q, at) in (c..n).step_by(8).enumerate() {
+            acc[q] = _mm256_fmadd_ps(A::load8(ap.add(at)), _mm256_loadu_ps(xp.add(at)), acc[q]);
+        }
+        let acc = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
         let q = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
         let h = _mm_hadd_ps(q, q);
         let mut s = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
@@ -172,6 +248,19 @@ mod avx2 {
             s = a[i].widen().mul_add(x[i], s);
         }
         s
+    }
+
+    /// How far ahead of a matrix's reads its lines are asked for.
+    const AHEAD_BYTES: usize = 2048;
+
+    /// Asks for the lines `AHEAD_BYTES` past the `n` values at `p` (a hint only: the
+    /// address may lie past the matrix; nothing is read).
+    #[inline(always)]
+    unsafe fn ahead<T>(p: *const T, n: usize) {
+        let at = p.cast::<u8>().wrapping_add(AHEAD_BYTES);
+        for line in (0..n * std::mem::size_of::<T>()).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(line).cast());
+        }
     }
 
     /// [`super::add_b_t`] for a rank that is a multiple of 8, eight outputs at a time: each
@@ -186,6 +275,7 @@ mod avx2 {
         let tp = t.as_ptr();
         for o in (0..whole).step_by(8) {
             let bp = b.as_ptr().add(o * r);
+            ahead(bp, 8 * r);
             let mut v = [_mm256_setzero_ps(); 8];
             for (k, vk) in v.iter_mut().enumerate() {
                 let row = bp.add(k * r);
@@ -220,14 +310,23 @@ pub fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
+/// `a . b` over `a`'s length: four eight-lane accumulators (8-chunk `i` fused into
+/// accumulator `i % 4`, so four chains run at once), summed `(0+1)+(2+3)` lane by lane,
+/// the lanes `((0+4)+(1+5)) + ((2+6)+(3+7))`, then the tail fused in order.
 pub(crate) fn dot<A: Weight>(a: &[A], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
+    let mut acc = [[0f32; 8]; 4];
     let n = a.len() / 8 * 8;
-    for (ac, bc) in a[..n].chunks_exact(8).zip(b[..n].chunks_exact(8)) {
+    for (i, (ac, bc)) in a[..n]
+        .chunks_exact(8)
+        .zip(b[..n].chunks_exact(8))
+        .enumerate()
+    {
+        let acc = &mut acc[i % 4];
         for l in 0..8 {
             acc[l] = ac[l].widen().mul_add(bc[l], acc[l]);
         }
     }
+    let acc: [f32; 8] = std::array::from_fn(|l| (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]));
     let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
     for i in n..a.len() {
         s = a[i].widen().mul_add(b[i], s);
@@ -283,6 +382,17 @@ mod tests {
             let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&plain), bits(&fast), "rank {r}, {out} outputs");
             assert_ne!(plain, y0);
+            let bi: Vec<i8> = (0..out * r)
+                .map(|i| ((i * 41 % 255) as i32 - 127) as i8)
+                .collect();
+            let (mut plain, mut fast) = (y0.clone(), y0.clone());
+            add_b_t(&bi, &t, &mut plain);
+            // SAFETY: checked above.
+            #[allow(unsafe_code)]
+            unsafe {
+                avx2::add_b_t(&bi, &t, &mut fast)
+            };
+            assert_eq!(bits(&plain), bits(&fast), "int8, rank {r}, {out} outputs");
         }
     }
 
@@ -345,11 +455,82 @@ mod tests {
         }
     }
 
+    /// An int8 pair's update is `y + scale * B' A' x` (in f64) to float error, where `A'`
+    /// and `B'` are the values its 8 bits and scales stand for (ranks 12 and 16: the plain
+    /// `B` update and the AVX2 one), and within a step of the f32 pair's.
+    #[test]
+    fn an_int8_pair_computes_the_values_it_stands_for() {
+        for r in [12, 16] {
+            let (inp, out) = (43, 20);
+            let p = pair(r, inp, out);
+            let q = p.to_dtype(LoraDtype::Int8).expect("finite");
+            // A byte a value, and an f32 scale for each of A's rows and B's columns.
+            assert_eq!(q.bytes(), p.bytes() / 4 + 2 * r * 4, "rank {r}");
+            let (qa, qb) = (q.a.to_f32(), q.b.to_f32());
+            let x: Vec<f32> = (0..inp).map(|i| ((i % 13) as f32 - 6.0) / 7.0).collect();
+            let y0: Vec<f32> = (0..out).map(|i| (i % 3) as f32 - 1.0).collect();
+            let (mut exact, mut y) = (y0.clone(), y0.clone());
+            p.apply_row(&x, &mut exact);
+            q.apply_row(&x, &mut y);
+            for o in 0..out {
+                let mut want = y0[o] as f64;
+                for j in 0..r {
+                    let ax: f64 = (0..inp).map(|k| qa[j * inp + k] as f64 * x[k] as f64).sum();
+                    want += q.scale as f64 * qb[o * r + j] as f64 * ax;
+                }
+                let got = y[o] as f64;
+                assert!(
+                    (got - want).abs() < 1e-4,
+                    "rank {r} out {o}: {got} vs {want}"
+                );
+            }
+            assert_ne!(y, exact, "rank {r}: the values are rounded");
+            let worst = y
+                .iter()
+                .zip(&exact)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 0.1, "rank {r}: {worst}");
+        }
+    }
+
+    /// Each value of an int8 matrix is within half a step of its group (A's rows, B's
+    /// columns); an all-zero group is zeros; a value that is not finite is refused.
+    #[test]
+    fn int8_values_are_within_half_a_step_of_their_group() {
+        let v: Vec<f32> = (0..24)
+            .map(|i| ((i * 37 % 29) as f32 - 14.0) / 9.0)
+            .collect();
+        for (scaled, group) in [
+            (Scaled::Rows, (|i: usize| i / 6) as fn(usize) -> usize),
+            (Scaled::Columns, |i: usize| i % 6),
+        ] {
+            let q = Int8::quantise(&v, 6, scaled).expect("finite");
+            assert_eq!(q.scales.len(), if scaled == Scaled::Rows { 4 } else { 6 });
+            for (i, (got, want)) in q.dequantise().iter().zip(&v).enumerate() {
+                let step = q.scales[group(i)];
+                assert!((got - want).abs() <= step / 2.0 + 1e-7, "{scaled:?} {i}");
+            }
+            let largest = |g: usize| (0..24).filter(move |&i| group(i) == g).map(|i| v[i].abs());
+            for (g, s) in q.scales.iter().enumerate() {
+                assert_eq!(
+                    *s,
+                    largest(g).fold(0f32, f32::max) / 127.0,
+                    "{scaled:?} {g}"
+                );
+            }
+        }
+        let zeros = Int8::quantise(&[0.0; 8], 4, Scaled::Rows).expect("zeros");
+        assert_eq!(zeros.dequantise(), vec![0.0; 8]);
+        let e = Int8::quantise(&[1.0, f32::NAN], 2, Scaled::Rows).expect_err("NaN");
+        assert!(e.contains("value 1 (NaN) is not finite"), "{e}");
+    }
+
     #[test]
     #[cfg(target_arch = "x86_64")]
     fn avx2_a_dot_is_the_plain_one_bit_for_bit() {
         assert!(simd(), "this test needs AVX2, FMA and F16C");
-        for n in [8, 43, 576] {
+        for n in [8, 43, 576, 600] {
             let a: Vec<f32> = (0..n)
                 .map(|i| ((i * 37 % 101) as f32 - 50.0) / 31.0)
                 .collect();
@@ -358,10 +539,20 @@ mod tests {
                 .collect();
             let ab: Vec<half::bf16> = a.iter().map(|&v| half::bf16::from_f32(v)).collect();
             let ah: Vec<half::f16> = a.iter().map(|&v| half::f16::from_f32(v)).collect();
+            let ai: Vec<i8> = (0..n)
+                .map(|i| ((i * 41 % 255) as i32 - 127) as i8)
+                .collect();
             // SAFETY: checked above.
             #[allow(unsafe_code)]
-            let fast = unsafe { [avx2::dot(&a, &x), avx2::dot(&ab, &x), avx2::dot(&ah, &x)] };
-            let plain = [dot(&a, &x), dot(&ab, &x), dot(&ah, &x)];
+            let fast = unsafe {
+                [
+                    avx2::dot(&a, &x),
+                    avx2::dot(&ab, &x),
+                    avx2::dot(&ah, &x),
+                    avx2::dot(&ai, &x),
+                ]
+            };
+            let plain = [dot(&a, &x), dot(&ab, &x), dot(&ah, &x), dot(&ai, &x)];
             assert_eq!(fast.map(f32::to_bits), plain.map(f32::to_bits), "n {n}");
             assert_ne!(plain[0], plain[1]);
         }

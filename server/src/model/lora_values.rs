@@ -1,9 +1,11 @@
 //! A LoRA matrix's values as served: `f32` (the default and the reference; what PEFT
-//! files usually hold, read in place where they can be), or `bf16`/`f16` on request
-//! (`--lora-dtype`, as vLLM's), half the bytes a decode step reads for each row's adapter.
-//! Invariant: widening a 16-bit value to `f32` is exact, and the kernels widen before they
-//! multiply, so a pair served in `bf16` computes exactly what an `f32` pair holding the
-//! rounded values computes.
+//! files usually hold, read in place where they can be), `bf16`/`f16` on request
+//! (`--lora-dtype`, as vLLM's), half the bytes a decode step reads for each row's adapter,
+//! or `int8` with one `f32` scale per rank component ([`Int8`]), a quarter of them.
+//! Invariant: widening a 16-bit or 8-bit value to `f32` is exact, and the kernels widen
+//! before they multiply, so a pair served in `bf16` computes exactly what an `f32` pair
+//! holding the rounded values computes; an `int8` pair applies its scales to the rank
+//! components instead (`model::lora`).
 
 use std::borrow::Cow;
 
@@ -22,6 +24,8 @@ pub enum LoraDtype {
     Bf16,
     #[serde(alias = "float16")]
     F16,
+    /// 8-bit integers with one `f32` scale per rank component ([`Int8`]).
+    Int8,
 }
 
 impl LoraDtype {
@@ -30,14 +34,7 @@ impl LoraDtype {
             LoraDtype::F32 => "f32",
             LoraDtype::Bf16 => "bf16",
             LoraDtype::F16 => "f16",
-        }
-    }
-
-    /// Bytes of one value.
-    pub fn bytes(self) -> usize {
-        match self {
-            LoraDtype::F32 => 4,
-            LoraDtype::Bf16 | LoraDtype::F16 => 2,
+            LoraDtype::Int8 => "int8",
         }
     }
 }
@@ -49,7 +46,8 @@ impl std::str::FromStr for LoraDtype {
             "f32" | "float32" => Ok(LoraDtype::F32),
             "bf16" | "bfloat16" => Ok(LoraDtype::Bf16),
             "f16" | "float16" => Ok(LoraDtype::F16),
-            other => Err(format!("{other:?}: expected f32, bf16 or f16")),
+            "int8" | "i8" => Ok(LoraDtype::Int8),
+            other => Err(format!("{other:?}: expected f32, bf16, f16 or int8")),
         }
     }
 }
@@ -60,6 +58,87 @@ pub enum Values {
     F32(F32s),
     Bf16(Vec<bf16>),
     F16(Vec<f16>),
+    Int8(Int8),
+}
+
+/// Which values of a matrix share an [`Int8`] scale: a rank component's. `A: (r, in)`
+/// scales each row, `B: (out, r)` each column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scaled {
+    Rows,
+    Columns,
+}
+
+/// A `(rows, cols)` matrix in 8 bits: value `i` is `q[i] * scales[g]` where `g` is its row
+/// (`Scaled::Rows`) or its column (`Scaled::Columns`). Each group's scale is its largest
+/// magnitude over 127 and each value rounds to the nearest step (ties away from zero), so
+/// no value is off by more than half a step of its group.
+#[derive(Clone, Debug)]
+pub struct Int8 {
+    pub q: Vec<i8>,
+    pub scales: Vec<f32>,
+    pub cols: usize,
+    pub scaled: Scaled,
+}
+
+impl Int8 {
+    /// `v: (rows, cols)` quantised; a value that is not finite is refused, naming it.
+    pub fn quantise(v: &[f32], cols: usize, scaled: Scaled) -> Result<Self, String> {
+        if cols == 0 || !v.len().is_multiple_of(cols) {
+            return Err(format!("{} values are not rows of {cols}", v.len()));
+        }
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            return Err(format!("value {i} ({}) is not finite", v[i]));
+        }
+        // Each group's largest magnitude, then its scale.
+        let mut scales = match scaled {
+            Scaled::Rows => v
+                .chunks_exact(cols)
+                .map(|r| r.iter().fold(0f32, |m, x| m.max(x.abs())))
+                .collect(),
+            Scaled::Columns => v.chunks_exact(cols).fold(vec![0f32; cols], |mut m, r| {
+                for (m, x) in m.iter_mut().zip(r) {
+                    *m = m.max(x.abs());
+                }
+                m
+            }),
+        };
+        for s in &mut scales {
+            *s /= 127.0;
+        }
+        let step = |x: f32, s: f32| match s {
+            0.0 => 0,
+            s => (x / s).round().clamp(-127.0, 127.0) as i8,
+        };
+        let mut q = Vec::with_capacity(v.len());
+        for (r, row) in v.chunks_exact(cols).enumerate() {
+            match scaled {
+                Scaled::Rows => q.extend(row.iter().map(|&x| step(x, scales[r]))),
+                Scaled::Columns => q.extend(row.iter().zip(&scales).map(|(&x, &s)| step(x, s))),
+            }
+        }
+        Ok(Int8 {
+            q,
+            scales,
+            cols,
+            scaled,
+        })
+    }
+
+    /// The values these stand for, `q[i] * scale`.
+    pub fn dequantise(&self) -> Vec<f32> {
+        self.q
+            .iter()
+            .enumerate()
+            .map(|(i, &q)| {
+                let g = match self.scaled {
+                    Scaled::Rows => i / self.cols,
+                    Scaled::Columns => i % self.cols,
+                };
+                q as f32 * self.scales[g]
+            })
+            .collect()
+    }
 }
 
 impl Values {
@@ -68,6 +147,7 @@ impl Values {
             Values::F32(v) => v.len(),
             Values::Bf16(v) => v.len(),
             Values::F16(v) => v.len(),
+            Values::Int8(v) => v.q.len(),
         }
     }
 
@@ -80,12 +160,28 @@ impl Values {
             Values::F32(_) => LoraDtype::F32,
             Values::Bf16(_) => LoraDtype::Bf16,
             Values::F16(_) => LoraDtype::F16,
+            Values::Int8(_) => LoraDtype::Int8,
         }
     }
 
     /// Resident bytes.
     pub fn bytes(&self) -> usize {
-        self.len() * self.dtype().bytes()
+        match self {
+            Values::F32(v) => v.len() * 4,
+            Values::Bf16(v) => v.len() * 2,
+            Values::F16(v) => v.len() * 2,
+            Values::Int8(v) => v.q.len() + v.scales.len() * 4,
+        }
+    }
+
+    /// Where the values lie and how many bytes they take.
+    pub fn raw(&self) -> (*const u8, usize) {
+        match self {
+            Values::F32(v) => (v.as_ptr().cast(), v.len() * 4),
+            Values::Bf16(v) => (v.as_ptr().cast(), v.len() * 2),
+            Values::F16(v) => (v.as_ptr().cast(), v.len() * 2),
+            Values::Int8(v) => (v.q.as_ptr().cast(), v.q.len()),
+        }
     }
 
     /// The values as `f32` (exact: a 16-bit value widens without loss); borrowed when they
@@ -95,12 +191,14 @@ impl Values {
             Values::F32(v) => Cow::Borrowed(v),
             Values::Bf16(v) => Cow::Owned(v.iter().map(|x| x.to_f32()).collect()),
             Values::F16(v) => Cow::Owned(v.iter().map(|x| x.to_f32()).collect()),
+            Values::Int8(v) => Cow::Owned(v.dequantise()),
         }
     }
 
     /// These values in `dtype`: as they are, widened exactly, or rounded to the nearest
     /// (ties to even). A value the narrower type cannot hold (an `f32` beyond `f16`'s
-    /// ±65,504) is refused, naming it, rather than served as an infinity.
+    /// ±65,504) is refused, naming it, rather than served as an infinity. `int8` needs the
+    /// matrix's shape and which values share a scale: [`Values::to_int8`].
     pub fn to_dtype(&self, dtype: LoraDtype) -> Result<Values, String> {
         if self.dtype() == dtype {
             return Ok(self.clone());
@@ -123,7 +221,13 @@ impl Values {
                 }
                 Values::F16(v)
             }
+            LoraDtype::Int8 => return Err("int8 needs the matrix's shape (to_int8)".into()),
         })
+    }
+
+    /// These values, a `(_, cols)` matrix, in 8 bits ([`Int8::quantise`]).
+    pub fn to_int8(&self, cols: usize, scaled: Scaled) -> Result<Values, String> {
+        Ok(Values::Int8(Int8::quantise(&self.to_f32(), cols, scaled)?))
     }
 }
 
@@ -212,6 +316,21 @@ impl Weight for f16 {
     }
 }
 
+#[allow(unsafe_code)]
+impl Weight for i8 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self as f32
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract; every i8 is exactly an f32.
+        unsafe { _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p.cast()))) }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -236,7 +355,12 @@ mod tests {
         assert!("fp8"
             .parse::<LoraDtype>()
             .expect_err("no fp8")
-            .contains("expected f32, bf16 or f16"));
+            .contains("expected f32, bf16, f16 or int8"));
+        assert_eq!("int8".parse::<LoraDtype>(), Ok(LoraDtype::Int8));
+        assert!(v
+            .to_dtype(LoraDtype::Int8)
+            .expect_err("a shape is needed")
+            .contains("to_int8"));
     }
 
     /// The AVX2 loads widen exactly as `widen` does, subnormals and signs included.
@@ -256,5 +380,6 @@ mod tests {
         check(&src);
         check(&src.map(bf16::from_f32));
         check(&src.map(f16::from_f32));
+        check(&[-128i8, -127, -1, 0, 1, 5, 126, 127]);
     }
 }
