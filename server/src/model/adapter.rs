@@ -100,10 +100,20 @@ impl LinearDelta {
         }
     }
 
-    /// `post_linear` for one row: `y` is the base output for input `x`.
-    pub fn post_row(&self, x: &[f32], y: &mut [f32]) {
+    /// `post_linear` for one row: `y` is the base output for input `x`. `low_rank`, when
+    /// given, is this row's low-rank update computed apart ([`low_rank_rows`]), added here
+    /// in place of computing it.
+    pub fn post_row(&self, x: &[f32], y: &mut [f32], low_rank: Option<&[f32]>) {
+        let lora = |p: &LoraPair, y: &mut [f32]| match low_rank {
+            Some(d) => {
+                for (v, d) in y.iter_mut().zip(d) {
+                    *v += d;
+                }
+            }
+            None => p.apply_row(x, y),
+        };
         match self {
-            LinearDelta::Lora(p) => p.apply_row(x, y),
+            LinearDelta::Lora(p) => lora(p, y),
             LinearDelta::Ia3 {
                 scale,
                 on_input: false,
@@ -119,7 +129,7 @@ impl LinearDelta {
                     y.len(),
                     "DoRA's gains come from Adapter::compile"
                 );
-                d.lora.apply_row(x, y);
+                lora(&d.lora, y);
                 for (v, g) in y.iter_mut().zip(&d.gain) {
                     *v *= g;
                 }
@@ -419,14 +429,51 @@ pub fn after_sublayer_rows(
         );
 }
 
+/// The low-rank updates of a step's rows apart from the shared weight's output, so they
+/// can be computed while it is: row `i` of the result is `scale * B A x_i` for a row whose
+/// adapter has a LoRA or DoRA pair on this module (`x: (n, in)`), for [`post_linear_rows`]
+/// to add; `None` when no row has one. Each update lands on `-0.0`, which leaves every
+/// value as it is, so adding it later gives the bits of [`LoraPair::apply_row`] on the
+/// output itself.
+pub fn low_rank_rows(
+    rows: &[Option<&Adapter>],
+    layer: usize,
+    m: Module,
+    x: &[f32],
+    out: usize,
+) -> Option<Vec<f32>> {
+    use rayon::prelude::*;
+    fn pair<'a>(a: &Option<&'a Adapter>, layer: usize, m: Module) -> Option<&'a LoraPair> {
+        a.and_then(|a| a.linear(layer, m))
+            .and_then(LinearDelta::low_rank)
+    }
+    let n = rows.len();
+    if n == 0 || rows.iter().all(|r| pair(r, layer, m).is_none()) {
+        return None;
+    }
+    let inp = x.len() / n;
+    let mut d = vec![-0.0f32; n * out];
+    d.par_chunks_mut(out)
+        .zip(x.par_chunks(inp))
+        .zip(rows.par_iter())
+        .for_each(|((dr, xr), a)| {
+            if let Some(p) = pair(a, layer, m) {
+                p.apply_row(xr, dr);
+            }
+        });
+    Some(d)
+}
+
 /// `post_linear` for a step: `rows[i]` is the adapter of row `i` (if any); `x: (n, in)`,
-/// `y: (n, out)` row-major, `y` holding the shared weight's output.
+/// `y: (n, out)` row-major, `y` holding the shared weight's output; `low_rank` the rows'
+/// [`low_rank_rows`] when they were computed apart (else each is computed here).
 pub fn post_linear_rows(
     rows: &[Option<&Adapter>],
     layer: usize,
     m: Module,
     x: &[f32],
     y: &mut [f32],
+    low_rank: Option<&[f32]>,
 ) {
     use rayon::prelude::*;
     let n = rows.len();
@@ -441,9 +488,10 @@ pub fn post_linear_rows(
     y.par_chunks_mut(out)
         .zip(x.par_chunks(inp))
         .zip(rows.par_iter())
-        .for_each(|((yr, xr), a)| {
+        .enumerate()
+        .for_each(|(i, ((yr, xr), a))| {
             if let Some(d) = a.and_then(|a| a.linear(layer, m)) {
-                d.post_row(xr, yr);
+                d.post_row(xr, yr, low_rank.map(|l| &l[i * out..(i + 1) * out]));
             }
         });
 }
@@ -596,5 +644,72 @@ impl TensorAdapter for Adapter {
             .as_ref()
             .map(|h| h.tensor(&Device::Cpu))
             .transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::lora::LoraDtype;
+
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 7919 + seed * 104729) % 1000) as f32 / 1000.0 - 0.5)
+            .collect()
+    }
+
+    fn pair(seed: usize, rank: usize, inp: usize, out: usize) -> LoraPair {
+        LoraPair {
+            a: values(rank * inp, seed).into(),
+            b: values(out * rank, seed + 1).into(),
+            rank,
+            in_features: inp,
+            out_features: out,
+            scale: 0.75,
+        }
+    }
+
+    /// The low-rank updates computed apart (beside the shared weight's product) and added
+    /// afterwards give every row the bits of computing them on the output itself: LoRA,
+    /// DoRA and IA3 rows and a row without an adapter, with f32 and int8 pairs.
+    #[test]
+    fn low_rank_updates_computed_apart_give_the_same_bits() {
+        let (inp, out, m) = (40, 36, Module::Q);
+        for dtype in [LoraDtype::F32, LoraDtype::Int8] {
+            let lora_pair = pair(1, 16, inp, out).to_dtype(dtype).expect("finite");
+            let mut lora = Adapter::new(1);
+            lora.set(0, m, lora_pair);
+            let mut dora = Adapter::new(1);
+            dora.linear[0][m.index()] = Some(LinearDelta::Dora(Box::new(Dora {
+                lora: pair(3, 8, inp, out).to_dtype(dtype).expect("finite"),
+                magnitude: vec![1.0; out],
+                gain: values(out, 5).iter().map(|g| 1.0 + g).collect(),
+            })));
+            let mut ia3 = Adapter::new(1);
+            ia3.linear[0][m.index()] = Some(LinearDelta::Ia3 {
+                scale: values(out, 7),
+                on_input: false,
+            });
+            let rows = [Some(&lora), None, Some(&dora), Some(&ia3), Some(&lora)];
+            let n = rows.len();
+            let x = values(n * inp, 9);
+            let y0 = values(n * out, 11);
+            let low = low_rank_rows(&rows, 0, m, &x, out);
+            let mut apart = y0.clone();
+            post_linear_rows(&rows, 0, m, &x, &mut apart, low.as_deref());
+            let mut in_place = y0.clone();
+            post_linear_rows(&rows, 0, m, &x, &mut in_place, None);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&apart), bits(&in_place), "{dtype:?}");
+            let row = |v: &[f32], i: usize| v[i * out..(i + 1) * out].to_vec();
+            for i in [0, 2, 3, 4] {
+                assert_ne!(row(&apart, i), row(&y0, i), "{dtype:?}: row {i} changed");
+            }
+            assert_eq!(row(&apart, 1), row(&y0, 1), "no adapter, no change");
+            assert!(
+                low_rank_rows(&[None, Some(&ia3)], 0, m, &x[..2 * inp], out).is_none(),
+                "no row has a pair"
+            );
+        }
     }
 }

@@ -11,7 +11,8 @@ use candle_core::{DType, Device, Tensor};
 
 use super::{
     adapter::{
-        after_sublayer_rows, post_linear_rows, pre_linear_rows, Adapter, KvPrefix, TensorAdapter,
+        after_sublayer_rows, low_rank_rows, post_linear_rows, pre_linear_rows, Adapter, KvPrefix,
+        TensorAdapter,
     },
     attention::{attend, AttnShape, RopeTable, RowPlace},
     config::LlamaConfig,
@@ -39,6 +40,12 @@ pub struct SeqChunk<'a> {
     /// The sequence's adapter, applied to its rows only. Its KV prefix, if any, is already
     /// in `cache` ([`KvPool::seed_prefix`]); the hooks applied here are its linear parts.
     pub adapter: Option<&'a Adapter>,
+}
+
+/// The `N` outputs of a projection of `N` modules (one each, in order).
+fn outputs<const N: usize>(ys: Vec<Vec<f32>>) -> [Vec<f32>; N] {
+    let mut ys = ys.into_iter();
+    std::array::from_fn(|_| ys.next().unwrap_or_default())
 }
 
 /// Runs a serving step on a worker of rayon's pool (inline when already on one): the step's
@@ -295,19 +302,50 @@ impl Llama {
             return Ok(None);
         }
         let kernel = self.decode_kernel;
-        // One projection: each row's own `pre_linear` hook, the shared weight for every
-        // row, then each row's own `post_linear` hook.
-        let project =
-            |lin: &Linear, m: Module, li: usize, x: &[f32]| -> Result<Vec<f32>, ModelError> {
-                if !any_hooks {
-                    return Ok(lin.forward_rows_vec(x, n, decode_rows, kernel)?);
-                }
-                let mut xv = x.to_vec();
-                pre_linear_rows(&row_adapter, li, m, &mut xv);
-                let mut y = lin.forward_rows_vec(&xv, n, decode_rows, kernel)?;
-                post_linear_rows(&row_adapter, li, m, &xv, &mut y);
-                Ok(y)
-            };
+        // Projections of one input: each row's own `pre_linear` hook, the shared weights
+        // for every row, then each row's own `post_linear` hook. The rows' low-rank
+        // updates, memory-bound (each row reads its own pairs), run beside the shared
+        // weights' compute-bound products, all of the input's modules at once.
+        let project = |mods: &[(&Linear, Module)],
+                       li: usize,
+                       x: &[f32]|
+         -> Result<Vec<Vec<f32>>, ModelError> {
+            if !any_hooks {
+                return mods
+                    .iter()
+                    .map(|(lin, _)| Ok(lin.forward_rows_vec(x, n, decode_rows, kernel)?))
+                    .collect();
+            }
+            let xs: Vec<Vec<f32>> = mods
+                .iter()
+                .map(|&(_, m)| {
+                    let mut xv = x.to_vec();
+                    pre_linear_rows(&row_adapter, li, m, &mut xv);
+                    xv
+                })
+                .collect();
+            let (ys, low_rank) = rayon::join(
+                || {
+                    mods.iter()
+                        .zip(&xs)
+                        .map(|((lin, _), xv)| lin.forward_rows_vec(xv, n, decode_rows, kernel))
+                        .collect::<candle_core::Result<Vec<_>>>()
+                },
+                || {
+                    mods.iter()
+                        .zip(&xs)
+                        .map(|(&(lin, m), xv)| {
+                            low_rank_rows(&row_adapter, li, m, xv, lin.out_features())
+                        })
+                        .collect::<Vec<_>>()
+                },
+            );
+            let mut ys = ys?;
+            for (((y, &(_, m)), xv), low) in ys.iter_mut().zip(mods).zip(&xs).zip(&low_rank) {
+                post_linear_rows(&row_adapter, li, m, xv, y, low.as_deref());
+            }
+            Ok(ys)
+        };
         // The block's state after a sublayer with output `h`: `x + h`, or a row's own
         // `after_sublayer` hook.
         let residual = |site: Sublayer, li: usize, x: &mut Vec<f32>, mut h: Vec<f32>| {
@@ -327,9 +365,12 @@ impl Llama {
         for (li, layer) in self.weights.layers.iter().enumerate() {
             let (attn_norm, ffn_norm) = &self.norms[li];
             let h = ops::rms_norm(&x, attn_norm, eps);
-            let mut q = project(&layer.q, Module::Q, li, &h)?;
-            let mut k = project(&layer.k, Module::K, li, &h)?;
-            let v = project(&layer.v, Module::V, li, &h)?;
+            let qkv = [
+                (&layer.q, Module::Q),
+                (&layer.k, Module::K),
+                (&layer.v, Module::V),
+            ];
+            let [mut q, mut k, v] = outputs(project(&qkv, li, &h)?);
             for (r, place) in rows.iter().enumerate() {
                 self.rope
                     .apply(&mut q[r * hidden..(r + 1) * hidden], place.pos);
@@ -348,13 +389,13 @@ impl Llama {
             }
             let tables: Vec<&[u32]> = chunks.iter().map(|c| c.cache.blocks()).collect();
             let a = attend(&q, &rows, &tables, pool.layer(li), self.attn_shape());
-            let o = project(&layer.o, Module::O, li, &a)?;
+            let [o] = outputs(project(&[(&layer.o, Module::O)], li, &a)?);
             residual(Sublayer::Attention, li, &mut x, o);
             let h = ops::rms_norm(&x, ffn_norm, eps);
-            let mut g = project(&layer.gate, Module::Gate, li, &h)?;
-            let u = project(&layer.up, Module::Up, li, &h)?;
+            let gate_up = [(&layer.gate, Module::Gate), (&layer.up, Module::Up)];
+            let [mut g, u] = outputs(project(&gate_up, li, &h)?);
             ops::silu_mul(&mut g, &u);
-            let f = project(&layer.down, Module::Down, li, &g)?;
+            let [f] = outputs(project(&[(&layer.down, Module::Down)], li, &g)?);
             residual(Sublayer::Ffn, li, &mut x, f);
         }
         for c in chunks.iter_mut() {
