@@ -383,7 +383,7 @@ mod tests {
             assert_eq!(bits(&plain), bits(&fast), "rank {r}, {out} outputs");
             assert_ne!(plain, y0);
             let bi: Vec<i8> = (0..out * r)
-                .map(|i| ((i * 41 % 255) as i32 - 127) as i8)
+                .map(|i| (i * 41 % 255 - 127) as i8)
                 .collect();
             let (mut plain, mut fast) = (y0.clone(), y0.clone());
             add_b_t(&bi, &t, &mut plain);
@@ -408,19 +408,41 @@ mod tests {
             let y0: Vec<f32> = (0..out).map(|i| (i % 5) as f32 - 2.0).collect();
             let mut y = y0.clone();
             p.apply_row(&x, &mut y);
-            for o in 0..out {
-                let mut want = y0[o] as f64;
-                for j in 0..r {
-                    let ax: f64 = (0..inp).map(|k| pa[j * inp + k] as f64 * x[k] as f64).sum();
-                    want += p.scale as f64 * pb[o * r + j] as f64 * ax;
-                }
-                let got = y[o] as f64;
-                assert!(
-                    (got - want).abs() < 1e-4,
-                    "rank {r} out {o}: {got} vs {want}"
-                );
-            }
+            assert_is_update_in_f64(&y, &y0, &pa, &pb, &x, &p, 1e-4);
         }
+    }
+
+    /// `y` is `y0 + scale * B A x` computed in f64 from the values `a` and `b`, to `tol`.
+    fn assert_is_update_in_f64(
+        y: &[f32],
+        y0: &[f32],
+        a: &[f32],
+        b: &[f32],
+        x: &[f32],
+        p: &LoraPair,
+        tol: f64,
+    ) {
+        let (r, inp) = (p.rank, p.in_features);
+        for o in 0..p.out_features {
+            let mut want = y0[o] as f64;
+            for j in 0..r {
+                let ax: f64 = (0..inp).map(|k| a[j * inp + k] as f64 * x[k] as f64).sum();
+                want += p.scale as f64 * b[o * r + j] as f64 * ax;
+            }
+            let got = y[o] as f64;
+            assert!(
+                (got - want).abs() < tol,
+                "rank {r} out {o}: {got} vs {want}"
+            );
+        }
+    }
+
+    /// The largest difference between `a` and `b`.
+    fn worst(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max)
     }
 
     /// A pair served in bf16 or f16 computes exactly what an f32 pair holding the rounded
@@ -445,11 +467,7 @@ mod tests {
                 widened.apply_row(&x, &mut w);
                 assert_eq!(bits(&h), bits(&w), "rank {r} {dtype:?}");
                 assert_ne!(bits(&h), bits(&exact), "rank {r} {dtype:?}: rounding shows");
-                let worst = h
-                    .iter()
-                    .zip(&exact)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0f32, f32::max);
+                let worst = worst(&h, &exact);
                 assert!(worst < 0.05, "rank {r} {dtype:?}: {worst}");
             }
         }
@@ -472,24 +490,9 @@ mod tests {
             let (mut exact, mut y) = (y0.clone(), y0.clone());
             p.apply_row(&x, &mut exact);
             q.apply_row(&x, &mut y);
-            for o in 0..out {
-                let mut want = y0[o] as f64;
-                for j in 0..r {
-                    let ax: f64 = (0..inp).map(|k| qa[j * inp + k] as f64 * x[k] as f64).sum();
-                    want += q.scale as f64 * qb[o * r + j] as f64 * ax;
-                }
-                let got = y[o] as f64;
-                assert!(
-                    (got - want).abs() < 1e-4,
-                    "rank {r} out {o}: {got} vs {want}"
-                );
-            }
+            assert_is_update_in_f64(&y, &y0, &qa, &qb, &x, &q, 1e-4);
             assert_ne!(y, exact, "rank {r}: the values are rounded");
-            let worst = y
-                .iter()
-                .zip(&exact)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
+            let worst = worst(&y, &exact);
             assert!(worst < 0.1, "rank {r}: {worst}");
         }
     }
@@ -540,7 +543,7 @@ mod tests {
             let ab: Vec<half::bf16> = a.iter().map(|&v| half::bf16::from_f32(v)).collect();
             let ah: Vec<half::f16> = a.iter().map(|&v| half::f16::from_f32(v)).collect();
             let ai: Vec<i8> = (0..n)
-                .map(|i| ((i * 41 % 255) as i32 - 127) as i8)
+                .map(|i| (i * 41 % 255 - 127) as i8)
                 .collect();
             // SAFETY: checked above.
             #[allow(unsafe_code)]

@@ -71,8 +71,8 @@ pub enum Scaled {
 
 /// A `(rows, cols)` matrix in 8 bits: value `i` is `q[i] * scales[g]` where `g` is its row
 /// (`Scaled::Rows`) or its column (`Scaled::Columns`). Each group's scale is its largest
-/// magnitude over 127 and each value rounds to the nearest step (ties away from zero), so
-/// no value is off by more than half a step of its group.
+/// magnitude over 127 and each value rounds to the nearest step (ties to even), so no
+/// value is off by more than half a step of its group.
 #[derive(Clone, Debug)]
 pub struct Int8 {
     pub q: Vec<i8>,
@@ -108,7 +108,7 @@ impl Int8 {
         }
         let step = |x: f32, s: f32| match s {
             0.0 => 0,
-            s => (x / s).round().clamp(-127.0, 127.0) as i8,
+            s => (x / s).round_ties_even().clamp(-127.0, 127.0) as i8,
         };
         let mut q = Vec::with_capacity(v.len());
         for (r, row) in v.chunks_exact(cols).enumerate() {
