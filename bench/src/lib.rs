@@ -149,3 +149,20 @@ pub fn trainer_rate(model: &BaseModel, steps: usize, method: MethodSpec) -> anyh
     let t: f64 = times[1..].iter().sum();
     Ok(512.0 * (times.len() - 1) as f64 / t)
 }
+
+/// Each row's most likely token of `logits: (rows, vocab)`, as the next one-token chunk of
+/// that row's sequence (greedy decoding, for the in-process loops).
+pub fn greedy_next(logits: &candle_core::Tensor) -> anyhow::Result<Vec<Vec<u32>>> {
+    Ok(logits
+        .to_vec2::<f32>()?
+        .iter()
+        .map(|row| {
+            let best = row
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map_or(0, |x| x.0 as u32);
+            vec![best]
+        })
+        .collect())
+}

@@ -54,19 +54,7 @@ fn main() -> anyhow::Result<()> {
             })
             .collect();
         let l = m.llama.forward_batch(&mut pool, &mut chunks)?;
-        next = l
-            .to_vec2::<f32>()?
-            .iter()
-            .map(|row| {
-                let best = row
-                    .iter()
-                    .enumerate()
-                    .max_by(|a, b| a.1.total_cmp(b.1))
-                    .map(|x| x.0 as u32)
-                    .unwrap_or(0);
-                vec![best]
-            })
-            .collect();
+        next = graft_bench::greedy_next(&l)?;
     }
     println!(
         "{kernel:?}, {dtype:?} KV, {streams} stream(s) after {} prompt tokens: {:.1} tokens/s",

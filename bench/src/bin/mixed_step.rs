@@ -1,0 +1,86 @@
+//! 32 streams decoding bare and each with its own random rank-16 LoRA on all seven
+//! modules, in rounds that alternate, in process (no server, no gRPC): the mixed-adapter
+//! ratio with less noise than `adapters --parts mixed`, for A/B comparisons and profilers.
+//! `mixed_step [model.gguf] [f32|bf16|f16|int8] [rounds] [streams]`.
+
+use candle_core::Device;
+use graft_server::{
+    adapters::testing::random_lora,
+    model::{kv_cache::blocks_for, lora::LoraDtype, Adapter, BaseModel, KvCache, KvPool, SeqChunk},
+};
+
+const STEPS: usize = 64;
+
+fn main() -> anyhow::Result<()> {
+    // The server's process settings (allocator, candle's workers), as graftd runs.
+    graft_server::process::run_main(async { run() })?
+}
+
+fn run() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let path = args
+        .next()
+        .unwrap_or_else(|| "models/SmolLM2-135M-Instruct.Q4_1.gguf".into());
+    let m = BaseModel::load(std::path::Path::new(&path), &Device::Cpu)?;
+    let dtype: LoraDtype = args
+        .next()
+        .unwrap_or("f32".into())
+        .parse()
+        .map_err(anyhow::Error::msg)?;
+    let rounds: usize = args.next().unwrap_or("5".into()).parse()?;
+    let streams: usize = args.next().unwrap_or("32".into()).parse()?;
+    let adapters = (0..streams)
+        .map(|i| {
+            let mut a = random_lora(&m, i as u64 + 1, 16, 0.02);
+            a.set_lora_dtype(dtype).map_err(anyhow::Error::msg)?;
+            Ok(a)
+        })
+        .collect::<anyhow::Result<Vec<Adapter>>>()?;
+    let prompt = m.tokenizer.encode("Count from 1 to 1000: 1, 2, 3, 4,")?;
+    // Tokens a second over STEPS decode steps of every stream, after its prompt.
+    let rate = |with: bool| -> anyhow::Result<f64> {
+        let mut pool = KvPool::new(m.llama.kv_shape(), blocks_for(128 * streams))?;
+        let mut caches: Vec<KvCache> = (0..streams).map(|_| KvCache::new()).collect();
+        let mut next = vec![prompt.clone(); streams];
+        let mut t = std::time::Instant::now();
+        for i in 0..=STEPS {
+            if i == 1 {
+                t = std::time::Instant::now();
+            }
+            let mut chunks: Vec<SeqChunk> = caches
+                .iter_mut()
+                .zip(&next)
+                .zip(&adapters)
+                .map(|((cache, tokens), a)| SeqChunk {
+                    tokens,
+                    cache,
+                    want_logits: true,
+                    decode: i > 0,
+                    adapter: with.then_some(a),
+                })
+                .collect();
+            let l = m.llama.forward_batch(&mut pool, &mut chunks)?;
+            next = graft_bench::greedy_next(&l)?;
+        }
+        Ok((STEPS * streams) as f64 / t.elapsed().as_secs_f64())
+    };
+    // A first round warms the caches and the allocator; it is not counted.
+    rate(false)?;
+    let mut ratios = Vec::new();
+    for r in 0..rounds {
+        let (bare, with) = (rate(false)?, rate(true)?);
+        ratios.push(with / bare);
+        println!(
+            "round {r}: bare {bare:.1} tok/s, {} adapters {with:.1} tok/s, ratio {:.3}",
+            dtype.name(),
+            with / bare
+        );
+    }
+    ratios.sort_by(f64::total_cmp);
+    println!(
+        "{} pairs, {streams} streams: median ratio {:.3}",
+        dtype.name(),
+        ratios[ratios.len() / 2]
+    );
+    Ok(())
+}
