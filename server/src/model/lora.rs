@@ -382,9 +382,7 @@ mod tests {
             let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&plain), bits(&fast), "rank {r}, {out} outputs");
             assert_ne!(plain, y0);
-            let bi: Vec<i8> = (0..out * r)
-                .map(|i| (i * 41 % 255 - 127) as i8)
-                .collect();
+            let bi: Vec<i8> = (0..out * r).map(|i| (i * 41 % 255 - 127) as i8).collect();
             let (mut plain, mut fast) = (y0.clone(), y0.clone());
             add_b_t(&bi, &t, &mut plain);
             // SAFETY: checked above.
@@ -542,9 +540,7 @@ mod tests {
                 .collect();
             let ab: Vec<half::bf16> = a.iter().map(|&v| half::bf16::from_f32(v)).collect();
             let ah: Vec<half::f16> = a.iter().map(|&v| half::f16::from_f32(v)).collect();
-            let ai: Vec<i8> = (0..n)
-                .map(|i| (i * 41 % 255 - 127) as i8)
-                .collect();
+            let ai: Vec<i8> = (0..n).map(|i| (i * 41 % 255 - 127) as i8).collect();
             // SAFETY: checked above.
             #[allow(unsafe_code)]
             let fast = unsafe {
