@@ -70,7 +70,7 @@ impl LoraPair {
 
     /// Asks for the first lines of `A` and `B` in cache, ahead of the kernels' own
     /// prefetches (a hint only).
-    pub fn prefetch_head(&self) {
+    fn prefetch_head(&self) {
         #[cfg(target_arch = "x86_64")]
         {
             let head = |p: *const u8, bytes: usize| {

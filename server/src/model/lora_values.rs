@@ -175,7 +175,7 @@ impl Values {
     }
 
     /// Where the values lie and how many bytes they take.
-    pub fn raw(&self) -> (*const u8, usize) {
+    pub(crate) fn raw(&self) -> (*const u8, usize) {
         match self {
             Values::F32(v) => (v.as_ptr().cast(), v.len() * 4),
             Values::Bf16(v) => (v.as_ptr().cast(), v.len() * 2),
