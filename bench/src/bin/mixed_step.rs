@@ -1,6 +1,7 @@
 //! 32 streams decoding bare and each with its own random rank-16 LoRA on all seven
 //! modules, in rounds that alternate, in process (no server, no gRPC): the mixed-adapter
-//! ratio with less noise than `adapters --parts mixed`, for A/B comparisons and profilers.
+//! ratio of the model's step alone (`adapters --parts mixed` measures it through the
+//! server), for A/B comparisons and profilers; the median of the rounds' ratios.
 //! `mixed_step [model.gguf] [f32|bf16|f16|int8] [rounds] [streams]`.
 
 use candle_core::Device;
