@@ -219,28 +219,21 @@ mod avx2 {
 
     use super::Weight;
 
-    /// [`super::dot`] in its order: four eight-lane accumulators, 8-chunk `i` fused into
-    /// accumulator `i % 4`, the accumulators summed `(0+1)+(2+3)`, their lanes
-    /// `((0+4)+(1+5)) + ((2+6)+(3+7))`, then the tail fused in order.
+    /// [`super::dot`] eight lanes at a time, in its order: lane `l` fuses the `l`-th value
+    /// of every whole 8-chunk, the lanes are summed `((0+4)+(1+5)) + ((2+6)+(3+7))`, then
+    /// the tail is fused in order.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dot<A: Weight>(a: &[A], x: &[f32]) -> f32 {
         let n = a.len() / 8 * 8;
         assert!(x.len() >= a.len(), "x is as long as a row of A");
         let (ap, xp) = (a.as_ptr(), x.as_ptr());
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut c = 0;
-        while c + 32 <= n {
-            ahead(ap.add(c), 32);
-            for (q, acc) in acc.iter_mut().enumerate() {
-                let at = c + 8 * q;
-                *acc = _mm256_fmadd_ps(A::load8(ap.add(at)), _mm256_loadu_ps(xp.add(at)), *acc);
+        let mut acc = _mm256_setzero_ps();
+        for c in (0..n).step_by(8) {
+            if c.is_multiple_of(32) {
+                ahead(ap.add(c), 32);
             }
-            c += 32;
+            acc = _mm256_fmadd_ps(A::load8(ap.add(c)), _mm256_loadu_ps(xp.add(c)), acc);
         }
-        for (q, at) in (c..n).step_by(8).enumerate() {
-            acc[q] = _mm256_fmadd_ps(A::load8(ap.add(at)), _mm256_loadu_ps(xp.add(at)), acc[q]);
-        }
-        let acc = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
         let q = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
         let h = _mm_hadd_ps(q, q);
         let mut s = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
@@ -310,23 +303,14 @@ pub fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
-/// `a . b` over `a`'s length: four eight-lane accumulators (8-chunk `i` fused into
-/// accumulator `i % 4`, so four chains run at once), summed `(0+1)+(2+3)` lane by lane,
-/// the lanes `((0+4)+(1+5)) + ((2+6)+(3+7))`, then the tail fused in order.
 pub(crate) fn dot<A: Weight>(a: &[A], b: &[f32]) -> f32 {
-    let mut acc = [[0f32; 8]; 4];
+    let mut acc = [0f32; 8];
     let n = a.len() / 8 * 8;
-    for (i, (ac, bc)) in a[..n]
-        .chunks_exact(8)
-        .zip(b[..n].chunks_exact(8))
-        .enumerate()
-    {
-        let acc = &mut acc[i % 4];
+    for (ac, bc) in a[..n].chunks_exact(8).zip(b[..n].chunks_exact(8)) {
         for l in 0..8 {
             acc[l] = ac[l].widen().mul_add(bc[l], acc[l]);
         }
     }
-    let acc: [f32; 8] = std::array::from_fn(|l| (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]));
     let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
     for i in n..a.len() {
         s = a[i].widen().mul_add(b[i], s);
