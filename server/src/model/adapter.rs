@@ -267,7 +267,9 @@ impl Adapter {
 
     /// Every LoRA and DoRA pair in `dtype` ([`LoraPair::to_dtype`]): what the registry
     /// serves with `--lora-dtype`. Done before [`Adapter::compile`], so DoRA's gains are
-    /// those of the values served. An error names the layer and module.
+    /// those of the values served. An error names the layer and module. In `int8` the
+    /// matrices are then packed into one buffer in the order a step reads them
+    /// ([`super::lora_values::pack_int8`]).
     pub fn set_lora_dtype(&mut self, dtype: super::lora::LoraDtype) -> Result<(), String> {
         for (li, layer) in self.linear.iter_mut().enumerate() {
             for m in Module::ALL {
@@ -283,6 +285,16 @@ impl Adapter {
                     .to_dtype(dtype)
                     .map_err(|e| format!("layer {li} {}: {e}", m.hf_name()))?;
             }
+        }
+        if dtype == super::lora::LoraDtype::Int8 {
+            super::lora_values::pack_int8(self.linear.iter_mut().flatten().flat_map(|d| {
+                let pair = match d {
+                    Some(LinearDelta::Lora(p)) => Some(p),
+                    Some(LinearDelta::Dora(d)) => Some(&mut d.lora),
+                    _ => None,
+                };
+                pair.into_iter().flat_map(|p| [&mut p.a, &mut p.b])
+            }));
         }
         Ok(())
     }
@@ -429,39 +441,54 @@ pub fn after_sublayer_rows(
         );
 }
 
-/// The low-rank updates of a step's rows apart from the shared weight's output, so they
-/// can be computed while it is: row `i` of the result is `scale * B A x_i` for a row whose
-/// adapter has a LoRA or DoRA pair on this module (`x: (n, in)`), for [`post_linear_rows`]
-/// to add; `None` when no row has one. Each update lands on `-0.0`, which leaves every
-/// value as it is, so adding it later gives the bits of [`LoraPair::apply_row`] on the
-/// output itself.
+/// The low-rank updates of a step's rows apart from the shared weights' outputs, so they
+/// can be computed while those are: for each module `(m, x, out)` of one input (`x: (n,
+/// in)`, the module's own after its `pre_linear` hooks), row `i` of its result is `scale *
+/// B A x_i` for a row whose adapter has a LoRA or DoRA pair on it, for [`post_linear_rows`]
+/// to add; `None` for a module no row has a pair on. Each update lands on `-0.0`, which
+/// leaves every value as it is, so adding it later gives the bits of
+/// [`LoraPair::apply_row`] on the output itself.
+/// A row's modules go one after another (its pairs were converted, and mostly allocated,
+/// in that order), so each thread reads one adapter's bytes in longer runs.
 pub fn low_rank_rows(
     rows: &[Option<&Adapter>],
     layer: usize,
-    m: Module,
-    x: &[f32],
-    out: usize,
-) -> Option<Vec<f32>> {
+    mods: &[(Module, &[f32], usize)],
+) -> Vec<Option<Vec<f32>>> {
     use rayon::prelude::*;
     fn pair<'a>(a: &Option<&'a Adapter>, layer: usize, m: Module) -> Option<&'a LoraPair> {
         a.and_then(|a| a.linear(layer, m))
             .and_then(LinearDelta::low_rank)
     }
     let n = rows.len();
-    if n == 0 || rows.iter().all(|r| pair(r, layer, m).is_none()) {
-        return None;
+    let mut out: Vec<Option<Vec<f32>>> = mods
+        .iter()
+        .map(|&(m, _, o)| {
+            (n > 0 && rows.iter().any(|r| pair(r, layer, m).is_some()))
+                .then(|| vec![-0.0f32; n * o])
+        })
+        .collect();
+    // Row `i`'s slice of each module's result.
+    let mut by_row: Vec<Vec<Option<&mut [f32]>>> = (0..n).map(|_| Vec::new()).collect();
+    for (d, &(_, _, o)) in out.iter_mut().zip(mods) {
+        let mut chunks = d.as_deref_mut().map(|d| d.chunks_mut(o));
+        for slots in by_row.iter_mut() {
+            slots.push(chunks.as_mut().and_then(Iterator::next));
+        }
     }
-    let inp = x.len() / n;
-    let mut d = vec![-0.0f32; n * out];
-    d.par_chunks_mut(out)
-        .zip(x.par_chunks(inp))
+    by_row
+        .into_par_iter()
         .zip(rows.par_iter())
-        .for_each(|((dr, xr), a)| {
-            if let Some(p) = pair(a, layer, m) {
-                p.apply_row(xr, dr);
+        .enumerate()
+        .for_each(|(i, (slots, a))| {
+            for (slot, &(m, x, _)) in slots.into_iter().zip(mods) {
+                if let (Some(d), Some(p)) = (slot, pair(a, layer, m)) {
+                    let inp = x.len() / n;
+                    p.apply_row(&x[i * inp..(i + 1) * inp], d);
+                }
             }
         });
-    Some(d)
+    out
 }
 
 /// `post_linear` for a step: `rows[i]` is the adapter of row `i` (if any); `x: (n, in)`,
@@ -694,10 +721,13 @@ mod tests {
             let n = rows.len();
             let x = values(n * inp, 9);
             let y0 = values(n * out, 11);
-            let low = low_rank_rows(&rows, 0, m, &x, out);
-            assert!(low.is_some(), "{dtype:?}: the updates are computed apart");
+            let low = low_rank_rows(&rows, 0, &[(m, &x, out)]);
+            assert!(
+                low[0].is_some(),
+                "{dtype:?}: the updates are computed apart"
+            );
             let mut apart = y0.clone();
-            post_linear_rows(&rows, 0, m, &x, &mut apart, low.as_deref());
+            post_linear_rows(&rows, 0, m, &x, &mut apart, low[0].as_deref());
             let mut in_place = y0.clone();
             post_linear_rows(&rows, 0, m, &x, &mut in_place, None);
             let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
@@ -708,7 +738,7 @@ mod tests {
             }
             assert_eq!(row(&apart, 1), row(&y0, 1), "no adapter, no change");
             assert!(
-                low_rank_rows(&[None, Some(&ia3)], 0, m, &x[..2 * inp], out).is_none(),
+                low_rank_rows(&[None, Some(&ia3)], 0, &[(m, &x[..2 * inp], out)])[0].is_none(),
                 "no row has a pair"
             );
         }

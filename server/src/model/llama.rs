@@ -324,6 +324,11 @@ impl Llama {
                     xv
                 })
                 .collect();
+            let group: Vec<(Module, &[f32], usize)> = mods
+                .iter()
+                .zip(&xs)
+                .map(|(&(lin, m), xv)| (m, &xv[..], lin.out_features()))
+                .collect();
             let (ys, low_rank) = rayon::join(
                 || {
                     mods.iter()
@@ -331,14 +336,7 @@ impl Llama {
                         .map(|((lin, _), xv)| lin.forward_rows_vec(xv, n, decode_rows, kernel))
                         .collect::<candle_core::Result<Vec<_>>>()
                 },
-                || {
-                    mods.iter()
-                        .zip(&xs)
-                        .map(|(&(lin, m), xv)| {
-                            low_rank_rows(&row_adapter, li, m, xv, lin.out_features())
-                        })
-                        .collect::<Vec<_>>()
-                },
+                || low_rank_rows(&row_adapter, li, &group),
             );
             let mut ys = ys?;
             for (((y, &(_, m)), xv), low) in ys.iter_mut().zip(mods).zip(&xs).zip(&low_rank) {

@@ -9,6 +9,7 @@
 use candle_core::Tensor;
 
 pub use super::f32s::F32s;
+use super::lora_int8::{self, Isa};
 use super::lora_values::Weight;
 pub use super::lora_values::{Int8, LoraDtype, Scaled, Values};
 
@@ -31,9 +32,12 @@ pub struct LoraPair {
 impl LoraPair {
     /// `y += scale * B (A x)` for one row. Whatever the float dtype, values are widened to
     /// `f32` before any arithmetic, in one order, so the result is that of an `f32` pair
-    /// holding the same values, bit for bit. An `int8` pair scales each rank component
-    /// instead: `t_j = scale * sa_j * (qA_j . x)`, then `y += qB (sb * t)`.
+    /// holding the same values, bit for bit. An `int8` pair runs as integer dot products
+    /// over the row quantised to 16 bits ([`super::lora_int8`]).
     pub fn apply_row(&self, x: &[f32], y: &mut [f32]) {
+        if let Some(row) = self.int8_row(x, y) {
+            return lora_int8::apply_row(row, Isa::best());
+        }
         let r = self.rank;
         let mut stack = [0f32; 256];
         let mut heap;
@@ -46,25 +50,31 @@ impl LoraPair {
         let fast = simd();
         self.prefetch_head();
         match &self.a {
-            Values::F32(a) => self.shrink(a, None, x, t, fast),
-            Values::Bf16(a) => self.shrink(a, None, x, t, fast),
-            Values::F16(a) => self.shrink(a, None, x, t, fast),
-            Values::Int8(a) => {
-                debug_assert_eq!(a.scaled, Scaled::Rows, "A is scaled by rows (to_dtype)");
-                self.shrink(&a.q, Some(&a.scales), x, t, fast)
-            }
+            Values::F32(a) => self.shrink(a, x, t, fast),
+            Values::Bf16(a) => self.shrink(a, x, t, fast),
+            Values::F16(a) => self.shrink(a, x, t, fast),
+            // One int8 matrix beside a float one is never served; its values are the same.
+            Values::Int8(_) => self.shrink(&self.a.to_f32(), x, t, fast),
         }
         match &self.b {
             Values::F32(b) => add_b_t_any(b, t, y, fast),
             Values::Bf16(b) => add_b_t_any(b, t, y, fast),
             Values::F16(b) => add_b_t_any(b, t, y, fast),
-            Values::Int8(b) => {
-                debug_assert_eq!(b.scaled, Scaled::Columns, "B is scaled by columns");
-                for (tj, s) in t.iter_mut().zip(&b.scales) {
-                    *tj *= s;
-                }
-                add_b_t_any(&b.q, t, y, fast)
-            }
+            Values::Int8(_) => add_b_t_any(&self.b.to_f32(), t, y, fast),
+        }
+    }
+
+    /// This row's job for [`lora_int8`], when both matrices are `int8`.
+    fn int8_row<'a>(&'a self, x: &'a [f32], y: &'a mut [f32]) -> Option<lora_int8::Row<'a>> {
+        match (&self.a, &self.b) {
+            (Values::Int8(a), Values::Int8(b)) => Some(lora_int8::Row {
+                a,
+                b,
+                scale: self.scale,
+                x,
+                y,
+            }),
+            _ => None,
         }
     }
 
@@ -91,21 +101,10 @@ impl LoraPair {
         }
     }
 
-    /// `t = scale * A x`, each row of `A` first times its own scale when it has one.
-    fn shrink<A: Weight>(
-        &self,
-        a: &[A],
-        scales: Option<&[f32]>,
-        x: &[f32],
-        t: &mut [f32],
-        fast: bool,
-    ) {
-        for (j, (tj, a)) in t
-            .iter_mut()
-            .zip(a.chunks_exact(self.in_features))
-            .enumerate()
-        {
-            let mut d;
+    /// `t = scale * A x`.
+    fn shrink<A: Weight>(&self, a: &[A], x: &[f32], t: &mut [f32], fast: bool) {
+        for (tj, a) in t.iter_mut().zip(a.chunks_exact(self.in_features)) {
+            let d;
             #[cfg(target_arch = "x86_64")]
             if fast {
                 // SAFETY: the CPU has AVX2, FMA and F16C (`simd`).
@@ -120,9 +119,6 @@ impl LoraPair {
             {
                 let _ = fast;
                 d = dot(a, x);
-            }
-            if let Some(s) = scales {
-                d *= s[j];
             }
             *tj = d * self.scale;
         }
@@ -319,10 +315,10 @@ pub(crate) fn dot<A: Weight>(a: &[A], b: &[f32]) -> f32 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn pair(rank: usize, inp: usize, out: usize) -> LoraPair {
+    pub(in crate::model) fn pair(rank: usize, inp: usize, out: usize) -> LoraPair {
         let v = |n: usize, k: usize| -> Values {
             (0..n)
                 .map(|i| ((i * 7919 + k * 104729) % 1000) as f32 / 1000.0 - 0.5)
@@ -366,15 +362,6 @@ mod tests {
             let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&plain), bits(&fast), "rank {r}, {out} outputs");
             assert_ne!(plain, y0);
-            let bi: Vec<i8> = (0..out * r).map(|i| (i * 41 % 255 - 127) as i8).collect();
-            let (mut plain, mut fast) = (y0.clone(), y0.clone());
-            add_b_t(&bi, &t, &mut plain);
-            // SAFETY: checked above.
-            #[allow(unsafe_code)]
-            unsafe {
-                avx2::add_b_t(&bi, &t, &mut fast)
-            };
-            assert_eq!(bits(&plain), bits(&fast), "int8, rank {r}, {out} outputs");
         }
     }
 
@@ -420,7 +407,7 @@ mod tests {
     }
 
     /// The largest difference between `a` and `b`.
-    fn worst(a: &[f32], b: &[f32]) -> f32 {
+    pub(in crate::model) fn worst(a: &[f32], b: &[f32]) -> f32 {
         a.iter()
             .zip(b)
             .map(|(a, b)| (a - b).abs())
@@ -452,30 +439,6 @@ mod tests {
                 let worst = worst(&h, &exact);
                 assert!(worst < 0.05, "rank {r} {dtype:?}: {worst}");
             }
-        }
-    }
-
-    /// An int8 pair's update is `y + scale * B' A' x` (in f64) to float error, where `A'`
-    /// and `B'` are the values its 8 bits and scales stand for (ranks 12 and 16: the plain
-    /// `B` update and the AVX2 one), and within a step of the f32 pair's.
-    #[test]
-    fn an_int8_pair_computes_the_values_it_stands_for() {
-        for r in [12, 16] {
-            let (inp, out) = (43, 20);
-            let p = pair(r, inp, out);
-            let q = p.to_dtype(LoraDtype::Int8).expect("finite");
-            // A byte a value, and an f32 scale for each of A's rows and B's columns.
-            assert_eq!(q.bytes(), p.bytes() / 4 + 2 * r * 4, "rank {r}");
-            let (qa, qb) = (q.a.to_f32(), q.b.to_f32());
-            let x: Vec<f32> = (0..inp).map(|i| ((i % 13) as f32 - 6.0) / 7.0).collect();
-            let y0: Vec<f32> = (0..out).map(|i| (i % 3) as f32 - 1.0).collect();
-            let (mut exact, mut y) = (y0.clone(), y0.clone());
-            p.apply_row(&x, &mut exact);
-            q.apply_row(&x, &mut y);
-            assert_is_update_in_f64(&y, &y0, &qa, &qb, &x, &q, 1e-4);
-            assert_ne!(y, exact, "rank {r}: the values are rounded");
-            let worst = worst(&y, &exact);
-            assert!(worst < 0.1, "rank {r}: {worst}");
         }
     }
 
@@ -524,18 +487,10 @@ mod tests {
                 .collect();
             let ab: Vec<half::bf16> = a.iter().map(|&v| half::bf16::from_f32(v)).collect();
             let ah: Vec<half::f16> = a.iter().map(|&v| half::f16::from_f32(v)).collect();
-            let ai: Vec<i8> = (0..n).map(|i| (i * 41 % 255 - 127) as i8).collect();
             // SAFETY: checked above.
             #[allow(unsafe_code)]
-            let fast = unsafe {
-                [
-                    avx2::dot(&a, &x),
-                    avx2::dot(&ab, &x),
-                    avx2::dot(&ah, &x),
-                    avx2::dot(&ai, &x),
-                ]
-            };
-            let plain = [dot(&a, &x), dot(&ab, &x), dot(&ah, &x), dot(&ai, &x)];
+            let fast = unsafe { [avx2::dot(&a, &x), avx2::dot(&ab, &x), avx2::dot(&ah, &x)] };
+            let plain = [dot(&a, &x), dot(&ab, &x), dot(&ah, &x)];
             assert_eq!(fast.map(f32::to_bits), plain.map(f32::to_bits), "n {n}");
             assert_ne!(plain[0], plain[1]);
         }

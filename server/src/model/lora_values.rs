@@ -9,6 +9,7 @@
 
 use std::borrow::Cow;
 
+use bytes::Bytes;
 use half::{bf16, f16};
 
 use super::f32s::F32s;
@@ -61,21 +62,23 @@ pub enum Values {
     Int8(Int8),
 }
 
-/// Which values of a matrix share an [`Int8`] scale: a rank component's. `A: (r, in)`
-/// scales each row, `B: (out, r)` each column.
+/// Which values of a matrix share an [`Int8`] scale, and lie together: a rank component's.
+/// `A: (r, in)` scales each row; `B: (out, r)` each column, stored column by column (as
+/// `B^T`), which is the order `model::lora_int8` reads them in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scaled {
     Rows,
     Columns,
 }
 
-/// A `(rows, cols)` matrix in 8 bits: value `i` is `q[i] * scales[g]` where `g` is its row
-/// (`Scaled::Rows`) or its column (`Scaled::Columns`). Each group's scale is its largest
-/// magnitude over 127 and each value rounds to the nearest step (ties to even), so no
-/// value is off by more than half a step of its group.
+/// A `(rows, cols)` matrix in 8 bits, group after group: by rows, `q[r * cols + c]` stands
+/// for value `(r, c)`; by columns, `q[c * rows + r]` does. Value `(r, c)` is that byte times
+/// `scales[g]`, `g` its row or its column. Each group's scale is its largest magnitude over
+/// 127 and each value rounds to the nearest step (ties to even), so no value is off by more
+/// than half a step of its group.
 #[derive(Clone, Debug)]
 pub struct Int8 {
-    pub q: Vec<i8>,
+    pub q: I8s,
     pub scales: Vec<f32>,
     pub cols: usize,
     pub scaled: Scaled,
@@ -90,54 +93,121 @@ impl Int8 {
         if let Some(i) = v.iter().position(|x| !x.is_finite()) {
             return Err(format!("value {i} ({}) is not finite", v[i]));
         }
-        // Each group's largest magnitude, then its scale.
-        let mut scales = match scaled {
-            Scaled::Rows => v
-                .chunks_exact(cols)
-                .map(|r| r.iter().fold(0f32, |m, x| m.max(x.abs())))
-                .collect(),
-            Scaled::Columns => v.chunks_exact(cols).fold(vec![0f32; cols], |mut m, r| {
-                for (m, x) in m.iter_mut().zip(r) {
-                    *m = m.max(x.abs());
-                }
-                m
-            }),
+        // The groups one after another: a matrix scaled by columns, transposed.
+        let groups: Cow<'_, [f32]> = match scaled {
+            Scaled::Rows => Cow::Borrowed(v),
+            Scaled::Columns => Cow::Owned(super::lora::transpose(v, v.len() / cols, cols)),
         };
-        for s in &mut scales {
-            *s /= 127.0;
-        }
-        let step = |x: f32, s: f32| match s {
-            0.0 => 0,
-            s => (x / s).round_ties_even().clamp(-127.0, 127.0) as i8,
+        let len = match scaled {
+            Scaled::Rows => cols,
+            Scaled::Columns => v.len() / cols,
         };
-        let mut q = Vec::with_capacity(v.len());
-        for (r, row) in v.chunks_exact(cols).enumerate() {
-            match scaled {
-                Scaled::Rows => q.extend(row.iter().map(|&x| step(x, scales[r]))),
-                Scaled::Columns => q.extend(row.iter().zip(&scales).map(|(&x, &s)| step(x, s))),
-            }
+        let mut q: Vec<u8> = Vec::with_capacity(v.len());
+        let mut scales = Vec::with_capacity(v.len() / len.max(1));
+        for g in groups.chunks_exact(len.max(1)) {
+            // The group's largest magnitude, then its scale.
+            let s = g.iter().fold(0f32, |m, x| m.max(x.abs())) / 127.0;
+            q.extend(g.iter().map(|&x| match s {
+                0.0 => 0,
+                s => (x / s).round_ties_even().clamp(-127.0, 127.0) as i8 as u8,
+            }));
+            scales.push(s);
         }
         Ok(Int8 {
-            q,
+            q: I8s(Bytes::from(q)),
             scales,
             cols,
             scaled,
         })
     }
 
-    /// The values these stand for, `q[i] * scale`.
+    /// The values these stand for, `(rows, cols)` row-major.
     pub fn dequantise(&self) -> Vec<f32> {
-        self.q
+        let wide = self
+            .q
             .iter()
-            .enumerate()
-            .map(|(i, &q)| {
-                let g = match self.scaled {
-                    Scaled::Rows => i / self.cols,
-                    Scaled::Columns => i % self.cols,
-                };
-                q as f32 * self.scales[g]
-            })
-            .collect()
+            .zip(
+                self.q
+                    .chunks_exact(self.group_len().max(1))
+                    .enumerate()
+                    .flat_map(|(g, c)| std::iter::repeat_n(self.scales[g], c.len())),
+            )
+            .map(|(&q, s)| q as f32 * s)
+            .collect::<Vec<_>>();
+        match self.scaled {
+            Scaled::Rows => wide,
+            Scaled::Columns => super::lora::transpose(&wide, self.cols, self.q.len() / self.cols),
+        }
+    }
+
+    /// How many values share a scale (and lie together).
+    fn group_len(&self) -> usize {
+        match self.scaled {
+            Scaled::Rows => self.cols,
+            Scaled::Columns => self.q.len() / self.cols,
+        }
+    }
+}
+
+/// 8-bit values, in bytes that may be shared: an adapter's int8 matrices are packed into
+/// one buffer in the order a step reads them ([`pack_int8`]).
+#[derive(Clone, PartialEq, Eq)]
+pub struct I8s(Bytes);
+
+impl std::ops::Deref for I8s {
+    type Target = [i8];
+    fn deref(&self) -> &[i8] {
+        bytemuck::cast_slice(&self.0)
+    }
+}
+
+impl std::fmt::Debug for I8s {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        (**self).fmt(f)
+    }
+}
+
+impl From<Vec<i8>> for I8s {
+    fn from(v: Vec<i8>) -> Self {
+        I8s(Bytes::from(bytemuck::cast_slice::<i8, u8>(&v).to_vec()))
+    }
+}
+
+/// How each packed matrix's start is aligned: a cache line.
+const PACK_ALIGN: usize = 64;
+
+/// Moves the bytes of `matrices`' int8 values into one buffer, each matrix at a cache
+/// line, in the order given (the values are unchanged; only where they lie). A step reads
+/// an adapter's matrices layer by layer, module by module, so packed in that order a row's
+/// reads are long runs of adjacent bytes, which memory serves faster than scattered ones.
+pub fn pack_int8<'a>(matrices: impl IntoIterator<Item = &'a mut Values>) {
+    let mut int8: Vec<&mut Int8> = matrices
+        .into_iter()
+        .filter_map(|v| match v {
+            Values::Int8(q) => Some(q),
+            _ => None,
+        })
+        .collect();
+    let total: usize = int8
+        .iter()
+        .map(|q| q.q.len().next_multiple_of(PACK_ALIGN))
+        .sum();
+    // One spare line, so the first matrix can start on a line whatever the allocation.
+    let mut all: Vec<u8> = Vec::with_capacity(total + PACK_ALIGN);
+    let skip = all.as_ptr().align_offset(PACK_ALIGN).min(PACK_ALIGN);
+    all.resize(skip, 0);
+    let mut spans = Vec::with_capacity(int8.len());
+    for q in &int8 {
+        let at = all.len();
+        all.extend_from_slice(&q.q.0);
+        all.resize(skip + (all.len() - skip).next_multiple_of(PACK_ALIGN), 0);
+        spans.push(at..at + q.q.len());
+    }
+    // Length and capacity equal, so the buffer does not move into `Bytes`.
+    all.resize(all.capacity(), 0);
+    let all = Bytes::from(all);
+    for (q, span) in int8.iter_mut().zip(spans) {
+        q.q = I8s(all.slice(span));
     }
 }
 
@@ -316,21 +386,6 @@ impl Weight for f16 {
     }
 }
 
-#[allow(unsafe_code)]
-impl Weight for i8 {
-    #[inline(always)]
-    fn widen(self) -> f32 {
-        self as f32
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
-        use std::arch::x86_64::*;
-        // SAFETY: the caller's contract; every i8 is exactly an f32.
-        unsafe { _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p.cast()))) }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -363,6 +418,36 @@ mod tests {
             .contains("to_int8"));
     }
 
+    /// Packing leaves every int8 matrix's values as they were and lays them one after
+    /// another, each at a cache line, in the order given; other dtypes are left alone.
+    #[test]
+    fn packed_int8_matrices_keep_their_values_and_lie_in_order() {
+        let v = |n: usize, k: usize| -> Vec<f32> {
+            (0..n).map(|i| ((i * 37 + k) % 29) as f32 - 14.0).collect()
+        };
+        let mut ms = [
+            Values::from(v(6 * 5, 1))
+                .to_int8(5, Scaled::Rows)
+                .expect("finite"),
+            Values::from(v(40, 2)),
+            Values::from(v(100 * 3, 3))
+                .to_int8(3, Scaled::Columns)
+                .expect("finite"),
+            Values::from(v(7, 4))
+                .to_int8(7, Scaled::Rows)
+                .expect("finite"),
+        ];
+        let before: Vec<Vec<f32>> = ms.iter().map(|m| m.to_f32().into_owned()).collect();
+        pack_int8(ms.iter_mut());
+        let after: Vec<Vec<f32>> = ms.iter().map(|m| m.to_f32().into_owned()).collect();
+        assert_eq!(after, before);
+        assert_eq!(ms[1].dtype(), LoraDtype::F32);
+        let at = |i: usize| ms[i].raw().0 as usize;
+        assert!([0, 2, 3].iter().all(|&i| at(i) % 64 == 0), "each at a line");
+        assert_eq!(at(2), at(0) + 64, "30 bytes, then the next line");
+        assert_eq!(at(3), at(2) + 320, "300 bytes, then the next line");
+    }
+
     /// The AVX2 loads widen exactly as `widen` does, subnormals and signs included.
     #[test]
     #[cfg(target_arch = "x86_64")]
@@ -380,6 +465,5 @@ mod tests {
         check(&src);
         check(&src.map(bf16::from_f32));
         check(&src.map(f16::from_f32));
-        check(&[-128i8, -127, -1, 0, 1, 5, 126, 127]);
     }
 }

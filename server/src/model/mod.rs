@@ -17,6 +17,7 @@ pub mod head;
 pub mod kv_cache;
 pub mod llama;
 pub mod lora;
+pub mod lora_int8;
 pub mod lora_values;
 pub mod packed;
 pub mod rows;
