@@ -2,12 +2,17 @@
 //! modules, in rounds that alternate, in process (no server, no gRPC): the mixed-adapter
 //! ratio of the model's step alone (`adapters --parts mixed` measures it through the
 //! server), for A/B comparisons and profilers; the median of the rounds' ratios.
-//! `mixed_step [model.gguf] [f32|bf16|f16|int8] [rounds] [streams]`.
+//! `mixed_step [model.gguf] [f32|bf16|f16|int8] [rounds] [streams] [bare|adapters|lora]`:
+//! the last argument runs only that kind of round (no ratio), for a profile of one side;
+//! `lora` times the rows' low-rank updates alone (every layer's modules, random inputs).
 
 use candle_core::Device;
 use graft_server::{
     adapters::testing::random_lora,
-    model::{kv_cache::blocks_for, lora::LoraDtype, Adapter, BaseModel, KvCache, KvPool, SeqChunk},
+    model::{
+        adapter::low_rank_rows, kv_cache::blocks_for, lora::LoraDtype, Adapter, BaseModel, KvCache,
+        KvPool, Module, SeqChunk,
+    },
 };
 
 const STEPS: usize = 64;
@@ -30,6 +35,13 @@ fn run() -> anyhow::Result<()> {
         .map_err(anyhow::Error::msg)?;
     let rounds: usize = args.next().unwrap_or("5".into()).parse()?;
     let streams: usize = args.next().unwrap_or("32".into()).parse()?;
+    let only = args.next();
+    if let Some(o) = only
+        .as_deref()
+        .filter(|o| !matches!(*o, "bare" | "adapters" | "lora"))
+    {
+        anyhow::bail!("{o:?}: expected bare, adapters or lora");
+    }
     let adapters = (0..streams)
         .map(|i| {
             let mut a = random_lora(&m, i as u64 + 1, 16, 0.02);
@@ -65,8 +77,47 @@ fn run() -> anyhow::Result<()> {
         }
         Ok((STEPS * streams) as f64 / t.elapsed().as_secs_f64())
     };
+    if only.as_deref() == Some("lora") {
+        let rows: Vec<Option<&Adapter>> = adapters.iter().map(Some).collect();
+        let cfg = &m.llama.cfg;
+        let x: Vec<f32> = (0..streams * cfg.intermediate_size.max(cfg.hidden_size))
+            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 500.0)
+            .collect();
+        for r in 0..rounds {
+            let t = std::time::Instant::now();
+            for _ in 0..STEPS {
+                for li in 0..cfg.num_layers {
+                    // The modules grouped by input, as the model's step groups them.
+                    for group in [
+                        &[Module::Q, Module::K, Module::V][..],
+                        &[Module::O],
+                        &[Module::Gate, Module::Up],
+                        &[Module::Down],
+                    ] {
+                        let mods: Vec<(Module, &[f32], usize)> = group
+                            .iter()
+                            .map(|&md| {
+                                let (out, inp) = md.shape(cfg);
+                                (md, &x[..streams * inp], out)
+                            })
+                            .collect();
+                        std::hint::black_box(low_rank_rows(&rows, li, &mods));
+                    }
+                }
+            }
+            let ms = t.elapsed().as_secs_f64() * 1e3 / STEPS as f64;
+            println!("round {r}: the rows' low-rank updates {ms:.2} ms a step");
+        }
+        return Ok(());
+    }
     // A first round warms the caches and the allocator; it is not counted.
     rate(false)?;
+    if let Some(o) = only {
+        for r in 0..rounds {
+            println!("round {r}: {o} {:.1} tok/s", rate(o == "adapters")?);
+        }
+        return Ok(());
+    }
     let mut ratios = Vec::new();
     for r in 0..rounds {
         let (bare, with) = (rate(false)?, rate(true)?);
