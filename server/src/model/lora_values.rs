@@ -90,7 +90,9 @@ impl Int8 {
         if cols == 0 || !v.len().is_multiple_of(cols) {
             return Err(format!("{} values are not rows of {cols}", v.len()));
         }
-        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+        // One pass that vectorises; the position only when there is one to report.
+        if v.iter().fold(false, |bad, x| bad | !x.is_finite()) {
+            let i = v.iter().position(|x| !x.is_finite()).unwrap_or(0);
             return Err(format!("value {i} ({}) is not finite", v[i]));
         }
         // The groups one after another: a matrix scaled by columns, transposed.
@@ -105,12 +107,18 @@ impl Int8 {
         let mut q: Vec<u8> = Vec::with_capacity(v.len());
         let mut scales = Vec::with_capacity(v.len() / len.max(1));
         for g in groups.chunks_exact(len.max(1)) {
-            // The group's largest magnitude, then its scale.
-            let s = g.iter().fold(0f32, |m, x| m.max(x.abs())) / 127.0;
-            q.extend(g.iter().map(|&x| match s {
-                0.0 => 0,
-                s => (x / s).round_ties_even().clamp(-127.0, 127.0) as i8 as u8,
-            }));
+            // The group's largest magnitude (finite values order as their magnitude bits
+            // do, which an integer maximum finds in vectors), then its scale.
+            let top = g.iter().fold(0u32, |m, x| m.max(x.to_bits() & 0x7fff_ffff));
+            let s = f32::from_bits(top) / 127.0;
+            if s == 0.0 {
+                q.resize(q.len() + g.len(), 0);
+            } else {
+                q.extend(
+                    g.iter()
+                        .map(|&x| (x / s).round_ties_even().clamp(-127.0, 127.0) as i8 as u8),
+                );
+            }
             scales.push(s);
         }
         Ok(Int8 {
