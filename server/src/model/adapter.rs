@@ -448,8 +448,8 @@ pub fn after_sublayer_rows(
 /// to add; `None` for a module no row has a pair on. Each update lands on `-0.0`, which
 /// leaves every value as it is, so adding it later gives the bits of
 /// [`LoraPair::apply_row`] on the output itself.
-/// A row's modules go one after another (its pairs were converted, and mostly allocated,
-/// in that order), so each thread reads one adapter's bytes in longer runs.
+/// A row's modules go one after another, so a thread reads one adapter's bytes in longer
+/// runs (an int8 adapter's pairs lie packed in that order).
 pub fn low_rank_rows(
     rows: &[Option<&Adapter>],
     layer: usize,

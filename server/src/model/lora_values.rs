@@ -2,10 +2,10 @@
 //! files usually hold, read in place where they can be), `bf16`/`f16` on request
 //! (`--lora-dtype`, as vLLM's), half the bytes a decode step reads for each row's adapter,
 //! or `int8` with one `f32` scale per rank component ([`Int8`]), a quarter of them.
-//! Invariant: widening a 16-bit or 8-bit value to `f32` is exact, and the kernels widen
-//! before they multiply, so a pair served in `bf16` computes exactly what an `f32` pair
-//! holding the rounded values computes; an `int8` pair applies its scales to the rank
-//! components instead (`model::lora`).
+//! Invariant: widening a 16-bit value to `f32` is exact, and the kernels widen before they
+//! multiply, so a pair served in `bf16` computes exactly what an `f32` pair holding the
+//! rounded values computes; an `int8` pair runs as integer sums with its scales applied to
+//! the rank components (`model::lora_int8`).
 
 use std::borrow::Cow;
 
