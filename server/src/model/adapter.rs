@@ -696,6 +696,37 @@ mod tests {
         }
     }
 
+    /// Served in int8, an adapter's matrices lie packed in the order a step reads them:
+    /// layer by layer, module by module, `A` then `B`, each on the cache line after the
+    /// last one's end.
+    #[test]
+    fn an_int8_adapter_lies_packed_in_the_order_a_step_reads_it() {
+        let (inp, out) = (43, 36);
+        let mut a = Adapter::new(2);
+        for li in 0..2 {
+            for m in [Module::Q, Module::V] {
+                a.set(li, m, pair(li * 10 + m.index(), 16, inp, out));
+            }
+        }
+        a.set_lora_dtype(LoraDtype::Int8).expect("finite");
+        let mut end: Option<usize> = None;
+        for li in 0..2 {
+            for m in [Module::Q, Module::V] {
+                let p = a.get(li, m).expect("a pair");
+                assert_eq!(p.a.dtype(), LoraDtype::Int8);
+                for v in [&p.a, &p.b] {
+                    let (at, n) = v.raw();
+                    let at = at as usize;
+                    assert_eq!(at % 64, 0, "layer {li} {m:?}: on a line");
+                    if let Some(e) = end {
+                        assert_eq!(at, e.next_multiple_of(64), "layer {li} {m:?}: next");
+                    }
+                    end = Some(at + n);
+                }
+            }
+        }
+    }
+
     /// The low-rank updates computed apart (beside the shared weight's product) and added
     /// afterwards give every row the bits of computing them on the output itself: LoRA,
     /// DoRA and IA3 rows and a row without an adapter, with f32 and int8 pairs.
