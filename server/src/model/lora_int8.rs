@@ -135,8 +135,9 @@ fn prefetch_part(bt: &[i8], j: usize, r: usize) {
     let _ = (bt, j, r);
 }
 
-/// `x` to 16 bits in `q`; returns the scale `max|x| / 32767` (`x` finite).
-pub fn quantise(x: &[f32], q: &mut [i16], isa: Isa) -> f32 {
+/// `x` to 16 bits in `q`; returns the scale `max|x| / 32767` (`x` finite). Like [`dot`]
+/// and [`expand`], private: `isa` must be available, which [`apply_row`] checks.
+fn quantise(x: &[f32], q: &mut [i16], isa: Isa) -> f32 {
     assert_eq!(x.len(), q.len());
     let amax = match isa {
         #[cfg(target_arch = "x86_64")]
@@ -169,7 +170,7 @@ pub fn quantise(x: &[f32], q: &mut [i16], isa: Isa) -> f32 {
 }
 
 /// `Σ a_k·x_k`, exactly.
-pub fn dot(a: &[i8], x: &[i16], isa: Isa) -> i64 {
+fn dot(a: &[i8], x: &[i16], isa: Isa) -> i64 {
     assert!(x.len() >= a.len());
     let mut s = 0i64;
     for (ac, xc) in a.chunks(PIECE).zip(x.chunks(PIECE)) {
@@ -196,7 +197,7 @@ fn dot_plain(a: &[i8], x: &[i16]) -> i32 {
 }
 
 /// `y_o += Σ_j bt[j·out + o] · u_j`, fused over `j` in order from `+0.0`.
-pub fn expand(bt: &[i8], u: &[f32], y: &mut [f32], isa: Isa) {
+fn expand(bt: &[i8], u: &[f32], y: &mut [f32], isa: Isa) {
     let out = y.len();
     assert_eq!(bt.len(), u.len() * out);
     let done = match isa {

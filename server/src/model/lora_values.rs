@@ -175,12 +175,6 @@ impl std::fmt::Debug for I8s {
     }
 }
 
-impl From<Vec<i8>> for I8s {
-    fn from(v: Vec<i8>) -> Self {
-        I8s(Bytes::from(bytemuck::cast_slice::<i8, u8>(&v).to_vec()))
-    }
-}
-
 /// How each packed matrix's start is aligned: a cache line.
 const PACK_ALIGN: usize = 64;
 
