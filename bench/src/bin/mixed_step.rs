@@ -2,9 +2,11 @@
 //! modules, in rounds that alternate, in process (no server, no gRPC): the mixed-adapter
 //! ratio of the model's step alone (`adapters --parts mixed` measures it through the
 //! server), for A/B comparisons and profilers; the median of the rounds' ratios.
-//! `mixed_step [model.gguf] [f32|bf16|f16|int8] [rounds] [streams] [bare|adapters|lora]`:
+//! `mixed_step [model.gguf] [f32|bf16|f16|int8] [rounds] [streams] [bare|adapters|lora|prompts]`:
 //! the last argument runs only that kind of round (no ratio), for a profile of one side;
-//! `lora` times the rows' low-rank updates alone (every layer's modules, random inputs).
+//! `lora` times a decode step's low-rank updates alone (every layer's modules, random
+//! inputs, a row a stream), `prompts` a prefill's (32 rows a stream, each run of rows on
+//! one adapter).
 
 use candle_core::Device;
 use graft_server::{
@@ -16,6 +18,8 @@ use graft_server::{
 };
 
 const STEPS: usize = 64;
+/// Rows a stream in `prompts` rounds: a prompt's tokens.
+const PROMPT: usize = 32;
 
 fn main() -> anyhow::Result<()> {
     // The server's process settings (allocator, candle's workers), as graftd runs.
@@ -38,17 +42,25 @@ fn run() -> anyhow::Result<()> {
     let only = args.next();
     if let Some(o) = only
         .as_deref()
-        .filter(|o| !matches!(*o, "bare" | "adapters" | "lora"))
+        .filter(|o| !matches!(*o, "bare" | "adapters" | "lora" | "prompts"))
     {
-        anyhow::bail!("{o:?}: expected bare, adapters or lora");
+        anyhow::bail!("{o:?}: expected bare, adapters, lora or prompts");
     }
+    let mut converting = std::time::Duration::ZERO;
     let adapters = (0..streams)
         .map(|i| {
             let mut a = random_lora(&m, i as u64 + 1, 16, 0.02);
+            let t = std::time::Instant::now();
             a.set_lora_dtype(dtype).map_err(anyhow::Error::msg)?;
+            converting += t.elapsed();
             Ok(a)
         })
         .collect::<anyhow::Result<Vec<Adapter>>>()?;
+    println!(
+        "an adapter to {}: {:.2} ms",
+        dtype.name(),
+        converting.as_secs_f64() * 1e3 / streams as f64
+    );
     let prompt = m.tokenizer.encode("Count from 1 to 1000: 1, 2, 3, 4,")?;
     // Tokens a second over STEPS decode steps of every stream, after its prompt.
     let rate = |with: bool| -> anyhow::Result<f64> {
@@ -77,15 +89,21 @@ fn run() -> anyhow::Result<()> {
         }
         Ok((STEPS * streams) as f64 / t.elapsed().as_secs_f64())
     };
-    if only.as_deref() == Some("lora") {
-        let rows: Vec<Option<&Adapter>> = adapters.iter().map(Some).collect();
+    if let Some(mode @ ("lora" | "prompts")) = only.as_deref() {
+        // A decode step's rows, one a stream; or its prompts', PROMPT rows a stream.
+        let per = if mode == "lora" { 1 } else { PROMPT };
+        let rows: Vec<Option<&Adapter>> = adapters
+            .iter()
+            .flat_map(|a| std::iter::repeat_n(Some(a), per))
+            .collect();
+        let (n, iters) = (rows.len(), (STEPS / per).max(1));
         let cfg = &m.llama.cfg;
-        let x: Vec<f32> = (0..streams * cfg.intermediate_size.max(cfg.hidden_size))
+        let x: Vec<f32> = (0..n * cfg.intermediate_size.max(cfg.hidden_size))
             .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 500.0)
             .collect();
         for r in 0..rounds {
             let t = std::time::Instant::now();
-            for _ in 0..STEPS {
+            for _ in 0..iters {
                 for li in 0..cfg.num_layers {
                     // The modules grouped by input, as the model's step groups them.
                     for group in [
@@ -98,15 +116,15 @@ fn run() -> anyhow::Result<()> {
                             .iter()
                             .map(|&md| {
                                 let (out, inp) = md.shape(cfg);
-                                (md, &x[..streams * inp], out)
+                                (md, &x[..n * inp], out)
                             })
                             .collect();
                         std::hint::black_box(low_rank_rows(&rows, li, &mods));
                     }
                 }
             }
-            let ms = t.elapsed().as_secs_f64() * 1e3 / STEPS as f64;
-            println!("round {r}: the rows' low-rank updates {ms:.2} ms a step");
+            let ms = t.elapsed().as_secs_f64() * 1e3 / iters as f64;
+            println!("round {r}: the {n} rows' low-rank updates {ms:.2} ms a step");
         }
         return Ok(());
     }

@@ -271,21 +271,31 @@ impl Adapter {
     /// matrices are then packed into one buffer in the order a step reads them
     /// ([`super::lora_values::pack_int8`]).
     pub fn set_lora_dtype(&mut self, dtype: super::lora::LoraDtype) -> Result<(), String> {
+        use rayon::prelude::*;
+        let mut pairs: Vec<(usize, Module, &mut LoraPair)> = Vec::new();
         for (li, layer) in self.linear.iter_mut().enumerate() {
-            for m in Module::ALL {
-                let pair = match &mut layer[m.index()] {
-                    Some(LinearDelta::Lora(p)) => p,
-                    Some(LinearDelta::Dora(d)) => &mut d.lora,
-                    _ => continue,
-                };
-                if pair.a.dtype() == dtype && pair.b.dtype() == dtype {
-                    continue;
+            for (m, d) in Module::ALL.into_iter().zip(layer.iter_mut()) {
+                match d {
+                    Some(LinearDelta::Lora(p)) => pairs.push((li, m, p)),
+                    Some(LinearDelta::Dora(d)) => pairs.push((li, m, &mut d.lora)),
+                    _ => {}
                 }
-                *pair = pair
-                    .to_dtype(dtype)
-                    .map_err(|e| format!("layer {li} {}: {e}", m.hf_name()))?;
             }
         }
+        // The pairs converted side by side (a cold load waits on this), the first error in
+        // layer order reported.
+        let done: Vec<Result<(), String>> = pairs
+            .par_iter_mut()
+            .map(|(li, m, pair)| {
+                if pair.a.dtype() != dtype || pair.b.dtype() != dtype {
+                    **pair = pair
+                        .to_dtype(dtype)
+                        .map_err(|e| format!("layer {li} {}: {e}", m.hf_name()))?;
+                }
+                Ok(())
+            })
+            .collect();
+        done.into_iter().collect::<Result<(), String>>()?;
         if dtype == super::lora::LoraDtype::Int8 {
             super::lora_values::pack_int8(self.linear.iter_mut().flatten().flat_map(|d| {
                 let pair = match d {
@@ -468,27 +478,51 @@ pub fn low_rank_rows(
                 .then(|| vec![-0.0f32; n * o])
         })
         .collect();
-    // Row `i`'s slice of each module's result.
-    let mut by_row: Vec<Vec<Option<&mut [f32]>>> = (0..n).map(|_| Vec::new()).collect();
-    for (d, &(_, _, o)) in out.iter_mut().zip(mods) {
-        let mut chunks = d.as_deref_mut().map(|d| d.chunks_mut(o));
-        for slots in by_row.iter_mut() {
-            slots.push(chunks.as_mut().and_then(Iterator::next));
+    // Runs of adjacent rows on one adapter (a prompt's tokens), at most `RUN` long so a
+    // long prompt still spreads over the threads; each run's slices of the results.
+    const RUN: usize = 8;
+    let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+    for i in 0..n {
+        match runs.last_mut() {
+            Some(run) if run.len() < RUN && same(rows[run.start], rows[i]) => run.end = i + 1,
+            _ => runs.push(i..i + 1),
         }
     }
-    by_row
+    let mut by_run: Vec<Vec<Option<&mut [f32]>>> = (0..runs.len()).map(|_| Vec::new()).collect();
+    for (d, &(_, _, o)) in out.iter_mut().zip(mods) {
+        let mut rest = d.as_deref_mut();
+        for (slots, run) in by_run.iter_mut().zip(&runs) {
+            let (this, next) = match rest.take() {
+                Some(r) => {
+                    let (a, b) = r.split_at_mut(run.len() * o);
+                    (Some(a), Some(b))
+                }
+                None => (None, None),
+            };
+            slots.push(this);
+            rest = next;
+        }
+    }
+    by_run
         .into_par_iter()
-        .zip(rows.par_iter())
-        .enumerate()
-        .for_each(|(i, (slots, a))| {
+        .zip(runs.par_iter())
+        .for_each(|(slots, run)| {
             for (slot, &(m, x, _)) in slots.into_iter().zip(mods) {
-                if let (Some(d), Some(p)) = (slot, pair(a, layer, m)) {
+                if let (Some(d), Some(p)) = (slot, pair(&rows[run.start], layer, m)) {
                     let inp = x.len() / n;
-                    p.apply_row(&x[i * inp..(i + 1) * inp], d);
+                    p.apply_rows(&x[run.start * inp..run.end * inp], d);
                 }
             }
         });
     out
+}
+
+/// Whether two rows are on the same adapter (or both on none).
+fn same(a: Option<&Adapter>, b: Option<&Adapter>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => std::ptr::eq(a, b),
+        (a, b) => a.is_none() && b.is_none(),
+    }
 }
 
 /// `post_linear` for a step: `rows[i]` is the adapter of row `i` (if any); `x: (n, in)`,
@@ -772,6 +806,58 @@ mod tests {
                 low_rank_rows(&[None, Some(&ia3)], 0, &[(m, &x[..2 * inp], out)])[0].is_none(),
                 "no row has a pair"
             );
+        }
+    }
+
+    /// Adjacent rows on one adapter (a prompt's tokens) are taken together, in runs, and
+    /// each row's updates have the bits it has alone: a run longer than one, rows on no
+    /// adapter between, a module only one adapter has; f32 and int8 pairs.
+    #[test]
+    fn rows_in_runs_of_one_adapter_have_the_bits_each_has_alone() {
+        let (inp, out) = (40, 36);
+        for dtype in [LoraDtype::F32, LoraDtype::Int8] {
+            let mut one = Adapter::new(1);
+            one.set(
+                0,
+                Module::Q,
+                pair(1, 16, inp, out).to_dtype(dtype).expect("finite"),
+            );
+            one.set(
+                0,
+                Module::K,
+                pair(2, 8, inp, 20).to_dtype(dtype).expect("finite"),
+            );
+            let mut two = Adapter::new(1);
+            two.set(
+                0,
+                Module::Q,
+                pair(3, 4, inp, out).to_dtype(dtype).expect("finite"),
+            );
+            let mut rows = vec![Some(&one); 11];
+            rows.extend([None, Some(&two), Some(&two), Some(&two), Some(&one)]);
+            let n = rows.len();
+            let (xq, xk) = (values(n * inp, 9), values(n * inp, 13));
+            let mods = |r: std::ops::Range<usize>| {
+                [
+                    (Module::Q, &xq[r.start * inp..r.end * inp], out),
+                    (Module::K, &xk[r.start * inp..r.end * inp], 20),
+                ]
+            };
+            let together = low_rank_rows(&rows, 0, &mods(0..n));
+            for (mi, o) in [(0, out), (1, 20)] {
+                let all = together[mi].as_deref().expect("a row has the pair");
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                for (i, row) in rows.iter().enumerate() {
+                    let alone = low_rank_rows(&[*row], 0, &mods(i..i + 1));
+                    let want = alone[mi].clone().unwrap_or_else(|| vec![-0.0; o]);
+                    let got = &all[i * o..(i + 1) * o];
+                    assert_eq!(bits(got), bits(&want), "{dtype:?} module {mi} row {i}");
+                }
+                assert!(
+                    all[..o].iter().any(|v| *v != 0.0),
+                    "{dtype:?}: row 0 updated"
+                );
+            }
         }
     }
 }

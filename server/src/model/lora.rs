@@ -36,7 +36,7 @@ impl LoraPair {
     /// over the row quantised to 16 bits ([`super::lora_int8`]).
     pub fn apply_row(&self, x: &[f32], y: &mut [f32]) {
         if let Some(row) = self.int8_row(x, y) {
-            return lora_int8::apply_row(row, Isa::best());
+            return lora_int8::apply_rows(row, Isa::best());
         }
         let r = self.rank;
         let mut stack = [0f32; 256];
@@ -64,10 +64,71 @@ impl LoraPair {
         }
     }
 
-    /// This row's job for [`lora_int8`], when both matrices are `int8`.
-    fn int8_row<'a>(&'a self, x: &'a [f32], y: &'a mut [f32]) -> Option<lora_int8::Row<'a>> {
+    /// [`Self::apply_row`] for rows `x: (n, in)` and `y: (n, out)` of this pair: an `int8`
+    /// pair takes them together (its bytes widened once for a tile of rows), each row's
+    /// bits those it has alone.
+    pub fn apply_rows(&self, x: &[f32], y: &mut [f32]) {
+        if let Some(rows) = self.int8_row(x, y) {
+            return lora_int8::apply_rows(rows, Isa::best());
+        }
         match (&self.a, &self.b) {
-            (Values::Int8(a), Values::Int8(b)) => Some(lora_int8::Row {
+            _ if x.len() <= self.in_features => {}
+            (Values::F32(a), Values::F32(b)) => return self.float_rows(a, b, x, y),
+            (Values::Bf16(a), Values::Bf16(b)) => return self.float_rows(a, b, x, y),
+            (Values::F16(a), Values::F16(b)) => return self.float_rows(a, b, x, y),
+            _ => {}
+        }
+        let rows = x.chunks_exact(self.in_features);
+        for (x, y) in rows.zip(y.chunks_exact_mut(self.out_features)) {
+            self.apply_row(x, y);
+        }
+    }
+
+    /// [`Self::apply_rows`] for a float pair: [`Self::apply_row`]'s arithmetic for every
+    /// row (the same bits), in an order that reads each row of `A`, and each run of `B`'s
+    /// rows, once for all the rows while it is in the nearest cache.
+    fn float_rows<W: Weight>(&self, a: &[W], b: &[W], x: &[f32], y: &mut [f32]) {
+        let (inp, r, out) = (self.in_features, self.rank, self.out_features);
+        let n = x.len() / inp;
+        assert!(
+            x.len() == n * inp && y.len() == n * out,
+            "x is (n, in), y (n, out)"
+        );
+        let fast = simd();
+        self.prefetch_head();
+        let mut t = vec![0f32; n * r];
+        for (j, a) in a.chunks_exact(inp).enumerate() {
+            let mut i = 0;
+            // Four rows' sums side by side: four chains of fused multiply-adds, not one.
+            #[cfg(target_arch = "x86_64")]
+            while fast && i + 4 <= n {
+                let xs: [&[f32]; 4] = std::array::from_fn(|k| &x[(i + k) * inp..(i + k + 1) * inp]);
+                // SAFETY: the CPU has AVX2, FMA and F16C (`simd`).
+                #[allow(unsafe_code)]
+                let d = unsafe { avx2::dots(a, xs) };
+                for (k, d) in d.into_iter().enumerate() {
+                    t[(i + k) * r + j] = d * self.scale;
+                }
+                i += 4;
+            }
+            for (i, x) in x.chunks_exact(inp).enumerate().skip(i) {
+                t[i * r + j] = self.dot(a, x, fast) * self.scale;
+            }
+        }
+        /// Outputs whose rows of `B` every row adds before the next ones.
+        const OUTPUTS: usize = 64;
+        for o in (0..out).step_by(OUTPUTS) {
+            let end = (o + OUTPUTS).min(out);
+            for (t, y) in t.chunks_exact(r).zip(y.chunks_exact_mut(out)) {
+                add_b_t_any(&b[o * r..end * r], t, &mut y[o..end], fast);
+            }
+        }
+    }
+
+    /// These rows' job for [`lora_int8`], when both matrices are `int8`.
+    fn int8_row<'a>(&'a self, x: &'a [f32], y: &'a mut [f32]) -> Option<lora_int8::Rows<'a>> {
+        match (&self.a, &self.b) {
+            (Values::Int8(a), Values::Int8(b)) => Some(lora_int8::Rows {
                 a,
                 b,
                 scale: self.scale,
@@ -104,24 +165,21 @@ impl LoraPair {
     /// `t = scale * A x`.
     fn shrink<A: Weight>(&self, a: &[A], x: &[f32], t: &mut [f32], fast: bool) {
         for (tj, a) in t.iter_mut().zip(a.chunks_exact(self.in_features)) {
-            let d;
-            #[cfg(target_arch = "x86_64")]
-            if fast {
-                // SAFETY: the CPU has AVX2, FMA and F16C (`simd`).
-                #[allow(unsafe_code)]
-                {
-                    d = unsafe { avx2::dot(a, x) };
-                }
-            } else {
-                d = dot(a, x);
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            {
-                let _ = fast;
-                d = dot(a, x);
-            }
-            *tj = d * self.scale;
+            *tj = self.dot(a, x, fast) * self.scale;
         }
+    }
+
+    /// `a · x` for a row of `A`: the AVX2 kernel when `fast`, else the plain one (the same
+    /// bits).
+    fn dot<A: Weight>(&self, a: &[A], x: &[f32], fast: bool) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if fast {
+            // SAFETY: the CPU has AVX2, FMA and F16C (`simd`).
+            #[allow(unsafe_code)]
+            return unsafe { avx2::dot(a, x) };
+        }
+        let _ = fast;
+        dot(a, x)
     }
 
     /// Both matrices in `dtype` ([`Values::to_dtype`]; in `int8`, `A` scaled by rows and
@@ -237,6 +295,40 @@ mod avx2 {
             s = a[i].widen().mul_add(x[i], s);
         }
         s
+    }
+
+    /// [`dot`] for `K` rows at once, each in its order (the same bits): `a`'s values are
+    /// loaded once for all, and the rows' chains of fused multiply-adds run side by side.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dots<A: Weight, const K: usize>(a: &[A], x: [&[f32]; K]) -> [f32; K] {
+        let n = a.len() / 8 * 8;
+        assert!(
+            x.iter().all(|x| x.len() >= a.len()),
+            "x is as long as a row of A"
+        );
+        let ap = a.as_ptr();
+        let mut acc = [_mm256_setzero_ps(); K];
+        for c in (0..n).step_by(8) {
+            if c.is_multiple_of(32) {
+                ahead(ap.add(c), 32);
+            }
+            let w = A::load8(ap.add(c));
+            for (acc, x) in acc.iter_mut().zip(&x) {
+                *acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(x.as_ptr().add(c)), *acc);
+            }
+        }
+        std::array::from_fn(|k| {
+            let q = _mm_add_ps(
+                _mm256_castps256_ps128(acc[k]),
+                _mm256_extractf128_ps(acc[k], 1),
+            );
+            let h = _mm_hadd_ps(q, q);
+            let mut s = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+            for i in n..a.len() {
+                s = a[i].widen().mul_add(x[k][i], s);
+            }
+            s
+        })
     }
 
     /// How far ahead of a matrix's reads its lines are asked for.
@@ -412,6 +504,40 @@ pub(super) mod tests {
             .zip(b)
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max)
+    }
+
+    /// Rows of one pair taken together have the bits each has alone: every dtype, ranks
+    /// that are and are not a multiple of 8, outputs past a run of 64 and past a block of 8.
+    #[test]
+    fn rows_taken_together_have_the_bits_each_has_alone() {
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        for dtype in [
+            LoraDtype::F32,
+            LoraDtype::Bf16,
+            LoraDtype::F16,
+            LoraDtype::Int8,
+        ] {
+            for (r, inp, out) in [(16, 40, 150), (12, 33, 36), (8, 576, 64)] {
+                let p = pair(r, inp, out).to_dtype(dtype).expect("finite");
+                let n = 5;
+                let x: Vec<f32> = (0..n * inp)
+                    .map(|i| ((i * 31 % 17) as f32 - 8.0) / 9.0)
+                    .collect();
+                let y0: Vec<f32> = (0..n * out).map(|i| (i % 5) as f32 - 2.0).collect();
+                let mut together = y0.clone();
+                p.apply_rows(&x, &mut together);
+                let mut alone = y0.clone();
+                for (x, y) in x.chunks(inp).zip(alone.chunks_mut(out)) {
+                    p.apply_row(x, y);
+                }
+                assert_eq!(
+                    bits(&together),
+                    bits(&alone),
+                    "{dtype:?} rank {r} {inp} {out}"
+                );
+                assert_ne!(together, y0);
+            }
+        }
     }
 
     /// A pair served in bf16 or f16 computes exactly what an f32 pair holding the rounded

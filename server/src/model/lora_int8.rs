@@ -1,23 +1,27 @@
-//! An `int8` LoRA pair's update as integer dot products ([`apply_row`]).
+//! An `int8` LoRA pair's update as integer dot products ([`apply_rows`]).
 //!
-//! `A`'s rows and `B`'s columns are 8-bit with one scale each ([`Int8`]; `B` is stored
-//! column by column, `B^T`). The row's input is quantised to 16 bits with one scale
-//! (`x ≈ sx·qx`, `sx = max|x| / 32767`, the nearest step, ties to even), so each rank
-//! component is one exact integer sum, `t_j = Σ qA_jk·qx_k` (AVX-512 VNNI's `vpdpwssd` or
-//! AVX2's `madd_epi16`: sixteen or thirty-two products an instruction where the
-//! widen-then-FMA form does eight). Then `u_j = ((t_j as f32 · (sx·sa_j)) · scale) · sb_j`
-//! and `y_o += Σ_j qB^T_jo · u_j`, the sum fused over `j` in order from `+0.0`: sixteen
-//! outputs a register, no horizontal adds.
+//! `A`'s rows and `B`'s columns are 8-bit with one scale each ([`Int8`]; `B` stored in
+//! blocks of 16 outputs, each output's bytes for two rank components side by side). Each
+//! row's input is quantised to 16 bits with one scale (`x ≈ sx·qx`, `sx = max|x| /
+//! 32767`, the nearest step, ties to even), so each rank component is one exact integer
+//! sum, `t_j = Σ qA_jk·qx_k`, and `u_j = ((t_j as f32 · (sx·sa_j)) · scale) · sb_j`. The
+//! rank components are quantised the same way (`u ≈ su·qu`), so the output is one exact
+//! integer sum too: `y_o += (Σ_j qB_oj·qu_j) as f32 · su`. AVX-512 VNNI's `vpdpwssd` or
+//! AVX2's `madd_epi16` do both sums, 32 or 16 products an instruction.
+//!
+//! Rows that share a pair (a prompt's tokens) run together, up to [`TILE`] at a time: each
+//! of the pair's bytes is loaded and widened once for all of them.
 //!
 //! Invariant: the integer sums are exact (every partial sum of at most 512 products of
-//! `|q| ≤ 127` and `|qx| ≤ 32767` fits an `i32`; longer rows are summed in 512-value
-//! pieces into an `i64`), and the float steps are one order in every kernel, so AVX-512,
-//! AVX2 and the plain code give the same bits, whatever else is in the batch.
+//! `|q| ≤ 127` and `|qx| ≤ 32767` fits an `i32`; longer sums are taken in 512-value pieces
+//! into an `i64`), and the float steps are one order in every kernel, so AVX-512, AVX2 and
+//! the plain code give the same bits, for a row alone or in a tile, whatever else is in the
+//! batch.
 //! Why 16-bit activations (llama.cpp uses 8): a LoRA update is small beside the shared
-//! weights' output, and at 16 bits its error is ~1/65,534 of the row's largest value, far
-//! below the 8-bit weights' own.
+//! weights' output, and at 16 bits its error is ~1/65,534 of the largest value, far below
+//! the 8-bit weights' own.
 
-use super::lora_values::{Int8, Scaled};
+use super::lora_values::{Int8, Scaled, BLOCK};
 
 /// Which instructions the kernels use. [`Isa::best`] picks the widest this CPU has; tests
 /// run each one against [`Isa::Plain`].
@@ -60,9 +64,9 @@ impl Isa {
     }
 }
 
-/// One row's update: its pair (`a` scaled by rows `(r, in)`, `b` by columns `(out, r)`
-/// stored as `B^T`), its input `x` and output `y`.
-pub struct Row<'a> {
+/// Rows that share one pair (`a` scaled by rows `(r, in)`, `b` by columns `(out, r)`):
+/// their inputs `x: (n, in)` and outputs `y: (n, out)`, row-major.
+pub struct Rows<'a> {
     pub a: &'a Int8,
     pub b: &'a Int8,
     pub scale: f32,
@@ -70,17 +74,19 @@ pub struct Row<'a> {
     pub y: &'a mut [f32],
 }
 
-impl Row<'_> {
-    /// `(in, r, out)`, the shapes checked.
-    fn shape(&self) -> (usize, usize, usize) {
+impl Rows<'_> {
+    /// `(n, in, r, out)`, the shapes checked.
+    fn shape(&self) -> (usize, usize, usize, usize) {
         assert_eq!(
             (self.a.scaled, self.b.scaled),
             (Scaled::Rows, Scaled::Columns),
             "A by rows, B by columns"
         );
-        let (inp, r, out) = (self.a.cols, self.a.scales.len(), self.y.len());
-        assert!(self.x.len() == inp && self.b.cols == r && self.b.q.len() == r * out);
-        (inp, r, out)
+        let (inp, r, out) = (self.a.cols, self.a.rows, self.b.rows);
+        assert!(inp > 0 && self.x.len().is_multiple_of(inp) && self.b.cols == r);
+        let n = self.x.len() / inp;
+        assert_eq!(self.y.len(), n * out, "y is (n, out)");
+        (n, inp, r, out)
     }
 
     /// Rank component `j` from its integer sum: `((t as f32 · (sx·sa_j)) · scale) · sb_j`.
@@ -89,54 +95,106 @@ impl Row<'_> {
     }
 }
 
-thread_local! {
-    /// A row's input in 16 bits and its rank components, reused call after call.
-    static SCRATCH: std::cell::RefCell<(Vec<i16>, Vec<f32>)> = Default::default();
+/// Rows of one pair taken together.
+pub const TILE: usize = 4;
+
+/// A tile's rows and each row's scratch, reused call after call.
+#[derive(Default)]
+struct Scratch {
+    /// The inputs in 16 bits, `(n, in)`, and their scales.
+    qx: Vec<i16>,
+    sx: Vec<f32>,
+    /// The rank components, `(n, r2)` with `r2` even (a zero past an odd rank), in `f32`
+    /// and in 16 bits, and their scales.
+    u: Vec<f32>,
+    qu: Vec<i16>,
+    su: Vec<f32>,
+    /// `qu` two by two, as the `i32` one lane of `vpdpwssd` takes: `(n, r2 / 2)`.
+    pairs: Vec<i32>,
 }
 
-/// `y += scale · B (A x)` for one row; the module's arithmetic is above.
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = Default::default();
+}
+
+/// `y_i += scale · B (A x_i)` for each row; the module's arithmetic is above.
 /// # Panics
 /// If `isa` is not [`Isa::available`] or the shapes disagree.
-pub fn apply_row(row: Row, isa: Isa) {
+pub fn apply_rows(rows: Rows, isa: Isa) {
     assert!(isa.available(), "{isa:?} is not available on this CPU");
-    let (inp, r, _) = row.shape();
-    SCRATCH.with_borrow_mut(|(qx, u)| {
-        qx.resize(inp, 0);
-        u.resize(r, 0.0);
-        let sx = quantise(row.x, qx, isa);
-        for (j, (uj, a)) in u.iter_mut().zip(row.a.q.chunks_exact(inp)).enumerate() {
-            prefetch_part(&row.b.q, j, r);
-            *uj = row.component(j, dot(a, qx, isa), sx);
+    let (n, inp, r, out) = rows.shape();
+    let r2 = r.next_multiple_of(2);
+    SCRATCH.with_borrow_mut(|s| {
+        s.qx.resize(n * inp, 0);
+        s.sx.clear();
+        for (x, q) in rows.x.chunks_exact(inp).zip(s.qx.chunks_exact_mut(inp)) {
+            s.sx.push(quantise(x, q, isa));
         }
-        expand(&row.b.q, u, row.y, isa);
+        s.u.clear();
+        s.u.resize(n * r2, 0.0);
+        for (j, a) in rows.a.q.chunks_exact(inp).enumerate() {
+            prefetch_part(&rows.b.q, j, r);
+            let mut i = 0;
+            while i < n {
+                let k = TILE.min(n - i);
+                let t = dots(a, &s.qx[i * inp..(i + k) * inp], isa);
+                for (d, &t) in t[..k].iter().enumerate() {
+                    s.u[(i + d) * r2 + j] = rows.component(j, t, s.sx[i + d]);
+                }
+                i += k;
+            }
+        }
+        s.qu.resize(n * r2, 0);
+        s.su.clear();
+        s.pairs.clear();
+        for (u, q) in s.u.chunks_exact(r2).zip(s.qu.chunks_exact_mut(r2)) {
+            s.su.push(quantise(u, q, isa));
+            s.pairs.extend(
+                q.chunks_exact(2)
+                    .map(|p| (p[0] as u16 as u32 | (p[1] as u16 as u32) << 16) as i32),
+            );
+        }
+        let half = r2 / 2;
+        let mut i = 0;
+        while i < n {
+            let k = TILE.min(n - i);
+            expand(
+                &rows.b.q,
+                &s.pairs[i * half..(i + k) * half],
+                &s.su[i..i + k],
+                &mut rows.y[i * out..(i + k) * out],
+                isa,
+            );
+            i += k;
+        }
     })
 }
 
 /// How far ahead of the `A` sums their bytes are asked for.
 const AHEAD: usize = 4096;
 
-/// Asks for part `j` of `r` of `bt` in cache (a hint only), so `B` arrives while `A`'s
+/// Asks for part `j` of `r` of `b` in cache (a hint only), so `B` arrives while `A`'s
 /// sums run.
-fn prefetch_part(bt: &[i8], j: usize, r: usize) {
+fn prefetch_part(b: &[i8], j: usize, r: usize) {
     #[cfg(target_arch = "x86_64")]
     {
-        let (from, to) = (bt.len() * j / r, bt.len() * (j + 1) / r);
+        let (from, to) = (b.len() * j / r, b.len() * (j + 1) / r);
         for at in (from / 64 * 64..to).step_by(64) {
-            // SAFETY: a prefetch reads nothing; the address is inside `bt`.
+            // SAFETY: a prefetch reads nothing; the address is inside `b`.
             #[allow(unsafe_code)]
             unsafe {
                 std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                    bt.as_ptr().add(at).cast(),
+                    b.as_ptr().add(at).cast(),
                 )
             };
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (bt, j, r);
+    let _ = (b, j, r);
 }
 
-/// `x` to 16 bits in `q`; returns the scale `max|x| / 32767` (`x` finite). Like [`dot`]
-/// and [`expand`], private: `isa` must be available, which [`apply_row`] checks.
+/// `x` to 16 bits in `q`; returns the scale `max|x| / 32767` (`x` finite). Like [`dots`]
+/// and [`expand`], private: `isa` must be available, which [`apply_rows`] checks.
 fn quantise(x: &[f32], q: &mut [i16], isa: Isa) -> f32 {
     assert_eq!(x.len(), q.len());
     let amax = match isa {
@@ -169,22 +227,54 @@ fn quantise(x: &[f32], q: &mut [i16], isa: Isa) -> f32 {
     scale
 }
 
-/// `Σ a_k·x_k`, exactly.
-fn dot(a: &[i8], x: &[i16], isa: Isa) -> i64 {
-    assert!(x.len() >= a.len());
-    let mut s = 0i64;
-    for (ac, xc) in a.chunks(PIECE).zip(x.chunks(PIECE)) {
-        s += match isa {
+/// `Σ a_k·x_ik` exactly, for each of the (up to [`TILE`]) rows `x_i` of `x: (k, a.len())`;
+/// entries past `k` are zero.
+fn dots(a: &[i8], x: &[i16], isa: Isa) -> [i64; TILE] {
+    let len = a.len();
+    assert!(len > 0 && x.len().is_multiple_of(len) && x.len() / len <= TILE);
+    let k = x.len() / len;
+    let row = |i: usize, c: usize| &x[i * len + c..i * len + (c + PIECE).min(len)];
+    let mut s = [0i64; TILE];
+    for c in (0..len).step_by(PIECE) {
+        let ac = &a[c..(c + PIECE).min(len)];
+        let piece: [i32; TILE] = match (isa, k) {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the caller checked `isa` is available.
             #[allow(unsafe_code)]
-            Isa::Avx512 => unsafe { avx512::dot(ac, xc) },
+            (Isa::Avx512, TILE) => unsafe {
+                avx512::dots(ac, [row(0, c), row(1, c), row(2, c), row(3, c)])
+            },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
             #[allow(unsafe_code)]
-            Isa::Avx2 => unsafe { avx2::dot(ac, xc) },
-            _ => dot_plain(ac, xc),
-        } as i64;
+            (Isa::Avx512, _) => std::array::from_fn(|i| {
+                if i < k {
+                    unsafe { avx512::dots(ac, [row(i, c)])[0] }
+                } else {
+                    0
+                }
+            }),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            #[allow(unsafe_code)]
+            (Isa::Avx2, TILE) => unsafe {
+                avx2::dots(ac, [row(0, c), row(1, c), row(2, c), row(3, c)])
+            },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            #[allow(unsafe_code)]
+            (Isa::Avx2, _) => std::array::from_fn(|i| {
+                if i < k {
+                    unsafe { avx2::dots(ac, [row(i, c)])[0] }
+                } else {
+                    0
+                }
+            }),
+            _ => std::array::from_fn(|i| if i < k { dot_plain(ac, row(i, c)) } else { 0 }),
+        };
+        for (s, p) in s.iter_mut().zip(piece) {
+            *s += p as i64;
+        }
     }
     s
 }
@@ -196,33 +286,51 @@ fn dot_plain(a: &[i8], x: &[i16]) -> i32 {
     a.iter().zip(x).map(|(&a, &x)| a as i32 * x as i32).sum()
 }
 
-/// `y_o += Σ_j bt[j·out + o] · u_j`, fused over `j` in order from `+0.0`.
-fn expand(bt: &[i8], u: &[f32], y: &mut [f32], isa: Isa) {
-    let out = y.len();
-    assert_eq!(bt.len(), u.len() * out);
+/// `y_io += (Σ_j b_oj·qu_ij) as f32 · su_i` for the (up to [`TILE`]) rows of `y: (k, out)`;
+/// `pairs: (k, r2 / 2)` holds each row's `qu` two by two, `b` is stored by columns.
+fn expand(b: &[i8], pairs: &[i32], su: &[f32], y: &mut [f32], isa: Isa) {
+    let k = su.len();
+    let (half, out) = (pairs.len() / k, y.len() / k);
+    assert!(pairs.len() == k * half && y.len() == k * out && k <= TILE);
+    assert_eq!(
+        b.len(),
+        out.next_multiple_of(BLOCK) * 2 * half,
+        "B is (out, r) by columns"
+    );
+    // Past 512 rank components a sum may pass an `i32`: the plain code's `i64` takes them.
     let done = match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the caller checked `isa` is available.
         #[allow(unsafe_code)]
-        Isa::Avx512 => unsafe { avx512::expand(bt, u, y) },
+        Isa::Avx512 if half <= PIECE / 2 => unsafe { avx512::expand(b, pairs, su, y) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
         #[allow(unsafe_code)]
-        Isa::Avx2 => unsafe { avx2::expand(bt, u, y) },
+        Isa::Avx2 if half <= PIECE / 2 => unsafe { avx2::expand(b, pairs, su, y) },
         _ => 0,
     };
-    expand_plain(bt, u, y, done);
+    expand_plain(b, pairs, su, y, done);
 }
 
-/// [`expand`]'s plain form for outputs `from..`.
-fn expand_plain(bt: &[i8], u: &[f32], y: &mut [f32], from: usize) {
-    let out = y.len();
-    for (o, yo) in y.iter_mut().enumerate().skip(from) {
-        let mut acc = 0f32;
-        for (j, &uj) in u.iter().enumerate() {
-            acc = (bt[j * out + o] as f32).mul_add(uj, acc);
+/// [`expand`]'s plain form for outputs `from..` of each row.
+fn expand_plain(b: &[i8], pairs: &[i32], su: &[f32], y: &mut [f32], from: usize) {
+    let k = su.len();
+    let (half, out) = (pairs.len() / k, y.len() / k);
+    for ((y, pairs), &su) in y
+        .chunks_exact_mut(out)
+        .zip(pairs.chunks_exact(half))
+        .zip(su)
+    {
+        for (o, yo) in y.iter_mut().enumerate().skip(from) {
+            let at = (o / BLOCK) * BLOCK * 2 * half + (o % BLOCK) * 2;
+            let mut acc = 0i64;
+            for (p, &qp) in pairs.iter().enumerate() {
+                let (lo, hi) = (qp as i16 as i64, (qp >> 16) as i16 as i64);
+                let w = &b[at + p * 2 * BLOCK..];
+                acc += w[0] as i64 * lo + w[1] as i64 * hi;
+            }
+            *yo += acc as f32 * su;
         }
-        *yo += acc;
     }
 }
 
@@ -262,35 +370,50 @@ mod avx512 {
         n
     }
 
-    /// `Σ a_k·x_k` over at most [`super::PIECE`] values, exact in `i32`.
+    /// `Σ a_k·x_ik` for each row `x_i` (at least `a`'s length) over at most
+    /// [`super::PIECE`] values, exact in `i32`; `a`'s bytes are widened once for all.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub(super) unsafe fn dot(a: &[i8], x: &[i16]) -> i32 {
+    pub(super) unsafe fn dots<const K: usize>(a: &[i8], x: [&[i16]; K]) -> [i32; K] {
         let n = a.len() / 32 * 32;
-        let (ap, xp) = (a.as_ptr(), x.as_ptr());
-        let mut acc = _mm512_setzero_si512();
+        let ap = a.as_ptr();
+        let mut acc = [_mm512_setzero_si512(); K];
         for c in (0..n).step_by(32) {
             if c.is_multiple_of(64) {
                 _mm_prefetch::<_MM_HINT_T0>(ap.wrapping_add(c + super::AHEAD).cast());
             }
             let a16 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(ap.add(c).cast()));
-            acc = _mm512_dpwssd_epi32(acc, a16, _mm512_loadu_si512(xp.add(c).cast()));
+            for (acc, x) in acc.iter_mut().zip(&x) {
+                *acc = _mm512_dpwssd_epi32(*acc, a16, _mm512_loadu_si512(x.as_ptr().add(c).cast()));
+            }
         }
-        _mm512_reduce_add_epi32(acc) + super::dot_plain(&a[n..], &x[n..])
+        std::array::from_fn(|i| {
+            _mm512_reduce_add_epi32(acc[i]) + super::dot_plain(&a[n..], &x[i][n..])
+        })
     }
 
     /// [`super::expand`] for the whole 16-blocks of outputs; returns how many were done.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn expand(bt: &[i8], u: &[f32], y: &mut [f32]) -> usize {
-        let out = y.len();
+    /// Each block: per pair of rank components, the 32 bytes widened once, then one
+    /// `vpdpwssd` a row against that row's two components.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn expand(b: &[i8], pairs: &[i32], su: &[f32], y: &mut [f32]) -> usize {
+        let k = su.len();
+        let (half, out) = (pairs.len() / k, y.len() / k);
         let n = out / 16 * 16;
         for o in (0..n).step_by(16) {
-            let mut acc = _mm512_setzero_ps();
-            for (j, &uj) in u.iter().enumerate() {
-                let q = _mm512_cvtepi8_epi32(_mm_loadu_si128(bt.as_ptr().add(j * out + o).cast()));
-                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(uj), acc);
+            let block = b.as_ptr().add(o * 2 * half);
+            let mut acc = [_mm512_setzero_si512(); super::TILE];
+            for p in 0..half {
+                let w = _mm512_cvtepi8_epi16(_mm256_loadu_si256(block.add(p * 32).cast()));
+                for (i, acc) in acc[..k].iter_mut().enumerate() {
+                    let u = _mm512_set1_epi32(*pairs.get_unchecked(i * half + p));
+                    *acc = _mm512_dpwssd_epi32(*acc, w, u);
+                }
             }
-            let yp = y.as_mut_ptr().add(o);
-            _mm512_storeu_ps(yp, _mm512_add_ps(_mm512_loadu_ps(yp), acc));
+            for (i, acc) in acc[..k].iter().enumerate() {
+                let yp = y.as_mut_ptr().add(i * out + o);
+                let add = _mm512_mul_ps(_mm512_cvtepi32_ps(*acc), _mm512_set1_ps(su[i]));
+                _mm512_storeu_ps(yp, _mm512_add_ps(_mm512_loadu_ps(yp), add));
+            }
         }
         n
     }
@@ -341,42 +464,58 @@ mod avx2 {
         n
     }
 
-    /// `Σ a_k·x_k` over at most [`super::PIECE`] values, exact in `i32`.
+    /// `Σ a_k·x_ik` for each row `x_i` (at least `a`'s length) over at most
+    /// [`super::PIECE`] values, exact in `i32`; `a`'s bytes are widened once for all.
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn dot(a: &[i8], x: &[i16]) -> i32 {
+    pub(super) unsafe fn dots<const K: usize>(a: &[i8], x: [&[i16]; K]) -> [i32; K] {
         let n = a.len() / 16 * 16;
-        let (ap, xp) = (a.as_ptr(), x.as_ptr());
-        let mut acc = _mm256_setzero_si256();
+        let ap = a.as_ptr();
+        let mut acc = [_mm256_setzero_si256(); K];
         for c in (0..n).step_by(16) {
             if c.is_multiple_of(64) {
                 _mm_prefetch::<_MM_HINT_T0>(ap.wrapping_add(c + super::AHEAD).cast());
             }
             let a16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(ap.add(c).cast()));
-            let p = _mm256_madd_epi16(a16, _mm256_loadu_si256(xp.add(c).cast()));
-            acc = _mm256_add_epi32(acc, p);
+            for (acc, x) in acc.iter_mut().zip(&x) {
+                let p = _mm256_madd_epi16(a16, _mm256_loadu_si256(x.as_ptr().add(c).cast()));
+                *acc = _mm256_add_epi32(*acc, p);
+            }
         }
-        let q = _mm_add_epi32(
-            _mm256_castsi256_si128(acc),
-            _mm256_extracti128_si256(acc, 1),
-        );
-        let q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0b01_00_11_10));
-        let q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0b10_11_00_01));
-        _mm_cvtsi128_si32(q) + super::dot_plain(&a[n..], &x[n..])
+        std::array::from_fn(|i| sum8(acc[i]) + super::dot_plain(&a[n..], &x[i][n..]))
     }
 
-    /// [`super::expand`] for the whole 8-blocks of outputs; returns how many were done.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn expand(bt: &[i8], u: &[f32], y: &mut [f32]) -> usize {
-        let out = y.len();
-        let n = out / 8 * 8;
+    /// The sum of eight `i32` lanes.
+    #[target_feature(enable = "avx2")]
+    unsafe fn sum8(v: __m256i) -> i32 {
+        let q = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+        let q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0b01_00_11_10));
+        let q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0b10_11_00_01));
+        _mm_cvtsi128_si32(q)
+    }
+
+    /// [`super::expand`] for the whole 16-blocks of outputs, eight at a time; returns how
+    /// many were done.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn expand(b: &[i8], pairs: &[i32], su: &[f32], y: &mut [f32]) -> usize {
+        let k = su.len();
+        let (half, out) = (pairs.len() / k, y.len() / k);
+        let n = out / 16 * 16;
         for o in (0..n).step_by(8) {
-            let mut acc = _mm256_setzero_ps();
-            for (j, &uj) in u.iter().enumerate() {
-                let q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(bt.as_ptr().add(j * out + o).cast()));
-                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_set1_ps(uj), acc);
+            // Outputs `o..o + 8` are the first or second sixteen bytes of each pair's 32.
+            let lanes = b.as_ptr().add((o / 16) * 32 * half + (o % 16) * 2);
+            let mut acc = [_mm256_setzero_si256(); super::TILE];
+            for p in 0..half {
+                let w = _mm256_cvtepi8_epi16(_mm_loadu_si128(lanes.add(p * 32).cast()));
+                for (i, acc) in acc[..k].iter_mut().enumerate() {
+                    let u = _mm256_set1_epi32(*pairs.get_unchecked(i * half + p));
+                    *acc = _mm256_add_epi32(*acc, _mm256_madd_epi16(w, u));
+                }
             }
-            let yp = y.as_mut_ptr().add(o);
-            _mm256_storeu_ps(yp, _mm256_add_ps(_mm256_loadu_ps(yp), acc));
+            for (i, acc) in acc[..k].iter().enumerate() {
+                let yp = y.as_mut_ptr().add(i * out + o);
+                let add = _mm256_mul_ps(_mm256_cvtepi32_ps(*acc), _mm256_set1_ps(su[i]));
+                _mm256_storeu_ps(yp, _mm256_add_ps(_mm256_loadu_ps(yp), add));
+            }
         }
         n
     }
@@ -412,75 +551,145 @@ mod tests {
         isas
     }
 
-    /// Quantising, the integer sums (pieces past 512 values, tails, the extremes), the `B`
-    /// update and a whole row's update: each SIMD kernel gives the plain code's bits.
+    fn values(n: usize, k: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i * 53 + k * 31) % 89) as f32 - 44.0) / 17.0 + 1e-3 * i as f32)
+            .collect()
+    }
+
+    /// Quantising and the integer sums (pieces past 512 values, tails, the extremes, one to
+    /// four rows at once): each SIMD kernel gives the plain code's values, and the sums are
+    /// the exact ones.
     #[test]
-    fn each_kernel_is_the_plain_one_bit_for_bit() {
+    fn each_quantiser_and_sum_is_the_plain_one() {
         for isa in simd_isas() {
             for n in [7, 43, 576, 1100, 1536] {
-                let x: Vec<f32> = (0..n)
-                    .map(|i| ((i * 53 % 89) as f32 - 44.0) / 17.0 + 1e-3 * i as f32)
-                    .collect();
+                let x = values(n, 0);
                 let (mut plain, mut fast) = (vec![0i16; n], vec![0i16; n]);
                 let s = quantise(&x, &mut plain, Isa::Plain);
                 assert_eq!(quantise(&x, &mut fast, isa).to_bits(), s.to_bits());
                 assert_eq!(plain, fast, "{isa:?} quantise {n}");
                 assert!(plain.iter().any(|&q| q.abs() == 32767));
                 let a: Vec<i8> = (0..n).map(|i| (i * 41 % 255) as i8).collect();
-                let want: i64 = a
-                    .iter()
-                    .zip(&plain)
-                    .map(|(&a, &x)| a as i64 * x as i64)
-                    .sum();
-                assert_eq!(dot(&a, &plain, isa), want, "{isa:?} dot {n}");
+                for k in 1..=TILE {
+                    let xs: Vec<i16> = (0..k)
+                        .flat_map(|i| plain.iter().map(move |&q| q.wrapping_mul(i as i16 * 2 - 3)))
+                        .collect();
+                    let want: Vec<i64> = xs
+                        .chunks(n)
+                        .map(|x| x.iter().zip(&a).map(|(&x, &a)| a as i64 * x as i64).sum())
+                        .collect();
+                    let got = dots(&a, &xs, isa);
+                    assert_eq!(&got[..k], &want[..], "{isa:?} dots {n} x {k}");
+                    assert!(got[k..].iter().all(|&s| s == 0));
+                }
                 // The largest products, all of one sign: past an i32 beyond 516 values.
-                let (top, most) = (vec![127i8; n], vec![32767i16; n]);
-                assert_eq!(dot(&top, &most, isa), n as i64 * 127 * 32767, "{isa:?} {n}");
-                let neg = vec![-127i8; n];
-                assert_eq!(dot(&neg, &most, isa), -(n as i64) * 127 * 32767);
+                let (top, most) = (vec![127i8; n], vec![32767i16; n * 2]);
+                let big = n as i64 * 127 * 32767;
+                assert_eq!(dots(&top, &most, isa)[..2], [big, big], "{isa:?} {n}");
+                assert_eq!(dots(&vec![-127i8; n], &most[..n], isa)[0], -big);
             }
-            for (r, out) in [(1, 9), (8, 20), (16, 36), (16, 576), (24, 1536)] {
-                let bt: Vec<i8> = (0..out * r).map(|i| (i * 37 % 255) as i8).collect();
-                let u: Vec<f32> = (0..r)
-                    .map(|i| ((i * 53 % 89) as f32 - 44.0) / 17.0)
+        }
+    }
+
+    /// The output sums read `B` where [`Int8::at`] puts its values (odd ranks, outputs
+    /// past a block of 16, one to four rows), and each SIMD kernel gives the plain bits.
+    #[test]
+    fn each_expansion_reads_b_where_it_lies_and_is_the_plain_one() {
+        for (r, out) in [(1, 9), (8, 20), (15, 36), (16, 576), (24, 1536)] {
+            let bq = Int8::quantise(&values(out * r, 3), r, Scaled::Columns).expect("finite");
+            let r2 = r.next_multiple_of(2);
+            for k in 1..=TILE {
+                let qu: Vec<i16> = (0..k * r2)
+                    .map(|i| {
+                        if i % r2 < r {
+                            ((i * 7919 + 1234) % 65535) as i16
+                        } else {
+                            0
+                        }
+                    })
                     .collect();
-                let y0: Vec<f32> = (0..out).map(|i| (i % 7) as f32 * 0.3 - 1.0).collect();
-                let (mut plain, mut fast) = (y0.clone(), y0.clone());
-                expand(&bt, &u, &mut plain, Isa::Plain);
-                expand(&bt, &u, &mut fast, isa);
-                assert_eq!(bits(&plain), bits(&fast), "{isa:?} expand rank {r}, {out}");
+                let pairs: Vec<i32> = qu
+                    .chunks_exact(2)
+                    .map(|p| (p[0] as u16 as u32 | (p[1] as u16 as u32) << 16) as i32)
+                    .collect();
+                let su: Vec<f32> = (0..k).map(|i| 1e-4 * (i + 1) as f32).collect();
+                let y0: Vec<f32> = (0..k * out).map(|i| (i % 7) as f32 * 0.3 - 1.0).collect();
+                let mut plain = y0.clone();
+                expand(&bq.q, &pairs, &su, &mut plain, Isa::Plain);
+                for (i, (y, y0)) in plain.chunks(out).zip(y0.chunks(out)).enumerate() {
+                    for o in 0..out {
+                        let t: i64 = (0..r)
+                            .map(|j| bq.q[bq.at(o, j)] as i64 * qu[i * r2 + j] as i64)
+                            .sum();
+                        assert_eq!(y[o], y0[o] + t as f32 * su[i], "rank {r} out {o} row {i}");
+                    }
+                }
                 assert_ne!(plain, y0);
+                for isa in simd_isas() {
+                    let mut fast = y0.clone();
+                    expand(&bq.q, &pairs, &su, &mut fast, isa);
+                    assert_eq!(
+                        bits(&plain),
+                        bits(&fast),
+                        "{isa:?} rank {r}, {out}, {k} rows"
+                    );
+                }
             }
-            for (r, inp, out) in [(16, 576, 192), (12, 43, 20), (8, 1536, 576)] {
-                let q = pair(r, inp, out).to_dtype(LoraDtype::Int8).expect("finite");
-                let (Values::Int8(a), Values::Int8(b)) = (&q.a, &q.b) else {
-                    panic!("int8")
-                };
-                let x: Vec<f32> = (0..inp).map(|i| ((i % 13) as f32 - 6.0) / 7.0).collect();
-                let (mut plain, mut fast) = (vec![-0.0; out], vec![-0.0; out]);
-                let row = |y| Row {
-                    a,
-                    b,
-                    scale: q.scale,
-                    x: &x,
-                    y,
-                };
-                apply_row(row(&mut plain), Isa::Plain);
-                apply_row(row(&mut fast), isa);
-                assert_eq!(bits(&plain), bits(&fast), "{isa:?} row {r} {inp} {out}");
+        }
+    }
+
+    /// Whole updates: each kernel gives the plain code's bits, and a row's bits are the
+    /// same alone as among others of its pair (tiles of four and what is left).
+    #[test]
+    fn a_row_has_the_same_bits_alone_in_a_tile_and_in_every_kernel() {
+        for (r, inp, out) in [(16, 576, 192), (12, 43, 20), (8, 1536, 576), (5, 40, 17)] {
+            let q = pair(r, inp, out).to_dtype(LoraDtype::Int8).expect("finite");
+            let (Values::Int8(a), Values::Int8(b)) = (&q.a, &q.b) else {
+                panic!("int8")
+            };
+            let n = 7;
+            let x: Vec<f32> = (0..n * inp)
+                .map(|i| ((i % 13) as f32 - 6.0) / 7.0 * (1 + i / inp) as f32)
+                .collect();
+            let run = |x: &[f32], isa| {
+                let mut y = vec![-0.0; x.len() / inp * out];
+                let (a, b, scale) = (a, b, q.scale);
+                apply_rows(
+                    Rows {
+                        a,
+                        b,
+                        scale,
+                        x,
+                        y: &mut y,
+                    },
+                    isa,
+                );
+                y
+            };
+            let together = run(&x, Isa::Plain);
+            let alone: Vec<f32> = x.chunks(inp).flat_map(|x| run(x, Isa::Plain)).collect();
+            assert_eq!(bits(&together), bits(&alone), "rank {r} {inp} {out}: alone");
+            assert!(together.iter().all(|v| *v != 0.0));
+            for isa in simd_isas() {
+                assert_eq!(
+                    bits(&run(&x, isa)),
+                    bits(&together),
+                    "{isa:?} {r} {inp} {out}"
+                );
             }
         }
     }
 
     /// An int8 pair's update is `y + scale · B' A' x` (in f64) where `A'` and `B'` are the
-    /// values its bytes and scales stand for, to within what quantising the row to 16 bits
-    /// can move it (half a step of the row's scale through `|B'| |A'|`); the row's values
-    /// are rounded, so it differs from the f32 pair's, but little. Ranks 12 and 16, the
-    /// kernel this CPU runs.
+    /// values its bytes and scales stand for, to within what quantising the row and the
+    /// rank components to 16 bits can move it (half a step of each's scale through the
+    /// matrices); so it differs from the f32 pair's, but little. Ranks 12 and 16, the kernel
+    /// this CPU runs.
     #[test]
     fn an_int8_pair_computes_the_values_it_stands_for() {
         for r in [12, 16] {
-            let (inp, out) = (43, 20);
+            let (inp, out) = (43, 32);
             let p = pair(r, inp, out);
             let q = p.to_dtype(LoraDtype::Int8).expect("finite");
             // A byte a value, and an f32 scale for each of A's rows and B's columns.
@@ -492,14 +701,36 @@ mod tests {
             let (mut exact, mut y) = (y0.clone(), y0.clone());
             p.apply_row(&x, &mut exact);
             q.apply_row(&x, &mut y);
+            // The rank components (`scale · A' x`), and half a step of theirs.
+            let u: Vec<f64> = (0..r)
+                .map(|j| {
+                    let a = &qa[j * inp..(j + 1) * inp];
+                    q.scale as f64
+                        * a.iter()
+                            .zip(&x)
+                            .map(|(&a, &x)| a as f64 * x as f64)
+                            .sum::<f64>()
+                })
+                .collect();
+            let Values::Int8(b) = &q.b else {
+                panic!("int8")
+            };
+            let u_half = (0..r)
+                .map(|j| (u[j] * b.scales[j] as f64).abs())
+                .fold(0f64, f64::max)
+                * 1.0001
+                / 32767.0
+                / 2.0;
             for o in 0..out {
                 let (mut want, mut bound) = (y0[o] as f64, 0f64);
                 for j in 0..r {
                     let a = &qa[j * inp..(j + 1) * inp];
-                    let ax: f64 = a.iter().zip(&x).map(|(&a, &x)| a as f64 * x as f64).sum();
-                    let b = q.scale as f64 * qb[o * r + j] as f64;
-                    want += b * ax;
-                    bound += b.abs() * a.iter().map(|&a| a.abs() as f64).sum::<f64>() * half_step;
+                    let b_oj = qb[o * r + j] as f64;
+                    want += b_oj * u[j];
+                    bound += (q.scale as f64 * b_oj).abs()
+                        * a.iter().map(|&a| a.abs() as f64).sum::<f64>()
+                        * half_step;
+                    bound += (b.q[b.at(o, j)] as f64).abs() * u_half;
                 }
                 let err = (y[o] as f64 - want).abs();
                 assert!(

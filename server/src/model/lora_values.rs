@@ -62,27 +62,35 @@ pub enum Values {
     Int8(Int8),
 }
 
-/// Which values of a matrix share an [`Int8`] scale, and lie together: a rank component's.
-/// `A: (r, in)` scales each row; `B: (out, r)` each column, stored column by column (as
-/// `B^T`), which is the order `model::lora_int8` reads them in.
+/// Which values of a matrix share an [`Int8`] scale: a rank component's. `A: (r, in)`
+/// scales each row and stores them one after another; `B: (out, r)` scales each column and
+/// stores them as `model::lora_int8` multiplies them ([`Int8::at`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scaled {
     Rows,
     Columns,
 }
 
-/// A `(rows, cols)` matrix in 8 bits, group after group: by rows, `q[r * cols + c]` stands
-/// for value `(r, c)`; by columns, `q[c * rows + r]` does. Value `(r, c)` is that byte times
-/// `scales[g]`, `g` its row or its column. Each group's scale is its largest magnitude over
-/// 127 and each value rounds to the nearest step (ties to even), so no value is off by more
-/// than half a step of its group.
+/// A `(rows, cols)` matrix in 8 bits. Value `(r, c)` is byte [`Int8::at`]`(r, c)` times
+/// `scales[g]`, `g` its row or its column. By rows, `q[r * cols + c]`. By columns (a LoRA
+/// `B`, rows its outputs, columns its rank components), in blocks of 16 rows, and within
+/// a block the columns two by two, each row's two bytes side by side: the 32 bytes of
+/// columns `2p, 2p + 1` for rows `16b..16b + 16` are the sixteen lanes of pairs one
+/// `vpdpwssd` multiplies. Rows are padded to a multiple of 16 and columns to one of 2 with
+/// zero bytes. Each group's scale is its largest magnitude over 127 and each value is
+/// `x · (1 / scale)` to the nearest integer (ties to even), so no value is off by more
+/// than half a step of its group (and the product's rounding).
 #[derive(Clone, Debug)]
 pub struct Int8 {
     pub q: I8s,
     pub scales: Vec<f32>,
+    pub rows: usize,
     pub cols: usize,
     pub scaled: Scaled,
 }
+
+/// Rows in a block of a matrix stored by columns.
+pub const BLOCK: usize = 16;
 
 impl Int8 {
     /// `v: (rows, cols)` quantised; a value that is not finite is refused, naming it.
@@ -95,66 +103,158 @@ impl Int8 {
             let i = v.iter().position(|x| !x.is_finite()).unwrap_or(0);
             return Err(format!("value {i} ({}) is not finite", v[i]));
         }
-        // The groups one after another: a matrix scaled by columns, transposed.
-        let groups: Cow<'_, [f32]> = match scaled {
-            Scaled::Rows => Cow::Borrowed(v),
-            Scaled::Columns => Cow::Owned(super::lora::transpose(v, v.len() / cols, cols)),
+        let rows = v.len() / cols;
+        // A group's largest magnitude: finite values order as their magnitude bits do,
+        // which an integer maximum finds in vectors.
+        let bits = |x: &f32| x.to_bits() & 0x7fff_ffff;
+        let top: Vec<u32> = match scaled {
+            Scaled::Rows => v
+                .chunks_exact(cols)
+                .map(|g| g.iter().map(bits).fold(0, u32::max))
+                .collect(),
+            Scaled::Columns => v.chunks_exact(cols).fold(vec![0; cols], |mut m, row| {
+                for (m, x) in m.iter_mut().zip(row) {
+                    *m = (*m).max(bits(x));
+                }
+                m
+            }),
         };
-        let len = match scaled {
-            Scaled::Rows => cols,
-            Scaled::Columns => v.len() / cols,
-        };
-        let mut q: Vec<u8> = Vec::with_capacity(v.len());
-        let mut scales = Vec::with_capacity(v.len() / len.max(1));
-        for g in groups.chunks_exact(len.max(1)) {
-            // The group's largest magnitude (finite values order as their magnitude bits
-            // do, which an integer maximum finds in vectors), then its scale.
-            let top = g.iter().fold(0u32, |m, x| m.max(x.to_bits() & 0x7fff_ffff));
-            let s = f32::from_bits(top) / 127.0;
-            if s == 0.0 {
-                q.resize(q.len() + g.len(), 0);
-            } else {
-                q.extend(
-                    g.iter()
-                        .map(|&x| (x / s).round_ties_even().clamp(-127.0, 127.0) as i8 as u8),
-                );
+        let scales: Vec<f32> = top.iter().map(|&t| f32::from_bits(t) / 127.0).collect();
+        // `x · (1 / s)` to the nearest step: one multiply a value, in loops that vectorise.
+        let inv: Vec<f32> = scales
+            .iter()
+            .map(|&s| if s > 0.0 { 1.0 / s } else { 0.0 })
+            .collect();
+        let q: Vec<u8> = match scaled {
+            Scaled::Rows => {
+                let mut q = vec![0u8; v.len()];
+                for ((q, g), &inv) in q.chunks_exact_mut(cols).zip(v.chunks_exact(cols)).zip(&inv) {
+                    steps8(g, Inverse::One(inv), q);
+                }
+                q
             }
-            scales.push(s);
-        }
+            Scaled::Columns => {
+                // Each row in 8 bits, then its bytes two by two to their places.
+                let mut q = vec![0u8; padded(rows, cols)];
+                let mut row8 = vec![0u8; cols.next_multiple_of(2)];
+                for (r, row) in v.chunks_exact(cols).enumerate() {
+                    steps8(row, Inverse::Each(&inv), &mut row8[..cols]);
+                    for (c, two) in row8.chunks_exact(2).enumerate() {
+                        let at = column_at(r, 2 * c, cols);
+                        q[at..at + 2].copy_from_slice(two);
+                    }
+                }
+                q
+            }
+        };
         Ok(Int8 {
             q: I8s(Bytes::from(q)),
             scales,
+            rows,
             cols,
             scaled,
         })
     }
 
-    /// The values these stand for, `(rows, cols)` row-major.
-    pub fn dequantise(&self) -> Vec<f32> {
-        let wide = self
-            .q
-            .iter()
-            .zip(
-                self.q
-                    .chunks_exact(self.group_len().max(1))
-                    .enumerate()
-                    .flat_map(|(g, c)| std::iter::repeat_n(self.scales[g], c.len())),
-            )
-            .map(|(&q, s)| q as f32 * s)
-            .collect::<Vec<_>>();
+    /// Where value `(r, c)`'s byte lies in `q`.
+    pub fn at(&self, r: usize, c: usize) -> usize {
         match self.scaled {
-            Scaled::Rows => wide,
-            Scaled::Columns => super::lora::transpose(&wide, self.cols, self.q.len() / self.cols),
+            Scaled::Rows => r * self.cols + c,
+            Scaled::Columns => column_at(r, c, self.cols),
         }
     }
 
-    /// How many values share a scale (and lie together).
-    fn group_len(&self) -> usize {
-        match self.scaled {
-            Scaled::Rows => self.cols,
-            Scaled::Columns => self.q.len() / self.cols,
+    /// The values these stand for, `(rows, cols)` row-major.
+    pub fn dequantise(&self) -> Vec<f32> {
+        let mut v = Vec::with_capacity(self.rows * self.cols);
+        for r in 0..self.rows {
+            v.extend((0..self.cols).map(|c| {
+                let s = match self.scaled {
+                    Scaled::Rows => self.scales[r],
+                    Scaled::Columns => self.scales[c],
+                };
+                self.q[self.at(r, c)] as f32 * s
+            }));
         }
+        v
     }
+}
+
+/// What a group's values are multiplied by before rounding: one inverse scale for all
+/// (a row's), or one a value (a row of a matrix scaled by columns).
+#[derive(Clone, Copy)]
+enum Inverse<'a> {
+    One(f32),
+    Each(&'a [f32]),
+}
+
+/// `out_k = clamp(round(x_k · inv_k), ±127)` (ties to even), the bytes of `i8`s; AVX2 where
+/// the CPU has it, the same values (its conversion rounds to nearest even too).
+fn steps8(x: &[f32], inv: Inverse, out: &mut [u8]) {
+    assert_eq!(x.len(), out.len());
+    if let Inverse::Each(i) = inv {
+        assert_eq!(i.len(), x.len());
+    }
+    #[cfg(target_arch = "x86_64")]
+    let done = if super::packed::avx2_fma() {
+        // SAFETY: the CPU has AVX2; the lengths are checked above.
+        #[allow(unsafe_code)]
+        unsafe {
+            avx2::steps8(x, inv, out)
+        }
+    } else {
+        0
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = 0;
+    for (k, (o, &x)) in out.iter_mut().zip(x).enumerate().skip(done) {
+        let inv = match inv {
+            Inverse::One(i) => i,
+            Inverse::Each(i) => i[k],
+        };
+        *o = (x * inv).round_ties_even().clamp(-127.0, 127.0) as i32 as u8;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod avx2 {
+    use super::Inverse;
+    use std::arch::x86_64::*;
+
+    /// [`super::steps8`] for the whole 8-chunks; returns how many values were done.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn steps8(x: &[f32], inv: Inverse, out: &mut [u8]) -> usize {
+        let n = x.len() / 8 * 8;
+        let (lo, hi) = (_mm256_set1_epi32(-127), _mm256_set1_epi32(127));
+        for c in (0..n).step_by(8) {
+            let iv = match inv {
+                Inverse::One(i) => _mm256_set1_ps(i),
+                Inverse::Each(i) => _mm256_loadu_ps(i.as_ptr().add(c)),
+            };
+            // The default rounding: to nearest, ties to even.
+            let q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x.as_ptr().add(c)), iv));
+            let q = _mm256_min_epi32(_mm256_max_epi32(q, lo), hi);
+            // Packing works within 128-bit halves: values 0..4 are the first four bytes of
+            // the low half, 4..8 of the high one.
+            let b = _mm256_packs_epi16(_mm256_packs_epi32(q, q), _mm256_setzero_si256());
+            let (l, h) = (_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+            let o = out.as_mut_ptr().add(c);
+            std::ptr::write_unaligned(o.cast::<i32>(), _mm_cvtsi128_si32(l));
+            std::ptr::write_unaligned(o.add(4).cast::<i32>(), _mm_cvtsi128_si32(h));
+        }
+        n
+    }
+}
+
+/// The bytes of a `(rows, cols)` matrix stored by columns, padding included.
+fn padded(rows: usize, cols: usize) -> usize {
+    rows.next_multiple_of(BLOCK) * cols.next_multiple_of(2)
+}
+
+/// Where value `(r, c)` of a `(_, cols)` matrix stored by columns lies.
+fn column_at(r: usize, c: usize, cols: usize) -> usize {
+    (r / BLOCK) * BLOCK * cols.next_multiple_of(2) + (c / 2) * 2 * BLOCK + (r % BLOCK) * 2 + c % 2
 }
 
 /// 8-bit values, in bytes that may be shared: an adapter's int8 matrices are packed into
@@ -219,7 +319,7 @@ impl Values {
             Values::F32(v) => v.len(),
             Values::Bf16(v) => v.len(),
             Values::F16(v) => v.len(),
-            Values::Int8(v) => v.q.len(),
+            Values::Int8(v) => v.rows * v.cols,
         }
     }
 
@@ -447,7 +547,8 @@ mod tests {
         let at = |i: usize| ms[i].raw().0 as usize;
         assert!([0, 2, 3].iter().all(|&i| at(i) % 64 == 0), "each at a line");
         assert_eq!(at(2), at(0) + 64, "30 bytes, then the next line");
-        assert_eq!(at(3), at(2) + 320, "300 bytes, then the next line");
+        // By columns, 100 rows pad to 112 and 3 columns to 4.
+        assert_eq!(at(3), at(2) + 448, "448 bytes, then the next line");
     }
 
     /// The AVX2 loads widen exactly as `widen` does, subnormals and signs included.
