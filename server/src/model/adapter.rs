@@ -721,8 +721,8 @@ mod tests {
     }
 
     /// Served in int8, an adapter's matrices lie packed in the order a step reads them:
-    /// layer by layer, module by module, `A` then `B`, each on the cache line after the
-    /// last one's end.
+    /// layer by layer, module by module, `A` then `B`, each with its scales after its bytes
+    /// and on the cache line after the last one's end.
     #[test]
     fn an_int8_adapter_lies_packed_in_the_order_a_step_reads_it() {
         let (inp, out) = (43, 36);
@@ -745,7 +745,17 @@ mod tests {
                     if let Some(e) = end {
                         assert_eq!(at, e.next_multiple_of(64), "layer {li} {m:?}: next");
                     }
-                    end = Some(at + n);
+                    // Its scales right after its bytes, and the next matrix after them.
+                    let crate::model::lora_values::Values::Int8(q) = v else {
+                        panic!("int8")
+                    };
+                    let scales = q.scales.as_ptr() as usize;
+                    assert_eq!(
+                        scales,
+                        at + n.next_multiple_of(4),
+                        "layer {li} {m:?}: scales"
+                    );
+                    end = Some(scales + q.scales.len() * 4);
                 }
             }
         }

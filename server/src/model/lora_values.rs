@@ -83,7 +83,7 @@ pub enum Scaled {
 #[derive(Clone, Debug)]
 pub struct Int8 {
     pub q: I8s,
-    pub scales: Vec<f32>,
+    pub scales: F32s,
     pub rows: usize,
     pub cols: usize,
     pub scaled: Scaled,
@@ -149,7 +149,7 @@ impl Int8 {
         };
         Ok(Int8 {
             q: I8s(Bytes::from(q)),
-            scales,
+            scales: scales.into(),
             rows,
             cols,
             scaled,
@@ -278,10 +278,11 @@ impl std::fmt::Debug for I8s {
 /// How each packed matrix's start is aligned: a cache line.
 const PACK_ALIGN: usize = 64;
 
-/// Moves the bytes of `matrices`' int8 values into one buffer, each matrix at a cache
-/// line, in the order given (the values are unchanged; only where they lie). A step reads
-/// an adapter's matrices layer by layer, module by module, so packed in that order a row's
-/// reads are long runs of adjacent bytes, which memory serves faster than scattered ones.
+/// Moves the bytes of `matrices`' int8 values, and their scales, into one buffer, each
+/// matrix at a cache line with its scales right after its bytes, in the order given (the
+/// values are unchanged; only where they lie). A step reads an adapter's matrices layer by
+/// layer, module by module, so packed in that order a row's reads are long runs of
+/// adjacent bytes, which memory serves faster than scattered ones.
 pub fn pack_int8<'a>(matrices: impl IntoIterator<Item = &'a mut Values>) {
     let mut int8: Vec<&mut Int8> = matrices
         .into_iter()
@@ -290,9 +291,11 @@ pub fn pack_int8<'a>(matrices: impl IntoIterator<Item = &'a mut Values>) {
             _ => None,
         })
         .collect();
+    // A matrix's bytes, padded to a whole `f32`, then its scales.
+    let span = |q: &Int8| q.q.len().next_multiple_of(4) + q.scales.len() * 4;
     let total: usize = int8
         .iter()
-        .map(|q| q.q.len().next_multiple_of(PACK_ALIGN))
+        .map(|q| span(q).next_multiple_of(PACK_ALIGN))
         .sum();
     // One spare line, so the first matrix can start on a line whatever the allocation.
     let mut all: Vec<u8> = Vec::with_capacity(total + PACK_ALIGN);
@@ -302,14 +305,21 @@ pub fn pack_int8<'a>(matrices: impl IntoIterator<Item = &'a mut Values>) {
     for q in &int8 {
         let at = all.len();
         all.extend_from_slice(&q.q.0);
+        all.resize(at + q.q.len().next_multiple_of(4), 0);
+        let scales = all.len();
+        all.extend_from_slice(bytemuck::cast_slice(&q.scales));
         all.resize(skip + (all.len() - skip).next_multiple_of(PACK_ALIGN), 0);
-        spans.push(at..at + q.q.len());
+        spans.push((at..at + q.q.len(), scales..scales + q.scales.len() * 4));
     }
     // Length and capacity equal, so the buffer does not move into `Bytes`.
     all.resize(all.capacity(), 0);
     let all = Bytes::from(all);
-    for (q, span) in int8.iter_mut().zip(spans) {
-        q.q = I8s(all.slice(span));
+    for (q, (bytes, scales)) in int8.iter_mut().zip(spans) {
+        q.q = I8s(all.slice(bytes));
+        // Always a view: the buffer starts on a line and the scales on a multiple of 4.
+        if let Some(s) = F32s::view(all.slice(scales)) {
+            q.scales = s;
+        }
     }
 }
 
@@ -546,9 +556,21 @@ mod tests {
         assert_eq!(ms[1].dtype(), LoraDtype::F32);
         let at = |i: usize| ms[i].raw().0 as usize;
         assert!([0, 2, 3].iter().all(|&i| at(i) % 64 == 0), "each at a line");
-        assert_eq!(at(2), at(0) + 64, "30 bytes, then the next line");
-        // By columns, 100 rows pad to 112 and 3 columns to 4.
-        assert_eq!(at(3), at(2) + 448, "448 bytes, then the next line");
+        // 30 bytes, 2 to a whole f32 and 6 scales, then the next line.
+        assert_eq!(at(2), at(0) + 64, "56 bytes, then the next line");
+        // By columns, 100 rows pad to 112 and 3 columns to 4: 448 bytes and 3 scales.
+        assert_eq!(at(3), at(2) + 512, "460 bytes, then the next line");
+        for m in [0, 2, 3] {
+            let Values::Int8(q) = &ms[m] else {
+                panic!("int8")
+            };
+            let scales = q.scales.as_ptr() as usize;
+            assert_eq!(
+                scales,
+                at(m) + q.q.len().next_multiple_of(4),
+                "{m}: scales after"
+            );
+        }
     }
 
     /// The AVX2 loads widen exactly as `widen` does, subnormals and signs included.
