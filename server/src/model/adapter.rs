@@ -271,21 +271,31 @@ impl Adapter {
     /// matrices are then packed into one buffer in the order a step reads them
     /// ([`super::lora_values::pack_int8`]).
     pub fn set_lora_dtype(&mut self, dtype: super::lora::LoraDtype) -> Result<(), String> {
+        use rayon::prelude::*;
+        let mut pairs: Vec<(usize, Module, &mut LoraPair)> = Vec::new();
         for (li, layer) in self.linear.iter_mut().enumerate() {
-            for m in Module::ALL {
-                let pair = match &mut layer[m.index()] {
-                    Some(LinearDelta::Lora(p)) => p,
-                    Some(LinearDelta::Dora(d)) => &mut d.lora,
-                    _ => continue,
-                };
-                if pair.a.dtype() == dtype && pair.b.dtype() == dtype {
-                    continue;
+            for (m, d) in Module::ALL.into_iter().zip(layer.iter_mut()) {
+                match d {
+                    Some(LinearDelta::Lora(p)) => pairs.push((li, m, p)),
+                    Some(LinearDelta::Dora(d)) => pairs.push((li, m, &mut d.lora)),
+                    _ => {}
                 }
-                *pair = pair
-                    .to_dtype(dtype)
-                    .map_err(|e| format!("layer {li} {}: {e}", m.hf_name()))?;
             }
         }
+        // The pairs converted side by side (a cold load waits on this); the first error in
+        // layer order is the one reported.
+        let done: Vec<Result<(), String>> = pairs
+            .par_iter_mut()
+            .map(|(li, m, pair)| {
+                if pair.a.dtype() != dtype || pair.b.dtype() != dtype {
+                    **pair = pair
+                        .to_dtype(dtype)
+                        .map_err(|e| format!("layer {li} {}: {e}", m.hf_name()))?;
+                }
+                Ok(())
+            })
+            .collect();
+        done.into_iter().collect::<Result<(), String>>()?;
         if dtype == super::lora::LoraDtype::Int8 {
             super::lora_values::pack_int8(self.linear.iter_mut().flatten().flat_map(|d| {
                 let pair = match d {
