@@ -64,9 +64,10 @@ impl LoraPair {
         }
     }
 
-    /// [`Self::apply_row`] for rows `x: (n, in)` and `y: (n, out)` of this pair: an `int8`
-    /// pair takes them together (its bytes widened once for a tile of rows), each row's
-    /// bits those it has alone.
+    /// [`Self::apply_row`] for rows `x: (n, in)` and `y: (n, out)` of this pair, taken
+    /// together (`int8`: its bytes widened once for a tile of four rows; a float pair: each
+    /// row of `A` feeds four rows' chains of FMAs at once, and runs of `B`'s rows stay in
+    /// L1 for every row), each row's bits those it has alone.
     pub fn apply_rows(&self, x: &[f32], y: &mut [f32]) {
         if let Some(rows) = self.int8_row(x, y) {
             return lora_int8::apply_rows(rows, Isa::best());
