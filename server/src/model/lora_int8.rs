@@ -98,7 +98,7 @@ impl Rows<'_> {
 /// Rows of one pair taken together.
 pub const TILE: usize = 4;
 
-/// A tile's rows and each row's scratch, reused call after call.
+/// The scratch of a run of rows, reused call after call.
 #[derive(Default)]
 struct Scratch {
     /// The inputs in 16 bits, `(n, in)`, and their scales.
