@@ -21,7 +21,7 @@
 //! weights' output, and at 16 bits its error is ~1/65,534 of the largest value, far below
 //! the 8-bit weights' own.
 
-use super::lora_values::{Int8, Scaled, BLOCK};
+use super::lora_values::{column_at, padded, Int8, Scaled};
 
 /// Which instructions the kernels use. [`Isa::best`] picks the widest this CPU has; tests
 /// run each one against [`Isa::Plain`].
@@ -292,11 +292,7 @@ fn expand(b: &[i8], pairs: &[i32], su: &[f32], y: &mut [f32], isa: Isa) {
     let k = su.len();
     let (half, out) = (pairs.len() / k, y.len() / k);
     assert!(pairs.len() == k * half && y.len() == k * out && k <= TILE);
-    assert_eq!(
-        b.len(),
-        out.next_multiple_of(BLOCK) * 2 * half,
-        "B is (out, r) by columns"
-    );
+    assert_eq!(b.len(), padded(out, 2 * half), "B is (out, r) by columns");
     // Past 512 rank components a sum may pass an `i32`: the plain code's `i64` takes them.
     let done = match isa {
         #[cfg(target_arch = "x86_64")]
@@ -322,11 +318,10 @@ fn expand_plain(b: &[i8], pairs: &[i32], su: &[f32], y: &mut [f32], from: usize)
         .zip(su)
     {
         for (o, yo) in y.iter_mut().enumerate().skip(from) {
-            let at = (o / BLOCK) * BLOCK * 2 * half + (o % BLOCK) * 2;
             let mut acc = 0i64;
             for (p, &qp) in pairs.iter().enumerate() {
                 let (lo, hi) = (qp as i16 as i64, (qp >> 16) as i16 as i64);
-                let w = &b[at + p * 2 * BLOCK..];
+                let w = &b[column_at(o, 2 * p, 2 * half)..];
                 acc += w[0] as i64 * lo + w[1] as i64 * hi;
             }
             *yo += acc as f32 * su;
@@ -400,7 +395,7 @@ mod avx512 {
         let (half, out) = (pairs.len() / k, y.len() / k);
         let n = out / 16 * 16;
         for o in (0..n).step_by(16) {
-            let block = b.as_ptr().add(o * 2 * half);
+            let block = b.as_ptr().add(super::column_at(o, 0, 2 * half));
             let mut acc = [_mm512_setzero_si512(); super::TILE];
             for p in 0..half {
                 let w = _mm512_cvtepi8_epi16(_mm256_loadu_si256(block.add(p * 32).cast()));
@@ -502,7 +497,7 @@ mod avx2 {
         let n = out / 16 * 16;
         for o in (0..n).step_by(8) {
             // Outputs `o..o + 8` are the first or second sixteen bytes of each pair's 32.
-            let lanes = b.as_ptr().add((o / 16) * 32 * half + (o % 16) * 2);
+            let lanes = b.as_ptr().add(super::column_at(o, 0, 2 * half));
             let mut acc = [_mm256_setzero_si256(); super::TILE];
             for p in 0..half {
                 let w = _mm256_cvtepi8_epi16(_mm_loadu_si128(lanes.add(p * 32).cast()));

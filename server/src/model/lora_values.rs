@@ -90,7 +90,7 @@ pub struct Int8 {
 }
 
 /// Rows in a block of a matrix stored by columns.
-pub const BLOCK: usize = 16;
+const BLOCK: usize = 16;
 
 impl Int8 {
     /// `v: (rows, cols)` quantised; a value that is not finite is refused, naming it.
@@ -248,12 +248,12 @@ mod avx2 {
 }
 
 /// The bytes of a `(rows, cols)` matrix stored by columns, padding included.
-fn padded(rows: usize, cols: usize) -> usize {
+pub(crate) fn padded(rows: usize, cols: usize) -> usize {
     rows.next_multiple_of(BLOCK) * cols.next_multiple_of(2)
 }
 
 /// Where value `(r, c)` of a `(_, cols)` matrix stored by columns lies.
-fn column_at(r: usize, c: usize, cols: usize) -> usize {
+pub(crate) fn column_at(r: usize, c: usize, cols: usize) -> usize {
     (r / BLOCK) * BLOCK * cols.next_multiple_of(2) + (c / 2) * 2 * BLOCK + (r % BLOCK) * 2 + c % 2
 }
 
