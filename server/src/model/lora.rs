@@ -276,25 +276,10 @@ mod avx2 {
 
     /// [`super::dot`] eight lanes at a time, in its order: lane `l` fuses the `l`-th value
     /// of every whole 8-chunk, the lanes are summed `((0+4)+(1+5)) + ((2+6)+(3+7))`, then
-    /// the tail is fused in order.
+    /// the tail is fused in order. One row: [`dots`]'s.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dot<A: Weight>(a: &[A], x: &[f32]) -> f32 {
-        let n = a.len() / 8 * 8;
-        assert!(x.len() >= a.len(), "x is as long as a row of A");
-        let (ap, xp) = (a.as_ptr(), x.as_ptr());
-        let mut acc = _mm256_setzero_ps();
-        for c in (0..n).step_by(8) {
-            if c.is_multiple_of(32) {
-                ahead(ap.add(c), 32);
-            }
-            acc = _mm256_fmadd_ps(A::load8(ap.add(c)), _mm256_loadu_ps(xp.add(c)), acc);
-        }
-        let q = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-        let h = _mm_hadd_ps(q, q);
-        let mut s = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
-        for i in n..a.len() {
-            s = a[i].widen().mul_add(x[i], s);
-        }
+        let [s] = dots(a, [x]);
         s
     }
 
@@ -319,6 +304,7 @@ mod avx2 {
             }
         }
         std::array::from_fn(|k| {
+            // The lanes summed `((0+4)+(1+5)) + ((2+6)+(3+7))`, then the tail in order.
             let q = _mm_add_ps(
                 _mm256_castps256_ps128(acc[k]),
                 _mm256_extractf128_ps(acc[k], 1),
@@ -510,7 +496,10 @@ pub(super) mod tests {
     /// Rows of one pair taken together have the bits each has alone: every dtype, ranks
     /// that are and are not a multiple of 8, outputs past a run of 64 and past a block of 8.
     #[test]
+    #[cfg(target_arch = "x86_64")]
     fn rows_taken_together_have_the_bits_each_has_alone() {
+        // Else the rows' four chains of FMAs side by side would never run here.
+        assert!(simd(), "this test needs AVX2, FMA and F16C");
         let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
         for dtype in [
             LoraDtype::F32,
