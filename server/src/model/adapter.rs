@@ -478,16 +478,8 @@ pub fn low_rank_rows(
                 .then(|| vec![-0.0f32; n * o])
         })
         .collect();
-    // Runs of adjacent rows on one adapter (a prompt's tokens), at most `RUN` long so a
-    // long prompt still spreads over the threads; each run's slices of the results.
-    const RUN: usize = 8;
-    let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
-    for i in 0..n {
-        match runs.last_mut() {
-            Some(run) if run.len() < RUN && same(rows[run.start], rows[i]) => run.end = i + 1,
-            _ => runs.push(i..i + 1),
-        }
-    }
+    // Each run's slices of the results.
+    let runs = runs(rows);
     let mut by_run: Vec<Vec<Option<&mut [f32]>>> = (0..runs.len()).map(|_| Vec::new()).collect();
     for (d, &(_, _, o)) in out.iter_mut().zip(mods) {
         let mut rest = d.as_deref_mut();
@@ -515,6 +507,20 @@ pub fn low_rank_rows(
             }
         });
     out
+}
+
+/// Runs of adjacent rows on one adapter (a prompt's tokens), taken together by
+/// [`low_rank_rows`]; at most `RUN` long, so a long prompt still spreads over the threads.
+fn runs(rows: &[Option<&Adapter>]) -> Vec<std::ops::Range<usize>> {
+    const RUN: usize = 8;
+    let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+    for (i, &row) in rows.iter().enumerate() {
+        match runs.last_mut() {
+            Some(run) if run.len() < RUN && same(rows[run.start], row) => run.end = i + 1,
+            _ => runs.push(i..i + 1),
+        }
+    }
+    runs
 }
 
 /// Whether two rows are on the same adapter (or both on none).
@@ -846,6 +852,11 @@ mod tests {
             let mut rows = vec![Some(&one); 11];
             rows.extend([None, Some(&two), Some(&two), Some(&two), Some(&one)]);
             let n = rows.len();
+            assert_eq!(
+                runs(&rows),
+                [0..8, 8..11, 11..12, 12..15, 15..16],
+                "runs of one adapter, at most 8 long"
+            );
             let (xq, xk) = (values(n * inp, 9), values(n * inp, 13));
             let mods = |r: std::ops::Range<usize>| {
                 [
