@@ -100,12 +100,18 @@ impl AdapterRegistry {
         let (files, _lease): (Vec<(&str, &str)>, _) = if full {
             (save::HF_FILES.iter().map(|&f| (f, f)).collect(), None)
         } else {
-            let lease = self.lease_row(tenant, r, row.clone()).await?;
+            let lease = match self.lease_row(tenant, r, row.clone()).await {
+                Ok(lease) => Some(lease),
+                // Files this server cannot serve as configured still export as they are,
+                // read without a lease (as a fully fine-tuned model's are).
+                Err(RegistryError::Unservable(_)) => None,
+                Err(e) => return Err(e),
+            };
             let files = vec![
                 (peft::CONFIG_FILE, peft::CONFIG_FILE),
                 (row.details.weights_file(), peft::WEIGHTS_FILE),
             ];
-            (files, Some(lease))
+            (files, lease)
         };
         let prefix = prefix_of(&row.dir);
         let mut read = Vec::with_capacity(files.len());

@@ -64,6 +64,10 @@ pub enum RegistryError {
     /// A stored version's files no longer parse (logged with their path).
     #[error("{0}")]
     Damaged(String),
+    /// A stored version this server cannot serve as it is configured (e.g. a value beyond
+    /// f16 under `--lora-dtype f16`); its files are intact.
+    #[error("{0}")]
+    Unservable(String),
     #[error(transparent)]
     Quota(#[from] TenancyError),
     #[error(transparent)]
@@ -644,15 +648,24 @@ impl AdapterRegistry {
             let (c, w) = (config, weights);
             // These files were checked at import: failing now means they were damaged on
             // disk, which is the server's loss, not the caller's bad argument.
-            peft::parse_bytes(&c, &w, model.config(), &model.name, &policy, Scan::Stored)
+            let p = peft::parse_bytes(&c, &w, model.config(), &model.name, &policy, Scan::Stored)
                 .and_then(|mut p| {
                     name_labels(&mut p.adapter, labels)?;
-                    p.into_served(&model.llama, dtype)
+                    Ok(p)
                 })
                 .map_err(|e| {
                     tracing::error!(prefix, error = %e, "a stored adapter no longer parses");
                     RegistryError::Damaged(format!("adapter {what} is damaged on the server: {e}"))
-                })
+                })?;
+            // Files that parse but do not fit what this server serves in (stored under
+            // another `--lora-dtype`) are not damaged: they stay as they are.
+            p.into_served(&model.llama, dtype).map_err(|e| {
+                RegistryError::Unservable(format!(
+                    "adapter {what} cannot be served by this server: {} (its stored files \
+                     are unchanged)",
+                    e.reason
+                ))
+            })
         })
         .await
         .map_err(|e| RegistryError::Storage(e.to_string()))?

@@ -154,6 +154,7 @@ impl From<RegistryError> for ApiError {
                 retry_after: None,
             },
             RegistryError::Damaged(m) => ApiError::DataLoss(m),
+            RegistryError::Unservable(m) => ApiError::FailedPrecondition(m),
             RegistryError::Quota(q) => q.into(),
             RegistryError::Db(d) => db_error(d),
             RegistryError::Blob(b) => b.into(),

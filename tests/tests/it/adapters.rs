@@ -405,6 +405,84 @@ async fn adapters_survive_a_restart() {
     assert!(t.client.list_adapters("").await.expect("list").is_empty());
 }
 
+/// A stored adapter that a restarted server cannot serve in its `--lora-dtype` (a value
+/// beyond f16's range, stored by a server serving f32) is FAILED_PRECONDITION naming the
+/// dtype and the module, not DATA_LOSS: its files are intact, listed and exported as they
+/// were, and another adapter is still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adapter_beyond_the_served_dtype_after_a_restart_is_a_precondition() {
+    use graft_server::{
+        adapters::{
+            peft::{self, Details, Parsed},
+            testing::random_lora,
+        },
+        model::{lora::LoraDtype, Module},
+    };
+    let t = start_tiny().await;
+    let model = t.server.engine().expect("ready").model().clone();
+    let mut adapter = random_lora(&model, 11, 2, 0.2);
+    let mut pair = adapter.get(1, Module::Up).expect("up_proj").clone();
+    let mut b = pair.b.to_f32().into_owned();
+    b[3] = 7.0e4;
+    pair.b = b.into();
+    adapter.set(1, Module::Up, pair);
+    let parsed = Parsed {
+        details: Details::Lora {
+            rank: 2,
+            alpha: 4.0,
+            target_modules: Module::ALL
+                .iter()
+                .map(|m| m.hf_name().to_string())
+                .collect(),
+            use_rslora: false,
+            use_dora: false,
+        },
+        adapter,
+        prompt: None,
+    };
+    let (c, w) = peft::write(&parsed, model.config(), &model.name).expect("PEFT files");
+    t.client
+        .import_adapter("", "wide", c.clone(), w.clone(), false)
+        .await
+        .expect("f32 holds 70,000");
+    let (oc, ow) = random_peft(&model, 12, 2);
+    t.client
+        .import_adapter("", "plain", oc, ow, false)
+        .await
+        .expect("import");
+    let gen = |name: &str| GenerateOptions {
+        adapter: Some(name.into()),
+        ..GenerateOptions::greedy(3)
+    };
+    t.client
+        .generate(gen("wide").prompt("abc"))
+        .await
+        .expect("served in f32");
+    let data = t.data.clone();
+    t.server.drain().await.expect("drain");
+    let t = start_in(tiny_model_path(), data, |c| c.lora_dtype = LoraDtype::F16).await;
+    let e = t
+        .client
+        .generate(gen("wide").prompt("abc"))
+        .await
+        .expect_err("70,000 is beyond f16");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    for part in ["--lora-dtype f16", "layer 1 up_proj", "does not fit f16"] {
+        assert!(e.message().contains(part), "{part}: {}", e.message());
+    }
+    t.client
+        .generate(gen("plain").prompt("abc"))
+        .await
+        .expect("another adapter is served");
+    let listed = t.client.list_adapters("").await.expect("list");
+    assert_eq!(listed.len(), 2);
+    assert_eq!(
+        t.client.export_adapter("", "wide").await.expect("export"),
+        (c, w),
+        "the stored files are unchanged"
+    );
+}
+
 fn fixture_like(model: &graft_server::model::BaseModel) -> Vec<u8> {
     random_peft(model, 10, 2).1
 }
