@@ -4,6 +4,7 @@
 //! server), for A/B comparisons and profilers; the median of the rounds' ratios.
 //! `mixed_step [model.gguf] [f32|bf16|f16|int8] [rounds] [streams] [bare|adapters|lora|prompts]`:
 //! the last argument runs only that kind of round (no ratio), for a profile of one side;
+//! Each round also prints its prompts' prefill (one step, every stream's prompt).
 //! `lora` times a decode step's low-rank updates alone (every layer's modules, random
 //! inputs, a row a stream), `prompts` a prefill's (32 rows a stream, each run of rows on
 //! one adapter).
@@ -62,14 +63,17 @@ fn run() -> anyhow::Result<()> {
         converting.as_secs_f64() * 1e3 / streams as f64
     );
     let prompt = m.tokenizer.encode("Count from 1 to 1000: 1, 2, 3, 4,")?;
-    // Tokens a second over STEPS decode steps of every stream, after its prompt.
-    let rate = |with: bool| -> anyhow::Result<f64> {
+    // Tokens a second over STEPS decode steps of every stream, after its prompt, and the
+    // prompts' prefill (one step) in ms.
+    let rate = |with: bool| -> anyhow::Result<(f64, f64)> {
         let mut pool = KvPool::new(m.llama.kv_shape(), blocks_for(128 * streams))?;
         let mut caches: Vec<KvCache> = (0..streams).map(|_| KvCache::new()).collect();
         let mut next = vec![prompt.clone(); streams];
         let mut t = std::time::Instant::now();
+        let mut prefill = 0.0;
         for i in 0..=STEPS {
             if i == 1 {
+                prefill = t.elapsed().as_secs_f64() * 1e3;
                 t = std::time::Instant::now();
             }
             let mut chunks: Vec<SeqChunk> = caches
@@ -87,7 +91,10 @@ fn run() -> anyhow::Result<()> {
             let l = m.llama.forward_batch(&mut pool, &mut chunks)?;
             next = graft_bench::greedy_next(&l)?;
         }
-        Ok((STEPS * streams) as f64 / t.elapsed().as_secs_f64())
+        Ok((
+            (STEPS * streams) as f64 / t.elapsed().as_secs_f64(),
+            prefill,
+        ))
     };
     if let Some(mode @ ("lora" | "prompts")) = only.as_deref() {
         // A decode step's rows, one a stream; or its prompts', PROMPT rows a stream.
@@ -132,16 +139,18 @@ fn run() -> anyhow::Result<()> {
     rate(false)?;
     if let Some(o) = only {
         for r in 0..rounds {
-            println!("round {r}: {o} {:.1} tok/s", rate(o == "adapters")?);
+            let (tps, prefill) = rate(o == "adapters")?;
+            println!("round {r}: {o} {tps:.1} tok/s, prefill {prefill:.1} ms");
         }
         return Ok(());
     }
     let mut ratios = Vec::new();
     for r in 0..rounds {
-        let (bare, with) = (rate(false)?, rate(true)?);
+        let ((bare, bare_prefill), (with, with_prefill)) = (rate(false)?, rate(true)?);
         ratios.push(with / bare);
         println!(
-            "round {r}: bare {bare:.1} tok/s, {} adapters {with:.1} tok/s, ratio {:.3}",
+            "round {r}: bare {bare:.1} tok/s, {} adapters {with:.1} tok/s, ratio {:.3}; \
+             prefill {bare_prefill:.1} ms bare, {with_prefill:.1} ms with adapters",
             dtype.name(),
             with / bare
         );

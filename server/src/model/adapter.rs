@@ -405,20 +405,26 @@ impl Adapter {
 /// `pre_linear` for a step: changes the rows of `x: (n, in)` whose adapter has an input
 /// hook on this module; false (and `x` untouched) when none has.
 pub fn pre_linear_rows(rows: &[Option<&Adapter>], layer: usize, m: Module, x: &mut [f32]) -> bool {
-    fn hook<'a>(a: &Option<&'a Adapter>, layer: usize, m: Module) -> Option<&'a LinearDelta> {
-        a.and_then(|a| a.linear(layer, m)).filter(|d| d.has_pre())
-    }
     let n = rows.len();
-    if n == 0 || rows.iter().all(|r| hook(r, layer, m).is_none()) {
+    if n == 0 || !any_pre_linear(rows, layer, m) {
         return false;
     }
     let inp = x.len() / n;
     for (xr, a) in x.chunks_mut(inp).zip(rows) {
-        if let Some(d) = hook(a, layer, m) {
+        if let Some(d) = pre_hook(a, layer, m) {
             d.pre_row(xr);
         }
     }
     true
+}
+
+/// Whether some row's adapter has an input hook (`pre_linear`) on this module.
+pub fn any_pre_linear(rows: &[Option<&Adapter>], layer: usize, m: Module) -> bool {
+    rows.iter().any(|a| pre_hook(a, layer, m).is_some())
+}
+
+fn pre_hook<'a>(a: &Option<&'a Adapter>, layer: usize, m: Module) -> Option<&'a LinearDelta> {
+    a.and_then(|a| a.linear(layer, m)).filter(|d| d.has_pre())
 }
 
 /// `after_sublayer` for a step: `h: (n, hidden)` holds the sublayer's output and gets the
