@@ -4,10 +4,10 @@
 //! server), for A/B comparisons and profilers; the median of the rounds' ratios.
 //! `mixed_step [model.gguf] [f32|bf16|f16|int8] [rounds] [streams] [bare|adapters|lora|prompts]`:
 //! the last argument runs only that kind of round (no ratio), for a profile of one side;
-//! Each round also prints its prompts' prefill (one step, every stream's prompt).
 //! `lora` times a decode step's low-rank updates alone (every layer's modules, random
 //! inputs, a row a stream), `prompts` a prefill's (32 rows a stream, each run of rows on
-//! one adapter).
+//! one adapter). Each bare or adapters round also prints its prompts' prefill (the
+//! first step, every stream's prompt), which its tokens a second leave out.
 
 use candle_core::Device;
 use graft_server::{
