@@ -38,6 +38,12 @@ pub fn random_lora(model: &BaseModel, seed: u64, rank: usize, spread: f32) -> Ad
 
 /// PEFT files of a random LoRA adapter (all seven modules, rank `rank`) for `model`.
 pub fn random_peft(model: &BaseModel, seed: u64, rank: usize) -> (Vec<u8>, Vec<u8>) {
+    peft_files(model, random_lora(model, seed, rank, 0.2), rank)
+}
+
+/// PEFT files (config, weights) of `adapter`: LoRA pairs of rank `rank` on all seven
+/// modules, alpha `2 * rank`.
+pub fn peft_files(model: &BaseModel, adapter: Adapter, rank: usize) -> (Vec<u8>, Vec<u8>) {
     let parsed = Parsed {
         details: Details::Lora {
             rank,
@@ -49,7 +55,7 @@ pub fn random_peft(model: &BaseModel, seed: u64, rank: usize) -> (Vec<u8>, Vec<u
             use_rslora: false,
             use_dora: false,
         },
-        adapter: random_lora(model, seed, rank, 0.2),
+        adapter,
         prompt: None,
     };
     formats::write(&parsed, model.config(), &model.name).expect("write PEFT files")

@@ -412,10 +412,7 @@ async fn adapters_survive_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_adapter_beyond_the_served_dtype_after_a_restart_is_a_precondition() {
     use graft_server::{
-        adapters::{
-            peft::{self, Details, Parsed},
-            testing::random_lora,
-        },
+        adapters::testing::{peft_files, random_lora},
         model::{lora::LoraDtype, Module},
     };
     let t = start_tiny().await;
@@ -426,21 +423,7 @@ async fn an_adapter_beyond_the_served_dtype_after_a_restart_is_a_precondition() 
     b[3] = 7.0e4;
     pair.b = b.into();
     adapter.set(1, Module::Up, pair);
-    let parsed = Parsed {
-        details: Details::Lora {
-            rank: 2,
-            alpha: 4.0,
-            target_modules: Module::ALL
-                .iter()
-                .map(|m| m.hf_name().to_string())
-                .collect(),
-            use_rslora: false,
-            use_dora: false,
-        },
-        adapter,
-        prompt: None,
-    };
-    let (c, w) = peft::write(&parsed, model.config(), &model.name).expect("PEFT files");
+    let (c, w) = peft_files(&model, adapter, 2);
     t.client
         .import_adapter("", "wide", c.clone(), w.clone(), false)
         .await
