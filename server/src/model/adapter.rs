@@ -24,7 +24,7 @@
 //! result never depends on which other adapters share the batch; nothing here is ever
 //! merged into the shared weights.
 
-use std::sync::Arc;
+use std::{borrow::Cow, sync::Arc};
 
 use candle_core::{DType, Device, Tensor};
 
@@ -402,29 +402,29 @@ impl Adapter {
     }
 }
 
-/// `pre_linear` for a step: changes the rows of `x: (n, in)` whose adapter has an input
-/// hook on this module; false (and `x` untouched) when none has.
-pub fn pre_linear_rows(rows: &[Option<&Adapter>], layer: usize, m: Module, x: &mut [f32]) -> bool {
-    let n = rows.len();
-    if n == 0 || !any_pre_linear(rows, layer, m) {
-        return false;
+/// `pre_linear` for a step: the module's input `x: (n, in)` with the rows whose adapter has
+/// an input hook on this module changed, a copy; `x` itself when no row has one.
+pub fn pre_linear_rows<'x>(
+    rows: &[Option<&Adapter>],
+    layer: usize,
+    m: Module,
+    x: &'x [f32],
+) -> Cow<'x, [f32]> {
+    fn hook<'a>(a: &Option<&'a Adapter>, layer: usize, m: Module) -> Option<&'a LinearDelta> {
+        a.and_then(|a| a.linear(layer, m)).filter(|d| d.has_pre())
     }
-    let inp = x.len() / n;
-    for (xr, a) in x.chunks_mut(inp).zip(rows) {
-        if let Some(d) = pre_hook(a, layer, m) {
+    let n = rows.len();
+    if n == 0 || rows.iter().all(|a| hook(a, layer, m).is_none()) {
+        return Cow::Borrowed(x);
+    }
+    let mut xv = x.to_vec();
+    let inp = xv.len() / n;
+    for (xr, a) in xv.chunks_mut(inp).zip(rows) {
+        if let Some(d) = hook(a, layer, m) {
             d.pre_row(xr);
         }
     }
-    true
-}
-
-/// Whether some row's adapter has an input hook (`pre_linear`) on this module.
-pub fn any_pre_linear(rows: &[Option<&Adapter>], layer: usize, m: Module) -> bool {
-    rows.iter().any(|a| pre_hook(a, layer, m).is_some())
-}
-
-fn pre_hook<'a>(a: &Option<&'a Adapter>, layer: usize, m: Module) -> Option<&'a LinearDelta> {
-    a.and_then(|a| a.linear(layer, m)).filter(|d| d.has_pre())
+    Cow::Owned(xv)
 }
 
 /// `after_sublayer` for a step: `h: (n, hidden)` holds the sublayer's output and gets the

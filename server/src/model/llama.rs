@@ -13,8 +13,8 @@ use candle_core::{DType, Device, Tensor};
 
 use super::{
     adapter::{
-        after_sublayer_rows, any_pre_linear, low_rank_rows, post_linear_rows, pre_linear_rows,
-        Adapter, KvPrefix, TensorAdapter,
+        after_sublayer_rows, low_rank_rows, post_linear_rows, pre_linear_rows, Adapter, KvPrefix,
+        TensorAdapter,
     },
     attention::{attend, AttnShape, RopeTable, RowPlace},
     config::LlamaConfig,
@@ -321,14 +321,7 @@ impl Llama {
             // A module's input is copied only where some row's own hook changes it.
             let xs: Vec<Cow<'_, [f32]>> = mods
                 .iter()
-                .map(|&(_, m)| {
-                    if !any_pre_linear(&row_adapter, li, m) {
-                        return Cow::Borrowed(x);
-                    }
-                    let mut xv = x.to_vec();
-                    pre_linear_rows(&row_adapter, li, m, &mut xv);
-                    Cow::Owned(xv)
-                })
+                .map(|&(_, m)| pre_linear_rows(&row_adapter, li, m, x))
                 .collect();
             let group: Vec<(Module, &[f32], usize)> = mods
                 .iter()
