@@ -9,10 +9,13 @@
 
 use std::borrow::Cow;
 
-use bytes::Bytes;
-use half::{bf16, f16};
+use half::{bf16, f16, slice::HalfFloatSliceExt};
 
 use super::f32s::F32s;
+
+mod int8;
+pub(crate) use int8::{column_at, padded};
+pub use int8::{pack_int8, I8s, Int8, Scaled};
 
 /// The element type LoRA (and DoRA) matrices are served in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
@@ -60,267 +63,6 @@ pub enum Values {
     Bf16(Vec<bf16>),
     F16(Vec<f16>),
     Int8(Int8),
-}
-
-/// Which values of a matrix share an [`Int8`] scale: a rank component's. `A: (r, in)`
-/// scales each row and stores them one after another; `B: (out, r)` scales each column and
-/// stores them as `model::lora_int8` multiplies them ([`Int8::at`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scaled {
-    Rows,
-    Columns,
-}
-
-/// A `(rows, cols)` matrix in 8 bits. Value `(r, c)` is byte [`Int8::at`]`(r, c)` times
-/// `scales[g]`, `g` its row or its column. By rows, `q[r * cols + c]`. By columns (a LoRA
-/// `B`, rows its outputs, columns its rank components), in blocks of 16 rows, and within
-/// a block the columns two by two, each row's two bytes side by side: the 32 bytes of
-/// columns `2p, 2p + 1` for rows `16b..16b + 16` are the sixteen lanes of pairs one
-/// `vpdpwssd` multiplies. Rows are padded to a multiple of 16 and columns to one of 2 with
-/// zero bytes. Each group's scale is its largest magnitude over 127 and each value is
-/// `x · (1 / scale)` to the nearest integer (ties to even), so no value is off by more
-/// than half a step of its group (and the product's rounding).
-#[derive(Clone, Debug)]
-pub struct Int8 {
-    pub q: I8s,
-    pub scales: F32s,
-    pub rows: usize,
-    pub cols: usize,
-    pub scaled: Scaled,
-}
-
-/// Rows in a block of a matrix stored by columns.
-const BLOCK: usize = 16;
-
-impl Int8 {
-    /// `v: (rows, cols)` quantised; a value that is not finite is refused, naming it.
-    pub fn quantise(v: &[f32], cols: usize, scaled: Scaled) -> Result<Self, String> {
-        if cols == 0 || !v.len().is_multiple_of(cols) {
-            return Err(format!("{} values are not rows of {cols}", v.len()));
-        }
-        // One pass that vectorises; the position only when there is one to report.
-        if v.iter().fold(false, |bad, x| bad | !x.is_finite()) {
-            let i = v.iter().position(|x| !x.is_finite()).unwrap_or(0);
-            return Err(format!("value {i} ({}) is not finite", v[i]));
-        }
-        let rows = v.len() / cols;
-        // A group's largest magnitude: finite values order as their magnitude bits do,
-        // which an integer maximum finds in vectors.
-        let bits = |x: &f32| x.to_bits() & 0x7fff_ffff;
-        let top: Vec<u32> = match scaled {
-            Scaled::Rows => v
-                .chunks_exact(cols)
-                .map(|g| g.iter().map(bits).fold(0, u32::max))
-                .collect(),
-            Scaled::Columns => v.chunks_exact(cols).fold(vec![0; cols], |mut m, row| {
-                for (m, x) in m.iter_mut().zip(row) {
-                    *m = (*m).max(bits(x));
-                }
-                m
-            }),
-        };
-        let scales: Vec<f32> = top.iter().map(|&t| f32::from_bits(t) / 127.0).collect();
-        // `x · (1 / s)` to the nearest step: one multiply a value, in loops that vectorise.
-        let inv: Vec<f32> = scales
-            .iter()
-            .map(|&s| if s > 0.0 { 1.0 / s } else { 0.0 })
-            .collect();
-        let q: Vec<u8> = match scaled {
-            Scaled::Rows => {
-                let mut q = vec![0u8; v.len()];
-                for ((q, g), &inv) in q.chunks_exact_mut(cols).zip(v.chunks_exact(cols)).zip(&inv) {
-                    steps8(g, Inverse::One(inv), q);
-                }
-                q
-            }
-            Scaled::Columns => {
-                // Each row in 8 bits, then its bytes two by two to their places.
-                let mut q = vec![0u8; padded(rows, cols)];
-                let mut row8 = vec![0u8; cols.next_multiple_of(2)];
-                for (r, row) in v.chunks_exact(cols).enumerate() {
-                    steps8(row, Inverse::Each(&inv), &mut row8[..cols]);
-                    for (c, two) in row8.chunks_exact(2).enumerate() {
-                        let at = column_at(r, 2 * c, cols);
-                        q[at..at + 2].copy_from_slice(two);
-                    }
-                }
-                q
-            }
-        };
-        Ok(Int8 {
-            q: I8s(Bytes::from(q)),
-            scales: scales.into(),
-            rows,
-            cols,
-            scaled,
-        })
-    }
-
-    /// Where value `(r, c)`'s byte lies in `q`.
-    pub fn at(&self, r: usize, c: usize) -> usize {
-        match self.scaled {
-            Scaled::Rows => r * self.cols + c,
-            Scaled::Columns => column_at(r, c, self.cols),
-        }
-    }
-
-    /// The values these stand for, `(rows, cols)` row-major.
-    pub fn dequantise(&self) -> Vec<f32> {
-        let mut v = Vec::with_capacity(self.rows * self.cols);
-        for r in 0..self.rows {
-            v.extend((0..self.cols).map(|c| {
-                let s = match self.scaled {
-                    Scaled::Rows => self.scales[r],
-                    Scaled::Columns => self.scales[c],
-                };
-                self.q[self.at(r, c)] as f32 * s
-            }));
-        }
-        v
-    }
-}
-
-/// What a group's values are multiplied by before rounding: one inverse scale for all
-/// (a row's), or one a value (a row of a matrix scaled by columns).
-#[derive(Clone, Copy)]
-enum Inverse<'a> {
-    One(f32),
-    Each(&'a [f32]),
-}
-
-/// `out_k = clamp(round(x_k · inv_k), ±127)` (ties to even), the bytes of `i8`s; AVX2 where
-/// the CPU has it, the same values (its conversion rounds to nearest even too).
-fn steps8(x: &[f32], inv: Inverse, out: &mut [u8]) {
-    assert_eq!(x.len(), out.len());
-    if let Inverse::Each(i) = inv {
-        assert_eq!(i.len(), x.len());
-    }
-    #[cfg(target_arch = "x86_64")]
-    let done = if super::packed::avx2_fma() {
-        // SAFETY: the CPU has AVX2; the lengths are checked above.
-        #[allow(unsafe_code)]
-        unsafe {
-            avx2::steps8(x, inv, out)
-        }
-    } else {
-        0
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let done = 0;
-    for (k, (o, &x)) in out.iter_mut().zip(x).enumerate().skip(done) {
-        let inv = match inv {
-            Inverse::One(i) => i,
-            Inverse::Each(i) => i[k],
-        };
-        *o = (x * inv).round_ties_even().clamp(-127.0, 127.0) as i32 as u8;
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[allow(unsafe_code)]
-mod avx2 {
-    use super::Inverse;
-    use std::arch::x86_64::*;
-
-    /// [`super::steps8`] for the whole 8-chunks; returns how many values were done.
-    #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn steps8(x: &[f32], inv: Inverse, out: &mut [u8]) -> usize {
-        let n = x.len() / 8 * 8;
-        let (lo, hi) = (_mm256_set1_epi32(-127), _mm256_set1_epi32(127));
-        for c in (0..n).step_by(8) {
-            let iv = match inv {
-                Inverse::One(i) => _mm256_set1_ps(i),
-                Inverse::Each(i) => _mm256_loadu_ps(i.as_ptr().add(c)),
-            };
-            // The default rounding: to nearest, ties to even.
-            let q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x.as_ptr().add(c)), iv));
-            let q = _mm256_min_epi32(_mm256_max_epi32(q, lo), hi);
-            // Packing works within 128-bit halves: values 0..4 are the first four bytes of
-            // the low half, 4..8 of the high one.
-            let b = _mm256_packs_epi16(_mm256_packs_epi32(q, q), _mm256_setzero_si256());
-            let (l, h) = (_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
-            let o = out.as_mut_ptr().add(c);
-            std::ptr::write_unaligned(o.cast::<i32>(), _mm_cvtsi128_si32(l));
-            std::ptr::write_unaligned(o.add(4).cast::<i32>(), _mm_cvtsi128_si32(h));
-        }
-        n
-    }
-}
-
-/// The bytes of a `(rows, cols)` matrix stored by columns, padding included.
-pub(crate) fn padded(rows: usize, cols: usize) -> usize {
-    rows.next_multiple_of(BLOCK) * cols.next_multiple_of(2)
-}
-
-/// Where value `(r, c)` of a `(_, cols)` matrix stored by columns lies.
-pub(crate) fn column_at(r: usize, c: usize, cols: usize) -> usize {
-    (r / BLOCK) * BLOCK * cols.next_multiple_of(2) + (c / 2) * 2 * BLOCK + (r % BLOCK) * 2 + c % 2
-}
-
-/// 8-bit values, in bytes that may be shared: an adapter's int8 matrices are packed into
-/// one buffer in the order a step reads them ([`pack_int8`]).
-#[derive(Clone, PartialEq, Eq)]
-pub struct I8s(Bytes);
-
-impl std::ops::Deref for I8s {
-    type Target = [i8];
-    fn deref(&self) -> &[i8] {
-        bytemuck::cast_slice(&self.0)
-    }
-}
-
-impl std::fmt::Debug for I8s {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        (**self).fmt(f)
-    }
-}
-
-/// How each packed matrix's start is aligned: a cache line.
-const PACK_ALIGN: usize = 64;
-
-/// Moves the bytes of `matrices`' int8 values, and their scales, into one buffer, each
-/// matrix at a cache line with its scales right after its bytes, in the order given (the
-/// values are unchanged; only where they lie). A step reads an adapter's matrices layer by
-/// layer, module by module, so packed in that order a row's reads are long runs of
-/// adjacent bytes, which memory serves faster than scattered ones.
-pub fn pack_int8<'a>(matrices: impl IntoIterator<Item = &'a mut Values>) {
-    let mut int8: Vec<&mut Int8> = matrices
-        .into_iter()
-        .filter_map(|v| match v {
-            Values::Int8(q) => Some(q),
-            _ => None,
-        })
-        .collect();
-    // A matrix's bytes, padded to a whole `f32`, then its scales.
-    let span = |q: &Int8| q.q.len().next_multiple_of(4) + q.scales.len() * 4;
-    let total: usize = int8
-        .iter()
-        .map(|q| span(q).next_multiple_of(PACK_ALIGN))
-        .sum();
-    // One spare line, so the first matrix can start on a line whatever the allocation.
-    let mut all: Vec<u8> = Vec::with_capacity(total + PACK_ALIGN);
-    let skip = all.as_ptr().align_offset(PACK_ALIGN).min(PACK_ALIGN);
-    all.resize(skip, 0);
-    let mut spans = Vec::with_capacity(int8.len());
-    for q in &int8 {
-        let at = all.len();
-        all.extend_from_slice(&q.q.0);
-        all.resize(at + q.q.len().next_multiple_of(4), 0);
-        let scales = all.len();
-        all.extend_from_slice(bytemuck::cast_slice(&q.scales));
-        all.resize(skip + (all.len() - skip).next_multiple_of(PACK_ALIGN), 0);
-        spans.push((at..at + q.q.len(), scales..scales + q.scales.len() * 4));
-    }
-    // Length and capacity equal, so the buffer does not move into `Bytes`.
-    all.resize(all.capacity(), 0);
-    let all = Bytes::from(all);
-    for (q, (bytes, scales)) in int8.iter_mut().zip(spans) {
-        q.q = I8s(all.slice(bytes));
-        // Always a view: the buffer starts on a line and the scales on a multiple of 4.
-        if let Some(s) = F32s::view(all.slice(scales)) {
-            q.scales = s;
-        }
-    }
 }
 
 impl Values {
@@ -390,15 +132,20 @@ impl Values {
         Ok(match dtype {
             LoraDtype::F32 => Values::F32(wide.into_owned().into()),
             LoraDtype::Bf16 => {
-                let v: Vec<bf16> = wide.iter().map(|&x| bf16::from_f32(x)).collect();
-                if let Some(i) = v.iter().position(|x| x.is_infinite()) {
+                let v: Vec<bf16> = wide
+                    .iter()
+                    .map(|x| bf16::from_bits(bf16_bits(x.to_bits())))
+                    .collect();
+                if let Some(i) = first_infinite(v.iter().map(|x| x.to_bits()), 0x7f80) {
                     return Err(too_big(i));
                 }
                 Values::Bf16(v)
             }
             LoraDtype::F16 => {
-                let v: Vec<f16> = wide.iter().map(|&x| f16::from_f32(x)).collect();
-                if let Some(i) = v.iter().position(|x| x.is_infinite()) {
+                // half's slice conversion: F16C's, where the CPU has it.
+                let mut v = vec![f16::ZERO; wide.len()];
+                v.convert_from_f32_slice(&wide);
+                if let Some(i) = first_infinite(v.iter().map(|x| x.to_bits()), 0x7c00) {
                     return Err(too_big(i));
                 }
                 Values::F16(v)
@@ -410,6 +157,31 @@ impl Values {
     /// These values, a `(_, cols)` matrix, in 8 bits ([`Int8::quantise`]).
     pub fn to_int8(&self, cols: usize, scaled: Scaled) -> Result<Values, String> {
         Ok(Values::Int8(Int8::quantise(&self.to_f32(), cols, scaled)?))
+    }
+}
+
+/// `bf16::from_f32(f32::from_bits(x))`'s bits without its branches, so a loop of it
+/// vectorises: to nearest, ties to even (adding `0x7fff` and the kept part's lowest bit
+/// carries into it exactly when the dropped half is over `0x8000`, or equal with that bit
+/// set); a NaN keeps its high bits with the quiet bit set.
+fn bf16_bits(x: u32) -> u16 {
+    let rounded = x.wrapping_add(0x7fff + ((x >> 16) & 1)) >> 16;
+    let nan = (x >> 16) | 0x40;
+    (if x & 0x7fff_ffff > 0x7f80_0000 {
+        nan
+    } else {
+        rounded
+    }) as u16
+}
+
+/// Where the first of 16-bit values (their `bits`) that is an infinity (`inf`, either
+/// sign) lies, after one pass that vectorises finds there is one.
+fn first_infinite(bits: impl Iterator<Item = u16> + Clone, inf: u16) -> Option<usize> {
+    let is_inf = |b: u16| b & 0x7fff == inf;
+    if bits.clone().fold(false, |any, b| any | is_inf(b)) {
+        bits.clone().position(is_inf)
+    } else {
+        None
     }
 }
 
@@ -500,7 +272,63 @@ impl Weight for f16 {
 
 #[cfg(test)]
 mod tests {
+    use super::int8::tests::mixed_values;
     use super::*;
+
+    /// The branch-free `bf16` rounding is `half`'s, bit for bit: ties, carries into the
+    /// exponent, the largest finite values, infinities, subnormals and NaNs included.
+    #[test]
+    fn bf16_rounding_equals_halfs() {
+        let mut bits: Vec<u32> = vec![
+            0,
+            0x8000_0000,
+            0x3f80_8000,
+            0x3f81_8000,
+            0x3f80_8001,
+            0x3f80_7fff,
+            0x7f7f_ffff,
+            0xff7f_ffff,
+            0x7f7f_8000,
+            0x7f80_0000,
+            0xff80_0000,
+            0x7f80_0001,
+            0xffc0_0000,
+            0x7fff_ffff,
+            0x0000_8000,
+            0x0001_8000,
+            0x0000_7fff,
+            0x807f_ffff,
+        ];
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        bits.extend((0..100_000).map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (x >> 32) as u32
+        }));
+        for b in bits {
+            assert_eq!(
+                bf16_bits(b),
+                bf16::from_f32(f32::from_bits(b)).to_bits(),
+                "{b:#010x}"
+            );
+        }
+        // And through `to_dtype`, f16 by half's slice conversion, as value by value.
+        let v = mixed_values(1000, 5);
+        let (b, h) = (
+            Values::from(v.clone())
+                .to_dtype(LoraDtype::Bf16)
+                .expect("fits"),
+            Values::from(v.clone())
+                .to_dtype(LoraDtype::F16)
+                .expect("fits"),
+        );
+        let (Values::Bf16(b), Values::F16(h)) = (b, h) else {
+            panic!("16 bits")
+        };
+        assert_eq!(b, v.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>());
+        assert_eq!(h, v.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>());
+    }
 
     #[test]
     fn rounding_is_to_nearest_widening_exact_and_overflow_refused() {
@@ -532,47 +360,6 @@ mod tests {
 
     /// Packing leaves every int8 matrix's values as they were and lays them one after
     /// another, each at a cache line, in the order given; other dtypes are left alone.
-    #[test]
-    fn packed_int8_matrices_keep_their_values_and_lie_in_order() {
-        let v = |n: usize, k: usize| -> Vec<f32> {
-            (0..n).map(|i| ((i * 37 + k) % 29) as f32 - 14.0).collect()
-        };
-        let mut ms = [
-            Values::from(v(6 * 5, 1))
-                .to_int8(5, Scaled::Rows)
-                .expect("finite"),
-            Values::from(v(40, 2)),
-            Values::from(v(100 * 3, 3))
-                .to_int8(3, Scaled::Columns)
-                .expect("finite"),
-            Values::from(v(7, 4))
-                .to_int8(7, Scaled::Rows)
-                .expect("finite"),
-        ];
-        let before: Vec<Vec<f32>> = ms.iter().map(|m| m.to_f32().into_owned()).collect();
-        pack_int8(ms.iter_mut());
-        let after: Vec<Vec<f32>> = ms.iter().map(|m| m.to_f32().into_owned()).collect();
-        assert_eq!(after, before);
-        assert_eq!(ms[1].dtype(), LoraDtype::F32);
-        let at = |i: usize| ms[i].raw().0 as usize;
-        assert!([0, 2, 3].iter().all(|&i| at(i) % 64 == 0), "each at a line");
-        // 30 bytes, 2 to a whole f32 and 6 scales, then the next line.
-        assert_eq!(at(2), at(0) + 64, "56 bytes, then the next line");
-        // By columns, 100 rows pad to 112 and 3 columns to 4: 448 bytes and 3 scales.
-        assert_eq!(at(3), at(2) + 512, "460 bytes, then the next line");
-        for m in [0, 2, 3] {
-            let Values::Int8(q) = &ms[m] else {
-                panic!("int8")
-            };
-            let scales = q.scales.as_ptr() as usize;
-            assert_eq!(
-                scales,
-                at(m) + q.q.len().next_multiple_of(4),
-                "{m}: scales after"
-            );
-        }
-    }
-
     /// The AVX2 loads widen exactly as `widen` does, subnormals and signs included.
     #[test]
     #[cfg(target_arch = "x86_64")]

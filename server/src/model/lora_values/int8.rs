@@ -1,0 +1,538 @@
+//! LoRA matrices in 8 bits ([`Int8`]): one `f32` scale per rank component, `B` laid out
+//! for the integer kernels of `model::lora_int8`, and an adapter's matrices packed into one
+//! buffer in the order a step reads them ([`pack_int8`]).
+
+use bytes::Bytes;
+
+use super::{F32s, Values};
+
+/// Which values of a matrix share an [`Int8`] scale: a rank component's. `A: (r, in)`
+/// scales each row and stores them one after another; `B: (out, r)` scales each column and
+/// stores them as `model::lora_int8` multiplies them ([`Int8::at`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scaled {
+    Rows,
+    Columns,
+}
+
+/// A `(rows, cols)` matrix in 8 bits. Value `(r, c)` is byte [`Int8::at`]`(r, c)` times
+/// `scales[g]`, `g` its row or its column. By rows, `q[r * cols + c]`. By columns (a LoRA
+/// `B`, rows its outputs, columns its rank components), in blocks of 16 rows, and within
+/// a block the columns two by two, each row's two bytes side by side: the 32 bytes of
+/// columns `2p, 2p + 1` for rows `16b..16b + 16` are the sixteen lanes of pairs one
+/// `vpdpwssd` multiplies. Rows are padded to a multiple of 16 and columns to one of 2 with
+/// zero bytes. Each group's scale is its largest magnitude over 127 and each value is
+/// `x · (1 / scale)` to the nearest integer (ties to even), so no value is off by more
+/// than half a step of its group (and the product's rounding). A group whose largest
+/// magnitude is under ~3.7e-37 (its scale's inverse would overflow) is stored as zeros.
+#[derive(Clone, Debug)]
+pub struct Int8 {
+    pub q: I8s,
+    pub scales: F32s,
+    pub rows: usize,
+    pub cols: usize,
+    pub scaled: Scaled,
+}
+
+/// Rows in a block of a matrix stored by columns.
+const BLOCK: usize = 16;
+
+impl Int8 {
+    /// `v: (rows, cols)` quantised; a value that is not finite is refused, naming it.
+    pub fn quantise(v: &[f32], cols: usize, scaled: Scaled) -> Result<Self, String> {
+        if cols == 0 || !v.len().is_multiple_of(cols) {
+            return Err(format!("{} values are not rows of {cols}", v.len()));
+        }
+        // One pass that vectorises; the position only when there is one to report.
+        if v.iter().fold(false, |bad, x| bad | !x.is_finite()) {
+            let i = v.iter().position(|x| !x.is_finite()).unwrap_or(0);
+            return Err(format!("value {i} ({}) is not finite", v[i]));
+        }
+        let rows = v.len() / cols;
+        // A group's largest magnitude: finite values order as their magnitude bits do,
+        // which an integer maximum finds in vectors.
+        let bits = |x: &f32| x.to_bits() & 0x7fff_ffff;
+        let top: Vec<u32> = match scaled {
+            Scaled::Rows => v
+                .chunks_exact(cols)
+                .map(|g| g.iter().map(bits).fold(0, u32::max))
+                .collect(),
+            Scaled::Columns => column_top(v, cols),
+        };
+        let scales: Vec<f32> = top.iter().map(|&t| f32::from_bits(t) / 127.0).collect();
+        // `x · (1 / s)` to the nearest step: one multiply a value, in loops that vectorise.
+        // A scale so small that its inverse is infinite (a group of magnitudes all under
+        // ~4e-37) rounds its values to zero.
+        let inv: Vec<f32> = scales
+            .iter()
+            .map(|&s| if s > 0.0 { 1.0 / s } else { 0.0 })
+            .map(|i| if i.is_finite() { i } else { 0.0 })
+            .collect();
+        let q: Vec<u8> = match scaled {
+            Scaled::Rows => {
+                let mut q = vec![0u8; v.len()];
+                for ((q, g), &inv) in q.chunks_exact_mut(cols).zip(v.chunks_exact(cols)).zip(&inv) {
+                    steps8(g, Inverse::One(inv), q);
+                }
+                q
+            }
+            Scaled::Columns => {
+                let mut q = vec![0u8; padded(rows, cols)];
+                column_bytes(v, &inv, &mut q);
+                q
+            }
+        };
+        Ok(Int8 {
+            q: I8s(Bytes::from(q)),
+            scales: scales.into(),
+            rows,
+            cols,
+            scaled,
+        })
+    }
+
+    /// Where value `(r, c)`'s byte lies in `q`.
+    pub fn at(&self, r: usize, c: usize) -> usize {
+        match self.scaled {
+            Scaled::Rows => r * self.cols + c,
+            Scaled::Columns => column_at(r, c, self.cols),
+        }
+    }
+
+    /// The values these stand for, `(rows, cols)` row-major.
+    pub fn dequantise(&self) -> Vec<f32> {
+        let mut v = Vec::with_capacity(self.rows * self.cols);
+        for r in 0..self.rows {
+            v.extend((0..self.cols).map(|c| {
+                let s = match self.scaled {
+                    Scaled::Rows => self.scales[r],
+                    Scaled::Columns => self.scales[c],
+                };
+                self.q[self.at(r, c)] as f32 * s
+            }));
+        }
+        v
+    }
+}
+
+/// Each column's largest magnitude, as bits (finite values order as their magnitude bits
+/// do), of a `(_, cols)` matrix; with AVX2 for a rank of 8 to 64 in eights.
+fn column_top(v: &[f32], cols: usize) -> Vec<u32> {
+    #[cfg(target_arch = "x86_64")]
+    if crate::model::packed::avx2_fma() && cols.is_multiple_of(8) && cols <= 64 {
+        // SAFETY: the CPU has AVX2; the rank is checked above.
+        #[allow(unsafe_code)]
+        return unsafe { avx2::column_top(v, cols) };
+    }
+    v.chunks_exact(cols).fold(vec![0; cols], |mut m, row| {
+        for (m, x) in m.iter_mut().zip(row) {
+            *m = (*m).max(x.to_bits() & 0x7fff_ffff);
+        }
+        m
+    })
+}
+
+/// A `(_, cols)` matrix's values times their column's `inv`, to the nearest step, into `q`
+/// stored by columns ([`Int8::at`]), `q` zeros beforehand; with AVX2 where the CPU has it
+/// and the rank is a multiple of 8, else [`column_bytes_any`]: the same bytes.
+fn column_bytes(v: &[f32], inv: &[f32], q: &mut [u8]) {
+    let cols = inv.len();
+    assert!(v.len().is_multiple_of(cols) && q.len() == padded(v.len() / cols, cols));
+    #[cfg(target_arch = "x86_64")]
+    if crate::model::packed::avx2_fma() && cols.is_multiple_of(8) {
+        // SAFETY: the CPU has AVX2; the rank and the lengths are checked above.
+        #[allow(unsafe_code)]
+        unsafe {
+            avx2::column_bytes(v, inv, q)
+        };
+        return;
+    }
+    column_bytes_any(v, inv, q)
+}
+
+/// [`column_bytes`] a row at a time through [`steps8`], then the row's bytes two by two
+/// to their places: any rank, any CPU, and the reference the fast form is tested against.
+fn column_bytes_any(v: &[f32], inv: &[f32], q: &mut [u8]) {
+    let cols = inv.len();
+    let mut row8 = vec![0u8; cols.next_multiple_of(2)];
+    for (r, row) in v.chunks_exact(cols).enumerate() {
+        steps8(row, Inverse::Each(inv), &mut row8[..cols]);
+        for (c, two) in row8.chunks_exact(2).enumerate() {
+            let at = column_at(r, 2 * c, cols);
+            q[at..at + 2].copy_from_slice(two);
+        }
+    }
+}
+
+/// What a group's values are multiplied by before rounding: one inverse scale for all
+/// (a row's), or one a value (a row of a matrix scaled by columns).
+#[derive(Clone, Copy)]
+enum Inverse<'a> {
+    One(f32),
+    Each(&'a [f32]),
+}
+
+/// `out_k = clamp(round(x_k · inv_k), ±127)` (ties to even), the bytes of `i8`s; AVX2 where
+/// the CPU has it, the same values (its conversion rounds to nearest even too).
+fn steps8(x: &[f32], inv: Inverse, out: &mut [u8]) {
+    assert_eq!(x.len(), out.len());
+    if let Inverse::Each(i) = inv {
+        assert_eq!(i.len(), x.len());
+    }
+    #[cfg(target_arch = "x86_64")]
+    let done = if crate::model::packed::avx2_fma() {
+        // SAFETY: the CPU has AVX2; the lengths are checked above.
+        #[allow(unsafe_code)]
+        unsafe {
+            avx2::steps8(x, inv, out)
+        }
+    } else {
+        0
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = 0;
+    for (k, (o, &x)) in out.iter_mut().zip(x).enumerate().skip(done) {
+        let inv = match inv {
+            Inverse::One(i) => i,
+            Inverse::Each(i) => i[k],
+        };
+        *o = (x * inv).round_ties_even().clamp(-127.0, 127.0) as i32 as u8;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod avx2 {
+    use super::Inverse;
+    use std::arch::x86_64::*;
+
+    /// [`super::steps8`] for the whole 8-chunks; returns how many values were done.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn steps8(x: &[f32], inv: Inverse, out: &mut [u8]) -> usize {
+        let n = x.len() / 8 * 8;
+        let (lo, hi) = (_mm256_set1_epi32(-127), _mm256_set1_epi32(127));
+        for c in (0..n).step_by(8) {
+            let iv = match inv {
+                Inverse::One(i) => _mm256_set1_ps(i),
+                Inverse::Each(i) => _mm256_loadu_ps(i.as_ptr().add(c)),
+            };
+            // The default rounding: to nearest, ties to even.
+            let q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x.as_ptr().add(c)), iv));
+            let q = _mm256_min_epi32(_mm256_max_epi32(q, lo), hi);
+            // Packing works within 128-bit halves: values 0..4 are the first four bytes of
+            // the low half, 4..8 of the high one.
+            let b = _mm256_packs_epi16(_mm256_packs_epi32(q, q), _mm256_setzero_si256());
+            let (l, h) = (_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+            let o = out.as_mut_ptr().add(c);
+            std::ptr::write_unaligned(o.cast::<i32>(), _mm_cvtsi128_si32(l));
+            std::ptr::write_unaligned(o.add(4).cast::<i32>(), _mm_cvtsi128_si32(h));
+        }
+        n
+    }
+
+    /// [`super::column_top`] for a rank `cols`, a multiple of 8 up to 64: eight columns'
+    /// maxima a register, the registers held across the rows.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn column_top(v: &[f32], cols: usize) -> Vec<u32> {
+        #[target_feature(enable = "avx2")]
+        unsafe fn held<const N: usize>(v: &[f32]) -> Vec<u32> {
+            let mask = _mm256_set1_epi32(0x7fff_ffff);
+            let mut m = [_mm256_setzero_si256(); N];
+            for row in v.chunks_exact(8 * N) {
+                for (k, m) in m.iter_mut().enumerate() {
+                    let x = _mm256_loadu_si256(row[8 * k..8 * k + 8].as_ptr().cast());
+                    *m = _mm256_max_epu32(*m, _mm256_and_si256(x, mask));
+                }
+            }
+            let mut top = vec![0u32; 8 * N];
+            for (k, m) in m.iter().enumerate() {
+                _mm256_storeu_si256(top[8 * k..8 * k + 8].as_mut_ptr().cast(), *m);
+            }
+            top
+        }
+        match cols / 8 {
+            1 => held::<1>(v),
+            2 => held::<2>(v),
+            3 => held::<3>(v),
+            4 => held::<4>(v),
+            5 => held::<5>(v),
+            6 => held::<6>(v),
+            7 => held::<7>(v),
+            _ => held::<8>(v),
+        }
+    }
+
+    /// [`super::column_bytes`] for a rank `inv.len()` that is a multiple of 8. A block of
+    /// 16 rows and 16 columns is 16 rows of eight 2-byte pairs: the rows in registers (row
+    /// `i` beside row `i + 8`), transposed as 16-bit words, give each pair's 32 bytes, the
+    /// sixteen rows' bytes for two columns, as [`super::column_at`] lays them. Each value
+    /// rounds as in [`steps8`].
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn column_bytes(v: &[f32], inv: &[f32], q: &mut [u8]) {
+        let cols = inv.len();
+        let rows = v.len() / cols;
+        for b in 0..rows.div_ceil(16) {
+            for c in (0..cols).step_by(16) {
+                let x: [__m256i; 8] = std::array::from_fn(|i| {
+                    let row = |r: usize| row16(v, inv, r, c, rows);
+                    _mm256_set_m128i(row(16 * b + i + 8), row(16 * b + i))
+                });
+                // 16-bit words, then pairs of them, then fours: eight rows' word `p` in
+                // each half of `o[p]`.
+                let t: [__m256i; 8] = std::array::from_fn(|k| {
+                    let (l, r) = (x[k & !1], x[k | 1]);
+                    if k % 2 == 0 {
+                        _mm256_unpacklo_epi16(l, r)
+                    } else {
+                        _mm256_unpackhi_epi16(l, r)
+                    }
+                });
+                // u[0..4]: words 0-1, 2-3, 4-5, 6-7 of rows 0-3; u[4..8] of rows 4-7.
+                let u: [__m256i; 8] = std::array::from_fn(|k| {
+                    let (h, j) = (k / 4 * 4, k % 4);
+                    let (l, r) = (t[h + j / 2], t[h + j / 2 + 2]);
+                    if j % 2 == 0 {
+                        _mm256_unpacklo_epi32(l, r)
+                    } else {
+                        _mm256_unpackhi_epi32(l, r)
+                    }
+                });
+                let o: [__m256i; 8] = std::array::from_fn(|p| {
+                    let (l, r) = (u[p / 2], u[p / 2 + 4]);
+                    if p % 2 == 0 {
+                        _mm256_unpacklo_epi64(l, r)
+                    } else {
+                        _mm256_unpackhi_epi64(l, r)
+                    }
+                });
+                let block = b * 16 * cols;
+                for (p, o) in o.iter().take((cols - c) / 2).enumerate() {
+                    let at = block + (c / 2 + p) * 32;
+                    _mm256_storeu_si256(q[at..at + 32].as_mut_ptr().cast(), *o);
+                }
+            }
+        }
+    }
+
+    /// Row `r`'s values in columns `c..c + 16` times their `inv`, rounded, as 16 bytes (the
+    /// last 8 zero where the rank ends at `c + 8`); zeros for a row past `rows`.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn row16(v: &[f32], inv: &[f32], r: usize, c: usize, rows: usize) -> __m128i {
+        let cols = inv.len();
+        if r >= rows {
+            return _mm_setzero_si128();
+        }
+        let (lo, hi) = (_mm256_set1_epi32(-127), _mm256_set1_epi32(127));
+        let eight = |k: usize| {
+            let x = _mm256_loadu_ps(v[r * cols + k..r * cols + k + 8].as_ptr());
+            let q = _mm256_cvtps_epi32(_mm256_mul_ps(x, _mm256_loadu_ps(inv[k..k + 8].as_ptr())));
+            _mm256_min_epi32(_mm256_max_epi32(q, lo), hi)
+        };
+        let a = eight(c);
+        let b = if c + 16 <= cols {
+            eight(c + 8)
+        } else {
+            _mm256_setzero_si256()
+        };
+        // Words a0-3 b0-3 | a4-7 b4-7, bytes likewise twice a half: its dwords 0, 4, 1, 5
+        // are a0-3, a4-7, b0-3, b4-7.
+        let w = _mm256_packs_epi32(a, b);
+        let by = _mm256_packs_epi16(w, w);
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 0, 4, 1, 5);
+        _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(by, order))
+    }
+}
+
+/// The bytes of a `(rows, cols)` matrix stored by columns, padding included.
+pub(crate) fn padded(rows: usize, cols: usize) -> usize {
+    rows.next_multiple_of(BLOCK) * cols.next_multiple_of(2)
+}
+
+/// Where value `(r, c)` of a `(_, cols)` matrix stored by columns lies.
+pub(crate) fn column_at(r: usize, c: usize, cols: usize) -> usize {
+    (r / BLOCK) * BLOCK * cols.next_multiple_of(2) + (c / 2) * 2 * BLOCK + (r % BLOCK) * 2 + c % 2
+}
+
+/// 8-bit values, in bytes that may be shared: an adapter's int8 matrices are packed into
+/// one buffer in the order a step reads them ([`pack_int8`]).
+#[derive(Clone, PartialEq, Eq)]
+pub struct I8s(Bytes);
+
+impl std::ops::Deref for I8s {
+    type Target = [i8];
+    fn deref(&self) -> &[i8] {
+        bytemuck::cast_slice(&self.0)
+    }
+}
+
+impl std::fmt::Debug for I8s {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        (**self).fmt(f)
+    }
+}
+
+/// How each packed matrix's start is aligned: a cache line.
+const PACK_ALIGN: usize = 64;
+
+/// Moves the bytes of `matrices`' int8 values, and their scales, into one buffer, each
+/// matrix at a cache line with its scales right after its bytes, in the order given (the
+/// values are unchanged; only where they lie). A step reads an adapter's matrices layer by
+/// layer, module by module, so packed in that order a row's reads are long runs of
+/// adjacent bytes, which memory serves faster than scattered ones.
+pub fn pack_int8<'a>(matrices: impl IntoIterator<Item = &'a mut Values>) {
+    let mut int8: Vec<&mut Int8> = matrices
+        .into_iter()
+        .filter_map(|v| match v {
+            Values::Int8(q) => Some(q),
+            _ => None,
+        })
+        .collect();
+    // A matrix's bytes, padded to a whole `f32`, then its scales.
+    let span = |q: &Int8| q.q.len().next_multiple_of(4) + q.scales.len() * 4;
+    let total: usize = int8
+        .iter()
+        .map(|q| span(q).next_multiple_of(PACK_ALIGN))
+        .sum();
+    // One spare line, so the first matrix can start on a line whatever the allocation.
+    let mut all: Vec<u8> = Vec::with_capacity(total + PACK_ALIGN);
+    let skip = all.as_ptr().align_offset(PACK_ALIGN).min(PACK_ALIGN);
+    all.resize(skip, 0);
+    let mut spans = Vec::with_capacity(int8.len());
+    for q in &int8 {
+        let at = all.len();
+        all.extend_from_slice(&q.q.0);
+        all.resize(at + q.q.len().next_multiple_of(4), 0);
+        let scales = all.len();
+        all.extend_from_slice(bytemuck::cast_slice(&q.scales));
+        all.resize(skip + (all.len() - skip).next_multiple_of(PACK_ALIGN), 0);
+        spans.push((at..at + q.q.len(), scales..scales + q.scales.len() * 4));
+    }
+    // Length and capacity equal, so the buffer does not move into `Bytes`.
+    all.resize(all.capacity(), 0);
+    let all = Bytes::from(all);
+    for (q, (bytes, scales)) in int8.iter_mut().zip(spans) {
+        q.q = I8s(all.slice(bytes));
+        // Always a view: the buffer starts on a line and the scales on a multiple of 4.
+        if let Some(s) = F32s::view(all.slice(scales)) {
+            q.scales = s;
+        }
+    }
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+    use crate::model::lora::LoraDtype;
+
+    /// Values of every magnitude and sign, some ties, from a fixed seed.
+    pub(crate) fn mixed_values(n: usize, seed: u64) -> Vec<f32> {
+        let mut x = seed;
+        (0..n)
+            .map(|i| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let unit = (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                match i % 7 {
+                    0 => unit * 1e-3,
+                    1 => (unit * 254.0).round() / 2.0, // ties once scaled by 127/127
+                    _ => unit,
+                }
+            })
+            .collect()
+    }
+
+    /// The by-columns bytes of the fast form (AVX2, a rank a multiple of 8) equal the
+    /// reference's, row at a time through `steps8`, for every rank and a partial last block.
+    #[test]
+    fn by_columns_bytes_equal_the_row_at_a_time_form() {
+        assert!(crate::model::packed::avx2_fma(), "this test needs AVX2");
+        for cols in [8, 16, 24, 32, 64, 3, 6] {
+            for rows in [1, 15, 16, 17, 100] {
+                let v = mixed_values(rows * cols, (rows * 100 + cols) as u64);
+                let top = column_top(&v, cols);
+                let any_top = v.chunks_exact(cols).fold(vec![0u32; cols], |mut m, row| {
+                    for (m, x) in m.iter_mut().zip(row) {
+                        *m = (*m).max(x.to_bits() & 0x7fff_ffff);
+                    }
+                    m
+                });
+                assert_eq!(top, any_top, "{rows} x {cols}: maxima");
+                let inv: Vec<f32> = top.iter().map(|&t| 127.0 / f32::from_bits(t)).collect();
+                // The fast form writes every byte, padding included; the other needs zeros.
+                let fill = if cols % 8 == 0 { 7 } else { 0 };
+                let (mut fast, mut any) = (
+                    vec![fill; padded(rows, cols)],
+                    vec![0u8; padded(rows, cols)],
+                );
+                column_bytes(&v, &inv, &mut fast);
+                column_bytes_any(&v, &inv, &mut any);
+                assert_eq!(fast, any, "{rows} x {cols}");
+            }
+        }
+    }
+
+    /// A group too small for its scale's inverse is zeros, on every path alike.
+    #[test]
+    fn a_group_under_the_smallest_invertible_scale_is_zeros() {
+        let mut v = vec![0.5f32; 16 * 20];
+        for r in 0..20 {
+            v[r * 16 + 3] = if r % 2 == 0 { 1e-38 } else { -2e-39 };
+        }
+        for scaled in [Scaled::Columns, Scaled::Rows] {
+            let q = Int8::quantise(&v, 16, scaled).expect("finite");
+            let back = q.dequantise();
+            for (i, (&got, &want)) in back.iter().zip(&v).enumerate() {
+                assert!(
+                    (got - want).abs() <= 0.5 / 127.0 / 2.0 + 1e-7,
+                    "{scaled:?} {i}"
+                );
+                if scaled == Scaled::Columns && i % 16 == 3 {
+                    assert_eq!(got, 0.0, "{i}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn packed_int8_matrices_keep_their_values_and_lie_in_order() {
+        let v = |n: usize, k: usize| -> Vec<f32> {
+            (0..n).map(|i| ((i * 37 + k) % 29) as f32 - 14.0).collect()
+        };
+        let mut ms = [
+            Values::from(v(6 * 5, 1))
+                .to_int8(5, Scaled::Rows)
+                .expect("finite"),
+            Values::from(v(40, 2)),
+            Values::from(v(100 * 3, 3))
+                .to_int8(3, Scaled::Columns)
+                .expect("finite"),
+            Values::from(v(7, 4))
+                .to_int8(7, Scaled::Rows)
+                .expect("finite"),
+        ];
+        let before: Vec<Vec<f32>> = ms.iter().map(|m| m.to_f32().into_owned()).collect();
+        pack_int8(ms.iter_mut());
+        let after: Vec<Vec<f32>> = ms.iter().map(|m| m.to_f32().into_owned()).collect();
+        assert_eq!(after, before);
+        assert_eq!(ms[1].dtype(), LoraDtype::F32);
+        let at = |i: usize| ms[i].raw().0 as usize;
+        assert!([0, 2, 3].iter().all(|&i| at(i) % 64 == 0), "each at a line");
+        // 30 bytes, 2 to a whole f32 and 6 scales, then the next line.
+        assert_eq!(at(2), at(0) + 64, "56 bytes, then the next line");
+        // By columns, 100 rows pad to 112 and 3 columns to 4: 448 bytes and 3 scales.
+        assert_eq!(at(3), at(2) + 512, "460 bytes, then the next line");
+        for m in [0, 2, 3] {
+            let Values::Int8(q) = &ms[m] else {
+                panic!("int8")
+            };
+            let scales = q.scales.as_ptr() as usize;
+            assert_eq!(
+                scales,
+                at(m) + q.q.len().next_multiple_of(4),
+                "{m}: scales after"
+            );
+        }
+    }
+}
