@@ -176,10 +176,10 @@ fn bf16_bits(x: u32) -> u16 {
 
 /// Where the first of 16-bit values (their `bits`) that is an infinity (`inf`, either
 /// sign) lies, after one pass that vectorises finds there is one.
-fn first_infinite(bits: impl Iterator<Item = u16> + Clone, inf: u16) -> Option<usize> {
+fn first_infinite(mut bits: impl Iterator<Item = u16> + Clone, inf: u16) -> Option<usize> {
     let is_inf = |b: u16| b & 0x7fff == inf;
     if bits.clone().fold(false, |any, b| any | is_inf(b)) {
-        bits.clone().position(is_inf)
+        bits.position(is_inf)
     } else {
         None
     }

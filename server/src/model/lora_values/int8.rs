@@ -206,19 +206,28 @@ mod avx2 {
     use super::Inverse;
     use std::arch::x86_64::*;
 
+    /// Eight values times their inverse scales, to the nearest integer (the default
+    /// rounding: ties to even), within ±127: the steps every int8 matrix is stored in.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn round8(x: __m256, inv: __m256) -> __m256i {
+        let q = _mm256_cvtps_epi32(_mm256_mul_ps(x, inv));
+        _mm256_min_epi32(
+            _mm256_max_epi32(q, _mm256_set1_epi32(-127)),
+            _mm256_set1_epi32(127),
+        )
+    }
+
     /// [`super::steps8`] for the whole 8-chunks; returns how many values were done.
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn steps8(x: &[f32], inv: Inverse, out: &mut [u8]) -> usize {
         let n = x.len() / 8 * 8;
-        let (lo, hi) = (_mm256_set1_epi32(-127), _mm256_set1_epi32(127));
         for c in (0..n).step_by(8) {
             let iv = match inv {
                 Inverse::One(i) => _mm256_set1_ps(i),
                 Inverse::Each(i) => _mm256_loadu_ps(i.as_ptr().add(c)),
             };
-            // The default rounding: to nearest, ties to even.
-            let q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x.as_ptr().add(c)), iv));
-            let q = _mm256_min_epi32(_mm256_max_epi32(q, lo), hi);
+            let q = round8(_mm256_loadu_ps(x.as_ptr().add(c)), iv);
             // Packing works within 128-bit halves: values 0..4 are the first four bytes of
             // the low half, 4..8 of the high one.
             let b = _mm256_packs_epi16(_mm256_packs_epi32(q, q), _mm256_setzero_si256());
@@ -266,7 +275,7 @@ mod avx2 {
     /// 16 rows and 16 columns is 16 rows of eight 2-byte pairs: the rows in registers (row
     /// `i` beside row `i + 8`), transposed as 16-bit words, give each pair's 32 bytes, the
     /// sixteen rows' bytes for two columns, as [`super::column_at`] lays them. Each value
-    /// rounds as in [`steps8`].
+    /// rounds as in [`steps8`] ([`round8`]).
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn column_bytes(v: &[f32], inv: &[f32], q: &mut [u8]) {
         let cols = inv.len();
@@ -323,11 +332,9 @@ mod avx2 {
         if r >= rows {
             return _mm_setzero_si128();
         }
-        let (lo, hi) = (_mm256_set1_epi32(-127), _mm256_set1_epi32(127));
         let eight = |k: usize| {
             let x = _mm256_loadu_ps(v[r * cols + k..r * cols + k + 8].as_ptr());
-            let q = _mm256_cvtps_epi32(_mm256_mul_ps(x, _mm256_loadu_ps(inv[k..k + 8].as_ptr())));
-            _mm256_min_epi32(_mm256_max_epi32(q, lo), hi)
+            round8(x, _mm256_loadu_ps(inv[k..k + 8].as_ptr()))
         };
         let a = eight(c);
         let b = if c + 16 <= cols {
@@ -476,9 +483,14 @@ pub(super) mod tests {
     /// A group too small for its scale's inverse is zeros, on every path alike.
     #[test]
     fn a_group_under_the_smallest_invertible_scale_is_zeros() {
+        // Column 3 is tiny (a group by columns), and so is all of row 5 (a group by rows).
+        let tiny = |k: usize| if k.is_multiple_of(2) { 1e-38 } else { -2e-39 };
         let mut v = vec![0.5f32; 16 * 20];
         for r in 0..20 {
-            v[r * 16 + 3] = if r % 2 == 0 { 1e-38 } else { -2e-39 };
+            v[r * 16 + 3] = tiny(r);
+        }
+        for c in 0..16 {
+            v[5 * 16 + c] = tiny(c);
         }
         for scaled in [Scaled::Columns, Scaled::Rows] {
             let q = Int8::quantise(&v, 16, scaled).expect("finite");
@@ -488,8 +500,12 @@ pub(super) mod tests {
                     (got - want).abs() <= 0.5 / 127.0 / 2.0 + 1e-7,
                     "{scaled:?} {i}"
                 );
-                if scaled == Scaled::Columns && i % 16 == 3 {
-                    assert_eq!(got, 0.0, "{i}");
+                let tiny_group = match scaled {
+                    Scaled::Columns => i % 16 == 3,
+                    Scaled::Rows => i / 16 == 5,
+                };
+                if tiny_group {
+                    assert_eq!(got, 0.0, "{scaled:?} {i}");
                 }
             }
         }
