@@ -268,7 +268,7 @@ impl Adapter {
     /// Every LoRA and DoRA pair in `dtype` ([`LoraPair::to_dtype`]): what the registry
     /// serves with `--lora-dtype`. Done before [`Adapter::compile`], so DoRA's gains are
     /// those of the values served. An error names the layer and module. In `int8` the
-    /// matrices are then packed into one buffer in the order a step reads them
+    /// matrices are quantised straight into one buffer in the order a step reads them
     /// ([`super::lora_values::pack_int8`]).
     pub fn set_lora_dtype(&mut self, dtype: super::lora::LoraDtype) -> Result<(), String> {
         use rayon::prelude::*;
@@ -281,6 +281,9 @@ impl Adapter {
                     _ => {}
                 }
             }
+        }
+        if dtype == super::lora::LoraDtype::Int8 {
+            return Self::pack_int8(pairs);
         }
         // The pairs converted side by side (a cold load waits on this); the first error in
         // layer order is the one reported.
@@ -295,18 +298,34 @@ impl Adapter {
                 Ok(())
             })
             .collect();
-        done.into_iter().collect::<Result<(), String>>()?;
-        if dtype == super::lora::LoraDtype::Int8 {
-            super::lora_values::pack_int8(self.linear.iter_mut().flatten().flat_map(|d| {
-                let pair = match d {
-                    Some(LinearDelta::Lora(p)) => Some(p),
-                    Some(LinearDelta::Dora(d)) => Some(&mut d.lora),
-                    _ => None,
-                };
-                pair.into_iter().flat_map(|p| [&mut p.a, &mut p.b])
-            }));
+        done.into_iter().collect::<Result<(), String>>()
+    }
+
+    /// [`Adapter::set_lora_dtype`] in `int8`: `pairs`' matrices, `A` by rows and `B` by
+    /// columns (as [`LoraPair::to_dtype`] quantises them), in one buffer.
+    fn pack_int8(pairs: Vec<(usize, Module, &mut LoraPair)>) -> Result<(), String> {
+        use super::lora_values::{Scaled, ToPack};
+        let mut names = Vec::with_capacity(2 * pairs.len());
+        let mut matrices = Vec::with_capacity(2 * pairs.len());
+        for (li, m, p) in pairs {
+            names.push((li, m, "lora_A"));
+            names.push((li, m, "lora_B"));
+            let (cols_a, cols_b) = (p.in_features, p.rank);
+            matrices.push(ToPack {
+                values: &mut p.a,
+                cols: cols_a,
+                scaled: Scaled::Rows,
+            });
+            matrices.push(ToPack {
+                values: &mut p.b,
+                cols: cols_b,
+                scaled: Scaled::Columns,
+            });
         }
-        Ok(())
+        super::lora_values::pack_int8(matrices).map_err(|(i, e)| {
+            let (li, m, which) = names[i];
+            format!("layer {li} {}: {which}: {e}", m.hf_name())
+        })
     }
 
     /// The LoRA pair of a module, if that is what the adapter has there.

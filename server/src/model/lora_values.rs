@@ -15,7 +15,7 @@ use super::f32s::F32s;
 
 mod int8;
 pub(crate) use int8::{column_at, padded};
-pub use int8::{pack_int8, I8s, Int8, Scaled};
+pub use int8::{pack_int8, I8s, Int8, Scaled, ToPack};
 
 /// The element type LoRA (and DoRA) matrices are served in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]

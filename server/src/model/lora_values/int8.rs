@@ -40,17 +40,44 @@ const BLOCK: usize = 16;
 impl Int8 {
     /// `v: (rows, cols)` quantised; a value that is not finite is refused, naming it.
     pub fn quantise(v: &[f32], cols: usize, scaled: Scaled) -> Result<Self, String> {
-        if cols == 0 || !v.len().is_multiple_of(cols) {
-            return Err(format!("{} values are not rows of {cols}", v.len()));
+        let (q_len, groups) = Self::sizes(v.len(), cols, scaled)?;
+        let (mut q, mut scales) = (vec![0u8; q_len], vec![0f32; groups]);
+        Self::quantise_into(v, cols, scaled, &mut q, &mut scales)?;
+        Ok(Int8 {
+            q: I8s(Bytes::from(q)),
+            scales: scales.into(),
+            rows: v.len() / cols,
+            cols,
+            scaled,
+        })
+    }
+
+    /// How many bytes and scales `len` values `(_, cols)` take when `scaled` so.
+    fn sizes(len: usize, cols: usize, scaled: Scaled) -> Result<(usize, usize), String> {
+        if cols == 0 || !len.is_multiple_of(cols) {
+            return Err(format!("{len} values are not rows of {cols}"));
         }
-        // One pass that vectorises; the position only when there is one to report.
-        if v.iter().fold(false, |bad, x| bad | !x.is_finite()) {
-            let i = v.iter().position(|x| !x.is_finite()).unwrap_or(0);
-            return Err(format!("value {i} ({}) is not finite", v[i]));
-        }
-        let rows = v.len() / cols;
+        let rows = len / cols;
+        Ok(match scaled {
+            Scaled::Rows => (len, rows),
+            Scaled::Columns => (padded(rows, cols), cols),
+        })
+    }
+
+    /// [`Int8::quantise`] into `q` and `scales`, [`Int8::sizes`] long, `q` zeros
+    /// beforehand: where an adapter's matrices are quantised straight into the buffer they
+    /// are served from ([`pack_int8`]).
+    fn quantise_into(
+        v: &[f32],
+        cols: usize,
+        scaled: Scaled,
+        q: &mut [u8],
+        scales: &mut [f32],
+    ) -> Result<(), String> {
+        assert_eq!((q.len(), scales.len()), Self::sizes(v.len(), cols, scaled)?);
         // A group's largest magnitude: finite values order as their magnitude bits do,
-        // which an integer maximum finds in vectors.
+        // which an integer maximum finds in vectors. An infinity or a NaN orders above
+        // every finite value, so the same pass finds whether there is one.
         let bits = |x: &f32| x.to_bits() & 0x7fff_ffff;
         let top: Vec<u32> = match scaled {
             Scaled::Rows => v
@@ -59,7 +86,13 @@ impl Int8 {
                 .collect(),
             Scaled::Columns => column_top(v, cols),
         };
-        let scales: Vec<f32> = top.iter().map(|&t| f32::from_bits(t) / 127.0).collect();
+        if top.iter().any(|&t| t >= f32::INFINITY.to_bits()) {
+            let i = v.iter().position(|x| !x.is_finite()).unwrap_or(0);
+            return Err(format!("value {i} ({}) is not finite", v[i]));
+        }
+        for (s, &t) in scales.iter_mut().zip(&top) {
+            *s = f32::from_bits(t) / 127.0;
+        }
         // `x · (1 / s)` to the nearest step: one multiply a value, in loops that vectorise.
         // A scale so small that its inverse is infinite (a group of magnitudes all under
         // ~4e-37) rounds its values to zero.
@@ -68,27 +101,15 @@ impl Int8 {
             .map(|&s| if s > 0.0 { 1.0 / s } else { 0.0 })
             .map(|i| if i.is_finite() { i } else { 0.0 })
             .collect();
-        let q: Vec<u8> = match scaled {
+        match scaled {
             Scaled::Rows => {
-                let mut q = vec![0u8; v.len()];
                 for ((q, g), &inv) in q.chunks_exact_mut(cols).zip(v.chunks_exact(cols)).zip(&inv) {
                     steps8(g, Inverse::One(inv), q);
                 }
-                q
             }
-            Scaled::Columns => {
-                let mut q = vec![0u8; padded(rows, cols)];
-                column_bytes(v, &inv, &mut q);
-                q
-            }
-        };
-        Ok(Int8 {
-            q: I8s(Bytes::from(q)),
-            scales: scales.into(),
-            rows,
-            cols,
-            scaled,
-        })
+            Scaled::Columns => column_bytes(v, &inv, q),
+        }
+        Ok(())
     }
 
     /// Where value `(r, c)`'s byte lies in `q`.
@@ -282,38 +303,36 @@ mod avx2 {
         let rows = v.len() / cols;
         for b in 0..rows.div_ceil(16) {
             for c in (0..cols).step_by(16) {
-                let x: [__m256i; 8] = std::array::from_fn(|i| {
+                // Plain loops over fixed arrays (not `array::from_fn`, whose closures were
+                // not inlined here and took the registers through memory).
+                let z = _mm256_setzero_si256();
+                let mut x = [z; 8];
+                for (i, x) in x.iter_mut().enumerate() {
                     let row = |r: usize| row16(v, inv, r, c, rows);
-                    _mm256_set_m128i(row(16 * b + i + 8), row(16 * b + i))
-                });
+                    *x = _mm256_set_m128i(row(16 * b + i + 8), row(16 * b + i));
+                }
                 // 16-bit words, then pairs of them, then fours: eight rows' word `p` in
                 // each half of `o[p]`.
-                let t: [__m256i; 8] = std::array::from_fn(|k| {
-                    let (l, r) = (x[k & !1], x[k | 1]);
-                    if k % 2 == 0 {
-                        _mm256_unpacklo_epi16(l, r)
-                    } else {
-                        _mm256_unpackhi_epi16(l, r)
-                    }
-                });
+                let mut t = [z; 8];
+                for k in (0..8).step_by(2) {
+                    t[k] = _mm256_unpacklo_epi16(x[k], x[k + 1]);
+                    t[k + 1] = _mm256_unpackhi_epi16(x[k], x[k + 1]);
+                }
                 // u[0..4]: words 0-1, 2-3, 4-5, 6-7 of rows 0-3; u[4..8] of rows 4-7.
-                let u: [__m256i; 8] = std::array::from_fn(|k| {
-                    let (h, j) = (k / 4 * 4, k % 4);
-                    let (l, r) = (t[h + j / 2], t[h + j / 2 + 2]);
-                    if j % 2 == 0 {
-                        _mm256_unpacklo_epi32(l, r)
-                    } else {
-                        _mm256_unpackhi_epi32(l, r)
+                let mut u = [z; 8];
+                for h in [0, 4] {
+                    for j in [0, 2] {
+                        let (l, r) = (t[h + j / 2], t[h + j / 2 + 2]);
+                        u[h + j] = _mm256_unpacklo_epi32(l, r);
+                        u[h + j + 1] = _mm256_unpackhi_epi32(l, r);
                     }
-                });
-                let o: [__m256i; 8] = std::array::from_fn(|p| {
+                }
+                let mut o = [z; 8];
+                for p in (0..8).step_by(2) {
                     let (l, r) = (u[p / 2], u[p / 2 + 4]);
-                    if p % 2 == 0 {
-                        _mm256_unpacklo_epi64(l, r)
-                    } else {
-                        _mm256_unpackhi_epi64(l, r)
-                    }
-                });
+                    o[p] = _mm256_unpacklo_epi64(l, r);
+                    o[p + 1] = _mm256_unpackhi_epi64(l, r);
+                }
                 let block = b * 16 * cols;
                 for (p, o) in o.iter().take((cols - c) / 2).enumerate() {
                     let at = block + (c / 2 + p) * 32;
@@ -382,49 +401,94 @@ impl std::fmt::Debug for I8s {
 /// How each packed matrix's start is aligned: a cache line.
 const PACK_ALIGN: usize = 64;
 
-/// Moves the bytes of `matrices`' int8 values, and their scales, into one buffer, each
-/// matrix at a cache line with its scales right after its bytes, in the order given (the
-/// values are unchanged; only where they lie). A step reads an adapter's matrices layer by
-/// layer, module by module, so packed in that order a row's reads are long runs of
-/// adjacent bytes, which memory serves faster than scattered ones.
-pub fn pack_int8<'a>(matrices: impl IntoIterator<Item = &'a mut Values>) {
-    let mut int8: Vec<&mut Int8> = matrices
-        .into_iter()
-        .filter_map(|v| match v {
-            Values::Int8(q) => Some(q),
-            _ => None,
+/// One matrix for [`pack_int8`]: its values, `(_, cols)`, and which of them share a scale
+/// (as given to [`Int8::quantise`]; an `int8` matrix keeps its own).
+pub struct ToPack<'a> {
+    pub values: &'a mut Values,
+    pub cols: usize,
+    pub scaled: Scaled,
+}
+
+/// Quantises `matrices` ([`Int8::quantise`]; one `int8` already is copied as it is) straight
+/// into one buffer, each matrix at a cache line with its scales right after its bytes, in
+/// the order given, and serves each from there. A step reads an adapter's matrices layer by
+/// layer, module by module, so packed in that order a row's reads are long runs of adjacent
+/// bytes, which memory serves faster than scattered ones. The matrices are quantised side
+/// by side (rayon). A matrix that cannot be (a value not finite, a length not rows of
+/// `cols`) is refused as `(its index, why)`, the first in order, and no matrix is changed.
+pub fn pack_int8(matrices: Vec<ToPack<'_>>) -> Result<(), (usize, String)> {
+    use rayon::prelude::*;
+    // Each matrix's bytes and scales.
+    let sizes: Vec<(usize, usize)> = matrices
+        .iter()
+        .enumerate()
+        .map(|(i, m)| match &*m.values {
+            Values::Int8(q) => Ok((q.q.len(), q.scales.len())),
+            v => Int8::sizes(v.len(), m.cols, m.scaled).map_err(|e| (i, e)),
+        })
+        .collect::<Result<_, _>>()?;
+    // A matrix's bytes, padded to a whole `f32`, then its scales, then up to a line.
+    let span =
+        |&(q, s): &(usize, usize)| (q.next_multiple_of(4) + s * 4).next_multiple_of(PACK_ALIGN);
+    let total: usize = sizes.iter().map(span).sum();
+    // One spare line, so the first matrix can start on a line whatever the allocation.
+    let mut all = vec![0u8; total + PACK_ALIGN];
+    let skip = all.as_ptr().align_offset(PACK_ALIGN).min(PACK_ALIGN);
+    let mut parts = Vec::with_capacity(sizes.len());
+    let mut rest = &mut all[skip..];
+    for size in &sizes {
+        let (this, after) = rest.split_at_mut(span(size));
+        rest = after;
+        let (q, scales) = this.split_at_mut(size.0.next_multiple_of(4));
+        parts.push((&mut q[..size.0], &mut scales[..size.1 * 4]));
+    }
+    let done: Vec<Result<(), String>> = matrices
+        .par_iter()
+        .zip(parts)
+        .map(|(m, (q, scales))| {
+            // The buffer starts on a line and each matrix's scales on a multiple of 4.
+            let scales: &mut [f32] = bytemuck::try_cast_slice_mut(scales)
+                .map_err(|e| format!("scales not aligned: {e}"))?;
+            match &*m.values {
+                Values::Int8(x) => {
+                    q.copy_from_slice(bytemuck::cast_slice(&x.q));
+                    scales.copy_from_slice(&x.scales);
+                    Ok(())
+                }
+                v => Int8::quantise_into(&v.to_f32(), m.cols, m.scaled, q, scales),
+            }
         })
         .collect();
-    // A matrix's bytes, padded to a whole `f32`, then its scales.
-    let span = |q: &Int8| q.q.len().next_multiple_of(4) + q.scales.len() * 4;
-    let total: usize = int8
-        .iter()
-        .map(|q| span(q).next_multiple_of(PACK_ALIGN))
-        .sum();
-    // One spare line, so the first matrix can start on a line whatever the allocation.
-    let mut all: Vec<u8> = Vec::with_capacity(total + PACK_ALIGN);
-    let skip = all.as_ptr().align_offset(PACK_ALIGN).min(PACK_ALIGN);
-    all.resize(skip, 0);
-    let mut spans = Vec::with_capacity(int8.len());
-    for q in &int8 {
-        let at = all.len();
-        all.extend_from_slice(&q.q.0);
-        all.resize(at + q.q.len().next_multiple_of(4), 0);
-        let scales = all.len();
-        all.extend_from_slice(bytemuck::cast_slice(&q.scales));
-        all.resize(skip + (all.len() - skip).next_multiple_of(PACK_ALIGN), 0);
-        spans.push((at..at + q.q.len(), scales..scales + q.scales.len() * 4));
+    if let Some((i, Err(e))) = done.into_iter().enumerate().find(|(_, d)| d.is_err()) {
+        return Err((i, e));
     }
-    // Length and capacity equal, so the buffer does not move into `Bytes`.
-    all.resize(all.capacity(), 0);
     let all = Bytes::from(all);
-    for (q, (bytes, scales)) in int8.iter_mut().zip(spans) {
-        q.q = I8s(all.slice(bytes));
-        // Always a view: the buffer starts on a line and the scales on a multiple of 4.
-        if let Some(s) = F32s::view(all.slice(scales)) {
-            q.scales = s;
-        }
+    let mut at = skip;
+    for (m, size) in matrices.into_iter().zip(&sizes) {
+        let (rows, cols, scaled) = match &*m.values {
+            Values::Int8(q) => (q.rows, q.cols, q.scaled),
+            v => (v.len() / m.cols, m.cols, m.scaled),
+        };
+        let scales = all
+            .slice(at + size.0.next_multiple_of(4)..)
+            .slice(..size.1 * 4);
+        *m.values = Values::Int8(Int8 {
+            q: I8s(all.slice(at..at + size.0)),
+            // Always a view: the scales lie on a multiple of 4, as checked above.
+            scales: F32s::view(scales.clone()).unwrap_or_else(|| {
+                let v: Vec<f32> = scales
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect();
+                v.into()
+            }),
+            rows,
+            cols,
+            scaled,
+        });
+        at += span(size);
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -511,44 +575,95 @@ pub(super) mod tests {
         }
     }
 
+    /// Packed matrices hold what each quantised alone holds (an `int8` one its own bytes),
+    /// each at a line with its scales right after its bytes, in order.
     #[test]
-    fn packed_int8_matrices_keep_their_values_and_lie_in_order() {
+    fn packed_int8_matrices_equal_each_quantised_alone_and_lie_in_order() {
         let v = |n: usize, k: usize| -> Vec<f32> {
             (0..n).map(|i| ((i * 37 + k) % 29) as f32 - 14.0).collect()
         };
+        let already = Int8::quantise(&v(100 * 3, 3), 3, Scaled::Columns).expect("finite");
         let mut ms = [
-            Values::from(v(6 * 5, 1))
-                .to_int8(5, Scaled::Rows)
-                .expect("finite"),
-            Values::from(v(40, 2)),
-            Values::from(v(100 * 3, 3))
-                .to_int8(3, Scaled::Columns)
-                .expect("finite"),
-            Values::from(v(7, 4))
-                .to_int8(7, Scaled::Rows)
-                .expect("finite"),
+            Values::from(v(6 * 5, 1)),
+            Values::from(mixed_values(40 * 16, 2)),
+            Values::Int8(already.clone()),
+            Values::from(v(7, 4)),
         ];
-        let before: Vec<Vec<f32>> = ms.iter().map(|m| m.to_f32().into_owned()).collect();
-        pack_int8(ms.iter_mut());
-        let after: Vec<Vec<f32>> = ms.iter().map(|m| m.to_f32().into_owned()).collect();
-        assert_eq!(after, before);
-        assert_eq!(ms[1].dtype(), LoraDtype::F32);
-        let at = |i: usize| ms[i].raw().0 as usize;
-        assert!([0, 2, 3].iter().all(|&i| at(i) % 64 == 0), "each at a line");
-        // 30 bytes, 2 to a whole f32 and 6 scales, then the next line.
-        assert_eq!(at(2), at(0) + 64, "56 bytes, then the next line");
-        // By columns, 100 rows pad to 112 and 3 columns to 4: 448 bytes and 3 scales.
-        assert_eq!(at(3), at(2) + 512, "460 bytes, then the next line");
-        for m in [0, 2, 3] {
-            let Values::Int8(q) = &ms[m] else {
-                panic!("int8")
-            };
-            let scales = q.scales.as_ptr() as usize;
+        let shapes = [
+            (5, Scaled::Rows),
+            (16, Scaled::Columns),
+            (3, Scaled::Columns),
+            (7, Scaled::Rows),
+        ];
+        let alone: Vec<Int8> = ms
+            .iter()
+            .zip(shapes)
+            .map(|(m, (cols, scaled))| match m {
+                Values::Int8(q) => q.clone(),
+                m => Int8::quantise(&m.to_f32(), cols, scaled).expect("finite"),
+            })
+            .collect();
+        let packs = ms
+            .iter_mut()
+            .zip(shapes)
+            .map(|(values, (cols, scaled))| ToPack {
+                values,
+                cols,
+                scaled,
+            })
+            .collect();
+        pack_int8(packs).expect("finite");
+        for (m, want) in ms.iter().zip(&alone) {
+            let Values::Int8(got) = m else { panic!("int8") };
+            assert_eq!(got.q, want.q);
+            assert_eq!(*got.scales, *want.scales);
             assert_eq!(
-                scales,
-                at(m) + q.q.len().next_multiple_of(4),
-                "{m}: scales after"
+                (got.rows, got.cols, got.scaled),
+                (want.rows, want.cols, want.scaled)
             );
         }
+        let at = |i: usize| ms[i].raw().0 as usize;
+        assert_eq!(at(0) % 64, 0, "at a line");
+        // 30 bytes, 2 to a whole f32 and 6 scales: 56 bytes, then the next line.
+        assert_eq!(at(1), at(0) + 64);
+        // By columns, 40 rows pad to 48 of 16 bytes: 768 bytes and 16 scales.
+        assert_eq!(at(2), at(1) + 832);
+        // 100 rows pad to 112 and 3 columns to 4: 448 bytes and 3 scales.
+        assert_eq!(at(3), at(2) + 512);
+        for m in &ms {
+            let Values::Int8(q) = m else { panic!("int8") };
+            let scales = q.scales.as_ptr() as usize;
+            assert_eq!(scales, m.raw().0 as usize + q.q.len().next_multiple_of(4));
+        }
+    }
+
+    /// A matrix that cannot be quantised is named by its index, and none is changed.
+    #[test]
+    fn a_matrix_that_cannot_be_packed_is_named_and_none_is_changed() {
+        let mut bad = vec![0.5f32; 4 * 8];
+        bad[13] = f32::INFINITY;
+        let mut ms = [Values::from(vec![1.0f32; 8]), Values::from(bad)];
+        let packs = ms
+            .iter_mut()
+            .map(|values| ToPack {
+                values,
+                cols: 8,
+                scaled: Scaled::Rows,
+            })
+            .collect();
+        let (i, e) = pack_int8(packs).expect_err("infinite");
+        assert_eq!(i, 1);
+        assert!(e.contains("value 13 (inf) is not finite"), "{e}");
+        assert!(ms.iter().all(|m| m.dtype() == LoraDtype::F32));
+        let mut one = [Values::from(vec![1.0f32; 9])];
+        let packs = one
+            .iter_mut()
+            .map(|values| ToPack {
+                values,
+                cols: 2,
+                scaled: Scaled::Columns,
+            })
+            .collect();
+        assert_eq!(pack_int8(packs).expect_err("shape").0, 0);
     }
 }
