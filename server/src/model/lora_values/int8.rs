@@ -640,30 +640,37 @@ pub(super) mod tests {
     /// A matrix that cannot be quantised is named by its index, and none is changed.
     #[test]
     fn a_matrix_that_cannot_be_packed_is_named_and_none_is_changed() {
-        let mut bad = vec![0.5f32; 4 * 8];
-        bad[13] = f32::INFINITY;
-        let mut ms = [Values::from(vec![1.0f32; 8]), Values::from(bad)];
-        let packs = ms
-            .iter_mut()
-            .map(|values| ToPack {
-                values,
-                cols: 8,
-                scaled: Scaled::Rows,
-            })
-            .collect();
-        let (i, e) = pack_int8(packs).expect_err("infinite");
+        let pack = |ms: &mut [Values], cols: usize, scaled: Scaled| {
+            let packs = ms
+                .iter_mut()
+                .map(|values| ToPack {
+                    values,
+                    cols,
+                    scaled,
+                })
+                .collect();
+            let e = pack_int8(packs).expect_err("refused");
+            assert!(
+                ms.iter().all(|m| m.dtype() == LoraDtype::F32),
+                "none changed"
+            );
+            e
+        };
+        let mut inf = vec![0.5f32; 4 * 8];
+        inf[13] = f32::INFINITY;
+        let mut ms = [Values::from(vec![1.0f32; 8]), Values::from(inf)];
+        let (i, e) = pack(&mut ms, 8, Scaled::Rows);
         assert_eq!(i, 1);
         assert!(e.contains("value 13 (inf) is not finite"), "{e}");
-        assert!(ms.iter().all(|m| m.dtype() == LoraDtype::F32));
-        let mut one = [Values::from(vec![1.0f32; 9])];
-        let packs = one
-            .iter_mut()
-            .map(|values| ToPack {
-                values,
-                cols: 2,
-                scaled: Scaled::Columns,
-            })
-            .collect();
-        assert_eq!(pack_int8(packs).expect_err("shape").0, 0);
+        // By columns, a NaN: its magnitude bits order above an infinity's.
+        let mut nan = vec![0.5f32; 40 * 8];
+        nan[77] = f32::NAN;
+        let mut ms = [Values::from(nan), Values::from(vec![1.0f32; 8])];
+        let (i, e) = pack(&mut ms, 8, Scaled::Columns);
+        assert_eq!(i, 0);
+        assert!(e.contains("value 77 (NaN) is not finite"), "{e}");
+        let (i, e) = pack(&mut [Values::from(vec![1.0f32; 9])], 2, Scaled::Columns);
+        assert_eq!(i, 0);
+        assert!(e.contains("not rows of 2"), "{e}");
     }
 }
