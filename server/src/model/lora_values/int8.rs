@@ -418,34 +418,28 @@ pub struct ToPack<'a> {
 /// `cols`) is refused as `(its index, why)`, the first in order, and no matrix is changed.
 pub fn pack_int8(matrices: Vec<ToPack<'_>>) -> Result<(), (usize, String)> {
     use rayon::prelude::*;
-    // Each matrix's bytes and scales.
-    let sizes: Vec<(usize, usize)> = matrices
+    let places: Vec<Place> = matrices
         .iter()
         .enumerate()
-        .map(|(i, m)| match &*m.values {
-            Values::Int8(q) => Ok((q.q.len(), q.scales.len())),
-            v => Int8::sizes(v.len(), m.cols, m.scaled).map_err(|e| (i, e)),
-        })
+        .map(|(i, m)| Place::of(m).map_err(|e| (i, e)))
         .collect::<Result<_, _>>()?;
-    // A matrix's bytes, padded to a whole `f32`, then its scales, then up to a line.
-    let span =
-        |&(q, s): &(usize, usize)| (q.next_multiple_of(4) + s * 4).next_multiple_of(PACK_ALIGN);
-    let total: usize = sizes.iter().map(span).sum();
+    let total: usize = places.iter().map(Place::span).sum();
     // One spare line, so the first matrix can start on a line whatever the allocation.
     let mut all = vec![0u8; total + PACK_ALIGN];
     let skip = all.as_ptr().align_offset(PACK_ALIGN).min(PACK_ALIGN);
-    let mut parts = Vec::with_capacity(sizes.len());
+    let mut parts = Vec::with_capacity(places.len());
     let mut rest = &mut all[skip..];
-    for size in &sizes {
-        let (this, after) = rest.split_at_mut(span(size));
+    for p in &places {
+        let (this, after) = rest.split_at_mut(p.span());
         rest = after;
-        let (q, scales) = this.split_at_mut(size.0.next_multiple_of(4));
-        parts.push((&mut q[..size.0], &mut scales[..size.1 * 4]));
+        let (q, scales) = this.split_at_mut(p.scales_at());
+        parts.push((&mut q[..p.bytes], &mut scales[..p.scales * 4]));
     }
     let done: Vec<Result<(), String>> = matrices
         .par_iter()
+        .zip(&places)
         .zip(parts)
-        .map(|(m, (q, scales))| {
+        .map(|((m, p), (q, scales))| {
             // The buffer starts on a line and each matrix's scales on a multiple of 4.
             let scales: &mut [f32] = bytemuck::try_cast_slice_mut(scales)
                 .map_err(|e| format!("scales not aligned: {e}"))?;
@@ -455,7 +449,7 @@ pub fn pack_int8(matrices: Vec<ToPack<'_>>) -> Result<(), (usize, String)> {
                     scales.copy_from_slice(&x.scales);
                     Ok(())
                 }
-                v => Int8::quantise_into(&v.to_f32(), m.cols, m.scaled, q, scales),
+                v => Int8::quantise_into(&v.to_f32(), p.cols, p.scaled, q, scales),
             }
         })
         .collect();
@@ -464,31 +458,69 @@ pub fn pack_int8(matrices: Vec<ToPack<'_>>) -> Result<(), (usize, String)> {
     }
     let all = Bytes::from(all);
     let mut at = skip;
-    for (m, size) in matrices.into_iter().zip(&sizes) {
-        let (rows, cols, scaled) = match &*m.values {
-            Values::Int8(q) => (q.rows, q.cols, q.scaled),
-            v => (v.len() / m.cols, m.cols, m.scaled),
-        };
-        let scales = all
-            .slice(at + size.0.next_multiple_of(4)..)
-            .slice(..size.1 * 4);
+    for (m, p) in matrices.into_iter().zip(&places) {
+        let scales = all.slice(at + p.scales_at()..at + p.scales_at() + p.scales * 4);
         *m.values = Values::Int8(Int8 {
-            q: I8s(all.slice(at..at + size.0)),
-            // Always a view: the scales lie on a multiple of 4, as checked above.
+            q: I8s(all.slice(at..at + p.bytes)),
+            // Always a view: the scales lie on a multiple of 4, as checked above; read as
+            // they were written (native order) otherwise.
             scales: F32s::view(scales.clone()).unwrap_or_else(|| {
                 let v: Vec<f32> = scales
                     .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .map(|b| f32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
                     .collect();
                 v.into()
             }),
-            rows,
-            cols,
-            scaled,
+            rows: p.rows,
+            cols: p.cols,
+            scaled: p.scaled,
         });
-        at += span(size);
+        at += p.span();
     }
     Ok(())
+}
+
+/// A matrix's shape packed ([`pack_int8`]), its bytes and its scales.
+struct Place {
+    rows: usize,
+    cols: usize,
+    scaled: Scaled,
+    bytes: usize,
+    scales: usize,
+}
+
+impl Place {
+    /// `m` quantised as it asks ([`Int8::sizes`]), or an `int8` matrix as it is.
+    fn of(m: &ToPack) -> Result<Self, String> {
+        if let Values::Int8(q) = &*m.values {
+            return Ok(Place {
+                rows: q.rows,
+                cols: q.cols,
+                scaled: q.scaled,
+                bytes: q.q.len(),
+                scales: q.scales.len(),
+            });
+        }
+        let len = m.values.len();
+        let (bytes, scales) = Int8::sizes(len, m.cols, m.scaled)?;
+        Ok(Place {
+            rows: len / m.cols,
+            cols: m.cols,
+            scaled: m.scaled,
+            bytes,
+            scales,
+        })
+    }
+
+    /// Where its scales start: after its bytes, padded to a whole `f32`.
+    fn scales_at(&self) -> usize {
+        self.bytes.next_multiple_of(4)
+    }
+
+    /// Its bytes, then its scales, then up to a line.
+    fn span(&self) -> usize {
+        (self.scales_at() + self.scales * 4).next_multiple_of(PACK_ALIGN)
+    }
 }
 
 #[cfg(test)]
