@@ -133,7 +133,6 @@ pub fn apply_rows(rows: Rows, isa: Isa) {
         s.u.clear();
         s.u.resize(n * r2, 0.0);
         for (j, a) in rows.a.q.chunks_exact(inp).enumerate() {
-            prefetch_part(&rows.b.q, j, r);
             let mut i = 0;
             while i < n {
                 let k = TILE.min(n - i);
@@ -170,28 +169,12 @@ pub fn apply_rows(rows: Rows, isa: Isa) {
     })
 }
 
-/// How far ahead of the `A` sums their bytes are asked for.
+/// How far ahead of the `A` sums their bytes are asked for. `B`'s bytes are not asked
+/// for: its sums read it front to back, which the hardware prefetcher follows, and on the
+/// machine of issue 17's seventeenth part asking for them while `A`'s sums ran made a
+/// decode step's updates slower (~13.5 against ~11 ms a step), the prefetches waiting on
+/// memory as loads do.
 const AHEAD: usize = 4096;
-
-/// Asks for part `j` of `r` of `b` in cache (a hint only), so `B` arrives while `A`'s
-/// sums run.
-fn prefetch_part(b: &[i8], j: usize, r: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let (from, to) = (b.len() * j / r, b.len() * (j + 1) / r);
-        for at in (from / 64 * 64..to).step_by(64) {
-            // SAFETY: a prefetch reads nothing; the address is inside `b`.
-            #[allow(unsafe_code)]
-            unsafe {
-                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                    b.as_ptr().add(at).cast(),
-                )
-            };
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (b, j, r);
-}
 
 /// `x` to 16 bits in `q`; returns the scale `max|x| / 32767` (`x` finite). Like [`dots`]
 /// and [`expand`], private: `isa` must be available, which [`apply_rows`] checks.
