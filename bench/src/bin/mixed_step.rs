@@ -110,26 +110,30 @@ fn run() -> anyhow::Result<()> {
             .collect();
         for r in 0..rounds {
             let t = std::time::Instant::now();
-            for _ in 0..iters {
-                for li in 0..cfg.num_layers {
-                    // The modules grouped by input, as the model's step groups them.
-                    for group in [
-                        &[Module::Q, Module::K, Module::V][..],
-                        &[Module::O],
-                        &[Module::Gate, Module::Up],
-                        &[Module::Down],
-                    ] {
-                        let mods: Vec<(Module, &[f32], usize)> = group
-                            .iter()
-                            .map(|&md| {
-                                let (out, inp) = md.shape(cfg);
-                                (md, &x[..n * inp], out)
-                            })
-                            .collect();
-                        std::hint::black_box(low_rank_rows(&rows, li, &mods));
+            // On a worker of the pool, as the model's step runs (`Llama`'s `on_worker`): each
+            // call's parallel work then forks from that worker, not injected from outside.
+            rayon::scope(|_| {
+                for _ in 0..iters {
+                    for li in 0..cfg.num_layers {
+                        // The modules grouped by input, as the model's step groups them.
+                        for group in [
+                            &[Module::Q, Module::K, Module::V][..],
+                            &[Module::O],
+                            &[Module::Gate, Module::Up],
+                            &[Module::Down],
+                        ] {
+                            let mods: Vec<(Module, &[f32], usize)> = group
+                                .iter()
+                                .map(|&md| {
+                                    let (out, inp) = md.shape(cfg);
+                                    (md, &x[..n * inp], out)
+                                })
+                                .collect();
+                            std::hint::black_box(low_rank_rows(&rows, li, &mods));
+                        }
                     }
                 }
-            }
+            });
             let ms = t.elapsed().as_secs_f64() * 1e3 / iters as f64;
             println!("round {r}: the {n} rows' low-rank updates {ms:.2} ms a step");
         }
