@@ -172,8 +172,8 @@ pub fn apply_rows(rows: Rows, isa: Isa) {
 /// How far ahead of the `A` sums their bytes are asked for. `B`'s bytes are not asked
 /// for: its sums read it front to back, which the hardware prefetcher follows, and on the
 /// machine of issue 17's seventeenth part asking for them while `A`'s sums ran made a
-/// decode step's updates slower (~13.5 against ~11 ms a step), the prefetches waiting on
-/// memory as loads do.
+/// decode step's updates slower (`mixed_step`'s `lora` mode: ~13.5 against ~11 ms a
+/// step), the prefetches waiting on memory as loads do.
 const AHEAD: usize = 4096;
 
 /// `x` to 16 bits in `q`; returns the scale `max|x| / 32767` (`x` finite). Like [`dots`]
